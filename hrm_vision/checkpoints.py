@@ -1,0 +1,161 @@
+"""Checkpoint files: atomic saving, safe loading (``weights_only=True``), rebuilding models.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
+``torch.load(path)`` under PyTorch's default ``weights_only=True``. A model stored in it under a
+role (``"student"`` or ``"teacher"``) has two keys:
+
+- ``f"{role}_state_dict"``: the model's ``state_dict()`` (no ``module.`` prefixes);
+- ``f"{role}_arch"``: ``{"name": <registry name>, **constructor kwargs}``, enough to rebuild it.
+
+The distiller adds its own keys (adapter, optimizer, scheduler, epoch, config, history, RNG);
+this module only relies on the two above.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .vae import VAEBase, build_model, model_name
+
+#: Version of the checkpoint layout, stored under ``"format_version"``.
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A file that is missing, unreadable, not a checkpoint, or does not fit the model."""
+
+
+def model_entry(model: VAEBase, role: str) -> dict[str, Any]:
+    """The two checkpoint keys that describe ``model`` under ``role``.
+
+    Unwraps ``DistributedDataParallel``/``torch.compile`` wrappers so keys carry no prefix.
+    """
+    model = unwrap(model)  # type: ignore[assignment]
+    return {
+        f"{role}_state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        f"{role}_arch": {"name": model_name(model), **model.arch_config()},
+    }
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The plain module inside DDP (``.module``) or ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        if hasattr(module, "module") and isinstance(module.module, nn.Module):
+            module = module.module
+        elif hasattr(module, "_orig_mod") and isinstance(module._orig_mod, nn.Module):
+            module = module._orig_mod
+        else:
+            return module
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write ``payload`` to ``path`` atomically.
+
+    The data goes to a temporary file in the same directory, is flushed and fsynced, then
+    ``os.replace`` puts it in place: a crash at any moment leaves either the previous file or the
+    new one, never a half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format_version": FORMAT_VERSION, **payload}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike[str],
+                    map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint dict with ``weights_only=True``; every failure is a ``CheckpointError``.
+
+    Nothing is unpickled beyond tensors and plain containers: a file holding a pickled object is
+    refused with a message saying so.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for bad files; all become one message
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        globals_ = [ln.strip() for ln in str(exc).splitlines() if "global" in ln.lower()]
+        if isinstance(exc, pickle.UnpicklingError) and globals_:
+            glob = globals_[0]
+            raise CheckpointError(
+                f"{path} holds pickled Python objects, which are refused (only tensors, numbers, "
+                f"strings, lists and dicts load safely): {glob}"
+            ) from exc
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint (corrupt or truncated file?): {first}"
+        ) from exc
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path} holds a {type(payload).__name__}, not a checkpoint dict")
+    return payload
+
+
+def roles_in(payload: dict[str, Any]) -> list[str]:
+    """Roles with a stored model in a checkpoint dict (e.g. ``["student", "teacher"]``)."""
+    return sorted(k[: -len("_state_dict")] for k in payload
+                  if k.endswith("_state_dict") and f"{k[: -len('_state_dict')]}_arch" in payload)
+
+
+def load_state_checked(module: nn.Module, state: dict[str, Any], source: str) -> None:
+    """``module.load_state_dict(state)`` with a message naming missing keys and shape mismatches."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in own.items()
+                  if k in state and hasattr(state[k], "shape") and state[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        parts = []
+        if mismatched:
+            parts.append("shape mismatches: " + "; ".join(mismatched[:5])
+                         + (f" (+{len(mismatched) - 5} more)" if len(mismatched) > 5 else ""))
+        if missing:
+            parts.append(f"missing keys: {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
+        if unexpected:
+            parts.append(f"unexpected keys: {unexpected[:5]}"
+                         + (" ..." if len(unexpected) > 5 else ""))
+        raise CheckpointError(f"{source} does not fit {type(module).__name__}: "
+                              + " | ".join(parts))
+    module.load_state_dict(state)
+
+
+def model_from_payload(payload: dict[str, Any], role: str = "student",
+                       source: str = "checkpoint") -> VAEBase:
+    """Rebuild the ``role`` model from a loaded checkpoint dict (in eval mode, on CPU)."""
+    if f"{role}_state_dict" not in payload or f"{role}_arch" not in payload:
+        raise CheckpointError(
+            f"{source} has no {role!r} model (keys {role}_state_dict and {role}_arch); "
+            f"it holds: {roles_in(payload) or 'no models'}"
+        )
+    arch = dict(payload[f"{role}_arch"])
+    name = arch.pop("name", None)
+    try:
+        model = build_model(str(name), **arch)
+    except ValueError as exc:
+        raise CheckpointError(f"{source}: cannot rebuild the {role} model: {exc}") from exc
+    load_state_checked(model, payload[f"{role}_state_dict"], f"{source} ({role})")
+    return model.eval()
+
+
+def load_model(path: str | os.PathLike[str], role: str = "student",
+               map_location: str | torch.device = "cpu") -> VAEBase:
+    """Load the ``role`` model stored in the checkpoint at ``path``, ready for inference."""
+    payload = load_checkpoint(path, map_location)
+    return model_from_payload(payload, role, source=str(path))

@@ -1,0 +1,27 @@
+"""The student-to-teacher latent adapter (trained with the student, saved in every checkpoint)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+
+class LatentAdapter(nn.Module):
+    """A per-location linear map (1x1 convolution) from student to teacher latent channels.
+
+    ``(B, student_dim, h, w) -> (B, teacher_dim, h, w)``. Both VAEs put their latent on the same
+    H/8 x W/8 grid, so no spatial resampling is needed.
+    """
+
+    def __init__(self, student_dim: int = 128, teacher_dim: int = 512) -> None:
+        super().__init__()
+        self.student_dim, self.teacher_dim = student_dim, teacher_dim
+        self.proj = nn.Conv2d(student_dim, teacher_dim, kernel_size=1)
+
+    def arch_config(self) -> dict[str, Any]:
+        """Constructor arguments, stored in checkpoints as ``adapter_arch``."""
+        return {"student_dim": self.student_dim, "teacher_dim": self.teacher_dim}
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.proj(z)

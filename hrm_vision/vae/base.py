@@ -1,0 +1,146 @@
+"""The API shared by both VAEs: input checks, posterior, encode/decode, typed forward output."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+
+class Posterior(NamedTuple):
+    """Diagonal Gaussian posterior ``q(z|x)``; both tensors are ``(B, latent_dim, H/8, W/8)``."""
+
+    mu: Tensor
+    logvar: Tensor
+
+
+class VAEOutput(NamedTuple):
+    """What ``forward`` returns.
+
+    reconstruction: ``(B, 3, H, W)`` in [0, 1].
+    mu, logvar: posterior parameters, ``(B, latent_dim, H/8, W/8)``.
+    z: the latent that was decoded: a sample in training mode (or when ``sample=True``), else mu.
+    """
+
+    reconstruction: Tensor
+    mu: Tensor
+    logvar: Tensor
+    z: Tensor
+
+
+class VAEBase(nn.Module):
+    """A convolutional VAE with a spatial latent on a grid ``downsample_factor`` times smaller.
+
+    Subclasses build ``self.encoder`` (image -> ``2 * latent_dim`` channels: mu then logvar) and
+    ``self.decoder`` (latent -> logits of the image) and record their constructor arguments in
+    ``self._arch`` so a checkpoint can rebuild them (see :meth:`arch_config`).
+
+    Contract: images are float tensors in [0, 1], NCHW, RGB, with H and W divisible by 8.
+    """
+
+    in_channels: int = 3
+    downsample_factor: int = 8
+    #: logvar is clamped to this range so exp() stays finite in fp16/bf16.
+    logvar_range: tuple[float, float] = (-30.0, 20.0)
+
+    encoder: nn.Module
+    decoder: nn.Module
+
+    def __init__(self, latent_dim: int) -> None:
+        super().__init__()
+        if latent_dim < 1:
+            raise ValueError(f"latent_dim must be a positive integer, got {latent_dim}")
+        self.latent_dim = latent_dim
+        self._arch: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ description
+    def arch_config(self) -> dict[str, Any]:
+        """Constructor keyword arguments: ``type(self)(**model.arch_config())`` rebuilds it."""
+        return dict(self._arch)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def latent_shape(self, height: int = 32, width: int = 32) -> tuple[int, int, int]:
+        """``(latent_dim, H/8, W/8)`` for an image of the given size."""
+        f = self.downsample_factor
+        return (self.latent_dim, height // f, width // f)
+
+    # ------------------------------------------------------------------ checks
+    def _check_images(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise ValueError(f"expected a torch.Tensor of images, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(
+                f"expected images of shape (B, 3, H, W) (NCHW), got a tensor of rank {x.dim()} "
+                f"with shape {tuple(x.shape)}; add a batch dimension with x.unsqueeze(0)"
+            )
+        if not x.is_floating_point():
+            raise ValueError(
+                f"expected float images in [0, 1], got dtype {x.dtype}; "
+                "convert uint8 frames with x.float() / 255"
+            )
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"expected {self.in_channels} RGB channels in dimension 1 (NCHW), got shape "
+                f"{tuple(x.shape)}; channels-last input needs x.permute(0, 3, 1, 2)"
+            )
+        f = self.downsample_factor
+        if x.shape[2] % f or x.shape[3] % f:
+            raise ValueError(
+                f"image height and width must be divisible by {f}, got {x.shape[2]}x{x.shape[3]}; "
+                "resize or crop the input"
+            )
+
+    def _check_latent(self, z: Tensor) -> None:
+        if not isinstance(z, Tensor) or z.dim() != 4 or z.shape[1] != self.latent_dim:
+            shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+            raise ValueError(
+                f"expected a latent of shape (B, {self.latent_dim}, H/8, W/8), got {shape}"
+            )
+        if not z.is_floating_point():
+            raise ValueError(f"expected a float latent, got dtype {z.dtype}")
+
+    # ------------------------------------------------------------------ API
+    def posterior(self, x: Tensor) -> Posterior:
+        """Posterior parameters of images ``x`` (B, 3, H, W) in [0, 1]."""
+        self._check_images(x)
+        mu, logvar = self.encoder(x).chunk(2, dim=1)
+        return Posterior(mu, logvar.clamp(*self.logvar_range))
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Deterministic latent (the posterior mean), ``(B, latent_dim, H/8, W/8)``.
+
+        This is what :meth:`decode` takes; it never samples.
+        """
+        return self.posterior(x).mu
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Images ``(B, 3, 8h, 8w)`` in [0, 1] from latents ``(B, latent_dim, h, w)``."""
+        self._check_latent(z)
+        return torch.sigmoid(self.decoder(z))
+
+    @staticmethod
+    def reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:
+        """A sample ``mu + exp(logvar / 2) * eps`` with ``eps ~ N(0, I)``."""
+        return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+
+    def forward(self, x: Tensor, sample: bool | None = None) -> VAEOutput:
+        """Encode, (optionally) sample, decode.
+
+        ``sample`` defaults to ``self.training``: training samples z, eval mode decodes mu.
+        """
+        mu, logvar = self.posterior(x)
+        do_sample = self.training if sample is None else sample
+        z = self.reparameterize(mu, logvar) if do_sample else mu
+        return VAEOutput(self.decode(z), mu, logvar, z)
+
+    def encoder_features(self, x: Tensor) -> list[Tensor]:
+        """Feature maps after each encoder stage (used as a download-free perceptual backbone)."""
+        self._check_images(x)
+        feats = []
+        for stage in self.encoder.stages:  # type: ignore[union-attr]
+            x = stage(x)
+            feats.append(x)
+        return feats

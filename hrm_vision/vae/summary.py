@@ -1,0 +1,50 @@
+"""Print the architecture table of both models: ``python -m hrm_vision.vae.summary``."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from .registry import MODELS, count_macs
+
+
+def summary_rows(size: int = 32) -> list[dict[str, object]]:
+    """One row per model at its defaults: parameters, latent shape, MACs for a size x size image."""
+    rows = []
+    for name, cls in MODELS.items():
+        model = cls()
+        c, h, w = model.latent_shape(size, size)
+        rows.append({
+            "model": f"{cls.__name__} ({name})",
+            "parameters": model.num_parameters(),
+            "latent": f"{h}x{w}x{c}",
+            "encode_macs": count_macs(model, size, size, "encode"),
+            "decode_macs": count_macs(model, size, size, "decode"),
+        })
+    return rows
+
+
+def markdown_table(rows: list[dict[str, object]], size: int) -> str:
+    lines = [f"| model | parameters | latent ({size}x{size} input) | encode MACs | decode MACs |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['parameters']:,} | {r['latent']} | "
+                     f"{r['encode_macs'] / 1e6:.1f} M | {r['decode_macs'] / 1e6:.1f} M |")
+    t, s = rows[0], rows[1]
+    p_ratio = t["parameters"] / s["parameters"]  # type: ignore[operator]
+    t_macs = t["encode_macs"] + t["decode_macs"]  # type: ignore[operator]
+    s_macs = s["encode_macs"] + s["decode_macs"]  # type: ignore[operator]
+    lines.append(f"\nteacher/student: {p_ratio:.1f}x parameters, "
+                 f"{t_macs / s_macs:.1f}x MACs (encode+decode)")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
+    args = parser.parse_args(argv)
+    print(markdown_table(summary_rows(args.size), args.size))
+
+
+if __name__ == "__main__":
+    main()

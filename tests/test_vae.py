@@ -1,0 +1,146 @@
+"""TeacherVAE and MinimalVAE: budgets, shapes, determinism, contracts, persistence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hrm_vision.checkpoints import model_entry, save_checkpoint
+from hrm_vision.vae import MinimalVAE, TeacherVAE, TinyVAE, VAEOutput, build_model, count_macs
+
+SMALL = [(TeacherVAE, {"base_channels": 8, "latent_dim": 16, "blocks_per_stage": 1}),
+         (MinimalVAE, {"base_channels": 8, "latent_dim": 16})]
+
+
+class TestBuilding:
+    def test_parameter_budgets_at_defaults(self) -> None:
+        teacher, student = TeacherVAE(), MinimalVAE(latent_dim=128, base_channels=32)
+        assert 8e6 <= teacher.num_parameters() <= 12e6
+        assert 0.9e6 <= student.num_parameters() <= 1.3e6
+        assert teacher.num_parameters() / student.num_parameters() >= 8
+
+    def test_tinyvae_alias(self) -> None:
+        assert TinyVAE is MinimalVAE
+
+    @pytest.mark.parametrize("size", [32, 64])
+    @pytest.mark.parametrize("cls,latent", [(TeacherVAE, 512), (MinimalVAE, 128)])
+    def test_latent_shapes(self, cls, latent, size) -> None:
+        model = cls().eval()
+        with torch.no_grad():
+            z = model.encode(torch.rand(2, 3, size, size))
+        assert z.shape == (2, latent, size // 8, size // 8)
+        assert model.latent_shape(size, size) == (latent, size // 8, size // 8)
+
+    def test_student_does_far_fewer_macs(self) -> None:
+        ratio = count_macs(TeacherVAE()) / count_macs(MinimalVAE())
+        assert ratio >= 5
+
+    def test_build_model_by_name_and_errors(self) -> None:
+        assert isinstance(build_model("tinyvae", latent_dim=8, base_channels=8), MinimalVAE)
+        with pytest.raises(ValueError, match="unknown model 'vgg'"):
+            build_model("vgg")
+        with pytest.raises(ValueError, match="bad architecture arguments"):
+            build_model("tinyvae", depth=3)
+
+    def test_arch_config_rebuilds(self) -> None:
+        model = TeacherVAE(latent_dim=16, base_channels=8, blocks_per_stage=1)
+        clone = TeacherVAE(**model.arch_config())
+        assert clone.num_parameters() == model.num_parameters()
+
+
+@pytest.mark.parametrize("cls,kwargs", SMALL)
+class TestForward:
+    def test_encode_deterministic_in_eval(self, cls, kwargs) -> None:
+        model = cls(**kwargs).eval()
+        x = torch.rand(4, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.equal(model.encode(x), model.encode(x))
+            out = model(x)
+        assert torch.equal(out.z, out.mu)
+
+    def test_train_forward_samples(self, cls, kwargs) -> None:
+        model = cls(**kwargs).train()
+        x = torch.rand(4, 3, 32, 32)
+        a, b = model(x), model(x)
+        assert isinstance(a, VAEOutput)
+        assert not torch.equal(a.z, b.z)
+        assert not torch.equal(a.z, a.mu)
+
+    def test_explicit_sample_flag_in_eval(self, cls, kwargs) -> None:
+        model = cls(**kwargs).eval()
+        with torch.no_grad():
+            out = model(torch.rand(2, 3, 32, 32), sample=True)
+        assert not torch.equal(out.z, out.mu)
+
+    def test_decode_in_unit_range_and_shape(self, cls, kwargs) -> None:
+        model = cls(**kwargs).eval()
+        with torch.no_grad():
+            y = model.decode(torch.randn(3, kwargs["latent_dim"], 4, 4) * 50)
+        assert y.shape == (3, 3, 32, 32)
+        assert y.min() >= 0 and y.max() <= 1
+
+    def test_posterior_and_typed_output(self, cls, kwargs) -> None:
+        model = cls(**kwargs).eval()
+        x = torch.rand(2, 3, 32, 32)
+        mu, logvar = model.posterior(x)
+        out = model(x)
+        assert torch.allclose(out.mu, mu) and torch.allclose(out.logvar, logvar)
+        assert out.reconstruction.shape == x.shape
+
+    @pytest.mark.parametrize("bad,message", [
+        (torch.rand(3, 32, 32), "rank 3"),
+        (torch.rand(1, 1, 32, 32), "3 RGB channels"),
+        (torch.rand(1, 32, 32, 3), "3 RGB channels"),
+        (torch.rand(1, 3, 30, 32), "divisible by 8"),
+        (torch.randint(0, 255, (1, 3, 32, 32), dtype=torch.uint8), "float images"),
+    ])
+    def test_bad_images_raise_value_error(self, cls, kwargs, bad, message) -> None:
+        with pytest.raises(ValueError, match=message):
+            cls(**kwargs).encode(bad)
+
+    def test_bad_latent_raises(self, cls, kwargs) -> None:
+        with pytest.raises(ValueError, match=f"\\(B, {kwargs['latent_dim']}, H/8, W/8\\)"):
+            cls(**kwargs).decode(torch.rand(1, kwargs["latent_dim"] + 1, 4, 4))
+
+    def test_gradients_reach_every_parameter(self, cls, kwargs) -> None:
+        model = cls(**kwargs).train()
+        out = model(torch.rand(2, 3, 32, 32))
+        (out.reconstruction.mean() + out.mu.mean() + out.logvar.mean()).backward()
+        assert all(p.grad is not None for p in model.parameters())
+
+
+class TestSaving:
+    @pytest.mark.parametrize("cls,kwargs", SMALL)
+    def test_state_dict_roundtrip_gives_identical_outputs(self, cls, kwargs) -> None:
+        a = cls(**kwargs)
+        a.train()(torch.rand(8, 3, 32, 32))  # move BatchNorm running stats off their init
+        a.eval()
+        b = cls(**kwargs).eval()
+        x = torch.rand(2, 3, 32, 32)
+        with torch.no_grad():
+            assert not torch.equal(a.encode(x), b.encode(x))
+            b.load_state_dict(a.state_dict())
+            assert torch.equal(a.encode(x), b.encode(x))
+            assert torch.equal(a(x).reconstruction, b(x).reconstruction)
+
+    def test_seed_deployment_snippet(self, tmp_path, monkeypatch, photo_batch) -> None:
+        """The snippet from DESIGN.md, run as written against a checkpoint saved here."""
+        trained = MinimalVAE(latent_dim=128, base_channels=32)
+        trained.train()(photo_batch)
+        save_checkpoint(model_entry(trained, "student"), tmp_path / "checkpoints/tinyvae_best.pth")
+        monkeypatch.chdir(tmp_path)
+        image = photo_batch[:1]
+
+        from hrm_vision.vae import MinimalVAE as SnippetVAE
+        model = SnippetVAE(latent_dim=128, base_channels=32)
+        checkpoint = torch.load('checkpoints/tinyvae_best.pth')
+        model.load_state_dict(checkpoint['student_state_dict'])
+        model.eval()
+        with torch.no_grad():
+            latent = model.encode(image)
+            reconstruction = model.decode(latent)
+
+        assert latent.shape == (1, 128, 4, 4)
+        assert reconstruction.shape == (1, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.equal(reconstruction, trained.eval().decode(trained.encode(image)))
