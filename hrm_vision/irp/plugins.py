@@ -1,0 +1,265 @@
+"""The host side of the plugin system: a pluggy manager that finds, lists and creates IRP plugins.
+
+Plugins come from two places, registered the same way (a module with a ``@hookimpl``
+``register_irp_plugins(register)`` function, see :mod:`hrm_vision.irp.hookspecs`):
+
+1. the built-ins, :data:`BUILTIN_PLUGINS` (module paths);
+2. setuptools entry points in the group :data:`ENTRY_POINT_GROUP` (``hrm_vision.irp_plugins``).
+   hrm-vision declares its own built-in there too; a module is registered once.
+
+The environment variable :data:`ALLOW_ENV` (``HRM_VISION_IRP_PLUGINS``) is an allow-list of
+entry-point names, comma separated: when it is set, only those entry points are loaded (an empty
+value loads none; built-ins are always registered). A plugin that fails to import, to register,
+or to declare its plugins is reported (a :class:`PluginWarning` and an entry in
+:attr:`IRPHost.errors`) and skipped: the host still starts.
+
+>>> host = IRPHost()                       # built-ins + entry points
+>>> host.list_plugins()                    # {"tinyvae": PluginInfo(...)}
+>>> plugin = host.create("tinyvae", {"checkpoint": "checkpoints/tinyvae_best.pth"})
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import pluggy
+from pydantic import BaseModel, ValidationError
+
+from . import hookspecs
+from .base import IRPConfig, IRPPlugin
+
+#: Entry-point group third-party packages declare their plugin modules in.
+ENTRY_POINT_GROUP = "hrm_vision.irp_plugins"
+#: Allow-list of entry-point names to load (comma separated); unset: load them all.
+ALLOW_ENV = "HRM_VISION_IRP_PLUGINS"
+#: Modules registered by every host, exactly as entry-point modules are.
+BUILTIN_PLUGINS: tuple[str, ...] = ("hrm_vision.irp.tinyvae_plugin",)
+#: Names of the hooks a plugin may implement (see :mod:`hrm_vision.irp.hookspecs`).
+HOOK_NAMES: tuple[str, ...] = tuple(
+    n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), f"{hookspecs.PROJECT_NAME}_spec"))
+
+
+class PluginWarning(UserWarning):
+    """A plugin could not be loaded or registered; the host goes on without it."""
+
+
+class PluginConfigError(ValueError):
+    """A plugin config that its pydantic model rejects; the message names each bad field."""
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """What a plugin registered: see the ``register_irp_plugins`` hook."""
+
+    name: str
+    factory: Callable[[Any], IRPPlugin]
+    config_model: type[IRPConfig]
+    kind: str
+    description: str
+    source: str  # the registered module (pluggy name) that provided it
+
+
+@dataclass(frozen=True)
+class PluginError:
+    """A plugin that was reported and skipped: where it came from and what went wrong."""
+
+    name: str
+    source: str  # "builtin", "entry point <group>", "hook", "register"
+    message: str
+
+
+class IRPHost:
+    """A pluggy ``PluginManager`` for ``hrm_vision`` hooks plus the plugin registry built from it.
+
+    Args:
+        load_entry_points: load modules from :data:`ENTRY_POINT_GROUP` (honouring
+            :data:`ALLOW_ENV`).
+        allow: entry-point names to load; ``None`` reads :data:`ALLOW_ENV` (unset: all).
+        builtins: module paths registered first (default :data:`BUILTIN_PLUGINS`).
+    """
+
+    def __init__(self, load_entry_points: bool = True, allow: Iterable[str] | None = None,
+                 builtins: Iterable[str] = BUILTIN_PLUGINS) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self.pm.add_hookspecs(hookspecs)
+        self.errors: list[PluginError] = []
+        self._reported: set[tuple[str, str, str]] = set()
+        for module_path in builtins:
+            self._register_import(module_path, module_path, "builtin")
+        if load_entry_points:
+            self.load_entry_points(allow)
+
+    # ------------------------------------------------------------------ registration
+    def register(self, plugin: object, name: str | None = None) -> str | None:
+        """Register a plugin module or object under ``name``; a failure is reported, not raised.
+
+        Returns the registered name, or ``None`` when it was reported and skipped.
+        """
+        name = name or getattr(plugin, "__name__", None) or repr(plugin)
+        if self.pm.is_registered(plugin):
+            return self.pm.get_name(plugin)
+        unknown = [attr for attr in dir(plugin)
+                   if hasattr(getattr(plugin, attr, None), f"{hookspecs.PROJECT_NAME}_impl")
+                   and not hasattr(hookspecs, attr)]
+        if unknown:
+            self._report(name, "register", f"implements unknown hooks {unknown}; the hooks are "
+                                           f"{HOOK_NAMES}")
+            return None
+        try:
+            return self.pm.register(plugin, name=name)
+        except Exception as exc:  # pluggy validation errors, duplicate names, ...
+            self._report(name, "register", f"{type(exc).__name__}: {exc}")
+            return None
+
+    def unregister(self, name: str) -> None:
+        """Remove the plugin module registered under ``name`` (no error if absent)."""
+        plugin = self.pm.get_plugin(name)
+        if plugin is not None:
+            self.pm.unregister(plugin)
+
+    def load_entry_points(self, allow: Iterable[str] | None = None) -> list[str]:
+        """Import and register the modules of :data:`ENTRY_POINT_GROUP`; returns their names.
+
+        ``allow`` (default: :data:`ALLOW_ENV` if set) restricts them to these entry-point names;
+        a name in the allow-list that no installed package provides is reported.
+        """
+        if allow is None and ALLOW_ENV in os.environ:
+            allow = os.environ[ALLOW_ENV].split(",")
+        wanted = None if allow is None else {n.strip() for n in allow if n.strip()}
+        source = f"entry point {ENTRY_POINT_GROUP}"
+        loaded = []
+        eps = list(metadata.entry_points(group=ENTRY_POINT_GROUP))
+        for ep in eps:
+            if wanted is not None and ep.name not in wanted:
+                continue
+            try:
+                module = ep.load()
+            except Exception as exc:  # a broken plugin must not take the host down
+                self._report(ep.name, source, f"import of {ep.value!r} failed: "
+                                              f"{type(exc).__name__}: {exc}")
+                continue
+            if self.register(module, ep.name) is not None:
+                loaded.append(ep.name)
+        for missing in sorted((wanted or set()) - {ep.name for ep in eps}):
+            self._report(missing, source, f"{ALLOW_ENV} names {missing!r}, which no installed "
+                                          "package provides")
+        return loaded
+
+    def _register_import(self, module_path: str, name: str, source: str) -> None:
+        try:
+            module = importlib.import_module(module_path)
+        except Exception as exc:
+            self._report(name, source, f"import failed: {type(exc).__name__}: {exc}")
+            return
+        self.register(module, name)
+
+    def _report(self, name: str, source: str, message: str) -> None:
+        key = (name, source, message)
+        if key in self._reported:
+            return
+        self._reported.add(key)
+        self.errors.append(PluginError(name, source, message))
+        warnings.warn(f"IRP plugin {name!r} ({source}) skipped: {message}", PluginWarning,
+                      stacklevel=3)
+
+    # ------------------------------------------------------------------ the registry
+    def list_plugins(self) -> dict[str, PluginInfo]:
+        """Every registered plugin by name, collected from the ``register_irp_plugins`` hook.
+
+        Each module's hook runs on its own: one that raises or registers something invalid is
+        reported and the others are kept. A name registered twice keeps the first (built-ins
+        come first) and reports the second.
+        """
+        found: dict[str, PluginInfo] = {}
+        # pluggy calls the last registered first; walk in registration order instead.
+        for impl in reversed(self.pm.hook.register_irp_plugins.get_hookimpls()):
+            source = self.pm.get_name(impl.plugin) or repr(impl.plugin)
+
+            def register(name: str, factory: Callable[[Any], IRPPlugin],
+                         config_model: type[IRPConfig], kind: str = "perception",
+                         description: str = "", _source: str = source) -> None:
+                problem = _check_registration(name, factory, config_model, kind)
+                if problem is None and name in found:
+                    problem = f"name {name!r} is already registered by {found[name].source}"
+                if problem is not None:
+                    self._report(str(name), _source, problem)
+                    return
+                found[name] = PluginInfo(name, factory, config_model, kind, description, _source)
+
+            try:
+                impl.function(*[{"register": register}[arg] for arg in impl.argnames])
+            except Exception as exc:
+                self._report(source, "hook", f"register_irp_plugins raised "
+                                             f"{type(exc).__name__}: {exc}")
+        return found
+
+    def get(self, name: str) -> PluginInfo:
+        """The registered plugin ``name``; ``KeyError`` listing the available names otherwise."""
+        plugins = self.list_plugins()
+        if name not in plugins:
+            raise KeyError(f"no IRP plugin named {name!r}; registered: {sorted(plugins)}")
+        return plugins[name]
+
+    def validate_config(self, name: str,
+                        config: dict[str, Any] | BaseModel | None = None) -> IRPConfig:
+        """``config`` validated by plugin ``name``'s config model.
+
+        Raises :class:`PluginConfigError` whose message names every bad field, e.g.
+        ``tinyvae config: step_size: Input should be greater than 0``.
+        """
+        info = self.get(name)
+        if isinstance(config, info.config_model):
+            return config
+        if isinstance(config, BaseModel):
+            config = config.model_dump()
+        try:
+            return info.config_model.model_validate(config or {})
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or '<config>'}: {err['msg']}"
+                for err in exc.errors())
+            raise PluginConfigError(f"{name} config: {problems}") from exc
+
+    def create(self, name: str, config: dict[str, Any] | BaseModel | None = None) -> IRPPlugin:
+        """Build plugin ``name`` from a plain-dict ``config`` (validated first, see above)."""
+        validated = self.validate_config(name, config)
+        return self.get(name).factory(validated)
+
+
+def _check_registration(name: Any, factory: Any, config_model: Any, kind: Any) -> str | None:
+    if not isinstance(name, str) or not name:
+        return f"plugin name must be a non-empty string, got {name!r}"
+    if not callable(factory):
+        return f"factory of {name!r} is not callable: {factory!r}"
+    if not (isinstance(config_model, type) and issubclass(config_model, IRPConfig)):
+        return f"config_model of {name!r} must be an IRPConfig subclass, got {config_model!r}"
+    if not isinstance(kind, str) or not kind:
+        return f"kind of {name!r} must be a non-empty string, got {kind!r}"
+    return None
+
+
+_default_host: IRPHost | None = None
+
+
+def get_host() -> IRPHost:
+    """The process-wide host (built-ins and entry points), created on first use."""
+    global _default_host
+    if _default_host is None:
+        _default_host = IRPHost()
+    return _default_host
+
+
+def create_plugin(name: str, config: dict[str, Any] | BaseModel | None = None) -> IRPPlugin:
+    """``get_host().create(name, config)``."""
+    return get_host().create(name, config)
+
+
+def list_plugins() -> dict[str, PluginInfo]:
+    """``get_host().list_plugins()``."""
+    return get_host().list_plugins()
