@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -25,3 +26,11 @@ class LatentAdapter(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         return self.proj(z)
+
+    def variance(self, var: Tensor) -> Tensor:
+        """Per-channel variance of ``W z + b`` when ``z ~ N(mu, diag(var))``.
+
+        The diagonal of ``W diag(var) W^T``: ``(B, student_dim, h, w) -> (B, teacher_dim, h, w)``,
+        i.e. the marginal variances of the student posterior pushed through the adapter.
+        """
+        return F.conv2d(var, self.proj.weight.pow(2))

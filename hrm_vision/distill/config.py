@@ -1,0 +1,153 @@
+"""The distillation config: a pydantic model with ``extra="forbid"`` and range checks.
+
+``DistillConfig`` carries the seed's JSON keys with the seed's defaults plus the settings the
+training loop needs. Every field is read somewhere in :mod:`hrm_vision.distill`; the README's
+``training`` section documents each one.
+
+>>> cfg = load_config("my.json", overrides={"epochs": 3})   # flags override the file
+>>> save_config(cfg, "checkpoints/config.json")               # the effective config
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+Backbone = Literal["auto", "vgg16", "teacher"]
+Precision = Literal["auto", "off", "bf16", "fp16"]
+
+
+class ConfigError(ValueError):
+    """A config file or value that cannot be used; the message names the file, field or position."""
+
+
+class DistillConfig(BaseModel):
+    """Everything a distillation run needs. Images are float RGB in [0, 1], NCHW.
+
+    Loss weights multiply the five terms of :class:`hrm_vision.distill.losses.DistillLoss`.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # ---------------------------------------------------------------- data
+    dataset: str = Field("cifar10", description="dataset name in hrm_vision.data (cifar10, "
+                         "imagefolder, photos)")
+    data_dir: str = Field("./data", description="where the dataset lives (cifar10, imagefolder)")
+    download: bool = Field(False, description="allow downloading the dataset (cifar10) and VGG16 "
+                           "weights")
+    image_size: int = Field(32, ge=8, description="image side in pixels, a multiple of 8")
+    train_samples: int | None = Field(None, ge=1, description="use only the first N training "
+                                      "images (None: all)")
+    val_samples: int | None = Field(None, ge=2, description="use only the first N validation "
+                                    "images (None: all)")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    # ---------------------------------------------------------------- models
+    teacher_latent_dim: int = Field(512, ge=1)
+    student_latent_dim: int = Field(128, ge=1)
+    teacher_base_channels: int = Field(56, ge=1)
+    teacher_blocks_per_stage: int = Field(2, ge=1)
+    student_base_channels: int = Field(32, ge=1)
+    # ---------------------------------------------------------------- optimisation
+    batch_size: int = Field(64, ge=1)
+    epochs: int = Field(100, ge=0, description="distillation epochs (phase 2)")
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(100, ge=0, description="linear warm-up optimizer steps before the "
+                              "cosine decay")
+    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm (None: off)")
+    grad_accum_steps: int = Field(1, ge=1, description="batches per optimizer step")
+    mixed_precision: Precision = Field("auto", description="auto: fp16 with a scaler on CUDA, "
+                                       "off on CPU; bf16/fp16/off force it")
+    seed: int = 0
+    max_bad_steps: int = Field(10, ge=1, description="stop after this many non-finite losses in "
+                               "a row")
+    # ---------------------------------------------------------------- loss
+    recon_weight: float = Field(0.3, ge=0)
+    kl_weight: float = Field(0.1, ge=0)
+    kl_free_bits: float = Field(2.0, ge=0, description="KL budget in nats per latent element "
+                                "(per channel, averaged over batch and positions) that is free")
+    distill_latent_weight: float = Field(0.3, ge=0)
+    distill_recon_weight: float = Field(0.2, ge=0)
+    perceptual_weight: float = Field(0.1, ge=0)
+    temperature: float = Field(3.0, gt=0)
+    perceptual_backbone: Backbone = "auto"
+    vgg16_weights: str | None = Field(None, description="path to torchvision vgg16 weights")
+    # ---------------------------------------------------------------- phases
+    teacher_checkpoint: str | None = Field(None, description="a trained teacher to reuse "
+                                           "(default: checkpoint_dir/teacher.pth if present)")
+    teacher_epochs: int = Field(20, ge=0, description="phase 1 (teacher pre-training) epochs")
+    teacher_cache: bool = Field(True, description="precompute the frozen teacher's outputs once")
+    finetune_epochs: int = Field(0, ge=0, description="phase 3: student alone, decoder first")
+    # ---------------------------------------------------------------- output
+    device: str | None = Field(None, description="cuda / cpu / cuda:1 (None: cuda if available)")
+    checkpoint_dir: str = "checkpoints"
+    save_interval: int = Field(5, ge=1, description="write tinyvae_epoch_XXX.pth every N epochs")
+    log_interval: int = Field(50, ge=1, description="print the loss terms every N batches")
+
+    @field_validator("image_size")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"image_size must be a multiple of 8, got {v}")
+        return v
+
+
+def _format_validation(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(config)"
+        if err["type"] == "extra_forbidden":
+            known = ", ".join(DistillConfig.model_fields)
+            lines.append(f"unknown key {field!r} (known keys: {known})")
+        else:
+            lines.append(f"{field}: {err['msg']} (got {err.get('input')!r})")
+    return f"invalid config {source}: " + "; ".join(lines)
+
+
+def make_config(values: dict[str, Any], source: str = "values") -> DistillConfig:
+    """Validate ``values`` into a config; a ``ConfigError`` names every bad field."""
+    try:
+        return DistillConfig(**values)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(exc, source)) from None
+
+
+def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON object in ``path``; a syntax error is reported with its line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, "
+                          f"column {exc.colno}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not a UTF-8 text file: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object of config keys, got "
+                          f"{type(data).__name__}")
+    return data
+
+
+def load_config(path: str | os.PathLike[str] | None = None,
+                overrides: dict[str, Any] | None = None) -> DistillConfig:
+    """Defaults, then the JSON file at ``path`` (if any), then ``overrides`` (explicit flags)."""
+    values: dict[str, Any] = read_json(path) if path is not None else {}
+    values.update(overrides or {})
+    source = str(path) if path is not None else "(command line)"
+    return make_config(values, source)
+
+
+def save_config(config: DistillConfig, path: str | os.PathLike[str]) -> Path:
+    """Write ``config`` as indented JSON (loadable by :func:`load_config`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(config.model_dump(), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path

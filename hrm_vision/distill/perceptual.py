@@ -1,0 +1,143 @@
+"""Frozen perceptual backbones for the ``perceptual`` loss term.
+
+Each backbone maps images in [0, 1], (B, 3, H, W), to a list of feature maps and has no
+trainable parameters (gradients still flow through it to the images).
+
+- ``vgg16``: torchvision's VGG16 ImageNet features up to ``relu2_2`` (layers ``relu1_2`` and
+  ``relu2_2``; deeper layers are 4x4 or smaller on 32x32 images), with ImageNet normalisation.
+  The weights come from a given file, the torch hub cache, or a download when it is allowed.
+- ``teacher``: the first stage of the frozen teacher's encoder (full resolution, the teacher's
+  own learned features; needs no download). One stage costs about as much as the whole student
+  forward and backward pass; deeper stages would cost several times more.
+- ``auto``: ``vgg16`` when its weights are available without a download, else ``teacher``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import VGG16_Weights, vgg16
+
+from ..checkpoints import load_checkpoint
+from ..vae import VAEBase
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Indices in ``vgg16().features`` of the ReLUs whose outputs are matched (relu1_2, relu2_2).
+VGG_LAYERS: tuple[int, ...] = (3, 8)
+#: Encoder stages of the teacher whose outputs are matched.
+TEACHER_STAGES = 1
+
+
+def _freeze(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module.eval()
+
+
+class VGG16Features(nn.Module):
+    """VGG16 feature maps at ``VGG_LAYERS`` of ImageNet-normalised images.
+
+    Args:
+        state_dict: torchvision ``vgg16`` weights (a full state dict, or only the ``features.*``
+            keys of the layers used); ``None`` keeps random weights (for tests only).
+    """
+
+    def __init__(self, state_dict: dict[str, Tensor] | None = None) -> None:
+        super().__init__()
+        self.features = vgg16(weights=None).features[: max(VGG_LAYERS) + 1]
+        if state_dict is not None:
+            prefix = "features."
+            own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            needed = set(self.features.state_dict())
+            missing = sorted(needed - set(own))
+            if missing:
+                raise ValueError(f"vgg16 weights lack the layers used by the perceptual loss: "
+                                 f"features.{missing[0]} (and {len(missing) - 1} more)")
+            self.features.load_state_dict({k: own[k] for k in needed})
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        _freeze(self)
+
+    def train(self, mode: bool = True) -> VGG16Features:  # always eval: frozen backbone
+        return super().train(False)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        x = (x - self.mean) / self.std
+        out = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in VGG_LAYERS:
+                out.append(x)
+        return out
+
+
+class TeacherFeatures(nn.Module):
+    """Outputs of the first ``TEACHER_STAGES`` encoder stages of a frozen teacher VAE."""
+
+    def __init__(self, teacher: VAEBase) -> None:
+        super().__init__()
+        self.stages = _freeze(teacher).encoder.stages[:TEACHER_STAGES]  # type: ignore[index]
+
+    def train(self, mode: bool = True) -> TeacherFeatures:  # always eval: frozen backbone
+        return super().train(False)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        out = []
+        for stage in self.stages:
+            x = stage(x)
+            out.append(x)
+        return out
+
+
+def hub_vgg16_path() -> Path:
+    """Where torchvision caches the ImageNet VGG16 weights (``$TORCH_HOME/hub/checkpoints``)."""
+    filename = os.path.basename(VGG16_Weights.IMAGENET1K_V1.url)
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+def find_vgg16_weights(path: str | os.PathLike[str] | None = None) -> Path | None:
+    """The VGG16 weights file to use without downloading, or ``None`` if there is none.
+
+    An explicit ``path`` must exist (``ValueError`` otherwise); else the torch hub cache is used.
+    """
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"vgg16_weights: no such file {p}")
+        return p
+    cached = hub_vgg16_path()
+    return cached if cached.is_file() else None
+
+
+def build_perceptual(kind: str, teacher: VAEBase | None = None, vgg16_weights: str | None = None,
+                     allow_download: bool = False) -> tuple[nn.Module, str]:
+    """The backbone for ``kind`` (``auto``, ``vgg16`` or ``teacher``) and the name it resolved to.
+
+    ``vgg16`` without local weights downloads them only when ``allow_download``; otherwise it
+    raises a ``ValueError`` saying how to proceed. ``teacher`` needs ``teacher``.
+    """
+    if kind not in ("auto", "vgg16", "teacher"):
+        raise ValueError(f"perceptual_backbone must be auto, vgg16 or teacher, got {kind!r}")
+    local = find_vgg16_weights(vgg16_weights)
+    if kind == "auto":
+        kind = "vgg16" if local is not None else "teacher"
+    if kind == "teacher":
+        if teacher is None:
+            raise ValueError("the teacher perceptual backbone needs a teacher model")
+        return TeacherFeatures(teacher), "teacher"
+    state: dict[str, Any]
+    if local is not None:
+        state = load_checkpoint(local)
+    elif allow_download:
+        state = VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
+    else:
+        raise ValueError(
+            f"vgg16 perceptual backbone: no weights at {hub_vgg16_path()} and downloading is not "
+            "allowed; pass --download, give --vgg16-weights PATH, or use "
+            "--perceptual-backbone teacher (or auto)")
+    return VGG16Features(state), "vgg16"

@@ -1,0 +1,201 @@
+"""Loss terms: each responds to its input, gradients reach only the intended parameters,
+temperature changes loss and gradient, the KL budget works, perceptual backbones load offline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.models import vgg16
+
+from hrm_vision.distill import LatentAdapter
+from hrm_vision.distill.losses import (
+    TERMS,
+    DistillLoss,
+    TeacherTargets,
+    kl_free_bits,
+    latent_distillation,
+    vae_loss,
+)
+from hrm_vision.distill.perceptual import (
+    VGG_LAYERS,
+    TeacherFeatures,
+    VGG16Features,
+    build_perceptual,
+    find_vgg16_weights,
+)
+from hrm_vision.vae import MinimalVAE, TeacherVAE
+
+
+@pytest.fixture
+def models() -> tuple[MinimalVAE, LatentAdapter, TeacherVAE]:
+    return (MinimalVAE(latent_dim=8, base_channels=8), LatentAdapter(8, 16),
+            TeacherVAE(latent_dim=16, base_channels=8, blocks_per_stage=1).eval())
+
+
+def teacher_targets(teacher: TeacherVAE, x: torch.Tensor) -> TeacherTargets:
+    with torch.no_grad():
+        out = teacher(x)
+    return TeacherTargets(out.mu, out.logvar, out.reconstruction)
+
+
+class TestTerms:
+    def test_all_terms_finite_and_total_is_weighted_sum(self, models, photo_batch) -> None:
+        student, adapter, teacher = models
+        x = photo_batch[:4]
+        loss = DistillLoss(perceptual=TeacherFeatures(teacher))
+        terms = loss(x, student(x), adapter, teacher_targets(teacher, x))
+        assert set(terms) == {*TERMS, "total"}
+        assert all(torch.isfinite(v) for v in terms.values())
+        assert all(terms[k] > 0 for k in TERMS)
+        expected = sum(loss.weights[k] * terms[k] for k in TERMS)
+        assert torch.allclose(terms["total"], expected)
+
+    @pytest.mark.parametrize("term,params", [
+        ("recon", {"student"}),
+        ("kl", {"student.encoder"}),
+        ("distill_latent", {"student.encoder", "adapter"}),
+        ("distill_recon", {"student"}),
+        ("perceptual", {"student"}),
+    ])
+    def test_gradient_reaches_only_intended_parameters(self, models, photo_batch, term,
+                                                       params) -> None:
+        student, adapter, teacher = models
+        x = photo_batch[:4]
+        weights = {f"{k}_weight": 0.0 for k in TERMS}
+        weights[f"{term}_weight"] = 1.0
+        loss = DistillLoss(**weights, kl_free_bits=0.0, perceptual=TeacherFeatures(teacher))
+        loss(x, student(x), adapter, teacher_targets(teacher, x))["total"].backward()
+        named = {**{f"student.{n}": p for n, p in student.named_parameters()},
+                 **{f"adapter.{n}": p for n, p in adapter.named_parameters()},
+                 **{f"teacher.{n}": p for n, p in teacher.named_parameters()}}
+        got = {n for n, p in named.items() if p.grad is not None and p.grad.abs().sum() > 0}
+        for n in named:
+            intended = any(n.startswith(prefix + ".") for prefix in params)
+            if n.startswith("teacher") or not intended:
+                assert n not in got, f"{term} should not reach {n}"
+        assert any(n.startswith(tuple(params)) for n in got), f"{term} reaches nothing"
+
+    def test_recon_responds_to_reconstruction(self, models, photo_batch) -> None:
+        student, adapter, _ = models
+        x = photo_batch[:4]
+        out = student(x)
+        loss = DistillLoss(distill_latent_weight=0, distill_recon_weight=0, perceptual_weight=0)
+        base = loss(x, out, adapter, None)
+        perfect = loss(x, out._replace(reconstruction=x), adapter, None)
+        assert perfect["recon"] == 0 < base["recon"]
+        assert base["distill_latent"] == 0 and base["perceptual"] == 0
+
+    def test_distill_terms_without_teacher_are_an_error(self, models, photo_batch) -> None:
+        student, adapter, _ = models
+        with pytest.raises(ValueError, match="no teacher"):
+            DistillLoss(perceptual_weight=0)(photo_batch[:2], student(photo_batch[:2]), adapter,
+                                             None)
+
+    def test_negative_weight_rejected(self) -> None:
+        with pytest.raises(ValueError, match="kl"):
+            DistillLoss(kl_weight=-1)
+
+    def test_teacher_loss_uses_same_kl(self, models, photo_batch) -> None:
+        _, _, teacher = models
+        out = teacher(photo_batch[:4])
+        terms = vae_loss(photo_batch[:4], out, 0.3, 0.1, free_bits=0.5)
+        assert torch.allclose(terms["kl"], kl_free_bits(out.mu, out.logvar, 0.5))
+
+
+class TestKLFreeBits:
+    def test_zero_budget_is_mean_gaussian_kl(self) -> None:
+        mu, logvar = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+        expected = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).mean()
+        assert torch.allclose(kl_free_bits(mu, logvar, 0.0), expected)
+
+    def test_channels_under_budget_get_no_gradient(self) -> None:
+        mu = torch.zeros(2, 2, 1, 1)
+        mu[:, 1] = 3.0  # channel 1 spends 4.5 nats, channel 0 spends 0
+        mu.requires_grad_(True)
+        kl = kl_free_bits(mu, torch.zeros_like(mu), free_bits=1.0)
+        kl.backward()
+        assert kl.item() == pytest.approx((1.0 + 4.5) / 2)
+        assert mu.grad[:, 0].abs().sum() == 0 and mu.grad[:, 1].abs().sum() > 0
+
+
+class TestTemperature:
+    def test_temperature_changes_loss_and_gradient(self, photo_batch) -> None:
+        torch.manual_seed(1)
+        adapter = LatentAdapter(8, 16)
+        mu_s = torch.randn(4, 8, 4, 4, requires_grad=True)
+        logvar_s = torch.randn(4, 8, 4, 4).mul(0.5).requires_grad_(True)
+        t = TeacherTargets(torch.randn(4, 16, 4, 4), torch.randn(4, 16, 4, 4).mul(0.5),
+                           photo_batch[:4])
+        results = []
+        for temp in (1.0, 3.0):
+            mu_s.grad = logvar_s.grad = adapter.proj.weight.grad = None
+            loss = latent_distillation(mu_s, logvar_s, adapter, t, temp)
+            loss.backward()
+            results.append((loss.item(), mu_s.grad.clone(), logvar_s.grad.clone(),
+                            adapter.proj.weight.grad.clone()))
+        (l1, gm1, gv1, gw1), (l3, gm3, gv3, gw3) = results
+        assert l1 != pytest.approx(l3, rel=1e-3)
+        assert not torch.allclose(gv1, gv3, rtol=1e-3)
+        assert not torch.allclose(gw1, gw3, rtol=1e-3)
+        # as documented, the mean-matching gradient is T-invariant after the T**2 scaling
+        assert torch.allclose(gm1, gm3)
+
+    def test_zero_when_student_matches_teacher(self) -> None:
+        adapter = LatentAdapter(4, 4)
+        with torch.no_grad():
+            adapter.proj.weight.copy_(torch.eye(4).view(4, 4, 1, 1))
+            adapter.proj.bias.zero_()
+        mu, logvar = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2).clamp(-2, 2)
+        t = TeacherTargets(mu, logvar, torch.zeros(2, 3, 16, 16))
+        assert latent_distillation(mu, logvar, adapter, t, 3.0).item() == pytest.approx(0,
+                                                                                       abs=1e-5)
+
+
+class TestPerceptual:
+    def test_vgg16_from_local_weights_file(self, tmp_path, photo_batch) -> None:
+        full = vgg16(weights=None).state_dict()
+        small = {k: v for k, v in full.items()
+                 if k.startswith("features.") and int(k.split(".")[1]) <= max(VGG_LAYERS)}
+        path = tmp_path / "vgg16-local.pth"
+        torch.save(small, path)
+        backbone, name = build_perceptual("vgg16", vgg16_weights=str(path))
+        assert name == "vgg16" and isinstance(backbone, VGG16Features)
+        feats = backbone(photo_batch[:2])
+        assert [f.shape[1] for f in feats] == [64, 128]
+        assert torch.equal(backbone.features[0].weight, small["features.0.weight"])
+        assert not any(p.requires_grad for p in backbone.parameters())
+
+    def test_vgg16_weights_missing_layers(self, tmp_path) -> None:
+        path = tmp_path / "partial.pth"
+        torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, path)
+        with pytest.raises(ValueError, match="lack the layers"):
+            build_perceptual("vgg16", vgg16_weights=str(path))
+
+    def test_vgg16_without_weights_or_download_says_how(self, tmp_path, monkeypatch) -> None:
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+        assert find_vgg16_weights() is None
+        with pytest.raises(ValueError, match="--download"):
+            build_perceptual("vgg16")
+
+    def test_auto_falls_back_to_teacher_without_vgg(self, tmp_path, monkeypatch,
+                                                    models) -> None:
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+        backbone, name = build_perceptual("auto", teacher=models[2])
+        assert name == "teacher" and isinstance(backbone, TeacherFeatures)
+
+    def test_auto_prefers_cached_vgg(self, tmp_path, monkeypatch) -> None:
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+        from hrm_vision.distill.perceptual import hub_vgg16_path
+        hub = hub_vgg16_path()
+        hub.parent.mkdir(parents=True)
+        torch.save({k: v for k, v in vgg16(weights=None).state_dict().items()
+                    if k.startswith("features.") and int(k.split(".")[1]) <= 8}, hub)
+        assert build_perceptual("auto")[1] == "vgg16"
+
+    def test_imagenet_normalisation_applied(self, photo_batch) -> None:
+        backbone = VGG16Features()
+        x = photo_batch[:1]
+        first = backbone.features[0]
+        normed = (x - backbone.mean) / backbone.std
+        assert torch.allclose(backbone(x)[0], backbone.features[:4](normed))
+        assert not torch.allclose(first(x), first(normed))
