@@ -1,0 +1,152 @@
+"""The evaluation command (teacher vs student report) and its measurement helpers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from hrm_vision.checkpoints import CheckpointError, model_entry, save_checkpoint
+from hrm_vision.distill.adapter import LatentAdapter
+from hrm_vision.evaluate import main
+from hrm_vision.evaluation import (
+    dequantize_uint8,
+    interleaved_timings,
+    quantize_uint8,
+    weight_file_bytes,
+)
+from hrm_vision.evaluation.report import OPS
+from hrm_vision.vae import MinimalVAE, TeacherVAE
+
+MODEL_KEYS = ["parameters", "weights_fp32_bytes", "weights_fp16_bytes", "psnr_db", "ssim",
+              *[f"macs_{op}" for op in OPS],
+              *[f"latency_{op}_{s}_ms" for op in OPS for s in ("median", "p90")],
+              *[f"throughput_{op}_ips" for op in OPS]]
+TINY_RUN = ["--num-images", "6", "--batch-size", "4", "--latency-repeats", "2",
+            "--throughput-repeats", "2", "--throughput-batch", "4", "--warmup", "1"]
+
+
+def write_tiny_checkpoints(folder: Path) -> tuple[TeacherVAE, MinimalVAE]:
+    teacher = TeacherVAE(latent_dim=16, base_channels=8, blocks_per_stage=1)
+    student = MinimalVAE(latent_dim=8, base_channels=8)
+    adapter = LatentAdapter(8, 16)
+    save_checkpoint(model_entry(teacher, "teacher"), folder / "teacher.pth")
+    save_checkpoint({**model_entry(student, "student"),
+                     "adapter_state_dict": adapter.state_dict(),
+                     "adapter_arch": adapter.arch_config()}, folder / "tinyvae_best.pth")
+    return teacher, student
+
+
+def _all_finite(obj: Any) -> bool:
+    if isinstance(obj, dict):
+        return all(_all_finite(v) for v in obj.values())
+    if isinstance(obj, list):
+        return all(_all_finite(v) for v in obj)
+    if isinstance(obj, bool | str) or obj is None:
+        return obj is not None
+    return math.isfinite(obj)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, TeacherVAE, MinimalVAE]:
+    """One tiny evaluation run: (evaluation.json contents, output folder, models)."""
+    torch.set_num_threads(2)
+    root = tmp_path_factory.mktemp("evaluation")
+    teacher, student = write_tiny_checkpoints(root)
+    main(["--checkpoint-dir", str(root), "--out-dir", str(root / "out"), *TINY_RUN])
+    return json.loads((root / "out" / "evaluation.json").read_text()), root / "out", \
+        teacher, student
+
+
+class TestEvaluationCommand:
+    def test_json_has_every_field_finite(self, run) -> None:
+        report = run[0]
+        for role in ("teacher", "student"):
+            assert sorted(report[role]) == sorted(MODEL_KEYS)
+        assert sorted(report["ratios"]) == sorted(MODEL_KEYS)
+        assert set(report["alignment"]) == {"cka_adapted", "cka_unadapted"}
+        assert {"psnr_float_db", "psnr_uint8_db", "psnr_cost_db", "ssim_uint8", "scheme",
+                "bytes_float32", "bytes_uint8"} <= set(report["latent_uint8"])
+        assert len(report["goals"]) == 5
+        assert _all_finite(report), "every value must be present and finite"
+
+    def test_values_describe_the_models(self, run) -> None:
+        report, _, teacher, student = run
+        assert report["teacher"]["parameters"] == teacher.num_parameters()
+        assert report["student"]["parameters"] == student.num_parameters()
+        assert report["ratios"]["parameters"] == pytest.approx(
+            teacher.num_parameters() / student.num_parameters())
+        assert report["ratios"]["psnr_db"] == pytest.approx(
+            report["student"]["psnr_db"] / report["teacher"]["psnr_db"])
+        assert report["dataset"]["num_images"] == 6
+        assert report["latent_uint8"]["bytes_float32"] == 4 * 8 * 4 * 4
+        for role in ("teacher", "student"):
+            m = report[role]
+            assert m["latency_both_p90_ms"] >= m["latency_both_median_ms"] > 0
+            assert m["weights_fp16_bytes"] < m["weights_fp32_bytes"]
+            assert 0 < m["ssim"] <= 1
+        assert 0 <= report["alignment"]["cka_adapted"] <= 1 + 1e-9
+
+    def test_markdown_and_png_written(self, run) -> None:
+        report, out, _, _ = run
+        table = (out / "evaluation.md").read_text()
+        assert "| parameters |" in table and f"{report['teacher']['parameters']:,}" in table
+        assert (out / "evaluation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def test_missing_teacher_is_a_clear_error(self, tmp_path: Path) -> None:
+        write_tiny_checkpoints(tmp_path)
+        (tmp_path / "teacher.pth").unlink()
+        with pytest.raises(CheckpointError, match="not found"):
+            main(["--checkpoint-dir", str(tmp_path), *TINY_RUN])
+
+    def test_bad_option_is_a_value_error(self, tmp_path: Path) -> None:
+        with pytest.raises(ValueError, match="--latency-repeats"):
+            main(["--checkpoint-dir", str(tmp_path), "--latency-repeats", "0"])
+
+
+class TestWeightFiles:
+    def test_fp16_file_is_about_half_of_fp32(self) -> None:
+        model = MinimalVAE()
+        ratio = weight_file_bytes(model, torch.float16) / weight_file_bytes(model, torch.float32)
+        assert 0.48 < ratio < 0.55
+
+    def test_file_grows_with_parameters(self) -> None:
+        small, big = MinimalVAE(8, 8), MinimalVAE(16, 16)
+        assert weight_file_bytes(big) > weight_file_bytes(small)
+
+    def test_integer_dtype_refused(self) -> None:
+        with pytest.raises(ValueError, match="floating"):
+            weight_file_bytes(MinimalVAE(8, 8), torch.int8)
+
+
+class TestUint8Latent:
+    def test_round_trip_error_within_half_a_step(self) -> None:
+        z = torch.randn(3, 8, 4, 4) * torch.tensor([1.0, 5.0, 0.1]).view(3, 1, 1, 1)
+        q, low, scale = quantize_uint8(z)
+        assert q.dtype == torch.uint8 and low.shape == scale.shape == (3, 1, 1, 1)
+        err = (dequantize_uint8(q, low, scale) - z).abs().flatten(1).max(1).values
+        assert torch.all(err <= scale.flatten() / 2 + 1e-6)
+        assert q.min() == 0 and q.max() == 255
+
+    def test_constant_latent_is_exact(self) -> None:
+        z = torch.full((2, 4, 2, 2), 0.7)
+        assert torch.equal(dequantize_uint8(*quantize_uint8(z)), z)
+
+
+class TestInterleavedTimings:
+    def test_each_function_timed_and_order_rotates(self) -> None:
+        calls: list[str] = []
+        fns = {name: (lambda n=name: calls.append(n)) for name in ("a", "b", "c")}
+        times = interleaved_timings(fns, repeats=3, warmup=1)
+        assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+        rounds = [calls[i:i + 3] for i in range(3, 12, 3)]  # after the warmup round
+        assert [r[0] for r in rounds] == ["a", "b", "c"]
+        assert all(sorted(r) == ["a", "b", "c"] for r in rounds)
+
+    def test_bad_repeats(self) -> None:
+        with pytest.raises(ValueError, match="repeats"):
+            interleaved_timings({"a": lambda: None}, repeats=0)
