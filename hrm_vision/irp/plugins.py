@@ -177,8 +177,8 @@ class IRPHost:
         come first) and reports the second.
         """
         found: dict[str, PluginInfo] = {}
-        # pluggy calls the last registered first; walk in registration order instead.
-        for impl in reversed(self.pm.hook.register_irp_plugins.get_hookimpls()):
+        # get_hookimpls() is in registration order (pluggy *calls* them last-registered first).
+        for impl in self.pm.hook.register_irp_plugins.get_hookimpls():
             source = self.pm.get_name(impl.plugin) or repr(impl.plugin)
 
             def register(name: str, factory: Callable[[Any], IRPPlugin],
