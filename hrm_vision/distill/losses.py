@@ -94,13 +94,18 @@ def softened_gaussian_kl(mu_t: Tensor, var_t: Tensor, mu_s: Tensor, var_s: Tenso
     return (t2 * spread + mean).mean()
 
 
-def latent_distillation(student_mu: Tensor, student_logvar: Tensor, adapter: LatentAdapter,
-                        teacher: TeacherTargets, temperature: float) -> Tensor:
-    """The ``distill_latent`` term: the student posterior through ``adapter`` vs the teacher's."""
-    mu_s = adapter(student_mu)
-    var_s = adapter.variance(student_logvar.float().exp())
-    return softened_gaussian_kl(teacher.mu, teacher.logvar.float().exp(), mu_s, var_s,
-                                temperature)
+def adapt(adapter: LatentAdapter, mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor]:
+    """The student posterior pushed through the linear ``adapter``: (mean, marginal variance),
+    both ``(B, teacher_dim, h, w)``."""
+    return adapter(mu), adapter.variance(logvar.float().exp())
+
+
+def latent_distillation(adapted_mu: Tensor, adapted_var: Tensor, teacher: TeacherTargets,
+                        temperature: float) -> Tensor:
+    """The ``distill_latent`` term: the adapted student posterior vs the teacher's (see
+    :func:`adapt`, :func:`softened_gaussian_kl`)."""
+    return softened_gaussian_kl(teacher.mu, teacher.logvar.float().exp(), adapted_mu,
+                                adapted_var, temperature)
 
 
 def feature_matching(features_pred: list[Tensor], features_target: list[Tensor]) -> Tensor:
@@ -148,9 +153,11 @@ class DistillLoss(nn.Module):
         """Whether a term with a non-zero weight needs the teacher's outputs."""
         return self.weights["distill_latent"] > 0 or self.weights["distill_recon"] > 0
 
-    def forward(self, x: Tensor, student: VAEOutput, adapter: LatentAdapter,
+    def forward(self, x: Tensor, student: VAEOutput, adapted: tuple[Tensor, Tensor] | None,
                 teacher: TeacherTargets | None) -> dict[str, Tensor]:
         """Terms for images ``x`` (B, 3, H, W) in [0, 1] and the student's forward output.
+
+        ``adapted`` is ``adapt(adapter, student.mu, student.logvar)`` (needed with a teacher).
 
         A term whose weight is 0 and that cannot be computed (no teacher, no backbone) is 0.
         Returns ``{term: scalar tensor}`` for the five terms plus ``"total"``.
@@ -166,8 +173,9 @@ class DistillLoss(nn.Module):
             "distill_latent": zero, "distill_recon": zero, "perceptual": zero,
         }
         if teacher is not None:
-            terms["distill_latent"] = latent_distillation(student.mu, student.logvar, adapter,
-                                                          teacher, self.temperature)
+            if adapted is None:
+                raise ValueError("teacher outputs need the adapted student posterior")
+            terms["distill_latent"] = latent_distillation(*adapted, teacher, self.temperature)
             terms["distill_recon"] = F.mse_loss(recon, teacher.reconstruction.float())
         if self.perceptual is not None and self.weights["perceptual"] > 0:
             with torch.no_grad():

@@ -1,0 +1,170 @@
+"""Trainer callbacks (pythae style): what the user sees and what is written besides checkpoints.
+
+The trainer calls every callback's hooks on rank 0 only. Hooks receive the trainer and plain
+values; each callback does one thing:
+
+- :class:`ProgressBar`: a tqdm bar per epoch with the running loss.
+- :class:`ConsoleLog`: the five terms every ``log_interval`` batches and an epoch summary.
+- :class:`HistoryWriter`: ``history.json`` rewritten after every epoch.
+- :class:`PictureWriter`: a PNG grid of inputs / teacher / student reconstructions and a PNG of
+  the loss curves in the checkpoint directory, every epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from .trainer import Distiller, Phase
+
+
+class Callback:
+    """Base class: every hook does nothing."""
+
+    def on_train_begin(self, trainer: Distiller) -> None: ...
+    def on_epoch_begin(self, trainer: Distiller, phase: Phase, epoch: int,
+                       num_batches: int) -> None: ...
+    def on_batch_end(self, trainer: Distiller, phase: Phase, step: int,
+                     terms: dict[str, float]) -> None: ...
+    def on_log(self, trainer: Distiller, phase: Phase, step: int,
+               terms: dict[str, float]) -> None: ...
+    def on_epoch_end(self, trainer: Distiller, phase: Phase, record: dict[str, Any]) -> None: ...
+    def on_message(self, trainer: Distiller, message: str) -> None: ...
+    def on_train_end(self, trainer: Distiller) -> None: ...
+
+
+def _fmt(terms: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in terms.items())
+
+
+class ProgressBar(Callback):
+    """One tqdm bar per epoch; its postfix is the running mean of the total loss."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+        self.total = 0.0
+        self.count = 0
+
+    def on_epoch_begin(self, trainer: Distiller, phase: Phase, epoch: int,
+                       num_batches: int) -> None:
+        self.bar = tqdm(total=num_batches, desc=f"{phase.name} {epoch + 1}/{phase.epochs}",
+                        leave=False, dynamic_ncols=True)
+        self.total, self.count = 0.0, 0
+
+    def on_batch_end(self, trainer: Distiller, phase: Phase, step: int,
+                     terms: dict[str, float]) -> None:
+        if self.bar is not None:
+            self.total += terms["total"]
+            self.count += 1
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{self.total / self.count:.4g}")
+
+    def on_epoch_end(self, trainer: Distiller, phase: Phase, record: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def on_train_end(self, trainer: Distiller) -> None:  # also closes a bar left by an abort
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class ConsoleLog(Callback):
+    """Prints the loss terms every ``log_interval`` batches and one summary line per epoch."""
+
+    def on_message(self, trainer: Distiller, message: str) -> None:
+        tqdm.write(message)
+
+    def on_log(self, trainer: Distiller, phase: Phase, step: int,
+               terms: dict[str, float]) -> None:
+        tqdm.write(f"[{phase.name}] batch {step}: {_fmt(terms)}")
+
+    def on_epoch_end(self, trainer: Distiller, phase: Phase, record: dict[str, Any]) -> None:
+        val = record["val"]
+        head = (f"[{phase.name}] epoch {record['epoch']}/{phase.epochs} "
+                f"({record['time_s']:.0f}s, {record['train_img_per_s']:.0f} img/s)")
+        tqdm.write(f"{head} train total={record['train']['total']:.4g} | val {_fmt(val)}"
+                   + ("  [best]" if record.get("is_best") else ""))
+
+
+class HistoryWriter(Callback):
+    """Rewrites ``history.json`` (every epoch record of every phase so far) after each epoch."""
+
+    def on_epoch_end(self, trainer: Distiller, phase: Phase, record: dict[str, Any]) -> None:
+        write_json(trainer.history, Path(trainer.config.checkpoint_dir) / "history.json")
+
+
+def write_json(data: Any, path: Path) -> None:
+    """Atomically write ``data`` as JSON; NaN/inf become null so the file stays valid JSON."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return v
+
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(clean(data), indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class PictureWriter(Callback):
+    """Per epoch: ``{phase}_epoch_XXX.png`` (rows: inputs, teacher, student) and
+    ``loss_curves.png`` (train and validation total loss and PSNR per epoch)."""
+
+    def on_epoch_end(self, trainer: Distiller, phase: Phase, record: dict[str, Any]) -> None:
+        out = Path(trainer.config.checkpoint_dir)
+        rows = phase.picture_rows()
+        if rows:
+            save_grid(rows, out / f"{phase.name}_epoch_{record['epoch']:03d}.png")
+        save_loss_curves(trainer.history, out / "loss_curves.png")
+
+
+def save_grid(rows: list[torch.Tensor], path: Path) -> None:
+    """Rows of images (each ``(n, 3, H, W)`` in [0, 1]) as one PNG, one row per tensor."""
+    from torchvision.utils import save_image
+
+    n = min(r.shape[0] for r in rows)
+    grid = torch.cat([r[:n].detach().float().cpu().clamp(0, 1) for r in rows])
+    save_image(grid, path, nrow=n, padding=1)
+
+
+def save_loss_curves(history: list[dict[str, Any]], path: Path) -> None:
+    """Total loss (train, val) and validation PSNR per epoch, one panel pair per phase."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases = list(dict.fromkeys(r["phase"] for r in history))
+    if not phases:
+        return
+    fig, axes = plt.subplots(len(phases), 2, figsize=(9, 3 * len(phases)), squeeze=False)
+    for row, name in zip(axes, phases, strict=True):
+        recs = [r for r in history if r["phase"] == name]
+        ep = [r["epoch"] for r in recs]
+        row[0].plot(ep, [r["train"]["total"] for r in recs], "o-", label="train")
+        row[0].plot(ep, [r["val"]["total"] for r in recs], "o-", label="val")
+        row[0].set(title=f"{name}: total loss", xlabel="epoch", yscale="log")
+        row[0].legend()
+        for key, label in (("psnr", "student" if name != "teacher" else "teacher"),
+                           ("teacher_psnr", "teacher")):
+            vals = [r["val"].get(key) for r in recs]
+            if any(v is not None for v in vals):
+                row[1].plot(ep, vals, "o-", label=label)
+        row[1].set(title=f"{name}: validation PSNR (dB)", xlabel="epoch")
+        row[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -1,0 +1,126 @@
+"""Command line of the distiller: ``python -m hrm_vision.distill`` and
+``training/distill_tinyvae.py`` (both call :func:`main`).
+
+Every :class:`~hrm_vision.distill.config.DistillConfig` field is a flag (``--field-name``; the
+seed's short names ``--lr`` and ``--batch-size`` too). Flags default to "not given", so only the
+flags on the command line override ``--config FILE``, which overrides the defaults. The effective
+config is written to ``checkpoint_dir/config.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic.fields import FieldInfo
+
+from ..checkpoints import CheckpointError
+from .config import ConfigError, DistillConfig, load_config
+
+#: Seed flag names that differ from the config field names.
+ALIASES = {"learning_rate": ["--lr"]}
+
+
+def _optional(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        return None if text.lower() in ("none", "null") else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _add_field(parser: argparse.ArgumentParser, name: str, field: FieldInfo) -> None:
+    flags = [f"--{name.replace('_', '-')}", *ALIASES.get(name, [])]
+    ann = field.annotation
+    help_text = (field.description or name.replace("_", " ")) + f" (default: {field.default})"
+    args = typing.get_args(ann)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), ann) if optional else ann
+    if base is bool:
+        parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
+                            default=argparse.SUPPRESS, help=help_text)
+    elif typing.get_origin(base) is typing.Literal:
+        parser.add_argument(*flags, dest=name, choices=list(typing.get_args(base)),
+                            default=argparse.SUPPRESS, help=help_text)
+    else:
+        kind = base if base in (int, float, str) else str
+        parser.add_argument(*flags, dest=name, type=_optional(kind) if optional else kind,
+                            default=argparse.SUPPRESS, metavar=name.upper(),
+                            help=help_text + (" ('none' for None)" if optional else ""))
+
+
+def setup_args() -> argparse.ArgumentParser:
+    """The argument parser: ``--config``, ``--resume`` and one flag per config field."""
+    parser = argparse.ArgumentParser(
+        prog="distill_tinyvae",
+        description="Distil the TinyVAE (MinimalVAE) from a teacher VAE: pre-train the teacher if "
+                    "none is given or found, distil, write checkpoints, history and pictures.")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="JSON file of config keys; flags given here override it")
+    parser.add_argument("--resume", default=None, metavar="PATH|auto",
+                        help="continue from a checkpoint, or 'auto' for the latest *_last.pth "
+                             "in checkpoint_dir")
+    group = parser.add_argument_group("config keys (see the README's training section)")
+    for name, field in DistillConfig.model_fields.items():
+        _add_field(group, name, field)  # type: ignore[arg-type]
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> DistillConfig:
+    """Defaults < ``--config`` file < flags given on the command line."""
+    given = {k: v for k, v in vars(args).items() if k in DistillConfig.model_fields}
+    return load_config(args.config, given)
+
+
+def summary(files: dict[str, Path], history: list[dict[str, Any]]) -> str:
+    """What the user reads at the end: where things are and the last epoch's numbers."""
+    out = files["best"].parent
+    lines = [f"checkpoints: {out.resolve()}"]
+    for key in ("best", "last", "teacher", "config", "history"):
+        if key in files and files[key].exists():
+            lines.append(f"  {key:8s} {files[key]}")
+    grids = sorted(out.glob("*_epoch_*.png"), key=lambda p: p.stat().st_mtime)
+    if grids:
+        lines.append(f"  pictures {grids[-1]} (inputs / teacher / student), "
+                     f"{out / 'loss_curves.png'}")
+    last = next((r for r in reversed(history) if r["phase"] != "teacher"), None)
+    if last is not None:
+        v = last["val"]
+        parts = [f"student PSNR {v['psnr']:.2f} dB", f"SSIM {v['ssim']:.3f}"]
+        if "teacher_psnr" in v:
+            parts += [f"teacher PSNR {v['teacher_psnr']:.2f} dB",
+                      f"quality ratio {v['quality_ratio']:.3f}", f"latent CKA {v['cka']:.3f}"]
+        lines.append(f"final validation ({last['phase']} epoch {last['epoch']}): "
+                     + ", ".join(parts))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, run the distiller, print where the results are. Returns the exit code."""
+    from .distributed import cleanup
+    from .trainer import Distiller, TrainingDiverged, TrainingInterrupted
+
+    args = setup_args().parse_args(argv)
+    distiller = None
+    try:
+        config = config_from_args(args)
+        distiller = Distiller(config)
+        files = distiller.run(resume=args.resume)
+        if distiller.ctx.is_main:
+            print(summary(files, distiller.history))
+        return 0
+    except TrainingInterrupted as exc:
+        print(f"distill_tinyvae: {exc}", file=sys.stderr)
+        return 130 if exc.signame == "SIGINT" else 143
+    except TrainingDiverged as exc:
+        print(f"distill_tinyvae: error: {exc}", file=sys.stderr)
+        return 1
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as exc:
+        print(f"distill_tinyvae: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if distiller is not None:
+            cleanup(distiller.ctx)
