@@ -234,6 +234,13 @@ class TestHost:
         records = [json.loads(ln) for ln in out.read_text().splitlines()]
         assert len(records) == 2 and all(r["steps"] == 2 for r in records)
 
+    def test_command_line_errors_name_the_problem(self, tmp_path) -> None:
+        config = json.dumps({"checkpoint": str(tmp_path / "none.pth"), "stepsize": 1})
+        with pytest.raises(SystemExit, match=r"checkpoint: .*not found.*stepsize: Extra"):
+            host_cli.main(["--plugin", "tinyvae", "--config", f"tinyvae={config}"])
+        with pytest.raises(SystemExit, match="not among --plugin"):
+            host_cli.main(["--plugin", "tinyvae", "--config", "other={}"])
+
     def test_readme_example_runs(self, checkpoint, tmp_path, monkeypatch) -> None:
         section = README.read_text().split("### Use in an IRP host")[1]
         code = section.split("```python\n")[1].split("```")[0]

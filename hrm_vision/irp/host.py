@@ -146,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         orch = Orchestrator.from_registry({n: configs.get(n) for n in args.plugin},
                                           args.step_budget, stream, host)
         results = orch.run(_inputs(args))
+    except (ValueError, KeyError) as exc:  # config, checkpoint and input errors say what to fix
+        raise SystemExit(f"error: {exc}") from exc
     finally:
         if args.telemetry:
             stream.close()

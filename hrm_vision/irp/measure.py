@@ -106,8 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(n < 1 for n in args.steps):
         raise SystemExit("--steps values must be at least 1")
     torch.set_num_threads(args.threads)
-    plugin = get_host().create("tinyvae", {"checkpoint": str(args.checkpoint),
-                                           "device": args.device})
+    try:
+        plugin = get_host().create("tinyvae", {"checkpoint": str(args.checkpoint),
+                                               "device": args.device})
+    except ValueError as exc:  # PluginConfigError, CheckpointError
+        raise SystemExit(f"error: {exc}") from exc
     assert isinstance(plugin, TinyVAEPlugin)
     images = PhotoCrops("val", num_crops=args.num_crops, seed=args.seed).images_uint8
     images = (images.float() / 255.0).to(plugin.device)
