@@ -19,5 +19,12 @@ test: $(VENV)/.installed
 	$(PY) -m ruff check hrm_vision training tests
 	$(PY) -m pytest
 
+# Benchmarks (not part of the test suite): pytest-benchmark, then the teacher/student ratios.
+bench: $(VENV)/.installed
+	$(PY) -m pytest benchmarks -o python_files='bench_*.py' -p no:cacheprovider --benchmark-only \
+		--benchmark-json=.benchmarks/latest.json --benchmark-columns=median,iqr,min,rounds \
+		--benchmark-sort=name
+	$(PY) benchmarks/ratios.py .benchmarks/latest.json
+
 clean:
 	rm -rf $(VENV) checkpoints .pytest_cache
