@@ -21,6 +21,7 @@ test: $(VENV)/.installed
 
 # Benchmarks (not part of the test suite): pytest-benchmark, then the teacher/student ratios.
 bench: $(VENV)/.installed
+	mkdir -p .benchmarks
 	$(PY) -m pytest benchmarks -o python_files='bench_*.py' -p no:cacheprovider --benchmark-only \
 		--benchmark-json=.benchmarks/latest.json --benchmark-columns=median,iqr,min,rounds \
 		--benchmark-sort=name

@@ -1,10 +1,11 @@
 """One distillation training step at batch 64, with and without the teacher cache.
 
-The step is written from the library's losses (:mod:`hrm_vision.distill.losses`): student
-forward (sampling z), adapter, the five-term ``DistillLoss`` with the offline perceptual
-backbone (the teacher's first stage), backward, AdamW step. "With cache" takes the teacher's
-targets precomputed once (what ``teacher_cache=True`` does in the distiller); "without" runs the
-frozen teacher on the batch inside every step.
+Built from the distiller's own pieces (:mod:`hrm_vision.distill.trainer`): ``StudentWithAdapter``
+(student forward sampling z, adapter), the five-term ``DistillLoss`` with the default
+``DistillConfig`` weights and the offline perceptual backbone (the teacher's first stage), a
+backward pass and an AdamW step. "With cache" reads the teacher's targets from a
+``TeacherCache`` (fp16, built once, what ``teacher_cache=True`` does); "without" runs the frozen
+teacher on the batch inside every step, as the distiller does with ``teacher_cache=False``.
 """
 
 from __future__ import annotations
@@ -13,33 +14,40 @@ import pytest
 import torch
 
 from hrm_vision.distill.adapter import LatentAdapter
-from hrm_vision.distill.losses import DistillLoss, TeacherTargets, adapt
+from hrm_vision.distill.config import DistillConfig
+from hrm_vision.distill.losses import DistillLoss, TeacherTargets
 from hrm_vision.distill.perceptual import build_perceptual
+from hrm_vision.distill.trainer import IndexedDataset, StudentWithAdapter, TeacherCache
 from hrm_vision.vae import MinimalVAE, TeacherVAE
 
 
 @torch.no_grad()
 def teacher_targets(teacher: TeacherVAE, x: torch.Tensor) -> TeacherTargets:
-    """The frozen teacher's posterior and reconstruction of ``x`` (eval mode)."""
-    mu, logvar = teacher.posterior(x)
-    return TeacherTargets(mu, logvar, teacher.decode(mu))
+    """The frozen teacher's outputs for ``x`` (eval mode: z is mu), as the distiller takes them."""
+    out = teacher(x)
+    return TeacherTargets(out.mu.float(), out.logvar.float(), out.reconstruction.float())
 
 
 @pytest.mark.parametrize("cache", ["with-teacher-cache", "without-teacher-cache"])
 def test_distill_step(benchmark, models, images, cache: str) -> None:
     benchmark.group = "distill step b64"
-    teacher = models["teacher"]
-    student = MinimalVAE().train()
-    adapter = LatentAdapter(student.latent_dim, teacher.latent_dim)
+    teacher = models["teacher"].eval()
+    module = StudentWithAdapter(MinimalVAE(), LatentAdapter(128, teacher.latent_dim)).train()
+    c = DistillConfig()
     backbone, _ = build_perceptual("teacher", teacher)
-    loss_fn = DistillLoss(perceptual=backbone)
-    optimizer = torch.optim.AdamW([*student.parameters(), *adapter.parameters()], lr=1e-3)
-    cached = teacher_targets(teacher, images)
+    loss_fn = DistillLoss(c.recon_weight, c.kl_weight, c.distill_latent_weight,
+                          c.distill_recon_weight, c.perceptual_weight, c.kl_free_bits,
+                          c.temperature, backbone)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)
+    index = torch.arange(images.shape[0])
+    teacher_cache = TeacherCache.build(teacher, IndexedDataset(list(images)), images.shape[0],
+                                       torch.device("cpu"), show=False)
 
     def step() -> float:
-        targets = cached if cache == "with-teacher-cache" else teacher_targets(teacher, images)
-        out = student(images)
-        terms = loss_fn(images, out, adapt(adapter, out.mu, out.logvar), targets)
+        targets = (teacher_cache.lookup(index, torch.device("cpu"))
+                   if cache == "with-teacher-cache" else teacher_targets(teacher, images))
+        out, adapted = module(images)
+        terms = loss_fn(images, out, adapted, targets)
         optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         optimizer.step()
