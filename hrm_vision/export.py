@@ -30,7 +30,7 @@ import json
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from . import __version__
 from .checkpoints import load_model
 from .data import build_dataset
+from .evaluation.timing import interleaved_timings, summarize_timings
 from .vae import VAEBase
 
 #: Largest absolute difference allowed between an export and the eager model.
@@ -213,6 +214,9 @@ class ExportResult:
     metadata: dict[str, dict[str, str]]
     num_images: int
     exporter: str = "torch.onnx.export(dynamo=True)"
+    #: encode+decode images/s per runtime (median, interleaved), see :func:`compare_runtimes`.
+    throughput_ips: dict[str, float] = field(default_factory=dict)
+    throughput_batch: int = 0
 
 
 @torch.inference_mode()
@@ -265,6 +269,28 @@ def export_model(vae: VAEBase, out_dir: str | os.PathLike[str], images: Tensor,
     return ExportResult(files, diffs, metadata, images.shape[0])
 
 
+@torch.inference_mode()
+def compare_runtimes(vae: VAEBase, files: dict[str, str], images: Tensor, repeats: int,
+                     warmup: int = 2) -> dict[str, float]:
+    """Encode+decode throughput (images/s, median) of eager PyTorch, ONNX Runtime, TorchScript.
+
+    The three run in turns in this process (see
+    :func:`hrm_vision.evaluation.timing.interleaved_timings`) on ``images`` (N, 3, S, S), with
+    ONNX Runtime given as many threads as torch (``torch.get_num_threads()``).
+    """
+    threads = torch.get_num_threads()
+    enc = ort_session(files["encoder_onnx"], threads)
+    dec = ort_session(files["decoder_onnx"], threads)
+    ts_enc = load_torchscript(files["encoder_torchscript"])
+    ts_dec = load_torchscript(files["decoder_torchscript"])
+    vae = vae.eval()
+    fns = {"pytorch_eager": lambda: vae.decode(vae.encode(images)),
+           "onnxruntime": lambda: run_onnx(dec, run_onnx(enc, images)),
+           "torchscript": lambda: ts_dec(ts_enc(images))}
+    times = interleaved_timings(fns, repeats, warmup, desc="runtimes")
+    return {k: summarize_timings(v, images.shape[0])["throughput_ips"] for k, v in times.items()}
+
+
 def validation_images(dataset: str, num_images: int, image_size: int,
                       data_dir: str = "./data") -> Tensor:
     """The first ``num_images`` validation images of ``dataset``, (N, 3, S, S) in [0, 1]."""
@@ -301,20 +327,35 @@ def setup_args() -> argparse.ArgumentParser:
                         help="dataset whose validation images check parity (default photos)")
     parser.add_argument("--data-dir", default="./data", help="dataset root (if it needs one)")
     parser.add_argument("--num-images", type=int, default=64,
-                        help="validation images used for the parity check (default 64)")
+                        help="validation images used for the parity check and the runtime "
+                             "comparison's batch (default 64)")
+    parser.add_argument("--timing-repeats", type=int, default=20,
+                        help="interleaved rounds comparing eager PyTorch, ONNX Runtime and "
+                             "TorchScript throughput; 0 skips it (default 20)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> ExportResult:
     args = setup_args().parse_args(argv)
+    if args.timing_repeats < 0 or args.threads < 1:
+        raise ValueError("--timing-repeats must be >= 0 and --threads >= 1")
+    torch.set_num_threads(args.threads)
     vae = load_model(args.checkpoint, role=args.role)
     images = validation_images(args.dataset, args.num_images, args.image_size, args.data_dir)
     result = export_model(vae, args.out_dir, images, source=Path(args.checkpoint).name,
                           opset=args.opset)
+    if args.timing_repeats:
+        result.throughput_ips = compare_runtimes(vae, result.files, images, args.timing_repeats)
+        result.throughput_batch = images.shape[0]
     report = Path(args.out_dir) / "export.json"
     report.write_text(json.dumps(asdict(result), indent=2) + "\n")
     for key, path in result.files.items():
         print(f"{key:22s} {path}  max |export - eager| = {result.max_abs_diff[key]:.2e}")
+    for runtime, ips in result.throughput_ips.items():
+        ratio = ips / result.throughput_ips["pytorch_eager"]
+        print(f"{runtime:14s} encode+decode batch {result.throughput_batch}: {ips:8.0f} img/s "
+              f"({ratio:.2f}x eager)")
     print(f"parity checked on {result.num_images} {args.dataset} validation images "
           f"(tolerance {PARITY_TOLERANCE}); report: {report}")
     c, h, _ = vae.latent_shape(args.image_size, args.image_size)

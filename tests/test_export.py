@@ -45,7 +45,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[MinimalVAE, Path
     model = tiny_student()
     save_checkpoint(model_entry(model, "student"), root / "tinyvae_best.pth")
     main(["--checkpoint", str(root / "tinyvae_best.pth"), "--out-dir", str(root / "out"),
-          "--num-images", "8"])
+          "--num-images", "8", "--timing-repeats", "2"])
     return model, root / "out", json.loads((root / "out" / "export.json").read_text())
 
 
@@ -121,6 +121,12 @@ class TestParityCheck:
                                                "decoder_onnx", "decoder_torchscript"}
         assert all(0 <= v <= PARITY_TOLERANCE for v in report["max_abs_diff"].values())
         assert all(Path(p).is_file() for p in report["files"].values())
+
+    def test_runtime_comparison_reported(self, exported) -> None:
+        _, _, report = exported
+        assert report["throughput_batch"] == 8
+        assert set(report["throughput_ips"]) == {"pytorch_eager", "onnxruntime", "torchscript"}
+        assert all(0 < v < float("inf") for v in report["throughput_ips"].values())
 
     def test_mismatch_is_an_error(self, exported, photo_batch) -> None:
         _, _, report = exported
