@@ -102,6 +102,28 @@ class TestRefinement:
         assert plugin.energy(state) == pytest.approx(float((mse + prior).mean()), rel=1e-5)
         assert state.energy_val == pytest.approx(plugin.energy(state), rel=1e-5)
 
+    def test_prior_weight_adds_the_prior_term(self, host, checkpoint, photo_batch) -> None:
+        energies = {}
+        for weight in (0.0, 0.5):
+            p = host.create("tinyvae", {"checkpoint": str(checkpoint), "prior_weight": weight})
+            state = p.init_state(photo_batch, {})
+            mse = (p.decode(state.x) - photo_batch).pow(2).mean()
+            energies[weight] = (state.energy_val, float(mse), float(state.x.pow(2).mean()))
+        e0, mse, z2 = energies[0.0]
+        assert e0 == pytest.approx(mse, rel=1e-5)
+        assert energies[0.5][0] == pytest.approx(mse + 0.25 * z2, rel=1e-5)
+
+    def test_max_backtracks_bounds_the_retries(self, host, checkpoint, photo_batch) -> None:
+        def first_update_moves(max_backtracks: int) -> float:
+            p = host.create("tinyvae", {"checkpoint": str(checkpoint), "step_size": 1e3,
+                                        "max_backtracks": max_backtracks, "latent_bound": 1e4})
+            _, history = p.refine(photo_batch, max_steps=2)
+            moved = (history[1].x != history[0].x).flatten(1).any(1)
+            return float(moved.float().mean())
+
+        assert first_update_moves(0) == 0.0  # a 1000-unit step is rejected, nothing retried
+        assert first_update_moves(20) > 0.5  # halving 20 times finds a step that helps
+
     def test_project_keeps_latent_in_range(self, host, checkpoint, photo_batch) -> None:
         tight = host.create("tinyvae", {"checkpoint": str(checkpoint), "latent_bound": 0.05,
                                         "step_size": 1.0})
@@ -200,6 +222,12 @@ class TestCheckpoints:
         stored = torch.load(checkpoint)["student_state_dict"]
         for key, value in plugin.model.state_dict().items():
             assert torch.equal(value, stored[key]), key
+
+
+def test_readme_lists_every_config_field() -> None:
+    section = README.read_text().split("<!-- section: irp")[1]
+    for field in TinyVAEConfig.model_fields:
+        assert f"`{field}`" in section, field
 
 
 class TestHost:

@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = measure(plugin, images, args.steps, args.batch_size)
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"# {args.checkpoint}, {args.num_crops} photos val crops (seed {args.seed}), "
-          f"batch {args.batch_size}, device {args.device}, {args.threads} threads, "
+          f"batch {args.batch_size}, device {args.device}, torch threads={args.threads}, "
           f"{platform.processor() or platform.machine()}, {when}")
     print(format_table(rows))
     if args.json:
