@@ -291,9 +291,10 @@ class TestMeasure:
                                  "--batch-size", "4", "--steps", "3", "6", "--threads", "1",
                                  "--json", str(out)]) == 0
         table = capsys.readouterr().out
-        assert "plain encoder" in table and "max_steps=6" in table
+        assert "bare model" in table and "plain encoder" in table and "max_steps=6" in table
         rows = json.loads(out.read_text())["rows"]
-        assert [r["max_steps"] for r in rows] == [1, 3, 6]
+        assert [r["max_steps"] for r in rows] == [0, 1, 3, 6]  # 0: the bare model
+        assert rows[0]["psnr_db"] == pytest.approx(rows[1]["psnr_db"], abs=1e-6)
         assert all(r["energy_never_rose"] == 1.0 for r in rows)
-        assert rows[2]["psnr_db"] > rows[0]["psnr_db"]
+        assert rows[3]["psnr_db"] > rows[1]["psnr_db"]
         assert all(r["ms_per_image"] > 0 for r in rows)

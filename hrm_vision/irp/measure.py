@@ -2,7 +2,8 @@
 
     python -m hrm_vision.irp.measure --checkpoint checkpoints/tinyvae_best.pth
 
-For ``max_steps`` 1 (the plain encoder output) and each ``--steps`` value, on the ``photos``
+For the bare model (``decode(encode(x))`` without the IRP loop), ``max_steps`` 1 (the plain
+encoder output through the plugin) and each ``--steps`` value, on the ``photos``
 validation crops (photographs never seen in training), reports: PSNR of the reconstruction over
 all crops (pooled MSE, as :func:`hrm_vision.metrics.psnr`), milliseconds per image on the chosen
 device (batches of ``--batch-size``, refinement plus decoding, after one warm-up batch, settings
@@ -30,11 +31,23 @@ from ..metrics import psnr
 from .plugins import get_host
 from .tinyvae_plugin import TinyVAEPlugin
 
+#: The ``max_steps`` value standing for the bare model (``decode(encode(x))``, no IRP loop).
+BARE = 0
+
 
 def refine_batch(plugin: TinyVAEPlugin, images: torch.Tensor,
                  max_steps: int) -> tuple[torch.Tensor, float, torch.Tensor, int]:
-    """Refine one batch: ``(reconstruction, seconds, never_rose (B,) bool, states used)``."""
+    """Refine one batch: ``(reconstruction, seconds, never_rose (B,) bool, states used)``.
+
+    ``max_steps=BARE`` times the bare model instead: what the plugin's bookkeeping (energies,
+    telemetry) adds shows as the difference with ``max_steps=1``.
+    """
     start = time.perf_counter()
+    if max_steps == BARE:
+        with torch.no_grad():
+            reconstruction = plugin.model.decode(plugin.model.encode(images))
+        seconds = time.perf_counter() - start
+        return reconstruction, seconds, torch.ones(len(images), dtype=torch.bool), 1
     state, history = plugin.refine(images, max_steps=max_steps)
     reconstruction = plugin.decode(state.x)
     seconds = time.perf_counter() - start
@@ -45,8 +58,9 @@ def refine_batch(plugin: TinyVAEPlugin, images: torch.Tensor,
 
 def measure(plugin: TinyVAEPlugin, images: torch.Tensor, steps: Sequence[int],
             batch_size: int) -> list[dict[str, Any]]:
-    """One row per setting (``max_steps`` 1 first, then ``steps``) over ``images`` (N, 3, H, W)."""
-    settings = [1, *steps]
+    """One row per setting over ``images`` (N, 3, H, W): the bare model, ``max_steps`` 1 (the
+    plain encoder through the plugin), then each of ``steps``."""
+    settings = [BARE, 1, *steps]
     batches = list(images.split(batch_size))
     refine_batch(plugin, batches[0], max(settings))  # warm-up, not timed
     recon: dict[int, list[torch.Tensor]] = {n: [] for n in settings}
@@ -77,9 +91,10 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| setting | PSNR (dB) | ms / image | states used | energy never rose |",
              "|---|---|---|---|---|"]
     for r in rows:
-        label = ("plain encoder (max_steps=1)" if r["max_steps"] == 1
-                 else f"refined, max_steps={r['max_steps']}")
-        rose = "n/a" if r["max_steps"] == 1 else f"{100 * r['energy_never_rose']:.1f}%"
+        n = r["max_steps"]
+        label = {BARE: "bare model: decode(encode(x))",
+                 1: "plugin, plain encoder (max_steps=1)"}.get(n, f"plugin, max_steps={n}")
+        rose = "n/a" if n <= 1 else f"{100 * r['energy_never_rose']:.1f}%"
         lines.append(f"| {label} | {r['psnr_db']:.2f} | {r['ms_per_image']:.2f} | "
                      f"{r['mean_states']:.1f} | {rose} |")
     return "\n".join(lines)
