@@ -106,7 +106,7 @@ class IRPHost:
             return self.pm.get_name(plugin)
         unknown = [attr for attr in dir(plugin)
                    if hasattr(getattr(plugin, attr, None), f"{hookspecs.PROJECT_NAME}_impl")
-                   and not hasattr(hookspecs, attr)]
+                   and attr not in HOOK_NAMES]
         if unknown:
             self._report(name, "register", f"implements unknown hooks {unknown}; the hooks are "
                                            f"{HOOK_NAMES}")
