@@ -89,7 +89,7 @@ def measure_speed(models: dict[str, VAEBase], images: Tensor, latency_repeats: i
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU model, logical CPU count, torch version and threads, platform."""
+    """CPU model, logical CPU count, load average (other jobs on a shared machine), versions."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -98,7 +98,9 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+    load = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else []
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "load_average_1_5_15min": load,
+            "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "hrm_vision": __version__}
 

@@ -119,7 +119,8 @@ def markdown(report: dict[str, Any]) -> str:
               f"{d['image_size']}x{d['image_size']}). Timing: {tm['threads']} threads, "
               f"{tm['latency_repeats']} rounds at batch 1, {tm['throughput_repeats']} at batch "
               f"{tm['throughput_batch']}, both models interleaved in one process, medians.",
-              f"Machine: {mach['cpu']} ({mach['cpu_count']} logical CPUs), torch "
+              f"Machine: {mach['cpu']} ({mach['cpu_count']} logical CPUs, load average "
+              f"{mach.get('load_average_1_5_15min')} at the start), torch "
               f"{mach['torch']}, {report['date_utc']}.",
               f"Command: `{report['command']}`"]
     return "\n".join(lines) + "\n"
