@@ -1,0 +1,144 @@
+"""Crash-safe resume: SIGKILL at random moments, SIGINT/SIGTERM save-and-exit, exact resume,
+and saves that are interrupted never replace the good checkpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_ddp import REPO, load_script  # tests/ is on sys.path (pytest prepend mode)
+
+from hrm_vision.checkpoints import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from hrm_vision.distill.callbacks import Callback
+from hrm_vision.distill.cli import config_from_args, setup_args
+from hrm_vision.distill.trainer import Distiller, TrainingInterrupted
+
+EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def tiny_run():
+    return load_script("tiny_run")
+
+
+def tiny_config(tiny_run, workdir: Path, epochs: int = EPOCHS, **flags):
+    return config_from_args(setup_args().parse_args(tiny_run.prepare(workdir, epochs, **flags)))
+
+
+class SignalAt(Callback):
+    """Sends ``signum`` to this process after batch ``step`` of epoch ``epoch`` (0-based)."""
+
+    def __init__(self, signum: int, epoch: int, step: int) -> None:
+        self.signum, self.epoch, self.step = signum, epoch, step
+
+    def on_batch_end(self, trainer, phase, step, terms) -> None:
+        if trainer.current_epoch == self.epoch and step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+class TestSignals:
+    def test_sigint_saves_mid_epoch_and_resume_is_exact(self, tiny_run, tmp_path: Path) -> None:
+        config = tiny_config(tiny_run, tmp_path, epochs=2)
+        reference = tiny_config(tiny_run, tmp_path, epochs=2,
+                                checkpoint_dir=tmp_path / "reference")
+        Distiller(reference, callbacks=[]).run()
+
+        with pytest.raises(TrainingInterrupted, match="stopped by SIGINT .*--resume auto") as info:
+            Distiller(config, callbacks=[SignalAt(signal.SIGINT, epoch=1, step=1)]).run()
+        saved = load_checkpoint(info.value.checkpoint)
+        assert (saved["epoch"], saved["step_in_epoch"]) == (1, 2)  # mid-epoch, after the step
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+        Distiller(config, callbacks=[]).run(resume="auto")
+        ckpt = Path(config.checkpoint_dir)
+        resumed = load_checkpoint(ckpt / "tinyvae_last.pth")
+        ref = load_checkpoint(tmp_path / "reference" / "tinyvae_last.pth")
+        assert [r["epoch"] for r in resumed["history"]] == [1, 2]
+        for key in ("student_state_dict", "adapter_state_dict"):
+            for name, value in ref[key].items():
+                assert torch.equal(resumed[key][name], value), f"{key}[{name}] differs"
+
+    @pytest.mark.slow
+    def test_sigterm_through_the_script(self, tiny_run, tmp_path: Path) -> None:
+        argv = tiny_run.prepare(tmp_path, 40)
+        proc = subprocess.Popen([sys.executable, str(tiny_run.SCRIPT), *argv],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        last = tmp_path / "ckpt" / "tinyvae_last.pth"
+        deadline = time.monotonic() + 300
+        while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 143, out[-2000:] + err[-2000:]
+        assert f"stopped by SIGTERM after the current step; saved {last}" in err
+        assert "resume with --resume auto" in err
+        assert load_checkpoint(last)["epoch"] < 40
+
+
+class TestKillAndResume:
+    @pytest.mark.slow
+    def test_sigkill_then_resume_keeps_every_epoch_once(self, tmp_path: Path) -> None:
+        kill_resume = load_script("kill_resume")
+        summary = kill_resume.run(tmp_path, kills=1, epochs=EPOCHS, seed=1, compare=False)
+        rounds = summary["rounds"]
+        assert "killed_after_s" in rounds[0] and rounds[-1]["returncode"] == 0
+        assert all(r["resumed_ok"] for r in rounds), rounds
+        assert rounds[1]["resumed_from"] == rounds[0]["saved_after"] != (0, 0)
+        assert summary["history_epochs"] == [1, 2, 3] and summary["checkpoint_history_complete"]
+        assert kill_resume.passed(summary, kills=1)
+
+
+WRITER = """
+import sys, torch
+from hrm_vision.checkpoints import save_checkpoint
+i = 0
+while True:
+    i += 1
+    save_checkpoint({"counter": i, "weights": torch.full((1_000_000,), float(i))}, sys.argv[1])
+    print(i, flush=True)
+"""
+
+
+class TestInterruptedSave:
+    def test_failure_inside_save_keeps_the_good_file(self, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+        path = tmp_path / "tinyvae_last.pth"
+        save_checkpoint({"epoch": 3}, path)
+
+        def broken_save(obj, f, *args, **kwargs):
+            f.write(b"PK\x03\x04 half a checkpoint")
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(torch, "save", broken_save)
+        with pytest.raises(KeyboardInterrupt):
+            save_checkpoint({"epoch": 4}, path)
+        assert load_checkpoint(path)["epoch"] == 3
+        assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+    def test_sigkill_during_saves_never_leaves_a_broken_file(self, tmp_path: Path) -> None:
+        path = tmp_path / "big.pth"
+        for attempt in range(2):
+            proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)],
+                                    stdout=subprocess.PIPE, text=True, cwd=REPO)
+            for _ in range(2 + attempt):  # let it complete a few saves, then kill mid-write
+                proc.stdout.readline()
+            time.sleep(0.013 * (attempt + 1))
+            proc.kill()
+            proc.wait()
+            payload = load_checkpoint(path)
+            assert torch.all(payload["weights"] == float(payload["counter"]))
+        stray = [p.name for p in tmp_path.iterdir() if p != path]
+        assert all(name.startswith(".big.pth.") and name.endswith(".tmp") for name in stray)
+
+    def test_truncated_checkpoint_is_refused_by_name(self, tmp_path: Path) -> None:
+        path = tmp_path / "ckpt.pth"
+        save_checkpoint({"weights": torch.zeros(1000)}, path)
+        path.write_bytes(path.read_bytes()[:300])
+        with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+            load_model(path)
