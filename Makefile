@@ -12,8 +12,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# The main job: a real distillation on the offline `photos` dataset (< 10 min on 2 CPU cores):
+# pre-trains the teacher unless checkpoints/teacher.pth exists, then distils the TinyVAE.
 demo: $(VENV)/.installed
-	$(PY) -m hrm_vision.vae.summary
+	$(PY) training/distill_tinyvae.py --config training/demo.json
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check hrm_vision training tests

@@ -12,6 +12,7 @@ from hrm_vision.distill.losses import (
     TERMS,
     DistillLoss,
     TeacherTargets,
+    adapt,
     kl_free_bits,
     latent_distillation,
     vae_loss,
@@ -43,7 +44,8 @@ class TestTerms:
         student, adapter, teacher = models
         x = photo_batch[:4]
         loss = DistillLoss(perceptual=TeacherFeatures(teacher))
-        terms = loss(x, student(x), adapter, teacher_targets(teacher, x))
+        out = student(x)
+        terms = loss(x, out, adapt(adapter, out.mu, out.logvar), teacher_targets(teacher, x))
         assert set(terms) == {*TERMS, "total"}
         assert all(torch.isfinite(v) for v in terms.values())
         assert all(terms[k] > 0 for k in TERMS)
@@ -64,7 +66,9 @@ class TestTerms:
         weights = {f"{k}_weight": 0.0 for k in TERMS}
         weights[f"{term}_weight"] = 1.0
         loss = DistillLoss(**weights, kl_free_bits=0.0, perceptual=TeacherFeatures(teacher))
-        loss(x, student(x), adapter, teacher_targets(teacher, x))["total"].backward()
+        out = student(x)
+        loss(x, out, adapt(adapter, out.mu, out.logvar),
+             teacher_targets(teacher, x))["total"].backward()
         named = {**{f"student.{n}": p for n, p in student.named_parameters()},
                  **{f"adapter.{n}": p for n, p in adapter.named_parameters()},
                  **{f"teacher.{n}": p for n, p in teacher.named_parameters()}}
@@ -80,15 +84,15 @@ class TestTerms:
         x = photo_batch[:4]
         out = student(x)
         loss = DistillLoss(distill_latent_weight=0, distill_recon_weight=0, perceptual_weight=0)
-        base = loss(x, out, adapter, None)
-        perfect = loss(x, out._replace(reconstruction=x), adapter, None)
+        base = loss(x, out, None, None)
+        perfect = loss(x, out._replace(reconstruction=x), None, None)
         assert perfect["recon"] == 0 < base["recon"]
         assert base["distill_latent"] == 0 and base["perceptual"] == 0
 
     def test_distill_terms_without_teacher_are_an_error(self, models, photo_batch) -> None:
         student, adapter, _ = models
         with pytest.raises(ValueError, match="no teacher"):
-            DistillLoss(perceptual_weight=0)(photo_batch[:2], student(photo_batch[:2]), adapter,
+            DistillLoss(perceptual_weight=0)(photo_batch[:2], student(photo_batch[:2]), None,
                                              None)
 
     def test_negative_weight_rejected(self) -> None:
@@ -129,7 +133,7 @@ class TestTemperature:
         results = []
         for temp in (1.0, 3.0):
             mu_s.grad = logvar_s.grad = adapter.proj.weight.grad = None
-            loss = latent_distillation(mu_s, logvar_s, adapter, t, temp)
+            loss = latent_distillation(*adapt(adapter, mu_s, logvar_s), t, temp)
             loss.backward()
             results.append((loss.item(), mu_s.grad.clone(), logvar_s.grad.clone(),
                             adapter.proj.weight.grad.clone()))
@@ -147,7 +151,7 @@ class TestTemperature:
             adapter.proj.bias.zero_()
         mu, logvar = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2).clamp(-2, 2)
         t = TeacherTargets(mu, logvar, torch.zeros(2, 3, 16, 16))
-        assert latent_distillation(mu, logvar, adapter, t, 3.0).item() == pytest.approx(0,
+        assert latent_distillation(*adapt(adapter, mu, logvar), t, 3.0).item() == pytest.approx(0,
                                                                                        abs=1e-5)
 
 

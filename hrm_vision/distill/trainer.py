@@ -24,6 +24,7 @@ where it stopped. SIGINT/SIGTERM finish the current optimizer step, save ``*_las
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import signal
@@ -99,10 +100,18 @@ class IndexedDataset(Dataset[tuple[int, Tensor]]):
         return index, item[0] if isinstance(item, (tuple, list)) else item
 
 
+@functools.lru_cache(maxsize=4)
+def _dataset(name: str, split: str, image_size: int, seed: int, data_dir: str,
+             download: bool) -> Dataset:
+    # datasets are deterministic per index, so one instance serves every run in this process
+    return build_dataset(name, split, image_size=image_size, seed=seed, data_dir=data_dir,
+                         download=download)
+
+
 def build_split(config: DistillConfig, split: str) -> IndexedDataset:
     """The ``split`` of ``config.dataset``, cut to ``train_samples``/``val_samples``."""
-    ds = build_dataset(config.dataset, split, image_size=config.image_size, seed=config.seed,
-                       data_dir=config.data_dir, download=config.download)
+    ds = _dataset(config.dataset, split, config.image_size, config.seed, config.data_dir,
+                  config.download)
     limit = config.train_samples if split == "train" else config.val_samples
     if limit is not None and limit < len(ds):
         ds = Subset(ds, range(limit))
@@ -665,11 +674,9 @@ class Distiller:
                 signal.signal(s, h)
 
     # -------------------------------------------------------------- the loop
-    def _agree(self, finite: bool) -> tuple[bool, bool]:
-        """(all ranks have a finite loss, any rank was asked to stop)."""
-        flags = {"bad": 0.0 if finite else 1.0, "stop": 1.0 if self.stop_signal else 0.0}
-        flags = reduce_mean(flags, self.ctx, 1)
-        return flags["bad"] == 0.0, flags["stop"] > 0.0
+    def _any_rank(self, flag: bool) -> bool:
+        """True when ``flag`` is set on any rank (the same answer on every rank)."""
+        return reduce_mean({"flag": float(flag)}, self.ctx, 1)["flag"] > 0.0
 
     def _fit(self, phase: Phase, payload: dict[str, Any] | None) -> None:
         c = self.config
@@ -737,7 +744,7 @@ class Distiller:
                 x = x.to(self.device, non_blocking=True)
                 with self._autocast():
                     terms = phase.loss(wrapped, index, x)
-                finite, stop = self._agree(bool(torch.isfinite(terms["total"]).item()))
+                finite = not self._any_rank(not bool(torch.isfinite(terms["total"]).item()))
                 boundary = (step + 1) % c.grad_accum_steps == 0 or step + 1 == n_batches
                 if not finite:
                     self.bad_steps_total += 1
@@ -771,7 +778,7 @@ class Distiller:
                     if (step + 1) % c.log_interval == 0:
                         self._emit("on_log", phase, step + 1, values)
                 state["step_in_epoch"] = step + 1
-                if stop and boundary:
+                if boundary and self._any_rank(self.stop_signal is not None):
                     state["time_s"] = time.perf_counter() - started
                     path = save(phase.last_file)
                     barrier(self.ctx)

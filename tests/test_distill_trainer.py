@@ -1,0 +1,231 @@
+"""The trainer end to end on tiny models: files written, adapter trained and saved, best chosen by
+the full loss, exact resume (also after SIGTERM mid-epoch), non-finite losses, teacher cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from hrm_vision.checkpoints import model_entry, save_checkpoint
+from hrm_vision.distill import (
+    Distiller,
+    TrainingDiverged,
+    TrainingInterrupted,
+    find_resume,
+    load_config,
+)
+from hrm_vision.distill.callbacks import Callback
+from hrm_vision.distill.losses import TERMS
+from hrm_vision.vae import MinimalVAE, TeacherVAE
+
+TINY = {"dataset": "photos", "train_samples": 32, "val_samples": 16, "batch_size": 8,
+        "teacher_latent_dim": 16, "teacher_base_channels": 8, "teacher_blocks_per_stage": 1,
+        "student_latent_dim": 8, "student_base_channels": 8, "warmup_steps": 2,
+        "log_interval": 2, "save_interval": 1, "device": "cpu"}
+
+
+def tiny(tmp: Path, **kw: Any):
+    return load_config(None, {**TINY, "checkpoint_dir": str(tmp), **kw})
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> tuple[Path, Distiller]:
+    """Teacher pre-training (1 epoch) then distillation (2 epochs)."""
+    out = tmp_path_factory.mktemp("full")
+    torch.set_num_threads(2)
+    d = Distiller(tiny(out, epochs=2, teacher_epochs=1))
+    d.run()
+    return out, d
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "t.pth"
+    save_checkpoint(model_entry(TeacherVAE(16, 8, 1), "teacher"), path)
+    return path
+
+
+def student_state(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path)["student_state_dict"]
+
+
+class TestEndToEnd:
+    def test_files_written(self, full_run) -> None:
+        out, _ = full_run
+        for name in ("teacher.pth", "teacher_last.pth", "tinyvae_best.pth", "tinyvae_last.pth",
+                     "tinyvae_epoch_001.pth", "tinyvae_epoch_002.pth", "config.json",
+                     "history.json", "loss_curves.png", "distill_epoch_002.png",
+                     "teacher_epoch_001.png"):
+            assert (out / name).is_file(), name
+        assert json.loads((out / "config.json").read_text())["epochs"] == 2
+
+    def test_history_has_terms_and_metrics(self, full_run) -> None:
+        out, _ = full_run
+        hist = json.loads((out / "history.json").read_text())
+        assert [(r["phase"], r["epoch"]) for r in hist] == [("teacher", 1), ("distill", 1),
+                                                           ("distill", 2)]
+        val = hist[-1]["val"]
+        for key in (*TERMS, "total", "psnr", "ssim", "teacher_psnr", "teacher_ssim",
+                    "quality_ratio", "cka", "cka_raw"):
+            assert key in val and val[key] is not None, key
+        assert set(TERMS) <= set(hist[-1]["train"])
+
+    def test_seed_snippet_loads_best(self, full_run, photo_batch) -> None:
+        out, _ = full_run
+        model = MinimalVAE(latent_dim=8, base_channels=8)
+        checkpoint = torch.load(out / "tinyvae_best.pth")  # weights_only=True by default
+        model.load_state_dict(checkpoint["student_state_dict"])
+        model.eval()
+        with torch.no_grad():
+            latent = model.encode(photo_batch[:2])
+            assert model.decode(latent).shape == (2, 3, 32, 32)
+
+    def test_adapter_trained_saved_and_in_optimizer(self, full_run) -> None:
+        out, d = full_run
+        ckpt = torch.load(out / "tinyvae_last.pth")
+        assert ckpt["adapter_arch"] == {"student_dim": 8, "teacher_dim": 16}
+        first = torch.load(out / "tinyvae_epoch_001.pth")["adapter_state_dict"]["proj.weight"]
+        assert not torch.equal(first, ckpt["adapter_state_dict"]["proj.weight"])
+        assert torch.equal(ckpt["adapter_state_dict"]["proj.weight"],
+                           d.adapter.proj.weight.detach())
+        n_params = len(list(d.student.parameters())) + len(list(d.adapter.parameters()))
+        assert len(ckpt["optimizer_state_dict"]["state"]) == n_params
+        for key in ("scheduler_state_dict", "scaler_state_dict", "rng_state", "epoch",
+                    "best_value", "history", "config"):
+            assert key in ckpt
+
+    def test_best_is_lowest_full_validation_loss(self, full_run) -> None:
+        out, _ = full_run
+        hist = [r for r in json.loads((out / "history.json").read_text())
+                if r["phase"] == "distill"]
+        best = min(hist, key=lambda r: r["val"]["total"])
+        assert torch.load(out / "tinyvae_best.pth")["epoch"] == best["epoch"]
+        v = best["val"]
+        weights = {"recon": 0.3, "kl": 0.1, "distill_latent": 0.3, "distill_recon": 0.2,
+                   "perceptual": 0.1}
+        assert v["total"] == pytest.approx(sum(weights[k] * v[k] for k in TERMS), rel=1e-4)
+
+    def test_teacher_found_in_checkpoint_dir_is_reused(self, full_run) -> None:
+        out, _ = full_run
+        d = Distiller(tiny(out, epochs=0, teacher_epochs=5))
+        d.run()
+        assert d.teacher_source == str(out / "teacher.pth")
+        assert len([r for r in d.history if r["phase"] == "teacher"]) == 0
+
+
+@pytest.mark.slow
+class TestResume:
+    @pytest.mark.parametrize("kill_step", [3, 1], ids=["epoch-end", "mid-epoch"])
+    def test_sigterm_saves_and_resume_continues_exactly(self, tmp_path, teacher_file,
+                                                        kill_step) -> None:
+        class KillAt(Callback):
+            def on_batch_end(self, trainer, phase, step, terms) -> None:
+                if trainer.current_epoch == 0 and step == kill_step:
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+        cfg = {"epochs": 2, "teacher_checkpoint": str(teacher_file)}
+        straight = tmp_path / "straight"
+        Distiller(tiny(straight, **cfg)).run()
+        killed = tmp_path / "killed"
+        with pytest.raises(TrainingInterrupted, match="SIGTERM") as info:
+            Distiller(tiny(killed, **cfg), callbacks=[KillAt()]).run()
+        assert info.value.checkpoint == killed / "tinyvae_last.pth"
+        ckpt = torch.load(killed / "tinyvae_last.pth")
+        assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (0, kill_step + 1)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+        d = Distiller(tiny(killed, **cfg))
+        d.run(resume="auto" if kill_step == 3 else find_resume(killed))
+        a, b = student_state(straight / "tinyvae_last.pth"), student_state(killed /
+                                                                            "tinyvae_last.pth")
+        assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+        assert [r["epoch"] for r in d.history] == [1, 2]
+
+    def test_resume_rejects_a_model_only_checkpoint(self, tmp_path, teacher_file) -> None:
+        from hrm_vision.checkpoints import CheckpointError
+        d = Distiller(tiny(tmp_path, epochs=1, teacher_checkpoint=str(teacher_file)))
+        with pytest.raises(CheckpointError, match="not a training checkpoint"):
+            d.run(resume=teacher_file)
+
+
+@pytest.mark.slow
+class TestBadSteps:
+    def test_non_finite_losses_stop_and_keep_last_good_checkpoint(self, tmp_path,
+                                                                  teacher_file) -> None:
+        cfg = {"teacher_checkpoint": str(teacher_file), "max_bad_steps": 3}
+        Distiller(tiny(tmp_path, epochs=1, **cfg)).run()
+        good = (tmp_path / "tinyvae_last.pth").read_bytes()
+        d = Distiller(tiny(tmp_path, epochs=2, **cfg))
+        d.student.decoder[-1].bias.data.fill_(float("nan"))  # every step of this run is NaN
+        with pytest.raises(TrainingDiverged, match="non-finite 3 times in a row"):
+            d.run()
+        assert d.bad_steps_total == 3
+        assert (tmp_path / "tinyvae_last.pth").read_bytes() == good
+
+    def test_isolated_non_finite_step_is_skipped(self, tmp_path, teacher_file,
+                                                 monkeypatch) -> None:
+        from hrm_vision.distill.trainer import DistillPhase
+        original = DistillPhase.loss
+        calls = {"n": 0}
+
+        def flaky(self, module, index, x):
+            terms = original(self, module, index, x)
+            calls["n"] += 1
+            if calls["n"] == 2:
+                terms["total"] = terms["total"] * float("nan")
+            return terms
+
+        monkeypatch.setattr(DistillPhase, "loss", flaky)
+        d = Distiller(tiny(tmp_path, epochs=1, teacher_checkpoint=str(teacher_file)))
+        d.run()
+        assert d.bad_steps_total == 1
+        assert all(torch.isfinite(p).all() for p in d.student.parameters())
+
+
+class TestVariants:
+    def test_student_alone_needs_no_teacher(self, tmp_path) -> None:
+        d = Distiller(tiny(tmp_path, epochs=1, distill_latent_weight=0, distill_recon_weight=0,
+                           perceptual_weight=0))
+        d.run()
+        assert d.teacher is None and not (tmp_path / "teacher.pth").exists()
+        assert "teacher_psnr" not in d.history[-1]["val"]
+
+    @pytest.mark.slow
+    def test_teacher_cache_matches_live_teacher(self, tmp_path, teacher_file) -> None:
+        vals = []
+        for cache in (True, False):
+            d = Distiller(tiny(tmp_path / str(cache), epochs=1, teacher_cache=cache,
+                               teacher_checkpoint=str(teacher_file)))
+            d.run()
+            vals.append(d.history[-1]["val"])
+        for k in ("distill_latent", "distill_recon", "teacher_psnr"):
+            assert vals[0][k] == pytest.approx(vals[1][k], rel=2e-2), k
+
+    @pytest.mark.slow
+    def test_finetune_freezes_encoder_first(self, tmp_path, teacher_file) -> None:
+        seen = []
+
+        class Watch(Callback):
+            def on_epoch_end(self, trainer, phase, record) -> None:
+                if phase.name == "finetune":
+                    seen.append([p.detach().clone() for p in trainer.student.encoder.parameters()])
+
+        d = Distiller(tiny(tmp_path, epochs=1, finetune_epochs=2,
+                           teacher_checkpoint=str(teacher_file)), callbacks=[Watch()])
+        d.run()
+        start = torch.load(tmp_path / "tinyvae_best.pth")["student_state_dict"]
+        enc0 = [v for k, v in start.items() if k.startswith("encoder.") and v.is_floating_point()
+                and "running" not in k]
+        assert all(torch.equal(a, b) for a, b in zip(enc0, seen[0], strict=False))
+        assert not all(torch.equal(a, b) for a, b in zip(seen[0], seen[1], strict=True))
+        assert (tmp_path / "tinyvae_finetune_best.pth").is_file()
+
+    def test_missing_teacher_with_zero_teacher_epochs(self, tmp_path) -> None:
+        with pytest.raises(ValueError, match="teacher_epochs is 0"):
+            Distiller(tiny(tmp_path, epochs=1, teacher_epochs=0)).run()
