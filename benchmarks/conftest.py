@@ -6,6 +6,8 @@ depend on the weights, so the models are freshly initialised (seeded): no checkp
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -14,8 +16,9 @@ from hrm_vision.vae import MinimalVAE, TeacherVAE
 
 #: Batch size of every benchmark (the mission's throughput batch).
 BATCH = 64
-#: Torch CPU threads (the shared 2-core machine; see the README's evidence section).
-THREADS = 2
+#: Torch (and ONNX Runtime) CPU threads: ``HRM_BENCH_THREADS``, default 1 (on a shared machine,
+#: multi-threaded timings of small convolutions mostly measure threads waiting for each other).
+THREADS = int(os.environ.get("HRM_BENCH_THREADS", "1"))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -192,7 +192,9 @@ def setup_args() -> argparse.ArgumentParser:
                    help="validation images for quality and CKA, at least 2 (default 1024)")
     p.add_argument("--batch-size", type=int, default=128,
                    help="batch size of the quality pass (default 128)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on a shared machine, multi-threaded "
+                        "timings of small convolutions measure threads waiting for each other)")
     p.add_argument("--latency-repeats", type=int, default=50,
                    help="timed rounds at batch 1 (default 50)")
     p.add_argument("--throughput-repeats", type=int, default=10,

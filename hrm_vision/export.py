@@ -332,7 +332,8 @@ def setup_args() -> argparse.ArgumentParser:
     parser.add_argument("--timing-repeats", type=int, default=20,
                         help="interleaved rounds comparing eager PyTorch, ONNX Runtime and "
                              "TorchScript throughput; 0 skips it (default 20)")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads of the runtime comparison (default 1, as evaluate)")
     return parser
 
 
