@@ -78,6 +78,18 @@ def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike[str]) -> Pa
     return path
 
 
+def _torch_reason(exc: Exception) -> str:
+    """The first sentence of what went wrong, without torch's weights_only boilerplate (which
+    suggests ``weights_only=False``, wrong advice for a corrupt or untrusted file)."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:  # the actual reason follows this marker
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [ln.strip() for ln in text.splitlines()
+             if ln.strip() and not ln.strip().startswith(boilerplate)]
+    return lines[0].split(". ")[0].rstrip(".") if lines else type(exc).__name__
+
+
 def load_checkpoint(path: str | os.PathLike[str],
                     map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint dict with ``weights_only=True``; every failure is a ``CheckpointError``.
@@ -91,10 +103,9 @@ def load_checkpoint(path: str | os.PathLike[str],
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for bad files; all become one message
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        globals_ = [ln.strip() for ln in str(exc).splitlines() if "global" in ln.lower()]
-        if isinstance(exc, pickle.UnpicklingError) and globals_:
-            glob = globals_[0]
+        first = _torch_reason(exc)
+        if isinstance(exc, pickle.UnpicklingError) and "global" in first.lower():
+            glob = first
             raise CheckpointError(
                 f"{path} holds pickled Python objects, which are refused (only tensors, numbers, "
                 f"strings, lists and dicts load safely): {glob}"
