@@ -74,3 +74,20 @@ class TestMerging:
         cfg = load_config(None, {"dataset": "photos", "temperature": 2.5, "grad_clip": None})
         path = save_config(cfg, tmp_path / "sub" / "config.json")
         assert load_config(path) == cfg
+
+
+class TestNoDeadFields:
+    ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+    def test_every_key_documented_in_readme(self) -> None:
+        readme = (self.ROOT / "README.md").read_text()
+        section = readme[readme.index("<!-- section: training"):
+                         readme.index("<!-- end section: training")]
+        missing = [k for k in DistillConfig.model_fields if f"| `{k}` |" not in section]
+        assert not missing, f"config keys not in the README's table: {missing}"
+
+    def test_every_key_is_read_by_the_package(self) -> None:
+        pkg = self.ROOT / "hrm_vision" / "distill"
+        source = "".join(p.read_text() for p in pkg.glob("*.py") if p.name != "config.py")
+        unused = [k for k in DistillConfig.model_fields if f".{k}" not in source]
+        assert not unused, f"config keys never read: {unused}"

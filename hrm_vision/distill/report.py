@@ -1,0 +1,65 @@
+"""Compare finished runs: ``python -m hrm_vision.distill.report LABEL=DIR [LABEL=DIR ...]``.
+
+Reads each run's ``history.json`` and prints one markdown row per run with the validation
+numbers of its best distillation epoch (the epoch ``tinyvae_best.pth`` holds): student PSNR and
+SSIM, teacher PSNR and SSIM, the quality ratio (student PSNR / teacher PSNR), the latent CKA of
+the adapted student latent with the teacher latent (``cka``) and of the raw student latent
+(``cka_raw``, comparable between runs with and without distillation), and the training time.
+A directory whose history has teacher pre-training epochs also gets a teacher row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+COLUMNS = ("psnr", "ssim", "teacher_psnr", "teacher_ssim", "quality_ratio", "cka", "cka_raw")
+
+
+def best_record(history: list[dict[str, Any]], phase: str) -> dict[str, Any] | None:
+    """The ``phase`` epoch with the lowest validation total (what ``*_best.pth`` holds)."""
+    recs = [r for r in history if r["phase"] == phase]
+    return min(recs, key=lambda r: r["val"]["total"]) if recs else None
+
+
+def rows(label: str, directory: Path) -> list[str]:
+    history = json.loads((directory / "history.json").read_text())
+    out = []
+    teacher = best_record(history, "teacher")
+    if teacher is not None:
+        n = sum(1 for r in history if r["phase"] == "teacher")
+        secs = sum(r["time_s"] for r in history if r["phase"] == "teacher")
+        out.append(f"| {label}: teacher pre-training | {n} | {teacher['val']['psnr']:.2f} | "
+                   f"{teacher['val']['ssim']:.3f} | | | | | | {secs:.0f} |")
+    best = best_record(history, "distill")
+    if best is not None:
+        v = best["val"]
+        n = sum(1 for r in history if r["phase"] == "distill")
+        secs = sum(r["time_s"] for r in history if r["phase"] == "distill")
+        cells = " | ".join("" if v.get(k) is None else
+                           (f"{v[k]:.2f}" if "psnr" in k else f"{v[k]:.3f}") for k in COLUMNS)
+        out.append(f"| {label} | {n} (best {best['epoch']}) | {cells} | {secs:.0f} |")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", metavar="LABEL=DIR")
+    args = parser.parse_args(argv)
+    print("| run | epochs | student PSNR (dB) | SSIM | teacher PSNR (dB) | teacher SSIM | "
+          "quality ratio | CKA (adapted) | CKA (raw) | train time (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for spec in args.runs:
+        label, _, directory = spec.partition("=")
+        if not directory:
+            parser.error(f"expected LABEL=DIR, got {spec!r}")
+        for row in rows(label, Path(directory)):
+            print(row)
+
+
+if __name__ == "__main__":
+    main()
