@@ -1,0 +1,79 @@
+"""Each bad input of issue 6 through the user-facing command line: the exit status and a message
+that names the cause (the cases live in ``scripts/bad_inputs.py``, which also prints the README
+table)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_ddp import load_script  # tests/ is on sys.path (pytest prepend mode)
+
+from hrm_vision.checkpoints import load_checkpoint, load_model
+
+bad_inputs = load_script("bad_inputs")
+CASES = {case.name: case for case in bad_inputs.CASES}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shared images and teacher of the tiny setup."""
+    path = tmp_path_factory.mktemp("bad_inputs")
+    bad_inputs.prepare(path, 2)
+    return path
+
+
+def run(name: str, base: Path, tmp_path: Path) -> str:
+    case = CASES[name]
+    code, text = bad_inputs.run_case(case, base, tmp_path)
+    assert case.expect in text, text[-3000:]
+    assert code == case.code, text[-3000:]
+    return text
+
+
+ERRORS = [c.name for c in bad_inputs.CASES if c.code == 2]
+
+
+class TestErrorsNameTheCause:
+    @pytest.mark.parametrize("name", ERRORS)
+    def test_message_and_exit_status(self, name: str, base: Path, tmp_path: Path) -> None:
+        text = run(name, base, tmp_path)
+        assert "Traceback" not in text
+        assert "weights_only` set to `False`" not in text  # never advise unsafe loading
+        line = bad_inputs.message_line(text, CASES[name].expect)
+        assert line.startswith("distill_tinyvae: error: ")
+
+    def test_json_position_is_right(self, base: Path, tmp_path: Path) -> None:
+        text = run("malformed JSON config", base, tmp_path)
+        # line 2 is '  "batch_size": }': the value is missing at column 17, where '}' is
+        assert '  "batch_size": }'.index("}") + 1 == 17 and "line 2, column 17" in text
+
+    def test_pickled_object_never_runs(self, base: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture) -> None:
+        text = run("checkpoint holding a pickled object", base, tmp_path)
+        assert "this ran while loading" not in text + capsys.readouterr().out
+
+
+class TestSkippedNotFatal:
+    def test_undecodable_image_is_skipped_and_counted(self, base: Path, tmp_path: Path) -> None:
+        text = run("an undecodable image among good ones", base, tmp_path)
+        assert "broken.jpg" in text
+        assert load_model(tmp_path / "ckpt" / "tinyvae_best.pth") is not None
+
+    def test_sporadic_non_finite_losses_are_skipped_and_counted(self, base: Path,
+                                                                tmp_path: Path) -> None:
+        text = run("non-finite loss now and then", base, tmp_path)
+        assert "(2 in a row)" not in text  # a good step in between resets the streak
+        history = json.loads((tmp_path / "ckpt" / "history.json").read_text())
+        assert [r["bad_steps"] for r in history] == [1, 2]  # calls 1 and 3: batch 1, then 3+0
+        assert all(r["train"]["total"] == r["train"]["total"] for r in history)  # no NaN
+
+    def test_diverging_loss_stops_and_keeps_last_good_checkpoint(self, base: Path,
+                                                                 tmp_path: Path) -> None:
+        text = run("non-finite loss every step from epoch 2", base, tmp_path)
+        last = tmp_path / "ckpt" / "tinyvae_last.pth"
+        assert str(last) in text
+        payload = load_checkpoint(last)
+        assert payload["epoch"] == 1 and payload["step_in_epoch"] == 0
+        assert load_model(last) is not None
