@@ -124,6 +124,11 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         for epoch in range(2):
             set_epoch(loader, epoch)
             epochs.append(_indices(loader))
+        try:
+            reduce_mean({"loss": 1.0, **({"cka": 0.5} if rank == 0 else {})}, ctx, count=2)
+            mismatch = "no error"
+        except ValueError as exc:
+            mismatch = str(exc)
         torch.manual_seed(0)  # same initial weights on both ranks; DDP also broadcasts rank 0's
         model = wrap_ddp(nn.Linear(3, 1), ctx)
         x = torch.full((4, 3), float(rank + 1))  # different data per rank
@@ -131,7 +136,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         grad = model.module.weight.grad.flatten().tolist()
         barrier(ctx)
         result = {"ctx": [ctx.rank, ctx.world_size, ctx.is_main, ctx.enabled],
-                  "reduced": reduced, "epochs": epochs, "grad": grad,
+                  "reduced": reduced, "epochs": epochs, "grad": grad, "mismatch": mismatch,
                   "wrapped": type(model).__name__}
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
@@ -165,6 +170,10 @@ class TestTwoProcesses:
             assert not set(a) & set(b)
             assert sorted(a + b) == list(range(N_ITEMS))
         assert results[0]["epochs"][0] != results[0]["epochs"][1]
+
+    def test_mismatched_keys_raise_on_every_rank(self, results: list[dict]) -> None:
+        for r in results:
+            assert "every rank must pass the same keys" in r["mismatch"]
 
     def test_ddp_averages_gradients(self, results: list[dict]) -> None:
         # d/dw sum(w.x + b) over 4 rows of value (rank+1) = 4*(rank+1); averaged: 4*1.5 = 6.

@@ -13,6 +13,7 @@ the global RNG, so a resumed run sees the same batches as an uninterrupted one.
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Iterator, Sized
 from dataclasses import dataclass, field
 
@@ -161,16 +162,29 @@ def wrap_ddp(module: nn.Module, ctx: DistContext, *,
                                    find_unused_parameters=find_unused_parameters)
 
 
+def _check_same_keys(keys: list[str], ctx: DistContext) -> None:
+    """Raise (instead of hanging or mixing up values) when ranks reduce different keys."""
+    signature = torch.tensor([zlib.crc32("\0".join(keys).encode())], dtype=torch.int64,
+                             device=ctx.device)
+    gathered = [torch.empty_like(signature) for _ in range(ctx.world_size)]
+    dist.all_gather(gathered, signature)
+    if any(int(g) != int(signature) for g in gathered):
+        raise ValueError(f"reduce_mean: rank {ctx.rank} reduces keys {keys}, another rank "
+                         "reduces different ones; every rank must pass the same keys")
+
+
 def reduce_mean(values: dict[str, float], ctx: DistContext, count: int) -> dict[str, float]:
     """Mean of ``values`` over all ranks, each rank weighted by ``count``.
 
     ``values`` are this rank's means over ``count`` samples; the result is the mean over all
-    samples of all ranks (the same dict on every rank). Every rank must pass the same keys.
+    samples of all ranks (the same dict on every rank). Every rank must pass the same keys
+    (checked: a mismatch is a ``ValueError`` on every rank, not a hang).
     Identity on one process. Keys whose total count is 0 become NaN.
     """
     if not ctx.enabled:
         return dict(values)
     keys = sorted(values)
+    _check_same_keys(keys, ctx)
     data = torch.tensor([float(values[k]) * count for k in keys] + [float(count)],
                         dtype=torch.float64, device=ctx.device)
     dist.all_reduce(data, op=dist.ReduceOp.SUM)
