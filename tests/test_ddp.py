@@ -67,3 +67,37 @@ class TestTorchrunTwoProcesses:
         assert payload["epoch"] == EPOCHS
         history = json.loads((ckpt / "history.json").read_text())
         assert [r["epoch"] for r in history if r["phase"] == "distill"] == [1, 2]
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_saves_then_one_process_resumes(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """torchrun forwards SIGTERM to the workers; they agree on the step, rank 0 saves, and the
+    checkpoint resumes in a single process to a complete history."""
+    import signal
+    import time
+
+    tiny_run = load_script("tiny_run")
+    epochs = 6
+    argv = tiny_run.prepare(tmp_path, epochs)
+    last = tmp_path / "ckpt" / "tinyvae_last.pth"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nnodes", "1", "--nproc_per_node", "2", str(tiny_run.SCRIPT),
+                             *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert f"stopped by SIGTERM after the current step; saved {last}" in err
+    saved = load_checkpoint(last)
+    assert saved["epoch"] < epochs
+
+    from hrm_vision.distill.cli import main
+
+    assert main([*argv, "--resume", "auto"]) == 0
+    out = capsys.readouterr()
+    assert f"resuming distill from {last} (epoch {saved['epoch']}" in out.out + out.err
+    history = json.loads((tmp_path / "ckpt" / "history.json").read_text())
+    assert [r["epoch"] for r in history if r["phase"] == "distill"] == list(range(1, epochs + 1))
