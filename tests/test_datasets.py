@@ -161,7 +161,8 @@ class TestImageFolder:
     def test_no_readable_images_names_the_folder(self, tmp_path: Path) -> None:
         (tmp_path / "a.jpg").write_bytes(b"garbage")
         (tmp_path / "b.png").write_bytes(b"")
-        with pytest.raises(ValueError, match=f"no readable images .* in {tmp_path}: 2 image"):
+        with pytest.raises(ValueError, match=f"no readable images .* in {tmp_path}: the 2 image "
+                           r"file\(s\) of this split \(of 2 in the folder\) could not be decoded"):
             ImageFolderImages(tmp_path, "train", val_fraction=0.0)
 
     def test_empty_and_missing_folders(self, tmp_path: Path) -> None:

@@ -127,7 +127,8 @@ class ImageFolderImages(Dataset[Tensor]):
             log.warning("imagefolder %s: skipped %d unreadable file(s) of %d in %s (first: %s: %s)",
                         split, len(self.skipped), len(candidates), self.root, rel, reason)
         if not arrays:
-            detail = (f"{len(self.skipped)} image file(s) could not be decoded, first "
+            detail = (f"the {len(self.skipped)} image file(s) of this split (of "
+                      f"{len(all_files)} in the folder) could not be decoded, first "
                       f"{self.skipped[0][0]}: {self.skipped[0][1]}" if self.skipped else
                       f"all {len(all_files)} image file(s) went to the other split")
             raise ValueError(f"no readable images for the {split!r} split in {self.root}: "
