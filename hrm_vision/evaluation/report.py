@@ -102,7 +102,7 @@ def markdown(report: dict[str, Any]) -> str:
               f"| linear CKA, raw student vs teacher | {align['cka_unadapted']:.4f} |",
               f"| student PSNR, float32 latent | {q['psnr_float_db']:.2f} dB |",
               f"| student PSNR, uint8 latent | {q['psnr_uint8_db']:.2f} dB "
-              f"(cost {q['psnr_cost_db']:.3f} dB) |",
+              f"(cost {q['psnr_cost_db']:.2g} dB) |",
               f"| student SSIM, uint8 latent | {q['ssim_uint8']:.4f} |",
               f"| latent bytes per image, float32 / uint8 | "
               f"{q['bytes_float32']:,} / {q['bytes_uint8']:,} |",
