@@ -48,8 +48,8 @@ class DistillConfig(BaseModel):
     # ---------------------------------------------------------------- models
     teacher_latent_dim: int = Field(512, ge=1)
     student_latent_dim: int = Field(128, ge=1)
-    teacher_base_channels: int = Field(56, ge=1)
-    teacher_blocks_per_stage: int = Field(2, ge=1)
+    teacher_base_channels: int = Field(64, ge=1)
+    teacher_blocks_per_stage: int = Field(1, ge=1)
     student_base_channels: int = Field(32, ge=1)
     # ---------------------------------------------------------------- optimisation
     batch_size: int = Field(64, ge=1)

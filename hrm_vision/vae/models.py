@@ -3,20 +3,22 @@
 Both map a (B, 3, H, W) image in [0, 1] to a spatial latent on the same H/8 x W/8 grid, so the
 student-to-teacher latent adapter is a per-location 1x1 convolution. For a 32x32 image:
 
-=========== ============ ================ ==================== ==========================
-model        parameters   latent           MACs (encode+decode) design
-=========== ============ ================ ==================== ==========================
-TeacherVAE   ~10.1M       4x4x512          ~1.31 G              4 stages, 2 ResBlocks each,
-                                                                GroupNorm + SiLU
-MinimalVAE   ~1.1M        4x4x128          ~0.05 G              3 stride-2 stages, 1 ResBlock
-                                                                each, BatchNorm + ReLU
-=========== ============ ================ ==================== ==========================
+=========== ============ ========= ====================== ===============================
+model        parameters   latent    MACs (encode + decode) design
+=========== ============ ========= ====================== ===============================
+TeacherVAE   10.4M        4x4x512   109 M + 128 M          4 stages (PixelUnshuffle down,
+                                                           PixelShuffle up), widths 64-320
+MinimalVAE   1.14M        4x4x128   17 M + 27 M            3 stride-2 stages, widths 32-128
+=========== ============ ========= ====================== ===============================
 
-The student does about 25x fewer multiply-accumulates than the teacher, so the MAC ratio allows
-the promised 5-10x inference speed-up with room to spare; what a CPU actually delivers is lower
-because thin convolutions on 4x4 and 8x8 maps use the hardware less well (see the README's
-benchmark table, measured by ``python -m hrm_vision.vae.summary`` and the benchmarks).
-The exact numbers are printed by ``python -m hrm_vision.vae.summary``.
+Both use BatchNorm (folded at export) and ReLU with zero-initialised residual blocks.
+The student does 5.4x fewer multiply-accumulates than the teacher (9.1x fewer parameters): the
+MAC ratio is the ceiling for a compute-bound speed-up, so it allows about 5x, the low end of
+the promised 5-10x; on a CPU, thin convolutions on 4x4 and 8x8 maps use the hardware less well,
+so the measured speed-up is what the README's evidence section reports. The teacher's MACs
+were kept low on purpose: it must be pre-trained before every first distillation, on CPUs too.
+A first teacher with full-resolution stages (955 M MACs, 22x the student) trained at 52 img/s
+on 2 CPU cores against the student's 950. Numbers: ``python -m hrm_vision.vae.summary``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .base import VAEBase
-from .blocks import Norm, ResBlock, conv, conv_norm_act, upsample
+from .blocks import ResBlock, conv, conv_bn_relu, depth_to_space, space_to_depth, upsample
 
 
 class Encoder(nn.Module):
@@ -42,47 +44,49 @@ class Encoder(nn.Module):
 
 
 class TeacherVAE(VAEBase):
-    """The teacher: a 4-stage residual VAE with a 4x4x512 latent for 32x32 images (~10M params).
+    """The teacher: a 4-stage residual VAE with a 4x4x512 latent for 32x32 images (~10.4M params).
 
-    Encoder stages run at full, 1/2, 1/4 and 1/8 resolution with widths
-    ``base_channels * (1, 2, 4, 4)``; each stage has ``blocks_per_stage`` residual blocks with
-    GroupNorm (which, unlike BatchNorm, does not degrade at small batch sizes). A 1x1 head gives
-    ``latent_dim`` channels of mu and of logvar. The decoder mirrors it with nearest upsampling.
+    Encoder stages run at 1/2, 1/4, 1/8 and 1/8 resolution with widths
+    ``base_channels * (1, 2, 4, 5)``: each of the first three starts with a lossless
+    space-to-depth (PixelUnshuffle) downsampling, the fourth widens at 1/8; each stage has
+    ``blocks_per_stage`` residual blocks; a 1x1 head gives ``latent_dim`` channels of mu and of
+    logvar. The decoder mirrors it with sub-pixel (PixelShuffle) upsampling. Most parameters sit
+    on the small grids, so the teacher has ~9x the student's parameters for ~5x its MACs, and
+    trains fast enough on a CPU to be pre-trained before distillation.
 
     "Latent dimension 512" is read like the student's "128": 512 channels on the H/8 x W/8 grid,
     four times the student's latent capacity, which lets the teacher reconstruct better.
 
     Args:
         latent_dim: latent channels (512).
-        base_channels: width of the first stage (56).
-        blocks_per_stage: residual blocks per stage in encoder and decoder (2).
+        base_channels: width of the first stage (64).
+        blocks_per_stage: residual blocks per stage in encoder and decoder (1).
     """
 
-    def __init__(self, latent_dim: int = 512, base_channels: int = 56,
-                 blocks_per_stage: int = 2) -> None:
+    def __init__(self, latent_dim: int = 512, base_channels: int = 64,
+                 blocks_per_stage: int = 1) -> None:
         super().__init__(latent_dim)
         self._arch = {"latent_dim": latent_dim, "base_channels": base_channels,
                       "blocks_per_stage": blocks_per_stage}
-        norm: Norm = "group"
-        c = base_channels
-        widths = [c, 2 * c, 4 * c, 4 * c]
+        w1, w2, w3, w4 = (base_channels * k for k in (1, 2, 4, 5))
 
         def blocks(ch: int) -> list[nn.Module]:
-            return [ResBlock(ch, norm) for _ in range(blocks_per_stage)]
+            return [ResBlock(ch) for _ in range(blocks_per_stage)]
 
-        stages: list[nn.Module] = [nn.Sequential(conv_norm_act(3, widths[0], norm),
-                                                 *blocks(widths[0]))]
-        for w_in, w_out in zip(widths[:-1], widths[1:], strict=False):
-            stages.append(nn.Sequential(conv_norm_act(w_in, w_out, norm, stride=2),
-                                        *blocks(w_out)))
-        self.encoder = Encoder(stages, conv(widths[-1], 2 * latent_dim, kernel=1))
-
-        layers: list[nn.Module] = [conv_norm_act(latent_dim, widths[-1], norm),
-                                   *blocks(widths[-1])]
-        for w_in, w_out in zip(widths[:0:-1], widths[-2::-1], strict=False):
-            layers += [upsample(w_in, w_out, norm), *blocks(w_out)]
-        layers.append(conv(widths[0], 3))
-        self.decoder = nn.Sequential(*layers)
+        self.encoder = Encoder(
+            [nn.Sequential(space_to_depth(3, w1, kernel=3), *blocks(w1)),   # 1/2
+             nn.Sequential(space_to_depth(w1, w2), *blocks(w2)),            # 1/4
+             nn.Sequential(space_to_depth(w2, w3), *blocks(w3)),            # 1/8
+             nn.Sequential(conv_bn_relu(w3, w4), *blocks(w4))],             # 1/8, wider
+            head=conv(w4, 2 * latent_dim, kernel=1),
+        )
+        self.decoder = nn.Sequential(
+            conv_bn_relu(latent_dim, w4), *blocks(w4),
+            conv_bn_relu(w4, w3), *blocks(w3),
+            depth_to_space(w3, w2), *blocks(w2),                             # 1/4
+            depth_to_space(w2, w1), *blocks(w1),                             # 1/2
+            conv(w1, 12), nn.PixelShuffle(2),                                # full size, logits
+        )
 
 
 class MinimalVAE(VAEBase):
@@ -90,7 +94,7 @@ class MinimalVAE(VAEBase):
 
     Encoder: a stride-2 3x3 conv straight from RGB (no full-resolution layer), then at 1/2, 1/4
     and 1/8 resolution widths ``base_channels * (1, 2, 4)`` with one residual block each, and a
-    1x1 head to mu and logvar. Decoder: 1x1 in, residual blocks and nearest upsampling back up,
+    1x1 head to mu and logvar. Decoder: a 3x3 conv in, residual blocks and nearest upsampling,
     a 3x3 conv to RGB logits. BatchNorm (folded into the convolutions at export) and ReLU keep
     inference cheap: almost all parameters sit on the 4x4 and 8x8 grids, where MACs are cheap.
 
@@ -102,22 +106,19 @@ class MinimalVAE(VAEBase):
     def __init__(self, latent_dim: int = 128, base_channels: int = 32) -> None:
         super().__init__(latent_dim)
         self._arch = {"latent_dim": latent_dim, "base_channels": base_channels}
-        norm: Norm = "batch"
         c = base_channels
         widths = [c, 2 * c, 4 * c]
 
         stages: list[nn.Module] = []
         w_prev = 3
         for w in widths:
-            stages.append(nn.Sequential(conv_norm_act(w_prev, w, norm, stride=2),
-                                        ResBlock(w, norm)))
+            stages.append(nn.Sequential(conv_bn_relu(w_prev, w, stride=2), ResBlock(w)))
             w_prev = w
         self.encoder = Encoder(stages, conv(widths[-1], 2 * latent_dim, kernel=1))
 
-        layers: list[nn.Module] = [conv_norm_act(latent_dim, widths[-1], norm),
-                                   ResBlock(widths[-1], norm)]
+        layers: list[nn.Module] = [conv_bn_relu(latent_dim, widths[-1]), ResBlock(widths[-1])]
         for w_in, w_out in zip(widths[:0:-1], widths[-2::-1], strict=False):
-            layers += [upsample(w_in, w_out, norm), ResBlock(w_out, norm)]
+            layers += [upsample(w_in, w_out), ResBlock(w_out)]
         layers += [nn.Upsample(scale_factor=2, mode="nearest"), conv(widths[0], 3)]
         self.decoder = nn.Sequential(*layers)
 
