@@ -619,18 +619,20 @@ class Distiller:
                 self.message(f"perceptual backbone: {self.perceptual_name}; distillation "
                              f"{'from the teacher' if loss.needs_teacher else 'off'}; "
                              f"device {self.device}, world size {self.ctx.world_size}")
+                phase = DistillPhase(self, self.config.epochs, loss)
                 if start <= 1:
-                    phase = DistillPhase(self, self.config.epochs, loss)
                     phase.prepare()
                     self._fit(phase, payload if start == 1 else None)
                 if self.config.finetune_epochs > 0:
                     ft = FinetunePhase(self, self.config.finetune_epochs,
                                        self.build_loss(distill=False))
-                    if start == 1 or start == 0:
+                    if start <= 1:
                         load_state_checked(self.student, load_checkpoint(
                             self.out_dir / DistillPhase.best_file)["student_state_dict"],
                             "best distilled student")
-                    ft.prepare()
+                        ft.train_cache, ft.val_cache = phase.train_cache, phase.val_cache
+                    else:
+                        ft.prepare()
                     self._fit(ft, payload if start == 2 else None)
         finally:
             self._emit("on_train_end")
