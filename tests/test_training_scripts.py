@@ -77,3 +77,24 @@ class TestScripts:
         assert selfcheck_main([]) == 0
         text = capsys.readouterr().out
         assert text.count("PASS") == 3 and "all checks passed" in text
+
+
+class TestReport:
+    def test_rows_pick_best_or_given_epoch(self, tmp_path, capsys) -> None:
+        from hrm_vision.distill.report import main as report_main
+
+        def rec(phase: str, epoch: int, total: float, psnr: float) -> dict:
+            val = {"total": total, "psnr": psnr, "ssim": 0.5}
+            if phase == "distill":
+                val.update(teacher_psnr=20.0, teacher_ssim=0.6, quality_ratio=psnr / 20.0,
+                           cka=0.7, cka_raw=0.6)
+            return {"phase": phase, "epoch": epoch, "val": val, "time_s": 10.0}
+
+        history = [rec("teacher", 1, 1.0, 20.0), rec("distill", 1, 0.5, 18.0),
+                   rec("distill", 2, 0.3, 19.0), rec("distill", 3, 0.4, 19.5)]
+        (tmp_path / "history.json").write_text(json.dumps(history))
+        report_main([f"run={tmp_path}"])
+        out = capsys.readouterr().out
+        assert "| run | 3 (best 2) | 19.00 |" in out and "| run: teacher pre-training | 1 |" in out
+        report_main(["--epoch", "1", f"run={tmp_path}"])
+        assert "| run | 1 | 18.00 |" in capsys.readouterr().out

@@ -6,6 +6,7 @@ SSIM, teacher PSNR and SSIM, the quality ratio (student PSNR / teacher PSNR), th
 the adapted student latent with the teacher latent (``cka``) and of the raw student latent
 (``cka_raw``, comparable between runs with and without distillation), and the training time.
 A directory whose history has teacher pre-training epochs also gets a teacher row.
+``--epoch N`` reports epoch N of each phase instead (equal-epoch comparisons from longer runs).
 """
 
 from __future__ import annotations
@@ -25,23 +26,32 @@ def best_record(history: list[dict[str, Any]], phase: str) -> dict[str, Any] | N
     return min(recs, key=lambda r: r["val"]["total"]) if recs else None
 
 
-def rows(label: str, directory: Path) -> list[str]:
+def pick(history: list[dict[str, Any]], phase: str, epoch: int | None) -> dict[str, Any] | None:
+    """The best record of ``phase``, or its record at ``epoch`` when given."""
+    if epoch is None:
+        return best_record(history, phase)
+    return next((r for r in history if r["phase"] == phase and r["epoch"] == epoch), None)
+
+
+def rows(label: str, directory: Path, epoch: int | None = None) -> list[str]:
     history = json.loads((directory / "history.json").read_text())
     out = []
-    teacher = best_record(history, "teacher")
+    teacher = pick(history, "teacher", epoch)
     if teacher is not None:
-        n = sum(1 for r in history if r["phase"] == "teacher")
-        secs = sum(r["time_s"] for r in history if r["phase"] == "teacher")
+        n = teacher["epoch"] if epoch else sum(1 for r in history if r["phase"] == "teacher")
+        secs = sum(r["time_s"] for r in history
+                   if r["phase"] == "teacher" and r["epoch"] <= n)
         out.append(f"| {label}: teacher pre-training | {n} | {teacher['val']['psnr']:.2f} | "
                    f"{teacher['val']['ssim']:.3f} | | | | | | {secs:.0f} |")
-    best = best_record(history, "distill")
+    best = pick(history, "distill", epoch)
     if best is not None:
         v = best["val"]
-        n = sum(1 for r in history if r["phase"] == "distill")
-        secs = sum(r["time_s"] for r in history if r["phase"] == "distill")
+        n = best["epoch"] if epoch else sum(1 for r in history if r["phase"] == "distill")
+        secs = sum(r["time_s"] for r in history if r["phase"] == "distill" and r["epoch"] <= n)
         cells = " | ".join("" if v.get(k) is None else
                            (f"{v[k]:.2f}" if "psnr" in k else f"{v[k]:.3f}") for k in COLUMNS)
-        out.append(f"| {label} | {n} (best {best['epoch']}) | {cells} | {secs:.0f} |")
+        epochs = f"{n}" if epoch else f"{n} (best {best['epoch']})"
+        out.append(f"| {label} | {epochs} | {cells} | {secs:.0f} |")
     return out
 
 
@@ -49,6 +59,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="LABEL=DIR")
+    parser.add_argument("--epoch", type=int, default=None,
+                        help="report this epoch of each phase instead of the best one")
     args = parser.parse_args(argv)
     print("| run | epochs | student PSNR (dB) | SSIM | teacher PSNR (dB) | teacher SSIM | "
           "quality ratio | CKA (adapted) | CKA (raw) | train time (s) |")
@@ -57,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         label, _, directory = spec.partition("=")
         if not directory:
             parser.error(f"expected LABEL=DIR, got {spec!r}")
-        for row in rows(label, Path(directory)):
+        for row in rows(label, Path(directory), args.epoch):
             print(row)
 
 
