@@ -4,9 +4,9 @@
 
 Both runs see the same images for the same epochs with the same global batch (one process:
 ``--batch``; two processes: ``--batch / 2`` each), so they process the same number of samples
-and take the same optimizer steps. One process may use 2 threads; under torchrun each process
-uses 1 (torchrun's default ``OMP_NUM_THREADS=1``). Runs are interleaved (1, 2, 1, 2, ...) so
-load from other jobs affects both alike. Reports the whole command's wall time and the training
+and take the same optimizer steps. The single process runs with 1 and with 2 threads; under
+torchrun each process uses 1 (torchrun's default ``OMP_NUM_THREADS=1``). Runs are interleaved
+so load from other jobs affects all alike. Reports the whole command's wall time and the training
 time of the epochs (``time_s`` in ``history.json``, which excludes start-up, the teacher cache and
 validation), medians over ``--repeats``.
 """
@@ -42,18 +42,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16, help="global batch size (even)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--student-base-channels", type=int, default=8,
+                        help="student width (32: the real TinyVAE)")
+    parser.add_argument("--student-latent-dim", type=int, default=8,
+                        help="student latent channels (128: the real TinyVAE)")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args(argv)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="ddp_timing_"))
-    results: dict[str, list[tuple[float, float]]] = {"1 process": [], "2 processes": []}
+    variants = (("1 process, 1 thread", 1, 1), ("1 process, 2 threads", 1, 2),
+                ("2 processes, 1 thread each", 2, 1))
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name, _, _ in variants}
     for rep in range(args.repeats):
-        for name, nproc in (("1 process", 1), ("2 processes", 2)):
-            ckpt = work / f"ckpt_{nproc}_{rep}"
+        for name, nproc, threads in variants:
+            ckpt = work / f"ckpt_{nproc}_{threads}_{rep}"
             flags = prepare(work, args.epochs, images=args.images,
-                            batch_size=args.batch // nproc, checkpoint_dir=ckpt)
+                            batch_size=args.batch // nproc, checkpoint_dir=ckpt,
+                            student_base_channels=args.student_base_channels,
+                            student_latent_dim=args.student_latent_dim)
             env = dict(os.environ)
             if nproc == 1:
-                env["OMP_NUM_THREADS"] = "2"
+                env["OMP_NUM_THREADS"] = str(threads)
                 cmd = [sys.executable, str(SCRIPT), *flags]
             else:
                 env.pop("OMP_NUM_THREADS", None)
@@ -63,14 +71,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} run {rep + 1}: wall {results[name][-1][0]:.1f} s, "
                   f"epochs {results[name][-1][1]:.1f} s", flush=True)
     print(f"\n{args.images} images (about 90% in the train split), {args.epochs} epochs, "
-          f"global batch {args.batch}, load average at the end {os.getloadavg()[0]:.1f}")
+          f"global batch {args.batch}, student {args.student_base_channels}/"
+          f"{args.student_latent_dim} (base channels/latent), "
+          f"load average at the end {os.getloadavg()[0]:.1f}")
     print("| run | wall (s) | training epochs (s) |\n|---|---|---|")
     for name, rows in results.items():
         print(f"| {name} | {statistics.median(r[0] for r in rows):.1f} | "
               f"{statistics.median(r[1] for r in rows):.1f} |")
-    one = statistics.median(r[1] for r in results["1 process"])
-    two = statistics.median(r[1] for r in results["2 processes"])
-    print(f"2 processes / 1 process, training epochs: {two / one:.2f}x time")
+    two = statistics.median(r[1] for r in results[variants[2][0]])
+    for name, _, _ in variants[:2]:
+        one = statistics.median(r[1] for r in results[name])
+        print(f"2 processes vs {name}, training epochs: {two / one:.2f}x the time")
     return 0
 
 
