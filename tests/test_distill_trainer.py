@@ -204,8 +204,9 @@ class TestVariants:
                                teacher_checkpoint=str(teacher_file)))
             d.run()
             vals.append(d.history[-1]["val"])
+        # the cache stores fp16: reconstructions differ by ~1e-3, so small MSEs by ~1e-4
         for k in ("distill_latent", "distill_recon", "teacher_psnr"):
-            assert vals[0][k] == pytest.approx(vals[1][k], rel=2e-2), k
+            assert vals[0][k] == pytest.approx(vals[1][k], rel=2e-2, abs=2e-4), k
 
     @pytest.mark.slow
     def test_finetune_freezes_encoder_first(self, tmp_path, teacher_file) -> None:
