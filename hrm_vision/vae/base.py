@@ -102,6 +102,16 @@ class VAEBase(nn.Module):
         if not z.is_floating_point():
             raise ValueError(f"expected a float latent, got dtype {z.dtype}")
 
+    # ------------------------------------------------------------------ initialisation
+    def init_from_data(self, images: Tensor) -> None:
+        """Initialise data-dependent parameters from training images before training starts.
+
+        ``images``: ``(N, 3, H, W)`` float in [0, 1], a few thousand training images. A trainer
+        calls this once on a freshly built model (never on a resumed or loaded one). The base
+        class has nothing to fit; subclasses override it.
+        """
+        self._check_images(images)
+
     # ------------------------------------------------------------------ API
     def posterior(self, x: Tensor) -> Posterior:
         """Posterior parameters of images ``x`` (B, 3, H, W) in [0, 1]."""
