@@ -27,7 +27,8 @@ from ..vae import MinimalVAE, TeacherVAE
 from .adapter import LatentAdapter
 from .losses import DistillLoss, TeacherTargets, adapt
 from .perceptual import TeacherFeatures
-from .trainer import IndexedDataset, TeacherCache
+from .splits import IndexedDataset
+from .teacher_cache import TeacherCache
 
 
 def measure(batch_size: int = 64, rounds: int = 3, steps: int = 5,
