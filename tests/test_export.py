@@ -17,10 +17,10 @@ from hrm_vision.export import (
     check_parity,
     fold_batchnorm,
     load_torchscript,
-    main,
     ort_session,
     run_onnx,
 )
+from hrm_vision.export.__main__ import main
 from hrm_vision.vae import MinimalVAE
 
 
@@ -44,8 +44,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[MinimalVAE, Path
     root = tmp_path_factory.mktemp("export")
     model = tiny_student()
     save_checkpoint(model_entry(model, "student"), root / "tinyvae_best.pth")
-    main(["--checkpoint", str(root / "tinyvae_best.pth"), "--out-dir", str(root / "out"),
-          "--num-images", "8", "--timing-repeats", "2"])
+    assert main(["--checkpoint", str(root / "tinyvae_best.pth"), "--out-dir", str(root / "out"),
+                 "--num-images", "8", "--timing-repeats", "2"]) == 0
     return model, root / "out", json.loads((root / "out" / "export.json").read_text())
 
 
@@ -135,3 +135,17 @@ class TestParityCheck:
             other.encoder.head.bias.add_(0.1)
         with pytest.raises(ExportError, match="differ from eager"):
             check_parity(other, report["files"], photo_batch[:4])
+
+
+class TestCommand:
+    def test_missing_checkpoint_is_exit_2_with_the_reason(self, tmp_path, capsys) -> None:
+        assert main(["--checkpoint", str(tmp_path / "nope.pth"), "--out-dir",
+                     str(tmp_path / "out"), "--timing-repeats", "0"]) == 2
+        err = capsys.readouterr().err
+        assert "checkpoint not found" in err and "Traceback" not in err
+
+    def test_bad_option_is_a_usage_error(self, tmp_path, capsys) -> None:
+        with pytest.raises(SystemExit) as info:
+            main(["--threads", "0"])
+        assert info.value.code == 2
+        assert "--threads >= 1" in capsys.readouterr().err

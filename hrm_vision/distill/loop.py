@@ -65,9 +65,8 @@ class PhaseLoop:
         self.wrapped = wrap_ddp(self.module, ctx)
         self.optimizer = build_optimizer(phase.param_groups(), config)
         self.steps_per_epoch = steps_per_epoch(len(train_loader), config.grad_accum_steps)
-        self.scheduler = build_scheduler(
-            self.optimizer, config.warmup_steps, phase.epochs * self.steps_per_epoch,
-            lambda group, step: phase.lr_factor(group, step, self.steps_per_epoch))
+        self.scheduler = build_scheduler(self.optimizer, config.warmup_steps,
+                                         phase.epochs * self.steps_per_epoch)
         self.scaler = make_scaler(config, ctx.device)
         self.state = TrainState()
         self.current_epoch = 0
@@ -151,6 +150,8 @@ class PhaseLoop:
         return boundary
 
     def _optimizer_step(self) -> None:
+        for p in self.phase.frozen_parameters(self.current_epoch):
+            p.grad = None  # AdamW leaves parameters without a gradient untouched
         if self.config.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.module.parameters(), self.config.grad_clip)
@@ -187,7 +188,7 @@ class PhaseLoop:
         count = self.state.count
         train = reduce_mean(self.state.means(), self.ctx, count)
         val = self.phase.validate()
-        is_best = improves(val[BEST_METRIC], self.state.best_value)
+        is_best = improves(val[BEST_METRIC], self.state.best_psnr)
         record = {"phase": self.phase.name, "epoch": epoch + 1, "train": train, "val": val,
                   "time_s": elapsed,
                   "train_img_per_s": count * self.ctx.world_size / elapsed,
@@ -197,7 +198,7 @@ class PhaseLoop:
                            if not (r["phase"] == self.phase.name and r["epoch"] >= epoch + 1)]
         self.history.append(record)
         if is_best:
-            self.state.best_value = val[BEST_METRIC]
+            self.state.best_psnr = val[BEST_METRIC]
         self.state.finish_epoch()
         self.emit("on_epoch_end", self.phase, record)
         barrier(self.ctx)

@@ -2,8 +2,9 @@
 
 - :func:`build_optimizer`: AdamW over the phase's parameter groups (``learning_rate``,
   ``weight_decay``).
-- :func:`build_scheduler`: linear warm-up over ``warmup_steps`` optimizer steps, then cosine decay
-  to 0 at the last step of the phase, stepped once per optimizer step.
+- :func:`build_scheduler`: ``SequentialLR(LinearLR, CosineAnnealingLR)``, stepped once per
+  optimizer step: a linear warm-up over ``warmup_steps`` steps, then a cosine decay to 0 at the
+  last step of the phase.
 - :func:`autocast` / :func:`make_scaler`: ``mixed_precision`` ``auto`` is fp16 with a gradient
   scaler on CUDA and off on CPU; ``bf16``/``fp16``/``off`` force it (bf16 needs no scaler).
 """
@@ -11,13 +12,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 from torch.optim import AdamW, Optimizer
-from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 
 from .config import DistillConfig
 
@@ -32,20 +32,21 @@ def steps_per_epoch(num_batches: int, grad_accum_steps: int) -> int:
     return max(1, math.ceil(num_batches / grad_accum_steps))
 
 
-def build_scheduler(optimizer: Optimizer, warmup_steps: int, total_steps: int,
-                    lr_factor: Callable[[int, int], float] | None = None) -> LRScheduler:
-    """Warm-up then cosine decay over ``total_steps`` optimizer steps."""
-    total = max(1, total_steps)
+def build_scheduler(optimizer: Optimizer, warmup_steps: int, total_steps: int) -> LRScheduler:
+    """Linear warm-up, then cosine decay to 0, over ``total_steps`` optimizer steps.
 
-    def schedule(group: int) -> Callable[[int], float]:
-        def factor(step: int) -> float:
-            warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
-            progress = min(1.0, step / total)
-            extra = lr_factor(group, step) if lr_factor is not None else 1.0
-            return warm * 0.5 * (1 + math.cos(math.pi * progress)) * extra
-        return factor
-
-    return LambdaLR(optimizer, [schedule(i) for i in range(len(optimizer.param_groups))])
+    With base rate ``lr`` and ``W = warmup_steps``, the rate of optimizer step ``k`` (0-based,
+    the rate used by the ``k``-th ``optimizer.step()``) is ``lr * (k + 1) / W`` for ``k < W``,
+    then ``lr * (1 + cos(pi * (k - W) / (total_steps - W))) / 2``: ``lr`` at ``k = W`` and 0 at
+    ``k = total_steps``. ``W <= 1`` means no warm-up; a phase shorter than ``W`` steps ends
+    inside the warm-up (the warm-up is never shortened).
+    """
+    decay = CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup_steps), eta_min=0.0)
+    if warmup_steps <= 1:
+        return decay
+    warmup = LinearLR(optimizer, start_factor=1.0 / warmup_steps, end_factor=1.0,
+                      total_iters=warmup_steps - 1)
+    return SequentialLR(optimizer, [warmup, decay], milestones=[warmup_steps])
 
 
 def precision(config: DistillConfig, device: torch.device) -> str:

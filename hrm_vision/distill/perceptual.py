@@ -6,13 +6,14 @@ trainable parameters (gradients still flow through it to the images).
 - ``vgg16``: torchvision's VGG16 ImageNet features up to ``relu2_2`` (layers ``relu1_2`` and
   ``relu2_2``; deeper layers are 4x4 or smaller on 32x32 images), with ImageNet normalisation.
   The weights come from a given file, the torch hub cache, or a download when it is allowed.
-- ``teacher``: the output of the first block of the frozen teacher's encoder (the teacher's own
-  learned features; needs no download), taken with a forward hook while the encoder runs, which
-  stops as soon as the block has run (:class:`TeacherFeatures`). It relies on no attribute of a
-  particular model: the blocks are the encoder's children in registration order, with
-  ``nn.ModuleList`` holders expanded and parameter-free modules (reshapes, activations) skipped.
-  For ``TeacherVAE`` that block is its first encoder stage, which costs about as much as the
-  whole student forward and backward pass; deeper blocks would cost several times more.
+- ``teacher``: the output of the first block the frozen teacher's encoder runs (the teacher's own
+  learned features; needs no download), taken with forward hooks while the encoder runs, which
+  stops as soon as that block has run (:class:`TeacherFeatures`). It relies on no attribute of a
+  particular model: the blocks are the encoder's children (``nn.ModuleList`` holders expanded,
+  modules without parameters such as reshapes and activations left out), and the first to run is
+  found by calling the encoder. For ``TeacherVAE`` that block is its first encoder stage, which
+  costs about as much as the whole student forward and backward pass; deeper blocks would cost
+  several times more.
 - ``auto``: ``vgg16`` when its weights are available without a download, else ``teacher``.
 """
 
@@ -97,20 +98,21 @@ class _AllTapped(Exception):
 
 
 class TeacherFeatures(nn.Module):
-    """Outputs of the first ``blocks`` encoder blocks of a frozen teacher VAE, in call order.
+    """Outputs of the first ``blocks`` encoder blocks a frozen teacher VAE runs, in call order.
 
     ``(B, 3, H, W)`` images in [0, 1] -> a list of ``blocks`` feature maps. The teacher's
-    ``encoder`` runs with forward hooks on those blocks and stops once all of them have run.
+    ``encoder`` runs with forward hooks on its blocks (:func:`encoder_blocks`) and stops once
+    ``blocks`` of them have run.
     """
 
     def __init__(self, teacher: VAEBase, blocks: int = TEACHER_BLOCKS) -> None:
         super().__init__()
         self.encoder = _freeze(teacher).encoder
-        found = encoder_blocks(self.encoder)
-        if len(found) < blocks:
-            raise ValueError(f"the teacher's encoder has {len(found)} blocks with parameters, "
-                             f"{blocks} needed for the perceptual backbone")
-        self.taps = found[:blocks]
+        self.taps = encoder_blocks(self.encoder)
+        if len(self.taps) < blocks:
+            raise ValueError(f"the teacher's encoder has {len(self.taps)} blocks with "
+                             f"parameters, {blocks} needed for the perceptual backbone")
+        self.blocks = blocks
 
     def train(self, mode: bool = True) -> TeacherFeatures:  # always eval: frozen backbone
         return super().train(False)
@@ -120,7 +122,7 @@ class TeacherFeatures(nn.Module):
 
         def hook(module: nn.Module, args: Any, output: Tensor) -> None:
             out.append(output)
-            if len(out) == len(self.taps):
+            if len(out) == self.blocks:
                 raise _AllTapped
 
         handles = [m.register_forward_hook(hook) for m in self.taps]
@@ -131,6 +133,9 @@ class TeacherFeatures(nn.Module):
         finally:
             for h in handles:
                 h.remove()
+        if len(out) < self.blocks:
+            raise RuntimeError(f"the teacher's encoder ran {len(out)} of its blocks, "
+                               f"{self.blocks} needed for the perceptual backbone")
         return out
 
 

@@ -5,8 +5,9 @@ message sink) and the models it was given; the loop (:mod:`hrm_vision.distill.lo
 
 - :class:`TeacherPhase`: the teacher VAE alone with recon + KL (free bits), like the student's.
 - :class:`DistillPhase`: student + adapter against the frozen teacher with the five-term loss.
-- :class:`FinetunePhase`: the student alone (recon, KL, perceptual); the encoder is frozen (no
-  update, BatchNorm in eval) for the first half of the epochs, then everything trains.
+- :class:`FinetunePhase`: the student alone (recon, KL, perceptual); the encoder is frozen (its
+  gradients dropped, so AdamW neither moves it nor decays it; BatchNorm in eval) for the first
+  half of the epochs, then everything trains.
 
 Validation reports every loss term, PSNR (pooled over the validation set, see
 :mod:`hrm_vision.metrics`) and SSIM of the model the phase trains; the distillation phases add
@@ -23,10 +24,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from ..checkpoints import load_state_checked, model_entry, to_cpu
-from ..metrics import linear_cka, ssim
+from ..metrics import linear_cka, mse, psnr_from_mse, ssim
 from ..vae import VAEBase, VAEOutput
 from .adapter import LatentAdapter
 from .config import DistillConfig
@@ -36,10 +36,6 @@ from .teacher_cache import TeacherCache
 
 #: Validation images shown in the reconstruction grids.
 GRID_IMAGES = 8
-
-
-def psnr(prediction: Tensor, target: Tensor) -> float:  # STAGE1
-    return float(peak_signal_noise_ratio(prediction.clamp(0, 1), target, data_range=1.0))
 
 
 @dataclass
@@ -68,6 +64,12 @@ class PhaseContext:
         return self._grid
 
 
+#: Validation keys that hold a PSNR: batches report their MSE under these keys, the
+#: sample-weighted mean over the set (the pooled MSE: all images have the same size) becomes a
+#: PSNR after the cross-rank reduction (:func:`pooled_psnr`).
+PSNR_KEYS = ("psnr", "teacher_psnr")
+
+
 def mean_over(loader: DataLoader, fn: Callable[[Tensor, Tensor], dict[str, float]]
               ) -> tuple[dict[str, float], int]:
     """Sample-weighted mean of ``fn(index, x) -> dict`` over a loader; returns (means, count)."""
@@ -80,6 +82,11 @@ def mean_over(loader: DataLoader, fn: Callable[[Tensor, Tensor], dict[str, float
             sums[k] = sums.get(k, 0.0) + float(v) * n
         count += n
     return {k: v / max(count, 1) for k, v in sums.items()}, count
+
+
+def pooled_psnr(values: dict[str, float]) -> dict[str, float]:
+    """``values`` with each of ``PSNR_KEYS`` turned from a pooled MSE into a PSNR in dB."""
+    return {k: psnr_from_mse(v) if k in PSNR_KEYS else v for k, v in values.items()}
 
 
 class Phase:
@@ -100,8 +107,10 @@ class Phase:
         """The optimizer's parameter groups."""
         return [{"params": [p for p in self.trainable().parameters() if p.requires_grad]}]
 
-    def lr_factor(self, group: int, step: int, steps_per_epoch: int) -> float:  # STAGE1
-        return 1.0
+    def frozen_parameters(self, epoch: int) -> list[nn.Parameter]:
+        """Parameters that must not change during ``epoch`` (their gradients are dropped before
+        each optimizer step)."""
+        return []
 
     def set_train_mode(self, epoch: int) -> None:
         """Put the trained modules in training mode for ``epoch`` (0-based)."""
@@ -158,9 +167,9 @@ class TeacherPhase(Phase):
             x = x.to(self.ctx.device)
             out = self.teacher(x)
             return {**{k: v.item() for k, v in self._terms(x, out).items()},
-                    "psnr": psnr(out.reconstruction, x), "ssim": ssim(out.reconstruction, x)}
+                    "psnr": mse(out.reconstruction, x), "ssim": ssim(out.reconstruction, x)}
 
-        return self.ctx.reduce(*mean_over(self.ctx.val_loader, batch))
+        return pooled_psnr(self.ctx.reduce(*mean_over(self.ctx.val_loader, batch)))
 
     def model_payload(self) -> dict[str, Any]:
         return model_entry(self.teacher, "teacher")
@@ -255,9 +264,9 @@ class DistillPhase(Phase):
             values = {k: v.item() for k, v in
                       self.criterion(x, out, adapted, teach).items()}
             values["kl_nats"] = kl_free_bits(out.mu, out.logvar, 0.0).item()
-            values.update(psnr=psnr(out.reconstruction, x), ssim=ssim(out.reconstruction, x))
+            values.update(psnr=mse(out.reconstruction, x), ssim=ssim(out.reconstruction, x))
             if teach is not None:
-                values.update(teacher_psnr=psnr(teach.reconstruction, x),
+                values.update(teacher_psnr=mse(teach.reconstruction, x),
                               teacher_ssim=ssim(teach.reconstruction, x))
                 for key, z in (("student", out.mu), ("adapted", adapted[0]),
                                ("teacher", teach.mu)):
@@ -269,7 +278,7 @@ class DistillPhase(Phase):
             teacher_mu = torch.cat(latents["teacher"])
             values["cka"] = linear_cka(torch.cat(latents["adapted"]), teacher_mu)
             values["cka_raw"] = linear_cka(torch.cat(latents["student"]), teacher_mu)
-        values = self.ctx.reduce(values, count)
+        values = pooled_psnr(self.ctx.reduce(values, count))
         if "teacher_psnr" in values:
             values["quality_ratio"] = values["psnr"] / values["teacher_psnr"]
         return values
@@ -320,8 +329,8 @@ class FinetunePhase(DistillPhase):
         """Whether the encoder is frozen during ``epoch`` (0-based): the first half."""
         return epoch < self.unfreeze_epoch
 
-    def lr_factor(self, group: int, step: int, steps_per_epoch: int) -> float:  # STAGE1
-        return 0.0 if group == 1 and step < self.unfreeze_epoch * steps_per_epoch else 1.0
+    def frozen_parameters(self, epoch: int) -> list[nn.Parameter]:
+        return list(self.student.encoder.parameters()) if self.encoder_frozen(epoch) else []
 
     def set_train_mode(self, epoch: int) -> None:
         self.student.train()

@@ -55,7 +55,8 @@ def build_split(config: DistillConfig, split: str) -> IndexedDataset:
     return IndexedDataset(ds)
 
 
-def first_images(dataset: IndexedDataset, limit: int = INIT_IMAGES) -> Tensor:
-    """The first ``min(limit, len(dataset))`` images, ``(N, 3, H, W)`` float in [0, 1]."""
-    n = min(limit, len(dataset))
+def first_images(dataset: IndexedDataset, limit: int | None = None) -> Tensor:
+    """The first ``min(limit, len(dataset))`` images (``limit`` None: ``INIT_IMAGES``),
+    ``(N, 3, H, W)`` float in [0, 1]."""
+    n = min(INIT_IMAGES if limit is None else limit, len(dataset))
     return torch.stack([dataset[i][1] for i in range(n)])

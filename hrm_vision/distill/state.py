@@ -20,13 +20,13 @@ import torch
 from ..checkpoints import CheckpointError
 
 #: Validation metric that picks the best epoch of a phase (higher is better).
-BEST_METRIC = "total"  # STAGE1
+BEST_METRIC = "psnr"
 
 
 def improves(value: float, best: float) -> bool:
     """Whether a validation ``BEST_METRIC`` of ``value`` beats ``best`` (strictly: the earliest
     of equal epochs stays best; NaN never improves)."""
-    return value < best  # STAGE1
+    return value > best
 
 
 @dataclass
@@ -43,7 +43,7 @@ class TrainState:
     epoch: int = 0
     step_in_epoch: int = 0
     global_step: int = 0
-    best_value: float = math.inf  # STAGE1
+    best_psnr: float = -math.inf
     running: dict[str, float] = field(default_factory=dict)
     count: int = 0
     time_s: float = 0.0

@@ -271,15 +271,16 @@ class Distiller:
     def _fit(self, phase: Phase, payload: dict[str, Any] | None,
              fresh: Sequence[VAEBase]) -> None:
         """Train ``phase``, continuing ``payload`` if given; otherwise the ``fresh`` (newly
-        built) models first get ``init_from_data`` on the first training images."""
+        built) models first get ``init_from_data`` on the first training images (before the
+        optimizer and the DDP wrapper see them)."""
+        if payload is None and fresh:
+            images = first_images(self.train_set).to(self.device)
+            for model in fresh:
+                model.init_from_data(images)
         loop = PhaseLoop(phase, self.config, self.ctx, self.train_loader, self.history,
                          self._emit, lambda: self.stop_signal, self.out_dir)
         if payload is not None:
             loop.restore(payload, f"resume checkpoint ({payload['phase']})")
-        elif fresh and False:  # STAGE1
-            images = first_images(self.train_set).to(self.device)
-            for model in fresh:
-                model.init_from_data(images)
         self.loop = loop
         loop.run()
 
