@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-from PIL import Image
 
+from .._extras import require
 from .base import IRPPlugin, IRPResult
 from .plugins import IRPHost, get_host
 from .telemetry import write_jsonl
@@ -119,7 +119,8 @@ def _parse_configs(items: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 def _inputs(args: argparse.Namespace) -> list[Any]:
     if args.images:
-        return [np.asarray(Image.open(p).convert("RGB")) for p in args.images]
+        image = require("PIL.Image", extra="train", purpose="reading --images files")
+        return [np.asarray(image.open(p).convert("RGB")) for p in args.images]
     from ..data.photos import PhotoCrops
 
     crops = PhotoCrops("val", num_crops=args.num_crops).images_uint8.float() / 255.0
