@@ -1,7 +1,7 @@
 """The TinyVAE perception plugin on a real (tiny, briefly trained) checkpoint and real photos.
 
-Also drives the reference host loop, its command line, the measurement command and the README's
-"Use in an IRP host" example.
+Also drives the reference host loop, its command line, the measurement command and the
+"Use in an IRP host" example of docs/irp.md.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from hrm_vision.irp.tinyvae_plugin import TinyVAEConfig, TinyVAEPlugin
 from hrm_vision.metrics import psnr
 from hrm_vision.vae import MinimalVAE, TeacherVAE
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+IRP_DOC = Path(__file__).resolve().parents[1] / "docs" / "irp.md"
 
 
 @pytest.fixture(autouse=True)
@@ -224,8 +224,8 @@ class TestCheckpoints:
             assert torch.equal(value, stored[key]), key
 
 
-def test_readme_lists_every_config_field() -> None:
-    section = README.read_text().split("<!-- section: irp")[1]
+def test_docs_list_every_config_field() -> None:
+    section = IRP_DOC.read_text().split("## The `tinyvae` plugin")[1].split("\n## ")[0]
     for field in TinyVAEConfig.model_fields:
         assert f"`{field}`" in section, field
 
@@ -269,14 +269,14 @@ class TestHost:
         with pytest.raises(SystemExit, match="not among --plugin"):
             host_cli.main(["--plugin", "tinyvae", "--config", "other={}"])
 
-    def test_readme_example_runs(self, checkpoint, tmp_path, monkeypatch) -> None:
-        section = README.read_text().split("### Use in an IRP host")[1]
+    def test_docs_example_runs(self, checkpoint, tmp_path, monkeypatch) -> None:
+        section = IRP_DOC.read_text().split("## Use in an IRP host")[1]
         code = section.split("```python\n")[1].split("```")[0]
         (tmp_path / "checkpoints").mkdir()
         (tmp_path / "checkpoints" / "tinyvae_best.pth").write_bytes(checkpoint.read_bytes())
         monkeypatch.chdir(tmp_path)
         namespace: dict = {}
-        exec(compile(code, "README.md", "exec"), namespace)
+        exec(compile(code, "docs/irp.md", "exec"), namespace)
         assert namespace["result"].latent.shape == (4, 8, 4, 4)
         lines = (tmp_path / "telemetry.jsonl").read_text().splitlines()
         assert len(lines) == 2

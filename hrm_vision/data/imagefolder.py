@@ -1,7 +1,7 @@
 """``imagefolder``: every image under a folder (recursive), centre-cropped and resized.
 
 Files with a common image extension are found recursively (hidden files and folders skipped) and
-assigned to train or validation by a hash of their path relative to the folder (and the seed):
+assigned to train or validation by a hash of their path relative to the folder and of ``seed``:
 the split is deterministic, does not depend on the order files are listed in, and a file keeps
 its split when others are added.
 

@@ -26,7 +26,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from .._extras import require
+from .._extras import MissingExtraError, require
 from .base import IRPPlugin, IRPResult
 from .plugins import IRPHost, get_host
 from .telemetry import write_jsonl
@@ -147,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         orch = Orchestrator.from_registry({n: configs.get(n) for n in args.plugin},
                                           args.step_budget, stream, host)
         results = orch.run(_inputs(args))
-    except (ValueError, KeyError) as exc:  # config, checkpoint and input errors say what to fix
+    except (ValueError, KeyError, MissingExtraError) as exc:  # each says what to fix
         raise SystemExit(f"error: {exc}") from exc
     finally:
         if args.telemetry:
