@@ -27,8 +27,8 @@ class TestBuilding:
     def test_no_normalisation_layers(self) -> None:
         """Nothing to fold at export and no train/eval difference in the forward pass."""
         for model in (TeacherVAE(), MinimalVAE()):
-            norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)
-                     or isinstance(m, torch.nn.GroupNorm)]
+            norms = [m for m in model.modules() if isinstance(
+                m, (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm))]
             assert not norms
 
     def test_tinyvae_alias(self) -> None:
