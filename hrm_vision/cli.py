@@ -74,7 +74,7 @@ def load_command(name: str) -> Callable[[list[str] | None], int | None]:
     except ModuleNotFoundError as exc:
         missing = (exc.name or "").split(".")[0]
         if missing and missing not in ("hrm_vision", ""):
-            raise missing_extra(missing, purpose=f"'{PROG} {name}'") from exc
+            raise missing_extra(missing, purpose="this command") from exc
         raise
     return getattr(module, cmd.function)
 
