@@ -7,7 +7,7 @@ for every variant, so variants differ only in what is named on the command line.
     python experiments/model_ablation.py --model teacher --free-bits 4 --json out.json
 
 Loss: ``0.3 * MSE + 0.1 * KL`` with ``--free-bits`` nats per latent element (the package's
-``vae_loss``); AdamW, linear warm-up then constant learning rate, gradient clipping at 1.
+``vae_loss``); AdamW, linear warm-up then cosine decay to 0 at ``--steps``, gradient clipping at 1.
 Validation: the first 512 validation crops (held-out photographs), PSNR over the whole set
 (pooled MSE) of ``decode(encode(x))``.
 """
@@ -50,6 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--init", choices=["pca", "dct", "nolinear"], default="pca",
                    help="pca: init_from_data; dct: the data-free basis; nolinear: the linear "
                         "path zeroed and frozen (nonlinear stages only)")
+    p.add_argument("--linear-lr-scale", type=float, default=1.0,
+                   help="learning-rate factor of the linear patch path (0: frozen)")
     p.add_argument("--arch", type=json.loads, default={}, help="JSON constructor arguments")
     p.add_argument("--train-samples", type=int, default=8192)
     p.add_argument("--eval-at", type=int, nargs="*", default=[0, 64, 128, 256, 512, 1024,
@@ -69,9 +71,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         for lin in (model.encoder.linear, model.decoder.linear):
             torch.nn.init.zeros_(lin.weight)
             lin.weight.requires_grad_(False)
+    linear = {id(m.weight) for m in (model.encoder.linear, model.decoder.linear)}
+    if a.linear_lr_scale == 0:
+        for m in (model.encoder.linear, model.decoder.linear):
+            m.weight.requires_grad_(False)
     params = [q for q in model.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, a.warmup)))
+    groups = [{"params": [q for q in params if id(q) not in linear]},
+              {"params": [q for q in params if id(q) in linear], "lr": a.lr * a.linear_lr_scale}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=a.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.SequentialLR(opt, [
+        torch.optim.lr_scheduler.LinearLR(opt, 1 / max(1, a.warmup), total_iters=a.warmup),
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, a.steps - a.warmup))],
+        milestones=[a.warmup])
     gen = torch.Generator().manual_seed(a.seed)
     curve, start, step = [], time.perf_counter(), 0
     order = torch.randperm(len(train), generator=gen)

@@ -54,9 +54,10 @@ def up(in_ch: int, out_ch: int) -> nn.Sequential:
     return nn.Sequential(conv(in_ch, 4 * out_ch, kernel=1), nn.PixelShuffle(2))
 
 
-def clamp01(x: Tensor) -> Tensor:
-    """``x`` clamped to [0, 1]. While gradients are recorded the clamp is straight-through
-    (value clamped, gradient of the identity), so a pixel that overshoots still learns."""
-    if torch.is_grad_enabled() and x.requires_grad:
+def clamp01(x: Tensor, straight_through: bool = False) -> Tensor:
+    """``x`` clamped to [0, 1]. With ``straight_through`` (training) the value is clamped but
+    the gradient is the identity's, so a pixel that overshoots still learns; without it (eval,
+    export) this is a plain ``clamp`` (ONNX ``Clip``)."""
+    if straight_through:
         return x + (x.clamp(0.0, 1.0) - x).detach()
     return x.clamp(0.0, 1.0)

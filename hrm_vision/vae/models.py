@@ -11,8 +11,8 @@ Each model is the sum of two paths, in the encoder and in the decoder:
 * a **linear patch path**: 8x8 patches -> whitened coefficients (a fixed basis,
   :class:`~hrm_vision.vae.patches.PatchWhitening`: the DCT by default, the PCA of training
   patches after :meth:`VAEBase.init_from_data`) -> a learnable 1x1 convolution to the latent
-  (initialised to keep the first ``latent_dim`` coefficients), and its mirror image in the
-  decoder. At initialisation with a fitted PCA basis this *is* patch PCA: a 4x4x128 latent
+  (initialised to keep the first ``latent_dim`` coefficients, see :func:`_spread`), and its
+  mirror image in the decoder. At initialisation with a fitted PCA basis this *is* patch PCA: a 4x4x128 latent
   reconstructs 32x32 crops of photographs at about 46 dB before any training step;
 * **nonlinear stages** (PixelUnshuffle downsampling, residual blocks; PixelShuffle upsampling
   on the way back) whose last convolution starts at zero, so they learn the residual the linear
@@ -37,12 +37,20 @@ from .patches import PATCH, PatchWhitening, fit_patch_pca
 LOGVAR_INIT = -4.0
 
 
-def _select(out_ch: int, in_ch: int) -> Tensor:
-    """A (out, in, 1, 1) 1x1-convolution weight that copies channel i to channel i."""
-    w = torch.zeros(out_ch, in_ch)
-    n = min(out_ch, in_ch)
-    w[torch.arange(n), torch.arange(n)] = 1.0
-    return w[:, :, None, None]
+def _spread(latent_dim: int, coefficients: int) -> tuple[Tensor, Tensor]:
+    """Initial 1x1 weights of the linear path: latent channel c carries coefficient
+    ``c mod coefficients``; the decoder averages the copies of each coefficient.
+
+    Returns (encoder weight ``(latent, coefficients, 1, 1)``, decoder weight
+    ``(coefficients, latent, 1, 1)``). A latent narrower than the patch keeps the leading
+    coefficients; a wider one (the teacher's 512 > 192) holds the leading coefficients two or
+    three times, so at the same KL budget per element their copies average out the posterior
+    noise.
+    """
+    enc = torch.zeros(latent_dim, coefficients)
+    enc[torch.arange(latent_dim), torch.arange(latent_dim) % coefficients] = 1.0
+    dec = enc.T / enc.sum(0).clamp(min=1)[:, None]
+    return enc[:, :, None, None], dec[:, :, None, None]
 
 
 class Encoder(nn.Module):
@@ -57,7 +65,7 @@ class Encoder(nn.Module):
         self.patches = PatchWhitening()
         self.linear = conv(self.patches.dim, latent_dim, kernel=1, bias=False)
         with torch.no_grad():
-            self.linear.weight.copy_(_select(latent_dim, self.patches.dim))
+            self.linear.weight.copy_(_spread(latent_dim, self.patches.dim)[0])
         stages: list[nn.Module] = []
         for i, w in enumerate(widths):
             if i == 0:
@@ -91,17 +99,17 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Latent ``(B, latent_dim, h, w)`` -> image ``(B, 3, 8h, 8w)`` (unclamped).
 
-    ``patches.inverse(linear(z)) + out(stages(z))``: stages mirror the encoder's (widths in
+    ``patches(linear(z)) + out(stages(z))`` (``patches`` is the synthesis direction): stages mirror the encoder's (widths in
     reverse), the last three each double the resolution, ``out`` (zero at the start) brings the
     half-resolution features to RGB with a PixelShuffle.
     """
 
     def __init__(self, widths: list[int], latent_dim: int, blocks: int) -> None:
         super().__init__()
-        self.patches = PatchWhitening()
+        self.patches = PatchWhitening(inverse=True)
         self.linear = conv(latent_dim, self.patches.dim, kernel=1, bias=False)
         with torch.no_grad():
-            self.linear.weight.copy_(_select(self.patches.dim, latent_dim))
+            self.linear.weight.copy_(_spread(latent_dim, self.patches.dim)[1])
         rev = widths[::-1]
         stages: list[nn.Module] = []
         for i, w in enumerate(rev):
@@ -116,7 +124,7 @@ class Decoder(nn.Module):
         self.out = nn.Sequential(nn.ReLU(), zero_conv(widths[0], 12), nn.PixelShuffle(2))
 
     def forward(self, z: Tensor) -> Tensor:
-        return self.patches.inverse(self.linear(z)) + self.out(self.stages(z))
+        return self.patches(self.linear(z)) + self.out(self.stages(z))
 
 
 class _PatchVAE(VAEBase):
@@ -138,7 +146,7 @@ class _PatchVAE(VAEBase):
             part.set_basis(mean, components, variances)
 
     def _output(self, raw: Tensor) -> Tensor:
-        return clamp01(raw)
+        return clamp01(raw, straight_through=self.training and torch.is_grad_enabled())
 
 
 class TeacherVAE(_PatchVAE):
@@ -146,8 +154,8 @@ class TeacherVAE(_PatchVAE):
 
     Nonlinear stages at 1/2, 1/4, 1/8 and 1/8 resolution with widths
     ``base_channels * (1, 2, 4, 5)``, ``blocks_per_stage`` residual blocks each, mirrored in the
-    decoder. The linear path keeps all 192 coefficients of an 8x8 RGB patch in the first 192
-    latent channels (lossless at initialisation); the other channels start unused.
+    decoder. The linear path keeps all 192 coefficients of an 8x8 RGB patch (lossless at
+    initialisation), the leading 128 three times and the others twice over the 512 channels.
 
     Args:
         latent_dim: latent channels (512).

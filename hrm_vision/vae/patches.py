@@ -82,53 +82,53 @@ def fit_patch_pca(images: Tensor, patch: int = PATCH) -> tuple[Tensor, Tensor, T
 
 
 class PatchWhitening(nn.Module):
-    """8x8 patches <-> whitened coefficients on the H/8 x W/8 grid, with a fixed basis.
+    """8x8 patches -> whitened coefficients on the H/8 x W/8 grid (or back, ``inverse=True``).
 
-    ``forward``: images ``(B, C, H, W)`` -> coefficients ``(B, D, H/8, W/8)``,
-    ``(patch - mean) @ components.T / scale``. ``inverse`` takes coefficients back to images
-    (exactly, when all D coefficients are kept). ``mean``, ``components`` and ``scale`` are
-    persistent buffers, saved in every state dict; :meth:`set_basis` replaces them.
+    Analysis (``inverse=False``): images ``(B, C, H, W)`` -> ``(B, D, H/8, W/8)``,
+    ``(patch - mean) @ components.T / scale``. Synthesis (``inverse=True``): coefficients
+    ``(B, D, h, w)`` -> images ``(B, C, 8h, 8w)`` (not clamped), exact when all D coefficients
+    are kept. Each direction is one fixed 1x1 convolution whose ``weight`` and ``bias`` are
+    persistent buffers (saved in every state dict); :meth:`set_basis` replaces them.
     """
 
-    mean: Tensor
-    components: Tensor
-    scale: Tensor
+    weight: Tensor
+    bias: Tensor
 
-    def __init__(self, channels: int = 3, patch: int = PATCH) -> None:
+    def __init__(self, inverse: bool = False, channels: int = 3, patch: int = PATCH) -> None:
         super().__init__()
-        self.patch = patch
+        self.inverse, self.patch = inverse, patch
         dim = channels * patch * patch
+        self.register_buffer("weight", torch.zeros(dim, dim, 1, 1))
+        self.register_buffer("bias", torch.zeros(dim))
         # A data-free start: the DCT basis, pixel mean 0.5, and every coefficient scaled by the
         # rough standard deviation of a DCT coefficient of natural 8x8 patches in [0, 1].
-        self.register_buffer("mean", torch.full((dim,), 0.5))
-        self.register_buffer("components", dct_basis(patch, channels))
-        self.register_buffer("scale", torch.full((dim,), 0.25))
+        self.set_basis(torch.full((dim,), 0.5), dct_basis(patch, channels),
+                       torch.full((dim,), 0.25 ** 2), eps=0.0)
 
     @property
     def dim(self) -> int:
-        return self.components.shape[0]
+        return self.weight.shape[0]
 
     @torch.no_grad()
     def set_basis(self, mean: Tensor, components: Tensor, variances: Tensor,
                   eps: float = 1e-6) -> None:
-        """Use a fitted basis (e.g. :func:`fit_patch_pca`); coefficients get unit variance.
+        """Use a basis (``components`` (D, D), one per row, e.g. from :func:`fit_patch_pca`);
+        coefficients get unit variance. ``eps`` floors the variances so near-empty components
+        are not blown up."""
+        if components.shape != (self.dim, self.dim):
+            raise ValueError(f"expected components of shape {(self.dim, self.dim)}, got "
+                             f"{tuple(components.shape)}")
+        scale = (variances.double() + eps).sqrt()
+        comps, mean = components.double(), mean.double()
+        if self.inverse:
+            weight, bias = comps.T * scale[None, :], mean
+        else:
+            weight = comps / scale[:, None]
+            bias = -(weight @ mean)
+        self.weight.copy_(weight[:, :, None, None])
+        self.bias.copy_(bias)
 
-        ``eps`` floors the variances so near-empty components are not blown up.
-        """
-        if components.shape != self.components.shape:
-            raise ValueError(f"expected components of shape {tuple(self.components.shape)}, "
-                             f"got {tuple(components.shape)}")
-        self.mean.copy_(mean)
-        self.components.copy_(components)
-        self.scale.copy_((variances + eps).sqrt())
-
-    def forward(self, images: Tensor) -> Tensor:
-        w = (self.components / self.scale[:, None])[:, :, None, None]  # (D, D, 1, 1)
-        cols = F.pixel_unshuffle(images, self.patch)
-        return F.conv2d(cols - self.mean[None, :, None, None], w)
-
-    def inverse(self, coefficients: Tensor) -> Tensor:
-        """Images ``(B, C, 8h, 8w)`` (not clamped) from coefficients ``(B, D, h, w)``."""
-        w = (self.components.T * self.scale[None, :])[:, :, None, None]
-        cols = F.conv2d(coefficients, w) + self.mean[None, :, None, None]
-        return F.pixel_shuffle(cols, self.patch)
+    def forward(self, x: Tensor) -> Tensor:
+        if self.inverse:
+            return F.pixel_shuffle(F.conv2d(x, self.weight, self.bias), self.patch)
+        return F.conv2d(F.pixel_unshuffle(x, self.patch), self.weight, self.bias)
