@@ -10,7 +10,6 @@ same networks with BatchNorm.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 

@@ -12,8 +12,8 @@ Each model is the sum of two paths, in the encoder and in the decoder:
   :class:`~hrm_vision.vae.patches.PatchWhitening`: the DCT by default, the PCA of training
   patches after :meth:`VAEBase.init_from_data`) -> a learnable 1x1 convolution to the latent
   (initialised to keep the first ``latent_dim`` coefficients, see :func:`_spread`), and its
-  mirror image in the decoder. At initialisation with a fitted PCA basis this *is* patch PCA: a 4x4x128 latent
-  reconstructs 32x32 crops of photographs at about 46 dB before any training step;
+  mirror image in the decoder. At initialisation with a fitted PCA basis this *is* patch PCA:
+  a 4x4x128 latent reconstructs 32x32 crops of photographs at about 46 dB before any training step;
 * **nonlinear stages** (PixelUnshuffle downsampling, residual blocks; PixelShuffle upsampling
   on the way back) whose last convolution starts at zero, so they learn the residual the linear
   path misses instead of first learning to pass the image through.
@@ -99,9 +99,10 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Latent ``(B, latent_dim, h, w)`` -> image ``(B, 3, 8h, 8w)`` (unclamped).
 
-    ``patches(linear(z)) + out(stages(z))`` (``patches`` is the synthesis direction): stages mirror the encoder's (widths in
-    reverse), the last three each double the resolution, ``out`` (zero at the start) brings the
-    half-resolution features to RGB with a PixelShuffle.
+    ``patches(linear(z)) + out(stages(z))`` (``patches`` is the synthesis direction): stages
+    mirror the encoder's (widths in reverse), the last three each double the resolution,
+    ``out`` (zero at the start) brings the half-resolution features to RGB with a
+    PixelShuffle.
     """
 
     def __init__(self, widths: list[int], latent_dim: int, blocks: int) -> None:
