@@ -1,10 +1,11 @@
 # Two-command entry: `make demo` (main job) and `make test` (test suite). Both create the local
-# virtual environment .venv on first use and reinstall when pyproject.toml changes.
+# virtual environment .venv on first use, with every extra (`.[dev]`), and reinstall when
+# pyproject.toml changes.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-all lint docs bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,9 +18,20 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) training/distill_tinyvae.py --config training/demo.json
 
-test: $(VENV)/.installed
-	$(PY) -m ruff check hrm_vision training tests
+# The fast suite (CI runs `make test-all`, which adds the end-to-end tests marked `slow`).
+test: lint
+	$(PY) -m pytest -m "not slow"
+
+test-all: lint
 	$(PY) -m pytest
+
+# Every Python file of the repository (ruff's settings are in pyproject.toml).
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+
+# Regenerate the config-key table of docs/training.md from DistillConfig.
+docs: $(VENV)/.installed
+	$(PY) -m hrm_vision.distill.config_doc --write docs/training.md
 
 # Benchmarks (not part of the test suite): pytest-benchmark, then the teacher/student ratios.
 bench: $(VENV)/.installed

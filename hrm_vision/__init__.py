@@ -1,6 +1,10 @@
 """hrm-vision: a TinyVAE distilled from a teacher VAE, for IRP perception on edge robots.
 
 Images everywhere in this package are float tensors in [0, 1], NCHW, RGB.
+
+Importing ``hrm_vision`` (or :mod:`hrm_vision.vae`, :mod:`hrm_vision.checkpoints`,
+:mod:`hrm_vision.irp`) needs only the core dependencies; training, the ``photos`` dataset and
+export need extras (``pip install 'hrm-vision[all]'``), imported where they are used.
 """
 
 __version__ = "0.1.0"

@@ -19,6 +19,18 @@ class TestBuilding:
         assert 0.9e6 <= student.num_parameters() <= 1.3e6
         assert teacher.num_parameters() / student.num_parameters() >= 8
 
+    def test_stage_counts(self) -> None:
+        assert len(TeacherVAE().encoder.stages) == 4
+        assert len(MinimalVAE().encoder.stages) == 3
+        assert len(MinimalVAE().decoder.stages) == 3
+
+    def test_no_normalisation_layers(self) -> None:
+        """Nothing to fold at export and no train/eval difference in the forward pass."""
+        for model in (TeacherVAE(), MinimalVAE()):
+            norms = [m for m in model.modules() if isinstance(
+                m, (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm))]
+            assert not norms
+
     def test_tinyvae_alias(self) -> None:
         assert TinyVAE is MinimalVAE
 
@@ -104,16 +116,34 @@ class TestForward:
 
     def test_gradients_reach_every_parameter(self, cls, kwargs) -> None:
         model = cls(**kwargs).train()
-        out = model(torch.rand(2, 3, 32, 32))
-        (out.reconstruction.mean() + out.mu.mean() + out.logvar.mean()).backward()
-        assert all(p.grad is not None for p in model.parameters())
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x = torch.rand(4, 3, 32, 32)
+        for _ in range(3):  # zero-initialised branch ends: gradients reach deeper each step
+            opt.zero_grad()
+            out = model(x)
+            (out.reconstruction - x).pow(2).mean().add(out.logvar.pow(2).mean()).backward()
+            opt.step()
+        missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+        assert not missing
+
+    def test_starts_as_its_linear_patch_path(self, cls, kwargs) -> None:
+        """Zero-initialised branch ends: at construction mu is the linear path alone."""
+        model = cls(**kwargs).eval()
+        x = torch.rand(2, 3, 32, 32)
+        with torch.no_grad():
+            linear = model.encoder.linear(model.encoder.patches(x))
+            assert torch.allclose(model.encode(x), linear)
+            assert torch.allclose(model.posterior(x).logvar, torch.full_like(linear, -4.0))
 
 
 class TestSaving:
     @pytest.mark.parametrize("cls,kwargs", SMALL)
     def test_state_dict_roundtrip_gives_identical_outputs(self, cls, kwargs) -> None:
         a = cls(**kwargs)
-        a.train()(torch.rand(8, 3, 32, 32))  # move BatchNorm running stats off their init
+        a.init_from_data(torch.rand(64, 3, 32, 32))  # buffers off their data-free start
+        with torch.no_grad():
+            for p in a.parameters():
+                p.add_(0.01 * torch.randn_like(p))
         a.eval()
         b = cls(**kwargs).eval()
         x = torch.rand(2, 3, 32, 32)
@@ -124,9 +154,9 @@ class TestSaving:
             assert torch.equal(a(x).reconstruction, b(x).reconstruction)
 
     def test_seed_deployment_snippet(self, tmp_path, monkeypatch, photo_batch) -> None:
-        """The snippet from DESIGN.md, run as written against a checkpoint saved here."""
+        """The README's deployment snippet, run as written against a checkpoint saved here."""
         trained = MinimalVAE(latent_dim=128, base_channels=32)
-        trained.train()(photo_batch)
+        trained.init_from_data(photo_batch)
         save_checkpoint(model_entry(trained, "student"), tmp_path / "checkpoints/tinyvae_best.pth")
         monkeypatch.chdir(tmp_path)
         image = photo_batch[:1]

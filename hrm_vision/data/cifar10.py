@@ -4,7 +4,8 @@ The files are the ones torchvision's ``CIFAR10`` uses: ``<data_dir>/cifar-10-bat
 ``data_batch_1`` .. ``data_batch_5`` (train, 50000 images) and ``test_batch`` (validation, 10000
 images). They are fetched only when ``download=True``, by torchvision's downloader (URL and MD5 from
 ``torchvision.datasets.CIFAR10``, the archive is checked against its MD5). Missing files are a
-one-line ``ValueError`` giving both ways out.
+one-line ``ValueError`` giving both ways out. Reading needs only numpy and torch; downloading
+needs torchvision (the ``train`` extra).
 
 The batches are Python pickles. torchvision unpickles them with ``pickle.load``, which runs
 whatever a tampered file asks for; here they are read with an unpickler that only rebuilds numpy
@@ -24,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from .._extras import require
 
 BATCH_DIR = "cifar-10-batches-py"
 TRAIN_FILES: tuple[str, ...] = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -72,12 +75,12 @@ def ensure_files(root: Path, files: tuple[str, ...], download: bool) -> None:
             f"CIFAR-10 not found in {root / BATCH_DIR} (missing {', '.join(missing)}): pass "
             f"--download to fetch it (about 170 MB), or put the extracted '{BATCH_DIR}' folder "
             f"into --data-dir ({root})")
-    from torchvision.datasets import CIFAR10
-    from torchvision.datasets.utils import download_and_extract_archive
-
+    datasets = require("torchvision.datasets", extra="train", purpose="downloading CIFAR-10")
+    utils = require("torchvision.datasets.utils", extra="train", purpose="downloading CIFAR-10")
+    cifar = datasets.CIFAR10
     try:
-        download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename,
-                                     md5=CIFAR10.tgz_md5)
+        utils.download_and_extract_archive(cifar.url, str(root), filename=cifar.filename,
+                                           md5=cifar.tgz_md5)
     except Exception as exc:  # network errors come in many types
         raise ValueError(f"downloading CIFAR-10 into {root} failed ({type(exc).__name__}: "
                          f"{exc}); put the extracted '{BATCH_DIR}' folder into --data-dir "

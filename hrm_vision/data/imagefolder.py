@@ -1,7 +1,7 @@
 """``imagefolder``: every image under a folder (recursive), centre-cropped and resized.
 
 Files with a common image extension are found recursively (hidden files and folders skipped) and
-assigned to train or validation by a hash of their path relative to the folder (and the seed):
+assigned to train or validation by a hash of their path relative to the folder and of ``seed``:
 the split is deterministic, does not depend on the order files are listed in, and a file keeps
 its split when others are added.
 
@@ -10,6 +10,9 @@ cropped to a square, resized to ``image_size`` and kept as uint8 (``3 * S * S`` 
 at 32 px). Files that cannot be decoded are skipped, counted and logged, never fatal; a folder with
 no readable image is a ``ValueError`` naming it. Items are deterministic per index (no random
 augmentation), which lets the distiller cache the teacher's outputs.
+
+Needs the ``train`` extra (pillow decodes the files, tqdm shows progress): ``pip install
+'hrm-vision[train]'``; both are imported when a folder is read.
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
-from tqdm import tqdm
+
+from .._extras import require
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +76,12 @@ def load_image(path: Path, image_size: int) -> np.ndarray:
 
     Raises whatever PIL raises for a file it cannot decode (``OSError``, ``ValueError``, ...).
     """
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
+    image = require("PIL.Image", extra="train", purpose="the 'imagefolder' dataset")
+    image_ops = require("PIL.ImageOps", extra="train", purpose="the 'imagefolder' dataset")
+    with image.open(path) as img:
+        img = image_ops.exif_transpose(img)
         rgb = img.convert("RGB")
-    square = ImageOps.fit(rgb, (image_size, image_size), method=Image.Resampling.LANCZOS)
+    square = image_ops.fit(rgb, (image_size, image_size), method=image.Resampling.LANCZOS)
     return np.asarray(square, dtype=np.uint8)
 
 
@@ -111,6 +116,8 @@ class ImageFolderImages(Dataset[Tensor]):
             raise ValueError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found "
                              f"under {self.root}")
         candidates = split_files(all_files, val_fraction, seed)[split]
+        tqdm = require("tqdm", extra="train", purpose="the 'imagefolder' dataset").tqdm
+        require("PIL.Image", extra="train", purpose="the 'imagefolder' dataset")
         self.files: list[str] = []
         self.skipped: list[tuple[str, str]] = []
         arrays = []

@@ -9,6 +9,9 @@ Train and validation are split *by photograph*: validation crops come from photo
 training never sees. Everything is deterministic for a given seed. Crops are made once at
 construction and kept as a uint8 tensor, so every epoch sees the same images (which is what
 lets the distiller cache the frozen teacher's outputs).
+
+Needs the ``photos`` extra (scikit-image, pillow): ``pip install 'hrm-vision[photos]'``. Both are
+imported when crops are made, not when this module is imported.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ from collections.abc import Sequence
 from functools import cache
 
 import numpy as np
-import skimage.data
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from .._extras import require
+
+#: What the missing-extra message says needs scikit-image and pillow.
+_PURPOSE = "the 'photos' dataset"
 
 #: Natural photographs bundled in the scikit-image wheel (grey ones are repeated to RGB).
 #: ``motorcycle`` is the left view of ``stereo_motorcycle``.
@@ -38,13 +44,23 @@ SCALES: tuple[float, ...] = (1.0, 0.5, 0.25)
 MIN_CROP_STD = 0.03
 
 
-@cache
 def load_photo(name: str) -> np.ndarray:
-    """Photograph ``name`` as an (H, W, 3) uint8 RGB array (from the files in the wheel)."""
+    """Photograph ``name`` as an (H, W, 3) uint8 RGB array (from the files in the wheel).
+
+    Raises ``ValueError`` for an unknown name and an ``ImportError`` naming the ``photos`` extra
+    when scikit-image is not installed.
+    """
     if name not in PHOTOS:
         raise ValueError(f"unknown photo {name!r}; choose from {', '.join(PHOTOS)}")
-    img = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(
-        skimage.data, name)()
+    require("skimage.data", extra="photos", purpose=_PURPOSE)
+    return _load_photo(name)
+
+
+@cache
+def _load_photo(name: str) -> np.ndarray:
+    skimage_data = require("skimage.data", extra="photos", purpose=_PURPOSE)
+    img = skimage_data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(
+        skimage_data, name)()
     if img.ndim == 2:
         img = np.repeat(img[..., None], 3, axis=2)
     return np.ascontiguousarray(img[..., :3].astype(np.uint8))
@@ -53,9 +69,10 @@ def load_photo(name: str) -> np.ndarray:
 def _rescaled(img: np.ndarray, scale: float) -> np.ndarray:
     if scale == 1.0:
         return img
+    image = require("PIL.Image", extra="photos", purpose=_PURPOSE)
     h, w = img.shape[:2]
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return np.asarray(Image.fromarray(img).resize(size, Image.Resampling.LANCZOS))
+    return np.asarray(image.fromarray(img).resize(size, image.Resampling.LANCZOS))
 
 
 def make_crops(photos: Sequence[str], num_crops: int, image_size: int, seed: int,

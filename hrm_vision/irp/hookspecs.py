@@ -9,7 +9,7 @@ hooks below. Third-party packages make their module discoverable by declaring it
     my_plugin = "my_package.irp_plugin"
 
 hrm-vision's own plugins are declared and registered exactly the same way (see
-:mod:`hrm_vision.irp.plugins`). Every hook is documented here and in the README's IRP section;
+:mod:`hrm_vision.irp.plugins`). Every hook is documented here and in docs/irp.md;
 a test fails when one is not.
 """
 

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-from PIL import Image
 
+from .._extras import MissingExtraError, require
 from .base import IRPPlugin, IRPResult
 from .plugins import IRPHost, get_host
 from .telemetry import write_jsonl
@@ -119,7 +119,8 @@ def _parse_configs(items: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 def _inputs(args: argparse.Namespace) -> list[Any]:
     if args.images:
-        return [np.asarray(Image.open(p).convert("RGB")) for p in args.images]
+        image = require("PIL.Image", extra="train", purpose="reading --images files")
+        return [np.asarray(image.open(p).convert("RGB")) for p in args.images]
     from ..data.photos import PhotoCrops
 
     crops = PhotoCrops("val", num_crops=args.num_crops).images_uint8.float() / 255.0
@@ -146,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         orch = Orchestrator.from_registry({n: configs.get(n) for n in args.plugin},
                                           args.step_budget, stream, host)
         results = orch.run(_inputs(args))
-    except (ValueError, KeyError) as exc:  # config, checkpoint and input errors say what to fix
+    except (ValueError, KeyError, MissingExtraError) as exc:  # each says what to fix
         raise SystemExit(f"error: {exc}") from exc
     finally:
         if args.telemetry:

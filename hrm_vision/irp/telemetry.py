@@ -3,6 +3,9 @@
 A telemetry record is a plain dict of JSON types (see ``telemetry.schema.json`` next to this
 file). Floats are always finite: a non-finite value becomes ``None`` (JSON ``null``), so
 ``json.dumps(record, allow_nan=False)`` never fails.
+
+jsonschema is a core dependency (a host validates every record it writes, on the robot too) but
+is imported on the first validation, so ``import hrm_vision.irp`` stays light.
 """
 
 from __future__ import annotations
@@ -12,8 +15,6 @@ import math
 from functools import cache
 from importlib import resources
 from typing import IO, Any
-
-import jsonschema
 
 #: Version of the record layout, stored under ``"schema_version"``.
 SCHEMA_VERSION = 1
@@ -33,6 +34,14 @@ def telemetry_schema() -> dict[str, Any]:
     return json.loads(text)
 
 
+@cache
+def _validator() -> Any:
+    """The schema's validator, built (and jsonschema imported) on first use."""
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(telemetry_schema())
+
+
 def validate_telemetry(record: dict[str, Any]) -> None:
     """Raise ``ValueError`` naming the offending field if ``record`` breaks the schema.
 
@@ -42,8 +51,9 @@ def validate_telemetry(record: dict[str, Any]) -> None:
         json.dumps(record, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"telemetry is not JSON-safe: {exc}") from exc
-    validator = jsonschema.Draft202012Validator(telemetry_schema())
-    error = jsonschema.exceptions.best_match(validator.iter_errors(record))
+    from jsonschema.exceptions import best_match
+
+    error = best_match(_validator().iter_errors(record))
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "<record>"
         raise ValueError(f"telemetry field {where}: {error.message}")

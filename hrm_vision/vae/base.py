@@ -129,7 +129,11 @@ class VAEBase(nn.Module):
     def decode(self, z: Tensor) -> Tensor:
         """Images ``(B, 3, 8h, 8w)`` in [0, 1] from latents ``(B, latent_dim, h, w)``."""
         self._check_latent(z)
-        return torch.sigmoid(self.decoder(z))
+        return self._output(self.decoder(z))
+
+    def _output(self, raw: Tensor) -> Tensor:
+        """Decoder output to an image in [0, 1] (a sigmoid unless a model says otherwise)."""
+        return torch.sigmoid(raw)
 
     @staticmethod
     def reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:
@@ -149,8 +153,4 @@ class VAEBase(nn.Module):
     def encoder_features(self, x: Tensor) -> list[Tensor]:
         """Feature maps after each encoder stage (used as a download-free perceptual backbone)."""
         self._check_images(x)
-        feats = []
-        for stage in self.encoder.stages:  # type: ignore[union-attr]
-            x = stage(x)
-            feats.append(x)
-        return feats
+        return self.encoder.features(x)  # type: ignore[operator]

@@ -1,61 +1,162 @@
 """The two VAEs: ``TeacherVAE`` (the high-quality reference) and ``MinimalVAE`` (the TinyVAE).
 
 Both map a (B, 3, H, W) image in [0, 1] to a spatial latent on the same H/8 x W/8 grid, so the
-student-to-teacher latent adapter is a per-location 1x1 convolution. For a 32x32 image:
+student-to-teacher latent adapter is a per-location 1x1 convolution. Sizes for a 32x32 image:
+``python -m hrm_vision.vae.summary``.
 
-=========== ============ ========= ====================== ===============================
-model        parameters   latent    MACs (encode + decode) design
-=========== ============ ========= ====================== ===============================
-TeacherVAE   10.4M        4x4x512   109 M + 128 M          4 stages (PixelUnshuffle down,
-                                                           PixelShuffle up), widths 64-320
-MinimalVAE   1.14M        4x4x128   17 M + 27 M            3 stride-2 stages, widths 32-128
-=========== ============ ========= ====================== ===============================
+Design (residual autoencoding over a linear patch path)
+-------------------------------------------------------
+Each model is the sum of two paths, in the encoder and in the decoder:
 
-Both use BatchNorm (folded at export) and ReLU with zero-initialised residual blocks.
-The student does 5.4x fewer multiply-accumulates than the teacher (9.1x fewer parameters): the
-MAC ratio is the ceiling for a compute-bound speed-up, so it allows about 5x, the low end of
-the promised 5-10x; on a CPU, thin convolutions on 4x4 and 8x8 maps use the hardware less well,
-so the measured speed-up is what the README's evidence section reports. The teacher's MACs
-were kept low on purpose: it must be pre-trained before every first distillation, on CPUs too.
-A first teacher with full-resolution stages (955 M MACs, 22x the student) trained at 52 img/s
-on 2 CPU cores against the student's 950. Numbers: ``python -m hrm_vision.vae.summary``.
+* a **linear patch path**: 8x8 patches -> whitened coefficients (a fixed basis,
+  :class:`~hrm_vision.vae.patches.PatchWhitening`: the DCT by default, the PCA of training
+  patches after :meth:`VAEBase.init_from_data`) -> a learnable 1x1 convolution to the latent
+  (initialised to keep the first ``latent_dim`` coefficients, see :func:`_spread`), and its
+  mirror image in the decoder. At initialisation with a fitted PCA basis this *is* patch PCA:
+  a 4x4x128 latent reconstructs 32x32 crops of photographs at about 46 dB before any training step;
+* **nonlinear stages** (PixelUnshuffle downsampling, residual blocks; PixelShuffle upsampling
+  on the way back) whose last convolution starts at zero, so they learn the residual the linear
+  path misses instead of first learning to pass the image through.
+
+The variance head starts at ``logvar = -4`` (posterior std 0.14 on unit-variance
+coefficients), which spends about 2 nats per latent element: the default KL budget.
+Reconstructions are clamped to [0, 1] (straight-through while training) instead of a sigmoid,
+which would bend the linear path.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .base import VAEBase
-from .blocks import ResBlock, conv, conv_bn_relu, depth_to_space, space_to_depth, upsample
+from .blocks import ResBlock, clamp01, conv, down, up, zero_conv
+from .patches import PATCH, PatchWhitening, fit_patch_pca
+
+#: Initial bias of the log-variance head (see the module docstring).
+LOGVAR_INIT = -4.0
+
+
+def _spread(latent_dim: int, coefficients: int) -> tuple[Tensor, Tensor]:
+    """Initial 1x1 weights of the linear path: latent channel c carries coefficient
+    ``c mod coefficients``; the decoder averages the copies of each coefficient.
+
+    Returns (encoder weight ``(latent, coefficients, 1, 1)``, decoder weight
+    ``(coefficients, latent, 1, 1)``). A latent narrower than the patch keeps the leading
+    coefficients; a wider one (the teacher's 512 > 192) holds the leading coefficients two or
+    three times, so at the same KL budget per element their copies average out the posterior
+    noise.
+    """
+    enc = torch.zeros(latent_dim, coefficients)
+    enc[torch.arange(latent_dim), torch.arange(latent_dim) % coefficients] = 1.0
+    dec = enc.T / enc.sum(0).clamp(min=1)[:, None]
+    return enc[:, :, None, None], dec[:, :, None, None]
 
 
 class Encoder(nn.Module):
-    """``stages`` (each a ``nn.Sequential``) followed by a 1x1 ``head`` to mu and logvar."""
+    """Image ``(B, 3, H, W)`` in [0, 1] -> ``(B, 2 * latent_dim, H/8, W/8)`` (mu, then logvar).
 
-    def __init__(self, stages: list[nn.Module], head: nn.Module) -> None:
+    ``mu = linear(patches(x)) + mu_head(stages(x))``; ``logvar = logvar_head(stages(x))``.
+    ``stages`` is a ``ModuleList``; the first three each halve the resolution.
+    """
+
+    def __init__(self, widths: list[int], latent_dim: int, blocks: int) -> None:
         super().__init__()
+        self.patches = PatchWhitening()
+        self.linear = conv(self.patches.dim, latent_dim, kernel=1, bias=False)
+        with torch.no_grad():
+            self.linear.weight.copy_(_spread(latent_dim, self.patches.dim)[0])
+        stages: list[nn.Module] = []
+        for i, w in enumerate(widths):
+            if i == 0:
+                entry: nn.Module = nn.Sequential(nn.PixelUnshuffle(2), conv(12, w))
+            elif i < 3:
+                entry = down(widths[i - 1], w)
+            else:  # stages after the third stay on the H/8 grid
+                entry = conv(widths[i - 1], w)
+            stages.append(nn.Sequential(entry, *(ResBlock(w) for _ in range(blocks))))
         self.stages = nn.ModuleList(stages)
-        self.head = head
+        self.mu_head = nn.Sequential(nn.ReLU(), zero_conv(widths[-1], latent_dim))
+        self.logvar_head = nn.Sequential(nn.ReLU(), zero_conv(widths[-1], latent_dim, kernel=1))
+        with torch.no_grad():
+            self.logvar_head[1].bias.fill_(LOGVAR_INIT)
+
+    def features(self, x: Tensor) -> list[Tensor]:
+        """Outputs of each nonlinear stage, from ``x`` in [0, 1]."""
+        h = x * 2.0 - 1.0
+        feats = []
+        for stage in self.stages:
+            h = stage(h)
+            feats.append(h)
+        return feats
 
     def forward(self, x: Tensor) -> Tensor:
-        for stage in self.stages:
-            x = stage(x)
-        return self.head(x)
+        h = self.features(x)[-1]
+        mu = self.linear(self.patches(x)) + self.mu_head(h)
+        return torch.cat([mu, self.logvar_head(h)], dim=1)
 
 
-class TeacherVAE(VAEBase):
-    """The teacher: a 4-stage residual VAE with a 4x4x512 latent for 32x32 images (~10.4M params).
+class Decoder(nn.Module):
+    """Latent ``(B, latent_dim, h, w)`` -> image ``(B, 3, 8h, 8w)`` (unclamped).
 
-    Encoder stages run at 1/2, 1/4, 1/8 and 1/8 resolution with widths
-    ``base_channels * (1, 2, 4, 5)``: each of the first three starts with a lossless
-    space-to-depth (PixelUnshuffle) downsampling, the fourth widens at 1/8; each stage has
-    ``blocks_per_stage`` residual blocks; a 1x1 head gives ``latent_dim`` channels of mu and of
-    logvar. The decoder mirrors it with sub-pixel (PixelShuffle) upsampling. Most parameters sit
-    on the small grids, so the teacher has ~9x the student's parameters for ~5x its MACs, and
-    trains fast enough on a CPU to be pre-trained before distillation.
+    ``patches(linear(z)) + out(stages(z))`` (``patches`` is the synthesis direction): stages
+    mirror the encoder's (widths in reverse), the last three each double the resolution,
+    ``out`` (zero at the start) brings the half-resolution features to RGB with a
+    PixelShuffle.
+    """
 
-    "Latent dimension 512" is read like the student's "128": 512 channels on the H/8 x W/8 grid,
-    four times the student's latent capacity, which lets the teacher reconstruct better.
+    def __init__(self, widths: list[int], latent_dim: int, blocks: int) -> None:
+        super().__init__()
+        self.patches = PatchWhitening(inverse=True)
+        self.linear = conv(latent_dim, self.patches.dim, kernel=1, bias=False)
+        with torch.no_grad():
+            self.linear.weight.copy_(_spread(latent_dim, self.patches.dim)[1])
+        rev = widths[::-1]
+        stages: list[nn.Module] = []
+        for i, w in enumerate(rev):
+            if i == 0:
+                entry: nn.Module = conv(latent_dim, w)
+            elif i < len(rev) - 2:  # extra stages stay on the H/8 grid
+                entry = conv(rev[i - 1], w)
+            else:
+                entry = up(rev[i - 1], w)
+            stages.append(nn.Sequential(entry, *(ResBlock(w) for _ in range(blocks))))
+        self.stages = nn.Sequential(*stages)
+        self.out = nn.Sequential(nn.ReLU(), zero_conv(widths[0], 12), nn.PixelShuffle(2))
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.patches(self.linear(z)) + self.out(self.stages(z))
+
+
+class _PatchVAE(VAEBase):
+    """Shared construction of both models (see the module docstring)."""
+
+    def __init__(self, latent_dim: int, widths: list[int], blocks: int) -> None:
+        super().__init__(latent_dim)
+        if min(widths) < 1 or blocks < 1:
+            raise ValueError(f"widths and blocks must be positive, got {widths}, {blocks}")
+        self.encoder = Encoder(widths, latent_dim, blocks)
+        self.decoder = Decoder(widths, latent_dim, blocks)
+
+    @torch.no_grad()
+    def init_from_data(self, images: Tensor) -> None:
+        """Fit the patch basis of both paths to the PCA of ``images`` (N, 3, H, W) in [0, 1]."""
+        self._check_images(images)
+        mean, components, variances = fit_patch_pca(images.float().cpu(), PATCH)
+        for part in (self.encoder.patches, self.decoder.patches):
+            part.set_basis(mean, components, variances)
+
+    def _output(self, raw: Tensor) -> Tensor:
+        return clamp01(raw, straight_through=self.training and torch.is_grad_enabled())
+
+
+class TeacherVAE(_PatchVAE):
+    """The teacher: a 4-stage VAE with a 4x4x512 latent for 32x32 images (~10M parameters).
+
+    Nonlinear stages at 1/2, 1/4, 1/8 and 1/8 resolution with widths
+    ``base_channels * (1, 2, 4, 5)``, ``blocks_per_stage`` residual blocks each, mirrored in the
+    decoder. The linear path keeps all 192 coefficients of an 8x8 RGB patch (lossless at
+    initialisation), the leading 128 three times and the others twice over the 512 channels.
 
     Args:
         latent_dim: latent channels (512).
@@ -65,38 +166,18 @@ class TeacherVAE(VAEBase):
 
     def __init__(self, latent_dim: int = 512, base_channels: int = 64,
                  blocks_per_stage: int = 1) -> None:
-        super().__init__(latent_dim)
+        super().__init__(latent_dim, [base_channels * k for k in (1, 2, 4, 5)], blocks_per_stage)
         self._arch = {"latent_dim": latent_dim, "base_channels": base_channels,
                       "blocks_per_stage": blocks_per_stage}
-        w1, w2, w3, w4 = (base_channels * k for k in (1, 2, 4, 5))
-
-        def blocks(ch: int) -> list[nn.Module]:
-            return [ResBlock(ch) for _ in range(blocks_per_stage)]
-
-        self.encoder = Encoder(
-            [nn.Sequential(space_to_depth(3, w1, kernel=3), *blocks(w1)),   # 1/2
-             nn.Sequential(space_to_depth(w1, w2), *blocks(w2)),            # 1/4
-             nn.Sequential(space_to_depth(w2, w3), *blocks(w3)),            # 1/8
-             nn.Sequential(conv_bn_relu(w3, w4), *blocks(w4))],             # 1/8, wider
-            head=conv(w4, 2 * latent_dim, kernel=1),
-        )
-        self.decoder = nn.Sequential(
-            conv_bn_relu(latent_dim, w4), *blocks(w4),
-            conv_bn_relu(w4, w3), *blocks(w3),
-            depth_to_space(w3, w2), *blocks(w2),                             # 1/4
-            depth_to_space(w2, w1), *blocks(w1),                             # 1/2
-            conv(w1, 12), nn.PixelShuffle(2),                                # full size, logits
-        )
 
 
-class MinimalVAE(VAEBase):
-    """The TinyVAE student: 3 stride-2 stages, latent ``(latent_dim, H/8, W/8)``, ~1.1M params.
+class MinimalVAE(_PatchVAE):
+    """The TinyVAE student: 3 stages, latent ``(latent_dim, H/8, W/8)``, ~1.2M parameters.
 
-    Encoder: a stride-2 3x3 conv straight from RGB (no full-resolution layer), then at 1/2, 1/4
-    and 1/8 resolution widths ``base_channels * (1, 2, 4)`` with one residual block each, and a
-    1x1 head to mu and logvar. Decoder: a 3x3 conv in, residual blocks and nearest upsampling,
-    a 3x3 conv to RGB logits. BatchNorm (folded into the convolutions at export) and ReLU keep
-    inference cheap: almost all parameters sit on the 4x4 and 8x8 grids, where MACs are cheap.
+    Nonlinear stages at 1/2, 1/4 and 1/8 resolution with widths ``base_channels * (1, 2, 4)``
+    and one residual block each, mirrored in the decoder; the linear path keeps the first
+    ``latent_dim`` whitened patch coefficients (the PCA's leading components after
+    ``init_from_data``).
 
     Args:
         latent_dim: latent channels (128: a 4x4x128 latent for a 32x32 image).
@@ -104,24 +185,9 @@ class MinimalVAE(VAEBase):
     """
 
     def __init__(self, latent_dim: int = 128, base_channels: int = 32) -> None:
-        super().__init__(latent_dim)
+        super().__init__(latent_dim, [base_channels * k for k in (1, 2, 4)], 1)
         self._arch = {"latent_dim": latent_dim, "base_channels": base_channels}
-        c = base_channels
-        widths = [c, 2 * c, 4 * c]
-
-        stages: list[nn.Module] = []
-        w_prev = 3
-        for w in widths:
-            stages.append(nn.Sequential(conv_bn_relu(w_prev, w, stride=2), ResBlock(w)))
-            w_prev = w
-        self.encoder = Encoder(stages, conv(widths[-1], 2 * latent_dim, kernel=1))
-
-        layers: list[nn.Module] = [conv_bn_relu(latent_dim, widths[-1]), ResBlock(widths[-1])]
-        for w_in, w_out in zip(widths[:0:-1], widths[-2::-1], strict=False):
-            layers += [upsample(w_in, w_out), ResBlock(w_out)]
-        layers += [nn.Upsample(scale_factor=2, mode="nearest"), conv(widths[0], 3)]
-        self.decoder = nn.Sequential(*layers)
 
 
-#: The name the mission uses for the student.
+#: Another name for the student.
 TinyVAE = MinimalVAE

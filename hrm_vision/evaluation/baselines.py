@@ -1,0 +1,89 @@
+"""Reconstructions a learned model must beat: bicubic thumbnails and patch PCA.
+
+Each baseline is a deterministic function of the images (and, for PCA, of training images), so
+it is computed on exactly the validation images the models are evaluated on. Images are float
+tensors ``(N, 3, H, W)`` in [0, 1] with H and W divisible by 8; PSNR is over the whole set
+(pooled MSE), like the models'.
+
+``numbers`` is how many numbers a baseline keeps per image: a thumbnail of side s keeps
+``3 * s * s``; patch PCA with k coefficients per 8x8 patch keeps ``k * H/8 * W/8``, the same
+count as a latent of k channels on the H/8 x W/8 grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..vae.patches import PATCH, fit_patch_pca, patch_vectors
+
+#: Thumbnail sides and PCA coefficient counts reported by default (for 32x32 images: the 8x8
+#: and 16x16 thumbnails; PCA at 16 and 48 coefficients, and at the two latent sizes).
+THUMBNAIL_SIDES: tuple[int, ...] = (8, 16)
+PCA_COEFFICIENTS: tuple[int, ...] = (16, 48, 128, 192)
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """One baseline's result: its name, numbers kept per image and pooled PSNR in dB."""
+
+    name: str
+    numbers: int
+    psnr_db: float
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def pooled_psnr(prediction: Tensor, target: Tensor) -> float:
+    """PSNR (dB) of the mean squared error over every pixel of the set, images in [0, 1]."""
+    mse = F.mse_loss(prediction.clamp(0, 1).double(), target.double())
+    return float("inf") if mse == 0 else float(-10 * torch.log10(mse))
+
+
+def thumbnail(images: Tensor, side: int) -> Tensor:
+    """Area-downsample ``images`` to ``side x side``, then bicubic back up, clamped to [0, 1]."""
+    small = F.interpolate(images, size=(side, side), mode="area")
+    up = F.interpolate(small, size=images.shape[-2:], mode="bicubic", align_corners=False)
+    return up.clamp(0, 1)
+
+
+class PatchPCA:
+    """Patch PCA fitted on training images: keep the first ``k`` coefficients of each 8x8 patch.
+
+    ``PatchPCA(train_images).reconstruct(images, k)`` projects every non-overlapping 8x8x3
+    patch on the first ``k`` principal components and back.
+    """
+
+    def __init__(self, train_images: Tensor, patch: int = PATCH) -> None:
+        self.patch = patch
+        self.mean, self.components, self.variances = fit_patch_pca(train_images, patch)
+
+    def reconstruct(self, images: Tensor, k: int) -> Tensor:
+        if not 0 <= k <= self.components.shape[0]:
+            raise ValueError(f"k must be in [0, {self.components.shape[0]}], got {k}")
+        n, c, h, w = images.shape
+        rows = patch_vectors(images.float(), self.patch) - self.mean
+        basis = self.components[:k]
+        rec = (rows @ basis.T) @ basis + self.mean
+        cols = rec.reshape(n, h // self.patch, w // self.patch, -1).permute(0, 3, 1, 2)
+        return F.pixel_shuffle(cols, self.patch).clamp(0, 1)
+
+
+def compute_baselines(val_images: Tensor, train_images: Tensor,
+                      sides: Sequence[int] = THUMBNAIL_SIDES,
+                      coefficients: Sequence[int] = PCA_COEFFICIENTS) -> list[Baseline]:
+    """Every baseline on ``val_images``; PCA is fitted on ``train_images`` (both (N, 3, H, W))."""
+    h, w = val_images.shape[-2:]
+    grid = (h // PATCH) * (w // PATCH)
+    rows = [Baseline(f"thumbnail {s}x{s}, bicubic", 3 * s * s,
+                     pooled_psnr(thumbnail(val_images, s), val_images)) for s in sides]
+    pca = PatchPCA(train_images)
+    rows += [Baseline(f"patch PCA, {k} coefficients", k * grid,
+                      pooled_psnr(pca.reconstruct(val_images, k), val_images))
+             for k in coefficients]
+    return rows

@@ -1,0 +1,134 @@
+"""The linear patch path: 8x8 patches to the latent grid and back, whitened by a fixed basis.
+
+An image ``(B, 3, H, W)`` in [0, 1] is cut into non-overlapping 8x8 patches with
+``PixelUnshuffle(8)`` (lossless: ``(B, 192, H/8, W/8)``); :class:`PatchWhitening` maps each
+192-number patch to whitened coefficients with a fixed basis (a buffer, not a parameter) and
+back. The basis is either the orthonormal DCT-II (the default: a fixed, data-free start) or the
+whitened PCA of training patches (:func:`fit_patch_pca`, set by ``init_from_data``).
+
+Why a fixed basis plus a learnable 1x1 convolution instead of one PCA-initialised convolution:
+the whitened coefficients all have unit variance, so the learnable weights on top of them start
+at the identity with entries of order 1, and Adam's step (about the learning rate per entry) is a
+small relative change for every coefficient. A single convolution holding ``V^T / sqrt(lambda)``
+has entries over three orders of magnitude and the same step destroys its small ones.
+
+The same module computes the patch-PCA baseline of :mod:`hrm_vision.evaluation.baselines`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+#: Side of the patches: the latent grid is H/8 x W/8.
+PATCH = 8
+
+
+def patch_vectors(images: Tensor, patch: int = PATCH) -> Tensor:
+    """All non-overlapping patches of ``images`` (N, C, H, W) as rows: (N * H/p * W/p, C*p*p).
+
+    The column order is PixelUnshuffle's: channel-major, then row and column inside the patch.
+    """
+    cols = F.pixel_unshuffle(images, patch)  # (N, C*p*p, H/p, W/p)
+    return cols.permute(0, 2, 3, 1).reshape(-1, cols.shape[1])
+
+
+def dct_basis(patch: int = PATCH, channels: int = 3) -> Tensor:
+    """Orthonormal 2-D DCT-II basis of ``channels`` x ``patch`` x ``patch`` patches.
+
+    Returns ``(D, D)`` with ``D = channels * patch**2``; row k is basis vector k in
+    PixelUnshuffle order, rows sorted from low to high frequency (``u + v``, then ``u``, then the
+    colour channel), so the first rows are the patch means of each colour.
+    """
+    n = torch.arange(patch, dtype=torch.float64)
+    k = n[:, None]
+    c1 = torch.cos(math.pi * (2 * n[None, :] + 1) * k / (2 * patch))  # (k, n)
+    c1[0] *= 1 / math.sqrt(2)
+    c1 *= math.sqrt(2 / patch)
+    rows = []
+    order = sorted(((u, v, c) for u in range(patch) for v in range(patch)
+                    for c in range(channels)), key=lambda t: (t[0] + t[1], t[0], t[2]))
+    for u, v, c in order:
+        vec = torch.zeros(channels, patch, patch, dtype=torch.float64)
+        vec[c] = torch.outer(c1[u], c1[v])
+        rows.append(vec.reshape(-1))
+    return torch.stack(rows).float()
+
+
+@torch.no_grad()
+def fit_patch_pca(images: Tensor, patch: int = PATCH) -> tuple[Tensor, Tensor, Tensor]:
+    """PCA of the non-overlapping patches of ``images`` (N, C, H, W) in [0, 1].
+
+    Returns ``(mean, components, variances)``: ``mean`` (D,), ``components`` (D, D) with one
+    orthonormal component per row, ``variances`` (D,) in decreasing order (``D = C * patch**2``).
+    Computed in float64 from the patch covariance (``torch.linalg.eigh``).
+    """
+    if images.dim() != 4 or images.shape[-1] % patch or images.shape[-2] % patch:
+        raise ValueError(f"expected images (N, C, H, W) with H, W divisible by {patch}, got "
+                         f"{tuple(images.shape)}")
+    rows = patch_vectors(images.double(), patch)
+    if rows.shape[0] < 2:
+        raise ValueError("fit_patch_pca needs at least two patches")
+    mean = rows.mean(0)
+    centred = rows - mean
+    cov = centred.T @ centred / (rows.shape[0] - 1)
+    variances, vectors = torch.linalg.eigh(cov)  # ascending
+    order = torch.argsort(variances, descending=True)
+    return mean.float(), vectors[:, order].T.contiguous().float(), variances[order].clamp(
+        min=0).float()
+
+
+class PatchWhitening(nn.Module):
+    """8x8 patches -> whitened coefficients on the H/8 x W/8 grid (or back, ``inverse=True``).
+
+    Analysis (``inverse=False``): images ``(B, C, H, W)`` -> ``(B, D, H/8, W/8)``,
+    ``(patch - mean) @ components.T / scale``. Synthesis (``inverse=True``): coefficients
+    ``(B, D, h, w)`` -> images ``(B, C, 8h, 8w)`` (not clamped), exact when all D coefficients
+    are kept. Each direction is one fixed 1x1 convolution whose ``weight`` and ``bias`` are
+    persistent buffers (saved in every state dict); :meth:`set_basis` replaces them.
+    """
+
+    weight: Tensor
+    bias: Tensor
+
+    def __init__(self, inverse: bool = False, channels: int = 3, patch: int = PATCH) -> None:
+        super().__init__()
+        self.inverse, self.patch = inverse, patch
+        dim = channels * patch * patch
+        self.register_buffer("weight", torch.zeros(dim, dim, 1, 1))
+        self.register_buffer("bias", torch.zeros(dim))
+        # A data-free start: the DCT basis, pixel mean 0.5, and every coefficient scaled by the
+        # rough standard deviation of a DCT coefficient of natural 8x8 patches in [0, 1].
+        self.set_basis(torch.full((dim,), 0.5), dct_basis(patch, channels),
+                       torch.full((dim,), 0.25 ** 2), eps=0.0)
+
+    @property
+    def dim(self) -> int:
+        return self.weight.shape[0]
+
+    @torch.no_grad()
+    def set_basis(self, mean: Tensor, components: Tensor, variances: Tensor,
+                  eps: float = 1e-6) -> None:
+        """Use a basis (``components`` (D, D), one per row, e.g. from :func:`fit_patch_pca`);
+        coefficients get unit variance. ``eps`` floors the variances so near-empty components
+        are not blown up."""
+        if components.shape != (self.dim, self.dim):
+            raise ValueError(f"expected components of shape {(self.dim, self.dim)}, got "
+                             f"{tuple(components.shape)}")
+        scale = (variances.double() + eps).sqrt()
+        comps, mean = components.double(), mean.double()
+        if self.inverse:
+            weight, bias = comps.T * scale[None, :], mean
+        else:
+            weight = comps / scale[:, None]
+            bias = -(weight @ mean)
+        self.weight.copy_(weight[:, :, None, None])
+        self.bias.copy_(bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.inverse:
+            return F.pixel_shuffle(F.conv2d(x, self.weight, self.bias), self.patch)
+        return F.conv2d(F.pixel_unshuffle(x, self.patch), self.weight, self.bias)
