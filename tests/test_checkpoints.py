@@ -57,7 +57,7 @@ def test_other_architecture_names_mismatched_shapes(tmp_path) -> None:
     payload = model_entry(tiny(), "student")
     payload["student_arch"]["latent_dim"] = 16  # claims another architecture
     path = save_checkpoint(payload, tmp_path / "a.pth")
-    with pytest.raises(CheckpointError, match=r"shape mismatches: .*checkpoint \(16, .*model \(32"):
+    with pytest.raises(CheckpointError, match=r"shape mismatches: .*checkpoint \(8, .*model \(16,"):
         load_model(path)
 
 

@@ -25,7 +25,7 @@ from hrm_vision.distill.callbacks import Callback
 from hrm_vision.distill.losses import TERMS
 from hrm_vision.distill.phases import DistillPhase, TeacherPhase
 from hrm_vision.metrics import psnr
-from hrm_vision.vae import MinimalVAE, TeacherVAE, VAEBase
+from hrm_vision.vae import MinimalVAE, TeacherVAE
 
 TINY = {"dataset": "photos", "train_samples": 32, "val_samples": 16, "batch_size": 8,
         "teacher_latent_dim": 16, "teacher_base_channels": 8, "teacher_blocks_per_stage": 1,
@@ -38,16 +38,19 @@ def tiny(tmp: Path, **kw: Any):
 
 
 def spy_init_from_data(mp: pytest.MonkeyPatch) -> list[tuple[str, tuple[int, ...], float, float]]:
-    """Record every ``init_from_data`` call: (model class, images shape, min, max)."""
+    """Record every ``init_from_data`` call of both models: (model class, images shape, min,
+    max)."""
     seen: list[tuple[str, tuple[int, ...], float, float]] = []
-    original = VAEBase.init_from_data
 
-    def spy(self, images: torch.Tensor) -> None:
-        seen.append((type(self).__name__, tuple(images.shape), float(images.min()),
-                     float(images.max())))
-        original(self, images)
+    def spying(original):
+        def spy(self, images: torch.Tensor) -> None:
+            seen.append((type(self).__name__, tuple(images.shape), float(images.min()),
+                         float(images.max())))
+            original(self, images)
+        return spy
 
-    mp.setattr(VAEBase, "init_from_data", spy)
+    for cls in (TeacherVAE, MinimalVAE):
+        mp.setattr(cls, "init_from_data", spying(cls.init_from_data))
     return seen
 
 

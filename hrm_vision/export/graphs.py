@@ -72,7 +72,7 @@ class GraphSpec:
             "layout": "NCHW",
             "latent_shape": shape(latent),
             "latent": "posterior mean (deterministic)",
-            "batchnorm": "folded into the convolutions",
+            "batchnorm": "folded into the convolutions (where there is any)",
             "arch": json.dumps(vae.arch_config()),
             "source_checkpoint": source,
         }
