@@ -1,4 +1,4 @@
-"""Deployable weights: ``save_pretrained`` / ``from_pretrained`` with .safetensors and .pth files."""
+"""Deployable weights: ``save_pretrained`` / ``from_pretrained`` with .safetensors and .pth."""
 
 from __future__ import annotations
 
@@ -255,7 +255,8 @@ def test_import_of_the_models_does_not_load_safetensors_or_checkpoints(tmp_path:
     code = (
         "import json, sys\n"
         "import hrm_vision.vae as v\n"
-        "before = sorted(m for m in ('safetensors', 'hrm_vision.checkpoints') if m in sys.modules)\n"
+        "heavy = ('safetensors', 'hrm_vision.checkpoints')\n"
+        "before = sorted(m for m in heavy if m in sys.modules)\n"
         "m = v.MinimalVAE(latent_dim=8, base_channels=8)\n"
         f"m.save_pretrained({str(tmp_path / 'm.safetensors')!r})\n"
         "print(json.dumps([before, 'safetensors' in sys.modules]))\n"
