@@ -291,7 +291,7 @@ def third_party_imports(path: Path) -> set[str]:
 class TestPackaging:
     def test_core_dependencies_are_what_models_checkpoints_and_irp_need(self) -> None:
         core = {requirement_name(r) for r in PYPROJECT["project"]["dependencies"]}
-        assert core == {"torch", "numpy", "pydantic", "pluggy", "jsonschema"}
+        assert core == {"torch", "numpy", "pydantic", "pluggy", "jsonschema", "safetensors"}
 
     def test_extras(self) -> None:
         extras = PYPROJECT["project"]["optional-dependencies"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import os
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +29,9 @@ class VAEOutput(NamedTuple):
     mu: Tensor
     logvar: Tensor
     z: Tensor
+
+
+_V = TypeVar("_V", bound="VAEBase")
 
 
 class VAEBase(nn.Module):
@@ -66,6 +71,28 @@ class VAEBase(nn.Module):
         """``(latent_dim, H/8, W/8)`` for an image of the given size."""
         f = self.downsample_factor
         return (self.latent_dim, height // f, width // f)
+
+    # ------------------------------------------------------------------ saved weights
+    @classmethod
+    def from_pretrained(cls: type[_V], path: str | os.PathLike[str], role: str | None = None,
+                        device: str | torch.device | None = None) -> _V:
+        """The model saved at ``path`` (``.safetensors`` or a ``.pth`` checkpoint), in eval mode
+        on the CPU unless ``device`` is given; a file holding another class is an error.
+
+        See :func:`hrm_vision.vae.pretrained.load_pretrained`.
+        """
+        from .pretrained import load_pretrained
+
+        return load_pretrained(path, role=role, device=device, expected=cls)
+
+    def save_pretrained(self, path: str | os.PathLike[str], role: str | None = None) -> Path:
+        """Write the weights and architecture to a ``.safetensors`` file.
+
+        See :func:`hrm_vision.vae.pretrained.save_pretrained`.
+        """
+        from .pretrained import save_pretrained
+
+        return save_pretrained(self, path, role=role)
 
     # ------------------------------------------------------------------ checks
     def _check_images(self, x: Tensor) -> None:

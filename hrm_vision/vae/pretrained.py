@@ -1,0 +1,298 @@
+"""Weights for deployment: ``save_pretrained`` writes ``.safetensors``, ``load_pretrained`` reads it
+or a ``.pth`` checkpoint of this package.
+
+>>> save_pretrained(model, "tinyvae.safetensors")            # doctest: +SKIP
+>>> model = MinimalVAE.from_pretrained("tinyvae.safetensors")   # doctest: +SKIP
+>>> model = MinimalVAE.from_pretrained("checkpoints/tinyvae_best.pth")   # doctest: +SKIP
+
+A ``.safetensors`` file holds only tensors (nothing is unpickled on load) and string metadata:
+
+- ``arch``: JSON ``{"name": <registry name>, **constructor kwargs}``, enough to rebuild the model;
+- ``role``: ``"student"`` or ``"teacher"``;
+- ``images``: the input convention, ``float RGB in [0, 1], NCHW``, H and W divisible by 8;
+- ``format_version`` and ``library`` (``hrm-vision <version>``).
+
+Loading checks, before any model-sized allocation, that the architecture is a registered model
+whose parameter shapes are exactly the stored tensors' shapes (the model is first built on the
+``meta`` device), then that every floating-point tensor is finite. Every problem with the file is a
+:class:`hrm_vision.checkpoints.CheckpointError` naming the file. Models load on the CPU unless
+``device`` is given, whatever device they were trained on.
+
+``safetensors`` and :mod:`hrm_vision.checkpoints` are imported when a function here runs, so
+``import hrm_vision.vae`` stays as light as torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+from .base import VAEBase
+from .registry import MODELS, build_model, model_name
+
+#: Version of the metadata layout written by :func:`save_pretrained`.
+FORMAT_VERSION = 1
+#: File suffix of the safetensors format; any other suffix is read as a torch checkpoint.
+SAFETENSORS_SUFFIX = ".safetensors"
+#: The image convention stored in every file (and in every docstring of the package).
+IMAGE_CONVENTION = "float RGB in [0, 1], NCHW, H and W divisible by 8"
+#: Role written when none is given, by registry name.
+DEFAULT_ROLES: dict[str, str] = {"tinyvae": "student", "teacher": "teacher"}
+
+M = TypeVar("M", bound=VAEBase)
+
+
+def _error(message: str) -> Exception:
+    from ..checkpoints import CheckpointError  # lazy: checkpoints imports this package
+
+    return CheckpointError(message)
+
+
+def save_pretrained(model: VAEBase, path: str | os.PathLike[str],
+                    role: str | None = None) -> Path:
+    """Write ``model``'s weights to ``path`` (a ``.safetensors`` file) with its architecture.
+
+    Args:
+        model: a ``MinimalVAE`` or ``TeacherVAE`` (DDP / ``torch.compile`` wrappers are unwrapped).
+        path: the file to write, ending in ``.safetensors``; written atomically (temporary file,
+            fsync, rename), parent folders created.
+        role: stored as metadata (default: ``"student"`` for a TinyVAE, ``"teacher"`` for a
+            teacher).
+
+    Raises:
+        ValueError: ``path`` does not end in ``.safetensors``, or a weight is NaN or infinite.
+    """
+    from safetensors.torch import save
+
+    from ..checkpoints import unwrap
+
+    path = Path(path)
+    if path.suffix != SAFETENSORS_SUFFIX:
+        raise ValueError(f"save_pretrained writes {SAFETENSORS_SUFFIX} files, got {path}")
+    model = unwrap(model)  # type: ignore[assignment]
+    name = model_name(model)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"refusing to save non-finite weights ({', '.join(bad[:5])}) to {path}")
+    metadata = {
+        "format": "pt",
+        "arch": json.dumps({"name": name, **model.arch_config()}, sort_keys=True),
+        "role": role or DEFAULT_ROLES.get(name, name),
+        "images": IMAGE_CONVENTION,
+        "format_version": str(FORMAT_VERSION),
+        "library": f"hrm-vision {_version()}",
+    }
+    data = save(tensors, metadata=metadata)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The string metadata of a ``.safetensors`` file (``arch``, ``role``, ``images``, ...)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise _error(f"weights file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {})
+    except Exception as exc:  # SafetensorError, OSError, UnicodeDecodeError, ...
+        raise _error(f"{path} is not a readable safetensors file (corrupt or truncated?): "
+                     f"{_first_line(exc)}") from exc
+
+
+def load_pretrained(path: str | os.PathLike[str], role: str | None = None,
+                    device: str | torch.device | None = None,
+                    expected: type[M] = VAEBase) -> M:  # type: ignore[assignment]
+    """The model stored at ``path``, in eval mode, on the CPU (or ``device``).
+
+    Args:
+        path: a ``.safetensors`` file from :func:`save_pretrained`, or a ``.pth`` checkpoint of
+            this package (``tinyvae_best.pth``, ``teacher.pth``, ...; read with
+            ``torch.load(weights_only=True)``).
+        role: which model to take, ``"student"`` or ``"teacher"``. Default: for a ``.pth``, the
+            model of class ``expected`` (the student when several fit); for a ``.safetensors``
+            file, the one it holds. Given for a ``.safetensors`` file, it must match the stored
+            role.
+        device: where to put the model (default CPU).
+        expected: the class the model must be (``MinimalVAE.from_pretrained`` passes
+            ``MinimalVAE``); a file holding another architecture is an error.
+
+    Raises:
+        CheckpointError: missing, corrupt or truncated file, no model of that role or class,
+            architecture that does not match the stored tensors, or non-finite weights.
+    """
+    path = Path(path)
+    if path.suffix == SAFETENSORS_SUFFIX:
+        name, arch, stored_role = _safetensors_arch(path)
+        if role is not None and role != stored_role:
+            raise _error(f"{path} holds the {stored_role!r} model, not the {role!r} one")
+        _check_class(name, expected, str(path))
+        state = _safetensors_state(path, name, arch)
+        source = str(path)
+    else:
+        name, arch, state, role = _read_checkpoint(path, role, expected)
+        source = f"{path} ({role})"
+        _check_class(name, expected, source)
+        _check_fits(name, arch, {k: tuple(v.shape) for k, v in state.items()}, source)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise _error(f"{source} holds NaN or infinite weights in {', '.join(bad[:5])}"
+                     + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""))
+    with torch.random.fork_rng(devices=[]):  # building initialises weights: keep the caller's RNG
+        model = build_model(name, **arch)
+    model.load_state_dict(state)
+    if device is not None:
+        model = model.to(device)
+    return model.eval()  # type: ignore[return-value]
+
+
+def _check_class(name: str, expected: type[VAEBase], source: str) -> None:
+    cls = MODELS[name]
+    if not issubclass(cls, expected):
+        raise _error(f"{source} holds a {cls.__name__} ({name!r}), not a {expected.__name__}; "
+                     f"load it with {cls.__name__}.from_pretrained")
+
+
+# ---------------------------------------------------------------------- readers
+def _safetensors_arch(path: Path) -> tuple[str, dict[str, Any], str]:
+    """``(registry name, constructor kwargs, role)`` from a ``.safetensors`` file's metadata."""
+    metadata = read_metadata(path)
+    if "arch" not in metadata:
+        raise _error(f"{path} has no 'arch' metadata, so the model cannot be rebuilt (was it "
+                     f"written by save_pretrained? metadata keys: {sorted(metadata)})")
+    try:
+        arch = json.loads(metadata["arch"])
+    except json.JSONDecodeError as exc:
+        raise _error(f"{path}: the 'arch' metadata is not valid JSON ({exc})") from exc
+    name, kwargs = _split_arch(arch, f"{path} 'arch' metadata")
+    version = metadata.get("format_version", str(FORMAT_VERSION))
+    if not version.isdigit() or int(version) > FORMAT_VERSION:
+        raise _error(f"{path} has format_version {version!r}; this hrm-vision reads up to "
+                     f"{FORMAT_VERSION}: upgrade hrm-vision")
+    return name, kwargs, metadata.get("role", DEFAULT_ROLES.get(name, name))
+
+
+def _safetensors_state(path: Path, name: str, arch: dict[str, Any]) -> dict[str, Tensor]:
+    """The tensors of a ``.safetensors`` file, read only after their shapes fit the model."""
+    from safetensors import safe_open
+
+    from ..checkpoints import CheckpointError
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+            _check_fits(name, arch, shapes, str(path))
+            return {k: f.get_tensor(k) for k in shapes}
+    except CheckpointError:
+        raise
+    except Exception as exc:  # SafetensorError, OSError, ...
+        raise _error(f"{path} is not a readable safetensors file (corrupt or truncated?): "
+                     f"{_first_line(exc)}") from exc
+
+
+def _read_checkpoint(path: Path, role: str | None,
+                     expected: type[VAEBase]) -> tuple[str, dict[str, Any], dict[str, Tensor], str]:
+    """``(name, arch kwargs, state dict, role)`` of the chosen model of a ``.pth`` checkpoint."""
+    from ..checkpoints import load_checkpoint, roles_in
+
+    payload = load_checkpoint(path, map_location="cpu")
+    roles = roles_in(payload)
+    described = ", ".join(f"{r} ({_arch_name(payload, r)})" for r in roles) or "no models"
+    if role is None:
+        fitting = [r for r in roles if expected is VAEBase
+                   or (_arch_name(payload, r) in MODELS
+                       and issubclass(MODELS[_arch_name(payload, r)], expected))]
+        if not fitting:
+            raise _error(f"{path} holds no {expected.__name__}; it holds: {described}")
+        role = "student" if "student" in fitting else fitting[0]
+    elif role not in roles:
+        raise _error(f"{path} has no {role!r} model (keys {role}_state_dict and {role}_arch); "
+                     f"it holds: {described}")
+    source = f"{path} ({role})"
+    name, kwargs = _split_arch(payload[f"{role}_arch"], f"{source} architecture")
+    state = payload[f"{role}_state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise _error(f"{source}: {role}_state_dict must map names to tensors")
+    return name, kwargs, dict(state), role
+
+
+def _arch_name(payload: Mapping[str, Any], role: str) -> str:
+    arch = payload.get(f"{role}_arch")
+    return str(arch.get("name")) if isinstance(arch, Mapping) else "?"
+
+
+def _split_arch(arch: Any, where: str) -> tuple[str, dict[str, Any]]:
+    """``(registry name, constructor kwargs)`` from a stored architecture dict, checked."""
+    if not isinstance(arch, Mapping):
+        raise _error(f"{where} must be a dict with a 'name', got {type(arch).__name__}")
+    kwargs = dict(arch)
+    name = kwargs.pop("name", None)
+    if name not in MODELS:
+        raise _error(f"{where}: unknown model {name!r}; known: {sorted(MODELS)}")
+    if not all(isinstance(v, (int, float, str, bool)) for v in kwargs.values()):
+        raise _error(f"{where}: constructor arguments must be numbers or strings, got {kwargs}")
+    return str(name), kwargs
+
+
+def _check_fits(name: str, arch: dict[str, Any], shapes: Mapping[str, tuple[int, ...]],
+                source: str) -> None:
+    """Raise unless model ``name(**arch)`` has exactly these parameter and buffer shapes.
+
+    The model is built on the ``meta`` device: no memory is allocated for its weights, so an
+    architecture asking for absurd sizes is refused before anything big is allocated.
+    """
+    try:
+        with torch.device("meta"):
+            own = {k: tuple(v.shape) for k, v in build_model(name, **arch).state_dict().items()}
+    except Exception as exc:  # ValueError from the registry, or whatever a constructor raises
+        raise _error(f"{source}: cannot rebuild the {name!r} model from {arch}: "
+                     f"{_first_line(exc)}") from exc
+    missing = sorted(set(own) - set(shapes))
+    unexpected = sorted(set(shapes) - set(own))
+    mismatched = [f"{k}: file {shapes[k]} vs model {s}" for k, s in own.items()
+                  if k in shapes and shapes[k] != s]
+    if missing or unexpected or mismatched:
+        parts = ([f"shape mismatches: {'; '.join(mismatched[:3])}"] if mismatched else []) \
+            + ([f"missing tensors: {missing[:3]}"] if missing else []) \
+            + ([f"unexpected tensors: {unexpected[:3]}"] if unexpected else [])
+        raise _error(f"{source} does not fit {MODELS[name].__name__}({_kwargs(arch)}): "
+                     + " | ".join(parts))
+
+
+def _kwargs(arch: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in arch.items())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+__all__ = ["FORMAT_VERSION", "IMAGE_CONVENTION", "load_pretrained", "read_metadata",
+           "save_pretrained"]
