@@ -283,23 +283,6 @@ class TestVariants:
             Distiller(tiny(tmp_path, epochs=1, teacher_epochs=0)).run()
 
 
-class TestCallbacks:
-    def test_user_callbacks_add_to_the_default_writers(self, tmp_path, teacher_file) -> None:
-        ends: list[int] = []
-
-        class Count(Callback):
-            def on_epoch_end(self, trainer, phase, record) -> None:
-                ends.append(record["epoch"])
-
-        d = Distiller(tiny(tmp_path, epochs=1, teacher_checkpoint=str(teacher_file)),
-                      callbacks=[Count()], console=False)
-        d.run()
-        assert ends == [1]
-        assert json.loads((tmp_path / "history.json").read_text())[0]["epoch"] == 1
-        assert (tmp_path / "tinyvae_last.pth").is_file()
-        assert (tmp_path / "tinyvae_best.pth").is_file()
-
-
 class TestInitFromData:
     @pytest.fixture
     def calls(self, monkeypatch) -> list[tuple[str, tuple[int, ...], float, float]]:
@@ -329,23 +312,31 @@ class TestInitFromData:
         assert len(received) == 1 and torch.equal(received[0], expected)
 
 
-class TestBestSelection:
-    def test_best_follows_psnr_not_total_loss(self, tmp_path, teacher_file,
-                                              monkeypatch) -> None:
-        """Epoch 2 has the lowest total loss, epoch 1 the highest PSNR: epoch 1 is best."""
-        scripted = iter([{"total": 5.0, "psnr": 20.0}, {"total": 1.0, "psnr": 12.0},
-                         {"total": 3.0, "psnr": 20.0}])
-        monkeypatch.setattr(DistillPhase, "validate", lambda self: dict(next(scripted)))
-        d = Distiller(tiny(tmp_path, epochs=3, teacher_checkpoint=str(teacher_file)),
-                      console=False)
+class TestBestSelectionAndCallbacks:
+    def test_best_follows_psnr_not_total_loss(self, tmp_path, monkeypatch) -> None:
+        """Scripted validations where the total loss and the PSNR disagree: ``teacher.pth`` and
+        ``tinyvae_best.pth`` follow the PSNR (ties keep the first epoch); a user callback is
+        called and the default writers still write ``history.json`` and the checkpoints."""
+        teacher_vals = iter([{"total": 1.0, "psnr": 11.0}, {"total": 2.0, "psnr": 13.0}])
+        student_vals = iter([{"total": 5.0, "psnr": 20.0}, {"total": 1.0, "psnr": 12.0},
+                             {"total": 3.0, "psnr": 20.0}])
+        monkeypatch.setattr(TeacherPhase, "validate", lambda self: dict(next(teacher_vals)))
+        monkeypatch.setattr(DistillPhase, "validate", lambda self: dict(next(student_vals)))
+        ends: list[tuple[str, int]] = []
+
+        class Count(Callback):
+            def on_epoch_end(self, trainer, phase, record) -> None:
+                ends.append((phase.name, record["epoch"]))
+
+        d = Distiller(tiny(tmp_path, epochs=3, teacher_epochs=2, train_samples=16),
+                      callbacks=[Count()], console=False)
         d.run()
-        assert [r["is_best"] for r in d.history] == [True, False, False]  # ties keep the first
+        assert ends == [("teacher", 1), ("teacher", 2), ("distill", 1), ("distill", 2),
+                        ("distill", 3)]
+        assert [r["is_best"] for r in d.history] == [True, True, True, False, False]
+        assert torch.load(tmp_path / "teacher.pth")["epoch"] == 2
         best = torch.load(tmp_path / "tinyvae_best.pth")
         assert (best["epoch"], best["best_psnr"]) == (1, 20.0)
-
-    def test_teacher_pth_is_the_best_psnr_epoch(self, tmp_path, monkeypatch) -> None:
-        scripted = iter([{"total": 1.0, "psnr": 11.0}, {"total": 2.0, "psnr": 13.0}])
-        monkeypatch.setattr(TeacherPhase, "validate", lambda self: dict(next(scripted)))
-        d = Distiller(tiny(tmp_path, epochs=0, teacher_epochs=2), console=False)
-        d.run()
-        assert torch.load(tmp_path / "teacher.pth")["epoch"] == 2
+        history = json.loads((tmp_path / "history.json").read_text())
+        assert [(r["phase"], r["epoch"]) for r in history] == ends
+        assert torch.load(tmp_path / "tinyvae_last.pth")["epoch"] == 3

@@ -37,13 +37,13 @@ class SignalAt(Callback):
 
 
 class TestSignals:
-    @pytest.mark.parametrize("workers", [pytest.param(0, marks=pytest.mark.slow), 1],
-                             ids=["in-process", "worker-process"])
-    def test_sigint_saves_mid_epoch_and_resume_is_exact(self, tmp_path: Path,
-                                                        workers: int) -> None:
-        config = tiny_config(tmp_path, epochs=2, num_workers=workers)
-        assert config.num_workers == workers
-        reference = tiny_config(tmp_path, epochs=2, num_workers=workers,
+    def test_sigint_saves_mid_epoch_and_resume_is_exact_with_a_worker(self,
+                                                                      tmp_path: Path) -> None:
+        """Interrupted and resumed with a DataLoader worker process, the run ends bit-identical
+        to an uninterrupted one (which loads in-process: workers change nothing)."""
+        config = tiny_config(tmp_path, epochs=2, num_workers=1, train_samples=24)
+        assert config.num_workers == 1
+        reference = tiny_config(tmp_path, epochs=2, num_workers=0, train_samples=24,
                                 checkpoint_dir=tmp_path / "reference")
         Distiller(reference, console=False).run()
 
