@@ -1,6 +1,6 @@
 """One distillation training step at batch 64, with and without the teacher cache.
 
-Built from the distiller's own pieces (:mod:`hrm_vision.distill.trainer`): ``StudentWithAdapter``
+Built from the distiller's own pieces (:mod:`hrm_vision.distill.phases`): ``StudentWithAdapter``
 (student forward sampling z, adapter), the five-term ``DistillLoss`` with the default
 ``DistillConfig`` weights and the offline perceptual backbone (the teacher's first stage), a
 backward pass and an AdamW step. "With cache" reads the teacher's targets from a
@@ -15,17 +15,12 @@ import torch
 
 from hrm_vision.distill.adapter import LatentAdapter
 from hrm_vision.distill.config import DistillConfig
-from hrm_vision.distill.losses import DistillLoss, TeacherTargets
+from hrm_vision.distill.losses import DistillLoss, teacher_targets
 from hrm_vision.distill.perceptual import build_perceptual
-from hrm_vision.distill.trainer import IndexedDataset, StudentWithAdapter, TeacherCache
-from hrm_vision.vae import MinimalVAE, TeacherVAE
-
-
-@torch.no_grad()
-def teacher_targets(teacher: TeacherVAE, x: torch.Tensor) -> TeacherTargets:
-    """The frozen teacher's outputs for ``x`` (eval mode: z is mu), as the distiller takes them."""
-    out = teacher(x)
-    return TeacherTargets(out.mu.float(), out.logvar.float(), out.reconstruction.float())
+from hrm_vision.distill.phases import StudentWithAdapter
+from hrm_vision.distill.splits import IndexedDataset
+from hrm_vision.distill.teacher_cache import TeacherCache
+from hrm_vision.vae import MinimalVAE
 
 
 @pytest.mark.parametrize("cache", ["with-teacher-cache", "without-teacher-cache"])

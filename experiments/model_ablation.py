@@ -52,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "path zeroed and frozen (nonlinear stages only)")
     p.add_argument("--linear-lr-scale", type=float, default=1.0,
                    help="learning-rate factor of the linear patch path (0: frozen)")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="evaluate an exponential moving average of the weights with this decay "
+                        "(0: the raw weights)")
     p.add_argument("--arch", type=json.loads, default={}, help="JSON constructor arguments")
     p.add_argument("--train-samples", type=int, default=8192)
     p.add_argument("--eval-at", type=int, nargs="*", default=[0, 64, 128, 256, 512, 1024,
@@ -83,6 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.optim.lr_scheduler.LinearLR(opt, 1 / max(1, a.warmup), total_iters=a.warmup),
         torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, a.steps - a.warmup))],
         milestones=[a.warmup])
+    ema = (torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(a.ema), use_buffers=True)
+        if a.ema > 0 else None)
     gen = torch.Generator().manual_seed(a.seed)
     curve, start, step = [], time.perf_counter(), 0
     order = torch.randperm(len(train), generator=gen)
@@ -94,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 kl = gaussian_kl(mu, logvar).mean().item()
             row = {"step": step, "seconds": round(time.perf_counter() - start, 1),
                    "psnr": round(pooled_psnr(model, val), 2), "kl_nats": round(kl, 3)}
+            if ema is not None:
+                row["ema_psnr"] = round(pooled_psnr(ema.module, val), 2)
             curve.append(row)
             print(json.dumps(row), flush=True)
         if step >= a.steps:
@@ -108,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        if ema is not None:
+            ema.update_parameters(model)
         step += 1
         if not torch.isfinite(loss):
             print(json.dumps({"step": step, "diverged": True}))

@@ -1,27 +1,33 @@
 """Checkpoint files: atomic saving, safe loading (``weights_only=True``), rebuilding models.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
-``torch.load(path)`` under PyTorch's default ``weights_only=True``. A model stored in it under a
-role (``"student"`` or ``"teacher"``) has two keys:
+``torch.load(path)`` under PyTorch's default ``weights_only=True``. Its schema:
 
-- ``f"{role}_state_dict"``: the model's ``state_dict()`` (no ``module.`` prefixes);
-- ``f"{role}_arch"``: ``{"name": <registry name>, **constructor kwargs}``, enough to rebuild it.
+- ``format_version`` (int, :data:`FORMAT_VERSION`): written by :func:`save_checkpoint`, checked
+  by :func:`load_checkpoint` (a file from a newer layout is a :class:`CheckpointError` naming
+  both versions; a file without the key is read as version 1);
+- per model role (``"student"``, ``"teacher"``), a :class:`ModelEntry`:
+  ``f"{role}_state_dict"`` (the ``state_dict()``, no ``module.`` prefixes) and ``f"{role}_arch"``
+  (``{"name": <registry name>, **constructor kwargs}``, enough to rebuild it);
+- whatever the writer adds; the distiller's training state is typed in
+  :class:`hrm_vision.distill.state.TrainingCheckpoint` (adapter, optimizer, scheduler, epoch,
+  config, history, RNG). This module only relies on the keys above.
 
-The distiller adds its own keys (adapter, optimizer, scheduler, epoch, config, history, RNG);
-this module only relies on the two above.
+Every tensor is stored on the CPU (:func:`to_cpu`), so a checkpoint written on a GPU loads on any
+machine without ``map_location``.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import nn
 
+from .files import atomic_write
 from .vae import VAEBase, build_model, model_name
 
 #: Version of the checkpoint layout, stored under ``"format_version"``.
@@ -32,16 +38,49 @@ class CheckpointError(ValueError):
     """A file that is missing, unreadable, not a checkpoint, or does not fit the model."""
 
 
+class ArchConfig(TypedDict, total=False):
+    """``{role}_arch``: the registry ``name`` plus the model's constructor keyword arguments."""
+
+    name: str
+
+
+def to_cpu(value: Any) -> Any:
+    """``value`` with every tensor detached and moved to the CPU, through dicts, lists and tuples
+    (tuples stay tuples); everything else is returned as is."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [to_cpu(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(to_cpu(v) for v in value)
+    return value
+
+
+def check_format_version(payload: dict[str, Any], source: str = "checkpoint") -> int:
+    """The payload's ``format_version`` (1 when absent); a ``CheckpointError`` when it is newer
+    than this package reads or not an integer."""
+    version = payload.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{source}: format_version must be a positive integer, "
+                              f"got {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{source} has checkpoint format_version {version}, newer than the version "
+            f"{FORMAT_VERSION} this hrm_vision reads; upgrade hrm_vision to load it")
+    return version
+
+
 def model_entry(model: VAEBase, role: str) -> dict[str, Any]:
-    """The two checkpoint keys that describe ``model`` under ``role``.
+    """The two checkpoint keys that describe ``model`` under ``role`` (a model entry):
+    ``{role}_state_dict`` (CPU tensors) and ``{role}_arch`` (an :class:`ArchConfig`).
 
     Unwraps ``DistributedDataParallel``/``torch.compile`` wrappers so keys carry no prefix.
     """
     model = unwrap(model)  # type: ignore[assignment]
-    return {
-        f"{role}_state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        f"{role}_arch": {"name": model_name(model), **model.arch_config()},
-    }
+    arch: ArchConfig = {"name": model_name(model), **model.arch_config()}  # type: ignore[typeddict-item]
+    return {f"{role}_state_dict": to_cpu(model.state_dict()), f"{role}_arch": arch}
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -56,26 +95,11 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write ``payload`` to ``path`` atomically.
-
-    The data goes to a temporary file in the same directory, is flushed and fsynced, then
-    ``os.replace`` puts it in place: a crash at any moment leaves either the previous file or the
-    new one, never a half-written one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format_version": FORMAT_VERSION, **payload}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``payload`` (tensors moved to the CPU, ``format_version`` added) to ``path``
+    atomically (:func:`hrm_vision.files.atomic_write`): a crash at any moment leaves either the
+    previous file or the new one, never a half-written one."""
+    payload = to_cpu({"format_version": FORMAT_VERSION, **payload})
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def _torch_reason(exc: Exception) -> str:
@@ -95,7 +119,8 @@ def load_checkpoint(path: str | os.PathLike[str],
     """Load a checkpoint dict with ``weights_only=True``; every failure is a ``CheckpointError``.
 
     Nothing is unpickled beyond tensors and plain containers: a file holding a pickled object is
-    refused with a message saying so.
+    refused with a message saying so. The ``format_version`` is checked
+    (:func:`check_format_version`).
     """
     path = Path(path)
     if not path.is_file():
@@ -115,6 +140,7 @@ def load_checkpoint(path: str | os.PathLike[str],
         ) from exc
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path} holds a {type(payload).__name__}, not a checkpoint dict")
+    check_format_version(payload, str(path))
     return payload
 
 

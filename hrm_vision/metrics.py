@@ -1,22 +1,45 @@
 """Image-quality and latent-alignment metrics shared by training, evaluation and the IRP plugin.
 
-PSNR and SSIM come from torchmetrics (not hand-written); linear CKA (Kornblith et al., 2019)
-is a few lines of linear algebra that torchmetrics does not provide.
+**PSNR is pooled over the whole set**: one mean squared error over every pixel of every image,
+then ``10 log10(1 / MSE)`` (images in [0, 1]). It is not the mean of per-image or per-batch PSNRs
+(which weighs well-reconstructed images more and depends on the batch size). Over batches, keep
+the sample-weighted mean of :func:`mse` and convert once with :func:`psnr_from_mse`; training
+validation and the evaluation command both do exactly that.
+
+SSIM comes from torchmetrics (mean over images); linear CKA (Kornblith et al., 2019) is a few
+lines of linear algebra that torchmetrics does not provide.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
-from torchmetrics.functional.image import (
-    peak_signal_noise_ratio,
-    structural_similarity_index_measure,
-)
+from torchmetrics.functional.image import structural_similarity_index_measure
+
+
+def mse(prediction: Tensor, target: Tensor) -> float:
+    """Mean squared error over every element, ``prediction`` clamped to [0, 1] first.
+
+    ``prediction, target``: images ``(B, 3, H, W)`` in [0, 1]. Accumulated in float64.
+    """
+    if prediction.shape != target.shape:
+        raise ValueError(f"shapes differ: {tuple(prediction.shape)} vs {tuple(target.shape)}")
+    diff = prediction.detach().double().clamp(0, 1) - target.detach().double()
+    return float(diff.pow(2).mean())
+
+
+def psnr_from_mse(mean_squared_error: float) -> float:
+    """PSNR in dB of images in [0, 1] (data range 1) with this MSE; ``inf`` for an MSE of 0."""
+    if mean_squared_error < 0 or math.isnan(mean_squared_error):
+        raise ValueError(f"an MSE must be >= 0, got {mean_squared_error}")
+    return math.inf if mean_squared_error == 0 else -10.0 * math.log10(mean_squared_error)
 
 
 def psnr(prediction: Tensor, target: Tensor) -> float:
-    """PSNR in dB of images in [0, 1] (B, 3, H, W), over the whole batch (data range 1)."""
-    return float(peak_signal_noise_ratio(prediction.clamp(0, 1), target, data_range=1.0))
+    """Pooled PSNR in dB of images in [0, 1] ``(B, 3, H, W)``: one MSE over the whole batch."""
+    return psnr_from_mse(mse(prediction, target))
 
 
 def ssim(prediction: Tensor, target: Tensor) -> float:

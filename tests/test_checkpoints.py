@@ -1,20 +1,22 @@
-"""Checkpoint files: atomic save, weights_only loading, clear errors, model rebuilding."""
+"""Checkpoint files: atomic save, weights_only loading, clear errors, model rebuilding, the
+format version, CPU tensors."""
 
 from __future__ import annotations
 
 import os
-import pickle
 from unittest import mock
 
 import pytest
 import torch
 
 from hrm_vision.checkpoints import (
+    FORMAT_VERSION,
     CheckpointError,
     load_checkpoint,
     load_model,
     model_entry,
     save_checkpoint,
+    to_cpu,
 )
 from hrm_vision.vae import MinimalVAE, TeacherVAE
 
@@ -24,8 +26,13 @@ def tiny() -> MinimalVAE:
 
 
 class Evil:
+    """Unpickling it would call ``os.remove(marker)``."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
     def __reduce__(self):
-        return (os.getcwd, ())
+        return (os.remove, (self.marker,))
 
 
 def test_roundtrip_rebuilds_model_with_same_outputs(tmp_path) -> None:
@@ -50,7 +57,7 @@ def test_other_architecture_names_mismatched_shapes(tmp_path) -> None:
     payload = model_entry(tiny(), "student")
     payload["student_arch"]["latent_dim"] = 16  # claims another architecture
     path = save_checkpoint(payload, tmp_path / "a.pth")
-    with pytest.raises(CheckpointError, match=r"shape mismatches: .*checkpoint \(16, .*model \(32"):
+    with pytest.raises(CheckpointError, match=r"shape mismatches: .*checkpoint \(8, .*model \(16,"):
         load_model(path)
 
 
@@ -68,12 +75,61 @@ def test_not_a_checkpoint_and_truncated(tmp_path) -> None:
         load_checkpoint(tmp_path / "nope.pth")
 
 
-def test_pickled_object_is_refused(tmp_path) -> None:
+def test_pickled_object_is_refused_and_never_runs(tmp_path) -> None:
+    marker = tmp_path / "marker"
+    marker.write_text("still here")
     path = tmp_path / "evil.pth"
-    torch.save({"student_state_dict": {}, "payload": Evil()}, path)
+    torch.save({"student_state_dict": {}, "payload": Evil(str(marker))}, path)
     with pytest.raises(CheckpointError, match="pickled Python objects"):
         load_checkpoint(path)
-    assert isinstance(pickle.loads(pickle.dumps(1)), int)
+    assert marker.read_text() == "still here"
+
+
+class TestFormatVersion:
+    def test_written_and_accepted(self, tmp_path) -> None:
+        path = save_checkpoint({"epoch": 1}, tmp_path / "a.pth")
+        assert torch.load(path)["format_version"] == FORMAT_VERSION
+        assert load_checkpoint(path)["epoch"] == 1
+
+    def test_missing_version_reads_as_version_1(self, tmp_path) -> None:
+        torch.save({"epoch": 1}, tmp_path / "old.pth")
+        assert load_checkpoint(tmp_path / "old.pth")["epoch"] == 1
+
+    def test_newer_version_names_both(self, tmp_path) -> None:
+        newer = FORMAT_VERSION + 1
+        torch.save({"format_version": newer, "epoch": 1}, tmp_path / "new.pth")
+        with pytest.raises(CheckpointError, match=rf"format_version {newer}.*version "
+                                                  rf"{FORMAT_VERSION} this hrm_vision reads"):
+            load_checkpoint(tmp_path / "new.pth")
+        with pytest.raises(CheckpointError, match="format_version"):
+            load_model(tmp_path / "new.pth")
+
+    @pytest.mark.parametrize("bad", ["2", 0, 1.5])
+    def test_malformed_version_is_refused(self, tmp_path, bad) -> None:
+        torch.save({"format_version": bad}, tmp_path / "bad.pth")
+        with pytest.raises(CheckpointError, match="positive integer"):
+            load_checkpoint(tmp_path / "bad.pth")
+
+
+class TestCpuTensors:
+    def test_to_cpu_walks_containers(self) -> None:
+        t = torch.ones(2, requires_grad=True) * 2
+        out = to_cpu({"a": [t, (t, 3)], "b": "x", "c": 1.5})
+        assert out["b"] == "x" and out["c"] == 1.5
+        assert isinstance(out["a"][1], tuple) and out["a"][1][1] == 3
+        assert not out["a"][0].requires_grad and torch.equal(out["a"][0], t.detach())
+
+    @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+    def test_cuda_tensors_are_saved_on_the_cpu(self, tmp_path) -> None:
+        model = tiny().cuda()
+        opt = torch.optim.AdamW(model.parameters())
+        model(torch.rand(2, 3, 32, 32, device="cuda")).reconstruction.mean().backward()
+        opt.step()
+        path = save_checkpoint({**model_entry(model, "student"),
+                                "optimizer_state_dict": opt.state_dict()}, tmp_path / "a.pth")
+        locations: set[str] = set()
+        torch.load(path, map_location=lambda storage, loc: locations.add(loc) or storage)
+        assert locations == {"cpu"}
 
 
 def test_interrupted_save_keeps_previous_file(tmp_path) -> None:

@@ -3,7 +3,6 @@ writes files, and the checkpoints load in a single process with no ``module.`` p
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import signal
 import subprocess
@@ -12,22 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import tiny_run  # tests/ is on sys.path (pytest prepend mode)
 
 from hrm_vision.checkpoints import load_checkpoint, load_model
 from hrm_vision.vae import MinimalVAE
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-    """A module from ``scripts/`` (they are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
+HELPERS = Path(tiny_run.__file__).resolve().parent
 EPOCHS = 5
 
 
@@ -37,16 +26,15 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     first checkpoint exists, then finished by a single process with ``--resume auto``."""
     from hrm_vision.distill.cli import main
 
-    tiny_run = load_script("tiny_run")
     work = tmp_path_factory.mktemp("ddp")
     argv = tiny_run.prepare(work, EPOCHS)
     last = work / "ckpt" / "tinyvae_last.pth"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-           "--nproc_per_node", "2", str(REPO / "scripts" / "audit_writes.py"),
+           "--nproc_per_node", "2", str(HELPERS / "audit_writes.py"),
            "--under", str(work / "ckpt"), "--log-dir", str(work / "audit"),
            str(tiny_run.SCRIPT), *argv]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=REPO)
+                            cwd=tiny_run.REPO)
     deadline = time.monotonic() + 300
     while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -1,5 +1,6 @@
 """The trainer end to end on tiny models: files written, adapter trained and saved, best chosen by
-the full loss, exact resume (also after SIGTERM mid-epoch), non-finite losses, teacher cache."""
+validation PSNR, exact resume (also after SIGTERM mid-epoch), non-finite losses, teacher cache,
+data initialisation of fresh models, user callbacks added to the default ones."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from hrm_vision.checkpoints import model_entry, save_checkpoint
+from hrm_vision.checkpoints import load_model, model_entry, save_checkpoint
 from hrm_vision.distill import (
     Distiller,
     TrainingDiverged,
@@ -22,6 +23,8 @@ from hrm_vision.distill import (
 )
 from hrm_vision.distill.callbacks import Callback
 from hrm_vision.distill.losses import TERMS
+from hrm_vision.distill.phases import DistillPhase, TeacherPhase
+from hrm_vision.metrics import psnr
 from hrm_vision.vae import MinimalVAE, TeacherVAE
 
 TINY = {"dataset": "photos", "train_samples": 32, "val_samples": 16, "batch_size": 8,
@@ -34,14 +37,34 @@ def tiny(tmp: Path, **kw: Any):
     return load_config(None, {**TINY, "checkpoint_dir": str(tmp), **kw})
 
 
+def spy_init_from_data(mp: pytest.MonkeyPatch) -> list[tuple[str, tuple[int, ...], float, float]]:
+    """Record every ``init_from_data`` call of both models: (model class, images shape, min,
+    max)."""
+    seen: list[tuple[str, tuple[int, ...], float, float]] = []
+
+    def spying(original):
+        def spy(self, images: torch.Tensor) -> None:
+            seen.append((type(self).__name__, tuple(images.shape), float(images.min()),
+                         float(images.max())))
+            original(self, images)
+        return spy
+
+    for cls in (TeacherVAE, MinimalVAE):
+        mp.setattr(cls, "init_from_data", spying(cls.init_from_data))
+    return seen
+
+
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory) -> tuple[Path, Distiller]:
-    """Teacher pre-training (1 epoch) then distillation (2 epochs)."""
+def full_run(tmp_path_factory) -> tuple[Path, Distiller, list]:
+    """Teacher pre-training (1 epoch) then distillation (2 epochs); the ``init_from_data``
+    calls it made."""
     out = tmp_path_factory.mktemp("full")
     torch.set_num_threads(2)
-    d = Distiller(tiny(out, epochs=2, teacher_epochs=1))
-    d.run()
-    return out, d
+    with pytest.MonkeyPatch.context() as mp:
+        calls = spy_init_from_data(mp)
+        d = Distiller(tiny(out, epochs=2, teacher_epochs=1))
+        d.run()
+    return out, d, calls
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +81,7 @@ def student_state(path: Path) -> dict[str, torch.Tensor]:
 
 class TestEndToEnd:
     def test_files_written(self, full_run) -> None:
-        out, _ = full_run
+        out, _, _ = full_run
         for name in ("teacher.pth", "teacher_last.pth", "tinyvae_best.pth", "tinyvae_last.pth",
                      "tinyvae_epoch_001.pth", "tinyvae_epoch_002.pth", "config.json",
                      "history.json", "loss_curves.png", "distill_epoch_002.png",
@@ -67,7 +90,7 @@ class TestEndToEnd:
         assert json.loads((out / "config.json").read_text())["epochs"] == 2
 
     def test_history_has_terms_and_metrics(self, full_run) -> None:
-        out, _ = full_run
+        out, _, _ = full_run
         hist = json.loads((out / "history.json").read_text())
         assert [(r["phase"], r["epoch"]) for r in hist] == [("teacher", 1), ("distill", 1),
                                                            ("distill", 2)]
@@ -78,7 +101,7 @@ class TestEndToEnd:
         assert set(TERMS) <= set(hist[-1]["train"])
 
     def test_seed_snippet_loads_best(self, full_run, photo_batch) -> None:
-        out, _ = full_run
+        out, _, _ = full_run
         model = MinimalVAE(latent_dim=8, base_channels=8)
         checkpoint = torch.load(out / "tinyvae_best.pth")  # weights_only=True by default
         model.load_state_dict(checkpoint["student_state_dict"])
@@ -87,8 +110,20 @@ class TestEndToEnd:
             latent = model.encode(photo_batch[:2])
             assert model.decode(latent).shape == (2, 3, 32, 32)
 
+    def test_checkpoints_hold_only_cpu_tensors(self, full_run) -> None:
+        out, _, _ = full_run
+        for path in sorted(out.glob("*.pth")):
+            locations: set[str] = set()
+
+            def record(storage, location: str, seen: set[str] = locations):
+                seen.add(location)
+                return storage
+
+            torch.load(path, map_location=record)
+            assert locations == {"cpu"}, (path.name, locations)
+
     def test_adapter_trained_saved_and_in_optimizer(self, full_run) -> None:
-        out, d = full_run
+        out, d, _ = full_run
         ckpt = torch.load(out / "tinyvae_last.pth")
         assert ckpt["adapter_arch"] == {"student_dim": 8, "teacher_dim": 16}
         first = torch.load(out / "tinyvae_epoch_001.pth")["adapter_state_dict"]["proj.weight"]
@@ -98,22 +133,38 @@ class TestEndToEnd:
         n_params = len(list(d.student.parameters())) + len(list(d.adapter.parameters()))
         assert len(ckpt["optimizer_state_dict"]["state"]) == n_params
         for key in ("scheduler_state_dict", "scaler_state_dict", "rng_state", "epoch",
-                    "best_value", "history", "config"):
+                    "best_psnr", "history", "config"):
             assert key in ckpt
 
-    def test_best_is_lowest_full_validation_loss(self, full_run) -> None:
-        out, _ = full_run
-        hist = [r for r in json.loads((out / "history.json").read_text())
-                if r["phase"] == "distill"]
-        best = min(hist, key=lambda r: r["val"]["total"])
-        assert torch.load(out / "tinyvae_best.pth")["epoch"] == best["epoch"]
-        v = best["val"]
+    def test_best_is_highest_validation_psnr(self, full_run) -> None:
+        out, _, _ = full_run
+        hist = json.loads((out / "history.json").read_text())
+        for phase, best_file in (("teacher", "teacher_best.pth"),
+                                 ("distill", "tinyvae_best.pth")):
+            recs = [r for r in hist if r["phase"] == phase]
+            best = max(recs, key=lambda r: r["val"]["psnr"])
+            saved = torch.load(out / best_file)
+            assert saved["epoch"] == best["epoch"]
+            assert saved["best_psnr"] == best["val"]["psnr"]
+        teacher = torch.load(out / "teacher.pth")
+        assert teacher["epoch"] == max((r for r in hist if r["phase"] == "teacher"),
+                                       key=lambda r: r["val"]["psnr"])["epoch"]
+        v = hist[-1]["val"]
         weights = {"recon": 0.3, "kl": 0.1, "distill_latent": 0.3, "distill_recon": 0.2,
                    "perceptual": 0.1}
         assert v["total"] == pytest.approx(sum(weights[k] * v[k] for k in TERMS), rel=1e-4)
 
+    def test_validation_psnr_is_pooled_over_the_set(self, full_run) -> None:
+        out, d, _ = full_run
+        student = load_model(out / "tinyvae_last.pth")
+        x = torch.stack([d.val_set[i][1] for i in range(len(d.val_set))])
+        with torch.no_grad():
+            expected = psnr(student.eval()(x).reconstruction, x)
+        recorded = json.loads((out / "history.json").read_text())[-1]["val"]["psnr"]
+        assert recorded == pytest.approx(expected, abs=1e-3)
+
     def test_teacher_found_in_checkpoint_dir_is_reused(self, full_run) -> None:
-        out, _ = full_run
+        out, _, _ = full_run
         d = Distiller(tiny(out, epochs=0, teacher_epochs=5))
         d.run()
         assert d.teacher_source == str(out / "teacher.pth")
@@ -135,7 +186,7 @@ class TestResume:
         Distiller(tiny(straight, **cfg)).run()
         killed = tmp_path / "killed"
         with pytest.raises(TrainingInterrupted, match="SIGTERM") as info:
-            Distiller(tiny(killed, **cfg), callbacks=[KillAt()]).run()
+            Distiller(tiny(killed, **cfg), callbacks=[KillAt()], console=False).run()
         assert info.value.checkpoint == killed / "tinyvae_last.pth"
         ckpt = torch.load(killed / "tinyvae_last.pth")
         assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (0, kill_step + 1)
@@ -162,7 +213,8 @@ class TestBadSteps:
         Distiller(tiny(tmp_path, epochs=1, **cfg)).run()
         good = (tmp_path / "tinyvae_last.pth").read_bytes()
         d = Distiller(tiny(tmp_path, epochs=2, **cfg))
-        d.student.decoder[-1].bias.data.fill_(float("nan"))  # every step of this run is NaN
+        for p in d.student.decoder.parameters():  # every step of this run is NaN
+            p.data.fill_(float("nan"))
         with pytest.raises(TrainingDiverged, match="non-finite 3 times in a row"):
             d.run()
         assert d.bad_steps_total == 3
@@ -170,7 +222,6 @@ class TestBadSteps:
 
     def test_isolated_non_finite_step_is_skipped(self, tmp_path, teacher_file,
                                                  monkeypatch) -> None:
-        from hrm_vision.distill.trainer import DistillPhase
         original = DistillPhase.loss
         calls = {"n": 0}
 
@@ -221,12 +272,80 @@ class TestVariants:
                            teacher_checkpoint=str(teacher_file)), callbacks=[Watch()])
         d.run()
         start = torch.load(tmp_path / "tinyvae_best.pth")["student_state_dict"]
-        enc0 = [v for k, v in start.items() if k.startswith("encoder.") and v.is_floating_point()
-                and "running" not in k]
-        assert all(torch.equal(a, b) for a, b in zip(enc0, seen[0], strict=False))
+        names = [f"encoder.{n}" for n, _ in d.student.encoder.named_parameters()]
+        assert len(names) == len(seen[0]) > 0
+        assert all(torch.equal(start[n], b) for n, b in zip(names, seen[0], strict=True))
         assert not all(torch.equal(a, b) for a, b in zip(seen[0], seen[1], strict=True))
         assert (tmp_path / "tinyvae_finetune_best.pth").is_file()
 
     def test_missing_teacher_with_zero_teacher_epochs(self, tmp_path) -> None:
         with pytest.raises(ValueError, match="teacher_epochs is 0"):
             Distiller(tiny(tmp_path, epochs=1, teacher_epochs=0)).run()
+
+
+class TestCallbacks:
+    def test_user_callbacks_add_to_the_default_writers(self, tmp_path, teacher_file) -> None:
+        ends: list[int] = []
+
+        class Count(Callback):
+            def on_epoch_end(self, trainer, phase, record) -> None:
+                ends.append(record["epoch"])
+
+        d = Distiller(tiny(tmp_path, epochs=1, teacher_checkpoint=str(teacher_file)),
+                      callbacks=[Count()], console=False)
+        d.run()
+        assert ends == [1]
+        assert json.loads((tmp_path / "history.json").read_text())[0]["epoch"] == 1
+        assert (tmp_path / "tinyvae_last.pth").is_file()
+        assert (tmp_path / "tinyvae_best.pth").is_file()
+
+
+class TestInitFromData:
+    @pytest.fixture
+    def calls(self, monkeypatch) -> list[tuple[str, tuple[int, ...], float, float]]:
+        return spy_init_from_data(monkeypatch)
+
+    def test_fresh_models_once_resumed_never(self, full_run, calls) -> None:
+        out, _, fresh_calls = full_run
+        assert [c[:2] for c in fresh_calls] == [("TeacherVAE", (32, 3, 32, 32)),
+                                                 ("MinimalVAE", (32, 3, 32, 32))]
+        assert all(0.0 <= c[2] <= c[3] <= 1.0 for c in fresh_calls)
+        d = Distiller(tiny(out, epochs=2, teacher_epochs=1), console=False)
+        d.run(resume="auto")  # the finished distillation: nothing left to train
+        assert calls == []  # teacher loaded from teacher.pth, student resumed
+        assert d.loop is not None and d.loop.state.epoch == 2
+
+    def test_first_images_of_the_train_split(self, tmp_path, calls, monkeypatch) -> None:
+        from hrm_vision.distill import splits
+
+        monkeypatch.setattr(splits, "INIT_IMAGES", 5)
+        received: list[torch.Tensor] = []
+        monkeypatch.setattr(MinimalVAE, "init_from_data",
+                            lambda self, images: received.append(images.clone()))
+        d = Distiller(tiny(tmp_path, epochs=0, distill_latent_weight=0, distill_recon_weight=0,
+                           perceptual_weight=0), console=False)
+        d.run()
+        expected = torch.stack([d.train_set[i][1] for i in range(5)])
+        assert len(received) == 1 and torch.equal(received[0], expected)
+
+
+class TestBestSelection:
+    def test_best_follows_psnr_not_total_loss(self, tmp_path, teacher_file,
+                                              monkeypatch) -> None:
+        """Epoch 2 has the lowest total loss, epoch 1 the highest PSNR: epoch 1 is best."""
+        scripted = iter([{"total": 5.0, "psnr": 20.0}, {"total": 1.0, "psnr": 12.0},
+                         {"total": 3.0, "psnr": 20.0}])
+        monkeypatch.setattr(DistillPhase, "validate", lambda self: dict(next(scripted)))
+        d = Distiller(tiny(tmp_path, epochs=3, teacher_checkpoint=str(teacher_file)),
+                      console=False)
+        d.run()
+        assert [r["is_best"] for r in d.history] == [True, False, False]  # ties keep the first
+        best = torch.load(tmp_path / "tinyvae_best.pth")
+        assert (best["epoch"], best["best_psnr"]) == (1, 20.0)
+
+    def test_teacher_pth_is_the_best_psnr_epoch(self, tmp_path, monkeypatch) -> None:
+        scripted = iter([{"total": 1.0, "psnr": 11.0}, {"total": 2.0, "psnr": 13.0}])
+        monkeypatch.setattr(TeacherPhase, "validate", lambda self: dict(next(scripted)))
+        d = Distiller(tiny(tmp_path, epochs=0, teacher_epochs=2), console=False)
+        d.run()
+        assert torch.load(tmp_path / "teacher.pth")["epoch"] == 2

@@ -17,24 +17,36 @@ from hrm_vision.export import (
     check_parity,
     fold_batchnorm,
     load_torchscript,
-    main,
     ort_session,
     run_onnx,
 )
+from hrm_vision.export.__main__ import main
 from hrm_vision.vae import MinimalVAE
 
 
 def tiny_student() -> MinimalVAE:
-    """A tiny student with non-trivial BatchNorm statistics, so folding has work to do."""
+    """A tiny student whose every parameter is perturbed, so that zero-initialised layers take
+    part in the exported graphs too."""
     torch.manual_seed(0)
     model = MinimalVAE(latent_dim=8, base_channels=8)
-    for m in model.modules():
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def conv_bn_net() -> nn.Sequential:
+    """Two Conv2d + BatchNorm2d pairs with non-trivial statistics, so folding has work to do."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                        nn.Conv2d(6, 4, 1), nn.BatchNorm2d(4))
+    for m in net.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.2, 0.2)
-    return model.eval()
+    return net.eval()
 
 
 @pytest.fixture(scope="module")
@@ -44,21 +56,29 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[MinimalVAE, Path
     root = tmp_path_factory.mktemp("export")
     model = tiny_student()
     save_checkpoint(model_entry(model, "student"), root / "tinyvae_best.pth")
-    main(["--checkpoint", str(root / "tinyvae_best.pth"), "--out-dir", str(root / "out"),
-          "--num-images", "8", "--timing-repeats", "2"])
+    assert main(["--checkpoint", str(root / "tinyvae_best.pth"), "--out-dir", str(root / "out"),
+                 "--num-images", "8", "--timing-repeats", "2"]) == 0
     return model, root / "out", json.loads((root / "out" / "export.json").read_text())
 
 
 class TestFoldBatchnorm:
     def test_no_batchnorm_left_and_same_output(self, photo_batch: torch.Tensor) -> None:
+        net = conv_bn_net()
+        folded = fold_batchnorm(net)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+        assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == 2, "input modified"
+        with torch.no_grad():
+            expected = net(photo_batch)
+            assert (folded(photo_batch) - expected).abs().max() < 1e-5
+            assert (expected - net[0](photo_batch)[:, :4]).abs().max() > 0.1  # BN mattered
+
+    def test_a_model_without_batchnorm_is_unchanged(self, photo_batch: torch.Tensor) -> None:
         model = tiny_student()
         folded = fold_batchnorm(model)
-        assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
-        assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules()), "input modified"
         with torch.no_grad():
             z = model.encode(photo_batch)
-            assert (folded.encode(photo_batch) - z).abs().max() < 1e-5
-            assert (folded.decode(z) - model.decode(z)).abs().max() < 1e-5
+            assert torch.equal(folded.encode(photo_batch), z)
+            assert torch.equal(folded.decode(z), model.decode(z))
 
     def test_lone_batchnorm_is_refused(self) -> None:
         with pytest.raises(ExportError, match="cannot be folded"):
@@ -132,6 +152,21 @@ class TestParityCheck:
         _, _, report = exported
         other = tiny_student()
         with torch.no_grad():
-            other.encoder.head.bias.add_(0.1)
+            for p in other.encoder.parameters():
+                p.add_(0.1)
         with pytest.raises(ExportError, match="differ from eager"):
             check_parity(other, report["files"], photo_batch[:4])
+
+
+class TestCommand:
+    def test_missing_checkpoint_is_exit_2_with_the_reason(self, tmp_path, capsys) -> None:
+        assert main(["--checkpoint", str(tmp_path / "nope.pth"), "--out-dir",
+                     str(tmp_path / "out"), "--timing-repeats", "0"]) == 2
+        err = capsys.readouterr().err
+        assert "checkpoint not found" in err and "Traceback" not in err
+
+    def test_bad_option_is_a_usage_error(self, tmp_path, capsys) -> None:
+        with pytest.raises(SystemExit) as info:
+            main(["--threads", "0"])
+        assert info.value.code == 2
+        assert "--threads >= 1" in capsys.readouterr().err

@@ -7,12 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from test_ddp import REPO, load_script  # tests/ is on sys.path (pytest prepend mode)
+from helpers import kill_resume, tiny_run  # tests/ is on sys.path (pytest prepend mode)
 
 from hrm_vision.checkpoints import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from hrm_vision.distill.callbacks import Callback
@@ -22,12 +21,7 @@ from hrm_vision.distill.trainer import Distiller, TrainingInterrupted
 EPOCHS = 3
 
 
-@pytest.fixture(scope="module")
-def tiny_run():
-    return load_script("tiny_run")
-
-
-def tiny_config(tiny_run, workdir: Path, epochs: int = EPOCHS, **flags):
+def tiny_config(workdir: Path, epochs: int = EPOCHS, **flags):
     return config_from_args(setup_args().parse_args(tiny_run.prepare(workdir, epochs, **flags)))
 
 
@@ -43,19 +37,24 @@ class SignalAt(Callback):
 
 
 class TestSignals:
-    def test_sigint_saves_mid_epoch_and_resume_is_exact(self, tiny_run, tmp_path: Path) -> None:
-        config = tiny_config(tiny_run, tmp_path, epochs=2)
-        reference = tiny_config(tiny_run, tmp_path, epochs=2,
+    @pytest.mark.parametrize("workers", [pytest.param(0, marks=pytest.mark.slow), 1],
+                             ids=["in-process", "worker-process"])
+    def test_sigint_saves_mid_epoch_and_resume_is_exact(self, tmp_path: Path,
+                                                        workers: int) -> None:
+        config = tiny_config(tmp_path, epochs=2, num_workers=workers)
+        assert config.num_workers == workers
+        reference = tiny_config(tmp_path, epochs=2, num_workers=workers,
                                 checkpoint_dir=tmp_path / "reference")
-        Distiller(reference, callbacks=[]).run()
+        Distiller(reference, console=False).run()
 
         with pytest.raises(TrainingInterrupted, match="stopped by SIGINT .*--resume auto") as info:
-            Distiller(config, callbacks=[SignalAt(signal.SIGINT, epoch=1, step=1)]).run()
+            Distiller(config, callbacks=[SignalAt(signal.SIGINT, epoch=1, step=1)],
+                      console=False).run()
         saved = load_checkpoint(info.value.checkpoint)
         assert (saved["epoch"], saved["step_in_epoch"]) == (1, 2)  # mid-epoch, after the step
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
-        Distiller(config, callbacks=[]).run(resume="auto")
+        Distiller(config, console=False).run(resume="auto")
         ckpt = Path(config.checkpoint_dir)
         resumed = load_checkpoint(ckpt / "tinyvae_last.pth")
         ref = load_checkpoint(tmp_path / "reference" / "tinyvae_last.pth")
@@ -68,7 +67,6 @@ class TestSignals:
 class TestKillAndResume:
     @pytest.mark.slow
     def test_sigkill_then_resume_keeps_every_epoch_once(self, tmp_path: Path) -> None:
-        kill_resume = load_script("kill_resume")
         summary = kill_resume.run(tmp_path, kills=1, epochs=EPOCHS, seed=1, compare=False)
         rounds = summary["rounds"]
         assert "killed_after_s" in rounds[0] and rounds[-1]["returncode"] == 0
@@ -78,14 +76,21 @@ class TestKillAndResume:
         assert kill_resume.passed(summary, kills=1)
 
 
-WRITER = """
+#: Saves a good checkpoint, then stalls inside the next save after writing its first bytes and
+#: says so: the parent kills it there, mid-write, every time.
+STALLED_WRITER = """
 import sys, torch
 from hrm_vision.checkpoints import save_checkpoint
-i = 0
-while True:
-    i += 1
-    save_checkpoint({"counter": i, "weights": torch.full((1_000_000,), float(i))}, sys.argv[1])
-    print(i, flush=True)
+save_checkpoint({"counter": 1, "weights": torch.full((1000,), 1.0)}, sys.argv[1])
+
+def stalled(obj, f, *args, **kwargs):
+    f.write(b"PK\\x03\\x04 the first bytes of a checkpoint")
+    f.flush()
+    print("mid-write", flush=True)
+    sys.stdin.read()  # until killed
+
+torch.save = stalled
+save_checkpoint({"counter": 2, "weights": torch.full((1000,), 2.0)}, sys.argv[1])
 """
 
 
@@ -105,20 +110,21 @@ class TestInterruptedSave:
         assert load_checkpoint(path)["epoch"] == 3
         assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
 
-    def test_sigkill_during_saves_never_leaves_a_broken_file(self, tmp_path: Path) -> None:
+    def test_sigkill_mid_write_keeps_the_previous_file(self, tmp_path: Path) -> None:
         path = tmp_path / "big.pth"
-        for attempt in range(2):
-            proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)],
-                                    stdout=subprocess.PIPE, text=True, cwd=REPO)
-            for _ in range(2 + attempt):  # let it complete a few saves, then kill mid-write
-                proc.stdout.readline()
-            time.sleep(0.013 * (attempt + 1))
+        proc = subprocess.Popen([sys.executable, "-c", STALLED_WRITER, str(path)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                cwd=tiny_run.REPO)
+        try:
+            assert proc.stdout.readline().strip() == "mid-write"
+        finally:
             proc.kill()
             proc.wait()
-            payload = load_checkpoint(path)
-            assert torch.all(payload["weights"] == float(payload["counter"]))
-        stray = [p.name for p in tmp_path.iterdir() if p != path]
-        assert all(name.startswith(".big.pth.") and name.endswith(".tmp") for name in stray)
+        payload = load_checkpoint(path)
+        assert payload["counter"] == 1 and torch.all(payload["weights"] == 1.0)
+        stray = [p for p in tmp_path.iterdir() if p != path]
+        assert len(stray) == 1 and stray[0].name.startswith(".big.pth.")  # the killed write
+        assert stray[0].read_bytes().startswith(b"PK\x03\x04 the first bytes")
 
     def test_truncated_checkpoint_is_refused_by_name(self, tmp_path: Path) -> None:
         path = tmp_path / "ckpt.pth"

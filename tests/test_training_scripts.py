@@ -90,11 +90,14 @@ class TestReport:
                            cka=0.7, cka_raw=0.6)
             return {"phase": phase, "epoch": epoch, "val": val, "time_s": 10.0}
 
+        # epoch 2 has the lowest total loss, epoch 3 the highest PSNR (the best, as the trainer
+        # picks it), epoch 4 ties epoch 3 (the earlier one stays best)
         history = [rec("teacher", 1, 1.0, 20.0), rec("distill", 1, 0.5, 18.0),
-                   rec("distill", 2, 0.3, 19.0), rec("distill", 3, 0.4, 19.5)]
+                   rec("distill", 2, 0.3, 19.0), rec("distill", 3, 0.4, 19.5),
+                   rec("distill", 4, 0.6, 19.5)]
         (tmp_path / "history.json").write_text(json.dumps(history))
-        report_main([f"run={tmp_path}"])
+        assert report_main([f"run={tmp_path}"]) == 0
         out = capsys.readouterr().out
-        assert "| run | 3 (best 2) | 19.00 |" in out and "| run: teacher pre-training | 1 |" in out
+        assert "| run | 4 (best 3) | 19.50 |" in out and "| run: teacher pre-training | 1 |" in out
         report_main(["--epoch", "1", f"run={tmp_path}"])
         assert "| run | 1 | 18.00 |" in capsys.readouterr().out

@@ -4,10 +4,13 @@
     python training/evaluate_tinyvae.py --checkpoint-dir checkpoints
     python training/evaluate_tinyvae.py --checkpoint-dir checkpoints --dataset cifar10
 
-A thin wrapper over :func:`hrm_vision.evaluate.main`; ``--help`` lists every flag.
+A thin wrapper over :func:`hrm_vision.evaluation.__main__.main` (``python -m
+hrm_vision.evaluation``); ``--help`` lists every flag.
 """
 
-from hrm_vision.evaluate import main
+import sys
+
+from hrm_vision.evaluation.__main__ import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

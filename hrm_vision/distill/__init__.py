@@ -2,12 +2,20 @@
 
 >>> from hrm_vision.distill import Distiller, load_config
 >>> Distiller(load_config(None, {"dataset": "photos", "epochs": 2})).run()
+
+Modules: ``config`` (the pydantic config), ``losses`` and ``perceptual`` (the objective),
+``adapter`` (student-to-teacher latent map), ``splits`` and ``teacher_cache`` (data),
+``phases`` (what each phase trains and validates), ``optim`` (AdamW, schedule, precision),
+``state`` (typed training state and checkpoint), ``loop`` (one phase's training loop),
+``callbacks`` (checkpoints, history, pictures, console), ``trainer`` (the phases of a run),
+``distributed`` (torchrun), ``cli`` (the command line).
 """
 
 from .adapter import LatentAdapter
 from .config import ConfigError, DistillConfig, load_config, save_config
 from .losses import TERMS, DistillLoss, TeacherTargets
-from .trainer import Distiller, TeacherCache, TrainingDiverged, TrainingInterrupted, find_resume
+from .teacher_cache import TeacherCache
+from .trainer import Distiller, TrainingDiverged, TrainingInterrupted, find_resume
 
 __all__ = ["TERMS", "ConfigError", "DistillConfig", "DistillLoss", "Distiller", "LatentAdapter",
            "TeacherCache", "TeacherTargets", "TrainingDiverged", "TrainingInterrupted",

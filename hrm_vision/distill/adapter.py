@@ -7,6 +7,8 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checkpoints import CheckpointError, load_state_checked
+
 
 class LatentAdapter(nn.Module):
     """A per-location linear map (1x1 convolution) from student to teacher latent channels.
@@ -34,3 +36,17 @@ class LatentAdapter(nn.Module):
         i.e. the marginal variances of the student posterior pushed through the adapter.
         """
         return F.conv2d(var, self.proj.weight.pow(2))
+
+
+def adapter_from_payload(payload: dict[str, Any], source: str = "checkpoint"
+                         ) -> LatentAdapter | None:
+    """The adapter stored in a checkpoint dict (``adapter_state_dict``/``adapter_arch``), in
+    eval mode on the CPU; None when the checkpoint holds none."""
+    if "adapter_state_dict" not in payload or "adapter_arch" not in payload:
+        return None
+    try:
+        adapter = LatentAdapter(**payload["adapter_arch"])
+    except TypeError as exc:
+        raise CheckpointError(f"{source}: cannot rebuild the adapter: {exc}") from exc
+    load_state_checked(adapter, payload["adapter_state_dict"], f"{source} (adapter)")
+    return adapter.eval()

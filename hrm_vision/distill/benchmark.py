@@ -2,13 +2,14 @@
 
 ``python -m hrm_vision.distill.benchmark [--batch-size 64] [--rounds 3] [--steps 5]``
 
-Times one optimizer step (forward, five-term loss, backward, AdamW) of the default-size student
-and adapter on real photographs in three settings, alternating them ``rounds`` times so that
-load from other processes affects all alike:
+Times ``steps`` optimizer steps (forward, five-term loss, backward, AdamW) of the default-size
+student and adapter on real photographs in three settings, in turns (one warm-up round, then
+``rounds`` timed rounds, :func:`hrm_vision.evaluation.timing.interleaved_timings`) so that load
+from other processes affects all alike:
 
 - ``student alone``: recon + KL only (no teacher);
 - ``distill, cached teacher``: the five terms with the teacher's outputs read from a
-  :class:`~hrm_vision.distill.trainer.TeacherCache`;
+  :class:`~hrm_vision.distill.teacher_cache.TeacherCache`;
 - ``distill, live teacher``: the same with the frozen teacher run on every batch.
 
 ``--perceptual`` adds the perceptual term with the ``teacher`` backbone to the distill settings.
@@ -17,17 +18,19 @@ load from other processes affects all alike:
 from __future__ import annotations
 
 import argparse
-import time
+import sys
 from collections.abc import Callable, Sequence
 
 import torch
 
 from ..data.photos import PhotoCrops
+from ..evaluation.timing import interleaved_timings
 from ..vae import MinimalVAE, TeacherVAE
 from .adapter import LatentAdapter
-from .losses import DistillLoss, TeacherTargets, adapt
+from .losses import DistillLoss, TeacherTargets, adapt, teacher_targets
 from .perceptual import TeacherFeatures
-from .trainer import IndexedDataset, TeacherCache
+from .splits import IndexedDataset
+from .teacher_cache import TeacherCache
 
 
 def measure(batch_size: int = 64, rounds: int = 3, steps: int = 5,
@@ -48,29 +51,25 @@ def measure(batch_size: int = 64, rounds: int = 3, steps: int = 5,
     alone = DistillLoss(distill_latent_weight=0, distill_recon_weight=0, perceptual_weight=0)
     full = DistillLoss(perceptual_weight=0.1 if perceptual else 0.0, perceptual=backbone)
 
-    def live() -> TeacherTargets:
-        with torch.no_grad():
-            out = teacher(x)
-        return TeacherTargets(out.mu, out.logvar, out.reconstruction)
-
     settings: dict[str, Callable[[], dict[str, torch.Tensor]]] = {
         "student alone": lambda: alone(x, student(x), None, None),
         "distill, cached teacher": lambda: _distill(full, student, adapter, x,
                                                     cache.lookup(index, torch.device("cpu"))),
-        "distill, live teacher": lambda: _distill(full, student, adapter, x, live()),
+        "distill, live teacher": lambda: _distill(full, student, adapter, x,
+                                                  teacher_targets(teacher, x)),
     }
-    rates: dict[str, list[float]] = {k: [] for k in settings}
-    for _ in range(rounds):
-        for name, step in settings.items():
-            step()["total"].backward()  # warm-up
-            opt.zero_grad()
-            start = time.perf_counter()
+
+    def train(step: Callable[[], dict[str, torch.Tensor]]) -> Callable[[], None]:
+        def run() -> None:
             for _ in range(steps):
                 step()["total"].backward()
                 opt.step()
                 opt.zero_grad()
-            rates[name].append(batch_size * steps / (time.perf_counter() - start))
-    return {k: sorted(v)[len(v) // 2] for k, v in rates.items()}
+        return run
+
+    times = interleaved_timings({k: train(v) for k, v in settings.items()}, rounds, warmup=1,
+                                desc="distill steps")
+    return {k: batch_size * steps / sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
 def _distill(loss: DistillLoss, student: MinimalVAE, adapter: LatentAdapter, x: torch.Tensor,
@@ -79,8 +78,10 @@ def _distill(loss: DistillLoss, student: MinimalVAE, adapter: LatentAdapter, x: 
     return loss(x, out, adapt(adapter, out.mu, out.logvar), teacher)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
+def main(argv: Sequence[str] | None = None) -> int:
+    """Measure and print the table."""
+    parser = argparse.ArgumentParser(prog="python -m hrm_vision.distill.benchmark",
+                                     description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
@@ -96,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"| {name} | {rate:.0f} |")
     speedup = rates["distill, cached teacher"] / rates["distill, live teacher"]
     print(f"cached/live speed-up: {speedup:.1f}x")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

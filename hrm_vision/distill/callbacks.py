@@ -1,32 +1,41 @@
-"""Trainer callbacks (pythae style): what the user sees and what is written besides checkpoints.
+"""Trainer callbacks (pythae style): everything written or shown besides the training itself.
 
-The trainer calls every callback's hooks on rank 0 only. Hooks receive the trainer and plain
-values; each callback does one thing:
+The trainer calls every callback's hooks on rank 0 only, in order: first the default callbacks
+(:func:`default_callbacks`), then the user's, which add to them and never replace them. Hooks
+receive the trainer and plain values; each callback does one thing:
 
-- :class:`ProgressBar`: a tqdm bar per epoch with the running loss.
-- :class:`ConsoleLog`: the five terms every ``log_interval`` batches and an epoch summary.
+- :class:`CheckpointWriter`: ``*_last.pth`` every epoch and on a stop signal, ``*_best.pth`` when
+  an epoch is the best so far, ``tinyvae_epoch_XXX.pth`` every ``save_interval`` epochs.
 - :class:`HistoryWriter`: ``history.json`` rewritten after every epoch.
 - :class:`PictureWriter`: a PNG grid of inputs / teacher / student reconstructions and a PNG of
   the loss curves in the checkpoint directory, every epoch.
+- :class:`ProgressBar`: a tqdm bar per epoch with the running loss (console).
+- :class:`ConsoleLog`: messages, the terms every ``log_interval`` batches and an epoch summary
+  (console).
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
+from ..checkpoints import save_checkpoint
+from ..files import write_json
+
 if TYPE_CHECKING:
-    from .trainer import Distiller, Phase
+    from .phases import Phase
+    from .trainer import Distiller
 
 
 class Callback:
-    """Base class: every hook does nothing."""
+    """Base class: every hook does nothing.
+
+    ``on_interrupt`` runs when a stop signal ends a phase mid-epoch (before
+    ``TrainingInterrupted`` is raised); ``on_phase_end`` after a phase's last epoch.
+    """
 
     def on_train_begin(self, trainer: Distiller) -> None: ...
     def on_epoch_begin(self, trainer: Distiller, phase: Phase, epoch: int,
@@ -36,8 +45,45 @@ class Callback:
     def on_log(self, trainer: Distiller, phase: Phase, step: int,
                terms: dict[str, float]) -> None: ...
     def on_epoch_end(self, trainer: Distiller, phase: Phase, record: dict[str, Any]) -> None: ...
+    def on_interrupt(self, trainer: Distiller, phase: Phase) -> None: ...
+    def on_phase_end(self, trainer: Distiller, phase: Phase) -> None: ...
     def on_message(self, trainer: Distiller, message: str) -> None: ...
     def on_train_end(self, trainer: Distiller) -> None: ...
+
+
+def default_callbacks(console: bool = True) -> list[Callback]:
+    """The callbacks every run has: checkpoints, history, pictures, and with ``console`` the
+    progress bar and the console log."""
+    files: list[Callback] = [CheckpointWriter(), HistoryWriter(), PictureWriter()]
+    return files + ([ProgressBar(), ConsoleLog()] if console else [])
+
+
+class CheckpointWriter(Callback):
+    """Writes the phase's checkpoints (full training state, see
+    :class:`~hrm_vision.distill.state.TrainingCheckpoint`) into the checkpoint directory.
+
+    "Best" is the epoch with the highest validation PSNR of the model the phase trains so far
+    (``record["is_best"]``, see :mod:`hrm_vision.distill.state`).
+    """
+
+    def _save(self, trainer: Distiller, name: str) -> Path:
+        return save_checkpoint(trainer.checkpoint_payload(), trainer.out_dir / name)
+
+    def on_epoch_end(self, trainer: Distiller, phase: Phase, record: dict[str, Any]) -> None:
+        self._save(trainer, phase.last_file)
+        if record["is_best"]:
+            self._save(trainer, phase.best_file)
+        if phase.epoch_file and record["epoch"] % trainer.config.save_interval == 0:
+            self._save(trainer, phase.epoch_file.format(epoch=record["epoch"]))
+
+    def on_interrupt(self, trainer: Distiller, phase: Phase) -> None:
+        self._save(trainer, phase.last_file)
+
+    def on_phase_end(self, trainer: Distiller, phase: Phase) -> None:
+        # zero epochs: still leave loadable files (the untrained models)
+        if phase.epochs == 0 and not (trainer.out_dir / phase.best_file).exists():
+            self._save(trainer, phase.last_file)
+            self._save(trainer, phase.best_file)
 
 
 def _fmt(terms: dict[str, float]) -> str:
@@ -96,27 +142,11 @@ class ConsoleLog(Callback):
 
 
 class HistoryWriter(Callback):
-    """Rewrites ``history.json`` (every epoch record of every phase so far) after each epoch."""
+    """Rewrites ``history.json`` (every epoch record of every phase so far) after each epoch;
+    NaN and inf are written as ``null``."""
 
     def on_epoch_end(self, trainer: Distiller, phase: Phase, record: dict[str, Any]) -> None:
-        write_json(trainer.history, Path(trainer.config.checkpoint_dir) / "history.json")
-
-
-def write_json(data: Any, path: Path) -> None:
-    """Atomically write ``data`` as JSON; NaN/inf become null so the file stays valid JSON."""
-
-    def clean(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [clean(x) for x in v]
-        return v
-
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(clean(data), indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+        write_json(trainer.history, trainer.out_dir / "history.json")
 
 
 class PictureWriter(Callback):
@@ -124,7 +154,7 @@ class PictureWriter(Callback):
     ``loss_curves.png`` (train and validation total loss and PSNR per epoch)."""
 
     def on_epoch_end(self, trainer: Distiller, phase: Phase, record: dict[str, Any]) -> None:
-        out = Path(trainer.config.checkpoint_dir)
+        out = trainer.out_dir
         rows = phase.picture_rows()
         if rows:
             save_grid(rows, out / f"{phase.name}_epoch_{record['epoch']:03d}.png")

@@ -17,6 +17,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ..files import write_json
+from ..validation import describe_validation_error
+
 Backbone = Literal["auto", "vgg16", "teacher"]
 Precision = Literal["auto", "off", "bf16", "fp16"]
 
@@ -96,24 +99,13 @@ class DistillConfig(BaseModel):
         return v
 
 
-def _format_validation(exc: ValidationError, source: str) -> str:
-    lines = []
-    for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "(config)"
-        if err["type"] == "extra_forbidden":
-            known = ", ".join(DistillConfig.model_fields)
-            lines.append(f"unknown key {field!r} (known keys: {known})")
-        else:
-            lines.append(f"{field}: {err['msg']} (got {err.get('input')!r})")
-    return f"invalid config {source}: " + "; ".join(lines)
-
-
 def make_config(values: dict[str, Any], source: str = "values") -> DistillConfig:
     """Validate ``values`` into a config; a ``ConfigError`` names every bad field."""
     try:
         return DistillConfig(**values)
     except ValidationError as exc:
-        raise ConfigError(_format_validation(exc, source)) from None
+        problems = describe_validation_error(exc, DistillConfig.model_fields)
+        raise ConfigError(f"invalid config {source}: {problems}") from None
 
 
 def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -144,10 +136,5 @@ def load_config(path: str | os.PathLike[str] | None = None,
 
 
 def save_config(config: DistillConfig, path: str | os.PathLike[str]) -> Path:
-    """Write ``config`` as indented JSON (loadable by :func:`load_config`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(config.model_dump(), indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    """Write ``config`` as indented JSON (loadable by :func:`load_config`), atomically."""
+    return write_json(config.model_dump(), path, indent=2)

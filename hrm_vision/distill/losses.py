@@ -62,6 +62,16 @@ class TeacherTargets(NamedTuple):
     reconstruction: Tensor
 
 
+@torch.no_grad()
+def teacher_targets(teacher: nn.Module, x: Tensor) -> TeacherTargets:
+    """The frozen ``teacher``'s outputs for images ``x`` (B, 3, H, W) in [0, 1], in float32.
+
+    Put the teacher in eval mode first (then its latent is the posterior mean, not a sample).
+    """
+    out = teacher(x)
+    return TeacherTargets(out.mu.float(), out.logvar.float(), out.reconstruction.float())
+
+
 def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
     """Element-wise ``KL(N(mu, exp(logvar)) || N(0, 1))`` in nats, same shape as ``mu``."""
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)

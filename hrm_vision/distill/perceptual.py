@@ -6,9 +6,14 @@ trainable parameters (gradients still flow through it to the images).
 - ``vgg16``: torchvision's VGG16 ImageNet features up to ``relu2_2`` (layers ``relu1_2`` and
   ``relu2_2``; deeper layers are 4x4 or smaller on 32x32 images), with ImageNet normalisation.
   The weights come from a given file, the torch hub cache, or a download when it is allowed.
-- ``teacher``: the first stage of the frozen teacher's encoder (full resolution, the teacher's
-  own learned features; needs no download). One stage costs about as much as the whole student
-  forward and backward pass; deeper stages would cost several times more.
+- ``teacher``: the output of the first block the frozen teacher's encoder runs (the teacher's own
+  learned features; needs no download), taken with forward hooks while the encoder runs, which
+  stops as soon as that block has run (:class:`TeacherFeatures`). It relies on no attribute of a
+  particular model: the blocks are the encoder's children (``nn.ModuleList`` holders expanded,
+  modules without parameters such as reshapes and activations left out), and the first to run is
+  found by calling the encoder. For ``TeacherVAE`` that block is its first encoder stage, which
+  costs about as much as the whole student forward and backward pass; deeper blocks would cost
+  several times more.
 - ``auto``: ``vgg16`` when its weights are available without a download, else ``teacher``.
 """
 
@@ -29,8 +34,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: Indices in ``vgg16().features`` of the ReLUs whose outputs are matched (relu1_2, relu2_2).
 VGG_LAYERS: tuple[int, ...] = (3, 8)
-#: Encoder stages of the teacher whose outputs are matched.
-TEACHER_STAGES = 1
+#: Encoder blocks of the teacher whose outputs are matched (see :func:`encoder_blocks`).
+TEACHER_BLOCKS = 1
 
 
 def _freeze(module: nn.Module) -> nn.Module:
@@ -76,21 +81,61 @@ class VGG16Features(nn.Module):
         return out
 
 
-class TeacherFeatures(nn.Module):
-    """Outputs of the first ``TEACHER_STAGES`` encoder stages of a frozen teacher VAE."""
+def encoder_blocks(encoder: nn.Module) -> list[nn.Module]:
+    """The encoder's blocks: its children in registration order, ``nn.ModuleList`` holders
+    expanded, modules without parameters (PixelUnshuffle, activations) left out."""
+    blocks: list[nn.Module] = []
+    for child in encoder.children():
+        if isinstance(child, nn.ModuleList):
+            blocks += encoder_blocks(child)
+        elif any(True for _ in child.parameters()):
+            blocks.append(child)
+    return blocks
 
-    def __init__(self, teacher: VAEBase) -> None:
+
+class _AllTapped(Exception):
+    """Raised by the last hook: the encoder need not run further."""
+
+
+class TeacherFeatures(nn.Module):
+    """Outputs of the first ``blocks`` encoder blocks a frozen teacher VAE runs, in call order.
+
+    ``(B, 3, H, W)`` images in [0, 1] -> a list of ``blocks`` feature maps. The teacher's
+    ``encoder`` runs with forward hooks on its blocks (:func:`encoder_blocks`) and stops once
+    ``blocks`` of them have run.
+    """
+
+    def __init__(self, teacher: VAEBase, blocks: int = TEACHER_BLOCKS) -> None:
         super().__init__()
-        self.stages = _freeze(teacher).encoder.stages[:TEACHER_STAGES]  # type: ignore[index]
+        self.encoder = _freeze(teacher).encoder
+        self.taps = encoder_blocks(self.encoder)
+        if len(self.taps) < blocks:
+            raise ValueError(f"the teacher's encoder has {len(self.taps)} blocks with "
+                             f"parameters, {blocks} needed for the perceptual backbone")
+        self.blocks = blocks
 
     def train(self, mode: bool = True) -> TeacherFeatures:  # always eval: frozen backbone
         return super().train(False)
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        out = []
-        for stage in self.stages:
-            x = stage(x)
-            out.append(x)
+        out: list[Tensor] = []
+
+        def hook(module: nn.Module, args: Any, output: Tensor) -> None:
+            out.append(output)
+            if len(out) == self.blocks:
+                raise _AllTapped
+
+        handles = [m.register_forward_hook(hook) for m in self.taps]
+        try:
+            self.encoder(x)
+        except _AllTapped:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        if len(out) < self.blocks:
+            raise RuntimeError(f"the teacher's encoder ran {len(out)} of its blocks, "
+                               f"{self.blocks} needed for the perceptual backbone")
         return out
 
 

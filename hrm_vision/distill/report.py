@@ -13,17 +13,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from .state import BEST_METRIC, improves
 
 COLUMNS = ("psnr", "ssim", "teacher_psnr", "teacher_ssim", "quality_ratio", "cka", "cka_raw")
 
 
 def best_record(history: list[dict[str, Any]], phase: str) -> dict[str, Any] | None:
-    """The ``phase`` epoch with the lowest validation total (what ``*_best.pth`` holds)."""
-    recs = [r for r in history if r["phase"] == phase]
-    return min(recs, key=lambda r: r["val"]["total"]) if recs else None
+    """The best ``phase`` epoch by the trainer's rule (what ``*_best.pth`` holds: the first
+    epoch no later epoch improves on, see :func:`hrm_vision.distill.state.improves`)."""
+    best = None
+    for r in history:
+        if r["phase"] == phase and (best is None or improves(r["val"][BEST_METRIC],
+                                                             best["val"][BEST_METRIC])):
+            best = r
+    return best
 
 
 def pick(history: list[dict[str, Any]], phase: str, epoch: int | None) -> dict[str, Any] | None:
@@ -55,8 +63,10 @@ def rows(label: str, directory: Path, epoch: int | None = None) -> list[str]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the table of the runs given."""
+    parser = argparse.ArgumentParser(prog="python -m hrm_vision.distill.report",
+                                     description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="LABEL=DIR")
     parser.add_argument("--epoch", type=int, default=None,
@@ -71,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(f"expected LABEL=DIR, got {spec!r}")
         for row in rows(label, Path(directory), args.epoch):
             print(row)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,6 +9,7 @@ and the adapter.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ import torch
 from ..data.photos import PhotoCrops
 from ..vae import MinimalVAE, TeacherVAE
 from .adapter import LatentAdapter
-from .losses import TERMS, DistillLoss, TeacherTargets, adapt
+from .losses import TERMS, DistillLoss, adapt, teacher_targets
 from .perceptual import TeacherFeatures
 
 
@@ -47,11 +48,8 @@ def _setup() -> tuple[MinimalVAE, LatentAdapter, TeacherVAE, DistillLoss, torch.
 
 def _terms() -> str:
     student, adapter, teacher, loss, x = _setup()
-    with torch.no_grad():
-        t = teacher(x)
     out = student.train()(x)
-    terms = loss(x, out, adapt(adapter, out.mu, out.logvar),
-                 TeacherTargets(t.mu, t.logvar, t.reconstruction))
+    terms = loss(x, out, adapt(adapter, out.mu, out.logvar), teacher_targets(teacher, x))
     bad = [k for k, v in terms.items() if not torch.isfinite(v)]
     assert not bad, f"non-finite terms: {bad}"
     return " ".join(f"{k}={terms[k].item():.4g}" for k in (*TERMS, "total"))
@@ -63,11 +61,8 @@ def _step() -> str:
     before_a = [p.detach().clone() for p in adapter.parameters()]
     before_t = [p.detach().clone() for p in teacher.parameters()]
     opt = torch.optim.AdamW([*student.parameters(), *adapter.parameters()], lr=1e-3)
-    with torch.no_grad():
-        t = teacher(x)
     out = student.train()(x)
-    total = loss(x, out, adapt(adapter, out.mu, out.logvar),
-                 TeacherTargets(t.mu, t.logvar, t.reconstruction))["total"]
+    total = loss(x, out, adapt(adapter, out.mu, out.logvar), teacher_targets(teacher, x))["total"]
     opt.zero_grad()
     total.backward()
     opt.step()
@@ -110,5 +105,11 @@ def run_checks() -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argparse.ArgumentParser(description=__doc__).parse_args(argv)
+    """Run the checks; exit status 0 when all pass, 1 otherwise."""
+    argparse.ArgumentParser(prog="python -m hrm_vision.distill.selfcheck",
+                            description=__doc__).parse_args(argv)
     return 0 if run_checks() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

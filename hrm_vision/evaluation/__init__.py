@@ -1,20 +1,31 @@
 """Teacher-versus-student evidence: footprint, speed, quality and latent alignment.
 
-The command is ``python -m hrm_vision.evaluate`` (see :mod:`hrm_vision.evaluate`); this package
-holds the measurements it combines, each computed the same way for both models.
+The command is ``python -m hrm_vision.evaluation`` (:mod:`hrm_vision.evaluation.__main__`);
+:mod:`.run` combines the measurements, each computed the same way for both models:
+:mod:`.footprint` (parameters, file sizes, MACs), :mod:`.speed` (latency and throughput, through
+:mod:`.timing`), :mod:`.quality` (PSNR, SSIM, CKA, uint8 latent), :mod:`.report` (Markdown, PNG).
 """
 
 from .footprint import footprint, weight_file_bytes
-from .quality import QualityResult, dequantize_uint8, measure_quality, quantize_uint8
-from .timing import interleaved_timings, summarize_timings
+from .quality import (
+    QualityResult,
+    dequantize_uint8,
+    measure_quality,
+    quantize_uint8,
+    validation_images,
+)
+from .timing import interleaved_timings, machine_info, summarize_timings, timed
 
 __all__ = [
     "QualityResult",
     "dequantize_uint8",
     "footprint",
     "interleaved_timings",
+    "machine_info",
     "measure_quality",
     "quantize_uint8",
     "summarize_timings",
+    "timed",
+    "validation_images",
     "weight_file_bytes",
 ]

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from ..data import build_dataset
 from ..metrics import linear_cka, psnr, ssim
 from ..vae import VAEBase
 
@@ -67,8 +68,8 @@ def measure_quality(teacher: VAEBase, student: VAEBase, adapter: nn.Module | Non
                     num_samples: int = 8) -> QualityResult:
     """Reconstruct the first ``num_images`` items of ``dataset`` with both models (eval mode).
 
-    PSNR is computed over all images at once (one MSE), SSIM is the mean over images, CKA uses
-    the flattened latents of all images (N >= 2 needed).
+    PSNR is pooled over all images (one MSE, :func:`hrm_vision.metrics.psnr`), SSIM is the mean
+    over images, CKA uses the flattened latents of all images (N >= 2 needed).
     """
     total = len(dataset)  # type: ignore[arg-type]
     n = total if num_images is None else min(num_images, total)
@@ -106,3 +107,13 @@ def measure_quality(teacher: VAEBase, student: VAEBase, adapter: nn.Module | Non
                      if "z_adapted" in out else None),
         samples={k: out[k][:num_samples] for k in ("inputs", "teacher", "student")},
     )
+
+
+def validation_images(dataset: str, num_images: int, image_size: int,
+                      data_dir: str = "./data") -> Tensor:
+    """The first ``num_images`` validation images of ``dataset``, (N, 3, S, S) in [0, 1]."""
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    ds = build_dataset(dataset, "val", image_size=image_size, data_dir=data_dir)
+    n = min(num_images, len(ds))  # type: ignore[arg-type]
+    return torch.stack([ds[i] for i in range(n)])

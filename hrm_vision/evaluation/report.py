@@ -1,4 +1,4 @@
-"""The evaluation report: metric table (Markdown), ratios, goals and the figure (PNG).
+"""The evaluation report: metric table (Markdown), ratios and the figure (PNG).
 
 Ratios are oriented so that above 1 means the student does better: teacher/student for costs
 (parameters, file size, MACs, latency), student/teacher for throughput and quality.
@@ -14,7 +14,7 @@ from typing import Any
 from matplotlib.figure import Figure
 from torch import Tensor
 
-OPS = ("encode", "decode", "both")
+from .speed import OPS
 
 
 @dataclass(frozen=True)
@@ -74,21 +74,8 @@ def ratios(teacher: dict[str, float], student: dict[str, float],
                     else teacher[m.key] / student[m.key]) for m in rows}
 
 
-def goals(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """The mission's targets with the measured value and whether it is met."""
-    r, align = report["ratios"], report["alignment"]
-    checks = [("parameters teacher/student", r["parameters"], 8.0),
-              ("fp32 weights file teacher/student", r["weights_fp32_bytes"], 8.0),
-              (f"throughput student/teacher, batch {report['timing']['throughput_batch']}, "
-               "encode+decode", r["throughput_both_ips"], 5.0),
-              ("PSNR student/teacher", r["psnr_db"], 0.95),
-              ("linear CKA, adapted student vs teacher latents", align["cka_adapted"], 0.9)]
-    return [{"goal": name, "target": target, "measured": value,
-             "met": value is not None and value >= target} for name, value, target in checks]
-
-
 def markdown(report: dict[str, Any]) -> str:
-    """The report as Markdown: metric table, latent sections, goals, provenance."""
+    """The report as Markdown: metric table, latent section, provenance."""
     t, s, r = report["teacher"], report["student"], report["ratios"]
     rows = metrics(report["timing"]["throughput_batch"])
     lines = ["| metric | teacher | student | ratio (student advantage) |", "|---|---|---|---|"]
@@ -106,12 +93,7 @@ def markdown(report: dict[str, Any]) -> str:
               f"| student SSIM, uint8 latent | {q['ssim_uint8']:.4f} |",
               f"| latent bytes per image, float32 / uint8 | "
               f"{q['bytes_float32']:,} / {q['bytes_uint8']:,} |",
-              "", f"uint8 scheme: {q['scheme']}.", "",
-              "| goal | target | measured | met |", "|---|---|---|---|"]
-    for g in report["goals"]:
-        measured = "n/a" if g["measured"] is None else f"{g['measured']:.3f}"
-        lines.append(f"| {g['goal']} | {g['target']} | {measured} | "
-                     f"{'yes' if g['met'] else 'no'} |")
+              "", f"uint8 scheme: {q['scheme']}."]
     d, tm, mach = report["dataset"], report["timing"], report["machine"]
     lines += ["", "Ratios: teacher/student for costs, student/teacher for throughput and "
               "quality; above 1 means the student does better.",

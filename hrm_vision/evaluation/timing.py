@@ -1,11 +1,22 @@
-"""CPU timing of several functions measured in turns, so machine noise hits them all alike."""
+"""Timing: functions measured in turns, so machine noise hits them all alike, and a description
+of the machine the numbers come from.
+
+Every timing in the package goes through this module: the evaluation report (latency and
+throughput of both models), the export's runtime comparison, the distillation step benchmark
+(``python -m hrm_vision.distill.benchmark``) and the IRP measurement.
+"""
 
 from __future__ import annotations
 
+import os
+import platform
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 
@@ -27,10 +38,15 @@ def interleaved_timings(fns: Mapping[str, Callable[[], object]], repeats: int, w
     for r in tqdm(range(repeats), desc=desc, leave=False):
         k = r % len(names)
         for name in names[k:] + names[:k]:
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timed(fns[name])[1])
     return times
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """``(fn(), seconds it took)`` by ``time.perf_counter``."""
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
 
 
 def summarize_timings(seconds: list[float], batch_size: int) -> dict[str, float]:
@@ -40,3 +56,22 @@ def summarize_timings(seconds: list[float], batch_size: int) -> dict[str, float]
     median = float(np.median(seconds))
     return {"median_ms": 1e3 * median, "p90_ms": 1e3 * float(np.percentile(seconds, 90)),
             "throughput_ips": batch_size / median}
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, logical CPU count, load average (other jobs on a shared machine), versions."""
+    from .. import __version__
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else []
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "load_average_1_5_15min": load,
+            "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "hrm_vision": __version__}

@@ -1,21 +1,16 @@
-"""Feed the distiller's command line each kind of bad input and show what the user gets.
-
-    python scripts/bad_inputs.py [--workdir DIR]     # prints a Markdown table
+"""Each kind of bad input to the distiller's command line, and a runner that records what the
+user gets.
 
 Every case runs ``hrm_vision.distill.cli.main`` (what ``training/distill_tinyvae.py`` runs) on
-the tiny setup of ``scripts/tiny_run.py`` with one thing broken, and records the exit status and
-the last line printed on stderr. ``tests/test_bad_input.py`` runs the same cases and asserts that
-each message names its cause.
+the tiny setup of :mod:`.tiny_run` with one thing broken, and records the exit status and all
+that was printed. ``tests/test_bad_input.py`` asserts that each message names its cause;
+``python -m experiments.bad_inputs`` prints the table.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
-import json
-import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +18,7 @@ from unittest import mock
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_run import prepare  # noqa: E402
+from .tiny_run import prepare
 
 #: Training images per case (3 batches of 8 per epoch): enough to show each behaviour.
 TRAIN = 24
@@ -182,7 +176,7 @@ def nan_loss(calls: Callable[[int], bool] | None) -> Iterator[None]:
     if calls is None:
         yield
         return
-    from hrm_vision.distill.trainer import DistillPhase
+    from hrm_vision.distill.phases import DistillPhase
 
     original = DistillPhase.loss
     counter = iter(range(10**9))
@@ -233,27 +227,3 @@ def message_line(text: str, expect: str) -> str:
     """The line of ``text`` holding ``expect`` (else its last line), without progress bars."""
     lines = [ln.split("\r")[-1].strip() for ln in text.splitlines() if ln.strip()]
     return next((ln for ln in lines if expect in ln), lines[-1] if lines else "")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=None)
-    args = parser.parse_args(argv)
-    base = args.workdir or Path(tempfile.mkdtemp(prefix="bad_inputs_"))
-    prepare(base, 2)
-    rows, failed = [], 0
-    for i, case in enumerate(CASES):
-        code, text = run_case(case, base, base / f"case_{i:02d}")
-        line = message_line(text, case.expect)
-        ok = code == case.code and case.expect in text
-        failed += not ok
-        shown = line.replace(str(base), "…").replace("|", "\\|")
-        rows.append(f"| {case.name} | {code} | `{shown}` |" + ("" if ok else " **UNEXPECTED**"))
-    print("| bad input | exit | what the user gets |\n|---|---|---|")
-    print("\n".join(rows))
-    print(json.dumps({"cases": len(CASES), "unexpected": failed}), file=sys.stderr)
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,13 +4,14 @@ Trains three versions of the default ``TeacherVAE`` for the same few steps on ``
 MSE, no sampling) and prints validation PSNR: as built (BatchNorm, zero-init blocks), BatchNorm
 with ordinary init, and every BatchNorm replaced by GroupNorm (the first teacher's choice).
 
-    python scripts/teacher_norm_ablation.py --steps 150
+    python -m experiments.teacher_norm_ablation --steps 150
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 import torch
 from torch import nn
@@ -38,12 +39,14 @@ def group_norm(model: TeacherVAE) -> TeacherVAE:
     return model
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str] | None = None) -> int:
+    """Train the three variants and print their validation PSNR."""
+    parser = argparse.ArgumentParser(prog="python -m experiments.teacher_norm_ablation",
+                                     description=__doc__)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(2)
     train = PhotoCrops("train", num_crops=4096).images_uint8
     val = PhotoCrops("val", num_crops=256).images_uint8.float() / 255
@@ -65,7 +68,8 @@ def main() -> None:
         with torch.no_grad():
             print(f"{name}: val PSNR {psnr(model(val).reconstruction, val):.2f} dB "
                   f"after {args.steps} steps of {args.batch_size}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

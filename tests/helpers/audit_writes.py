@@ -1,7 +1,7 @@
 """Run a Python script and record every file it writes under a folder (audit hooks).
 
-    python scripts/audit_writes.py --under CKPT_DIR --log-dir LOGS SCRIPT [ARGS...]
-    torchrun --nproc_per_node 2 scripts/audit_writes.py --under ckpt --log-dir logs \\
+    python tests/helpers/audit_writes.py --under CKPT_DIR --log-dir LOGS SCRIPT [ARGS...]
+    torchrun --nproc_per_node 2 tests/helpers/audit_writes.py --under ckpt --log-dir logs \\
         training/distill_tinyvae.py ...
 
 Each process appends the paths it opened for writing, created (``tempfile.mkstemp``) or renamed
@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Install the audit hook, then run ``SCRIPT`` as ``__main__``; returns 0 when it returns."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--under", type=Path, required=True)
     parser.add_argument("--log-dir", type=Path, required=True)
     parser.add_argument("script")
     parser.add_argument("args", nargs=argparse.REMAINDER)
-    ns = parser.parse_args()
+    ns = parser.parse_args(argv)
     under = str(ns.under.resolve())
     written: set[str] = set()
 
@@ -59,7 +60,8 @@ def main() -> None:
     sys.addaudithook(hook)
     sys.argv = [ns.script, *ns.args]
     runpy.run_path(ns.script, run_name="__main__")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """Wall time of the same tiny distillation in one process and under ``torchrun`` with 2 processes.
 
-    python scripts/ddp_timing.py [--images 512] [--epochs 2] [--batch 16] [--repeats 2]
+    python -m experiments.ddp_timing [--images 512] [--epochs 2] [--batch 16] [--repeats 2]
 
 Both runs see the same images for the same epochs with the same global batch (one process:
 ``--batch``; two processes: ``--batch / 2`` each), so they process the same number of samples
@@ -23,8 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_run import SCRIPT, prepare  # noqa: E402
+from tests.helpers.tiny_run import SCRIPT, prepare
 
 
 def timed(cmd: list[str], env: dict[str, str], ckpt: Path) -> tuple[float, float]:
@@ -37,7 +36,8 @@ def timed(cmd: list[str], env: dict[str, str], ckpt: Path) -> tuple[float, float
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.ddp_timing",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16, help="global batch size (even)")

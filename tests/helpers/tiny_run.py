@@ -9,7 +9,7 @@
 and returns the ``training/distill_tinyvae.py`` arguments of a run on them with tiny models
 (checkpoints in ``workdir/ckpt``). Nothing is downloaded.
 
-    python scripts/tiny_run.py WORKDIR --epochs 3     # prints the command line
+    python -m tests.helpers.tiny_run WORKDIR --epochs 3     # prints the command line
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "training" / "distill_tinyvae.py"
 
 TEACHER = {"latent_dim": 16, "base_channels": 8, "blocks_per_stage": 1}
@@ -79,7 +79,9 @@ def prepare(workdir: str | Path, epochs: int, images: int = 48, batch_size: int 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Prepare ``WORKDIR`` and print the command line of the tiny run."""
+    parser = argparse.ArgumentParser(prog="python -m tests.helpers.tiny_run",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("workdir", type=Path)
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args(argv)

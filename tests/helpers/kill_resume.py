@@ -1,23 +1,20 @@
 """Kill a tiny distillation run with SIGKILL at random moments, resume it each time, check it.
 
-    python scripts/kill_resume.py --kills 4 --epochs 8 [--workdir DIR] [--seed 0] [--compare]
+:func:`run` is what ``python -m experiments.kill_resume`` reports and what
+``tests/test_resume.py`` asserts. Each round starts ``training/distill_tinyvae.py ... --resume
+auto`` in a subprocess (see :mod:`.tiny_run` for the tiny setup), waits until it has saved at
+least one new epoch, then SIGKILLs it after a further random delay (anywhere in the next epoch:
+inside a step, during validation, while a checkpoint is being written). After each kill it
+checks that ``tinyvae_last.pth`` still loads, and that the next run says it resumed from exactly
+the epoch stored there. A last run finishes the job; then ``history.json`` and the final
+checkpoint must hold every epoch exactly once and the final checkpoint must load as a model.
 
-Each round starts ``training/distill_tinyvae.py ... --resume auto`` in a subprocess (see
-``scripts/tiny_run.py`` for the tiny setup), waits until it has saved at least one new epoch,
-then SIGKILLs it after a further random delay (anywhere in the next epoch: inside a step, during
-validation, while a checkpoint is being written). After each kill it checks that
-``tinyvae_last.pth`` still loads, and that the next run says it resumed from exactly the epoch
-stored there. A last run finishes the job; then ``history.json`` and the final checkpoint must
-hold every epoch exactly once and the final checkpoint must load as a model.
-
-``--compare`` also trains the same config without interruption and reports the largest weight
-difference between the two final students (0.0 means the resumed run is bit-identical).
-Exit status 0 when every check passed; a JSON summary is printed last.
+``compare=True`` also trains the same config without interruption and reports the largest
+weight difference between the two final students (0.0 means the resumed run is bit-identical).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -25,13 +22,11 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_run import SCRIPT, prepare  # noqa: E402
+from .tiny_run import SCRIPT, prepare
 
 RESUMED = re.compile(r"resuming (\w+) from \S+ \(epoch (\d+), batch (\d+)\)")
 FRESH = "resume auto: no checkpoint"
@@ -153,32 +148,3 @@ def passed(summary: dict[str, Any], kills: int) -> bool:
     return (killed == kills and all(r["resumed_ok"] for r in rounds)
             and rounds[-1].get("returncode") == 0 and summary["history_complete"]
             and summary["checkpoint_history_complete"])
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kills", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where to write (default: a new temporary folder)")
-    parser.add_argument("--compare", action="store_true",
-                        help="also train without interruption and compare the final weights")
-    args = parser.parse_args(argv)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="kill_resume_"))
-    t0 = time.time()
-    summary = run(workdir, args.kills, args.epochs, args.seed, args.compare)
-    summary["kills"] = sum("killed_after_s" in r for r in summary["rounds"])
-    summary["wall_s"] = round(time.time() - t0, 1)
-    summary["passed"] = passed(summary, args.kills)
-    for r in summary["rounds"]:
-        print(f"round {r['round']}: saved epoch before {r['saved_before']}, resumed from "
-              f"{r['resumed_from']} ({'ok' if r['resumed_ok'] else 'WRONG'})"
-              + (f", SIGKILL after {r['killed_after_s']} s, saved after {r['saved_after']}"
-                 if "killed_after_s" in r else f", exit {r.get('returncode', '-')}"))
-    print(json.dumps(summary, default=str))
-    return 0 if summary["passed"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,341 @@
+"""The three training phases: what trains, its loss, its validation, its checkpoint files.
+
+A phase sees only a :class:`PhaseContext` (config, device, datasets, a cross-rank reduce and a
+message sink) and the models it was given; the loop (:mod:`hrm_vision.distill.loop`) drives it.
+
+- :class:`TeacherPhase`: the teacher VAE alone with recon + KL (free bits), like the student's.
+- :class:`DistillPhase`: student + adapter against the frozen teacher with the five-term loss.
+- :class:`FinetunePhase`: the student alone (recon, KL, perceptual); the encoder is frozen (its
+  gradients dropped, so AdamW neither moves it nor decays it; BatchNorm in eval) for the first
+  half of the epochs, then everything trains.
+
+Validation reports every loss term, PSNR (pooled over the validation set, see
+:mod:`hrm_vision.metrics`) and SSIM of the model the phase trains; the distillation phases add
+the teacher's PSNR/SSIM, the quality ratio and the latent CKA.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from ..checkpoints import load_state_checked, model_entry, to_cpu
+from ..metrics import linear_cka, mse, psnr_from_mse, ssim
+from ..vae import VAEBase, VAEOutput
+from .adapter import LatentAdapter
+from .config import DistillConfig
+from .losses import DistillLoss, TeacherTargets, adapt, kl_free_bits, teacher_targets, vae_loss
+from .splits import IndexedDataset
+from .teacher_cache import TeacherCache
+
+#: Validation images shown in the reconstruction grids.
+GRID_IMAGES = 8
+
+
+@dataclass
+class PhaseContext:
+    """What a phase may use of the run: nothing of the trainer itself.
+
+    ``reduce(values, count)`` averages per-rank means over all ranks (weighted by ``count``);
+    ``message`` prints on rank 0; ``show_progress`` is true on rank 0.
+    """
+
+    config: DistillConfig
+    device: torch.device
+    train_set: IndexedDataset
+    val_set: IndexedDataset
+    val_loader: DataLoader
+    reduce: Callable[[dict[str, float], int], dict[str, float]]
+    message: Callable[[str], None] = print
+    show_progress: bool = True
+    _grid: Tensor | None = field(default=None, repr=False)
+
+    def grid_images(self) -> Tensor:
+        """The first ``GRID_IMAGES`` validation images, ``(n, 3, H, W)`` on the device."""
+        if self._grid is None:
+            n = min(GRID_IMAGES, len(self.val_set))
+            self._grid = torch.stack([self.val_set[i][1] for i in range(n)]).to(self.device)
+        return self._grid
+
+
+#: Validation keys that hold a PSNR: batches report their MSE under these keys, the
+#: sample-weighted mean over the set (the pooled MSE: all images have the same size) becomes a
+#: PSNR after the cross-rank reduction (:func:`pooled_psnr`).
+PSNR_KEYS = ("psnr", "teacher_psnr")
+
+
+def mean_over(loader: DataLoader, fn: Callable[[Tensor, Tensor], dict[str, float]]
+              ) -> tuple[dict[str, float], int]:
+    """Sample-weighted mean of ``fn(index, x) -> dict`` over a loader; returns (means, count)."""
+    sums: dict[str, float] = {}
+    count = 0
+    for index, x in loader:
+        values = fn(index, x)
+        n = x.shape[0]
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * n
+        count += n
+    return {k: v / max(count, 1) for k, v in sums.items()}, count
+
+
+def pooled_psnr(values: dict[str, float]) -> dict[str, float]:
+    """``values`` with each of ``PSNR_KEYS`` turned from a pooled MSE into a PSNR in dB."""
+    return {k: psnr_from_mse(v) if k in PSNR_KEYS else v for k, v in values.items()}
+
+
+class Phase:
+    """One training phase. Subclasses set the names and implement the model-specific parts."""
+
+    name = ""
+    last_file = best_file = ""
+    epoch_file: str | None = None
+
+    def __init__(self, ctx: PhaseContext, epochs: int) -> None:
+        self.ctx, self.epochs = ctx, epochs
+
+    def trainable(self) -> nn.Module:
+        """The module whose parameters the optimizer updates (wrapped in DDP by the loop)."""
+        raise NotImplementedError
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups."""
+        return [{"params": [p for p in self.trainable().parameters() if p.requires_grad]}]
+
+    def frozen_parameters(self, epoch: int) -> list[nn.Parameter]:
+        """Parameters that must not change during ``epoch`` (their gradients are dropped before
+        each optimizer step)."""
+        return []
+
+    def set_train_mode(self, epoch: int) -> None:
+        """Put the trained modules in training mode for ``epoch`` (0-based)."""
+        self.trainable().train()
+
+    def loss(self, module: nn.Module, index: Tensor, x: Tensor) -> dict[str, Tensor]:
+        """Loss terms and ``"total"`` of a batch: ``index`` (B,) dataset indices, ``x`` images
+        (B, 3, H, W) in [0, 1]; ``module`` is :meth:`trainable`, possibly DDP-wrapped."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Validation metrics, the same on every rank."""
+        raise NotImplementedError
+
+    def model_payload(self) -> dict[str, Any]:
+        """The checkpoint keys of the phase's models."""
+        raise NotImplementedError
+
+    def load_models(self, payload: dict[str, Any], source: str) -> None:
+        """Load the phase's models from a checkpoint dict (``source`` names it in errors)."""
+        raise NotImplementedError
+
+    def picture_rows(self) -> list[Tensor]:
+        """Rows of the reconstruction grid, each ``(n, 3, H, W)`` in [0, 1]."""
+        return []
+
+
+class TeacherPhase(Phase):
+    """Phase 1: the teacher VAE alone with recon + KL (free bits), like the student's terms."""
+
+    name = "teacher"
+    last_file, best_file = "teacher_last.pth", "teacher_best.pth"
+
+    def __init__(self, ctx: PhaseContext, teacher: VAEBase, epochs: int) -> None:
+        super().__init__(ctx, epochs)
+        self.teacher = teacher
+
+    def trainable(self) -> nn.Module:
+        return self.teacher
+
+    def _terms(self, x: Tensor, out: VAEOutput) -> dict[str, Tensor]:
+        c = self.ctx.config
+        return vae_loss(x, out, c.recon_weight, c.kl_weight, c.kl_free_bits)
+
+    def loss(self, module: nn.Module, index: Tensor, x: Tensor) -> dict[str, Tensor]:
+        return self._terms(x, module(x))
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        self.teacher.eval()
+
+        def batch(index: Tensor, x: Tensor) -> dict[str, float]:
+            x = x.to(self.ctx.device)
+            out = self.teacher(x)
+            return {**{k: v.item() for k, v in self._terms(x, out).items()},
+                    "psnr": mse(out.reconstruction, x), "ssim": ssim(out.reconstruction, x)}
+
+        return pooled_psnr(self.ctx.reduce(*mean_over(self.ctx.val_loader, batch)))
+
+    def model_payload(self) -> dict[str, Any]:
+        return model_entry(self.teacher, "teacher")
+
+    def load_models(self, payload: dict[str, Any], source: str) -> None:
+        load_state_checked(self.teacher, payload["teacher_state_dict"], f"{source} (teacher)")
+
+    def picture_rows(self) -> list[Tensor]:
+        x = self.ctx.grid_images()
+        with torch.no_grad():
+            return [x, self.teacher.eval()(x).reconstruction]
+
+
+class StudentWithAdapter(nn.Module):
+    """Student plus adapter in one module (one DDP wrapper):
+    ``x -> (VAEOutput, (adapted_mu, adapted_var))``."""
+
+    def __init__(self, student: VAEBase, adapter: LatentAdapter) -> None:
+        super().__init__()
+        self.student, self.adapter = student, adapter
+
+    def forward(self, x: Tensor) -> tuple[VAEOutput, tuple[Tensor, Tensor]]:
+        out = self.student(x)
+        return out, adapt(self.adapter, out.mu, out.logvar)
+
+
+class DistillPhase(Phase):
+    """Phase 2: student + adapter against the frozen teacher with the five-term loss.
+
+    ``teacher`` None trains the student alone (the distillation weights must then be 0).
+    ``perceptual_name`` and ``teacher_source`` are recorded in the checkpoints.
+    """
+
+    name = "distill"
+    last_file, best_file, epoch_file = ("tinyvae_last.pth", "tinyvae_best.pth",
+                                        "tinyvae_epoch_{epoch:03d}.pth")
+
+    def __init__(self, ctx: PhaseContext, epochs: int, student: VAEBase, adapter: LatentAdapter,
+                 teacher: VAEBase | None, loss: DistillLoss, perceptual_name: str = "none",
+                 teacher_source: str = "") -> None:
+        super().__init__(ctx, epochs)
+        self.student, self.adapter, self.teacher = student, adapter, teacher
+        self.criterion = loss
+        self.perceptual_name, self.teacher_source = perceptual_name, teacher_source
+        self.model = StudentWithAdapter(student, adapter)
+        self.train_cache: TeacherCache | None = None
+        self.val_cache: TeacherCache | None = None
+
+    def trainable(self) -> nn.Module:
+        return self.model
+
+    def prepare(self) -> None:
+        """Build the teacher caches (when there is a teacher and the config enables them)."""
+        if self.teacher is None or not self.ctx.config.teacher_cache:
+            return
+        ctx, start = self.ctx, time.perf_counter()
+        bs = max(ctx.config.batch_size, 64)
+        self.train_cache = TeacherCache.build(self.teacher, ctx.train_set, bs, ctx.device,
+                                              "teacher cache (train)", ctx.show_progress)
+        self.val_cache = TeacherCache.build(self.teacher, ctx.val_set, bs, ctx.device,
+                                            "teacher cache (val)", ctx.show_progress)
+        ctx.message(f"teacher cache: {len(ctx.train_set) + len(ctx.val_set)} images in "
+                    f"{time.perf_counter() - start:.1f}s, "
+                    f"{(self.train_cache.nbytes + self.val_cache.nbytes) / 2**20:.0f} MiB")
+
+    def share_caches(self, other: DistillPhase) -> None:
+        """Reuse ``other``'s teacher caches (same datasets, same teacher)."""
+        self.train_cache, self.val_cache = other.train_cache, other.val_cache
+
+    def targets(self, index: Tensor, x: Tensor, cache: TeacherCache | None
+                ) -> TeacherTargets | None:
+        """The teacher's outputs for a batch: from ``cache`` if given, else computed."""
+        if self.teacher is None:
+            return None
+        if cache is not None:
+            return cache.lookup(index, self.ctx.device)
+        return teacher_targets(self.teacher, x)
+
+    def loss(self, module: nn.Module, index: Tensor, x: Tensor) -> dict[str, Tensor]:
+        out, adapted = module(x)
+        return self.criterion(x, out, adapted, self.targets(index, x, self.train_cache))
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        self.model.eval()
+        latents: dict[str, list[Tensor]] = {"student": [], "adapted": [], "teacher": []}
+
+        def batch(index: Tensor, x: Tensor) -> dict[str, float]:
+            x = x.to(self.ctx.device)
+            out, adapted = self.model(x)
+            teach = self.targets(index, x, self.val_cache)
+            values = {k: v.item() for k, v in
+                      self.criterion(x, out, adapted, teach).items()}
+            values["kl_nats"] = kl_free_bits(out.mu, out.logvar, 0.0).item()
+            values.update(psnr=mse(out.reconstruction, x), ssim=ssim(out.reconstruction, x))
+            if teach is not None:
+                values.update(teacher_psnr=mse(teach.reconstruction, x),
+                              teacher_ssim=ssim(teach.reconstruction, x))
+                for key, z in (("student", out.mu), ("adapted", adapted[0]),
+                               ("teacher", teach.mu)):
+                    latents[key].append(z.float().cpu())
+            return values
+
+        values, count = mean_over(self.ctx.val_loader, batch)
+        if latents["teacher"] and count >= 2:
+            teacher_mu = torch.cat(latents["teacher"])
+            values["cka"] = linear_cka(torch.cat(latents["adapted"]), teacher_mu)
+            values["cka_raw"] = linear_cka(torch.cat(latents["student"]), teacher_mu)
+        values = pooled_psnr(self.ctx.reduce(values, count))
+        if "teacher_psnr" in values:
+            values["quality_ratio"] = values["psnr"] / values["teacher_psnr"]
+        return values
+
+    def model_payload(self) -> dict[str, Any]:
+        return {**model_entry(self.student, "student"),
+                "adapter_state_dict": to_cpu(self.adapter.state_dict()),
+                "adapter_arch": self.adapter.arch_config(),
+                "perceptual_backbone": self.perceptual_name,
+                "teacher_source": self.teacher_source}
+
+    def load_models(self, payload: dict[str, Any], source: str) -> None:
+        load_state_checked(self.student, payload["student_state_dict"], f"{source} (student)")
+        load_state_checked(self.adapter, payload["adapter_state_dict"], f"{source} (adapter)")
+
+    def picture_rows(self) -> list[Tensor]:
+        x = self.ctx.grid_images()
+        with torch.no_grad():
+            rows = [x]
+            if self.teacher is not None:
+                rows.append(self.teacher.eval()(x).reconstruction)
+            rows.append(self.student.eval()(x).reconstruction)
+        return rows
+
+
+class FinetunePhase(DistillPhase):
+    """Phase 3: the student alone (recon, KL, perceptual), decoder first, then the encoder."""
+
+    name = "finetune"
+    last_file, best_file, epoch_file = ("tinyvae_finetune_last.pth",
+                                        "tinyvae_finetune_best.pth", None)
+
+    def __init__(self, ctx: PhaseContext, epochs: int, student: VAEBase, adapter: LatentAdapter,
+                 teacher: VAEBase | None, loss: DistillLoss, perceptual_name: str = "none",
+                 teacher_source: str = "") -> None:
+        super().__init__(ctx, epochs, student, adapter, teacher, loss, perceptual_name,
+                         teacher_source)
+        self.unfreeze_epoch = epochs // 2
+
+    def trainable(self) -> nn.Module:
+        return self.student
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": list(self.student.decoder.parameters())},
+                {"params": list(self.student.encoder.parameters())}]
+
+    def encoder_frozen(self, epoch: int) -> bool:
+        """Whether the encoder is frozen during ``epoch`` (0-based): the first half."""
+        return epoch < self.unfreeze_epoch
+
+    def frozen_parameters(self, epoch: int) -> list[nn.Parameter]:
+        return list(self.student.encoder.parameters()) if self.encoder_frozen(epoch) else []
+
+    def set_train_mode(self, epoch: int) -> None:
+        self.student.train()
+        if self.encoder_frozen(epoch):
+            self.student.encoder.eval()
+
+    def loss(self, module: nn.Module, index: Tensor, x: Tensor) -> dict[str, Tensor]:
+        return self.criterion(x, module(x), None, None)

@@ -1,0 +1,129 @@
+"""The evaluation pipeline: load teacher and student, measure both the same way, write the report.
+
+Reads ``teacher.pth`` (role teacher) and ``tinyvae_best.pth`` (role student, with
+``adapter_state_dict``/``adapter_arch``) and produces, for both models and their ratio:
+
+- parameters, weight file size (state dict alone, fp32 and fp16, saved the same way), MACs;
+- CPU latency at batch 1 (median, p90) and throughput at the throughput batch for encode,
+  decode and both, the two models interleaved in one process;
+- PSNR (pooled over the images) and SSIM on the validation split; linear CKA between adapted
+  student latents and teacher latents; the PSNR cost of a uint8 student latent.
+
+Images are float tensors in [0, 1], NCHW, RGB. The command is ``python -m hrm_vision.evaluation``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoints import load_checkpoint, model_from_payload
+from ..data import build_dataset
+from ..distill.adapter import LatentAdapter, adapter_from_payload
+from ..files import json_safe, write_json, write_text
+from ..vae import VAEBase
+from .footprint import footprint
+from .quality import UINT8_SCHEME, QualityResult, measure_quality
+from .report import figure, markdown, metrics, ratios
+from .speed import measure_speed
+from .timing import machine_info
+
+
+@dataclass
+class EvaluationSettings:
+    """What to evaluate and how (the command's options)."""
+
+    teacher: Path
+    student: Path
+    dataset: str = "photos"
+    data_dir: str = "./data"
+    image_size: int = 32
+    num_images: int = 1024
+    batch_size: int = 128
+    latency_repeats: int = 50
+    throughput_repeats: int = 10
+    throughput_batch: int = 64
+    warmup: int = 2
+    command: str = ""
+
+
+def load_pair(teacher_path: Path, student_path: Path
+              ) -> tuple[VAEBase, VAEBase, LatentAdapter | None]:
+    """Teacher, student and (if stored) the student-to-teacher adapter, in eval mode on CPU."""
+    teacher = model_from_payload(load_checkpoint(teacher_path), "teacher", str(teacher_path))
+    payload = load_checkpoint(student_path)
+    student = model_from_payload(payload, "student", str(student_path))
+    return teacher, student, adapter_from_payload(payload, str(student_path))
+
+
+def _measure_models(s: EvaluationSettings, models: dict[str, VAEBase], dataset: Any,
+                    quality: QualityResult) -> dict[str, dict[str, float]]:
+    """Footprint, speed, PSNR and SSIM per model."""
+    n = quality.num_images
+    result = {k: dict(footprint(m, s.image_size)) for k, m in models.items()}
+    images = torch.stack([dataset[i % n] for i in range(s.throughput_batch)])
+    for name, speed in measure_speed(models, images, s.latency_repeats, s.throughput_repeats,
+                                     s.warmup).items():
+        result[name].update(speed)
+    for name in models:
+        result[name]["psnr_db"] = getattr(quality, f"{name}_psnr_db")
+        result[name]["ssim"] = getattr(quality, f"{name}_ssim")
+    return result
+
+
+def _latent_section(q: QualityResult, latent: tuple[int, int, int]) -> dict[str, Any]:
+    c, h, w = latent
+    return {"scheme": UINT8_SCHEME, "psnr_float_db": q.student_psnr_db,
+            "psnr_uint8_db": q.student_uint8_psnr_db,
+            "psnr_cost_db": q.student_psnr_db - q.student_uint8_psnr_db,
+            "ssim_uint8": q.student_uint8_ssim,
+            "bytes_float32": 4 * c * h * w, "bytes_uint8": c * h * w + 8}
+
+
+def evaluate(s: EvaluationSettings) -> dict[str, Any]:
+    """Run every measurement and return the report dict (what ``evaluation.json`` holds, plus
+    ``samples``: the images of the figure)."""
+    teacher, student, adapter = load_pair(s.teacher, s.student)
+    dataset = build_dataset(s.dataset, "val", image_size=s.image_size, data_dir=s.data_dir)
+    quality = measure_quality(teacher, student, adapter, dataset, s.num_images, s.batch_size)
+    models = {"teacher": teacher, "student": student}
+    result = _measure_models(s, models, dataset, quality)
+    return {
+        "command": s.command,
+        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine_info(),
+        "checkpoints": {"teacher": str(s.teacher), "student": str(s.student)},
+        "dataset": {"name": s.dataset, "split": "val", "num_images": quality.num_images,
+                    "image_size": s.image_size},
+        "timing": {"threads": torch.get_num_threads(), "latency_repeats": s.latency_repeats,
+                   "throughput_repeats": s.throughput_repeats,
+                   "throughput_batch": s.throughput_batch, "warmup": s.warmup},
+        "teacher": result["teacher"],
+        "student": result["student"],
+        "ratios": ratios(result["teacher"], result["student"], metrics(s.throughput_batch)),
+        "alignment": {"cka_adapted": quality.cka_adapted,
+                      "cka_unadapted": quality.cka_unadapted},
+        "latent_uint8": _latent_section(quality, student.latent_shape(s.image_size,
+                                                                      s.image_size)),
+        "samples": quality.samples,
+    }
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Write ``evaluation.json`` (non-finite values as null, with a warning), ``evaluation.md``
+    and ``evaluation.png`` into ``out_dir``."""
+    report = dict(report)
+    samples = report.pop("samples", {})
+    if json_safe(report) != report:
+        print("warning: the report holds non-finite values (written as null)", file=sys.stderr)
+    paths = {"json": out_dir / "evaluation.json", "markdown": out_dir / "evaluation.md",
+             "png": out_dir / "evaluation.png"}
+    write_json(report, paths["json"], indent=2)
+    write_text(markdown(report), paths["markdown"])
+    figure(report, samples, paths["png"])
+    return paths
