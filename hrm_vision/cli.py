@@ -64,15 +64,13 @@ COMMANDS: dict[str, Command] = {
 def error_message(exc: BaseException) -> str:
     """One line saying what went wrong: the exception's message with its line breaks folded.
 
-    A pydantic ``ValidationError`` reads ``field: problem; field: problem``.
+    A pydantic ``ValidationError`` reads ``field: problem (got value); unknown key 'name'`` (see
+    :func:`hrm_vision.validation.describe_validation_error`).
     """
-    errors = getattr(exc, "errors", None)
-    if callable(errors) and type(exc).__module__.startswith("pydantic"):
-        try:
-            return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '<config>'}: {e['msg']}"
-                             for e in errors())
-        except Exception:  # pragma: no cover - an unexpected pydantic layout: fall through
-            pass
+    if type(exc).__module__.startswith("pydantic") and callable(getattr(exc, "errors", None)):
+        from .validation import describe_validation_error
+
+        return describe_validation_error(exc)  # type: ignore[arg-type]
     text = " ".join(str(exc).split())
     if isinstance(exc, KeyError) and len(exc.args) == 1 and text == repr(exc.args[0]):
         text = str(exc.args[0])

@@ -310,7 +310,7 @@ class TestHost:
                               "--num-crops", "2", "--telemetry", str(tmp_path / "t.jsonl")]) == 2
         err = capsys.readouterr().err
         assert re.fullmatch(r"hrm-vision irp: error: tinyvae config: checkpoint: .*not found.*"
-                            r"stepsize: Extra inputs are not permitted\n", err), err
+                            r"unknown key 'stepsize' \(known keys: .*checkpoint.*\)\n", err), err
         assert host_cli.main(["--plugin", "tinyvae", "--config", "other={}"]) == 2
         assert "not among --plugin" in capsys.readouterr().err
 

@@ -32,6 +32,7 @@ from typing import Any
 import pluggy
 from pydantic import BaseModel, ValidationError
 
+from ..validation import describe_validation_error
 from . import hookspecs
 from .base import IRPConfig, IRPPlugin
 
@@ -259,7 +260,8 @@ class IRPHost:
         """``config`` validated by plugin ``name``'s config model.
 
         Raises :class:`PluginConfigError` whose message names every bad field, e.g.
-        ``tinyvae config: step_size: Input should be greater than 0``.
+        ``tinyvae config: step_size: Input should be greater than 0 (got -1)``, or
+        ``tinyvae config: unknown key 'stepsize' (known keys: ...)``.
         """
         info = self.get(name)
         if isinstance(config, info.config_model):
@@ -269,9 +271,7 @@ class IRPHost:
         try:
             return info.config_model.model_validate(config or {})
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or '<config>'}: {err['msg']}"
-                for err in exc.errors())
+            problems = describe_validation_error(exc, known=info.config_model.model_fields)
             raise PluginConfigError(f"{name} config: {problems}") from exc
 
     def create(self, name: str, config: dict[str, Any] | BaseModel | None = None) -> IRPPlugin:
