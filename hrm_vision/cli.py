@@ -12,11 +12,19 @@ Each subcommand hands the rest of the command line to the ``main(argv) -> int`` 
 the same function the ``python -m`` form and the ``training/`` scripts call. The module is
 imported only when its command runs, so ``hrm-vision irp`` works on a core install; a command
 whose optional dependencies are missing says which extra to install.
+
+Errors (:func:`run_main`): a failure that is the user's to fix, a :data:`EXPECTED_ERRORS`
+(``ValueError``, which includes ``CheckpointError`` and config errors; ``OSError`` such as a
+missing file or a full disk; ``ImportError`` such as a missing extra), prints one line
+``PROG: error: <what and why>`` on standard error and exits with status 2. Anything else is a bug
+and keeps its traceback (status 1). ``HRM_VISION_TRACEBACK=1`` shows the traceback of expected
+failures too.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -25,6 +33,12 @@ from . import __version__
 from ._extras import MissingExtraError, missing_extra
 
 PROG = "hrm-vision"
+#: Failures that are the user's to fix (a file, a value, a missing extra): one line, status 2.
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError)
+#: Set (to anything but "" or "0") to see the traceback of an expected failure too.
+TRACEBACK_ENV = "HRM_VISION_TRACEBACK"
+#: Exit status of an expected failure (argparse uses it for usage errors too).
+ERROR_STATUS = 2
 
 
 class Command(NamedTuple):
@@ -45,6 +59,49 @@ COMMANDS: dict[str, Command] = {
                       "export the student for deployment (ONNX) and check parity"),
     "irp": Command("hrm_vision.irp.host", "run IRP plugins (the TinyVAE perception plugin)"),
 }
+
+
+def error_message(exc: BaseException) -> str:
+    """One line saying what went wrong: the exception's message with its line breaks folded.
+
+    A pydantic ``ValidationError`` reads ``field: problem (got value); unknown key 'name'`` (see
+    :func:`hrm_vision.validation.describe_validation_error`).
+    """
+    if type(exc).__module__.startswith("pydantic") and callable(getattr(exc, "errors", None)):
+        from .validation import describe_validation_error
+
+        return describe_validation_error(exc)  # type: ignore[arg-type]
+    text = " ".join(str(exc).split())
+    if isinstance(exc, KeyError) and len(exc.args) == 1 and text == repr(exc.args[0]):
+        text = str(exc.args[0])
+    return text or type(exc).__name__
+
+
+def report_error(prog: str, exc: BaseException) -> int:
+    """Print ``prog: error: <message>`` on standard error; returns :data:`ERROR_STATUS`."""
+    print(f"{prog}: error: {error_message(exc)}", file=sys.stderr)
+    return ERROR_STATUS
+
+
+def show_tracebacks() -> bool:
+    """True when :data:`TRACEBACK_ENV` asks for tracebacks of expected failures."""
+    return os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+
+
+def run_main(prog: str, main: Callable[[list[str] | None], int | None],
+             argv: Sequence[str] | None = None) -> int:
+    """``main(argv)`` with the package's error path: an :data:`EXPECTED_ERRORS` is one line on
+    standard error and status 2; other exceptions propagate with their traceback.
+
+    Returns ``main``'s status (``None`` counts as 0).
+    """
+    try:
+        status = main(None if argv is None else list(argv))
+    except EXPECTED_ERRORS as exc:
+        if show_tracebacks():
+            raise
+        return report_error(prog, exc)
+    return 0 if status is None else int(status)
 
 
 def usage() -> str:
@@ -96,10 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         command = load_command(name)
     except ImportError as exc:
-        print(f"{PROG} {name}: {exc}", file=sys.stderr)
-        return 1
-    status = command(rest)
-    return 0 if status is None else int(status)
+        print(f"{PROG} {name}: {error_message(exc)}", file=sys.stderr)
+        return ERROR_STATUS
+    return run_main(f"{PROG} {name}", command, rest)
 
 
 if __name__ == "__main__":

@@ -5,16 +5,19 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from hrm_vision.data import build_dataset
 from hrm_vision.data.cifar10 import BATCH_DIR, TRAIN_FILES, CIFAR10Images
 from hrm_vision.data.imagefolder import ImageFolderImages, split_files
+from hrm_vision.data.images import UnsupportedImageError, read_image
 
 PER_BATCH = 4
 
@@ -171,3 +174,127 @@ class TestImageFolder:
             build_dataset("imagefolder", "train", data_dir=str(tmp_path))
         with pytest.raises(ValueError, match="image folder not found: .*nope"):
             build_dataset("imagefolder", "train", data_dir=str(tmp_path / "nope"))
+
+
+# ------------------------------------------------------------------------- bit depths
+def write_png16(path: Path, values: np.ndarray) -> Path:
+    """A 16-bit PNG written byte by byte: ``values`` uint16 ``(H, W)`` gray or ``(H, W, 3)`` RGB
+    (Pillow cannot write 16-bit RGB)."""
+    arr = np.asarray(values, dtype=">u2")
+    h, w = arr.shape[:2]
+    color_type = 0 if arr.ndim == 2 else 2
+    raw = b"".join(b"\x00" + arr[y].tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n"
+                     + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return path
+
+
+def write_float_rgb_tiff(path: Path, values: np.ndarray) -> Path:
+    """An uncompressed 3-channel float32 TIFF (Pillow cannot write or read one)."""
+    arr = np.ascontiguousarray(values, dtype="<f4")
+    h, w, c = arr.shape
+    data = arr.tobytes()
+    tags_at, count = 8, 11
+    bits_at = tags_at + 2 + count * 12 + 4
+    formats_at, data_at = bits_at + 2 * c, bits_at + 4 * c
+    tags = [(256, 4, 1, w), (257, 4, 1, h), (258, 3, c, bits_at), (259, 3, 1, 1),
+            (262, 3, 1, 2), (273, 4, 1, data_at), (277, 3, 1, c), (278, 4, 1, h),
+            (279, 4, 1, len(data)), (284, 3, 1, 1), (339, 3, c, formats_at)]
+    out = b"II*\x00" + struct.pack("<IH", tags_at, count)
+    for tag, kind, n, value in tags:
+        out += struct.pack("<HHIHH" if kind == 3 and n == 1 else "<HHII", tag, kind, n, value,
+                           *([0] if kind == 3 and n == 1 else []))
+    out += struct.pack("<I", 0) + struct.pack(f"<{c}H", *[32] * c) + struct.pack(f"<{c}H", *[3] * c)
+    path.write_bytes(out + data)
+    return path
+
+
+def folder_items(root: Path, size: int = 8) -> dict[str, torch.Tensor]:
+    ds = ImageFolderImages(root, "train", image_size=size, val_fraction=0.0)
+    return {rel: ds[i] for i, rel in enumerate(ds.files)}
+
+
+class TestBitDepths:
+    """16-bit and float files are scaled by their depth, or skipped saying why."""
+
+    def test_16bit_gray_png_is_scaled_not_saturated(self, tmp_path: Path) -> None:
+        write_png16(tmp_path / "g.png", np.full((16, 16), 16384, np.uint16))
+        gradient = np.tile(np.linspace(0, 65535, 16).astype(np.uint16), (16, 1))
+        write_png16(tmp_path / "ramp.png", gradient)
+        assert Image.open(tmp_path / "g.png").mode.startswith("I")  # the mode that saturated
+        items = folder_items(tmp_path)
+        assert torch.allclose(items["g.png"], torch.full((3, 8, 8), 16384 / 65535), atol=1 / 255)
+        ramp = items["ramp.png"][0]
+        assert ramp[:, 0].max() < 0.1 and ramp[:, -1].min() > 0.9  # the full range survives
+        assert torch.all(ramp[:, 1:] >= ramp[:, :-1])
+
+    def test_16bit_rgb_png_and_pgm(self, tmp_path: Path) -> None:
+        rgb = np.zeros((8, 8, 3), np.uint16)
+        rgb[..., 0], rgb[..., 1], rgb[..., 2] = 65535, 32768, 4096
+        write_png16(tmp_path / "rgb.png", rgb)
+        (tmp_path / "deep.pgm").write_bytes(b"P5\n8 8\n1023\n"
+                                            + np.full((8, 8), 256, ">u2").tobytes())
+        items = folder_items(tmp_path)
+        assert torch.allclose(items["rgb.png"][:, 0, 0], torch.tensor([1.0, 0.5, 1 / 16]),
+                              atol=1 / 255)
+        assert torch.allclose(items["deep.pgm"], torch.full((3, 8, 8), 256 / 1023), atol=1 / 255)
+
+    def test_float_tiff_in_unit_range_keeps_its_values(self, tmp_path: Path) -> None:
+        Image.fromarray(np.full((16, 16), 0.25, np.float32)).save(tmp_path / "f.tif")
+        assert Image.open(tmp_path / "f.tif").mode == "F"
+        assert torch.allclose(folder_items(tmp_path)["f.tif"], torch.full((3, 8, 8), 0.25),
+                              atol=1 / 255)
+
+    def test_8bit_files_are_read_as_before(self, tmp_path: Path) -> None:
+        rels = write_images(tmp_path, 5)
+        items = folder_items(tmp_path, size=16)
+        for rel in rels:  # Pillow's own uint8 path: convert, centre crop, Lanczos
+            with Image.open(tmp_path / rel) as img:
+                expected = ImageOps.fit(img.convert("RGB"), (16, 16),
+                                        method=Image.Resampling.LANCZOS)
+            assert torch.equal((items[rel] * 255).round().byte(),
+                               torch.from_numpy(np.array(expected)).permute(2, 0, 1))
+
+    def test_unknown_scales_are_skipped_saying_why(self, tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+        Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "good.tif")
+        Image.fromarray(np.full((8, 8), 200.0, np.float32)).save(tmp_path / "a_range.tif")
+        nan = np.full((8, 8), 0.5, np.float32)
+        nan[0, 0] = np.nan
+        Image.fromarray(nan).save(tmp_path / "b_nan.tif")
+        Image.fromarray(np.full((8, 8), 70000, np.int32)).save(tmp_path / "c_int32.tif")
+        write_float_rgb_tiff(tmp_path / "d_rgb_float.tiff", np.full((8, 8, 3), 0.5))
+        with caplog.at_level(logging.WARNING, logger="hrm_vision.data.imagefolder"):
+            ds = ImageFolderImages(tmp_path, "train", image_size=8, val_fraction=0.0)
+        assert ds.files == ["good.tif"]
+        reasons = dict(ds.skipped)
+        assert "outside [0, 1]" in reasons["a_range.tif"]
+        assert "NaN" in reasons["b_nan.tif"]
+        assert "32-bit integer" in reasons["c_int32.tif"]
+        assert "multi-channel float TIFFs are not supported" in reasons["d_rgb_float.tiff"]
+        assert "skipped 4 unreadable file(s) of 5" in caplog.text
+        assert "outside [0, 1]" in caplog.text and "+1 more" in caplog.text
+
+
+class TestReadImage:
+    def test_float_rgb_by_depth(self, tmp_path: Path) -> None:
+        write_png16(tmp_path / "g.png", np.full((4, 6), 65535 // 4, np.uint16))
+        Image.fromarray(np.full((4, 6, 3), 51, np.uint8)).save(tmp_path / "e.png")
+        Image.fromarray(np.full((4, 6), 0.75, np.float32)).save(tmp_path / "f.tif")
+        for name, value in [("g.png", 0.25), ("e.png", 0.2), ("f.tif", 0.75)]:
+            x = read_image(tmp_path / name)
+            assert x.shape == (4, 6, 3) and x.dtype == np.float32
+            assert np.allclose(x, value, atol=1e-4), name
+
+    def test_errors(self, tmp_path: Path) -> None:
+        with pytest.raises(FileNotFoundError):
+            read_image(tmp_path / "missing.png")
+        Image.fromarray(np.full((4, 4), -1.0, np.float32)).save(tmp_path / "neg.tif")
+        with pytest.raises(UnsupportedImageError, match=r"neg.tif: float pixels in \[-1, -1\]"):
+            read_image(tmp_path / "neg.tif")

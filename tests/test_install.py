@@ -396,7 +396,7 @@ class TestCommand:
     def test_missing_extra_is_one_line(self, fake: list, monkeypatch: pytest.MonkeyPatch,
                                        capsys: pytest.CaptureFixture[str]) -> None:
         hide(monkeypatch, "skimage")
-        assert cli.main(["needs-skimage"]) == 1
+        assert cli.main(["needs-skimage"]) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and "pip install 'hrm-vision[photos]'" in err
         assert err.startswith("hrm-vision needs-skimage:")

@@ -195,11 +195,15 @@ class TestConfigErrors:
         ({"rate": "fast"}, "rate"),
         ({"max_steps": 0}, "max_steps"),
         ({"halt_window": 0}, "halt_window"),
-        ({"targte": 1.0}, "targte"),
     ])
     def test_errors_name_the_field(self, host: IRPHost, config: dict, field: str) -> None:
         with pytest.raises(PluginConfigError, match=rf"^toy config: {field}: "):
             host.create("toy", config)
+
+    def test_unknown_key_lists_the_known_ones(self, host: IRPHost) -> None:
+        with pytest.raises(PluginConfigError, match=r"^toy config: unknown key 'targte' "
+                                                    r"\(known keys: .*target, rate\)$"):
+            host.create("toy", {"targte": 1.0})
 
     def test_tinyvae_config_names_checkpoint_device_and_settings(self, host: IRPHost,
                                                                  tmp_path: Path) -> None:

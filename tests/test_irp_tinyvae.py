@@ -202,10 +202,27 @@ class TestInputs:
         (torch.full((1, 3, 32, 32), 255.0), r"\[0, 1\]"),
         (torch.zeros(1, 32, 32, 3), "permute"),
         ([[0.0]], "torch tensor or a numpy"),
-    ])
+        (torch.full((1, 3, 32, 32), float("nan")), r"3072 NaN or infinite value\(s\) of 3072"),
+        (torch.zeros(2, 3, 32, 32).index_fill_(2, torch.tensor([5]), float("inf")),
+         r"192 NaN or infinite"),
+        (torch.zeros(0, 3, 32, 32), "no image"),
+        (torch.zeros(1, 3, 0, 0), r"no pixels \(0x0"),
+        (torch.zeros(3, 32, 0), r"no pixels \(32x0"),
+        (np.zeros((0, 0, 3), dtype=np.uint8), r"no pixels \(0x0"),
+        (np.zeros((0, 32, 32, 3), dtype=np.uint8), "no image"),
+    ], ids=["float-numpy", "rgba", "uint8-tensor", "0-255", "nhwc", "list", "nan", "inf",
+            "empty-batch", "0x0", "zero-width", "numpy-0x0", "numpy-empty-batch"])
     def test_bad_inputs_say_what_was_expected(self, plugin, bad, message) -> None:
         with pytest.raises(ValueError, match=message):
             plugin.perceive(bad)
+
+    @pytest.mark.parametrize("bad", [torch.zeros(1, 3, 0, 0), torch.full((1, 3, 30, 30),
+                                                                         float("nan"))])
+    def test_resizing_does_not_hide_empty_or_nan_input(self, host, checkpoint, bad) -> None:
+        resizing = host.create("tinyvae", {"checkpoint": str(checkpoint),
+                                           "on_bad_size": "resize"})
+        with pytest.raises(ValueError, match="no pixels|NaN"):
+            resizing.perceive(bad)
 
 
 class TestCheckpoints:
@@ -226,6 +243,22 @@ class TestCheckpoints:
         path.write_bytes(b"not a checkpoint")
         with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
             TinyVAEPlugin(TinyVAEConfig(checkpoint=path))
+
+    def test_safetensors_weights_give_the_same_run(self, host, plugin, checkpoint, tmp_path,
+                                                    photo_batch) -> None:
+        path = load_model(checkpoint).save_pretrained(tmp_path / "tinyvae.safetensors")
+        from_st = host.create("tinyvae", {"checkpoint": str(path), "max_steps": 8})
+        a, b = plugin.perceive(photo_batch[:2]), from_st.perceive(photo_batch[:2])
+        assert torch.equal(a.latent, b.latent)
+        assert a.telemetry["energy_trajectory"] == b.telemetry["energy_trajectory"]
+
+    def test_non_finite_weights_are_refused(self, host, checkpoint, tmp_path) -> None:
+        payload = torch.load(checkpoint)
+        next(iter(payload["student_state_dict"].values())).view(-1)[0] = float("nan")
+        path = tmp_path / "nan.pth"
+        torch.save(payload, path)
+        with pytest.raises(CheckpointError, match="NaN or infinite weights"):
+            host.create("tinyvae", {"checkpoint": str(path)})
 
     def test_weights_come_from_the_checkpoint(self, plugin, checkpoint) -> None:
         stored = torch.load(checkpoint)["student_state_dict"]
@@ -271,12 +304,15 @@ class TestHost:
         records = [json.loads(ln) for ln in out.read_text().splitlines()]
         assert len(records) == 2 and all(r["steps"] == 2 for r in records)
 
-    def test_command_line_errors_name_the_problem(self, tmp_path) -> None:
+    def test_command_line_errors_name_the_problem(self, tmp_path, capsys) -> None:
         config = json.dumps({"checkpoint": str(tmp_path / "none.pth"), "stepsize": 1})
-        with pytest.raises(SystemExit, match=r"checkpoint: .*not found.*stepsize: Extra"):
-            host_cli.main(["--plugin", "tinyvae", "--config", f"tinyvae={config}"])
-        with pytest.raises(SystemExit, match="not among --plugin"):
-            host_cli.main(["--plugin", "tinyvae", "--config", "other={}"])
+        assert host_cli.main(["--plugin", "tinyvae", "--config", f"tinyvae={config}",
+                              "--num-crops", "2", "--telemetry", str(tmp_path / "t.jsonl")]) == 2
+        err = capsys.readouterr().err
+        assert re.fullmatch(r"hrm-vision irp: error: tinyvae config: checkpoint: .*not found.*"
+                            r"unknown key 'stepsize' \(known keys: .*checkpoint.*\)\n", err), err
+        assert host_cli.main(["--plugin", "tinyvae", "--config", "other={}"]) == 2
+        assert "not among --plugin" in capsys.readouterr().err
 
     def test_docs_example_runs(self, checkpoint, tmp_path, monkeypatch) -> None:
         section = IRP_DOC.read_text().split("## Use in an IRP host")[1]

@@ -194,9 +194,12 @@ class TestBadFiles:
         ({"name": "tinyvae", "latent_dim": 8, "base_channels": 8, "depth": 3},
          "cannot rebuild"),
         ({"name": "tinyvae", "latent_dim": 16, "base_channels": 8}, "shape mismatches"),
-        # 10**9 channels: refused from the tensor shapes, nothing of that size is allocated
-        ({"name": "tinyvae", "latent_dim": 10 ** 9, "base_channels": 8}, "does not fit"),
-    ], ids=["no-arch", "bad-json", "not-a-dict", "unknown", "bad-kwarg", "other-size", "absurd"])
+        # 10**9 channels: refused from the stored shapes before the model is built
+        ({"name": "tinyvae", "latent_dim": 10 ** 9, "base_channels": 8},
+         r"latent_dim=1000000000 is outside \[0, 192\]"),
+        ({"name": "tinyvae", "latent_dim": -1, "base_channels": 8}, "outside"),
+    ], ids=["no-arch", "bad-json", "not-a-dict", "unknown", "bad-kwarg", "other-size", "absurd",
+        "negative"])
     def test_bad_arch_metadata(self, tmp_path: Path, student: MinimalVAE, arch,
                                message: str) -> None:
         path = write_safetensors(tmp_path / "x.safetensors", student, arch)

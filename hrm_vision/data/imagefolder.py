@@ -7,8 +7,11 @@ its split when others are added.
 
 The images of the requested split are decoded once at construction (with a progress bar), centre
 cropped to a square, resized to ``image_size`` and kept as uint8 (``3 * S * S`` bytes each, 3 KB
-at 32 px). Files that cannot be decoded are skipped, counted and logged, never fatal; a folder with
-no readable image is a ``ValueError`` naming it. Items are deterministic per index (no random
+at 32 px). 16-bit and float files are scaled by their bit depth (16-bit values / 65535, floats
+in [0, 1] as they are; see :mod:`hrm_vision.data.images`). Files that cannot be decoded, or
+whose pixel scale is unknown (32-bit integers, floats outside [0, 1], NaN), are skipped, counted
+and logged with the reason, never fatal; a folder with no readable image is a ``ValueError``
+naming it. Items are deterministic per index (no random
 augmentation), which lets the distiller cache the teacher's outputs.
 
 Needs the ``train`` extra (pillow decodes the files, tqdm shows progress): ``pip install
@@ -27,6 +30,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .._extras import require
+from .images import load_square_uint8
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +78,12 @@ def split_files(files: list[str], val_fraction: float, seed: int) -> dict[str, l
 def load_image(path: Path, image_size: int) -> np.ndarray:
     """``path`` as an ``(S, S, 3)`` uint8 RGB array: centre-cropped square, resized (Lanczos).
 
-    Raises whatever PIL raises for a file it cannot decode (``OSError``, ``ValueError``, ...).
+    16-bit and float files are scaled to [0, 1] by their bit depth first (see
+    :func:`hrm_vision.data.images.load_square_uint8`). Raises what Pillow raises for a file it
+    cannot decode (``OSError``, ``ValueError``, ...) and
+    :class:`~hrm_vision.data.images.UnsupportedImageError` for pixels whose scale is unknown.
     """
-    image = require("PIL.Image", extra="train", purpose="the 'imagefolder' dataset")
-    image_ops = require("PIL.ImageOps", extra="train", purpose="the 'imagefolder' dataset")
-    with image.open(path) as img:
-        img = image_ops.exif_transpose(img)
-        rgb = img.convert("RGB")
-    square = image_ops.fit(rgb, (image_size, image_size), method=image.Resampling.LANCZOS)
-    return np.asarray(square, dtype=np.uint8)
+    return load_square_uint8(path, image_size, purpose="the 'imagefolder' dataset")
 
 
 class ImageFolderImages(Dataset[Tensor]):
@@ -130,9 +131,10 @@ class ImageFolderImages(Dataset[Tensor]):
                 continue
             self.files.append(rel)
         if self.skipped:
-            rel, reason = self.skipped[0]
-            log.warning("imagefolder %s: skipped %d unreadable file(s) of %d in %s (first: %s: %s)",
-                        split, len(self.skipped), len(candidates), self.root, rel, reason)
+            shown = "; ".join(f"{rel}: {reason}" for rel, reason in self.skipped[:3])
+            more = f" (+{len(self.skipped) - 3} more in .skipped)" if len(self.skipped) > 3 else ""
+            log.warning("imagefolder %s: skipped %d unreadable file(s) of %d in %s: %s%s",
+                        split, len(self.skipped), len(candidates), self.root, shown, more)
         if not arrays:
             detail = (f"the {len(self.skipped)} image file(s) of this split (of "
                       f"{len(all_files)} in the folder) could not be decoded, first "

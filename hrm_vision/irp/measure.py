@@ -31,6 +31,8 @@ from ..metrics import psnr
 from .plugins import get_host
 from .tinyvae_plugin import TinyVAEPlugin
 
+#: The command's name in messages.
+PROG = "python -m hrm_vision.irp.measure"
 #: The ``max_steps`` value standing for the bare model (``decode(encode(x))``, no IRP loop).
 BARE = 0
 
@@ -101,7 +103,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def setup_args() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hrm_vision.irp.measure",
+    parser = argparse.ArgumentParser(prog=PROG,
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", type=Path, required=True,
                         help="TinyVAE checkpoint (role 'student'), e.g. tinyvae_best.pth")
@@ -117,15 +119,20 @@ def setup_args() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; an expected failure (bad value, unloadable checkpoint, missing file or
+    extra) is one line on standard error and status 2 (see :func:`hrm_vision.cli.run_main`)."""
+    from ..cli import run_main
+
+    return run_main(PROG, _run, argv)
+
+
+def _run(argv: Sequence[str] | None) -> int:
     args = setup_args().parse_args(argv)
     if any(n < 1 for n in args.steps):
-        raise SystemExit("--steps values must be at least 1")
+        raise ValueError(f"--steps values must be at least 1, got {args.steps}")
     torch.set_num_threads(args.threads)
-    try:
-        plugin = get_host().create("tinyvae", {"checkpoint": str(args.checkpoint),
-                                               "device": args.device})
-    except ValueError as exc:  # PluginConfigError, CheckpointError
-        raise SystemExit(f"error: {exc}") from exc
+    plugin = get_host().create("tinyvae", {"checkpoint": str(args.checkpoint),
+                                           "device": args.device})
     assert isinstance(plugin, TinyVAEPlugin)
     images = PhotoCrops("val", num_crops=args.num_crops, seed=args.seed).images_uint8
     images = (images.float() / 255.0).to(plugin.device)

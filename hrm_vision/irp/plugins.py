@@ -11,7 +11,8 @@ The environment variable :data:`ALLOW_ENV` (``HRM_VISION_IRP_PLUGINS``) is an al
 entry-point names, comma separated: when it is set, only those entry points are loaded (an empty
 value loads none; built-ins are always registered). A plugin that fails to import, to register,
 or to declare its plugins is reported (a :class:`PluginWarning` and an entry in
-:attr:`IRPHost.errors`) and skipped: the host still starts.
+:attr:`IRPHost.errors`) and skipped: the host still starts. That includes a plugin that raises
+``SystemExit`` (calls ``sys.exit``) while it is imported; only ``KeyboardInterrupt`` goes through.
 
 >>> host = IRPHost()                       # built-ins + entry points
 >>> host.list_plugins()                    # {"tinyvae": PluginInfo(...)}
@@ -31,6 +32,7 @@ from typing import Any
 import pluggy
 from pydantic import BaseModel, ValidationError
 
+from ..validation import describe_validation_error
 from . import hookspecs
 from .base import IRPConfig, IRPPlugin
 
@@ -53,6 +55,28 @@ class PluginConfigError(ValueError):
     """A plugin config that its pydantic model rejects; the message names each bad field."""
 
 
+class UnknownPluginError(KeyError, ValueError):
+    """No plugin of that name is registered; the message lists the registered ones.
+
+    A ``KeyError`` (a lookup that failed) and a ``ValueError`` (a bad name given by a user, which
+    the command line reports in one line).
+    """
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown IRP plugin"
+
+
+#: What a plugin's own code may raise without taking the host down: every exception, and
+#: ``SystemExit`` (a plugin calling ``sys.exit``). ``KeyboardInterrupt`` is not caught.
+PLUGIN_FAILURES: tuple[type[BaseException], ...] = (Exception, SystemExit)
+
+
+def describe(exc: BaseException) -> str:
+    """``"Type: message"`` of an exception, on one line."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 @dataclass(frozen=True)
 class PluginInfo:
     """What a plugin registered: see the ``register_irp_plugins`` hook."""
@@ -67,11 +91,22 @@ class PluginInfo:
 
 @dataclass(frozen=True)
 class PluginError:
-    """A plugin that was reported and skipped: where it came from and what went wrong."""
+    """A plugin failure that was reported: where it came from and what went wrong.
+
+    Attributes:
+        name: the plugin (entry-point, module or registry name).
+        source: ``"builtin"``, ``"entry point <group>"``, ``"hook"``, ``"register"``, or the
+            module that registered the plugin (factory and run failures).
+        message: what went wrong, one line.
+        stage: ``"import"``, ``"register"``, ``"factory"`` or ``"run"``.
+        input_id: the input a ``"run"`` failure happened on.
+    """
 
     name: str
-    source: str  # "builtin", "entry point <group>", "hook", "register"
+    source: str
     message: str
+    stage: str = "import"
+    input_id: int | str | None = None
 
 
 class IRPHost:
@@ -104,17 +139,17 @@ class IRPHost:
         name = name or getattr(plugin, "__name__", None) or repr(plugin)
         if self.pm.is_registered(plugin):
             return self.pm.get_name(plugin)
-        unknown = [attr for attr in dir(plugin)
-                   if hasattr(getattr(plugin, attr, None), f"{hookspecs.PROJECT_NAME}_impl")
-                   and attr not in HOOK_NAMES]
-        if unknown:
-            self._report(name, "register", f"implements unknown hooks {unknown}; the hooks are "
-                                           f"{HOOK_NAMES}")
-            return None
         try:
+            unknown = [attr for attr in dir(plugin)
+                       if hasattr(getattr(plugin, attr, None), f"{hookspecs.PROJECT_NAME}_impl")
+                       and attr not in HOOK_NAMES]
+            if unknown:
+                self.report(name, "register", f"implements unknown hooks {unknown}; the hooks "
+                                              f"are {HOOK_NAMES}", stage="register")
+                return None
             return self.pm.register(plugin, name=name)
-        except Exception as exc:  # pluggy validation errors, duplicate names, ...
-            self._report(name, "register", f"{type(exc).__name__}: {exc}")
+        except PLUGIN_FAILURES as exc:  # pluggy validation errors, duplicate names, ...
+            self.report(name, "register", describe(exc), stage="register")
             return None
 
     def unregister(self, name: str) -> None:
@@ -140,33 +175,39 @@ class IRPHost:
                 continue
             try:
                 module = ep.load()
-            except Exception as exc:  # a broken plugin must not take the host down
-                self._report(ep.name, source, f"import of {ep.value!r} failed: "
-                                              f"{type(exc).__name__}: {exc}")
+            except PLUGIN_FAILURES as exc:  # a broken plugin must not take the host down
+                self.report(ep.name, source, f"import of {ep.value!r} failed: {describe(exc)}")
                 continue
             if self.register(module, ep.name) is not None:
                 loaded.append(ep.name)
         for missing in sorted((wanted or set()) - {ep.name for ep in eps}):
-            self._report(missing, source, f"{ALLOW_ENV} names {missing!r}, which no installed "
-                                          "package provides")
+            self.report(missing, source, f"{ALLOW_ENV} names {missing!r}, which no installed "
+                                         "package provides")
         return loaded
 
     def _register_import(self, module_path: str, name: str, source: str) -> None:
         try:
             module = importlib.import_module(module_path)
-        except Exception as exc:
-            self._report(name, source, f"import failed: {type(exc).__name__}: {exc}")
+        except PLUGIN_FAILURES as exc:
+            self.report(name, source, f"import failed: {describe(exc)}")
             return
         self.register(module, name)
 
-    def _report(self, name: str, source: str, message: str) -> None:
+    def report(self, name: str, source: str, message: str, stage: str = "import",
+               input_id: int | str | None = None) -> PluginError:
+        """Record a plugin failure in :attr:`errors` and warn (a :class:`PluginWarning`).
+
+        The same failure (name, source, message) is recorded and warned about once.
+        """
+        error = PluginError(name, source, message, stage, input_id)
         key = (name, source, message)
-        if key in self._reported:
-            return
-        self._reported.add(key)
-        self.errors.append(PluginError(name, source, message))
-        warnings.warn(f"IRP plugin {name!r} ({source}) skipped: {message}", PluginWarning,
-                      stacklevel=3)
+        if key not in self._reported:
+            self._reported.add(key)
+            self.errors.append(error)
+            verb = "failed" if stage == "run" else "skipped"
+            warnings.warn(f"IRP plugin {name!r} ({source}) {verb}: {message}", PluginWarning,
+                          stacklevel=3)
+        return error
 
     # ------------------------------------------------------------------ the registry
     def list_plugins(self) -> dict[str, PluginInfo]:
@@ -188,22 +229,30 @@ class IRPHost:
                 if problem is None and name in found:
                     problem = f"name {name!r} is already registered by {found[name].source}"
                 if problem is not None:
-                    self._report(str(name), _source, problem)
+                    self.report(str(name), _source, problem, stage="register")
                     return
                 found[name] = PluginInfo(name, factory, config_model, kind, description, _source)
 
             try:
                 impl.function(*[{"register": register}[arg] for arg in impl.argnames])
-            except Exception as exc:
-                self._report(source, "hook", f"register_irp_plugins raised "
-                                             f"{type(exc).__name__}: {exc}")
+            except PLUGIN_FAILURES as exc:
+                self.report(source, "hook", f"register_irp_plugins raised {describe(exc)}",
+                            stage="register")
         return found
 
     def get(self, name: str) -> PluginInfo:
-        """The registered plugin ``name``; ``KeyError`` listing the available names otherwise."""
+        """The registered plugin ``name``.
+
+        Raises:
+            UnknownPluginError: (a ``KeyError``) listing the registered names, and the load
+                failure of a plugin module of that name if there was one.
+        """
         plugins = self.list_plugins()
         if name not in plugins:
-            raise KeyError(f"no IRP plugin named {name!r}; registered: {sorted(plugins)}")
+            failed = [e.message for e in self.errors if e.name == name and e.stage != "run"]
+            why = f" (it failed to load: {failed[0]})" if failed else ""
+            raise UnknownPluginError(f"no IRP plugin named {name!r}{why}; registered: "
+                                     f"{sorted(plugins)}")
         return plugins[name]
 
     def validate_config(self, name: str,
@@ -211,7 +260,8 @@ class IRPHost:
         """``config`` validated by plugin ``name``'s config model.
 
         Raises :class:`PluginConfigError` whose message names every bad field, e.g.
-        ``tinyvae config: step_size: Input should be greater than 0``.
+        ``tinyvae config: step_size: Input should be greater than 0 (got -1)``, or
+        ``tinyvae config: unknown key 'stepsize' (known keys: ...)``.
         """
         info = self.get(name)
         if isinstance(config, info.config_model):
@@ -221,9 +271,7 @@ class IRPHost:
         try:
             return info.config_model.model_validate(config or {})
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or '<config>'}: {err['msg']}"
-                for err in exc.errors())
+            problems = describe_validation_error(exc, known=info.config_model.model_fields)
             raise PluginConfigError(f"{name} config: {problems}") from exc
 
     def create(self, name: str, config: dict[str, Any] | BaseModel | None = None) -> IRPPlugin:

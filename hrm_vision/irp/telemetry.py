@@ -1,7 +1,14 @@
 """IRP telemetry: the JSON schema shipped with the package, validation and JSON-lines output.
 
 A telemetry record is a plain dict of JSON types (see ``telemetry.schema.json`` next to this
-file). Floats are always finite: a non-finite value becomes ``None`` (JSON ``null``), so
+file), of one of two kinds:
+
+- a **run record** (:meth:`hrm_vision.irp.base.IRPPlugin.emit_telemetry`): one refinement run,
+  its energies, halt reason, time and trust metrics;
+- an **error record** (:func:`error_record`), told apart by its ``"error"`` key: a plugin that
+  failed at import, while registering, in its factory, or while running on an input.
+
+Floats are always finite: a non-finite value becomes ``None`` (JSON ``null``), so
 ``json.dumps(record, allow_nan=False)`` never fails.
 
 jsonschema is a core dependency (a host validates every record it writes, on the robot too) but
@@ -12,12 +19,15 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from functools import cache
 from importlib import resources
 from typing import IO, Any
 
-#: Version of the record layout, stored under ``"schema_version"``.
-SCHEMA_VERSION = 1
+#: Version of the record layout, stored under ``"schema_version"`` (2: error records added).
+SCHEMA_VERSION = 2
+#: Where a plugin can fail, the ``stage`` of an error record.
+ERROR_STAGES = ("import", "register", "factory", "run")
 SCHEMA_FILE = "telemetry.schema.json"
 
 
@@ -59,8 +69,35 @@ def validate_telemetry(record: dict[str, Any]) -> None:
         raise ValueError(f"telemetry field {where}: {error.message}")
 
 
+def error_record(plugin: str, stage: str, error_type: str, message: str, *,
+                 source: str | None = None, input_id: str | int | None = None,
+                 timestamp: float | None = None) -> dict[str, Any]:
+    """The error record of a plugin that failed at ``stage`` (one of :data:`ERROR_STAGES`).
+
+    ``error_type`` is the exception's class name, ``message`` one line of what went wrong.
+    """
+    if stage not in ERROR_STAGES:
+        raise ValueError(f"stage must be one of {ERROR_STAGES}, got {stage!r}")
+    record: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "plugin": plugin,
+        "error": {"stage": stage, "type": error_type, "message": " ".join(message.split())},
+        "timestamp": time.time() if timestamp is None else timestamp,
+    }
+    if source is not None:
+        record["source"] = source
+    if input_id is not None:
+        record["input_id"] = input_id
+    return record
+
+
+def to_jsonl(record: dict[str, Any]) -> str:
+    """``record`` validated and serialised as one JSON line (with its newline)."""
+    validate_telemetry(record)
+    return json.dumps(record, allow_nan=False, sort_keys=True) + "\n"
+
+
 def write_jsonl(record: dict[str, Any], stream: IO[str]) -> None:
     """Validate ``record`` and append it to ``stream`` as one JSON line."""
-    validate_telemetry(record)
-    stream.write(json.dumps(record, allow_nan=False, sort_keys=True) + "\n")
+    stream.write(to_jsonl(record))
     stream.flush()

@@ -24,7 +24,8 @@ uint8 frame HWC (or NHWC batch), RGB or BGR (``channel_order="bgr"`` in the conf
 ``task_ctx`` per call, for OpenCV frames). Sizes whose height or width is not a multiple of 8 are
 rejected with a ``ValueError`` (``on_bad_size="reject"``, the default) or resized bilinearly to
 the nearest multiple of 8, at least 8 (``on_bad_size="resize"``); the reconstruction then has the
-resized size. The caller's array or tensor is never modified.
+resized size. An input with no pixels (an empty batch, a 0-pixel side) or with NaN or infinite
+values is a ``ValueError`` saying so. The caller's array or tensor is never modified.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import Tensor
 
-from ..checkpoints import CheckpointError, load_model
+from ..checkpoints import CheckpointError
 from ..vae import MinimalVAE
+from ..vae.pretrained import load_pretrained
 from .base import IRPConfig, IRPPlugin, IRPState
 from .hookspecs import hookimpl
 
@@ -51,7 +53,8 @@ STEP_GROWTH = 1.5
 class TinyVAEConfig(IRPConfig):
     """Config of the ``tinyvae`` plugin (plus ``max_steps``, ``halt_eps``, ``halt_window``)."""
 
-    checkpoint: Path = Field(description="the distiller's tinyvae_best.pth (role 'student')")
+    checkpoint: Path = Field(description="the distiller's tinyvae_best.pth (role 'student'), "
+                                         "or a .safetensors file from save_pretrained")
     device: str = Field("cpu", description="torch device the model runs on")
     step_size: float = Field(0.1, gt=0, description="initial latent step (RMS per element)")
     max_backtracks: int = Field(4, ge=0, description="halvings of a step that raised the energy")
@@ -98,6 +101,10 @@ def to_image_batch(x: Any, channel_order: ChannelOrder = "rgb",
                    on_bad_size: str = "reject") -> Tensor:
     """Convert a frame or batch to a new float RGB NCHW tensor in [0, 1] (never a view of ``x``).
 
+    Raises ``ValueError`` naming the problem for a wrong type, dtype, layout or range, an input
+    with no pixels, NaN or infinite values, and (``on_bad_size="reject"``) a side that is not a
+    multiple of 8.
+
     Args:
         x: torch float tensor in [0, 1], ``(B, 3, H, W)`` or ``(3, H, W)``, RGB; or numpy
             uint8 ``(H, W, 3)`` or ``(B, H, W, 3)`` in ``channel_order``.
@@ -111,6 +118,7 @@ def to_image_batch(x: Any, channel_order: ChannelOrder = "rgb",
         if x.ndim not in (3, 4) or x.shape[-1] != 3:
             raise ValueError(f"numpy frames must be (H, W, 3) or (B, H, W, 3), got {x.shape}")
         batch = x[None] if x.ndim == 3 else x
+        _check_not_empty(batch.shape[0], batch.shape[1], batch.shape[2], x.shape)
         if channel_order == "bgr":
             batch = batch[..., ::-1]
         images = torch.from_numpy(np.array(batch, dtype=np.uint8, copy=True))
@@ -123,7 +131,12 @@ def to_image_batch(x: Any, channel_order: ChannelOrder = "rgb",
             raise ValueError(f"torch images must be (B, 3, H, W) or (3, H, W) RGB, got "
                              f"{tuple(x.shape)}; channels-last input needs x.permute(0, 3, 1, 2)")
         images = (x[None] if x.dim() == 3 else x).detach().float().clone()
-        if images.numel() and (images.min() < 0 or images.max() > 1):
+        _check_not_empty(images.shape[0], images.shape[2], images.shape[3], tuple(x.shape))
+        finite = torch.isfinite(images)
+        if not bool(finite.all()):
+            raise ValueError(f"the image holds {int((~finite).sum())} NaN or infinite value(s) "
+                             f"of {images.numel()}; images must be finite floats in [0, 1]")
+        if images.min() < 0 or images.max() > 1:
             raise ValueError(f"torch images must be in [0, 1], got values in "
                              f"[{float(images.min()):.3g}, {float(images.max()):.3g}]")
     else:
@@ -139,16 +152,26 @@ def to_image_batch(x: Any, channel_order: ChannelOrder = "rgb",
     return images
 
 
+def _check_not_empty(batch: int, height: int, width: int, shape: Any) -> None:
+    if batch == 0:
+        raise ValueError(f"the input holds no image (empty batch, shape {tuple(shape)})")
+    if height == 0 or width == 0:
+        raise ValueError(f"the image has no pixels ({height}x{width}, shape {tuple(shape)})")
+
+
 class TinyVAEPlugin(IRPPlugin):
     """IRP perception plugin around a trained ``MinimalVAE`` (see the module docstring).
 
     Args:
-        config: a validated :class:`TinyVAEConfig`; the checkpoint is loaded here with
-            ``hrm_vision.checkpoints.load_model(path, role="student")``.
+        config: a validated :class:`TinyVAEConfig`; the checkpoint (``.pth`` or
+            ``.safetensors``) is loaded here with
+            ``hrm_vision.vae.pretrained.load_pretrained(path, role="student")``, on the CPU, then
+            moved to ``config.device``.
 
     Raises:
-        CheckpointError: the checkpoint is unreadable, holds no student, or the student is not a
-            TinyVAE (``MinimalVAE``). Never falls back to random weights.
+        CheckpointError: the checkpoint is unreadable, holds no student, holds non-finite
+            weights, or the student is not a TinyVAE (``MinimalVAE``). Never falls back to
+            random weights.
     """
 
     name = "tinyvae"
@@ -157,7 +180,7 @@ class TinyVAEPlugin(IRPPlugin):
 
     def __init__(self, config: TinyVAEConfig) -> None:
         super().__init__(config)
-        model = load_model(config.checkpoint, role="student")
+        model = load_pretrained(config.checkpoint, role="student")
         if not isinstance(model, MinimalVAE):
             raise CheckpointError(f"{config.checkpoint}: the student is a {type(model).__name__}; "
                                   "the tinyvae plugin needs a MinimalVAE (TinyVAE) checkpoint")

@@ -12,9 +12,10 @@ A ``.safetensors`` file holds only tensors (nothing is unpickled on load) and st
 - ``images``: the input convention, ``float RGB in [0, 1], NCHW``, H and W divisible by 8;
 - ``format_version`` and ``library`` (``hrm-vision <version>``).
 
-Loading checks, before any model-sized allocation, that the architecture is a registered model
-whose parameter shapes are exactly the stored tensors' shapes (the model is first built on the
-``meta`` device), then that every floating-point tensor is finite. Every problem with the file is a
+Loading checks that the architecture is a registered model whose integer arguments do not exceed
+the widest stored tensor (so a crafted file cannot ask for absurd sizes), that the model's
+parameter and buffer shapes are exactly the stored ones (before a ``.safetensors`` file's tensor
+data is read), and that every floating-point tensor is finite. Every problem with the file is a
 :class:`hrm_vision.checkpoints.CheckpointError` naming the file. Models load on the CPU unless
 ``device`` is given, whatever device they were trained on.
 
@@ -147,19 +148,17 @@ def load_pretrained(path: str | os.PathLike[str], role: str | None = None,
         if role is not None and role != stored_role:
             raise _error(f"{path} holds the {stored_role!r} model, not the {role!r} one")
         _check_class(name, expected, str(path))
-        state = _safetensors_state(path, name, arch)
+        model, state = _safetensors_model(path, name, arch)
         source = str(path)
     else:
         name, arch, state, role = _read_checkpoint(path, role, expected)
         source = f"{path} ({role})"
         _check_class(name, expected, source)
-        _check_fits(name, arch, {k: tuple(v.shape) for k, v in state.items()}, source)
+        model = _build_fitting(name, arch, {k: tuple(v.shape) for k, v in state.items()}, source)
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise _error(f"{source} holds NaN or infinite weights in {', '.join(bad[:5])}"
                      + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""))
-    with torch.random.fork_rng(devices=[]):  # building initialises weights: keep the caller's RNG
-        model = build_model(name, **arch)
     model.load_state_dict(state)
     if device is not None:
         model = model.to(device)
@@ -192,8 +191,10 @@ def _safetensors_arch(path: Path) -> tuple[str, dict[str, Any], str]:
     return name, kwargs, metadata.get("role", DEFAULT_ROLES.get(name, name))
 
 
-def _safetensors_state(path: Path, name: str, arch: dict[str, Any]) -> dict[str, Tensor]:
-    """The tensors of a ``.safetensors`` file, read only after their shapes fit the model."""
+def _safetensors_model(path: Path, name: str,
+                       arch: dict[str, Any]) -> tuple[VAEBase, dict[str, Tensor]]:
+    """The model built from the metadata and the file's tensors, which are read only once their
+    shapes fit the model."""
     from safetensors import safe_open
 
     from ..checkpoints import CheckpointError
@@ -201,8 +202,8 @@ def _safetensors_state(path: Path, name: str, arch: dict[str, Any]) -> dict[str,
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-            _check_fits(name, arch, shapes, str(path))
-            return {k: f.get_tensor(k) for k in shapes}
+            model = _build_fitting(name, arch, shapes, str(path))
+            return model, {k: f.get_tensor(k) for k in shapes}
     except CheckpointError:
         raise
     except Exception as exc:  # SafetensorError, OSError, ...
@@ -254,19 +255,29 @@ def _split_arch(arch: Any, where: str) -> tuple[str, dict[str, Any]]:
     return str(name), kwargs
 
 
-def _check_fits(name: str, arch: dict[str, Any], shapes: Mapping[str, tuple[int, ...]],
-                source: str) -> None:
-    """Raise unless model ``name(**arch)`` has exactly these parameter and buffer shapes.
+def _build_fitting(name: str, arch: dict[str, Any], shapes: Mapping[str, tuple[int, ...]],
+                   source: str) -> VAEBase:
+    """Model ``name(**arch)`` (on the CPU, the caller's RNG untouched), checked to have exactly
+    the parameter and buffer ``shapes`` stored in the file.
 
-    The model is built on the ``meta`` device: no memory is allocated for its weights, so an
-    architecture asking for absurd sizes is refused before anything big is allocated.
+    Before anything is built, every integer constructor argument must lie in
+    ``[0, largest stored tensor dimension]``: sizes are channel counts and depths, which never
+    exceed the widest stored tensor, so a crafted architecture cannot make the constructor
+    allocate absurd amounts of memory.
     """
+    widest = max((d for shape in shapes.values() for d in shape), default=0)
+    for key, value in arch.items():
+        if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= widest:
+            raise _error(f"{source} does not fit {MODELS[name].__name__}({_kwargs(arch)}): "
+                         f"{key}={value} is outside [0, {widest}], the largest stored tensor "
+                         "dimension")
     try:
-        with torch.device("meta"):
-            own = {k: tuple(v.shape) for k, v in build_model(name, **arch).state_dict().items()}
+        with torch.random.fork_rng(devices=[]):  # building initialises weights randomly
+            model = build_model(name, **arch)
     except Exception as exc:  # ValueError from the registry, or whatever a constructor raises
         raise _error(f"{source}: cannot rebuild the {name!r} model from {arch}: "
                      f"{_first_line(exc)}") from exc
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(own) - set(shapes))
     unexpected = sorted(set(shapes) - set(own))
     mismatched = [f"{k}: file {shapes[k]} vs model {s}" for k, s in own.items()
@@ -277,6 +288,7 @@ def _check_fits(name: str, arch: dict[str, Any], shapes: Mapping[str, tuple[int,
             + ([f"unexpected tensors: {unexpected[:3]}"] if unexpected else [])
         raise _error(f"{source} does not fit {MODELS[name].__name__}({_kwargs(arch)}): "
                      + " | ".join(parts))
+    return model
 
 
 def _kwargs(arch: Mapping[str, Any]) -> str:
