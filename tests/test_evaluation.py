@@ -27,7 +27,8 @@ MODEL_KEYS = ["parameters", "weights_fp32_bytes", "weights_fp16_bytes", "psnr_db
               *[f"latency_{op}_{s}_ms" for op in OPS for s in ("median", "p90")],
               *[f"throughput_{op}_ips" for op in OPS]]
 TINY_RUN = ["--num-images", "6", "--batch-size", "4", "--latency-repeats", "2",
-            "--throughput-repeats", "2", "--throughput-batch", "4", "--warmup", "1"]
+            "--throughput-repeats", "2", "--throughput-batch", "4", "--warmup", "1",
+            "--baseline-train-images", "64"]
 
 
 def write_tiny_checkpoints(folder: Path) -> tuple[TeacherVAE, MinimalVAE]:
@@ -90,6 +91,17 @@ class TestEvaluationCommand:
             assert m["weights_fp16_bytes"] < m["weights_fp32_bytes"]
             assert 0 < m["ssim"] <= 1
         assert 0 <= report["alignment"]["cka_adapted"] <= 1 + 1e-9
+
+    def test_baselines_on_the_same_images(self, run) -> None:
+        report, out, teacher, student = run
+        rows = {r["name"]: r for r in report["reconstructions"]}
+        assert rows["student"]["numbers"] == 8 * 4 * 4 and rows["teacher"]["numbers"] == 16 * 16
+        assert rows["student"]["psnr_db"] == report["student"]["psnr_db"]
+        pca = [r for name, r in rows.items() if name.startswith("patch PCA")]
+        thumbs = [r for name, r in rows.items() if name.startswith("thumbnail")]
+        assert len(pca) >= 2 and len(thumbs) >= 1
+        assert pca[-1]["psnr_db"] > pca[0]["psnr_db"]  # more coefficients, better
+        assert "| patch PCA" in (out / "evaluation.md").read_text()
 
     def test_markdown_and_png_written(self, run) -> None:
         report, out, _, _ = run

@@ -50,6 +50,9 @@ def setup_args() -> argparse.ArgumentParser:
     p.add_argument("--throughput-batch", type=int, default=64,
                    help="batch size of the throughput measurement (default 64)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    p.add_argument("--baseline-train-images", type=int, default=4096,
+                   help="training images the patch-PCA baseline is fitted on; 0 leaves the "
+                        "baselines out (default 4096)")
     return p
 
 
@@ -62,7 +65,8 @@ def settings_from_args(args: argparse.Namespace, command: str) -> EvaluationSett
         dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size,
         num_images=args.num_images, batch_size=args.batch_size,
         latency_repeats=args.latency_repeats, throughput_repeats=args.throughput_repeats,
-        throughput_batch=args.throughput_batch, warmup=args.warmup, command=command)
+        throughput_batch=args.throughput_batch, warmup=args.warmup,
+        baseline_train_images=args.baseline_train_images, command=command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -72,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     bad = [f"--{n.replace('_', '-')}" for n in POSITIVE if getattr(args, n) < 1]
+    if args.baseline_train_images < 0:
+        bad.append("--baseline-train-images (>= 0)")
     if bad:
         parser.error(f"{', '.join(bad)} must be >= 1")
     torch.set_num_threads(args.threads)

@@ -110,10 +110,15 @@ def measure_quality(teacher: VAEBase, student: VAEBase, adapter: nn.Module | Non
 
 
 def validation_images(dataset: str, num_images: int, image_size: int,
-                      data_dir: str = "./data") -> Tensor:
-    """The first ``num_images`` validation images of ``dataset``, (N, 3, S, S) in [0, 1]."""
+                      data_dir: str = "./data", split: str = "val") -> Tensor:
+    """The first ``num_images`` images of ``dataset``'s ``split`` (validation by default),
+    (N, 3, S, S) in [0, 1]."""
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
-    ds = build_dataset(dataset, "val", image_size=image_size, data_dir=data_dir)
+    ds = build_dataset(dataset, split, image_size=image_size, data_dir=data_dir)
     n = min(num_images, len(ds))  # type: ignore[arg-type]
-    return torch.stack([ds[i] for i in range(n)])
+    return torch.stack([_image(ds[i]) for i in range(n)])
+
+
+def _image(item: Tensor | tuple[Tensor, ...]) -> Tensor:
+    return item[0] if isinstance(item, (tuple, list)) else item

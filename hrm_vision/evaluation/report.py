@@ -94,6 +94,7 @@ def markdown(report: dict[str, Any]) -> str:
               f"| latent bytes per image, float32 / uint8 | "
               f"{q['bytes_float32']:,} / {q['bytes_uint8']:,} |",
               "", f"uint8 scheme: {q['scheme']}."]
+    lines += _reconstruction_lines(report)
     d, tm, mach = report["dataset"], report["timing"], report["machine"]
     lines += ["", "Ratios: teacher/student for costs, student/teacher for throughput and "
               "quality; above 1 means the student does better.",
@@ -106,6 +107,16 @@ def markdown(report: dict[str, Any]) -> str:
               f"{mach['torch']}, {report['date_utc']}.",
               f"Command: `{report['command']}`"]
     return "\n".join(lines) + "\n"
+
+
+def _reconstruction_lines(report: dict[str, Any]) -> list[str]:
+    """Both models and the baselines on the same images: numbers kept per image, PSNR."""
+    rows = report.get("reconstructions", [])
+    if not rows:
+        return []
+    lines = ["", "| reconstruction (same images) | numbers kept per image | PSNR (dB) |",
+             "|---|---|---|"]
+    return lines + [f"| {r['name']} | {r['numbers']:,} | {r['psnr_db']:.2f} |" for r in rows]
 
 
 def _image(t: Tensor) -> Any:

@@ -7,7 +7,10 @@ Reads ``teacher.pth`` (role teacher) and ``tinyvae_best.pth`` (role student, wit
 - CPU latency at batch 1 (median, p90) and throughput at the throughput batch for encode,
   decode and both, the two models interleaved in one process;
 - PSNR (pooled over the images) and SSIM on the validation split; linear CKA between adapted
-  student latents and teacher latents; the PSNR cost of a uint8 student latent.
+  student latents and teacher latents; the PSNR cost of a uint8 student latent;
+- the reconstructions a learned model must beat on the same images
+  (:mod:`hrm_vision.evaluation.baselines`: bicubic thumbnails, patch PCA fitted on the first
+  ``baseline_train_images`` training images), with the numbers each keeps per image.
 
 Images are float tensors in [0, 1], NCHW, RGB. The command is ``python -m hrm_vision.evaluation``.
 """
@@ -15,6 +18,7 @@ Images are float tensors in [0, 1], NCHW, RGB. The command is ``python -m hrm_vi
 from __future__ import annotations
 
 import datetime as dt
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +31,9 @@ from ..data import build_dataset
 from ..distill.adapter import LatentAdapter, adapter_from_payload
 from ..files import json_safe, write_json, write_text
 from ..vae import VAEBase
+from .baselines import compute_baselines
 from .footprint import footprint
-from .quality import UINT8_SCHEME, QualityResult, measure_quality
+from .quality import UINT8_SCHEME, QualityResult, measure_quality, validation_images
 from .report import figure, markdown, metrics, ratios
 from .speed import measure_speed
 from .timing import machine_info
@@ -49,6 +54,7 @@ class EvaluationSettings:
     throughput_repeats: int = 10
     throughput_batch: int = 64
     warmup: int = 2
+    baseline_train_images: int = 4096
     command: str = ""
 
 
@@ -85,6 +91,21 @@ def _latent_section(q: QualityResult, latent: tuple[int, int, int]) -> dict[str,
             "bytes_float32": 4 * c * h * w, "bytes_uint8": c * h * w + 8}
 
 
+def reconstructions(s: EvaluationSettings, models: dict[str, VAEBase],
+                    quality: QualityResult) -> list[dict[str, Any]]:
+    """Both models and the baselines on the first ``quality.num_images`` validation images:
+    ``{"name", "numbers" (kept per image), "psnr_db"}`` rows (no baselines when
+    ``baseline_train_images`` is 0)."""
+    rows = [{"name": name, "numbers": math.prod(m.latent_shape(s.image_size, s.image_size)),
+             "psnr_db": getattr(quality, f"{name}_psnr_db")} for name, m in models.items()]
+    if s.baseline_train_images < 1:
+        return rows
+    val = validation_images(s.dataset, quality.num_images, s.image_size, s.data_dir)
+    train = validation_images(s.dataset, s.baseline_train_images, s.image_size, s.data_dir,
+                              split="train")
+    return rows + [b.to_dict() for b in compute_baselines(val, train)]
+
+
 def evaluate(s: EvaluationSettings) -> dict[str, Any]:
     """Run every measurement and return the report dict (what ``evaluation.json`` holds, plus
     ``samples``: the images of the figure)."""
@@ -110,6 +131,7 @@ def evaluate(s: EvaluationSettings) -> dict[str, Any]:
                       "cka_unadapted": quality.cka_unadapted},
         "latent_uint8": _latent_section(quality, student.latent_shape(s.image_size,
                                                                       s.image_size)),
+        "reconstructions": reconstructions(s, models, quality),
         "samples": quality.samples,
     }
 
