@@ -128,8 +128,11 @@ class TestEndToEnd:
         assert ckpt["adapter_arch"] == {"student_dim": 8, "teacher_dim": 16}
         first = torch.load(out / "tinyvae_epoch_001.pth")["adapter_state_dict"]["proj.weight"]
         assert not torch.equal(first, ckpt["adapter_state_dict"]["proj.weight"])
-        assert torch.equal(ckpt["adapter_state_dict"]["proj.weight"],
+        # the model entries hold the weight average; the raw training weights travel too
+        assert torch.equal(ckpt["train_state_dict"]["adapter.proj.weight"],
                            d.adapter.proj.weight.detach())
+        assert not torch.equal(ckpt["adapter_state_dict"]["proj.weight"],
+                               d.adapter.proj.weight.detach())
         n_params = len(list(d.student.parameters())) + len(list(d.adapter.parameters()))
         assert len(ckpt["optimizer_state_dict"]["state"]) == n_params
         for key in ("scheduler_state_dict", "scaler_state_dict", "rng_state", "epoch",

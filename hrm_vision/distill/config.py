@@ -57,8 +57,11 @@ class DistillConfig(BaseModel):
     # ---------------------------------------------------------------- optimisation
     batch_size: int = Field(64, ge=1)
     epochs: int = Field(100, ge=0, description="distillation epochs (phase 2)")
-    learning_rate: float = Field(1e-3, gt=0)
+    learning_rate: float = Field(3e-4, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
+    ema_decay: float = Field(0.99, ge=0, lt=1, description="decay of the exponential moving "
+                             "average of the trained weights, used for validation and every "
+                             "saved model (0: off, the raw weights)")
     warmup_steps: int = Field(100, ge=0, description="linear warm-up optimizer steps before the "
                               "cosine decay")
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm (None: off)")

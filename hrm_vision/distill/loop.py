@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from .config import DistillConfig
 from .distributed import DistContext, barrier, reduce_mean, set_epoch, wrap_ddp
+from .ema import WeightAverage
 from .optim import autocast, build_optimizer, build_scheduler, make_scaler, steps_per_epoch
 from .phases import Phase
 from .state import BEST_METRIC, TrainingCheckpoint, TrainState, improves, rng_state, set_rng_state
@@ -39,6 +40,17 @@ class TrainingDiverged(RuntimeError):
 
 
 Emit = Callable[..., None]
+
+
+def _cloned(value: Any) -> Any:
+    """``value`` with every tensor inside its dicts and lists cloned."""
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _cloned(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_cloned(v) for v in value]
+    return value
 
 
 class PhaseLoop:
@@ -68,6 +80,8 @@ class PhaseLoop:
         self.scheduler = build_scheduler(self.optimizer, config.warmup_steps,
                                          phase.epochs * self.steps_per_epoch)
         self.scaler = make_scaler(config, ctx.device)
+        self.average = (WeightAverage(self.module, config.ema_decay)
+                        if config.ema_decay > 0 else None)
         self.state = TrainState()
         self.current_epoch = 0
         self.consecutive_bad = 0
@@ -75,9 +89,15 @@ class PhaseLoop:
 
     # ------------------------------------------------------------------ state
     def checkpoint(self) -> TrainingCheckpoint:
-        """The resumable state of this phase now."""
+        """The resumable state of this phase now: the models with the averaged weights (what
+        a user loads), plus the raw training weights when an average is kept."""
+        models = self.phase.model_payload() if self.average is None else {}
+        if self.average is not None:
+            with self.average.applied():  # clone: the payload's CPU tensors alias the module
+                models = _cloned(self.phase.model_payload())
+            models.update(self.average.train_payload())
         return TrainingCheckpoint(
-            phase=self.phase.name, models=self.phase.model_payload(), state=self.state,
+            phase=self.phase.name, models=models, state=self.state,
             history=self.history, config=self.config.model_dump(),
             optimizer_state_dict=self.optimizer.state_dict(),
             scheduler_state_dict=self.scheduler.state_dict(),
@@ -87,6 +107,8 @@ class PhaseLoop:
         """Continue from a checkpoint dict of this phase: models first (a mismatch names the
         keys), then optimizer, scheduler, scaler, state, history and RNG."""
         self.phase.load_models(payload, source)
+        if self.average is not None:
+            self.average.restore(payload)
         saved = TrainingCheckpoint.from_payload(payload, source)
         self.optimizer.load_state_dict(saved.optimizer_state_dict)
         self.scheduler.load_state_dict(saved.scheduler_state_dict)
@@ -159,6 +181,8 @@ class PhaseLoop:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        if self.average is not None:
+            self.average.update()
         self.state.global_step += 1
 
     def _skip_step(self, epoch: int, step: int) -> None:
@@ -187,7 +211,7 @@ class PhaseLoop:
         elapsed = time.perf_counter() - self._started
         count = self.state.count
         train = reduce_mean(self.state.means(), self.ctx, count)
-        val = self.phase.validate()
+        val = self._validate()
         is_best = improves(val[BEST_METRIC], self.state.best_psnr)
         record = {"phase": self.phase.name, "epoch": epoch + 1, "train": train, "val": val,
                   "time_s": elapsed,
@@ -203,3 +227,10 @@ class PhaseLoop:
         self.emit("on_epoch_end", self.phase, record)
         barrier(self.ctx)
         self.phase.set_train_mode(epoch)
+
+    def _validate(self) -> dict[str, float]:
+        """The phase's validation, on the averaged weights when an average is kept."""
+        if self.average is None:
+            return self.phase.validate()
+        with self.average.applied():
+            return self.phase.validate()
