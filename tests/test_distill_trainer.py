@@ -100,7 +100,7 @@ class TestEndToEnd:
             assert key in val and val[key] is not None, key
         assert set(TERMS) <= set(hist[-1]["train"])
 
-    def test_seed_snippet_loads_best(self, full_run, photo_batch) -> None:
+    def test_deployment_snippet_loads_best(self, full_run, photo_batch) -> None:
         out, _, _ = full_run
         model = MinimalVAE(latent_dim=8, base_channels=8)
         checkpoint = torch.load(out / "tinyvae_best.pth")  # weights_only=True by default

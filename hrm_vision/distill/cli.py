@@ -2,7 +2,7 @@
 ``training/distill_tinyvae.py`` (both call :func:`main`).
 
 Every :class:`~hrm_vision.distill.config.DistillConfig` field is a flag (``--field-name``; the
-seed's short names ``--lr`` and ``--batch-size`` too). Flags default to "not given", so only the
+original short names ``--lr`` and ``--batch-size`` too). Flags default to "not given", so only the
 flags on the command line override ``--config FILE``, which overrides the defaults. The effective
 config is written to ``checkpoint_dir/config.json``.
 """
@@ -21,7 +21,7 @@ from pydantic.fields import FieldInfo
 from ..checkpoints import CheckpointError
 from .config import ConfigError, DistillConfig, load_config
 
-#: Seed flag names that differ from the config field names.
+#: Short flag names that differ from the config field names.
 ALIASES = {"learning_rate": ["--lr"]}
 
 
@@ -63,7 +63,7 @@ def setup_args() -> argparse.ArgumentParser:
     parser.add_argument("--resume", default=None, metavar="PATH|auto",
                         help="continue from a checkpoint, or 'auto' for the latest *_last.pth "
                              "in checkpoint_dir")
-    group = parser.add_argument_group("config keys (see the README's training section)")
+    group = parser.add_argument_group("config keys (every key is described in docs/training.md)")
     for name, field in DistillConfig.model_fields.items():
         _add_field(group, name, field)  # type: ignore[arg-type]
     return parser
