@@ -100,7 +100,7 @@ class TestEndToEnd:
             assert key in val and val[key] is not None, key
         assert set(TERMS) <= set(hist[-1]["train"])
 
-    def test_seed_snippet_loads_best(self, full_run, photo_batch) -> None:
+    def test_deployment_snippet_loads_best(self, full_run, photo_batch) -> None:
         out, _, _ = full_run
         model = MinimalVAE(latent_dim=8, base_channels=8)
         checkpoint = torch.load(out / "tinyvae_best.pth")  # weights_only=True by default
@@ -156,6 +156,14 @@ class TestEndToEnd:
         weights = {"recon": 0.3, "kl": 0.1, "distill_latent": 0.3, "distill_recon": 0.2,
                    "perceptual": 0.1}
         assert v["total"] == pytest.approx(sum(weights[k] * v[k] for k in TERMS), rel=1e-4)
+
+    def test_cross_decoding_reported_and_near_the_student(self, full_run) -> None:
+        """The adapter starts from the linear paths, so after a short run the teacher's decoder
+        reads the adapted student latent about as well as the student's own decoder."""
+        out, _, _ = full_run
+        hist = json.loads((out / "history.json").read_text())
+        v = [r for r in hist if r["phase"] == "distill"][-1]["val"]
+        assert abs(v["cross_psnr"] - v["psnr"]) < 3.0
 
     def test_validation_psnr_is_pooled_over_the_set(self, full_run) -> None:
         out, d, _ = full_run

@@ -32,7 +32,7 @@ class TestFlags:
         assert (cfg.batch_size, cfg.teacher_cache) == (16, False)  # file beats defaults
         assert cfg.kl_weight == 0.1  # default
 
-    def test_seed_flags_exist(self) -> None:
+    def test_short_flags_exist(self) -> None:
         args = setup_args().parse_args(["--dataset", "photos", "--epochs", "3", "--batch-size",
                                         "8", "--lr", "0.1", "--device", "cpu",
                                         "--checkpoint-dir", "x", "--no-teacher-cache",

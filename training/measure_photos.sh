@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The measurements in the README's training section (photos, CPU). Run from the repository root.
-# 1. the README budget: `make demo` (teacher pre-training + distillation), then the student alone
+# The training measurements of docs/training.md (photos, CPU). Run from the repository root.
+# 1. the demo budget: `make demo` (teacher pre-training + distillation), then the student alone
 #    for the same epochs (same script, distillation and perceptual weights 0; the teacher is
 #    loaded only to report its PSNR and the latent CKA);
 # 2. equal epochs (E): a teacher trained for E epochs, the distilled student and the student alone

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -28,6 +29,25 @@ class LatentAdapter(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         return self.proj(z)
+
+    @torch.no_grad()
+    def init_from_linear_paths(self, student: nn.Module, teacher: nn.Module) -> bool:
+        """Start as the student's linear decoder path followed by the teacher's linear encoder
+        path (student latent -> 8x8 patch -> teacher latent), when both models have one
+        (``linear_path()``). With the nonlinear branches still at zero, this maps a fresh
+        student's latent exactly to what the teacher's linear path would encode from the
+        student's reconstruction. Returns whether it applied.
+        """
+        if not (hasattr(student, "linear_path") and hasattr(teacher, "linear_path")):
+            return False
+        _, _, dec_w, dec_b = student.linear_path()
+        enc_w, enc_b, _, _ = teacher.linear_path()
+        weight, bias = enc_w @ dec_w, enc_w @ dec_b + enc_b
+        if weight.shape != self.proj.weight.shape[:2]:
+            return False
+        self.proj.weight.copy_(weight[:, :, None, None])
+        self.proj.bias.copy_(bias)
+        return True
 
     def variance(self, var: Tensor) -> Tensor:
         """Per-channel variance of ``W z + b`` when ``z ~ N(mu, diag(var))``.

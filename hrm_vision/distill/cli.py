@@ -2,7 +2,7 @@
 ``training/distill_tinyvae.py`` (both call :func:`main`).
 
 Every :class:`~hrm_vision.distill.config.DistillConfig` field is a flag (``--field-name``; the
-seed's short names ``--lr`` and ``--batch-size`` too). Flags default to "not given", so only the
+original short names ``--lr`` and ``--batch-size`` too). Flags default to "not given", so only the
 flags on the command line override ``--config FILE``, which overrides the defaults. The effective
 config is written to ``checkpoint_dir/config.json``.
 """
@@ -21,7 +21,7 @@ from pydantic.fields import FieldInfo
 from ..checkpoints import CheckpointError
 from .config import ConfigError, DistillConfig, load_config
 
-#: Seed flag names that differ from the config field names.
+#: Short flag names that differ from the config field names.
 ALIASES = {"learning_rate": ["--lr"]}
 
 
@@ -63,7 +63,7 @@ def setup_args() -> argparse.ArgumentParser:
     parser.add_argument("--resume", default=None, metavar="PATH|auto",
                         help="continue from a checkpoint, or 'auto' for the latest *_last.pth "
                              "in checkpoint_dir")
-    group = parser.add_argument_group("config keys (see the README's training section)")
+    group = parser.add_argument_group("config keys (every key is described in docs/training.md)")
     for name, field in DistillConfig.model_fields.items():
         _add_field(group, name, field)  # type: ignore[arg-type]
     return parser
@@ -86,14 +86,17 @@ def summary(files: dict[str, Path], history: list[dict[str, Any]]) -> str:
     if grids:
         lines.append(f"  pictures {grids[-1]} (inputs / teacher / student), "
                      f"{out / 'loss_curves.png'}")
-    last = next((r for r in reversed(history) if r["phase"] != "teacher"), None)
-    if last is not None:
-        v = last["val"]
+    student = [r for r in history if r["phase"] != "teacher"]
+    if student:
+        best = max(student, key=lambda r: r["val"]["psnr"])  # the epoch tinyvae_best.pth holds
+        v = best["val"]
         parts = [f"student PSNR {v['psnr']:.2f} dB", f"SSIM {v['ssim']:.3f}"]
         if "teacher_psnr" in v:
             parts += [f"teacher PSNR {v['teacher_psnr']:.2f} dB",
                       f"quality ratio {v['quality_ratio']:.3f}", f"latent CKA {v['cka']:.3f}"]
-        lines.append(f"final validation ({last['phase']} epoch {last['epoch']}): "
+        if "cross_psnr" in v:
+            parts.append(f"teacher decoder on the adapted student latent {v['cross_psnr']:.2f} dB")
+        lines.append(f"best validation ({best['phase']} epoch {best['epoch']}): "
                      + ", ".join(parts))
     return "\n".join(lines)
 

@@ -12,7 +12,7 @@ Terms (each logged separately; the total is their weighted sum):
     latent channel, each channel's average is raised to at least ``free_bits`` nats
     (``max(KL_c, free_bits)``), and the channels are averaged. A channel that spends less than its
     budget gets no gradient, so the KL weight only restrains channels that spend more. Without the
-    budget, any per-element normalisation next to a per-pixel MSE makes the seed's weights
+    budget, any per-element normalisation next to a per-pixel MSE makes the default weights
     (recon 0.3, KL 0.1) a beta-VAE with an effective decoder standard deviation near 0.4-0.5,
     whose posterior collapses. The teacher's pre-training uses the same definition.
 ``distill_latent``

@@ -11,7 +11,8 @@ message sink) and the models it was given; the loop (:mod:`hrm_vision.distill.lo
 
 Validation reports every loss term, PSNR (pooled over the validation set, see
 :mod:`hrm_vision.metrics`) and SSIM of the model the phase trains; the distillation phases add
-the teacher's PSNR/SSIM, the quality ratio and the latent CKA.
+the teacher's PSNR/SSIM, the quality ratio, the latent CKA and ``cross_psnr``: the teacher's
+decoder reading the adapted student latent, ``teacher.decode(adapter(student.encode(x)))``.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class PhaseContext:
 #: Validation keys that hold a PSNR: batches report their MSE under these keys, the
 #: sample-weighted mean over the set (the pooled MSE: all images have the same size) becomes a
 #: PSNR after the cross-rank reduction (:func:`pooled_psnr`).
-PSNR_KEYS = ("psnr", "teacher_psnr")
+PSNR_KEYS = ("psnr", "teacher_psnr", "cross_psnr")
 
 
 def mean_over(loader: DataLoader, fn: Callable[[Tensor, Tensor], dict[str, float]]
@@ -102,6 +103,9 @@ class Phase:
     def trainable(self) -> nn.Module:
         """The module whose parameters the optimizer updates (wrapped in DDP by the loop)."""
         raise NotImplementedError
+
+    def init_fresh(self) -> None:
+        """Called once on a fresh run, after the fresh models' ``init_from_data``."""
 
     def param_groups(self) -> list[dict[str, Any]]:
         """The optimizer's parameter groups."""
@@ -221,6 +225,13 @@ class DistillPhase(Phase):
     def trainable(self) -> nn.Module:
         return self.model
 
+    def init_fresh(self) -> None:
+        """A fresh student (after ``init_from_data``): the adapter starts as the composition of
+        the two models' linear paths (:meth:`LatentAdapter.init_from_linear_paths`)."""
+        if self.teacher is not None and self.adapter.init_from_linear_paths(
+                self.student, self.teacher):
+            self.ctx.message("adapter: initialised from the two models' linear patch paths")
+
     def prepare(self) -> None:
         """Build the teacher caches (when there is a teacher and the config enables them)."""
         if self.teacher is None or not self.ctx.config.teacher_cache:
@@ -268,6 +279,8 @@ class DistillPhase(Phase):
             if teach is not None:
                 values.update(teacher_psnr=mse(teach.reconstruction, x),
                               teacher_ssim=ssim(teach.reconstruction, x))
+                if self.teacher is not None:  # the teacher's decoder reading the student
+                    values["cross_psnr"] = mse(self.teacher.decode(adapted[0]), x)
                 for key, z in (("student", out.mu), ("adapted", adapted[0]),
                                ("teacher", teach.mu)):
                     latents[key].append(z.float().cpu())

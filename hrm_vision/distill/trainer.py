@@ -277,6 +277,7 @@ class Distiller:
             images = first_images(self.train_set).to(self.device)
             for model in fresh:
                 model.init_from_data(images)
+            phase.init_fresh()
         loop = PhaseLoop(phase, self.config, self.ctx, self.train_loader, self.history,
                          self._emit, lambda: self.stop_signal, self.out_dir)
         if payload is not None:

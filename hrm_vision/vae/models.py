@@ -146,6 +146,21 @@ class _PatchVAE(VAEBase):
         for part in (self.encoder.patches, self.decoder.patches):
             part.set_basis(mean, components, variances)
 
+    @torch.no_grad()
+    def linear_path(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The linear paths as affine maps between a flattened 8x8 patch (192 numbers in
+        PixelUnshuffle order, pixels in [0, 1]) and the latent at its grid position.
+
+        Returns ``(enc_weight (L, 192), enc_bias (L,), dec_weight (192, L), dec_bias (192,))``:
+        the encoder's linear path is ``z = enc_weight @ patch + enc_bias`` and the decoder's
+        ``patch = dec_weight @ z + dec_bias`` (the nonlinear branches are left out).
+        """
+        ea, eb = self.encoder.patches.weight[:, :, 0, 0], self.encoder.patches.bias
+        el = self.encoder.linear.weight[:, :, 0, 0]
+        ds, db = self.decoder.patches.weight[:, :, 0, 0], self.decoder.patches.bias
+        dl = self.decoder.linear.weight[:, :, 0, 0]
+        return el @ ea, el @ eb, ds @ dl, db.clone()
+
     def _output(self, raw: Tensor) -> Tensor:
         return clamp01(raw, straight_through=self.training and torch.is_grad_enabled())
 
