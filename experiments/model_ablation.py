@@ -55,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ema", type=float, default=0.0,
                    help="evaluate an exponential moving average of the weights with this decay "
                         "(0: the raw weights)")
+    p.add_argument("--logvar-init", type=float, default=None,
+                   help="initial bias of the log-variance head (default: the model's)")
     p.add_argument("--arch", type=json.loads, default={}, help="JSON constructor arguments")
     p.add_argument("--train-samples", type=int, default=8192)
     p.add_argument("--eval-at", type=int, nargs="*", default=[0, 64, 128, 256, 512, 1024,
@@ -74,6 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for lin in (model.encoder.linear, model.decoder.linear):
             torch.nn.init.zeros_(lin.weight)
             lin.weight.requires_grad_(False)
+    if a.logvar_init is not None:
+        with torch.no_grad():
+            model.encoder.logvar_head[-1].bias.fill_(a.logvar_init)
     linear = {id(m.weight) for m in (model.encoder.linear, model.decoder.linear)}
     if a.linear_lr_scale == 0:
         for m in (model.encoder.linear, model.decoder.linear):

@@ -69,7 +69,7 @@ class TestEvaluationCommand:
         for role in ("teacher", "student"):
             assert sorted(report[role]) == sorted(MODEL_KEYS)
         assert sorted(report["ratios"]) == sorted(MODEL_KEYS)
-        assert set(report["alignment"]) == {"cka_adapted", "cka_unadapted"}
+        assert set(report["alignment"]) == {"cka_adapted", "cka_unadapted", "cross_psnr_db"}
         assert {"psnr_float_db", "psnr_uint8_db", "psnr_cost_db", "ssim_uint8", "scheme",
                 "bytes_float32", "bytes_uint8"} <= set(report["latent_uint8"])
         assert "goals" not in report  # measurements only, no acceptance thresholds
@@ -91,6 +91,9 @@ class TestEvaluationCommand:
             assert m["weights_fp16_bytes"] < m["weights_fp32_bytes"]
             assert 0 < m["ssim"] <= 1
         assert 0 <= report["alignment"]["cka_adapted"] <= 1 + 1e-9
+        assert report["alignment"]["cross_psnr_db"] > 0
+        assert "teacher decoder on the adapted student latent" in (run[1] / "evaluation.md"
+                                                                    ).read_text()
 
     def test_baselines_on_the_same_images(self, run) -> None:
         report, out, teacher, student = run

@@ -45,7 +45,9 @@ class QualityResult:
     """Quality of both models on ``num_images`` images (PSNR in dB, SSIM and CKA in [0, 1]).
 
     ``cka_adapted`` compares ``adapter(student latent)`` with the teacher latent (None without
-    an adapter); ``cka_unadapted`` the raw student latent. ``student_uint8_*`` decode the
+    an adapter); ``cka_unadapted`` the raw student latent. ``cross_psnr_db`` is the teacher's
+    decoder reading the adapted student latent, ``teacher.decode(adapter(student.encode(x)))``
+    (None without an adapter). ``student_uint8_*`` decode the
     student latent after a uint8 round trip. ``samples`` holds the first images, (K, 3, S, S):
     ``inputs``, ``teacher``, ``student`` (for the figure, not for the JSON).
     """
@@ -59,6 +61,7 @@ class QualityResult:
     student_uint8_ssim: float
     cka_unadapted: float
     cka_adapted: float | None
+    cross_psnr_db: float | None = None
     samples: dict[str, Tensor] = field(repr=False, default_factory=dict)
 
 
@@ -81,7 +84,8 @@ def measure_quality(teacher: VAEBase, student: VAEBase, adapter: nn.Module | Non
         adapter.eval()
     loader = DataLoader(Subset(dataset, range(n)), batch_size=batch_size, shuffle=False)
     parts: dict[str, list[Tensor]] = {k: [] for k in (
-        "inputs", "teacher", "student", "student_uint8", "z_teacher", "z_student", "z_adapted")}
+        "inputs", "teacher", "student", "student_uint8", "z_teacher", "z_student", "z_adapted",
+        "cross")}
     for x in tqdm(loader, desc="quality", leave=False):
         zt, zs = teacher.encode(x), student.encode(x)
         parts["inputs"].append(x)
@@ -92,6 +96,7 @@ def measure_quality(teacher: VAEBase, student: VAEBase, adapter: nn.Module | Non
         parts["z_student"].append(zs)
         if adapter is not None:
             parts["z_adapted"].append(adapter(zs))
+            parts["cross"].append(teacher.decode(parts["z_adapted"][-1]))
     out = {k: torch.cat(v) for k, v in parts.items() if v}
     x = out["inputs"]
     return QualityResult(
@@ -105,6 +110,7 @@ def measure_quality(teacher: VAEBase, student: VAEBase, adapter: nn.Module | Non
         cka_unadapted=linear_cka(out["z_student"], out["z_teacher"]),
         cka_adapted=(linear_cka(out["z_adapted"], out["z_teacher"])
                      if "z_adapted" in out else None),
+        cross_psnr_db=psnr(out["cross"], x) if "cross" in out else None,
         samples={k: out[k][:num_samples] for k in ("inputs", "teacher", "student")},
     )
 

@@ -74,6 +74,11 @@ def ratios(teacher: dict[str, float], student: dict[str, float],
                     else teacher[m.key] / student[m.key]) for m in rows}
 
 
+def _cross(align: dict[str, Any]) -> str:
+    value = align.get("cross_psnr_db")
+    return "n/a (no adapter)" if value is None else f"{value:.2f} dB PSNR"
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The report as Markdown: metric table, latent section, provenance."""
     t, s, r = report["teacher"], report["student"], report["ratios"]
@@ -87,6 +92,7 @@ def markdown(report: dict[str, Any]) -> str:
               f"| linear CKA, adapted student vs teacher | "
               f"{'n/a (no adapter)' if cka is None else f'{cka:.4f}'} |",
               f"| linear CKA, raw student vs teacher | {align['cka_unadapted']:.4f} |",
+              f"| teacher decoder on the adapted student latent | {_cross(align)} |",
               f"| student PSNR, float32 latent | {q['psnr_float_db']:.2f} dB |",
               f"| student PSNR, uint8 latent | {q['psnr_uint8_db']:.2f} dB "
               f"(cost {q['psnr_cost_db']:.2g} dB) |",
