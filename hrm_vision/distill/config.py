@@ -1,8 +1,8 @@
 """The distillation config: a pydantic model with ``extra="forbid"`` and range checks.
 
-``DistillConfig`` carries the seed's JSON keys with the seed's defaults plus the settings the
-training loop needs. Every field is read somewhere in :mod:`hrm_vision.distill`; the README's
-``training`` section documents each one.
+``DistillConfig`` carries the original JSON keys with their original defaults plus the settings
+the training loop needs. Every field is read somewhere in :mod:`hrm_vision.distill`;
+``docs/training.md`` documents each one (its table is generated from this model).
 
 >>> cfg = load_config("my.json", overrides={"epochs": 3})   # flags override the file
 >>> save_config(cfg, "checkpoints/config.json")               # the effective config
