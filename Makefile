@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-all lint docs bench clean
+.PHONY: demo teacher test test-all lint docs bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,14 @@ $(VENV)/.installed: pyproject.toml
 # pre-trains the teacher unless checkpoints/teacher.pth exists, then distils the TinyVAE.
 demo: $(VENV)/.installed
 	$(PY) training/distill_tinyvae.py --config training/demo.json
+
+# A teacher trained once on a longer budget (12 epochs on the demo's crops), put where
+# `make demo` finds it: afterwards `make demo` only distils (train many students from one teacher).
+TEACHER_EPOCHS ?= 12
+teacher: $(VENV)/.installed
+	$(PY) training/distill_tinyvae.py --config training/demo.json --epochs 0 \
+		--teacher-epochs $(TEACHER_EPOCHS) --checkpoint-dir checkpoints/teacher_run
+	cp checkpoints/teacher_run/teacher.pth checkpoints/teacher.pth
 
 # The fast suite (CI runs `make test-all`, which adds the end-to-end tests marked `slow`).
 test: lint
