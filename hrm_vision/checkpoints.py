@@ -94,10 +94,38 @@ def unwrap(module: nn.Module) -> nn.Module:
             return module
 
 
-def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+def non_finite_tensors(value: Any, prefix: str = "") -> list[str]:
+    """The keys (``a.b.c`` paths through dicts and lists) of every floating-point tensor in
+    ``value`` that holds a NaN or an infinity."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return [prefix or "<tensor>"]
+        return []
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return []
+    return [bad for k, v in items for bad in non_finite_tensors(v, f"{prefix}.{k}" if prefix
+                                                                 else str(k))]
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike[str],
+                    require_finite: bool = False) -> Path:
     """Write ``payload`` (tensors moved to the CPU, ``format_version`` added) to ``path``
     atomically (:func:`hrm_vision.files.atomic_write`): a crash at any moment leaves either the
-    previous file or the new one, never a half-written one."""
+    previous file or the new one, never a half-written one.
+
+    ``require_finite``: refuse (``CheckpointError`` naming the tensors, nothing written) a
+    payload with a NaN or infinite floating-point tensor anywhere (weights, optimizer state).
+    """
+    if require_finite:
+        bad = non_finite_tensors(payload)
+        if bad:
+            more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
+            raise CheckpointError(f"refusing to write {path}: NaN or infinite values in "
+                                  f"{', '.join(bad[:5])}{more}; the previous file is kept")
     payload = to_cpu({"format_version": FORMAT_VERSION, **payload})
     return atomic_write(path, lambda f: torch.save(payload, f))
 

@@ -78,3 +78,35 @@ class TestSkippedNotFatal:
         payload = load_checkpoint(last)
         assert payload["epoch"] == 1 and payload["step_in_epoch"] == 0
         assert load_model(last) is not None
+
+
+def non_finite_files(folder: Path) -> dict[str, list[str]]:
+    """Every checkpoint in ``folder`` with the keys of its non-finite tensors (if any)."""
+    from hrm_vision.checkpoints import non_finite_tensors
+
+    return {p.name: non_finite_tensors(load_checkpoint(p)) for p in sorted(folder.glob("*.pth"))}
+
+
+class TestDivergence:
+    @pytest.mark.parametrize("lr, epochs", [(1e6, 3), (1e30, 2)])
+    def test_a_diverging_run_stops_clearly_and_saves_only_finite_files(
+            self, lr: float, epochs: int, base: Path, tmp_path: Path) -> None:
+        """``--lr 1e6``: epoch 1 trains, then every step of epoch 2 is bad (an epoch without a
+        good step). ``--lr 1e30``: the first step blows the weights up, validation is NaN.
+        Both: status 1, one message naming what happened and the checkpoint left, every file
+        written holds finite tensors only."""
+        case = bad_inputs.Case(f"learning rate {lr:g}", lambda b, w: ["--lr", str(lr)],
+                               "stopped.", code=1, epochs=epochs)
+        code, text = bad_inputs.run_case(case, base, tmp_path)
+        assert code == 1 and "Traceback" not in text, text[-3000:]
+        line = bad_inputs.message_line(text, "stopped.")
+        assert line.startswith("distill_tinyvae: error: ") and "(lower --lr" in line, line
+        files = non_finite_files(tmp_path / "ckpt")
+        assert all(not bad for bad in files.values()), files
+        if lr == 1e6:
+            assert "epoch 2 of the distill phase kept no optimizer step" in line
+            assert "The last good checkpoint is" in line and files
+            assert load_checkpoint(tmp_path / "ckpt" / "tinyvae_last.pth")["epoch"] == 1
+        else:
+            assert "validation after epoch 1 gave a non-finite loss" in line
+            assert not files and "No checkpoint of this phase was written" in line

@@ -144,3 +144,21 @@ def test_teacher_role(tmp_path) -> None:
     teacher = TeacherVAE(latent_dim=8, base_channels=8, blocks_per_stage=1)
     path = save_checkpoint(model_entry(teacher, "teacher"), tmp_path / "teacher.pth")
     assert isinstance(load_model(path, role="teacher"), TeacherVAE)
+
+
+class TestNonFinite:
+    def test_required_finite_payload_is_refused_by_key_and_nothing_written(self,
+                                                                          tmp_path) -> None:
+        path = save_checkpoint({"epoch": 1, "w": torch.ones(3)}, tmp_path / "last.pth",
+                               require_finite=True)
+        state = {"exp_avg_sq": torch.tensor([1.0, float("inf")])}
+        payload = {"epoch": 2, "optimizer_state_dict": {"state": {0: state}},
+                   "student_state_dict": {"a": torch.tensor([float("nan")]),
+                                          "steps": torch.tensor([3])}}
+        with pytest.raises(CheckpointError, match=r"refusing to write .*last.pth: NaN or "
+                           r"infinite values in optimizer_state_dict.state.0.exp_avg_sq, "
+                           r"student_state_dict.a; the previous file is kept"):
+            save_checkpoint(payload, path, require_finite=True)
+        assert load_checkpoint(path)["epoch"] == 1
+        assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
+        save_checkpoint(payload, tmp_path / "other.pth")  # not asked: written as given

@@ -1,5 +1,7 @@
 """The training loop's arithmetic: gradient accumulation equals a large batch, the learning-rate
-schedule at chosen steps (also across a save and restore), bf16 autocast on the CPU."""
+schedule at chosen steps (also across a save and restore), bf16 autocast on the CPU; bad steps:
+an optimizer step that leaves non-finite weights or optimizer state is undone exactly (as if
+its batch had been skipped), and an epoch without a good step is an error."""
 
 from __future__ import annotations
 
@@ -10,13 +12,16 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor, nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 
 from hrm_vision.checkpoints import model_entry, save_checkpoint
 from hrm_vision.distill import Distiller, load_config
 from hrm_vision.distill.config import DistillConfig
 from hrm_vision.distill.distributed import DistContext, make_loader
-from hrm_vision.distill.loop import PhaseLoop
+from hrm_vision.distill.loop import LastGoodState, PhaseLoop, TrainingDiverged
 from hrm_vision.distill.optim import autocast, build_scheduler, make_scaler
 from hrm_vision.distill.phases import DistillPhase, Phase, PhaseContext
 from hrm_vision.distill.splits import IndexedDataset
@@ -93,6 +98,156 @@ class TestGradientAccumulation:
     def test_a_last_partial_window_still_steps(self) -> None:
         _, loop, _ = train_toy(torch.rand(10, 3, 4, 4), batch_size=2, accum=2, epochs=1)
         assert loop.state.global_step == 3  # batches 1+2, 3+4, 5
+
+
+class NaNLossPhase(LinearPhase):
+    """The toy phase whose training loss is NaN on the calls (counted from 0) in ``nan_calls``."""
+
+    def __init__(self, *args: Any, nan_calls: set[int]) -> None:
+        super().__init__(*args)
+        self.nan_calls, self.calls = nan_calls, 0
+
+    def loss(self, module: nn.Module, index: Tensor, x: Tensor) -> dict[str, Tensor]:
+        terms = super().loss(module, index, x)
+        self.calls += 1
+        if self.calls - 1 in self.nan_calls:
+            terms = {"total": terms["total"] * float("nan")}
+        return terms
+
+
+def toy_loop(images: Tensor, epochs: int = 2, nan_calls: set[int] = frozenset(),
+             max_bad_steps: int = 10) -> tuple[nn.Module, PhaseLoop, list[str]]:
+    """A toy loop (batch 4, EMA on, 16 images: 4 steps per epoch) and its messages."""
+    config = DistillConfig(batch_size=4, learning_rate=1e-2, warmup_steps=2, grad_clip=1.0,
+                           mixed_precision="off", ema_decay=0.9, max_bad_steps=max_bad_steps)
+    ctx = DistContext()
+    data = IndexedDataset(list(images))
+    loader = make_loader(data, 4, shuffle=True, ctx=ctx, seed=0, drop_last=True)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(images[0].numel(), 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    phase = NaNLossPhase(PhaseContext(config, ctx.device, data, data, loader,
+                                      reduce=lambda v, n: v), model, epochs, nan_calls=nan_calls)
+    messages: list[str] = []
+
+    def emit(hook: str, *args: Any) -> None:
+        if hook == "on_message":
+            messages.append(args[0])
+
+    loop = PhaseLoop(phase, config, ctx, loader, [], emit, lambda: None, Path("unused"))
+    return model, loop, messages
+
+
+def poison_steps(steps: set[int], what: str) -> Any:
+    """An optimizer post-step hook making the ``steps``-th optimizer steps (from 0) leave a NaN
+    in a weight (``what="weight"``) or an infinity in AdamW's second moment (``"state"``)."""
+    count = iter(range(10**6))
+
+    def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if next(count) in steps:
+            p = optimizer.param_groups[0]["params"][0]
+            if what == "weight":
+                p.data.view(-1)[0] = float("nan")
+            else:
+                optimizer.state[p]["exp_avg_sq"].view(-1)[0] = float("inf")
+
+    return register_optimizer_step_post_hook(hook)
+
+
+def snapshot(model: nn.Module, loop: PhaseLoop) -> dict[str, Tensor]:
+    """Weights, averaged weights and optimizer state of a toy loop, flattened by name."""
+    out = {f"model.{k}": v.clone() for k, v in model.state_dict().items()}
+    out.update({f"average.{k}": v.clone()
+                for k, v in loop.average.averaged.module.state_dict().items()})
+    for i, state in loop.optimizer.state_dict()["state"].items():
+        out.update({f"optim.{i}.{k}": torch.as_tensor(v).clone() for k, v in state.items()})
+    return out
+
+
+class TestNonFiniteSteps:
+    @pytest.mark.parametrize("what", ["weight", "state"])
+    @pytest.mark.parametrize("step", [0, 5])
+    def test_an_undone_step_equals_a_skipped_batch(self, what: str, step: int) -> None:
+        """A step that leaves a NaN weight (or an infinite optimizer moment) is undone: the run
+        ends bit-identical to one whose same batch had a NaN loss (weights, weight average,
+        optimizer state, schedule), so nothing of the bad step reaches the average. Step 0 is
+        the first step, which creates AdamW's state (undone: the state is dropped again)."""
+        images = torch.rand(16, 3, 4, 4)
+        model, loop, messages = toy_loop(images)
+        handle = poison_steps({step}, what)
+        try:
+            loop.run()
+        finally:
+            handle.remove()
+        ref_model, ref_loop, _ = toy_loop(images, nan_calls={step})
+        ref_loop.run()
+        assert loop.state.bad_steps == ref_loop.state.bad_steps == 1
+        assert loop.state.global_step == ref_loop.state.global_step == 7
+        assert loop.scheduler.last_epoch == ref_loop.scheduler.last_epoch == 7
+        assert loop.history[-1]["bad_steps"] == 1
+        assert [m for m in messages if "non-finite" in m] == [
+            f"[toy] non-finite weights after the optimizer step at epoch {step // 4 + 1} batch "
+            f"{step % 4}: step undone (1 in a row)"]
+        got, ref = snapshot(model, loop), snapshot(ref_model, ref_loop)
+        assert got.keys() == ref.keys()
+        for key, value in ref.items():
+            assert torch.equal(got[key], value), key
+        assert all(torch.isfinite(v).all() for v in got.values() if v.is_floating_point())
+        untouched, _, _ = toy_loop(images)
+        untouched.train()
+        assert not torch.equal(untouched[0].weight, model[0].weight)  # it did train
+
+    def test_bad_steps_in_a_row_stop_the_run(self) -> None:
+        images = torch.rand(16, 3, 4, 4)
+        model, loop, _ = toy_loop(images, max_bad_steps=3)
+        handle = poison_steps(set(range(5, 100)), "weight")
+        try:
+            with pytest.raises(TrainingDiverged, match=r"the weights became non-finite 3 times "
+                               r"in a row \(epoch 2, batch 3\); stopped. No checkpoint"):
+                loop.run()
+        finally:
+            handle.remove()
+        assert loop.state.global_step == 5 and loop.state.bad_steps == 3
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+    def test_mixed_bad_steps_are_named_both(self) -> None:
+        model, loop, _ = toy_loop(torch.rand(16, 3, 4, 4), max_bad_steps=2, nan_calls={2})
+        handle = poison_steps({2}, "weight")  # loss call 3 is the third optimizer step
+        try:
+            with pytest.raises(TrainingDiverged, match="the loss or the weights were non-finite "
+                               "2 times in a row"):
+                loop.run()
+        finally:
+            handle.remove()
+
+    def test_an_epoch_without_a_good_step_is_an_error(self) -> None:
+        """Every batch of epoch 2 is bad, fewer than ``max_bad_steps``: no KeyError, a clear
+        error before the epoch is recorded or saved."""
+        model, loop, _ = toy_loop(torch.rand(16, 3, 4, 4), nan_calls={4, 5, 6, 7})
+        with pytest.raises(TrainingDiverged, match="epoch 2 of the toy phase kept no optimizer "
+                           r"step \(4 bad steps so far"):
+            loop.run()
+        assert [r["epoch"] for r in loop.history] == [1]
+
+    def test_last_good_state_restores_what_it_saved(self) -> None:
+        model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+        good = LastGoodState(model, opt)
+        good.save()  # before the first step: no optimizer state yet
+        model(torch.rand(8, 4)).sum().backward()
+        opt.step()
+        assert good.all_finite() and len(opt.state) == 4  # two weights, two biases
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        good.restore()
+        assert len(opt.state) == 0
+        assert not torch.equal(model.state_dict()["0.weight"], before["0.weight"])
+        good.save()
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        model[1].running_var.fill_(float("inf"))
+        assert not good.all_finite()
+        good.restore()
+        assert good.all_finite()
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, saved[k]), k
 
 
 class TestSchedule:

@@ -67,7 +67,9 @@ class CheckpointWriter(Callback):
     """
 
     def _save(self, trainer: Distiller, name: str) -> Path:
-        return save_checkpoint(trainer.checkpoint_payload(), trainer.out_dir / name)
+        """Write the running phase's state to ``name``; a non-finite tensor is refused."""
+        return save_checkpoint(trainer.checkpoint_payload(), trainer.out_dir / name,
+                               require_finite=True)
 
     def on_epoch_end(self, trainer: Distiller, phase: Phase, record: dict[str, Any]) -> None:
         self._save(trainer, phase.last_file)

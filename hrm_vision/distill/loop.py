@@ -5,6 +5,13 @@ validation, history records and resumable state.
 knows nothing of the trainer: it reports through ``emit(hook, *args)`` (the callbacks, which also
 write the checkpoints and ``history.json``), reads a stop request through ``stop_signal()`` and
 appends its epoch records to the shared ``history`` list.
+
+Bad steps: a batch whose loss is not finite is skipped (its gradients dropped); an optimizer step
+that leaves a non-finite parameter, buffer or optimizer state is undone: :class:`LastGoodState`
+holds a copy of the module and optimizer state taken before each accumulation window, and it is
+put back. Neither counts as a step (no schedule step, no update of the weight average, no
+``global_step``); both count in ``bad_steps``. ``max_bad_steps`` bad steps in a row, or an epoch
+in which no optimizer step was kept, raise :class:`TrainingDiverged`.
 """
 
 from __future__ import annotations
@@ -36,7 +43,8 @@ class TrainingInterrupted(RuntimeError):
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss was non-finite ``max_bad_steps`` times in a row."""
+    """``max_bad_steps`` bad steps in a row (non-finite loss, or non-finite weights after the
+    optimizer step), or an epoch in which every step was bad."""
 
 
 Emit = Callable[..., None]
@@ -51,6 +59,93 @@ def _cloned(value: Any) -> Any:
     if isinstance(value, list):
         return [_cloned(v) for v in value]
     return value
+
+
+class LastGoodState:
+    """A copy of ``module``'s parameters and buffers and of ``optimizer``'s per-parameter state,
+    to undo an optimizer step that made any of them non-finite.
+
+    The copies live in buffers on the tensors' own devices, allocated once and refreshed in
+    place by :meth:`save` (a device-side copy, no host transfer); :meth:`restore` copies them
+    back and drops optimizer state that did not exist at :meth:`save` (the first step creates
+    AdamW's moments). :meth:`all_finite` checks the same tensors with one host sync.
+    """
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.module, self.optimizer = module, optimizer
+        self._module_copy: list[Tensor] = []
+        self._optim_copy: dict[int, dict[str, Any]] = {}
+
+    def _module_tensors(self) -> list[Tensor]:
+        return [t for t in (*self.module.parameters(), *self.module.buffers())
+                if t.is_floating_point()]
+
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    @torch.no_grad()
+    def save(self) -> None:
+        """Remember the current state as the last good one."""
+        live = self._module_tensors()
+        if len(self._module_copy) != len(live) or any(
+                c.shape != t.shape or c.dtype != t.dtype or c.device != t.device
+                for c, t in zip(self._module_copy, live, strict=True)):
+            self._module_copy = [t.detach().clone() for t in live]
+        else:
+            torch._foreach_copy_(self._module_copy, [t.detach() for t in live])
+        saved: dict[int, dict[str, Any]] = {}
+        for i, p in enumerate(self._params()):
+            state = self.optimizer.state.get(p)
+            if not state:
+                continue
+            old = self._optim_copy.get(i, {})
+            entry: dict[str, Any] = {}
+            for key, value in state.items():
+                if isinstance(value, Tensor):
+                    copy = old.get(key)
+                    if (isinstance(copy, Tensor) and copy.shape == value.shape
+                            and copy.dtype == value.dtype and copy.device == value.device):
+                        copy.copy_(value)
+                    else:
+                        copy = value.detach().clone()
+                    entry[key] = copy
+                else:
+                    entry[key] = value
+            saved[i] = entry
+        self._optim_copy = saved
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put the state of the last :meth:`save` back."""
+        live = self._module_tensors()
+        torch._foreach_copy_([t.detach() for t in live], self._module_copy)
+        for i, p in enumerate(self._params()):
+            entry = self._optim_copy.get(i)
+            if entry is None:
+                self.optimizer.state.pop(p, None)
+                continue
+            state = self.optimizer.state[p]
+            for key in [k for k in state if k not in entry]:
+                del state[key]
+            for key, value in entry.items():
+                current = state.get(key)
+                if not isinstance(value, Tensor):
+                    state[key] = value
+                elif isinstance(current, Tensor) and current.shape == value.shape:
+                    current.copy_(value)
+                else:
+                    state[key] = value.clone()
+
+    @torch.no_grad()
+    def all_finite(self) -> bool:
+        """Whether every floating-point parameter, buffer and optimizer state tensor is finite."""
+        tensors = self._module_tensors() + [
+            v for p in self._params() for v in self.optimizer.state.get(p, {}).values()
+            if isinstance(v, Tensor) and v.is_floating_point()]
+        if not tensors:
+            return True
+        flags = [torch.isfinite(t).all() for t in tensors]
+        return bool(torch.stack([f.to(flags[0].device) for f in flags]).all().item())
 
 
 class PhaseLoop:
@@ -85,6 +180,9 @@ class PhaseLoop:
         self.state = TrainState()
         self.current_epoch = 0
         self.consecutive_bad = 0
+        self._bad_kinds: set[str] = set()
+        self.last_good = LastGoodState(self.module, self.optimizer)
+        self._save_due = True  # take a copy before the next window's first forward pass
         self._started = 0.0
 
     # ------------------------------------------------------------------ state
@@ -151,6 +249,9 @@ class PhaseLoop:
     def _train_batch(self, epoch: int, step: int, index: Tensor, x: Tensor) -> bool:
         """Forward and backward one batch (an optimizer step at the end of an accumulation
         window); returns whether this batch ended the window."""
+        if self._save_due:
+            self.last_good.save()
+            self._save_due = False
         x = x.to(self.ctx.device, non_blocking=True)
         with autocast(self.config, self.ctx.device):
             terms = self.phase.loss(self.wrapped, index, x)
@@ -158,12 +259,16 @@ class PhaseLoop:
         boundary = ((step + 1) % self.config.grad_accum_steps == 0
                     or step + 1 == len(self.loader))
         if not finite:
-            self._skip_step(epoch, step)
+            # the forward pass may have left non-finite BatchNorm statistics: back to the copy
+            self.last_good.restore()
+            self._bad_step(epoch, step, "loss")
             return boundary
-        self.consecutive_bad = 0
         self.scaler.scale(terms["total"] / self.config.grad_accum_steps).backward()
+        if boundary and not self._optimizer_step():
+            self._bad_step(epoch, step, "weights")
+            return boundary
         if boundary:
-            self._optimizer_step()
+            self.consecutive_bad, self._bad_kinds = 0, set()
         values = {k: float(v.detach()) for k, v in terms.items()}
         self.state.add(values, x.shape[0])
         self.emit("on_batch_end", self.phase, step, values)
@@ -171,7 +276,9 @@ class PhaseLoop:
             self.emit("on_log", self.phase, step + 1, values)
         return boundary
 
-    def _optimizer_step(self) -> None:
+    def _optimizer_step(self) -> bool:
+        """One optimizer step; False (and the step undone) when it left a non-finite parameter,
+        buffer or optimizer state on any rank."""
         for p in self.phase.frozen_parameters(self.current_epoch):
             p.grad = None  # AdamW leaves parameters without a gradient untouched
         if self.config.grad_clip is not None:
@@ -180,23 +287,45 @@ class PhaseLoop:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self._save_due = True
+        if self._any_rank(not self.last_good.all_finite()):
+            self.last_good.restore()
+            return False
         self.scheduler.step()
         if self.average is not None:
             self.average.update()
         self.state.global_step += 1
+        self.state.good_steps += 1
+        return True
 
-    def _skip_step(self, epoch: int, step: int) -> None:
-        """Drop a non-finite step's gradients; too many in a row raise ``TrainingDiverged``."""
+    def last_good_checkpoint(self) -> str:
+        """The sentence naming the checkpoint a diverged run leaves."""
+        path = self.out_dir / self.phase.last_file
+        if path.is_file():
+            return f"The last good checkpoint is {path}"
+        return f"No checkpoint of this phase was written ({path} does not exist)"
+
+    def _bad_step(self, epoch: int, step: int, kind: str) -> None:
+        """Count a bad step (``kind``: ``"loss"`` when the loss was non-finite, ``"weights"``
+        when the optimizer step was undone) and drop its gradients; ``max_bad_steps`` in a row
+        raise ``TrainingDiverged``."""
         self.state.bad_steps += 1
         self.consecutive_bad += 1
+        self._bad_kinds.add(kind)
         self.optimizer.zero_grad(set_to_none=True)
-        self.emit("on_message", f"[{self.phase.name}] non-finite loss at epoch {epoch + 1} "
-                  f"batch {step}: step skipped ({self.consecutive_bad} in a row)")
+        what = ("non-finite loss" if kind == "loss"
+                else "non-finite weights after the optimizer step")
+        action = "step skipped" if kind == "loss" else "step undone"
+        self.emit("on_message", f"[{self.phase.name}] {what} at epoch {epoch + 1} "
+                  f"batch {step}: {action} ({self.consecutive_bad} in a row)")
         if self.consecutive_bad >= self.config.max_bad_steps:
+            subject = {frozenset({"loss"}): "the loss was",
+                       frozenset({"weights"}): "the weights became"}.get(
+                frozenset(self._bad_kinds), "the loss or the weights were")
             raise TrainingDiverged(
-                f"the loss was non-finite {self.consecutive_bad} times in a row (epoch "
-                f"{epoch + 1}, batch {step}); stopped. The last good checkpoint is "
-                f"{self.out_dir / self.phase.last_file} (lower --lr or check the data)")
+                f"{subject} non-finite {self.consecutive_bad} times in a row (epoch "
+                f"{epoch + 1}, batch {step}); stopped. {self.last_good_checkpoint()}"
+                " (lower --lr or check the data)")
 
     def _interrupt(self) -> None:
         """Save the state mid-epoch (callbacks) and raise :class:`TrainingInterrupted`."""
@@ -208,6 +337,12 @@ class PhaseLoop:
 
     def _finish_epoch(self, epoch: int) -> None:
         """Validate, record the epoch, move the state on and let the callbacks save."""
+        if self.state.good_steps == 0:
+            raise TrainingDiverged(
+                f"epoch {epoch + 1} of the {self.phase.name} phase kept no optimizer step "
+                f"({self.state.bad_steps} bad steps so far: non-finite loss or weights); "
+                f"stopped. {self.last_good_checkpoint()} (lower --lr or check "
+                "the data)")
         elapsed = time.perf_counter() - self._started
         count = self.state.count
         train = reduce_mean(self.state.means(), self.ctx, count)

@@ -37,7 +37,8 @@ class TrainState:
     of the current epoch already done; ``global_step``: optimizer steps; ``best``: the best
     validation ``BEST_METRIC`` so far; ``running``/``count``: sample-weighted sums of the training
     terms in the current epoch and the samples behind them; ``time_s``: training seconds of the
-    current epoch before an interruption; ``bad_steps``: non-finite steps skipped in this phase.
+    current epoch before an interruption; ``bad_steps``: non-finite steps skipped or undone in
+    this phase; ``good_steps``: optimizer steps kept in the current epoch.
     """
 
     epoch: int = 0
@@ -48,6 +49,7 @@ class TrainState:
     count: int = 0
     time_s: float = 0.0
     bad_steps: int = 0
+    good_steps: int = 0
 
     def add(self, terms: dict[str, float], samples: int) -> None:
         """Add one batch's mean terms, weighted by its ``samples``."""
@@ -61,7 +63,7 @@ class TrainState:
 
     def reset_epoch(self) -> None:
         """Forget the running sums (at the start of an epoch not resumed mid-way)."""
-        self.running, self.count, self.time_s = {}, 0, 0.0
+        self.running, self.count, self.time_s, self.good_steps = {}, 0, 0.0, 0
 
     def finish_epoch(self) -> None:
         """Move to the start of the next epoch."""
@@ -74,8 +76,10 @@ class TrainState:
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> TrainState:
-        """The state stored in a checkpoint dict; absent keys keep their defaults."""
+        """The state stored in a checkpoint dict; absent keys keep their defaults (a checkpoint
+        without ``good_steps`` counts the batches it did as kept)."""
         values = {f.name: payload[f.name] for f in fields(cls) if f.name in payload}
+        values.setdefault("good_steps", values.get("step_in_epoch", 0))
         return cls(**values)
 
 

@@ -27,6 +27,7 @@ continues exactly where it stopped. SIGINT/SIGTERM finish the current optimizer 
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 from collections.abc import Iterator, Sequence
@@ -56,6 +57,10 @@ from .splits import build_split, first_images
 from .state import seed_everything
 
 __all__ = ["Distiller", "TrainingDiverged", "TrainingInterrupted", "find_resume"]
+
+#: Validation values that must be finite (PSNRs are pooled MSEs when the reduce sees them).
+VALIDATION_CHECKS = {"total": "loss", "psnr": "reconstruction error",
+                     "cross_psnr": "cross-decoding error"}
 
 #: Phase names in the order they run.
 PHASES = ("teacher", "distill", "finetune")
@@ -104,7 +109,7 @@ class Distiller:
                                       **loader_args)
         self.phase_context = PhaseContext(
             config, self.device, self.train_set, self.val_set, self.val_loader,
-            reduce=lambda values, count: reduce_mean(values, self.ctx, count),
+            reduce=self._reduce_validation,
             message=self.message, show_progress=self.ctx.is_main)
         self.student = MinimalVAE(config.student_latent_dim,
                                   config.student_base_channels).to(self.device)
@@ -113,6 +118,21 @@ class Distiller:
         self.teacher: VAEBase | None = None
         self.teacher_source = ""
         self.perceptual_name = "none"
+
+    def _reduce_validation(self, values: dict[str, float], count: int) -> dict[str, float]:
+        """The phases' validation reduce (mean over ranks); a non-finite validation loss or
+        reconstruction error means the weights diverged: :class:`TrainingDiverged`, before
+        anything of the epoch is saved."""
+        means = reduce_mean(values, self.ctx, count)
+        bad = [name for key, name in VALIDATION_CHECKS.items()
+               if key in means and not math.isfinite(means[key])]
+        if bad:
+            where = self.loop.last_good_checkpoint() if self.loop is not None else ""
+            raise TrainingDiverged(
+                f"validation after epoch {self.current_epoch + 1} gave a non-finite "
+                f"{' and '.join(bad)}: the weights diverged; stopped. {where} (lower --lr or "
+                "check the data)")
+        return means
 
     # -------------------------------------------------------------- for callbacks
     def message(self, text: str) -> None:
@@ -200,7 +220,7 @@ class Distiller:
             best = load_checkpoint(self.out_dir / phase.best_file)
             save_checkpoint({**model_entry(model_from_payload(best, "teacher"), "teacher"),
                              "epoch": best["epoch"], "history": best["history"],
-                             "config": c.model_dump()}, path)
+                             "config": c.model_dump()}, path, require_finite=True)
         barrier(self.ctx)
         return self._load_teacher(path)
 
