@@ -203,3 +203,37 @@ class TestPerceptual:
         normed = (x - backbone.mean) / backbone.std
         assert torch.allclose(backbone(x)[0], backbone.features[:4](normed))
         assert not torch.allclose(first(x), first(normed))
+
+
+class TestBoundedOutputDistillation:
+    def test_only_pixels_where_the_teacher_is_closer_count(self) -> None:
+        from hrm_vision.distill.losses import output_distillation
+
+        x = torch.zeros(1, 3, 2, 2)
+        student = torch.full_like(x, 0.2)
+        teacher = torch.full_like(x, 0.1)
+        teacher[..., 0, 0] = 0.5  # the teacher is worse than the student on one pixel
+        plain = output_distillation(student, teacher, x, bounded=False)
+        bounded = output_distillation(student, teacher, x, bounded=True)
+        assert plain == pytest.approx((0.3 ** 2 * 3 + 0.1 ** 2 * 9) / 12)
+        assert bounded == pytest.approx(0.1 ** 2 * 9 / 12)
+
+    def test_gradient_never_points_towards_a_worse_teacher(self) -> None:
+        from hrm_vision.distill.losses import output_distillation
+
+        x = torch.zeros(1, 1, 1, 2)
+        student = torch.tensor([[[[0.2, 0.2]]]], requires_grad=True)
+        teacher = torch.tensor([[[[0.1, 0.6]]]])
+        output_distillation(student, teacher, x, bounded=True).backward()
+        assert student.grad[0, 0, 0, 0] > 0  # pulled down towards the better teacher
+        assert student.grad[0, 0, 0, 1] == 0  # not pulled up towards the worse one
+
+    def test_config_switch_reaches_the_loss(self, tmp_path) -> None:
+        from hrm_vision.distill.config import load_config
+        from hrm_vision.distill.trainer import Distiller
+
+        cfg = load_config(None, {"dataset": "photos", "checkpoint_dir": str(tmp_path),
+                                 "distill_recon_bounded": True, "distill_latent_weight": 0.0,
+                                 "distill_recon_weight": 0.0, "perceptual_weight": 0.0,
+                                 "train_samples": 8, "val_samples": 4})
+        assert Distiller(cfg).build_loss().bounded is True

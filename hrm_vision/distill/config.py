@@ -80,6 +80,10 @@ class DistillConfig(BaseModel):
     distill_recon_weight: float = Field(0.2, ge=0)
     perceptual_weight: float = Field(0.1, ge=0)
     temperature: float = Field(3.0, gt=0)
+    distill_recon_bounded: bool = Field(False, description="teacher-bounded output "
+                                        "distillation: the distill_recon term counts a pixel "
+                                        "only where the teacher is closer to the input than the "
+                                        "student")
     perceptual_backbone: Backbone = "auto"
     vgg16_weights: str | None = Field(None, description="path to torchvision vgg16 weights")
     # ---------------------------------------------------------------- phases

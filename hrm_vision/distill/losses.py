@@ -26,7 +26,11 @@ Terms (each logged separately; the total is their weighted sum):
     so ``T`` sets how much matching the teacher's uncertainty weighs against matching its mean
     (``T = 1`` is the plain KL). Variances are floored at ``VAR_FLOOR``.
 ``distill_recon``
-    MSE between the student and the (frozen, eval-mode) teacher reconstructions.
+    MSE between the student and the (frozen, eval-mode) teacher reconstructions. With
+    ``bounded=True`` (teacher-bounded, after the bounded regression loss of Chen et al., 2017)
+    a pixel counts only where the teacher is closer to the input than the student is (the mask
+    carries no gradient), so the term never pulls the student towards a teacher error; the
+    mean is still over all pixels.
 ``perceptual``
     Feature matching between the student reconstruction and the input through a frozen backbone
     (:mod:`hrm_vision.distill.perceptual`): per layer the squared error divided by the mean square
@@ -127,6 +131,17 @@ def feature_matching(features_pred: list[Tensor], features_target: list[Tensor])
     return torch.stack(terms).mean()
 
 
+def output_distillation(student: Tensor, teacher: Tensor, x: Tensor, bounded: bool) -> Tensor:
+    """The ``distill_recon`` term: MSE between student and teacher reconstructions (B, 3, H, W),
+    or with ``bounded`` only over the pixels where the teacher is closer to the input ``x``."""
+    diff = (student - teacher).pow(2)
+    if bounded:
+        with torch.no_grad():
+            mask = ((teacher - x).pow(2) < (student - x).pow(2)).to(diff.dtype)
+        diff = diff * mask
+    return diff.mean()
+
+
 class DistillLoss(nn.Module):
     """The weighted five-term objective; ``forward`` returns every term and ``"total"``.
 
@@ -135,6 +150,7 @@ class DistillLoss(nn.Module):
             term weights (>= 0).
         kl_free_bits: KL budget in nats per latent element (per channel).
         temperature: latent distillation temperature (> 0).
+        bounded: teacher-bounded output distillation (see ``distill_recon`` above).
         perceptual: a frozen backbone mapping images in [0, 1] to a list of feature maps, or
             ``None`` (then ``perceptual_weight`` must be 0).
     """
@@ -142,7 +158,8 @@ class DistillLoss(nn.Module):
     def __init__(self, recon_weight: float = 0.3, kl_weight: float = 0.1,
                  distill_latent_weight: float = 0.3, distill_recon_weight: float = 0.2,
                  perceptual_weight: float = 0.1, kl_free_bits: float = 2.0,
-                 temperature: float = 3.0, perceptual: nn.Module | None = None) -> None:
+                 temperature: float = 3.0, perceptual: nn.Module | None = None,
+                 bounded: bool = False) -> None:
         super().__init__()
         weights = {"recon": recon_weight, "kl": kl_weight, "distill_latent": distill_latent_weight,
                    "distill_recon": distill_recon_weight, "perceptual": perceptual_weight}
@@ -156,6 +173,7 @@ class DistillLoss(nn.Module):
         self.weights = weights
         self.kl_free_bits = kl_free_bits
         self.temperature = temperature
+        self.bounded = bounded
         self.perceptual = perceptual
 
     @property
@@ -186,7 +204,8 @@ class DistillLoss(nn.Module):
             if adapted is None:
                 raise ValueError("teacher outputs need the adapted student posterior")
             terms["distill_latent"] = latent_distillation(*adapted, teacher, self.temperature)
-            terms["distill_recon"] = F.mse_loss(recon, teacher.reconstruction.float())
+            terms["distill_recon"] = output_distillation(recon, teacher.reconstruction.float(),
+                                                         x.float(), self.bounded)
         if self.perceptual is not None and self.weights["perceptual"] > 0:
             with torch.no_grad():
                 target = self.perceptual(x)

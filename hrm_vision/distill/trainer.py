@@ -237,7 +237,8 @@ class Distiller:
         return DistillLoss(c.recon_weight, c.kl_weight,
                            c.distill_latent_weight if distill else 0.0,
                            c.distill_recon_weight if distill else 0.0,
-                           c.perceptual_weight, c.kl_free_bits, c.temperature, backbone)
+                           c.perceptual_weight, c.kl_free_bits, c.temperature, backbone,
+                           bounded=c.distill_recon_bounded)
 
     def _student_phase(self, kind: type[DistillPhase], epochs: int,
                        loss: DistillLoss) -> DistillPhase:

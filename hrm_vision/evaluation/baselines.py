@@ -15,10 +15,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..metrics import psnr as pooled_psnr
 from ..vae.patches import PATCH, fit_patch_pca, patch_vectors
 
 #: Thumbnail sides and PCA coefficient counts reported by default (for 32x32 images: the 8x8
@@ -37,12 +37,6 @@ class Baseline:
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
-
-
-def pooled_psnr(prediction: Tensor, target: Tensor) -> float:
-    """PSNR (dB) of the mean squared error over every pixel of the set, images in [0, 1]."""
-    mse = F.mse_loss(prediction.clamp(0, 1).double(), target.double())
-    return float("inf") if mse == 0 else float(-10 * torch.log10(mse))
 
 
 def thumbnail(images: Tensor, side: int) -> Tensor:

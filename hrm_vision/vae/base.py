@@ -176,8 +176,3 @@ class VAEBase(nn.Module):
         do_sample = self.training if sample is None else sample
         z = self.reparameterize(mu, logvar) if do_sample else mu
         return VAEOutput(self.decode(z), mu, logvar, z)
-
-    def encoder_features(self, x: Tensor) -> list[Tensor]:
-        """Feature maps after each encoder stage (used as a download-free perceptual backbone)."""
-        self._check_images(x)
-        return self.encoder.features(x)  # type: ignore[operator]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,6 +34,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from ..files import atomic_write
 from .base import VAEBase
 from .registry import MODELS, build_model, model_name
 
@@ -92,17 +92,7 @@ def save_pretrained(model: VAEBase, path: str | os.PathLike[str],
         "library": f"hrm-vision {_version()}",
     }
     data = save(tensors, metadata=metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: f.write(data))
     return path
 
 
