@@ -16,9 +16,10 @@ whose optional dependencies are missing says which extra to install.
 Errors (:func:`run_main`): a failure that is the user's to fix, a :data:`EXPECTED_ERRORS`
 (``ValueError``, which includes ``CheckpointError`` and config errors; ``OSError`` such as a
 missing file or a full disk; ``ImportError`` such as a missing extra), prints one line
-``PROG: error: <what and why>`` on standard error and exits with status 2. Anything else is a bug
-and keeps its traceback (status 1). ``HRM_VISION_TRACEBACK=1`` shows the traceback of expected
-failures too.
+``PROG: error: <what and why>`` on standard error and exits with status 2 (also a
+``RuntimeError`` raised while an ``OSError`` was handled: ``torch.save`` on a full disk).
+Anything else is a bug and keeps its traceback (status 1). ``HRM_VISION_TRACEBACK=1`` shows
+the traceback of expected failures too.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from . import __version__
-from ._extras import MissingExtraError, missing_extra
+from ._extras import EXTRAS, MissingExtraError, missing_extra
 
 PROG = "hrm-vision"
 #: Failures that are the user's to fix (a file, a value, a missing extra): one line, status 2.
@@ -71,6 +72,9 @@ def error_message(exc: BaseException) -> str:
         from .validation import describe_validation_error
 
         return describe_validation_error(exc)  # type: ignore[arg-type]
+    if (isinstance(exc, ModuleNotFoundError) and not isinstance(exc, MissingExtraError)
+            and (exc.name or "").split(".")[0] in EXTRAS):
+        exc = missing_extra(exc.name or "", purpose="this command")
     text = " ".join(str(exc).split())
     if isinstance(exc, KeyError) and len(exc.args) == 1 and text == repr(exc.args[0]):
         text = str(exc.args[0])
@@ -101,6 +105,12 @@ def run_main(prog: str, main: Callable[[list[str] | None], int | None],
         if show_tracebacks():
             raise
         return report_error(prog, exc)
+    except RuntimeError as exc:
+        # torch.save turns a failed write (a full disk) into a RuntimeError raised while the
+        # OSError was being handled: the OSError is what the user needs to see
+        if isinstance(exc.__context__, OSError) and not show_tracebacks():
+            return report_error(prog, exc.__context__)
+        raise
     return 0 if status is None else int(status)
 
 
@@ -124,8 +134,15 @@ def load_command(name: str) -> Callable[[list[str] | None], int | None]:
         ModuleNotFoundError: the module itself is not part of this installation.
     """
     cmd = COMMANDS[name]
+    return import_main(cmd.module, cmd.function)
+
+
+def import_main(module_name: str, function: str = "main"
+                ) -> Callable[[list[str] | None], int | None]:
+    """Import ``module_name`` and return its ``function``; a missing optional dependency is a
+    :class:`MissingExtraError` naming the extra (see :func:`load_command`)."""
     try:
-        module = importlib.import_module(cmd.module)
+        module = importlib.import_module(module_name)
     except MissingExtraError:
         raise
     except ModuleNotFoundError as exc:
@@ -133,7 +150,19 @@ def load_command(name: str) -> Callable[[list[str] | None], int | None]:
         if missing and missing not in ("hrm_vision", ""):
             raise missing_extra(missing, purpose="this command") from exc
         raise
-    return getattr(module, cmd.function)
+    return getattr(module, function)
+
+
+def run_module(prog: str, module_name: str, argv: Sequence[str] | None = None) -> int:
+    """Import ``module_name`` and run its ``main(argv)`` with :func:`run_main`'s error path, the
+    import included (a script's way to get one line, not a traceback, for a missing extra)."""
+    try:
+        command = import_main(module_name)
+    except EXPECTED_ERRORS as exc:
+        if show_tracebacks():
+            raise
+        return report_error(prog, exc)
+    return run_main(prog, command, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

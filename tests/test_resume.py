@@ -134,3 +134,20 @@ class TestInterruptedSave:
         path.write_bytes(path.read_bytes()[:300])
         with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
             load_model(path)
+
+
+class TestStaleTemporaries:
+    def test_a_run_removes_the_temporaries_of_killed_writes_only(self, tmp_path: Path) -> None:
+        """A SIGKILL inside a write leaves ``.{name}.XXXXXXXX.tmp``; the next run deletes those
+        and nothing else."""
+        config = tiny_config(tmp_path, epochs=0)
+        ckpt = Path(config.checkpoint_dir)
+        ckpt.mkdir(parents=True)
+        stale = [ckpt / ".tinyvae_last.pth.k2j_9x0a.tmp", ckpt / ".history.json.abcdefgh.tmp",
+                 ckpt / ".config.json.00000000.tmp"]
+        kept = [ckpt / "notes.tmp", ckpt / ".hidden.tmp", ckpt / "my.pth.abcdefgh.tmp"]
+        for path in stale + kept:
+            path.write_bytes(b"PK\x03\x04 half")
+        Distiller(config, console=False).run()
+        assert not any(p.exists() for p in stale)
+        assert all(p.exists() for p in kept)

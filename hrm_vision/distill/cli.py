@@ -18,9 +18,10 @@ from typing import Any
 
 from pydantic.fields import FieldInfo
 
-from ..checkpoints import CheckpointError
-from .config import ConfigError, DistillConfig, load_config
+from .config import DistillConfig, load_config
 
+#: The name the command's messages start with.
+PROG = "distill_tinyvae"
 #: Short flag names that differ from the config field names.
 ALIASES = {"learning_rate": ["--lr"]}
 
@@ -55,7 +56,7 @@ def _add_field(parser: argparse.ArgumentParser, name: str, field: FieldInfo) -> 
 def setup_args() -> argparse.ArgumentParser:
     """The argument parser: ``--config``, ``--resume`` and one flag per config field."""
     parser = argparse.ArgumentParser(
-        prog="distill_tinyvae",
+        prog=PROG,
         description="Distil the TinyVAE (MinimalVAE) from a teacher VAE: pre-train the teacher if "
                     "none is given or found, distil, write checkpoints, history and pictures.")
     parser.add_argument("--config", type=Path, default=None,
@@ -102,7 +103,17 @@ def summary(files: dict[str, Path], history: list[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv``, run the distiller, print where the results are. Returns the exit code."""
+    """Parse ``argv``, run the distiller, print where the results are. Returns the exit status:
+    0 done, 1 the run diverged (:class:`~hrm_vision.distill.loop.TrainingDiverged`), 2 an
+    expected failure (bad config, checkpoint, dataset, a file that cannot be written, a missing
+    extra: one line on standard error, :func:`hrm_vision.cli.run_main`), 130/143 stopped by
+    SIGINT/SIGTERM after saving."""
+    from ..cli import run_main
+
+    return run_main(PROG, _run, argv)
+
+
+def _run(argv: list[str] | None) -> int:
     from .distributed import cleanup
     from .trainer import Distiller, TrainingDiverged, TrainingInterrupted
 
@@ -116,14 +127,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(summary(files, distiller.history))
         return 0
     except TrainingInterrupted as exc:
-        print(f"distill_tinyvae: {exc}", file=sys.stderr)
+        print(f"{PROG}: {exc}", file=sys.stderr)
         return 130 if exc.signame == "SIGINT" else 143
     except TrainingDiverged as exc:
-        print(f"distill_tinyvae: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as exc:
-        print(f"distill_tinyvae: error: {exc}", file=sys.stderr)
-        return 2
     finally:
         if distiller is not None:
             cleanup(distiller.ctx)

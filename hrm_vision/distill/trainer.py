@@ -44,6 +44,7 @@ from ..checkpoints import (
     model_from_payload,
     save_checkpoint,
 )
+from ..files import remove_stale_temporaries
 from ..vae import MinimalVAE, TeacherVAE, VAEBase
 from .adapter import LatentAdapter
 from .callbacks import Callback, default_callbacks
@@ -250,6 +251,10 @@ class Distiller:
         written (``best``, ``last``, ``teacher``, ``history``, ``config``...)."""
         payload = self._resume_payload(resume)
         if self.ctx.is_main:
+            stale = remove_stale_temporaries(self.out_dir)
+            if stale:
+                self.message(f"removed {len(stale)} temporary file(s) of an interrupted write "
+                             f"in {self.out_dir}")
             save_config(self.config, self.out_dir / "config.json")
         self._emit("on_train_begin")
         try:

@@ -12,11 +12,10 @@ import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..checkpoints import CheckpointError
-from .run import EvaluationSettings, evaluate, write_report
+if TYPE_CHECKING:
+    from .run import EvaluationSettings
 
 PROG = "python -m hrm_vision.evaluation"
 #: Options that must be at least 1.
@@ -58,6 +57,8 @@ def setup_args() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace, command: str) -> EvaluationSettings:
     """The settings the parsed options describe (default checkpoint paths filled in)."""
+    from .run import EvaluationSettings
+
     ckpt = Path(args.checkpoint_dir)
     return EvaluationSettings(
         teacher=Path(args.teacher) if args.teacher else ckpt / "teacher.pth",
@@ -70,10 +71,22 @@ def settings_from_args(args: argparse.Namespace, command: str) -> EvaluationSett
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv``, evaluate, write and print the report. Returns the exit status (2 for a
-    bad option or checkpoint, with the reason on stderr)."""
-    parser = setup_args()
+    """Parse ``argv``, evaluate, write and print the report. Returns the exit status: 0, or 2
+    for a bad option, an unloadable checkpoint, a dataset problem, a file that cannot be
+    written or a missing extra (one line on standard error, :func:`hrm_vision.cli.run_main`)."""
+    from ..cli import run_main
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    return run_main(PROG, _run, argv)
+
+
+def _run(argv: list[str] | None) -> int:
+    import torch
+
+    from .run import evaluate, write_report
+
+    parser = setup_args()
+    argv = list(argv or [])
     args = parser.parse_args(argv)
     bad = [f"--{n.replace('_', '-')}" for n in POSITIVE if getattr(args, n) < 1]
     if args.baseline_train_images < 0:
@@ -81,11 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bad:
         parser.error(f"{', '.join(bad)} must be >= 1")
     torch.set_num_threads(args.threads)
-    try:
-        report = evaluate(settings_from_args(args, shlex.join([*PROG.split(), *argv])))
-    except (CheckpointError, ValueError) as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
+    report = evaluate(settings_from_args(args, shlex.join([*PROG.split(), *argv])))
     out_dir = Path(args.out_dir) if args.out_dir else Path(args.checkpoint_dir) / "evaluation"
     paths = write_report(report, out_dir)
     print(paths["markdown"].read_text())

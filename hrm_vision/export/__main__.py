@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints import CheckpointError, load_model
+from ..checkpoints import load_model
 from ..evaluation.quality import validation_images
 from ..files import write_text
 from ..vae import VAEBase
@@ -24,6 +24,8 @@ from .graphs import ExportError
 from .onnx import DEFAULT_OPSET
 from .parity import PARITY_TOLERANCE, compare_runtimes
 from .pipeline import ExportResult, export_model
+
+PROG = "python -m hrm_vision.export"
 
 TENSORRT_NOTE = """\
 TensorRT on a Jetson (NOT run here; no TensorRT on this machine), with the files above:
@@ -36,7 +38,7 @@ TensorRT on a Jetson (NOT run here; no TensorRT on this machine), with the files
 
 def setup_args() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m hrm_vision.export",
+        prog=PROG,
         description="Export the TinyVAE encoder and decoder to ONNX and TorchScript, checked "
                     "against eager PyTorch on real validation images.")
     parser.add_argument("--checkpoint", default="checkpoints/tinyvae_best.pth",
@@ -91,20 +93,28 @@ def summary(vae: VAEBase, result: ExportResult, args: argparse.Namespace) -> str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv``, export and check. Returns the exit status (1 when an export differs from
-    eager PyTorch, 2 for a bad option or checkpoint; the reason on stderr)."""
+    """Parse ``argv``, export and check. Returns the exit status: 0, 1 when an export differs
+    from eager PyTorch, 2 for a bad option, an unloadable checkpoint, a dataset problem, a file
+    that cannot be written or a missing extra (one line on standard error,
+    :func:`hrm_vision.cli.run_main`)."""
+    from ..cli import run_main
+
+    return run_main(PROG, _run, argv)
+
+
+def _run(argv: list[str] | None) -> int:
     parser = setup_args()
     args = parser.parse_args(argv)
     if args.timing_repeats < 0 or args.threads < 1:
         parser.error("--timing-repeats must be >= 0 and --threads >= 1")
+    if args.image_size < 8 or args.image_size % 8 or args.num_images < 1:
+        parser.error(f"--image-size must be a positive multiple of 8 (got {args.image_size}) "
+                     f"and --num-images >= 1 (got {args.num_images})")
     try:
         vae, result = run(args)
     except ExportError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
-    except (CheckpointError, ValueError) as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
     print(summary(vae, result, args))
     return 0
 
