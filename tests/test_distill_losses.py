@@ -237,3 +237,28 @@ class TestBoundedOutputDistillation:
                                  "distill_recon_weight": 0.0, "perceptual_weight": 0.0,
                                  "train_samples": 8, "val_samples": 4})
         assert Distiller(cfg).build_loss().bounded is True
+
+
+class TestResidualVariance:
+    def test_an_unpredicted_teacher_channel_no_longer_explodes_the_term(self) -> None:
+        """Teacher channel 1 carries what the student does not: the adapter's conditional
+        Gaussian widens by its residual, so the term stays of the order of its error."""
+        from hrm_vision.distill.losses import residual_variance
+
+        adapter = LatentAdapter(1, 2)
+        with torch.no_grad():
+            adapter.proj.weight.copy_(torch.tensor([1.0, 0.0]).view(2, 1, 1, 1))
+            adapter.proj.bias.zero_()
+        mu_s = torch.randn(8, 1, 2, 2)
+        logvar_s = torch.full_like(mu_s, -4.0)
+        mu_t = torch.cat([mu_s, torch.randn(8, 1, 2, 2)], 1)
+        t = TeacherTargets(mu_t, torch.full_like(mu_t, -4.0), torch.zeros(8, 3, 16, 16))
+        mu_a, var_a = adapt(adapter, mu_s, logvar_s)
+        r = residual_variance(mu_a, t)
+        assert r[0, 0].item() == pytest.approx(0.0, abs=1e-6)
+        assert r[0, 1].item() == pytest.approx(mu_t[:, 1].pow(2).mean().item(), rel=1e-5)
+        loss = latent_distillation(mu_a, var_a, t, 3.0)
+        from hrm_vision.distill.losses import softened_gaussian_kl
+
+        plain = softened_gaussian_kl(mu_t, t.logvar.exp(), mu_a, var_a, 3.0)
+        assert loss < plain / 20

@@ -18,8 +18,13 @@ Terms (each logged separately; the total is their weighted sum):
 ``distill_latent``
     Temperature-softened Gaussian KL (Hinton et al. 2015, for Gaussians): the student posterior
     is pushed through the linear adapter (mean ``A(mu_s)``, marginal variance
-    ``diag(W diag(var_s) W^T)``), both it and the teacher posterior get their standard deviations
-    multiplied by ``T``, and ``T**2 * KL(teacher_T || student_T)`` is averaged over elements::
+    ``diag(W diag(var_s) W^T)``) plus the residual variance ``r`` the adapter leaves
+    unexplained (:func:`residual_variance`: without it the teacher's posterior variance, far
+    wider than the student's on the channels the student does not carry, made the term three
+    orders of magnitude larger than the others and pushed the student's posterior noise up;
+    ``docs/training.md`` has the measurement). Both it and the teacher posterior get their
+    standard deviations multiplied by ``T``, and ``T**2 * KL(teacher_T || student_T)`` is
+    averaged over elements (``var_s`` below includes ``r``)::
 
         T**2 * (0.5 log(var_s/var_t) + var_t / (2 var_s) - 0.5) + (mu_t - A mu_s)**2 / (2 var_s)
 
@@ -114,12 +119,29 @@ def adapt(adapter: LatentAdapter, mu: Tensor, logvar: Tensor) -> tuple[Tensor, T
     return adapter(mu), adapter.variance(logvar.float().exp())
 
 
+def residual_variance(adapted_mu: Tensor, teacher: TeacherTargets) -> Tensor:
+    """Per teacher channel, the variance of the teacher's mean that the adapter does not
+    explain: the mean over batch and positions of ``(mu_t - A mu_s)**2``, shape
+    ``(1, teacher_dim, 1, 1)``, detached.
+
+    It is the maximum-likelihood variance of a Gaussian ``p(mu_t | z_s)`` around the adapter's
+    mean, so the latent term compares the teacher posterior with an honest conditional Gaussian
+    instead of with the student's (much narrower) posterior pushed through the adapter. It is 0
+    when the adapter predicts the teacher's mean exactly.
+    """
+    with torch.no_grad():
+        err = (teacher.mu.float() - adapted_mu.float()).pow(2)
+        return err.mean(dim=(0, 2, 3), keepdim=True)
+
+
 def latent_distillation(adapted_mu: Tensor, adapted_var: Tensor, teacher: TeacherTargets,
                         temperature: float) -> Tensor:
-    """The ``distill_latent`` term: the adapted student posterior vs the teacher's (see
-    :func:`adapt`, :func:`softened_gaussian_kl`)."""
-    return softened_gaussian_kl(teacher.mu, teacher.logvar.float().exp(), adapted_mu,
-                                adapted_var, temperature)
+    """The ``distill_latent`` term: the teacher posterior vs the adapter's conditional Gaussian
+    ``N(A mu_s, A var_s A^T + r)`` with ``r`` the :func:`residual_variance` (see :func:`adapt`,
+    :func:`softened_gaussian_kl`)."""
+    var = adapted_var + residual_variance(adapted_mu, teacher)
+    return softened_gaussian_kl(teacher.mu, teacher.logvar.float().exp(), adapted_mu, var,
+                                temperature)
 
 
 def feature_matching(features_pred: list[Tensor], features_target: list[Tensor]) -> Tensor:
