@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 from .files import atomic_write
-from .vae import VAEBase, build_model, model_name
+from .vae import MODELS, VAEBase, build_model, model_name
 
 #: Version of the checkpoint layout, stored under ``"format_version"``.
 FORMAT_VERSION = 1
@@ -178,14 +179,45 @@ def roles_in(payload: dict[str, Any]) -> list[str]:
                   if k.endswith("_state_dict") and f"{k[: -len('_state_dict')]}_arch" in payload)
 
 
-def load_state_checked(module: nn.Module, state: dict[str, Any], source: str) -> None:
-    """``module.load_state_dict(state)`` with a message naming missing keys and shape mismatches."""
+def check_state_dict(state: Any, source: str) -> dict[str, torch.Tensor]:
+    """``state`` as a dict of tensors; a ``CheckpointError`` naming ``source`` when it is not a
+    mapping of names to tensors."""
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{source}: the state dict must map names to tensors, got "
+                              f"{type(state).__name__}")
+    wrong = [f"{k!r} ({type(v).__name__})" for k, v in state.items()
+             if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if wrong:
+        raise CheckpointError(f"{source}: the state dict must map names to tensors; not a "
+                              f"tensor: {', '.join(wrong[:5])}"
+                              + (f" (+{len(wrong) - 5} more)" if len(wrong) > 5 else ""))
+    return dict(state)
+
+
+def check_finite(state: Mapping[str, Any], source: str) -> None:
+    """A ``CheckpointError`` naming the tensors of ``state`` that hold NaN or infinity."""
+    bad = non_finite_tensors(dict(state))
+    if bad:
+        raise CheckpointError(f"{source} holds NaN or infinite weights in {', '.join(bad[:5])}"
+                              + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""))
+
+
+def load_state_checked(module: nn.Module, state: Any, source: str) -> None:
+    """``module.load_state_dict(state)`` with a message naming missing keys, shape mismatches,
+    entries that are not tensors and non-finite weights (:func:`check_fits`)."""
+    module.load_state_dict(check_fits(module, state, source))
+
+
+def check_fits(module: nn.Module, state: Any, source: str) -> dict[str, torch.Tensor]:
+    """``state`` checked to load into ``module``: a dict of finite tensors with exactly the
+    module's keys and shapes; a ``CheckpointError`` names what does not fit."""
+    state = check_state_dict(state, source)
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
                   for k, v in own.items()
-                  if k in state and hasattr(state[k], "shape") and state[k].shape != v.shape]
+                  if k in state and state[k].shape != v.shape]
     if missing or unexpected or mismatched:
         parts = []
         if mismatched:
@@ -198,24 +230,59 @@ def load_state_checked(module: nn.Module, state: dict[str, Any], source: str) ->
                          + (" ..." if len(unexpected) > 5 else ""))
         raise CheckpointError(f"{source} does not fit {type(module).__name__}: "
                               + " | ".join(parts))
-    module.load_state_dict(state)
+    check_finite(state, source)
+    return state
+
+
+def check_arch(arch: Any, state: Mapping[str, torch.Tensor], source: str
+               ) -> tuple[str, dict[str, Any]]:
+    """``(registry name, constructor kwargs)`` of a stored ``{role}_arch``, checked before
+    anything is built: a dict with a registered ``name`` whose other values are numbers or
+    strings, and whose integer values (channel counts, depths, latent sizes) lie in
+    ``[0, largest stored tensor dimension]``, so a crafted file cannot ask for an absurd
+    allocation."""
+    if not isinstance(arch, Mapping):
+        raise CheckpointError(f"{source}: the architecture must be a dict with a 'name', got "
+                              f"{type(arch).__name__}")
+    kwargs = dict(arch)
+    name = kwargs.pop("name", None)
+    if not isinstance(name, str) or name not in MODELS:
+        raise CheckpointError(f"{source}: unknown model {name!r}; known: {sorted(MODELS)}")
+    wrong = {k: v for k, v in kwargs.items()
+             if not isinstance(k, str) or not isinstance(v, (int, float, str, bool))}
+    if wrong:
+        raise CheckpointError(f"{source}: architecture arguments must be numbers or strings, "
+                              f"got {wrong}")
+    widest = max((d for t in state.values() for d in t.shape), default=0)
+    for key, value in kwargs.items():
+        if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= widest:
+            raise CheckpointError(f"{source}: architecture {key}={value} is outside [0, "
+                                  f"{widest}], the largest stored tensor dimension")
+    return name, kwargs
 
 
 def model_from_payload(payload: dict[str, Any], role: str = "student",
                        source: str = "checkpoint") -> VAEBase:
-    """Rebuild the ``role`` model from a loaded checkpoint dict (in eval mode, on CPU)."""
+    """Rebuild the ``role`` model from a loaded checkpoint dict (in eval mode, on CPU).
+
+    Checked before anything is built (:func:`check_arch`, :func:`check_state_dict`); the
+    stored tensors must then fit the model exactly and be finite. Every problem is a
+    ``CheckpointError`` naming ``source``.
+    """
     if f"{role}_state_dict" not in payload or f"{role}_arch" not in payload:
         raise CheckpointError(
             f"{source} has no {role!r} model (keys {role}_state_dict and {role}_arch); "
             f"it holds: {roles_in(payload) or 'no models'}"
         )
-    arch = dict(payload[f"{role}_arch"])
-    name = arch.pop("name", None)
+    where = f"{source} ({role})"
+    state = check_state_dict(payload[f"{role}_state_dict"], where)
+    name, arch = check_arch(payload[f"{role}_arch"], state, where)
     try:
-        model = build_model(str(name), **arch)
-    except ValueError as exc:
+        with torch.random.fork_rng(devices=[]):  # building initialises weights randomly
+            model = build_model(name, **arch)
+    except Exception as exc:  # ValueError from the registry, or what a constructor raises
         raise CheckpointError(f"{source}: cannot rebuild the {role} model: {exc}") from exc
-    load_state_checked(model, payload[f"{role}_state_dict"], f"{source} ({role})")
+    load_state_checked(model, state, where)
     return model.eval()
 
 

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import bad_inputs  # tests/ is on sys.path (pytest prepend mode)
 
 from hrm_vision.checkpoints import load_checkpoint, load_model
@@ -110,3 +111,69 @@ class TestDivergence:
         else:
             assert "validation after epoch 1 gave a non-finite loss" in line
             assert not files and "No checkpoint of this phase was written" in line
+
+
+@pytest.fixture(scope="module")
+def trained(base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The ``tinyvae_last.pth`` payload of a one-epoch tiny run."""
+    work = tmp_path_factory.mktemp("trained")
+    code, text = bad_inputs.run_case(bad_inputs.Case("good", lambda b, w: [], "", code=0),
+                                     base, work)
+    assert code == 0, text[-3000:]
+    return load_checkpoint(work / "ckpt" / "tinyvae_last.pth")
+
+
+def _poison_optimizer(p: dict) -> None:
+    state = next(iter(p["optimizer_state_dict"]["state"].values()))
+    state["exp_avg_sq"] = state["exp_avg_sq"].clone().fill_(float("inf"))
+
+
+def _nan_training_weights(p: dict) -> None:
+    key = next(iter(p["train_state_dict"]))
+    p["train_state_dict"][key] = p["train_state_dict"][key].clone().fill_(float("nan"))
+
+
+#: (what is wrong, change to the payload, what the message says)
+CRAFTED_RESUMES = [
+    ("no rng_state", lambda p: p.pop("rng_state"),
+     "is not a complete training checkpoint: it lacks rng_state"),
+    ("no history", lambda p: p.pop("history"), "it lacks history"),
+    ("an epoch that is a string", lambda p: p.update(epoch="3"),
+     "epoch must be an integer >= 0, got str '3'"),
+    ("a negative epoch", lambda p: p.update(epoch=-1), "epoch must be an integer >= 0, got int"),
+    ("history that is not a list of records", lambda p: p.update(history=[1, 2]),
+     "history must be a list of epoch records"),
+    ("rng_state that is not one", lambda p: p.update(rng_state={"torch": "seed"}),
+     "rng_state must be a dict whose 'torch' entry is a uint8 tensor"),
+    ("an optimizer state of another shape",
+     lambda p: p.update(optimizer_state_dict={"state": {}, "param_groups": []}),
+     "optimizer_state_dict does not fit this run"),
+    ("a string in the student's state dict",
+     lambda p: p["student_state_dict"].update({"encoder.stem.weight": "w"}),
+     "must map names to tensors; not a tensor: 'encoder.stem.weight' (str)"),
+    ("NaN training weights", _nan_training_weights,
+     "(train_state_dict) holds NaN or infinite weights"),
+    ("infinite optimizer state", _poison_optimizer,
+     "the optimizer state holds NaN or infinite values"),
+    ("a newer format", lambda p: p.update(format_version=7),
+     "has checkpoint format_version 7, newer than the version 1"),
+]
+
+
+class TestCraftedResume:
+    @pytest.mark.parametrize("change, expect", [c[1:] for c in CRAFTED_RESUMES],
+                             ids=[c[0] for c in CRAFTED_RESUMES])
+    def test_named_error_not_a_traceback(self, change, expect: str, trained: dict, base: Path,
+                                         tmp_path: Path) -> None:
+        import copy
+
+        payload = copy.deepcopy(trained)
+        change(payload)
+        torch.save(payload, tmp_path / "resume.pth")
+        case = bad_inputs.Case("crafted", lambda b, w: ["--resume", str(w / "resume.pth")],
+                               expect)
+        code, text = bad_inputs.run_case(case, base, tmp_path)
+        assert code == 2 and "Traceback" not in text, text[-3000:]
+        line = bad_inputs.message_line(text, expect)
+        assert line.startswith("distill_tinyvae: error: ") and expect in line, text[-3000:]
+        assert str(tmp_path / "resume.pth") in line

@@ -162,3 +162,58 @@ class TestNonFinite:
         assert load_checkpoint(path)["epoch"] == 1
         assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]
         save_checkpoint(payload, tmp_path / "other.pth")  # not asked: written as given
+
+
+def crafted(tmp_path, change) -> str:
+    """A student checkpoint after ``change(payload)``, saved with plain ``torch.save``."""
+    payload = model_entry(tiny(), "student")
+    payload["student_state_dict"] = dict(payload["student_state_dict"])
+    change(payload)
+    path = tmp_path / "crafted.pth"
+    torch.save(payload, path)
+    return str(path)
+
+
+def _first_key(payload) -> str:
+    return next(iter(payload["student_state_dict"]))
+
+
+def _nan(payload) -> None:
+    key = _first_key(payload)
+    payload["student_state_dict"][key] = payload["student_state_dict"][key].clone()
+    payload["student_state_dict"][key].view(-1)[0] = float("nan")
+
+
+CRAFTED = [
+    ("a state-dict entry that is a string",
+     lambda p: p["student_state_dict"].update({_first_key(p): "weights"}),
+     r"must map names to tensors; not a tensor: 'encoder.*' \(str\)"),
+    ("a state dict that is a list", lambda p: p.update(student_state_dict=[1, 2]),
+     "the state dict must map names to tensors, got list"),
+    ("an arch that is not a dict", lambda p: p.update(student_arch="tinyvae"),
+     "the architecture must be a dict with a 'name', got str"),
+    ("an arch of an unknown model", lambda p: p["student_arch"].update(name="resnet"),
+     "unknown model 'resnet'"),
+    ("an arch asking for absurd sizes",
+     lambda p: p["student_arch"].update(base_channels=3_000_000),
+     r"architecture base_channels=3000000 is outside \[0, \d+\], the largest stored tensor"),
+    ("an arch with a nested value", lambda p: p["student_arch"].update(latent_dim=[8]),
+     "architecture arguments must be numbers or strings"),
+    ("NaN weights", _nan, r"\(student\) holds NaN or infinite weights in encoder"),
+]
+
+
+@pytest.mark.parametrize("change, message", [c[1:] for c in CRAFTED],
+                         ids=[c[0] for c in CRAFTED])
+def test_crafted_checkpoint_is_a_checkpoint_error(tmp_path, change, message) -> None:
+    path = crafted(tmp_path, change)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(path)
+
+
+def test_absurd_arch_is_refused_before_anything_is_built(tmp_path) -> None:
+    path = crafted(tmp_path, lambda p: p["student_arch"].update(base_channels=3_000_000))
+    with mock.patch("hrm_vision.checkpoints.build_model") as build, \
+            pytest.raises(CheckpointError, match="outside"):
+        load_model(path)
+    assert not build.called

@@ -86,3 +86,62 @@ class TestNoDeadFields:
         source = "".join(p.read_text() for p in pkg.glob("*.py") if p.name != "config.py")
         unused = [k for k in DistillConfig.model_fields if f".{k}" not in source]
         assert not unused, f"config keys never read: {unused}"
+
+
+class TestAbsurdValues:
+    """Values no run means: refused with the field named, before anything is allocated."""
+
+    @pytest.mark.parametrize("field, value", [
+        ("epochs", 10**12), ("epochs", 1e12), ("num_workers", 10**6), ("batch_size", 10**9),
+        ("student_base_channels", 10**7), ("teacher_latent_dim", 10**8),
+        ("teacher_blocks_per_stage", 10**4), ("grad_accum_steps", 10**9),
+        ("teacher_epochs", 10**12), ("seed", -1), ("seed", 2**40)])
+    def test_absurd_size_is_named(self, field: str, value: float) -> None:
+        with pytest.raises(ConfigError, match=rf"{field}: Input should be (less|greater) than"):
+            load_config(None, {field: value})
+
+    def test_absurd_image_size_is_named(self) -> None:
+        with pytest.raises(ConfigError, match="image_size must be at most 4096, got 1048576"):
+            load_config(None, {"image_size": 2**20})
+
+    @pytest.mark.parametrize("field", ["learning_rate", "kl_weight", "temperature",
+                                       "grad_clip", "ema_decay", "kl_free_bits"])
+    @pytest.mark.parametrize("value", [float("nan"), float("inf")])
+    def test_non_finite_number_is_named(self, field: str, value: float) -> None:
+        with pytest.raises(ConfigError, match=rf"{field}: Input should be a finite number"):
+            load_config(None, {field: value})
+
+    def test_non_finite_numbers_in_json(self, tmp_path) -> None:
+        """JSON parsers accept NaN, Infinity and 1e999 (infinity); the config does not."""
+        p = tmp_path / "c.json"
+        p.write_text('{"learning_rate": NaN, "weight_decay": Infinity, "temperature": 1e999}')
+        with pytest.raises(ConfigError) as info:
+            load_config(p)
+        for field in ("learning_rate", "weight_decay", "temperature"):
+            assert f"{field}: Input should be a finite number" in str(info.value)
+
+    def test_json_the_parser_cannot_take(self, tmp_path) -> None:
+        deep = tmp_path / "deep.json"
+        deep.write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+        with pytest.raises(ConfigError, match="deep.json is not a JSON file this parser can "
+                           "read: RecursionError"):
+            load_config(deep)
+        digits = tmp_path / "digits.json"
+        digits.write_text('{"epochs": ' + "9" * 5000 + "}")
+        with pytest.raises(ConfigError, match="digits.json is not a JSON file this parser can "
+                           "read: ValueError: Exceeds the limit"):
+            load_config(digits)
+
+    def test_checkpoint_dir_that_is_a_file(self, tmp_path) -> None:
+        (tmp_path / "ckpt").write_text("not a folder")
+        with pytest.raises(ConfigError, match=r"checkpoint_dir: Value error, checkpoint_dir "
+                           r".*ckpt is an existing file, not a folder"):
+            load_config(None, {"checkpoint_dir": str(tmp_path / "ckpt")})
+        assert load_config(None, {"checkpoint_dir": str(tmp_path / "new")}).checkpoint_dir
+
+    def test_defaults_and_the_largest_values_pass(self) -> None:
+        from hrm_vision.distill import config as c
+
+        load_config(None, {"epochs": c.MAX_EPOCHS, "batch_size": c.MAX_BATCH,
+                           "num_workers": c.MAX_WORKERS, "image_size": c.MAX_IMAGE_SIZE,
+                           "student_base_channels": c.MAX_CHANNELS, "seed": 2**32 - 1})

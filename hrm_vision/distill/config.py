@@ -24,6 +24,17 @@ Backbone = Literal["auto", "vgg16", "teacher"]
 Precision = Literal["auto", "off", "bf16", "fp16"]
 
 
+#: Upper bounds that catch absurd values (a typo, a unit mistake) before anything is allocated
+#: or started; far above anything this trainer is meant for.
+MAX_IMAGE_SIZE = 4096
+MAX_CHANNELS = 4096  # latent sizes and base channel counts
+MAX_BLOCKS = 64  # residual blocks per teacher stage
+MAX_BATCH = 65536  # batch size, batches per optimizer step
+MAX_EPOCHS = 100_000
+MAX_WORKERS = 512  # DataLoader worker processes
+MAX_COUNT = 10**9  # sample counts, steps and intervals
+
+
 class ConfigError(ValueError):
     """A config file or value that cannot be used; the message names the file, field or position."""
 
@@ -34,7 +45,7 @@ class DistillConfig(BaseModel):
     Loss weights multiply the five terms of :class:`hrm_vision.distill.losses.DistillLoss`.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     # ---------------------------------------------------------------- data
     dataset: str = Field("cifar10", description="dataset name in hrm_vision.data (cifar10, "
@@ -42,35 +53,40 @@ class DistillConfig(BaseModel):
     data_dir: str = Field("./data", description="where the dataset lives (cifar10, imagefolder)")
     download: bool = Field(False, description="allow downloading the dataset (cifar10) and VGG16 "
                            "weights")
-    image_size: int = Field(32, ge=8, description="image side in pixels, a multiple of 8")
-    train_samples: int | None = Field(None, ge=1, description="use only the first N training "
+    image_size: int = Field(32, ge=8, description="image side in pixels, a multiple of 8, at "
+                            f"most {MAX_IMAGE_SIZE}")
+    train_samples: int | None = Field(None, ge=1, le=MAX_COUNT,
+                                      description="use only the first N training "
                                       "images (None: all)")
-    val_samples: int | None = Field(None, ge=2, description="use only the first N validation "
+    val_samples: int | None = Field(None, ge=2, le=MAX_COUNT,
+                                    description="use only the first N validation "
                                     "images (None: all)")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    num_workers: int = Field(0, ge=0, le=MAX_WORKERS, description="DataLoader worker processes")
     # ---------------------------------------------------------------- models
-    teacher_latent_dim: int = Field(512, ge=1)
-    student_latent_dim: int = Field(128, ge=1)
-    teacher_base_channels: int = Field(64, ge=1)
-    teacher_blocks_per_stage: int = Field(1, ge=1)
-    student_base_channels: int = Field(32, ge=1)
+    teacher_latent_dim: int = Field(512, ge=1, le=MAX_CHANNELS)
+    student_latent_dim: int = Field(128, ge=1, le=MAX_CHANNELS)
+    teacher_base_channels: int = Field(64, ge=1, le=MAX_CHANNELS)
+    teacher_blocks_per_stage: int = Field(1, ge=1, le=MAX_BLOCKS)
+    student_base_channels: int = Field(32, ge=1, le=MAX_CHANNELS)
     # ---------------------------------------------------------------- optimisation
-    batch_size: int = Field(64, ge=1)
-    epochs: int = Field(100, ge=0, description="distillation epochs (phase 2)")
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH)
+    epochs: int = Field(100, ge=0, le=MAX_EPOCHS, description="distillation epochs (phase 2)")
     learning_rate: float = Field(3e-4, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     ema_decay: float = Field(0.99, ge=0, lt=1, description="decay of the exponential moving "
                              "average of the trained weights, used for validation and every "
                              "saved model (0: off, the raw weights)")
-    warmup_steps: int = Field(100, ge=0, description="linear warm-up optimizer steps before the "
+    warmup_steps: int = Field(100, ge=0, le=MAX_COUNT,
+                              description="linear warm-up optimizer steps before the "
                               "cosine decay")
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm (None: off)")
-    grad_accum_steps: int = Field(1, ge=1, description="batches per optimizer step")
+    grad_accum_steps: int = Field(1, ge=1, le=MAX_BATCH, description="batches per optimizer step")
     mixed_precision: Precision = Field("auto", description="auto: fp16 with a scaler on CUDA, "
                                        "off on CPU; bf16/fp16/off force it")
-    seed: int = 0
-    max_bad_steps: int = Field(10, ge=1, description="stop after this many non-finite losses in "
-                               "a row")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of Python, NumPy and torch")
+    max_bad_steps: int = Field(10, ge=1, le=MAX_COUNT, description="stop after this many bad "
+                               "steps in a row (non-finite loss, or non-finite weights after "
+                               "the optimizer step, which is undone)")
     # ---------------------------------------------------------------- loss
     recon_weight: float = Field(0.3, ge=0)
     kl_weight: float = Field(0.1, ge=0)
@@ -89,20 +105,37 @@ class DistillConfig(BaseModel):
     # ---------------------------------------------------------------- phases
     teacher_checkpoint: str | None = Field(None, description="a trained teacher to reuse "
                                            "(default: checkpoint_dir/teacher.pth if present)")
-    teacher_epochs: int = Field(20, ge=0, description="phase 1 (teacher pre-training) epochs")
+    teacher_epochs: int = Field(20, ge=0, le=MAX_EPOCHS,
+                                description="phase 1 (teacher pre-training) epochs")
     teacher_cache: bool = Field(True, description="precompute the frozen teacher's outputs once")
-    finetune_epochs: int = Field(0, ge=0, description="phase 3: student alone, decoder first")
+    finetune_epochs: int = Field(0, ge=0, le=MAX_EPOCHS,
+                                 description="phase 3: student alone, decoder first")
     # ---------------------------------------------------------------- output
     device: str | None = Field(None, description="cuda / cpu / cuda:1 (None: cuda if available)")
-    checkpoint_dir: str = "checkpoints"
-    save_interval: int = Field(5, ge=1, description="write tinyvae_epoch_XXX.pth every N epochs")
-    log_interval: int = Field(50, ge=1, description="print the loss terms every N batches")
+    checkpoint_dir: str = Field("checkpoints", description="where checkpoints, history.json, "
+                                "config.json and pictures go (a folder, created if missing)")
+    save_interval: int = Field(5, ge=1, le=MAX_COUNT,
+                               description="write tinyvae_epoch_XXX.pth every N epochs")
+    log_interval: int = Field(50, ge=1, le=MAX_COUNT,
+                              description="print the loss terms every N batches")
 
     @field_validator("image_size")
     @classmethod
     def _multiple_of_8(cls, v: int) -> int:
         if v % 8:
             raise ValueError(f"image_size must be a multiple of 8, got {v}")
+        if v > MAX_IMAGE_SIZE:
+            raise ValueError(f"image_size must be at most {MAX_IMAGE_SIZE}, got {v}")
+        return v
+
+    @field_validator("checkpoint_dir")
+    @classmethod
+    def _a_folder(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("checkpoint_dir must name a folder, got an empty string")
+        path = Path(v)
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"checkpoint_dir {v} is an existing file, not a folder")
         return v
 
 
@@ -127,6 +160,9 @@ def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
                           f"column {exc.colno}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path} is not a UTF-8 text file: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # a 5000-digit number, nesting too deep
+        raise ConfigError(f"{path} is not a JSON file this parser can read: "
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a JSON object of config keys, got "
                           f"{type(data).__name__}")

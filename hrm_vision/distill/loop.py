@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from ..checkpoints import CheckpointError, check_fits, non_finite_tensors
 from .config import DistillConfig
 from .distributed import DistContext, barrier, reduce_mean, set_epoch, wrap_ddp
 from .ema import WeightAverage
@@ -205,16 +206,34 @@ class PhaseLoop:
         """Continue from a checkpoint dict of this phase: models first (a mismatch names the
         keys), then optimizer, scheduler, scaler, state, history and RNG."""
         self.phase.load_models(payload, source)
-        if self.average is not None:
-            self.average.restore(payload)
         saved = TrainingCheckpoint.from_payload(payload, source)
-        self.optimizer.load_state_dict(saved.optimizer_state_dict)
-        self.scheduler.load_state_dict(saved.scheduler_state_dict)
-        if saved.scaler_state_dict:
-            self.scaler.load_state_dict(saved.scaler_state_dict)
+        if self.average is not None:
+            if "train_state_dict" in payload:
+                check_fits(self.module, payload["train_state_dict"],
+                           f"{source} (train_state_dict)")
+            updates = payload.get("ema_updates", 1)
+            if not isinstance(updates, int) or isinstance(updates, bool) or updates < 0:
+                raise CheckpointError(f"{source}: ema_updates must be an integer >= 0, got "
+                                      f"{updates!r}")
+            self.average.restore(payload)
+        bad = non_finite_tensors(saved.optimizer_state_dict)
+        if bad:
+            raise CheckpointError(f"{source}: the optimizer state holds NaN or infinite values "
+                                  f"in {', '.join(bad[:5])}")
+        for what, load in (("optimizer_state_dict", lambda: self.optimizer.load_state_dict(
+                                saved.optimizer_state_dict)),
+                           ("scheduler_state_dict", lambda: self.scheduler.load_state_dict(
+                               saved.scheduler_state_dict)),
+                           ("scaler_state_dict", lambda: saved.scaler_state_dict
+                            and self.scaler.load_state_dict(saved.scaler_state_dict)),
+                           ("rng_state", lambda: set_rng_state(saved.rng_state))):
+            try:
+                load()
+            except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
+                raise CheckpointError(f"{source}: {what} does not fit this run: "
+                                      f"{type(exc).__name__}: {exc}") from exc
         self.state = saved.state
         self.history[:] = saved.history
-        set_rng_state(saved.rng_state)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> None:

@@ -150,11 +150,13 @@ class TrainingCheckpoint:
     @classmethod
     def from_payload(cls, payload: dict[str, Any], source: str = "checkpoint"
                      ) -> TrainingCheckpoint:
-        """Parse a loaded checkpoint dict; a ``CheckpointError`` names the keys it lacks."""
+        """Parse a loaded checkpoint dict; a ``CheckpointError`` names the keys it lacks and
+        every key whose value has the wrong type (:func:`check_training_payload`)."""
         missing = [k for k in TRAINING_KEYS if k not in payload]
         if missing:
             raise CheckpointError(f"{source} is not a complete training checkpoint: it lacks "
                                   f"{', '.join(missing)}")
+        check_training_payload(payload, source)
         skip = {*TRAINING_KEYS, "format_version", *(f.name for f in fields(TrainState))}
         return cls(phase=payload["phase"],
                    models={k: v for k, v in payload.items() if k not in skip},
@@ -164,3 +166,91 @@ class TrainingCheckpoint:
                    scheduler_state_dict=payload["scheduler_state_dict"],
                    scaler_state_dict=payload["scaler_state_dict"],
                    rng_state=payload["rng_state"])
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+
+
+def _check_rng(state: Any) -> str | None:
+    """What is wrong with a stored :func:`rng_state`, or None."""
+    if not isinstance(state, dict):
+        return "a dict"
+    torch_state = state.get("torch")
+    if not isinstance(torch_state, torch.Tensor) or torch_state.dtype != torch.uint8:
+        return "a dict whose 'torch' entry is a uint8 tensor"
+    numpy_state = state.get("numpy")
+    if not (isinstance(numpy_state, (list, tuple)) and len(numpy_state) == 5
+            and isinstance(numpy_state[0], str) and isinstance(numpy_state[1], torch.Tensor)
+            and all(_is_int(v) for v in numpy_state[2:4]) and _is_real(numpy_state[4])):
+        return "a dict whose 'numpy' entry is [name, tensor, int, int, float]"
+    python_state = state.get("python")
+    if not (isinstance(python_state, (list, tuple)) and len(python_state) == 3
+            and _is_int(python_state[0]) and isinstance(python_state[1], (list, tuple))
+            and all(_is_int(v) for v in python_state[1])
+            and (python_state[2] is None or _is_real(python_state[2]))):
+        return "a dict whose 'python' entry is [version, list of ints, float or None]"
+    cuda = state.get("cuda", [])
+    if not (isinstance(cuda, (list, tuple)) and all(
+            isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda)):
+        return "a dict whose 'cuda' entry is a list of uint8 tensors"
+    return None
+
+
+def check_training_payload(payload: dict[str, Any], source: str = "checkpoint") -> None:
+    """Check the type of every key the trainer reads from a training checkpoint (those that are
+    present: :meth:`TrainingCheckpoint.from_payload` requires them); a ``CheckpointError``
+    names the key, what it must be and what it holds.
+
+    The models' tensors are checked where they are loaded
+    (:func:`hrm_vision.checkpoints.load_state_checked`).
+    """
+    def bad(key: str, what: str) -> CheckpointError:
+        return CheckpointError(f"{source}: {key} must be {what}, got {_describe(payload[key])}")
+
+    def wrong(key: str, ok: Any) -> bool:
+        return key in payload and not ok(payload[key])
+
+    if wrong("phase", lambda v: isinstance(v, str)):
+        raise bad("phase", "a phase name")
+    for f in fields(TrainState):
+        if f.name not in payload:
+            continue
+        value = payload[f.name]
+        if f.name == "running":
+            if not (isinstance(value, dict) and all(
+                    isinstance(k, str) and _is_real(v) for k, v in value.items())):
+                raise bad(f.name, "a dict of loss names to numbers")
+        elif f.name == "best_psnr":
+            if not _is_real(value):
+                raise bad(f.name, "a number")
+        elif f.name == "time_s":
+            if not (_is_real(value) and math.isfinite(value) and value >= 0):
+                raise bad(f.name, "a finite number >= 0")
+        elif not (_is_int(value) and value >= 0):
+            raise bad(f.name, "an integer >= 0")
+    if wrong("history", lambda h: isinstance(h, list) and all(
+            isinstance(r, dict) and isinstance(r.get("phase"), str) and _is_int(r.get("epoch"))
+            and isinstance(r.get("train"), dict) and isinstance(r.get("val"), dict)
+            for r in h)):
+        raise bad("history", "a list of epoch records (dicts with phase, epoch, train, val)")
+    if wrong("config", lambda v: isinstance(v, dict)):
+        raise bad("config", "a dict")
+    if wrong("optimizer_state_dict", lambda v: isinstance(v, dict) and isinstance(
+            v.get("state"), dict) and isinstance(v.get("param_groups"), list)):
+        raise bad("optimizer_state_dict", "an optimizer state dict (state, param_groups)")
+    for key in ("scheduler_state_dict", "scaler_state_dict"):
+        if wrong(key, lambda v: isinstance(v, dict)):
+            raise bad(key, "a dict")
+    problem = _check_rng(payload["rng_state"]) if "rng_state" in payload else None
+    if problem:
+        raise bad("rng_state", problem)

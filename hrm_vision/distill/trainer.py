@@ -55,7 +55,7 @@ from .losses import DistillLoss
 from .perceptual import build_perceptual, find_vgg16_weights
 from .phases import DistillPhase, FinetunePhase, Phase, PhaseContext, TeacherPhase
 from .splits import build_split, first_images
-from .state import seed_everything
+from .state import check_training_payload, seed_everything
 
 __all__ = ["Distiller", "TrainingDiverged", "TrainingInterrupted", "find_resume"]
 
@@ -118,6 +118,7 @@ class Distiller:
                                      config.teacher_latent_dim).to(self.device)
         self.teacher: VAEBase | None = None
         self.teacher_source = ""
+        self.resume_source = "resume checkpoint"  # the file, once run(resume=...) has read it
         self.perceptual_name = "none"
 
     def _reduce_validation(self, values: dict[str, float], count: int) -> dict[str, float]:
@@ -272,7 +273,7 @@ class Distiller:
     def _run_phases(self, payload: dict[str, Any] | None) -> None:
         start = PHASES.index(payload["phase"]) if payload else 0
         if payload is not None:
-            self.history[:] = payload["history"]
+            self.history[:] = payload.get("history", [])  # its absence: an error on restore
         self._obtain_teacher(payload)
         loss = self.build_loss()
         self.message(f"perceptual backbone: {self.perceptual_name}; distillation "
@@ -307,7 +308,7 @@ class Distiller:
         loop = PhaseLoop(phase, self.config, self.ctx, self.train_loader, self.history,
                          self._emit, lambda: self.stop_signal, self.out_dir)
         if payload is not None:
-            loop.restore(payload, f"resume checkpoint ({payload['phase']})")
+            loop.restore(payload, f"{self.resume_source} ({payload['phase']} phase)")
         self.loop = loop
         loop.run()
 
@@ -319,12 +320,16 @@ class Distiller:
             self.message(f"resume auto: no checkpoint in {self.out_dir}, starting fresh")
             return None
         payload = load_checkpoint(path)
+        self.resume_source = str(path)
         if payload.get("phase") not in PHASES or "optimizer_state_dict" not in payload:
             raise CheckpointError(f"{path} is not a training checkpoint of this trainer "
                                   "(no phase/optimizer state); pass it as --teacher-checkpoint "
                                   "or load it with hrm_vision.checkpoints.load_model")
-        self.message(f"resuming {payload['phase']} from {path} (epoch {payload['epoch']}, "
-                     f"batch {payload['step_in_epoch']})")
+        # the keys read here; the rest is checked when the phase restores it (models first)
+        check_training_payload({k: payload[k] for k in ("phase", "epoch", "step_in_epoch",
+                                                        "history") if k in payload}, str(path))
+        self.message(f"resuming {payload['phase']} from {path} (epoch "
+                     f"{payload.get('epoch', 0)}, batch {payload.get('step_in_epoch', 0)})")
         return payload
 
     @contextmanager
