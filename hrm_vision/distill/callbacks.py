@@ -4,14 +4,21 @@ The trainer calls every callback's hooks on rank 0 only, in order: first the def
 (:func:`default_callbacks`), then the user's, which add to them and never replace them. Hooks
 receive the trainer and plain values; each callback does one thing:
 
-- :class:`CheckpointWriter`: ``*_last.pth`` every epoch and on a stop signal, ``*_best.pth`` when
-  an epoch is the best so far, ``tinyvae_epoch_XXX.pth`` every ``save_interval`` epochs.
 - :class:`HistoryWriter`: ``history.json`` rewritten after every epoch.
 - :class:`PictureWriter`: a PNG grid of inputs / teacher / student reconstructions and a PNG of
   the loss curves in the checkpoint directory, every epoch.
+- :class:`CheckpointWriter`: ``tinyvae_epoch_XXX.pth`` every ``save_interval`` epochs,
+  ``*_best.pth`` when an epoch is the best so far, then ``*_last.pth`` (also on a stop signal).
 - :class:`ProgressBar`: a tqdm bar per epoch with the running loss (console).
 - :class:`ConsoleLog`: messages, the terms every ``log_interval`` batches and an epoch summary
   (console).
+
+The end of an epoch is committed by ``*_last.pth``, written last: every other file of the epoch
+(history, pictures, snapshot, best) is written before it, each atomically. A run killed at any
+moment before the commit resumes (``--resume auto``) from the previous epoch's ``*_last.pth``
+and trains the epoch again, which rewrites those files with the same content (training resumes
+exactly); killed after it, nothing of the epoch is missing. Files written by user callbacks,
+which run after the default ones, are not covered.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoints import save_checkpoint
-from ..files import write_json
+from ..files import atomic_write, write_json
 
 if TYPE_CHECKING:
     from .phases import Phase
@@ -54,7 +61,7 @@ class Callback:
 def default_callbacks(console: bool = True) -> list[Callback]:
     """The callbacks every run has: checkpoints, history, pictures, and with ``console`` the
     progress bar and the console log."""
-    files: list[Callback] = [CheckpointWriter(), HistoryWriter(), PictureWriter()]
+    files: list[Callback] = [HistoryWriter(), PictureWriter(), CheckpointWriter()]  # commit last
     return files + ([ProgressBar(), ConsoleLog()] if console else [])
 
 
@@ -66,26 +73,28 @@ class CheckpointWriter(Callback):
     (``record["is_best"]``, see :mod:`hrm_vision.distill.state`).
     """
 
-    def _save(self, trainer: Distiller, name: str) -> Path:
-        """Write the running phase's state to ``name``; a non-finite tensor is refused."""
-        return save_checkpoint(trainer.checkpoint_payload(), trainer.out_dir / name,
-                               require_finite=True)
+    def _save(self, trainer: Distiller, names: list[str]) -> None:
+        """Write the running phase's state to each of ``names``, in order; a non-finite tensor
+        is refused."""
+        payload = trainer.checkpoint_payload()
+        for name in names:
+            save_checkpoint(payload, trainer.out_dir / name, require_finite=True)
 
     def on_epoch_end(self, trainer: Distiller, phase: Phase, record: dict[str, Any]) -> None:
-        self._save(trainer, phase.last_file)
-        if record["is_best"]:
-            self._save(trainer, phase.best_file)
+        names = []
         if phase.epoch_file and record["epoch"] % trainer.config.save_interval == 0:
-            self._save(trainer, phase.epoch_file.format(epoch=record["epoch"]))
+            names.append(phase.epoch_file.format(epoch=record["epoch"]))
+        if record["is_best"]:
+            names.append(phase.best_file)
+        self._save(trainer, [*names, phase.last_file])  # the last file commits the epoch
 
     def on_interrupt(self, trainer: Distiller, phase: Phase) -> None:
-        self._save(trainer, phase.last_file)
+        self._save(trainer, [phase.last_file])
 
     def on_phase_end(self, trainer: Distiller, phase: Phase) -> None:
         # zero epochs: still leave loadable files (the untrained models)
         if phase.epochs == 0 and not (trainer.out_dir / phase.best_file).exists():
-            self._save(trainer, phase.last_file)
-            self._save(trainer, phase.best_file)
+            self._save(trainer, [phase.best_file, phase.last_file])
 
 
 def _fmt(terms: dict[str, float]) -> str:
@@ -169,7 +178,7 @@ def save_grid(rows: list[torch.Tensor], path: Path) -> None:
 
     n = min(r.shape[0] for r in rows)
     grid = torch.cat([r[:n].detach().float().cpu().clamp(0, 1) for r in rows])
-    save_image(grid, path, nrow=n, padding=1)
+    atomic_write(path, lambda f: save_image(grid, f, format="png", nrow=n, padding=1))
 
 
 def save_loss_curves(history: list[dict[str, Any]], path: Path) -> None:
@@ -198,5 +207,7 @@ def save_loss_curves(history: list[dict[str, Any]], path: Path) -> None:
         row[1].set(title=f"{name}: validation PSNR (dB)", xlabel="epoch")
         row[1].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80))
+    finally:
+        plt.close(fig)

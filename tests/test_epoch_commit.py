@@ -1,0 +1,198 @@
+"""The end of an epoch is committed by ``*_last.pth``: a run SIGKILLed inside or right after any
+write of the last epoch (pictures, ``history.json``, the snapshot, the best checkpoint,
+``tinyvae_last.pth``) and resumed with ``--resume auto`` ends with exactly the files and weights
+of an uninterrupted run, and no temporary file.
+
+The kill is deterministic: in the child process ``os.replace`` (the last step of every atomic
+write) is wrapped to SIGKILL the process at the chosen write, just before the file is put in
+place ("inside": its complete temporary file is left behind) or just after. The runs are child
+processes forked from one interpreter that has imported torch and the trainer, which keeps the
+table fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers import tiny_run  # tests/ is on sys.path (pytest prepend mode)
+
+from hrm_vision.checkpoints import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+EPOCHS = 2
+#: Keys whose values are wall-clock measurements or the run's own folder: they differ between
+#: any two runs and are left out of the comparison.
+VARYING = {"time_s", "train_img_per_s", "checkpoint_dir"}
+
+#: Runs the distiller's command line in forked children. stdin: JSON ``[[argv, log, writes,
+#: kill], ...]``: ``writes`` is a file that receives the name of every file put in place under
+#: the checkpoint folder; ``kill`` is None or ``[name, occurrence, "inside" | "after"]``.
+#: stdout: the exit statuses (a SIGKILLed child: -9).
+FORK_RUNNER = """
+import json, os, signal, sys
+import torch, torchvision, matplotlib, tqdm
+from hrm_vision.distill import cli
+jobs = json.load(sys.stdin)
+statuses = []
+for argv, log, writes, kill in jobs:
+    pid = os.fork()
+    if pid == 0:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        replace, seen = os.replace, {}
+
+        def wrapped(src, dst, *args, **kwargs):
+            name = os.path.basename(os.fspath(dst))
+            seen[name] = seen.get(name, 0) + 1
+            with open(writes, "a") as f:
+                f.write(name + "\\n")
+            due = kill is not None and kill[0] == name and kill[1] == seen[name]
+            if due and kill[2] == "inside":
+                os.kill(os.getpid(), signal.SIGKILL)
+            replace(src, dst, *args, **kwargs)
+            if due:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        os.replace = wrapped
+        try:
+            code = cli.main(argv)
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    statuses.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+print(json.dumps(statuses))
+"""
+
+
+def run_jobs(jobs: list[list[Any]], cwd: Path) -> list[int]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, "-c", FORK_RUNNER], input=json.dumps(jobs),
+                          capture_output=True, text=True, env=env, cwd=cwd, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def argv(workdir: Path, ckpt: Path) -> list[str]:
+    """The tiny run, with a learning rate and weight average under which its last epoch is the
+    best so far (so it writes a best checkpoint too; checked below)."""
+    return [*tiny_run.prepare(workdir, EPOCHS, train_samples=16, checkpoint_dir=ckpt,
+                              warmup_steps=0, learning_rate=3e-3, ema_decay=0.5),
+            "--resume", "auto"]
+
+
+def comparable(value: Any) -> Any:
+    """``value`` without the :data:`VARYING` keys, tensors kept (compared with torch.equal)."""
+    if isinstance(value, dict):
+        return {k: comparable(v) for k, v in value.items() if k not in VARYING}
+    if isinstance(value, (list, tuple)):
+        return [comparable(v) for v in value]
+    return value
+
+
+def assert_same(a: Any, b: Any, where: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), (where, sorted(a), sorted(b))
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b or (a != a and b != b), (where, a, b)  # NaN equals NaN here
+
+
+def assert_same_run(got: Path, ref: Path) -> None:
+    """The same files; checkpoints, history and config equal but for :data:`VARYING`;
+    pictures byte for byte."""
+    names = sorted(p.name for p in got.iterdir())
+    assert names == sorted(p.name for p in ref.iterdir())
+    for name in names:
+        if name.endswith(".pth"):
+            assert_same(comparable(load_checkpoint(got / name)),
+                        comparable(load_checkpoint(ref / name)), name)
+        elif name.endswith(".json"):
+            assert_same(comparable(json.loads((got / name).read_text())),
+                        comparable(json.loads((ref / name).read_text())), name)
+        else:
+            assert (got / name).read_bytes() == (ref / name).read_bytes(), name
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """An uninterrupted run: its checkpoint folder and the files it put in place, in order."""
+    work = tmp_path_factory.mktemp("epoch_commit")
+    ckpt, writes = work / "reference", work / "reference.writes"
+    assert run_jobs([[argv(work, ckpt), str(work / "reference.log"), str(writes), None]],
+                    work) == [0], (work / "reference.log").read_text()[-3000:]
+    return ckpt, writes.read_text().split()
+
+
+def kill_points(writes: list[str]) -> list[tuple[str, int, str]]:
+    """Every write of the last epoch (after the previous epoch's commit), inside and after."""
+    commits = [i for i, name in enumerate(writes) if name == "tinyvae_last.pth"]
+    last_epoch = writes[commits[-2] + 1:commits[-1] + 1]
+    points = []
+    for name in last_epoch:
+        occurrence = writes[:commits[-2] + 1 + last_epoch.index(name) + 1].count(name)
+        points += [(name, occurrence, "inside"), (name, occurrence, "after")]
+    return points
+
+
+def test_the_last_epoch_writes_every_kind_of_file_and_commits_last(reference) -> None:
+    _, writes = reference
+    commits = [i for i, name in enumerate(writes) if name == "tinyvae_last.pth"]
+    assert len(commits) == EPOCHS
+    last_epoch = writes[commits[-2] + 1:commits[-1] + 1]
+    assert last_epoch[-1] == "tinyvae_last.pth"
+    assert {"history.json", "loss_curves.png", "distill_epoch_002.png",
+            "tinyvae_epoch_002.pth", "tinyvae_best.pth"} <= set(last_epoch), last_epoch
+
+
+def _run_kills(points: list[tuple[str, int, str]], reference: tuple[Path, list[str]],
+               work: Path) -> None:
+    ref, _ = reference
+    jobs, resumes = [], []
+    for i, (name, occurrence, when) in enumerate(points):
+        ckpt = work / f"run{i}"
+        jobs.append([argv(ref.parent, ckpt), str(work / f"run{i}.log"),
+                     str(work / f"run{i}.writes"), [name, occurrence, when]])
+        resumes.append([argv(ref.parent, ckpt), str(work / f"resume{i}.log"),
+                        str(work / f"resume{i}.writes"), None])
+    assert run_jobs(jobs, work) == [-9] * len(points)  # each run died at its write
+    for i, (name, _, when) in enumerate(points):
+        stray = list((work / f"run{i}").glob(".*.tmp"))
+        assert bool(stray) == (when == "inside"), (name, when, stray)
+    statuses = run_jobs(resumes, work)
+    for i, point in enumerate(points):
+        log = (work / f"resume{i}.log").read_text()
+        assert statuses[i] == 0, (point, log[-3000:])
+        assert "resuming distill from" in log, (point, log[-2000:])
+        assert_same_run(work / f"run{i}", ref)
+
+
+def test_killed_inside_the_best_checkpoint_of_the_final_epoch(reference, tmp_path: Path) -> None:
+    """Killed while the final epoch's ``tinyvae_best.pth`` was being put in place (the window
+    the old order, ``*_last.pth`` first, never repaired): the resumed run trains the final epoch
+    again and ends as the uninterrupted one."""
+    _run_kills([p for p in kill_points(reference[1])
+                if p[0] == "tinyvae_best.pth" and p[2] == "inside"], reference, tmp_path)
+
+
+@pytest.mark.slow
+def test_killed_inside_or_after_any_write_of_the_last_epoch(reference, tmp_path: Path) -> None:
+    _run_kills(kill_points(reference[1]), reference, tmp_path)
