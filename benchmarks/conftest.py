@@ -14,7 +14,7 @@ import torch
 from hrm_vision.data.photos import PhotoCrops
 from hrm_vision.vae import MinimalVAE, TeacherVAE
 
-#: Batch size of every benchmark (the mission's throughput batch).
+#: Batch size of every benchmark (the batch the throughput ratios are reported at).
 BATCH = 64
 #: Torch (and ONNX Runtime) CPU threads: ``HRM_BENCH_THREADS``, default 1 (on a shared machine,
 #: multi-threaded timings of small convolutions mostly measure threads waiting for each other).

@@ -162,5 +162,6 @@ def test_readme_is_short_and_keeps_its_promises() -> None:
     assert "make demo" in text and "make test" in text
     assert re.search(r"pip install -e \.\s", text) and "pip install -e '.[all]'" in text
     results = text.split("\n## Results\n")[1].split("\n## ")[0]
-    assert "placeholder" in results.lower() and "hrm-vision evaluate" in results
-    assert not re.search(r"\d+\.\d+ dB", text), "numbers belong to docs/results.md"
+    # measured numbers, with the command that produced them and the date of the measurement
+    assert "placeholder" not in results.lower() and "hrm-vision evaluate" in results
+    assert re.search(r"\d+\.\d+ dB", results) and re.search(r"20\d\d-\d\d-\d\d", results)

@@ -170,3 +170,13 @@ class TestCommand:
             main(["--threads", "0"])
         assert info.value.code == 2
         assert "--threads >= 1" in capsys.readouterr().err
+
+
+class TestSafetensors:
+    def test_weights_file_loads_back_to_the_same_model(self, exported, photo_batch) -> None:
+        model, out, report = exported
+        path = Path(report["weights_file"])
+        assert path == out / "tinyvae.safetensors"
+        loaded = MinimalVAE.from_pretrained(path).eval()
+        with torch.no_grad():
+            assert torch.equal(loaded.encode(photo_batch), model.eval().encode(photo_batch))

@@ -9,6 +9,7 @@ from pathlib import Path
 from torch import Tensor
 
 from ..vae import VAEBase
+from ..vae.pretrained import save_pretrained
 from .fold import fold_batchnorm
 from .graphs import DecoderGraph, EncoderGraph, graph_specs
 from .onnx import DEFAULT_OPSET, export_onnx
@@ -28,11 +29,14 @@ class ExportResult:
     #: encode+decode images/s per runtime (median, interleaved), see :func:`compare_runtimes`.
     throughput_ips: dict[str, float] = field(default_factory=dict)
     throughput_batch: int = 0
+    #: the weights as ``.safetensors`` with the architecture in the metadata
+    weights_file: str = ""
 
 
 def export_model(vae: VAEBase, out_dir: str | os.PathLike[str], images: Tensor,
                  source: str = "", opset: int = DEFAULT_OPSET) -> ExportResult:
-    """Export encoder and decoder of ``vae`` to ONNX and TorchScript in ``out_dir``, checked.
+    """Export encoder and decoder of ``vae`` to ONNX and TorchScript in ``out_dir``, checked,
+    and its weights to ``tinyvae.safetensors`` (loadable with ``MinimalVAE.from_pretrained``).
 
     ``images``: real (N, 3, S, S) images in [0, 1]; S is the exported image side.
     """
@@ -52,4 +56,6 @@ def export_model(vae: VAEBase, out_dir: str | os.PathLike[str], images: Tensor,
         files[f"{spec.part}_torchscript"] = str(export_torchscript(
             graph, spec, out / f"tinyvae_{spec.part}.torchscript.pt", meta))
     diffs = check_parity(vae, files, images)
-    return ExportResult(files, diffs, metadata, images.shape[0])
+    # the weights alone, with the architecture in the metadata: MinimalVAE.from_pretrained(path)
+    weights = str(save_pretrained(vae, out / "tinyvae.safetensors"))
+    return ExportResult(files, diffs, metadata, images.shape[0], weights_file=weights)
