@@ -88,7 +88,7 @@ for name in ("distill script", "distill module"):
         Case(name, "dataset", distill("--data-dir", "{d}/nowhere"),
              "image folder not found: {d}/nowhere"),
         Case(name, "disk full", distill(),
-             "cannot write {d}/ckpt/tinyvae_last.pth: File too large",
+             "cannot write {d}/ckpt/tinyvae_best.pth: File too large",
              file_size_limit=FULL_DISK_BYTES),
         Case(name, "missing extra", distill("--dataset", "photos"), PHOTOS_EXTRA,
              hide_skimage=True),
