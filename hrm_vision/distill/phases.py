@@ -6,7 +6,7 @@ message sink) and the models it was given; the loop (:mod:`hrm_vision.distill.lo
 - :class:`TeacherPhase`: the teacher VAE alone with recon + KL (free bits), like the student's.
 - :class:`DistillPhase`: student + adapter against the frozen teacher with the five-term loss.
 - :class:`FinetunePhase`: the student alone (recon, KL, perceptual); the encoder is frozen (its
-  gradients dropped, so AdamW neither moves it nor decays it; BatchNorm in eval) for the first
+  gradients dropped, so AdamW neither moves it nor decays it) for the first
   half of the epochs, then everything trains.
 
 Validation reports every loss term, PSNR (pooled over the validation set, see
