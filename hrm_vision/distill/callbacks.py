@@ -102,7 +102,11 @@ def _fmt(terms: dict[str, float]) -> str:
 
 
 class ProgressBar(Callback):
-    """One tqdm bar per epoch; its postfix is the running mean of the total loss."""
+    """One tqdm bar per epoch; its postfix is the running mean of the total loss.
+
+    Only on a terminal (tqdm's ``disable=None``): under CI, ``nohup`` or a log file the bar is
+    off and the epoch lines of :class:`ConsoleLog` are the progress.
+    """
 
     def __init__(self) -> None:
         self.bar: tqdm | None = None
@@ -112,7 +116,7 @@ class ProgressBar(Callback):
     def on_epoch_begin(self, trainer: Distiller, phase: Phase, epoch: int,
                        num_batches: int) -> None:
         self.bar = tqdm(total=num_batches, desc=f"{phase.name} {epoch + 1}/{phase.epochs}",
-                        leave=False, dynamic_ncols=True)
+                        leave=False, dynamic_ncols=True, disable=None)
         self.total, self.count = 0.0, 0
 
     def on_batch_end(self, trainer: Distiller, phase: Phase, step: int,
