@@ -6,6 +6,8 @@ import io
 import sys
 from types import SimpleNamespace
 
+import torch
+
 from hrm_vision.distill.callbacks import ProgressBar
 
 
@@ -33,3 +35,20 @@ def test_bar_is_on_for_a_terminal(monkeypatch) -> None:
     assert not bar.bar.disable
     bar.bar.close()
     assert "distill 1/2" in term.getvalue()
+
+
+def test_reconstruction_grid_is_enlarged_and_labelled(tmp_path, photo_batch) -> None:
+    from PIL import Image
+
+    from hrm_vision.distill.callbacks import save_grid
+    from hrm_vision.distill.phases import error_image
+
+    x = photo_batch[:4]
+    rows = [("input", x), ("student", x.flip(-1)), ("error x4", error_image(x.flip(-1), x))]
+    save_grid(rows, tmp_path / "grid.png", scale=4)
+    image = Image.open(tmp_path / "grid.png")
+    # 4 images of 32 px plus 1 px padding each side, enlarged 4x, and a label column
+    assert image.width >= 4 * (4 * 33 + 1) and image.height == 4 * (3 * 33 + 1)
+    label_column = image.crop((0, 0, 60, image.height)).convert("L")
+    assert min(label_column.getdata()) < 128  # the labels are drawn
+    assert torch.equal(error_image(x, x), torch.zeros_like(x))
