@@ -102,7 +102,11 @@ def _fmt(terms: dict[str, float]) -> str:
 
 
 class ProgressBar(Callback):
-    """One tqdm bar per epoch; its postfix is the running mean of the total loss."""
+    """One tqdm bar per epoch; its postfix is the running mean of the total loss.
+
+    Only on a terminal (tqdm's ``disable=None``): under CI, ``nohup`` or a log file the bar is
+    off and the epoch lines of :class:`ConsoleLog` are the progress.
+    """
 
     def __init__(self) -> None:
         self.bar: tqdm | None = None
@@ -112,7 +116,7 @@ class ProgressBar(Callback):
     def on_epoch_begin(self, trainer: Distiller, phase: Phase, epoch: int,
                        num_batches: int) -> None:
         self.bar = tqdm(total=num_batches, desc=f"{phase.name} {epoch + 1}/{phase.epochs}",
-                        leave=False, dynamic_ncols=True)
+                        leave=False, dynamic_ncols=True, disable=None)
         self.total, self.count = 0.0, 0
 
     def on_batch_end(self, trainer: Distiller, phase: Phase, step: int,
@@ -172,13 +176,27 @@ class PictureWriter(Callback):
         save_loss_curves(trainer.history, out / "loss_curves.png")
 
 
-def save_grid(rows: list[torch.Tensor], path: Path) -> None:
-    """Rows of images (each ``(n, 3, H, W)`` in [0, 1]) as one PNG, one row per tensor."""
-    from torchvision.utils import save_image
+def save_grid(rows: list[tuple[str, torch.Tensor]], path: Path, scale: int = 4) -> None:
+    """Labelled rows of images (each ``(n, 3, H, W)`` in [0, 1]) as one PNG: one row per
+    tensor, pixels enlarged ``scale`` times (nearest neighbour) so a person can see the errors,
+    the row's label on its left."""
+    from PIL import Image, ImageDraw
+    from torchvision.utils import make_grid
 
-    n = min(r.shape[0] for r in rows)
-    grid = torch.cat([r[:n].detach().float().cpu().clamp(0, 1) for r in rows])
-    atomic_write(path, lambda f: save_image(grid, f, format="png", nrow=n, padding=1))
+    n = min(r.shape[0] for _, r in rows)
+    grid = make_grid(torch.cat([r[:n].detach().float().cpu().clamp(0, 1) for _, r in rows]),
+                     nrow=n, padding=1, pad_value=1.0)
+    pixels = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    image = Image.fromarray(pixels).resize((grid.shape[2] * scale, grid.shape[1] * scale),
+                                          Image.Resampling.NEAREST)
+    label_width = 80
+    canvas = Image.new("RGB", (image.width + label_width, image.height), "white")
+    canvas.paste(image, (label_width, 0))
+    draw = ImageDraw.Draw(canvas)
+    row_height = image.height / len(rows)
+    for i, (label, _) in enumerate(rows):
+        draw.text((4, int(i * row_height + row_height / 2) - 5), label, fill="black")
+    atomic_write(path, lambda f: canvas.save(f, format="png"))
 
 
 def save_loss_curves(history: list[dict[str, Any]], path: Path) -> None:

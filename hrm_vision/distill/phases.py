@@ -6,7 +6,7 @@ message sink) and the models it was given; the loop (:mod:`hrm_vision.distill.lo
 - :class:`TeacherPhase`: the teacher VAE alone with recon + KL (free bits), like the student's.
 - :class:`DistillPhase`: student + adapter against the frozen teacher with the five-term loss.
 - :class:`FinetunePhase`: the student alone (recon, KL, perceptual); the encoder is frozen (its
-  gradients dropped, so AdamW neither moves it nor decays it; BatchNorm in eval) for the first
+  gradients dropped, so AdamW neither moves it nor decays it) for the first
   half of the epochs, then everything trains.
 
 Validation reports every loss term, PSNR (pooled over the validation set, see
@@ -138,9 +138,14 @@ class Phase:
         """Load the phase's models from a checkpoint dict (``source`` names it in errors)."""
         raise NotImplementedError
 
-    def picture_rows(self) -> list[Tensor]:
-        """Rows of the reconstruction grid, each ``(n, 3, H, W)`` in [0, 1]."""
+    def picture_rows(self) -> list[tuple[str, Tensor]]:
+        """Labelled rows of the reconstruction grid, each ``(n, 3, H, W)`` in [0, 1]."""
         return []
+
+
+def error_image(reconstruction: Tensor, x: Tensor, gain: float = 10.0) -> Tensor:
+    """``|reconstruction - x|`` times ``gain``, clamped to [0, 1]: where a model is wrong."""
+    return ((reconstruction - x).abs() * gain).clamp(0, 1)
 
 
 class TeacherPhase(Phase):
@@ -181,10 +186,11 @@ class TeacherPhase(Phase):
     def load_models(self, payload: dict[str, Any], source: str) -> None:
         load_state_checked(self.teacher, payload["teacher_state_dict"], f"{source} (teacher)")
 
-    def picture_rows(self) -> list[Tensor]:
+    def picture_rows(self) -> list[tuple[str, Tensor]]:
         x = self.ctx.grid_images()
         with torch.no_grad():
-            return [x, self.teacher.eval()(x).reconstruction]
+            rec = self.teacher.eval()(x).reconstruction
+        return [("input", x), ("teacher", rec), ("error x10", error_image(rec, x))]
 
 
 class StudentWithAdapter(nn.Module):
@@ -307,14 +313,14 @@ class DistillPhase(Phase):
         load_state_checked(self.student, payload["student_state_dict"], f"{source} (student)")
         load_state_checked(self.adapter, payload["adapter_state_dict"], f"{source} (adapter)")
 
-    def picture_rows(self) -> list[Tensor]:
+    def picture_rows(self) -> list[tuple[str, Tensor]]:
         x = self.ctx.grid_images()
         with torch.no_grad():
-            rows = [x]
+            rows = [("input", x)]
             if self.teacher is not None:
-                rows.append(self.teacher.eval()(x).reconstruction)
-            rows.append(self.student.eval()(x).reconstruction)
-        return rows
+                rows.append(("teacher", self.teacher.eval()(x).reconstruction))
+            rec = self.student.eval()(x).reconstruction
+        return rows + [("student", rec), ("error x10", error_image(rec, x))]
 
 
 class FinetunePhase(DistillPhase):

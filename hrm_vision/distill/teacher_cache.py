@@ -31,7 +31,7 @@ class TeacherCache:
         teacher.eval()
         parts: list[tuple[Tensor, Tensor, Tensor]] = []
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-        for _, x in tqdm(loader, desc=desc, leave=False, disable=not show):
+        for _, x in tqdm(loader, desc=desc, leave=False, disable=None if show else True):
             t = teacher_targets(teacher, x.to(device))
             parts.append((t.mu.half().cpu(), t.logvar.half().cpu(),
                           t.reconstruction.half().cpu()))

@@ -9,6 +9,8 @@ from typing import Any, NamedTuple, TypeVar
 import torch
 from torch import Tensor, nn
 
+from .blocks import clamp01
+
 
 class Posterior(NamedTuple):
     """Diagonal Gaussian posterior ``q(z|x)``; both tensors are ``(B, latent_dim, H/8, W/8)``."""
@@ -159,8 +161,8 @@ class VAEBase(nn.Module):
         return self._output(self.decoder(z))
 
     def _output(self, raw: Tensor) -> Tensor:
-        """Decoder output to an image in [0, 1] (a sigmoid unless a model says otherwise)."""
-        return torch.sigmoid(raw)
+        """Decoder output to an image in [0, 1]: clamped, straight-through while training."""
+        return clamp01(raw, straight_through=self.training and torch.is_grad_enabled())
 
     @staticmethod
     def reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:

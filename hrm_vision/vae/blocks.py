@@ -2,10 +2,10 @@
 
 Only operators that export cleanly to ONNX and TensorRT are used: ``Conv2d``, ``ReLU``,
 ``PixelShuffle``/``PixelUnshuffle`` (ONNX DepthToSpace/SpaceToDepth), additions and ``Clip``.
-There is no normalisation layer: every nonlinear branch ends in a zero-initialised convolution
-(SkipInit, De and Smith, 2020), so each model starts as its linear patch path and the branches
-learn the residual; ``python experiments/model_ablation.py`` measures this choice against the
-same networks with BatchNorm.
+There is no normalisation layer: every nonlinear branch ends in a convolution that starts at
+zero (SkipInit, De and Smith, 2020), so each model starts as its linear patch path and the
+branches learn the residual; without normalisation there is nothing to fold at export and no
+train/eval difference. ``docs/models.md`` has the measurements behind the design.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import VAEBase
-from .blocks import ResBlock, clamp01, conv, down, up, zero_conv
+from .blocks import ResBlock, conv, down, up, zero_conv
 from .patches import PATCH, PatchWhitening, fit_patch_pca
 
 #: Initial bias of the log-variance head (see the module docstring).
@@ -160,9 +160,6 @@ class _PatchVAE(VAEBase):
         ds, db = self.decoder.patches.weight[:, :, 0, 0], self.decoder.patches.bias
         dl = self.decoder.linear.weight[:, :, 0, 0]
         return el @ ea, el @ eb, ds @ dl, db.clone()
-
-    def _output(self, raw: Tensor) -> Tensor:
-        return clamp01(raw, straight_through=self.training and torch.is_grad_enabled())
 
 
 class TeacherVAE(_PatchVAE):
