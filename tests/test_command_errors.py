@@ -33,8 +33,9 @@ COMMANDS = {
     "evaluation": (["-m", "hrm_vision.evaluation"], "python -m hrm_vision.evaluation: error: "),
     "export": (["-m", "hrm_vision.export"], "python -m hrm_vision.export: error: "),
 }
-#: File size limit of the full-disk cases: above config.json, below any checkpoint or export.
-FULL_DISK_BYTES = 64 * 1024
+#: File size limit of the full-disk cases: above config.json, history and pictures, below any
+#: checkpoint, the weights the evaluation measures and the exported files.
+FULL_DISK_BYTES = 256 * 1024
 
 
 class Case(NamedTuple):
