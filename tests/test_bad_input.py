@@ -89,7 +89,8 @@ def non_finite_files(folder: Path) -> dict[str, list[str]]:
 
 
 class TestDivergence:
-    @pytest.mark.parametrize("lr, epochs", [(1e6, 3), (1e30, 2)])
+    @pytest.mark.parametrize("lr, epochs", [pytest.param(1e6, 3, marks=pytest.mark.slow),
+                                            (1e30, 2)])
     def test_a_diverging_run_stops_clearly_and_saves_only_finite_files(
             self, lr: float, epochs: int, base: Path, tmp_path: Path) -> None:
         """``--lr 1e6``: epoch 1 trains, then every step of epoch 2 is bad (an epoch without a
