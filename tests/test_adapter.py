@@ -42,3 +42,18 @@ def test_models_without_linear_paths_are_left_alone() -> None:
     before = adapter.proj.weight.clone()
     assert not adapter.init_from_linear_paths(torch.nn.Identity(), torch.nn.Identity())
     assert torch.equal(adapter.proj.weight, before)
+
+
+def test_a_crafted_adapter_size_is_refused_before_building() -> None:
+    import pytest
+
+    from hrm_vision.checkpoints import CheckpointError
+    from hrm_vision.distill.adapter import adapter_from_payload
+
+    state = LatentAdapter(4, 8).state_dict()
+    ok = adapter_from_payload({"adapter_state_dict": state,
+                               "adapter_arch": {"student_dim": 4, "teacher_dim": 8}})
+    assert ok is not None and ok.teacher_dim == 8
+    with pytest.raises(CheckpointError, match="adapter_arch"):
+        adapter_from_payload({"adapter_state_dict": state,
+                              "adapter_arch": {"student_dim": 4, "teacher_dim": 10**9}})

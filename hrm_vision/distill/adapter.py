@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoints import CheckpointError, load_state_checked
+from ..checkpoints import CheckpointError, check_state_dict, load_state_checked
 
 
 class LatentAdapter(nn.Module):
@@ -64,8 +64,14 @@ def adapter_from_payload(payload: dict[str, Any], source: str = "checkpoint"
     eval mode on the CPU; None when the checkpoint holds none."""
     if "adapter_state_dict" not in payload or "adapter_arch" not in payload:
         return None
+    arch, state = payload["adapter_arch"], check_state_dict(payload["adapter_state_dict"], source)
+    widest = max((max(t.shape, default=0) for t in state.values()), default=0)
+    sizes = arch.values() if isinstance(arch, dict) else [None]
+    if not all(isinstance(v, int) and 1 <= v <= widest for v in sizes):
+        raise CheckpointError(f"{source}: adapter_arch {arch!r} must hold channel counts between "
+                              f"1 and {widest} (the widest stored tensor)")
     try:
-        adapter = LatentAdapter(**payload["adapter_arch"])
+        adapter = LatentAdapter(**arch)
     except TypeError as exc:
         raise CheckpointError(f"{source}: cannot rebuild the adapter: {exc}") from exc
     load_state_checked(adapter, payload["adapter_state_dict"], f"{source} (adapter)")
