@@ -63,16 +63,23 @@ class DistillConfig(BaseModel):
                                     "images (None: all)")
     num_workers: int = Field(0, ge=0, le=MAX_WORKERS, description="DataLoader worker processes")
     # ---------------------------------------------------------------- models
-    teacher_latent_dim: int = Field(512, ge=1, le=MAX_CHANNELS)
-    student_latent_dim: int = Field(128, ge=1, le=MAX_CHANNELS)
-    teacher_base_channels: int = Field(64, ge=1, le=MAX_CHANNELS)
-    teacher_blocks_per_stage: int = Field(1, ge=1, le=MAX_BLOCKS)
-    student_base_channels: int = Field(32, ge=1, le=MAX_CHANNELS)
+    teacher_latent_dim: int = Field(512, ge=1, le=MAX_CHANNELS,
+                                    description="teacher latent channels on the H/8 x W/8 grid")
+    student_latent_dim: int = Field(128, ge=1, le=MAX_CHANNELS,
+                                    description="student latent channels on the H/8 x W/8 grid")
+    teacher_base_channels: int = Field(64, ge=1, le=MAX_CHANNELS,
+                                       description="width of the teacher's first stage")
+    teacher_blocks_per_stage: int = Field(1, ge=1, le=MAX_BLOCKS,
+                                          description="residual blocks per teacher stage")
+    student_base_channels: int = Field(32, ge=1, le=MAX_CHANNELS,
+                                       description="width of the student's first stage")
     # ---------------------------------------------------------------- optimisation
-    batch_size: int = Field(64, ge=1, le=MAX_BATCH)
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH,
+                            description="images per batch (per process under torchrun)")
     epochs: int = Field(100, ge=0, le=MAX_EPOCHS, description="distillation epochs (phase 2)")
-    learning_rate: float = Field(3e-4, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
+    learning_rate: float = Field(3e-4, gt=0, description="AdamW learning rate after the "
+                                 "warm-up (3e-4: measured in docs/models.md)")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
     ema_decay: float = Field(0.99, ge=0, lt=1, description="decay of the exponential moving "
                              "average of the trained weights, used for validation and every "
                              "saved model (0: off, the raw weights)")
@@ -88,19 +95,25 @@ class DistillConfig(BaseModel):
                                "steps in a row (non-finite loss, or non-finite weights after "
                                "the optimizer step, which is undone)")
     # ---------------------------------------------------------------- loss
-    recon_weight: float = Field(0.3, ge=0)
-    kl_weight: float = Field(0.1, ge=0)
+    recon_weight: float = Field(0.3, ge=0, description="weight of the reconstruction MSE")
+    kl_weight: float = Field(0.1, ge=0, description="weight of the KL term (above the "
+                             "free-bits budget)")
     kl_free_bits: float = Field(2.0, ge=0, description="KL budget in nats per latent element "
                                 "(per channel, averaged over batch and positions) that is free")
-    distill_latent_weight: float = Field(0.3, ge=0)
-    distill_recon_weight: float = Field(0.2, ge=0)
-    perceptual_weight: float = Field(0.1, ge=0)
-    temperature: float = Field(3.0, gt=0)
+    distill_latent_weight: float = Field(0.3, ge=0, description="weight of the latent "
+                                         "distillation term (teacher posterior vs adapter)")
+    distill_recon_weight: float = Field(0.2, ge=0, description="weight of the output "
+                                        "distillation term (student vs teacher images)")
+    perceptual_weight: float = Field(0.1, ge=0, description="weight of the perceptual "
+                                     "feature-matching term")
+    temperature: float = Field(3.0, gt=0, description="latent distillation temperature: "
+                               "scales both posteriors' standard deviations")
     distill_recon_bounded: bool = Field(False, description="teacher-bounded output "
                                         "distillation: the distill_recon term counts a pixel "
                                         "only where the teacher is closer to the input than the "
                                         "student")
-    perceptual_backbone: Backbone = "auto"
+    perceptual_backbone: Backbone = Field("auto", description="auto: VGG16 if its weights "
+                                           "are on disk, else the teacher's first block")
     vgg16_weights: str | None = Field(None, description="path to torchvision vgg16 weights")
     # ---------------------------------------------------------------- phases
     teacher_checkpoint: str | None = Field(None, description="a trained teacher to reuse "
