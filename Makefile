@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo teacher test test-all lint docs bench clean
+.PHONY: demo teacher test test-fast lint docs bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,12 +26,13 @@ teacher: $(VENV)/.installed
 		--teacher-epochs $(TEACHER_EPOCHS) --checkpoint-dir checkpoints/teacher_run
 	cp checkpoints/teacher_run/teacher.pth checkpoints/teacher.pth
 
-# The fast suite (CI runs `make test-all`, which adds the end-to-end tests marked `slow`).
+# The whole suite, end-to-end runs included (what CI runs: .ci/run calls `make test`).
 test: lint
-	$(PY) -m pytest -m "not slow"
-
-test-all: lint
 	$(PY) -m pytest
+
+# Everything but the end-to-end runs marked `slow`, for quick checks while editing.
+test-fast: lint
+	$(PY) -m pytest -m "not slow"
 
 # Every Python file of the repository (ruff's settings are in pyproject.toml).
 lint: $(VENV)/.installed

@@ -44,8 +44,8 @@ def test_whitening_roundtrip_and_unit_variance(photo_batch) -> None:
     synthesis.set_basis(*basis)
     coeffs = analysis(big)
     assert torch.allclose(synthesis(coeffs), big, atol=1e-4)
-    leading = coeffs[:, :16].permute(1, 0, 2, 3).reshape(16, -1)
-    assert torch.allclose(leading.var(1), torch.ones(16), rtol=0.05)
+    first16 = coeffs[:, :16].permute(1, 0, 2, 3).reshape(16, -1)
+    assert torch.allclose(first16.var(1), torch.ones(16), rtol=0.05)
 
 
 def test_init_from_data_makes_the_student_patch_pca(photo_batch) -> None:

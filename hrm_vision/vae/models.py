@@ -42,8 +42,8 @@ def _spread(latent_dim: int, coefficients: int) -> tuple[Tensor, Tensor]:
     ``c mod coefficients``; the decoder averages the copies of each coefficient.
 
     Returns (encoder weight ``(latent, coefficients, 1, 1)``, decoder weight
-    ``(coefficients, latent, 1, 1)``). A latent narrower than the patch keeps the leading
-    coefficients; a wider one (the teacher's 512 > 192) holds the leading coefficients two or
+    ``(coefficients, latent, 1, 1)``). A latent narrower than the patch keeps the first
+    coefficients; a wider one (the teacher's 512 > 192) holds the first coefficients two or
     three times, so at the same KL budget per element their copies average out the posterior
     noise.
     """
@@ -168,7 +168,7 @@ class TeacherVAE(_PatchVAE):
     Nonlinear stages at 1/2, 1/4, 1/8 and 1/8 resolution with widths
     ``base_channels * (1, 2, 4, 5)``, ``blocks_per_stage`` residual blocks each, mirrored in the
     decoder. The linear path keeps all 192 coefficients of an 8x8 RGB patch (lossless at
-    initialisation), the leading 128 three times and the others twice over the 512 channels.
+    initialisation), the first 128 three times and the others twice over the 512 channels.
 
     Args:
         latent_dim: latent channels (512).
@@ -188,7 +188,7 @@ class MinimalVAE(_PatchVAE):
 
     Nonlinear stages at 1/2, 1/4 and 1/8 resolution with widths ``base_channels * (1, 2, 4)``
     and one residual block each, mirrored in the decoder; the linear path keeps the first
-    ``latent_dim`` whitened patch coefficients (the PCA's leading components after
+    ``latent_dim`` whitened patch coefficients (the PCA's largest components after
     ``init_from_data``).
 
     Args:
