@@ -11,7 +11,6 @@ The commands run as the user runs them (``python training/distill_tinyvae.py``, 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from typing import NamedTuple
 import pytest
 import torch
 from helpers import tiny_run  # tests/ is on sys.path (pytest prepend mode)
+from helpers.forked import Outcome, command_runner, run_commands
 
 from hrm_vision import cli
 from hrm_vision.checkpoints import model_entry, save_checkpoint
@@ -125,59 +125,11 @@ def make_files(d: Path) -> None:
         "raise ModuleNotFoundError(\"No module named 'skimage'\", name='skimage')\n")
 
 
-#: Runs commands in child processes forked from one interpreter that has imported torch and the
-#: package (a fresh interpreter per case costs seconds on a busy machine). Each child runs the
-#: command as ``python`` would (``runpy``, ``__main__``) with its own standard streams, file size
-#: limit and exit status; an uncaught exception prints its traceback and exits 1, as Python does.
-#: stdin: JSON ``[[argv, path_prefix, stdout_file, stderr_file, fsize], ...]``; stdout: statuses.
-FORK_RUNNER = """
-import json, os, resource, runpy, signal, sys, traceback
-import numpy, torch, torchvision, matplotlib, pydantic, tqdm
-import hrm_vision.checkpoints, hrm_vision.cli, hrm_vision.distill.cli, hrm_vision.evaluation
-jobs = json.load(sys.stdin)
-statuses = []
-for argv, prefix, out, err, fsize in jobs:
-    pid = os.fork()
-    if pid == 0:
-        fd_out = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        fd_err = os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        os.dup2(fd_out, 1)
-        os.dup2(fd_err, 2)
-        sys.path[:0] = prefix
-        if fsize:
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past it fails: EFBIG
-            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-        code = 0
-        try:
-            if argv[0] == "-m":
-                sys.argv = [argv[1]] + argv[2:]
-                runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
-            else:
-                sys.argv = list(argv)
-                runpy.run_path(argv[0], run_name="__main__")
-        except SystemExit as exc:
-            if exc.code is None:
-                code = 0
-            elif isinstance(exc.code, int):
-                code = exc.code
-            else:
-                print(exc.code, file=sys.stderr)
-                code = 1
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    statuses.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
-print(json.dumps(statuses))
-"""
-
-
-class Outcome(NamedTuple):
-    returncode: int
-    stdout: str
-    stderr: str
+#: The command runner preloading torch and the package (see ``tests/helpers/forked.py``).
+FORK_RUNNER = command_runner(
+    "import numpy, torch, torchvision, matplotlib, pydantic, tqdm\n"
+    "import hrm_vision.checkpoints, hrm_vision.cli, hrm_vision.distill.cli, "
+    "hrm_vision.evaluation")
 
 
 def run_cases(cases: list[Case], d: Path) -> list[Outcome]:
@@ -196,14 +148,7 @@ def run_cases(cases: list[Case], d: Path) -> list[Outcome]:
                      "bad.json"):
             if not (work / name).exists():
                 (work / name).symlink_to(d / name)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    env.pop(cli.TRACEBACK_ENV, None)
-    proc = subprocess.run([sys.executable, "-c", FORK_RUNNER], input=json.dumps(jobs),
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    statuses = json.loads(proc.stdout.strip().splitlines()[-1])
-    return [Outcome(code, Path(out).read_text(), Path(err).read_text())
-            for code, (_, _, out, err, _) in zip(statuses, jobs, strict=True)]
+    return run_commands(FORK_RUNNER, jobs, ROOT, timeout=900, drop_env=(cli.TRACEBACK_ENV,))
 
 
 @pytest.fixture(scope="module")

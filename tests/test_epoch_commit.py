@@ -13,15 +13,13 @@ table fast.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from helpers import tiny_run  # tests/ is on sys.path (pytest prepend mode)
+from helpers.forked import run_forked
 
 from hrm_vision.checkpoints import load_checkpoint
 
@@ -77,11 +75,7 @@ print(json.dumps(statuses))
 
 
 def run_jobs(jobs: list[list[Any]], cwd: Path) -> list[int]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    proc = subprocess.run([sys.executable, "-c", FORK_RUNNER], input=json.dumps(jobs),
-                          capture_output=True, text=True, env=env, cwd=cwd, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_forked(FORK_RUNNER, jobs, cwd, timeout=1200)
 
 
 def argv(workdir: Path, ckpt: Path) -> list[str]:

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 import torch
+from helpers.forked import Outcome, command_runner, run_commands  # tests/ is on sys.path
 from PIL import Image
 
 from hrm_vision import cli
@@ -125,53 +126,9 @@ def make_files(d: Path) -> None:
         "raise ModuleNotFoundError(\"No module named 'PIL'\", name='PIL')\n")
 
 
-#: Runs commands in child processes forked from one interpreter that has imported torch (a
-#: fresh interpreter per case costs seconds on a busy machine). Each child is a real process
-#: running the command as ``python -m`` would (``runpy``, ``__main__``), with its own standard
-#: streams and exit status; an uncaught exception prints its traceback and exits 1, as Python
-#: does. stdin: JSON ``[[argv, path_prefix, stdout_file, stderr_file], ...]``; stdout: statuses.
-FORK_RUNNER = """
-import json, os, runpy, sys, traceback
-import numpy, torch
-import hrm_vision.irp  # the core modules; pillow and the command modules are not imported
-jobs = json.load(sys.stdin)
-statuses = []
-for argv, prefix, out, err in jobs:
-    pid = os.fork()
-    if pid == 0:
-        fd_out = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        fd_err = os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        os.dup2(fd_out, 1)
-        os.dup2(fd_err, 2)
-        sys.path[:0] = prefix
-        code = 0
-        try:
-            if argv[0] == "-m":
-                sys.argv = [argv[1]] + argv[2:]
-                runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
-        except SystemExit as exc:
-            if exc.code is None:
-                code = 0
-            elif isinstance(exc.code, int):
-                code = exc.code
-            else:
-                print(exc.code, file=sys.stderr)
-                code = 1
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    statuses.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
-print(json.dumps(statuses))
-"""
-
-
-class Outcome(NamedTuple):
-    returncode: int
-    stdout: str
-    stderr: str
+#: The command runner preloading the core modules only (pillow and the command modules are not
+#: imported, so a hidden pillow is seen by the command as it would be in a fresh interpreter).
+FORK_RUNNER = command_runner("import numpy, torch\nimport hrm_vision.irp")
 
 
 def run_cases(cases: list[Case], d: Path, path: tuple[Path, ...] = ()) -> list[Outcome]:
@@ -181,15 +138,8 @@ def run_cases(cases: list[Case], d: Path, path: tuple[Path, ...] = ()) -> list[O
     for i, case in enumerate(cases):
         prefix = [str(p) for p in path] + ([str(d / "no_pillow")] if case.hide_pillow else [])
         argv = case.command + [a.replace("{d}", str(d)) for a in case.args]
-        jobs.append([argv, prefix, str(d / f".out{i}"), str(d / f".err{i}")])
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    env.pop(cli.TRACEBACK_ENV, None)
-    proc = subprocess.run([sys.executable, "-c", FORK_RUNNER], input=json.dumps(jobs),
-                          capture_output=True, text=True, env=env, cwd=d, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    statuses = json.loads(proc.stdout.strip().splitlines()[-1])
-    return [Outcome(code, Path(out).read_text(), Path(err).read_text())
-            for code, (_, _, out, err) in zip(statuses, jobs, strict=True)]
+        jobs.append([argv, prefix, str(d / f".out{i}"), str(d / f".err{i}"), 0])
+    return run_commands(FORK_RUNNER, jobs, d, timeout=600, drop_env=(cli.TRACEBACK_ENV,))
 
 
 @pytest.fixture(scope="module")
