@@ -180,3 +180,14 @@ class TestInterleavedTimings:
     def test_bad_repeats(self) -> None:
         with pytest.raises(ValueError, match="repeats"):
             interleaved_timings({"a": lambda: None}, repeats=0)
+
+
+def test_figure_rows_add_the_students_error() -> None:
+    from hrm_vision.evaluation.report import figure_rows
+
+    x = torch.rand(4, 3, 8, 8)
+    student = (x + 0.01).clamp(0, 1)
+    rows = figure_rows({"inputs": x, "teacher": x, "student": student})
+    assert [label for label, _ in rows] == ["inputs", "teacher", "student", "error x10"]
+    assert torch.allclose(rows[-1][1], ((student - x).abs() * 10).clamp(0, 1))
+    assert [label for label, _ in figure_rows({"inputs": x})] == ["inputs"]

@@ -98,6 +98,32 @@ class TestReport:
         (tmp_path / "history.json").write_text(json.dumps(history))
         assert report_main([f"run={tmp_path}"]) == 0
         out = capsys.readouterr().out
-        assert "| run | 4 (best 3) | 19.50 |" in out and "| run: teacher pre-training | 1 |" in out
+        assert "| run | 1 | 4 (best 3) | 19.50 |" in out
+        assert "| run: teacher pre-training | 1 | 1 (best 1) | 20.00 |" in out
         report_main(["--epoch", "1", f"run={tmp_path}"])
-        assert "| run | 1 | 18.00 |" in capsys.readouterr().out
+        assert "| run | 1 | 1 (best 1) | 18.00 |" in capsys.readouterr().out
+
+    def test_seeds_aggregate_and_gain_is_paired_by_seed(self, tmp_path, capsys) -> None:
+        from hrm_vision.distill.report import main as report_main
+
+        def run(name: str, seed: int, psnr: float) -> str:
+            d = tmp_path / name
+            d.mkdir()
+            val = {"psnr": psnr, "ssim": 0.9, "teacher_psnr": 40.0, "cka": 0.9, "cka_raw": 0.8,
+                   "cross_psnr": psnr - 1}
+            (d / "history.json").write_text(json.dumps(
+                [{"phase": "distill", "epoch": 1, "val": val, "time_s": 10.0 + seed}]))
+            (d / "config.json").write_text(json.dumps({"seed": seed}))
+            return str(d)
+
+        # seed 1 is easier for both; the per-seed gains are 1.0 and 2.0 whatever the order given
+        alone = ",".join([run("a0", 0, 30.0), run("a1", 1, 35.0)])
+        distilled = ",".join([run("d1", 1, 37.0), run("d0", 0, 31.0)])
+        assert report_main(["--baseline", "alone", f"alone={alone}", f"kd={distilled}"]) == 0
+        out = capsys.readouterr().out
+        kd = next(line for line in out.splitlines() if line.startswith("| kd |"))
+        cells = [c.strip() for c in kd.strip("|").split("|")]
+        assert cells[1] == "2" and cells[3] == "34.00 ± 4.24"
+        assert cells[-2] == "+1.50 ± 0.71 (2)" and cells[-1] == "10 ± 1"
+        with pytest.raises(SystemExit):
+            report_main(["--baseline", "nothere", f"alone={alone}"])

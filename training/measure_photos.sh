@@ -1,27 +1,85 @@
 #!/usr/bin/env bash
-# The training measurements of docs/training.md (photos, CPU). Run from the repository root.
-# 1. the demo budget: `make demo` (teacher pre-training + distillation), then the student alone
-#    for the same epochs (same script, distillation and perceptual weights 0; the teacher is
-#    loaded only to report its PSNR and the latent CKA);
-# 2. equal epochs (E): a teacher trained for E epochs, the distilled student and the student alone
-#    for E epochs each on the same crops.
+# Distilled against trained alone, on the offline photos (CPU): the table of docs/results.md.
+# Run from the repository root:
+#   bash training/measure_photos.sh            # everything, then the table
+#   bash training/measure_photos.sh demo       # the demo budget (8 student epochs), each seed
+#   bash training/measure_photos.sh long       # 3x the demo budget (24 student epochs), seed 0
+#   bash training/measure_photos.sh report     # the table of whatever has finished
+# One teacher (the demo's 3 epochs, or TEACHER=path) serves every student. Each student is the
+# demo config with --seed (crops, initialisation and order) and one of three loss settings:
+#   alone     distillation and perceptual weights 0 (the teacher only reports its PSNR and CKA)
+#   default   the five-term loss as shipped
+#   bounded   the default with --distill-recon-bounded
+# Finished runs are kept (a `done` file) and a killed run resumes, so rerunning continues.
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 DEMO=training/demo.json
-E=${E:-3}
-ALONE="--distill-latent-weight 0 --distill-recon-weight 0 --perceptual-weight 0"
+OUT=${OUT:-runs/measure}
+SEEDS=${SEEDS:-0 1 2}
+LONG_EPOCHS=${LONG_EPOCHS:-24}
+TEACHER=${TEACHER:-$OUT/teacher/teacher.pth}
+VARIANTS="alone default bounded"
 
-[ -f checkpoints/tinyvae_best.pth ] || $PY training/distill_tinyvae.py --config $DEMO
-$PY training/distill_tinyvae.py --config $DEMO --teacher-checkpoint checkpoints/teacher.pth \
-    $ALONE --checkpoint-dir runs/alone_demo_budget
-$PY -m hrm_vision.distill.report "distilled (make demo)=checkpoints" \
-    "student alone=runs/alone_demo_budget"
+flags() {
+    case $1 in
+        alone) echo "--distill-latent-weight 0 --distill-recon-weight 0 --perceptual-weight 0" ;;
+        default) echo "" ;;
+        bounded) echo "--distill-recon-bounded" ;;
+    esac
+}
 
-$PY training/distill_tinyvae.py --config $DEMO --teacher-epochs "$E" --epochs 0 \
-    --checkpoint-dir "runs/equal_$E/teacher"
-T="--teacher-checkpoint runs/equal_$E/teacher/teacher.pth"
-$PY training/distill_tinyvae.py --config $DEMO $T --epochs "$E" --checkpoint-dir "runs/equal_$E/distill"
-$PY training/distill_tinyvae.py --config $DEMO $T --epochs "$E" $ALONE \
-    --checkpoint-dir "runs/equal_$E/alone"
-$PY -m hrm_vision.distill.report --epoch "$E" "teacher=runs/equal_$E/teacher" \
-    "distilled=runs/equal_$E/distill" "student alone=runs/equal_$E/alone"
+teacher() {
+    [ -f "$TEACHER" ] || $PY training/distill_tinyvae.py --config $DEMO --epochs 0 \
+        --checkpoint-dir "$(dirname "$TEACHER")"
+}
+
+run() {  # run DIR [flags...]
+    local dir=$1; shift
+    [ -f "$dir/done" ] && return 0
+    $PY training/distill_tinyvae.py --config $DEMO --teacher-checkpoint "$TEACHER" \
+        --checkpoint-dir "$dir" --resume auto "$@"
+    touch "$dir/done"
+}
+
+demo() {
+    teacher
+    for s in $SEEDS; do for v in $VARIANTS; do
+        # shellcheck disable=SC2046
+        run "$OUT/demo/$v-s$s" --seed "$s" $(flags $v)
+    done; done
+}
+
+long() {
+    teacher
+    for v in $VARIANTS; do
+        # shellcheck disable=SC2046
+        run "$OUT/long/$v-s0" --seed 0 --epochs "$LONG_EPOCHS" $(flags $v)
+    done
+}
+
+dirs() {  # dirs BUDGET VARIANT: the finished runs, comma-separated
+    local out=() d
+    for d in "$OUT/$1/$2"-s*; do [ -f "$d/done" ] && out+=("$d"); done
+    local IFS=,; echo "${out[*]}"
+}
+
+report() {
+    for budget in demo long; do
+        local specs=()
+        for v in $VARIANTS; do
+            local d; d=$(dirs $budget $v)
+            [ -n "$d" ] && specs+=("$v=$d")
+        done
+        [ ${#specs[@]} -gt 0 ] || continue
+        echo; echo "### $budget budget"
+        $PY -m hrm_vision.distill.report --baseline alone "${specs[@]}"
+    done
+}
+
+case ${1:-all} in
+    demo) demo ;;
+    long) long ;;
+    report) report ;;
+    all) demo; long; report ;;
+    *) echo "usage: $0 [demo|long|report|all]" >&2; exit 2 ;;
+esac

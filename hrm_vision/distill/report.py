@@ -1,26 +1,37 @@
-"""Compare finished runs: ``python -m hrm_vision.distill.report LABEL=DIR [LABEL=DIR ...]``.
+"""Compare finished runs: ``python -m hrm_vision.distill.report LABEL=DIR[,DIR...] ...``.
 
-Reads each run's ``history.json`` and prints one markdown row per run with the validation
-numbers of its best distillation epoch (the epoch ``tinyvae_best.pth`` holds): student PSNR and
-SSIM, teacher PSNR and SSIM, the quality ratio (student PSNR / teacher PSNR), the latent CKA of
-the adapted student latent with the teacher latent (``cka``) and of the raw student latent
-(``cka_raw``, comparable between runs with and without distillation), and the training time.
-A directory whose history has teacher pre-training epochs also gets a teacher row.
-``--epoch N`` reports epoch N of each phase instead (equal-epoch comparisons from longer runs).
+Reads each run's ``history.json`` (and ``config.json`` for its seed) and prints one markdown row
+per label with the validation numbers of each run's best distillation epoch (the epoch
+``tinyvae_best.pth`` holds): student PSNR and SSIM, teacher PSNR, the latent CKA of the adapted
+student latent with the teacher latent (``cka``) and of the raw student latent (``cka_raw``,
+comparable between runs with and without distillation), the cross-decoding PSNR (the teacher's
+decoder on the adapted student latent) and the training time in seconds.
+
+- Several directories after one label (``LABEL=DIR1,DIR2,DIR3``, for example one per seed) give
+  the mean and the sample standard deviation (``mean ± sd``) of each column.
+- ``--baseline LABEL`` adds the student PSNR gain over that label's runs, paired by seed (the
+  runs of one seed share their validation crops): the mean and spread of the per-seed gains.
+- A directory whose history has teacher pre-training epochs also gets a teacher row.
+- ``--epoch N`` reports epoch N of each phase instead of the best one.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .state import BEST_METRIC, improves
 
-COLUMNS = ("psnr", "ssim", "teacher_psnr", "teacher_ssim", "quality_ratio", "cka", "cka_raw")
+#: (history key, column title, decimals) of the per-run columns.
+COLUMNS = (("psnr", "student PSNR (dB)", 2), ("ssim", "SSIM", 4),
+           ("teacher_psnr", "teacher PSNR (dB)", 2), ("cka", "CKA (adapted)", 3),
+           ("cka_raw", "CKA (raw)", 3), ("cross_psnr", "cross-decoding PSNR (dB)", 2))
 
 
 def best_record(history: list[dict[str, Any]], phase: str) -> dict[str, Any] | None:
@@ -41,25 +52,75 @@ def pick(history: list[dict[str, Any]], phase: str, epoch: int | None) -> dict[s
     return next((r for r in history if r["phase"] == phase and r["epoch"] == epoch), None)
 
 
-def rows(label: str, directory: Path, epoch: int | None = None) -> list[str]:
+@dataclass
+class Run:
+    """One run's numbers: ``values`` per column key, ``seed``, ``epochs`` (run length and best
+    epoch) and the phase's training ``seconds`` up to the reported epoch."""
+
+    seed: int | None
+    values: dict[str, float | None]
+    epochs: int
+    best_epoch: int
+    seconds: float
+
+
+def read_run(directory: Path, phase: str, epoch: int | None) -> Run | None:
+    """The ``phase`` numbers of the run in ``directory``; ``None`` without such epochs."""
     history = json.loads((directory / "history.json").read_text())
+    record = pick(history, phase, epoch)
+    if record is None:
+        return None
+    config = directory / "config.json"
+    seed = json.loads(config.read_text()).get("seed") if config.is_file() else None
+    n = record["epoch"] if epoch else sum(1 for r in history if r["phase"] == phase)
+    seconds = sum(r["time_s"] for r in history if r["phase"] == phase and r["epoch"] <= n)
+    return Run(seed, {k: record["val"].get(k) for k, _, _ in COLUMNS}, n, record["epoch"],
+               seconds)
+
+
+def summarise(values: Sequence[float | None], decimals: int) -> str:
+    """``mean`` of one value, ``mean ± sd`` of several; empty when any is missing."""
+    if not values or any(v is None for v in values):
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.{decimals}f}"
+    return f"{statistics.mean(values):.{decimals}f} ± {statistics.stdev(values):.{decimals}f}"
+
+
+def paired_gain(runs: Sequence[Run], baseline: Sequence[Run]) -> str:
+    """Student PSNR minus the baseline's for each seed both have: ``mean ± sd (n seeds)``."""
+    base = {r.seed: r.values["psnr"] for r in baseline}
+    gains = [r.values["psnr"] - base[r.seed] for r in runs if r.seed in base]
+    if not gains:
+        return ""
+    text = summarise(gains, 2)
+    return f"{'+' if statistics.mean(gains) >= 0 else ''}{text} ({len(gains)})"
+
+
+def row(label: str, runs: Sequence[Run], gain: str | None) -> str:
+    """One markdown row of ``runs`` (one label)."""
+    epochs = sorted({r.epochs for r in runs})
+    best = sorted({r.best_epoch for r in runs})
+    cells = [label, str(len(runs)),
+             f"{'/'.join(map(str, epochs))} (best {'/'.join(map(str, best))})"]
+    cells += [summarise([r.values[k] for r in runs], d) for k, _, d in COLUMNS]
+    if gain is not None:
+        cells.append(gain)
+    cells.append(summarise([r.seconds for r in runs], 0))
+    return "| " + " | ".join(cells) + " |"
+
+
+def teacher_rows(label: str, directories: Sequence[Path], epoch: int | None,
+                 gain_column: bool) -> list[str]:
+    """A row for the teacher pre-training of each directory that has one."""
     out = []
-    teacher = pick(history, "teacher", epoch)
-    if teacher is not None:
-        n = teacher["epoch"] if epoch else sum(1 for r in history if r["phase"] == "teacher")
-        secs = sum(r["time_s"] for r in history
-                   if r["phase"] == "teacher" and r["epoch"] <= n)
-        out.append(f"| {label}: teacher pre-training | {n} | {teacher['val']['psnr']:.2f} | "
-                   f"{teacher['val']['ssim']:.3f} | | | | | | {secs:.0f} |")
-    best = pick(history, "distill", epoch)
-    if best is not None:
-        v = best["val"]
-        n = best["epoch"] if epoch else sum(1 for r in history if r["phase"] == "distill")
-        secs = sum(r["time_s"] for r in history if r["phase"] == "distill" and r["epoch"] <= n)
-        cells = " | ".join("" if v.get(k) is None else
-                           (f"{v[k]:.2f}" if "psnr" in k else f"{v[k]:.3f}") for k in COLUMNS)
-        epochs = f"{n}" if epoch else f"{n} (best {best['epoch']})"
-        out.append(f"| {label} | {epochs} | {cells} | {secs:.0f} |")
+    for directory in directories:
+        run = read_run(directory, "teacher", epoch)
+        if run is not None:
+            cells = [f"{label}: teacher pre-training", "1",
+                     f"{run.epochs} (best {run.best_epoch})", f"{run.values['psnr']:.2f}",
+                     f"{run.values['ssim']:.4f}"] + [""] * (len(COLUMNS) - 2 + gain_column)
+            out.append("| " + " | ".join(cells + [f"{run.seconds:.0f}"]) + " |")
     return out
 
 
@@ -68,19 +129,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hrm_vision.distill.report",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", metavar="LABEL=DIR")
+    parser.add_argument("runs", nargs="+", metavar="LABEL=DIR[,DIR...]")
     parser.add_argument("--epoch", type=int, default=None,
                         help="report this epoch of each phase instead of the best one")
+    parser.add_argument("--baseline", default=None, metavar="LABEL",
+                        help="add each label's PSNR gain over this label, paired by seed")
     args = parser.parse_args(argv)
-    print("| run | epochs | student PSNR (dB) | SSIM | teacher PSNR (dB) | teacher SSIM | "
-          "quality ratio | CKA (adapted) | CKA (raw) | train time (s) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    specs: dict[str, list[Path]] = {}
     for spec in args.runs:
-        label, _, directory = spec.partition("=")
-        if not directory:
-            parser.error(f"expected LABEL=DIR, got {spec!r}")
-        for row in rows(label, Path(directory), args.epoch):
-            print(row)
+        label, _, dirs = spec.partition("=")
+        if not dirs:
+            parser.error(f"expected LABEL=DIR[,DIR...], got {spec!r}")
+        specs[label] = [Path(d) for d in dirs.split(",")]
+    if args.baseline is not None and args.baseline not in specs:
+        parser.error(f"--baseline {args.baseline!r} is none of the labels {list(specs)}")
+    runs = {label: [r for d in dirs if (r := read_run(d, "distill", args.epoch)) is not None]
+            for label, dirs in specs.items()}
+    titles = ["run", "runs", "epochs"] + [t for _, t, _ in COLUMNS]
+    if args.baseline is not None:
+        titles.append(f"PSNR gain over {args.baseline}, per seed (dB)")
+    titles.append("train time (s)")
+    print("| " + " | ".join(titles) + " |")
+    print("|" + "---|" * len(titles))
+    for label, dirs in specs.items():
+        for line in teacher_rows(label, dirs, args.epoch, args.baseline is not None):
+            print(line)
+        if runs[label]:
+            gain = (None if args.baseline is None else "" if label == args.baseline
+                    else paired_gain(runs[label], runs[args.baseline]))
+            print(row(label, runs[label], gain))
     return 0
 
 

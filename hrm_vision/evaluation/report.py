@@ -129,9 +129,23 @@ def _image(t: Tensor) -> Any:
     return t.clamp(0, 1).permute(1, 2, 0).numpy()
 
 
+def figure_rows(samples: dict[str, Tensor]) -> list[tuple[str, Tensor]]:
+    """``(label, images)`` rows of the figure, each ``(K, 3, S, S)`` in [0, 1]: the inputs, the
+    teacher's and the student's reconstructions (those present in ``samples``) and the
+    student's error ``|student - input|`` enlarged ten times, so a person sees where it fails."""
+    from ..distill.phases import error_image
+
+    rows = [(n, samples[n]) for n in ("inputs", "teacher", "student") if n in samples]
+    if "inputs" in samples and "student" in samples:
+        rows.append(("error x10", error_image(samples["student"], samples["inputs"])))
+    return rows
+
+
 def figure(report: dict[str, Any], samples: dict[str, Tensor], path: Path) -> Path:
-    """Inputs / teacher / student rows of sample reconstructions and a bar chart of ratios."""
-    names = [n for n in ("inputs", "teacher", "student") if n in samples]
+    """The rows of :func:`figure_rows` (drawn with nearest-neighbour enlargement, labelled) above
+    a bar chart of ratios."""
+    samples = dict(figure_rows(samples))
+    names = list(samples)
     k = samples["inputs"].shape[0] if names else 0
     fig = Figure(figsize=(max(8.0, 1.1 * k), 3.3 + 1.1 * len(names)), layout="constrained")
     grid = fig.add_gridspec(len(names) + 1, max(k, 1),
