@@ -6,12 +6,18 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so i
 - ``format_version`` (int, :data:`FORMAT_VERSION`): written by :func:`save_checkpoint`, checked
   by :func:`load_checkpoint` (a file from a newer layout is a :class:`CheckpointError` naming
   both versions; a file without the key is read as version 1);
-- per model role (``"student"``, ``"teacher"``), a :class:`ModelEntry`:
+- per model role (``"student"``, ``"teacher"``), a model entry (:func:`model_entry`):
   ``f"{role}_state_dict"`` (the ``state_dict()``, no ``module.`` prefixes) and ``f"{role}_arch"``
   (``{"name": <registry name>, **constructor kwargs}``, enough to rebuild it);
+- the ``"adapter"`` role (a student checkpoint of the distiller): the
+  :class:`~hrm_vision.distill.adapter.LatentAdapter` that maps the student's latent to the
+  teacher's latent space, ``adapter_state_dict`` and ``adapter_arch``
+  (``{"student_dim": int, "teacher_dim": int}``, no registry name);
 - whatever the writer adds; the distiller's training state is typed in
-  :class:`hrm_vision.distill.state.TrainingCheckpoint` (adapter, optimizer, scheduler, epoch,
-  config, history, RNG). This module only relies on the keys above.
+  :class:`hrm_vision.distill.state.TrainingCheckpoint` (optimizer, scheduler, epoch, config,
+  history, RNG). This module only relies on the keys above.
+
+:func:`load_model` rebuilds any role, the adapter included, in eval mode on the CPU.
 
 Every tensor is stored on the CPU (:func:`to_cpu`), so a checkpoint written on a GPU loads on any
 machine without ``map_location``.
@@ -21,9 +27,10 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, overload
 
 import torch
 from torch import nn
@@ -31,8 +38,13 @@ from torch import nn
 from .files import atomic_write
 from .vae import MODELS, VAEBase, build_model, model_name
 
+if TYPE_CHECKING:
+    from .distill.adapter import LatentAdapter
+
 #: Version of the checkpoint layout, stored under ``"format_version"``.
 FORMAT_VERSION = 1
+#: The role of the student-to-teacher latent adapter (not a VAE: its arch has no registry name).
+ADAPTER_ROLE = "adapter"
 
 
 class CheckpointError(ValueError):
@@ -261,13 +273,44 @@ def check_arch(arch: Any, state: Mapping[str, torch.Tensor], source: str
     return name, kwargs
 
 
+def check_adapter_arch(arch: Any, state: Mapping[str, torch.Tensor], source: str
+                       ) -> dict[str, int]:
+    """The constructor kwargs of a stored ``adapter_arch``, checked before anything is built:
+    a dict of channel counts (``student_dim``, ``teacher_dim``) between 1 and the widest stored
+    tensor dimension, so a crafted file cannot ask for an absurd allocation."""
+    widest = max((d for t in state.values() for d in t.shape), default=0)
+    sizes = arch.values() if isinstance(arch, Mapping) else [None]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= widest
+               for v in sizes):
+        raise CheckpointError(f"{source}: adapter_arch {arch!r} must hold channel counts between "
+                              f"1 and {widest} (the widest stored tensor)")
+    return dict(arch)  # type: ignore[arg-type]
+
+
+def _adapter_class() -> type[LatentAdapter]:
+    from .distill.adapter import LatentAdapter  # lazy: the adapter module imports this one
+
+    return LatentAdapter
+
+
+@overload
+def model_from_payload(payload: dict[str, Any], role: Literal["adapter"],
+                       source: str = ...) -> LatentAdapter: ...
+@overload
+def model_from_payload(payload: dict[str, Any], role: str = ...,
+                       source: str = ...) -> VAEBase: ...
 def model_from_payload(payload: dict[str, Any], role: str = "student",
-                       source: str = "checkpoint") -> VAEBase:
+                       source: str = "checkpoint") -> VAEBase | LatentAdapter:
     """Rebuild the ``role`` model from a loaded checkpoint dict (in eval mode, on CPU).
 
-    Checked before anything is built (:func:`check_arch`, :func:`check_state_dict`); the
-    stored tensors must then fit the model exactly and be finite. Every problem is a
-    ``CheckpointError`` naming ``source``.
+    ``role`` is ``"student"``, ``"teacher"`` (VAEs: images (N, 3, H, W) in [0, 1] <-> latents
+    (N, C, H/8, W/8)) or ``"adapter"`` (the
+    :class:`~hrm_vision.distill.adapter.LatentAdapter`: student latent (N, student_dim, h, w)
+    -> teacher latent space (N, teacher_dim, h, w)). Checked before anything is built
+    (:func:`check_arch` or :func:`check_adapter_arch`, :func:`check_state_dict`); the stored
+    tensors must then fit the model exactly and be finite. Every problem, a role the checkpoint
+    does not hold included (the message lists the roles it has), is a ``CheckpointError``
+    naming ``source``.
     """
     if f"{role}_state_dict" not in payload or f"{role}_arch" not in payload:
         raise CheckpointError(
@@ -276,18 +319,33 @@ def model_from_payload(payload: dict[str, Any], role: str = "student",
         )
     where = f"{source} ({role})"
     state = check_state_dict(payload[f"{role}_state_dict"], where)
-    name, arch = check_arch(payload[f"{role}_arch"], state, where)
+    build: Callable[..., nn.Module]
+    if role == ADAPTER_ROLE:
+        arch: dict[str, Any] = check_adapter_arch(payload[f"{role}_arch"], state, where)
+        build = _adapter_class()
+    else:
+        name, arch = check_arch(payload[f"{role}_arch"], state, where)
+        build = partial(build_model, name)
     try:
         with torch.random.fork_rng(devices=[]):  # building initialises weights randomly
-            model = build_model(name, **arch)
+            model = build(**arch)
     except Exception as exc:  # ValueError from the registry, or what a constructor raises
         raise CheckpointError(f"{source}: cannot rebuild the {role} model: {exc}") from exc
     load_state_checked(model, state, where)
-    return model.eval()
+    return model.eval()  # type: ignore[return-value]
 
 
+@overload
+def load_model(path: str | os.PathLike[str], role: Literal["adapter"],
+               map_location: str | torch.device = ...) -> LatentAdapter: ...
+@overload
+def load_model(path: str | os.PathLike[str], role: str = ...,
+               map_location: str | torch.device = ...) -> VAEBase: ...
 def load_model(path: str | os.PathLike[str], role: str = "student",
-               map_location: str | torch.device = "cpu") -> VAEBase:
-    """Load the ``role`` model stored in the checkpoint at ``path``, ready for inference."""
+               map_location: str | torch.device = "cpu") -> VAEBase | LatentAdapter:
+    """Load the ``role`` model stored in the checkpoint at ``path``, ready for inference (eval
+    mode, on the CPU): ``"student"`` or ``"teacher"`` (a VAE), or ``"adapter"`` (the
+    student-to-teacher :class:`~hrm_vision.distill.adapter.LatentAdapter` stored with the
+    student in ``tinyvae_best.pth``). See :func:`model_from_payload`."""
     payload = load_checkpoint(path, map_location)
     return model_from_payload(payload, role, source=str(path))

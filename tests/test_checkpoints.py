@@ -217,3 +217,59 @@ def test_absurd_arch_is_refused_before_anything_is_built(tmp_path) -> None:
             pytest.raises(CheckpointError, match="outside"):
         load_model(path)
     assert not build.called
+
+
+class TestAdapterRole:
+    """The student-to-teacher latent adapter, stored with the student, loads on its own."""
+
+    @staticmethod
+    def student_with_adapter(tmp_path):
+        from hrm_vision.distill.adapter import LatentAdapter
+
+        torch.manual_seed(1)
+        adapter = LatentAdapter(8, 16)
+        with torch.no_grad():
+            adapter.proj.bias.uniform_(-1, 1)  # not the default init: the weights must load
+        payload = {**model_entry(tiny(), "student"),
+                   "adapter_state_dict": adapter.state_dict(),
+                   "adapter_arch": adapter.arch_config()}
+        return adapter, save_checkpoint(payload, tmp_path / "tinyvae_best.pth")
+
+    def test_load_model_gives_the_stored_adapter_in_eval_mode(self, tmp_path) -> None:
+        from hrm_vision.distill.adapter import LatentAdapter, adapter_from_payload
+
+        adapter, path = self.student_with_adapter(tmp_path)
+        loaded = load_model(path, role="adapter")
+        assert isinstance(loaded, LatentAdapter) and not loaded.training
+        assert loaded.arch_config() == {"student_dim": 8, "teacher_dim": 16}
+        z = torch.randn(3, 8, 4, 4)
+        with torch.no_grad():
+            got = loaded(z)
+            assert got.shape == (3, 16, 4, 4)
+            assert torch.equal(got, adapter_from_payload(load_checkpoint(path))(z))
+            assert torch.equal(got, adapter(z))
+        assert isinstance(load_model(path), MinimalVAE)  # the student is still the default
+
+    def test_a_checkpoint_without_adapter_names_its_roles(self, tmp_path) -> None:
+        path = save_checkpoint(model_entry(tiny(), "student"), tmp_path / "a.pth")
+        with pytest.raises(CheckpointError, match=r"no 'adapter' model .*it holds: \['student'\]"):
+            load_model(path, role="adapter")
+
+    def test_a_crafted_adapter_arch_is_refused_before_building(self, tmp_path) -> None:
+        _, path = self.student_with_adapter(tmp_path)
+        payload = load_checkpoint(path)
+        payload["adapter_arch"] = {"student_dim": 8, "teacher_dim": 10**9}
+        torch.save(payload, tmp_path / "crafted.pth")
+        with mock.patch("hrm_vision.distill.adapter.LatentAdapter") as build, \
+                pytest.raises(CheckpointError, match=r"\(adapter\): adapter_arch .* between 1"):
+            load_model(tmp_path / "crafted.pth", role="adapter")
+        assert not build.called
+
+    def test_adapter_weights_that_do_not_fit_are_named(self, tmp_path) -> None:
+        _, path = self.student_with_adapter(tmp_path)
+        payload = load_checkpoint(path)
+        payload["adapter_arch"] = {"student_dim": 8, "teacher_dim": 12}
+        torch.save(payload, tmp_path / "other.pth")
+        with pytest.raises(CheckpointError, match=r"\(adapter\) does not fit LatentAdapter: "
+                                                  r"shape mismatches"):
+            load_model(tmp_path / "other.pth", role="adapter")

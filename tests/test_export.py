@@ -11,10 +11,13 @@ import torch
 from torch import nn
 
 from hrm_vision.checkpoints import model_entry, save_checkpoint
+from hrm_vision.distill.adapter import LatentAdapter
 from hrm_vision.export import (
     PARITY_TOLERANCE,
     ExportError,
+    VAEGraph,
     check_parity,
+    export_model,
     fold_batchnorm,
     load_torchscript,
     ort_session,
@@ -22,6 +25,8 @@ from hrm_vision.export import (
 )
 from hrm_vision.export.__main__ import main
 from hrm_vision.vae import MinimalVAE
+
+TEACHER_SPACE = "tinyvae_encoder_teacher_space.onnx"
 
 
 def tiny_student() -> MinimalVAE:
@@ -33,6 +38,22 @@ def tiny_student() -> MinimalVAE:
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return model.eval()
+
+
+def tiny_adapter() -> LatentAdapter:
+    """A tiny adapter (8 student channels -> 16) with a random bias, for the tiny student."""
+    torch.manual_seed(1)
+    adapter = LatentAdapter(8, 16)
+    with torch.no_grad():
+        adapter.proj.bias.uniform_(-1, 1)
+    return adapter.eval()
+
+
+def with_adapter(payload: dict) -> dict:
+    """``payload`` with :func:`tiny_adapter` stored as the distiller stores it."""
+    adapter = tiny_adapter()
+    return {**payload, "adapter_state_dict": adapter.state_dict(),
+            "adapter_arch": adapter.arch_config()}
 
 
 def conv_bn_net() -> nn.Sequential:
@@ -51,11 +72,12 @@ def conv_bn_net() -> nn.Sequential:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[MinimalVAE, Path, dict]:
-    """The tiny student, its export folder (written by the CLI) and ``export.json``."""
+    """The tiny student, its export folder (written by the CLI) and ``export.json``; the
+    checkpoint also holds :func:`tiny_adapter`, so the teacher-space encoder is exported too."""
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("export")
     model = tiny_student()
-    save_checkpoint(model_entry(model, "student"), root / "tinyvae_best.pth")
+    save_checkpoint(with_adapter(model_entry(model, "student")), root / "tinyvae_best.pth")
     assert main(["--checkpoint", str(root / "tinyvae_best.pth"), "--out-dir", str(root / "out"),
                  "--num-images", "8", "--timing-repeats", "2"]) == 0
     return model, root / "out", json.loads((root / "out" / "export.json").read_text())
@@ -138,7 +160,8 @@ class TestParityCheck:
     def test_report_lists_every_file_within_tolerance(self, exported) -> None:
         _, out, report = exported
         assert set(report["max_abs_diff"]) == {"encoder_onnx", "encoder_torchscript",
-                                               "decoder_onnx", "decoder_torchscript"}
+                                               "decoder_onnx", "decoder_torchscript",
+                                               "encoder_teacher_space_onnx"}
         assert all(0 <= v <= PARITY_TOLERANCE for v in report["max_abs_diff"].values())
         assert all(Path(p).is_file() for p in report["files"].values())
 
@@ -155,7 +178,7 @@ class TestParityCheck:
             for p in other.encoder.parameters():
                 p.add_(0.1)
         with pytest.raises(ExportError, match="differ from eager"):
-            check_parity(other, report["files"], photo_batch[:4])
+            check_parity(other, report["files"], photo_batch[:4], adapter=tiny_adapter())
 
 
 class TestCommand:
@@ -180,3 +203,110 @@ class TestSafetensors:
         loaded = MinimalVAE.from_pretrained(path).eval()
         with torch.no_grad():
             assert torch.equal(loaded.encode(photo_batch), model.eval().encode(photo_batch))
+
+
+class TestTeacherSpace:
+    """``tinyvae_encoder_teacher_space.onnx``: image -> adapter(student.encode(image))."""
+
+    def test_matches_eager_adapter_of_encoder_any_batch(self, exported,
+                                                        photo_batch) -> None:
+        (model, out, _), adapter = exported, tiny_adapter()
+        session = ort_session(out / TEACHER_SPACE)
+        for batch in (photo_batch[:1], photo_batch[:3], photo_batch):  # dynamic batch
+            with torch.no_grad():
+                expected = adapter(model.encode(batch))
+            got = run_onnx(session, batch)
+            assert got.shape == (batch.shape[0], 16, 4, 4) == expected.shape
+            assert (got - expected).abs().max() <= PARITY_TOLERANCE
+        with torch.no_grad():  # the adapter is in the graph: without it the output is far off
+            assert (got - expected + adapter.proj.bias[None, :, None, None]).abs().max() > 0.1
+
+    def test_names_dynamic_batch_and_metadata(self, exported) -> None:
+        _, out, _ = exported
+        model = onnx.load(str(out / TEACHER_SPACE))
+        assert [i.name for i in model.graph.input] == ["image"]
+        assert [o.name for o in model.graph.output] == ["teacher_latent"]
+        assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+        meta = {p.key: p.value for p in model.metadata_props}
+        assert meta["latent_shape"] == "[batch, 16, 4, 4]"
+        assert meta["image_range"].startswith("[0, 1]")
+        assert json.loads(meta["adapter_arch"]) == {"student_dim": 8, "teacher_dim": 16}
+        assert "teacher" in meta["latent"]
+
+    def test_parity_and_metadata_recorded_like_the_others(self, exported) -> None:
+        _, out, report = exported
+        assert report["files"]["encoder_teacher_space_onnx"] == str(out / TEACHER_SPACE)
+        assert report["max_abs_diff"]["encoder_teacher_space_onnx"] <= PARITY_TOLERANCE
+        assert "encoder_teacher_space" in report["metadata"]
+
+    def test_a_wrong_or_missing_adapter_fails_the_parity_check(self, exported,
+                                                               photo_batch) -> None:
+        (model, out, _), adapter = exported, tiny_adapter()
+        files = {"encoder_teacher_space_onnx": str(out / TEACHER_SPACE)}
+        other = tiny_adapter()
+        with torch.no_grad():
+            other.proj.weight.add_(0.1)
+        with pytest.raises(ExportError, match="differ from eager"):
+            check_parity(model, files, photo_batch[:4], adapter=other)
+        with pytest.raises(ExportError, match="needs the adapter"):
+            check_parity(model, files, photo_batch[:4])
+        assert check_parity(model, files, photo_batch[:4], adapter=adapter)[
+            "encoder_teacher_space_onnx"] <= PARITY_TOLERANCE
+
+    @pytest.mark.parametrize("adapter, flag, expected", [
+        (True, [], True), (False, [], False), (True, ["--no-teacher-space"], False)],
+        ids=["with adapter", "no adapter", "turned off"])
+    def test_written_only_with_an_adapter_and_not_turned_off(self, tmp_path, monkeypatch,
+                                                             adapter, flag, expected) -> None:
+        """The command's choice, through the real ``export_model`` with the writers recorded
+        (no export runs, so this is fast)."""
+        payload = model_entry(tiny_student(), "student")
+        path = save_checkpoint(with_adapter(payload) if adapter else payload,
+                               tmp_path / "tinyvae_best.pth")
+        written, checked = [], {}
+        pipeline = "hrm_vision.export.pipeline"
+
+        def record(graph, spec, file, *rest):
+            written.append(Path(file).name)
+            return file
+
+        def parity(vae, files, images, adapter=None):
+            checked["adapter"] = adapter
+            return dict.fromkeys(files, 0.0)
+
+        monkeypatch.setattr(f"{pipeline}.export_onnx", record)
+        monkeypatch.setattr(f"{pipeline}.export_torchscript", record)
+        monkeypatch.setattr(f"{pipeline}.check_parity", parity)
+        monkeypatch.setattr(f"{pipeline}.save_pretrained", lambda vae, file: file)
+        monkeypatch.setattr("hrm_vision.export.__main__.validation_images",
+                            lambda *a: torch.rand(2, 3, 32, 32))
+        assert main(["--checkpoint", str(path), "--out-dir", str(tmp_path / "out"),
+                     "--timing-repeats", "0", *flag]) == 0
+        assert (TEACHER_SPACE in written) is expected
+        assert {"tinyvae_encoder.onnx", "tinyvae_decoder.onnx"} <= set(written)
+        assert isinstance(checked["adapter"], LatentAdapter) is expected
+        report = json.loads((tmp_path / "out" / "export.json").read_text())
+        assert ("encoder_teacher_space_onnx" in report["files"]) is expected
+
+    def test_adapter_role_is_a_usage_error(self, capsys) -> None:
+        with pytest.raises(SystemExit) as info:
+            main(["--role", "adapter"])
+        assert info.value.code == 2
+        assert "--role must name a VAE" in capsys.readouterr().err
+
+    def test_an_adapter_of_another_student_is_refused(self, tmp_path, photo_batch) -> None:
+        with pytest.raises(ExportError, match="adapter reads 4 latent channels, the model "
+                                              "writes 8"):
+            export_model(tiny_student(), tmp_path, photo_batch[:2], adapter=LatentAdapter(4, 16))
+
+    def test_one_graph_class_serves_every_part(self, photo_batch) -> None:
+        model, adapter = tiny_student(), tiny_adapter()
+        with torch.no_grad():
+            z = model.encode(photo_batch[:2])
+            assert torch.equal(VAEGraph(model, "encoder")(photo_batch[:2]), z)
+            assert torch.equal(VAEGraph(model, "decoder")(z), model.decode(z))
+            assert torch.equal(VAEGraph(model, "encoder_teacher_space", adapter)(
+                photo_batch[:2]), adapter(z))
+        assert isinstance(VAEGraph(model, "encoder").vae.decoder, nn.Identity)  # half only
+        with pytest.raises(ValueError, match="adapter goes with"):
+            VAEGraph(model, "encoder", adapter)

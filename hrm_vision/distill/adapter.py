@@ -1,4 +1,4 @@
-"""The student-to-teacher latent adapter (trained with the student, saved in every checkpoint)."""
+"""The student-to-teacher latent adapter, trained with the student and saved with it."""
 
 from __future__ import annotations
 
@@ -8,14 +8,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoints import CheckpointError, check_state_dict, load_state_checked
+from ..checkpoints import ADAPTER_ROLE, model_from_payload
 
 
 class LatentAdapter(nn.Module):
     """A per-location linear map (1x1 convolution) from student to teacher latent channels.
 
-    ``(B, student_dim, h, w) -> (B, teacher_dim, h, w)``. Both VAEs put their latent on the same
-    H/8 x W/8 grid, so no spatial resampling is needed.
+    ``(B, student_dim, h, w) -> (B, teacher_dim, h, w)``, float32, unbounded (latents are not
+    range-limited). Both VAEs put their latent on the same H/8 x W/8 grid, so no spatial
+    resampling is needed: ``teacher.decode(adapter(student.encode(x)))`` is the teacher's
+    decoder reading the student's latent.
+
+    Saved with the student in the distiller's checkpoints (``adapter_state_dict`` and
+    ``adapter_arch``); ``hrm_vision.checkpoints.load_model(path, role="adapter")`` rebuilds it.
     """
 
     def __init__(self, student_dim: int = 128, teacher_dim: int = 512) -> None:
@@ -28,6 +33,7 @@ class LatentAdapter(nn.Module):
         return {"student_dim": self.student_dim, "teacher_dim": self.teacher_dim}
 
     def forward(self, z: Tensor) -> Tensor:
+        """Student latent (B, student_dim, h, w) -> teacher latent (B, teacher_dim, h, w)."""
         return self.proj(z)
 
     @torch.no_grad()
@@ -61,18 +67,12 @@ class LatentAdapter(nn.Module):
 def adapter_from_payload(payload: dict[str, Any], source: str = "checkpoint"
                          ) -> LatentAdapter | None:
     """The adapter stored in a checkpoint dict (``adapter_state_dict``/``adapter_arch``), in
-    eval mode on the CPU; None when the checkpoint holds none."""
+    eval mode on the CPU; None when the checkpoint holds none.
+
+    :func:`hrm_vision.checkpoints.model_from_payload` with ``role="adapter"`` (the same checks;
+    ``load_model(path, role="adapter")`` reads it from a file, and raises instead of returning
+    None when there is no adapter).
+    """
     if "adapter_state_dict" not in payload or "adapter_arch" not in payload:
         return None
-    arch, state = payload["adapter_arch"], check_state_dict(payload["adapter_state_dict"], source)
-    widest = max((max(t.shape, default=0) for t in state.values()), default=0)
-    sizes = arch.values() if isinstance(arch, dict) else [None]
-    if not all(isinstance(v, int) and 1 <= v <= widest for v in sizes):
-        raise CheckpointError(f"{source}: adapter_arch {arch!r} must hold channel counts between "
-                              f"1 and {widest} (the widest stored tensor)")
-    try:
-        adapter = LatentAdapter(**arch)
-    except TypeError as exc:
-        raise CheckpointError(f"{source}: cannot rebuild the adapter: {exc}") from exc
-    load_state_checked(adapter, payload["adapter_state_dict"], f"{source} (adapter)")
-    return adapter.eval()
+    return model_from_payload(payload, ADAPTER_ROLE, source)

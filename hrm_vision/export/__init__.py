@@ -1,15 +1,19 @@
 """Export the TinyVAE for the edge: ONNX (ONNX Runtime, TensorRT) and TorchScript.
 
 ``python -m hrm_vision.export --checkpoint checkpoints/tinyvae_best.pth --out-dir exports``
-writes four files and ``export.json``:
+writes these files and ``export.json``:
 
 - ``tinyvae_encoder.onnx`` / ``tinyvae_encoder.torchscript.pt``: ``image`` ``(N, 3, S, S)``
   float32 in [0, 1], RGB, NCHW -> ``latent`` ``(N, C, S/8, S/8)``, the posterior mean;
 - ``tinyvae_decoder.onnx`` / ``tinyvae_decoder.torchscript.pt``: ``latent`` -> ``image`` in
-  [0, 1].
+  [0, 1];
+- ``tinyvae_encoder_teacher_space.onnx``, when the checkpoint holds the latent adapter (unless
+  ``--no-teacher-space``): ``image`` -> ``teacher_latent`` ``(N, teacher_dim, S/8, S/8)``,
+  ``adapter(encoder(image))``, the student's latent in the teacher's latent space;
+- ``tinyvae.safetensors``: the student's weights (``MinimalVAE.from_pretrained``).
 
 The batch dimension is dynamic; the image side S is fixed at export (``--image-size``).
-Modules: :mod:`.graphs` (encoder/decoder halves, names, metadata), :mod:`.fold` (BatchNorm
+Modules: :mod:`.graphs` (the exported graphs, names, metadata), :mod:`.fold` (BatchNorm
 folded into convolutions), :mod:`.onnx`, :mod:`.torchscript`, :mod:`.parity` (every export
 checked against the eager model on real validation photographs, largest absolute difference
 within ``PARITY_TOLERANCE``; runtime comparison), :mod:`.pipeline` (:func:`export_model`), and
@@ -17,13 +21,13 @@ the command in :mod:`.__main__`.
 """
 
 from .fold import fold_batchnorm
-from .graphs import DecoderGraph, EncoderGraph, ExportError, GraphSpec, graph_specs
+from .graphs import PARTS, ExportError, GraphSpec, VAEGraph, graph_specs
 from .onnx import DEFAULT_OPSET, export_onnx, ort_session, run_onnx
 from .parity import PARITY_TOLERANCE, check_parity, compare_runtimes
 from .pipeline import ExportResult, export_model
 from .torchscript import export_torchscript, load_torchscript
 
-__all__ = ["DEFAULT_OPSET", "PARITY_TOLERANCE", "DecoderGraph", "EncoderGraph", "ExportError",
-           "ExportResult", "GraphSpec", "check_parity", "compare_runtimes", "export_model",
+__all__ = ["DEFAULT_OPSET", "PARITY_TOLERANCE", "PARTS", "ExportError", "ExportResult",
+           "GraphSpec", "VAEGraph", "check_parity", "compare_runtimes", "export_model",
            "export_onnx", "export_torchscript", "fold_batchnorm", "graph_specs",
            "load_torchscript", "ort_session", "run_onnx"]

@@ -2,7 +2,9 @@
 TorchScript, checked against eager PyTorch on real validation photographs.
 
 ``python -m hrm_vision.export --checkpoint checkpoints/tinyvae_best.pth --out-dir exports``
-writes four files and ``export.json`` (see :mod:`hrm_vision.export`).
+writes the encoder and decoder (ONNX and TorchScript), the teacher-space encoder (ONNX, when
+the checkpoint holds the latent adapter), the weights and ``export.json`` (see
+:mod:`hrm_vision.export`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints import load_model
+from ..checkpoints import ADAPTER_ROLE, load_checkpoint, model_from_payload, roles_in
 from ..evaluation.quality import validation_images
 from ..files import write_text
 from ..vae import VAEBase
@@ -34,6 +36,11 @@ TensorRT on a Jetson (NOT run here; no TensorRT on this machine), with the files
   trtexec --onnx=tinyvae_decoder.onnx --saveEngine=tinyvae_decoder_fp16.engine --fp16 \\
           --minShapes=latent:1x{c}x{h}x{h} --optShapes=latent:8x{c}x{h}x{h} \\
           --maxShapes=latent:64x{c}x{h}x{h}"""
+TENSORRT_TEACHER_SPACE = """\
+  trtexec --onnx=tinyvae_encoder_teacher_space.onnx --fp16 \\
+          --saveEngine=tinyvae_encoder_teacher_space_fp16.engine \\
+          --minShapes=image:1x3x{s}x{s} --optShapes=image:8x3x{s}x{s} \\
+          --maxShapes=image:64x3x{s}x{s}"""
 
 
 def setup_args() -> argparse.ArgumentParser:
@@ -60,16 +67,26 @@ def setup_args() -> argparse.ArgumentParser:
                              "TorchScript throughput; 0 skips it (default 20)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads of the runtime comparison (default 1, as evaluate)")
+    parser.add_argument("--no-teacher-space", action="store_true",
+                        help="do not export tinyvae_encoder_teacher_space.onnx (image -> the "
+                             "latent adapter's teacher-space latent), which is written by "
+                             "default when the checkpoint holds the adapter")
     return parser
 
 
 def run(args: argparse.Namespace) -> tuple[VAEBase, ExportResult]:
     """Load, export, check and (``--timing-repeats``) time; writes ``export.json``."""
     torch.set_num_threads(args.threads)
-    vae = load_model(args.checkpoint, role=args.role)
+    payload = load_checkpoint(args.checkpoint)
+    vae = model_from_payload(payload, args.role, source=args.checkpoint)
+    # the adapter reads the student's latent: the teacher-space encoder goes with the student
+    adapter = None
+    if args.role == "student" and not args.no_teacher_space \
+            and ADAPTER_ROLE in roles_in(payload):
+        adapter = model_from_payload(payload, ADAPTER_ROLE, source=args.checkpoint)
     images = validation_images(args.dataset, args.num_images, args.image_size, args.data_dir)
     result = export_model(vae, args.out_dir, images, source=Path(args.checkpoint).name,
-                          opset=args.opset)
+                          opset=args.opset, adapter=adapter)
     if args.timing_repeats:
         result.throughput_ips = compare_runtimes(vae, result.files, images, args.timing_repeats)
         result.throughput_batch = images.shape[0]
@@ -79,7 +96,7 @@ def run(args: argparse.Namespace) -> tuple[VAEBase, ExportResult]:
 
 def summary(vae: VAEBase, result: ExportResult, args: argparse.Namespace) -> str:
     """What the command prints: files with their parity, runtimes, the TensorRT commands."""
-    lines = [f"{key:22s} {path}  max |export - eager| = {result.max_abs_diff[key]:.2e}"
+    lines = [f"{key:28s} {path}  max |export - eager| = {result.max_abs_diff[key]:.2e}"
              for key, path in result.files.items()]
     for runtime, ips in result.throughput_ips.items():
         ratio = ips / result.throughput_ips["pytorch_eager"]
@@ -89,6 +106,8 @@ def summary(vae: VAEBase, result: ExportResult, args: argparse.Namespace) -> str
                  f"(tolerance {PARITY_TOLERANCE}); report: {Path(args.out_dir) / 'export.json'}")
     c, h, _ = vae.latent_shape(args.image_size, args.image_size)
     lines.append(TENSORRT_NOTE.format(s=args.image_size, c=c, h=h))
+    if "encoder_teacher_space_onnx" in result.files:
+        lines.append(TENSORRT_TEACHER_SPACE.format(s=args.image_size))
     return "\n".join(lines)
 
 
@@ -107,6 +126,9 @@ def _run(argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     if args.timing_repeats < 0 or args.threads < 1:
         parser.error("--timing-repeats must be >= 0 and --threads >= 1")
+    if args.role == ADAPTER_ROLE:
+        parser.error("--role must name a VAE (student or teacher); the adapter is exported with "
+                     "the student, as tinyvae_encoder_teacher_space.onnx")
     if args.image_size < 8 or args.image_size % 8 or args.num_images < 1:
         parser.error(f"--image-size must be a positive multiple of 8 (got {args.image_size}) "
                      f"and --num-images >= 1 (got {args.num_images})")

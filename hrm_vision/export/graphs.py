@@ -1,4 +1,5 @@
-"""The exported graphs: encoder and decoder halves of a VAE, their names, shapes and metadata."""
+"""The exported graphs: encoder and decoder halves of a VAE, and the encoder followed by the latent
+adapter (the teacher-space encoder); their names, shapes and metadata."""
 
 from __future__ import annotations
 
@@ -16,53 +17,57 @@ class ExportError(RuntimeError):
     """An export that could not be produced or does not match the eager model."""
 
 
-def _half(vae: VAEBase, drop: str) -> VAEBase:
-    """A copy of ``vae`` whose ``drop`` part (``"encoder"``/``"decoder"``) is an ``Identity``,
-    so an exported encoder does not carry the decoder's weights, and vice versa."""
-    half = copy.deepcopy(vae)
-    setattr(half, drop, nn.Identity())
-    return half
+#: The parts that can be exported, with the VAE half each one uses.
+PARTS = {"encoder": "encode", "decoder": "decode", "encoder_teacher_space": "encode"}
 
 
-class EncoderGraph(nn.Module):
-    """The exported encoder: ``image`` (N, 3, H, W) in [0, 1] -> ``latent`` (N, C, H/8, W/8)."""
+class VAEGraph(nn.Module):
+    """One exported graph: a half of a VAE, optionally followed by the latent adapter.
 
-    def __init__(self, vae: VAEBase) -> None:
+    - ``"encoder"``: ``image`` (N, 3, H, W) in [0, 1] -> ``latent`` (N, C, H/8, W/8), the
+      posterior mean;
+    - ``"decoder"``: ``latent`` (N, C, h, w) -> ``image`` (N, 3, 8h, 8w) in [0, 1];
+    - ``"encoder_teacher_space"``: ``image`` (N, 3, H, W) in [0, 1] ->
+      ``adapter(encoder(image))`` (N, teacher_dim, H/8, W/8), the student's latent in the
+      teacher's latent space (``adapter`` is required).
+
+    The VAE is copied with the half it does not use replaced by an ``Identity``, so an exported
+    encoder does not carry the decoder's weights, and vice versa.
+    """
+
+    def __init__(self, vae: VAEBase, part: str, adapter: nn.Module | None = None) -> None:
         super().__init__()
-        self.vae = _half(vae, "decoder")
+        if part not in PARTS:
+            raise ValueError(f"unknown graph {part!r}; known: {sorted(PARTS)}")
+        if (part == "encoder_teacher_space") != (adapter is not None):
+            raise ValueError("an adapter goes with the encoder_teacher_space graph, and only there")
+        self.encodes = PARTS[part] == "encode"
+        self.vae = copy.deepcopy(vae)
+        setattr(self.vae, "decoder" if self.encodes else "encoder", nn.Identity())
+        self.adapter = copy.deepcopy(adapter) if adapter is not None else nn.Identity()
 
-    def forward(self, image: Tensor) -> Tensor:
-        return self.vae.encode(image)
-
-
-class DecoderGraph(nn.Module):
-    """The exported decoder: ``latent`` (N, C, h, w) -> ``image`` (N, 3, 8h, 8w) in [0, 1]."""
-
-    def __init__(self, vae: VAEBase) -> None:
-        super().__init__()
-        self.vae = _half(vae, "encoder")
-
-    def forward(self, latent: Tensor) -> Tensor:
-        return self.vae.decode(latent)
+    def forward(self, x: Tensor) -> Tensor:
+        return self.adapter(self.vae.encode(x) if self.encodes else self.vae.decode(x))
 
 
 @dataclass(frozen=True)
 class GraphSpec:
     """Names and shapes of one exported graph (``batch`` is the dynamic dimension)."""
 
-    part: str  # "encoder" or "decoder"
+    part: str  # a key of PARTS: "encoder", "decoder" or "encoder_teacher_space"
     input_name: str
     input_shape: tuple[int, int, int]  # without the batch dimension
     output_name: str
     output_shape: tuple[int, int, int]
 
-    def metadata(self, vae: VAEBase, source: str) -> dict[str, str]:
+    def metadata(self, vae: VAEBase, source: str,
+                 adapter_arch: dict[str, int] | None = None) -> dict[str, str]:
         """The ``metadata_props`` stored in the ONNX file and the TorchScript extra file."""
         def shape(s: tuple[int, ...]) -> str:
             return "[batch, " + ", ".join(map(str, s)) + "]"
 
-        latent = self.output_shape if self.part == "encoder" else self.input_shape
-        return {
+        latent = self.input_shape if self.part == "decoder" else self.output_shape
+        meta = {
             "producer": f"hrm_vision {__version__}",
             "graph": f"tinyvae {self.part}",
             "input": f"{self.input_name} {shape(self.input_shape)} float32",
@@ -76,11 +81,22 @@ class GraphSpec:
             "arch": json.dumps(vae.arch_config()),
             "source_checkpoint": source,
         }
+        if self.part == "encoder_teacher_space":
+            meta["latent"] = ("the latent adapter applied to the posterior mean: the student's "
+                              "latent in the teacher's latent space (deterministic)")
+            meta["adapter_arch"] = json.dumps(adapter_arch or {})
+        return meta
 
 
-def graph_specs(vae: VAEBase, image_size: int) -> tuple[GraphSpec, GraphSpec]:
-    """Encoder and decoder specs for square images of side ``image_size``."""
+def graph_specs(vae: VAEBase, image_size: int, teacher_dim: int | None = None
+                ) -> tuple[GraphSpec, ...]:
+    """Encoder and decoder specs for square images of side ``image_size``, and the
+    teacher-space encoder's when ``teacher_dim`` (the adapter's output channels) is given."""
     latent = vae.latent_shape(image_size, image_size)
     image = (vae.in_channels, image_size, image_size)
-    return (GraphSpec("encoder", "image", image, "latent", latent),
-            GraphSpec("decoder", "latent", latent, "image", image))
+    specs = (GraphSpec("encoder", "image", image, "latent", latent),
+             GraphSpec("decoder", "latent", latent, "image", image))
+    if teacher_dim is None:
+        return specs
+    return (*specs, GraphSpec("encoder_teacher_space", "image", image, "teacher_latent",
+                              (teacher_dim, *latent[1:])))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..evaluation.timing import interleaved_timings, summarize_timings
 from ..vae import VAEBase
@@ -17,22 +17,34 @@ PARITY_TOLERANCE = 1e-4
 
 @torch.inference_mode()
 def check_parity(vae: VAEBase, files: dict[str, str], images: Tensor,
-                 tolerance: float = PARITY_TOLERANCE) -> dict[str, float]:
+                 tolerance: float = PARITY_TOLERANCE,
+                 adapter: nn.Module | None = None) -> dict[str, float]:
     """Largest absolute difference of each exported file against the eager ``vae``.
 
+    ``files``: ``{f"{part}_{onnx|torchscript}": path}`` as :func:`export_model` writes it.
     ``images``: (N, 3, S, S) in [0, 1]. Encoders are fed the images, decoders the eager latents;
-    the reference is the un-folded eager model, so the check covers BatchNorm folding too.
-    Raises ``ExportError`` naming the files beyond ``tolerance``.
+    the teacher-space encoder is compared with ``adapter(vae.encode(images))`` (N, teacher_dim,
+    S/8, S/8), so it needs ``adapter``. The reference is the un-folded eager model, so the check
+    covers BatchNorm folding too. Raises ``ExportError`` naming the files beyond ``tolerance``.
     """
     vae = vae.eval()
     latent = vae.encode(images)
     reference = {"encoder": (images, latent), "decoder": (latent, vae.decode(latent))}
+    if adapter is not None:
+        reference["encoder_teacher_space"] = (images, adapter.eval()(latent))
     diffs: dict[str, float] = {}
     for key, path in files.items():
-        part = key.split("_")[0]
+        part = key.rsplit("_", 1)[0]
+        if part not in reference:
+            raise ExportError(f"no eager reference for {key} ({path}): "
+                              + ("the teacher-space encoder needs the adapter"
+                                 if part == "encoder_teacher_space" else "unknown graph"))
         x, expected = reference[part]
         got = run_onnx(ort_session(path), x) if key.endswith("onnx") \
             else load_torchscript(path)(x)
+        if got.shape != expected.shape:
+            raise ExportError(f"{key} ({path}) gives shape {tuple(got.shape)}, eager "
+                              f"{tuple(expected.shape)}")
         diffs[key] = float((got - expected).abs().max())
     bad = {k: v for k, v in diffs.items() if not v <= tolerance}
     if bad:

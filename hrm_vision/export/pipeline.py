@@ -1,20 +1,25 @@
-"""Both halves of a VAE to ONNX and TorchScript, folded and checked: :func:`export_model`."""
+"""Both halves of a VAE to ONNX and TorchScript, and the teacher-space encoder to ONNX, folded and
+checked: :func:`export_model`."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
 from ..vae import VAEBase
 from ..vae.pretrained import save_pretrained
 from .fold import fold_batchnorm
-from .graphs import DecoderGraph, EncoderGraph, graph_specs
+from .graphs import ExportError, VAEGraph, graph_specs
 from .onnx import DEFAULT_OPSET, export_onnx
 from .parity import check_parity
 from .torchscript import export_torchscript
+
+if TYPE_CHECKING:
+    from ..distill.adapter import LatentAdapter
 
 
 @dataclass
@@ -34,28 +39,41 @@ class ExportResult:
 
 
 def export_model(vae: VAEBase, out_dir: str | os.PathLike[str], images: Tensor,
-                 source: str = "", opset: int = DEFAULT_OPSET) -> ExportResult:
+                 source: str = "", opset: int = DEFAULT_OPSET,
+                 adapter: LatentAdapter | None = None) -> ExportResult:
     """Export encoder and decoder of ``vae`` to ONNX and TorchScript in ``out_dir``, checked,
     and its weights to ``tinyvae.safetensors`` (loadable with ``MinimalVAE.from_pretrained``).
 
     ``images``: real (N, 3, S, S) images in [0, 1]; S is the exported image side.
+    ``adapter``: the student-to-teacher :class:`~hrm_vision.distill.adapter.LatentAdapter`
+    (``student_dim`` equal to the VAE's latent channels C); when given, the teacher-space
+    encoder ``tinyvae_encoder_teacher_space.onnx`` is exported too: ``image`` (N, 3, S, S) in
+    [0, 1] -> ``teacher_latent`` ``adapter(vae.encode(image))`` (N, teacher_dim, S/8, S/8),
+    checked like the others.
     """
     if images.dim() != 4 or images.shape[2] != images.shape[3]:
         raise ValueError(f"expected square images (N, 3, S, S), got {tuple(images.shape)}")
+    latent_channels = vae.latent_shape(images.shape[-1], images.shape[-1])[0]
+    if adapter is not None and adapter.student_dim != latent_channels:
+        raise ExportError(f"the adapter reads {adapter.student_dim} latent channels, the model "
+                          f"writes {latent_channels}: they do not belong together")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     folded = fold_batchnorm(vae)
     files: dict[str, str] = {}
     metadata: dict[str, dict[str, str]] = {}
-    for spec, graph in zip(graph_specs(vae, images.shape[-1]),
-                           (EncoderGraph(folded), DecoderGraph(folded)), strict=True):
-        meta = spec.metadata(vae, source)
+    teacher_dim = None if adapter is None else adapter.teacher_dim
+    for spec in graph_specs(vae, images.shape[-1], teacher_dim):
+        teacher_space = spec.part == "encoder_teacher_space"
+        graph = VAEGraph(folded, spec.part, adapter if teacher_space else None)
+        meta = spec.metadata(vae, source, adapter.arch_config() if teacher_space else None)
         metadata[spec.part] = meta
         files[f"{spec.part}_onnx"] = str(export_onnx(
             graph, spec, out / f"tinyvae_{spec.part}.onnx", meta, opset))
-        files[f"{spec.part}_torchscript"] = str(export_torchscript(
-            graph, spec, out / f"tinyvae_{spec.part}.torchscript.pt", meta))
-    diffs = check_parity(vae, files, images)
+        if not teacher_space:  # TorchScript for the two halves only
+            files[f"{spec.part}_torchscript"] = str(export_torchscript(
+                graph, spec, out / f"tinyvae_{spec.part}.torchscript.pt", meta))
+    diffs = check_parity(vae, files, images, adapter=adapter)
     # the weights alone, with the architecture in the metadata: MinimalVAE.from_pretrained(path)
     weights = str(save_pretrained(vae, out / "tinyvae.safetensors"))
     return ExportResult(files, diffs, metadata, images.shape[0], weights_file=weights)
