@@ -39,7 +39,7 @@ from .files import atomic_write
 from .vae import MODELS, VAEBase, build_model, model_name
 
 if TYPE_CHECKING:
-    from .distill.adapter import LatentAdapter
+    from .vae.adapter import LatentAdapter
 
 #: Version of the checkpoint layout, stored under ``"format_version"``.
 FORMAT_VERSION = 1
@@ -288,7 +288,7 @@ def check_adapter_arch(arch: Any, state: Mapping[str, torch.Tensor], source: str
 
 
 def _adapter_class() -> type[LatentAdapter]:
-    from .distill.adapter import LatentAdapter  # lazy: the adapter module imports this one
+    from .vae.adapter import LatentAdapter  # lazy: torch models stay out of a plain import
 
     return LatentAdapter
 
@@ -346,6 +346,15 @@ def load_model(path: str | os.PathLike[str], role: str = "student",
     """Load the ``role`` model stored in the checkpoint at ``path``, ready for inference (eval
     mode, on the CPU): ``"student"`` or ``"teacher"`` (a VAE), or ``"adapter"`` (the
     student-to-teacher :class:`~hrm_vision.distill.adapter.LatentAdapter` stored with the
-    student in ``tinyvae_best.pth``). See :func:`model_from_payload`."""
+    student in ``tinyvae_best.pth``). See :func:`model_from_payload`. A ``.safetensors`` file
+    from :func:`hrm_vision.vae.pretrained.save_pretrained` (``tinyvae.safetensors`` of the
+    export) is read without unpickling: its VAE, or with ``role="adapter"`` the adapter stored
+    beside it."""
+    if Path(path).suffix == ".safetensors":
+        from .vae.pretrained import load_pretrained, load_pretrained_adapter
+
+        if role == ADAPTER_ROLE:
+            return load_pretrained_adapter(path).to(map_location)  # type: ignore[return-value]
+        return load_pretrained(path, role=role, device=map_location)
     payload = load_checkpoint(path, map_location)
     return model_from_payload(payload, role, source=str(path))

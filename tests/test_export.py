@@ -277,7 +277,11 @@ class TestTeacherSpace:
         monkeypatch.setattr(f"{pipeline}.export_onnx", record)
         monkeypatch.setattr(f"{pipeline}.export_torchscript", record)
         monkeypatch.setattr(f"{pipeline}.check_parity", parity)
-        monkeypatch.setattr(f"{pipeline}.save_pretrained", lambda vae, file: file)
+        def weights(vae, file, adapter=None):
+            checked["weights_adapter"] = adapter
+            return file
+
+        monkeypatch.setattr(f"{pipeline}.save_pretrained", weights)
         monkeypatch.setattr("hrm_vision.export.__main__.validation_images",
                             lambda *a: torch.rand(2, 3, 32, 32))
         assert main(["--checkpoint", str(path), "--out-dir", str(tmp_path / "out"),
@@ -285,6 +289,7 @@ class TestTeacherSpace:
         assert (TEACHER_SPACE in written) is expected
         assert {"tinyvae_encoder.onnx", "tinyvae_decoder.onnx"} <= set(written)
         assert isinstance(checked["adapter"], LatentAdapter) is expected
+        assert isinstance(checked["weights_adapter"], LatentAdapter) is expected
         report = json.loads((tmp_path / "out" / "export.json").read_text())
         assert ("encoder_teacher_space_onnx" in report["files"]) is expected
 

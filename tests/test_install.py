@@ -100,10 +100,13 @@ def core_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
         import os, torch
         from hrm_vision.checkpoints import model_entry, save_checkpoint
-        from hrm_vision.vae import MinimalVAE
+        from hrm_vision.vae import LatentAdapter, MinimalVAE
         os.makedirs("checkpoints")
         torch.manual_seed(0)
-        save_checkpoint(model_entry(MinimalVAE(latent_dim=128, base_channels=32), "student"),
+        adapter = LatentAdapter(student_dim=128, teacher_dim=512)
+        save_checkpoint({{**model_entry(MinimalVAE(latent_dim=128, base_channels=32), "student"),
+                          "adapter_state_dict": adapter.state_dict(),
+                          "adapter_arch": adapter.arch_config()}},
                         "checkpoints/tinyvae_best.pth")
         namespace = {{}}
         for block in {blocks!r}:
@@ -121,6 +124,7 @@ def core_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "attempts": attempts,
             "latent": list(namespace["latent"].shape),
             "reconstruction": list(namespace["reconstruction"].shape),
+            "teacher_latent": list(namespace["teacher_latent"].shape),
             "perceive_latent": list(namespace["result"].latent.shape),
             "states": len(result.history),
             "host_errors": [str(e) for e in host.errors],
@@ -158,6 +162,7 @@ class TestCoreInstall:
     def test_deployment_snippet_runs_on_a_core_install(self, core_run: dict) -> None:
         assert core_run["latent"] == [1, 128, 4, 4]
         assert core_run["reconstruction"] == [1, 3, 32, 32]
+        assert core_run["teacher_latent"] == [1, 512, 4, 4]  # the adapter loads on a core install
         assert core_run["perceive_latent"] == [1, 128, 4, 4]
 
     def test_irp_plugin_runs_on_a_core_install(self, core_run: dict) -> None:

@@ -270,3 +270,48 @@ def test_import_of_the_models_does_not_load_safetensors_or_checkpoints(tmp_path:
     assert proc.returncode == 0, proc.stderr[-2000:]
     before, after = json.loads(proc.stdout.strip().splitlines()[-1])
     assert before == [] and after is True
+
+
+class TestAdapterBeside:
+    """``save_pretrained(..., adapter=...)`` stores the adapter beside the student."""
+
+    @pytest.fixture
+    def adapter(self) -> torch.nn.Module:
+        from hrm_vision.vae import LatentAdapter
+
+        torch.manual_seed(3)
+        return LatentAdapter(student_dim=8, teacher_dim=16).eval()
+
+    def test_both_load_from_one_file(self, tmp_path: Path, student: MinimalVAE,
+                                     adapter: torch.nn.Module) -> None:
+        from hrm_vision.checkpoints import load_model
+
+        path = save_pretrained(student, tmp_path / "w.safetensors", adapter=adapter)
+        assert json.loads(read_metadata(path)["adapter_arch"]) == {"student_dim": 8,
+                                                                   "teacher_dim": 16}
+        x = torch.rand(2, 3, 16, 16)
+        with torch.no_grad():
+            z = student.encode(x)
+            assert torch.equal(MinimalVAE.from_pretrained(path).encode(x), z)
+            assert torch.equal(load_model(path).encode(x), z)
+            assert torch.equal(load_model(path, role="adapter")(z), adapter(z))
+
+    def test_file_without_adapter_says_so(self, tmp_path: Path, student: MinimalVAE) -> None:
+        from hrm_vision.checkpoints import load_model
+
+        path = save_pretrained(student, tmp_path / "w.safetensors")
+        with pytest.raises(CheckpointError, match="holds no adapter"):
+            load_model(path, role="adapter")
+
+    def test_adapter_sizes_are_bounded_by_its_tensors(self, tmp_path: Path, student: MinimalVAE,
+                                                      adapter: torch.nn.Module) -> None:
+        from hrm_vision.checkpoints import load_model
+
+        path = save_pretrained(student, tmp_path / "w.safetensors", adapter=adapter)
+        tensors, meta = {}, read_metadata(path)
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        meta["adapter_arch"] = json.dumps({"student_dim": 8, "teacher_dim": 10**9})
+        save_file(tensors, str(path), metadata=meta)
+        with pytest.raises(CheckpointError, match="adapter_arch"):
+            load_model(path, role="adapter")

@@ -42,7 +42,8 @@ def export_model(vae: VAEBase, out_dir: str | os.PathLike[str], images: Tensor,
                  source: str = "", opset: int = DEFAULT_OPSET,
                  adapter: LatentAdapter | None = None) -> ExportResult:
     """Export encoder and decoder of ``vae`` to ONNX and TorchScript in ``out_dir``, checked,
-    and its weights to ``tinyvae.safetensors`` (loadable with ``MinimalVAE.from_pretrained``).
+    and its weights (and the adapter's) to ``tinyvae.safetensors`` (loadable with
+    ``MinimalVAE.from_pretrained``; the adapter with ``load_model(path, role="adapter")``).
 
     ``images``: real (N, 3, S, S) images in [0, 1]; S is the exported image side.
     ``adapter``: the student-to-teacher :class:`~hrm_vision.distill.adapter.LatentAdapter`
@@ -75,5 +76,5 @@ def export_model(vae: VAEBase, out_dir: str | os.PathLike[str], images: Tensor,
                 graph, spec, out / f"tinyvae_{spec.part}.torchscript.pt", meta))
     diffs = check_parity(vae, files, images, adapter=adapter)
     # the weights alone, with the architecture in the metadata: MinimalVAE.from_pretrained(path)
-    weights = str(save_pretrained(vae, out / "tinyvae.safetensors"))
+    weights = str(save_pretrained(vae, out / "tinyvae.safetensors", adapter=adapter))
     return ExportResult(files, diffs, metadata, images.shape[0], weights_file=weights)

@@ -8,12 +8,14 @@ Images are float tensors in [0, 1], NCHW, RGB, with H and W divisible by 8.
 >>> out = model(images)               # VAEOutput(reconstruction, mu, logvar, z)
 """
 
+from .adapter import LatentAdapter
 from .base import Posterior, VAEBase, VAEOutput
 from .models import MinimalVAE, TeacherVAE, TinyVAE
 from .registry import MODELS, build_model, count_macs, model_name
 
 __all__ = [
     "MODELS",
+    "LatentAdapter",
     "MinimalVAE",
     "Posterior",
     "TeacherVAE",

@@ -10,7 +10,10 @@ A ``.safetensors`` file holds only tensors (nothing is unpickled on load) and st
 - ``arch``: JSON ``{"name": <registry name>, **constructor kwargs}``, enough to rebuild the model;
 - ``role``: ``"student"`` or ``"teacher"``;
 - ``images``: the input convention, ``float RGB in [0, 1], NCHW``, H and W divisible by 8;
-- ``format_version`` and ``library`` (``hrm-vision <version>``).
+- ``format_version`` and ``library`` (``hrm-vision <version>``);
+- ``adapter_arch`` (only with an adapter): JSON of the student-to-teacher
+  :class:`~hrm_vision.vae.adapter.LatentAdapter`'s constructor kwargs, its tensors stored under
+  ``adapter.`` (:func:`load_pretrained_adapter` reads them; a VAE load skips them).
 
 Loading checks that the architecture is a registered model whose integer arguments do not exceed
 the widest stored tensor (so a crafted file cannot ask for absurd sizes), that the model's
@@ -44,6 +47,8 @@ FORMAT_VERSION = 1
 SAFETENSORS_SUFFIX = ".safetensors"
 #: The image convention stored in every file (and in every docstring of the package).
 IMAGE_CONVENTION = "float RGB in [0, 1], NCHW, H and W divisible by 8"
+#: Name prefix of the adapter's tensors in a ``.safetensors`` file that also holds one.
+ADAPTER_PREFIX = "adapter."
 #: Role written when none is given, by registry name.
 DEFAULT_ROLES: dict[str, str] = {"tinyvae": "student", "teacher": "teacher"}
 
@@ -57,7 +62,7 @@ def _error(message: str) -> Exception:
 
 
 def save_pretrained(model: VAEBase, path: str | os.PathLike[str],
-                    role: str | None = None) -> Path:
+                    role: str | None = None, adapter: torch.nn.Module | None = None) -> Path:
     """Write ``model``'s weights to ``path`` (a ``.safetensors`` file) with its architecture.
 
     Args:
@@ -80,6 +85,9 @@ def save_pretrained(model: VAEBase, path: str | os.PathLike[str],
     model = unwrap(model)  # type: ignore[assignment]
     name = model_name(model)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if adapter is not None:
+        tensors.update({ADAPTER_PREFIX + k: v.detach().to("cpu").contiguous()
+                        for k, v in unwrap(adapter).state_dict().items()})
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise ValueError(f"refusing to save non-finite weights ({', '.join(bad[:5])}) to {path}")
@@ -91,6 +99,8 @@ def save_pretrained(model: VAEBase, path: str | os.PathLike[str],
         "format_version": str(FORMAT_VERSION),
         "library": f"hrm-vision {_version()}",
     }
+    if adapter is not None:
+        metadata["adapter_arch"] = json.dumps(unwrap(adapter).arch_config(), sort_keys=True)
     data = save(tensors, metadata=metadata)
     atomic_write(path, lambda f: f.write(data))
     return path
@@ -191,7 +201,8 @@ def _safetensors_model(path: Path, name: str,
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()  # noqa: SIM118
+                      if not k.startswith(ADAPTER_PREFIX)}
             model = _build_fitting(name, arch, shapes, str(path))
             return model, {k: f.get_tensor(k) for k in shapes}
     except CheckpointError:
@@ -298,3 +309,32 @@ def _version() -> str:
 
 __all__ = ["FORMAT_VERSION", "IMAGE_CONVENTION", "load_pretrained", "read_metadata",
            "save_pretrained"]
+
+
+def load_pretrained_adapter(path: str | os.PathLike[str]) -> torch.nn.Module:
+    """The :class:`~hrm_vision.vae.adapter.LatentAdapter` stored in a ``.safetensors`` file by
+    ``save_pretrained(..., adapter=...)``, in eval mode on the CPU, with the checks of
+    :func:`hrm_vision.checkpoints.model_from_payload` (sizes bounded by the stored tensors
+    before it is built, exact shapes, finite weights).
+
+    Raises:
+        CheckpointError: missing or unreadable file, or a file without an adapter.
+    """
+    from safetensors import safe_open
+
+    from ..checkpoints import ADAPTER_ROLE, model_from_payload
+
+    path = Path(path)
+    metadata = read_metadata(path)
+    if "adapter_arch" not in metadata:
+        raise _error(f"{path} holds no adapter (no 'adapter_arch' metadata; it holds the "
+                     f"{metadata.get('role', '?')!r} model)")
+    try:
+        arch = json.loads(metadata["adapter_arch"])
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            state = {k[len(ADAPTER_PREFIX):]: f.get_tensor(k) for k in f.keys()  # noqa: SIM118
+                     if k.startswith(ADAPTER_PREFIX)}
+    except Exception as exc:  # JSONDecodeError, SafetensorError, OSError, ...
+        raise _error(f"{path}: cannot read the adapter: {_first_line(exc)}") from exc
+    payload = {f"{ADAPTER_ROLE}_state_dict": state, f"{ADAPTER_ROLE}_arch": arch}
+    return model_from_payload(payload, ADAPTER_ROLE, source=str(path))
