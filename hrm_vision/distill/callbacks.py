@@ -8,7 +8,8 @@ receive the trainer and plain values; each callback does one thing:
 - :class:`PictureWriter`: a PNG grid of inputs / teacher / student reconstructions and a PNG of
   the loss curves in the checkpoint directory, every epoch.
 - :class:`CheckpointWriter`: ``tinyvae_epoch_XXX.pth`` every ``save_interval`` epochs,
-  ``*_best.pth`` when an epoch is the best so far, then ``*_last.pth`` (also on a stop signal).
+  ``*_best.pth`` when an epoch is the best so far, then ``*_last.pth`` (also on a stop signal,
+  and at the start of the fine-tuning phase).
 - :class:`ProgressBar`: a tqdm bar per epoch with the running loss (console).
 - :class:`ConsoleLog`: messages, the terms every ``log_interval`` batches and an epoch summary
   (console).
@@ -40,11 +41,13 @@ if TYPE_CHECKING:
 class Callback:
     """Base class: every hook does nothing.
 
-    ``on_interrupt`` runs when a stop signal ends a phase mid-epoch (before
+    ``on_phase_begin`` runs before the first step of a phase started from its beginning (not
+    on a resume); ``on_interrupt`` when a stop signal ends a phase mid-epoch (before
     ``TrainingInterrupted`` is raised); ``on_phase_end`` after a phase's last epoch.
     """
 
     def on_train_begin(self, trainer: Distiller) -> None: ...
+    def on_phase_begin(self, trainer: Distiller, phase: Phase) -> None: ...
     def on_epoch_begin(self, trainer: Distiller, phase: Phase, epoch: int,
                        num_batches: int) -> None: ...
     def on_batch_end(self, trainer: Distiller, phase: Phase, step: int,
@@ -70,7 +73,10 @@ class CheckpointWriter(Callback):
     :class:`~hrm_vision.distill.state.TrainingCheckpoint`) into the checkpoint directory.
 
     "Best" is the epoch with the highest validation PSNR of the model the phase trains so far
-    (``record["is_best"]``, see :mod:`hrm_vision.distill.state`).
+    (``record["is_best"]``, see :mod:`hrm_vision.distill.state`); a phase that inherits the
+    previous phase's best file (fine-tuning: ``tinyvae_best.pth``) counts the previous phase's
+    epochs too. Such a phase commits its start to ``*_last.pth`` before its first step, so a
+    resume never reads the best file again after the phase has replaced it.
     """
 
     def _save(self, trainer: Distiller, names: list[str]) -> None:
@@ -87,6 +93,10 @@ class CheckpointWriter(Callback):
         if record["is_best"]:
             names.append(phase.best_file)
         self._save(trainer, [*names, phase.last_file])  # the last file commits the epoch
+
+    def on_phase_begin(self, trainer: Distiller, phase: Phase) -> None:
+        if phase.inherits_best:
+            self._save(trainer, [phase.last_file])
 
     def on_interrupt(self, trainer: Distiller, phase: Phase) -> None:
         self._save(trainer, [phase.last_file])
