@@ -88,7 +88,8 @@ class Distiller:
     Args:
         config: the run's :class:`DistillConfig`.
         callbacks: callbacks added after the default ones (:func:`default_callbacks`: checkpoints,
-            ``history.json``, pictures, console), never replacing them. Rank 0 only.
+            ``history.json``, pictures, console, TensorBoard with ``config.tensorboard``), never
+            replacing them. Rank 0 only.
         ctx: a distributed context (default: ``init_distributed(config.device)``).
         console: show the progress bar and console log.
     """
@@ -100,7 +101,8 @@ class Distiller:
         self.config = config
         self.ctx = ctx or init_distributed(config.device)
         self.device = self.ctx.device
-        self.callbacks = [*default_callbacks(console), *callbacks] if self.ctx.is_main else []
+        self.callbacks = ([*default_callbacks(console, tensorboard=config.tensorboard),
+                           *callbacks] if self.ctx.is_main else [])
         self.out_dir = Path(config.checkpoint_dir)
         self.history: list[dict[str, Any]] = []
         self.stop_signal: str | None = None
