@@ -1,7 +1,8 @@
 """The end of an epoch is committed by ``*_last.pth``: a run SIGKILLed inside or right after any
 write of the last epoch (pictures, ``history.json``, the snapshot, the best checkpoint,
 ``tinyvae_last.pth``) and resumed with ``--resume auto`` ends with exactly the files and weights
-of an uninterrupted run, and no temporary file.
+of an uninterrupted run, and no temporary file. The same holds for the start of the fine-tuning
+phase and its first epoch, which replaces the distillation student in ``tinyvae_best.pth``.
 
 The kill is deterministic: in the child process ``os.replace`` (the last step of every atomic
 write) is wrapped to SIGKILL the process at the chosen write, just before the file is put in
@@ -78,12 +79,17 @@ def run_jobs(jobs: list[list[Any]], cwd: Path) -> list[int]:
     return run_forked(FORK_RUNNER, jobs, cwd, timeout=1200)
 
 
-def argv(workdir: Path, ckpt: Path) -> list[str]:
+def argv(workdir: Path, ckpt: Path, epochs: int = EPOCHS, **flags: Any) -> list[str]:
     """The tiny run, with a learning rate and weight average under which its last epoch is the
     best so far (so it writes a best checkpoint too; checked below)."""
-    return [*tiny_run.prepare(workdir, EPOCHS, train_samples=16, checkpoint_dir=ckpt,
-                              warmup_steps=0, learning_rate=3e-3, ema_decay=0.5),
+    return [*tiny_run.prepare(workdir, epochs, train_samples=16, checkpoint_dir=ckpt,
+                              warmup_steps=0, learning_rate=3e-3, ema_decay=0.5, **flags),
             "--resume", "auto"]
+
+
+#: One distillation epoch, then two fine-tuning epochs: under the learning rate of :func:`argv`
+#: the first fine-tuning epoch beats the distillation epoch (checked below).
+FINETUNE = {"epochs": 1, "finetune_epochs": 2}
 
 
 def comparable(value: Any) -> Any:
@@ -158,14 +164,16 @@ def test_the_last_epoch_writes_every_kind_of_file_and_commits_last(reference) ->
 
 
 def _run_kills(points: list[tuple[str, int, str]], reference: tuple[Path, list[str]],
-               work: Path) -> None:
+               work: Path, resuming: str = "distill", **flags: Any) -> None:
+    """Kill a run at each of ``points``, resume it, compare with ``reference``; the resumed run
+    says ``resuming {resuming} from``."""
     ref, _ = reference
     jobs, resumes = [], []
     for i, (name, occurrence, when) in enumerate(points):
         ckpt = work / f"run{i}"
-        jobs.append([argv(ref.parent, ckpt), str(work / f"run{i}.log"),
+        jobs.append([argv(ref.parent, ckpt, **flags), str(work / f"run{i}.log"),
                      str(work / f"run{i}.writes"), [name, occurrence, when]])
-        resumes.append([argv(ref.parent, ckpt), str(work / f"resume{i}.log"),
+        resumes.append([argv(ref.parent, ckpt, **flags), str(work / f"resume{i}.log"),
                         str(work / f"resume{i}.writes"), None])
     assert run_jobs(jobs, work) == [-9] * len(points)  # each run died at its write
     for i, (name, _, when) in enumerate(points):
@@ -175,7 +183,7 @@ def _run_kills(points: list[tuple[str, int, str]], reference: tuple[Path, list[s
     for i, point in enumerate(points):
         log = (work / f"resume{i}.log").read_text()
         assert statuses[i] == 0, (point, log[-3000:])
-        assert "resuming distill from" in log, (point, log[-2000:])
+        assert f"resuming {resuming} from" in log, (point, log[-2000:])
         assert_same_run(work / f"run{i}", ref)
 
 
@@ -190,3 +198,65 @@ def test_killed_inside_the_best_checkpoint_of_the_final_epoch(reference, tmp_pat
 @pytest.mark.slow
 def test_killed_inside_or_after_any_write_of_the_last_epoch(reference, tmp_path: Path) -> None:
     _run_kills(kill_points(reference[1]), reference, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def finetune_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """An uninterrupted distillation + fine-tuning run (:data:`FINETUNE`): its checkpoint
+    folder and the files it put in place, in order."""
+    work = tmp_path_factory.mktemp("finetune_commit")
+    ckpt, writes = work / "reference", work / "reference.writes"
+    assert run_jobs([[argv(work, ckpt, **FINETUNE), str(work / "reference.log"), str(writes),
+                      None]], work) == [0], (work / "reference.log").read_text()[-3000:]
+    return ckpt, writes.read_text().split()
+
+
+def finetune_kill_points(writes: list[str]) -> list[tuple[str, int, str]]:
+    """The start commit of the fine-tuning phase and every write of its first epoch, inside
+    and after."""
+    start = writes.index("tinyvae_finetune_last.pth")
+    first_epoch = writes[start:writes.index("tinyvae_finetune_last.pth", start + 1) + 1]
+    points = []
+    for offset, name in enumerate(first_epoch):
+        occurrence = writes[:start + offset + 1].count(name)
+        points += [(name, occurrence, "inside"), (name, occurrence, "after")]
+    return points
+
+
+def test_the_first_finetune_epoch_replaces_the_distilled_best(finetune_reference) -> None:
+    """The setup the kill tests below rely on: the fine-tuning phase commits its start, then its
+    first epoch beats the distillation epoch and replaces ``tinyvae_best.pth`` before its
+    commit; the second does not beat it."""
+    ref, writes = finetune_reference
+    start = writes.index("tinyvae_finetune_last.pth")
+    assert writes[start - 1] == "tinyvae_last.pth"  # right after the last distillation commit
+    first_epoch = writes[start + 1:writes.index("tinyvae_finetune_last.pth", start + 1) + 1]
+    assert "tinyvae_best.pth" in first_epoch and first_epoch[-1] == "tinyvae_finetune_last.pth"
+    history = json.loads((ref / "history.json").read_text())
+    assert [(r["phase"], r["epoch"], r["is_best"]) for r in history] == [
+        ("distill", 1, True), ("finetune", 1, True), ("finetune", 2, False)]
+    best = load_checkpoint(ref / "tinyvae_best.pth")
+    assert (best["phase"], best["epoch"]) == ("finetune", 1)
+    assert best["best_psnr"] == history[1]["val"]["psnr"]
+    assert not (ref / "tinyvae_finetune_best.pth").exists()
+
+
+def test_killed_at_the_finetune_best_checkpoint(finetune_reference, tmp_path: Path) -> None:
+    """Killed while or after the first fine-tuning epoch put its student in
+    ``tinyvae_best.pth``, before that epoch's commit: the resumed run continues from the
+    fine-tuning start (never from the replaced best file) and ends as the uninterrupted one."""
+    assert finetune_reference[1].count("tinyvae_best.pth") == 2  # distillation, finetune 1
+    points = [("tinyvae_best.pth", 2, "inside"), ("tinyvae_best.pth", 2, "after")]
+    _run_kills(points, finetune_reference, tmp_path, resuming="finetune", **FINETUNE)
+
+
+@pytest.mark.slow
+def test_killed_inside_or_after_any_write_of_the_finetune_start(finetune_reference,
+                                                                  tmp_path: Path) -> None:
+    points = finetune_kill_points(finetune_reference[1])
+    inside_start = [("tinyvae_finetune_last.pth", 1, "inside")]  # resumes the distillation
+    for sub in ("start", "epoch"):
+        (tmp_path / sub).mkdir()
+    _run_kills(inside_start, finetune_reference, tmp_path / "start", **FINETUNE)
+    _run_kills([p for p in points if p not in inside_start], finetune_reference,
+               tmp_path / "epoch", resuming="finetune", **FINETUNE)

@@ -16,6 +16,7 @@ from helpers import kill_resume, tiny_run  # tests/ is on sys.path (pytest prepe
 from hrm_vision.checkpoints import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from hrm_vision.distill.callbacks import Callback
 from hrm_vision.distill.cli import config_from_args, setup_args
+from hrm_vision.distill.phases import DistillPhase, FinetunePhase
 from hrm_vision.distill.trainer import Distiller, TrainingInterrupted
 
 EPOCHS = 3
@@ -26,13 +27,14 @@ def tiny_config(workdir: Path, epochs: int = EPOCHS, **flags):
 
 
 class SignalAt(Callback):
-    """Sends ``signum`` to this process after batch ``step`` of epoch ``epoch`` (0-based)."""
+    """Sends ``signum`` to this process after batch ``step`` of epoch ``epoch`` (0-based) of
+    ``phase``."""
 
-    def __init__(self, signum: int, epoch: int, step: int) -> None:
-        self.signum, self.epoch, self.step = signum, epoch, step
+    def __init__(self, signum: int, epoch: int, step: int, phase: str = "distill") -> None:
+        self.signum, self.epoch, self.step, self.phase = signum, epoch, step, phase
 
     def on_batch_end(self, trainer, phase, step, terms) -> None:
-        if trainer.current_epoch == self.epoch and step == self.step:
+        if phase.name == self.phase and trainer.current_epoch == self.epoch and step == self.step:
             os.kill(os.getpid(), self.signum)
 
 
@@ -64,6 +66,48 @@ class TestSignals:
         for key in ("student_state_dict", "adapter_state_dict"):
             for name, value in ref[key].items():
                 assert torch.equal(resumed[key][name], value), f"{key}[{name}] differs"
+
+
+    def test_sigterm_mid_finetune_keeps_the_distilled_best(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Fine-tuning epochs that report 20 dB less than they measure never beat the
+        distillation epoch. Stopped in the middle of the second fine-tuning epoch and resumed,
+        the run still compares that epoch with the distilled best (the resumed loop does not
+        start a new best), and ends with the uninterrupted run's ``tinyvae_best.pth``."""
+        def worse(self: FinetunePhase) -> dict[str, float]:
+            values = DistillPhase.validate(self)
+            return {**values, "psnr": values["psnr"] - 20.0}
+
+        monkeypatch.setattr(FinetunePhase, "validate", worse)
+        torch.set_num_threads(1)  # tiny models; more threads only wait on a busy machine
+        flags = {"epochs": 1, "finetune_epochs": 2, "train_samples": 24}
+        config = tiny_config(tmp_path, **flags)
+        reference = tiny_config(tmp_path, checkpoint_dir=tmp_path / "reference", **flags)
+        Distiller(reference, console=False).run()
+
+        with pytest.raises(TrainingInterrupted, match="stopped by SIGTERM"):
+            Distiller(config, callbacks=[SignalAt(signal.SIGTERM, epoch=1, step=1,
+                                                  phase="finetune")], console=False).run()
+        saved = load_checkpoint(Path(config.checkpoint_dir) / "tinyvae_finetune_last.pth")
+        assert (saved["phase"], saved["epoch"], saved["step_in_epoch"]) == ("finetune", 1, 2)
+        Distiller(config, console=False).run(resume="auto")
+
+        got = Path(config.checkpoint_dir)
+        ref = tmp_path / "reference"
+        history = [(r["phase"], r["epoch"], r["is_best"]) for r in load_checkpoint(
+            got / "tinyvae_finetune_last.pth")["history"]]
+        assert history == [("distill", 1, True), ("finetune", 1, False),
+                           ("finetune", 2, False)]
+        best, ref_best = (load_checkpoint(d / "tinyvae_best.pth") for d in (got, ref))
+        assert (best["phase"], best["epoch"]) == ("distill", 1)
+        for key in ("phase", "epoch", "best_psnr", "global_step"):
+            assert best[key] == ref_best[key], key
+        for key in ("student_state_dict", "adapter_state_dict"):
+            for name, value in ref_best[key].items():
+                assert torch.equal(best[key][name], value), f"{key}[{name}]"
+        last, ref_last = (load_checkpoint(d / "tinyvae_finetune_last.pth") for d in (got, ref))
+        for name, value in ref_last["student_state_dict"].items():
+            assert torch.equal(last["student_state_dict"][name], value), name
 
 
 class TestKillAndResume:

@@ -8,7 +8,10 @@ receive the trainer and plain values; each callback does one thing:
 - :class:`PictureWriter`: a PNG grid of inputs / teacher / student reconstructions and a PNG of
   the loss curves in the checkpoint directory, every epoch.
 - :class:`CheckpointWriter`: ``tinyvae_epoch_XXX.pth`` every ``save_interval`` epochs,
-  ``*_best.pth`` when an epoch is the best so far, then ``*_last.pth`` (also on a stop signal).
+  ``*_best.pth`` when an epoch is the best so far, then ``*_last.pth`` (also on a stop signal,
+  and at the start of the fine-tuning phase).
+- :class:`TensorBoardWriter` (``tensorboard`` config key): TensorBoard event files in
+  ``checkpoint_dir/tensorboard/``, every epoch.
 - :class:`ProgressBar`: a tqdm bar per epoch with the running loss (console).
 - :class:`ConsoleLog`: messages, the terms every ``log_interval`` batches and an epoch summary
   (console).
@@ -17,8 +20,10 @@ The end of an epoch is committed by ``*_last.pth``, written last: every other fi
 (history, pictures, snapshot, best) is written before it, each atomically. A run killed at any
 moment before the commit resumes (``--resume auto``) from the previous epoch's ``*_last.pth``
 and trains the epoch again, which rewrites those files with the same content (training resumes
-exactly); killed after it, nothing of the epoch is missing. Files written by user callbacks,
-which run after the default ones, are not covered.
+exactly); killed after it, nothing of the epoch is missing. TensorBoard event files are
+appended to, not replaced: their epoch is flushed before the commit, and an epoch trained again
+after a kill is logged again, with the same values. Files written by user callbacks, which run
+after the default ones, are not covered.
 """
 
 from __future__ import annotations
@@ -26,13 +31,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .._extras import require
 from ..checkpoints import save_checkpoint
 from ..files import atomic_write, write_json
 
 if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
     from .phases import Phase
     from .trainer import Distiller
 
@@ -40,11 +49,13 @@ if TYPE_CHECKING:
 class Callback:
     """Base class: every hook does nothing.
 
-    ``on_interrupt`` runs when a stop signal ends a phase mid-epoch (before
+    ``on_phase_begin`` runs before the first step of a phase started from its beginning (not
+    on a resume); ``on_interrupt`` when a stop signal ends a phase mid-epoch (before
     ``TrainingInterrupted`` is raised); ``on_phase_end`` after a phase's last epoch.
     """
 
     def on_train_begin(self, trainer: Distiller) -> None: ...
+    def on_phase_begin(self, trainer: Distiller, phase: Phase) -> None: ...
     def on_epoch_begin(self, trainer: Distiller, phase: Phase, epoch: int,
                        num_batches: int) -> None: ...
     def on_batch_end(self, trainer: Distiller, phase: Phase, step: int,
@@ -58,10 +69,14 @@ class Callback:
     def on_train_end(self, trainer: Distiller) -> None: ...
 
 
-def default_callbacks(console: bool = True) -> list[Callback]:
-    """The callbacks every run has: checkpoints, history, pictures, and with ``console`` the
-    progress bar and the console log."""
-    files: list[Callback] = [HistoryWriter(), PictureWriter(), CheckpointWriter()]  # commit last
+def default_callbacks(console: bool = True, tensorboard: bool = False) -> list[Callback]:
+    """The callbacks every run has: checkpoints, history, pictures, with ``tensorboard`` the
+    TensorBoard event files (a :class:`~hrm_vision._extras.MissingExtraError` here when the
+    extra is not installed), and with ``console`` the progress bar and the console log."""
+    files: list[Callback] = [HistoryWriter(), PictureWriter()]
+    if tensorboard:
+        files.append(TensorBoardWriter())
+    files.append(CheckpointWriter())  # the commit: last
     return files + ([ProgressBar(), ConsoleLog()] if console else [])
 
 
@@ -70,7 +85,10 @@ class CheckpointWriter(Callback):
     :class:`~hrm_vision.distill.state.TrainingCheckpoint`) into the checkpoint directory.
 
     "Best" is the epoch with the highest validation PSNR of the model the phase trains so far
-    (``record["is_best"]``, see :mod:`hrm_vision.distill.state`).
+    (``record["is_best"]``, see :mod:`hrm_vision.distill.state`); a phase that inherits the
+    previous phase's best file (fine-tuning: ``tinyvae_best.pth``) counts the previous phase's
+    epochs too. Such a phase commits its start to ``*_last.pth`` before its first step, so a
+    resume never reads the best file again after the phase has replaced it.
     """
 
     def _save(self, trainer: Distiller, names: list[str]) -> None:
@@ -87,6 +105,10 @@ class CheckpointWriter(Callback):
         if record["is_best"]:
             names.append(phase.best_file)
         self._save(trainer, [*names, phase.last_file])  # the last file commits the epoch
+
+    def on_phase_begin(self, trainer: Distiller, phase: Phase) -> None:
+        if phase.inherits_best:
+            self._save(trainer, [phase.last_file])
 
     def on_interrupt(self, trainer: Distiller, phase: Phase) -> None:
         self._save(trainer, [phase.last_file])
@@ -176,10 +198,65 @@ class PictureWriter(Callback):
         save_loss_curves(trainer.history, out / "loss_curves.png")
 
 
+class TensorBoardWriter(Callback):
+    """TensorBoard event files in ``checkpoint_dir/tensorboard/``
+    (``tensorboard --logdir checkpoint_dir/tensorboard``). Per epoch of each phase, at step =
+    the epoch (1-based, counted per phase): every training and validation value of the epoch's
+    history record as scalars ``{phase}/train/{term}`` and ``{phase}/val/{metric}``, the
+    learning rate ``{phase}/lr``, and the reconstruction grid :class:`PictureWriter` saves as
+    the image ``{phase}/reconstructions`` (RGB, HWC uint8).
+
+    Needs the ``tensorboard`` extra; made without it, the callback raises a
+    :class:`~hrm_vision._extras.MissingExtraError` naming it (at the trainer's start). Each run,
+    resumed or not, adds an event file to the folder.
+    """
+
+    #: The folder under the checkpoint directory.
+    FOLDER = "tensorboard"
+
+    def __init__(self) -> None:
+        require("tensorboard", extra="tensorboard",
+                purpose="TensorBoard logging (the tensorboard config key)")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._make_writer = SummaryWriter
+        self.writer: Any = None
+
+    def on_train_begin(self, trainer: Distiller) -> None:
+        self.writer = self._make_writer(log_dir=str(trainer.out_dir / self.FOLDER))
+
+    def on_epoch_end(self, trainer: Distiller, phase: Phase, record: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        step = record["epoch"]
+        for part in ("train", "val"):
+            for key, value in record[part].items():
+                self.writer.add_scalar(f"{phase.name}/{part}/{key}", value, step)
+        self.writer.add_scalar(f"{phase.name}/lr", record["lr"], step)
+        rows = phase.picture_rows()
+        if rows:
+            self.writer.add_image(f"{phase.name}/reconstructions", np.asarray(grid_image(rows)),
+                                  step, dataformats="HWC")
+        self.writer.flush()  # on disk before the epoch's commit
+
+    def on_train_end(self, trainer: Distiller) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
 def save_grid(rows: list[tuple[str, torch.Tensor]], path: Path, scale: int = 4) -> None:
-    """Labelled rows of images (each ``(n, 3, H, W)`` in [0, 1]) as one PNG: one row per
-    tensor, pixels enlarged ``scale`` times (nearest neighbour) so a person can see the errors,
-    the row's label on its left."""
+    """:func:`grid_image` of ``rows`` written as a PNG file at ``path`` (atomically)."""
+    canvas = grid_image(rows, scale)
+    atomic_write(path, lambda f: canvas.save(f, format="png"))
+
+
+def grid_image(rows: list[tuple[str, torch.Tensor]], scale: int = 4) -> PILImage:
+    """Labelled rows of images (each ``(n, 3, H, W)`` in [0, 1]) as one RGB PIL image: one row
+    per tensor (the first ``n`` images of each, ``n`` the smallest row), pixels enlarged
+    ``scale`` times (nearest neighbour) so a person can see the errors, the row's label on its
+    left. Size: ``(n * (W + 1) + 1) * scale + 80`` wide, ``(len(rows) * (H + 1) + 1) * scale``
+    high."""
     from PIL import Image, ImageDraw
     from torchvision.utils import make_grid
 
@@ -196,7 +273,7 @@ def save_grid(rows: list[tuple[str, torch.Tensor]], path: Path, scale: int = 4) 
     row_height = image.height / len(rows)
     for i, (label, _) in enumerate(rows):
         draw.text((4, int(i * row_height + row_height / 2) - 5), label, fill="black")
-    atomic_write(path, lambda f: canvas.save(f, format="png"))
+    return canvas
 
 
 def save_loss_curves(history: list[dict[str, Any]], path: Path) -> None:

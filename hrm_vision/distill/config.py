@@ -131,6 +131,10 @@ class DistillConfig(BaseModel):
                                description="write tinyvae_epoch_XXX.pth every N epochs")
     log_interval: int = Field(50, ge=1, le=MAX_COUNT,
                               description="print the loss terms every N batches")
+    tensorboard: bool = Field(False, description="also write TensorBoard event files to "
+                              "checkpoint_dir/tensorboard/: every epoch's training and "
+                              "validation values, learning rate and reconstruction grid (needs "
+                              "the tensorboard extra)")
 
     @field_validator("image_size")
     @classmethod

@@ -16,6 +16,7 @@ in which no optimizer step was kept, raise :class:`TrainingDiverged`.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -161,11 +162,15 @@ class PhaseLoop:
         emit: ``emit(hook, *args)`` calls a callback hook (rank 0 only).
         stop_signal: the name of a pending stop signal, or None.
         out_dir: the checkpoint folder (named in errors).
+        best: the validation ``BEST_METRIC`` an epoch must beat to be the best (-inf: the
+            phase's own first epoch is; a phase that inherits the previous phase's best file
+            starts with that file's value).
     """
 
     def __init__(self, phase: Phase, config: DistillConfig, ctx: DistContext,
                  train_loader: DataLoader, history: list[dict[str, Any]], emit: Emit,
-                 stop_signal: Callable[[], str | None], out_dir: Path) -> None:
+                 stop_signal: Callable[[], str | None], out_dir: Path,
+                 best: float = -math.inf) -> None:
         self.phase, self.config, self.ctx = phase, config, ctx
         self.loader, self.history, self.emit = train_loader, history, emit
         self.stop_signal, self.out_dir = stop_signal, out_dir
@@ -178,7 +183,8 @@ class PhaseLoop:
         self.scaler = make_scaler(config, ctx.device)
         self.average = (WeightAverage(self.module, config.ema_decay)
                         if config.ema_decay > 0 else None)
-        self.state = TrainState()
+        self.state = TrainState(best_psnr=best)
+        self.restored = False
         self.current_epoch = 0
         self.consecutive_bad = 0
         self._bad_kinds: set[str] = set()
@@ -234,10 +240,14 @@ class PhaseLoop:
                                       f"{type(exc).__name__}: {exc}") from exc
         self.state = saved.state
         self.history[:] = saved.history
+        self.restored = True
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> None:
-        """Train from the current state to the last epoch, then emit ``on_phase_end``."""
+        """Train from the current state to the last epoch, then emit ``on_phase_end``; a phase
+        started from its beginning (not restored) first emits ``on_phase_begin``."""
+        if not self.restored:
+            self.emit("on_phase_begin", self.phase)
         for epoch in range(self.state.epoch, self.phase.epochs):
             self._train_epoch(epoch)
             self._finish_epoch(epoch)

@@ -96,6 +96,10 @@ class Phase:
     name = ""
     last_file = best_file = ""
     epoch_file: str | None = None
+    #: Whether the phase continues the previous phase's best: its ``best_file`` is the previous
+    #: phase's, which keeps the previous best model until an epoch of this phase beats it
+    #: (the loop starts with the previous best value; the trainer passes it).
+    inherits_best = False
 
     def __init__(self, ctx: PhaseContext, epochs: int) -> None:
         self.ctx, self.epochs = ctx, epochs
@@ -324,11 +328,16 @@ class DistillPhase(Phase):
 
 
 class FinetunePhase(DistillPhase):
-    """Phase 3: the student alone (recon, KL, perceptual), decoder first, then the encoder."""
+    """Phase 3: the student alone (recon, KL, perceptual), decoder first, then the encoder.
+
+    It starts from the best distilled student and shares ``tinyvae_best.pth`` with the
+    distillation phase (``inherits_best``): an epoch replaces it only when its validation PSNR
+    beats every distillation and fine-tuning epoch before it.
+    """
 
     name = "finetune"
-    last_file, best_file, epoch_file = ("tinyvae_finetune_last.pth",
-                                        "tinyvae_finetune_best.pth", None)
+    last_file, best_file, epoch_file = "tinyvae_finetune_last.pth", DistillPhase.best_file, None
+    inherits_best = True
 
     def __init__(self, ctx: PhaseContext, epochs: int, student: VAEBase, adapter: LatentAdapter,
                  teacher: VAEBase | None, loss: DistillLoss, perceptual_name: str = "none",

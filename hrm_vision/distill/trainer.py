@@ -11,12 +11,18 @@ each with its own optimizer (:class:`hrm_vision.distill.loop.PhaseLoop`):
    the five-term :class:`~hrm_vision.distill.losses.DistillLoss`. Writes ``tinyvae_last.pth``,
    ``tinyvae_best.pth`` and ``tinyvae_epoch_XXX.pth`` every ``save_interval`` epochs.
 3. ``finetune`` (``finetune_epochs > 0``): the student alone (recon, KL, perceptual) with gradual
-   unfreezing. Writes ``tinyvae_finetune_{last,best}.pth``.
+   unfreezing, starting from the best distilled student. Writes ``tinyvae_finetune_last.pth``
+   (also before its first step) and replaces ``tinyvae_best.pth`` when an epoch beats the best
+   student so far.
 
 **Best** (``teacher.pth``, ``*_best.pth``): the epoch whose model, the one the phase trains,
 reconstructs the validation set best, i.e. has the highest validation PSNR (pooled MSE over the
 whole validation set, see :mod:`hrm_vision.metrics`); the earliest such epoch on ties. The total
 loss is not used: the KL term, which dominates it, says little about reconstruction quality.
+``tinyvae_best.pth`` is the best student of the whole run, over the distillation and fine-tuning
+epochs (a distillation epoch wins a tie): the model to deploy. Its payload's ``phase`` and
+``epoch`` say which epoch it holds; ``is_best`` in ``history.json`` marks each epoch that was
+the best so far when it ended.
 
 Every checkpoint is a full training state (:class:`~hrm_vision.distill.state.TrainingCheckpoint`)
 written with CPU tensors, atomically, on rank 0, by the default callbacks; ``run(resume=...)``
@@ -82,7 +88,8 @@ class Distiller:
     Args:
         config: the run's :class:`DistillConfig`.
         callbacks: callbacks added after the default ones (:func:`default_callbacks`: checkpoints,
-            ``history.json``, pictures, console), never replacing them. Rank 0 only.
+            ``history.json``, pictures, console, TensorBoard with ``config.tensorboard``), never
+            replacing them. Rank 0 only.
         ctx: a distributed context (default: ``init_distributed(config.device)``).
         console: show the progress bar and console log.
     """
@@ -94,7 +101,8 @@ class Distiller:
         self.config = config
         self.ctx = ctx or init_distributed(config.device)
         self.device = self.ctx.device
-        self.callbacks = [*default_callbacks(console), *callbacks] if self.ctx.is_main else []
+        self.callbacks = ([*default_callbacks(console, tensorboard=config.tensorboard),
+                           *callbacks] if self.ctx.is_main else [])
         self.out_dir = Path(config.checkpoint_dir)
         self.history: list[dict[str, Any]] = []
         self.stop_signal: str | None = None
@@ -286,27 +294,36 @@ class Distiller:
         if self.config.finetune_epochs > 0:
             finetune = self._student_phase(FinetunePhase, self.config.finetune_epochs,
                                            self.build_loss(distill=False))
+            incumbent = -math.inf  # restored from the payload when resuming
             if start <= 1:
-                best = load_checkpoint(self.out_dir / DistillPhase.best_file)
+                path = self.out_dir / DistillPhase.best_file
+                best = load_checkpoint(path)
+                check_training_payload(best, str(path))
+                if best.get("phase") != "distill" or "best_psnr" not in best:
+                    raise CheckpointError(f"{path} is not the best distillation checkpoint "
+                                          f"(phase {best.get('phase')!r}) the fine-tuning "
+                                          "phase starts from")
                 load_state_checked(self.student, best["student_state_dict"],
                                    "best distilled student")
+                incumbent = float(best["best_psnr"])
                 finetune.share_caches(distill)
             else:
                 finetune.prepare()
-            self._fit(finetune, payload if start == 2 else None, fresh=[])
+            self._fit(finetune, payload if start == 2 else None, fresh=[], best=incumbent)
 
     def _fit(self, phase: Phase, payload: dict[str, Any] | None,
-             fresh: Sequence[VAEBase]) -> None:
+             fresh: Sequence[VAEBase], best: float = -math.inf) -> None:
         """Train ``phase``, continuing ``payload`` if given; otherwise the ``fresh`` (newly
         built) models first get ``init_from_data`` on the first training images (before the
-        optimizer and the DDP wrapper see them)."""
+        optimizer and the DDP wrapper see them). ``best``: the validation PSNR (dB) an epoch
+        must beat to be the best (a resumed phase takes it from ``payload``)."""
         if payload is None and fresh:
             images = first_images(self.train_set).to(self.device)
             for model in fresh:
                 model.init_from_data(images)
             phase.init_fresh()
         loop = PhaseLoop(phase, self.config, self.ctx, self.train_loader, self.history,
-                         self._emit, lambda: self.stop_signal, self.out_dir)
+                         self._emit, lambda: self.stop_signal, self.out_dir, best=best)
         if payload is not None:
             loop.restore(payload, f"{self.resume_source} ({payload['phase']} phase)")
         self.loop = loop
