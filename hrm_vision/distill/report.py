@@ -2,10 +2,11 @@
 
 Reads each run's ``history.json`` (and ``config.json`` for its seed) and prints one markdown row
 per label with the validation numbers of each run's best distillation epoch (the epoch
-``tinyvae_best.pth`` holds): student PSNR and SSIM, teacher PSNR, the latent CKA of the adapted
-student latent with the teacher latent (``cka``) and of the raw student latent (``cka_raw``,
-comparable between runs with and without distillation), the cross-decoding PSNR (the teacher's
-decoder on the adapted student latent) and the training time in seconds.
+``tinyvae_best.pth`` holds unless a better fine-tuning epoch followed): student PSNR and SSIM,
+teacher PSNR, the latent CKA of the adapted student latent with the teacher latent (``cka``) and
+of the raw student latent (``cka_raw``, comparable between runs with and without distillation),
+the cross-decoding PSNR (the teacher's decoder on the adapted student latent) and the training
+time in seconds.
 
 - Several directories after one label (``LABEL=DIR1,DIR2,DIR3``, for example one per seed) give
   the mean and the sample standard deviation (``mean ± sd``) of each column.
