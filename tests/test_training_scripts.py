@@ -101,7 +101,7 @@ class TestReport:
         assert "| run | 1 | 4 (best 3) | 19.50 |" in out
         assert "| run: teacher pre-training | 1 | 1 (best 1) | 20.00 |" in out
         report_main(["--epoch", "1", f"run={tmp_path}"])
-        assert "| run | 1 | 1 (best 1) | 18.00 |" in capsys.readouterr().out
+        assert "| run | 1 | 1 | 18.00 |" in capsys.readouterr().out
 
     def test_seeds_aggregate_and_gain_is_paired_by_seed(self, tmp_path, capsys) -> None:
         from hrm_vision.distill.report import main as report_main

@@ -63,7 +63,8 @@ dirs() {  # dirs BUDGET VARIANT: the finished runs, comma-separated
     local IFS=,; echo "${out[*]}"
 }
 
-report() {
+report() {  # per budget: the best epochs (what tinyvae_best.pth holds), then the last epochs
+    local budget last
     for budget in demo long; do
         local specs=()
         for v in $VARIANTS; do
@@ -71,8 +72,12 @@ report() {
             [ -n "$d" ] && specs+=("$v=$d")
         done
         [ ${#specs[@]} -gt 0 ] || continue
-        echo; echo "### $budget budget"
+        last=$LONG_EPOCHS
+        [ $budget = demo ] && last=$($PY -c "import json; print(json.load(open('$DEMO'))['epochs'])")
+        echo; echo "### $budget budget: best epoch"
         $PY -m hrm_vision.distill.report --baseline alone "${specs[@]}"
+        echo; echo "### $budget budget: last epoch ($last)"
+        $PY -m hrm_vision.distill.report --baseline alone --epoch "$last" "${specs[@]}"
     done
 }
 

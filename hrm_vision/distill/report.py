@@ -98,12 +98,12 @@ def paired_gain(runs: Sequence[Run], baseline: Sequence[Run]) -> str:
     return f"{'+' if statistics.mean(gains) >= 0 else ''}{text} ({len(gains)})"
 
 
-def row(label: str, runs: Sequence[Run], gain: str | None) -> str:
-    """One markdown row of ``runs`` (one label)."""
-    epochs = sorted({r.epochs for r in runs})
-    best = sorted({r.best_epoch for r in runs})
-    cells = [label, str(len(runs)),
-             f"{'/'.join(map(str, epochs))} (best {'/'.join(map(str, best))})"]
+def row(label: str, runs: Sequence[Run], gain: str | None, chosen: bool = False) -> str:
+    """One markdown row of ``runs`` (one label); ``chosen``: an epoch given by the user, not
+    each run's best, is reported."""
+    epochs = "/".join(map(str, sorted({r.epochs for r in runs})))
+    best = "/".join(map(str, sorted({r.best_epoch for r in runs})))
+    cells = [label, str(len(runs)), epochs if chosen else f"{epochs} (best {best})"]
     cells += [summarise([r.values[k] for r in runs], d) for k, _, d in COLUMNS]
     if gain is not None:
         cells.append(gain)
@@ -119,7 +119,8 @@ def teacher_rows(label: str, directories: Sequence[Path], epoch: int | None,
         run = read_run(directory, "teacher", epoch)
         if run is not None:
             cells = [f"{label}: teacher pre-training", "1",
-                     f"{run.epochs} (best {run.best_epoch})", f"{run.values['psnr']:.2f}",
+                     str(epoch) if epoch else f"{run.epochs} (best {run.best_epoch})",
+                     f"{run.values['psnr']:.2f}",
                      f"{run.values['ssim']:.4f}"] + [""] * (len(COLUMNS) - 2 + gain_column)
             out.append("| " + " | ".join(cells + [f"{run.seconds:.0f}"]) + " |")
     return out
@@ -158,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if runs[label]:
             gain = (None if args.baseline is None else "" if label == args.baseline
                     else paired_gain(runs[label], runs[args.baseline]))
-            print(row(label, runs[label], gain))
+            print(row(label, runs[label], gain, chosen=args.epoch is not None))
     return 0
 
 
