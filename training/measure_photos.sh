@@ -2,11 +2,12 @@
 # Distilled against trained alone, on the offline photos (CPU): the table of docs/results.md.
 # Run from the repository root:
 #   bash training/measure_photos.sh            # everything, then the table
-#   bash training/measure_photos.sh demo       # the demo budget (8 student epochs), each seed
-#   bash training/measure_photos.sh long       # 3x the demo budget (24 student epochs), seed 0
+#   bash training/measure_photos.sh demo       # 8 student epochs, each seed
+#   bash training/measure_photos.sh long       # 3x that budget (24 student epochs), seed 0
 #   bash training/measure_photos.sh report     # the table of whatever has finished
-# One teacher (the demo's 3 epochs, or TEACHER=path) serves every student. Each student is the
-# demo config with --seed (crops, initialisation and order) and one of three loss settings:
+# One teacher (3 epochs on the demo's crops, or TEACHER=path) serves every student. Each student is
+# the demo config (its crops, batch and schedule) with the epochs set here, --seed (crops,
+# initialisation and order) and one of three loss settings:
 #   alone     distillation and perceptual weights 0 (the teacher only reports its PSNR and CKA)
 #   default   the five-term loss as shipped
 #   bounded   the default with --distill-recon-bounded
@@ -16,6 +17,8 @@ PY=${PY:-.venv/bin/python}
 DEMO=training/demo.json
 OUT=${OUT:-runs/measure}
 SEEDS=${SEEDS:-0 1 2}
+TEACHER_EPOCHS=${TEACHER_EPOCHS:-3}
+EPOCHS=${EPOCHS:-8}
 LONG_EPOCHS=${LONG_EPOCHS:-24}
 TEACHER=${TEACHER:-$OUT/teacher/teacher.pth}
 VARIANTS="alone default bounded"
@@ -30,7 +33,7 @@ flags() {
 
 teacher() {
     [ -f "$TEACHER" ] || $PY training/distill_tinyvae.py --config $DEMO --epochs 0 \
-        --checkpoint-dir "$(dirname "$TEACHER")"
+        --teacher-epochs "$TEACHER_EPOCHS" --checkpoint-dir "$(dirname "$TEACHER")"
 }
 
 run() {  # run DIR [flags...]
@@ -45,7 +48,7 @@ demo() {
     teacher
     for s in $SEEDS; do for v in $VARIANTS; do
         # shellcheck disable=SC2046
-        run "$OUT/demo/$v-s$s" --seed "$s" $(flags $v)
+        run "$OUT/demo/$v-s$s" --seed "$s" --epochs "$EPOCHS" $(flags $v)
     done; done
 }
 
@@ -73,10 +76,10 @@ report() {  # per budget: the best epochs (what tinyvae_best.pth holds), then th
         done
         [ ${#specs[@]} -gt 0 ] || continue
         last=$LONG_EPOCHS
-        [ $budget = demo ] && last=$($PY -c "import json; print(json.load(open('$DEMO'))['epochs'])")
-        echo; echo "### $budget budget: best epoch"
+        [ $budget = demo ] && last=$EPOCHS
+        echo; echo "### $last student epochs: best epoch"
         $PY -m hrm_vision.distill.report --baseline alone "${specs[@]}"
-        echo; echo "### $budget budget: last epoch ($last)"
+        echo; echo "### $last student epochs: last epoch"
         $PY -m hrm_vision.distill.report --baseline alone --epoch "$last" "${specs[@]}"
     done
 }
