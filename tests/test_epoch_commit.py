@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 from helpers import tiny_run  # tests/ is on sys.path (pytest prepend mode)
-from helpers.forked import run_forked
+from helpers.forked import CHILD_EXIT, run_forked
 
 from hrm_vision.checkpoints import load_checkpoint
 
@@ -35,7 +35,7 @@ VARYING = {"time_s", "train_img_per_s", "checkpoint_dir"}
 #: the checkpoint folder; ``kill`` is None or ``[name, occurrence, "inside" | "after"]``.
 #: stdout: the exit statuses (a SIGKILLed child: -9).
 FORK_RUNNER = """
-import json, os, signal, sys
+import json, os, signal, sys, traceback
 import torch, torchvision, matplotlib, tqdm
 from hrm_vision.distill import cli
 jobs = json.load(sys.stdin)
@@ -62,17 +62,7 @@ for argv, log, writes, kill in jobs:
 
         os.replace = wrapped
         try:
-            code = cli.main(argv)
-        except BaseException:
-            import traceback
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    statuses.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
-print(json.dumps(statuses))
-"""
+            code = cli.main(argv)""" + CHILD_EXIT
 
 
 def run_jobs(jobs: list[list[Any]], cwd: Path) -> list[int]:

@@ -52,3 +52,20 @@ def test_reconstruction_grid_is_enlarged_and_labelled(tmp_path, photo_batch) -> 
     label_column = image.crop((0, 0, 60, image.height)).convert("L")
     assert label_column.getextrema()[0] < 128  # the labels are drawn
     assert torch.equal(error_image(x, x), torch.zeros_like(x))
+
+
+def test_picture_rows_are_computed_once_per_epoch() -> None:
+    """The PNG and TensorBoard writers share one forward pass of the grid images per epoch."""
+    from hrm_vision.distill.phases import Phase
+
+    calls = []
+
+    class Counting(Phase):
+        def picture_rows(self):
+            calls.append(1)
+            return [("input", torch.full((1, 3, 8, 8), float(len(calls))))]
+
+    phase = Counting(ctx=None, epochs=2)  # type: ignore[arg-type]
+    first = phase.epoch_picture_rows(1)
+    assert phase.epoch_picture_rows(1) is first and len(calls) == 1
+    assert phase.epoch_picture_rows(2)[0][1].max() == 2.0 and len(calls) == 2

@@ -192,7 +192,7 @@ class PictureWriter(Callback):
 
     def on_epoch_end(self, trainer: Distiller, phase: Phase, record: dict[str, Any]) -> None:
         out = trainer.out_dir
-        rows = phase.picture_rows()
+        rows = phase.epoch_picture_rows(record["epoch"])
         if rows:
             save_grid(rows, out / f"{phase.name}_epoch_{record['epoch']:03d}.png")
         save_loss_curves(trainer.history, out / "loss_curves.png")
@@ -233,7 +233,7 @@ class TensorBoardWriter(Callback):
             for key, value in record[part].items():
                 self.writer.add_scalar(f"{phase.name}/{part}/{key}", value, step)
         self.writer.add_scalar(f"{phase.name}/lr", record["lr"], step)
-        rows = phase.picture_rows()
+        rows = phase.epoch_picture_rows(record["epoch"])
         if rows:
             self.writer.add_image(f"{phase.name}/reconstructions", np.asarray(grid_image(rows)),
                                   step, dataformats="HWC")

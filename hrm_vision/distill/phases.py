@@ -103,6 +103,7 @@ class Phase:
 
     def __init__(self, ctx: PhaseContext, epochs: int) -> None:
         self.ctx, self.epochs = ctx, epochs
+        self._pictures: tuple[int, list[tuple[str, Tensor]]] | None = None
 
     def trainable(self) -> nn.Module:
         """The module whose parameters the optimizer updates (wrapped in DDP by the loop)."""
@@ -145,6 +146,13 @@ class Phase:
     def picture_rows(self) -> list[tuple[str, Tensor]]:
         """Labelled rows of the reconstruction grid, each ``(n, 3, H, W)`` in [0, 1]."""
         return []
+
+    def epoch_picture_rows(self, epoch: int) -> list[tuple[str, Tensor]]:
+        """:meth:`picture_rows` at the end of ``epoch``, computed once however many writers
+        (PNG, TensorBoard) ask for it."""
+        if self._pictures is None or self._pictures[0] != epoch:
+            self._pictures = (epoch, self.picture_rows())
+        return self._pictures[1]
 
 
 def error_image(reconstruction: Tensor, x: Tensor, gain: float = 10.0) -> Tensor:

@@ -20,6 +20,20 @@ from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[2]
 
+#: The end of every runner's child loop (after the child's ``try:`` at 8 spaces): an uncaught
+#: exception prints its traceback and exits 1, the streams are flushed, the child exits with
+#: ``code`` and the parent collects its status; the runner prints the statuses as JSON.
+CHILD_EXIT = """
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    statuses.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+print(json.dumps(statuses))
+"""
+
 _COMMAND_RUNNER = """
 import json, os, resource, runpy, signal, sys, traceback
 {imports}
@@ -50,14 +64,6 @@ for argv, prefix, out, err, fsize in jobs:
             else:
                 print(exc.code, file=sys.stderr)
                 code = 1
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    statuses.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
-print(json.dumps(statuses))
 """
 
 
@@ -69,7 +75,7 @@ class Outcome(NamedTuple):
 
 def command_runner(imports: str) -> str:
     """The command runner, preloading the modules of the ``imports`` statements."""
-    return _COMMAND_RUNNER.format(imports=imports)
+    return _COMMAND_RUNNER.format(imports=imports) + CHILD_EXIT
 
 
 def run_forked(runner: str, jobs: list[list[Any]], cwd: Path, timeout: int = 900,
