@@ -24,13 +24,6 @@ from hrm_vision.distill.trainer import Distiller
 FLAGS = {"train_samples": 16, "warmup_steps": 0, "learning_rate": 3e-3, "ema_decay": 0.5}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    """One intra-op thread: these models are too small to gain from more, and on a busy
-    machine more threads only wait for each other."""
-    torch.set_num_threads(1)
-
-
 def tiny_config(workdir: Path, epochs: int, finetune_epochs: int, ckpt: str):
     argv = tiny_run.prepare(workdir, epochs, finetune_epochs=finetune_epochs,
                             checkpoint_dir=workdir / ckpt, **FLAGS)

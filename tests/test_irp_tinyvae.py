@@ -28,12 +28,6 @@ from hrm_vision.vae import MinimalVAE, TeacherVAE
 IRP_DOC = Path(__file__).resolve().parents[1] / "docs" / "irp.md"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    """Tiny models run fastest on one thread; two threads on a busy 2-core box spin-wait badly."""
-    torch.set_num_threads(1)
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny student trained for 30 steps on photos train crops, saved like the distiller does.

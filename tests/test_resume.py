@@ -79,7 +79,6 @@ class TestSignals:
             return {**values, "psnr": values["psnr"] - 20.0}
 
         monkeypatch.setattr(FinetunePhase, "validate", worse)
-        torch.set_num_threads(1)  # tiny models; more threads only wait on a busy machine
         flags = {"epochs": 1, "finetune_epochs": 2, "train_samples": 24}
         config = tiny_config(tmp_path, **flags)
         reference = tiny_config(tmp_path, checkpoint_dir=tmp_path / "reference", **flags)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from helpers import tiny_run  # tests/ is on sys.path (pytest prepend mode)
 from PIL import Image
 
@@ -21,11 +20,6 @@ from hrm_vision.distill.cli import config_from_args, setup_args
 from hrm_vision.distill.trainer import Distiller
 
 EPOCHS = 2
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)  # tiny models; more threads only wait on a busy machine
 
 
 def argv(workdir: Path, ckpt: str, *extra: str) -> list[str]:
