@@ -8,3 +8,7 @@ export need extras (``pip install 'hrm-vision[all]'``), imported where they are 
 """
 
 __version__ = "0.1.0"
+
+# Installs the weights reader and writer behind MinimalVAE.from_pretrained / save_pretrained
+# (hrm_vision.vae.base.WEIGHTS_FILES): the models themselves hold no file code.
+from . import pretrained as _pretrained  # noqa: E402, F401

@@ -346,15 +346,14 @@ def load_model(path: str | os.PathLike[str], role: str = "student",
     """Load the ``role`` model stored in the checkpoint at ``path``, ready for inference (eval
     mode, on the CPU): ``"student"`` or ``"teacher"`` (a VAE), or ``"adapter"`` (the
     student-to-teacher :class:`~hrm_vision.distill.adapter.LatentAdapter` stored with the
-    student in ``tinyvae_best.pth``). See :func:`model_from_payload`. A ``.safetensors`` file
-    from :func:`hrm_vision.vae.pretrained.save_pretrained` (``tinyvae.safetensors`` of the
-    export) is read without unpickling: its VAE, or with ``role="adapter"`` the adapter stored
-    beside it."""
-    if Path(path).suffix == ".safetensors":
-        from .vae.pretrained import load_pretrained, load_pretrained_adapter
+    student in ``tinyvae_best.pth``). See :func:`model_from_payload`.
 
-        if role == ADAPTER_ROLE:
-            return load_pretrained_adapter(path).to(map_location)  # type: ignore[return-value]
-        return load_pretrained(path, role=role, device=map_location)
+    ``.pth`` files only: a ``.safetensors`` file (``tinyvae.safetensors`` of the export) loads
+    with ``MinimalVAE.from_pretrained`` (:mod:`hrm_vision.pretrained`, which reads it without
+    unpickling; its adapter with :func:`hrm_vision.pretrained.load_pretrained_adapter`)."""
+    if Path(path).suffix == ".safetensors":
+        raise CheckpointError(f"{path} is a .safetensors file: load it with "
+                              "MinimalVAE.from_pretrained(path) (the adapter stored beside it: "
+                              "hrm_vision.pretrained.load_pretrained_adapter(path))")
     payload = load_checkpoint(path, map_location)
     return model_from_payload(payload, role, source=str(path))

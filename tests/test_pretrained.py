@@ -15,13 +15,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hrm_vision.checkpoints import CheckpointError, model_entry, save_checkpoint
-from hrm_vision.vae import MinimalVAE, TeacherVAE, VAEBase
-from hrm_vision.vae.pretrained import (
+from hrm_vision.pretrained import (
     IMAGE_CONVENTION,
     load_pretrained,
+    load_pretrained_adapter,
     read_metadata,
     save_pretrained,
 )
+from hrm_vision.vae import MinimalVAE, TeacherVAE, VAEBase
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -253,12 +254,14 @@ class TestBadFiles:
             save_pretrained(student, tmp_path / "model.pth")
 
 
-def test_import_of_the_models_does_not_load_safetensors_or_checkpoints(tmp_path: Path) -> None:
-    """``import hrm_vision.vae`` stays light; safetensors comes in when a file is read."""
+def test_import_of_the_models_does_not_load_safetensors(tmp_path: Path) -> None:
+    """``import hrm_vision.vae`` stays light; safetensors comes in when a file is written or read
+    (the reader and writer themselves, :mod:`hrm_vision.pretrained` over
+    :mod:`hrm_vision.checkpoints`, import only torch)."""
     code = (
         "import json, sys\n"
         "import hrm_vision.vae as v\n"
-        "heavy = ('safetensors', 'hrm_vision.checkpoints')\n"
+        "heavy = ('safetensors',)\n"
         "before = sorted(m for m in heavy if m in sys.modules)\n"
         "m = v.MinimalVAE(latent_dim=8, base_channels=8)\n"
         f"m.save_pretrained({str(tmp_path / 'm.safetensors')!r})\n"
@@ -293,20 +296,17 @@ class TestAdapterBeside:
         with torch.no_grad():
             z = student.encode(x)
             assert torch.equal(MinimalVAE.from_pretrained(path).encode(x), z)
-            assert torch.equal(load_model(path).encode(x), z)
-            assert torch.equal(load_model(path, role="adapter")(z), adapter(z))
+            assert torch.equal(load_pretrained_adapter(path)(z), adapter(z))
+        with pytest.raises(CheckpointError, match="from_pretrained"):
+            load_model(path)  # .pth files only: the error names the loader of this file
 
     def test_file_without_adapter_says_so(self, tmp_path: Path, student: MinimalVAE) -> None:
-        from hrm_vision.checkpoints import load_model
-
         path = save_pretrained(student, tmp_path / "w.safetensors")
         with pytest.raises(CheckpointError, match="holds no adapter"):
-            load_model(path, role="adapter")
+            load_pretrained_adapter(path)
 
     def test_adapter_sizes_are_bounded_by_its_tensors(self, tmp_path: Path, student: MinimalVAE,
                                                       adapter: torch.nn.Module) -> None:
-        from hrm_vision.checkpoints import load_model
-
         path = save_pretrained(student, tmp_path / "w.safetensors", adapter=adapter)
         tensors, meta = {}, read_metadata(path)
         with safe_open(str(path), framework="pt") as f:
@@ -314,4 +314,4 @@ class TestAdapterBeside:
         meta["adapter_arch"] = json.dumps({"student_dim": 8, "teacher_dim": 10**9})
         save_file(tensors, str(path), metadata=meta)
         with pytest.raises(CheckpointError, match="adapter_arch"):
-            load_model(path, role="adapter")
+            load_pretrained_adapter(path)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..files import write_json
+from ..vae.base import DOWNSAMPLE_FACTOR, image_size_fits
 from ..validation import describe_validation_error
 
 Backbone = Literal["auto", "vgg16", "teacher"]
@@ -139,8 +140,8 @@ class DistillConfig(BaseModel):
     @field_validator("image_size")
     @classmethod
     def _multiple_of_8(cls, v: int) -> int:
-        if v % 8:
-            raise ValueError(f"image_size must be a multiple of 8, got {v}")
+        if not image_size_fits(v, v):
+            raise ValueError(f"image_size must be a multiple of {DOWNSAMPLE_FACTOR}, got {v}")
         if v > MAX_IMAGE_SIZE:
             raise ValueError(f"image_size must be at most {MAX_IMAGE_SIZE}, got {v}")
         return v

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
+from ..pretrained import save_pretrained
 from ..vae import VAEBase
-from ..vae.pretrained import save_pretrained
 from .fold import fold_batchnorm
 from .graphs import ExportError, VAEGraph, graph_specs
 from .onnx import DEFAULT_OPSET, export_onnx

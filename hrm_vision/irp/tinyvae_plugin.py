@@ -40,8 +40,8 @@ from pydantic import Field, field_validator
 from torch import Tensor
 
 from ..checkpoints import CheckpointError
+from ..pretrained import load_pretrained
 from ..vae import MinimalVAE
-from ..vae.pretrained import load_pretrained
 from .base import IRPConfig, IRPPlugin, IRPState
 from .hookspecs import hookimpl
 

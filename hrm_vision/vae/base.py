@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -35,6 +36,25 @@ class VAEOutput(NamedTuple):
 
 _V = TypeVar("_V", bound="VAEBase")
 
+#: How many times smaller the latent grid is than the image, in each direction (both VAEs).
+DOWNSAMPLE_FACTOR = 8
+
+
+def image_size_fits(height: int, width: int) -> bool:
+    """The one statement of the size rule: an image of ``height`` x ``width`` pixels fits the
+    models when both sides are positive multiples of :data:`DOWNSAMPLE_FACTOR` (8). Callers
+    (the models' input check, the training config) phrase their own error around it."""
+    return (height > 0 and width > 0 and height % DOWNSAMPLE_FACTOR == 0
+            and width % DOWNSAMPLE_FACTOR == 0)
+
+
+#: The file reader (``"load"``) and writer (``"save"``) behind :meth:`VAEBase.from_pretrained`
+#: and :meth:`VAEBase.save_pretrained`: :func:`hrm_vision.pretrained.load_pretrained` and
+#: :func:`hrm_vision.pretrained.save_pretrained`, put here when :mod:`hrm_vision.pretrained` is
+#: imported, which ``import hrm_vision`` (run by every import of ``hrm_vision.vae``) does. The
+#: models hold no file code and import nothing above them.
+WEIGHTS_FILES: dict[str, Callable[..., Any]] = {}
+
 
 class VAEBase(nn.Module):
     """A convolutional VAE with a spatial latent on a grid ``downsample_factor`` times smaller.
@@ -47,7 +67,7 @@ class VAEBase(nn.Module):
     """
 
     in_channels: int = 3
-    downsample_factor: int = 8
+    downsample_factor: int = DOWNSAMPLE_FACTOR
     #: logvar is clamped to this range so exp() stays finite in fp16/bf16.
     logvar_range: tuple[float, float] = (-30.0, 20.0)
 
@@ -81,20 +101,16 @@ class VAEBase(nn.Module):
         """The model saved at ``path`` (``.safetensors`` or a ``.pth`` checkpoint), in eval mode
         on the CPU unless ``device`` is given; a file holding another class is an error.
 
-        See :func:`hrm_vision.vae.pretrained.load_pretrained`.
+        See :func:`hrm_vision.pretrained.load_pretrained` (with ``expected=cls``).
         """
-        from .pretrained import load_pretrained
-
-        return load_pretrained(path, role=role, device=device, expected=cls)
+        return WEIGHTS_FILES["load"](path, role=role, device=device, expected=cls)
 
     def save_pretrained(self, path: str | os.PathLike[str], role: str | None = None) -> Path:
         """Write the weights and architecture to a ``.safetensors`` file.
 
-        See :func:`hrm_vision.vae.pretrained.save_pretrained`.
+        See :func:`hrm_vision.pretrained.save_pretrained`.
         """
-        from .pretrained import save_pretrained
-
-        return save_pretrained(self, path, role=role)
+        return WEIGHTS_FILES["save"](self, path, role=role)
 
     # ------------------------------------------------------------------ checks
     def _check_images(self, x: Tensor) -> None:
@@ -116,7 +132,7 @@ class VAEBase(nn.Module):
                 f"{tuple(x.shape)}; channels-last input needs x.permute(0, 3, 1, 2)"
             )
         f = self.downsample_factor
-        if x.shape[2] % f or x.shape[3] % f:
+        if not image_size_fits(x.shape[2], x.shape[3]):
             raise ValueError(
                 f"image height and width must be divisible by {f}, got {x.shape[2]}x{x.shape[3]}; "
                 "resize or crop the input"

@@ -22,8 +22,16 @@ data is read), and that every floating-point tensor is finite. Every problem wit
 :class:`hrm_vision.checkpoints.CheckpointError` naming the file. Models load on the CPU unless
 ``device`` is given, whatever device they were trained on.
 
-``safetensors`` and :mod:`hrm_vision.checkpoints` are imported when a function here runs, so
-``import hrm_vision.vae`` stays as light as torch.
+This module sits above the models and :mod:`hrm_vision.checkpoints`: the models hold no file
+code. ``MinimalVAE.from_pretrained`` and ``model.save_pretrained`` are :func:`load_pretrained`
+(with ``expected`` the class) and :func:`save_pretrained`, installed into
+:data:`hrm_vision.vae.base.WEIGHTS_FILES` when ``hrm_vision`` is imported (every import of
+``hrm_vision.vae`` imports the package first). ``safetensors`` is imported when a function here
+runs.
+
+The one way to load each file: a ``.safetensors`` file with ``MinimalVAE.from_pretrained`` (the
+adapter stored beside it with :func:`load_pretrained_adapter`), a ``.pth`` checkpoint with
+:func:`hrm_vision.checkpoints.load_model`.
 """
 
 from __future__ import annotations
@@ -37,9 +45,18 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from ..files import atomic_write
-from .base import VAEBase
-from .registry import MODELS, build_model, model_name
+from . import __version__
+from .checkpoints import (
+    ADAPTER_ROLE,
+    CheckpointError,
+    load_checkpoint,
+    model_from_payload,
+    roles_in,
+    unwrap,
+)
+from .files import atomic_write
+from .vae import MODELS, VAEBase, build_model, model_name
+from .vae.base import WEIGHTS_FILES
 
 #: Version of the metadata layout written by :func:`save_pretrained`.
 FORMAT_VERSION = 1
@@ -56,8 +73,6 @@ M = TypeVar("M", bound=VAEBase)
 
 
 def _error(message: str) -> Exception:
-    from ..checkpoints import CheckpointError  # lazy: checkpoints imports this package
-
     return CheckpointError(message)
 
 
@@ -76,8 +91,6 @@ def save_pretrained(model: VAEBase, path: str | os.PathLike[str],
         ValueError: ``path`` does not end in ``.safetensors``, or a weight is NaN or infinite.
     """
     from safetensors.torch import save
-
-    from ..checkpoints import unwrap
 
     path = Path(path)
     if path.suffix != SAFETENSORS_SUFFIX:
@@ -197,8 +210,6 @@ def _safetensors_model(path: Path, name: str,
     shapes fit the model."""
     from safetensors import safe_open
 
-    from ..checkpoints import CheckpointError
-
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()  # noqa: SIM118
@@ -215,8 +226,6 @@ def _safetensors_model(path: Path, name: str,
 def _read_checkpoint(path: Path, role: str | None,
                      expected: type[VAEBase]) -> tuple[str, dict[str, Any], dict[str, Tensor], str]:
     """``(name, arch kwargs, state dict, role)`` of the chosen model of a ``.pth`` checkpoint."""
-    from ..checkpoints import load_checkpoint, roles_in
-
     payload = load_checkpoint(path, map_location="cpu")
     roles = roles_in(payload)
     described = ", ".join(f"{r} ({_arch_name(payload, r)})" for r in roles) or "no models"
@@ -302,13 +311,9 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _version() -> str:
-    from .. import __version__
-
     return __version__
 
 
-__all__ = ["FORMAT_VERSION", "IMAGE_CONVENTION", "load_pretrained", "read_metadata",
-           "save_pretrained"]
 
 
 def load_pretrained_adapter(path: str | os.PathLike[str]) -> torch.nn.Module:
@@ -321,8 +326,6 @@ def load_pretrained_adapter(path: str | os.PathLike[str]) -> torch.nn.Module:
         CheckpointError: missing or unreadable file, or a file without an adapter.
     """
     from safetensors import safe_open
-
-    from ..checkpoints import ADAPTER_ROLE, model_from_payload
 
     path = Path(path)
     metadata = read_metadata(path)
@@ -338,3 +341,9 @@ def load_pretrained_adapter(path: str | os.PathLike[str]) -> torch.nn.Module:
         raise _error(f"{path}: cannot read the adapter: {_first_line(exc)}") from exc
     payload = {f"{ADAPTER_ROLE}_state_dict": state, f"{ADAPTER_ROLE}_arch": arch}
     return model_from_payload(payload, ADAPTER_ROLE, source=str(path))
+
+
+WEIGHTS_FILES.update(load=load_pretrained, save=save_pretrained)
+
+__all__ = ["FORMAT_VERSION", "IMAGE_CONVENTION", "load_pretrained", "load_pretrained_adapter",
+           "read_metadata", "save_pretrained"]
