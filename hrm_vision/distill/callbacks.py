@@ -1,29 +1,20 @@
-"""Trainer callbacks (pythae style): everything written or shown besides the training itself.
+"""Trainer callbacks (pythae style): what is shown or drawn besides the training itself.
 
 The trainer calls every callback's hooks on rank 0 only, in order: first the default callbacks
 (:func:`default_callbacks`), then the user's, which add to them and never replace them. Hooks
 receive the trainer and plain values; each callback does one thing:
 
-- :class:`HistoryWriter`: ``history.json`` rewritten after every epoch.
 - :class:`PictureWriter`: a PNG grid of inputs / teacher / student reconstructions and a PNG of
   the loss curves in the checkpoint directory, every epoch.
-- :class:`CheckpointWriter`: ``tinyvae_epoch_XXX.pth`` every ``save_interval`` epochs,
-  ``*_best.pth`` when an epoch is the best so far, then ``*_last.pth`` (also on a stop signal,
-  and at the start of the fine-tuning phase).
 - :class:`TensorBoardWriter` (``tensorboard`` config key): TensorBoard event files in
   ``checkpoint_dir/tensorboard/``, every epoch.
 - :class:`ProgressBar`: a tqdm bar per epoch with the running loss (console).
 - :class:`ConsoleLog`: messages, the terms every ``log_interval`` batches and an epoch summary
   (console).
 
-The end of an epoch is committed by ``*_last.pth``, written last: every other file of the epoch
-(history, pictures, snapshot, best) is written before it, each atomically. A run killed at any
-moment before the commit resumes (``--resume auto``) from the previous epoch's ``*_last.pth``
-and trains the epoch again, which rewrites those files with the same content (training resumes
-exactly); killed after it, nothing of the epoch is missing. TensorBoard event files are
-appended to, not replaced: their epoch is flushed before the commit, and an epoch trained again
-after a kill is logged again, with the same values. Files written by user callbacks, which run
-after the default ones, are not covered.
+Callbacks observe: the checkpoints and ``history.json`` are written by the training loop itself
+(:mod:`hrm_vision.distill.loop`), after the ``on_epoch_end`` hooks, ``*_last.pth`` last; so the
+files of every callback, the user's included, are written before the epoch's commit.
 """
 
 from __future__ import annotations
@@ -36,14 +27,16 @@ import torch
 from tqdm.auto import tqdm
 
 from .._extras import require
-from ..checkpoints import save_checkpoint
-from ..files import atomic_write, write_json
+from ..files import atomic_write
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
 
     from .phases import Phase
-    from .trainer import Distiller
+
+#: What the hooks receive as ``trainer``: the running :class:`~hrm_vision.distill.Distiller`
+#: (read-only for callbacks: ``config``, ``out_dir``, ``history``, the models).
+Distiller = Any
 
 
 class Callback:
@@ -70,53 +63,13 @@ class Callback:
 
 
 def default_callbacks(console: bool = True, tensorboard: bool = False) -> list[Callback]:
-    """The callbacks every run has: checkpoints, history, pictures, with ``tensorboard`` the
+    """The callbacks every run has: pictures, with ``tensorboard`` the
     TensorBoard event files (a :class:`~hrm_vision._extras.MissingExtraError` here when the
     extra is not installed), and with ``console`` the progress bar and the console log."""
-    files: list[Callback] = [HistoryWriter(), PictureWriter()]
+    files: list[Callback] = [PictureWriter()]
     if tensorboard:
         files.append(TensorBoardWriter())
-    files.append(CheckpointWriter())  # the commit: last
     return files + ([ProgressBar(), ConsoleLog()] if console else [])
-
-
-class CheckpointWriter(Callback):
-    """Writes the phase's checkpoints (full training state, see
-    :class:`~hrm_vision.distill.state.TrainingCheckpoint`) into the checkpoint directory.
-
-    "Best" is the epoch with the highest validation PSNR of the model the phase trains so far
-    (``record["is_best"]``, see :mod:`hrm_vision.distill.state`); a phase that inherits the
-    previous phase's best file (fine-tuning: ``tinyvae_best.pth``) counts the previous phase's
-    epochs too. Such a phase commits its start to ``*_last.pth`` before its first step, so a
-    resume never reads the best file again after the phase has replaced it.
-    """
-
-    def _save(self, trainer: Distiller, names: list[str]) -> None:
-        """Write the running phase's state to each of ``names``, in order; a non-finite tensor
-        is refused."""
-        payload = trainer.checkpoint_payload()
-        for name in names:
-            save_checkpoint(payload, trainer.out_dir / name, require_finite=True)
-
-    def on_epoch_end(self, trainer: Distiller, phase: Phase, record: dict[str, Any]) -> None:
-        names = []
-        if phase.epoch_file and record["epoch"] % trainer.config.save_interval == 0:
-            names.append(phase.epoch_file.format(epoch=record["epoch"]))
-        if record["is_best"]:
-            names.append(phase.best_file)
-        self._save(trainer, [*names, phase.last_file])  # the last file commits the epoch
-
-    def on_phase_begin(self, trainer: Distiller, phase: Phase) -> None:
-        if phase.inherits_best:
-            self._save(trainer, [phase.last_file])
-
-    def on_interrupt(self, trainer: Distiller, phase: Phase) -> None:
-        self._save(trainer, [phase.last_file])
-
-    def on_phase_end(self, trainer: Distiller, phase: Phase) -> None:
-        # zero epochs: still leave loadable files (the untrained models)
-        if phase.epochs == 0 and not (trainer.out_dir / phase.best_file).exists():
-            self._save(trainer, [phase.best_file, phase.last_file])
 
 
 def _fmt(terms: dict[str, float]) -> str:
@@ -176,14 +129,6 @@ class ConsoleLog(Callback):
                 f"({record['time_s']:.0f}s, {record['train_img_per_s']:.0f} img/s)")
         tqdm.write(f"{head} train total={record['train']['total']:.4g} | val {_fmt(val)}"
                    + ("  [best]" if record.get("is_best") else ""))
-
-
-class HistoryWriter(Callback):
-    """Rewrites ``history.json`` (every epoch record of every phase so far) after each epoch;
-    NaN and inf are written as ``null``."""
-
-    def on_epoch_end(self, trainer: Distiller, phase: Phase, record: dict[str, Any]) -> None:
-        write_json(trainer.history, trainer.out_dir / "history.json")
 
 
 class PictureWriter(Callback):

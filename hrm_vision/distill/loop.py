@@ -2,9 +2,22 @@
 validation, history records and resumable state.
 
 :class:`PhaseLoop` owns the optimizer, schedule, scaler and :class:`TrainState` of a phase. It
-knows nothing of the trainer: it reports through ``emit(hook, *args)`` (the callbacks, which also
-write the checkpoints and ``history.json``), reads a stop request through ``stop_signal()`` and
-appends its epoch records to the shared ``history`` list.
+knows nothing of the trainer: it reports through ``emit(hook, *args)`` (the callbacks, which only
+observe), reads a stop request through ``stop_signal()`` and appends its epoch records to the
+shared ``history`` list. It writes the phase's files itself, on rank 0 (:meth:`PhaseLoop.save`).
+
+The epoch commit: at the end of an epoch the callbacks run first (pictures, TensorBoard, console,
+the user's), then ``history.json``, ``tinyvae_epoch_XXX.pth`` every ``save_interval`` epochs,
+``*_best.pth`` when the epoch is the best so far, and last ``*_last.pth``, which commits the epoch:
+every other file of the epoch is written before it, each atomically. A run killed before the
+commit resumes (``--resume auto``) from the previous epoch's ``*_last.pth`` and trains the epoch
+again, which rewrites those files with the same content; killed after it, nothing of the epoch is
+missing. TensorBoard event files are appended to, not replaced: their epoch is flushed before the
+commit, and an epoch trained again after a kill is logged again, with the same values. A phase
+that inherits the previous phase's best file (fine-tuning: ``tinyvae_best.pth``) commits its start
+to ``*_last.pth`` before its first step, so a resume never reads the best file again after the
+phase has replaced it; a stop signal saves ``*_last.pth`` mid-epoch; a phase of zero epochs
+still leaves loadable files (the untrained models).
 
 Bad steps: a batch whose loss is not finite is skipped (its gradients dropped); an optimizer step
 that leaves a non-finite parameter, buffer or optimizer state is undone: :class:`LastGoodState`
@@ -26,7 +39,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ..checkpoints import CheckpointError, check_fits, non_finite_tensors
+from ..checkpoints import CheckpointError, check_fits, non_finite_tensors, save_checkpoint
+from ..files import write_json
 from .config import DistillConfig
 from .distributed import DistContext, barrier, reduce_mean, set_epoch, wrap_ddp
 from .ema import WeightAverage
@@ -208,11 +222,12 @@ class PhaseLoop:
             scheduler_state_dict=self.scheduler.state_dict(),
             scaler_state_dict=self.scaler.state_dict(), rng_state=rng_state())
 
-    def restore(self, payload: dict[str, Any], source: str) -> None:
-        """Continue from a checkpoint dict of this phase: models first (a mismatch names the
-        keys), then optimizer, scheduler, scaler, state, history and RNG."""
+    def restore(self, saved: TrainingCheckpoint, source: str) -> None:
+        """Continue from a checkpoint of this phase (parsed and type-checked where it was read,
+        :meth:`TrainingCheckpoint.from_payload`): models first (a mismatch names the keys),
+        then optimizer, scheduler, scaler, state, history and RNG."""
+        payload = saved.models
         self.phase.load_models(payload, source)
-        saved = TrainingCheckpoint.from_payload(payload, source)
         if self.average is not None:
             if "train_state_dict" in payload:
                 check_fits(self.module, payload["train_state_dict"],
@@ -248,10 +263,34 @@ class PhaseLoop:
         started from its beginning (not restored) first emits ``on_phase_begin``."""
         if not self.restored:
             self.emit("on_phase_begin", self.phase)
+            if self.phase.inherits_best:
+                self.save([self.phase.last_file])
         for epoch in range(self.state.epoch, self.phase.epochs):
             self._train_epoch(epoch)
             self._finish_epoch(epoch)
+        if self.phase.epochs == 0 and not (self.out_dir / self.phase.best_file).exists():
+            self.save([self.phase.best_file, self.phase.last_file])
         self.emit("on_phase_end", self.phase)
+
+    def save(self, names: list[str]) -> None:
+        """Write the phase's state now (:meth:`checkpoint`) to each of ``names`` in the
+        checkpoint folder, in order, on rank 0; a non-finite tensor is refused."""
+        if not self.ctx.is_main:
+            return
+        payload = self.checkpoint().to_payload()
+        for name in names:
+            save_checkpoint(payload, self.out_dir / name, require_finite=True)
+
+    def _commit_epoch(self, record: dict[str, Any]) -> None:
+        """``history.json``, the snapshot, the best file, then ``*_last.pth`` (the commit)."""
+        if self.ctx.is_main:
+            write_json(self.history, self.out_dir / "history.json")
+        names = []
+        if self.phase.epoch_file and record["epoch"] % self.config.save_interval == 0:
+            names.append(self.phase.epoch_file.format(epoch=record["epoch"]))
+        if record["is_best"]:
+            names.append(self.phase.best_file)
+        self.save([*names, self.phase.last_file])
 
     def _any_rank(self, flag: bool) -> bool:
         """True when ``flag`` is set on any rank (the same answer on every rank)."""
@@ -360,12 +399,13 @@ class PhaseLoop:
         """Save the state mid-epoch (callbacks) and raise :class:`TrainingInterrupted`."""
         self.state.time_s = time.perf_counter() - self._started
         self.emit("on_interrupt", self.phase)
+        self.save([self.phase.last_file])
         barrier(self.ctx)
         path = self.out_dir / self.phase.last_file if self.ctx.is_main else None
         raise TrainingInterrupted(self.stop_signal() or "a signal on another rank", path)
 
     def _finish_epoch(self, epoch: int) -> None:
-        """Validate, record the epoch, move the state on and let the callbacks save."""
+        """Validate, record the epoch, move the state on, let the callbacks see it, commit."""
         if self.state.good_steps == 0:
             raise TrainingDiverged(
                 f"epoch {epoch + 1} of the {self.phase.name} phase kept no optimizer step "
@@ -389,6 +429,7 @@ class PhaseLoop:
             self.state.best_psnr = val[BEST_METRIC]
         self.state.finish_epoch()
         self.emit("on_epoch_end", self.phase, record)
+        self._commit_epoch(record)
         barrier(self.ctx)
         self.phase.set_train_mode(epoch)
 

@@ -25,7 +25,7 @@ epochs (a distillation epoch wins a tie): the model to deploy. Its payload's ``p
 the best so far when it ended.
 
 Every checkpoint is a full training state (:class:`~hrm_vision.distill.state.TrainingCheckpoint`)
-written with CPU tensors, atomically, on rank 0, by the default callbacks; ``run(resume=...)``
+written with CPU tensors, atomically, on rank 0, by the loop; ``run(resume=...)``
 continues exactly where it stopped. SIGINT/SIGTERM finish the current optimizer step, save
 ``*_last.pth`` and raise :class:`TrainingInterrupted`. A non-finite loss skips the step;
 ``max_bad_steps`` in a row raise :class:`TrainingDiverged` (the last good checkpoint stays).
@@ -61,7 +61,7 @@ from .losses import DistillLoss
 from .perceptual import build_perceptual, find_vgg16_weights
 from .phases import DistillPhase, FinetunePhase, Phase, PhaseContext, TeacherPhase
 from .splits import build_split, first_images
-from .state import check_training_payload, seed_everything
+from .state import TrainingCheckpoint, seed_everything
 
 __all__ = ["Distiller", "TrainingDiverged", "TrainingInterrupted", "find_resume"]
 
@@ -93,8 +93,6 @@ class Distiller:
         ctx: a distributed context (default: ``init_distributed(config.device)``).
         console: show the progress bar and console log.
     """
-
-    PHASES = PHASES
 
     def __init__(self, config: DistillConfig, callbacks: Sequence[Callback] = (),
                  ctx: DistContext | None = None, console: bool = True) -> None:
@@ -153,12 +151,6 @@ class Distiller:
         for cb in self.callbacks:
             getattr(cb, hook)(self, *args)
 
-    def checkpoint_payload(self) -> dict[str, Any]:
-        """The running phase's resumable state as a checkpoint dict."""
-        if self.loop is None:
-            raise RuntimeError("no phase is running")
-        return self.loop.checkpoint().to_payload()
-
     @property
     def current_epoch(self) -> int:
         """The 0-based epoch the running phase is in."""
@@ -198,11 +190,11 @@ class Distiller:
         self.message(f"teacher: loaded {path} ({model.num_parameters():,} parameters)")
         return model.to(self.device)
 
-    def _obtain_teacher(self, resume: dict[str, Any] | None) -> None:
+    def _obtain_teacher(self, resume: TrainingCheckpoint | None) -> None:
         """Load the teacher, pre-train it (continuing ``resume`` of the teacher phase), or
         leave it None when the loss needs none; then freeze it."""
         needed, _ = self._teacher_needed()
-        resuming = resume is not None and resume["phase"] == "teacher"
+        resuming = resume is not None and resume.phase == "teacher"
         path = None if resuming else self._teacher_path()
         if path is not None:
             self.teacher = self._load_teacher(path)
@@ -213,7 +205,7 @@ class Distiller:
                 p.requires_grad_(False)
             self.teacher.eval()
 
-    def _pretrain_teacher(self, resume: dict[str, Any] | None) -> TeacherVAE:
+    def _pretrain_teacher(self, resume: TrainingCheckpoint | None) -> TeacherVAE:
         c = self.config
         if c.teacher_epochs == 0:
             raise ValueError("the loss needs a teacher but none was given "
@@ -278,10 +270,8 @@ class Distiller:
             files["teacher"] = Path(self.teacher_source)
         return files
 
-    def _run_phases(self, payload: dict[str, Any] | None) -> None:
-        start = PHASES.index(payload["phase"]) if payload else 0
-        if payload is not None:
-            self.history[:] = payload.get("history", [])  # its absence: an error on restore
+    def _run_phases(self, payload: TrainingCheckpoint | None) -> None:
+        start = PHASES.index(payload.phase) if payload else 0
         self._obtain_teacher(payload)
         loss = self.build_loss()
         self.message(f"perceptual backbone: {self.perceptual_name}; distillation "
@@ -297,21 +287,21 @@ class Distiller:
             incumbent = -math.inf  # restored from the payload when resuming
             if start <= 1:
                 path = self.out_dir / DistillPhase.best_file
-                best = load_checkpoint(path)
-                check_training_payload(best, str(path))
-                if best.get("phase") != "distill" or "best_psnr" not in best:
+                raw = load_checkpoint(path)
+                if raw.get("phase") != "distill" or "best_psnr" not in raw:
                     raise CheckpointError(f"{path} is not the best distillation checkpoint "
-                                          f"(phase {best.get('phase')!r}) the fine-tuning "
+                                          f"(phase {raw.get('phase')!r}) the fine-tuning "
                                           "phase starts from")
-                load_state_checked(self.student, best["student_state_dict"],
+                best = TrainingCheckpoint.from_payload(raw, str(path))
+                load_state_checked(self.student, best.models["student_state_dict"],
                                    "best distilled student")
-                incumbent = float(best["best_psnr"])
+                incumbent = float(best.state.best_psnr)
                 finetune.share_caches(distill)
             else:
                 finetune.prepare()
             self._fit(finetune, payload if start == 2 else None, fresh=[], best=incumbent)
 
-    def _fit(self, phase: Phase, payload: dict[str, Any] | None,
+    def _fit(self, phase: Phase, payload: TrainingCheckpoint | None,
              fresh: Sequence[VAEBase], best: float = -math.inf) -> None:
         """Train ``phase``, continuing ``payload`` if given; otherwise the ``fresh`` (newly
         built) models first get ``init_from_data`` on the first training images (before the
@@ -325,11 +315,11 @@ class Distiller:
         loop = PhaseLoop(phase, self.config, self.ctx, self.train_loader, self.history,
                          self._emit, lambda: self.stop_signal, self.out_dir, best=best)
         if payload is not None:
-            loop.restore(payload, f"{self.resume_source} ({payload['phase']} phase)")
+            loop.restore(payload, f"{self.resume_source} ({payload.phase} phase)")
         self.loop = loop
         loop.run()
 
-    def _resume_payload(self, resume: str | Path | None) -> dict[str, Any] | None:
+    def _resume_payload(self, resume: str | Path | None) -> TrainingCheckpoint | None:
         if resume is None:
             return None
         path = find_resume(self.out_dir) if str(resume) == "auto" else Path(resume)
@@ -342,12 +332,10 @@ class Distiller:
             raise CheckpointError(f"{path} is not a training checkpoint of this trainer "
                                   "(no phase/optimizer state); pass it as --teacher-checkpoint "
                                   "or load it with hrm_vision.checkpoints.load_model")
-        # the keys read here; the rest is checked when the phase restores it (models first)
-        check_training_payload({k: payload[k] for k in ("phase", "epoch", "step_in_epoch",
-                                                        "history") if k in payload}, str(path))
-        self.message(f"resuming {payload['phase']} from {path} (epoch "
-                     f"{payload.get('epoch', 0)}, batch {payload.get('step_in_epoch', 0)})")
-        return payload
+        saved = TrainingCheckpoint.from_payload(payload, str(path))  # every key checked, once
+        self.message(f"resuming {saved.phase} from {path} (epoch {saved.state.epoch}, batch "
+                     f"{saved.state.step_in_epoch})")
+        return saved
 
     @contextmanager
     def _signal_handlers(self) -> Iterator[None]:
