@@ -13,14 +13,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hrm_vision.distill.adapter import LatentAdapter
 from hrm_vision.distill.config import DistillConfig
 from hrm_vision.distill.losses import DistillLoss, teacher_targets
 from hrm_vision.distill.perceptual import build_perceptual
 from hrm_vision.distill.phases import StudentWithAdapter
 from hrm_vision.distill.splits import IndexedDataset
 from hrm_vision.distill.teacher_cache import TeacherCache
-from hrm_vision.vae import MinimalVAE
+from hrm_vision.vae import LatentAdapter, MinimalVAE
 
 
 @pytest.mark.parametrize("cache", ["with-teacher-cache", "without-teacher-cache"])

@@ -10,7 +10,7 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so i
   ``f"{role}_state_dict"`` (the ``state_dict()``, no ``module.`` prefixes) and ``f"{role}_arch"``
   (``{"name": <registry name>, **constructor kwargs}``, enough to rebuild it);
 - the ``"adapter"`` role (a student checkpoint of the distiller): the
-  :class:`~hrm_vision.distill.adapter.LatentAdapter` that maps the student's latent to the
+  :class:`~hrm_vision.vae.adapter.LatentAdapter` that maps the student's latent to the
   teacher's latent space, ``adapter_state_dict`` and ``adapter_arch``
   (``{"student_dim": int, "teacher_dim": int}``, no registry name);
 - whatever the writer adds; the distiller's training state is typed in
@@ -305,7 +305,7 @@ def model_from_payload(payload: dict[str, Any], role: str = "student",
 
     ``role`` is ``"student"``, ``"teacher"`` (VAEs: images (N, 3, H, W) in [0, 1] <-> latents
     (N, C, H/8, W/8)) or ``"adapter"`` (the
-    :class:`~hrm_vision.distill.adapter.LatentAdapter`: student latent (N, student_dim, h, w)
+    :class:`~hrm_vision.vae.adapter.LatentAdapter`: student latent (N, student_dim, h, w)
     -> teacher latent space (N, teacher_dim, h, w)). Checked before anything is built
     (:func:`check_arch` or :func:`check_adapter_arch`, :func:`check_state_dict`); the stored
     tensors must then fit the model exactly and be finite. Every problem, a role the checkpoint
@@ -335,6 +335,17 @@ def model_from_payload(payload: dict[str, Any], role: str = "student",
     return model.eval()  # type: ignore[return-value]
 
 
+def adapter_from_payload(payload: dict[str, Any], source: str = "checkpoint"
+                         ) -> LatentAdapter | None:
+    """The adapter stored in a checkpoint dict (``adapter_state_dict``/``adapter_arch``), in
+    eval mode on the CPU; None when the checkpoint holds none. :func:`model_from_payload` with
+    ``role="adapter"`` (the same checks), for a payload already read; from a file,
+    ``load_model(path, role="adapter")``."""
+    if "adapter_state_dict" not in payload or "adapter_arch" not in payload:
+        return None
+    return model_from_payload(payload, ADAPTER_ROLE, source)
+
+
 @overload
 def load_model(path: str | os.PathLike[str], role: Literal["adapter"],
                map_location: str | torch.device = ...) -> LatentAdapter: ...
@@ -345,7 +356,7 @@ def load_model(path: str | os.PathLike[str], role: str = "student",
                map_location: str | torch.device = "cpu") -> VAEBase | LatentAdapter:
     """Load the ``role`` model stored in the checkpoint at ``path``, ready for inference (eval
     mode, on the CPU): ``"student"`` or ``"teacher"`` (a VAE), or ``"adapter"`` (the
-    student-to-teacher :class:`~hrm_vision.distill.adapter.LatentAdapter` stored with the
+    student-to-teacher :class:`~hrm_vision.vae.adapter.LatentAdapter` stored with the
     student in ``tinyvae_best.pth``). See :func:`model_from_payload`.
 
     ``.pth`` files only: a ``.safetensors`` file (``tinyvae.safetensors`` of the export) loads

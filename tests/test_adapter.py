@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hrm_vision.distill.adapter import LatentAdapter
-from hrm_vision.vae import MinimalVAE, TeacherVAE
+from hrm_vision.vae import LatentAdapter, MinimalVAE, TeacherVAE
 
 
 def test_linear_path_maps_match_the_models(photo_batch) -> None:
@@ -47,8 +46,7 @@ def test_models_without_linear_paths_are_left_alone() -> None:
 def test_a_crafted_adapter_size_is_refused_before_building() -> None:
     import pytest
 
-    from hrm_vision.checkpoints import CheckpointError
-    from hrm_vision.distill.adapter import adapter_from_payload
+    from hrm_vision.checkpoints import CheckpointError, adapter_from_payload
 
     state = LatentAdapter(4, 8).state_dict()
     ok = adapter_from_payload({"adapter_state_dict": state,

@@ -48,7 +48,7 @@ class TestErrorsNameTheCause:
     def test_json_position_is_right(self, base: Path, tmp_path: Path) -> None:
         text = run("malformed JSON config", base, tmp_path)
         # line 2 is '  "batch_size": }': the value is missing at column 17, where '}' is
-        assert '  "batch_size": }'.index("}") + 1 == 17 and "line 2, column 17" in text
+        assert "line 2, column 17" in text
 
     def test_pickled_object_never_runs(self, base: Path, tmp_path: Path,
                                        capsys: pytest.CaptureFixture) -> None:

@@ -224,7 +224,7 @@ class TestAdapterRole:
 
     @staticmethod
     def student_with_adapter(tmp_path):
-        from hrm_vision.distill.adapter import LatentAdapter
+        from hrm_vision.vae import LatentAdapter
 
         torch.manual_seed(1)
         adapter = LatentAdapter(8, 16)
@@ -236,7 +236,8 @@ class TestAdapterRole:
         return adapter, save_checkpoint(payload, tmp_path / "tinyvae_best.pth")
 
     def test_load_model_gives_the_stored_adapter_in_eval_mode(self, tmp_path) -> None:
-        from hrm_vision.distill.adapter import LatentAdapter, adapter_from_payload
+        from hrm_vision.checkpoints import adapter_from_payload
+        from hrm_vision.vae import LatentAdapter
 
         adapter, path = self.student_with_adapter(tmp_path)
         loaded = load_model(path, role="adapter")
@@ -260,7 +261,7 @@ class TestAdapterRole:
         payload = load_checkpoint(path)
         payload["adapter_arch"] = {"student_dim": 8, "teacher_dim": 10**9}
         torch.save(payload, tmp_path / "crafted.pth")
-        with mock.patch("hrm_vision.distill.adapter.LatentAdapter") as build, \
+        with mock.patch("hrm_vision.vae.adapter.LatentAdapter") as build, \
                 pytest.raises(CheckpointError, match=r"\(adapter\): adapter_arch .* between 1"):
             load_model(tmp_path / "crafted.pth", role="adapter")
         assert not build.called

@@ -137,11 +137,18 @@ class TestAbsurdValues:
         with pytest.raises(ConfigError, match=r"checkpoint_dir: Value error, checkpoint_dir "
                            r".*ckpt is an existing file, not a folder"):
             load_config(None, {"checkpoint_dir": str(tmp_path / "ckpt")})
-        assert load_config(None, {"checkpoint_dir": str(tmp_path / "new")}).checkpoint_dir
+        new = tmp_path / "new"  # a folder that does not exist yet is accepted, not created
+        assert load_config(None, {"checkpoint_dir": str(new)}).checkpoint_dir == str(new)
+        assert not new.exists()
 
     def test_defaults_and_the_largest_values_pass(self) -> None:
         from hrm_vision.distill import config as c
 
-        load_config(None, {"epochs": c.MAX_EPOCHS, "batch_size": c.MAX_BATCH,
-                           "num_workers": c.MAX_WORKERS, "image_size": c.MAX_IMAGE_SIZE,
-                           "student_base_channels": c.MAX_CHANNELS, "seed": 2**32 - 1})
+        largest = {"epochs": c.MAX_EPOCHS, "batch_size": c.MAX_BATCH,
+                   "num_workers": c.MAX_WORKERS, "image_size": c.MAX_IMAGE_SIZE,
+                   "student_base_channels": c.MAX_CHANNELS, "seed": 2**32 - 1}
+        config = load_config(None, largest)
+        assert {k: getattr(config, k) for k in largest} == largest
+        for key, value in largest.items():  # one more is refused, naming the key
+            with pytest.raises(ConfigError, match=key):
+                load_config(None, {key: value + (8 if key == "image_size" else 1)})

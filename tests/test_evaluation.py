@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from hrm_vision.checkpoints import model_entry, save_checkpoint
-from hrm_vision.distill.adapter import LatentAdapter
 from hrm_vision.evaluation import (
     dequantize_uint8,
     interleaved_timings,
@@ -20,7 +19,7 @@ from hrm_vision.evaluation import (
 )
 from hrm_vision.evaluation.__main__ import main
 from hrm_vision.evaluation.speed import OPS
-from hrm_vision.vae import MinimalVAE, TeacherVAE
+from hrm_vision.vae import LatentAdapter, MinimalVAE, TeacherVAE
 
 MODEL_KEYS = ["parameters", "weights_fp32_bytes", "weights_fp16_bytes", "psnr_db", "ssim",
               *[f"macs_{op}" for op in OPS],

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from hrm_vision.checkpoints import model_entry, save_checkpoint
-from hrm_vision.distill.adapter import LatentAdapter
 from hrm_vision.export import (
     PARITY_TOLERANCE,
     ExportError,
@@ -24,7 +23,7 @@ from hrm_vision.export import (
     run_onnx,
 )
 from hrm_vision.export.__main__ import main
-from hrm_vision.vae import MinimalVAE
+from hrm_vision.vae import LatentAdapter, MinimalVAE
 
 TEACHER_SPACE = "tinyvae_encoder_teacher_space.onnx"
 

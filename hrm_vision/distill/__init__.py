@@ -11,7 +11,7 @@ Modules: ``config`` (the pydantic config), ``losses`` and ``perceptual`` (the ob
 ``distributed`` (torchrun), ``cli`` (the command line).
 """
 
-from .adapter import LatentAdapter
+from ..vae import LatentAdapter
 from .config import ConfigError, DistillConfig, load_config, save_config
 from .losses import TERMS, DistillLoss, TeacherTargets
 from .teacher_cache import TeacherCache

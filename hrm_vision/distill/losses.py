@@ -51,8 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..vae import VAEOutput
-from .adapter import LatentAdapter
+from ..vae import LatentAdapter, VAEOutput
 
 #: Names of the five terms, in the order they are logged.
 TERMS: tuple[str, ...] = ("recon", "kl", "distill_latent", "distill_recon", "perceptual")

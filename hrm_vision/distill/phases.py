@@ -28,8 +28,7 @@ from torch.utils.data import DataLoader
 
 from ..checkpoints import load_state_checked, model_entry, to_cpu
 from ..metrics import linear_cka, mse, psnr_from_mse, ssim
-from ..vae import VAEBase, VAEOutput
-from .adapter import LatentAdapter
+from ..vae import LatentAdapter, VAEBase, VAEOutput
 from .config import DistillConfig
 from .losses import DistillLoss, TeacherTargets, adapt, kl_free_bits, teacher_targets, vae_loss
 from .splits import IndexedDataset

@@ -17,8 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..data.photos import PhotoCrops
-from ..vae import MinimalVAE, TeacherVAE
-from .adapter import LatentAdapter
+from ..vae import LatentAdapter, MinimalVAE, TeacherVAE
 from .losses import TERMS, DistillLoss, adapt, teacher_targets
 from .perceptual import TeacherFeatures
 

@@ -51,8 +51,7 @@ from ..checkpoints import (
     save_checkpoint,
 )
 from ..files import remove_stale_temporaries
-from ..vae import MinimalVAE, TeacherVAE, VAEBase
-from .adapter import LatentAdapter
+from ..vae import LatentAdapter, MinimalVAE, TeacherVAE, VAEBase
 from .callbacks import Callback, default_callbacks
 from .config import DistillConfig, save_config
 from .distributed import DistContext, barrier, init_distributed, make_loader, reduce_mean

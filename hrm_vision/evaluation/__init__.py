@@ -6,6 +6,7 @@ The command is ``python -m hrm_vision.evaluation`` (:mod:`hrm_vision.evaluation.
 :mod:`.timing`), :mod:`.quality` (PSNR, SSIM, CKA, uint8 latent), :mod:`.report` (Markdown, PNG).
 """
 
+from ..timing import interleaved_timings, machine_info, summarize_timings, timed
 from .footprint import footprint, weight_file_bytes
 from .quality import (
     QualityResult,
@@ -14,7 +15,6 @@ from .quality import (
     quantize_uint8,
     validation_images,
 )
-from .timing import interleaved_timings, machine_info, summarize_timings, timed
 
 __all__ = [
     "QualityResult",

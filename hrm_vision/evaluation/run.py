@@ -26,17 +26,16 @@ from typing import Any
 
 import torch
 
-from ..checkpoints import load_checkpoint, model_from_payload
+from ..checkpoints import adapter_from_payload, load_checkpoint, model_from_payload
 from ..data import build_dataset
-from ..distill.adapter import LatentAdapter, adapter_from_payload
 from ..files import json_safe, write_json, write_text
-from ..vae import VAEBase
+from ..timing import machine_info
+from ..vae import LatentAdapter, VAEBase
 from .baselines import compute_baselines
 from .footprint import footprint
 from .quality import UINT8_SCHEME, QualityResult, measure_quality, validation_images
 from .report import figure, markdown, metrics, ratios
 from .speed import measure_speed
-from .timing import machine_info
 
 
 @dataclass

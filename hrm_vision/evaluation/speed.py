@@ -8,8 +8,8 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from ..timing import interleaved_timings, summarize_timings
 from ..vae import VAEBase
-from .timing import interleaved_timings, summarize_timings
 
 #: The operations timed for every model.
 OPS = ("encode", "decode", "both")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..evaluation.timing import interleaved_timings, summarize_timings
+from ..timing import interleaved_timings, summarize_timings
 from ..vae import VAEBase
 from .graphs import ExportError
 from .onnx import ort_session, run_onnx

@@ -19,7 +19,7 @@ from .parity import check_parity
 from .torchscript import export_torchscript
 
 if TYPE_CHECKING:
-    from ..distill.adapter import LatentAdapter
+    from ..vae import LatentAdapter
 
 
 @dataclass

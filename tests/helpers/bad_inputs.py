@@ -83,8 +83,7 @@ def _other_teacher(base: Path, path: Path) -> None:
 def _other_arch_resume(base: Path, path: Path) -> None:
     """A distillation checkpoint of a run with twice the student width."""
     from hrm_vision.checkpoints import model_entry, save_checkpoint
-    from hrm_vision.distill.adapter import LatentAdapter
-    from hrm_vision.vae import MinimalVAE
+    from hrm_vision.vae import LatentAdapter, MinimalVAE
 
     save_checkpoint({"phase": "distill", "epoch": 1, "step_in_epoch": 0, "history": [],
                      **model_entry(MinimalVAE(8, 16), "student"),

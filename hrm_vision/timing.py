@@ -2,8 +2,8 @@
 of the machine the numbers come from.
 
 Every timing in the package goes through this module: the evaluation report (latency and
-throughput of both models), the export's runtime comparison, the distillation step benchmark
-(``python -m hrm_vision.distill.benchmark``) and the IRP measurement.
+throughput of both models), the export's runtime comparison and the IRP measurement. It sits
+below all of them and imports nothing of the package.
 """
 
 from __future__ import annotations
