@@ -17,8 +17,7 @@ from hrm_vision.distill.config import DistillConfig
 from hrm_vision.distill.losses import DistillLoss, teacher_targets
 from hrm_vision.distill.perceptual import build_perceptual
 from hrm_vision.distill.phases import StudentWithAdapter
-from hrm_vision.distill.splits import IndexedDataset
-from hrm_vision.distill.teacher_cache import TeacherCache
+from hrm_vision.distill.splits import IndexedDataset, TeacherCache
 from hrm_vision.vae import LatentAdapter, MinimalVAE
 
 
@@ -29,9 +28,7 @@ def test_distill_step(benchmark, models, images, cache: str) -> None:
     module = StudentWithAdapter(MinimalVAE(), LatentAdapter(128, teacher.latent_dim)).train()
     c = DistillConfig()
     backbone, _ = build_perceptual("teacher", teacher)
-    loss_fn = DistillLoss(c.recon_weight, c.kl_weight, c.distill_latent_weight,
-                          c.distill_recon_weight, c.perceptual_weight, c.kl_free_bits,
-                          c.temperature, backbone)
+    loss_fn = DistillLoss.from_config(c, backbone)
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)
     index = torch.arange(images.shape[0])
     teacher_cache = TeacherCache.build(teacher, IndexedDataset(list(images)), images.shape[0],

@@ -52,7 +52,7 @@ class Command(NamedTuple):
 
 #: Subcommand name -> where its ``main(argv)`` lives.
 COMMANDS: dict[str, Command] = {
-    "distill": Command("hrm_vision.distill.cli",
+    "distill": Command("hrm_vision.distill.__main__",
                        "train the TinyVAE by distillation from a teacher VAE"),
     "evaluate": Command("hrm_vision.evaluation.__main__",
                         "compare teacher and student: size, speed, quality, latents"),

@@ -128,7 +128,7 @@ def make_files(d: Path) -> None:
 #: The command runner preloading torch and the package (see ``tests/helpers/forked.py``).
 FORK_RUNNER = command_runner(
     "import numpy, torch, torchvision, matplotlib, pydantic, tqdm\n"
-    "import hrm_vision.checkpoints, hrm_vision.cli, hrm_vision.distill.cli, "
+    "import hrm_vision.checkpoints, hrm_vision.cli, hrm_vision.distill.__main__, "
     "hrm_vision.evaluation")
 
 
@@ -197,7 +197,7 @@ def test_full_disk_keeps_no_temporary_file(outcomes: list[Outcome], case_dir: Pa
 BUGGY_TRAINER = """
 import sys
 from hrm_vision.distill import trainer
-from hrm_vision.distill.cli import main
+from hrm_vision.distill.__main__ import main
 
 def run(self, resume=None):
     raise TypeError("a real bug")

@@ -22,10 +22,11 @@ from hrm_vision.checkpoints import model_entry, save_checkpoint
 from hrm_vision.distill import Distiller, load_config
 from hrm_vision.distill.config import DistillConfig
 from hrm_vision.distill.distributed import DistContext, make_loader
-from hrm_vision.distill.loop import LastGoodState, PhaseLoop, TrainingDiverged
+from hrm_vision.distill.loop import PhaseLoop, TrainingDiverged
 from hrm_vision.distill.optim import autocast, build_scheduler, make_scaler
 from hrm_vision.distill.phases import DistillPhase, Phase, PhaseContext
 from hrm_vision.distill.splits import IndexedDataset
+from hrm_vision.distill.state import LastGoodState
 from hrm_vision.vae import TeacherVAE
 
 

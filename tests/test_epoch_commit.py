@@ -37,7 +37,7 @@ VARYING = {"time_s", "train_img_per_s", "checkpoint_dir"}
 FORK_RUNNER = """
 import json, os, signal, sys, traceback
 import torch, torchvision, matplotlib, tqdm
-from hrm_vision.distill import cli
+from hrm_vision.distill import __main__ as cli
 jobs = json.load(sys.stdin)
 statuses = []
 for argv, log, writes, kill in jobs:

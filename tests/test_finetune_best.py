@@ -17,7 +17,7 @@ import torch
 from helpers import tiny_run  # tests/ is on sys.path (pytest prepend mode)
 
 from hrm_vision.checkpoints import load_checkpoint
-from hrm_vision.distill.cli import config_from_args, setup_args
+from hrm_vision.distill.__main__ import config_from_args, setup_args
 from hrm_vision.distill.phases import DistillPhase, FinetunePhase
 from hrm_vision.distill.trainer import Distiller
 

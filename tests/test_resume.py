@@ -14,8 +14,8 @@ import torch
 from helpers import kill_resume, tiny_run  # tests/ is on sys.path (pytest prepend mode)
 
 from hrm_vision.checkpoints import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from hrm_vision.distill.__main__ import config_from_args, setup_args
 from hrm_vision.distill.callbacks import Callback
-from hrm_vision.distill.cli import config_from_args, setup_args
 from hrm_vision.distill.phases import DistillPhase, FinetunePhase
 from hrm_vision.distill.trainer import Distiller, TrainingInterrupted
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from hrm_vision._extras import MissingExtraError
 from hrm_vision.distill import cli
-from hrm_vision.distill.cli import config_from_args, setup_args
+from hrm_vision.distill.__main__ import config_from_args, setup_args
 from hrm_vision.distill.trainer import Distiller
 
 EPOCHS = 2

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hrm_vision.distill.cli import config_from_args, main, setup_args
+from hrm_vision.distill.__main__ import config_from_args, main, setup_args
 from hrm_vision.distill.selfcheck import main as selfcheck_main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ Modules: ``config`` (the pydantic config), ``losses`` and ``perceptual`` (the ob
 from ..vae import LatentAdapter
 from .config import ConfigError, DistillConfig, load_config, save_config
 from .losses import TERMS, DistillLoss, TeacherTargets
-from .teacher_cache import TeacherCache
+from .splits import TeacherCache
 from .trainer import Distiller, TrainingDiverged, TrainingInterrupted, find_resume
 
 __all__ = ["TERMS", "ConfigError", "DistillConfig", "DistillLoss", "Distiller", "LatentAdapter",

@@ -43,10 +43,23 @@ from ..checkpoints import CheckpointError, check_fits, non_finite_tensors, save_
 from ..files import write_json
 from .config import DistillConfig
 from .distributed import DistContext, barrier, reduce_mean, set_epoch, wrap_ddp
-from .ema import WeightAverage
-from .optim import autocast, build_optimizer, build_scheduler, make_scaler, steps_per_epoch
+from .optim import (
+    WeightAverage,
+    autocast,
+    build_optimizer,
+    build_scheduler,
+    make_scaler,
+    steps_per_epoch,
+)
 from .phases import Phase
-from .state import BEST_METRIC, TrainingCheckpoint, TrainState, improves, rng_state, set_rng_state
+from .state import (
+    BEST_METRIC,
+    LastGoodState,
+    TrainingCheckpoint,
+    TrainState,
+    rng_state,
+    set_rng_state,
+)
 
 
 class TrainingInterrupted(RuntimeError):
@@ -75,93 +88,6 @@ def _cloned(value: Any) -> Any:
     if isinstance(value, list):
         return [_cloned(v) for v in value]
     return value
-
-
-class LastGoodState:
-    """A copy of ``module``'s parameters and buffers and of ``optimizer``'s per-parameter state,
-    to undo an optimizer step that made any of them non-finite.
-
-    The copies live in buffers on the tensors' own devices, allocated once and refreshed in
-    place by :meth:`save` (a device-side copy, no host transfer); :meth:`restore` copies them
-    back and drops optimizer state that did not exist at :meth:`save` (the first step creates
-    AdamW's moments). :meth:`all_finite` checks the same tensors with one host sync.
-    """
-
-    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.module, self.optimizer = module, optimizer
-        self._module_copy: list[Tensor] = []
-        self._optim_copy: dict[int, dict[str, Any]] = {}
-
-    def _module_tensors(self) -> list[Tensor]:
-        return [t for t in (*self.module.parameters(), *self.module.buffers())
-                if t.is_floating_point()]
-
-    def _params(self) -> list[Tensor]:
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
-
-    @torch.no_grad()
-    def save(self) -> None:
-        """Remember the current state as the last good one."""
-        live = self._module_tensors()
-        if len(self._module_copy) != len(live) or any(
-                c.shape != t.shape or c.dtype != t.dtype or c.device != t.device
-                for c, t in zip(self._module_copy, live, strict=True)):
-            self._module_copy = [t.detach().clone() for t in live]
-        else:
-            torch._foreach_copy_(self._module_copy, [t.detach() for t in live])
-        saved: dict[int, dict[str, Any]] = {}
-        for i, p in enumerate(self._params()):
-            state = self.optimizer.state.get(p)
-            if not state:
-                continue
-            old = self._optim_copy.get(i, {})
-            entry: dict[str, Any] = {}
-            for key, value in state.items():
-                if isinstance(value, Tensor):
-                    copy = old.get(key)
-                    if (isinstance(copy, Tensor) and copy.shape == value.shape
-                            and copy.dtype == value.dtype and copy.device == value.device):
-                        copy.copy_(value)
-                    else:
-                        copy = value.detach().clone()
-                    entry[key] = copy
-                else:
-                    entry[key] = value
-            saved[i] = entry
-        self._optim_copy = saved
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        """Put the state of the last :meth:`save` back."""
-        live = self._module_tensors()
-        torch._foreach_copy_([t.detach() for t in live], self._module_copy)
-        for i, p in enumerate(self._params()):
-            entry = self._optim_copy.get(i)
-            if entry is None:
-                self.optimizer.state.pop(p, None)
-                continue
-            state = self.optimizer.state[p]
-            for key in [k for k in state if k not in entry]:
-                del state[key]
-            for key, value in entry.items():
-                current = state.get(key)
-                if not isinstance(value, Tensor):
-                    state[key] = value
-                elif isinstance(current, Tensor) and current.shape == value.shape:
-                    current.copy_(value)
-                else:
-                    state[key] = value.clone()
-
-    @torch.no_grad()
-    def all_finite(self) -> bool:
-        """Whether every floating-point parameter, buffer and optimizer state tensor is finite."""
-        tensors = self._module_tensors() + [
-            v for p in self._params() for v in self.optimizer.state.get(p, {}).values()
-            if isinstance(v, Tensor) and v.is_floating_point()]
-        if not tensors:
-            return True
-        flags = [torch.isfinite(t).all() for t in tensors]
-        return bool(torch.stack([f.to(flags[0].device) for f in flags]).all().item())
 
 
 class PhaseLoop:
@@ -416,7 +342,7 @@ class PhaseLoop:
         count = self.state.count
         train = reduce_mean(self.state.means(), self.ctx, count)
         val = self._validate()
-        is_best = improves(val[BEST_METRIC], self.state.best_psnr)
+        is_best = val[BEST_METRIC] > self.state.best_psnr  # strictly: ties keep the earlier
         record = {"phase": self.phase.name, "epoch": epoch + 1, "train": train, "val": val,
                   "time_s": elapsed,
                   "train_img_per_s": count * self.ctx.world_size / elapsed,

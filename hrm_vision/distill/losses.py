@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..vae import LatentAdapter, VAEOutput
+from .config import DistillConfig
 
 #: Names of the five terms, in the order they are logged.
 TERMS: tuple[str, ...] = ("recon", "kl", "distill_latent", "distill_recon", "perceptual")
@@ -100,10 +101,9 @@ def softened_gaussian_kl(mu_t: Tensor, var_t: Tensor, mu_s: Tensor, var_s: Tenso
                          temperature: float) -> Tensor:
     """``T**2 * KL(N(mu_t, T**2 var_t) || N(mu_s, T**2 var_s))``, averaged over elements.
 
-    All tensors have the same shape. ``temperature`` must be > 0.
+    All tensors have the same shape. ``temperature`` > 0 (checked where it enters: the config
+    and :class:`DistillLoss`).
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
     var_t = var_t.float().clamp(min=VAR_FLOOR)
     var_s = var_s.float().clamp(min=VAR_FLOOR)
     t2 = temperature ** 2
@@ -176,7 +176,7 @@ class DistillLoss(nn.Module):
             ``None`` (then ``perceptual_weight`` must be 0).
     """
 
-    def __init__(self, recon_weight: float = 0.3, kl_weight: float = 0.1,
+    def __init__(self, *, recon_weight: float = 0.3, kl_weight: float = 0.1,
                  distill_latent_weight: float = 0.3, distill_recon_weight: float = 0.2,
                  perceptual_weight: float = 0.1, kl_free_bits: float = 2.0,
                  temperature: float = 3.0, perceptual: nn.Module | None = None,
@@ -196,6 +196,18 @@ class DistillLoss(nn.Module):
         self.temperature = temperature
         self.bounded = bounded
         self.perceptual = perceptual
+
+    @classmethod
+    def from_config(cls, config: DistillConfig, perceptual: nn.Module | None = None,
+                    distill: bool = True) -> DistillLoss:
+        """The loss of a run's config (``distill=False``: the two distillation weights 0)."""
+        c = config
+        return cls(recon_weight=c.recon_weight, kl_weight=c.kl_weight,
+                   distill_latent_weight=c.distill_latent_weight if distill else 0.0,
+                   distill_recon_weight=c.distill_recon_weight if distill else 0.0,
+                   perceptual_weight=c.perceptual_weight, kl_free_bits=c.kl_free_bits,
+                   temperature=c.temperature, perceptual=perceptual,
+                   bounded=c.distill_recon_bounded)
 
     @property
     def needs_teacher(self) -> bool:

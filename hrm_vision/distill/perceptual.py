@@ -159,6 +159,16 @@ def find_vgg16_weights(path: str | os.PathLike[str] | None = None) -> Path | Non
     return cached if cached.is_file() else None
 
 
+def resolve_backbone(kind: str, vgg16_weights: str | None = None) -> str:
+    """``kind`` with ``auto`` resolved: ``vgg16`` when its weights are on disk (``vgg16_weights``
+    or the torch hub cache), else ``teacher``; ``vgg16`` and ``teacher`` stay as they are."""
+    if kind not in ("auto", "vgg16", "teacher"):
+        raise ValueError(f"perceptual_backbone must be auto, vgg16 or teacher, got {kind!r}")
+    if kind == "auto":
+        return "vgg16" if find_vgg16_weights(vgg16_weights) is not None else "teacher"
+    return kind
+
+
 def build_perceptual(kind: str, teacher: VAEBase | None = None, vgg16_weights: str | None = None,
                      allow_download: bool = False) -> tuple[nn.Module, str]:
     """The backbone for ``kind`` (``auto``, ``vgg16`` or ``teacher``) and the name it resolved to.
@@ -166,16 +176,13 @@ def build_perceptual(kind: str, teacher: VAEBase | None = None, vgg16_weights: s
     ``vgg16`` without local weights downloads them only when ``allow_download``; otherwise it
     raises a ``ValueError`` saying how to proceed. ``teacher`` needs ``teacher``.
     """
-    if kind not in ("auto", "vgg16", "teacher"):
-        raise ValueError(f"perceptual_backbone must be auto, vgg16 or teacher, got {kind!r}")
-    local = find_vgg16_weights(vgg16_weights)
-    if kind == "auto":
-        kind = "vgg16" if local is not None else "teacher"
+    kind = resolve_backbone(kind, vgg16_weights)
     if kind == "teacher":
         if teacher is None:
             raise ValueError("the teacher perceptual backbone needs a teacher model")
         return TeacherFeatures(teacher), "teacher"
     state: dict[str, Any]
+    local = find_vgg16_weights(vgg16_weights)
     if local is not None:
         state = load_checkpoint(local)
     elif allow_download:

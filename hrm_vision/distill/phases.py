@@ -31,8 +31,7 @@ from ..metrics import linear_cka, mse, psnr_from_mse, ssim
 from ..vae import LatentAdapter, VAEBase, VAEOutput
 from .config import DistillConfig
 from .losses import DistillLoss, TeacherTargets, adapt, kl_free_bits, teacher_targets, vae_loss
-from .splits import IndexedDataset
-from .teacher_cache import TeacherCache
+from .splits import IndexedDataset, TeacherCache
 
 #: Validation images shown in the reconstruction grids.
 GRID_IMAGES = 8

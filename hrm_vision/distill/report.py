@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .state import BEST_METRIC, improves
+from .state import BEST_METRIC
 
 #: (history key, column title, decimals) of the per-run columns.
 COLUMNS = (("psnr", "student PSNR (dB)", 2), ("ssim", "SSIM", 4),
@@ -37,11 +37,11 @@ COLUMNS = (("psnr", "student PSNR (dB)", 2), ("ssim", "SSIM", 4),
 
 def best_record(history: list[dict[str, Any]], phase: str) -> dict[str, Any] | None:
     """The best ``phase`` epoch by the trainer's rule (what ``*_best.pth`` holds: the first
-    epoch no later epoch improves on, see :func:`hrm_vision.distill.state.improves`)."""
+    epoch no later epoch beats, see :data:`hrm_vision.distill.state.BEST_METRIC`)."""
     best = None
     for r in history:
-        if r["phase"] == phase and (best is None or improves(r["val"][BEST_METRIC],
-                                                             best["val"][BEST_METRIC])):
+        if r["phase"] == phase and (best is None
+                                    or r["val"][BEST_METRIC] > best["val"][BEST_METRIC]):
             best = r
     return best
 

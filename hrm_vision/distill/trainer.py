@@ -57,7 +57,7 @@ from .config import DistillConfig, save_config
 from .distributed import DistContext, barrier, init_distributed, make_loader, reduce_mean
 from .loop import PhaseLoop, TrainingDiverged, TrainingInterrupted
 from .losses import DistillLoss
-from .perceptual import build_perceptual, find_vgg16_weights
+from .perceptual import build_perceptual, resolve_backbone
 from .phases import DistillPhase, FinetunePhase, Phase, PhaseContext, TeacherPhase
 from .splits import build_split, first_images
 from .state import TrainingCheckpoint, seed_everything
@@ -125,6 +125,13 @@ class Distiller:
         self.teacher_source = ""
         self.resume_source = "resume checkpoint"  # the file, once run(resume=...) has read it
         self.perceptual_name = "none"
+        c = config
+        #: The perceptual backbone (``auto`` resolved, here only) or ``"none"``, and whether
+        #: the loss needs a teacher.
+        self.perceptual_kind = (resolve_backbone(c.perceptual_backbone, c.vgg16_weights)
+                                if c.perceptual_weight > 0 else "none")
+        self.teacher_needed = (c.distill_latent_weight > 0 or c.distill_recon_weight > 0
+                               or self.perceptual_kind == "teacher")
 
     def _reduce_validation(self, values: dict[str, float], count: int) -> dict[str, float]:
         """The phases' validation reduce (mean over ranks); a non-finite validation loss or
@@ -161,17 +168,6 @@ class Distiller:
         return self.loop.state.bad_steps if self.loop is not None else 0
 
     # -------------------------------------------------------------- teacher
-    def _teacher_needed(self) -> tuple[bool, str]:
-        """Whether the loss needs a teacher, and the perceptual backbone kind it resolves to."""
-        c = self.config
-        kind = "none"
-        if c.perceptual_weight > 0:
-            kind = c.perceptual_backbone
-            if kind == "auto":
-                kind = "vgg16" if find_vgg16_weights(c.vgg16_weights) is not None else "teacher"
-        needs = c.distill_latent_weight > 0 or c.distill_recon_weight > 0 or kind == "teacher"
-        return needs, kind
-
     def _teacher_path(self) -> Path | None:
         if self.config.teacher_checkpoint:
             return Path(self.config.teacher_checkpoint)
@@ -192,7 +188,7 @@ class Distiller:
     def _obtain_teacher(self, resume: TrainingCheckpoint | None) -> None:
         """Load the teacher, pre-train it (continuing ``resume`` of the teacher phase), or
         leave it None when the loss needs none; then freeze it."""
-        needed, _ = self._teacher_needed()
+        needed = self.teacher_needed
         resuming = resume is not None and resume.phase == "teacher"
         path = None if resuming else self._teacher_path()
         if path is not None:
@@ -229,17 +225,13 @@ class Distiller:
     def build_loss(self, distill: bool = True) -> DistillLoss:
         """The five-term loss of this config (``distill=False``: the distillation weights 0)."""
         c = self.config
-        _, kind = self._teacher_needed()
+        kind = self.perceptual_kind
         backbone = None
         if kind != "none":
             backbone, self.perceptual_name = build_perceptual(
                 kind, self.teacher, c.vgg16_weights, allow_download=c.download)
             backbone = backbone.to(self.device)
-        return DistillLoss(c.recon_weight, c.kl_weight,
-                           c.distill_latent_weight if distill else 0.0,
-                           c.distill_recon_weight if distill else 0.0,
-                           c.perceptual_weight, c.kl_free_bits, c.temperature, backbone,
-                           bounded=c.distill_recon_bounded)
+        return DistillLoss.from_config(c, backbone, distill=distill)
 
     def _student_phase(self, kind: type[DistillPhase], epochs: int,
                        loss: DistillLoss) -> DistillPhase:
