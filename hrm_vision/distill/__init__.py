@@ -4,11 +4,11 @@
 >>> Distiller(load_config(None, {"dataset": "photos", "epochs": 2})).run()
 
 Modules: ``config`` (the pydantic config), ``losses`` and ``perceptual`` (the objective),
-``adapter`` (student-to-teacher latent map), ``splits`` and ``teacher_cache`` (data),
-``phases`` (what each phase trains and validates), ``optim`` (AdamW, schedule, precision),
-``state`` (typed training state and checkpoint), ``loop`` (one phase's training loop),
-``callbacks`` (checkpoints, history, pictures, console), ``trainer`` (the phases of a run),
-``distributed`` (torchrun), ``cli`` (the command line).
+``splits`` (data and the teacher cache), ``phases`` (what each phase trains and validates),
+``optim`` (AdamW, schedule, precision, weight average), ``state`` (typed training state and
+checkpoint), ``loop`` (one phase's training loop and its epoch commit), ``callbacks`` (pictures,
+console: they observe), ``trainer`` (the phases of a run), ``distributed`` (torchrun),
+``__main__`` (the command line).
 """
 
 from ..vae import LatentAdapter

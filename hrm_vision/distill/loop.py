@@ -148,12 +148,13 @@ class PhaseLoop:
             scheduler_state_dict=self.scheduler.state_dict(),
             scaler_state_dict=self.scaler.state_dict(), rng_state=rng_state())
 
-    def restore(self, saved: TrainingCheckpoint, source: str) -> None:
-        """Continue from a checkpoint of this phase (parsed and type-checked where it was read,
-        :meth:`TrainingCheckpoint.from_payload`): models first (a mismatch names the keys),
-        then optimizer, scheduler, scaler, state, history and RNG."""
-        payload = saved.models
+    def restore(self, payload: dict[str, Any], source: str) -> None:
+        """Continue from a checkpoint dict of this phase: models first (a mismatch names the
+        keys), then every other key, type-checked here, once
+        (:meth:`TrainingCheckpoint.from_payload`): optimizer, scheduler, scaler, state, history
+        and RNG."""
         self.phase.load_models(payload, source)
+        saved = TrainingCheckpoint.from_payload(payload, source)
         if self.average is not None:
             if "train_state_dict" in payload:
                 check_fits(self.module, payload["train_state_dict"],

@@ -185,11 +185,11 @@ class Distiller:
         self.message(f"teacher: loaded {path} ({model.num_parameters():,} parameters)")
         return model.to(self.device)
 
-    def _obtain_teacher(self, resume: TrainingCheckpoint | None) -> None:
+    def _obtain_teacher(self, resume: dict[str, Any] | None) -> None:
         """Load the teacher, pre-train it (continuing ``resume`` of the teacher phase), or
         leave it None when the loss needs none; then freeze it."""
         needed = self.teacher_needed
-        resuming = resume is not None and resume.phase == "teacher"
+        resuming = resume is not None and resume["phase"] == "teacher"
         path = None if resuming else self._teacher_path()
         if path is not None:
             self.teacher = self._load_teacher(path)
@@ -200,7 +200,7 @@ class Distiller:
                 p.requires_grad_(False)
             self.teacher.eval()
 
-    def _pretrain_teacher(self, resume: TrainingCheckpoint | None) -> TeacherVAE:
+    def _pretrain_teacher(self, resume: dict[str, Any] | None) -> TeacherVAE:
         c = self.config
         if c.teacher_epochs == 0:
             raise ValueError("the loss needs a teacher but none was given "
@@ -261,8 +261,8 @@ class Distiller:
             files["teacher"] = Path(self.teacher_source)
         return files
 
-    def _run_phases(self, payload: TrainingCheckpoint | None) -> None:
-        start = PHASES.index(payload.phase) if payload else 0
+    def _run_phases(self, payload: dict[str, Any] | None) -> None:
+        start = PHASES.index(payload["phase"]) if payload else 0
         self._obtain_teacher(payload)
         loss = self.build_loss()
         self.message(f"perceptual backbone: {self.perceptual_name}; distillation "
@@ -292,7 +292,7 @@ class Distiller:
                 finetune.prepare()
             self._fit(finetune, payload if start == 2 else None, fresh=[], best=incumbent)
 
-    def _fit(self, phase: Phase, payload: TrainingCheckpoint | None,
+    def _fit(self, phase: Phase, payload: dict[str, Any] | None,
              fresh: Sequence[VAEBase], best: float = -math.inf) -> None:
         """Train ``phase``, continuing ``payload`` if given; otherwise the ``fresh`` (newly
         built) models first get ``init_from_data`` on the first training images (before the
@@ -306,11 +306,13 @@ class Distiller:
         loop = PhaseLoop(phase, self.config, self.ctx, self.train_loader, self.history,
                          self._emit, lambda: self.stop_signal, self.out_dir, best=best)
         if payload is not None:
-            loop.restore(payload, f"{self.resume_source} ({payload.phase} phase)")
+            loop.restore(payload, f"{self.resume_source} ({payload['phase']} phase)")
+            self.message(f"resuming {payload['phase']} from {self.resume_source} (epoch "
+                         f"{loop.state.epoch}, batch {loop.state.step_in_epoch})")
         self.loop = loop
         loop.run()
 
-    def _resume_payload(self, resume: str | Path | None) -> TrainingCheckpoint | None:
+    def _resume_payload(self, resume: str | Path | None) -> dict[str, Any] | None:
         if resume is None:
             return None
         path = find_resume(self.out_dir) if str(resume) == "auto" else Path(resume)
@@ -323,10 +325,7 @@ class Distiller:
             raise CheckpointError(f"{path} is not a training checkpoint of this trainer "
                                   "(no phase/optimizer state); pass it as --teacher-checkpoint "
                                   "or load it with hrm_vision.checkpoints.load_model")
-        saved = TrainingCheckpoint.from_payload(payload, str(path))  # every key checked, once
-        self.message(f"resuming {saved.phase} from {path} (epoch {saved.state.epoch}, batch "
-                     f"{saved.state.step_in_epoch})")
-        return saved
+        return payload  # the rest is checked once, where the phase restores it (models first)
 
     @contextmanager
     def _signal_handlers(self) -> Iterator[None]:
