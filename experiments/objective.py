@@ -139,7 +139,7 @@ def run(name: str, a: argparse.Namespace, train: torch.Tensor, val: torch.Tensor
         if step in a.eval_at or step == a.steps:
             row = {"step": step, "seconds": round(time.time() - start, 1),
                    **validate(ema.module, val, spectrum, a.seed),
-                   "sigma": float(objective.scale.sigma),
+                   "sigma": float(objective.scale.sigma.detach()),
                    "multiplier": float(objective.target.multiplier),
                    **shares(model, objective, fixed, a.seed)}
             curve.append(row)
