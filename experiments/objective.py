@@ -55,11 +55,11 @@ class Objective:
     def __init__(self, name: str, scale: str, model: MinimalVAE, calib: torch.Tensor,
                  lagrange_step: float) -> None:
         self.name, self.scale_mode = name, scale
+        # the scale starts at the error of the reconstruction the NLL sees in training: the
+        # decode of a posterior sample (decode(mu)'s error is ten times smaller at step 0)
         self.scale = obj.GaussianScale()
         with torch.no_grad():
-            model.eval()
-            self.scale.calibrate(model.decode(model.encode(calib)), calib)
-            model.train()
+            self.scale.calibrate(model.train()(calib).reconstruction, calib)
         self.target = obj.RateTarget(FREE_BITS, initial=KL_WEIGHT, step_size=lagrange_step)
 
     def parameters(self) -> list[torch.Tensor]:
@@ -119,7 +119,9 @@ def shares(model: MinimalVAE, objective: Objective, x: torch.Tensor, seed: int
 
 
 def run(name: str, a: argparse.Namespace, train: torch.Tensor, val: torch.Tensor,
-        spectrum: torch.Tensor) -> dict:
+        spectrum: torch.Tensor, path: Path) -> dict:
+    """Train with objective ``name``; the JSON at ``path`` is rewritten at every evaluation
+    (``finished`` false until the last step)."""
     torch.manual_seed(a.seed)
     model = MinimalVAE()
     model.init_from_data(train[:4096])
@@ -132,8 +134,11 @@ def run(name: str, a: argparse.Namespace, train: torch.Tensor, val: torch.Tensor
         milestones=[a.warmup])
     ema = torch.optim.swa_utils.AveragedModel(
         model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.99), use_buffers=True)
+    result = {"objective": name, "scale": a.scale,
+              "args": {k: str(v) for k, v in vars(a).items()}, "curve": []}
     gen = torch.Generator().manual_seed(a.seed)
-    order, pos, curve, start = torch.randperm(len(train), generator=gen), 0, [], time.time()
+    order, pos, start = torch.randperm(len(train), generator=gen), 0, time.time()
+    curve = result["curve"]
     fixed = train[:a.batch_size]
     for step in range(a.steps + 1):
         if step in a.eval_at or step == a.steps:
@@ -144,6 +149,7 @@ def run(name: str, a: argparse.Namespace, train: torch.Tensor, val: torch.Tensor
                    **shares(model, objective, fixed, a.seed)}
             curve.append(row)
             print(json.dumps({"objective": name, **row}), flush=True)
+            path.write_text(json.dumps({**result, "finished": step == a.steps}, indent=1))
         if step == a.steps:
             break
         if pos + a.batch_size > len(train):
@@ -161,9 +167,9 @@ def run(name: str, a: argparse.Namespace, train: torch.Tensor, val: torch.Tensor
         objective.after_step(out)
         if not math.isfinite(float(loss)):
             curve.append({"step": step, "diverged": True})
+            path.write_text(json.dumps({**result, "finished": False}, indent=1))
             break
-    return {"objective": name, "scale": a.scale, "args": {k: str(v) for k, v in vars(a).items()},
-            "curve": curve}
+    return result
 
 
 def table(folder: Path) -> str:
@@ -212,8 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     spectrum = fit_patch_pca(val)[2]
     a.out.mkdir(parents=True, exist_ok=True)
     for name in a.objectives:
-        result = run(name, a, train, val, spectrum)
-        (a.out / f"{name}_{a.scale}.json").write_text(json.dumps(result, indent=1))
+        run(name, a, train, val, spectrum, a.out / f"{name}_{a.scale}.json")
     print(table(a.out))
     return 0
 
