@@ -24,6 +24,7 @@ gradient norm.
     python experiments/objective.py --objectives package sigma-channel sigma-total lagrange \
         --steps 1500 --out runs/objective
     python experiments/objective.py --table runs/objective     # the Markdown table only
+    python experiments/objective.py --references 0.5 1 2 4     # Gaussian references only
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def validate(model: torch.nn.Module, val: torch.Tensor, spectrum: torch.Tensor,
     model.eval()
     mu, logvar = model.posterior(val)
     gen = torch.Generator().manual_seed(seed)
-    z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=gen)
+    z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=gen).to(mu)
     kl = obj.kl_per_element(mu, logvar)
     c = mu.shape[1]
     model.train()
@@ -191,6 +192,17 @@ def table(folder: Path) -> str:
     return "\n".join(lines)
 
 
+def references(spectrum: torch.Tensor, rates: Sequence[float], channels: int = 128) -> str:
+    """Markdown table: the Gaussian references on these patches at each rate (nats/element)."""
+    lines = ["| nats per latent element | bits per pixel | water-filling PSNR (dB) | "
+             "uniform allocation PSNR (dB) |", "|---|---|---|---|"]
+    lines += [f"| {r:g} | {rate.bits_per_pixel(r, channels):.2f} | "
+              f"{rate.psnr_db(rate.water_filling(spectrum, rate.patch_rate_nats(r, channels))):.2f}"
+              f" | {rate.psnr_db(rate.uniform_allocation(spectrum, r, channels)):.2f} |"
+              for r in rates]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--objectives", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES[:4]))
@@ -208,11 +220,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/objective"))
     p.add_argument("--table", type=Path, default=None, help="only print this folder's table")
+    p.add_argument("--references", type=float, nargs="+", default=None,
+                   help="only print the Gaussian references at these rates (nats per element)")
     a = p.parse_args(argv)
     if a.table is not None:
         print(table(a.table))
         return 0
     torch.set_num_threads(a.threads)
+    if a.references is not None:
+        val = PhotoCrops("val").images_uint8[:a.val_samples].float() / 255
+        print(references(fit_patch_pca(val)[2], a.references))
+        return 0
     train = PhotoCrops("train").images_uint8[:a.train_samples].float() / 255
     val = PhotoCrops("val").images_uint8[:a.val_samples].float() / 255
     spectrum = fit_patch_pca(val)[2]

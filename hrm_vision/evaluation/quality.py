@@ -200,7 +200,7 @@ def measure_rate(model: VAEBase, name: str, images: Tensor | Sequence[Tensor], l
     pixels = elements = 0
     for x in batches(images, batch_size):
         mu, logvar = model.posterior(x)
-        z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=gen)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=gen).to(mu)
         se_mu += F.mse_loss(model.decode(mu).double(), x.double(), reduction="sum").item()
         se_z += F.mse_loss(model.decode(z).double(), x.double(), reduction="sum").item()
         kl += float(gaussian_kl(mu, logvar).double().sum())
