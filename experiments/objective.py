@@ -180,11 +180,12 @@ def table(folder: Path) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for path in sorted(folder.glob("*.json")):
         data = json.loads(path.read_text())
+        scale = "-" if data["objective"] == "package" else data["scale"]
         for r in data["curve"]:
             if "psnr_mu" not in r:
                 continue
             lines.append(
-                f"| {data['objective']} | {data['scale']} | {r['step']} | {r['psnr_mu']:.2f} | "
+                f"| {data['objective']} | {scale} | {r['step']} | {r['psnr_mu']:.2f} | "
                 f"{r['psnr_z']:.2f} | {r['kl_nats_per_element']:.2f} | "
                 f"{r['bits_per_pixel']:.2f} | {r['water_filling_db']:.2f} | "
                 f"{r['uniform_db']:.2f} | {r['value_share']['recon']:.4f} / "
