@@ -73,6 +73,7 @@ class TestEvaluationCommand:
                 "bytes_float32", "bytes_uint8"} <= set(report["latent_uint8"])
         assert "goals" not in report  # measurements only, no acceptance thresholds
         assert _all_finite(report), "every value must be present and finite"
+        assert report["frames"] is not None  # the photos dataset has held-out photographs
 
     def test_values_describe_the_models(self, run) -> None:
         report, _, teacher, student = run
@@ -104,6 +105,42 @@ class TestEvaluationCommand:
         assert len(pca) >= 2 and len(thumbs) >= 1
         assert pca[-1]["psnr_db"] > pca[0]["psnr_db"]  # more coefficients, better
         assert "| patch PCA" in (out / "evaluation.md").read_text()
+
+    def test_rate_rows_for_every_model_on_crops_and_frames(self, run) -> None:
+        report, out, teacher, student = run
+        for rows, label in ((report["rate"], "32x32 crops"), (report["frames"]["rate"], "frames")):
+            assert [r["model"] for r in rows] == ["teacher", "student"]
+            for r, model in zip(rows, (teacher, student), strict=True):
+                assert r["images"] == label and r["latent_channels"] == model.latent_dim
+                # bits per pixel: nats per element x channels per 64 pixels, in bits
+                assert r["bits_per_pixel"] == pytest.approx(
+                    r["kl_nats_per_element"] * model.latent_dim / (64 * math.log(2)))
+                # the best linear-Gaussian code never does worse than the uniform allocation
+                assert r["water_filling_psnr_db"] >= r["uniform_psnr_db"]
+        crops = {r["model"]: r for r in report["rate"]}
+        assert crops["student"]["psnr_mu_db"] == pytest.approx(report["student"]["psnr_db"])
+        table = (out / "evaluation.md").read_text()
+        assert "| student | 32x32 crops |" in table and "| student | frames |" in table
+
+    def test_frames_are_the_held_out_photographs_with_the_pca_start(self, run) -> None:
+        frames = run[0]["frames"]
+        assert [p["name"] for p in frames["photos"]] == ["coffee", "rocket", "camera"]
+        assert all(p["height"] % 8 == 0 and p["width"] % 8 == 0 for p in frames["photos"])
+        rows = {r["name"]: r for r in frames["reconstructions"]}
+        assert {"teacher", "student", "patch PCA, 128 coefficients"} <= set(rows)
+        assert rows["patch PCA, 128 coefficients"]["numbers"] == 128
+        assert rows["patch PCA, 192 coefficients"]["psnr_db"] > rows[
+            "patch PCA, 16 coefficients"]["psnr_db"]
+        assert "Held-out photographs at full resolution" in (run[1] / "evaluation.md"
+                                                              ).read_text()
+
+    def test_frames_can_be_left_out(self, tmp_path: Path) -> None:
+        write_tiny_checkpoints(tmp_path)
+        assert main(["--checkpoint-dir", str(tmp_path), "--out-dir", str(tmp_path / "out"),
+                     *TINY_RUN, "--baseline-train-images", "0", "--no-frames"]) == 0
+        report = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+        assert report["frames"] is None and len(report["rate"]) == 2
+        assert [r["name"] for r in report["reconstructions"]] == ["teacher", "student"]
 
     def test_markdown_and_png_written(self, run) -> None:
         report, out, _, _ = run
@@ -190,3 +227,45 @@ def test_figure_rows_add_the_students_error() -> None:
     assert [label for label, _ in rows] == ["inputs", "teacher", "student", "error x10"]
     assert torch.allclose(rows[-1][1], ((student - x).abs() * 10).clamp(0, 1))
     assert [label for label, _ in figure_rows({"inputs": x})] == ["inputs"]
+
+
+class TestRate:
+    def _model(self) -> MinimalVAE:
+        torch.manual_seed(0)
+        model = MinimalVAE(latent_dim=8, base_channels=8)
+        return model.eval()
+
+    def test_decode_of_a_sample_is_seeded_and_noisier_than_the_mean(self, photo_batch) -> None:
+        from hrm_vision.evaluation.baselines import patch_spectrum
+        from hrm_vision.evaluation.quality import measure_rate
+
+        model, spectrum = self._model(), patch_spectrum(photo_batch)
+        a, b = (measure_rate(model, "student", photo_batch, "crops", spectrum, seed=s)
+                for s in (0, 1))
+        again = measure_rate(model, "student", photo_batch, "crops", spectrum, seed=0)
+        assert again.psnr_sample_db == a.psnr_sample_db != b.psnr_sample_db
+        assert a.psnr_mu_db == b.psnr_mu_db > a.psnr_sample_db
+        with torch.no_grad():
+            mu, logvar = model.posterior(photo_batch)
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean()
+        assert a.kl_nats_per_element == pytest.approx(float(kl), rel=1e-5)
+
+    def test_frames_in_batches_of_one_give_the_set_value(self, photo_batch) -> None:
+        from hrm_vision.evaluation.baselines import patch_spectrum
+        from hrm_vision.evaluation.quality import measure_rate
+
+        model, spectrum = self._model(), patch_spectrum(photo_batch)
+        whole = measure_rate(model, "s", photo_batch, "crops", spectrum, batch_size=16)
+        frames = measure_rate(model, "s", list(photo_batch.split(1)), "crops", spectrum)
+        assert frames.psnr_mu_db == pytest.approx(whole.psnr_mu_db, abs=1e-4)
+        assert frames.kl_nats_per_element == pytest.approx(whole.kl_nats_per_element, rel=1e-5)
+        assert patch_spectrum(list(photo_batch.split(4))) == pytest.approx(spectrum)
+
+    def test_held_out_frames_have_sides_divisible_by_8(self) -> None:
+        from hrm_vision.evaluation.quality import held_out_frames
+
+        frames = held_out_frames(["coffee"])
+        assert len(frames) == 1 and frames[0].shape[:2] == (1, 3)
+        assert frames[0].shape[-2] % 8 == 0 and frames[0].shape[-1] % 8 == 0
+        assert 0 <= float(frames[0].min()) and float(frames[0].max()) <= 1
+        assert frames[0].shape[-2] > 300  # full resolution, not a crop

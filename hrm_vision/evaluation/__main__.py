@@ -52,6 +52,11 @@ def setup_args() -> argparse.ArgumentParser:
     p.add_argument("--baseline-train-images", type=int, default=4096,
                    help="training images the patch-PCA baseline is fitted on; 0 leaves the "
                         "baselines out (default 4096)")
+    p.add_argument("--no-frames", action="store_true",
+                   help="leave out the held-out photographs at full resolution (measured "
+                        "with the photos dataset only)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the posterior samples that decode(z) decodes (default 0)")
     return p
 
 
@@ -67,7 +72,8 @@ def settings_from_args(args: argparse.Namespace, command: str) -> EvaluationSett
         num_images=args.num_images, batch_size=args.batch_size,
         latency_repeats=args.latency_repeats, throughput_repeats=args.throughput_repeats,
         throughput_batch=args.throughput_batch, warmup=args.warmup,
-        baseline_train_images=args.baseline_train_images, command=command)
+        baseline_train_images=args.baseline_train_images, frames=not args.no_frames,
+        seed=args.seed, command=command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

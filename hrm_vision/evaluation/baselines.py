@@ -8,6 +8,9 @@ tensors ``(N, 3, H, W)`` in [0, 1] with H and W divisible by 8; PSNR is over the
 ``numbers`` is how many numbers a baseline keeps per image: a thumbnail of side s keeps
 ``3 * s * s``; patch PCA with k coefficients per 8x8 patch keeps ``k * H/8 * W/8``, the same
 count as a latent of k channels on the H/8 x W/8 grid.
+
+The same PCA gives the spectrum of the images' 8x8x3 patches (:func:`patch_spectrum`), from
+which :mod:`hrm_vision.rate` computes the best linear-Gaussian reconstruction at a given rate.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..metrics import psnr as pooled_psnr
+from ..metrics import psnr_from_mse as pooled_psnr_from_mse
 from ..vae.patches import PATCH, fit_patch_pca, patch_vectors
 
 #: Thumbnail sides and PCA coefficient counts reported by default (for 32x32 images: the 8x8
@@ -68,16 +73,51 @@ class PatchPCA:
         return F.pixel_shuffle(cols, self.patch).clamp(0, 1)
 
 
-def compute_baselines(val_images: Tensor, train_images: Tensor,
+def compute_baselines(val_images: Tensor, train_images: Tensor | None = None,
                       sides: Sequence[int] = THUMBNAIL_SIDES,
-                      coefficients: Sequence[int] = PCA_COEFFICIENTS) -> list[Baseline]:
-    """Every baseline on ``val_images``; PCA is fitted on ``train_images`` (both (N, 3, H, W))."""
+                      coefficients: Sequence[int] = PCA_COEFFICIENTS,
+                      pca: PatchPCA | None = None) -> list[Baseline]:
+    """Every baseline on ``val_images``; PCA is fitted on ``train_images`` (both (N, 3, H, W)),
+    or given already fitted as ``pca``."""
+    if (train_images is None) == (pca is None):
+        raise ValueError("give exactly one of train_images and pca")
     h, w = val_images.shape[-2:]
     grid = (h // PATCH) * (w // PATCH)
     rows = [Baseline(f"thumbnail {s}x{s}, bicubic", 3 * s * s,
                      pooled_psnr(thumbnail(val_images, s), val_images)) for s in sides]
-    pca = PatchPCA(train_images)
+    if pca is None:
+        assert train_images is not None
+        pca = PatchPCA(train_images)
     rows += [Baseline(f"patch PCA, {k} coefficients", k * grid,
                       pooled_psnr(pca.reconstruct(val_images, k), val_images))
              for k in coefficients]
+    return rows
+
+
+def as_patches(images: Tensor, patch: int = PATCH) -> Tensor:
+    """The non-overlapping patches of ``images`` (N, C, H, W) as images ``(M, C, p, p)``."""
+    rows = patch_vectors(images, patch)
+    return rows.reshape(rows.shape[0], images.shape[1], patch, patch)
+
+
+def patch_spectrum(images: Tensor | Sequence[Tensor], patch: int = PATCH) -> Tensor:
+    """Variances of the principal components of the 8x8x3 patches of ``images``, decreasing,
+    ``(C * patch**2,)``. ``images``: a tensor (N, C, H, W) or a list of tensors of different
+    sizes (full frames), in [0, 1], sides divisible by ``patch``."""
+    if isinstance(images, Tensor):
+        return fit_patch_pca(images, patch)[2]
+    return fit_patch_pca(torch.cat([as_patches(x, patch) for x in images]), patch)[2]
+
+
+def frame_baselines(frames: Sequence[Tensor], pca: PatchPCA,
+                    coefficients: Sequence[int] = PCA_COEFFICIENTS) -> list[Baseline]:
+    """Patch PCA with ``pca``'s basis (fitted on training crops) on full frames, (1, 3, H, W)
+    each; PSNR pooled over every pixel of every frame, ``numbers`` per 8x8 patch."""
+    rows = []
+    for k in coefficients:
+        se = sum(float(F.mse_loss(pca.reconstruct(x, k).double(), x.double(), reduction="sum"))
+                 for x in frames)
+        n = sum(x.numel() for x in frames)
+        rows.append(Baseline(f"patch PCA, {k} coefficients", k,
+                             pooled_psnr_from_mse(se / n)))
     return rows

@@ -1,16 +1,22 @@
-"""Reconstruction quality, latent alignment and the cost of a uint8 latent, on a dataset split."""
+"""Reconstruction quality, latent alignment, the cost of a uint8 latent, and rate, on a dataset
+split and on the held-out photographs at full resolution."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from .. import rate
 from ..data import build_dataset
-from ..metrics import linear_cka, psnr, ssim
+from ..metrics import linear_cka, psnr, psnr_from_mse, ssim
+from ..objective import gaussian_kl
 from ..vae import VAEBase
 
 #: How the student latent is stored as uint8 (see :func:`quantize_uint8`).
@@ -128,3 +134,94 @@ def validation_images(dataset: str, num_images: int, image_size: int,
 
 def _image(item: Tensor | tuple[Tensor, ...]) -> Tensor:
     return item[0] if isinstance(item, (tuple, list)) else item
+
+
+def held_out_frames(photos: Sequence[str] | None = None) -> list[Tensor]:
+    """The held-out photographs of the ``photos`` dataset at full resolution, each centre-cropped
+    to sides divisible by 8: a list of ``(1, 3, H, W)`` float tensors in [0, 1] (sizes differ).
+
+    ``photos`` defaults to :data:`hrm_vision.data.photos.VAL_PHOTOS`. Needs the ``photos`` extra.
+    """
+    from ..data.photos import VAL_PHOTOS, load_photo
+
+    frames = []
+    for name in VAL_PHOTOS if photos is None else photos:
+        img = torch.from_numpy(load_photo(name)).permute(2, 0, 1).float().div_(255.0)
+        h, w = (s - s % 8 for s in img.shape[-2:])
+        top, left = (img.shape[-2] - h) // 2, (img.shape[-1] - w) // 2
+        frames.append(img[None, :, top:top + h, left:left + w].contiguous())
+    return frames
+
+
+def batches(images: Tensor | Sequence[Tensor], batch_size: int) -> list[Tensor]:
+    """``images`` as a list of ``(B, 3, H, W)`` batches: a tensor is cut into batches of
+    ``batch_size``; a list of tensors (images of different sizes) is kept as it is."""
+    if isinstance(images, Tensor):
+        return list(images.split(batch_size))
+    return list(images)
+
+
+@dataclass(frozen=True)
+class RateQuality:
+    """What a model's rate buys, on one set of images (PSNR pooled over the set, in dB).
+
+    ``kl_nats_per_element``: mean KL of the posterior to N(0, I) per latent element;
+    ``bits_per_pixel``: the same rate per pixel (:func:`hrm_vision.rate.bits_per_pixel`);
+    ``psnr_mu_db``: decode(mu); ``psnr_sample_db``: decode(z), z a posterior sample (seeded);
+    ``water_filling_psnr_db`` and ``uniform_psnr_db``: the Gaussian references at the same rate
+    from the spectrum of the set's 8x8x3 patches (:func:`hrm_vision.rate.water_filling`,
+    :func:`hrm_vision.rate.uniform_allocation` over the model's latent channels).
+    """
+
+    model: str
+    images: str
+    latent_channels: int
+    kl_nats_per_element: float
+    bits_per_pixel: float
+    psnr_mu_db: float
+    psnr_sample_db: float
+    water_filling_psnr_db: float
+    uniform_psnr_db: float
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@torch.inference_mode()
+def measure_rate(model: VAEBase, name: str, images: Tensor | Sequence[Tensor], label: str,
+                 spectrum: Tensor, seed: int = 0, batch_size: int = 128) -> RateQuality:
+    """Rate and both qualities of ``model`` (eval mode) on ``images``: a tensor
+    ``(N, 3, H, W)`` or a list of ``(1, 3, H, W)`` frames, in [0, 1]. The posterior samples use
+    a generator seeded with ``seed``; ``spectrum`` is the patch spectrum of the same images
+    (:func:`hrm_vision.evaluation.baselines.patch_spectrum`)."""
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    se_mu = se_z = kl = 0.0
+    pixels = elements = 0
+    for x in batches(images, batch_size):
+        mu, logvar = model.posterior(x)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=gen).to(mu)
+        se_mu += F.mse_loss(model.decode(mu).double(), x.double(), reduction="sum").item()
+        se_z += F.mse_loss(model.decode(z).double(), x.double(), reduction="sum").item()
+        kl += float(gaussian_kl(mu, logvar).double().sum())
+        pixels, elements = pixels + x.numel(), elements + mu.numel()
+    nats, c = kl / elements, model.latent_dim
+    return RateQuality(
+        model=name, images=label, latent_channels=c, kl_nats_per_element=nats,
+        bits_per_pixel=rate.bits_per_pixel(nats, c),
+        psnr_mu_db=psnr_from_mse(se_mu / pixels), psnr_sample_db=psnr_from_mse(se_z / pixels),
+        water_filling_psnr_db=rate.psnr_db(rate.water_filling(spectrum,
+                                                              rate.patch_rate_nats(nats, c))),
+        uniform_psnr_db=rate.psnr_db(rate.uniform_allocation(spectrum, nats,
+                                                             min(c, spectrum.numel()))))
+
+
+def pooled_psnr(reconstruct: Callable[[Tensor], Tensor], images: Sequence[Tensor]) -> float:
+    """PSNR pooled over every pixel of ``images`` (tensors of any sizes) of ``reconstruct(x)``."""
+    se, n = 0.0, 0
+    with torch.inference_mode():
+        for x in images:
+            se += F.mse_loss(reconstruct(x).double().clamp(0, 1), x.double(),
+                             reduction="sum").item()
+            n += x.numel()
+    return psnr_from_mse(se / n) if n else math.nan

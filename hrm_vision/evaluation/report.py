@@ -101,6 +101,8 @@ def markdown(report: dict[str, Any]) -> str:
               f"{q['bytes_float32']:,} / {q['bytes_uint8']:,} |",
               "", f"uint8 scheme: {q['scheme']}."]
     lines += _reconstruction_lines(report)
+    lines += _rate_lines(report.get("rate", []))
+    lines += _frame_lines(report.get("frames"))
     d, tm, mach = report["dataset"], report["timing"], report["machine"]
     lines += ["", "Ratios: teacher/student for costs, student/teacher for throughput and "
               "quality; above 1 means the student does better.",
@@ -123,6 +125,32 @@ def _reconstruction_lines(report: dict[str, Any]) -> list[str]:
     lines = ["", "| reconstruction (same images) | numbers kept per image | PSNR (dB) |",
              "|---|---|---|"]
     return lines + [f"| {r['name']} | {r['numbers']:,} | {r['psnr_db']:.2f} |" for r in rows]
+
+
+def _rate_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Rate and both qualities per model and set, with the Gaussian references at that rate."""
+    if not rows:
+        return []
+    lines = ["", "| rate (same images) | images | KL nats per latent element | bits per pixel | "
+             "decode(mu) PSNR | decode(z) PSNR | water-filling bound at that rate | "
+             "uniform allocation at that rate |", "|---|---|---|---|---|---|---|---|"]
+    return lines + [f"| {r['model']} | {r['images']} | {r['kl_nats_per_element']:.3f} | "
+                    f"{r['bits_per_pixel']:.2f} | {r['psnr_mu_db']:.2f} dB | "
+                    f"{r['psnr_sample_db']:.2f} dB | {r['water_filling_psnr_db']:.2f} dB | "
+                    f"{r['uniform_psnr_db']:.2f} dB |" for r in rows]
+
+
+def _frame_lines(frames: dict[str, Any] | None) -> list[str]:
+    """The held-out photographs at full resolution: reconstructions and rate."""
+    if not frames:
+        return []
+    sizes = ", ".join(f"{p['name']} {p['height']}x{p['width']}" for p in frames["photos"])
+    lines = ["", f"Held-out photographs at full resolution ({sizes}), PSNR pooled over every "
+             "pixel:", "", "| reconstruction (full frames) | numbers per 8x8 patch | PSNR (dB) |",
+             "|---|---|---|"]
+    lines += [f"| {r['name']} | {r['numbers']:,} | {r['psnr_db']:.2f} |"
+              for r in frames["reconstructions"]]
+    return lines + _rate_lines(frames["rate"])
 
 
 def _image(t: Tensor) -> Any:

@@ -10,7 +10,13 @@ Reads ``teacher.pth`` (role teacher) and ``tinyvae_best.pth`` (role student, wit
   student latents and teacher latents; the PSNR cost of a uint8 student latent;
 - the reconstructions a learned model must beat on the same images
   (:mod:`hrm_vision.evaluation.baselines`: bicubic thumbnails, patch PCA fitted on the first
-  ``baseline_train_images`` training images), with the numbers each keeps per image.
+  ``baseline_train_images`` training images), with the numbers each keeps per image;
+- rate (:class:`~hrm_vision.evaluation.quality.RateQuality`) for both models: KL in nats per
+  latent element and bits per pixel, decode(mu) and decode(z) PSNR (z a posterior sample drawn
+  with ``seed``), and the Gaussian water-filling bound and uniform allocation at that rate;
+- with the ``photos`` dataset, the same quality and rate on its held-out photographs at full
+  resolution (:func:`~hrm_vision.evaluation.quality.held_out_frames`), beside patch PCA with
+  the basis fitted on the training crops (PCA-128 is the student's untrained linear start).
 
 Images are float tensors in [0, 1], NCHW, RGB. The command is ``python -m hrm_vision.evaluation``.
 """
@@ -31,9 +37,17 @@ from ..data import build_dataset
 from ..files import json_safe, write_json, write_text
 from ..timing import machine_info
 from ..vae import LatentAdapter, VAEBase
-from .baselines import compute_baselines
+from .baselines import PatchPCA, compute_baselines, frame_baselines, patch_spectrum
 from .footprint import footprint
-from .quality import UINT8_SCHEME, QualityResult, measure_quality, validation_images
+from .quality import (
+    UINT8_SCHEME,
+    QualityResult,
+    held_out_frames,
+    measure_quality,
+    measure_rate,
+    pooled_psnr,
+    validation_images,
+)
 from .report import figure, markdown, metrics, ratios
 from .speed import measure_speed
 
@@ -54,6 +68,8 @@ class EvaluationSettings:
     throughput_batch: int = 64
     warmup: int = 2
     baseline_train_images: int = 4096
+    frames: bool = True
+    seed: int = 0
     command: str = ""
 
 
@@ -91,18 +107,41 @@ def _latent_section(q: QualityResult, latent: tuple[int, int, int]) -> dict[str,
 
 
 def reconstructions(s: EvaluationSettings, models: dict[str, VAEBase],
-                    quality: QualityResult) -> list[dict[str, Any]]:
-    """Both models and the baselines on the first ``quality.num_images`` validation images:
-    ``{"name", "numbers" (kept per image), "psnr_db"}`` rows (no baselines when
-    ``baseline_train_images`` is 0)."""
+                    quality: QualityResult, val: Any, pca: PatchPCA | None
+                    ) -> list[dict[str, Any]]:
+    """Both models and the baselines on the validation images ``val`` (the first
+    ``quality.num_images``): ``{"name", "numbers" (kept per image), "psnr_db"}`` rows (no
+    baselines without a ``pca``)."""
     rows = [{"name": name, "numbers": math.prod(m.latent_shape(s.image_size, s.image_size)),
              "psnr_db": getattr(quality, f"{name}_psnr_db")} for name, m in models.items()]
-    if s.baseline_train_images < 1:
+    if pca is None:
         return rows
-    val = validation_images(s.dataset, quality.num_images, s.image_size, s.data_dir)
-    train = validation_images(s.dataset, s.baseline_train_images, s.image_size, s.data_dir,
-                              split="train")
-    return rows + [b.to_dict() for b in compute_baselines(val, train)]
+    return rows + [b.to_dict() for b in compute_baselines(val, pca=pca)]
+
+
+def rate_rows(s: EvaluationSettings, models: dict[str, VAEBase], images: Any, label: str
+              ) -> list[dict[str, Any]]:
+    """:func:`~hrm_vision.evaluation.quality.measure_rate` of every model on ``images``."""
+    spectrum = patch_spectrum(images)
+    return [measure_rate(m, name, images, label, spectrum, s.seed, s.batch_size).to_dict()
+            for name, m in models.items()]
+
+
+def frames_section(s: EvaluationSettings, models: dict[str, VAEBase], pca: PatchPCA | None
+                   ) -> dict[str, Any]:
+    """Quality and rate on the held-out photographs at full resolution."""
+    from ..data.photos import VAL_PHOTOS
+
+    frames = held_out_frames()
+    rows = [{"name": name, "numbers": m.latent_dim,
+             "psnr_db": pooled_psnr(lambda x, m=m: m.decode(m.encode(x)), frames)}
+            for name, m in models.items()]
+    if pca is not None:
+        rows += [b.to_dict() for b in frame_baselines(frames, pca)]
+    return {"photos": [{"name": n, "height": x.shape[-2], "width": x.shape[-1]}
+                       for n, x in zip(VAL_PHOTOS, frames, strict=True)],
+            "reconstructions": rows,
+            "rate": rate_rows(s, models, frames, "frames")}
 
 
 def evaluate(s: EvaluationSettings) -> dict[str, Any]:
@@ -113,6 +152,11 @@ def evaluate(s: EvaluationSettings) -> dict[str, Any]:
     quality = measure_quality(teacher, student, adapter, dataset, s.num_images, s.batch_size)
     models = {"teacher": teacher, "student": student}
     result = _measure_models(s, models, dataset, quality)
+    val = validation_images(s.dataset, quality.num_images, s.image_size, s.data_dir)
+    pca = (PatchPCA(validation_images(s.dataset, s.baseline_train_images, s.image_size,
+                                      s.data_dir, split="train"))
+           if s.baseline_train_images > 0 else None)
+    with_frames = s.frames and s.dataset == "photos"
     return {
         "command": s.command,
         "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -131,7 +175,9 @@ def evaluate(s: EvaluationSettings) -> dict[str, Any]:
                       "cross_psnr_db": quality.cross_psnr_db},
         "latent_uint8": _latent_section(quality, student.latent_shape(s.image_size,
                                                                       s.image_size)),
-        "reconstructions": reconstructions(s, models, quality),
+        "reconstructions": reconstructions(s, models, quality, val, pca),
+        "rate": rate_rows(s, models, val, f"{s.image_size}x{s.image_size} crops"),
+        "frames": frames_section(s, models, pca) if with_frames else None,
         "samples": quality.samples,
     }
 
