@@ -6,8 +6,12 @@ config, reports) goes through :func:`atomic_write`: the bytes go to a temporary 
 directory (``.{name}.XXXX.tmp``), are flushed and fsynced, then ``os.replace`` puts the file in
 place. A write that fails for lack of space or any other I/O reason is an ``OSError`` naming the
 file (also when the writer, like ``torch.save``, wraps it in another exception); the temporary
-file is removed. :func:`remove_stale_temporaries` deletes the temporary files that a killed
-process leaves behind.
+file is removed. Written files get the permissions ``open()`` would give them (``0o666`` less the
+process umask), not the ``0o600`` of a temporary file.
+
+:class:`FolderLock` makes one process the only writer of a folder (an OS lock, released by the
+kernel when the holder dies, so a killed run leaves no stale lock); only its holder deletes the
+temporary files that a killed process left behind (:meth:`FolderLock.remove_stale_temporaries`).
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ import json
 import math
 import os
 import re
+import socket
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
 from typing import IO, Any
 
 #: Names of the temporary files :func:`atomic_write` creates (``.{name}.XXXXXXXX.tmp``).
@@ -37,6 +44,19 @@ def _os_error(exc: BaseException) -> OSError | None:
     return None
 
 
+def current_umask() -> int:
+    """The process umask (read without changing it where ``/proc`` allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> Path:
     """Call ``write(f)`` on a temporary binary file next to ``path``, then move it into place.
 
@@ -53,6 +73,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], obje
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -71,19 +92,101 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], obje
     return path
 
 
-def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
-    """Delete the temporary files of :func:`atomic_write` left in ``folder`` by a process that
-    was killed mid-write (``.{name}.XXXXXXXX.tmp``); returns what was deleted. Only call it
-    when no other process writes into ``folder``."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    removed = []
-    for entry in folder.iterdir():
-        if TEMPORARY_NAME.match(entry.name) and entry.is_file():
-            entry.unlink(missing_ok=True)
-            removed.append(entry)
-    return sorted(removed)
+class FolderLockedError(OSError):
+    """Another live process holds the folder's :class:`FolderLock`; the message names it."""
+
+
+class FolderLock:
+    """An exclusive lock on ``folder`` for one writer, held from :meth:`acquire` to
+    :meth:`release` (or for a ``with`` block).
+
+    The lock is ``fcntl.flock`` on ``folder/.lock``, which also records the holder's pid, host
+    and start time for the error another process gets. The kernel drops the lock when the holder
+    exits or is killed, so there is never a stale lock to delete; the file itself stays.
+
+    Raises (from :meth:`acquire`):
+        FolderLockedError: another process holds the lock (named in the message).
+        OSError: the folder cannot be created or the lock file opened (read-only mount, ...).
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, folder: str | os.PathLike[str], purpose: str = "writing") -> None:
+        self.folder = Path(folder)
+        self.purpose = purpose
+        self._fd: int | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.folder / self.NAME
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> FolderLock:
+        import fcntl
+
+        if self._fd is not None:
+            return self
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+            os.close(fd)
+            raise FolderLockedError(
+                f"{self.folder} is in use by another process ({self._describe(holder)}); wait "
+                "for it to finish, or use another folder") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                             "purpose": self.purpose}).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record + b"\n", 0)
+        self._fd = fd
+        return self
+
+    @staticmethod
+    def _describe(holder: str) -> str:
+        try:
+            info = json.loads(holder)
+            return (f"pid {info['pid']} on {info['host']}, {info['purpose']} since "
+                    f"{info['started']}")
+        except (ValueError, KeyError, TypeError):
+            return "holder unknown"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.release()
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete the temporary files of :func:`atomic_write` that a killed process left in the
+        folder (``.{name}.XXXXXXXX.tmp``); returns what was deleted. Only the lock's holder may,
+        since no other process then writes there.
+
+        Raises:
+            RuntimeError: the lock is not held.
+        """
+        if self._fd is None:
+            raise RuntimeError(f"remove_stale_temporaries needs the lock on {self.folder}")
+        removed = []
+        for entry in self.folder.iterdir():
+            if TEMPORARY_NAME.match(entry.name) and entry.is_file():
+                entry.unlink(missing_ok=True)
+                removed.append(entry)
+        return sorted(removed)
 
 
 def write_text(text: str, path: str | os.PathLike[str]) -> Path:

@@ -298,3 +298,32 @@ class TestReadImage:
         Image.fromarray(np.full((4, 4), -1.0, np.float32)).save(tmp_path / "neg.tif")
         with pytest.raises(UnsupportedImageError, match=r"neg.tif: float pixels in \[-1, -1\]"):
             read_image(tmp_path / "neg.tif")
+
+
+class TestImageLimits:
+    """Files refused before decoding: non-regular files and headers declaring too many pixels."""
+
+    def test_pixel_limit_from_the_header(self, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+        Image.new("RGB", (40, 30)).save(tmp_path / "big.png")
+        assert read_image(tmp_path / "big.png", max_pixels=1200).shape == (30, 40, 3)
+        with pytest.raises(UnsupportedImageError, match=r"40x30 = 1,200 pixels.*limit of 1,199"):
+            read_image(tmp_path / "big.png", max_pixels=1199)
+        monkeypatch.setenv("HRM_VISION_MAX_IMAGE_PIXELS", "1000")
+        with pytest.raises(UnsupportedImageError, match="HRM_VISION_MAX_IMAGE_PIXELS"):
+            read_image(tmp_path / "big.png")
+        monkeypatch.setenv("HRM_VISION_MAX_IMAGE_PIXELS", "lots")
+        with pytest.raises(ValueError, match="expected a positive integer"):
+            read_image(tmp_path / "big.png")
+
+    def test_a_bomb_is_refused_without_decoding(self, tmp_path: Path) -> None:
+        # 13000 x 13000 of one colour compresses to a few hundred KB; decoding takes 500 MB.
+        Image.new("L", (13000, 13000)).save(tmp_path / "bomb.png")
+        with pytest.raises(UnsupportedImageError, match="169,000,000 pixels"):
+            read_image(tmp_path / "bomb.png")
+
+    @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+    def test_fifo_is_refused_not_waited_on(self, tmp_path: Path) -> None:
+        os.mkfifo(tmp_path / "camera.png")
+        with pytest.raises(UnsupportedImageError, match="not a regular file"):
+            read_image(tmp_path / "camera.png")

@@ -14,12 +14,20 @@ scales PGM to that range), and floats in [0, 1] are kept. Anything whose scale c
 :class:`UnsupportedImageError` that says why. Multi-channel float TIFFs cannot be opened by
 Pillow at all; the error says so.
 
+Before anything is decoded, a file must be a regular file (a FIFO or device would block or never
+end) and its header's pixel count must be at most ``max_pixels`` (default
+:data:`MAX_PIXELS`, 50 million: a 48-megapixel photograph passes; the environment variable
+``HRM_VISION_MAX_IMAGE_PIXELS`` changes the default): a small compressed file can declare a
+huge image, whose decode would take gigabytes. Both are an :class:`UnsupportedImageError`.
+
 Needs pillow (the ``train`` extra), imported on first use.
 """
 
 from __future__ import annotations
 
 import os
+import stat
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +39,32 @@ from .._extras import require
 MODES_16BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
 #: Pillow formats whose ``I`` mode holds values scaled to 16 bits.
 I_MODE_16BIT_FORMATS = frozenset({"PNG", "PPM"})
+#: Default largest pixel count (width x height) of an image file that is decoded.
+MAX_PIXELS = 50_000_000
+#: Environment variable that replaces :data:`MAX_PIXELS` (a positive integer).
+MAX_PIXELS_ENV = "HRM_VISION_MAX_IMAGE_PIXELS"
 
 
 class UnsupportedImageError(ValueError):
     """An image file whose pixel values cannot be mapped to [0, 1]; the message says why."""
+
+
+def max_pixels_default() -> int:
+    """:data:`MAX_PIXELS`, or the positive integer in ``$HRM_VISION_MAX_IMAGE_PIXELS``.
+
+    Raises:
+        ValueError: the variable is set to something else than a positive integer.
+    """
+    raw = os.environ.get(MAX_PIXELS_ENV)
+    if raw is None:
+        return MAX_PIXELS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ValueError(f"{MAX_PIXELS_ENV}={raw!r}: expected a positive integer")
+    return value
 
 
 def _pil(purpose: str) -> tuple[Any, Any]:
@@ -82,20 +112,40 @@ def single_channel_unit(img: Any, source: str = "image", fmt: str | None = None)
     raise ValueError(f"{source}: mode {img.mode!r} is not a high-depth single-channel mode")
 
 
-def open_image(path: str | os.PathLike[str],
-               purpose: str = "reading images") -> tuple[Any, str | None]:
+def open_image(path: str | os.PathLike[str], purpose: str = "reading images",
+               max_pixels: int | None = None) -> tuple[Any, str | None]:
     """Open ``path`` with Pillow: ``(image with EXIF orientation applied, file format)``.
+
+    ``max_pixels`` (default :func:`max_pixels_default`) bounds width x height, read from the
+    header before any pixel is decoded.
 
     Raises:
         OSError: missing or unreadable file; ``PIL.UnidentifiedImageError`` (an ``OSError``) for a
             file Pillow cannot decode, with a hint for multi-channel float TIFFs.
+        UnsupportedImageError: not a regular file, or more pixels than ``max_pixels``.
     """
     image, ops = _pil(purpose)
     path = Path(path)
+    limit = max_pixels_default() if max_pixels is None else max_pixels
+    mode = os.stat(path).st_mode  # a missing file: FileNotFoundError naming it
+    if not stat.S_ISREG(mode):
+        raise UnsupportedImageError(f"{path}: not a regular file (a folder, FIFO, socket or "
+                                    "device); only image files are read")
     try:
-        with image.open(path) as img:
+        with warnings.catch_warnings():  # the limit below replaces Pillow's bomb warning
+            warnings.simplefilter("ignore", image.DecompressionBombWarning)
+            img = image.open(path)
+        with img:
+            width, height = img.size
+            if width * height > limit:
+                raise UnsupportedImageError(
+                    f"{path}: {width}x{height} = {width * height:,} pixels, more than the limit "
+                    f"of {limit:,} (set {MAX_PIXELS_ENV} to read larger images)")
             img.load()
             return ops.exif_transpose(img), img.format
+    except image.DecompressionBombError as exc:  # Pillow's own bound, above ours by default
+        raise UnsupportedImageError(f"{path}: {exc} (set {MAX_PIXELS_ENV} and "
+                                    "PIL.Image.MAX_IMAGE_PIXELS to read it)") from exc
     except image.UnidentifiedImageError as exc:
         if path.suffix.lower() in (".tif", ".tiff"):
             raise image.UnidentifiedImageError(
@@ -104,7 +154,8 @@ def open_image(path: str | os.PathLike[str],
         raise
 
 
-def read_image(path: str | os.PathLike[str], purpose: str = "reading images") -> np.ndarray:
+def read_image(path: str | os.PathLike[str], purpose: str = "reading images",
+               max_pixels: int | None = None) -> np.ndarray:
     """``path`` as an ``(H, W, 3)`` float32 RGB array in [0, 1], scaled by its bit depth.
 
     8-bit files give ``value / 255``; 16-bit files ``value / 65535``; float files their values
@@ -115,7 +166,7 @@ def read_image(path: str | os.PathLike[str], purpose: str = "reading images") ->
         UnsupportedImageError: pixel values whose scale is unknown (see the module docstring).
         ValueError: an image with no pixels.
     """
-    img, fmt = open_image(path, purpose)
+    img, fmt = open_image(path, purpose, max_pixels)
     if img.width == 0 or img.height == 0:
         raise ValueError(f"{path}: the image has no pixels ({img.width}x{img.height})")
     if is_high_depth(img):
@@ -150,4 +201,5 @@ def load_square_uint8(path: str | os.PathLike[str], image_size: int,
     return np.repeat(as_uint8[:, :, None], 3, axis=2)
 
 
-__all__ = ["UnsupportedImageError", "load_square_uint8", "open_image", "read_image"]
+__all__ = ["MAX_PIXELS", "UnsupportedImageError", "load_square_uint8", "max_pixels_default",
+           "open_image", "read_image"]

@@ -37,7 +37,7 @@ import math
 import signal
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ from ..checkpoints import (
     model_from_payload,
     save_checkpoint,
 )
-from ..files import remove_stale_temporaries
+from ..files import FolderLock
 from ..vae import LatentAdapter, MinimalVAE, TeacherVAE, VAEBase
 from .callbacks import Callback, default_callbacks
 from .config import DistillConfig, save_config
@@ -241,19 +241,22 @@ class Distiller:
     def run(self, resume: str | Path | None = None) -> dict[str, Path]:
         """Run the phases; ``resume`` is a checkpoint path or ``"auto"``. Returns the files
         written (``best``, ``last``, ``teacher``, ``history``, ``config``...)."""
-        payload = self._resume_payload(resume)
-        if self.ctx.is_main:
-            stale = remove_stale_temporaries(self.out_dir)
-            if stale:
-                self.message(f"removed {len(stale)} temporary file(s) of an interrupted write "
-                             f"in {self.out_dir}")
-            save_config(self.config, self.out_dir / "config.json")
-        self._emit("on_train_begin")
-        try:
-            with self._signal_handlers():
-                self._run_phases(payload)
-        finally:
-            self._emit("on_train_end")
+        # One writer per folder: rank 0 holds the lock for the whole run, before it reads a
+        # checkpoint to resume, deletes temporaries or writes the effective config.
+        with FolderLock(self.out_dir, "training") if self.ctx.is_main else nullcontext() as lock:
+            payload = self._resume_payload(resume)
+            if lock is not None:
+                stale = lock.remove_stale_temporaries()
+                if stale:
+                    self.message(f"removed {len(stale)} temporary file(s) of an interrupted "
+                                 f"write in {self.out_dir}")
+                save_config(self.config, self.out_dir / "config.json")
+            self._emit("on_train_begin")
+            try:
+                with self._signal_handlers():
+                    self._run_phases(payload)
+            finally:
+                self._emit("on_train_end")
         files = {"config": self.out_dir / "config.json", "history": self.out_dir / "history.json",
                  "best": self.out_dir / DistillPhase.best_file,
                  "last": self.out_dir / DistillPhase.last_file}
