@@ -7,6 +7,7 @@ created (unknown keys are errors that name them); the halting keys SAGE writes i
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -16,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..validation import describe_validation_error
 
+#: Environment variable naming the checkpoint used when ``checkpoint`` is not given, so SAGE's
+#: scripts run trained weights with only the import swapped.
+CHECKPOINT_ENV = "HRM_VISION_SAGE_CHECKPOINT"
 #: SAGE's sizes: a 64x64 RGB crop, a 64-number latent.
 SAGE_LATENT_DIM, SAGE_INPUT_CHANNELS, SAGE_IMG_SIZE = 64, 3, 64
 
@@ -70,7 +74,12 @@ class SageConfig(BaseModel):
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> SageConfig:
-        """Validate ``config``; a ``ValueError`` names each bad or unknown key."""
+        """Validate ``config``; a ``ValueError`` names each bad or unknown key.
+
+        Without a ``checkpoint`` key, :data:`CHECKPOINT_ENV` names the checkpoint when it is set.
+        """
+        if "checkpoint" not in config and os.environ.get(CHECKPOINT_ENV):
+            config = {**config, "checkpoint": os.environ[CHECKPOINT_ENV]}
         try:
             settings = cls.model_validate(config)
         except ValidationError as exc:
