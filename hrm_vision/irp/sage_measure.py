@@ -10,6 +10,7 @@ also gives the numbers a crop's latent holds and the mean number of states used.
 from __future__ import annotations
 
 import argparse
+import importlib
 import platform
 import sys
 import warnings
@@ -65,10 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append((label, numbers, psnr(torch.cat(recon), images), states / len(images)))
     if args.sage_path is not None:
         sys.path.insert(0, str(args.sage_path))
-        from sage.irp.plugins.tinyvae_irp_plugin import create_tinyvae_irp as sage_factory
-
+        sage_plugin = importlib.import_module("sage.irp.plugins.tinyvae_irp_plugin")
         torch.manual_seed(args.seed)
-        sage = sage_factory(device="cpu", latent_dim=64, input_channels=3)
+        sage = sage_plugin.create_tinyvae_irp(device="cpu", latent_dim=64, input_channels=3)
         recon = [sage.decode_batch(sage.refine(x)[0]) for x in images.split(1)]
         rows.append(("SAGE's TinyVAE, random weights", 64, psnr(torch.cat(recon), images), 1.0))
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
