@@ -236,3 +236,29 @@ class TestConfig:
                 plugin.refine(crops[:1], {})
         finally:
             plugin.config["max_iterations"] = 20
+
+
+class TestModelLevelSwap:
+    """SAGE's code using the model itself: ``mu, logvar = vae.encode(x)``, ``vae(x)``."""
+
+    def test_encode_unpacks_into_mu_and_logvar_for_a_batch_of_two(self, crops) -> None:
+        from hrm_vision.irp.sage import TinyVAE
+
+        vae = TinyVAE(input_channels=3, latent_dim=64, img_size=64).eval()
+        with torch.no_grad():
+            mu, logvar = vae.encode(crops[:2])
+            recon, mu2, logvar2 = vae(crops[:2])
+        assert mu.shape == logvar.shape == (2, 64, 8, 8)
+        assert torch.equal(mu, mu2) and recon.shape == (2, 3, 64, 64)
+        assert torch.equal(vae.decode(mu), recon)
+
+    def test_grey_and_checkpoint_sizes(self, crops, checkpoint) -> None:
+        from hrm_vision.irp.sage import TinyVAE
+
+        grey = TinyVAE(input_channels=1, latent_dim=64).eval()
+        with torch.no_grad():
+            recon, _, _ = grey(crops[:1].mean(1, keepdim=True))
+        assert recon.shape == (1, 1, 64, 64)
+        with pytest.raises(ValueError, match="latent_dim=64 disagrees"):
+            TinyVAE(latent_dim=64, checkpoint=checkpoint)
+        assert TinyVAE(latent_dim=16, checkpoint=checkpoint).latent_dim == 16

@@ -1,4 +1,5 @@
-"""Drop-in for SAGE's TinyVAE IRP plugin: ``create_tinyvae_irp`` and ``TinyVAEIRP``.
+"""Drop-in for SAGE's TinyVAE IRP plugin: ``create_tinyvae_irp``, ``TinyVAEIRP`` and the
+model-level ``TinyVAE`` (:mod:`hrm_vision.irp.sage_model`).
 
 A SAGE user swaps one import::
 
@@ -41,22 +42,14 @@ import torch
 from torch import Tensor
 
 from ..checkpoints import load_model
-from ..vae import MinimalVAE
 from .base import IRPState, trust_metrics
 from .crops import CropFormat, from_model_images, to_model_images
 from .sage_config import SageConfig, model_sizes
+from .sage_model import TinyVAE, build_model
 from .telemetry import finite_or_none
 from .tinyvae_plugin import LatentRefiner
 
 _MISSING: Any = object()
-
-
-def _build_model(latent_dim: int, input_channels: int, img_size: int) -> torch.nn.Module:
-    """The untrained model for SAGE's size kwargs: today the DCT-initialised ``MinimalVAE``
-    (a spatial latent ``(latent_dim, img_size/8, img_size/8)``, RGB input: grey crops are
-    repeated to 3 channels)."""
-    del input_channels, img_size  # MinimalVAE takes RGB of any size divisible by 8
-    return MinimalVAE(latent_dim=latent_dim)
 
 
 class TinyVAEIRP:
@@ -79,7 +72,7 @@ class TinyVAEIRP:
             warnings.warn("create_tinyvae_irp without a checkpoint: an untrained model "
                           "(DCT initialisation); pass checkpoint='tinyvae_best.pth' for trained "
                           "weights", UserWarning, stacklevel=3)
-            model = _build_model(sizes.latent_dim, sizes.input_channels, sizes.img_size)
+            model = build_model(sizes.latent_dim, sizes.input_channels, sizes.img_size)
         else:
             model = load_model(settings.checkpoint, role="student")
             sizes = model_sizes(settings, model)
@@ -369,4 +362,4 @@ def create_tinyvae_irp(device: str | torch.device | None = None, **kwargs: Any) 
     return _plugin_class()(config)
 
 
-__all__ = ["TinyVAEIRP", "create_tinyvae_irp"]
+__all__ = ["TinyVAE", "TinyVAEIRP", "create_tinyvae_irp"]
