@@ -140,6 +140,7 @@ class TinyVAEIRP:
         except ValueError as exc:  # remembered: SAGE's router swallows it (see halt)
             self._last_error = str(exc)
             raise
+        self._last_error = None
         with self._autocast():
             mu, meta = self.refiner.start(target)
         with torch.no_grad(), self._autocast():

@@ -4,7 +4,8 @@ halting, longer refinement, and (when ``sage`` imports) SAGE's own TinyVAE at ra
     python -m hrm_vision.irp.sage_measure [--checkpoint tinyvae_best.pth] [--sage-path CHECKOUT]
 
 PSNR is pooled over the crops (:func:`hrm_vision.metrics.psnr`), images in [0, 1]; each row
-also gives the numbers a crop's latent holds and the mean number of states used.
+also gives the numbers a crop's latent holds, the mean number of states used and the
+milliseconds per crop (one crop per call, refinement and decoding, one torch thread).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import importlib
 import platform
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -58,25 +60,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             ("hrm-vision, SAGE's halting (halt_eps 1e-4, K 3)", None, True)]
     runs += [(f"hrm-vision, {n} states", n, False) for n in args.steps]
     for label, max_steps, early in runs:
-        recon, states = [], 0
+        recon, states, start = [], 0, time.perf_counter()
         for x in images.split(1):
             state, history = plugin.refine_states(x, None, max_steps, early)
             recon.append(plugin.decode_batch(state.x))
             states += len(history)
-        rows.append((label, numbers, psnr(torch.cat(recon), images), states / len(images)))
+        ms = 1000.0 * (time.perf_counter() - start) / len(images)
+        rows.append((label, numbers, psnr(torch.cat(recon), images), states / len(images), ms))
     if args.sage_path is not None:
         sys.path.insert(0, str(args.sage_path))
         sage_plugin = importlib.import_module("sage.irp.plugins.tinyvae_irp_plugin")
         torch.manual_seed(args.seed)
         sage = sage_plugin.create_tinyvae_irp(device="cpu", latent_dim=64, input_channels=3)
+        start = time.perf_counter()
         recon = [sage.decode_batch(sage.refine(x)[0]) for x in images.split(1)]
-        rows.append(("SAGE's TinyVAE, random weights", 64, psnr(torch.cat(recon), images), 1.0))
+        ms = 1000.0 * (time.perf_counter() - start) / len(images)
+        rows.append(("SAGE's TinyVAE, random weights", 64, psnr(torch.cat(recon), images), 1.0,
+                     ms))
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"# {args.num_crops} photos val crops 64x64 (seed {args.seed}), checkpoint "
           f"{args.checkpoint or 'none (untrained)'}, {platform.machine()}, 1 thread, {when}")
-    print("| model | numbers per crop | PSNR (dB) | states |\n|---|---|---|---|")
-    for label, n, value, states in rows:
-        print(f"| {label} | {n} | {value:.2f} | {states:.1f} |")
+    print("| model | numbers per crop | PSNR (dB) | states | ms / crop |\n|---|---|---|---|---|")
+    for label, n, value, states, ms in rows:
+        print(f"| {label} | {n} | {value:.2f} | {states:.1f} | {ms:.0f} |")
     return 0
 
 
