@@ -112,8 +112,8 @@ def core_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         for block in {blocks!r}:
             exec(compile(block, "README.md", "exec"), namespace)
 
-        from hrm_vision.irp import get_host, validate_telemetry
-        host = get_host()
+        from hrm_vision.irp import get_registry, validate_telemetry
+        host = get_registry()
         plugin = host.create("tinyvae", {{"checkpoint": "checkpoints/tinyvae_best.pth"}})
         result = plugin.run(torch.rand(2, 3, 32, 32), max_steps=3, input_id=0)
         validate_telemetry(result.telemetry)  # jsonschema is a core dependency
@@ -145,8 +145,8 @@ class TestCoreInstall:
             by_torch = sorted(m for m in optional if m in sys.modules)
             for name in {CORE_MODULES!r}:
                 __import__(name)
-            from hrm_vision.irp import get_host
-            get_host()
+            from hrm_vision.irp import get_registry
+            get_registry()
             print(json.dumps({{"by_torch": by_torch,
                               "loaded": sorted(m for m in optional if m in sys.modules)}}))
             """)

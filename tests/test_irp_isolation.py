@@ -16,7 +16,7 @@ import pytest
 from test_irp_contract import ToyConfig, ToyPlugin  # tests/ is on sys.path under pytest
 from test_irp_plugins import fake_distribution
 
-from hrm_vision.irp import ALLOW_ENV, IRPHost, IRPState, PluginWarning, hookimpl
+from hrm_vision.irp import ALLOW_ENV, IRPState, PluginRegistry, PluginWarning, hookimpl
 from hrm_vision.irp.host import Orchestrator
 from hrm_vision.irp.plugins import UnknownPluginError
 from hrm_vision.irp.telemetry import validate_telemetry
@@ -85,7 +85,7 @@ class FixturePlugins:
 @pytest.fixture
 def host() -> Any:
     """A host with the fixture plugins, unregistered afterwards."""
-    made = IRPHost(load_entry_points=False)
+    made = PluginRegistry(load_entry_points=False)
     made.register(FixturePlugins(), name="fixtures")
     try:
         yield made
@@ -101,13 +101,13 @@ def records(log: io.StringIO) -> list[dict[str, Any]]:
 
 
 class TestOrchestratorIsolation:
-    def test_failing_plugins_are_reported_and_the_others_come_back(self, host: IRPHost) -> None:
+    def test_failing_plugins_are_reported_and_the_others_come_back(self, host) -> None:
         log = io.StringIO()
         configs = {name: {"target": 0.0, "rate": 0.5} for name in
                    ("factory_raises", "toy", "step_raises", "factory_exits", "step_exits",
                     "bad_telemetry")}
         with pytest.warns(PluginWarning):
-            orch = Orchestrator.from_registry(configs, step_budget=12, telemetry=log, host=host)
+            orch = Orchestrator.from_registry(configs, step_budget=12, telemetry=log, registry=host)
             results = orch.run([1.0, 2.0, 3.0])
         assert set(orch.plugins) == {"toy", "step_raises", "step_exits", "bad_telemetry"}
         # every input still has the toy's result, and each failing plugin its good inputs
@@ -142,21 +142,21 @@ class TestOrchestratorIsolation:
         assert [sorted(r) for r in results] == [["raises", "toy"], ["toy"]]
         assert [(e.name, e.input_id) for e in orch.errors] == [("raises", 1)]
 
-    def test_keyboard_interrupt_is_not_swallowed(self, host: IRPHost) -> None:
-        orch = Orchestrator.from_registry({"toy": {}, "interrupted": {}}, 4, host=host)
+    def test_keyboard_interrupt_is_not_swallowed(self, host) -> None:
+        orch = Orchestrator.from_registry({"toy": {}, "interrupted": {}}, 4, registry=host)
         with pytest.raises(KeyboardInterrupt):
             orch.run([1.0])
 
-    def test_when_no_plugin_can_start_the_first_failure_is_raised(self, host: IRPHost) -> None:
+    def test_when_no_plugin_can_start_the_first_failure_is_raised(self, host) -> None:
         from hrm_vision.irp import PluginConfigError
 
         with pytest.warns(PluginWarning), pytest.raises(PluginConfigError, match="rate"):
-            Orchestrator.from_registry({"toy": {"rate": 5}, "factory_raises": {}}, 4, host=host)
+            Orchestrator.from_registry({"toy": {"rate": 5}, "factory_raises": {}}, 4, registry=host)
         with pytest.warns(PluginWarning), \
                 pytest.raises(ValueError, match="could not be created.*sys.exit"):
-            Orchestrator.from_registry({"factory_exits": {}}, 4, host=host)
+            Orchestrator.from_registry({"factory_exits": {}}, 4, registry=host)
         with pytest.warns(PluginWarning), pytest.raises(UnknownPluginError, match="'nope'"):
-            Orchestrator.from_registry({"nope": {}}, 4, host=host)
+            Orchestrator.from_registry({"nope": {}}, 4, registry=host)
 
 
 EXITS_AT_IMPORT = "import sys\nsys.exit('plugin refuses to load')\n"
@@ -195,7 +195,7 @@ def exiting_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 class TestImportFailures:
     def test_sys_exit_at_import_or_in_the_hook_is_reported(self, exiting_dist: Path) -> None:
         with pytest.warns(PluginWarning) as caught:
-            host = IRPHost()
+            host = PluginRegistry()
             plugins = host.list_plugins()
         assert {"tinyvae", "toy_ep"} <= set(plugins)
         assert len(caught) == 2 and "plugin refuses to load" in str(caught[0].message)
@@ -207,7 +207,7 @@ class TestImportFailures:
 
     def test_builtin_that_exits_at_import(self, exiting_dist: Path) -> None:
         with pytest.warns(PluginWarning, match="SystemExit"):
-            host = IRPHost(load_entry_points=False,
+            host = PluginRegistry(load_entry_points=False,
                            builtins=("hrmv_exits", "hrm_vision.irp.tinyvae_plugin"))
         assert set(host.list_plugins()) == {"tinyvae"}
         assert [(e.name, e.source) for e in host.errors] == [("hrmv_exits", "builtin")]
@@ -215,9 +215,9 @@ class TestImportFailures:
     def test_load_failures_reach_telemetry_and_name_lookups(self, exiting_dist: Path) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PluginWarning)
-            host = IRPHost()
+            host = PluginRegistry()
             log = io.StringIO()
-            Orchestrator.from_registry({"toy_ep": {}}, 2, telemetry=log, host=host).run([1.0])
+            Orchestrator.from_registry({"toy_ep": {}}, 2, telemetry=log, registry=host).run([1.0])
         lines = records(log)
         assert [(r["plugin"], r["error"]["stage"]) for r in lines if "error" in r] == [
             ("exits", "import"), ("hook_exits", "register")]

@@ -15,10 +15,10 @@ from test_irp_contract import ToyConfig, ToyPlugin  # tests/ is on sys.path unde
 from hrm_vision.irp import (
     ALLOW_ENV,
     ENTRY_POINT_GROUP,
-    IRPHost,
     PluginConfigError,
+    PluginRegistry,
     PluginWarning,
-    get_host,
+    get_registry,
     hookimpl,
     hookspecs,
 )
@@ -101,9 +101,9 @@ class TestDiscovery:
                                                fromlist=["x"])
 
     def test_builtin_is_registered_like_an_entry_point_and_only_once(self) -> None:
-        only_entry_points = IRPHost(builtins=())
-        only_builtins = IRPHost(load_entry_points=False)
-        both = IRPHost()
+        only_entry_points = PluginRegistry(builtins=())
+        only_builtins = PluginRegistry(load_entry_points=False)
+        both = PluginRegistry()
         for host in (only_entry_points, only_builtins, both):
             info = host.list_plugins()["tinyvae"]
             assert info.factory is TinyVAEPlugin and info.config_model is TinyVAEConfig
@@ -111,7 +111,7 @@ class TestDiscovery:
         assert len(both.pm.get_plugins()) == 1 and not both.errors
 
     def test_fixture_plugin_registers_and_unregisters(self) -> None:
-        host = get_host()
+        host = get_registry()
         assert "toy" not in host.list_plugins()
         host.register(FixturePlugin(), name="fixture")
         try:
@@ -126,7 +126,7 @@ class TestDiscovery:
     def test_third_party_entry_points_load_and_broken_ones_are_reported(
             self, fixture_dist: Path) -> None:
         with pytest.warns(PluginWarning) as caught:
-            host = IRPHost()
+            host = PluginRegistry()
         plugins = host.list_plugins()
         assert {"tinyvae", "toy_ep"} <= set(plugins)  # the host started and kept the good ones
         errors = {e.name: e for e in host.errors}
@@ -138,14 +138,14 @@ class TestDiscovery:
     def test_allow_list_env_var_restricts_entry_points(
             self, fixture_dist: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(ALLOW_ENV, "good, tinyvae")
-        host = IRPHost()
+        host = PluginRegistry()
         assert set(host.list_plugins()) == {"tinyvae", "toy_ep"} and not host.errors
         monkeypatch.setenv(ALLOW_ENV, "")
-        host = IRPHost()
+        host = PluginRegistry()
         assert set(host.list_plugins()) == {"tinyvae"}  # built-ins always load
         monkeypatch.setenv(ALLOW_ENV, "nonexistent")
         with pytest.warns(PluginWarning, match="nonexistent"):
-            host = IRPHost()
+            host = PluginRegistry()
         assert [e.name for e in host.errors] == ["nonexistent"]
 
 
@@ -156,7 +156,7 @@ class TestBadPlugins:
             def register_irp_plugins(self, register: Any) -> None:
                 raise RuntimeError("boom")
 
-        host = IRPHost(load_entry_points=False)
+        host = PluginRegistry(load_entry_points=False)
         host.register(Raising(), name="raising")
         with pytest.warns(PluginWarning, match="boom"):
             plugins = host.list_plugins()
@@ -169,7 +169,7 @@ class TestBadPlugins:
                 register("tinyvae", ToyPlugin, ToyConfig)
                 register("nomodel", ToyPlugin, dict)
 
-        host = IRPHost(load_entry_points=False)
+        host = PluginRegistry(load_entry_points=False)
         host.register(Clash(), name="clash")
         with pytest.warns(PluginWarning):
             plugins = host.list_plugins()
@@ -180,13 +180,36 @@ class TestBadPlugins:
 
     def test_unknown_plugin_name_lists_the_choices(self) -> None:
         with pytest.raises(KeyError, match="tinyvae"):
-            IRPHost(load_entry_points=False).create("nope")
+            PluginRegistry(load_entry_points=False).create("nope")
+
+
+class TestRegistryIsBuiltOnce:
+    def test_hooks_run_once_until_a_module_is_registered(self) -> None:
+        calls: list[str] = []
+
+        class Counting:
+            @hookimpl
+            def register_irp_plugins(self, register: Any) -> None:
+                calls.append("counting")
+                register("toy", ToyPlugin, ToyConfig)
+
+        registry = PluginRegistry(load_entry_points=False)
+        registry.register(Counting(), name="counting")
+        for _ in range(3):
+            registry.get("toy")
+        registry.create("toy", {})
+        registry.list_plugins()
+        assert calls == ["counting"]
+        registry.unregister("counting")
+        assert "toy" not in registry.list_plugins()
+        registry.register(Counting(), name="counting")
+        assert "toy" in registry.list_plugins() and calls == ["counting", "counting"]
 
 
 class TestConfigErrors:
     @pytest.fixture
-    def host(self) -> IRPHost:
-        host = IRPHost(load_entry_points=False)
+    def host(self) -> PluginRegistry:
+        host = PluginRegistry(load_entry_points=False)
         host.register(FixturePlugin(), name="fixture")
         return host
 
@@ -196,16 +219,16 @@ class TestConfigErrors:
         ({"max_steps": 0}, "max_steps"),
         ({"halt_window": 0}, "halt_window"),
     ])
-    def test_errors_name_the_field(self, host: IRPHost, config: dict, field: str) -> None:
+    def test_errors_name_the_field(self, host: PluginRegistry, config: dict, field: str) -> None:
         with pytest.raises(PluginConfigError, match=rf"^toy config: {field}: "):
             host.create("toy", config)
 
-    def test_unknown_key_lists_the_known_ones(self, host: IRPHost) -> None:
+    def test_unknown_key_lists_the_known_ones(self, host: PluginRegistry) -> None:
         with pytest.raises(PluginConfigError, match=r"^toy config: unknown key 'targte' "
                                                     r"\(known keys: .*target, rate\)$"):
             host.create("toy", {"targte": 1.0})
 
-    def test_tinyvae_config_names_checkpoint_device_and_settings(self, host: IRPHost,
+    def test_tinyvae_config_names_checkpoint_device_and_settings(self, host: PluginRegistry,
                                                                  tmp_path: Path) -> None:
         with pytest.raises(PluginConfigError, match=r"checkpoint: Field required"):
             host.create("tinyvae", {})

@@ -17,7 +17,7 @@ import torch
 
 from hrm_vision.checkpoints import CheckpointError, load_model, model_entry, save_checkpoint
 from hrm_vision.data.photos import PhotoCrops
-from hrm_vision.irp import IRPHost, validate_telemetry
+from hrm_vision.irp import PluginRegistry, validate_telemetry
 from hrm_vision.irp import host as host_cli
 from hrm_vision.irp import measure as measure_cli
 from hrm_vision.irp.host import Orchestrator
@@ -57,12 +57,12 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def host() -> IRPHost:
-    return IRPHost(load_entry_points=False)
+def host() -> PluginRegistry:
+    return PluginRegistry(load_entry_points=False)
 
 
 @pytest.fixture(scope="module")
-def plugin(host: IRPHost, checkpoint: Path) -> TinyVAEPlugin:
+def plugin(host: PluginRegistry, checkpoint: Path) -> TinyVAEPlugin:
     made = host.create("tinyvae", {"checkpoint": str(checkpoint), "max_steps": 8})
     assert isinstance(made, TinyVAEPlugin)
     return made
@@ -270,7 +270,7 @@ class TestHost:
     def test_orchestrator_writes_valid_json_lines(self, host, checkpoint, frames_rgb) -> None:
         log = io.StringIO()
         orch = Orchestrator.from_registry({"tinyvae": {"checkpoint": str(checkpoint)}},
-                                          step_budget=4, telemetry=log, host=host)
+                                          step_budget=4, telemetry=log, registry=host)
         results = orch.run([frames_rgb[0], frames_rgb[1:4]])
         lines = [json.loads(ln) for ln in log.getvalue().splitlines()]
         assert [r["input_id"] for r in lines] == [0, 1]

@@ -4,11 +4,15 @@
   project / halt / refine), trust metrics, telemetry records;
 - :mod:`~hrm_vision.irp.hookspecs`: ``hookspec``/``hookimpl`` markers and the
   ``register_irp_plugins(register)`` hook;
-- :mod:`~hrm_vision.irp.plugins`: ``IRPHost``, the manager that registers built-ins and
+- :mod:`~hrm_vision.irp.plugins`: ``PluginRegistry``, which registers built-ins and
   ``hrm_vision.irp_plugins`` entry points, lists plugins and creates them from dict configs;
 - :mod:`~hrm_vision.irp.tinyvae_plugin`: the ``tinyvae`` perception plugin;
-- :mod:`~hrm_vision.irp.host`: the reference host loop (``python -m hrm_vision.irp.host``);
-- :mod:`~hrm_vision.irp.measure`: plain encoder vs refinement, PSNR and timing.
+- :mod:`~hrm_vision.irp.host`: ``Orchestrator``, the loop that runs plugins on inputs
+  (``python -m hrm_vision.irp.host``);
+- :mod:`~hrm_vision.irp.measure`: plain encoder vs refinement, PSNR and timing;
+- :mod:`~hrm_vision.irp.sage`: the drop-in for SAGE's TinyVAE plugin (``create_tinyvae_irp``),
+  with its config (:mod:`~hrm_vision.irp.sage_config`), model (:mod:`~hrm_vision.irp.sage_model`),
+  crop conventions (:mod:`~hrm_vision.irp.crops`) and measurement (:mod:`~hrm_vision.irp.sage_measure`).
 
 The TinyVAE plugin (and torch) is imported lazily, by the host, not by this package.
 """
@@ -18,12 +22,12 @@ from .hookspecs import hookimpl, hookspec
 from .plugins import (
     ALLOW_ENV,
     ENTRY_POINT_GROUP,
-    IRPHost,
     PluginConfigError,
     PluginInfo,
+    PluginRegistry,
     PluginWarning,
     create_plugin,
-    get_host,
+    get_registry,
     list_plugins,
 )
 from .telemetry import telemetry_schema, validate_telemetry
@@ -32,7 +36,7 @@ __all__ = [
     "ALLOW_ENV",
     "ENTRY_POINT_GROUP",
     "IRPConfig",
-    "IRPHost",
+    "PluginRegistry",
     "IRPPlugin",
     "IRPResult",
     "IRPState",
@@ -41,7 +45,7 @@ __all__ = [
     "PluginWarning",
     "TrustMetrics",
     "create_plugin",
-    "get_host",
+    "get_registry",
     "hookimpl",
     "hookspec",
     "list_plugins",

@@ -42,6 +42,6 @@ def register_irp_plugins(register: Callable[..., Any]) -> None:
     - ``kind``: what the plugin does, e.g. ``"perception"``;
     - ``description``: one line shown by ``python -m hrm_vision.irp.host --list``.
 
-    The hook may run several times (each time a host collects its plugins), so it must only
-    call ``register`` and not do heavy work such as loading weights.
+    The hook may run more than once (a registry collects again after a module is registered), so
+    it must only call ``register`` and not do heavy work such as loading weights.
     """

@@ -1,8 +1,8 @@
 """The reference IRP host loop: registry plugins by name, a step budget, JSON-lines telemetry.
 
->>> host = Orchestrator.from_registry({"tinyvae": {"checkpoint": "checkpoints/tinyvae_best.pth"}},
+>>> loop = Orchestrator.from_registry({"tinyvae": {"checkpoint": "checkpoints/tinyvae_best.pth"}},
 ...                                   step_budget=10, telemetry=open("telemetry.jsonl", "w"))
->>> results = host.run(frames)       # one {plugin name: IRPResult} per input
+>>> results = loop.run(frames)       # one {plugin name: IRPResult} per input
 
 Command line::
 
@@ -34,11 +34,11 @@ import numpy as np
 from .base import IRPPlugin, IRPResult
 from .plugins import (
     PLUGIN_FAILURES,
-    IRPHost,
     PluginError,
+    PluginRegistry,
     PluginWarning,
     describe,
-    get_host,
+    get_registry,
 )
 from .telemetry import error_record, to_jsonl, write_jsonl
 
@@ -53,7 +53,7 @@ class Orchestrator:
     A plugin that raises (any exception, or ``SystemExit``) while running on an input is
     reported and the run goes on: the other plugins' results for that input come back, and the
     failing plugin is tried again on the next input. Each failure is a :class:`PluginError` in
-    :attr:`errors` (and in the host's ``errors`` when there is a host), a :class:`PluginWarning`,
+    :attr:`errors` (and in the registry's ``errors`` when there is one), a :class:`PluginWarning`,
     and an error record in the telemetry.
 
     Args:
@@ -61,7 +61,8 @@ class Orchestrator:
         step_budget: states per input over all plugins (``>= 1``), split evenly.
         telemetry: a text stream receiving one validated JSON line per (input, plugin) run, and
             one error record per failure.
-        host: the :class:`IRPHost` the plugins came from; failures are also reported there.
+        registry: the :class:`PluginRegistry` the plugins came from; failures are also
+            reported there.
 
     Attributes:
         errors: every failure reported by this orchestrator, in order.
@@ -69,7 +70,8 @@ class Orchestrator:
     """
 
     def __init__(self, plugins: Mapping[str, IRPPlugin], step_budget: int,
-                 telemetry: IO[str] | None = None, host: IRPHost | None = None) -> None:
+                 telemetry: IO[str] | None = None,
+                 registry: PluginRegistry | None = None) -> None:
         if not plugins:
             raise ValueError("the orchestrator needs at least one plugin")
         if step_budget < 1:
@@ -77,36 +79,37 @@ class Orchestrator:
         self.plugins = dict(plugins)
         self.step_budget = step_budget
         self.telemetry = telemetry
-        self.host = host
+        self.registry = registry
         self.errors: list[PluginError] = []
         self.exceptions: list[BaseException] = []
 
     @classmethod
     def from_registry(cls, configs: Mapping[str, dict[str, Any] | None], step_budget: int,
                       telemetry: IO[str] | None = None,
-                      host: IRPHost | None = None) -> Orchestrator:
-        """Create each named plugin from its plain-dict config through ``host`` (default host).
+                      registry: PluginRegistry | None = None) -> Orchestrator:
+        """Create each named plugin from its plain-dict config through ``registry`` (default:
+        :func:`get_registry`).
 
-        The host's load failures (plugins that failed to import or register) are written to the
+        The registry's load failures (plugins that failed to import or register) are written to the
         telemetry first. A plugin whose creation fails (unknown name, bad config, unloadable
         checkpoint, a factory that raises) is reported the same way and left out; the others
         run. When no plugin can be created, the first failure is raised (a ``ValueError`` for
         the usual cases: :class:`PluginConfigError`, ``CheckpointError``,
         :class:`UnknownPluginError`).
         """
-        host = host or get_host()
-        host.list_plugins()  # runs every module's hook, so failures there are known too
-        for error in list(host.errors):  # plugins that failed to import or register
+        registry = registry or get_registry()
+        registry.list_plugins()  # runs every module's hook, so failures there are known too
+        for error in list(registry.errors):  # plugins that failed to import or register
             if error.stage in ("import", "register"):
                 _write(telemetry, _error_record(error, "PluginLoadError"))
         plugins: dict[str, IRPPlugin] = {}
         failures: list[tuple[PluginError, BaseException]] = []
         for name, config in configs.items():
             try:
-                plugins[name] = host.create(name, config)
+                plugins[name] = registry.create(name, config)
             except PLUGIN_FAILURES as exc:
-                source = _source_of(host, name)
-                error = host.report(name, source, describe(exc), stage="factory")
+                source = _source_of(registry, name)
+                error = registry.report(name, source, describe(exc), stage="factory")
                 _write(telemetry, _error_record(error, type(exc).__name__))
                 failures.append((error, exc))
         if not plugins:
@@ -115,7 +118,7 @@ class Orchestrator:
                 raise first
             raise PluginRunError(f"plugin {first_error.name!r} could not be created: "
                                  f"{first_error.message}") from first
-        orchestrator = cls(plugins, step_budget, telemetry, host)
+        orchestrator = cls(plugins, step_budget, telemetry, registry)
         orchestrator.errors.extend(error for error, _ in failures)
         orchestrator.exceptions.extend(exc for _, exc in failures)
         return orchestrator
@@ -154,8 +157,8 @@ class Orchestrator:
     def _fail(self, name: str, plugin: IRPPlugin, exc: BaseException, index: int) -> None:
         source = type(plugin).__module__
         message = describe(exc)
-        if self.host is not None:
-            error = self.host.report(name, source, message, stage="run", input_id=index)
+        if self.registry is not None:
+            error = self.registry.report(name, source, message, stage="run", input_id=index)
         else:
             error = PluginError(name, source, message, "run", index)
             warnings.warn(f"IRP plugin {name!r} ({source}) failed on input {index}: {message}",
@@ -169,9 +172,9 @@ class PluginRunError(ValueError):
     """No plugin could be created (the message gives the first plugin's failure)."""
 
 
-def _source_of(host: IRPHost, name: str) -> str:
+def _source_of(registry: PluginRegistry, name: str) -> str:
     try:
-        return host.get(name).source
+        return registry.get(name).source
     except PLUGIN_FAILURES:
         return "registry"
 
@@ -254,11 +257,11 @@ def _run(argv: Sequence[str] | None, prog: str) -> int:
     args = setup_args().parse_args(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PluginWarning)  # printed below, one line each
-        host = get_host()
+        registry = get_registry()
     if args.list:
-        for name, info in sorted(host.list_plugins().items()):
+        for name, info in sorted(registry.list_plugins().items()):
             print(f"{name:12s} {info.kind:12s} {info.description}  [{info.source}]")
-        for err in host.errors:
+        for err in registry.errors:
             print(f"FAILED {err.name} ({err.source}): {err.message}")
         return 0
     if not args.plugin:
@@ -273,13 +276,13 @@ def _run(argv: Sequence[str] | None, prog: str) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PluginWarning)
             orch = Orchestrator.from_registry({n: configs.get(n) for n in args.plugin},
-                                              args.step_budget, stream, host)
+                                              args.step_budget, stream, registry)
             results = orch.run(inputs)
     finally:
         if args.telemetry:
             stream.close()
     _raise_if_nothing_ran(orch, results, args)
-    for err in [e for e in host.errors if e.stage in ("import", "register")] + orch.errors:
+    for err in [e for e in registry.errors if e.stage in ("import", "register")] + orch.errors:
         where = f" on input {err.input_id}" if err.input_id is not None else ""
         print(f"{prog}: warning: plugin {err.name!r} failed ({err.stage}){where}: "
               f"{err.message}", file=sys.stderr)

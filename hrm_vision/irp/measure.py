@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from ..data.photos import PhotoCrops
 from ..metrics import psnr
-from .plugins import get_host
+from .plugins import get_registry
 from .tinyvae_plugin import TinyVAEPlugin
 
 #: The command's name in messages.
@@ -131,7 +131,7 @@ def _run(argv: Sequence[str] | None) -> int:
     if any(n < 1 for n in args.steps):
         raise ValueError(f"--steps values must be at least 1, got {args.steps}")
     torch.set_num_threads(args.threads)
-    plugin = get_host().create("tinyvae", {"checkpoint": str(args.checkpoint),
+    plugin = get_registry().create("tinyvae", {"checkpoint": str(args.checkpoint),
                                            "device": args.device})
     assert isinstance(plugin, TinyVAEPlugin)
     images = PhotoCrops("val", num_crops=args.num_crops, seed=args.seed).images_uint8

@@ -1,4 +1,6 @@
-"""The host side of the plugin system: a pluggy manager that finds, lists and creates IRP plugins.
+"""The plugin registry: a pluggy manager that finds, lists and creates IRP plugins.
+
+(The loop that runs plugins on inputs is :class:`hrm_vision.irp.host.Orchestrator`.)
 
 Plugins come from two places, registered the same way (a module with a ``@hookimpl``
 ``register_irp_plugins(register)`` function, see :mod:`hrm_vision.irp.hookspecs`):
@@ -11,12 +13,13 @@ The environment variable :data:`ALLOW_ENV` (``HRM_VISION_IRP_PLUGINS``) is an al
 entry-point names, comma separated: when it is set, only those entry points are loaded (an empty
 value loads none; built-ins are always registered). A plugin that fails to import, to register,
 or to declare its plugins is reported (a :class:`PluginWarning` and an entry in
-:attr:`IRPHost.errors`) and skipped: the host still starts. That includes a plugin that raises
-``SystemExit`` (calls ``sys.exit``) while it is imported; only ``KeyboardInterrupt`` goes through.
+:attr:`PluginRegistry.errors`) and skipped: the registry still loads the others. That includes a
+plugin that raises ``SystemExit`` (calls ``sys.exit``) while it is imported; only
+``KeyboardInterrupt`` goes through.
 
->>> host = IRPHost()                       # built-ins + entry points
->>> host.list_plugins()                    # {"tinyvae": PluginInfo(...)}
->>> plugin = host.create("tinyvae", {"checkpoint": "checkpoints/tinyvae_best.pth"})
+>>> registry = PluginRegistry()             # built-ins + entry points
+>>> registry.list_plugins()                # {"tinyvae": PluginInfo(...)}
+>>> plugin = registry.create("tinyvae", {"checkpoint": "checkpoints/tinyvae_best.pth"})
 """
 
 from __future__ import annotations
@@ -109,8 +112,10 @@ class PluginError:
     input_id: int | str | None = None
 
 
-class IRPHost:
-    """A pluggy ``PluginManager`` for ``hrm_vision`` hooks plus the plugin registry built from it.
+class PluginRegistry:
+    """The plugin registry: a pluggy ``PluginManager`` for ``hrm_vision`` hooks and the plugins
+    their ``register_irp_plugins`` hooks declare, collected once (again after a module is
+    registered or unregistered).
 
     Args:
         load_entry_points: load modules from :data:`ENTRY_POINT_GROUP` (honouring
@@ -125,6 +130,7 @@ class IRPHost:
         self.pm.add_hookspecs(hookspecs)
         self.errors: list[PluginError] = []
         self._reported: set[tuple[str, str, str]] = set()
+        self._plugins: dict[str, PluginInfo] | None = None
         for module_path in builtins:
             self._register_import(module_path, module_path, "builtin")
         if load_entry_points:
@@ -147,7 +153,9 @@ class IRPHost:
                 self.report(name, "register", f"implements unknown hooks {unknown}; the hooks "
                                               f"are {HOOK_NAMES}", stage="register")
                 return None
-            return self.pm.register(plugin, name=name)
+            registered = self.pm.register(plugin, name=name)
+            self._plugins = None
+            return registered
         except PLUGIN_FAILURES as exc:  # pluggy validation errors, duplicate names, ...
             self.report(name, "register", describe(exc), stage="register")
             return None
@@ -157,6 +165,7 @@ class IRPHost:
         plugin = self.pm.get_plugin(name)
         if plugin is not None:
             self.pm.unregister(plugin)
+            self._plugins = None
 
     def load_entry_points(self, allow: Iterable[str] | None = None) -> list[str]:
         """Import and register the modules of :data:`ENTRY_POINT_GROUP`; returns their names.
@@ -211,7 +220,13 @@ class IRPHost:
 
     # ------------------------------------------------------------------ the registry
     def list_plugins(self) -> dict[str, PluginInfo]:
-        """Every registered plugin by name, collected from the ``register_irp_plugins`` hook.
+        """Every registered plugin by name (a copy of the registry, built on first use)."""
+        if self._plugins is None:
+            self._plugins = self._collect()
+        return dict(self._plugins)
+
+    def _collect(self) -> dict[str, PluginInfo]:
+        """The plugins the ``register_irp_plugins`` hooks declare.
 
         Each module's hook runs on its own: one that raises or registers something invalid is
         reported and the others are kept. A name registered twice keeps the first (built-ins
@@ -263,7 +278,11 @@ class IRPHost:
         ``tinyvae config: step_size: Input should be greater than 0 (got -1)``, or
         ``tinyvae config: unknown key 'stepsize' (known keys: ...)``.
         """
-        info = self.get(name)
+        return self._validate(self.get(name), config)
+
+    @staticmethod
+    def _validate(info: PluginInfo, config: dict[str, Any] | BaseModel | None) -> IRPConfig:
+        name = info.name
         if isinstance(config, info.config_model):
             return config
         if isinstance(config, BaseModel):
@@ -276,8 +295,8 @@ class IRPHost:
 
     def create(self, name: str, config: dict[str, Any] | BaseModel | None = None) -> IRPPlugin:
         """Build plugin ``name`` from a plain-dict ``config`` (validated first, see above)."""
-        validated = self.validate_config(name, config)
-        return self.get(name).factory(validated)
+        info = self.get(name)
+        return info.factory(self._validate(info, config))
 
 
 def _check_registration(name: Any, factory: Any, config_model: Any, kind: Any) -> str | None:
@@ -292,22 +311,22 @@ def _check_registration(name: Any, factory: Any, config_model: Any, kind: Any) -
     return None
 
 
-_default_host: IRPHost | None = None
+_default_registry: PluginRegistry | None = None
 
 
-def get_host() -> IRPHost:
+def get_registry() -> PluginRegistry:
     """The process-wide host (built-ins and entry points), created on first use."""
-    global _default_host
-    if _default_host is None:
-        _default_host = IRPHost()
-    return _default_host
+    global _default_registry
+    if _default_registry is None:
+        _default_registry = PluginRegistry()
+    return _default_registry
 
 
 def create_plugin(name: str, config: dict[str, Any] | BaseModel | None = None) -> IRPPlugin:
-    """``get_host().create(name, config)``."""
-    return get_host().create(name, config)
+    """``get_registry().create(name, config)``."""
+    return get_registry().create(name, config)
 
 
 def list_plugins() -> dict[str, PluginInfo]:
-    """``get_host().list_plugins()``."""
-    return get_host().list_plugins()
+    """``get_registry().list_plugins()``."""
+    return get_registry().list_plugins()

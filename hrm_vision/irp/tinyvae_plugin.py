@@ -159,6 +159,69 @@ def _check_not_empty(batch: int, height: int, width: int, shape: Any) -> None:
         raise ValueError(f"the image has no pixels ({height}x{width}, shape {tuple(shape)})")
 
 
+class LatentRefiner:
+    """The refinement maths of the plugin (see the module docstring), for any VAE whose
+    ``encode``/``decode`` map images ``(B, C, H, W)`` in [0, 1] to latents ``(B, ...)`` and back.
+
+    The state's ``meta`` holds ``target`` (the images), ``energies`` ``(B,)``, the latent range
+    ``lower``/``upper`` and the per-image ``step_size`` ``(B,)``; ``batch_size``.
+    """
+
+    def __init__(self, model: torch.nn.Module, step_size: float, max_backtracks: int,
+                 prior_weight: float, latent_bound: float) -> None:
+        self.model = model
+        self.step_size = step_size
+        self.max_backtracks = max_backtracks
+        self.prior_weight = prior_weight
+        self.latent_bound = latent_bound
+
+    def energies(self, z: Tensor, target: Tensor) -> Tensor:
+        """Per-image energy ``(B,)``: MSE of ``decode(z)`` against ``target`` plus the prior term,
+        in float32 (also under autocast)."""
+        mse = (self.model.decode(z).float() - target).pow(2).flatten(1).mean(1)
+        return mse + self.prior_weight * 0.5 * z.float().pow(2).flatten(1).mean(1)
+
+    @torch.no_grad()
+    def start(self, target: Tensor) -> tuple[Tensor, dict[str, Any]]:
+        """The encoder's mean for ``target`` and the run's ``meta``."""
+        mu = self.model.encode(target)
+        energies = self.energies(mu, target)
+        bound = torch.full_like(mu, self.latent_bound)
+        meta = {"target": target, "energies": energies, "batch_size": mu.shape[0],
+                "lower": torch.minimum(mu, -bound), "upper": torch.maximum(mu, bound),
+                "step_size": torch.full((mu.shape[0],), self.step_size, device=mu.device)}
+        return mu, meta
+
+    def step(self, z: Tensor, meta: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+        """One backtracking gradient step per image: ``(new latent, new meta)``; no image's
+        energy rises (an image whose every trial rose keeps its latent)."""
+        target, old = meta["target"], meta["energies"]
+        with torch.enable_grad():
+            zg = z.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.energies(zg, target).sum(), zg)
+        per_image = (-1,) + (1,) * (z.dim() - 1)
+        grad = grad.float()
+        rms = grad.pow(2).flatten(1).mean(1).sqrt().clamp_min(1e-12)
+        direction = grad / rms.view(per_image)
+        size = meta["step_size"].clone()
+        new_z, new_e = z.clone(), old.clone()
+        pending = torch.ones_like(old, dtype=torch.bool)
+        with torch.no_grad():
+            for _ in range(self.max_backtracks + 1):
+                idx = pending.nonzero().squeeze(1)
+                cand = torch.clamp(z[idx] - size[idx].view(per_image) * direction[idx],
+                                   meta["lower"][idx], meta["upper"][idx]).to(z.dtype)
+                e = self.energies(cand, target[idx])
+                ok = e <= old[idx]
+                new_z[idx[ok]], new_e[idx[ok]] = cand[ok], e[ok]
+                pending[idx[ok]] = False
+                size[idx[~ok]] *= 0.5
+                if not pending.any():
+                    break
+            size[~pending] *= STEP_GROWTH
+        return new_z, {**meta, "energies": new_e, "step_size": size}
+
+
 class TinyVAEPlugin(IRPPlugin):
     """IRP perception plugin around a trained ``MinimalVAE`` (see the module docstring).
 
@@ -186,6 +249,8 @@ class TinyVAEPlugin(IRPPlugin):
                                   "the tinyvae plugin needs a MinimalVAE (TinyVAE) checkpoint")
         self.device = torch.device(config.device)
         self.model = model.to(self.device).eval().requires_grad_(False)
+        self.refiner = LatentRefiner(self.model, config.step_size, config.max_backtracks,
+                                     config.prior_weight, config.latent_bound)
 
     # ------------------------------------------------------------------ helpers
     def images(self, x0: Any, task_ctx: dict[str, Any] | None = None) -> Tensor:
@@ -200,8 +265,7 @@ class TinyVAEPlugin(IRPPlugin):
 
     def energies(self, z: Tensor, target: Tensor) -> Tensor:
         """Per-image energy ``(B,)`` of latents ``z`` for images ``target`` (B, 3, H, W)."""
-        mse = (self.model.decode(z) - target).pow(2).flatten(1).mean(1)
-        return mse + self.config.prior_weight * 0.5 * z.pow(2).flatten(1).mean(1)
+        return self.refiner.energies(z, target)
 
     @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:
@@ -209,18 +273,10 @@ class TinyVAEPlugin(IRPPlugin):
         return self.model.decode(z)
 
     # ------------------------------------------------------------------ IRP primitives
-    @torch.no_grad()
     def init_state(self, x0: Any, task_ctx: dict[str, Any]) -> IRPState:
         """The encoder's ``mu`` for ``x0``, with per-image energies and step sizes in ``meta``."""
-        target = self.images(x0, task_ctx)
-        mu = self.model.encode(target)
-        energies = self.energies(mu, target)
-        bound = torch.full_like(mu, self.config.latent_bound)
-        meta = {"target": target, "energies": energies, "batch_size": mu.shape[0],
-                "lower": torch.minimum(mu, -bound), "upper": torch.maximum(mu, bound),
-                "step_size": torch.full((mu.shape[0],), self.config.step_size,
-                                        device=mu.device)}
-        return IRPState(mu, 0, float(energies.mean()), meta)
+        mu, meta = self.refiner.start(self.images(x0, task_ctx))
+        return IRPState(mu, 0, float(meta["energies"].mean()), meta)
 
     @torch.no_grad()
     def energy(self, state: IRPState) -> float:
@@ -236,31 +292,8 @@ class TinyVAEPlugin(IRPPlugin):
 
     def step(self, state: IRPState) -> IRPState:
         """A backtracking gradient step per image (see the module docstring)."""
-        z, meta = state.x, state.meta
-        target, old = meta["target"], meta["energies"]
-        with torch.enable_grad():
-            zg = z.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(self.energies(zg, target).sum(), zg)
-        rms = grad.pow(2).flatten(1).mean(1).sqrt().clamp_min(1e-12)
-        direction = grad / rms.view(-1, 1, 1, 1)
-        size = meta["step_size"].clone()
-        new_z, new_e = z.clone(), old.clone()
-        pending = torch.ones_like(old, dtype=torch.bool)
-        with torch.no_grad():
-            for _ in range(self.config.max_backtracks + 1):
-                idx = pending.nonzero().squeeze(1)
-                cand = torch.clamp(z[idx] - size[idx].view(-1, 1, 1, 1) * direction[idx],
-                                   meta["lower"][idx], meta["upper"][idx])
-                e = self.energies(cand, target[idx])
-                ok = e <= old[idx]
-                new_z[idx[ok]], new_e[idx[ok]] = cand[ok], e[ok]
-                pending[idx[ok]] = False
-                size[idx[~ok]] *= 0.5
-                if not pending.any():
-                    break
-            size[~pending] *= STEP_GROWTH
-        new_meta = {**meta, "energies": new_e, "step_size": size}
-        return IRPState(new_z, state.step_idx + 1, float(new_e.mean()), new_meta)
+        z, meta = self.refiner.step(state.x, state.meta)
+        return IRPState(z, state.step_idx + 1, float(meta["energies"].mean()), meta)
 
     # ------------------------------------------------------------------ convenience
     def perceive(self, x0: Any, task_ctx: dict[str, Any] | None = None,
