@@ -11,8 +11,9 @@
   (``python -m hrm_vision.irp.host``);
 - :mod:`~hrm_vision.irp.measure`: plain encoder vs refinement, PSNR and timing;
 - :mod:`~hrm_vision.irp.sage`: the drop-in for SAGE's TinyVAE plugin (``create_tinyvae_irp``),
-  with its config (:mod:`~hrm_vision.irp.sage_config`), model (:mod:`~hrm_vision.irp.sage_model`),
-  crop conventions (:mod:`~hrm_vision.irp.crops`) and measurement (:mod:`~hrm_vision.irp.sage_measure`).
+  with its config (:mod:`~hrm_vision.irp.sage_config`), model
+  (:mod:`~hrm_vision.irp.sage_model`), crop conventions (:mod:`~hrm_vision.irp.crops`) and
+  measurement (:mod:`~hrm_vision.irp.sage_measure`).
 
 The TinyVAE plugin (and torch) is imported lazily, by the host, not by this package.
 """

@@ -228,7 +228,7 @@ class TinyVAEPlugin(IRPPlugin):
     Args:
         config: a validated :class:`TinyVAEConfig`; the checkpoint (``.pth`` or
             ``.safetensors``) is loaded here with
-            ``hrm_vision.vae.pretrained.load_pretrained(path, role="student")``, on the CPU, then
+            ``hrm_vision.pretrained.load_pretrained(path, role="student")``, on the CPU, then
             moved to ``config.device``.
 
     Raises:
