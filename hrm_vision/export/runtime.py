@@ -8,7 +8,8 @@ pipeline (:mod:`hrm_vision.perceive`), the camera-resolution speed measurement
 Eager inference runs the model unchanged (same weights, same operators) under
 ``torch.inference_mode`` with the activations in channels-last memory format, which the CPU
 convolution kernels (oneDNN) run without converting layouts; outputs equal the default path up to
-float rounding (``tests/test_export_runtime.py`` bounds the difference).
+float rounding (``tests/test_export_runtime.py`` bounds the difference by the export parity
+tolerance, 1e-4).
 """
 
 from __future__ import annotations

@@ -82,6 +82,11 @@ def receptive_field(vae: VAEBase, max_cells: int = 64) -> ReceptiveField:
     the input, on a positive-weight float64 copy (:func:`_probe`), on a probe of ``2k + 1``
     cells a side, ``k`` doubling from 4 up to ``max_cells`` until the support fits inside.
     """
+    with torch.enable_grad():  # also when called under no_grad, as the tiled functions are
+        return _measure(vae, max_cells)
+
+
+def _measure(vae: VAEBase, max_cells: int) -> ReceptiveField:
     encoder, decoder = _probe(vae.encoder), _probe(vae.decoder)
     margins: list[int] = []
     for net, channels, scale in ((encoder, vae.in_channels, CELL), (decoder, vae.latent_dim, 1)):
@@ -142,9 +147,9 @@ def encode_tiled(vae: VAEBase, x: Tensor, tile: int = 256,
     the model sees at most ``tile + 2 * 8 * field.encode_cells`` pixels a side.
     """
     vae._check_images(x)
+    cells = _tile_cells(tile)
     field = field or receptive_field(vae)
-    return _tiled(vae.encode, x, vae.latent_dim, CELL, 1, _tile_cells(tile),
-                  field.encode_cells)
+    return _tiled(vae.encode, x, vae.latent_dim, CELL, 1, cells, field.encode_cells)
 
 
 @torch.no_grad()
@@ -156,6 +161,6 @@ def decode_tiled(vae: VAEBase, z: Tensor, tile: int = 256,
     extended by the decoder's margin in cells (``field.decode_cells``).
     """
     vae._check_latent(z)
+    cells = _tile_cells(tile)
     field = field or receptive_field(vae)
-    return _tiled(vae.decode, z, vae.in_channels, 1, CELL, _tile_cells(tile),
-                  field.decode_cells)
+    return _tiled(vae.decode, z, vae.in_channels, 1, CELL, cells, field.decode_cells)
