@@ -14,7 +14,7 @@ from typing import Any
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from .speed import OPS
+from .speed import OPS, camera_lines
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,8 @@ def markdown(report: dict[str, Any]) -> str:
               f"{q['bytes_float32']:,} / {q['bytes_uint8']:,} |",
               "", f"uint8 scheme: {q['scheme']}."]
     lines += _reconstruction_lines(report)
+    if "camera" in report:  # the student at camera resolution (speed.camera_speed)
+        lines += ["", *camera_lines(report["camera"], report["timing"]["threads"])]
     d, tm, mach = report["dataset"], report["timing"], report["machine"]
     lines += ["", "Ratios: teacher/student for costs, student/teacher for throughput and "
               "quality; above 1 means the student does better.",

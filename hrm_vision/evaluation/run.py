@@ -35,7 +35,7 @@ from .baselines import compute_baselines
 from .footprint import footprint
 from .quality import UINT8_SCHEME, QualityResult, measure_quality, validation_images
 from .report import figure, markdown, metrics, ratios
-from .speed import measure_speed
+from .speed import CAMERA_SIZES, camera_speed, measure_speed
 from .timing import machine_info
 
 
@@ -55,6 +55,8 @@ class EvaluationSettings:
     throughput_batch: int = 64
     warmup: int = 2
     baseline_train_images: int = 4096
+    #: rounds of the student's camera-resolution timing (64x64 crop, 480x640 frame); 0 skips it
+    camera_repeats: int = 3
     command: str = ""
 
 
@@ -133,8 +135,20 @@ def evaluate(s: EvaluationSettings) -> dict[str, Any]:
         "latent_uint8": _latent_section(quality, student.latent_shape(s.image_size,
                                                                       s.image_size)),
         "reconstructions": reconstructions(s, models, quality),
+        **({"camera": _camera(student, s.camera_repeats)} if s.camera_repeats else {}),
         "samples": quality.samples,
     }
+
+
+def _camera(student: VAEBase, repeats: int) -> dict[str, Any]:
+    """The student's single-frame latency at camera resolution, eager, against this machine's
+    3x3 convolution (:func:`hrm_vision.evaluation.speed.camera_speed`)."""
+    from ..export.runtime import chain, eager_runner
+
+    runners = {"eager (default)": lambda x: student.decode(student.encode(x)),
+               "eager (channels_last)": chain(eager_runner(student, "encode"),
+                                              eager_runner(student, "decode"))}
+    return camera_speed(student, runners, CAMERA_SIZES, repeats)
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
