@@ -30,9 +30,9 @@ def check_parity(vae: VAEBase, files: dict[str, str], images: Tensor,
     """Largest absolute difference of each exported file against the eager ``vae``.
 
     ``files``: ``{f"{part}_{onnx|torchscript}": path}`` as :func:`export_model` writes it.
-    ``images``: (N, 3, S, S) in [0, 1]. Encoders are fed the images, decoders the eager latents;
+    ``images``: (N, 3, H, W) in [0, 1]. Encoders are fed the images, decoders the eager latents;
     the teacher-space encoder is compared with ``adapter(vae.encode(images))`` (N, teacher_dim,
-    S/8, S/8), so it needs ``adapter``. The reference is the un-folded eager model, so the check
+    H/8, W/8), so it needs ``adapter``. The reference is the un-folded eager model, so the check
     covers BatchNorm folding too. Raises ``ExportError`` naming the files beyond ``tolerance``.
     """
     vae = vae.eval()

@@ -59,7 +59,7 @@ def export_model(vae: VAEBase, out_dir: str | os.PathLike[str], images: Tensor,
     and its weights (and the adapter's) to ``tinyvae.safetensors`` (loadable with
     ``MinimalVAE.from_pretrained``; the adapter with ``load_model(path, role="adapter")``).
 
-    ``images``: real (N, 3, S, S) images in [0, 1]; S is the exported image side.
+    ``images``: real (N, 3, S, S) images in [0, 1] (the main parity check and the example).
     ``adapter``: the student-to-teacher :class:`~hrm_vision.distill.adapter.LatentAdapter`
     (``student_dim`` equal to the VAE's latent channels C); when given, the teacher-space
     encoder ``tinyvae_encoder_teacher_space.onnx`` is exported too: ``image`` (N, 3, S, S) in
