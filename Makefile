@@ -44,13 +44,16 @@ lint: $(VENV)/.installed
 docs: $(VENV)/.installed
 	$(PY) -m hrm_vision.distill.config_doc --write docs/training.md
 
-# Benchmarks (not part of the test suite): pytest-benchmark, then the teacher/student ratios.
+# Benchmarks (not part of the test suite): pytest-benchmark, then the teacher/student ratios, then
+# the student at camera resolution (speed vs this CPU's convolution throughput, each precision's
+# cost, tiles, the frame pipeline; CHECKPOINT=path measures a trained student).
 bench: $(VENV)/.installed
 	mkdir -p .benchmarks
 	$(PY) -m pytest benchmarks -o python_files='bench_*.py' -p no:cacheprovider --benchmark-only \
 		--benchmark-json=.benchmarks/latest.json --benchmark-columns=median,iqr,min,rounds \
 		--benchmark-sort=name
 	$(PY) benchmarks/ratios.py .benchmarks/latest.json
+	$(PY) benchmarks/camera.py --out .benchmarks/camera.json $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
 clean:
 	rm -rf $(VENV) checkpoints .pytest_cache

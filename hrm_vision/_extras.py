@@ -20,6 +20,7 @@ from types import ModuleType
 #: Distribution name (what pip installs) of each optional top-level module.
 DISTRIBUTIONS: dict[str, str] = {
     "PIL": "pillow",
+    "cv2": "opencv-python-headless",
     "matplotlib": "matplotlib",
     "onnx": "onnx",
     "onnxruntime": "onnxruntime",
@@ -34,6 +35,7 @@ DISTRIBUTIONS: dict[str, str] = {
 #: The extra that brings each optional top-level module (the first one that has it).
 EXTRAS: dict[str, str] = {
     "PIL": "train",
+    "cv2": "video",
     "matplotlib": "train",
     "onnx": "export",
     "onnxruntime": "export",

@@ -6,6 +6,7 @@
     hrm-vision evaluate [options]   # teacher vs student (python -m hrm_vision.evaluation)
     hrm-vision export   [options]   # ONNX for the edge (python -m hrm_vision.export)
     hrm-vision irp      [options]   # IRP host loop (python -m hrm_vision.irp.host)
+    hrm-vision perceive SOURCE ...  # frames -> latents (python -m hrm_vision.perceive)
     hrm-vision COMMAND --help       # the options of one command
 
 Each subcommand hands the rest of the command line to the ``main(argv) -> int`` of its module,
@@ -59,6 +60,8 @@ COMMANDS: dict[str, Command] = {
     "export": Command("hrm_vision.export.__main__",
                       "export the student for deployment (ONNX) and check parity"),
     "irp": Command("hrm_vision.irp.host", "run IRP plugins (the TinyVAE perception plugin)"),
+    "perceive": Command("hrm_vision.perceive",
+                        "encode every frame of a video, camera or folder; latents + telemetry"),
 }
 
 

@@ -78,7 +78,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[MinimalVAE, Path
     model = tiny_student()
     save_checkpoint(with_adapter(model_entry(model, "student")), root / "tinyvae_best.pth")
     assert main(["--checkpoint", str(root / "tinyvae_best.pth"), "--out-dir", str(root / "out"),
-                 "--num-images", "8", "--timing-repeats", "2"]) == 0
+                 "--num-images", "8", "--timing-repeats", "2", "--calibration-images", "32",
+                 "--parity-sizes", "64x64,224x224,480x640", "--frame-repeats", "1"]) == 0
     return model, root / "out", json.loads((root / "out" / "export.json").read_text())
 
 
@@ -136,7 +137,7 @@ class TestOnnx:
             assert meta["image_range"].startswith("[0, 1]")
             assert meta["color_order"] == "RGB"
             assert meta["layout"] == "NCHW"
-            assert meta["latent_shape"] == "[batch, 8, 4, 4]"
+            assert meta["latent_shape"] == "[batch, 8, height/8, width/8]"
             assert json.loads(meta["arch"]) == {"latent_dim": 8, "base_channels": 8}
 
 
@@ -170,6 +171,20 @@ class TestParityCheck:
         assert set(report["throughput_ips"]) == {"pytorch_eager", "onnxruntime", "torchscript"}
         assert all(0 < v < float("inf") for v in report["throughput_ips"].values())
 
+    def test_every_size_and_precision_recorded(self, exported) -> None:
+        _, out, report = exported
+        assert list(report["parity_sizes"]) == ["32x32", "64x64", "224x224", "480x640"]
+        for diffs in report["parity_sizes"].values():
+            assert set(diffs) == set(report["files"])
+            assert all(0 <= v <= PARITY_TOLERANCE for v in diffs.values())
+        assert list(report["precision_costs"]) == ["fp32", "fp16", "int8"]
+        assert set(report["frame_latency"]) == {"pytorch_eager", "onnxruntime_fp32",
+                                                "onnxruntime_fp16", "onnxruntime_int8"}
+        assert report["frame_size"] == "480x640"
+        assert all(v["median_ms"] > 0 for v in report["frame_latency"].values())
+        for files in report["precision_files"].values():
+            assert all(Path(p).is_file() and Path(p).parent == out for p in files.values())
+
     def test_mismatch_is_an_error(self, exported, photo_batch) -> None:
         _, _, report = exported
         other = tiny_student()
@@ -181,6 +196,28 @@ class TestParityCheck:
 
 
 class TestCommand:
+    def test_prints_camera_profiles_and_each_precision(self, tmp_path, capsys) -> None:
+        save_checkpoint(model_entry(tiny_student(), "student"), tmp_path / "s.pth")
+        assert main(["--checkpoint", str(tmp_path / "s.pth"), "--out-dir", str(tmp_path / "o"),
+                     "--num-images", "4", "--timing-repeats", "0", "--frame-repeats", "0",
+                     "--precision", "fp16", "--parity-sizes", "480x640"]) == 0
+        out = capsys.readouterr().out
+        assert "--optShapes=image:1x3x480x640" in out and "--optShapes=latent:1x8x60x80" in out
+        assert "fp16  480x640: max |err|" in out and "int8" not in out.split("TensorRT")[0]
+        assert sorted(p.name for p in (tmp_path / "o").glob("*.onnx")) == [
+            "tinyvae_decoder.fp16.onnx", "tinyvae_decoder.onnx", "tinyvae_encoder.fp16.onnx",
+            "tinyvae_encoder.onnx"]
+
+    @pytest.mark.parametrize("flag, value, message", [
+        ("--precision", "fp8", "unknown precision fp8"),
+        ("--parity-sizes", "480x636", "multiples of 8"),
+        ("--frame-size", "480", "HEIGHTxWIDTH")])
+    def test_bad_precision_or_size_is_a_usage_error(self, flag, value, message, capsys) -> None:
+        with pytest.raises(SystemExit) as info:
+            main([flag, value])
+        assert info.value.code == 2
+        assert message in capsys.readouterr().err
+
     def test_missing_checkpoint_is_exit_2_with_the_reason(self, tmp_path, capsys) -> None:
         assert main(["--checkpoint", str(tmp_path / "nope.pth"), "--out-dir",
                      str(tmp_path / "out"), "--timing-repeats", "0"]) == 2
@@ -191,7 +228,7 @@ class TestCommand:
         with pytest.raises(SystemExit) as info:
             main(["--threads", "0"])
         assert info.value.code == 2
-        assert "--threads >= 1" in capsys.readouterr().err
+        assert "--threads and --calibration-images >= 1" in capsys.readouterr().err
 
 
 class TestSafetensors:
@@ -227,7 +264,7 @@ class TestTeacherSpace:
         assert [o.name for o in model.graph.output] == ["teacher_latent"]
         assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param
         meta = {p.key: p.value for p in model.metadata_props}
-        assert meta["latent_shape"] == "[batch, 16, 4, 4]"
+        assert meta["latent_shape"] == "[batch, 16, height/8, width/8]"
         assert meta["image_range"].startswith("[0, 1]")
         assert json.loads(meta["adapter_arch"]) == {"student_dim": 8, "teacher_dim": 16}
         assert "teacher" in meta["latent"]
@@ -281,10 +318,12 @@ class TestTeacherSpace:
             return file
 
         monkeypatch.setattr(f"{pipeline}.save_pretrained", weights)
+        monkeypatch.setattr(f"{pipeline}.precision_costs", lambda *a: {})
         monkeypatch.setattr("hrm_vision.export.__main__.validation_images",
                             lambda *a: torch.rand(2, 3, 32, 32))
         assert main(["--checkpoint", str(path), "--out-dir", str(tmp_path / "out"),
-                     "--timing-repeats", "0", *flag]) == 0
+                     "--timing-repeats", "0", "--precision", "fp32", "--parity-sizes", "",
+                     "--frame-repeats", "0", *flag]) == 0
         assert (TEACHER_SPACE in written) is expected
         assert {"tinyvae_encoder.onnx", "tinyvae_decoder.onnx"} <= set(written)
         assert isinstance(checked["adapter"], LatentAdapter) is expected

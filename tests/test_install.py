@@ -346,6 +346,7 @@ AGREED = {
     "evaluate": "hrm_vision.evaluation.__main__",
     "export": "hrm_vision.export.__main__",
     "irp": "hrm_vision.irp.host",
+    "perceive": "hrm_vision.perceive",
 }
 
 

@@ -57,6 +57,9 @@ def setup_args() -> argparse.ArgumentParser:
                         "with the photos dataset only)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the posterior samples that decode(z) decodes (default 0)")
+    p.add_argument("--camera-repeats", type=int, default=3,
+                   help="rounds of the student's single-frame timing at 64x64 and 480x640 "
+                        "against this machine's 3x3 convolution; 0 skips it (default 3)")
     return p
 
 
@@ -73,7 +76,7 @@ def settings_from_args(args: argparse.Namespace, command: str) -> EvaluationSett
         latency_repeats=args.latency_repeats, throughput_repeats=args.throughput_repeats,
         throughput_batch=args.throughput_batch, warmup=args.warmup,
         baseline_train_images=args.baseline_train_images, frames=not args.no_frames,
-        seed=args.seed, command=command)
+        seed=args.seed, camera_repeats=args.camera_repeats, command=command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,6 +100,8 @@ def _run(argv: list[str] | None) -> int:
     bad = [f"--{n.replace('_', '-')}" for n in POSITIVE if getattr(args, n) < 1]
     if args.baseline_train_images < 0:
         bad.append("--baseline-train-images (>= 0)")
+    if args.camera_repeats < 0:
+        bad.append("--camera-repeats (>= 0)")
     if bad:
         parser.error(f"{', '.join(bad)} must be >= 1")
     torch.set_num_threads(args.threads)

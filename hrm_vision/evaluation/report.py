@@ -14,7 +14,7 @@ from typing import Any
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from .speed import OPS
+from .speed import OPS, camera_lines
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines += _reconstruction_lines(report)
     lines += _rate_lines(report.get("rate", []))
     lines += _frame_lines(report.get("frames"))
+    if "camera" in report:  # the student at camera resolution (speed.camera_speed)
+        lines += ["", *camera_lines(report["camera"], report["timing"]["threads"])]
     d, tm, mach = report["dataset"], report["timing"], report["machine"]
     lines += ["", "Ratios: teacher/student for costs, student/teacher for throughput and "
               "quality; above 1 means the student does better.",

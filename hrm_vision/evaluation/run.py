@@ -49,7 +49,7 @@ from .quality import (
     validation_images,
 )
 from .report import figure, markdown, metrics, ratios
-from .speed import measure_speed
+from .speed import CAMERA_SIZES, camera_speed, measure_speed
 
 
 @dataclass
@@ -70,6 +70,8 @@ class EvaluationSettings:
     baseline_train_images: int = 4096
     frames: bool = True
     seed: int = 0
+    #: rounds of the student's camera-resolution timing (64x64 crop, 480x640 frame); 0 skips it
+    camera_repeats: int = 3
     command: str = ""
 
 
@@ -178,8 +180,20 @@ def evaluate(s: EvaluationSettings) -> dict[str, Any]:
         "reconstructions": reconstructions(s, models, quality, val, pca),
         "rate": rate_rows(s, models, val, f"{s.image_size}x{s.image_size} crops"),
         "frames": frames_section(s, models, pca) if with_frames else None,
+        **({"camera": _camera(student, s.camera_repeats)} if s.camera_repeats else {}),
         "samples": quality.samples,
     }
+
+
+def _camera(student: VAEBase, repeats: int) -> dict[str, Any]:
+    """The student's single-frame latency at camera resolution, eager, against this machine's
+    3x3 convolution (:func:`hrm_vision.evaluation.speed.camera_speed`)."""
+    from ..export.runtime import chain, eager_runner
+
+    runners = {"eager (default)": lambda x: student.decode(student.encode(x)),
+               "eager (channels_last)": chain(eager_runner(student, "encode"),
+                                              eager_runner(student, "decode"))}
+    return camera_speed(student, runners, CAMERA_SIZES, repeats)
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:

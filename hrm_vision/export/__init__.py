@@ -3,21 +3,23 @@
 ``python -m hrm_vision.export --checkpoint checkpoints/tinyvae_best.pth --out-dir exports``
 writes these files and ``export.json``:
 
-- ``tinyvae_encoder.onnx`` / ``tinyvae_encoder.torchscript.pt``: ``image`` ``(N, 3, S, S)``
-  float32 in [0, 1], RGB, NCHW -> ``latent`` ``(N, C, S/8, S/8)``, the posterior mean;
+- ``tinyvae_encoder.onnx`` / ``tinyvae_encoder.torchscript.pt``: ``image`` ``(N, 3, H, W)``
+  float32 in [0, 1], RGB, NCHW -> ``latent`` ``(N, C, H/8, W/8)``, the posterior mean;
 - ``tinyvae_decoder.onnx`` / ``tinyvae_decoder.torchscript.pt``: ``latent`` -> ``image`` in
   [0, 1];
 - ``tinyvae_encoder_teacher_space.onnx``, when the checkpoint holds the latent adapter (unless
-  ``--no-teacher-space``): ``image`` -> ``teacher_latent`` ``(N, teacher_dim, S/8, S/8)``,
+  ``--no-teacher-space``): ``image`` -> ``teacher_latent`` ``(N, teacher_dim, H/8, W/8)``,
   ``adapter(encoder(image))``, the student's latent in the teacher's latent space;
+- ``tinyvae_{encoder,decoder}.{fp16,int8}.onnx`` (``--precision``): float16 and int8 variants;
 - ``tinyvae.safetensors``: the student's weights (``MinimalVAE.from_pretrained``).
 
-The batch dimension is dynamic; the image side S is fixed at export (``--image-size``).
-Modules: :mod:`.graphs` (the exported graphs, names, metadata), :mod:`.fold` (BatchNorm
-folded into convolutions), :mod:`.onnx`, :mod:`.torchscript`, :mod:`.parity` (every export
-checked against the eager model on real validation photographs, largest absolute difference
-within ``PARITY_TOLERANCE``; runtime comparison), :mod:`.pipeline` (:func:`export_model`), and
-the command in :mod:`.__main__`.
+Batch, height and width are dynamic (sides divisible by 8). Modules: :mod:`.graphs` (the
+exported graphs, names, metadata), :mod:`.fold` (BatchNorm folded into convolutions),
+:mod:`.onnx`, :mod:`.torchscript`, :mod:`.precision` (fp16 and int8 variants), :mod:`.frames`
+(real frames at any size), :mod:`.parity` (every export checked against the eager model on real
+validation photographs at several frame sizes, largest absolute difference within
+``PARITY_TOLERANCE``; each precision's cost; runtime comparison), :mod:`.runtime` (eager and ONNX
+Runtime runners), :mod:`.pipeline` (:func:`export_model`), and the command in :mod:`.__main__`.
 """
 
 from .fold import fold_batchnorm

@@ -2,9 +2,10 @@
 TorchScript, checked against eager PyTorch on real validation photographs.
 
 ``python -m hrm_vision.export --checkpoint checkpoints/tinyvae_best.pth --out-dir exports``
-writes the encoder and decoder (ONNX and TorchScript), the teacher-space encoder (ONNX, when
-the checkpoint holds the latent adapter), the weights and ``export.json`` (see
-:mod:`hrm_vision.export`).
+writes the encoder and decoder (ONNX and TorchScript; fp16 and int8 ONNX with ``--precision``),
+the teacher-space encoder (ONNX, when the checkpoint holds the latent adapter), the weights and
+``export.json`` (see :mod:`hrm_vision.export`). Every graph takes any height and width divisible
+by 8; each is checked at several frame sizes, each precision's cost is measured.
 """
 
 from __future__ import annotations
@@ -22,25 +23,45 @@ from ..checkpoints import ADAPTER_ROLE, load_checkpoint, model_from_payload, rol
 from ..evaluation.quality import validation_images
 from ..files import write_text
 from ..vae import VAEBase
+from .frames import parse_size, parse_sizes, photo_frames
 from .graphs import ExportError
 from .onnx import DEFAULT_OPSET
-from .parity import PARITY_TOLERANCE, compare_runtimes
+from .parity import PARITY_TOLERANCE, compare_runtimes, frame_latency, size_key
 from .pipeline import ExportResult, export_model
+from .precision import parse_precisions
+from .runtime import Runner, chain, eager_runner, onnx_runner
 
 PROG = "python -m hrm_vision.export"
 
+#: TensorRT optimisation profiles: (min, opt, max) as (batch, height, width) of the image; from a
+#: 32x32 crop through a VGA camera frame to a 1080p frame.
+TRT_PROFILE = ((1, 32, 32), (1, 480, 640), (4, 1080, 1920))
+
 TENSORRT_NOTE = """\
-TensorRT on a Jetson (NOT run here; no TensorRT on this machine), with the files above:
+TensorRT on a Jetson (NOT run here; no TensorRT on this machine), with the files above; dynamic
+batch, height and width, profile from a 32x32 crop (min) through a 480x640 frame (opt) to four
+1080x1920 frames (max):
   trtexec --onnx=tinyvae_encoder.onnx --saveEngine=tinyvae_encoder_fp16.engine --fp16 \\
-          --minShapes=image:1x3x{s}x{s} --optShapes=image:8x3x{s}x{s} --maxShapes=image:64x3x{s}x{s}
+          --minShapes=image:{emin} --optShapes=image:{eopt} --maxShapes=image:{emax}
   trtexec --onnx=tinyvae_decoder.onnx --saveEngine=tinyvae_decoder_fp16.engine --fp16 \\
-          --minShapes=latent:1x{c}x{h}x{h} --optShapes=latent:8x{c}x{h}x{h} \\
-          --maxShapes=latent:64x{c}x{h}x{h}"""
+          --minShapes=latent:{dmin} --optShapes=latent:{dopt} --maxShapes=latent:{dmax}
+  int8 from the calibrated QDQ graph (explicit quantisation; same shapes):
+  trtexec --onnx=tinyvae_encoder.int8.onnx --saveEngine=tinyvae_encoder_int8.engine --int8 --fp16 \\
+          --minShapes=image:{emin} --optShapes=image:{eopt} --maxShapes=image:{emax}"""
 TENSORRT_TEACHER_SPACE = """\
   trtexec --onnx=tinyvae_encoder_teacher_space.onnx --fp16 \\
           --saveEngine=tinyvae_encoder_teacher_space_fp16.engine \\
-          --minShapes=image:1x3x{s}x{s} --optShapes=image:8x3x{s}x{s} \\
-          --maxShapes=image:64x3x{s}x{s}"""
+          --minShapes=image:{emin} --optShapes=image:{eopt} --maxShapes=image:{emax}"""
+
+
+def trt_shapes(channels: int) -> dict[str, str]:
+    """The ``--minShapes``/``--optShapes``/``--maxShapes`` values of :data:`TRT_PROFILE` for the
+    encoder input (``e*``) and the decoder input with ``channels`` latent channels (``d*``)."""
+    out = {}
+    for name, (n, h, w) in zip(("min", "opt", "max"), TRT_PROFILE, strict=True):
+        out[f"e{name}"] = f"{n}x3x{h}x{w}"
+        out[f"d{name}"] = f"{n}x{channels}x{h // 8}x{w // 8}"
+    return out
 
 
 def setup_args() -> argparse.ArgumentParser:
@@ -54,7 +75,24 @@ def setup_args() -> argparse.ArgumentParser:
                         help="model role inside the checkpoint (default %(default)s)")
     parser.add_argument("--out-dir", default="exports", help="output folder (default %(default)s)")
     parser.add_argument("--image-size", type=int, default=32,
-                        help="exported image side in pixels, divisible by 8 (default 32)")
+                        help="side of the validation crops of the main parity check and the "
+                             "batch runtime comparison, divisible by 8 (default 32); the graphs "
+                             "take any height and width divisible by 8")
+    parser.add_argument("--precision", default="fp32,fp16,int8",
+                        help="comma-separated precisions of the encoder and decoder graphs: "
+                             "fp32 (always), fp16, int8 (default %(default)s)")
+    parser.add_argument("--parity-sizes", default="64x64,224x224,480x640",
+                        help="more frame sizes HxW every graph is checked at, on the photos "
+                             "dataset's validation photographs (default %(default)s; '' none)")
+    parser.add_argument("--calibration-images", type=int, default=256,
+                        help="training images (at --image-size) calibrating the int8 graphs "
+                             "(default 256)")
+    parser.add_argument("--frame-size", default="480x640",
+                        help="frame size HxW of the single-frame latency of each runtime and "
+                             "precision (default %(default)s)")
+    parser.add_argument("--frame-repeats", type=int, default=5,
+                        help="interleaved rounds of the single-frame latency; 0 skips it "
+                             "(default 5)")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (18)")
     parser.add_argument("--dataset", default="photos",
                         help="dataset whose validation images check parity (default photos)")
@@ -85,11 +123,24 @@ def run(args: argparse.Namespace) -> tuple[VAEBase, ExportResult]:
             and ADAPTER_ROLE in roles_in(payload):
         adapter = model_from_payload(payload, ADAPTER_ROLE, source=args.checkpoint)
     images = validation_images(args.dataset, args.num_images, args.image_size, args.data_dir)
+    calibration = None
+    if "int8" in args.precision:
+        calibration = validation_images(args.dataset, args.calibration_images, args.image_size,
+                                        args.data_dir, split="train")
+    frames = {size_key(f): f for f in (photo_frames(h, w) for h, w in args.parity_sizes)}
     result = export_model(vae, args.out_dir, images, source=Path(args.checkpoint).name,
-                          opset=args.opset, adapter=adapter)
+                          opset=args.opset, adapter=adapter, precisions=args.precision,
+                          calibration=calibration, parity_images=frames)
+    result.threads = args.threads
     if args.timing_repeats:
         result.throughput_ips = compare_runtimes(vae, result.files, images, args.timing_repeats)
         result.throughput_batch = images.shape[0]
+    if args.frame_repeats:
+        frame = photo_frames(*args.frame_size)[:1]
+        result.frame_size = size_key(frame)
+        result.frame_latency = frame_latency(
+            roundtrip_runners(vae, result.precision_files, args.threads), frame,
+            args.frame_repeats)
     write_text(json.dumps(asdict(result), indent=2) + "\n", Path(args.out_dir) / "export.json")
     return vae, result
 
@@ -102,13 +153,43 @@ def summary(vae: VAEBase, result: ExportResult, args: argparse.Namespace) -> str
         ratio = ips / result.throughput_ips["pytorch_eager"]
         lines.append(f"{runtime:14s} encode+decode batch {result.throughput_batch}: "
                      f"{ips:8.0f} img/s ({ratio:.2f}x eager)")
-    lines.append(f"parity checked on {result.num_images} {args.dataset} validation images "
-                 f"(tolerance {PARITY_TOLERANCE}); report: {Path(args.out_dir) / 'export.json'}")
-    c, h, _ = vae.latent_shape(args.image_size, args.image_size)
-    lines.append(TENSORRT_NOTE.format(s=args.image_size, c=c, h=h))
+    sizes = ", ".join(result.parity_sizes)
+    lines.append(f"parity of every fp32 file checked at {sizes} (tolerance {PARITY_TOLERANCE}) "
+                 f"on {result.num_images} {args.dataset} validation images and the validation "
+                 "photographs")
+    lines += precision_lines(result)
+    for runtime, t in result.frame_latency.items():
+        lines.append(f"{runtime:24s} encode+decode one {result.frame_size} frame: "
+                     f"{t['median_ms']:8.1f} ms ({t['fps']:5.2f} fps), {result.threads} thread(s)")
+    lines.append(f"report: {Path(args.out_dir) / 'export.json'}")
+    shapes = trt_shapes(vae.latent_dim)
+    lines.append(TENSORRT_NOTE.format(**shapes))
     if "encoder_teacher_space_onnx" in result.files:
-        lines.append(TENSORRT_TEACHER_SPACE.format(s=args.image_size))
+        lines.append(TENSORRT_TEACHER_SPACE.format(**shapes))
     return "\n".join(lines)
+
+
+def precision_lines(result: ExportResult) -> list[str]:
+    """One line per precision and frame size: largest errors and PSNR cost against eager."""
+    lines = []
+    for precision, by_size in result.precision_costs.items():
+        for key, c in by_size.items():
+            lines.append(f"{precision} {key:>8s}: max |err| encoder {c['encoder_max_abs_err']:.1e}"
+                         f" decoder {c['decoder_max_abs_err']:.1e} round trip "
+                         f"{c['roundtrip_max_abs_err']:.1e}; PSNR {c['psnr_db']:.2f} dB "
+                         f"(cost {c['psnr_cost_db']:+.3f} dB vs eager fp32)")
+    return lines
+
+
+def roundtrip_runners(vae: VAEBase, graphs: dict[str, dict[str, str]], threads: int
+                      ) -> dict[str, Runner]:
+    """Encode+decode runners: eager PyTorch (inference settings, :func:`eager_runner`) and ONNX
+    Runtime with each precision's graphs."""
+    runners = {"pytorch_eager": chain(eager_runner(vae, "encode"), eager_runner(vae, "decode"))}
+    for precision, files in graphs.items():
+        runners[f"onnxruntime_{precision}"] = chain(onnx_runner(files["encoder"], threads),
+                                                    onnx_runner(files["decoder"], threads))
+    return runners
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -124,8 +205,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(argv: list[str] | None) -> int:
     parser = setup_args()
     args = parser.parse_args(argv)
-    if args.timing_repeats < 0 or args.threads < 1:
-        parser.error("--timing-repeats must be >= 0 and --threads >= 1")
+    if args.timing_repeats < 0 or args.threads < 1 or args.frame_repeats < 0 \
+            or args.calibration_images < 1:
+        parser.error("--timing-repeats and --frame-repeats must be >= 0, --threads and "
+                     "--calibration-images >= 1")
+    try:
+        args.precision = parse_precisions(args.precision)
+        args.parity_sizes = parse_sizes(args.parity_sizes)
+        args.frame_size = parse_size(args.frame_size)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.role == ADAPTER_ROLE:
         parser.error("--role must name a VAE (student or teacher); the adapter is exported with "
                      "the student, as tinyvae_encoder_teacher_space.onnx")

@@ -52,7 +52,12 @@ class VAEGraph(nn.Module):
 
 @dataclass(frozen=True)
 class GraphSpec:
-    """Names and shapes of one exported graph (``batch`` is the dynamic dimension)."""
+    """Names and example shapes of one exported graph.
+
+    Batch, height and width are dynamic in the exported graph; ``input_shape`` and
+    ``output_shape`` (without the batch dimension) are those of the export example and of the
+    parity check at the export's ``--image-size``.
+    """
 
     part: str  # a key of PARTS: "encoder", "decoder" or "encoder_teacher_space"
     input_name: str
@@ -60,22 +65,31 @@ class GraphSpec:
     output_name: str
     output_shape: tuple[int, int, int]
 
+    @property
+    def input_scale(self) -> int:
+        """Pixels per latent cell along a side of the input: 8 for an image, 1 for a latent."""
+        return 1 if self.part == "decoder" else 8
+
     def metadata(self, vae: VAEBase, source: str,
                  adapter_arch: dict[str, int] | None = None) -> dict[str, str]:
         """The ``metadata_props`` stored in the ONNX file and the TorchScript extra file."""
-        def shape(s: tuple[int, ...]) -> str:
-            return "[batch, " + ", ".join(map(str, s)) + "]"
+        image, grid = "height, width", "height/8, width/8"
 
-        latent = self.input_shape if self.part == "decoder" else self.output_shape
+        def shape(channels: int, is_image: bool) -> str:
+            return f"[batch, {channels}, {image if is_image else grid}]"
+
+        encodes = self.part != "decoder"
+        latent_channels = (self.input_shape if self.part == "decoder" else self.output_shape)[0]
         meta = {
             "producer": f"hrm_vision {__version__}",
             "graph": f"tinyvae {self.part}",
-            "input": f"{self.input_name} {shape(self.input_shape)} float32",
-            "output": f"{self.output_name} {shape(self.output_shape)} float32",
+            "input": f"{self.input_name} {shape(self.input_shape[0], encodes)} float32",
+            "output": f"{self.output_name} {shape(self.output_shape[0], not encodes)} float32",
             "image_range": "[0, 1] (float32; divide uint8 pixels by 255)",
             "color_order": "RGB",
             "layout": "NCHW",
-            "latent_shape": shape(latent),
+            "image_size": "any height and width divisible by 8 (dynamic)",
+            "latent_shape": shape(latent_channels, False),
             "latent": "posterior mean (deterministic)",
             "batchnorm": "folded into the convolutions (where there is any)",
             "arch": json.dumps(vae.arch_config()),

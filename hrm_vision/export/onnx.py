@@ -1,8 +1,8 @@
 """ONNX export (``torch.onnx.export(..., dynamo=True)``) and ONNX Runtime sessions.
 
 The exporter is the ``torch.export``-based one, the default since PyTorch 2.9 (the
-TorchScript-based one is deprecated). It gives a clean graph with a symbolic ``batch``
-dimension; BatchNorm is folded explicitly before (:mod:`.fold`), so the result does not depend on
+TorchScript-based one is deprecated). It gives a clean graph with symbolic batch, height and
+width; BatchNorm is folded explicitly before (:mod:`.fold`), so the result does not depend on
 the exporter's optimiser.
 """
 
@@ -26,15 +26,25 @@ DEFAULT_OPSET = 18
 
 def export_onnx(graph: nn.Module, spec: GraphSpec, path: Path, metadata: dict[str, str],
                 opset: int = DEFAULT_OPSET) -> Path:
-    """Export ``graph`` to ONNX at ``path`` with a dynamic batch and ``metadata`` props."""
+    """Export ``graph`` to ONNX at ``path`` with dynamic batch, height and width, and
+    ``metadata`` props.
+
+    Height and width are symbolic: ``latent_height`` and ``latent_width`` on the latent grid,
+    ``8*latent_height`` and ``8*latent_width`` for images (so any image side divisible by 8 runs).
+    """
     example = torch.rand(2, *spec.input_shape)  # batch 2: torch.export specialises sizes 0 and 1
     batch = torch.export.Dim("batch", min=1, max=65536)
+    # the example's latent grid must be at least 2x2 (torch.export specialises sizes 0 and 1)
+    grid = [torch.export.Dim(f"latent_{side}", min=1, max=4096) for side in ("height", "width")]
+    factor = spec.input_scale
+    spatial = {2: grid[0] * factor, 3: grid[1] * factor} if factor > 1 else {2: grid[0],
+                                                                             3: grid[1]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter chatter (deprecations in onnxscript)
         program = torch.onnx.export(graph.eval(), (example,), dynamo=True, verbose=False,
                                     input_names=[spec.input_name],
                                     output_names=[spec.output_name],
-                                    dynamic_shapes=({0: batch},), opset_version=opset)
+                                    dynamic_shapes=({0: batch, **spatial},), opset_version=opset)
     if program is None:
         raise ExportError(f"torch.onnx.export returned no program for the {spec.part}")
     model = program.model_proto

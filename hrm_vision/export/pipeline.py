@@ -1,5 +1,5 @@
 """Both halves of a VAE to ONNX and TorchScript, and the teacher-space encoder to ONNX, folded and
-checked: :func:`export_model`."""
+checked, with fp16 and int8 variants of the two halves: :func:`export_model`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
 
 from ..pretrained import save_pretrained
@@ -15,7 +16,8 @@ from ..vae import VAEBase
 from .fold import fold_batchnorm
 from .graphs import ExportError, VAEGraph, graph_specs
 from .onnx import DEFAULT_OPSET, export_onnx
-from .parity import check_parity
+from .parity import check_parity, precision_costs, size_key
+from .precision import to_fp16, to_int8
 from .torchscript import export_torchscript
 
 if TYPE_CHECKING:
@@ -36,21 +38,40 @@ class ExportResult:
     throughput_batch: int = 0
     #: the weights as ``.safetensors`` with the architecture in the metadata
     weights_file: str = ""
+    #: fp32 files against eager at every checked frame size: ``{"HxW": {file key: max diff}}``
+    parity_sizes: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: ``{precision: {"encoder": path, "decoder": path}}``, fp32 included
+    precision_files: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: ``{precision: {"HxW": errors and PSNR cost}}``, see :func:`precision_costs`
+    precision_costs: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    #: single-frame encode+decode latency per runtime, see :func:`frame_latency`
+    frame_latency: dict[str, dict[str, float]] = field(default_factory=dict)
+    frame_size: str = ""
+    threads: int = 1
 
 
 def export_model(vae: VAEBase, out_dir: str | os.PathLike[str], images: Tensor,
                  source: str = "", opset: int = DEFAULT_OPSET,
-                 adapter: LatentAdapter | None = None) -> ExportResult:
+                 adapter: LatentAdapter | None = None, precisions: tuple[str, ...] = ("fp32",),
+                 calibration: Tensor | None = None,
+                 parity_images: dict[str, Tensor] | None = None) -> ExportResult:
     """Export encoder and decoder of ``vae`` to ONNX and TorchScript in ``out_dir``, checked,
     and its weights (and the adapter's) to ``tinyvae.safetensors`` (loadable with
     ``MinimalVAE.from_pretrained``; the adapter with ``load_model(path, role="adapter")``).
 
-    ``images``: real (N, 3, S, S) images in [0, 1]; S is the exported image side.
+    ``images``: real (N, 3, S, S) images in [0, 1] (the main parity check and the example).
     ``adapter``: the student-to-teacher :class:`~hrm_vision.distill.adapter.LatentAdapter`
     (``student_dim`` equal to the VAE's latent channels C); when given, the teacher-space
     encoder ``tinyvae_encoder_teacher_space.onnx`` is exported too: ``image`` (N, 3, S, S) in
     [0, 1] -> ``teacher_latent`` ``adapter(vae.encode(image))`` (N, teacher_dim, S/8, S/8),
     checked like the others.
+
+    Every graph takes any height and width divisible by 8. ``parity_images``: more real images
+    ``{"HxW": (N, 3, H, W)}`` at other frame sizes; every fp32 file is checked at each of them too.
+    ``precisions``: besides ``"fp32"``, ``"fp16"`` and ``"int8"`` variants of the encoder and
+    decoder (:mod:`.precision`); int8 needs ``calibration``, real training images
+    ``(N, 3, S, S)`` in [0, 1] (the decoder is calibrated on their eager latents). Each
+    precision's errors and PSNR cost against eager fp32 are measured at every checked size.
     """
     if images.dim() != 4 or images.shape[2] != images.shape[3]:
         raise ValueError(f"expected square images (N, 3, S, S), got {tuple(images.shape)}")
@@ -75,6 +96,33 @@ def export_model(vae: VAEBase, out_dir: str | os.PathLike[str], images: Tensor,
             files[f"{spec.part}_torchscript"] = str(export_torchscript(
                 graph, spec, out / f"tinyvae_{spec.part}.torchscript.pt", meta))
     diffs = check_parity(vae, files, images, adapter=adapter)
+    sizes = {size_key(images): images, **(parity_images or {})}
+    parity_sizes = {key: check_parity(vae, files, x, adapter=adapter) for key, x in sizes.items()}
+    graphs = _precision_variants(vae, files, precisions, calibration)
+    costs = precision_costs(vae, graphs, sizes)
     # the weights alone, with the architecture in the metadata: MinimalVAE.from_pretrained(path)
     weights = str(save_pretrained(vae, out / "tinyvae.safetensors", adapter=adapter))
-    return ExportResult(files, diffs, metadata, images.shape[0], weights_file=weights)
+    return ExportResult(files, diffs, metadata, images.shape[0], weights_file=weights,
+                        parity_sizes=parity_sizes, precision_files=graphs,
+                        precision_costs=costs)
+
+
+def _precision_variants(vae: VAEBase, files: dict[str, str], precisions: tuple[str, ...],
+                        calibration: Tensor | None) -> dict[str, dict[str, str]]:
+    """``{precision: {"encoder": path, "decoder": path}}``, the variants written next to the fp32
+    graphs."""
+    fp32 = {part: files[f"{part}_onnx"] for part in ("encoder", "decoder")}
+    graphs = {"fp32": fp32}
+    if "fp16" in precisions:
+        graphs["fp16"] = {part: str(to_fp16(path)) for part, path in fp32.items()}
+    if "int8" in precisions:
+        if calibration is None:
+            raise ExportError("the int8 graphs need calibration images (real training images)")
+        with torch.inference_mode():
+            latents = vae.eval().encode(calibration)
+        graphs["int8"] = {"encoder": str(to_int8(fp32["encoder"], calibration)),
+                          "decoder": str(to_int8(fp32["decoder"], latents))}
+    unknown = set(precisions) - {"fp32", "fp16", "int8"}
+    if unknown:
+        raise ExportError(f"unknown precisions {sorted(unknown)}")
+    return graphs

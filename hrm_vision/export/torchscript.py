@@ -23,7 +23,8 @@ def export_torchscript(graph: nn.Module, spec: GraphSpec, path: Path,
     example = torch.rand(2, *spec.input_shape)
     with warnings.catch_warnings():
         # torch.jit.trace is deprecated in favour of torch.export; the input-shape checks of
-        # VAEBase are recorded as constants, which is right for a fixed image size.
+        # VAEBase run in Python while tracing and are not recorded: the traced graph takes any
+        # size (the export checks it at every parity size).
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(graph.eval(), example)
         torch.jit.save(traced, str(path), _extra_files={"metadata.json": json.dumps(metadata)})

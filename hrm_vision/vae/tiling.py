@@ -1,0 +1,166 @@
+"""Tiled encode and decode: frames larger than a memory budget, with the full-frame result.
+
+A latent cell of either VAE depends on its own 8x8 patch and on a margin of pixels around it (the
+receptive field of the encoder's nonlinear stages); a decoded pixel depends on the latent cells
+within a margin of its own cell. :func:`receptive_field` measures both margins on the model
+itself. The tiled functions cut the frame (or latent) into tiles on the latent grid, extend each
+tile by the margin rounded up to whole latent cells (clipped at the frame's border, where the
+full frame has the same zero padding), run the model on the extended tile and keep its core. So
+every kept output sees exactly the inputs it sees in the full frame: tiles give the full-frame
+result up to float rounding (``tests/test_tiling.py`` bounds it), and the largest tensor the
+model ever holds is that of one extended tile, whatever the frame size.
+
+Images are float ``(N, 3, H, W)`` in [0, 1], RGB, H and W divisible by 8; latents
+``(N, C, H/8, W/8)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .base import VAEBase
+
+#: Side of a latent cell in pixels (both VAEs downsample by 8).
+CELL = 8
+
+
+class ReceptiveField(NamedTuple):
+    """Margins beyond a latent cell's own 8x8 patch, measured on a model.
+
+    ``encode_px``: input pixels on each side of a cell's patch that its latent depends on.
+    ``decode_px``: output pixels on each side of a latent cell's patch that depend on it
+    (equivalently, a pixel depends on the latent cells within this many pixels).
+    ``*_cells``: the same rounded up to whole latent cells: the tile overlap on each side.
+    """
+
+    encode_px: int
+    decode_px: int
+
+    @property
+    def encode_cells(self) -> int:
+        return math.ceil(self.encode_px / CELL)
+
+    @property
+    def decode_cells(self) -> int:
+        return math.ceil(self.decode_px / CELL)
+
+
+def _probe(module: nn.Module) -> nn.Module:
+    """A float64 copy whose every parameter is positive (weights ``1/fan_in``, biases 0.1): with
+    a positive input every activation is positive and every ReLU passes, so the gradient of an
+    output is non-zero exactly on its receptive field."""
+    probe = copy.deepcopy(module).double().eval()
+    with torch.no_grad():
+        for name, p in probe.named_parameters():
+            if name.endswith("bias"):
+                p.fill_(0.1)
+            else:
+                p.fill_(1.0 / max(1, p[0].numel()))
+    return probe
+
+
+def _margin(grad: Tensor, lo: int, hi: int) -> int | None:
+    """Pixels of the support of ``grad`` (H, W) outside the square ``[lo, hi)``; None if the
+    support reaches the border (the probe was too small)."""
+    rows = grad.abs().sum(1).nonzero().flatten()
+    cols = grad.abs().sum(0).nonzero().flatten()
+    first, last = int(min(rows[0], cols[0])), int(max(rows[-1], cols[-1]))
+    if first == 0 or last == grad.shape[-1] - 1:
+        return None
+    return max(lo - first, last + 1 - hi, 0)
+
+
+def receptive_field(vae: VAEBase, max_cells: int = 64) -> ReceptiveField:
+    """Measure the encoder's and the decoder's margins on ``vae`` (see :class:`ReceptiveField`).
+
+    Gradients of the centre cell's latent (of the centre cell's decoded pixels) with respect to
+    the input, on a positive-weight float64 copy (:func:`_probe`), on a probe of ``2k + 1``
+    cells a side, ``k`` doubling from 4 up to ``max_cells`` until the support fits inside.
+    """
+    with torch.enable_grad():  # also when called under no_grad, as the tiled functions are
+        return _measure(vae, max_cells)
+
+
+def _measure(vae: VAEBase, max_cells: int) -> ReceptiveField:
+    encoder, decoder = _probe(vae.encoder), _probe(vae.decoder)
+    margins: list[int] = []
+    for net, channels, scale in ((encoder, vae.in_channels, CELL), (decoder, vae.latent_dim, 1)):
+        k = 4
+        while True:
+            side = (2 * k + 1) * scale
+            x = torch.ones(1, channels, side, side, dtype=torch.float64, requires_grad=True)
+            out = net(x)
+            centre = slice(k, k + 1) if net is encoder else slice(k * CELL, (k + 1) * CELL)
+            out[..., centre, centre].sum().backward()
+            lo, hi = k * scale, (k + 1) * scale
+            margin = _margin(x.grad[0].sum(0), lo, hi)  # type: ignore[index]
+            if margin is not None:
+                margins.append(margin if net is encoder else margin * CELL)
+                break
+            if k >= max_cells:
+                raise ValueError(f"receptive field wider than {max_cells} latent cells")
+            k *= 2
+    return ReceptiveField(margins[0], margins[1])
+
+
+def _spans(cells: int, tile: int, halo: int) -> list[tuple[int, int, int, int]]:
+    """``(core start, core end, extended start, extended end)`` in cells along one side."""
+    out = []
+    for start in range(0, cells, tile):
+        end = min(start + tile, cells)
+        out.append((start, end, max(start - halo, 0), min(end + halo, cells)))
+    return out
+
+
+def _tiled(fn, x: Tensor, out_channels: int, scale_in: int, scale_out: int,  # noqa: ANN001
+           tile_cells: int, halo_cells: int) -> Tensor:
+    """Run ``fn`` on halo-extended tiles of ``x`` and assemble the cores (sides in cells)."""
+    rows, cols = x.shape[2] // scale_in, x.shape[3] // scale_in
+    out = x.new_empty(x.shape[0], out_channels, rows * scale_out, cols * scale_out)
+    for r0, r1, a0, a1 in _spans(rows, tile_cells, halo_cells):
+        for c0, c1, b0, b1 in _spans(cols, tile_cells, halo_cells):
+            y = fn(x[:, :, a0 * scale_in:a1 * scale_in, b0 * scale_in:b1 * scale_in])
+            out[:, :, r0 * scale_out:r1 * scale_out, c0 * scale_out:c1 * scale_out] = y[
+                :, :, (r0 - a0) * scale_out:(r1 - a0) * scale_out,
+                (c0 - b0) * scale_out:(c1 - b0) * scale_out]
+    return out
+
+
+def _tile_cells(tile: int) -> int:
+    if tile < CELL or tile % CELL:
+        raise ValueError(f"tile side must be a positive multiple of {CELL} pixels, got {tile}")
+    return tile // CELL
+
+
+@torch.no_grad()
+def encode_tiled(vae: VAEBase, x: Tensor, tile: int = 256,
+                 field: ReceptiveField | None = None) -> Tensor:
+    """``vae.encode(x)`` computed on tiles: ``x`` (N, 3, H, W) in [0, 1] -> (N, C, H/8, W/8).
+
+    ``tile``: side in pixels of each tile's core (a multiple of 8); each tile is extended by
+    the encoder's margin (``field``, measured with :func:`receptive_field` when not given), so
+    the model sees at most ``tile + 2 * 8 * field.encode_cells`` pixels a side.
+    """
+    vae._check_images(x)
+    cells = _tile_cells(tile)
+    field = field or receptive_field(vae)
+    return _tiled(vae.encode, x, vae.latent_dim, CELL, 1, cells, field.encode_cells)
+
+
+@torch.no_grad()
+def decode_tiled(vae: VAEBase, z: Tensor, tile: int = 256,
+                 field: ReceptiveField | None = None) -> Tensor:
+    """``vae.decode(z)`` computed on tiles: ``z`` (N, C, h, w) -> (N, 3, 8h, 8w) in [0, 1].
+
+    ``tile``: side in output pixels of each tile's core (a multiple of 8); each latent tile is
+    extended by the decoder's margin in cells (``field.decode_cells``).
+    """
+    vae._check_latent(z)
+    cells = _tile_cells(tile)
+    field = field or receptive_field(vae)
+    return _tiled(vae.decode, z, vae.in_channels, 1, CELL, cells, field.decode_cells)
