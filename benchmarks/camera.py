@@ -36,10 +36,10 @@ import torch
 from hrm_vision.checkpoints import load_model
 from hrm_vision.evaluation.quality import validation_images
 from hrm_vision.evaluation.speed import CAMERA_SIZES, camera_lines, camera_speed
-from hrm_vision.timing import machine_info
 from hrm_vision.export import export_model
 from hrm_vision.export.frames import PARITY_SIZES, photo_frames
 from hrm_vision.export.runtime import chain, eager_runner, onnx_runner
+from hrm_vision.timing import machine_info
 from hrm_vision.vae import MinimalVAE, VAEBase
 from hrm_vision.vae.tiling import decode_tiled, encode_tiled, receptive_field
 
