@@ -230,8 +230,14 @@ def check_fits(module: nn.Module, state: Any, source: str) -> dict[str, torch.Te
     mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
                   for k, v in own.items()
                   if k in state and state[k].shape != v.shape]
-    if missing or unexpected or mismatched:
+    mistyped = [f"{k}: checkpoint {state[k].dtype} vs model {v.dtype}"
+                for k, v in own.items() if k in state and not dtype_fits(state[k].dtype, v.dtype)]
+    if missing or unexpected or mismatched or mistyped:
         parts = []
+        if mistyped:
+            parts.append("wrong dtypes (floating weights must be stored as floats, integer "
+                         "buffers as the same integers): " + "; ".join(mistyped[:5])
+                         + (f" (+{len(mistyped) - 5} more)" if len(mistyped) > 5 else ""))
         if mismatched:
             parts.append("shape mismatches: " + "; ".join(mismatched[:5])
                          + (f" (+{len(mismatched) - 5} more)" if len(mismatched) > 5 else ""))
@@ -243,16 +249,25 @@ def check_fits(module: nn.Module, state: Any, source: str) -> dict[str, torch.Te
         raise CheckpointError(f"{source} does not fit {type(module).__name__}: "
                               + " | ".join(parts))
     check_finite(state, source)
-    return state
+    return {k: v.to(own[k].dtype) for k, v in state.items()}
+
+
+def dtype_fits(stored: torch.dtype, model: torch.dtype) -> bool:
+    """Whether a stored tensor of dtype ``stored`` may load into a model tensor of ``model``:
+    a floating model tensor takes any floating dtype (cast: fp16 and bf16 checkpoints load), any
+    other takes exactly its own dtype (an int64 or bool tensor is never a weight)."""
+    if model.is_floating_point:
+        return stored.is_floating_point
+    return stored == model
 
 
 def check_arch(arch: Any, state: Mapping[str, torch.Tensor], source: str
                ) -> tuple[str, dict[str, Any]]:
     """``(registry name, constructor kwargs)`` of a stored ``{role}_arch``, checked before
-    anything is built: a dict with a registered ``name`` whose other values are numbers or
-    strings, and whose integer values (channel counts, depths, latent sizes) lie in
-    ``[0, largest stored tensor dimension]``, so a crafted file cannot ask for an absurd
-    allocation."""
+    anything is allocated: a dict with a registered ``name`` whose other values are numbers or
+    strings, each integer in ``[0, MAX_ARCH_INT]``, and whose model, built on the ``meta``
+    device (:func:`planned_elements`), holds not far more numbers than ``state`` stores; so a
+    crafted file cannot ask for an absurd allocation."""
     if not isinstance(arch, Mapping):
         raise CheckpointError(f"{source}: the architecture must be a dict with a 'name', got "
                               f"{type(arch).__name__}")
@@ -265,26 +280,67 @@ def check_arch(arch: Any, state: Mapping[str, torch.Tensor], source: str
     if wrong:
         raise CheckpointError(f"{source}: architecture arguments must be numbers or strings, "
                               f"got {wrong}")
-    widest = max((d for t in state.values() for d in t.shape), default=0)
-    for key, value in kwargs.items():
-        if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= widest:
-            raise CheckpointError(f"{source}: architecture {key}={value} is outside [0, "
-                                  f"{widest}], the largest stored tensor dimension")
+    check_planned_size(partial(build_model, name), kwargs, stored_elements(state), source)
     return name, kwargs
+
+
+#: Largest integer architecture argument (channels, blocks, latent size) a stored file may ask
+#: for; far above any model of this package (512 channels, 4 blocks).
+MAX_ARCH_INT = 1 << 16
+#: A model planned from stored arguments may hold up to ``PLANNED_SLACK x stored + PLANNED_MARGIN``
+#: values: enough to build a near-miss architecture and name its mismatched shapes, never an
+#: allocation far beyond what the file holds.
+PLANNED_SLACK = 4
+PLANNED_MARGIN = 1 << 20
+
+
+def stored_elements(state: Mapping[str, torch.Tensor]) -> int:
+    """The number of values the tensors of ``state`` hold."""
+    return sum(t.numel() for t in state.values())
+
+
+def planned_elements(build: Callable[..., nn.Module], kwargs: Mapping[str, Any]) -> int:
+    """The number of values in the state dict of ``build(**kwargs)``, computed on the ``meta``
+    device (no memory is allocated for weights)."""
+    with torch.device("meta"), torch.random.fork_rng(devices=[]):
+        model = build(**kwargs)
+    return sum(t.numel() for t in model.state_dict().values())
+
+
+def check_planned_size(build: Callable[..., nn.Module], kwargs: Mapping[str, Any],
+                       stored: int, source: str, label: str = "architecture") -> None:
+    """Refuse, before anything is allocated, architecture arguments that ask for more than the
+    ``stored`` values of the file can fill: each integer argument in ``[0, MAX_ARCH_INT]``,
+    then the model's size from the arguments alone (:func:`planned_elements`) at most
+    ``PLANNED_SLACK`` times ``stored`` plus ``PLANNED_MARGIN``."""
+    for key, value in kwargs.items():
+        if isinstance(value, int) and not isinstance(value, bool) \
+                and not 0 <= value <= MAX_ARCH_INT:
+            raise CheckpointError(f"{source}: {label} {key}={value} is outside [0, "
+                                  f"{MAX_ARCH_INT}]")
+    try:
+        planned = planned_elements(build, kwargs)
+    except Exception as exc:  # what a constructor raises for arguments it refuses
+        raise CheckpointError(f"{source}: cannot build the {label} {dict(kwargs)}: "
+                              f"{exc}") from exc
+    if planned > PLANNED_SLACK * stored + PLANNED_MARGIN:
+        raise CheckpointError(f"{source}: the {label} {dict(kwargs)} has {planned:,} "
+                              f"weights but the file stores only {stored:,}")
 
 
 def check_adapter_arch(arch: Any, state: Mapping[str, torch.Tensor], source: str
                        ) -> dict[str, int]:
     """The constructor kwargs of a stored ``adapter_arch``, checked before anything is built:
-    a dict of channel counts (``student_dim``, ``teacher_dim``) between 1 and the widest stored
-    tensor dimension, so a crafted file cannot ask for an absurd allocation."""
-    widest = max((d for t in state.values() for d in t.shape), default=0)
-    sizes = arch.values() if isinstance(arch, Mapping) else [None]
-    if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= widest
-               for v in sizes):
-        raise CheckpointError(f"{source}: adapter_arch {arch!r} must hold channel counts between "
-                              f"1 and {widest} (the widest stored tensor)")
-    return dict(arch)  # type: ignore[arg-type]
+    a dict of positive integer sizes whose adapter is not far larger than ``state``
+    (:func:`check_planned_size`)."""
+    if not isinstance(arch, Mapping) or not arch or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1
+            for k, v in arch.items()):
+        raise CheckpointError(f"{source}: adapter_arch {arch!r} must map names to positive "
+                              "integer sizes")
+    check_planned_size(_adapter_class(), arch, stored_elements(state), source,
+                       label="adapter_arch")
+    return dict(arch)
 
 
 def _adapter_class() -> type[LatentAdapter]:

@@ -37,8 +37,10 @@ adapter stored beside it with :func:`load_pretrained_adapter`), a ``.pth`` check
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -49,7 +51,9 @@ from . import __version__
 from .checkpoints import (
     ADAPTER_ROLE,
     CheckpointError,
+    check_planned_size,
     load_checkpoint,
+    load_state_checked,
     model_from_payload,
     roles_in,
     unwrap,
@@ -168,11 +172,7 @@ def load_pretrained(path: str | os.PathLike[str], role: str | None = None,
         source = f"{path} ({role})"
         _check_class(name, expected, source)
         model = _build_fitting(name, arch, {k: tuple(v.shape) for k, v in state.items()}, source)
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise _error(f"{source} holds NaN or infinite weights in {', '.join(bad[:5])}"
-                     + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""))
-    model.load_state_dict(state)
+    load_state_checked(model, state, source)  # dtypes, finite values
     if device is not None:
         model = model.to(device)
     return model.eval()  # type: ignore[return-value]
@@ -270,17 +270,12 @@ def _build_fitting(name: str, arch: dict[str, Any], shapes: Mapping[str, tuple[i
     """Model ``name(**arch)`` (on the CPU, the caller's RNG untouched), checked to have exactly
     the parameter and buffer ``shapes`` stored in the file.
 
-    Before anything is built, every integer constructor argument must lie in
-    ``[0, largest stored tensor dimension]``: sizes are channel counts and depths, which never
-    exceed the widest stored tensor, so a crafted architecture cannot make the constructor
-    allocate absurd amounts of memory.
+    Before anything is built, the architecture's size computed from its arguments alone must
+    not be far above what the file stores (:func:`hrm_vision.checkpoints.check_planned_size`),
+    so a crafted architecture cannot make the constructor allocate absurd amounts of memory.
     """
-    widest = max((d for shape in shapes.values() for d in shape), default=0)
-    for key, value in arch.items():
-        if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= widest:
-            raise _error(f"{source} does not fit {MODELS[name].__name__}({_kwargs(arch)}): "
-                         f"{key}={value} is outside [0, {widest}], the largest stored tensor "
-                         "dimension")
+    check_planned_size(partial(build_model, name), arch,
+                       sum(math.prod(shape) for shape in shapes.values()), source)
     try:
         with torch.random.fork_rng(devices=[]):  # building initialises weights randomly
             model = build_model(name, **arch)

@@ -196,7 +196,7 @@ CRAFTED = [
      "unknown model 'resnet'"),
     ("an arch asking for absurd sizes",
      lambda p: p["student_arch"].update(base_channels=3_000_000),
-     r"architecture base_channels=3000000 is outside \[0, \d+\], the largest stored tensor"),
+     r"architecture base_channels=3000000 is outside \[0, 65536\]"),
     ("an arch with a nested value", lambda p: p["student_arch"].update(latent_dim=[8]),
      "architecture arguments must be numbers or strings"),
     ("NaN weights", _nan, r"\(student\) holds NaN or infinite weights in encoder"),
@@ -262,7 +262,8 @@ class TestAdapterRole:
         payload["adapter_arch"] = {"student_dim": 8, "teacher_dim": 10**9}
         torch.save(payload, tmp_path / "crafted.pth")
         with mock.patch("hrm_vision.vae.adapter.LatentAdapter") as build, \
-                pytest.raises(CheckpointError, match=r"\(adapter\): adapter_arch .* between 1"):
+                pytest.raises(CheckpointError,
+                              match=r"\(adapter\): adapter_arch teacher_dim=\d+ is outside"):
             load_model(tmp_path / "crafted.pth", role="adapter")
         assert not build.called
 
@@ -274,3 +275,36 @@ class TestAdapterRole:
         with pytest.raises(CheckpointError, match=r"\(adapter\) does not fit LatentAdapter: "
                                                   r"shape mismatches"):
             load_model(tmp_path / "other.pth", role="adapter")
+
+
+class TestTypedAndBoundedLoading:
+    """Weights of the wrong dtype and architectures larger than the file are refused."""
+
+    @pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+    def test_integer_or_bool_weights_are_refused(self, tmp_path, dtype) -> None:
+        payload = model_entry(tiny(), "student")
+        key = next(k for k, v in payload["student_state_dict"].items() if v.is_floating_point())
+        payload["student_state_dict"][key] = payload["student_state_dict"][key].to(dtype)
+        path = save_checkpoint(payload, tmp_path / "typed.pth")
+        with pytest.raises(CheckpointError, match=rf"wrong dtypes .*{key}: checkpoint {dtype}"):
+            load_model(path)
+
+    def test_half_precision_weights_load_cast(self, tmp_path) -> None:
+        model = tiny()
+        payload = model_entry(model, "student")
+        payload["student_state_dict"] = {
+            k: v.half() if v.is_floating_point() else v
+            for k, v in payload["student_state_dict"].items()}
+        loaded = load_model(save_checkpoint(payload, tmp_path / "half.pth"))
+        weight = next(p for p in loaded.parameters())
+        assert weight.dtype == torch.float32
+        reference = next(p for p in model.parameters())
+        assert torch.allclose(weight, reference.half().float())
+
+    def test_zero_element_tensor_does_not_lift_the_bound(self, tmp_path) -> None:
+        payload = model_entry(tiny(), "student")
+        payload["student_state_dict"]["wide"] = torch.zeros(0, 200_000)
+        payload["student_arch"]["base_channels"] = 20_000
+        path = save_checkpoint(payload, tmp_path / "wide.pth")
+        with pytest.raises(CheckpointError, match=r"has [\d,]+ weights but the file stores only"):
+            load_model(path)
