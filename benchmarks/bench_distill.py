@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from hrm_vision.distill.config import DistillConfig
+from hrm_vision.distill.data import IndexedDataset, TeacherCache
 from hrm_vision.distill.losses import DistillLoss, teacher_targets
 from hrm_vision.distill.perceptual import build_perceptual
 from hrm_vision.distill.phases import StudentWithAdapter
-from hrm_vision.distill.splits import IndexedDataset, TeacherCache
 from hrm_vision.vae import LatentAdapter, MinimalVAE
 
 

@@ -16,6 +16,7 @@ temporary files that a killed process left behind (:meth:`FolderLock.remove_stal
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -102,7 +103,10 @@ class FolderLock:
 
     The lock is ``fcntl.flock`` on ``folder/.lock``, which also records the holder's pid, host
     and start time for the error another process gets. The kernel drops the lock when the holder
-    exits or is killed, so there is never a stale lock to delete; the file itself stays.
+    exits or is killed, so there is never a stale lock to delete: a file a killed holder left is
+    locked again by the next writer. :meth:`release` deletes the file while still holding the
+    lock, so a finished run leaves only its outputs; :meth:`acquire` therefore checks that the
+    file it locked is still the one at ``folder/.lock`` and otherwise opens it again.
 
     Raises (from :meth:`acquire`):
         FolderLockedError: another process holds the lock (named in the message).
@@ -130,18 +134,22 @@ class FolderLock:
         if self._fd is not None:
             return self
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
-            os.close(fd)
-            raise FolderLockedError(
-                f"{self.folder} is in use by another process ({self._describe(holder)}); wait "
-                "for it to finish, or use another folder") from None
-        except BaseException:
-            os.close(fd)
-            raise
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+                os.close(fd)
+                raise FolderLockedError(
+                    f"{self.folder} is in use by another process ({self._describe(holder)}); "
+                    "wait for it to finish, or use another folder") from None
+            except BaseException:
+                os.close(fd)
+                raise
+            if self._is_current(fd):
+                break
+            os.close(fd)  # a releasing holder deleted the file after we opened it: open anew
         record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                              "purpose": self.purpose}).encode()
@@ -159,8 +167,19 @@ class FolderLock:
         except (ValueError, KeyError, TypeError):
             return "holder unknown"
 
+    def _is_current(self, fd: int) -> bool:
+        """Whether ``fd`` is the file now at :attr:`path` (not one a releasing holder deleted)."""
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        return (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino)
+
     def release(self) -> None:
         if self._fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)  # still locked: no writer holds the file being deleted
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
 

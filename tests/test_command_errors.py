@@ -128,8 +128,8 @@ def make_files(d: Path) -> None:
 #: The command runner preloading torch and the package (see ``tests/helpers/forked.py``).
 FORK_RUNNER = command_runner(
     "import numpy, torch, torchvision, matplotlib, pydantic, tqdm\n"
-    "import hrm_vision.checkpoints, hrm_vision.cli, hrm_vision.distill.__main__, "
-    "hrm_vision.evaluation")
+    "import hrm_vision.checkpoints, hrm_vision.cli, hrm_vision.distill.trainer, "
+    "hrm_vision.evaluation")  # not distill.__main__: `-m hrm_vision.distill` runs it afresh
 
 
 def run_cases(cases: list[Case], d: Path) -> list[Outcome]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,11 +20,10 @@ from torch.optim.optimizer import (
 from hrm_vision.checkpoints import model_entry, save_checkpoint
 from hrm_vision.distill import Distiller, load_config
 from hrm_vision.distill.config import DistillConfig
-from hrm_vision.distill.distributed import DistContext, make_loader
+from hrm_vision.distill.data import DistContext, IndexedDataset, make_loader
 from hrm_vision.distill.loop import PhaseLoop, TrainingDiverged
 from hrm_vision.distill.optim import autocast, build_scheduler, make_scaler
 from hrm_vision.distill.phases import DistillPhase, Phase, PhaseContext
-from hrm_vision.distill.splits import IndexedDataset
 from hrm_vision.distill.state import LastGoodState
 from hrm_vision.vae import TeacherVAE
 
@@ -59,7 +57,8 @@ def train_toy(images: Tensor, batch_size: int, accum: int, epochs: int = 2) -> t
         nn.Module, PhaseLoop, list[list[Tensor]]]:
     """Train the toy phase; returns the model, the loop and the gradients of every step."""
     config = DistillConfig(batch_size=batch_size, grad_accum_steps=accum, learning_rate=1e-2,
-                           warmup_steps=2, grad_clip=None, mixed_precision="off")
+                           warmup_steps=2, grad_clip=None, mixed_precision="off",
+                           checkpoint_dir=tempfile.mkdtemp())
     ctx = DistContext()
     data = IndexedDataset(list(images))
     loader = make_loader(data, batch_size, shuffle=True, ctx=ctx, seed=0, drop_last=True)
@@ -67,8 +66,8 @@ def train_toy(images: Tensor, batch_size: int, accum: int, epochs: int = 2) -> t
     model = nn.Linear(images[0].numel(), 3)
     phase = LinearPhase(PhaseContext(config, ctx.device, data, data, loader,
                                      reduce=lambda v, n: v), model, epochs)
-    loop = PhaseLoop(phase, config, ctx, loader, [], lambda *args: None, lambda: None,
-                     Path(tempfile.mkdtemp()))
+    loop = PhaseLoop(phase, ctx=ctx, loader=loader, history=[], emit=lambda *args: None,
+                     stop_signal=lambda: None)
     grads: list[list[Tensor]] = []
 
     def record(optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -121,7 +120,8 @@ def toy_loop(images: Tensor, epochs: int = 2, nan_calls: set[int] = frozenset(),
              max_bad_steps: int = 10) -> tuple[nn.Module, PhaseLoop, list[str]]:
     """A toy loop (batch 4, EMA on, 16 images: 4 steps per epoch) and its messages."""
     config = DistillConfig(batch_size=4, learning_rate=1e-2, warmup_steps=2, grad_clip=1.0,
-                           mixed_precision="off", ema_decay=0.9, max_bad_steps=max_bad_steps)
+                           mixed_precision="off", ema_decay=0.9, max_bad_steps=max_bad_steps,
+                           checkpoint_dir=tempfile.mkdtemp())
     ctx = DistContext()
     data = IndexedDataset(list(images))
     loader = make_loader(data, 4, shuffle=True, ctx=ctx, seed=0, drop_last=True)
@@ -135,8 +135,8 @@ def toy_loop(images: Tensor, epochs: int = 2, nan_calls: set[int] = frozenset(),
         if hook == "on_message":
             messages.append(args[0])
 
-    loop = PhaseLoop(phase, config, ctx, loader, [], emit, lambda: None,
-                     Path(tempfile.mkdtemp()))
+    loop = PhaseLoop(phase, ctx=ctx, loader=loader, history=[], emit=emit,
+                     stop_signal=lambda: None)
     return model, loop, messages
 
 

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from hrm_vision.distill.distributed import (
+from hrm_vision.distill.data import (
     DistContext,
     barrier,
     cleanup,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import Field, create_model
 
-from hrm_vision.distill import config_doc
+from hrm_vision import config_table
 from hrm_vision.distill.config import DistillConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,13 +21,13 @@ PAGES = [README, *sorted(DOCS.glob("*.md"))]
 
 class TestConfigTable:
     def test_training_page_matches_the_config_model(self) -> None:
-        page_table = config_doc.extract_table(TRAINING.read_text())
-        assert page_table == config_doc.render_table(), (
+        page_table = config_table.extract_table(TRAINING.read_text())
+        assert page_table == config_table.render_table(), (
             "docs/training.md is out of date: run "
-            "python -m hrm_vision.distill.config_doc --write docs/training.md")
+            "python -m hrm_vision.config_table --write docs/training.md")
 
     def test_every_key_has_one_row(self) -> None:
-        rows = config_doc.config_rows()
+        rows = config_table.config_rows()
         assert [r.key.strip("`") for r in rows] == list(DistillConfig.model_fields)
 
     @pytest.mark.parametrize("change", ["added", "removed", "re-described", "re-defaulted"])
@@ -44,10 +44,10 @@ class TestConfigTable:
         else:
             definitions[name] = (float, Field(2.0, gt=0, description=field.description))
         changed = create_model("Changed", **definitions)  # type: ignore[call-overload]
-        assert config_doc.render_table(changed) != config_doc.render_table()
+        assert config_table.render_table(changed) != config_table.render_table()
 
     def test_rows_show_type_default_range_and_choices(self) -> None:
-        rows = {r.key.strip("`"): r for r in config_doc.config_rows()}
+        rows = {r.key.strip("`"): r for r in config_table.config_rows()}
         assert rows["image_size"].default == "`32`" and rows["image_size"].allowed == ">= 8"
         assert rows["grad_clip"].type == "float | null" and rows["temperature"].allowed == "> 0"
         assert rows["mixed_precision"].allowed == '`"auto"`, `"off"`, `"bf16"`, `"fp16"`'
@@ -57,25 +57,25 @@ class TestConfigTable:
         inner = create_model("Inner", lr=(float, Field(0.1, description="step")))
         outer = create_model("Outer", optim=(inner, Field(default_factory=inner)),
                              seed=(int, Field(..., description="seed")))
-        keys = [r.key for r in config_doc.config_rows(outer)]
+        keys = [r.key for r in config_table.config_rows(outer)]
         assert keys == ["`optim.lr`", "`seed`"]
-        assert config_doc.config_rows(outer)[1].default == "required"
+        assert config_table.config_rows(outer)[1].default == "required"
 
     def test_check_and_write(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         page = tmp_path / "page.md"
-        page.write_text(f"# t\n\n{config_doc.START_MARKER}\n| stale |\n"
-                        f"{config_doc.END_MARKER}\nafter\n")
-        assert config_doc.main(["--check", str(page)]) == 1
-        assert config_doc.main(["--write", str(page)]) == 0
-        assert config_doc.main(["--check", str(page)]) == 0
+        page.write_text(f"# t\n\n{config_table.START_MARKER}\n| stale |\n"
+                        f"{config_table.END_MARKER}\nafter\n")
+        assert config_table.main(["--check", str(page)]) == 1
+        assert config_table.main(["--write", str(page)]) == 0
+        assert config_table.main(["--check", str(page)]) == 0
         text = page.read_text()
-        assert text.startswith("# t\n\n") and text.endswith(f"{config_doc.END_MARKER}\nafter\n")
+        assert text.startswith("# t\n\n") and text.endswith(f"{config_table.END_MARKER}\nafter\n")
         (tmp_path / "none.md").write_text("no markers\n")
-        assert config_doc.main(["--check", str(tmp_path / "none.md")]) == 2
+        assert config_table.main(["--check", str(tmp_path / "none.md")]) == 2
         capsys.readouterr()
 
     def test_every_config_field_is_described(self) -> None:
-        assert config_doc.undescribed_fields() == []
+        assert config_table.undescribed_fields() == []
 
 
 # ------------------------------------------------------------------------- links
@@ -134,7 +134,7 @@ OWN_FILES = [README, *sorted(DOCS.glob("*.md")),
              ROOT / "pyproject.toml", ROOT / "Makefile", ROOT / ".ci" / "run",
              ROOT / "hrm_vision" / "__init__.py", ROOT / "hrm_vision" / "__main__.py",
              ROOT / "hrm_vision" / "cli.py", ROOT / "hrm_vision" / "_extras.py",
-             ROOT / "hrm_vision" / "distill" / "config_doc.py",
+             ROOT / "hrm_vision" / "config_table.py",
              *sorted((ROOT / "hrm_vision" / "irp").glob("*.py")),
              *sorted((ROOT / "hrm_vision" / "irp").glob("*.json")),
              *sorted((ROOT / "hrm_vision" / "data").glob("*.py")),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from hrm_vision.distill.__main__ import config_from_args, main, setup_args
-from hrm_vision.distill.selfcheck import main as selfcheck_main
+from hrm_vision.evaluation.selfcheck import main as selfcheck_main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_FLAGS = ["--dataset", "photos", "--train-samples", "16", "--val-samples", "8",
@@ -81,7 +81,7 @@ class TestScripts:
 
 class TestReport:
     def test_rows_pick_best_or_given_epoch(self, tmp_path, capsys) -> None:
-        from hrm_vision.distill.report import main as report_main
+        from hrm_vision.evaluation.runs import main as report_main
 
         def rec(phase: str, epoch: int, total: float, psnr: float) -> dict:
             val = {"total": total, "psnr": psnr, "ssim": 0.5}
@@ -104,7 +104,7 @@ class TestReport:
         assert "| run | 1 | 1 | 18.00 |" in capsys.readouterr().out
 
     def test_seeds_aggregate_and_gain_is_paired_by_seed(self, tmp_path, capsys) -> None:
-        from hrm_vision.distill.report import main as report_main
+        from hrm_vision.evaluation.runs import main as report_main
 
         def run(name: str, seed: int, psnr: float) -> str:
             d = tmp_path / name

@@ -7,7 +7,7 @@ models instantiate, each loss term is finite, one training step changes student 
 
 import sys
 
-from hrm_vision.distill.selfcheck import main
+from hrm_vision.evaluation.selfcheck import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None) -> int:
-    from .distributed import cleanup
+    from .data import cleanup
     from .trainer import Distiller, TrainingDiverged, TrainingInterrupted
 
     args = setup_args().parse_args(argv)

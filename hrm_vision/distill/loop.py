@@ -41,8 +41,7 @@ from torch.utils.data import DataLoader
 
 from ..checkpoints import CheckpointError, check_fits, non_finite_tensors, save_checkpoint
 from ..files import write_json
-from .config import DistillConfig
-from .distributed import DistContext, barrier, reduce_mean, set_epoch, wrap_ddp
+from .data import DistContext, barrier, reduce_mean, set_epoch, wrap_ddp
 from .optim import (
     WeightAverage,
     autocast,
@@ -91,33 +90,32 @@ def _cloned(value: Any) -> Any:
 
 
 class PhaseLoop:
-    """Trains ``phase`` for its epochs on ``train_loader`` (yielding ``(index, images)``).
+    """Trains ``phase`` for its epochs on ``loader`` (yielding ``(index, images)``), under the
+    run's config ``phase.ctx.config``; files go to its ``checkpoint_dir``.
 
-    Args:
+    Args (keyword-only after ``phase``):
         phase: what trains and how it is validated.
-        config: the run's config (optimisation, precision, intervals).
         ctx: the distributed context (device, rank).
-        train_loader: this rank's training batches.
+        loader: this rank's training batches.
         history: the run's epoch records; this phase's records are replaced or appended.
         emit: ``emit(hook, *args)`` calls a callback hook (rank 0 only).
         stop_signal: the name of a pending stop signal, or None.
-        out_dir: the checkpoint folder (named in errors).
         best: the validation ``BEST_METRIC`` an epoch must beat to be the best (-inf: the
             phase's own first epoch is; a phase that inherits the previous phase's best file
             starts with that file's value).
     """
 
-    def __init__(self, phase: Phase, config: DistillConfig, ctx: DistContext,
-                 train_loader: DataLoader, history: list[dict[str, Any]], emit: Emit,
-                 stop_signal: Callable[[], str | None], out_dir: Path,
-                 best: float = -math.inf) -> None:
+    def __init__(self, phase: Phase, *, ctx: DistContext, loader: DataLoader,
+                 history: list[dict[str, Any]], emit: Emit,
+                 stop_signal: Callable[[], str | None], best: float = -math.inf) -> None:
+        config = phase.ctx.config
         self.phase, self.config, self.ctx = phase, config, ctx
-        self.loader, self.history, self.emit = train_loader, history, emit
-        self.stop_signal, self.out_dir = stop_signal, out_dir
+        self.loader, self.history, self.emit = loader, history, emit
+        self.stop_signal, self.out_dir = stop_signal, Path(config.checkpoint_dir)
         self.module = phase.trainable()
         self.wrapped = wrap_ddp(self.module, ctx)
         self.optimizer = build_optimizer(phase.param_groups(), config)
-        self.steps_per_epoch = steps_per_epoch(len(train_loader), config.grad_accum_steps)
+        self.steps_per_epoch = steps_per_epoch(len(loader), config.grad_accum_steps)
         self.scheduler = build_scheduler(self.optimizer, config.warmup_steps,
                                          phase.epochs * self.steps_per_epoch)
         self.scaler = make_scaler(config, ctx.device)

@@ -30,8 +30,8 @@ from ..checkpoints import load_state_checked, model_entry, to_cpu
 from ..metrics import linear_cka, mse, psnr_from_mse, ssim
 from ..vae import LatentAdapter, VAEBase, VAEOutput
 from .config import DistillConfig
+from .data import IndexedDataset, TeacherCache
 from .losses import DistillLoss, TeacherTargets, adapt, kl_free_bits, teacher_targets, vae_loss
-from .splits import IndexedDataset, TeacherCache
 
 #: Validation images shown in the reconstruction grids.
 GRID_IMAGES = 8
@@ -345,12 +345,10 @@ class FinetunePhase(DistillPhase):
     last_file, best_file, epoch_file = "tinyvae_finetune_last.pth", DistillPhase.best_file, None
     inherits_best = True
 
-    def __init__(self, ctx: PhaseContext, epochs: int, student: VAEBase, adapter: LatentAdapter,
-                 teacher: VAEBase | None, loss: DistillLoss, perceptual_name: str = "none",
-                 teacher_source: str = "") -> None:
-        super().__init__(ctx, epochs, student, adapter, teacher, loss, perceptual_name,
-                         teacher_source)
-        self.unfreeze_epoch = epochs // 2
+    @property
+    def unfreeze_epoch(self) -> int:
+        """The first epoch (0-based) that trains the encoder: half the phase's epochs."""
+        return self.epochs // 2
 
     def trainable(self) -> nn.Module:
         return self.student

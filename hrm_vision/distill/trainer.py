@@ -54,12 +54,19 @@ from ..files import FolderLock
 from ..vae import LatentAdapter, MinimalVAE, TeacherVAE, VAEBase
 from .callbacks import Callback, default_callbacks
 from .config import DistillConfig, save_config
-from .distributed import DistContext, barrier, init_distributed, make_loader, reduce_mean
+from .data import (
+    DistContext,
+    barrier,
+    build_split,
+    first_images,
+    init_distributed,
+    make_loader,
+    reduce_mean,
+)
 from .loop import PhaseLoop, TrainingDiverged, TrainingInterrupted
 from .losses import DistillLoss
 from .perceptual import build_perceptual, resolve_backbone
 from .phases import DistillPhase, FinetunePhase, Phase, PhaseContext, TeacherPhase
-from .splits import build_split, first_images
 from .state import TrainingCheckpoint, seed_everything
 
 __all__ = ["Distiller", "TrainingDiverged", "TrainingInterrupted", "find_resume"]
@@ -306,8 +313,8 @@ class Distiller:
             for model in fresh:
                 model.init_from_data(images)
             phase.init_fresh()
-        loop = PhaseLoop(phase, self.config, self.ctx, self.train_loader, self.history,
-                         self._emit, lambda: self.stop_signal, self.out_dir, best=best)
+        loop = PhaseLoop(phase, ctx=self.ctx, loader=self.train_loader, history=self.history,
+                         emit=self._emit, stop_signal=lambda: self.stop_signal, best=best)
         if payload is not None:
             loop.restore(payload, f"{self.resume_source} ({payload['phase']} phase)")
             self.message(f"resuming {payload['phase']} from {self.resume_source} (epoch "

@@ -1,4 +1,4 @@
-"""Compare finished runs: ``python -m hrm_vision.distill.report LABEL=DIR[,DIR...] ...``.
+"""Compare finished runs: ``python -m hrm_vision.evaluation.runs LABEL=DIR[,DIR...] ...``.
 
 Reads each run's ``history.json`` (and ``config.json`` for its seed) and prints one markdown row
 per label with the validation numbers of each run's best distillation epoch (the epoch
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .state import BEST_METRIC
+from ..distill.state import BEST_METRIC
 
 #: (history key, column title, decimals) of the per-run columns.
 COLUMNS = (("psnr", "student PSNR (dB)", 2), ("ssim", "SSIM", 4),
@@ -128,7 +128,7 @@ def teacher_rows(label: str, directories: Sequence[Path], epoch: int | None,
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the table of the runs given."""
-    parser = argparse.ArgumentParser(prog="python -m hrm_vision.distill.report",
+    parser = argparse.ArgumentParser(prog="python -m hrm_vision.evaluation.runs",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="LABEL=DIR[,DIR...]")

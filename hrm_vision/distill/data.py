@@ -1,5 +1,12 @@
-"""Data-parallel helpers for ``torchrun``: one small surface the trainer calls on every rank.
+"""The data of a run and the ranks that share it: splits, the teacher cache, per-rank loaders.
 
+The training and validation splits are indexed for the teacher cache (the frozen teacher's
+outputs for a whole split, computed once per phase). Datasets are deterministic per index (see
+:mod:`hrm_vision.data`), so one instance per ``(name, split, size, seed, folder)`` serves every
+run in a process, and the first N images of the train split are a deterministic sample (what
+:meth:`VAEBase.init_from_data` receives).
+
+Data-parallel helpers for ``torchrun`` are one small surface the trainer calls on every rank.
 Run the same script under ``torchrun --nproc_per_node N ...``: ``init_distributed`` reads the
 environment torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) and joins a process group
 (gloo on CPU, nccl on CUDA). Without torchrun (or with one process) every helper degrades to the
@@ -12,6 +19,7 @@ the global RNG, so a resumed run sees the same batches as an uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 import os
 import zlib
 from collections.abc import Iterator, Sized
@@ -19,9 +27,14 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+from tqdm.auto import tqdm
+
+from ..data import build_dataset
+from .config import DistillConfig
+from .losses import TeacherTargets, teacher_targets
 
 
 @dataclass(frozen=True)
@@ -211,3 +224,88 @@ def cleanup(ctx: DistContext) -> None:
 
 __all__ = ["DistContext", "EpochSampler", "barrier", "cleanup", "init_distributed",
            "make_loader", "reduce_mean", "set_epoch", "wrap_ddp"]
+
+
+#: Training images passed to ``init_from_data`` (fewer when the split is smaller).
+INIT_IMAGES = 4096
+
+
+class IndexedDataset(Dataset[tuple[int, Tensor]]):
+    """Yields ``(index, image)`` so per-index teacher outputs can be looked up.
+
+    ``image`` is ``(3, H, W)`` float in [0, 1]; a base dataset yielding ``(image, label)`` pairs
+    is reduced to the image.
+    """
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[int, Tensor]:
+        item = self.base[index]
+        return index, item[0] if isinstance(item, (tuple, list)) else item
+
+
+@functools.lru_cache(maxsize=4)
+def _dataset(name: str, split: str, image_size: int, seed: int, data_dir: str,
+             download: bool) -> Dataset:
+    return build_dataset(name, split, image_size=image_size, seed=seed, data_dir=data_dir,
+                         download=download)
+
+
+def build_split(config: DistillConfig, split: str) -> IndexedDataset:
+    """The ``split`` of ``config.dataset``, cut to ``train_samples``/``val_samples``."""
+    ds = _dataset(config.dataset, split, config.image_size, config.seed, config.data_dir,
+                  config.download)
+    limit = config.train_samples if split == "train" else config.val_samples
+    if limit is not None and limit < len(ds):  # type: ignore[arg-type]
+        ds = Subset(ds, range(limit))
+    return IndexedDataset(ds)
+
+
+def first_images(dataset: IndexedDataset, limit: int | None = None) -> Tensor:
+    """The first ``min(limit, len(dataset))`` images (``limit`` None: ``INIT_IMAGES``),
+    ``(N, 3, H, W)`` float in [0, 1]."""
+    n = min(INIT_IMAGES if limit is None else limit, len(dataset))
+    return torch.stack([dataset[i][1] for i in range(n)])
+
+
+class TeacherCache:
+    """The frozen teacher's outputs for every index of a dataset, kept in fp16 on the CPU.
+
+    Built once per phase (the datasets are deterministic per index): a distillation step then
+    reads ``(mu, logvar, reconstruction)`` instead of running the teacher. ``mu``/``logvar`` are
+    ``(N, teacher_dim, H/8, W/8)``, ``reconstruction`` ``(N, 3, H, W)`` in [0, 1].
+    """
+
+    def __init__(self, mu: Tensor, logvar: Tensor, reconstruction: Tensor) -> None:
+        self.mu, self.logvar, self.reconstruction = mu, logvar, reconstruction
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, teacher: nn.Module, dataset: IndexedDataset, batch_size: int,
+              device: torch.device, desc: str = "teacher cache",
+              show: bool = True) -> TeacherCache:
+        """Run ``teacher`` (put in eval mode) over ``dataset`` in order."""
+        teacher.eval()
+        parts: list[tuple[Tensor, Tensor, Tensor]] = []
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+        for _, x in tqdm(loader, desc=desc, leave=False, disable=None if show else True):
+            t = teacher_targets(teacher, x.to(device))
+            parts.append((t.mu.half().cpu(), t.logvar.half().cpu(),
+                          t.reconstruction.half().cpu()))
+        return cls(*(torch.cat(t) for t in zip(*parts, strict=True)))
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the three tensors, in bytes."""
+        return sum(t.numel() * t.element_size() for t in (self.mu, self.logvar,
+                                                           self.reconstruction))
+
+    def lookup(self, index: Tensor, device: torch.device) -> TeacherTargets:
+        """The cached targets of dataset indices ``index`` (B,), in float32 on ``device``."""
+        return TeacherTargets(self.mu[index].to(device).float(),
+                              self.logvar[index].to(device).float(),
+                              self.reconstruction[index].to(device).float())

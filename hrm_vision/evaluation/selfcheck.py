@@ -17,9 +17,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..data.photos import PhotoCrops
+from ..distill.losses import TERMS, DistillLoss, adapt, teacher_targets
+from ..distill.perceptual import TeacherFeatures
 from ..vae import LatentAdapter, MinimalVAE, TeacherVAE
-from .losses import TERMS, DistillLoss, adapt, teacher_targets
-from .perceptual import TeacherFeatures
 
 
 def _models() -> str:
@@ -105,7 +105,7 @@ def run_checks() -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the checks; exit status 0 when all pass, 1 otherwise."""
-    argparse.ArgumentParser(prog="python -m hrm_vision.distill.selfcheck",
+    argparse.ArgumentParser(prog="python -m hrm_vision.evaluation.selfcheck",
                             description=__doc__).parse_args(argv)
     return 0 if run_checks() else 1
 
