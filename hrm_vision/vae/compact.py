@@ -43,9 +43,10 @@ def crop_dct_basis(channels: int, size: int, count: int) -> tuple[Tensor, Tensor
     """The ``count`` lowest-frequency orthonormal 2-D DCT-II vectors of a ``channels x size x
     size`` image (flattened in NCHW order), and a 1/f guess of their standard deviations.
 
-    Returns ``(components (count, C*S*S), std (count,))``; frequencies are ordered by ``u + v``,
-    then ``u``, then the channel. ``std`` is ``size / 4 / (1 + hypot(u, v))``: the DC term of a
-    crop in [0, 1] with pixel std 0.25, falling as natural images' amplitude spectrum does.
+    Returns ``(components (count, C*S*S), std (count,))``; frequencies are ordered by
+    ``hypot(u, v)``, then ``u``, then the channel. ``std`` is ``size / 4 / (1 + hypot(u, v))``:
+    the DC term of a crop in [0, 1] with pixel std 0.25, falling as natural images' amplitude
+    spectrum does.
     """
     if count > channels * size * size:
         raise ValueError(f"{count} components do not fit a {channels}x{size}x{size} image")
@@ -53,8 +54,9 @@ def crop_dct_basis(channels: int, size: int, count: int) -> tuple[Tensor, Tensor
     c1 = torch.cos(math.pi * (2 * n[None, :] + 1) * n[:, None] / (2 * size))
     c1[0] *= 1 / math.sqrt(2)
     c1 *= math.sqrt(2 / size)
-    order = sorted(((u, v, c) for u in range(size) for v in range(size) for c in range(channels)
-                    if u + v < 2 * math.isqrt(count) + 2), key=lambda t: (t[0] + t[1], t[0], t[2]))
+    reach = 2 * math.isqrt(count) + 2  # enough frequencies for ``count`` components
+    order = sorted(((u, v, c) for u in range(min(size, reach)) for v in range(min(size, reach))
+                    for c in range(channels)), key=lambda t: (math.hypot(t[0], t[1]), t[0], t[2]))
     rows, std = [], []
     for u, v, c in order[:count]:
         vec = torch.zeros(channels, size, size, dtype=torch.float64)
@@ -291,12 +293,12 @@ class CompactTeacherVAE(CompactVAE):
         latent_dim: numbers per crop (512).
         image_size: crop side (64).
         input_channels: 3 (RGB) or 1 (grey).
-        base_channels: width of the first stage (32).
+        base_channels: width of the first stage (24).
         blocks_per_stage: residual blocks per stage (1).
     """
 
     def __init__(self, latent_dim: int = 512, image_size: int = 64, input_channels: int = 3,
-                 base_channels: int = 32, blocks_per_stage: int = 1) -> None:
+                 base_channels: int = 24, blocks_per_stage: int = 1) -> None:
         widths = [base_channels * 2 ** i for i in range(4)]
         super().__init__(latent_dim, image_size, input_channels, widths, blocks_per_stage)
         self._arch = {"latent_dim": latent_dim, "image_size": image_size,
