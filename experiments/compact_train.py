@@ -18,7 +18,8 @@ Objective (per image, in nats): Gaussian negative log-likelihood of the crop wit
 scale ``sigma`` (sigma-VAE, Rybkin et al. 2021) and the KL of the posterior to N(0, I) with
 free bits on the *total* rate: ``0.3 * NLL + 0.1 * max(KL, free_nats)`` with ``free_nats =
 --free-bits x latent_dim``. AdamW, linear warm-up then cosine decay over ``--steps``, gradient
-clipping at 1, one torch thread; the weights evaluated are an exponential moving average
+clipping at 1, one torch thread; ``sigma`` starts at the untrained model's RMSE on training crops
+and is learned with the weights; the weights evaluated are an exponential moving average
 (``--ema``). ``--minutes`` caps the wall time (the schedule still assumes ``--steps``).
 """
 
@@ -123,7 +124,9 @@ def train(model: CompactVAE, data: Tensor, evals: dict[str, Tensor], steps: int,
     """Train ``model`` in place with :func:`objective`; returns the PSNR history (EMA weights)
     and the final EMA PSNRs."""
     torch.manual_seed(seed)
-    log_sigma = torch.zeros((), requires_grad=True)
+    # sigma starts at the untrained model's RMSE on training crops (its maximum-likelihood value)
+    start_rmse = 10 ** (-decode_mu_psnr(model, data[:512]) / 20)
+    log_sigma = torch.tensor(math.log(start_rmse), requires_grad=True)
     params = [*model.parameters(), log_sigma]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = min(100, steps // 10)
