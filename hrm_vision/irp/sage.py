@@ -70,7 +70,7 @@ class TinyVAEIRP:
         if settings.checkpoint is None:
             sizes = model_sizes(settings, None)
             warnings.warn("create_tinyvae_irp without a checkpoint: an untrained model "
-                          "(DCT initialisation); pass checkpoint='tinyvae_best.pth' for trained "
+                          "(whole-crop DCT as its linear path); pass checkpoint='tinyvae_best.pth' for trained "
                           "weights", UserWarning, stacklevel=3)
             model = build_model(sizes.latent_dim, sizes.input_channels, sizes.img_size)
         else:
