@@ -69,9 +69,9 @@ class TinyVAEIRP:
         self.device = settings.torch_device()
         if settings.checkpoint is None:
             sizes = model_sizes(settings, None)
-            warnings.warn("create_tinyvae_irp without a checkpoint: an untrained model "
-                          "(DCT initialisation); pass checkpoint='tinyvae_best.pth' for trained "
-                          "weights", UserWarning, stacklevel=3)
+            warnings.warn("create_tinyvae_irp without a checkpoint: an untrained compact "
+                          "student (a whole-crop DCT); pass checkpoint='compact_best.pth' for "
+                          "trained weights", UserWarning, stacklevel=3)
             model = build_model(sizes.latent_dim, sizes.input_channels, sizes.img_size)
         else:
             model = load_model(settings.checkpoint, role="student")

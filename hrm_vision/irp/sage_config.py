@@ -174,7 +174,7 @@ def model_sizes(settings: SageConfig, model: torch.nn.Module | None) -> Sizes:
         raise ValueError(f"input_channels=3 disagrees with {where}, whose model takes 1-channel "
                          "crops; pass input_channels=1 and grey crops")
     arch = model.arch_config() if hasattr(model, "arch_config") else {}
-    fixed = arch.get("img_size")
+    fixed = arch.get("image_size")  # the compact models take one crop size
     if settings.img_size is not None and fixed is not None and settings.img_size != fixed:
         raise ValueError(f"img_size={settings.img_size} disagrees with {where}, whose model "
                          f"takes {fixed}x{fixed} crops; drop img_size or pass {fixed}")

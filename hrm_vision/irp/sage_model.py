@@ -14,15 +14,20 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoints import load_model
-from ..vae import MinimalVAE
+from ..vae import CompactStudentVAE
 
 
 def build_model(latent_dim: int, input_channels: int, img_size: int) -> nn.Module:
-    """The untrained model for SAGE's size kwargs: today the DCT-initialised ``MinimalVAE``
-    (a spatial latent ``(latent_dim, img_size/8, img_size/8)``, RGB input: grey crops are
-    repeated to 3 channels by the callers)."""
-    del input_channels, img_size  # MinimalVAE takes RGB of any size divisible by 8
-    return MinimalVAE(latent_dim=latent_dim)
+    """The untrained model for SAGE's size kwargs: the compact student
+    (:class:`~hrm_vision.vae.CompactStudentVAE`), a vector latent ``(latent_dim,)`` for an
+    ``img_size`` crop (64), its linear path the whole-crop DCT until it is trained; RGB input:
+    grey crops are repeated to 3 channels by the callers.
+
+    Raises:
+        ValueError: sizes the compact student cannot take (its message names them).
+    """
+    del input_channels  # grey crops reach the model as RGB
+    return CompactStudentVAE(latent_dim=latent_dim, image_size=img_size)
 
 
 class TinyVAE(nn.Module):
