@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from hrm_vision.checkpoints import load_model
-from hrm_vision.evaluation.quality import validation_images
+from hrm_vision.data import validation_images
 from hrm_vision.evaluation.speed import CAMERA_SIZES, camera_lines, camera_speed
 from hrm_vision.export import export_model
 from hrm_vision.export.frames import PARITY_SIZES, photo_frames

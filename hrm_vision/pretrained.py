@@ -40,7 +40,6 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -51,7 +50,7 @@ from . import __version__
 from .checkpoints import (
     ADAPTER_ROLE,
     CheckpointError,
-    check_planned_size,
+    check_arch_sizes,
     load_checkpoint,
     load_state_checked,
     model_from_payload,
@@ -270,12 +269,12 @@ def _build_fitting(name: str, arch: dict[str, Any], shapes: Mapping[str, tuple[i
     """Model ``name(**arch)`` (on the CPU, the caller's RNG untouched), checked to have exactly
     the parameter and buffer ``shapes`` stored in the file.
 
-    Before anything is built, the architecture's size computed from its arguments alone must
-    not be far above what the file stores (:func:`hrm_vision.checkpoints.check_planned_size`),
+    Before anything is built, every integer argument must lie within the bound of
+    :func:`hrm_vision.checkpoints.check_arch_sizes` (the widest stored tensor that holds values),
     so a crafted architecture cannot make the constructor allocate absurd amounts of memory.
     """
-    check_planned_size(partial(build_model, name), arch,
-                       sum(math.prod(shape) for shape in shapes.values()), source)
+    check_arch_sizes(arch, max((d for shape in shapes.values() if math.prod(shape)
+                                  for d in shape), default=0), source)
     try:
         with torch.random.fork_rng(devices=[]):  # building initialises weights randomly
             model = build_model(name, **arch)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
+from torch import Tensor
 from torch.utils.data import Dataset
 
 from .cifar10 import CIFAR10Images
@@ -55,5 +57,20 @@ def build_dataset(name: str, split: str, **options: Any) -> Dataset:
     return DATASETS[name](split, **options)
 
 
+def validation_images(dataset: str, num_images: int, image_size: int,
+                      data_dir: str = "./data", split: str = "val") -> Tensor:
+    """The first ``num_images`` images of ``dataset``'s ``split`` (validation by default),
+    (N, 3, S, S) in [0, 1]."""
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    ds = build_dataset(dataset, split, image_size=image_size, data_dir=data_dir)
+    n = min(num_images, len(ds))  # type: ignore[arg-type]
+    return torch.stack([_image(ds[i]) for i in range(n)])
+
+
+def _image(item: Tensor | tuple[Tensor, ...]) -> Tensor:
+    return item[0] if isinstance(item, (tuple, list)) else item
+
+
 __all__ = ["CIFAR10Images", "DATASETS", "ImageFolderImages", "PhotoCrops", "build_dataset",
-           "register_dataset"]
+           "register_dataset", "validation_images"]

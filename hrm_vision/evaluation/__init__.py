@@ -13,7 +13,6 @@ from .quality import (
     dequantize_uint8,
     measure_quality,
     quantize_uint8,
-    validation_images,
 )
 
 __all__ = [
@@ -26,6 +25,5 @@ __all__ = [
     "quantize_uint8",
     "summarize_timings",
     "timed",
-    "validation_images",
     "weight_file_bytes",
 ]

@@ -14,7 +14,6 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from .. import rate
-from ..data import build_dataset
 from ..metrics import linear_cka, psnr, psnr_from_mse, ssim
 from ..objective import gaussian_kl
 from ..vae import VAEBase
@@ -119,21 +118,6 @@ def measure_quality(teacher: VAEBase, student: VAEBase, adapter: nn.Module | Non
         cross_psnr_db=psnr(out["cross"], x) if "cross" in out else None,
         samples={k: out[k][:num_samples] for k in ("inputs", "teacher", "student")},
     )
-
-
-def validation_images(dataset: str, num_images: int, image_size: int,
-                      data_dir: str = "./data", split: str = "val") -> Tensor:
-    """The first ``num_images`` images of ``dataset``'s ``split`` (validation by default),
-    (N, 3, S, S) in [0, 1]."""
-    if num_images < 1:
-        raise ValueError(f"num_images must be >= 1, got {num_images}")
-    ds = build_dataset(dataset, split, image_size=image_size, data_dir=data_dir)
-    n = min(num_images, len(ds))  # type: ignore[arg-type]
-    return torch.stack([_image(ds[i]) for i in range(n)])
-
-
-def _image(item: Tensor | tuple[Tensor, ...]) -> Tensor:
-    return item[0] if isinstance(item, (tuple, list)) else item
 
 
 def held_out_frames(photos: Sequence[str] | None = None) -> list[Tensor]:

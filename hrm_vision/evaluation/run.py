@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ..checkpoints import adapter_from_payload, load_checkpoint, model_from_payload
-from ..data import build_dataset
+from ..data import build_dataset, validation_images
 from ..files import json_safe, write_json, write_text
 from ..timing import machine_info
 from ..vae import LatentAdapter, VAEBase
@@ -46,7 +46,6 @@ from .quality import (
     measure_quality,
     measure_rate,
     pooled_psnr,
-    validation_images,
 )
 from .report import figure, markdown, metrics, ratios
 from .speed import CAMERA_SIZES, camera_speed, measure_speed

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoints import ADAPTER_ROLE, load_checkpoint, model_from_payload, roles_in
-from ..evaluation.quality import validation_images
+from ..data import validation_images
 from ..files import write_text
 from ..vae import VAEBase
 from .frames import parse_size, parse_sizes, photo_frames
