@@ -10,11 +10,15 @@ Images are float tensors in [0, 1], NCHW, RGB, with H and W divisible by 8.
 
 from .adapter import LatentAdapter
 from .base import Posterior, VAEBase, VAEOutput
+from .compact import CompactStudentVAE, CompactTeacherVAE, CompactVAE
 from .models import MinimalVAE, TeacherVAE, TinyVAE
 from .registry import MODELS, build_model, count_macs, model_name
 
 __all__ = [
     "MODELS",
+    "CompactStudentVAE",
+    "CompactTeacherVAE",
+    "CompactVAE",
     "LatentAdapter",
     "MinimalVAE",
     "Posterior",

@@ -8,14 +8,17 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .base import VAEBase
+from .compact import CompactStudentVAE, CompactTeacherVAE
 from .models import MinimalVAE, TeacherVAE
 
 #: Architecture names stored in checkpoints, mapped to their classes.
-MODELS: dict[str, type[VAEBase]] = {"teacher": TeacherVAE, "tinyvae": MinimalVAE}
+MODELS: dict[str, type[VAEBase]] = {"teacher": TeacherVAE, "tinyvae": MinimalVAE,
+                                    "compact_teacher": CompactTeacherVAE,
+                                    "compact_student": CompactStudentVAE}
 
 
 def model_name(model: VAEBase) -> str:
-    """The registry name of a model instance (``"teacher"`` or ``"tinyvae"``)."""
+    """The registry name of a model instance (``"teacher"``, ``"tinyvae"``, ...)."""
     for name, cls in MODELS.items():
         if type(model) is cls:
             return name

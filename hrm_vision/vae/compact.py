@@ -1,0 +1,306 @@
+"""The compact pair: ``CompactStudentVAE`` (64 numbers per 64x64 crop) and ``CompactTeacherVAE``
+(512 numbers), for pipelines that pass one short vector per crop instead of a spatial map.
+
+Both map a fixed-size image ``(B, C, S, S)`` in [0, 1] (``C`` = 1 or 3, ``S`` = ``image_size``,
+64 by default) to a diagonal Gaussian posterior over a *vector* latent ``(B, latent_dim)`` and
+back. Sizes: ``python -m hrm_vision.vae.summary`` style numbers are in ``docs/models.md``.
+
+Design (the residual design of :mod:`hrm_vision.vae.models`, for a whole crop)
+-----------------------------------------------------------------------------
+* **Linear path**: the flattened crop is whitened by a fixed basis of ``latent_dim``
+  components (:class:`CropBasis`, buffers): a low-frequency 2-D DCT of the whole crop at
+  construction, the PCA of training crops after :meth:`CompactVAE.init_from_data`. A learnable
+  ``latent_dim x latent_dim`` linear map (identity at the start) gives the latent; the decoder
+  mirrors it. With a fitted basis an untrained model *is* PCA with ``latent_dim`` components.
+* **Nonlinear branches**: a convolutional encoder (PixelUnshuffle downsampling to 4x4, residual
+  blocks) whose fully connected head adds to the latent, and a decoder (a fully connected layer
+  to 4x4 features, PixelShuffle upsampling, residual blocks) whose output adds to the linear
+  reconstruction. Each branch ends in a layer that starts at zero, so the model starts as its
+  linear path and the branches learn what it misses.
+
+Operators: ``Conv2d``, ``Linear`` (ONNX Gemm), ``ReLU``, ``PixelShuffle``/``PixelUnshuffle``,
+reshapes, additions and a ``Clip``; nothing else, so the models export to ONNX and TensorRT.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .base import VAEBase
+from .blocks import ResBlock, conv, down, up
+from .models import LOGVAR_INIT
+
+#: Side of the feature map at the bottom of both branches (image_size / 16 for 64x64 crops).
+BOTTOM = 4
+#: Crops fitted by :meth:`CompactVAE.init_from_data` at most (the PCA uses their Gram matrix).
+MAX_FIT_IMAGES = 4096
+
+
+def crop_dct_basis(channels: int, size: int, count: int) -> tuple[Tensor, Tensor]:
+    """The ``count`` lowest-frequency orthonormal 2-D DCT-II vectors of a ``channels x size x
+    size`` image (flattened in NCHW order), and a 1/f guess of their standard deviations.
+
+    Returns ``(components (count, C*S*S), std (count,))``; frequencies are ordered by
+    ``hypot(u, v)``, then ``u``, then the channel. ``std`` is ``size / 4 / (1 + hypot(u, v))``:
+    the DC term of a crop in [0, 1] with pixel std 0.25, falling as natural images' amplitude
+    spectrum does.
+    """
+    if count > channels * size * size:
+        raise ValueError(f"{count} components do not fit a {channels}x{size}x{size} image")
+    n = torch.arange(size, dtype=torch.float64)
+    c1 = torch.cos(math.pi * (2 * n[None, :] + 1) * n[:, None] / (2 * size))
+    c1[0] *= 1 / math.sqrt(2)
+    c1 *= math.sqrt(2 / size)
+    reach = 2 * math.isqrt(count) + 2  # enough frequencies for ``count`` components
+    order = sorted(((u, v, c) for u in range(min(size, reach)) for v in range(min(size, reach))
+                    for c in range(channels)), key=lambda t: (math.hypot(t[0], t[1]), t[0], t[2]))
+    rows, std = [], []
+    for u, v, c in order[:count]:
+        vec = torch.zeros(channels, size, size, dtype=torch.float64)
+        vec[c] = torch.outer(c1[u], c1[v])
+        rows.append(vec.reshape(-1))
+        std.append(size / 4 / (1 + math.hypot(u, v)))
+    return torch.stack(rows).float(), torch.tensor(std)
+
+
+@torch.no_grad()
+def fit_crop_pca(images: Tensor, count: int) -> tuple[Tensor, Tensor, Tensor]:
+    """PCA of whole flattened crops ``images`` (N, C, S, S) in [0, 1], the top ``count``
+    components.
+
+    Returns ``(mean (D,), components (count, D) orthonormal rows, std (count,))`` with
+    ``D = C*S*S``, by decreasing variance. Computed in float64 from the ``N x N`` Gram matrix
+    (cheap for ``N`` much smaller than ``D``); needs ``count < N``.
+    """
+    rows = images.reshape(images.shape[0], -1).double()
+    if count >= rows.shape[0]:
+        raise ValueError(f"fitting {count} components needs more than {count} images, "
+                         f"got {rows.shape[0]}")
+    mean = rows.mean(0)
+    centred = rows - mean
+    eigval, eigvec = torch.linalg.eigh(centred @ centred.T)  # ascending
+    eigval, eigvec = eigval.flip(0)[:count].clamp(min=1e-12), eigvec.flip(1)[:, :count]
+    components = (eigvec.T @ centred) / eigval.sqrt()[:, None]
+    std = (eigval / (rows.shape[0] - 1)).sqrt()
+    return mean.float(), components.float(), std.float()
+
+
+class CropBasis(nn.Module):
+    """A fixed whitened basis of whole crops (buffers, saved in the state dict).
+
+    :meth:`analyse`: images ``(B, C, S, S)`` -> coefficients ``(B, K)`` with unit variance,
+    ``(x - mean) @ components.T / std``. :meth:`synthesise`: ``(B, K)`` -> images
+    ``(B, C, S, S)`` (not clamped), ``mean + (coef * std) @ components``.
+    """
+
+    mean: Tensor
+    components: Tensor
+    std: Tensor
+
+    def __init__(self, channels: int, size: int, count: int) -> None:
+        super().__init__()
+        self.shape = (channels, size, size)
+        components, std = crop_dct_basis(channels, size, count)
+        self.register_buffer("mean", torch.full((components.shape[1],), 0.5))
+        self.register_buffer("components", components)
+        self.register_buffer("std", std)
+
+    @torch.no_grad()
+    def set_basis(self, mean: Tensor, components: Tensor, std: Tensor) -> None:
+        """Use ``mean (D,)``, ``components (K, D)`` and ``std (K,)`` (see :func:`fit_crop_pca`)."""
+        if components.shape != self.components.shape:
+            raise ValueError(f"expected components of shape {tuple(self.components.shape)}, "
+                             f"got {tuple(components.shape)}")
+        self.mean.copy_(mean)
+        self.components.copy_(components)
+        self.std.copy_(std.clamp(min=1e-6))
+
+    def analyse(self, x: Tensor) -> Tensor:
+        return ((x.flatten(1) - self.mean) @ self.components.T) / self.std
+
+    def synthesise(self, coef: Tensor) -> Tensor:
+        return (self.mean + (coef * self.std) @ self.components).reshape(-1, *self.shape)
+
+
+class CompactEncoder(nn.Module):
+    """Image ``(B, C, S, S)`` in [0, 1] -> ``(B, 2 * latent_dim)`` (mu, then logvar).
+
+    ``mu = linear(basis(x)) + head(features(x))``. ``features``: PixelUnshuffle to S/2 and a 3x3
+    convolution, then one x2 downsampling stage per width with ``blocks`` residual blocks, down
+    to ``BOTTOM x BOTTOM``.
+    """
+
+    def __init__(self, basis: CropBasis, widths: list[int], latent_dim: int,
+                 blocks: int) -> None:
+        super().__init__()
+        self.basis = basis
+        self.linear = nn.Linear(latent_dim, latent_dim, bias=False)
+        nn.init.eye_(self.linear.weight)
+        channels = basis.shape[0]
+        layers: list[nn.Module] = [nn.PixelUnshuffle(2), conv(4 * channels, widths[0])]
+        for prev, w in zip(widths[:-1], widths[1:], strict=True):
+            layers += [nn.ReLU(), down(prev, w), *(ResBlock(w) for _ in range(blocks))]
+        self.features = nn.Sequential(*layers, nn.ReLU(), nn.Flatten())
+        self.head = nn.Linear(widths[-1] * BOTTOM * BOTTOM, 2 * latent_dim)
+        nn.init.zeros_(self.head.weight)
+        with torch.no_grad():
+            self.head.bias.zero_()
+            self.head.bias[latent_dim:] = LOGVAR_INIT
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.head(self.features(x * 2.0 - 1.0))
+        mu, logvar = h.chunk(2, dim=1)
+        return torch.cat([self.linear(self.basis.analyse(x)) + mu, logvar], dim=1)
+
+
+class CompactDecoder(nn.Module):
+    """Latent ``(B, latent_dim)`` -> image ``(B, C, S, S)`` (unclamped).
+
+    ``basis.synthesise(linear(z)) + out(stages(fc(z)))``: ``fc`` to ``BOTTOM x BOTTOM`` features,
+    one x2 PixelShuffle upsampling stage per width (widths in reverse) with ``blocks`` residual
+    blocks, then ``out`` (zero at the start) to the image through a last PixelShuffle.
+    """
+
+    def __init__(self, basis: CropBasis, widths: list[int], latent_dim: int,
+                 blocks: int) -> None:
+        super().__init__()
+        self.basis = basis
+        self.linear = nn.Linear(latent_dim, latent_dim, bias=False)
+        nn.init.eye_(self.linear.weight)
+        rev = widths[::-1]
+        self.fc = nn.Linear(latent_dim, rev[0] * BOTTOM * BOTTOM)
+        layers: list[nn.Module] = [nn.Unflatten(1, (rev[0], BOTTOM, BOTTOM))]
+        for prev, w in zip(rev[:-1], rev[1:], strict=True):
+            layers += [nn.ReLU(), up(prev, w), *(ResBlock(w) for _ in range(blocks))]
+        out = conv(rev[-1], 4 * basis.shape[0])
+        nn.init.zeros_(out.weight)
+        nn.init.zeros_(out.bias)
+        self.stages = nn.Sequential(*layers, nn.ReLU(), out, nn.PixelShuffle(2))
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.basis.synthesise(self.linear(z)) + self.stages(self.fc(z))
+
+
+class CompactVAE(VAEBase):
+    """A VAE with a vector latent for fixed-size crops (see the module docstring).
+
+    Contract: images ``(B, input_channels, image_size, image_size)`` float in [0, 1] (RGB, or
+    grey with ``input_channels=1``); latents ``(B, latent_dim)``. ``image_size`` must be
+    ``BOTTOM * 2**len(widths)``.
+    """
+
+    def __init__(self, latent_dim: int, image_size: int, input_channels: int,
+                 widths: list[int], blocks: int) -> None:
+        super().__init__(latent_dim)
+        if input_channels not in (1, 3):
+            raise ValueError(f"input_channels must be 1 (grey) or 3 (RGB), got {input_channels}")
+        if image_size != BOTTOM * 2 ** len(widths):
+            raise ValueError(f"image_size must be {BOTTOM * 2 ** len(widths)} for "
+                             f"{len(widths)} stages, got {image_size}")
+        if min(widths) < 1 or blocks < 0:
+            raise ValueError(f"widths must be positive and blocks >= 0, got {widths}, {blocks}")
+        if latent_dim > input_channels * image_size ** 2:
+            raise ValueError(f"latent_dim {latent_dim} exceeds the image's "
+                             f"{input_channels * image_size ** 2} numbers")
+        self.in_channels = input_channels
+        self.image_size = image_size
+        self.downsample_factor = image_size
+        self.encoder = CompactEncoder(self._basis(), widths, latent_dim, blocks)
+        self.decoder = CompactDecoder(self._basis(), widths, latent_dim, blocks)
+
+    def _basis(self) -> CropBasis:
+        """A fresh data-free basis; encoder and decoder each hold their own copy (the encoder
+        alone is what a perception pipeline runs)."""
+        return CropBasis(self.in_channels, self.image_size, self.latent_dim)
+
+    def latent_shape(self, height: int | None = None,
+                     width: int | None = None) -> tuple[int, ...]:
+        """``(latent_dim,)``: one vector per crop, whatever the arguments."""
+        return (self.latent_dim,)
+
+    def _check_images(self, x: Tensor) -> None:
+        super()._check_images(x)
+        s = self.image_size
+        if x.shape[2:] != (s, s):
+            raise ValueError(f"expected {s}x{s} crops, got {x.shape[2]}x{x.shape[3]}; "
+                             f"resize the input to {s}x{s}")
+
+    def _check_latent(self, z: Tensor) -> None:
+        if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[1] != self.latent_dim:
+            shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+            raise ValueError(f"expected a latent of shape (B, {self.latent_dim}), got {shape}")
+        if not z.is_floating_point():
+            raise ValueError(f"expected a float latent, got dtype {z.dtype}")
+
+    @torch.no_grad()
+    def init_from_data(self, images: Tensor) -> None:
+        """Fit the linear path's basis to the PCA of ``images`` (N, C, S, S) in [0, 1]; the
+        first :data:`MAX_FIT_IMAGES` are used, and more than ``latent_dim`` are needed."""
+        self._check_images(images)
+        fitted = fit_crop_pca(images[:MAX_FIT_IMAGES].float().cpu(), self.latent_dim)
+        for basis in (self.encoder.basis, self.decoder.basis):
+            basis.set_basis(*fitted)
+
+    @torch.no_grad()
+    def linear_path(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The linear paths as affine maps between a flattened crop (``D = C*S*S`` numbers,
+        NCHW order, pixels in [0, 1]) and the latent.
+
+        Returns ``(enc_weight (L, D), enc_bias (L,), dec_weight (D, L), dec_bias (D,))``:
+        ``z = enc_weight @ x + enc_bias`` and ``x = dec_weight @ z + dec_bias`` (the nonlinear
+        branches left out).
+        """
+        e, d = self.encoder.basis, self.decoder.basis
+        enc_w = self.encoder.linear.weight @ (e.components / e.std[:, None])
+        dec_w = (d.components.T * d.std[None, :]) @ self.decoder.linear.weight
+        return enc_w, -(enc_w @ e.mean), dec_w, d.mean.clone()
+
+
+class CompactStudentVAE(CompactVAE):
+    """The compact student: ``latent_dim`` numbers (64) per ``image_size`` crop (64x64).
+
+    Encoder stages at 1/2 ... 1/16 resolution with widths ``base_channels * (1, 2, 4, 8)``; the
+    encoder has no residual blocks (it stays under a millisecond per crop on one CPU thread),
+    the decoder one per stage.
+
+    Args:
+        latent_dim: numbers per crop (64; 16 also works).
+        image_size: crop side (64).
+        input_channels: 3 (RGB) or 1 (grey).
+        base_channels: width of the first stage (16).
+    """
+
+    def __init__(self, latent_dim: int = 64, image_size: int = 64, input_channels: int = 3,
+                 base_channels: int = 16) -> None:
+        widths = [base_channels * 2 ** i for i in range(4)]
+        super().__init__(latent_dim, image_size, input_channels, widths, 0)
+        # The decoder's cost does not count towards encode latency: give it residual blocks.
+        self.decoder = CompactDecoder(self._basis(), widths, latent_dim, 1)
+        self._arch = {"latent_dim": latent_dim, "image_size": image_size,
+                      "input_channels": input_channels, "base_channels": base_channels}
+
+
+class CompactTeacherVAE(CompactVAE):
+    """The compact teacher: a 512-number latent per crop, about 10x the student's parameters.
+
+    Stages with widths ``base_channels * (1, 2, 4, 8)`` and ``blocks_per_stage`` residual blocks
+    each, in encoder and decoder.
+
+    Args:
+        latent_dim: numbers per crop (512).
+        image_size: crop side (64).
+        input_channels: 3 (RGB) or 1 (grey).
+        base_channels: width of the first stage (24).
+        blocks_per_stage: residual blocks per stage (1).
+    """
+
+    def __init__(self, latent_dim: int = 512, image_size: int = 64, input_channels: int = 3,
+                 base_channels: int = 24, blocks_per_stage: int = 1) -> None:
+        widths = [base_channels * 2 ** i for i in range(4)]
+        super().__init__(latent_dim, image_size, input_channels, widths, blocks_per_stage)
+        self._arch = {"latent_dim": latent_dim, "image_size": image_size,
+                      "input_channels": input_channels, "base_channels": base_channels,
+                      "blocks_per_stage": blocks_per_stage}
