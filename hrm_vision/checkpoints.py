@@ -274,12 +274,17 @@ def check_arch(arch: Any, state: Mapping[str, torch.Tensor], source: str
 
 
 def check_adapter_arch(arch: Any, state: Mapping[str, torch.Tensor], source: str
-                       ) -> dict[str, int]:
+                       ) -> dict[str, int | bool]:
     """The constructor kwargs of a stored ``adapter_arch``, checked before anything is built:
     a dict of channel counts (``student_dim``, ``teacher_dim``) between 1 and the widest stored
-    tensor dimension, so a crafted file cannot ask for an absurd allocation."""
+    tensor dimension, so a crafted file cannot ask for an absurd allocation, and optionally the
+    flag ``vector`` (a bool: the adapter of vector latents)."""
     widest = max((d for t in state.values() for d in t.shape), default=0)
-    sizes = arch.values() if isinstance(arch, Mapping) else [None]
+    if isinstance(arch, Mapping) and not isinstance(arch.get("vector", False), bool):
+        raise CheckpointError(f"{source}: adapter_arch 'vector' must be true or false, got "
+                              f"{arch['vector']!r}")
+    sizes = ([v for k, v in arch.items() if k != "vector"] if isinstance(arch, Mapping)
+             else [None])
     if not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= widest
                for v in sizes):
         raise CheckpointError(f"{source}: adapter_arch {arch!r} must hold channel counts between "

@@ -34,8 +34,8 @@ TensorRT on a Jetson (NOT run here; no TensorRT on this machine), with the files
   trtexec --onnx=tinyvae_encoder.onnx --saveEngine=tinyvae_encoder_fp16.engine --fp16 \\
           --minShapes=image:1x3x{s}x{s} --optShapes=image:8x3x{s}x{s} --maxShapes=image:64x3x{s}x{s}
   trtexec --onnx=tinyvae_decoder.onnx --saveEngine=tinyvae_decoder_fp16.engine --fp16 \\
-          --minShapes=latent:1x{c}x{h}x{h} --optShapes=latent:8x{c}x{h}x{h} \\
-          --maxShapes=latent:64x{c}x{h}x{h}"""
+          --minShapes=latent:1x{latent} --optShapes=latent:8x{latent} \\
+          --maxShapes=latent:64x{latent}"""
 TENSORRT_TEACHER_SPACE = """\
   trtexec --onnx=tinyvae_encoder_teacher_space.onnx --fp16 \\
           --saveEngine=tinyvae_encoder_teacher_space_fp16.engine \\
@@ -104,8 +104,8 @@ def summary(vae: VAEBase, result: ExportResult, args: argparse.Namespace) -> str
                      f"{ips:8.0f} img/s ({ratio:.2f}x eager)")
     lines.append(f"parity checked on {result.num_images} {args.dataset} validation images "
                  f"(tolerance {PARITY_TOLERANCE}); report: {Path(args.out_dir) / 'export.json'}")
-    c, h, _ = vae.latent_shape(args.image_size, args.image_size)
-    lines.append(TENSORRT_NOTE.format(s=args.image_size, c=c, h=h))
+    latent = "x".join(map(str, vae.latent_shape(args.image_size, args.image_size)))
+    lines.append(TENSORRT_NOTE.format(s=args.image_size, latent=latent))
     if "encoder_teacher_space_onnx" in result.files:
         lines.append(TENSORRT_TEACHER_SPACE.format(s=args.image_size))
     return "\n".join(lines)
