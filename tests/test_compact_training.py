@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hrm_vision.checkpoints import load_model, model_from_payload
+from hrm_vision.checkpoints import CheckpointError, load_model, model_from_payload
 from hrm_vision.distill import Distiller, load_config
 from hrm_vision.distill.config import ConfigError, make_config
 from hrm_vision.distill.losses import kl_free_bits, residual_variance
@@ -139,6 +139,9 @@ class TestVectorAdapter:
         rebuilt = model_from_payload(payload, "adapter")
         z = torch.randn(3, 8)
         assert torch.equal(rebuilt(z), adapter(z))
+        payload["adapter_arch"] = {**adapter.arch_config(), "vector": 1}
+        with pytest.raises(CheckpointError, match="'vector' must be true or false"):
+            model_from_payload(payload, "adapter")
 
 
 class TestVectorKL:
