@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo teacher test test-fast lint docs bench clean
+.PHONY: demo compact teacher test test-fast lint docs bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,12 @@ $(VENV)/.installed: pyproject.toml
 # pre-trains the teacher unless checkpoints/teacher.pth exists, then distils the TinyVAE.
 demo: $(VENV)/.installed
 	$(PY) training/distill_tinyvae.py --config training/demo.json
+
+# The compact pair (64 numbers per 64x64 crop, for pipelines that pass one vector per crop):
+# pre-trains the compact teacher, distils the compact student, trains the same student alone,
+# and prints their PSNR, the cross-decoding PSNR and the whole-crop baselines.
+compact: $(VENV)/.installed
+	$(PY) training/compact.py --config training/compact.json
 
 # A teacher trained once, put where `make demo` finds it: afterwards `make demo` only distils
 # (train many students from one teacher). TEACHER_EPOCHS=N sets its budget; on the photos a longer

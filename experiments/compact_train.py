@@ -38,10 +38,10 @@ import torch
 from torch import Tensor
 
 from hrm_vision.data.photos import SCALES, PhotoCrops
-from hrm_vision.evaluation.baselines import thumbnail
+from hrm_vision.evaluation.baselines import crop_baselines
 from hrm_vision.metrics import psnr
 from hrm_vision.vae import build_model
-from hrm_vision.vae.compact import CompactVAE, fit_crop_pca
+from hrm_vision.vae.compact import CompactVAE
 
 SIZE = 64
 
@@ -79,18 +79,13 @@ def load_data(num_train: int) -> tuple[Tensor, dict[str, Tensor]]:
 
 
 def baselines(train: Tensor, evals: dict[str, Tensor]) -> dict[str, dict[str, float]]:
-    """PSNR of PCA-16/64/256 (fitted on the first 4096 training crops) and 5x5/8x8 thumbnails."""
-    mean, comps, _ = fit_crop_pca(train[:4096], 256)
+    """PSNR of PCA-16/64/256 (fitted on the first 4096 training crops) and 5x5/8x8 thumbnails
+    (:func:`hrm_vision.evaluation.baselines.crop_baselines`), keyed ``pca16`` ... ``thumb8``."""
     out: dict[str, dict[str, float]] = {}
     for name, x in evals.items():
-        flat = x.flatten(1) - mean
-        row = {}
-        for k in (16, 64, 256):
-            c = comps[:k]
-            row[f"pca{k}"] = psnr((mean + (flat @ c.T) @ c).reshape(x.shape), x)
-        for side in (5, 8):
-            row[f"thumb{side}"] = psnr(thumbnail(x, side), x)
-        out[name] = row
+        out[name] = {(f"pca{b.numbers}" if b.name.startswith("crop PCA")
+                      else f"thumb{round((b.numbers / 3) ** 0.5)}"): b.psnr_db
+                     for b in crop_baselines(x, train)}
     return out
 
 

@@ -307,16 +307,20 @@ def check_arch_sizes(kwargs: Mapping[str, Any], widest: int, source: str,
 
 
 def check_adapter_arch(arch: Any, state: Mapping[str, torch.Tensor], source: str
-                       ) -> dict[str, int]:
+                       ) -> dict[str, int | bool]:
     """The constructor kwargs of a stored ``adapter_arch``, checked before anything is built:
-    a dict of positive integer sizes whose adapter is not far larger than ``state``
-    (:func:`check_arch_sizes`)."""
-    if not isinstance(arch, Mapping) or not arch or not all(
-            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1
-            for k, v in arch.items()):
+    a dict of positive integer sizes (``student_dim``, ``teacher_dim``) within the bound of
+    :func:`check_arch_sizes`, and optionally the flag ``vector`` (a bool: the adapter of vector
+    latents)."""
+    if not isinstance(arch, Mapping) or not isinstance(arch.get("vector", False), bool):
+        raise CheckpointError(f"{source}: adapter_arch {arch!r} must map names to positive "
+                              "integer sizes (and 'vector' to true or false)")
+    sizes = {k: v for k, v in arch.items() if k != "vector"}
+    if not sizes or not all(isinstance(k, str) and isinstance(v, int)
+                            and not isinstance(v, bool) and v >= 1 for k, v in sizes.items()):
         raise CheckpointError(f"{source}: adapter_arch {arch!r} must map names to positive "
                               "integer sizes")
-    check_arch_sizes(arch, widest_stored(state), source, label="adapter_arch")
+    check_arch_sizes(sizes, widest_stored(state), source, label="adapter_arch")
     return dict(arch)
 
 

@@ -105,7 +105,8 @@ FREE_BITS_MODES = ("channel", "total")
 
 def kl_nats(mu: Tensor, logvar: Tensor, free_bits: float = 0.0,
             mode: str = "total") -> Tensor:
-    """KL of the posterior ``(B, C, h, w)`` to N(0, I) in nats per image, with a floor.
+    """KL of the posterior ``(B, C, h, w)`` (or a vector latent ``(B, C)``) to N(0, I) in nats
+    per image, with a floor.
 
     ``free_bits`` is in nats per latent element. ``mode="channel"``: each channel's batch-mean KL
     is raised to at least ``free_bits * h * w`` (a rate floor per channel: every channel is
@@ -118,10 +119,9 @@ def kl_nats(mu: Tensor, logvar: Tensor, free_bits: float = 0.0,
     if mode not in FREE_BITS_MODES:
         raise ValueError(f"mode must be one of {FREE_BITS_MODES}, got {mode!r}")
     kl = gaussian_kl(mu, logvar)
-    h, w = kl.shape[-2:]
-    if mode == "channel":
-        per_channel = kl.sum(dim=(2, 3)).mean(0)  # (C,) nats per image
-        return per_channel.clamp(min=free_bits * h * w).sum()
+    if mode == "channel":  # (C,) nats per image; a vector latent's numbers are channels
+        per_channel = kl.reshape(kl.shape[0], kl.shape[1], -1).sum(2).mean(0)
+        return per_channel.clamp(min=free_bits * kl[0, 0].numel()).sum()
     return kl.flatten(1).sum(1).mean().clamp(min=free_bits * kl[0].numel())
 
 

@@ -70,7 +70,8 @@ IMAGE_CONVENTION = "float RGB in [0, 1], NCHW, H and W divisible by 8"
 #: Name prefix of the adapter's tensors in a ``.safetensors`` file that also holds one.
 ADAPTER_PREFIX = "adapter."
 #: Role written when none is given, by registry name.
-DEFAULT_ROLES: dict[str, str] = {"tinyvae": "student", "teacher": "teacher"}
+DEFAULT_ROLES: dict[str, str] = {"tinyvae": "student", "teacher": "teacher",
+                                 "compact_student": "student", "compact_teacher": "teacher"}
 
 M = TypeVar("M", bound=VAEBase)
 

@@ -15,10 +15,19 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ..files import write_json
 from ..vae.base import DOWNSAMPLE_FACTOR, image_size_fits
+from ..vae.compact import CompactVAE
+from ..vae.registry import MODELS
 from ..validation import describe_validation_error
 
 Backbone = Literal["auto", "vgg16", "teacher"]
@@ -64,10 +73,17 @@ class DistillConfig(BaseModel):
                                     "images (None: all)")
     num_workers: int = Field(0, ge=0, le=MAX_WORKERS, description="DataLoader worker processes")
     # ---------------------------------------------------------------- models
+    teacher_model: str = Field("teacher", description="registry name of the teacher "
+                               "(hrm_vision.vae.MODELS: teacher, compact_teacher)")
+    student_model: str = Field("tinyvae", description="registry name of the student "
+                               "(hrm_vision.vae.MODELS: tinyvae, compact_student); a compact "
+                               "model takes image_size as its crop side")
     teacher_latent_dim: int = Field(512, ge=1, le=MAX_CHANNELS,
-                                    description="teacher latent channels on the H/8 x W/8 grid")
+                                    description="teacher latent channels on the H/8 x W/8 grid "
+                                    "(a compact teacher: numbers per crop)")
     student_latent_dim: int = Field(128, ge=1, le=MAX_CHANNELS,
-                                    description="student latent channels on the H/8 x W/8 grid")
+                                    description="student latent channels on the H/8 x W/8 grid "
+                                    "(a compact student: numbers per crop)")
     teacher_base_channels: int = Field(64, ge=1, le=MAX_CHANNELS,
                                        description="width of the teacher's first stage")
     teacher_blocks_per_stage: int = Field(1, ge=1, le=MAX_BLOCKS,
@@ -145,6 +161,23 @@ class DistillConfig(BaseModel):
         if v > MAX_IMAGE_SIZE:
             raise ValueError(f"image_size must be at most {MAX_IMAGE_SIZE}, got {v}")
         return v
+
+    @field_validator("teacher_model", "student_model")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        if v not in MODELS:
+            raise ValueError(f"unknown model {v!r}; choose one of {sorted(MODELS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_latent_kind(self) -> DistillConfig:
+        compact = {role: issubclass(MODELS[name], CompactVAE) for role, name in
+                   (("student", self.student_model), ("teacher", self.teacher_model))}
+        if compact["student"] != compact["teacher"]:
+            raise ValueError(f"student_model {self.student_model!r} and teacher_model "
+                             f"{self.teacher_model!r} must both be compact (vector latents) or "
+                             "both spatial: the adapter maps one latent kind")
+        return self
 
     @field_validator("checkpoint_dir")
     @classmethod

@@ -89,11 +89,12 @@ def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
 def kl_free_bits(mu: Tensor, logvar: Tensor, free_bits: float) -> Tensor:
     """Scalar KL in nats per latent element with a ``free_bits`` budget per channel.
 
-    ``mu, logvar``: ``(B, C, h, w)``. Returns ``mean_c max(mean_{b,y,x} KL, free_bits)``.
+    ``mu, logvar``: ``(B, C, h, w)``, or ``(B, C)`` for a vector latent (each number its own
+    channel). Returns ``mean_c max(mean_{b,y,x} KL, free_bits)``.
     """
     if free_bits < 0:
         raise ValueError(f"free_bits must be >= 0, got {free_bits}")
-    per_channel = gaussian_kl(mu.float(), logvar.float()).mean(dim=(0, 2, 3))
+    per_channel = gaussian_kl(mu.float(), logvar.float()).mean(dim=(0, *range(2, mu.dim())))
     return per_channel.clamp(min=free_bits).mean()
 
 
@@ -121,7 +122,7 @@ def adapt(adapter: LatentAdapter, mu: Tensor, logvar: Tensor) -> tuple[Tensor, T
 def residual_variance(adapted_mu: Tensor, teacher: TeacherTargets) -> Tensor:
     """Per teacher channel, the variance of the teacher's mean that the adapter does not
     explain: the mean over batch and positions of ``(mu_t - A mu_s)**2``, shape
-    ``(1, teacher_dim, 1, 1)``, detached.
+    ``(1, teacher_dim, 1, 1)`` (``(1, teacher_dim)`` for vector latents), detached.
 
     It is the maximum-likelihood variance of a Gaussian ``p(mu_t | z_s)`` around the adapter's
     mean, so the latent term compares the teacher posterior with an honest conditional Gaussian
@@ -130,7 +131,7 @@ def residual_variance(adapted_mu: Tensor, teacher: TeacherTargets) -> Tensor:
     """
     with torch.no_grad():
         err = (teacher.mu.float() - adapted_mu.float()).pow(2)
-        return err.mean(dim=(0, 2, 3), keepdim=True)
+        return err.mean(dim=(0, *range(2, err.dim())), keepdim=True)
 
 
 def latent_distillation(adapted_mu: Tensor, adapted_var: Tensor, teacher: TeacherTargets,

@@ -33,6 +33,7 @@ continues exactly where it stopped. SIGINT/SIGTERM finish the current optimizer 
 
 from __future__ import annotations
 
+import inspect
 import math
 import signal
 import threading
@@ -51,7 +52,8 @@ from ..checkpoints import (
     save_checkpoint,
 )
 from ..files import FolderLock
-from ..vae import LatentAdapter, MinimalVAE, TeacherVAE, VAEBase
+from ..vae import MODELS, LatentAdapter, VAEBase, build_model, model_name
+from ..vae.compact import CompactVAE
 from .callbacks import Callback, default_callbacks
 from .config import DistillConfig, save_config
 from .data import (
@@ -77,6 +79,28 @@ VALIDATION_CHECKS = {"total": "loss", "psnr": "reconstruction error",
 
 #: Phase names in the order they run.
 PHASES = ("teacher", "distill", "finetune")
+
+
+def configured_model(config: DistillConfig, role: str) -> VAEBase:
+    """A freshly built ``role`` model (``"student"`` or ``"teacher"``) of ``config``: the
+    registry model ``student_model`` / ``teacher_model`` with the role's size fields
+    (``*_latent_dim``, ``*_base_channels``, ``teacher_blocks_per_stage``) as the constructor
+    arguments it takes, and ``image_size`` as a compact model's crop side."""
+    c = config
+    if role == "student":
+        name = c.student_model
+        arch: dict[str, int] = {"latent_dim": c.student_latent_dim,
+                                "base_channels": c.student_base_channels}
+    elif role == "teacher":
+        name = c.teacher_model
+        arch = {"latent_dim": c.teacher_latent_dim, "base_channels": c.teacher_base_channels,
+                "blocks_per_stage": c.teacher_blocks_per_stage}
+    else:
+        raise ValueError(f"role must be 'student' or 'teacher', got {role!r}")
+    if issubclass(MODELS[name], CompactVAE):
+        arch["image_size"] = c.image_size
+    takes = inspect.signature(MODELS[name]).parameters
+    return build_model(name, **{k: v for k, v in arch.items() if k in takes})
 
 
 def find_resume(checkpoint_dir: str | Path) -> Path | None:
@@ -124,10 +148,10 @@ class Distiller:
             config, self.device, self.train_set, self.val_set, self.val_loader,
             reduce=self._reduce_validation,
             message=self.message, show_progress=self.ctx.is_main)
-        self.student = MinimalVAE(config.student_latent_dim,
-                                  config.student_base_channels).to(self.device)
-        self.adapter = LatentAdapter(config.student_latent_dim,
-                                     config.teacher_latent_dim).to(self.device)
+        self.student = configured_model(config, "student").to(self.device)
+        self.adapter = LatentAdapter(config.student_latent_dim, config.teacher_latent_dim,
+                                     vector=len(self.student.latent_shape()) == 1
+                                     ).to(self.device)
         self.teacher: VAEBase | None = None
         self.teacher_source = ""
         self.resume_source = "resume checkpoint"  # the file, once run(resume=...) has read it
@@ -181,10 +205,12 @@ class Distiller:
         found = self.out_dir / "teacher.pth"
         return found if found.is_file() else None
 
-    def _load_teacher(self, path: Path) -> TeacherVAE:
+    def _load_teacher(self, path: Path) -> VAEBase:
         model = load_model(path, role="teacher")
-        if not isinstance(model, TeacherVAE):
-            raise CheckpointError(f"{path}: the teacher role holds a {type(model).__name__}")
+        if model_name(model) != self.config.teacher_model:
+            raise CheckpointError(f"{path}: the teacher role holds a {type(model).__name__} "
+                                  f"({model_name(model)!r}), not teacher_model="
+                                  f"{self.config.teacher_model!r}")
         if model.latent_dim != self.config.teacher_latent_dim:
             raise CheckpointError(f"{path}: teacher latent_dim {model.latent_dim} does not "
                                   f"match teacher_latent_dim={self.config.teacher_latent_dim}")
@@ -207,14 +233,13 @@ class Distiller:
                 p.requires_grad_(False)
             self.teacher.eval()
 
-    def _pretrain_teacher(self, resume: dict[str, Any] | None) -> TeacherVAE:
+    def _pretrain_teacher(self, resume: dict[str, Any] | None) -> VAEBase:
         c = self.config
         if c.teacher_epochs == 0:
             raise ValueError("the loss needs a teacher but none was given "
                              "(--teacher-checkpoint) or found in checkpoint_dir, and "
                              "teacher_epochs is 0")
-        teacher = TeacherVAE(c.teacher_latent_dim, c.teacher_base_channels,
-                             c.teacher_blocks_per_stage).to(self.device)
+        teacher = configured_model(c, "teacher").to(self.device)
         self.message(f"teacher: pre-training {teacher.num_parameters():,} parameters for "
                      f"{c.teacher_epochs} epochs (phase 1)")
         phase = TeacherPhase(self.phase_context, teacher, c.teacher_epochs)

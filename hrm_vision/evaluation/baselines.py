@@ -121,3 +121,32 @@ def frame_baselines(frames: Sequence[Tensor], pca: PatchPCA,
         rows.append(Baseline(f"patch PCA, {k} coefficients", k,
                              pooled_psnr_from_mse(se / n)))
     return rows
+
+
+#: Whole-crop baselines of the compact models (vector latents): PCA coefficient counts and
+#: thumbnail sides.
+CROP_PCA_COEFFICIENTS: tuple[int, ...] = (16, 64, 256)
+CROP_THUMBNAIL_SIDES: tuple[int, ...] = (5, 8)
+#: Training crops the whole-crop PCA is fitted on (at most).
+CROP_PCA_FIT = 4096
+
+
+def crop_baselines(val_images: Tensor, train_images: Tensor,
+                   coefficients: Sequence[int] = CROP_PCA_COEFFICIENTS,
+                   sides: Sequence[int] = CROP_THUMBNAIL_SIDES) -> list[Baseline]:
+    """Baselines for a code of a few numbers per whole crop, on ``val_images`` (N, C, S, S) in
+    [0, 1]: PCA of whole flattened crops keeping ``k`` coefficients, fitted on the first
+    :data:`CROP_PCA_FIT` of ``train_images`` (more than ``max(coefficients)`` needed), and
+    thumbnails of side ``s`` (``3 s**2`` numbers). PSNR pooled over the set."""
+    from ..vae.compact import fit_crop_pca  # the compact models' own PCA
+
+    mean, comps, _ = fit_crop_pca(train_images[:CROP_PCA_FIT], max(coefficients))
+    flat = val_images.flatten(1).float() - mean
+    rows = []
+    for k in coefficients:
+        c = comps[:k]
+        rec = (mean + (flat @ c.T) @ c).reshape(val_images.shape)  # unclamped
+        rows.append(Baseline(f"crop PCA, {k} coefficients", k, pooled_psnr(rec, val_images)))
+    rows += [Baseline(f"thumbnail {s}x{s}, bicubic", val_images.shape[1] * s * s,
+                      pooled_psnr(thumbnail(val_images, s), val_images)) for s in sides]
+    return sorted(rows, key=lambda b: b.numbers)

@@ -98,13 +98,13 @@ def _measure_models(s: EvaluationSettings, models: dict[str, VAEBase], dataset: 
     return result
 
 
-def _latent_section(q: QualityResult, latent: tuple[int, int, int]) -> dict[str, Any]:
-    c, h, w = latent
+def _latent_section(q: QualityResult, latent: tuple[int, ...]) -> dict[str, Any]:
+    numbers = math.prod(latent)  # (C, h, w), or (C,) for a vector latent
     return {"scheme": UINT8_SCHEME, "psnr_float_db": q.student_psnr_db,
             "psnr_uint8_db": q.student_uint8_psnr_db,
             "psnr_cost_db": q.student_psnr_db - q.student_uint8_psnr_db,
             "ssim_uint8": q.student_uint8_ssim,
-            "bytes_float32": 4 * c * h * w, "bytes_uint8": c * h * w + 8}
+            "bytes_float32": 4 * numbers, "bytes_uint8": numbers + 8}
 
 
 def reconstructions(s: EvaluationSettings, models: dict[str, VAEBase],

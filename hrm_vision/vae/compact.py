@@ -140,10 +140,13 @@ class CompactEncoder(nn.Module):
         self.linear = nn.Linear(latent_dim, latent_dim, bias=False)
         nn.init.eye_(self.linear.weight)
         channels = basis.shape[0]
-        layers: list[nn.Module] = [nn.PixelUnshuffle(2), conv(4 * channels, widths[0])]
+        stages: list[nn.Module] = [nn.Sequential(nn.PixelUnshuffle(2),
+                                                 conv(4 * channels, widths[0]))]
         for prev, w in zip(widths[:-1], widths[1:], strict=True):
-            layers += [nn.ReLU(), down(prev, w), *(ResBlock(w) for _ in range(blocks))]
-        self.features = nn.Sequential(*layers, nn.ReLU(), nn.Flatten())
+            stages.append(nn.Sequential(nn.ReLU(), down(prev, w),
+                                        *(ResBlock(w) for _ in range(blocks))))
+        #: One module per resolution (a perceptual backbone taps the first).
+        self.features = nn.ModuleList([*stages, nn.Sequential(nn.ReLU(), nn.Flatten())])
         self.head = nn.Linear(widths[-1] * BOTTOM * BOTTOM, 2 * latent_dim)
         nn.init.zeros_(self.head.weight)
         with torch.no_grad():
@@ -151,7 +154,10 @@ class CompactEncoder(nn.Module):
             self.head.bias[latent_dim:] = LOGVAR_INIT
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.head(self.features(x * 2.0 - 1.0))
+        h = x * 2.0 - 1.0
+        for stage in self.features:
+            h = stage(h)
+        h = self.head(h)
         mu, logvar = h.chunk(2, dim=1)
         return torch.cat([self.linear(self.basis.analyse(x)) + mu, logvar], dim=1)
 

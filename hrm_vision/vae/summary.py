@@ -9,17 +9,20 @@ from .registry import MODELS, count_macs
 
 
 def summary_rows(size: int = 32) -> list[dict[str, object]]:
-    """One row per model at its defaults: parameters, latent shape, MACs for a size x size image."""
+    """One row per model at its defaults: parameters, latent shape, MACs for a size x size image
+    (a compact model: for its own crop size)."""
     rows = []
     for name, cls in MODELS.items():
         model = cls()
-        c, h, w = model.latent_shape(size, size)
+        side = getattr(model, "image_size", size)  # a compact model has a fixed crop size
+        c, *grid = model.latent_shape(side, side)  # a compact model: (latent_dim,)
         rows.append({
             "model": f"{cls.__name__} ({name})",
             "parameters": model.num_parameters(),
-            "latent": f"{h}x{w}x{c}",
-            "encode_macs": count_macs(model, size, size, "encode"),
-            "decode_macs": count_macs(model, size, size, "decode"),
+            "latent": "x".join(map(str, [*grid, c])) + ("" if side == size
+                                                           else f" ({side}x{side} crop)"),
+            "encode_macs": count_macs(model, side, side, "encode"),
+            "decode_macs": count_macs(model, side, side, "decode"),
         })
     return rows
 

@@ -1,0 +1,213 @@
+"""The compact pair in the trainer: model selection by registry name, the vector latent adapter,
+the KL of vector latents, the compact config's budget and a tiny end-to-end distillation."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from hrm_vision.checkpoints import CheckpointError, load_model, model_from_payload
+from hrm_vision.distill import Distiller, load_config
+from hrm_vision.distill.config import ConfigError, make_config
+from hrm_vision.distill.losses import kl_free_bits, residual_variance
+from hrm_vision.distill.perceptual import TeacherFeatures
+from hrm_vision.distill.trainer import configured_model
+from hrm_vision.evaluation.baselines import crop_baselines
+from hrm_vision.objective import kl_nats
+from hrm_vision.vae import (
+    CompactStudentVAE,
+    CompactTeacherVAE,
+    LatentAdapter,
+    MinimalVAE,
+    TeacherVAE,
+)
+from hrm_vision.vae.summary import summary_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPACT = ROOT / "training" / "compact.json"
+#: Tiny compact sizes for runs in the test suite.
+TINY = {"teacher_latent_dim": 32, "teacher_base_channels": 4, "student_latent_dim": 8,
+        "student_base_channels": 4}
+
+
+def crops(n: int, seed: int = 0) -> torch.Tensor:
+    """Smooth random 64x64 RGB crops in [0, 1], (n, 3, 64, 64)."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 8, 8, generator=g)
+    return torch.nn.functional.interpolate(low, size=64, mode="bilinear", align_corners=False)
+
+
+class TestModelSelection:
+    def test_defaults_build_the_spatial_pair(self) -> None:
+        cfg = make_config({"student_latent_dim": 8, "student_base_channels": 4,
+                           "teacher_latent_dim": 16, "teacher_base_channels": 4,
+                           "teacher_blocks_per_stage": 2})
+        student, teacher = configured_model(cfg, "student"), configured_model(cfg, "teacher")
+        assert type(student) is MinimalVAE and type(teacher) is TeacherVAE
+        assert student.arch_config() == {"latent_dim": 8, "base_channels": 4}
+        assert teacher.arch_config() == {"latent_dim": 16, "base_channels": 4,
+                                         "blocks_per_stage": 2}
+
+    def test_compact_names_take_the_size_fields_and_the_crop_side(self) -> None:
+        cfg = make_config({"student_model": "compact_student", "teacher_model": "compact_teacher",
+                           "image_size": 64, **TINY})
+        student, teacher = configured_model(cfg, "student"), configured_model(cfg, "teacher")
+        assert type(student) is CompactStudentVAE and type(teacher) is CompactTeacherVAE
+        assert student.latent_shape() == (8,) and teacher.latent_shape() == (32,)
+        assert student.arch_config()["base_channels"] == 4
+
+    def test_unknown_and_mixed_models_are_refused(self) -> None:
+        with pytest.raises(ConfigError, match="student_model"):
+            make_config({"student_model": "tiny"})
+        with pytest.raises(ConfigError, match="both be compact"):
+            make_config({"student_model": "compact_student"})
+
+    def test_a_compact_model_needs_its_crop_size(self) -> None:
+        cfg = make_config({"student_model": "compact_student", "teacher_model": "compact_teacher",
+                           "image_size": 32, **TINY})
+        with pytest.raises(ValueError, match="image_size must be 64"):
+            configured_model(cfg, "student")
+
+
+class TestCompactConfig:
+    def test_builds_the_pair_at_64_and_512_numbers_per_64x64_crop(self) -> None:
+        cfg = load_config(COMPACT)
+        student, teacher = configured_model(cfg, "student"), configured_model(cfg, "teacher")
+        x = torch.rand(2, 3, cfg.image_size, cfg.image_size)
+        assert cfg.image_size == 64
+        assert tuple(student.encode(x).shape) == (2, 64)
+        assert tuple(teacher.encode(x).shape) == (2, 512)
+        assert 8 <= teacher.num_parameters() / student.num_parameters() <= 13
+
+    def test_budget(self) -> None:
+        """The optimizer steps of ``make compact`` (teacher, distilled student, student alone):
+        its wall time on two CPU cores is documented beside the results."""
+        cfg = load_config(COMPACT)
+        steps_per_epoch = math.ceil(cfg.train_samples / cfg.batch_size)
+        teacher = cfg.teacher_epochs * steps_per_epoch
+        student = (cfg.epochs + cfg.finetune_epochs) * steps_per_epoch
+        assert teacher <= 256 and 2 * student <= 512
+        # the PCA start of both models needs more training crops than latent numbers
+        assert cfg.train_samples > cfg.teacher_latent_dim
+
+
+class TestVectorAdapter:
+    def test_shapes_and_variance(self) -> None:
+        adapter = LatentAdapter(8, 32, vector=True)
+        var = torch.rand(5, 8)
+        assert tuple(adapter(torch.randn(5, 8)).shape) == (5, 32)
+        w = adapter.proj.weight
+        expected = torch.stack([torch.diagonal(w @ torch.diag(v) @ w.T) for v in var])
+        assert torch.allclose(adapter.variance(var), expected, atol=1e-6)
+
+    def test_matches_the_spatial_adapter_on_a_1x1_grid(self) -> None:
+        vec, grid = LatentAdapter(8, 32, vector=True), LatentAdapter(8, 32)
+        with torch.no_grad():
+            grid.proj.weight.copy_(vec.proj.weight[:, :, None, None])
+            grid.proj.bias.copy_(vec.proj.bias)
+        z, var = torch.randn(4, 8), torch.rand(4, 8)
+        assert torch.allclose(vec(z), grid(z[:, :, None, None]).flatten(1), atol=1e-6)
+        assert torch.allclose(vec.variance(var), grid.variance(var[:, :, None, None]).flatten(1),
+                              atol=1e-6)
+
+    def test_linear_path_start_lets_the_teacher_decode_the_student(self) -> None:
+        images = crops(96)
+        student = CompactStudentVAE(latent_dim=8, base_channels=4)
+        teacher = CompactTeacherVAE(latent_dim=32, base_channels=4)
+        student.init_from_data(images)
+        teacher.init_from_data(images)
+        adapter = LatentAdapter(8, 32, vector=True)
+        assert adapter.init_from_linear_paths(student, teacher)
+        student.eval(), teacher.eval()
+        with torch.no_grad():
+            x = crops(8, seed=1)
+            direct = teacher.encode(student.decode(student.encode(x)))
+            adapted = adapter(student.encode(x))
+        # the clamp of the student's output is the only difference from the linear maps
+        assert torch.allclose(adapted, direct, atol=1e-2)
+
+    def test_checkpoint_entry_round_trip(self) -> None:
+        adapter = LatentAdapter(8, 32, vector=True)
+        assert adapter.arch_config() == {"student_dim": 8, "teacher_dim": 32, "vector": True}
+        assert "vector" not in LatentAdapter(8, 32).arch_config()
+        payload = {"adapter_state_dict": adapter.state_dict(),
+                   "adapter_arch": adapter.arch_config()}
+        rebuilt = model_from_payload(payload, "adapter")
+        z = torch.randn(3, 8)
+        assert torch.equal(rebuilt(z), adapter(z))
+        payload["adapter_arch"] = {**adapter.arch_config(), "vector": 1}
+        with pytest.raises(CheckpointError, match="'vector' must be true or false"):
+            model_from_payload(payload, "adapter")
+
+
+class TestVectorKL:
+    def test_each_number_is_its_own_channel(self) -> None:
+        mu, logvar = torch.randn(6, 10), torch.randn(6, 10) * 0.5
+        grid = (mu[:, :, None, None], logvar[:, :, None, None])
+        for free in (0.0, 0.5, 3.0):
+            assert torch.allclose(kl_free_bits(mu, logvar, free), kl_free_bits(*grid, free))
+            assert torch.allclose(kl_nats(mu, logvar, free, "channel"),
+                                  kl_nats(*grid, free, "channel"))
+        # a floor above some channels' KL raises the value
+        assert kl_free_bits(mu, logvar, 3.0) > kl_free_bits(mu, logvar, 0.0)
+
+    def test_residual_variance_is_per_teacher_number(self) -> None:
+        from hrm_vision.distill.losses import TeacherTargets
+
+        teacher = TeacherTargets(torch.randn(5, 4), torch.zeros(5, 4), torch.zeros(5, 3, 8, 8))
+        adapted = torch.zeros(5, 4)
+        r = residual_variance(adapted, teacher)
+        assert tuple(r.shape) == (1, 4)
+        assert torch.allclose(r[0], teacher.mu.pow(2).mean(0))
+
+
+def test_teacher_perceptual_backbone_taps_the_first_compact_stage() -> None:
+    teacher = CompactTeacherVAE(latent_dim=32, base_channels=4)
+    features = TeacherFeatures(teacher)(crops(2))
+    assert len(features) == 1 and tuple(features[0].shape) == (2, 4, 32, 32)
+
+
+def test_crop_baselines_order_and_numbers() -> None:
+    train, val = crops(300), crops(40, seed=2)
+    rows = {b.name: b for b in crop_baselines(val, train, coefficients=(4, 16, 64), sides=(5,))}
+    pca = [rows[f"crop PCA, {k} coefficients"].psnr_db for k in (4, 16, 64)]
+    assert pca == sorted(pca) and pca[0] < pca[-1]
+    assert rows["thumbnail 5x5, bicubic"].numbers == 75
+
+
+def test_summary_lists_the_compact_pair_at_their_crop_size() -> None:
+    rows = {r["model"]: r for r in summary_rows(32)}
+    assert rows["CompactStudentVAE (compact_student)"]["latent"] == "64 (64x64 crop)"
+    assert rows["MinimalVAE (tinyvae)"]["latent"] == "4x4x128"
+
+
+def test_tiny_compact_distillation_end_to_end(tmp_path) -> None:
+    """Teacher pre-training, distillation and fine-tuning of tiny compact models on 64x64
+    photos crops: the checkpoints hold the compact pair and a vector adapter, and the
+    teacher's decoder reads the adapted student latent."""
+    torch.set_num_threads(1)
+    cfg = load_config(COMPACT, {**TINY, "train_samples": 48, "val_samples": 8,
+                                "batch_size": 16, "teacher_epochs": 1, "epochs": 1,
+                                "finetune_epochs": 1, "warmup_steps": 1,
+                                "perceptual_weight": 0.1, "perceptual_backbone": "teacher",
+                                "device": "cpu", "checkpoint_dir": str(tmp_path)})
+    files = Distiller(cfg, console=False).run()
+    student = load_model(files["best"], role="student")
+    teacher = load_model(files["teacher"], role="teacher")
+    adapter = load_model(files["best"], role="adapter")
+    assert type(student) is CompactStudentVAE and type(teacher) is CompactTeacherVAE
+    assert adapter.vector
+    x = crops(3)
+    with torch.no_grad():
+        z = student.encode(x)
+        cross = teacher.decode(adapter(z))
+    assert tuple(z.shape) == (3, 8) and tuple(cross.shape) == (3, 3, 64, 64)
+    history = json.loads(Path(files["history"]).read_text())
+    assert [e["phase"] for e in history] == ["teacher", "distill", "finetune"]
+    val = history[1]["val"]
+    assert all(math.isfinite(val[k]) for k in ("psnr", "teacher_psnr", "cross_psnr", "kl"))
+    assert val["perceptual"] > 0 and val["distill_latent"] > 0
