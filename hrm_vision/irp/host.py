@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -32,6 +33,7 @@ from typing import IO, Any
 import numpy as np
 
 from .base import IRPPlugin, IRPResult
+from .guards import check_energies, private_copy, refuse_output_over_inputs
 from .plugins import (
     PLUGIN_FAILURES,
     PluginError,
@@ -141,8 +143,9 @@ class Orchestrator:
             per_input = {}
             for name, plugin in self.plugins.items():
                 try:
-                    result = plugin.run(x, task_ctx, max_steps=self.steps_per_plugin,
-                                        input_id=index)
+                    result = plugin.run(private_copy(x), task_ctx,
+                                        max_steps=self.steps_per_plugin, input_id=index)
+                    check_energies(result)
                     line = to_jsonl(result.telemetry) if self.telemetry is not None else None
                 except PLUGIN_FAILURES as exc:
                     self._fail(name, plugin, exc, index)
@@ -223,11 +226,36 @@ def _parse_configs(items: Sequence[str]) -> dict[str, dict[str, Any]]:
             config = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"--config {name}: not valid JSON ({exc})") from exc
+        except RecursionError:
+            raise ValueError(f"--config {name}: JSON nested too deeply") from None
         if not isinstance(config, dict):
             raise ValueError(f"--config {name}: expected a JSON object, got "
                              f"{type(config).__name__}")
         configs[name] = config
     return configs
+
+
+def _registry_for(names: Sequence[str]) -> PluginRegistry:
+    """A registry with the built-in plugins and only the entry points named in ``names`` (or,
+    when set, those of the allow-list variable): an installed package that is not asked for is
+    not imported. Only when a name is still unknown are the other entry points loaded (an entry
+    point may register plugins under other names)."""
+    from importlib import metadata
+
+    from .plugins import ALLOW_ENV, ENTRY_POINT_GROUP
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PluginWarning)  # printed by the caller, one line each
+        registry = PluginRegistry(load_entry_points=False)
+        if ALLOW_ENV in os.environ:
+            registry.load_entry_points()
+            return registry
+        builtin = set(registry.list_plugins())
+        installed = {ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+        registry.load_entry_points([n for n in names if n in installed and n not in builtin])
+        if set(names) - set(registry.list_plugins()):
+            registry.load_entry_points()
+    return registry
 
 
 def read_frame(path: str | Path) -> Any:
@@ -255,10 +283,10 @@ def _inputs(args: argparse.Namespace) -> list[Any]:
 
 def _run(argv: Sequence[str] | None, prog: str) -> int:
     args = setup_args().parse_args(argv)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PluginWarning)  # printed below, one line each
-        registry = get_registry()
     if args.list:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PluginWarning)  # printed below, one line each
+            registry = get_registry()
         for name, info in sorted(registry.list_plugins().items()):
             print(f"{name:12s} {info.kind:12s} {info.description}  [{info.source}]")
         for err in registry.errors:
@@ -266,10 +294,16 @@ def _run(argv: Sequence[str] | None, prog: str) -> int:
         return 0
     if not args.plugin:
         raise ValueError("give at least one --plugin NAME (see --list)")
+    for option, value in (("--batch-size", args.batch_size), ("--num-crops", args.num_crops)):
+        if value < 1:
+            raise ValueError(f"{option} must be at least 1, got {value}")
     configs = _parse_configs(args.config)
     unknown = sorted(set(configs) - set(args.plugin))
     if unknown:
         raise ValueError(f"--config given for {unknown}, which are not among --plugin")
+    if args.telemetry is not None:
+        refuse_output_over_inputs(args.telemetry, args, configs)
+    registry = _registry_for(args.plugin)
     inputs = _inputs(args)  # before the telemetry file is created: a bad image leaves none
     stream = open(args.telemetry, "w") if args.telemetry else sys.stdout  # noqa: SIM115
     try:
