@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import time
 import warnings
 from typing import Any
 
@@ -129,3 +130,27 @@ def test_only_the_asked_plugins_entry_points_are_imported(tmp_path, monkeypatch)
         warnings.simplefilter("ignore", PluginWarning)
         irp_host._registry_for(["intruder"])
     assert marker.exists()
+
+
+class Slow(Reads):
+    def step(self, state: IRPState) -> IRPState:
+        time.sleep(0.5)
+        return super().step(state)
+
+
+def test_a_plugin_over_its_time_budget_is_a_failure(host) -> None:
+    host.register(SlowPlugins(), name="slow_fixture")
+    orch = Orchestrator.from_registry({"slow": {}, "reads": {}}, step_budget=4, registry=host,
+                                      time_budget=0.25)
+    with pytest.warns(PluginWarning, match="over the time budget of 0.25 s"):
+        (result,) = orch.run([torch.zeros(1, 3, 4, 4)])
+    assert set(result) == {"reads"}
+    assert [e.name for e in orch.errors] == ["slow"]
+    with pytest.raises(ValueError, match="time_budget"):
+        Orchestrator({"reads": host.create("reads", {})}, step_budget=1, time_budget=0.0)
+
+
+class SlowPlugins:
+    @hookimpl
+    def register_irp_plugins(self, register: Any) -> None:
+        register("slow", Slow, ToyConfig, kind="test")

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -65,6 +67,9 @@ class Orchestrator:
             one error record per failure.
         registry: the :class:`PluginRegistry` the plugins came from; failures are also
             reported there.
+        time_budget: seconds one plugin may take on one input (``None``: no limit); a run that
+            took longer is a failure (:class:`TimeBudgetError`) and its result is dropped. The
+            time is measured when the run returns: a plugin that never returns is not stopped.
 
     Attributes:
         errors: every failure reported by this orchestrator, in order.
@@ -73,11 +78,16 @@ class Orchestrator:
 
     def __init__(self, plugins: Mapping[str, IRPPlugin], step_budget: int,
                  telemetry: IO[str] | None = None,
-                 registry: PluginRegistry | None = None) -> None:
+                 registry: PluginRegistry | None = None,
+                 time_budget: float | None = None) -> None:
         if not plugins:
             raise ValueError("the orchestrator needs at least one plugin")
         if step_budget < 1:
             raise ValueError(f"step_budget must be at least 1, got {step_budget}")
+        if time_budget is not None and not (math.isfinite(time_budget) and time_budget > 0):
+            raise ValueError(f"time_budget must be a positive number of seconds, got "
+                             f"{time_budget}")
+        self.time_budget = time_budget
         self.plugins = dict(plugins)
         self.step_budget = step_budget
         self.telemetry = telemetry
@@ -88,7 +98,8 @@ class Orchestrator:
     @classmethod
     def from_registry(cls, configs: Mapping[str, dict[str, Any] | None], step_budget: int,
                       telemetry: IO[str] | None = None,
-                      registry: PluginRegistry | None = None) -> Orchestrator:
+                      registry: PluginRegistry | None = None,
+                      time_budget: float | None = None) -> Orchestrator:
         """Create each named plugin from its plain-dict config through ``registry`` (default:
         :func:`get_registry`).
 
@@ -120,7 +131,7 @@ class Orchestrator:
                 raise first
             raise PluginRunError(f"plugin {first_error.name!r} could not be created: "
                                  f"{first_error.message}") from first
-        orchestrator = cls(plugins, step_budget, telemetry, registry)
+        orchestrator = cls(plugins, step_budget, telemetry, registry, time_budget)
         orchestrator.errors.extend(error for error, _ in failures)
         orchestrator.exceptions.extend(exc for _, exc in failures)
         return orchestrator
@@ -143,8 +154,10 @@ class Orchestrator:
             per_input = {}
             for name, plugin in self.plugins.items():
                 try:
+                    start = time.perf_counter()
                     result = plugin.run(private_copy(x), task_ctx,
                                         max_steps=self.steps_per_plugin, input_id=index)
+                    self._check_time(time.perf_counter() - start)
                     check_energies(result)
                     line = to_jsonl(result.telemetry) if self.telemetry is not None else None
                 except PLUGIN_FAILURES as exc:
@@ -156,6 +169,11 @@ class Orchestrator:
                 per_input[name] = result
             results.append(per_input)
         return results
+
+    def _check_time(self, seconds: float) -> None:
+        if self.time_budget is not None and seconds > self.time_budget:
+            raise TimeBudgetError(f"took {seconds:.3g} s, over the time budget of "
+                                  f"{self.time_budget:g} s")
 
     def _fail(self, name: str, plugin: IRPPlugin, exc: BaseException, index: int) -> None:
         source = type(plugin).__module__
@@ -169,6 +187,10 @@ class Orchestrator:
         self.errors.append(error)
         self.exceptions.append(exc)
         _write(self.telemetry, _error_record(error, type(exc).__name__))
+
+
+class TimeBudgetError(RuntimeError):
+    """A plugin's run on one input took longer than the orchestrator's ``time_budget``."""
 
 
 class PluginRunError(ValueError):
@@ -210,6 +232,10 @@ def setup_args() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8,
                         help="crops per input (batch) when using photos crops")
     parser.add_argument("--step-budget", type=int, default=10, help="states per input")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                        help="seconds one plugin may take on one input; a longer run counts as "
+                             "a failure (default: no limit; a plugin that never returns is not "
+                             "stopped)")
     parser.add_argument("--telemetry", type=Path, default=None,
                         help="JSON-lines output file (default: standard output)")
     return parser
@@ -310,7 +336,8 @@ def _run(argv: Sequence[str] | None, prog: str) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PluginWarning)
             orch = Orchestrator.from_registry({n: configs.get(n) for n in args.plugin},
-                                              args.step_budget, stream, registry)
+                                              args.step_budget, stream, registry,
+                                              args.time_budget)
             results = orch.run(inputs)
     finally:
         if args.telemetry:
