@@ -124,7 +124,10 @@ class ExportSet:
                 self._commit()
         except BaseException as error:
             self._discard()
-            raise self._named(error) from error
+            named = self._named(error)
+            if named is error:
+                raise
+            raise named from error
         finally:
             if self._previous_handler is not None:
                 signal.signal(signal.SIGTERM, self._previous_handler)
