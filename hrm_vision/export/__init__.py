@@ -19,17 +19,19 @@ exported graphs, names, metadata), :mod:`.fold` (BatchNorm folded into convoluti
 (real frames at any size), :mod:`.parity` (every export checked against the eager model on real
 validation photographs at several frame sizes, largest absolute difference within
 ``PARITY_TOLERANCE``; each precision's cost; runtime comparison), :mod:`.runtime` (eager and ONNX
-Runtime runners), :mod:`.pipeline` (:func:`export_model`), and the command in :mod:`.__main__`.
+Runtime runners), :mod:`.pipeline` (:func:`export_model`), :mod:`.staging` (an export replaces
+the previous set whole), and the command in :mod:`.__main__`.
 """
 
 from .fold import fold_batchnorm
 from .graphs import PARTS, ExportError, GraphSpec, VAEGraph, graph_specs
 from .onnx import DEFAULT_OPSET, export_onnx, ort_session, run_onnx
 from .parity import PARITY_TOLERANCE, check_parity, compare_runtimes
-from .pipeline import ExportResult, export_model
+from .pipeline import ExportResult, export_model, write_export
+from .staging import ExportSet
 from .torchscript import export_torchscript, load_torchscript
 
 __all__ = ["DEFAULT_OPSET", "PARITY_TOLERANCE", "PARTS", "ExportError", "ExportResult",
-           "GraphSpec", "VAEGraph", "check_parity", "compare_runtimes", "export_model",
+           "ExportSet", "GraphSpec", "VAEGraph", "check_parity", "compare_runtimes", "export_model",
            "export_onnx", "export_torchscript", "fold_batchnorm", "graph_specs",
-           "load_torchscript", "ort_session", "run_onnx"]
+           "load_torchscript", "ort_session", "run_onnx", "write_export"]

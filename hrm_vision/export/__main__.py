@@ -27,9 +27,10 @@ from .frames import parse_size, parse_sizes, photo_frames
 from .graphs import ExportError
 from .onnx import DEFAULT_OPSET
 from .parity import PARITY_TOLERANCE, compare_runtimes, frame_latency, size_key
-from .pipeline import ExportResult, export_model
+from .pipeline import ExportResult, write_export
 from .precision import parse_precisions
 from .runtime import Runner, chain, eager_runner, onnx_runner
+from .staging import ExportSet
 
 PROG = "python -m hrm_vision.export"
 
@@ -128,20 +129,24 @@ def run(args: argparse.Namespace) -> tuple[VAEBase, ExportResult]:
         calibration = validation_images(args.dataset, args.calibration_images, args.image_size,
                                         args.data_dir, split="train")
     frames = {size_key(f): f for f in (photo_frames(h, w) for h, w in args.parity_sizes)}
-    result = export_model(vae, args.out_dir, images, source=Path(args.checkpoint).name,
-                          opset=args.opset, adapter=adapter, precisions=args.precision,
-                          calibration=calibration, parity_images=frames)
-    result.threads = args.threads
-    if args.timing_repeats:
-        result.throughput_ips = compare_runtimes(vae, result.files, images, args.timing_repeats)
-        result.throughput_batch = images.shape[0]
-    if args.frame_repeats:
-        frame = photo_frames(*args.frame_size)[:1]
-        result.frame_size = size_key(frame)
-        result.frame_latency = frame_latency(
-            roundtrip_runners(vae, result.precision_files, args.threads), frame,
-            args.frame_repeats)
-    write_text(json.dumps(asdict(result), indent=2) + "\n", Path(args.out_dir) / "export.json")
+    # every file, export.json included, replaces the previous set whole (or nothing changes)
+    with ExportSet(args.out_dir) as staged:
+        result = write_export(vae, staged.folder, images, source=Path(args.checkpoint).name,
+                              opset=args.opset, adapter=adapter, precisions=args.precision,
+                              calibration=calibration, parity_images=frames)
+        result.threads = args.threads
+        if args.timing_repeats:
+            result.throughput_ips = compare_runtimes(vae, result.files, images,
+                                                     args.timing_repeats)
+            result.throughput_batch = images.shape[0]
+        if args.frame_repeats:
+            frame = photo_frames(*args.frame_size)[:1]
+            result.frame_size = size_key(frame)
+            result.frame_latency = frame_latency(
+                roundtrip_runners(vae, result.precision_files, args.threads), frame,
+                args.frame_repeats)
+        result = staged.relocate(result)
+        write_text(json.dumps(asdict(result), indent=2) + "\n", staged.folder / "export.json")
     return vae, result
 
 

@@ -18,6 +18,7 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
+from ..files import atomic_write
 from .graphs import ExportError, GraphSpec
 
 #: Default ONNX opset (supported by ONNX Runtime >= 1.14 and TensorRT >= 8.6).
@@ -52,8 +53,8 @@ def export_onnx(graph: nn.Module, spec: GraphSpec, path: Path, metadata: dict[st
     model.doc_string = (f"hrm_vision TinyVAE {spec.part}: {metadata['input']} -> "
                         f"{metadata['output']}; images in [0, 1], RGB, NCHW")
     onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
+    data = model.SerializeToString()
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def ort_session(path: str | os.PathLike[str], threads: int | None = None

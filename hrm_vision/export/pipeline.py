@@ -18,6 +18,7 @@ from .graphs import ExportError, VAEGraph, graph_specs
 from .onnx import DEFAULT_OPSET, export_onnx
 from .parity import check_parity, precision_costs, size_key
 from .precision import to_fp16, to_int8
+from .staging import ExportSet
 from .torchscript import export_torchscript
 
 if TYPE_CHECKING:
@@ -51,6 +52,20 @@ class ExportResult:
 
 
 def export_model(vae: VAEBase, out_dir: str | os.PathLike[str], images: Tensor,
+                 source: str = "", opset: int = DEFAULT_OPSET,
+                 adapter: LatentAdapter | None = None, precisions: tuple[str, ...] = ("fp32",),
+                 calibration: Tensor | None = None,
+                 parity_images: dict[str, Tensor] | None = None) -> ExportResult:
+    """:func:`write_export` as one set: the files replace ``out_dir``'s previous export whole,
+    or (on any failure) nothing changes (:class:`~.staging.ExportSet`). The returned paths are
+    in ``out_dir``."""
+    with ExportSet(out_dir) as staged:
+        result = write_export(vae, staged.folder, images, source, opset, adapter, precisions,
+                              calibration, parity_images)
+        return staged.relocate(result)
+
+
+def write_export(vae: VAEBase, out_dir: str | os.PathLike[str], images: Tensor,
                  source: str = "", opset: int = DEFAULT_OPSET,
                  adapter: LatentAdapter | None = None, precisions: tuple[str, ...] = ("fp32",),
                  calibration: Tensor | None = None,

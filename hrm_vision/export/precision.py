@@ -35,6 +35,8 @@ import numpy as np
 import onnx
 from torch import Tensor
 
+from ..files import atomic_write
+
 #: Weight names whose convolutions the fp16 graph keeps in float32 (the linear patch path).
 FP32_WEIGHTS = (".patches.", ".linear.")
 #: Activation ranges of the int8 graphs: this percentile of each activation's calibration values
@@ -84,9 +86,14 @@ def to_fp16(fp32_path: str | os.PathLike[str]) -> Path:
     model = convert_float_to_float16(model, keep_io_types=True,
                                      node_block_list=linear_path_convs(model))
     out = precision_path(fp32_path, "fp16")
-    onnx.save(_retag(model, "fp16", "float16 weights and arithmetic (the linear patch path in "
-                                    "float32), float32 input and output"), str(out))
-    return out
+    return _save(_retag(model, "fp16", "float16 weights and arithmetic (the linear patch path in "
+                                       "float32), float32 input and output"), out)
+
+
+def _save(model: onnx.ModelProto, path: Path) -> Path:
+    """Write ``model`` atomically (a failed write is an ``OSError`` naming ``path``)."""
+    data = model.SerializeToString()
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def _calibration_reader(input_name: str, batches: list[Tensor]):  # noqa: ANN202
@@ -128,21 +135,21 @@ def to_int8(fp32_path: str | os.PathLike[str], calibration: Tensor, batch_size: 
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         reader = _calibration_reader(input_name, list(calibration.float().split(batch_size)))
         with contextlib.redirect_stdout(io.StringIO()):  # the calibrator's progress chatter
-            quantize_static(str(prepared), str(out), reader, quant_format=QuantFormat.QDQ,
+            quantize_static(str(prepared), str(Path(tmp) / "int8.onnx"), reader,
+                            quant_format=QuantFormat.QDQ,
                             per_channel=True, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"],
                             nodes_to_exclude=linear_path_convs(onnx.load(str(prepared))),
                             calibrate_method=_percentile(),
                             extra_options={"ActivationSymmetric": False,
                                            "CalibPercentile": CALIBRATION_PERCENTILE})
-    quantised = onnx.load(str(out))
+        quantised = onnx.load(str(Path(tmp) / "int8.onnx"))
     quantised.metadata_props.clear()
     for p in model.metadata_props:
         quantised.metadata_props.add(key=p.key, value=p.value)
-    onnx.save(_retag(quantised, "int8", "static QDQ quantisation, int8 per-channel weights, uint8 "
-                                        "activations calibrated on training images; float32 "
-                                        "input and output"), str(out))
-    return out
+    return _save(_retag(quantised, "int8", "static QDQ quantisation, int8 per-channel weights, "
+                                           "uint8 activations calibrated on training images; "
+                                           "float32 input and output"), out)
 
 
 def _percentile():  # noqa: ANN202

@@ -6,6 +6,7 @@ C++ ``torch::jit::load`` and older deployment stacks read.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import warnings
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..files import atomic_write
 from .graphs import GraphSpec
 
 
@@ -27,8 +29,10 @@ def export_torchscript(graph: nn.Module, spec: GraphSpec, path: Path,
         # size (the export checks it at every parity size).
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(graph.eval(), example)
-        torch.jit.save(traced, str(path), _extra_files={"metadata.json": json.dumps(metadata)})
-    return path
+        buffer = io.BytesIO()  # written by Python: a full disk is an OSError naming the file
+        torch.jit.save(traced, buffer, _extra_files={"metadata.json": json.dumps(metadata)})
+    data = buffer.getvalue()
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def load_torchscript(path: str | os.PathLike[str]) -> torch.jit.ScriptModule:

@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -32,6 +35,7 @@ from typing import IO, Any
 import numpy as np
 
 from .base import IRPPlugin, IRPResult
+from .guards import check_energies, private_copy, refuse_output_over_inputs
 from .plugins import (
     PLUGIN_FAILURES,
     PluginError,
@@ -63,6 +67,9 @@ class Orchestrator:
             one error record per failure.
         registry: the :class:`PluginRegistry` the plugins came from; failures are also
             reported there.
+        time_budget: seconds one plugin may take on one input (``None``: no limit); a run that
+            took longer is a failure (:class:`TimeBudgetError`) and its result is dropped. The
+            time is measured when the run returns: a plugin that never returns is not stopped.
 
     Attributes:
         errors: every failure reported by this orchestrator, in order.
@@ -71,11 +78,16 @@ class Orchestrator:
 
     def __init__(self, plugins: Mapping[str, IRPPlugin], step_budget: int,
                  telemetry: IO[str] | None = None,
-                 registry: PluginRegistry | None = None) -> None:
+                 registry: PluginRegistry | None = None,
+                 time_budget: float | None = None) -> None:
         if not plugins:
             raise ValueError("the orchestrator needs at least one plugin")
         if step_budget < 1:
             raise ValueError(f"step_budget must be at least 1, got {step_budget}")
+        if time_budget is not None and not (math.isfinite(time_budget) and time_budget > 0):
+            raise ValueError(f"time_budget must be a positive number of seconds, got "
+                             f"{time_budget}")
+        self.time_budget = time_budget
         self.plugins = dict(plugins)
         self.step_budget = step_budget
         self.telemetry = telemetry
@@ -86,7 +98,8 @@ class Orchestrator:
     @classmethod
     def from_registry(cls, configs: Mapping[str, dict[str, Any] | None], step_budget: int,
                       telemetry: IO[str] | None = None,
-                      registry: PluginRegistry | None = None) -> Orchestrator:
+                      registry: PluginRegistry | None = None,
+                      time_budget: float | None = None) -> Orchestrator:
         """Create each named plugin from its plain-dict config through ``registry`` (default:
         :func:`get_registry`).
 
@@ -118,7 +131,7 @@ class Orchestrator:
                 raise first
             raise PluginRunError(f"plugin {first_error.name!r} could not be created: "
                                  f"{first_error.message}") from first
-        orchestrator = cls(plugins, step_budget, telemetry, registry)
+        orchestrator = cls(plugins, step_budget, telemetry, registry, time_budget)
         orchestrator.errors.extend(error for error, _ in failures)
         orchestrator.exceptions.extend(exc for _, exc in failures)
         return orchestrator
@@ -141,8 +154,11 @@ class Orchestrator:
             per_input = {}
             for name, plugin in self.plugins.items():
                 try:
-                    result = plugin.run(x, task_ctx, max_steps=self.steps_per_plugin,
-                                        input_id=index)
+                    start = time.perf_counter()
+                    result = plugin.run(private_copy(x), task_ctx,
+                                        max_steps=self.steps_per_plugin, input_id=index)
+                    self._check_time(time.perf_counter() - start)
+                    check_energies(result)
                     line = to_jsonl(result.telemetry) if self.telemetry is not None else None
                 except PLUGIN_FAILURES as exc:
                     self._fail(name, plugin, exc, index)
@@ -153,6 +169,11 @@ class Orchestrator:
                 per_input[name] = result
             results.append(per_input)
         return results
+
+    def _check_time(self, seconds: float) -> None:
+        if self.time_budget is not None and seconds > self.time_budget:
+            raise TimeBudgetError(f"took {seconds:.3g} s, over the time budget of "
+                                  f"{self.time_budget:g} s")
 
     def _fail(self, name: str, plugin: IRPPlugin, exc: BaseException, index: int) -> None:
         source = type(plugin).__module__
@@ -166,6 +187,10 @@ class Orchestrator:
         self.errors.append(error)
         self.exceptions.append(exc)
         _write(self.telemetry, _error_record(error, type(exc).__name__))
+
+
+class TimeBudgetError(RuntimeError):
+    """A plugin's run on one input took longer than the orchestrator's ``time_budget``."""
 
 
 class PluginRunError(ValueError):
@@ -207,6 +232,10 @@ def setup_args() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8,
                         help="crops per input (batch) when using photos crops")
     parser.add_argument("--step-budget", type=int, default=10, help="states per input")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                        help="seconds one plugin may take on one input; a longer run counts as "
+                             "a failure (default: no limit; a plugin that never returns is not "
+                             "stopped)")
     parser.add_argument("--telemetry", type=Path, default=None,
                         help="JSON-lines output file (default: standard output)")
     return parser
@@ -223,11 +252,36 @@ def _parse_configs(items: Sequence[str]) -> dict[str, dict[str, Any]]:
             config = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"--config {name}: not valid JSON ({exc})") from exc
+        except RecursionError:
+            raise ValueError(f"--config {name}: JSON nested too deeply") from None
         if not isinstance(config, dict):
             raise ValueError(f"--config {name}: expected a JSON object, got "
                              f"{type(config).__name__}")
         configs[name] = config
     return configs
+
+
+def _registry_for(names: Sequence[str]) -> PluginRegistry:
+    """A registry with the built-in plugins and only the entry points named in ``names`` (or,
+    when set, those of the allow-list variable): an installed package that is not asked for is
+    not imported. Only when a name is still unknown are the other entry points loaded (an entry
+    point may register plugins under other names)."""
+    from importlib import metadata
+
+    from .plugins import ALLOW_ENV, ENTRY_POINT_GROUP
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PluginWarning)  # printed by the caller, one line each
+        registry = PluginRegistry(load_entry_points=False)
+        if ALLOW_ENV in os.environ:
+            registry.load_entry_points()
+            return registry
+        builtin = set(registry.list_plugins())
+        installed = {ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+        registry.load_entry_points([n for n in names if n in installed and n not in builtin])
+        if set(names) - set(registry.list_plugins()):
+            registry.load_entry_points()
+    return registry
 
 
 def read_frame(path: str | Path) -> Any:
@@ -255,10 +309,10 @@ def _inputs(args: argparse.Namespace) -> list[Any]:
 
 def _run(argv: Sequence[str] | None, prog: str) -> int:
     args = setup_args().parse_args(argv)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PluginWarning)  # printed below, one line each
-        registry = get_registry()
     if args.list:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PluginWarning)  # printed below, one line each
+            registry = get_registry()
         for name, info in sorted(registry.list_plugins().items()):
             print(f"{name:12s} {info.kind:12s} {info.description}  [{info.source}]")
         for err in registry.errors:
@@ -266,17 +320,24 @@ def _run(argv: Sequence[str] | None, prog: str) -> int:
         return 0
     if not args.plugin:
         raise ValueError("give at least one --plugin NAME (see --list)")
+    for option, value in (("--batch-size", args.batch_size), ("--num-crops", args.num_crops)):
+        if value < 1:
+            raise ValueError(f"{option} must be at least 1, got {value}")
     configs = _parse_configs(args.config)
     unknown = sorted(set(configs) - set(args.plugin))
     if unknown:
         raise ValueError(f"--config given for {unknown}, which are not among --plugin")
+    if args.telemetry is not None:
+        refuse_output_over_inputs(args.telemetry, args, configs)
+    registry = _registry_for(args.plugin)
     inputs = _inputs(args)  # before the telemetry file is created: a bad image leaves none
     stream = open(args.telemetry, "w") if args.telemetry else sys.stdout  # noqa: SIM115
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PluginWarning)
             orch = Orchestrator.from_registry({n: configs.get(n) for n in args.plugin},
-                                              args.step_budget, stream, registry)
+                                              args.step_budget, stream, registry,
+                                              args.time_budget)
             results = orch.run(inputs)
     finally:
         if args.telemetry:
