@@ -312,9 +312,12 @@ def check_adapter_arch(arch: Any, state: Mapping[str, torch.Tensor], source: str
     a dict of positive integer sizes (``student_dim``, ``teacher_dim``) within the bound of
     :func:`check_arch_sizes`, and optionally the flag ``vector`` (a bool: the adapter of vector
     latents)."""
-    if not isinstance(arch, Mapping) or not isinstance(arch.get("vector", False), bool):
+    if not isinstance(arch, Mapping):
         raise CheckpointError(f"{source}: adapter_arch {arch!r} must map names to positive "
-                              "integer sizes (and 'vector' to true or false)")
+                              "integer sizes")
+    if not isinstance(arch.get("vector", False), bool):
+        raise CheckpointError(f"{source}: adapter_arch 'vector' must be true or false, got "
+                              f"{arch['vector']!r}")
     sizes = {k: v for k, v in arch.items() if k != "vector"}
     if not sizes or not all(isinstance(k, str) and isinstance(v, int)
                             and not isinstance(v, bool) and v >= 1 for k, v in sizes.items()):
