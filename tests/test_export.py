@@ -24,19 +24,11 @@ from hrm_vision.export import (
 )
 from hrm_vision.export.__main__ import main
 from hrm_vision.vae import LatentAdapter, MinimalVAE
+from tests.helpers.models import perturbed_student
 
 TEACHER_SPACE = "tinyvae_encoder_teacher_space.onnx"
 
 
-def tiny_student() -> MinimalVAE:
-    """A tiny student whose every parameter is perturbed, so that zero-initialised layers take
-    part in the exported graphs too."""
-    torch.manual_seed(0)
-    model = MinimalVAE(latent_dim=8, base_channels=8)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
 
 
 def tiny_adapter() -> LatentAdapter:
@@ -75,7 +67,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[MinimalVAE, Path
     checkpoint also holds :func:`tiny_adapter`, so the teacher-space encoder is exported too."""
     torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("export")
-    model = tiny_student()
+    model = perturbed_student()
     save_checkpoint(with_adapter(model_entry(model, "student")), root / "tinyvae_best.pth")
     assert main(["--checkpoint", str(root / "tinyvae_best.pth"), "--out-dir", str(root / "out"),
                  "--num-images", "8", "--timing-repeats", "2", "--calibration-images", "32",
@@ -95,7 +87,7 @@ class TestFoldBatchnorm:
             assert (expected - net[0](photo_batch)[:, :4]).abs().max() > 0.1  # BN mattered
 
     def test_a_model_without_batchnorm_is_unchanged(self, photo_batch: torch.Tensor) -> None:
-        model = tiny_student()
+        model = perturbed_student()
         folded = fold_batchnorm(model)
         with torch.no_grad():
             z = model.encode(photo_batch)
@@ -187,7 +179,7 @@ class TestParityCheck:
 
     def test_mismatch_is_an_error(self, exported, photo_batch) -> None:
         _, _, report = exported
-        other = tiny_student()
+        other = perturbed_student()
         with torch.no_grad():
             for p in other.encoder.parameters():
                 p.add_(0.1)
@@ -197,7 +189,7 @@ class TestParityCheck:
 
 class TestCommand:
     def test_prints_camera_profiles_and_each_precision(self, tmp_path, capsys) -> None:
-        save_checkpoint(model_entry(tiny_student(), "student"), tmp_path / "s.pth")
+        save_checkpoint(model_entry(perturbed_student(), "student"), tmp_path / "s.pth")
         assert main(["--checkpoint", str(tmp_path / "s.pth"), "--out-dir", str(tmp_path / "o"),
                      "--num-images", "4", "--timing-repeats", "0", "--frame-repeats", "0",
                      "--precision", "fp16", "--parity-sizes", "480x640"]) == 0
@@ -296,7 +288,7 @@ class TestTeacherSpace:
                                                              adapter, flag, expected) -> None:
         """The command's choice, through the real ``export_model`` with the writers recorded
         (no export runs, so this is fast)."""
-        payload = model_entry(tiny_student(), "student")
+        payload = model_entry(perturbed_student(), "student")
         path = save_checkpoint(with_adapter(payload) if adapter else payload,
                                tmp_path / "tinyvae_best.pth")
         written, checked = [], {}
@@ -340,10 +332,11 @@ class TestTeacherSpace:
     def test_an_adapter_of_another_student_is_refused(self, tmp_path, photo_batch) -> None:
         with pytest.raises(ExportError, match="adapter reads 4 latent channels, the model "
                                               "writes 8"):
-            export_model(tiny_student(), tmp_path, photo_batch[:2], adapter=LatentAdapter(4, 16))
+            export_model(perturbed_student(), tmp_path, photo_batch[:2],
+                         adapter=LatentAdapter(4, 16))
 
     def test_one_graph_class_serves_every_part(self, photo_batch) -> None:
-        model, adapter = tiny_student(), tiny_adapter()
+        model, adapter = perturbed_student(), tiny_adapter()
         with torch.no_grad():
             z = model.encode(photo_batch[:2])
             assert torch.equal(VAEGraph(model, "encoder")(photo_batch[:2]), z)

@@ -7,22 +7,15 @@ import torch
 
 from hrm_vision.export import PARITY_TOLERANCE, export_model
 from hrm_vision.export.runtime import chain, eager_runner, onnx_runner
-from hrm_vision.vae import MinimalVAE
+from tests.helpers.models import perturbed_student
 
 NO_CUDA = "no CUDA device on this machine: the CUDA runs are checked on a machine with a GPU"
 
 
-def nudged() -> MinimalVAE:
-    torch.manual_seed(0)
-    model = MinimalVAE(latent_dim=8, base_channels=8)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
 
 
 def test_channels_last_eager_equals_the_default_path(photo_batch) -> None:
-    model = nudged()
+    model = perturbed_student()
     x = torch.nn.functional.interpolate(photo_batch[:2], size=(96, 128), mode="bilinear")
     with torch.no_grad():
         z = model.encode(x)
@@ -40,7 +33,7 @@ def test_channels_last_eager_equals_the_default_path(photo_batch) -> None:
 
 
 def test_onnx_runner_any_size(tmp_path) -> None:
-    model = nudged()
+    model = perturbed_student()
     export_model(model, tmp_path, torch.rand(2, 3, 32, 32))
     x = torch.rand(1, 3, 72, 40)
     with torch.no_grad():
@@ -50,7 +43,7 @@ def test_onnx_runner_any_size(tmp_path) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
 def test_cuda_eager_and_fp16_autocast_match_cpu(photo_batch) -> None:
-    model = nudged()
+    model = perturbed_student()
     with torch.no_grad():
         z = model.encode(photo_batch)
         gpu = model.cuda()

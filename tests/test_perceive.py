@@ -14,20 +14,13 @@ from hrm_vision.checkpoints import model_entry, save_checkpoint
 from hrm_vision.cli import main as cli_main
 from hrm_vision.export import export_model
 from hrm_vision.perceive import main, to_image
-from hrm_vision.vae import MinimalVAE
+from tests.helpers.models import perturbed_student
 
 cv2 = pytest.importorskip("cv2", reason="the video extra (opencv-python-headless) is missing")
 
 FRAMES, HEIGHT, WIDTH = 6, 48, 80
 
 
-def tiny_student() -> MinimalVAE:
-    torch.manual_seed(0)
-    model = MinimalVAE(latent_dim=8, base_channels=8)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
 
 
 def bgr_frames() -> list[np.ndarray]:
@@ -53,7 +46,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         writer.write(f)
         cv2.imwrite(str(folder / f"{i:03d}.png"), f)
     writer.release()
-    model = tiny_student()
+    model = perturbed_student()
     ckpt = save_checkpoint(model_entry(model, "student"), root / "tinyvae_best.pth")
     export_model(model, root / "exports", torch.rand(2, 3, 32, 32))
     return {"root": root, "video": video, "folder": folder, "checkpoint": ckpt,
@@ -86,7 +79,7 @@ def test_video_with_the_onnx_encoder(setup, capsys) -> None:
 def test_folder_latents_equal_the_model_on_rgb_frames(setup) -> None:
     """The latents are the model's on the frames converted BGR -> RGB; saying rgb for BGR frames
     gives other latents (the channel order matters and is applied)."""
-    model = tiny_student()
+    model = perturbed_student()
     expected = torch.cat([model.encode(to_image(f, "bgr")) for f in bgr_frames()]).detach()
     got = {}
     for order in ("bgr", "rgb"):

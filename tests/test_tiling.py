@@ -16,17 +16,11 @@ from hrm_vision.vae.tiling import (
     encode_tiled,
     receptive_field,
 )
+from tests.helpers.models import perturbed
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "models.md"
 
 
-def perturbed(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` with every parameter nudged, so the zero-initialised branch ends take part."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
