@@ -50,9 +50,7 @@ from . import __version__
 from .checkpoints import (
     ADAPTER_ROLE,
     CheckpointError,
-    check_arch_sizes,
     load_checkpoint,
-    load_state_checked,
     model_from_payload,
     roles_in,
     unwrap,
@@ -60,6 +58,7 @@ from .checkpoints import (
 from .files import atomic_write
 from .vae import MODELS, VAEBase, build_model, model_name
 from .vae.base import WEIGHTS_FILES
+from .weights import check_arch_sizes, load_state_checked
 
 #: Version of the metadata layout written by :func:`save_pretrained`.
 FORMAT_VERSION = 1
@@ -271,7 +270,7 @@ def _build_fitting(name: str, arch: dict[str, Any], shapes: Mapping[str, tuple[i
     the parameter and buffer ``shapes`` stored in the file.
 
     Before anything is built, every integer argument must lie within the bound of
-    :func:`hrm_vision.checkpoints.check_arch_sizes` (the widest stored tensor that holds values),
+    :func:`hrm_vision.weights.check_arch_sizes` (the widest stored tensor that holds values),
     so a crafted architecture cannot make the constructor allocate absurd amounts of memory.
     """
     check_arch_sizes(arch, max((d for shape in shapes.values() if math.prod(shape)

@@ -39,8 +39,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ..checkpoints import CheckpointError, check_fits, non_finite_tensors, save_checkpoint
+from ..checkpoints import CheckpointError, save_checkpoint
 from ..files import write_json
+from ..weights import check_fits, non_finite_tensors
 from .data import DistContext, barrier, reduce_mean, set_epoch, wrap_ddp
 from .optim import (
     WeightAverage,

@@ -26,9 +26,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ..checkpoints import load_state_checked, model_entry, to_cpu
+from ..checkpoints import model_entry, to_cpu
 from ..metrics import linear_cka, mse, psnr_from_mse, ssim
 from ..vae import LatentAdapter, VAEBase, VAEOutput
+from ..weights import load_state_checked
 from .config import DistillConfig
 from .data import IndexedDataset, TeacherCache
 from .losses import DistillLoss, TeacherTargets, adapt, kl_free_bits, teacher_targets, vae_loss

@@ -209,7 +209,7 @@ def check_training_payload(payload: dict[str, Any], source: str = "checkpoint") 
     names the key, what it must be and what it holds.
 
     The models' tensors are checked where they are loaded
-    (:func:`hrm_vision.checkpoints.load_state_checked`).
+    (:func:`hrm_vision.weights.load_state_checked`).
     """
     def bad(key: str, what: str) -> CheckpointError:
         return CheckpointError(f"{source}: {key} must be {what}, got {_describe(payload[key])}")

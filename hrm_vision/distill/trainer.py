@@ -46,7 +46,6 @@ from ..checkpoints import (
     CheckpointError,
     load_checkpoint,
     load_model,
-    load_state_checked,
     model_entry,
     model_from_payload,
     save_checkpoint,
@@ -54,6 +53,7 @@ from ..checkpoints import (
 from ..files import FolderLock
 from ..vae import MODELS, LatentAdapter, VAEBase, build_model, model_name
 from ..vae.compact import CompactVAE
+from ..weights import load_state_checked
 from .callbacks import Callback, default_callbacks
 from .config import DistillConfig, save_config
 from .data import (
