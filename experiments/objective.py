@@ -6,7 +6,7 @@ PCA-128), trained on the ``photos`` training crops with the same loop for every 
 1 (as the package), EMA 0.99 of the weights (evaluated), one thread. Objectives:
 
 ``package``        ``0.3 * MSE + 0.1 * KL``, KL in nats per element with 2 free bits per channel
-                   (``hrm_vision.distill.losses.vae_loss``).
+                   (an MSE objective: the package's before its terms were put in nats).
 ``sigma-channel``  ``0.3 * NLL + 0.1 * KL`` in nats per image (``hrm_vision.objective``): a
                    Gaussian NLL with a learned scalar scale, the KL floored at 2 nats per
                    element on each channel.
@@ -41,7 +41,6 @@ import torch
 from hrm_vision import objective as obj
 from hrm_vision import rate
 from hrm_vision.data.photos import PhotoCrops
-from hrm_vision.distill.losses import vae_loss
 from hrm_vision.metrics import psnr
 from hrm_vision.vae import MinimalVAE
 from hrm_vision.vae.patches import fit_patch_pca
@@ -74,8 +73,10 @@ class Objective:
 
     def terms(self, x: torch.Tensor, out) -> dict[str, torch.Tensor]:
         if self.name == "package":
-            t = vae_loss(x, out, RECON_WEIGHT, KL_WEIGHT, FREE_BITS)
-            return {"recon": RECON_WEIGHT * t["recon"], "kl": KL_WEIGHT * t["kl"]}
+            elements = out.mu[0].numel()  # nats per element: the KL per image over its elements
+            return {"recon": RECON_WEIGHT * (out.reconstruction - x).pow(2).mean(),
+                    "kl": KL_WEIGHT * obj.kl_nats(out.mu, out.logvar, FREE_BITS, "channel")
+                    / elements}
         nll = RECON_WEIGHT * obj.gaussian_nll(out.reconstruction, x,
                                               self.log_sigma(out.reconstruction, x))
         if self.name == "nll-only":
