@@ -19,8 +19,6 @@ from hrm_vision.distill.losses import (
     latent_distillation,
     teacher_closer,
 )
-from hrm_vision.distill.phases import Phase
-from hrm_vision.objective import kl_nats, latent_distillation_nats, output_distillation_nll
 from hrm_vision.distill.perceptual import (
     VGG_LAYERS,
     TeacherFeatures,
@@ -28,6 +26,8 @@ from hrm_vision.distill.perceptual import (
     build_perceptual,
     find_vgg16_weights,
 )
+from hrm_vision.distill.phases import Phase
+from hrm_vision.objective import kl_nats, latent_distillation_nats, output_distillation_nll
 from hrm_vision.vae import MinimalVAE, TeacherVAE
 
 

@@ -231,7 +231,8 @@ def grid_image(rows: list[tuple[str, torch.Tensor]], scale: int = 4) -> PILImage
 
 
 def save_loss_curves(history: list[dict[str, Any]], path: Path) -> None:
-    """The objective (train, val; nats per image, can be negative) and validation PSNR per epoch, one panel pair per phase."""
+    """The objective (train, val; nats per image, can be negative) and validation PSNR per
+    epoch, one panel pair per phase."""
     import matplotlib
 
     matplotlib.use("Agg")
