@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from hrm_vision.checkpoints import load_model
 from hrm_vision.distill import Distiller, load_config
-from hrm_vision.distill.splits import build_split, first_images
+from hrm_vision.distill.data import build_split, first_images
 from hrm_vision.evaluation.baselines import crop_baselines
 from hrm_vision.metrics import psnr
 
