@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import compact_train
 import torch
 
+from hrm_vision.evaluation.compact import compact_table, markdown_table
 from hrm_vision.vae import CompactStudentVAE
 
 VARIANTS = ("pca", "dct", "nolinear", "plain")
@@ -51,8 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(1)
     data, evals = compact_train.load_data(8192)
     results: dict[str, object] = {"args": vars(args),
-                                  "baselines": compact_train.baselines(data, evals)}
-    print(json.dumps(results["baselines"]), flush=True)
+                                  "baselines": compact_table([], evals, data)}
+    print(markdown_table(results["baselines"]), flush=True)  # type: ignore[arg-type]
     for variant in args.variants:
         torch.manual_seed(0)
         model = build(variant, data)

@@ -1,17 +1,21 @@
 """Latency of the compact student's encode: one 64x64 crop, one CPU thread, batch 1.
 
     python experiments/compact_latency.py --repeats 2000
+    python experiments/compact_latency.py --arch '{"input_channels": 1}'
 
-Times ``CompactStudentVAE().encode`` in eager PyTorch (``torch.inference_mode``) and, when the
-export extra is installed, the exported encoder in ONNX Runtime (one intra-op thread),
-interleaved round by round so both see the same machine load. Prints the median and the 90th
-percentile in milliseconds, and the encoder's multiply-accumulates.
+Times ``CompactStudentVAE().encode`` in eager PyTorch (``torch.inference_mode``) and the encoder
+that ``python -m hrm_vision.export`` writes (:func:`hrm_vision.export.export_onnx` of the
+encoder graph, fixed crop, dynamic batch) in ONNX Runtime with one intra-op thread, interleaved
+round by round so both see the same machine load. Prints the median and 90th percentile in
+milliseconds, the ratio of the medians (eager / ONNX Runtime), the encoder's
+multiply-accumulates, the date and the machine (CPU, load average). Untrained weights: latency
+does not depend on their values.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import datetime
 import json
 import statistics
 import sys
@@ -23,31 +27,19 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from hrm_vision.export import VAEGraph, export_onnx, graph_specs, ort_session
+from hrm_vision.timing import machine_info
 from hrm_vision.vae import CompactStudentVAE
 
 
-class _Encode(torch.nn.Module):
-    def __init__(self, vae: CompactStudentVAE) -> None:
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(x)
-
-
-def _onnx_runner(model: CompactStudentVAE, x: torch.Tensor,
-                 folder: Path) -> Callable[[], object] | None:
-    if importlib.util.find_spec("onnxruntime") is None:
-        return None
-    import onnxruntime as ort
-
-    path = folder / "encoder.onnx"
-    torch.onnx.export(_Encode(model).eval(), (x,), dynamo=True, verbose=False).save(str(path))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feed = {session.get_inputs()[0].name: x.numpy()}
-    return lambda: session.run(None, feed)
+def onnx_encoder(model: CompactStudentVAE, folder: Path) -> Callable[[object], object]:
+    """The exported encoder of ``model`` as an ONNX Runtime session run (one thread)."""
+    spec = graph_specs(model, model.image_size)[0]
+    path = export_onnx(VAEGraph(model, "encoder"), spec, folder / "encoder.onnx",
+                       spec.metadata(model, "untrained"))
+    session = ort_session(path, threads=1)
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,10 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with counter, torch.inference_mode():
         model.encode(x)
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-        runners: dict[str, Callable[[], object]] = {"torch": lambda: model.encode(x)}
-        onnx_run = _onnx_runner(model, x, Path(tmp))
-        if onnx_run is not None:
-            runners["onnxruntime"] = onnx_run
+        run_onnx = onnx_encoder(model, Path(tmp))
+        feed = x.numpy()
+        runners: dict[str, Callable[[], object]] = {"torch": lambda: model.encode(x),
+                                                    "onnxruntime": lambda: run_onnx(feed)}
         times: dict[str, list[float]] = {name: [] for name in runners}
         for _ in range(50):  # warm-up
             for run in runners.values():
@@ -75,12 +67,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 t = time.perf_counter()
                 run()
                 times[name].append(time.perf_counter() - t)
-    result = {"encode_macs": counter.get_total_flops() // 2,
-              "parameters": model.num_parameters(), "repeats": args.repeats}
+    result: dict[str, object] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(), "arch": model.arch_config(),
+        "encode_macs": counter.get_total_flops() // 2, "parameters": model.num_parameters(),
+        "repeats": args.repeats}
     for name, ts in times.items():
         ts.sort()
         result[name] = {"median_ms": round(1e3 * statistics.median(ts), 3),
                         "p90_ms": round(1e3 * ts[int(0.9 * len(ts))], 3)}
+    result["torch_over_onnxruntime"] = round(
+        statistics.median(times["torch"]) / statistics.median(times["onnxruntime"]), 2)
     print(json.dumps(result))
     return 0
 

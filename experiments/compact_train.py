@@ -10,9 +10,10 @@ A scratch loop, not the package's trainer (the measurement behind the compact pa
 Data: 8192 training crops (64x64) of the training photographs; two evaluation sets of 512 crops
 each: *held-out* (the held-out photographs of ``photos``: coffee, rocket, camera) and *unseen
 sources* (a photograph from another collection: matplotlib's bundled ``grace_hopper.jpg``, cut
-at the same three scales). Baselines on the same crops: PCA-16/64/256 of whole crops fitted on
-the first 4096 training crops, 5x5 and 8x8 thumbnails (area down, bicubic up). PSNR over each
-set (pooled MSE).
+at the same three scales like the ``photos`` crops). The final table is
+:func:`hrm_vision.evaluation.compact.compact_table` (the one ``make compact`` prints): the model's
+PSNR and rate beside PCA-16/64/256 of whole crops fitted on the first 4096 training crops and 5x5
+and 8x8 thumbnails (area down, bicubic up), on the same crops. PSNR over each set (pooled MSE).
 
 Objective (per image, in nats): Gaussian negative log-likelihood of the crop with one learned
 scale ``sigma`` (sigma-VAE, Rybkin et al. 2021) and the KL of the posterior to N(0, I) with
@@ -33,69 +34,35 @@ import sys
 import time
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from hrm_vision.data.photos import SCALES, PhotoCrops
-from hrm_vision.evaluation.baselines import crop_baselines
-from hrm_vision.metrics import psnr
+from hrm_vision.data.photos import PhotoCrops
+from hrm_vision.evaluation.compact import (
+    compact_table,
+    decoded_psnr,
+    evaluation_sets,
+    markdown_table,
+    vae_coder,
+)
 from hrm_vision.vae import build_model
 from hrm_vision.vae.compact import CompactVAE
 
 SIZE = 64
 
 
-def unseen_crops(num: int, seed: int = 7) -> Tensor:
-    """``num`` random 64x64 crops (N, 3, 64, 64) in [0, 1] of matplotlib's bundled photograph
-    ``grace_hopper.jpg`` at the ``photos`` scales (a source the training photographs do not
-    come from)."""
-    from matplotlib import cbook
-    from PIL import Image
-
-    with cbook.get_sample_data("grace_hopper.jpg") as f:
-        photo = Image.open(f).convert("RGB")
-    rng = np.random.default_rng(seed)
-    sources = []
-    for s in SCALES:
-        img = photo.resize((round(photo.width * s), round(photo.height * s)),
-                           Image.Resampling.LANCZOS) if s != 1.0 else photo
-        if min(img.size) >= SIZE:
-            sources.append(np.asarray(img))
-    crops = []
-    for i in range(num):
-        img = sources[i % len(sources)]
-        y = rng.integers(0, img.shape[0] - SIZE + 1)
-        x = rng.integers(0, img.shape[1] - SIZE + 1)
-        crops.append(img[y:y + SIZE, x:x + SIZE])
-    return torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 255.0
-
-
 def load_data(num_train: int) -> tuple[Tensor, dict[str, Tensor]]:
-    """Training crops and the two evaluation sets, float in [0, 1]."""
+    """Training crops and the two evaluation sets
+    (:func:`hrm_vision.evaluation.compact.evaluation_sets`), float in [0, 1]."""
     train = PhotoCrops("train", image_size=SIZE, num_crops=num_train).images_uint8.float() / 255
     held = PhotoCrops("val", image_size=SIZE, num_crops=512).images_uint8.float() / 255
-    return train, {"held_out": held, "unseen": unseen_crops(512)}
+    return train, evaluation_sets(held)
 
 
-def baselines(train: Tensor, evals: dict[str, Tensor]) -> dict[str, dict[str, float]]:
-    """PSNR of PCA-16/64/256 (fitted on the first 4096 training crops) and 5x5/8x8 thumbnails
-    (:func:`hrm_vision.evaluation.baselines.crop_baselines`), keyed ``pca16`` ... ``thumb8``."""
-    out: dict[str, dict[str, float]] = {}
-    for name, x in evals.items():
-        out[name] = {(f"pca{b.numbers}" if b.name.startswith("crop PCA")
-                      else f"thumb{round((b.numbers / 3) ** 0.5)}"): b.psnr_db
-                     for b in crop_baselines(x, train)}
-    return out
-
-
-def decode_mu_psnr(model: CompactVAE, x: Tensor, batch: int = 256) -> float:
+def decode_mu_psnr(model: CompactVAE, x: Tensor) -> float:
     """Pooled PSNR of ``decode(encode(x))`` in eval mode."""
     model.eval()
-    with torch.no_grad():
-        rec = torch.cat([model.decode(model.encode(x[i:i + batch]))
-                         for i in range(0, len(x), batch)])
-    return psnr(rec, x)
+    return decoded_psnr(model.encode, model.decode, x)
 
 
 def objective(model: CompactVAE, log_sigma: Tensor, x: Tensor,
@@ -124,7 +91,7 @@ def train(model: CompactVAE, data: Tensor, evals: dict[str, Tensor], steps: int,
     log_sigma = torch.tensor(math.log(start_rmse), requires_grad=True)
     params = [*model.parameters(), log_sigma]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warmup = min(100, steps // 10)
+    warmup = max(1, min(100, steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5
                                               * (1 + math.cos(math.pi * min(s, steps) / steps)))
     ema = copy.deepcopy(model).eval()
@@ -196,8 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     data, evals = load_data(args.num_train)
-    result: dict[str, object] = {"args": vars(args), "baselines": baselines(data, evals)}
-    print(json.dumps(result["baselines"]), flush=True)
+    result: dict[str, object] = {"args": vars(args)}
+    coders = []
     if not args.baselines_only:
         model = build_model(args.model, **args.arch)
         assert isinstance(model, CompactVAE)
@@ -205,7 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         result["parameters"] = model.num_parameters()
         result.update(train(model, data, evals, args.steps, args.lr, args.batch_size,
                             args.free_bits, args.ema, args.minutes, args.eval_every, args.seed))
-        print(json.dumps({"final": result["final"], "steps_done": result["steps_done"]}))
+        coders.append(vae_coder(f"{args.model}, {result['steps_done']} steps", model))
+    result["table"] = compact_table(coders, evals, data)
+    print(markdown_table(result["table"]), flush=True)  # type: ignore[arg-type]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -79,15 +79,23 @@ def make_crops(photos: Sequence[str], num_crops: int, image_size: int, seed: int
                scales: Sequence[float] = SCALES) -> Tensor:
     """``num_crops`` random crops, ``(N, 3, image_size, image_size)`` uint8, spread evenly over
     every (photo, scale) pair whose rescaled photo is at least ``image_size`` on each side."""
+    return crop_images([load_photo(name) for name in photos], num_crops, image_size, seed,
+                       scales, label=f"photo of {list(photos)}")
+
+
+def crop_images(images: Sequence[np.ndarray], num_crops: int, image_size: int, seed: int,
+                scales: Sequence[float] = SCALES, label: str = "image") -> Tensor:
+    """:func:`make_crops` of any (H, W, 3) uint8 RGB arrays ``images`` (``label`` names them in
+    the error raised when none is large enough)."""
     rng = np.random.default_rng(seed)
     sources = []
-    for name in photos:
+    for img in images:
         for s in scales:
-            img = _rescaled(load_photo(name), s)
-            if min(img.shape[:2]) >= image_size:
-                sources.append(img)
+            scaled = _rescaled(img, s)
+            if min(scaled.shape[:2]) >= image_size:
+                sources.append(scaled)
     if not sources:
-        raise ValueError(f"no photo of {list(photos)} is at least {image_size}px at any scale")
+        raise ValueError(f"no {label} is at least {image_size}px at any scale")
     crops = np.empty((num_crops, image_size, image_size, 3), dtype=np.uint8)
     for i in range(num_crops):
         img = sources[i % len(sources)]

@@ -137,16 +137,18 @@ def crop_baselines(val_images: Tensor, train_images: Tensor,
     """Baselines for a code of a few numbers per whole crop, on ``val_images`` (N, C, S, S) in
     [0, 1]: PCA of whole flattened crops keeping ``k`` coefficients, fitted on the first
     :data:`CROP_PCA_FIT` of ``train_images`` (more than ``max(coefficients)`` needed), and
-    thumbnails of side ``s`` (``3 s**2`` numbers). PSNR pooled over the set."""
+    thumbnails of side ``s`` (``3 s**2`` numbers). Reconstructions are clamped to [0, 1], as the
+    models' are; PSNR pooled over the set."""
     from ..vae.compact import fit_crop_pca  # the compact models' own PCA
 
-    mean, comps, _ = fit_crop_pca(train_images[:CROP_PCA_FIT], max(coefficients))
-    flat = val_images.flatten(1).float() - mean
     rows = []
-    for k in coefficients:
-        c = comps[:k]
-        rec = (mean + (flat @ c.T) @ c).reshape(val_images.shape)  # unclamped
-        rows.append(Baseline(f"crop PCA, {k} coefficients", k, pooled_psnr(rec, val_images)))
+    if coefficients:
+        mean, comps, _ = fit_crop_pca(train_images[:CROP_PCA_FIT], max(coefficients))
+        flat = val_images.flatten(1).float() - mean
+        for k in coefficients:
+            c = comps[:k]
+            rec = (mean + (flat @ c.T) @ c).reshape(val_images.shape).clamp(0, 1)
+            rows.append(Baseline(f"crop PCA, {k} coefficients", k, pooled_psnr(rec, val_images)))
     rows += [Baseline(f"thumbnail {s}x{s}, bicubic", val_images.shape[1] * s * s,
                       pooled_psnr(thumbnail(val_images, s), val_images)) for s in sides]
     return sorted(rows, key=lambda b: b.numbers)

@@ -6,6 +6,12 @@ writes the encoder and decoder (ONNX and TorchScript; fp16 and int8 ONNX with ``
 the teacher-space encoder (ONNX, when the checkpoint holds the latent adapter), the weights and
 ``export.json`` (see :mod:`hrm_vision.export`). Every graph takes any height and width divisible
 by 8; each is checked at several frame sizes, each precision's cost is measured.
+
+A compact student (``compact_student``, a vector latent per fixed-size crop) exports the same
+files with its crop fixed: ``image`` ``(N, C, 64, 64)`` -> ``latent`` ``(N, 64)`` and back, only
+the batch dynamic; parity and latency are checked on validation crops of that side
+(``--parity-sizes`` and ``--frame-size`` do not apply), grey (``input_channels=1``) models on
+their mean over the colours.
 """
 
 from __future__ import annotations
@@ -18,11 +24,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from ..checkpoints import ADAPTER_ROLE, load_checkpoint, model_from_payload, roles_in
 from ..data import validation_images
 from ..files import write_text
 from ..vae import VAEBase
+from ..vae.compact import CompactVAE
 from .frames import parse_size, parse_sizes, photo_frames
 from .graphs import ExportError
 from .onnx import DEFAULT_OPSET
@@ -53,6 +61,15 @@ TENSORRT_TEACHER_SPACE = """\
   trtexec --onnx=tinyvae_encoder_teacher_space.onnx --fp16 \\
           --saveEngine=tinyvae_encoder_teacher_space_fp16.engine \\
           --minShapes=image:{emin} --optShapes=image:{eopt} --maxShapes=image:{emax}"""
+TENSORRT_COMPACT_NOTE = """\
+TensorRT on a Jetson (NOT run here; no TensorRT on this machine), with the files above; fixed
+{side}x{side} crops, dynamic batch from 1 (min, opt) to 64 (max):
+  trtexec --onnx=tinyvae_encoder.onnx --saveEngine=compact_encoder_fp16.engine --fp16 \\
+          --minShapes=image:1x{c}x{side}x{side} --optShapes=image:1x{c}x{side}x{side} \\
+          --maxShapes=image:64x{c}x{side}x{side}
+  trtexec --onnx=tinyvae_decoder.onnx --saveEngine=compact_decoder_fp16.engine --fp16 \\
+          --minShapes=latent:1x{latent} --optShapes=latent:1x{latent} \\
+          --maxShapes=latent:64x{latent}"""
 
 
 def trt_shapes(channels: int) -> dict[str, str]:
@@ -75,10 +92,11 @@ def setup_args() -> argparse.ArgumentParser:
     parser.add_argument("--role", default="student",
                         help="model role inside the checkpoint (default %(default)s)")
     parser.add_argument("--out-dir", default="exports", help="output folder (default %(default)s)")
-    parser.add_argument("--image-size", type=int, default=32,
+    parser.add_argument("--image-size", type=int, default=None,
                         help="side of the validation crops of the main parity check and the "
-                             "batch runtime comparison, divisible by 8 (default 32); the graphs "
-                             "take any height and width divisible by 8")
+                             "batch runtime comparison, divisible by 8 (default 32, a compact "
+                             "model's crop side for it); the graphs of a spatial model take any "
+                             "height and width divisible by 8")
     parser.add_argument("--precision", default="fp32,fp16,int8",
                         help="comma-separated precisions of the encoder and decoder graphs: "
                              "fp32 (always), fp16, int8 (default %(default)s)")
@@ -118,17 +136,27 @@ def run(args: argparse.Namespace) -> tuple[VAEBase, ExportResult]:
     torch.set_num_threads(args.threads)
     payload = load_checkpoint(args.checkpoint)
     vae = model_from_payload(payload, args.role, source=args.checkpoint)
+    compact = isinstance(vae, CompactVAE)
+    if compact and args.image_size not in (None, vae.image_size):
+        raise ValueError(f"--image-size {args.image_size}: the compact model's graphs take "
+                         f"{vae.image_size}x{vae.image_size} crops only (leave --image-size out)")
+    if args.image_size is None:
+        args.image_size = vae.image_size if compact else 32
+    if compact:  # the graphs take the model's crop only
+        args.parity_sizes = ()
     # the adapter reads the student's latent: the teacher-space encoder goes with the student
     adapter = None
     if args.role == "student" and not args.no_teacher_space \
             and ADAPTER_ROLE in roles_in(payload):
         adapter = model_from_payload(payload, ADAPTER_ROLE, source=args.checkpoint)
-    images = validation_images(args.dataset, args.num_images, args.image_size, args.data_dir)
+    images = model_images(vae, validation_images(args.dataset, args.num_images,
+                                                 args.image_size, args.data_dir))
     calibration = None
     if "int8" in args.precision:
-        calibration = validation_images(args.dataset, args.calibration_images, args.image_size,
-                                        args.data_dir, split="train")
-    frames = {size_key(f): f for f in (photo_frames(h, w) for h, w in args.parity_sizes)}
+        calibration = model_images(vae, validation_images(
+            args.dataset, args.calibration_images, args.image_size, args.data_dir, split="train"))
+    frames = {size_key(f): model_images(vae, f)
+              for f in (photo_frames(h, w) for h, w in args.parity_sizes)}
     # every file, export.json included, replaces the previous set whole (or nothing changes)
     with ExportSet(args.out_dir) as staged:
         result = write_export(vae, staged.folder, images, source=Path(args.checkpoint).name,
@@ -140,7 +168,7 @@ def run(args: argparse.Namespace) -> tuple[VAEBase, ExportResult]:
                                                      args.timing_repeats)
             result.throughput_batch = images.shape[0]
         if args.frame_repeats:
-            frame = photo_frames(*args.frame_size)[:1]
+            frame = images[:1] if compact else model_images(vae, photo_frames(*args.frame_size)[:1])
             result.frame_size = size_key(frame)
             result.frame_latency = frame_latency(
                 roundtrip_runners(vae, result.precision_files, args.threads), frame,
@@ -159,19 +187,29 @@ def summary(vae: VAEBase, result: ExportResult, args: argparse.Namespace) -> str
         lines.append(f"{runtime:14s} encode+decode batch {result.throughput_batch}: "
                      f"{ips:8.0f} img/s ({ratio:.2f}x eager)")
     sizes = ", ".join(result.parity_sizes)
+    photographs = "" if isinstance(vae, CompactVAE) else " and the validation photographs"
     lines.append(f"parity of every fp32 file checked at {sizes} (tolerance {PARITY_TOLERANCE}) "
-                 f"on {result.num_images} {args.dataset} validation images and the validation "
-                 "photographs")
+                 f"on {result.num_images} {args.dataset} validation images{photographs}")
     lines += precision_lines(result)
     for runtime, t in result.frame_latency.items():
         lines.append(f"{runtime:24s} encode+decode one {result.frame_size} frame: "
                      f"{t['median_ms']:8.1f} ms ({t['fps']:5.2f} fps), {result.threads} thread(s)")
     lines.append(f"report: {Path(args.out_dir) / 'export.json'}")
+    if isinstance(vae, CompactVAE):
+        lines.append(TENSORRT_COMPACT_NOTE.format(side=vae.image_size, c=vae.in_channels,
+                                                  latent=vae.latent_dim))
+        return "\n".join(lines)
     shapes = trt_shapes(vae.latent_dim)
     lines.append(TENSORRT_NOTE.format(**shapes))
     if "encoder_teacher_space_onnx" in result.files:
         lines.append(TENSORRT_TEACHER_SPACE.format(**shapes))
     return "\n".join(lines)
+
+
+def model_images(vae: VAEBase, images: Tensor) -> Tensor:
+    """RGB ``images`` (N, 3, H, W) as ``vae`` takes them: their mean over the colours for a grey
+    model (``in_channels`` 1)."""
+    return images.mean(1, keepdim=True) if vae.in_channels == 1 else images
 
 
 def precision_lines(result: ExportResult) -> list[str]:
@@ -223,7 +261,8 @@ def _run(argv: list[str] | None) -> int:
     if args.role == ADAPTER_ROLE:
         parser.error("--role must name a VAE (student or teacher); the adapter is exported with "
                      "the student, as tinyvae_encoder_teacher_space.onnx")
-    if args.image_size < 8 or args.image_size % 8 or args.num_images < 1:
+    if (args.image_size is not None and (args.image_size < 8 or args.image_size % 8)) \
+            or args.num_images < 1:
         parser.error(f"--image-size must be a positive multiple of 8 (got {args.image_size}) "
                      f"and --num-images >= 1 (got {args.num_images})")
     try:

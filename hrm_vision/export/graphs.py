@@ -1,5 +1,9 @@
 """The exported graphs: encoder and decoder halves of a VAE, and the encoder followed by the latent
-adapter (the teacher-space encoder); their names, shapes and metadata."""
+adapter (the teacher-space encoder); their names, shapes and metadata.
+
+A spatial model's graphs take any height and width divisible by 8; a compact model's
+(:class:`~hrm_vision.vae.compact.CompactVAE`) take its fixed crop, ``(N, C, S, S)`` images and
+``(N, latent_dim)`` latents, with only the batch dynamic (:attr:`GraphSpec.fixed_size`)."""
 
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from .. import __version__
-from ..vae import VAEBase
+from ..vae import VAEBase, model_name
+from ..vae.compact import CompactVAE
 
 
 class ExportError(RuntimeError):
@@ -54,16 +59,18 @@ class VAEGraph(nn.Module):
 class GraphSpec:
     """Names and example shapes of one exported graph.
 
-    Batch, height and width are dynamic in the exported graph; ``input_shape`` and
-    ``output_shape`` (without the batch dimension) are those of the export example and of the
-    parity check at the export's ``--image-size``.
+    Batch, height and width are dynamic in the exported graph, or only the batch when
+    ``fixed_size`` (a compact model's crop side) is set; ``input_shape`` and ``output_shape``
+    (without the batch dimension: ``(C, H, W)``, or ``(latent_dim,)`` for a vector latent) are
+    those of the export example and of the parity check at the export's ``--image-size``.
     """
 
     part: str  # a key of PARTS: "encoder", "decoder" or "encoder_teacher_space"
     input_name: str
-    input_shape: tuple[int, int, int]  # without the batch dimension
+    input_shape: tuple[int, ...]  # without the batch dimension
     output_name: str
-    output_shape: tuple[int, int, int]
+    output_shape: tuple[int, ...]
+    fixed_size: int | None = None
 
     @property
     def input_scale(self) -> int:
@@ -74,21 +81,25 @@ class GraphSpec:
                  adapter_arch: dict[str, int] | None = None) -> dict[str, str]:
         """The ``metadata_props`` stored in the ONNX file and the TorchScript extra file."""
         image, grid = "height, width", "height/8, width/8"
+        if self.fixed_size is not None:
+            image, grid = f"{self.fixed_size}, {self.fixed_size}", ""
 
         def shape(channels: int, is_image: bool) -> str:
-            return f"[batch, {channels}, {image if is_image else grid}]"
+            return f"[batch, {channels}" + (f", {image if is_image else grid}]"
+                                            if is_image or grid else "]")
 
         encodes = self.part != "decoder"
         latent_channels = (self.input_shape if self.part == "decoder" else self.output_shape)[0]
         meta = {
             "producer": f"hrm_vision {__version__}",
-            "graph": f"tinyvae {self.part}",
+            "graph": f"{model_name(vae) if self.fixed_size else 'tinyvae'} {self.part}",
             "input": f"{self.input_name} {shape(self.input_shape[0], encodes)} float32",
             "output": f"{self.output_name} {shape(self.output_shape[0], not encodes)} float32",
             "image_range": "[0, 1] (float32; divide uint8 pixels by 255)",
-            "color_order": "RGB",
+            "color_order": "RGB" if vae.in_channels == 3 else "grey (one channel)",
             "layout": "NCHW",
-            "image_size": "any height and width divisible by 8 (dynamic)",
+            "image_size": "any height and width divisible by 8 (dynamic)"
+            if self.fixed_size is None else f"{self.fixed_size}x{self.fixed_size} (fixed)",
             "latent_shape": shape(latent_channels, False),
             "latent": "posterior mean (deterministic)",
             "batchnorm": "folded into the convolutions (where there is any)",
@@ -105,12 +116,17 @@ class GraphSpec:
 def graph_specs(vae: VAEBase, image_size: int, teacher_dim: int | None = None
                 ) -> tuple[GraphSpec, ...]:
     """Encoder and decoder specs for square images of side ``image_size``, and the
-    teacher-space encoder's when ``teacher_dim`` (the adapter's output channels) is given."""
+    teacher-space encoder's when ``teacher_dim`` (the adapter's output channels) is given. A
+    compact model's specs are fixed at its crop side (``image_size`` must be that side)."""
+    fixed = vae.image_size if isinstance(vae, CompactVAE) else None
+    if fixed is not None and image_size != fixed:
+        raise ExportError(f"the {model_name(vae)} graphs take {fixed}x{fixed} crops only, "
+                          f"not {image_size}x{image_size}")
     latent = vae.latent_shape(image_size, image_size)
     image = (vae.in_channels, image_size, image_size)
-    specs = (GraphSpec("encoder", "image", image, "latent", latent),
-             GraphSpec("decoder", "latent", latent, "image", image))
+    specs = (GraphSpec("encoder", "image", image, "latent", latent, fixed),
+             GraphSpec("decoder", "latent", latent, "image", image, fixed))
     if teacher_dim is None:
         return specs
     return (*specs, GraphSpec("encoder_teacher_space", "image", image, "teacher_latent",
-                              (teacher_dim, *latent[1:])))
+                              (teacher_dim, *latent[1:]), fixed))

@@ -27,8 +27,8 @@ DEFAULT_OPSET = 18
 
 def export_onnx(graph: nn.Module, spec: GraphSpec, path: Path, metadata: dict[str, str],
                 opset: int = DEFAULT_OPSET) -> Path:
-    """Export ``graph`` to ONNX at ``path`` with dynamic batch, height and width, and
-    ``metadata`` props.
+    """Export ``graph`` to ONNX at ``path`` with dynamic batch, height and width (only the batch
+    for a ``spec.fixed_size`` graph), and ``metadata`` props.
 
     Height and width are symbolic: ``latent_height`` and ``latent_width`` on the latent grid,
     ``8*latent_height`` and ``8*latent_width`` for images (so any image side divisible by 8 runs).
@@ -40,6 +40,8 @@ def export_onnx(graph: nn.Module, spec: GraphSpec, path: Path, metadata: dict[st
     factor = spec.input_scale
     spatial = {2: grid[0] * factor, 3: grid[1] * factor} if factor > 1 else {2: grid[0],
                                                                              3: grid[1]}
+    if spec.fixed_size is not None:  # a compact model's crop: only the batch is dynamic
+        spatial = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter chatter (deprecations in onnxscript)
         program = torch.onnx.export(graph.eval(), (example,), dynamo=True, verbose=False,
@@ -50,8 +52,9 @@ def export_onnx(graph: nn.Module, spec: GraphSpec, path: Path, metadata: dict[st
         raise ExportError(f"torch.onnx.export returned no program for the {spec.part}")
     model = program.model_proto
     onnx.helper.set_model_props(model, metadata)
-    model.doc_string = (f"hrm_vision TinyVAE {spec.part}: {metadata['input']} -> "
-                        f"{metadata['output']}; images in [0, 1], RGB, NCHW")
+    model.doc_string = (f"hrm_vision {metadata['graph']}: {metadata['input']} -> "
+                        f"{metadata['output']}; images in [0, 1], "
+                        f"{metadata['color_order']}, NCHW")
     onnx.checker.check_model(model)
     data = model.SerializeToString()
     return atomic_write(path, lambda f: f.write(data))

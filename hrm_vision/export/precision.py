@@ -116,15 +116,17 @@ def to_int8(fp32_path: str | os.PathLike[str], calibration: Tensor, batch_size: 
     the nonlinear stages' convolutions only).
 
     ``calibration``: real inputs of the graph, ``(N, C, H, W)`` float32 (images in [0, 1] for an
-    encoder, the eager encoder's latents of those images for a decoder); the activation ranges
+    encoder, the eager encoder's latents of those images for a decoder, ``(N, L)`` for a compact
+    model's vector latent); the activation ranges
     are percentiles (:data:`CALIBRATION_PERCENTILE`) over all ``N``, fed in batches of
     ``batch_size``.
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    if calibration.dim() != 4 or calibration.shape[0] < 1:
-        raise ValueError(f"calibration inputs must be (N, C, H, W), got {tuple(calibration.shape)}")
+    if calibration.dim() not in (2, 4) or calibration.shape[0] < 1:
+        raise ValueError("calibration inputs must be (N, C, H, W) or vector latents (N, L), got "
+                         f"{tuple(calibration.shape)}")
     model = onnx.load(str(fp32_path))
     input_name = model.graph.input[0].name
     out = precision_path(fp32_path, "int8")

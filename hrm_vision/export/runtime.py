@@ -41,7 +41,8 @@ def eager_runner(vae: VAEBase, part: str = "encode", channels_last: bool = True)
 
     @torch.inference_mode()
     def run(x: Tensor) -> Tensor:
-        return fn(x.contiguous(memory_format=layout)).contiguous()
+        # a compact model's vector latent (N, L) has no channels-last layout
+        return fn(x.contiguous(memory_format=layout) if x.dim() == 4 else x).contiguous()
 
     return run
 

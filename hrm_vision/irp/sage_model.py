@@ -34,7 +34,8 @@ class TinyVAE(nn.Module):
     """SAGE's ``TinyVAE(input_channels, latent_dim, img_size)`` over hrm-vision's model.
 
     Images are ``(B, input_channels, img_size, img_size)`` float in [0, 1], RGB (or grey with
-    ``input_channels=1``, repeated to RGB for the model and averaged back on decoding).
+    ``input_channels=1``: repeated to RGB for an RGB model and averaged back on decoding, as they
+    are for a grey checkpoint's model).
     ``forward`` samples ``z`` in training mode and decodes ``mu`` in eval mode (SAGE's model
     samples in both).
 
@@ -55,11 +56,16 @@ class TinyVAE(nn.Module):
             if model.latent_dim != latent_dim:
                 raise ValueError(f"latent_dim={latent_dim} disagrees with the checkpoint "
                                  f"{checkpoint}, whose model has latent_dim {model.latent_dim}")
+            if input_channels == 3 and model.in_channels == 1:
+                raise ValueError(f"input_channels=3 disagrees with the checkpoint {checkpoint}, "
+                                 "whose model takes 1-channel crops; pass input_channels=1")
         self.model = model
         self.input_channels, self.latent_dim, self.img_size = input_channels, latent_dim, img_size
 
     def _rgb(self, x: Tensor) -> Tensor:
-        if self.input_channels == 1 and x.dim() == 4 and x.shape[1] == 1:
+        """Grey crops repeated to RGB for an RGB model (a grey model takes them as they are)."""
+        if self.model.in_channels == 3 and self.input_channels == 1 and x.dim() == 4 \
+                and x.shape[1] == 1:
             return x.expand(-1, 3, -1, -1)
         return x
 
@@ -75,7 +81,7 @@ class TinyVAE(nn.Module):
     def decode(self, z: Tensor) -> Tensor:
         """Images ``(B, input_channels, img_size, img_size)`` in [0, 1]."""
         images = self.model.decode(z)
-        return images.mean(1, keepdim=True) if self.input_channels == 1 else images
+        return images.mean(1, keepdim=True) if images.shape[1] != self.input_channels else images
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(reconstruction, mu, logvar)``."""
