@@ -49,10 +49,14 @@ PROG = "training/compact.py"
 STUDENT_PHASES = ("distill", "finetune")
 
 
-def run_configs(config: str, budget: int, out: Path) -> tuple[DistillConfig, DistillConfig]:
-    """The *distilled* and *alone* configs of ``config`` (see the module docstring)."""
+def run_configs(config: str, budget: int, out: Path, seed: int | None = None
+                ) -> tuple[DistillConfig, DistillConfig]:
+    """The *distilled* and *alone* configs of ``config`` (see the module docstring);
+    ``seed`` (crops, initialisation, order) replaces the config's."""
     base = load_config(config)
     epochs = {k: getattr(base, k) * budget for k in ("teacher_epochs", "epochs", "finetune_epochs")}
+    if seed is not None:
+        epochs["seed"] = seed
     distilled = load_config(config, {**epochs, "checkpoint_dir": str(out / "distilled")})
     alone = load_config(config, {**epochs, "checkpoint_dir": str(out / "alone"),
                                  "recon_weight": base.recon_weight + base.distill_recon_weight,
@@ -95,13 +99,15 @@ def _run(argv: list[str] | None) -> int:
     p.add_argument("--budget", type=int, default=1, help="multiply every phase's epochs")
     p.add_argument("--out-dir", default=None, help="default: the config's checkpoint_dir")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=None, help="seed of crops, initialisation and "
+                   "order (default: the config's)")
     args = p.parse_args(argv)
     if args.budget < 1 or (args.threads is not None and args.threads < 1):
         p.error("--budget and --threads must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out_dir or load_config(args.config).checkpoint_dir)
-    distilled, alone = run_configs(args.config, args.budget, out)
+    distilled, alone = run_configs(args.config, args.budget, out, args.seed)
     files = Distiller(distilled).run()
     alone_files = Distiller(alone).run()
     rows = report(distilled, alone, files, alone_files)
