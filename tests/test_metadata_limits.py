@@ -126,15 +126,37 @@ class TestSafetensors:
         assert isinstance(load_pretrained(path), MinimalVAE)  # a VAE load never reads it
 
 
+def write_crafted_models(d: Path) -> None:
+    """``typed.pth``: a student and a teacher with one int64 weight each; ``wide.pth``: with
+    an empty ``(0, 200000)`` tensor and ``base_channels`` 20,000 (an empty tensor must not
+    lift the architecture bound)."""
+    from hrm_vision.checkpoints import model_entry
+    from hrm_vision.vae import TeacherVAE
+
+    torch.manual_seed(0)
+    entries = {**model_entry(MinimalVAE(latent_dim=8, base_channels=8), "student"),
+               **model_entry(TeacherVAE(**tiny_run.TEACHER), "teacher")}
+    typed = {k: dict(v) if k.endswith("_state_dict") else v for k, v in entries.items()}
+    for role in ("student", "teacher"):
+        state = typed[f"{role}_state_dict"]
+        key = next(k for k, v in state.items() if v.is_floating_point())
+        state[key] = state[key].to(torch.int64)
+    save_checkpoint(typed, d / "typed.pth")
+    wide = {k: dict(v) for k, v in entries.items()}
+    for role in ("student", "teacher"):
+        wide[f"{role}_state_dict"]["wide"] = torch.zeros(0, 200_000)
+        wide[f"{role}_arch"]["base_channels"] = 20_000
+    save_checkpoint(wide, d / "wide.pth")
+
+
 EVALUATE = ["--out-dir", "{d}/evaluation", "--num-images", "8", "--batch-size", "8",
             "--latency-repeats", "1", "--throughput-repeats", "1", "--throughput-batch", "2",
             "--warmup", "0", "--baseline-train-images", "0", "--dataset", "imagefolder",
             "--data-dir", "{d}/images"]
 
 
-def commands(d: Path) -> dict[str, list[str]]:
-    """Every command that reads a checkpoint, given the crafted one."""
-    deep = str(d / "deep.pth")
+def commands(d: Path, deep: str) -> dict[str, list[str]]:
+    """Every command that reads a checkpoint, given the crafted one ``deep``."""
     train = tiny_run.prepare(d, 1, train_samples=16, checkpoint_dir=d / "ckpt")
     return {
         "distill --resume": ["distill", *train, "--resume", deep],
@@ -154,17 +176,25 @@ def commands(d: Path) -> dict[str, list[str]]:
 
 COMMANDS = ["distill --resume", "distill --teacher-checkpoint", "evaluate --student",
             "evaluate --teacher", "export", "irp"]
+#: Crafted file -> what the message says; the model files are not training checkpoints, so
+#: ``--resume`` gets the deep one only (typed weights on resume: test_resume_semantics.py).
+CRAFTED = {"deep.pth": TOO_DEEP, "typed.pth": "wrong dtypes",
+           "wide.pth": "base_channels=20000 is outside [0, "}
+CASES = [(c, f) for f in CRAFTED for c in COMMANDS if f == "deep.pth" or "resume" not in c]
 
 
-@pytest.mark.parametrize("command", COMMANDS)
-def test_commands_give_one_line(command: str, files: Path, capsys: pytest.CaptureFixture
-                                ) -> None:
-    every = commands(files)
+@pytest.mark.parametrize("command, crafted", CASES, ids=[f"{c}: {f}" for c, f in CASES])
+def test_commands_give_one_line(command: str, crafted: str, files: Path,
+                                capsys: pytest.CaptureFixture) -> None:
+    if not (files / "typed.pth").exists():
+        write_crafted_models(files)
+    every = commands(files, str(files / crafted))
     assert sorted(every) == sorted(COMMANDS)
     argv = [a.replace("{d}", str(files)) for a in every[command]]
     status = cli_main(argv)
     err = capsys.readouterr().err
+    expect = CRAFTED[crafted]
     assert "Traceback" not in err and "RecursionError" not in err, err[-3000:]
-    assert status in (1, 2) and TOO_DEEP in err, (status, err[-3000:])
-    line = next(ln for ln in err.splitlines() if TOO_DEEP in ln)
-    assert str(files / "deep.pth") in line, line
+    assert status in (1, 2) and expect in err, (status, err[-3000:])
+    line = next(ln for ln in err.splitlines() if expect in ln)
+    assert str(files / crafted) in line and line.strip() != "", line

@@ -11,6 +11,7 @@ exits with 0.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -158,3 +159,37 @@ def test_epochs_at_or_below_the_resumed_epoch_is_nothing_to_do(
     assert (d / "tinyvae_best.pth").read_bytes() == (a / "tinyvae_best.pth").read_bytes()
     assert not (d / "tinyvae_last.pth").exists()  # nothing trained, nothing written
     assert (a / "tinyvae_last.pth").read_bytes() == last
+
+
+def test_resume_auto_while_the_original_still_writes_is_refused(
+        original: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The running original holds the folder's lock; a ``--resume auto`` into it reads and
+    changes nothing."""
+    from hrm_vision.files import FolderLock
+
+    busy = tmp_path / "busy"
+    shutil.copytree(original / "a", busy)
+    before = {p.name: p.read_bytes() for p in busy.iterdir() if p.is_file()}
+    with FolderLock(busy, "the original run"):
+        code, out = run([*argv(original, busy, epochs=3), "--resume", "auto"], capsys)
+    assert code == 2 and "Traceback" not in out, out[-3000:]
+    assert f"pid {os.getpid()}" in out, out
+    after = {p.name: p.read_bytes() for p in busy.iterdir() if p.is_file()}
+    assert {k: v for k, v in after.items() if k != ".lock"} == {
+        k: v for k, v in before.items() if k != ".lock"}
+
+
+@pytest.mark.parametrize("dtype", ["int64", "bool"])
+def test_integer_weights_in_a_resumed_checkpoint_are_named(
+        original: Path, tmp_path: Path, capsys: pytest.CaptureFixture, dtype: str) -> None:
+    import torch
+
+    payload = load_checkpoint(original / "a" / "tinyvae_last.pth")
+    state = dict(payload["student_state_dict"])
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key] = state[key].to(getattr(torch, dtype))
+    save_checkpoint({**payload, "student_state_dict": state}, tmp_path / "typed.pth")
+    code, out = run([*argv(original, tmp_path / "c", epochs=3), "--resume",
+                     str(tmp_path / "typed.pth")], capsys)
+    assert code == 2 and "Traceback" not in out, out[-3000:]
+    assert "wrong dtypes" in out and f"{key}: checkpoint torch.{dtype}" in out, out
