@@ -48,17 +48,20 @@ def student(checkpoint: str | None, steps: int) -> VAEBase:
     """The checkpoint's student, or a data-initialised one trained alone for ``steps`` steps."""
     if checkpoint:
         return load_model(checkpoint)
-    from hrm_vision.distill.losses import vae_loss
+    from hrm_vision.distill.losses import DistillLoss
 
     torch.manual_seed(0)
     train = validation_images("photos", 4096, 32, split="train")
     model = MinimalVAE()
     model.init_from_data(train)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    loss_fn = DistillLoss(distill_latent_weight=0.0, distill_recon_weight=0.0,
+                          perceptual_weight=0.0)
+    loss_fn.calibrate(model, train[:256])
+    optimizer = torch.optim.AdamW([*model.parameters(), *loss_fn.parameters()], lr=3e-4)
     model.train()
     for _ in range(steps):
         x = train[torch.randint(0, train.shape[0], (32,))]
-        loss = vae_loss(x, model(x), 0.3, 0.1, 2.0)["total"]
+        loss = loss_fn(x, model(x), None, None)["total"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

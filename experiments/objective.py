@@ -1,12 +1,12 @@
-"""Which objective trains the student: the package's MSE + KL against likelihoods in nats.
+"""Which objective trains the student: an MSE + KL objective against likelihoods in nats.
 
 The student alone (``MinimalVAE`` data-initialised with ``init_from_data``: at step 0 it is patch
 PCA-128), trained on the ``photos`` training crops with the same loop for every objective: AdamW
 3e-4, weight decay 1e-4, 50 warm-up steps then cosine decay to 0, batch 64, gradient clipping at
 1 (as the package), EMA 0.99 of the weights (evaluated), one thread. Objectives:
 
-``package``        ``0.3 * MSE + 0.1 * KL``, KL in nats per element with 2 free bits per channel
-                   (``hrm_vision.distill.losses.vae_loss``).
+``mse``            ``0.3 * MSE + 0.1 * KL``, KL in nats per element with 2 free bits per channel
+                   (the trainer's objective before its terms were put in nats).
 ``sigma-channel``  ``0.3 * NLL + 0.1 * KL`` in nats per image (``hrm_vision.objective``): a
                    Gaussian NLL with a learned scalar scale, the KL floored at 2 nats per
                    element on each channel.
@@ -21,7 +21,7 @@ Gaussian water-filling bound at that KL (spectrum of the validation crops' 8x8x3
 uniform allocation; on a fixed training batch, each term's share of the objective and of the
 gradient norm.
 
-    python experiments/objective.py --objectives package sigma-channel sigma-total lagrange \
+    python experiments/objective.py --objectives mse sigma-channel sigma-total lagrange \
         --steps 1500 --out runs/objective
     python experiments/objective.py --table runs/objective     # the Markdown table only
     python experiments/objective.py --references 0.5 1 2 4     # Gaussian references only
@@ -41,12 +41,11 @@ import torch
 from hrm_vision import objective as obj
 from hrm_vision import rate
 from hrm_vision.data.photos import PhotoCrops
-from hrm_vision.distill.losses import vae_loss
 from hrm_vision.metrics import psnr
 from hrm_vision.vae import MinimalVAE
 from hrm_vision.vae.patches import fit_patch_pca
 
-OBJECTIVES = ("package", "sigma-channel", "sigma-total", "lagrange", "nll-only")
+OBJECTIVES = ("mse", "sigma-channel", "sigma-total", "lagrange", "nll-only")
 RECON_WEIGHT, KL_WEIGHT, FREE_BITS = 0.3, 0.1, 2.0
 
 
@@ -64,7 +63,7 @@ class Objective:
         self.target = obj.RateTarget(FREE_BITS, initial=KL_WEIGHT, step_size=lagrange_step)
 
     def parameters(self) -> list[torch.Tensor]:
-        learned = self.name != "package" and self.scale_mode == "learned"
+        learned = self.name != "mse" and self.scale_mode == "learned"
         return [self.scale.log_sigma] if learned else []
 
     def log_sigma(self, rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -73,9 +72,11 @@ class Objective:
         return self.scale.log_sigma
 
     def terms(self, x: torch.Tensor, out) -> dict[str, torch.Tensor]:
-        if self.name == "package":
-            t = vae_loss(x, out, RECON_WEIGHT, KL_WEIGHT, FREE_BITS)
-            return {"recon": RECON_WEIGHT * t["recon"], "kl": KL_WEIGHT * t["kl"]}
+        if self.name == "mse":
+            elements = out.mu[0].numel()  # nats per element: the KL per image over its elements
+            return {"recon": RECON_WEIGHT * (out.reconstruction - x).pow(2).mean(),
+                    "kl": KL_WEIGHT * obj.kl_nats(out.mu, out.logvar, FREE_BITS, "channel")
+                    / elements}
         nll = RECON_WEIGHT * obj.gaussian_nll(out.reconstruction, x,
                                               self.log_sigma(out.reconstruction, x))
         if self.name == "nll-only":
@@ -180,7 +181,7 @@ def table(folder: Path) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for path in sorted(folder.glob("*.json")):
         data = json.loads(path.read_text())
-        scale = "-" if data["objective"] == "package" else data["scale"]
+        scale = "-" if data["objective"] in ("mse", "package") else data["scale"]
         for r in data["curve"]:
             if "psnr_mu" not in r:
                 continue

@@ -13,9 +13,11 @@ lines of linear algebra that torchmetrics does not provide.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 
@@ -67,3 +69,22 @@ def linear_cka(a: Tensor, b: Tensor) -> float:
     hsic = (kx * ky).sum()
     denom = torch.sqrt((kx * kx).sum() * (ky * ky).sum())
     return float(hsic / denom) if denom > 0 else 0.0
+
+
+def mean_over(loader: DataLoader, fn: Callable[[Tensor, Tensor], dict[str, float]]
+              ) -> tuple[dict[str, float], int]:
+    """Sample-weighted mean of ``fn(index, x) -> dict`` over a loader; returns (means, count)."""
+    sums: dict[str, float] = {}
+    count = 0
+    for index, x in loader:
+        values = fn(index, x)
+        n = x.shape[0]
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * n
+        count += n
+    return {k: v / max(count, 1) for k, v in sums.items()}, count
+
+
+def error_image(reconstruction: Tensor, x: Tensor, gain: float = 10.0) -> Tensor:
+    """``|reconstruction - x|`` times ``gain``, clamped to [0, 1]: where a model is wrong."""
+    return ((reconstruction - x).abs() * gain).clamp(0, 1)

@@ -193,7 +193,8 @@ def value_shares(weighted: Mapping[str, Tensor | float]) -> dict[str, float]:
 
     Absolute values, because a Gaussian NLL with a small scale is negative.
     """
-    vals = {k: abs(float(v)) for k, v in weighted.items()}
+    vals = {k: abs(float(v.detach() if isinstance(v, Tensor) else v))
+            for k, v in weighted.items()}
     total = sum(vals.values())
     return {k: (v / total if total > 0 else 0.0) for k, v in vals.items()}
 

@@ -1,7 +1,10 @@
-"""Loss terms: each responds to its input, gradients reach only the intended parameters,
-temperature changes loss and gradient, the KL budget works, perceptual backbones load offline."""
+"""Loss terms: each responds to its input, gradients reach only the intended parameters, the
+reconstruction's scale sets its weight, temperature changes loss and gradient, perceptual
+backbones load offline."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -13,9 +16,8 @@ from hrm_vision.distill.losses import (
     DistillLoss,
     TeacherTargets,
     adapt,
-    kl_free_bits,
     latent_distillation,
-    vae_loss,
+    teacher_closer,
 )
 from hrm_vision.distill.perceptual import (
     VGG_LAYERS,
@@ -24,6 +26,8 @@ from hrm_vision.distill.perceptual import (
     build_perceptual,
     find_vgg16_weights,
 )
+from hrm_vision.distill.phases import Phase
+from hrm_vision.objective import kl_nats, latent_distillation_nats, output_distillation_nll
 from hrm_vision.vae import MinimalVAE, TeacherVAE
 
 
@@ -48,7 +52,8 @@ class TestTerms:
         terms = loss(x, out, adapt(adapter, out.mu, out.logvar), teacher_targets(teacher, x))
         assert set(terms) == {*TERMS, "total"}
         assert all(torch.isfinite(v) for v in terms.values())
-        assert all(terms[k] > 0 for k in TERMS)
+        # the two Gaussian NLLs may be negative (a small scale), the divergences may not
+        assert all(terms[k] > 0 for k in ("kl", "distill_latent", "perceptual"))
         expected = sum(loss.weights[k] * terms[k] for k in TERMS)
         assert torch.allclose(terms["total"], expected)
 
@@ -86,8 +91,48 @@ class TestTerms:
         loss = DistillLoss(distill_latent_weight=0, distill_recon_weight=0, perceptual_weight=0)
         base = loss(x, out, None, None)
         perfect = loss(x, out._replace(reconstruction=x), None, None)
-        assert perfect["recon"] == 0 < base["recon"]
+        # a perfect reconstruction leaves the Gaussian's normalising constant, per number
+        constant = x[0].numel() * (math.log(0.1) + 0.5 * math.log(2 * math.pi))
+        assert float(perfect["recon"]) == pytest.approx(constant, rel=1e-5)
+        assert perfect["recon"] < base["recon"]
         assert base["distill_latent"] == 0 and base["perceptual"] == 0
+
+    def test_terms_are_nats_per_image(self, models, photo_batch) -> None:
+        """Summed over an image's numbers: a batch of the same image twice gives the same value
+        as one image, and a four times larger image four times the reconstruction term."""
+        student = models[0]
+        loss = DistillLoss(distill_latent_weight=0, distill_recon_weight=0, perceptual_weight=0,
+                           kl_free_bits=0.0)
+        x = photo_batch[:1]
+        one, two = (loss(b, student(b, sample=False), None, None)
+                    for b in (x, x.repeat(2, 1, 1, 1)))
+        assert float(one["recon"]) == pytest.approx(float(two["recon"]), rel=1e-5)
+        big = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+        rec = torch.nn.functional.interpolate(student(x, sample=False).reconstruction,
+                                              scale_factor=2, mode="nearest")
+        out_big = student(big, sample=False)._replace(reconstruction=rec)
+        assert float(loss(big, out_big, None, None)["recon"]) == pytest.approx(
+            4 * float(one["recon"]), rel=1e-4)
+
+    def test_the_scale_sets_the_reconstruction_share(self, models, photo_batch) -> None:
+        """The scale is the unit that makes a squared error commensurable with a nat of KL: a
+        ten times smaller sigma gives the reconstruction a larger share of the gradient."""
+        student = models[0]
+        x = photo_batch[:4]
+        loss = DistillLoss(distill_latent_weight=0, distill_recon_weight=0, perceptual_weight=0,
+                           kl_free_bits=0.0)
+        phase = Phase.__new__(Phase)  # term_shares needs only the loss and the batch's terms
+        phase.criterion = loss
+        phase.loss = lambda module, index, batch: loss(batch, module(batch), None, None)
+        shares = []
+        for sigma in (0.3, 0.03):
+            with torch.no_grad():
+                loss.scale.log_sigma.fill_(math.log(sigma))
+            shares.append(phase.term_shares(student, torch.arange(4), x))
+        (value_wide, grad_wide), (value_narrow, grad_narrow) = shares
+        assert grad_narrow["recon"] > grad_wide["recon"] + 0.1
+        assert value_narrow["recon"] != pytest.approx(value_wide["recon"], abs=1e-3)
+        assert sum(grad_narrow.values()) == pytest.approx(1.0)
 
     def test_distill_terms_without_teacher_are_an_error(self, models, photo_batch) -> None:
         student, adapter, _ = models
@@ -100,26 +145,16 @@ class TestTerms:
             DistillLoss(kl_weight=-1)
 
     def test_teacher_loss_uses_same_kl(self, models, photo_batch) -> None:
+        from hrm_vision.distill.config import load_config
+
         _, _, teacher = models
         out = teacher(photo_batch[:4])
-        terms = vae_loss(photo_batch[:4], out, 0.3, 0.1, free_bits=0.5)
-        assert torch.allclose(terms["kl"], kl_free_bits(out.mu, out.logvar, 0.5))
-
-
-class TestKLFreeBits:
-    def test_zero_budget_is_mean_gaussian_kl(self) -> None:
-        mu, logvar = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
-        expected = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).mean()
-        assert torch.allclose(kl_free_bits(mu, logvar, 0.0), expected)
-
-    def test_channels_under_budget_get_no_gradient(self) -> None:
-        mu = torch.zeros(2, 2, 1, 1)
-        mu[:, 1] = 3.0  # channel 1 spends 4.5 nats, channel 0 spends 0
-        mu.requires_grad_(True)
-        kl = kl_free_bits(mu, torch.zeros_like(mu), free_bits=1.0)
-        kl.backward()
-        assert kl.item() == pytest.approx((1.0 + 4.5) / 2)
-        assert mu.grad[:, 0].abs().sum() == 0 and mu.grad[:, 1].abs().sum() > 0
+        config = load_config(None, {"kl_free_bits": 0.5, "free_bits_mode": "channel"})
+        loss = DistillLoss.vae(config)
+        assert loss.weights == {"recon": 0.3, "kl": 0.1, "distill_latent": 0.0,
+                                "distill_recon": 0.0, "perceptual": 0.0}
+        terms = loss(photo_batch[:4], out, None, None)
+        assert torch.allclose(terms["kl"], kl_nats(out.mu, out.logvar, 0.5, "channel"))
 
 
 class TestTemperature:
@@ -141,8 +176,8 @@ class TestTemperature:
         assert l1 != pytest.approx(l3, rel=1e-3)
         assert not torch.allclose(gv1, gv3, rtol=1e-3)
         assert not torch.allclose(gw1, gw3, rtol=1e-3)
-        # as documented, the mean-matching gradient is T-invariant after the T**2 scaling
-        assert torch.allclose(gm1, gm3)
+        # widening both posteriors by T divides the mean mismatch (the only path to mu_s) by T^2
+        assert torch.allclose(gm1, 9 * gm3, rtol=1e-4, atol=1e-7)
 
     def test_zero_when_student_matches_teacher(self) -> None:
         adapter = LatentAdapter(4, 4)
@@ -207,24 +242,25 @@ class TestPerceptual:
 
 class TestBoundedOutputDistillation:
     def test_only_pixels_where_the_teacher_is_closer_count(self) -> None:
-        from hrm_vision.distill.losses import output_distillation
-
         x = torch.zeros(1, 3, 2, 2)
         student = torch.full_like(x, 0.2)
         teacher = torch.full_like(x, 0.1)
         teacher[..., 0, 0] = 0.5  # the teacher is worse than the student on one pixel
-        plain = output_distillation(student, teacher, x, bounded=False)
-        bounded = output_distillation(student, teacher, x, bounded=True)
-        assert plain == pytest.approx((0.3 ** 2 * 3 + 0.1 ** 2 * 9) / 12)
-        assert bounded == pytest.approx(0.1 ** 2 * 9 / 12)
+        mask = teacher_closer(student, teacher, x)
+        assert mask.sum() == 9 and mask[..., 0, 0].sum() == 0
+        log_sigma = torch.tensor(0.5 * math.log(0.5))  # sigma^2 = 1/2: the NLL is err + const
+        const = math.log(math.sqrt(0.5)) + 0.5 * math.log(2 * math.pi)
+        plain = output_distillation_nll(student, teacher, log_sigma)
+        bounded = output_distillation_nll(student, teacher, log_sigma, mask)
+        assert float(plain) == pytest.approx(0.3 ** 2 * 3 + 0.1 ** 2 * 9 + 12 * const)
+        assert float(bounded) == pytest.approx(0.1 ** 2 * 9 + 9 * const)
 
     def test_gradient_never_points_towards_a_worse_teacher(self) -> None:
-        from hrm_vision.distill.losses import output_distillation
-
         x = torch.zeros(1, 1, 1, 2)
         student = torch.tensor([[[[0.2, 0.2]]]], requires_grad=True)
         teacher = torch.tensor([[[[0.1, 0.6]]]])
-        output_distillation(student, teacher, x, bounded=True).backward()
+        mask = teacher_closer(student, teacher, x)
+        output_distillation_nll(student, teacher, torch.tensor(0.0), mask).backward()
         assert student.grad[0, 0, 0, 0] > 0  # pulled down towards the better teacher
         assert student.grad[0, 0, 0, 1] == 0  # not pulled up towards the worse one
 
@@ -258,7 +294,5 @@ class TestResidualVariance:
         assert r[0, 0].item() == pytest.approx(0.0, abs=1e-6)
         assert r[0, 1].item() == pytest.approx(mu_t[:, 1].pow(2).mean().item(), rel=1e-5)
         loss = latent_distillation(mu_a, var_a, t, 3.0)
-        from hrm_vision.distill.losses import softened_gaussian_kl
-
-        plain = softened_gaussian_kl(mu_t, t.logvar.exp(), mu_a, var_a, 3.0)
+        plain = latent_distillation_nats(mu_t, t.logvar.exp(), mu_a, var_a, 3.0)
         assert loss < plain / 20

@@ -133,8 +133,12 @@ class TestEndToEnd:
                            d.adapter.proj.weight.detach())
         assert not torch.equal(ckpt["adapter_state_dict"]["proj.weight"],
                                d.adapter.proj.weight.detach())
-        n_params = len(list(d.student.parameters())) + len(list(d.adapter.parameters()))
+        # the student, the adapter and the likelihood scale of the loss train and are saved
+        n_params = len(list(d.student.parameters())) + len(list(d.adapter.parameters())) + 1
         assert len(ckpt["optimizer_state_dict"]["state"]) == n_params
+        assert ckpt["likelihood_log_sigma"].shape == ()
+        assert not torch.equal(ckpt["train_state_dict"]["scale.log_sigma"],
+                               ckpt["likelihood_log_sigma"])  # raw value vs its average
         for key in ("scheduler_state_dict", "scaler_state_dict", "rng_state", "epoch",
                     "best_psnr", "history", "config"):
             assert key in ckpt

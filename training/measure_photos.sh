@@ -2,13 +2,15 @@
 # Distilled against trained alone, on the offline photos (CPU): the table of docs/results.md.
 # Run from the repository root:
 #   bash training/measure_photos.sh            # everything, then the table
-#   bash training/measure_photos.sh demo       # 8 student epochs, each seed
-#   bash training/measure_photos.sh long       # 3x that budget (24 student epochs), seed 0
+#   bash training/measure_photos.sh demo       # the demo's 2 student epochs, each seed
+#   bash training/measure_photos.sh long       # 3x that budget (6 student epochs), seed 0
 #   bash training/measure_photos.sh report     # the table of whatever has finished
 # One teacher (3 epochs on the demo's crops, or TEACHER=path) serves every student. Each student is
 # the demo config (its crops, batch and schedule) with the epochs set here, --seed (crops,
 # initialisation and order) and one of three loss settings:
-#   alone     distillation and perceptual weights 0 (the teacher only reports its PSNR and CKA)
+#   alone     distillation and perceptual weights 0, the output distillation's weight given to
+#             the reconstruction (0.3 + 0.2: the same image-matching weight as the distilled
+#             student; the teacher only reports its PSNR and CKA)
 #   default   the five-term loss as shipped
 #   bounded   the default with --distill-recon-bounded
 # Finished runs are kept (a `done` file) and a killed run resumes, so rerunning continues.
@@ -18,14 +20,15 @@ DEMO=training/demo.json
 OUT=${OUT:-runs/measure}
 SEEDS=${SEEDS:-0 1 2}
 TEACHER_EPOCHS=${TEACHER_EPOCHS:-3}
-EPOCHS=${EPOCHS:-8}
-LONG_EPOCHS=${LONG_EPOCHS:-24}
+EPOCHS=${EPOCHS:-2}
+LONG_EPOCHS=${LONG_EPOCHS:-6}
 TEACHER=${TEACHER:-$OUT/teacher/teacher.pth}
-VARIANTS="alone default bounded"
+VARIANTS=${VARIANTS:-alone default bounded}
 
 flags() {
     case $1 in
-        alone) echo "--distill-latent-weight 0 --distill-recon-weight 0 --perceptual-weight 0" ;;
+        alone) echo "--distill-latent-weight 0 --distill-recon-weight 0 --perceptual-weight 0 \
+            --recon-weight 0.5" ;;
         default) echo "" ;;
         bounded) echo "--distill-recon-bounded" ;;
     esac

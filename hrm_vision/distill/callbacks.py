@@ -76,6 +76,10 @@ def _fmt(terms: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in terms.items())
 
 
+def _shares(shares: dict[str, float]) -> str:
+    return " ".join(f"{k}={100 * v:.1f}%" for k, v in shares.items())
+
+
 class ProgressBar(Callback):
     """One tqdm bar per epoch; its postfix is the running mean of the total loss.
 
@@ -129,6 +133,9 @@ class ConsoleLog(Callback):
                 f"({record['time_s']:.0f}s, {record['train_img_per_s']:.0f} img/s)")
         tqdm.write(f"{head} train total={record['train']['total']:.4g} | val {_fmt(val)}"
                    + ("  [best]" if record.get("is_best") else ""))
+        if record.get("value_share"):
+            tqdm.write(f"[{phase.name}] shares of the objective {_shares(record['value_share'])}"
+                       f" | of its gradient {_shares(record['gradient_share'])}")
 
 
 class PictureWriter(Callback):
@@ -147,9 +154,11 @@ class TensorBoardWriter(Callback):
     """TensorBoard event files in ``checkpoint_dir/tensorboard/``
     (``tensorboard --logdir checkpoint_dir/tensorboard``). Per epoch of each phase, at step =
     the epoch (1-based, counted per phase): every training and validation value of the epoch's
-    history record as scalars ``{phase}/train/{term}`` and ``{phase}/val/{metric}``, the
-    learning rate ``{phase}/lr``, and the reconstruction grid :class:`PictureWriter` saves as
-    the image ``{phase}/reconstructions`` (RGB, HWC uint8).
+    history record as scalars ``{phase}/train/{term}`` and ``{phase}/val/{metric}``, each
+    term's share of the objective and of its gradient norm ``{phase}/value_share/{term}`` and
+    ``{phase}/gradient_share/{term}``, the learning rate ``{phase}/lr``, and the
+    reconstruction grid :class:`PictureWriter` saves as the image ``{phase}/reconstructions``
+    (RGB, HWC uint8).
 
     Needs the ``tensorboard`` extra; made without it, the callback raises a
     :class:`~hrm_vision._extras.MissingExtraError` naming it (at the trainer's start). Each run,
@@ -174,8 +183,8 @@ class TensorBoardWriter(Callback):
         if self.writer is None:
             return
         step = record["epoch"]
-        for part in ("train", "val"):
-            for key, value in record[part].items():
+        for part in ("train", "val", "value_share", "gradient_share"):
+            for key, value in record.get(part, {}).items():
                 self.writer.add_scalar(f"{phase.name}/{part}/{key}", value, step)
         self.writer.add_scalar(f"{phase.name}/lr", record["lr"], step)
         rows = phase.epoch_picture_rows(record["epoch"])
@@ -222,7 +231,8 @@ def grid_image(rows: list[tuple[str, torch.Tensor]], scale: int = 4) -> PILImage
 
 
 def save_loss_curves(history: list[dict[str, Any]], path: Path) -> None:
-    """Total loss (train, val) and validation PSNR per epoch, one panel pair per phase."""
+    """The objective (train, val; nats per image, can be negative) and validation PSNR per
+    epoch, one panel pair per phase."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -237,7 +247,7 @@ def save_loss_curves(history: list[dict[str, Any]], path: Path) -> None:
         ep = [r["epoch"] for r in recs]
         row[0].plot(ep, [r["train"]["total"] for r in recs], "o-", label="train")
         row[0].plot(ep, [r["val"]["total"] for r in recs], "o-", label="val")
-        row[0].set(title=f"{name}: total loss", xlabel="epoch", yscale="log")
+        row[0].set(title=f"{name}: objective (nats per image)", xlabel="epoch")
         row[0].legend()
         for key, label in (("psnr", "student" if name != "teacher" else "teacher"),
                            ("teacher_psnr", "teacher")):

@@ -32,6 +32,7 @@ from ..validation import describe_validation_error
 
 Backbone = Literal["auto", "vgg16", "teacher"]
 Precision = Literal["auto", "off", "bf16", "fp16"]
+FreeBitsMode = Literal["total", "channel"]
 
 
 #: Upper bounds that catch absurd values (a typo, a unit mistake) before anything is allocated
@@ -108,15 +109,23 @@ class DistillConfig(BaseModel):
     mixed_precision: Precision = Field("auto", description="auto: fp16 with a scaler on CUDA, "
                                        "off on CPU; bf16/fp16/off force it")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of Python, NumPy and torch")
+    early_stop_patience: int | None = Field(10, ge=1, le=MAX_EPOCHS, description="stop a "
+                                            "phase after this many epochs without a better "
+                                            "validation PSNR (None: never)")
     max_bad_steps: int = Field(10, ge=1, le=MAX_COUNT, description="stop after this many bad "
                                "steps in a row (non-finite loss, or non-finite weights after "
                                "the optimizer step, which is undone)")
     # ---------------------------------------------------------------- loss
-    recon_weight: float = Field(0.3, ge=0, description="weight of the reconstruction MSE")
-    kl_weight: float = Field(0.1, ge=0, description="weight of the KL term (above the "
-                             "free-bits budget)")
-    kl_free_bits: float = Field(2.0, ge=0, description="KL budget in nats per latent element "
-                                "(per channel, averaged over batch and positions) that is free")
+    recon_weight: float = Field(0.3, ge=0, description="weight of the reconstruction: a "
+                                "Gaussian negative log-likelihood in nats per image with a "
+                                "learned scale")
+    kl_weight: float = Field(0.1, ge=0, description="weight of the KL term (nats per image, "
+                             "above the free-bits floor)")
+    kl_free_bits: float = Field(2.0, ge=0, description="KL floor in nats per latent element: "
+                                "a KL below it is free (no gradient)")
+    free_bits_mode: FreeBitsMode = Field("total", description="total: one floor on the whole "
+                                         "latent's KL (the model spends the rate where it "
+                                         "helps most); channel: one floor per latent channel")
     distill_latent_weight: float = Field(0.3, ge=0, description="weight of the latent "
                                          "distillation term (teacher posterior vs adapter)")
     distill_recon_weight: float = Field(0.2, ge=0, description="weight of the output "

@@ -114,6 +114,7 @@ class PhaseLoop:
         self.loader, self.history, self.emit = loader, history, emit
         self.stop_signal, self.out_dir = stop_signal, Path(config.checkpoint_dir)
         self.module = phase.trainable()
+        phase.calibrate()  # before the DDP wrapper (rank 0's value) and the weight average
         self.wrapped = wrap_ddp(self.module, ctx)
         self.optimizer = build_optimizer(phase.param_groups(), config)
         self.steps_per_epoch = steps_per_epoch(len(loader), config.grad_accum_steps)
@@ -192,11 +193,28 @@ class PhaseLoop:
             if self.phase.inherits_best:
                 self.save([self.phase.last_file])
         for epoch in range(self.state.epoch, self.phase.epochs):
+            if self.patience_spent():
+                break
             self._train_epoch(epoch)
             self._finish_epoch(epoch)
         if self.phase.epochs == 0 and not (self.out_dir / self.phase.best_file).exists():
             self.save([self.phase.best_file, self.phase.last_file])
         self.emit("on_phase_end", self.phase)
+
+    def epochs_without_best(self) -> int:
+        """How many of this phase's latest epochs in a row did not beat the best before them."""
+        count = 0
+        for record in reversed([r for r in self.history if r["phase"] == self.phase.name]):
+            if record["is_best"]:
+                break
+            count += 1
+        return count
+
+    def patience_spent(self) -> bool:
+        """Whether ``early_stop_patience`` epochs in a row brought no better validation PSNR
+        (then the phase stops: its best file holds its best epoch)."""
+        patience = self.config.early_stop_patience
+        return patience is not None and self.epochs_without_best() >= patience
 
     def save(self, names: list[str]) -> None:
         """Write the phase's state now (:meth:`checkpoint`) to each of ``names`` in the
@@ -342,22 +360,40 @@ class PhaseLoop:
         count = self.state.count
         train = reduce_mean(self.state.means(), self.ctx, count)
         val = self._validate()
+        value_share, gradient_share = self._term_shares()
         is_best = val[BEST_METRIC] > self.state.best_psnr  # strictly: ties keep the earlier
         record = {"phase": self.phase.name, "epoch": epoch + 1, "train": train, "val": val,
                   "time_s": elapsed,
                   "train_img_per_s": count * self.ctx.world_size / elapsed,
                   "lr": self.optimizer.param_groups[0]["lr"],
-                  "bad_steps": self.state.bad_steps, "is_best": is_best}
+                  "bad_steps": self.state.bad_steps, "is_best": is_best,
+                  "value_share": value_share, "gradient_share": gradient_share}
         self.history[:] = [r for r in self.history
                            if not (r["phase"] == self.phase.name and r["epoch"] >= epoch + 1)]
         self.history.append(record)
         if is_best:
             self.state.best_psnr = val[BEST_METRIC]
+        if self.patience_spent() and epoch + 1 < self.phase.epochs:
+            record["early_stop"] = True
+            self.emit("on_message", f"[{self.phase.name}] early stop after epoch {epoch + 1}: "
+                      f"no better validation PSNR in {self.epochs_without_best()} epochs "
+                      f"(early_stop_patience); the best is {self.state.best_psnr:.2f} dB")
         self.state.finish_epoch()
         self.emit("on_epoch_end", self.phase, record)
         self._commit_epoch(record)
         barrier(self.ctx)
         self.phase.set_train_mode(epoch)
+
+    def _term_shares(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Each term's share of the objective and of the gradient norm on the first training
+        batch (the same images every epoch; the random streams are left as they were)."""
+        n = min(self.config.batch_size, len(self.phase.ctx.train_set))
+        x = torch.stack([self.phase.ctx.train_set[i][1] for i in range(n)]).to(self.ctx.device)
+        devices = [self.ctx.device.index or 0] if self.ctx.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), autocast(self.config, self.ctx.device):
+            self.phase.set_train_mode(self.current_epoch)
+            shares = self.phase.term_shares(self.module, torch.arange(n), x)
+        return shares
 
     def _validate(self) -> dict[str, float]:
         """The phase's validation, on the averaged weights when an average is kept."""

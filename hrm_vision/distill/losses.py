@@ -1,63 +1,67 @@
-"""The five loss terms of the distillation objective and the teacher's own VAE loss.
+"""The five terms of the distillation objective, each in nats per image.
 
-All images are float tensors in [0, 1], (B, 3, H, W); latents are (B, C, H/8, W/8).
-
-Terms (each logged separately; the total is their weighted sum):
+Images are float tensors in [0, 1], ``(B, 3, H, W)``; latents ``(B, C, H/8, W/8)``, or
+``(B, C)`` for the compact models' vector latents. Every term is summed over one image's numbers
+and averaged over the batch (the units and the maths are in :mod:`hrm_vision.objective`), so the
+weights (0.3 / 0.1 / 0.3 / 0.2 / 0.1 by default) are the ratios of comparable quantities:
 
 ``recon``
-    Per-pixel MSE between the student reconstruction and the input.
+    ``-log N(x | x_hat, sigma^2)``: a Gaussian negative log-likelihood of the image with one
+    learned scale ``sigma`` (:class:`~hrm_vision.objective.GaussianScale`, as in the sigma-VAE of
+    Rybkin et al., 2021), which starts at the error of the training reconstruction
+    (:meth:`DistillLoss.calibrate`). The scale decides how much a squared error weighs against a
+    nat of KL; a fixed one either drowns the KL or is drowned by it (``experiments/objective.py``
+    measures the package's earlier MSE objective at 0.07% reconstruction).
 ``kl``
-    KL of the student posterior to N(0, I) in **nats per latent element with free bits**
-    (Kingma et al., 2016): the per-element KL is averaged over batch and positions for each
-    latent channel, each channel's average is raised to at least ``free_bits`` nats
-    (``max(KL_c, free_bits)``), and the channels are averaged. A channel that spends less than its
-    budget gets no gradient, so the KL weight only restrains channels that spend more. Without the
-    budget, any per-element normalisation next to a per-pixel MSE makes the default weights
-    (recon 0.3, KL 0.1) a beta-VAE with an effective decoder standard deviation near 0.4-0.5,
-    whose posterior collapses. The teacher's pre-training uses the same definition.
+    ``KL(q(z|x) || N(0, I))`` with a free-bits floor of ``kl_free_bits`` nats per latent element,
+    on the total KL (default: the model spends the rate where it helps most) or on each channel.
 ``distill_latent``
-    Temperature-softened Gaussian KL (Hinton et al. 2015, for Gaussians): the student posterior
-    is pushed through the linear adapter (mean ``A(mu_s)``, marginal variance
-    ``diag(W diag(var_s) W^T)``) plus the residual variance ``r`` the adapter leaves
-    unexplained (:func:`residual_variance`: without it the teacher's posterior variance, far
-    wider than the student's on the channels the student does not carry, made the term three
-    orders of magnitude larger than the others and pushed the student's posterior noise up;
-    ``docs/training.md`` has the measurement). Both it and the teacher posterior get their
-    standard deviations multiplied by ``T``, and ``T**2 * KL(teacher_T || student_T)`` is
-    averaged over elements (``var_s`` below includes ``r``)::
-
-        T**2 * (0.5 log(var_s/var_t) + var_t / (2 var_s) - 0.5) + (mu_t - A mu_s)**2 / (2 var_s)
-
-    so ``T`` sets how much matching the teacher's uncertainty weighs against matching its mean
-    (``T = 1`` is the plain KL). Variances are floored at ``VAR_FLOOR``.
+    ``KL(N(mu_t, T^2 var_t) || N(A mu_s, T^2 (A var_s A^T + r)))``: the teacher posterior against
+    the student posterior pushed through the linear adapter ``A``, plus the residual variance
+    ``r`` that the adapter leaves unexplained (:func:`residual_variance`). Without ``r`` the
+    teacher's posterior, far wider than the student's on the channels the student does not
+    carry, made the term three orders of magnitude larger than the others and pushed the
+    student's posterior noise up (``docs/training.md``). The temperature ``T`` widens both
+    posteriors: the mismatch of the means counts ``1 / T^2`` as much as the mismatch of spreads.
 ``distill_recon``
-    MSE between the student and the (frozen, eval-mode) teacher reconstructions. With
-    ``bounded=True`` (teacher-bounded, after the bounded regression loss of Chen et al., 2017)
-    a pixel counts only where the teacher is closer to the input than the student is (the mask
-    carries no gradient), so the term never pulls the student towards a teacher error; the
-    mean is still over all pixels.
+    ``-log N(teacher_output | student_output, sigma^2)`` with the reconstruction's scale
+    (detached): an error against the teacher weighs what the same error against the image
+    weighs. With ``bounded=True`` (teacher-bounded, after Chen et al., 2017) a pixel counts only
+    where the teacher is closer to the input than the student (the mask carries no gradient).
 ``perceptual``
-    Feature matching between the student reconstruction and the input through a frozen backbone
-    (:mod:`hrm_vision.distill.perceptual`): per layer the squared error divided by the mean square
-    of the target features (scale-free, so no layer or backbone dominates by its units), averaged
-    over layers.
+    Feature matching through a frozen backbone (:mod:`hrm_vision.distill.perceptual`): per layer
+    the squared error divided by the mean square of the target features (scale-free), averaged
+    over layers, times half the image's number of values: the negative log-likelihood of a
+    unit-variance Gaussian on the normalised features at the image's size, constants dropped.
+    It is the one term whose scale is fixed, not calibrated.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..vae import LatentAdapter, VAEOutput
+from ..checkpoints import CheckpointError
+from ..objective import (
+    FREE_BITS_MODES,
+    GaussianScale,
+    kl_nats,
+    latent_distillation_nats,
+    output_distillation_nll,
+)
+from ..vae import LatentAdapter, VAEBase, VAEOutput
 from .config import DistillConfig
 
 #: Names of the five terms, in the order they are logged.
 TERMS: tuple[str, ...] = ("recon", "kl", "distill_latent", "distill_recon", "perceptual")
-#: Variances in the latent distillation KL are floored here (std >= 0.01) so the ratio stays finite.
-VAR_FLOOR = 1e-4
+#: Seed of the posterior samples the scale is calibrated on (a generator of its own: the
+#: training run's random stream is not touched).
+CALIBRATION_SEED = 0
+#: Checkpoint key of the likelihood scale ``log sigma``.
+SCALE_KEY = "likelihood_log_sigma"
 
 
 class TeacherTargets(NamedTuple):
@@ -81,36 +85,16 @@ def teacher_targets(teacher: nn.Module, x: Tensor) -> TeacherTargets:
     return TeacherTargets(out.mu.float(), out.logvar.float(), out.reconstruction.float())
 
 
-def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
-    """Element-wise ``KL(N(mu, exp(logvar)) || N(0, 1))`` in nats, same shape as ``mu``."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
-
-
-def kl_free_bits(mu: Tensor, logvar: Tensor, free_bits: float) -> Tensor:
-    """Scalar KL in nats per latent element with a ``free_bits`` budget per channel.
-
-    ``mu, logvar``: ``(B, C, h, w)``, or ``(B, C)`` for a vector latent (each number its own
-    channel). Returns ``mean_c max(mean_{b,y,x} KL, free_bits)``.
-    """
-    if free_bits < 0:
-        raise ValueError(f"free_bits must be >= 0, got {free_bits}")
-    per_channel = gaussian_kl(mu.float(), logvar.float()).mean(dim=(0, *range(2, mu.dim())))
-    return per_channel.clamp(min=free_bits).mean()
-
-
-def softened_gaussian_kl(mu_t: Tensor, var_t: Tensor, mu_s: Tensor, var_s: Tensor,
-                         temperature: float) -> Tensor:
-    """``T**2 * KL(N(mu_t, T**2 var_t) || N(mu_s, T**2 var_s))``, averaged over elements.
-
-    All tensors have the same shape. ``temperature`` > 0 (checked where it enters: the config
-    and :class:`DistillLoss`).
-    """
-    var_t = var_t.float().clamp(min=VAR_FLOOR)
-    var_s = var_s.float().clamp(min=VAR_FLOOR)
-    t2 = temperature ** 2
-    spread = 0.5 * (torch.log(var_s) - torch.log(var_t)) + var_t / (2 * var_s) - 0.5
-    mean = (mu_t.float() - mu_s.float()).pow(2) / (2 * var_s)
-    return (t2 * spread + mean).mean()
+@torch.no_grad()
+def sampled_reconstruction(model: VAEBase, x: Tensor, seed: int = CALIBRATION_SEED) -> Tensor:
+    """``model.decode(z)`` with ``z`` one posterior sample per image, drawn from a generator
+    seeded with ``seed`` (the global random streams are untouched). ``x``: ``(B, C, H, W)`` in
+    [0, 1]; returns the reconstruction, same shape, in [0, 1]."""
+    post = model.posterior(x)
+    gen = torch.Generator(device=post.mu.device).manual_seed(seed)
+    noise = torch.randn(post.mu.shape, generator=gen, device=post.mu.device,
+                        dtype=post.mu.dtype)
+    return model.decode(post.mu + torch.exp(0.5 * post.logvar) * noise)
 
 
 def adapt(adapter: LatentAdapter, mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor]:
@@ -136,12 +120,13 @@ def residual_variance(adapted_mu: Tensor, teacher: TeacherTargets) -> Tensor:
 
 def latent_distillation(adapted_mu: Tensor, adapted_var: Tensor, teacher: TeacherTargets,
                         temperature: float) -> Tensor:
-    """The ``distill_latent`` term: the teacher posterior vs the adapter's conditional Gaussian
-    ``N(A mu_s, A var_s A^T + r)`` with ``r`` the :func:`residual_variance` (see :func:`adapt`,
-    :func:`softened_gaussian_kl`)."""
+    """The ``distill_latent`` term in nats per image: the teacher posterior against the
+    adapter's conditional Gaussian ``N(A mu_s, A var_s A^T + r)`` with ``r`` the
+    :func:`residual_variance` (see :func:`adapt` and
+    :func:`hrm_vision.objective.latent_distillation_nats`)."""
     var = adapted_var + residual_variance(adapted_mu, teacher)
-    return softened_gaussian_kl(teacher.mu, teacher.logvar.float().exp(), adapted_mu, var,
-                                temperature)
+    return latent_distillation_nats(teacher.mu, teacher.logvar.float().exp(), adapted_mu, var,
+                                    temperature)
 
 
 def feature_matching(features_pred: list[Tensor], features_target: list[Tensor]) -> Tensor:
@@ -153,35 +138,36 @@ def feature_matching(features_pred: list[Tensor], features_target: list[Tensor])
     return torch.stack(terms).mean()
 
 
-def output_distillation(student: Tensor, teacher: Tensor, x: Tensor, bounded: bool) -> Tensor:
-    """The ``distill_recon`` term: MSE between student and teacher reconstructions (B, 3, H, W),
-    or with ``bounded`` only over the pixels where the teacher is closer to the input ``x``."""
-    diff = (student - teacher).pow(2)
-    if bounded:
-        with torch.no_grad():
-            mask = ((teacher - x).pow(2) < (student - x).pow(2)).to(diff.dtype)
-        diff = diff * mask
-    return diff.mean()
+def teacher_closer(student: Tensor, teacher: Tensor, x: Tensor) -> Tensor:
+    """The teacher-bounded mask: 1 where the teacher reconstruction is closer to the input ``x``
+    than the student's, else 0 (all ``(B, 3, H, W)``; no gradient)."""
+    with torch.no_grad():
+        return ((teacher - x).pow(2) < (student - x).pow(2)).float()
 
 
 class DistillLoss(nn.Module):
-    """The weighted five-term objective; ``forward`` returns every term and ``"total"``.
+    """The weighted five-term objective in nats per image; ``forward`` returns every term
+    (unweighted) and ``"total"`` (the weighted sum).
 
     Args:
         recon_weight, kl_weight, distill_latent_weight, distill_recon_weight, perceptual_weight:
             term weights (>= 0).
-        kl_free_bits: KL budget in nats per latent element (per channel).
+        kl_free_bits: KL floor in nats per latent element; ``free_bits_mode``: ``"total"`` (one
+            floor on the whole latent's KL) or ``"channel"`` (one per latent channel).
         temperature: latent distillation temperature (> 0).
         bounded: teacher-bounded output distillation (see ``distill_recon`` above).
         perceptual: a frozen backbone mapping images in [0, 1] to a list of feature maps, or
             ``None`` (then ``perceptual_weight`` must be 0).
+
+    The learned likelihood scale is the submodule ``scale``: the phases train it with the model
+    and save it in the checkpoints.
     """
 
     def __init__(self, *, recon_weight: float = 0.3, kl_weight: float = 0.1,
                  distill_latent_weight: float = 0.3, distill_recon_weight: float = 0.2,
                  perceptual_weight: float = 0.1, kl_free_bits: float = 2.0,
-                 temperature: float = 3.0, perceptual: nn.Module | None = None,
-                 bounded: bool = False) -> None:
+                 free_bits_mode: str = "total", temperature: float = 3.0,
+                 perceptual: nn.Module | None = None, bounded: bool = False) -> None:
         super().__init__()
         weights = {"recon": recon_weight, "kl": kl_weight, "distill_latent": distill_latent_weight,
                    "distill_recon": distill_recon_weight, "perceptual": perceptual_weight}
@@ -192,11 +178,17 @@ class DistillLoss(nn.Module):
             raise ValueError("perceptual_weight > 0 needs a perceptual backbone")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if kl_free_bits < 0:
+            raise ValueError(f"kl_free_bits must be >= 0, got {kl_free_bits}")
+        if free_bits_mode not in FREE_BITS_MODES:
+            raise ValueError(f"free_bits_mode must be one of {FREE_BITS_MODES}, got "
+                             f"{free_bits_mode!r}")
         self.weights = weights
-        self.kl_free_bits = kl_free_bits
+        self.kl_free_bits, self.free_bits_mode = kl_free_bits, free_bits_mode
         self.temperature = temperature
         self.bounded = bounded
         self.perceptual = perceptual
+        self.scale = GaussianScale()
 
     @classmethod
     def from_config(cls, config: DistillConfig, perceptual: nn.Module | None = None,
@@ -207,13 +199,48 @@ class DistillLoss(nn.Module):
                    distill_latent_weight=c.distill_latent_weight if distill else 0.0,
                    distill_recon_weight=c.distill_recon_weight if distill else 0.0,
                    perceptual_weight=c.perceptual_weight, kl_free_bits=c.kl_free_bits,
-                   temperature=c.temperature, perceptual=perceptual,
-                   bounded=c.distill_recon_bounded)
+                   free_bits_mode=c.free_bits_mode, temperature=c.temperature,
+                   perceptual=perceptual, bounded=c.distill_recon_bounded)
+
+    @classmethod
+    def vae(cls, config: DistillConfig) -> DistillLoss:
+        """The teacher's pre-training objective: ``recon`` and ``kl`` as for the student."""
+        return cls(recon_weight=config.recon_weight, kl_weight=config.kl_weight,
+                   distill_latent_weight=0.0, distill_recon_weight=0.0, perceptual_weight=0.0,
+                   kl_free_bits=config.kl_free_bits, free_bits_mode=config.free_bits_mode)
 
     @property
     def needs_teacher(self) -> bool:
         """Whether a term with a non-zero weight needs the teacher's outputs."""
         return self.weights["distill_latent"] > 0 or self.weights["distill_recon"] > 0
+
+    def calibrate(self, model: VAEBase, x: Tensor) -> float:
+        """Set the scale to the root mean squared error of ``model``'s training reconstruction
+        (a seeded posterior sample, :func:`sampled_reconstruction`) of images ``x`` in [0, 1]:
+        the maximum-likelihood scale at the start. Returns ``sigma``."""
+        self.scale.calibrate(sampled_reconstruction(model, x), x)
+        return float(self.scale.sigma.detach())
+
+    def scale_payload(self) -> dict[str, Any]:
+        """The checkpoint key of this loss's likelihood scale."""
+        return {SCALE_KEY: self.scale.log_sigma.detach().cpu().clone()}
+
+    def load_scale(self, payload: dict[str, Any], source: str) -> None:
+        """Load the likelihood scale of a checkpoint (absent: keep the calibrated one)."""
+        if SCALE_KEY not in payload:
+            return
+        value = payload[SCALE_KEY]
+        target = self.scale.log_sigma
+        if not (isinstance(value, Tensor) and value.shape == target.shape
+                and value.is_floating_point() and bool(torch.isfinite(value).all())):
+            raise CheckpointError(f"{source}: {SCALE_KEY} must be a finite float tensor of "
+                                  f"shape {tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(value)
+
+    def weighted(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``{term: weight * value}`` for the terms with a non-zero weight."""
+        return {k: self.weights[k] * terms[k] for k in TERMS if self.weights[k] > 0}
 
     def forward(self, x: Tensor, student: VAEOutput, adapted: tuple[Tensor, Tensor] | None,
                 teacher: TeacherTargets | None) -> dict[str, Tensor]:
@@ -228,31 +255,24 @@ class DistillLoss(nn.Module):
             raise ValueError("the distillation terms have non-zero weights but no teacher "
                              "outputs were given")
         zero = x.new_zeros((), dtype=torch.float32)
-        recon = student.reconstruction.float()
+        recon, target = student.reconstruction.float(), x.float()
+        log_sigma = self.scale.log_sigma
         terms = {
-            "recon": F.mse_loss(recon, x.float()),
-            "kl": kl_free_bits(student.mu, student.logvar, self.kl_free_bits),
+            "recon": self.scale(recon, target),
+            "kl": kl_nats(student.mu, student.logvar, self.kl_free_bits, self.free_bits_mode),
             "distill_latent": zero, "distill_recon": zero, "perceptual": zero,
         }
         if teacher is not None:
             if adapted is None:
                 raise ValueError("teacher outputs need the adapted student posterior")
             terms["distill_latent"] = latent_distillation(*adapted, teacher, self.temperature)
-            terms["distill_recon"] = output_distillation(recon, teacher.reconstruction.float(),
-                                                         x.float(), self.bounded)
+            teacher_rec = teacher.reconstruction.float()
+            mask = teacher_closer(recon, teacher_rec, target) if self.bounded else None
+            terms["distill_recon"] = output_distillation_nll(recon, teacher_rec, log_sigma, mask)
         if self.perceptual is not None and self.weights["perceptual"] > 0:
             with torch.no_grad():
-                target = self.perceptual(x)
-            terms["perceptual"] = feature_matching(self.perceptual(student.reconstruction),
-                                                   target)
-        terms["total"] = sum((self.weights[k] * terms[k] for k in TERMS), zero)
+                features = self.perceptual(x)
+            terms["perceptual"] = 0.5 * x[0].numel() * feature_matching(
+                self.perceptual(student.reconstruction), features)
+        terms["total"] = sum(self.weighted(terms).values(), zero)
         return terms
-
-
-def vae_loss(x: Tensor, out: VAEOutput, recon_weight: float, kl_weight: float,
-             free_bits: float) -> dict[str, Tensor]:
-    """The teacher's pre-training objective: ``recon`` and ``kl`` defined as for the student."""
-    terms = {"recon": F.mse_loss(out.reconstruction.float(), x.float()),
-             "kl": kl_free_bits(out.mu, out.logvar, free_bits)}
-    terms["total"] = recon_weight * terms["recon"] + kl_weight * terms["kl"]
-    return terms

@@ -9,14 +9,20 @@ message sink) and the models it was given; the loop (:mod:`hrm_vision.distill.lo
   gradients dropped, so AdamW neither moves it nor decays it) for the first
   half of the epochs, then everything trains.
 
-Validation reports every loss term, PSNR (pooled over the validation set, see
-:mod:`hrm_vision.metrics`) and SSIM of the model the phase trains; the distillation phases add
+Every phase trains its loss's likelihood scale with the model (:class:`Trainable`), calibrated
+at the phase's start (:meth:`Phase.calibrate`) and saved in its checkpoints.
+
+Validation reports every loss term (nats per image), PSNR of the mean decode ``psnr`` and of a
+seeded posterior sample ``psnr_sample`` (pooled over the validation set, see
+:mod:`hrm_vision.metrics`), the rate (``kl_per_element`` in nats, ``bits_per_pixel``) and SSIM
+of the model the phase trains; the distillation phases add
 the teacher's PSNR/SSIM, the quality ratio, the latent CKA and ``cross_psnr``: the teacher's
 decoder reading the adapted student latent, ``teacher.decode(adapter(student.encode(x)))``.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,12 +33,19 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ..checkpoints import model_entry, to_cpu
-from ..metrics import linear_cka, mse, psnr_from_mse, ssim
+from ..metrics import error_image, linear_cka, mean_over, mse, psnr_from_mse, ssim
+from ..objective import gaussian_kl, gradient_shares, value_shares
 from ..vae import LatentAdapter, VAEBase, VAEOutput
 from ..weights import load_state_checked
 from .config import DistillConfig
-from .data import IndexedDataset, TeacherCache
-from .losses import DistillLoss, TeacherTargets, adapt, kl_free_bits, teacher_targets, vae_loss
+from .data import IndexedDataset, TeacherCache, first_images
+from .losses import (
+    DistillLoss,
+    TeacherTargets,
+    adapt,
+    sampled_reconstruction,
+    teacher_targets,
+)
 
 #: Validation images shown in the reconstruction grids.
 GRID_IMAGES = 8
@@ -67,21 +80,8 @@ class PhaseContext:
 #: Validation keys that hold a PSNR: batches report their MSE under these keys, the
 #: sample-weighted mean over the set (the pooled MSE: all images have the same size) becomes a
 #: PSNR after the cross-rank reduction (:func:`pooled_psnr`).
-PSNR_KEYS = ("psnr", "teacher_psnr", "cross_psnr")
+PSNR_KEYS = ("psnr", "psnr_sample", "teacher_psnr", "cross_psnr")
 
-
-def mean_over(loader: DataLoader, fn: Callable[[Tensor, Tensor], dict[str, float]]
-              ) -> tuple[dict[str, float], int]:
-    """Sample-weighted mean of ``fn(index, x) -> dict`` over a loader; returns (means, count)."""
-    sums: dict[str, float] = {}
-    count = 0
-    for index, x in loader:
-        values = fn(index, x)
-        n = x.shape[0]
-        for k, v in values.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * n
-        count += n
-    return {k: v / max(count, 1) for k, v in sums.items()}, count
 
 
 def pooled_psnr(values: dict[str, float]) -> dict[str, float]:
@@ -89,8 +89,42 @@ def pooled_psnr(values: dict[str, float]) -> dict[str, float]:
     return {k: psnr_from_mse(v) if k in PSNR_KEYS else v for k, v in values.items()}
 
 
+def rate_and_sample(model: VAEBase, x: Tensor, index: Tensor, out: VAEOutput
+                    ) -> dict[str, float]:
+    """Validation values of one batch ``x`` (B, C, H, W) in [0, 1] with the eval-mode output
+    ``out``: the pooled-MSE ``psnr_sample`` of a posterior sample (seeded by the batch's first
+    dataset index, so every epoch draws the same noise), ``kl_per_element`` (nats) and
+    ``bits_per_pixel`` (the image's KL over its pixels, in bits)."""
+    kl = gaussian_kl(out.mu, out.logvar).flatten(1)
+    pixels = x.shape[-2] * x.shape[-1]
+    return {"psnr_sample": mse(sampled_reconstruction(model, x, int(index[0])), x),
+            "kl_per_element": float(kl.mean()),
+            "bits_per_pixel": float(kl.sum(1).mean()) / (pixels * math.log(2))}
+
+
+class Trainable(nn.Module):
+    """What a phase trains, in one module (one DDP wrapper, one weight average): the model, the
+    likelihood scale of its loss and, when distilling, the latent adapter.
+    ``x -> (VAEOutput, (adapted_mu, adapted_var) or None)``."""
+
+    def __init__(self, model: VAEBase, scale: nn.Module,
+                 adapter: LatentAdapter | None = None) -> None:
+        super().__init__()
+        self.model, self.scale, self.adapter = model, scale, adapter
+
+    def forward(self, x: Tensor) -> tuple[VAEOutput, tuple[Tensor, Tensor] | None]:
+        out = self.model(x)
+        if self.adapter is None:
+            return out, None
+        return out, adapt(self.adapter, out.mu, out.logvar)
+
+
 class Phase:
-    """One training phase. Subclasses set the names and implement the model-specific parts."""
+    """One training phase. Subclasses set the names and implement the model-specific parts;
+    ``criterion`` is the phase's loss (None in a phase with a loss of its own: then nothing is
+    calibrated and no term shares are reported), whose ``scale`` trains with the model."""
+
+    criterion: DistillLoss | None = None
 
     name = ""
     last_file = best_file = ""
@@ -110,6 +144,28 @@ class Phase:
 
     def init_fresh(self) -> None:
         """Called once on a fresh run, after the fresh models' ``init_from_data``."""
+
+    def calibrate(self) -> None:
+        """Start the likelihood scale at the error of the trained model's sampled
+        reconstruction of the first training images (a resumed phase then loads its own)."""
+        if self.criterion is None:
+            return
+        model = self.trainable().model
+        images = first_images(self.ctx.train_set).to(self.ctx.device)
+        sigma = self.criterion.calibrate(model, images)
+        self.ctx.message(f"[{self.name}] likelihood scale: sigma = {sigma:.4g} (the sampled "
+                         f"reconstruction's RMS error on {len(images)} training images)")
+
+    def term_shares(self, module: nn.Module, index: Tensor, x: Tensor
+                    ) -> tuple[dict[str, float], dict[str, float]]:
+        """Each weighted term's share of the objective and of its gradient norm over the
+        trained parameters, on one batch (``index`` (B,), ``x`` (B, C, H, W) in [0, 1]):
+        ``(value_shares, gradient_shares)``, each ``{term: share in [0, 1]}`` (both empty
+        without a ``criterion``)."""
+        if self.criterion is None:
+            return {}, {}
+        weighted = self.criterion.weighted(self.loss(module, index, x))
+        return value_shares(weighted), gradient_shares(weighted, list(module.parameters()))
 
     def param_groups(self) -> list[dict[str, Any]]:
         """The optimizer's parameter groups."""
@@ -154,11 +210,6 @@ class Phase:
         return self._pictures[1]
 
 
-def error_image(reconstruction: Tensor, x: Tensor, gain: float = 10.0) -> Tensor:
-    """``|reconstruction - x|`` times ``gain``, clamped to [0, 1]: where a model is wrong."""
-    return ((reconstruction - x).abs() * gain).clamp(0, 1)
-
-
 class TeacherPhase(Phase):
     """Phase 1: the teacher VAE alone with recon + KL (free bits), like the student's terms."""
 
@@ -168,16 +219,15 @@ class TeacherPhase(Phase):
     def __init__(self, ctx: PhaseContext, teacher: VAEBase, epochs: int) -> None:
         super().__init__(ctx, epochs)
         self.teacher = teacher
+        self.criterion = DistillLoss.vae(ctx.config)
+        self.model = Trainable(teacher, self.criterion.scale)
 
     def trainable(self) -> nn.Module:
-        return self.teacher
-
-    def _terms(self, x: Tensor, out: VAEOutput) -> dict[str, Tensor]:
-        c = self.ctx.config
-        return vae_loss(x, out, c.recon_weight, c.kl_weight, c.kl_free_bits)
+        return self.model
 
     def loss(self, module: nn.Module, index: Tensor, x: Tensor) -> dict[str, Tensor]:
-        return self._terms(x, module(x))
+        out, _ = module(x)
+        return self.criterion(x, out, None, None)
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -186,35 +236,24 @@ class TeacherPhase(Phase):
         def batch(index: Tensor, x: Tensor) -> dict[str, float]:
             x = x.to(self.ctx.device)
             out = self.teacher(x)
-            return {**{k: v.item() for k, v in self._terms(x, out).items()},
+            return {**{k: v.item() for k, v in self.criterion(x, out, None, None).items()},
+                    **rate_and_sample(self.teacher, x, index, out),
                     "psnr": mse(out.reconstruction, x), "ssim": ssim(out.reconstruction, x)}
 
         return pooled_psnr(self.ctx.reduce(*mean_over(self.ctx.val_loader, batch)))
 
     def model_payload(self) -> dict[str, Any]:
-        return model_entry(self.teacher, "teacher")
+        return {**model_entry(self.teacher, "teacher"), **self.criterion.scale_payload()}
 
     def load_models(self, payload: dict[str, Any], source: str) -> None:
         load_state_checked(self.teacher, payload["teacher_state_dict"], f"{source} (teacher)")
+        self.criterion.load_scale(payload, source)
 
     def picture_rows(self) -> list[tuple[str, Tensor]]:
         x = self.ctx.grid_images()
         with torch.no_grad():
             rec = self.teacher.eval()(x).reconstruction
         return [("input", x), ("teacher", rec), ("error x10", error_image(rec, x))]
-
-
-class StudentWithAdapter(nn.Module):
-    """Student plus adapter in one module (one DDP wrapper):
-    ``x -> (VAEOutput, (adapted_mu, adapted_var))``."""
-
-    def __init__(self, student: VAEBase, adapter: LatentAdapter) -> None:
-        super().__init__()
-        self.student, self.adapter = student, adapter
-
-    def forward(self, x: Tensor) -> tuple[VAEOutput, tuple[Tensor, Tensor]]:
-        out = self.student(x)
-        return out, adapt(self.adapter, out.mu, out.logvar)
 
 
 class DistillPhase(Phase):
@@ -235,9 +274,12 @@ class DistillPhase(Phase):
         self.student, self.adapter, self.teacher = student, adapter, teacher
         self.criterion = loss
         self.perceptual_name, self.teacher_source = perceptual_name, teacher_source
-        self.model = StudentWithAdapter(student, adapter)
+        self.model = self._trainable()
         self.train_cache: TeacherCache | None = None
         self.val_cache: TeacherCache | None = None
+
+    def _trainable(self) -> Trainable:
+        return Trainable(self.student, self.criterion.scale, self.adapter)
 
     def trainable(self) -> nn.Module:
         return self.model
@@ -282,16 +324,17 @@ class DistillPhase(Phase):
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        self.model.eval()
+        self.student.eval()
         latents: dict[str, list[Tensor]] = {"student": [], "adapted": [], "teacher": []}
 
         def batch(index: Tensor, x: Tensor) -> dict[str, float]:
             x = x.to(self.ctx.device)
-            out, adapted = self.model(x)
+            out = self.student(x)
+            adapted = adapt(self.adapter, out.mu, out.logvar)
             teach = self.targets(index, x, self.val_cache)
             values = {k: v.item() for k, v in
                       self.criterion(x, out, adapted, teach).items()}
-            values["kl_nats"] = kl_free_bits(out.mu, out.logvar, 0.0).item()
+            values.update(rate_and_sample(self.student, x, index, out))
             values.update(psnr=mse(out.reconstruction, x), ssim=ssim(out.reconstruction, x))
             if teach is not None:
                 values.update(teacher_psnr=mse(teach.reconstruction, x),
@@ -318,11 +361,12 @@ class DistillPhase(Phase):
                 "adapter_state_dict": to_cpu(self.adapter.state_dict()),
                 "adapter_arch": self.adapter.arch_config(),
                 "perceptual_backbone": self.perceptual_name,
-                "teacher_source": self.teacher_source}
+                "teacher_source": self.teacher_source, **self.criterion.scale_payload()}
 
     def load_models(self, payload: dict[str, Any], source: str) -> None:
         load_state_checked(self.student, payload["student_state_dict"], f"{source} (student)")
         load_state_checked(self.adapter, payload["adapter_state_dict"], f"{source} (adapter)")
+        self.criterion.load_scale(payload, source)
 
     def picture_rows(self) -> list[tuple[str, Tensor]]:
         x = self.ctx.grid_images()
@@ -339,24 +383,26 @@ class FinetunePhase(DistillPhase):
 
     It starts from the best distilled student and shares ``tinyvae_best.pth`` with the
     distillation phase (``inherits_best``): an epoch replaces it only when its validation PSNR
-    beats every distillation and fine-tuning epoch before it.
+    beats every distillation and fine-tuning epoch before it. Its loss's scale starts at the
+    distilled student's error (:meth:`Phase.calibrate`).
     """
 
     name = "finetune"
     last_file, best_file, epoch_file = "tinyvae_finetune_last.pth", DistillPhase.best_file, None
     inherits_best = True
 
+    def _trainable(self) -> Trainable:
+        return Trainable(self.student, self.criterion.scale)
+
     @property
     def unfreeze_epoch(self) -> int:
         """The first epoch (0-based) that trains the encoder: half the phase's epochs."""
         return self.epochs // 2
 
-    def trainable(self) -> nn.Module:
-        return self.student
-
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": list(self.student.decoder.parameters())},
-                {"params": list(self.student.encoder.parameters())}]
+                {"params": list(self.student.encoder.parameters())},
+                {"params": list(self.criterion.scale.parameters())}]
 
     def encoder_frozen(self, epoch: int) -> bool:
         """Whether the encoder is frozen during ``epoch`` (0-based): the first half."""
@@ -366,9 +412,10 @@ class FinetunePhase(DistillPhase):
         return list(self.student.encoder.parameters()) if self.encoder_frozen(epoch) else []
 
     def set_train_mode(self, epoch: int) -> None:
-        self.student.train()
+        self.model.train()
         if self.encoder_frozen(epoch):
             self.student.encoder.eval()
 
     def loss(self, module: nn.Module, index: Tensor, x: Tensor) -> dict[str, Tensor]:
-        return self.criterion(x, module(x), None, None)
+        out, _ = module(x)
+        return self.criterion(x, out, None, None)

@@ -189,15 +189,17 @@ def measure_rate(model: VAEBase, name: str, images: Tensor | Sequence[Tensor], l
         se_z += F.mse_loss(model.decode(z).double(), x.double(), reduction="sum").item()
         kl += float(gaussian_kl(mu, logvar).double().sum())
         pixels, elements = pixels + x.numel(), elements + mu.numel()
-    nats, c = kl / elements, model.latent_dim
+    # latent elements per 8x8 patch: the channels of a spatial latent, and the same count for
+    # a vector latent (its numbers over the image's 8x8 cells)
+    nats, c = kl / elements, elements / (pixels / (3 * rate.PIXELS_PER_CELL))
     return RateQuality(
-        model=name, images=label, latent_channels=c, kl_nats_per_element=nats,
+        model=name, images=label, latent_channels=round(c), kl_nats_per_element=nats,
         bits_per_pixel=rate.bits_per_pixel(nats, c),
         psnr_mu_db=psnr_from_mse(se_mu / pixels), psnr_sample_db=psnr_from_mse(se_z / pixels),
         water_filling_psnr_db=rate.psnr_db(rate.water_filling(spectrum,
                                                               rate.patch_rate_nats(nats, c))),
         uniform_psnr_db=rate.psnr_db(rate.uniform_allocation(spectrum, nats,
-                                                             min(c, spectrum.numel()))))
+                                                             min(round(c), spectrum.numel()))))
 
 
 def pooled_psnr(reconstruct: Callable[[Tensor], Tensor], images: Sequence[Tensor]) -> float:

@@ -30,9 +30,14 @@ from typing import Any
 from ..distill.state import BEST_METRIC
 
 #: (history key, column title, decimals) of the per-run columns.
-COLUMNS = (("psnr", "student PSNR (dB)", 2), ("ssim", "SSIM", 4),
+COLUMNS = (("psnr", "student PSNR (dB)", 2), ("psnr_sample", "decode(z) PSNR (dB)", 2),
+           ("kl_per_element", "KL (nats/element)", 3), ("ssim", "SSIM", 4),
            ("teacher_psnr", "teacher PSNR (dB)", 2), ("cka", "CKA (adapted)", 3),
            ("cka_raw", "CKA (raw)", 3), ("cross_psnr", "cross-decoding PSNR (dB)", 2))
+
+
+#: The columns a teacher pre-training record has.
+TEACHER_COLUMNS = ("psnr", "psnr_sample", "kl_per_element", "ssim")
 
 
 def best_record(history: list[dict[str, Any]], phase: str) -> dict[str, Any] | None:
@@ -119,9 +124,9 @@ def teacher_rows(label: str, directories: Sequence[Path], epoch: int | None,
         run = read_run(directory, "teacher", epoch)
         if run is not None:
             cells = [f"{label}: teacher pre-training", "1",
-                     str(epoch) if epoch else f"{run.epochs} (best {run.best_epoch})",
-                     f"{run.values['psnr']:.2f}",
-                     f"{run.values['ssim']:.4f}"] + [""] * (len(COLUMNS) - 2 + gain_column)
+                     str(epoch) if epoch else f"{run.epochs} (best {run.best_epoch})"]
+            cells += [summarise([run.values[k]], d) if k in TEACHER_COLUMNS else ""
+                      for k, _, d in COLUMNS] + [""] * gain_column
             out.append("| " + " | ".join(cells + [f"{run.seconds:.0f}"]) + " |")
     return out
 

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from .base import VAEBase
 from .blocks import ResBlock, conv, down, up
 from .models import LOGVAR_INIT
+from .patches import allocated_logvar
 
 #: Side of the feature map at the bottom of both branches (image_size / 16 for 64x64 crops).
 BOTTOM = 4
@@ -243,12 +244,18 @@ class CompactVAE(VAEBase):
 
     @torch.no_grad()
     def init_from_data(self, images: Tensor) -> None:
-        """Fit the linear path's basis to the PCA of ``images`` (N, C, S, S) in [0, 1]; the
-        first :data:`MAX_FIT_IMAGES` are used, and more than ``latent_dim`` are needed."""
+        """Fit the linear path's basis to the PCA of ``images`` (N, C, S, S) in [0, 1] (the
+        first :data:`MAX_FIT_IMAGES`; more than ``latent_dim`` are needed), then allocate the
+        rate of ``logvar = LOGVAR_INIT`` across the latent numbers
+        (:func:`~hrm_vision.vae.patches.allocated_logvar`)."""
         self._check_images(images)
         fitted = fit_crop_pca(images[:MAX_FIT_IMAGES].float().cpu(), self.latent_dim)
         for basis in (self.encoder.basis, self.decoder.basis):
             basis.set_basis(*fitted)
+        enc_w, enc_b, dec_w, _ = self.linear_path()
+        crops = images[:MAX_FIT_IMAGES].float().cpu().flatten(1)
+        logvar = allocated_logvar(enc_w, enc_b, dec_w, crops, LOGVAR_INIT)
+        self.encoder.head.bias[self.latent_dim:] = logvar.to(self.encoder.head.bias)
 
     @torch.no_grad()
     def linear_path(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:

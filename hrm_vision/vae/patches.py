@@ -81,6 +81,56 @@ def fit_patch_pca(images: Tensor, patch: int = PATCH) -> tuple[Tensor, Tensor, T
         min=0).float()
 
 
+def posterior_kl(second_moment: Tensor, variance: Tensor) -> Tensor:
+    """Mean KL in nats of ``N(mu, variance)`` to ``N(0, 1)`` over data with ``E[mu^2] =
+    second_moment``: ``0.5 (m + s2 - 1 - ln s2)``, element-wise."""
+    return 0.5 * (second_moment + variance - 1.0 - variance.log())
+
+
+def allocate_rate(gains: Tensor, second_moments: Tensor, total_nats: float) -> Tensor:
+    """Posterior variances of a linear code that spend ``total_nats`` of KL where they buy most.
+
+    Latent element ``c`` has a data second moment ``m_c = E[mu_c^2]`` and a decoder gain
+    ``g_c = ||decoder column c||^2``; a posterior sample ``mu + s_c e`` then adds an expected
+    squared error ``sum_c g_c s_c^2`` to the decode. Minimising it at the total KL
+    ``sum_c 0.5 (m_c + s_c^2 - 1 - ln s_c^2) = total_nats`` (a Lagrange multiplier ``lam``)
+    gives ``s_c^2 = lam / (lam + 2 g_c)``: elements with a large gain get little noise, those
+    with none get ``s^2 = 1`` (the prior's spread, no rate beyond their mean's). ``lam`` is found
+    by bisection. Returns the variances ``(L,)`` in (0, 1].
+
+    The rate cannot go below ``sum_c m_c / 2`` (the means alone): a smaller budget is an error.
+    """
+    g = gains.double().clamp(min=0)
+    m = second_moments.double()
+    floor = float(posterior_kl(m, torch.ones_like(m)).sum())
+    if not total_nats > floor:
+        raise ValueError(f"a rate of {total_nats:.4g} nats is below what the means alone spend "
+                         f"({floor:.4g} nats)")
+
+    def rate(log_lam: float) -> float:
+        lam = math.exp(log_lam)
+        return float(posterior_kl(m, lam / (lam + 2 * g)).sum())
+
+    lo, hi = -60.0, 60.0  # the rate falls as lam grows
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if rate(mid) > total_nats else (lo, mid)
+    lam = math.exp(0.5 * (lo + hi))
+    return (lam / (lam + 2 * g)).clamp(min=1e-12).float()
+
+
+def allocated_logvar(enc_weight: Tensor, enc_bias: Tensor, dec_weight: Tensor, vectors: Tensor,
+                     uniform_logvar: float) -> Tensor:
+    """Per-latent-element log-variances for a linear code ``z = enc_weight @ v + enc_bias``,
+    ``v = dec_weight @ z + ...`` fitted to data ``vectors`` (N, D): the same total KL as
+    ``uniform_logvar`` everywhere, allocated by :func:`allocate_rate`. Returns ``(L,)``."""
+    mu = vectors.double() @ enc_weight.double().T + enc_bias.double()
+    moments = mu.pow(2).mean(0)
+    uniform = torch.full_like(moments, math.exp(uniform_logvar))
+    total = float(posterior_kl(moments, uniform).sum())
+    return allocate_rate(dec_weight.double().pow(2).sum(0), moments, total).log()
+
+
 class PatchWhitening(nn.Module):
     """8x8 patches -> whitened coefficients on the H/8 x W/8 grid (or back, ``inverse=True``).
 

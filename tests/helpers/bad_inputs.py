@@ -171,22 +171,32 @@ CASES: tuple[Case, ...] = (
 @contextlib.contextmanager
 def nan_loss(calls: Callable[[int], bool] | None) -> Iterator[None]:
     """Make the distillation loss NaN on the training calls (counted from 0) where
-    ``calls(i)`` is true; validation is left alone."""
+    ``calls(i)`` is true; validation and the epoch's term shares are left alone."""
     if calls is None:
         yield
         return
+    from hrm_vision.distill.loop import PhaseLoop
     from hrm_vision.distill.phases import DistillPhase
 
-    original = DistillPhase.loss
+    original, original_shares = DistillPhase.loss, PhaseLoop._term_shares
     counter = iter(range(10**9))
+    in_shares = []  # the epoch's term shares are not a training step
 
     def loss(self, module, index, x):  # type: ignore[no-untyped-def]
         terms = original(self, module, index, x)
-        if torch.is_grad_enabled() and calls(next(counter)):
+        if torch.is_grad_enabled() and not in_shares and calls(next(counter)):
             terms = {**terms, "total": terms["total"] * float("nan")}
         return terms
 
-    with mock.patch.object(DistillPhase, "loss", loss):
+    def shares(self):  # type: ignore[no-untyped-def]
+        in_shares.append(True)
+        try:
+            return original_shares(self)
+        finally:
+            in_shares.pop()
+
+    with mock.patch.object(DistillPhase, "loss", loss), \
+            mock.patch.object(PhaseLoop, "_term_shares", shares):
         yield
 
 
