@@ -27,13 +27,14 @@ from .config import DistillConfig
 from .phases import DistillPhase, FinetunePhase, Phase, TeacherPhase
 from .state import TrainState
 
-#: Config fields a resumed run may change: how many epochs each phase trains, where it runs,
-#: reads and writes, and what it logs. Every other field shapes the run (the models, the data,
-#: the batches, the optimisation, the loss) and must equal the checkpoint's stored config.
+#: Config fields a resumed run may change: how many epochs each phase trains (and when it
+#: stops early), where it runs, reads and writes, and what it logs. Every other field shapes the
+#: run (the models, the data, the batches, the optimisation, the loss) and must equal the
+#: checkpoint's stored config.
 RESUME_MAY_CHANGE = frozenset({
-    "teacher_epochs", "epochs", "finetune_epochs", "device", "num_workers", "data_dir",
-    "download", "vgg16_weights", "teacher_cache", "max_bad_steps", "checkpoint_dir",
-    "save_interval", "log_interval", "tensorboard"})
+    "teacher_epochs", "epochs", "finetune_epochs", "early_stop_patience", "device",
+    "num_workers", "data_dir", "download", "vgg16_weights", "teacher_cache", "max_bad_steps",
+    "checkpoint_dir", "save_interval", "log_interval", "tensorboard"})
 
 #: The command-line flag of each phase's epoch count (in the "nothing more" message).
 EPOCH_FLAGS = {"teacher": "--teacher-epochs", "distill": "--epochs",
