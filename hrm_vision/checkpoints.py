@@ -40,6 +40,7 @@ from .vae import MODELS, VAEBase, build_model, model_name
 from .weights import (
     CheckpointError,
     check_arch_sizes,
+    check_nesting,
     check_state_dict,
     load_state_checked,
     non_finite_tensors,
@@ -147,8 +148,10 @@ def load_checkpoint(path: str | os.PathLike[str],
     """Load a checkpoint dict with ``weights_only=True``; every failure is a ``CheckpointError``.
 
     Nothing is unpickled beyond tensors and plain containers: a file holding a pickled object is
-    refused with a message saying so. The ``format_version`` is checked
-    (:func:`check_format_version`).
+    refused with a message saying so. Lists and dicts nested deeper than
+    :data:`hrm_vision.weights.MAX_NESTING` levels are refused (:func:`check_nesting`: nothing
+    recursing over the payload later hits the recursion limit); the ``format_version`` is
+    checked (:func:`check_format_version`).
     """
     path = Path(path)
     if not path.is_file():
@@ -168,6 +171,7 @@ def load_checkpoint(path: str | os.PathLike[str],
         ) from exc
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path} holds a {type(payload).__name__}, not a checkpoint dict")
+    check_nesting(payload, str(path))
     check_format_version(payload, str(path))
     return payload
 

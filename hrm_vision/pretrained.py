@@ -58,7 +58,7 @@ from .checkpoints import (
 from .files import atomic_write
 from .vae import MODELS, VAEBase, build_model, model_name
 from .vae.base import WEIGHTS_FILES
-from .weights import check_arch_sizes, load_state_checked
+from .weights import check_arch_sizes, check_nesting, load_state_checked
 
 #: Version of the metadata layout written by :func:`save_pretrained`.
 FORMAT_VERSION = 1
@@ -68,6 +68,9 @@ SAFETENSORS_SUFFIX = ".safetensors"
 IMAGE_CONVENTION = "float RGB in [0, 1], NCHW, H and W divisible by 8"
 #: Name prefix of the adapter's tensors in a ``.safetensors`` file that also holds one.
 ADAPTER_PREFIX = "adapter."
+#: Most characters the string metadata of a ``.safetensors`` file may hold, keys and values
+#: together (what :func:`save_pretrained` writes is a few hundred).
+MAX_METADATA_CHARS = 1 << 16
 #: Role written when none is given, by registry name.
 DEFAULT_ROLES: dict[str, str] = {"tinyvae": "student", "teacher": "teacher",
                                  "compact_student": "student", "compact_teacher": "teacher"}
@@ -123,7 +126,8 @@ def save_pretrained(model: VAEBase, path: str | os.PathLike[str],
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
-    """The string metadata of a ``.safetensors`` file (``arch``, ``role``, ``images``, ...)."""
+    """The string metadata of a ``.safetensors`` file (``arch``, ``role``, ``images``, ...),
+    at most :data:`MAX_METADATA_CHARS` characters."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -131,10 +135,29 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
         raise _error(f"weights file not found: {path}")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            return dict(f.metadata() or {})
+            metadata = dict(f.metadata() or {})
     except Exception as exc:  # SafetensorError, OSError, UnicodeDecodeError, ...
         raise _error(f"{path} is not a readable safetensors file (corrupt or truncated?): "
                      f"{_first_line(exc)}") from exc
+    size = sum(len(k) + len(v) for k, v in metadata.items())
+    if size > MAX_METADATA_CHARS:
+        raise _error(f"metadata of {path} is too large: {size} characters, at most "
+                     f"{MAX_METADATA_CHARS} (a crafted file?)")
+    return metadata
+
+
+def _metadata_json(metadata: Mapping[str, str], key: str, path: Path) -> Any:
+    """The JSON value of metadata ``key`` (an architecture: a flat dict), nested at most a few
+    levels; a named ``CheckpointError`` for invalid or too deeply nested JSON."""
+    where = f"the {key!r} metadata of {path}"
+    try:
+        value = json.loads(metadata[key])
+    except RecursionError:
+        raise _error(f"{where} is nested too deep (a crafted file?)") from None
+    except ValueError as exc:  # JSONDecodeError, a 5000-digit number
+        raise _error(f"{where} is not valid JSON ({_first_line(exc)})") from exc
+    check_nesting(value, where, limit=2)
+    return value
 
 
 def load_pretrained(path: str | os.PathLike[str], role: str | None = None,
@@ -191,10 +214,7 @@ def _safetensors_arch(path: Path) -> tuple[str, dict[str, Any], str]:
     if "arch" not in metadata:
         raise _error(f"{path} has no 'arch' metadata, so the model cannot be rebuilt (was it "
                      f"written by save_pretrained? metadata keys: {sorted(metadata)})")
-    try:
-        arch = json.loads(metadata["arch"])
-    except json.JSONDecodeError as exc:
-        raise _error(f"{path}: the 'arch' metadata is not valid JSON ({exc})") from exc
+    arch = _metadata_json(metadata, "arch", path)
     name, kwargs = _split_arch(arch, f"{path} 'arch' metadata")
     version = metadata.get("format_version", str(FORMAT_VERSION))
     if not version.isdigit() or int(version) > FORMAT_VERSION:
@@ -326,12 +346,12 @@ def load_pretrained_adapter(path: str | os.PathLike[str]) -> torch.nn.Module:
     if "adapter_arch" not in metadata:
         raise _error(f"{path} holds no adapter (no 'adapter_arch' metadata; it holds the "
                      f"{metadata.get('role', '?')!r} model)")
+    arch = _metadata_json(metadata, "adapter_arch", path)
     try:
-        arch = json.loads(metadata["adapter_arch"])
         with safe_open(str(path), framework="pt", device="cpu") as f:
             state = {k[len(ADAPTER_PREFIX):]: f.get_tensor(k) for k in f.keys()  # noqa: SIM118
                      if k.startswith(ADAPTER_PREFIX)}
-    except Exception as exc:  # JSONDecodeError, SafetensorError, OSError, ...
+    except Exception as exc:  # SafetensorError, OSError, ...
         raise _error(f"{path}: cannot read the adapter: {_first_line(exc)}") from exc
     payload = {f"{ADAPTER_ROLE}_state_dict": state, f"{ADAPTER_ROLE}_arch": arch}
     return model_from_payload(payload, ADAPTER_ROLE, source=str(path))

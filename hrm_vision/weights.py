@@ -4,7 +4,9 @@ integer or bool tensor is never a weight), finite values, and architecture sizes
 the stored tensors allow. Every failure is a :class:`CheckpointError` naming the source.
 
 Used by :mod:`hrm_vision.checkpoints` (``.pth``), :mod:`hrm_vision.pretrained`
-(``.safetensors``) and the trainer's resume.
+(``.safetensors``) and the trainer's resume. :func:`check_nesting` bounds how deep the lists and
+dicts of a loaded file nest, so that nothing recursing over them later (a check, ``repr``, a JSON
+write) hits Python's recursion limit.
 """
 
 from __future__ import annotations
@@ -18,6 +20,30 @@ from torch import nn
 
 class CheckpointError(ValueError):
     """A file that is missing, unreadable, not a checkpoint, or does not fit the model."""
+
+
+#: Deepest nesting of lists, tuples and dicts a loaded file may hold; this package's files nest
+#: at most 4 levels (a history record's values), far below Python's recursion limit.
+MAX_NESTING = 32
+
+
+def check_nesting(value: Any, source: str, limit: int = MAX_NESTING) -> None:
+    """A ``CheckpointError`` ("``source`` is nested too deep") when the lists, tuples and dicts
+    of ``value`` nest more than ``limit`` levels. Walks without recursion, so a file crafted to
+    nest 100,000 levels is refused before anything recurses over it."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        if depth >= limit:
+            raise CheckpointError(f"{source} is nested too deep: more than {limit} levels of "
+                                  "lists and dicts (a crafted or corrupt file?)")
+        stack.extend((child, depth + 1) for child in children)
 
 
 def non_finite_tensors(value: Any, prefix: str = "") -> list[str]:

@@ -199,7 +199,7 @@ import sys
 from hrm_vision.distill import trainer
 from hrm_vision.distill.__main__ import main
 
-def run(self, resume=None):
+def run(self, resume=None, force_resume=False):
     raise TypeError("a real bug")
 
 trainer.Distiller.run = run

@@ -54,7 +54,8 @@ def _add_field(parser: argparse.ArgumentParser, name: str, field: FieldInfo) -> 
 
 
 def setup_args() -> argparse.ArgumentParser:
-    """The argument parser: ``--config``, ``--resume`` and one flag per config field."""
+    """The argument parser: ``--config``, ``--resume``, ``--force-resume`` and one flag per
+    config field."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Distil the TinyVAE (MinimalVAE) from a teacher VAE: pre-train the teacher if "
@@ -63,7 +64,11 @@ def setup_args() -> argparse.ArgumentParser:
                         help="JSON file of config keys; flags given here override it")
     parser.add_argument("--resume", default=None, metavar="PATH|auto",
                         help="continue from a checkpoint, or 'auto' for the latest *_last.pth "
-                             "in checkpoint_dir")
+                             "in checkpoint_dir; the checkpoint's phase and models continue, "
+                             "into checkpoint_dir (its own folder or a new one)")
+    parser.add_argument("--force-resume", action="store_true",
+                        help="resume even when config fields that shape the run (models, data, "
+                             "batches, optimisation, loss) differ from the checkpoint's")
     group = parser.add_argument_group("config keys (every key is described in docs/training.md)")
     for name, field in DistillConfig.model_fields.items():
         _add_field(group, name, field)  # type: ignore[arg-type]
@@ -107,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     0 done, 1 the run diverged (:class:`~hrm_vision.distill.loop.TrainingDiverged`), 2 an
     expected failure (bad config, checkpoint, dataset, a file that cannot be written, a missing
     extra: one line on standard error, :func:`hrm_vision.cli.run_main`), 130/143 stopped by
-    SIGINT/SIGTERM after saving."""
+    SIGINT/SIGTERM after saving. A resume with no epoch left to train says so ("... asks for
+    nothing more: nothing to do") and exits with 0."""
     from ..cli import run_main
 
     return run_main(PROG, _run, argv)
@@ -122,7 +128,7 @@ def _run(argv: list[str] | None) -> int:
     try:
         config = config_from_args(args)
         distiller = Distiller(config)
-        files = distiller.run(resume=args.resume)
+        files = distiller.run(resume=args.resume, force_resume=args.force_resume)
         if distiller.ctx.is_main:
             print(summary(files, distiller.history))
         return 0

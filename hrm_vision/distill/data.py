@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import zlib
 from collections.abc import Iterator, Sized
 from dataclasses import dataclass, field
@@ -126,13 +127,27 @@ class EpochSampler(Sampler[int]):
         return len(self.data)
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: the worker ignores SIGINT and SIGTERM.
+
+    Ctrl-C in a terminal, Slurm and systemd signal the whole process group. Left to PyTorch's
+    handlers, a worker dies of the SIGTERM (the main process then fails with "DataLoader worker
+    ... killed by signal" instead of saving) or raises KeyboardInterrupt; ignoring both leaves
+    the decision to the main process, whose handler finishes the step, saves and exits. The
+    workers still end with the main process (PyTorch shuts them down through their queues).
+    """
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, ctx: DistContext, seed: int,
                 drop_last: bool = False, num_workers: int = 0) -> DataLoader:
     """A DataLoader over this rank's share of ``dataset``.
 
     Distributed: a ``DistributedSampler`` (each rank gets a disjoint ``1/world_size`` share,
     padded by repetition to equal length unless ``drop_last``). Single process: an
-    ``EpochSampler``. Either way call ``set_epoch(loader, epoch)`` before each epoch.
+    ``EpochSampler``. Either way call ``set_epoch(loader, epoch)`` before each epoch. Worker
+    processes ignore SIGINT and SIGTERM (:func:`ignore_stop_signals`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -148,6 +163,7 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, ctx: DistCo
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                       num_workers=num_workers, pin_memory=ctx.device.type == "cuda",
                       generator=torch.Generator().manual_seed(seed),
+                      worker_init_fn=ignore_stop_signals if num_workers else None,
                       persistent_workers=False)
 
 

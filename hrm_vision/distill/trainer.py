@@ -26,9 +26,11 @@ the best so far when it ended.
 
 Every checkpoint is a full training state (:class:`~hrm_vision.distill.state.TrainingCheckpoint`)
 written with CPU tensors, atomically, on rank 0, by the loop; ``run(resume=...)``
-continues exactly where it stopped. SIGINT/SIGTERM finish the current optimizer step, save
-``*_last.pth`` and raise :class:`TrainingInterrupted`. A non-finite loss skips the step;
-``max_bad_steps`` in a row raise :class:`TrainingDiverged` (the last good checkpoint stays).
+continues exactly where it stopped, with the checkpoint's phase, models and teacher, in its own
+folder or a new one (:mod:`hrm_vision.distill.resume`). SIGINT/SIGTERM finish the current
+optimizer step, save ``*_last.pth`` and raise :class:`TrainingInterrupted`. A non-finite loss
+skips the step; ``max_bad_steps`` in a row raise :class:`TrainingDiverged` (the last good
+checkpoint stays).
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ from .loop import PhaseLoop, TrainingDiverged, TrainingInterrupted
 from .losses import DistillLoss
 from .perceptual import build_perceptual, resolve_backbone
 from .phases import DistillPhase, FinetunePhase, Phase, PhaseContext, TeacherPhase
+from .resume import check_config, find_resume, resumed_teacher, settle_resumed
 from .state import TrainingCheckpoint, seed_everything
 
 __all__ = ["Distiller", "TrainingDiverged", "TrainingInterrupted", "find_resume"]
@@ -101,15 +104,6 @@ def configured_model(config: DistillConfig, role: str) -> VAEBase:
         arch["image_size"] = c.image_size
     takes = inspect.signature(MODELS[name]).parameters
     return build_model(name, **{k: v for k, v in arch.items() if k in takes})
-
-
-def find_resume(checkpoint_dir: str | Path) -> Path | None:
-    """The checkpoint ``--resume auto`` continues from: the latest phase's ``*_last.pth``."""
-    d = Path(checkpoint_dir)
-    for phase in (FinetunePhase, DistillPhase, TeacherPhase):
-        if (d / phase.last_file).is_file():
-            return d / phase.last_file
-    return None
 
 
 class Distiller:
@@ -221,13 +215,16 @@ class Distiller:
     def _obtain_teacher(self, resume: dict[str, Any] | None) -> None:
         """Load the teacher, pre-train it (continuing ``resume`` of the teacher phase), or
         leave it None when the loss needs none; then freeze it."""
-        needed = self.teacher_needed
-        resuming = resume is not None and resume["phase"] == "teacher"
-        path = None if resuming else self._teacher_path()
+        phase = resume["phase"] if resume is not None else None
+        if phase is None:
+            path = self._teacher_path()
+        else:  # a resumed student phase continues with its checkpoint's teacher, if any
+            path = None if phase == "teacher" else resumed_teacher(
+                resume, self.config, self.resume_source, self.teacher_needed)
         if path is not None:
             self.teacher = self._load_teacher(path)
-        elif needed:
-            self.teacher = self._pretrain_teacher(resume if resuming else None)
+        elif self.teacher_needed:
+            self.teacher = self._pretrain_teacher(resume if phase == "teacher" else None)
         if self.teacher is not None:
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
@@ -270,13 +267,16 @@ class Distiller:
         return kind(self.phase_context, epochs, self.student, self.adapter, self.teacher, loss,
                     self.perceptual_name, self.teacher_source)
 
-    def run(self, resume: str | Path | None = None) -> dict[str, Path]:
-        """Run the phases; ``resume`` is a checkpoint path or ``"auto"``. Returns the files
-        written (``best``, ``last``, ``teacher``, ``history``, ``config``...)."""
+    def run(self, resume: str | Path | None = None,
+            force_resume: bool = False) -> dict[str, Path]:
+        """Run the phases; ``resume`` is a checkpoint path or ``"auto"`` (see
+        :mod:`hrm_vision.distill.resume`: the config fields that shape the run must equal the
+        checkpoint's, unless ``force_resume``). Returns the files written (``best``, ``last``,
+        ``teacher``, ``history``, ``config``...)."""
         # One writer per folder: rank 0 holds the lock for the whole run, before it reads a
         # checkpoint to resume, deletes temporaries or writes the effective config.
         with FolderLock(self.out_dir, "training") if self.ctx.is_main else nullcontext() as lock:
-            payload = self._resume_payload(resume)
+            payload = self._resume_payload(resume, force_resume)
             if lock is not None:
                 stale = lock.remove_stale_temporaries()
                 if stale:
@@ -344,10 +344,20 @@ class Distiller:
             loop.restore(payload, f"{self.resume_source} ({payload['phase']} phase)")
             self.message(f"resuming {payload['phase']} from {self.resume_source} (epoch "
                          f"{loop.state.epoch}, batch {loop.state.step_in_epoch})")
+            self._resumed(phase, loop)
         self.loop = loop
         loop.run()
 
-    def _resume_payload(self, resume: str | Path | None) -> dict[str, Any] | None:
+    def _resumed(self, phase: Phase, loop: PhaseLoop) -> None:
+        """After a restore: :func:`~hrm_vision.distill.resume.settle_resumed` (say when no
+        epoch is left, bring the best checkpoint into a new folder)."""
+        for note in settle_resumed(self.resume_source, self.out_dir, phase, loop.state,
+                                   self.config.finetune_epochs, write=self.ctx.is_main):
+            self.message(note)
+        barrier(self.ctx)  # the best file is in place before any rank reads it
+
+    def _resume_payload(self, resume: str | Path | None,
+                        force: bool = False) -> dict[str, Any] | None:
         if resume is None:
             return None
         path = find_resume(self.out_dir) if str(resume) == "auto" else Path(resume)
@@ -360,6 +370,9 @@ class Distiller:
             raise CheckpointError(f"{path} is not a training checkpoint of this trainer "
                                   "(no phase/optimizer state); pass it as --teacher-checkpoint "
                                   "or load it with hrm_vision.checkpoints.load_model")
+        forced = check_config(payload, self.config, str(path), force)
+        if forced:
+            self.message(f"--force-resume: resuming {path} with {'; '.join(forced)}")
         return payload  # the rest is checked once, where the phase restores it (models first)
 
     @contextmanager
