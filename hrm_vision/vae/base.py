@@ -127,8 +127,9 @@ class VAEBase(nn.Module):
                 "convert uint8 frames with x.float() / 255"
             )
         if x.shape[1] != self.in_channels:
+            kind = "1 grey channel" if self.in_channels == 1 else f"{self.in_channels} RGB channels"
             raise ValueError(
-                f"expected {self.in_channels} RGB channels in dimension 1 (NCHW), got shape "
+                f"expected {kind} in dimension 1 (NCHW), got shape "
                 f"{tuple(x.shape)}; channels-last input needs x.permute(0, 3, 1, 2)"
             )
         f = self.downsample_factor
