@@ -41,13 +41,17 @@ def test_event_files_hold_the_history_values_and_the_grid(tmp_path: Path) -> Non
     events.Reload()
     tags = events.Tags()
     for record in history:
-        for part in ("train", "val"):
-            assert set(record[part]) >= {"total", "recon"}
+        assert set(record["value_share"]) >= {"recon", "kl"}  # each term's share, every epoch
+        assert sum(record["gradient_share"].values()) == pytest.approx(1.0)
+        for part in ("train", "val", "value_share", "gradient_share"):
+            assert set(record[part]) >= {"recon"}
             for key in record[part]:
                 assert f"distill/{part}/{key}" in tags["scalars"], (part, key)
     for tag, values in (("distill/val/psnr", [r["val"]["psnr"] for r in history]),
                         ("distill/train/total", [r["train"]["total"] for r in history]),
-                        ("distill/lr", [r["lr"] for r in history])):
+                        ("distill/lr", [r["lr"] for r in history]),
+                        ("distill/gradient_share/recon",
+                         [r["gradient_share"]["recon"] for r in history])):
         scalars = events.Scalars(tag)
         assert [s.step for s in scalars] == [1, 2], tag
         # TensorBoard stores float32
