@@ -51,8 +51,10 @@ class Hangs(Mean):
 @hookimpl
 def register_irp_plugins(register):
     register("mean", Mean, ToyConfig, kind="test")
+    register("limits", Mean, ToyConfig, kind="test")  # named like its entry point
     register("os_exit", ends_on_second(lambda status: os._exit(status)), ToyConfig, kind="test")
     register("posix_exit", ends_on_second(posix._exit), ToyConfig, kind="test")
+    register("bound_exit", ends_on_second(os._exit), ToyConfig, kind="test")  # bound at import
     register("hangs", Hangs, ToyConfig, kind="test")
 """
 
@@ -117,8 +119,10 @@ def test_os_exit_in_a_run_is_that_plugins_failure(root: Path) -> None:
     assert "mean: 3 of 3 inputs" in proc.stderr and "os_exit: 2 of 3 inputs" in proc.stderr
 
 
-def test_another_hard_exit_ends_the_host_with_complete_lines_before_it(root: Path) -> None:
-    proc = host(root, ["--plugin", "mean", "--plugin", "posix_exit", *images(root),
+@pytest.mark.parametrize("plugin", ["posix_exit", "bound_exit"])
+def test_another_hard_exit_ends_the_host_with_complete_lines_before_it(root: Path,
+                                                                       plugin: str) -> None:
+    proc = host(root, ["--plugin", "mean", "--plugin", plugin, *images(root),
                        "--telemetry", "t.jsonl"])
     assert proc.returncode == 0  # the plugin's status: the host had no say
     records = telemetry(root / "t.jsonl")
@@ -133,7 +137,7 @@ def test_another_hard_exit_ends_the_host_with_complete_lines_before_it(root: Pat
 def test_a_step_that_never_returns_hangs_until_timeout_stops_it(root: Path) -> None:
     start = time.monotonic()
     proc = host(root, ["--plugin", "hangs", *images(root), "--time-budget", "0.1",
-                       "--telemetry", "t.jsonl"], timeout=6)
+                       "--telemetry", "t.jsonl"], timeout=5)
     took = time.monotonic() - start
     assert proc.returncode == 124, proc.stderr[-2000:]  # --time-budget did not stop it
     assert (root / "marker").exists()  # it was in step(), not still starting
@@ -141,19 +145,34 @@ def test_a_step_that_never_returns_hangs_until_timeout_stops_it(root: Path) -> N
     assert (root / "t.jsonl").read_text() == ""
 
 
-def test_list_imports_every_entry_point_so_a_loop_at_import_hangs_it(root: Path) -> None:
+@pytest.fixture
+def loops(root: Path) -> Path:
+    """``root`` with a second entry point, ``loops``, whose import never returns."""
     dist = root / "dist_limits"
     (dist / "hrmv_loops.py").write_text(LOOPS_AT_IMPORT)
     (entry_points,) = dist.glob("*.dist-info/entry_points.txt")
     entry_points.write_text(entry_points.read_text() + "loops = hrmv_loops\n")
-    proc = host(root, ["--list"], timeout=6)
-    assert proc.returncode == 124 and (root / "marker").exists(), proc.stderr[-2000:]
-    (root / "marker").unlink()
-    # the allow-list keeps the looping entry point out: --list works and never imports it
-    proc = host(root, ["--list"], timeout=6, **{ALLOW_ENV: "limits"})
+    return root
+
+
+def test_list_imports_every_entry_point_so_a_loop_at_import_hangs_it(loops: Path) -> None:
+    proc = host(loops, ["--list"], timeout=5)
+    assert proc.returncode == 124 and (loops / "marker").exists(), proc.stderr[-2000:]
+
+
+def test_list_under_an_allow_list_never_imports_the_others(loops: Path) -> None:
+    proc = host(loops, ["--list"], timeout=5, **{ALLOW_ENV: "limits"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "hangs" in proc.stdout and "tinyvae" in proc.stdout
-    assert not (root / "marker").exists()
-    # a run asking for a plugin by an entry point's name imports only that entry point
-    proc = host(root, ["--plugin", "limits", "--list"], timeout=6)
-    assert proc.returncode == 124  # --list ignores --plugin: every entry point is imported
+    assert not (loops / "marker").exists()
+
+
+def test_a_run_imports_the_entry_point_named_like_its_plugin_only(loops: Path) -> None:
+    proc = host(loops, ["--plugin", "limits", "--images", str(loops / "frame0.png")], timeout=5)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (loops / "marker").exists()
+
+
+def test_a_plugin_named_unlike_its_entry_point_imports_them_all(loops: Path) -> None:
+    proc = host(loops, ["--plugin", "mean", "--images", str(loops / "frame0.png")], timeout=5)
+    assert proc.returncode == 124 and (loops / "marker").exists(), proc.stderr[-2000:]
