@@ -17,6 +17,7 @@ from PIL import Image
 from test_irp_plugins import fake_distribution  # tests/ is on sys.path under pytest
 
 from hrm_vision.irp import ALLOW_ENV
+from hrm_vision.irp.guards import HardExitError, os_exit_raises
 from hrm_vision.irp.telemetry import validate_telemetry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,3 +177,16 @@ def test_a_run_imports_the_entry_point_named_like_its_plugin_only(loops: Path) -
 def test_a_plugin_named_unlike_its_entry_point_imports_them_all(loops: Path) -> None:
     proc = host(loops, ["--plugin", "mean", "--images", str(loops / "frame0.png")], timeout=5)
     assert proc.returncode == 124 and (loops / "marker").exists(), proc.stderr[-2000:]
+
+
+def test_os_exit_is_restored_and_still_ends_a_forked_child() -> None:
+    real = os._exit
+    with os_exit_raises():
+        with pytest.raises(HardExitError, match=r"os._exit\(5\)"):
+            os._exit(5)
+        pid = os.fork()
+        if pid == 0:  # the child: its os._exit must end it, not raise into pytest's code
+            os._exit(7)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 7
+    assert os._exit is real
