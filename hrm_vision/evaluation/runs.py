@@ -14,6 +14,9 @@ time in seconds.
   runs of one seed share their validation crops): the mean and spread of the per-seed gains.
 - A directory whose history has teacher pre-training epochs also gets a teacher row.
 - ``--epoch N`` reports epoch N of each phase instead of the best one.
+
+A missing, malformed or crafted ``history.json`` (deep nesting, a 5000-digit number, records
+without their fields) is one line naming the file, exit status 2.
 """
 
 from __future__ import annotations
@@ -27,7 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..distill.config import read_json
 from ..distill.state import BEST_METRIC
+
+PROG = "python -m hrm_vision.evaluation.runs"
+#: The fields of a ``history.json`` record this command reads, with their JSON types.
+RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {"phase": str, "epoch": int,
+                                                     "time_s": (int, float), "val": dict}
 
 #: (history key, column title, decimals) of the per-run columns.
 COLUMNS = (("psnr", "student PSNR (dB)", 2), ("psnr_sample", "decode(z) PSNR (dB)", 2),
@@ -70,14 +79,42 @@ class Run:
     seconds: float
 
 
+def read_history(path: Path) -> list[dict[str, Any]]:
+    """The epoch records of a ``history.json``: a list of objects with :data:`RECORD_FIELDS`
+    and a numeric ``val[BEST_METRIC]``.
+
+    Raises:
+        OSError: the file cannot be read.
+        ValueError: not JSON this parser reads (syntax, nesting too deep, a huge number) or
+            not a list of such records; one line naming the file.
+    """
+    try:
+        history = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:  # syntax, UTF-8, a 5000-digit number, nesting
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise ValueError(f"{path} is not a history.json this command can read: "
+                         f"{type(exc).__name__}: {first}") from None
+    if not isinstance(history, list):
+        raise ValueError(f"{path} must hold a list of epoch records, got "
+                         f"{type(history).__name__}")
+    for i, record in enumerate(history):
+        bad = ([k for k, t in RECORD_FIELDS.items() if not isinstance(record.get(k), t)]
+               if isinstance(record, dict) else list(RECORD_FIELDS))
+        if not bad and not isinstance(record["val"].get(BEST_METRIC), (int, float)):
+            bad = [f"val.{BEST_METRIC}"]
+        if bad:
+            raise ValueError(f"{path}: record {i} lacks or mistypes {', '.join(bad)}")
+    return history
+
+
 def read_run(directory: Path, phase: str, epoch: int | None) -> Run | None:
     """The ``phase`` numbers of the run in ``directory``; ``None`` without such epochs."""
-    history = json.loads((directory / "history.json").read_text())
+    history = read_history(directory / "history.json")
     record = pick(history, phase, epoch)
     if record is None:
         return None
     config = directory / "config.json"
-    seed = json.loads(config.read_text()).get("seed") if config.is_file() else None
+    seed = read_json(config).get("seed") if config.is_file() else None
     n = record["epoch"] if epoch else sum(1 for r in history if r["phase"] == phase)
     seconds = sum(r["time_s"] for r in history if r["phase"] == phase and r["epoch"] <= n)
     return Run(seed, {k: record["val"].get(k) for k, _, _ in COLUMNS}, n, record["epoch"],
@@ -133,7 +170,7 @@ def teacher_rows(label: str, directories: Sequence[Path], epoch: int | None,
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the table of the runs given."""
-    parser = argparse.ArgumentParser(prog="python -m hrm_vision.evaluation.runs",
+    parser = argparse.ArgumentParser(prog=PROG,
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", metavar="LABEL=DIR[,DIR...]")
@@ -169,4 +206,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ..cli import run_main
+
+    sys.exit(run_main(PROG, main))

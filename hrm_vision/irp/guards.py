@@ -1,15 +1,17 @@
 """What the IRP host does to keep plugins and runs apart: each plugin gets its own copy of an
-input, a result with a non-finite energy is a failure, and the telemetry file is never one of
-the run's inputs."""
+input, a result with a non-finite energy is a failure, ``os._exit`` called during a run is an
+exception of that run, and the telemetry file is never one of the run's inputs."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -40,6 +42,33 @@ def check_energies(result: IRPResult) -> None:
         if value is None or not math.isfinite(float(value)):
             raise NonFiniteEnergyError(f"state {state.step_idx} has energy {value} (not a finite "
                                        "number)")
+
+
+class HardExitError(SystemExit):
+    """A plugin called ``os._exit(status)`` while the host ran it (see :func:`os_exit_raises`)."""
+
+
+@contextlib.contextmanager
+def os_exit_raises() -> Iterator[None]:
+    """Inside, ``os._exit(status)`` called by this process raises :class:`HardExitError` instead
+    of ending it, so the host reports the plugin's failure and goes on.
+
+    A forked child's call (``multiprocessing``) still ends the child. Not caught: ``posix._exit``,
+    an ``_exit`` bound before entering (``from os import _exit`` at a plugin's import), signals,
+    crashes: these end the host at once.
+    """
+    real, pid = os._exit, os.getpid()
+
+    def _exit(status: int) -> NoReturn:
+        if os.getpid() != pid:
+            real(status)
+        raise HardExitError(f"the plugin called os._exit({status}); the host stopped it")
+
+    os._exit = _exit
+    try:
+        yield
+    finally:
+        os._exit = real
 
 
 def input_files(args: argparse.Namespace, configs: dict[str, dict[str, Any]]) -> list[str]:

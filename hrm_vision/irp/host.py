@@ -35,7 +35,7 @@ from typing import IO, Any
 import numpy as np
 
 from .base import IRPPlugin, IRPResult
-from .guards import check_energies, private_copy, refuse_output_over_inputs
+from .guards import check_energies, os_exit_raises, private_copy, refuse_output_over_inputs
 from .plugins import (
     PLUGIN_FAILURES,
     PluginError,
@@ -54,9 +54,10 @@ class Orchestrator:
     """Runs IRP plugins on a stream of inputs under a step budget, one plugin's failure isolated
     from the others.
 
-    A plugin that raises (any exception, or ``SystemExit``) while running on an input is
-    reported and the run goes on: the other plugins' results for that input come back, and the
-    failing plugin is tried again on the next input. Each failure is a :class:`PluginError` in
+    A plugin that raises (any exception, ``SystemExit``, or calls ``os._exit``: see
+    :func:`~.guards.os_exit_raises`) while running on an input is reported and the run goes
+    on: the other plugins' results for that input come back, and the failing plugin is tried
+    again on the next input. Each failure is a :class:`PluginError` in
     :attr:`errors` (and in the registry's ``errors`` when there is one), a :class:`PluginWarning`,
     and an error record in the telemetry.
 
@@ -155,8 +156,9 @@ class Orchestrator:
             for name, plugin in self.plugins.items():
                 try:
                     start = time.perf_counter()
-                    result = plugin.run(private_copy(x), task_ctx,
-                                        max_steps=self.steps_per_plugin, input_id=index)
+                    with os_exit_raises():
+                        result = plugin.run(private_copy(x), task_ctx,
+                                            max_steps=self.steps_per_plugin, input_id=index)
                     self._check_time(time.perf_counter() - start)
                     check_energies(result)
                     line = to_jsonl(result.telemetry) if self.telemetry is not None else None
