@@ -16,9 +16,11 @@ import math
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchmetrics.functional.image import structural_similarity_index_measure
+
+from .objective import gaussian_kl
 
 
 def mse(prediction: Tensor, target: Tensor) -> float:
@@ -88,3 +90,17 @@ def mean_over(loader: DataLoader, fn: Callable[[Tensor, Tensor], dict[str, float
 def error_image(reconstruction: Tensor, x: Tensor, gain: float = 10.0) -> Tensor:
     """``|reconstruction - x|`` times ``gain``, clamped to [0, 1]: where a model is wrong."""
     return ((reconstruction - x).abs() * gain).clamp(0, 1)
+
+
+def rate_and_sample(model: nn.Module, x: Tensor, index: Tensor, mu: Tensor, logvar: Tensor
+                    ) -> dict[str, float]:
+    """Validation values of one batch ``x`` (B, C, H, W) in [0, 1] for a VAE in eval mode with
+    posterior ``mu, logvar``: the pooled-MSE ``psnr_sample`` of a posterior sample (seeded by
+    the batch's first dataset index ``index[0]``, so every epoch draws the same noise; turn it
+    into a PSNR after pooling), ``kl_per_element`` (nats) and ``bits_per_pixel`` (the image's
+    KL over its pixels, in bits)."""
+    kl = gaussian_kl(mu, logvar).flatten(1)
+    pixels = x.shape[-2] * x.shape[-1]
+    return {"psnr_sample": mse(model.decode_sample(x, int(index[0])), x),
+            "kl_per_element": float(kl.mean()),
+            "bits_per_pixel": float(kl.sum(1).mean()) / (pixels * math.log(2))}

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 from ..checkpoints import CheckpointError, save_checkpoint
 from ..files import write_json
 from ..weights import check_fits, non_finite_tensors
-from .data import DistContext, barrier, reduce_mean, set_epoch, wrap_ddp
+from .data import DistContext, barrier, first_images, reduce_mean, set_epoch, wrap_ddp
 from .optim import (
     WeightAverage,
     autocast,
@@ -211,8 +211,7 @@ class PhaseLoop:
         return count
 
     def patience_spent(self) -> bool:
-        """Whether ``early_stop_patience`` epochs in a row brought no better validation PSNR
-        (then the phase stops: its best file holds its best epoch)."""
+        """Whether ``early_stop_patience`` epochs in a row brought no better validation PSNR."""
         patience = self.config.early_stop_patience
         return patience is not None and self.epochs_without_best() >= patience
 
@@ -387,13 +386,11 @@ class PhaseLoop:
     def _term_shares(self) -> tuple[dict[str, float], dict[str, float]]:
         """Each term's share of the objective and of the gradient norm on the first training
         batch (the same images every epoch; the random streams are left as they were)."""
-        n = min(self.config.batch_size, len(self.phase.ctx.train_set))
-        x = torch.stack([self.phase.ctx.train_set[i][1] for i in range(n)]).to(self.ctx.device)
+        x = first_images(self.phase.ctx.train_set, self.config.batch_size).to(self.ctx.device)
         devices = [self.ctx.device.index or 0] if self.ctx.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), autocast(self.config, self.ctx.device):
             self.phase.set_train_mode(self.current_epoch)
-            shares = self.phase.term_shares(self.module, torch.arange(n), x)
-        return shares
+            return self.phase.term_shares(self.module, torch.arange(len(x)), x)
 
     def _validate(self) -> dict[str, float]:
         """The phase's validation, on the averaged weights when an average is kept."""

@@ -85,18 +85,6 @@ def teacher_targets(teacher: nn.Module, x: Tensor) -> TeacherTargets:
     return TeacherTargets(out.mu.float(), out.logvar.float(), out.reconstruction.float())
 
 
-@torch.no_grad()
-def sampled_reconstruction(model: VAEBase, x: Tensor, seed: int = CALIBRATION_SEED) -> Tensor:
-    """``model.decode(z)`` with ``z`` one posterior sample per image, drawn from a generator
-    seeded with ``seed`` (the global random streams are untouched). ``x``: ``(B, C, H, W)`` in
-    [0, 1]; returns the reconstruction, same shape, in [0, 1]."""
-    post = model.posterior(x)
-    gen = torch.Generator(device=post.mu.device).manual_seed(seed)
-    noise = torch.randn(post.mu.shape, generator=gen, device=post.mu.device,
-                        dtype=post.mu.dtype)
-    return model.decode(post.mu + torch.exp(0.5 * post.logvar) * noise)
-
-
 def adapt(adapter: LatentAdapter, mu: Tensor, logvar: Tensor) -> tuple[Tensor, Tensor]:
     """The student posterior pushed through the linear ``adapter``: (mean, marginal variance),
     both ``(B, teacher_dim, h, w)``."""
@@ -143,6 +131,23 @@ def teacher_closer(student: Tensor, teacher: Tensor, x: Tensor) -> Tensor:
     than the student's, else 0 (all ``(B, 3, H, W)``; no gradient)."""
     with torch.no_grad():
         return ((teacher - x).pow(2) < (student - x).pow(2)).float()
+
+
+class Trainable(nn.Module):
+    """What a phase trains, in one module (one DDP wrapper, one weight average): the model, the
+    likelihood scale of its loss and, when distilling, the latent adapter.
+    ``x -> (VAEOutput, (adapted_mu, adapted_var) or None)``."""
+
+    def __init__(self, model: VAEBase, scale: nn.Module,
+                 adapter: LatentAdapter | None = None) -> None:
+        super().__init__()
+        self.model, self.scale, self.adapter = model, scale, adapter
+
+    def forward(self, x: Tensor) -> tuple[VAEOutput, tuple[Tensor, Tensor] | None]:
+        out = self.model(x)
+        if self.adapter is None:
+            return out, None
+        return out, adapt(self.adapter, out.mu, out.logvar)
 
 
 class DistillLoss(nn.Module):
@@ -216,9 +221,9 @@ class DistillLoss(nn.Module):
 
     def calibrate(self, model: VAEBase, x: Tensor) -> float:
         """Set the scale to the root mean squared error of ``model``'s training reconstruction
-        (a seeded posterior sample, :func:`sampled_reconstruction`) of images ``x`` in [0, 1]:
+        (a seeded posterior sample, :meth:`VAEBase.decode_sample`) of images ``x`` in [0, 1]:
         the maximum-likelihood scale at the start. Returns ``sigma``."""
-        self.scale.calibrate(sampled_reconstruction(model, x), x)
+        self.scale.calibrate(model.decode_sample(x, CALIBRATION_SEED), x)
         return float(self.scale.sigma.detach())
 
     def scale_payload(self) -> dict[str, Any]:

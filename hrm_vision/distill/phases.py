@@ -22,7 +22,6 @@ decoder reading the adapted student latent, ``teacher.decode(adapter(student.enc
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,19 +32,21 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ..checkpoints import model_entry, to_cpu
-from ..metrics import error_image, linear_cka, mean_over, mse, psnr_from_mse, ssim
-from ..objective import gaussian_kl, gradient_shares, value_shares
-from ..vae import LatentAdapter, VAEBase, VAEOutput
+from ..metrics import (
+    error_image,
+    linear_cka,
+    mean_over,
+    mse,
+    psnr_from_mse,
+    rate_and_sample,
+    ssim,
+)
+from ..objective import gradient_shares, value_shares
+from ..vae import LatentAdapter, VAEBase
 from ..weights import load_state_checked
 from .config import DistillConfig
 from .data import IndexedDataset, TeacherCache, first_images
-from .losses import (
-    DistillLoss,
-    TeacherTargets,
-    adapt,
-    sampled_reconstruction,
-    teacher_targets,
-)
+from .losses import DistillLoss, TeacherTargets, Trainable, adapt, teacher_targets
 
 #: Validation images shown in the reconstruction grids.
 GRID_IMAGES = 8
@@ -87,36 +88,6 @@ PSNR_KEYS = ("psnr", "psnr_sample", "teacher_psnr", "cross_psnr")
 def pooled_psnr(values: dict[str, float]) -> dict[str, float]:
     """``values`` with each of ``PSNR_KEYS`` turned from a pooled MSE into a PSNR in dB."""
     return {k: psnr_from_mse(v) if k in PSNR_KEYS else v for k, v in values.items()}
-
-
-def rate_and_sample(model: VAEBase, x: Tensor, index: Tensor, out: VAEOutput
-                    ) -> dict[str, float]:
-    """Validation values of one batch ``x`` (B, C, H, W) in [0, 1] with the eval-mode output
-    ``out``: the pooled-MSE ``psnr_sample`` of a posterior sample (seeded by the batch's first
-    dataset index, so every epoch draws the same noise), ``kl_per_element`` (nats) and
-    ``bits_per_pixel`` (the image's KL over its pixels, in bits)."""
-    kl = gaussian_kl(out.mu, out.logvar).flatten(1)
-    pixels = x.shape[-2] * x.shape[-1]
-    return {"psnr_sample": mse(sampled_reconstruction(model, x, int(index[0])), x),
-            "kl_per_element": float(kl.mean()),
-            "bits_per_pixel": float(kl.sum(1).mean()) / (pixels * math.log(2))}
-
-
-class Trainable(nn.Module):
-    """What a phase trains, in one module (one DDP wrapper, one weight average): the model, the
-    likelihood scale of its loss and, when distilling, the latent adapter.
-    ``x -> (VAEOutput, (adapted_mu, adapted_var) or None)``."""
-
-    def __init__(self, model: VAEBase, scale: nn.Module,
-                 adapter: LatentAdapter | None = None) -> None:
-        super().__init__()
-        self.model, self.scale, self.adapter = model, scale, adapter
-
-    def forward(self, x: Tensor) -> tuple[VAEOutput, tuple[Tensor, Tensor] | None]:
-        out = self.model(x)
-        if self.adapter is None:
-            return out, None
-        return out, adapt(self.adapter, out.mu, out.logvar)
 
 
 class Phase:
@@ -237,7 +208,7 @@ class TeacherPhase(Phase):
             x = x.to(self.ctx.device)
             out = self.teacher(x)
             return {**{k: v.item() for k, v in self.criterion(x, out, None, None).items()},
-                    **rate_and_sample(self.teacher, x, index, out),
+                    **rate_and_sample(self.teacher, x, index, out.mu, out.logvar),
                     "psnr": mse(out.reconstruction, x), "ssim": ssim(out.reconstruction, x)}
 
         return pooled_psnr(self.ctx.reduce(*mean_over(self.ctx.val_loader, batch)))
@@ -334,7 +305,7 @@ class DistillPhase(Phase):
             teach = self.targets(index, x, self.val_cache)
             values = {k: v.item() for k, v in
                       self.criterion(x, out, adapted, teach).items()}
-            values.update(rate_and_sample(self.student, x, index, out))
+            values.update(rate_and_sample(self.student, x, index, out.mu, out.logvar))
             values.update(psnr=mse(out.reconstruction, x), ssim=ssim(out.reconstruction, x))
             if teach is not None:
                 values.update(teacher_psnr=mse(teach.reconstruction, x),

@@ -181,6 +181,16 @@ class VAEBase(nn.Module):
         """Decoder output to an image in [0, 1]: clamped, straight-through while training."""
         return clamp01(raw, straight_through=self.training and torch.is_grad_enabled())
 
+    @torch.no_grad()
+    def decode_sample(self, x: Tensor, seed: int = 0) -> Tensor:
+        """``decode(z)`` with ``z`` one posterior sample per image of ``x`` (B, C, H, W) in
+        [0, 1], drawn from a generator seeded with ``seed`` (the global random streams are left
+        alone): the reconstruction the model's rate buys, same shape as ``x``, in [0, 1]."""
+        mu, logvar = self.posterior(x)
+        gen = torch.Generator(device=mu.device).manual_seed(seed)
+        noise = torch.randn(mu.shape, generator=gen, device=mu.device, dtype=mu.dtype)
+        return self.decode(mu + torch.exp(0.5 * logvar) * noise)
+
     @staticmethod
     def reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:
         """A sample ``mu + exp(logvar / 2) * eps`` with ``eps ~ N(0, I)``."""
