@@ -296,3 +296,34 @@ class TestResidualVariance:
         loss = latent_distillation(mu_a, var_a, t, 3.0)
         plain = latent_distillation_nats(mu_t, t.logvar.exp(), mu_a, var_a, 3.0)
         assert loss < plain / 20
+
+
+class TestRateTarget:
+    def test_the_kl_weight_follows_the_rate(self, models, photo_batch) -> None:
+        """With ``kl_target`` the KL has no floor, its weight is the multiplier, and a KL
+        above the target raises the multiplier (below it, lowers it)."""
+        student = models[0]
+        x = photo_batch[:4]
+        loss = DistillLoss(distill_latent_weight=0, distill_recon_weight=0, perceptual_weight=0,
+                           kl_free_bits=50.0, kl_target=1.0)
+        terms = loss(x, student(x), None, None)
+        per_element = float(terms["kl_per_element"])
+        assert float(terms["kl"]) == pytest.approx(per_element * student(x).mu[0].numel())
+        assert per_element < 50.0  # no free-bits floor with a target
+        start = float(loss.rate.multiplier)
+        assert float(loss.weighted(terms)["kl"]) == pytest.approx(start * float(terms["kl"]))
+        loss.after_step(2.0)  # above the target
+        assert float(loss.rate.multiplier) > start
+        loss.after_step(0.1)
+        loss.after_step(0.1)
+        assert float(loss.rate.multiplier) < start
+
+    def test_the_multiplier_travels_in_the_checkpoint_keys(self) -> None:
+        loss = DistillLoss(perceptual_weight=0, kl_target=2.0)
+        loss.after_step(4.0)
+        payload = loss.scale_payload()
+        other = DistillLoss(perceptual_weight=0, kl_target=2.0)
+        assert float(other.rate.multiplier) != float(loss.rate.multiplier)
+        other.load_scale(payload, "payload")
+        assert float(other.rate.multiplier) == float(loss.rate.multiplier)
+        assert "rate_multiplier" not in DistillLoss(perceptual_weight=0).scale_payload()

@@ -126,6 +126,9 @@ class DistillConfig(BaseModel):
     free_bits_mode: FreeBitsMode = Field("total", description="total: one floor on the whole "
                                          "latent's KL (the model spends the rate where it "
                                          "helps most); channel: one floor per latent channel")
+    kl_target: float | None = Field(None, gt=0, le=1000, description="hold the KL at this many "
+                                    "nats per latent element with a Lagrange multiplier on the "
+                                    "KL term (instead of kl_weight above the floor; None: off)")
     distill_latent_weight: float = Field(0.3, ge=0, description="weight of the latent "
                                          "distillation term (teacher posterior vs adapter)")
     distill_recon_weight: float = Field(0.2, ge=0, description="weight of the output "

@@ -203,12 +203,9 @@ class PhaseLoop:
 
     def epochs_without_best(self) -> int:
         """How many of this phase's latest epochs in a row did not beat the best before them."""
-        count = 0
-        for record in reversed([r for r in self.history if r["phase"] == self.phase.name]):
-            if record["is_best"]:
-                break
-            count += 1
-        return count
+        flags = [r["is_best"] for r in self.history if r["phase"] == self.phase.name]
+        return len(flags) - (max(i for i, best in enumerate(flags) if best) + 1 if any(flags)
+                             else 0)
 
     def patience_spent(self) -> bool:
         """Whether ``early_stop_patience`` epochs in a row brought no better validation PSNR."""
@@ -280,6 +277,7 @@ class PhaseLoop:
             return boundary
         if boundary:
             self.consecutive_bad, self._bad_kinds = 0, set()
+            self.phase.after_step(terms)
         values = {k: float(v.detach()) for k, v in terms.items()}
         self.state.add(values, x.shape[0])
         self.emit("on_batch_end", self.phase, step, values)

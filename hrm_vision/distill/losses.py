@@ -48,6 +48,7 @@ from ..checkpoints import CheckpointError
 from ..objective import (
     FREE_BITS_MODES,
     GaussianScale,
+    RateTarget,
     kl_nats,
     latent_distillation_nats,
     output_distillation_nll,
@@ -60,8 +61,8 @@ TERMS: tuple[str, ...] = ("recon", "kl", "distill_latent", "distill_recon", "per
 #: Seed of the posterior samples the scale is calibrated on (a generator of its own: the
 #: training run's random stream is not touched).
 CALIBRATION_SEED = 0
-#: Checkpoint key of the likelihood scale ``log sigma``.
-SCALE_KEY = "likelihood_log_sigma"
+#: Checkpoint keys of the likelihood scale ``log sigma`` and of the rate multiplier.
+SCALE_KEY, RATE_KEY = "likelihood_log_sigma", "rate_multiplier"
 
 
 class TeacherTargets(NamedTuple):
@@ -159,6 +160,9 @@ class DistillLoss(nn.Module):
             term weights (>= 0).
         kl_free_bits: KL floor in nats per latent element; ``free_bits_mode``: ``"total"`` (one
             floor on the whole latent's KL) or ``"channel"`` (one per latent channel).
+        kl_target: hold the KL at this many nats per latent element instead: the KL term (no
+            floor) is weighted by a Lagrange multiplier (:class:`~hrm_vision.objective.RateTarget`,
+            starting at ``kl_weight``) that :meth:`after_step` moves after each optimizer step.
         temperature: latent distillation temperature (> 0).
         bounded: teacher-bounded output distillation (see ``distill_recon`` above).
         perceptual: a frozen backbone mapping images in [0, 1] to a list of feature maps, or
@@ -171,8 +175,9 @@ class DistillLoss(nn.Module):
     def __init__(self, *, recon_weight: float = 0.3, kl_weight: float = 0.1,
                  distill_latent_weight: float = 0.3, distill_recon_weight: float = 0.2,
                  perceptual_weight: float = 0.1, kl_free_bits: float = 2.0,
-                 free_bits_mode: str = "total", temperature: float = 3.0,
-                 perceptual: nn.Module | None = None, bounded: bool = False) -> None:
+                 free_bits_mode: str = "total", kl_target: float | None = None,
+                 temperature: float = 3.0, perceptual: nn.Module | None = None,
+                 bounded: bool = False) -> None:
         super().__init__()
         weights = {"recon": recon_weight, "kl": kl_weight, "distill_latent": distill_latent_weight,
                    "distill_recon": distill_recon_weight, "perceptual": perceptual_weight}
@@ -194,6 +199,8 @@ class DistillLoss(nn.Module):
         self.bounded = bounded
         self.perceptual = perceptual
         self.scale = GaussianScale()
+        self.rate = (RateTarget(kl_target, initial=max(kl_weight, 1e-3))
+                     if kl_target is not None else None)
 
     @classmethod
     def from_config(cls, config: DistillConfig, perceptual: nn.Module | None = None,
@@ -204,15 +211,17 @@ class DistillLoss(nn.Module):
                    distill_latent_weight=c.distill_latent_weight if distill else 0.0,
                    distill_recon_weight=c.distill_recon_weight if distill else 0.0,
                    perceptual_weight=c.perceptual_weight, kl_free_bits=c.kl_free_bits,
-                   free_bits_mode=c.free_bits_mode, temperature=c.temperature,
-                   perceptual=perceptual, bounded=c.distill_recon_bounded)
+                   free_bits_mode=c.free_bits_mode, kl_target=c.kl_target,
+                   temperature=c.temperature, perceptual=perceptual,
+                   bounded=c.distill_recon_bounded)
 
     @classmethod
     def vae(cls, config: DistillConfig) -> DistillLoss:
         """The teacher's pre-training objective: ``recon`` and ``kl`` as for the student."""
         return cls(recon_weight=config.recon_weight, kl_weight=config.kl_weight,
                    distill_latent_weight=0.0, distill_recon_weight=0.0, perceptual_weight=0.0,
-                   kl_free_bits=config.kl_free_bits, free_bits_mode=config.free_bits_mode)
+                   kl_free_bits=config.kl_free_bits, free_bits_mode=config.free_bits_mode,
+                   kl_target=config.kl_target)
 
     @property
     def needs_teacher(self) -> bool:
@@ -226,26 +235,43 @@ class DistillLoss(nn.Module):
         self.scale.calibrate(model.decode_sample(x, CALIBRATION_SEED), x)
         return float(self.scale.sigma.detach())
 
+    def after_step(self, kl_per_element: float) -> None:
+        """After an optimizer step: move the rate multiplier (with a ``kl_target``) from the KL
+        per latent element just measured (averaged over the processes)."""
+        if self.rate is not None:
+            self.rate.update(kl_per_element)
+
+    def _state(self) -> dict[str, Tensor]:
+        state = {SCALE_KEY: self.scale.log_sigma}
+        if self.rate is not None:
+            state[RATE_KEY] = self.rate.multiplier
+        return state
+
     def scale_payload(self) -> dict[str, Any]:
-        """The checkpoint key of this loss's likelihood scale."""
-        return {SCALE_KEY: self.scale.log_sigma.detach().cpu().clone()}
+        """The checkpoint keys of this loss's learned state: the likelihood scale and, with a
+        ``kl_target``, the rate multiplier."""
+        return {k: v.detach().cpu().clone() for k, v in self._state().items()}
 
     def load_scale(self, payload: dict[str, Any], source: str) -> None:
-        """Load the likelihood scale of a checkpoint (absent: keep the calibrated one)."""
-        if SCALE_KEY not in payload:
-            return
-        value = payload[SCALE_KEY]
-        target = self.scale.log_sigma
-        if not (isinstance(value, Tensor) and value.shape == target.shape
-                and value.is_floating_point() and bool(torch.isfinite(value).all())):
-            raise CheckpointError(f"{source}: {SCALE_KEY} must be a finite float tensor of "
-                                  f"shape {tuple(target.shape)}")
-        with torch.no_grad():
-            target.copy_(value)
+        """Load what :meth:`scale_payload` wrote (an absent key keeps the value it has)."""
+        for key, target in self._state().items():
+            if key not in payload:
+                continue
+            value = payload[key]
+            if not (isinstance(value, Tensor) and value.shape == target.shape
+                    and value.is_floating_point() and bool(torch.isfinite(value).all())):
+                raise CheckpointError(f"{source}: {key} must be a finite float tensor of "
+                                      f"shape {tuple(target.shape)}")
+            with torch.no_grad():
+                target.copy_(value)
 
     def weighted(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
-        """``{term: weight * value}`` for the terms with a non-zero weight."""
-        return {k: self.weights[k] * terms[k] for k in TERMS if self.weights[k] > 0}
+        """``{term: weight * value}`` for the terms with a non-zero weight (the KL's weight is
+        the rate multiplier with a ``kl_target``)."""
+        weights = dict(self.weights)
+        if self.rate is not None:
+            weights["kl"] = self.rate.multiplier
+        return {k: weights[k] * terms[k] for k in TERMS if float(weights[k]) > 0}
 
     def forward(self, x: Tensor, student: VAEOutput, adapted: tuple[Tensor, Tensor] | None,
                 teacher: TeacherTargets | None) -> dict[str, Tensor]:
@@ -264,7 +290,8 @@ class DistillLoss(nn.Module):
         log_sigma = self.scale.log_sigma
         terms = {
             "recon": self.scale(recon, target),
-            "kl": kl_nats(student.mu, student.logvar, self.kl_free_bits, self.free_bits_mode),
+            "kl": kl_nats(student.mu, student.logvar,
+                          self.kl_free_bits if self.rate is None else 0.0, self.free_bits_mode),
             "distill_latent": zero, "distill_recon": zero, "perceptual": zero,
         }
         if teacher is not None:
@@ -280,4 +307,6 @@ class DistillLoss(nn.Module):
             terms["perceptual"] = 0.5 * x[0].numel() * feature_matching(
                 self.perceptual(student.reconstruction), features)
         terms["total"] = sum(self.weighted(terms).values(), zero)
+        if self.rate is not None:  # what the multiplier follows
+            terms["kl_per_element"] = terms["kl"].detach() / student.mu[0].numel()
         return terms

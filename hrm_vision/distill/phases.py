@@ -127,6 +127,13 @@ class Phase:
         self.ctx.message(f"[{self.name}] likelihood scale: sigma = {sigma:.4g} (the sampled "
                          f"reconstruction's RMS error on {len(images)} training images)")
 
+    def after_step(self, terms: dict[str, Tensor]) -> None:
+        """After a kept optimizer step on a batch with loss ``terms``: a rate target follows
+        the KL per element averaged over the processes (every process calls this)."""
+        if self.criterion is not None and self.criterion.rate is not None:
+            kl = self.ctx.reduce({"kl": float(terms["kl_per_element"])}, 1)["kl"]
+            self.criterion.after_step(kl)
+
     def term_shares(self, module: nn.Module, index: Tensor, x: Tensor
                     ) -> tuple[dict[str, float], dict[str, float]]:
         """Each weighted term's share of the objective and of its gradient norm over the
