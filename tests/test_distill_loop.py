@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers.loops import loop_with_messages  # tests/ is on sys.path (pytest prepend mode)
 from torch import Tensor, nn
 from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
@@ -129,14 +130,7 @@ def toy_loop(images: Tensor, epochs: int = 2, nan_calls: set[int] = frozenset(),
     model = nn.Sequential(nn.Linear(images[0].numel(), 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
     phase = NaNLossPhase(PhaseContext(config, ctx.device, data, data, loader,
                                       reduce=lambda v, n: v), model, epochs, nan_calls=nan_calls)
-    messages: list[str] = []
-
-    def emit(hook: str, *args: Any) -> None:
-        if hook == "on_message":
-            messages.append(args[0])
-
-    loop = PhaseLoop(phase, ctx=ctx, loader=loader, history=[], emit=emit,
-                     stop_signal=lambda: None)
+    loop, messages = loop_with_messages(phase, ctx, loader)
     return model, loop, messages
 
 

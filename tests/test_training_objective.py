@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers.loops import loop_with_messages  # tests/ is on sys.path (pytest prepend mode)
 from torch import Tensor, nn
 
 from hrm_vision.checkpoints import load_model
@@ -63,15 +64,7 @@ def plateau_loop(scores: list[float], patience: int | None, folder: str
     loader = make_loader(data, 4, shuffle=False, ctx=ctx, seed=0, drop_last=True)
     phase = PlateauPhase(PhaseContext(config, ctx.device, data, data, loader,
                                       reduce=lambda v, n: v), len(scores), scores)
-    messages: list[str] = []
-
-    def emit(hook: str, *args: Any) -> None:
-        if hook == "on_message":
-            messages.append(args[0])
-
-    loop = PhaseLoop(phase, ctx=ctx, loader=loader, history=[], emit=emit,
-                     stop_signal=lambda: None)
-    return loop, messages
+    return loop_with_messages(phase, ctx, loader)
 
 
 class TestEarlyStopping:
