@@ -4,6 +4,16 @@ files as the recorded one. Any change to what the trainer computes or saves fail
 that is meant to alter the results regenerates the file deliberately:
 
     python tests/test_golden_run.py --update
+
+Tolerances. Numbers are compared to a relative 1e-4. A tensor is recorded by the sum and the sum
+of absolute values of its elements; float32 kernels differ between x86 CPU vendors in the last
+bits, and a sum of elements near zero (a bias of small values of both signs) amplifies that in
+relative terms. The recording machine (Intel Xeon) and an AMD EPYC, same torch, differ by at most
+1.5e-7 per element in such sums (``adapter.proj.bias``, 16 elements, sum of absolute values
+0.0024: 2.3e-6 apart, a relative 1e-3) and by at most 4e-6 relative in any logged number. So a
+tensor's sums are compared within ``TENSOR_REL`` of its sum of absolute values plus
+``TENSOR_PER_ELEMENT`` per element (7x the largest difference seen), which one training step
+taken with a 10% larger learning rate still exceeds (``test_compare_sees_one_perturbed_step``).
 """
 
 from __future__ import annotations
@@ -32,6 +42,12 @@ CONFIG = {"dataset": "photos", "train_samples": 24, "val_samples": 8, "batch_siz
 CLOCK = {"time_s", "train_img_per_s"}
 #: Significant digits numbers are recorded with.
 DIGITS = 6
+#: Relative tolerance of every recorded number.
+REL = 1e-4
+#: A tensor's sums: within TENSOR_REL of its recorded sum of absolute values...
+TENSOR_REL = 1e-4
+#: ... plus this much per element (float32 rounding differs between CPU vendors).
+TENSOR_PER_ELEMENT = 1e-6
 
 
 def _number(value: float) -> float | str:
@@ -81,11 +97,23 @@ def record(out: Path) -> dict[str, Any]:
             "checkpoints": checkpoints}
 
 
+def _compare_tensor(now: dict[str, Any], then: dict[str, Any], where: str) -> list[str]:
+    """The differences between two tensor summaries (shape, dtype, sum, abs)."""
+    if (now["shape"], now["dtype"]) != (then["shape"], then["dtype"]):
+        return [f"{where}: {now['shape']} {now['dtype']} != {then['shape']} {then['dtype']}"]
+    tol = TENSOR_REL * float(then["abs"]) + TENSOR_PER_ELEMENT * math.prod(then["shape"])
+    return [f"{where}.{key}: {now[key]} != {then[key]} (tolerance {tol:.3g})"
+            for key in ("sum", "abs") if not abs(float(now[key]) - float(then[key])) <= tol]
+
+
 def _compare(now: Any, then: Any, where: str) -> list[str]:
-    """Every difference between ``now`` and ``then`` (floats to a relative 1e-4)."""
+    """Every difference between ``now`` and ``then`` (numbers to a relative ``REL``, tensor
+    summaries as :func:`_compare_tensor` says)."""
     if isinstance(then, dict) and isinstance(now, dict):
         if set(now) != set(then):
             return [f"{where}: keys {sorted(set(now) ^ set(then))} differ"]
+        if set(then) == {"shape", "dtype", "sum", "abs"}:
+            return _compare_tensor(now, then, where)
         return [d for k in then for d in _compare(now[k], then[k], f"{where}.{k}")]
     if isinstance(then, list) and isinstance(now, list):
         if len(now) != len(then):
@@ -93,7 +121,7 @@ def _compare(now: Any, then: Any, where: str) -> list[str]:
         return [d for i, (a, b) in enumerate(zip(now, then, strict=True))
                 for d in _compare(a, b, f"{where}[{i}]")]
     if isinstance(then, float) and isinstance(now, float):
-        return [] if now == pytest.approx(then, rel=1e-4, abs=1e-6) else [
+        return [] if now == pytest.approx(then, rel=REL, abs=1e-6) else [
             f"{where}: {now} != {then}"]
     return [] if now == then else [f"{where}: {now!r} != {then!r}"]
 
@@ -120,6 +148,32 @@ def test_checkpoints_match(run, golden) -> None:
     assert sorted(run["checkpoints"]) == sorted(golden["checkpoints"])
     for name, then in golden["checkpoints"].items():
         assert _compare(run["checkpoints"][name], then, name) == []
+
+
+def test_compare_sees_one_perturbed_step(golden, tmp_path, monkeypatch) -> None:
+    """One optimizer step (the fifth of the run) taken with a 10% larger learning rate is a
+    change the comparison reports, in the checkpoints alone and in the history alone."""
+    step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def perturbed(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] != 5:
+            return step(self, *args, **kwargs)
+        lrs = [group["lr"] for group in self.param_groups]
+        for group in self.param_groups:
+            group["lr"] *= 1.1
+        try:
+            return step(self, *args, **kwargs)
+        finally:
+            for group, lr in zip(self.param_groups, lrs, strict=True):
+                group["lr"] = lr
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", perturbed)
+    changed = record(tmp_path)
+    assert calls["n"] > 5
+    assert _compare(changed["checkpoints"], golden["checkpoints"], "checkpoints")
+    assert _compare(changed["history"], golden["history"], "history")
 
 
 def test_compare_sees_a_change(golden) -> None:
