@@ -1,0 +1,144 @@
+"""Build the learning corpus: photographs and renders from Debian's desktop-wallpaper packages.
+
+    python benchmarks/corpus.py --out data/corpus
+
+Downloads the packages with ``apt-get download`` (no root install, no post-install script:
+``dpkg -x`` unpacks them into a temporary folder), keeps one raster image per variant of each
+picture, scales it so its longest side is at most ``--max-side`` pixels (default 1600), writes
+them as PNG under ``OUT/images/`` and a ``OUT/manifest.json`` that lists, for every image, its
+package, source path, original size, group and split, with each package's version and its
+copyright file (copied to ``OUT/licenses/``).
+
+A *group* is one picture with all its variants (the light and dark versions of a wallpaper, its
+sizes): the split is by group, so no picture has a variant on both sides. About a fifth of the
+groups (chosen by a hash of the group's name, so the split does not depend on what else is in
+the corpus) are ``val``, the rest ``train``. Nothing in the test suite needs this corpus.
+
+Runs again in a second: packages already downloaded into ``OUT/debs/`` are not fetched again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+#: Debian packages of desktop wallpapers (photographs and renders) and the folders they hold.
+PACKAGES = ("plasma-workspace-wallpapers", "gnome-backgrounds", "ukui-wallpapers")
+RASTER = {".jpg", ".jpeg", ".png", ".webp"}
+#: Images smaller than this on their shortest side are icons or placeholders, not pictures.
+MIN_SIDE = 256
+#: Share of the groups held out (``val``).
+VAL_SHARE = 0.2
+
+
+def group_of(path: Path) -> str:
+    """The picture a file shows, whatever its variant: ``wallpapers/NAME/contents/...`` is
+    ``NAME``; ``backgrounds/gnome/adwaita-l.webp`` is ``gnome/adwaita``."""
+    parts = path.parts
+    if "wallpapers" in parts and "contents" in parts:
+        return parts[parts.index("wallpapers") + 1]
+    stem = re.sub(r"-[ld]$", "", path.stem)
+    parent = path.parent.name
+    return stem if parent == "backgrounds" else f"{parent}/{stem}"
+
+
+def split_of(group: str, val_share: float = VAL_SHARE) -> str:
+    """``"val"`` for about ``val_share`` of the groups (by a hash of the name), else ``"train"``."""
+    h = int(hashlib.sha256(group.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "val" if h < val_share else "train"
+
+
+def variants(root: Path) -> list[Path]:
+    """The raster images under ``root`` worth keeping: one file per variant of a picture (the
+    largest of a wallpaper's ``images/`` or ``images_dark/`` sizes, which differ only in scale),
+    no screenshots, nothing under ``MIN_SIDE`` pixels on its shortest side."""
+    from PIL import Image
+
+    best: dict[Path, tuple[int, Path]] = {}
+    for src in sorted(root.rglob("*")):
+        if src.suffix.lower() not in RASTER or src.stem.startswith("screenshot"):
+            continue
+        with Image.open(src) as img:
+            w, h = img.size
+        if min(w, h) < MIN_SIDE:
+            continue
+        key = src.parent if src.parent.name.startswith("images") else src
+        if key not in best or w * h > best[key][0]:
+            best[key] = (w * h, src)
+    return sorted(src for _, src in best.values())
+
+
+def download(packages: tuple[str, ...], debs: Path) -> list[Path]:
+    """The ``.deb`` files of ``packages`` in ``debs``, fetched with ``apt-get download`` when
+    missing."""
+    debs.mkdir(parents=True, exist_ok=True)
+    missing = [p for p in packages if not list(debs.glob(f"{p}_*.deb"))]
+    if missing:
+        subprocess.run(["apt-get", "download", *missing], cwd=debs, check=True)
+    return [sorted(debs.glob(f"{p}_*.deb"))[-1] for p in packages]
+
+
+def build(out: Path, max_side: int = 1600, packages: tuple[str, ...] = PACKAGES) -> dict:
+    """Download, unpack and select; writes ``out/images``, ``out/licenses`` and the manifest."""
+    from PIL import Image
+
+    images_dir, licenses = out / "images", out / "licenses"
+    for folder in (images_dir, licenses):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    manifest: dict = {"max_side": max_side, "packages": {}, "images": []}
+    for deb in download(packages, out / "debs"):
+        package, version = deb.name.split("_")[:2]
+        manifest["packages"][package] = {"version": version.replace("%3a", ":"),
+                                         "license": f"licenses/{package}.copyright"}
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run(["dpkg", "-x", str(deb), tmp], check=True)
+            root = Path(tmp)
+            shutil.copy(root / "usr/share/doc" / package / "copyright",
+                        licenses / f"{package}.copyright")
+            for src in variants(root):
+                with Image.open(src) as img:
+                    img = img.convert("RGB")
+                    size = img.size
+                    scale = min(1.0, max_side / max(size))
+                    if scale < 1.0:
+                        img = img.resize((round(size[0] * scale), round(size[1] * scale)),
+                                         Image.Resampling.LANCZOS)
+                    rel = src.relative_to(root)
+                    group = group_of(rel)
+                    name = f"{package}__{'_'.join(rel.parts[3:]).rsplit('.', 1)[0]}.png"
+                    img.save(images_dir / name)
+                manifest["images"].append({
+                    "file": f"images/{name}", "package": package, "source": f"/{rel}",
+                    "original_size": list(size), "size": list(img.size), "group": group,
+                    "split": split_of(f"{package}/{group}")})
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="benchmarks/corpus.py", description=__doc__.split(
+        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("data/corpus"))
+    parser.add_argument("--max-side", type=int, default=1600)
+    args = parser.parse_args(argv)
+    if args.max_side < 64:
+        parser.error(f"--max-side must be at least 64, got {args.max_side}")
+    manifest = build(args.out, max_side=args.max_side)
+    splits = [m["split"] for m in manifest["images"]]
+    groups = {(m["package"], m["group"], m["split"]) for m in manifest["images"]}
+    print(f"{args.out}: {len(splits)} images ({splits.count('train')} train, "
+          f"{splits.count('val')} val) in {len(groups)} groups "
+          f"({sum(g[2] == 'val' for g in groups)} val)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
