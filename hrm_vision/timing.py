@@ -1,9 +1,8 @@
 """Timing: functions measured in turns, so machine noise hits them all alike, and a description
 of the machine the numbers come from.
 
-Every timing in the package goes through this module: the evaluation report (latency and
-throughput of both models), the export's runtime comparison and the IRP measurement. It sits
-below all of them and imports nothing of the package.
+:mod:`hrm_vision.evaluate` and :mod:`hrm_vision.export` both time through this module; it sits
+below both (neither needs the other for it) and imports nothing of the package.
 """
 
 from __future__ import annotations
