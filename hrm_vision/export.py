@@ -606,6 +606,7 @@ class ExportSet:
     def _commit(self) -> None:
         self._check_target()
         if self.target.exists():
+            shutil.copymode(self.target, self.folder)  # the folder's permissions stay
             for entry in self.target.iterdir():  # the user's files: kept as they are
                 if not EXPORT_NAME.match(entry.name) and entry.name != FolderLock.NAME \
                         and not (self.folder / entry.name).exists():
