@@ -71,7 +71,7 @@ PARTS = {"encoder": "encode", "decoder": "decode", "encoder_teacher_space": "enc
 PRECISIONS = ("fp32", "fp16", "int8")
 #: Weight names of the linear patch path, whose convolutions stay float32 in fp16 and int8
 #: graphs: whitened coefficients span a range that fp16 rounds coarsely, and quantising the
-#: path cost a data-initialised student a latent error of 3.5 against 9e-6 (docs/export.md).
+#: path cost a data-initialised student a latent error of 3.5 against 9e-6.
 FP32_WEIGHTS = (".patches.", ".linear.")
 #: int8 activation ranges: this percentile of each activation's calibration values (and 100
 #: minus it); MinMax ranges cost a briefly trained student 1.62 dB of round-trip PSNR, these 0.22.
