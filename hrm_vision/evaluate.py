@@ -1,23 +1,12 @@
-"""The distilled student against its teacher, both measured the same way; ``hrm-vision evaluate``.
+"""The distilled student against its teacher, measured the same way; ``hrm-vision evaluate``.
 
-``hrm-vision evaluate --checkpoint-dir checkpoints`` reads ``teacher.pth`` and
-``tinyvae_best.pth`` (student and adapter) and writes ``evaluation.json``, ``evaluation.md`` and
-``evaluation.png`` to ``--out-dir`` (default ``<checkpoint-dir>/evaluation``):
-
-- footprint: parameters, weight file size (state dict alone, fp32 and fp16), MACs;
-- speed: CPU latency at batch 1 (median, p90) and throughput for encode, decode and both, the
-  two models interleaved in one process; the student at camera resolution against this
-  machine's 3x3 convolution;
-- quality: PSNR (pooled over the images) and SSIM on the validation split, linear CKA of the
-  (adapted) student latent with the teacher's, the cost of a uint8 student latent;
-- baselines on the same images: bicubic thumbnails and patch PCA fitted on training images;
-- rate: KL per latent element, bits per pixel, decode(mu) and decode(z) PSNR, the Gaussian
-  water-filling bound and the uniform allocation at that rate;
-- with the ``photos`` dataset, quality and rate on its held-out photographs at full resolution.
-
-Images are float tensors ``(N, 3, H, W)`` in [0, 1], RGB. Ratios are oriented so that above 1
-means the student does better: teacher/student for costs, student/teacher for throughput and
-quality.
+Footprint (parameters, weight files, MACs), speed (latency and throughput, both models
+interleaved in one process; the student at camera resolution against this machine's 3x3
+convolution), quality (pooled PSNR, SSIM, CKA of the latents, the uint8 latent), rate (KL,
+bits per pixel, decode(mu) and decode(z), the Gaussian references at that rate), the thumbnail
+and patch-PCA baselines on the same images, the held-out photographs at full resolution, and
+the report (``evaluation.json``, ``.md``, ``.png``). Images are ``(N, 3, H, W)`` in [0, 1], RGB;
+ratios above 1 mean the student does better (teacher/student for costs, else student/teacher).
 """
 
 from __future__ import annotations
@@ -29,12 +18,11 @@ import shlex
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -45,8 +33,8 @@ from .data import build_dataset, validation_images
 from .files import json_safe, write_json, write_text
 from .metrics import error_image, linear_cka, psnr, psnr_from_mse, ssim
 from .objective import gaussian_kl
-from .timing import interleaved_timings, machine_info, summarize_timings
-from .vae import LatentAdapter, VAEBase, count_macs
+from .timing import machine_info, timings
+from .vae import VAEBase, count_macs
 from .vae.patches import PATCH, fit_patch_pca, patch_vectors
 
 #: The operations timed for every model.
@@ -105,10 +93,10 @@ def measure_speed(models: dict[str, VAEBase], images: Tensor, latency_repeats: i
             fns[name, "encode"] = partial(m.encode, batch)
             fns[name, "decode"] = partial(m.decode, m.encode(batch))
             fns[name, "both"] = lambda m=m, x=batch: m.decode(m.encode(x))
-        times = interleaved_timings({f"{n}/{op}": f for (n, op), f in fns.items()}, repeats,
-                                    warmup, desc=f"timing batch {batch.shape[0]}")
+        times = timings({f"{n}/{op}": f for (n, op), f in fns.items()}, repeats, warmup,
+                        batch.shape[0], f"timing batch {batch.shape[0]}")
         for name, op in fns:
-            stats = summarize_timings(times[f"{name}/{op}"], batch.shape[0])
+            stats = times[f"{name}/{op}"]
             if batch.shape[0] == 1:
                 out[name][f"latency_{op}_median_ms"] = stats["median_ms"]
                 out[name][f"latency_{op}_p90_ms"] = stats["p90_ms"]
@@ -129,25 +117,22 @@ def conv_reference(height: int, width: int) -> tuple[Callable[[], Tensor], int]:
 def camera_speed(vae: VAEBase, runners: dict[str, Callable[[Tensor], Tensor]],
                  sizes: tuple[tuple[int, int], ...] = CAMERA_SIZES, repeats: int = 10,
                  warmup: int = 1) -> dict[str, dict[str, dict[str, float]]]:
-    """Single-frame encode+decode latency of each runner (``fn(x)`` -> reconstruction of a
-    ``(1, C, H, W)`` image, all with ``vae``'s weights) at each size, with the achieved GFLOP/s
-    against the reference convolution (:func:`conv_reference`) timed in the same rounds:
-    ``{"HxW": {name: {"median_ms", "p90_ms", "fps", "gflops", "fraction_of_conv"}}}`` and a
-    ``"conv3x3_64"`` entry with the reference's ``median_ms`` and ``gflops``."""
+    """``{"HxW": {name: {"median_ms", "p90_ms", "fps", "gflops", "fraction_of_conv"}}}``: the
+    encode+decode latency of each runner (``fn(x)`` -> reconstruction of a ``(1, C, H, W)``
+    image with ``vae``'s weights) against :func:`conv_reference`, timed in the same rounds
+    (``"conv3x3_64"``: its ``median_ms`` and ``gflops``)."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for height, width in sizes:
         x = torch.rand(1, vae.in_channels, height, width)
         conv, conv_flops = conv_reference(height, width)
-        times = interleaved_timings({**{k: partial(fn, x) for k, fn in runners.items()},
-                                     "conv3x3_64": conv}, repeats, warmup,
-                                    desc=f"camera {height}x{width}")
-        conv_s = float(np.median(times.pop("conv3x3_64")))
-        conv_gflops = conv_flops / conv_s / 1e9
+        times = timings({**{k: partial(fn, x) for k, fn in runners.items()}, "conv3x3_64": conv},
+                        repeats, warmup, desc=f"camera {height}x{width}")
+        conv_ms = times.pop("conv3x3_64")["median_ms"]
+        conv_gflops = conv_flops / conv_ms / 1e6
         flops = 2 * count_macs(vae, height, width, "both")
-        row = {"conv3x3_64": {"median_ms": 1e3 * conv_s, "gflops": conv_gflops}}
-        for name, seconds in times.items():
-            stats = summarize_timings(seconds, 1)
-            gflops = flops / (stats["median_ms"] / 1e3) / 1e9
+        row = {"conv3x3_64": {"median_ms": conv_ms, "gflops": conv_gflops}}
+        for name, stats in times.items():
+            gflops = flops / stats["median_ms"] / 1e6
             row[name] = {"median_ms": stats["median_ms"], "p90_ms": stats["p90_ms"],
                          "fps": stats["throughput_ips"], "gflops": gflops,
                          "fraction_of_conv": gflops / conv_gflops}
@@ -188,34 +173,15 @@ def dequantize_uint8(q: Tensor, low: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale + low
 
 
-@dataclass
-class QualityResult:
-    """Both models on ``num_images`` images (PSNR in dB, SSIM and CKA in [0, 1]).
-
-    ``student_uint8_*`` decode the student latent after a uint8 round trip; ``cka_adapted``
-    compares ``adapter(student latent)`` with the teacher latent and ``cross_psnr_db`` is
-    ``teacher.decode(adapter(student.encode(x)))`` (None without an adapter). ``samples``: the
-    first images ``inputs``, ``teacher``, ``student`` ``(K, 3, S, S)``, for the figure."""
-
-    num_images: int
-    teacher_psnr_db: float
-    teacher_ssim: float
-    student_psnr_db: float
-    student_ssim: float
-    student_uint8_psnr_db: float
-    student_uint8_ssim: float
-    cka_unadapted: float
-    cka_adapted: float | None
-    cross_psnr_db: float | None = None
-    samples: dict[str, Tensor] = field(repr=False, default_factory=dict)
-
-
 @torch.inference_mode()
 def measure_quality(teacher: VAEBase, student: VAEBase, adapter: nn.Module | None,
                     dataset: Any, num_images: int | None = None, batch_size: int = 128,
-                    num_samples: int = 8) -> QualityResult:
-    """Both models (eval mode) on the first ``num_images`` (at least 2) items of ``dataset``:
-    PSNR pooled over the images, SSIM their mean, CKA over the flattened latents."""
+                    num_samples: int = 8) -> dict[str, Any]:
+    """Both models (eval mode) on the first ``num_images`` (>= 2) items of ``dataset``:
+    ``{teacher,student,student_uint8}_{psnr_db,ssim}`` (pooled PSNR, mean SSIM; ``student_uint8``
+    decodes a uint8 round trip of the latent), ``cka_unadapted``, ``cka_adapted`` and
+    ``cross_psnr_db`` (``teacher.decode(adapter(student.encode(x)))``; None without an
+    adapter), ``num_images`` and ``samples`` (the first images, for the figure)."""
     n = len(dataset) if num_images is None else min(num_images, len(dataset))
     if n < 2:
         raise ValueError(f"need at least 2 images to measure quality and CKA, got {n}")
@@ -236,16 +202,13 @@ def measure_quality(teacher: VAEBase, student: VAEBase, adapter: nn.Module | Non
             parts.setdefault(k, []).append(v)
     out = {k: torch.cat(v) for k, v in parts.items()}
     x = out["inputs"]
-    return QualityResult(
-        num_images=n, teacher_psnr_db=psnr(out["teacher"], x),
-        teacher_ssim=ssim(out["teacher"], x), student_psnr_db=psnr(out["student"], x),
-        student_ssim=ssim(out["student"], x),
-        student_uint8_psnr_db=psnr(out["student_uint8"], x),
-        student_uint8_ssim=ssim(out["student_uint8"], x),
-        cka_unadapted=linear_cka(out["z_student"], out["z_teacher"]),
-        cka_adapted=linear_cka(out["z_adapted"], out["z_teacher"]) if adapter else None,
-        cross_psnr_db=psnr(out["cross"], x) if adapter else None,
-        samples={k: out[k][:num_samples] for k in ("inputs", "teacher", "student")})
+    result: dict[str, Any] = {"num_images": n}
+    for name in ("teacher", "student", "student_uint8"):
+        result[f"{name}_psnr_db"], result[f"{name}_ssim"] = psnr(out[name], x), ssim(out[name], x)
+    return {**result, "cka_unadapted": linear_cka(out["z_student"], out["z_teacher"]),
+            "cka_adapted": linear_cka(out["z_adapted"], out["z_teacher"]) if adapter else None,
+            "cross_psnr_db": psnr(out["cross"], x) if adapter else None,
+            "samples": {k: out[k][:num_samples] for k in ("inputs", "teacher", "student")}}
 
 
 def held_out_frames(photos: Sequence[str] | None = None) -> list[Tensor]:
@@ -292,9 +255,6 @@ class RateQuality:
     water_filling_psnr_db: float
     uniform_psnr_db: float
 
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
-
 
 @torch.inference_mode()
 def measure_rate(model: VAEBase, name: str, images: Tensor | Sequence[Tensor], label: str,
@@ -334,9 +294,6 @@ class Baseline:
     name: str
     numbers: int
     psnr_db: float
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
 
 
 def thumbnail(images: Tensor, side: int) -> Tensor:
@@ -549,20 +506,11 @@ def figure(report: dict[str, Any], samples: dict[str, Tensor], path: Path) -> Pa
 
 
 # ------------------------------------------------------------------------------------ pipeline
-def load_pair(teacher_path: Path, student_path: Path
-              ) -> tuple[VAEBase, VAEBase, LatentAdapter | None]:
-    """Teacher, student and (if stored) the student-to-teacher adapter, on the CPU."""
-    teacher = model_from_payload(load_checkpoint(teacher_path), "teacher", str(teacher_path))
-    payload = load_checkpoint(student_path)
-    student = model_from_payload(payload, "student", str(student_path))
-    return teacher, student, adapter_from_payload(payload, str(student_path))
-
-
 def rate_rows(args: argparse.Namespace, models: dict[str, VAEBase], images: Any, label: str
               ) -> list[dict[str, Any]]:
     """:func:`measure_rate` of every model on ``images``."""
     spectrum = patch_spectrum(images)
-    return [measure_rate(m, name, images, label, spectrum, args.seed, args.batch_size).to_dict()
+    return [asdict(measure_rate(m, name, images, label, spectrum, args.seed, args.batch_size))
             for name, m in models.items()]
 
 
@@ -572,25 +520,28 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     ckpt = Path(args.checkpoint_dir)
     teacher_path = Path(args.teacher) if args.teacher else ckpt / "teacher.pth"
     student_path = Path(args.student) if args.student else ckpt / "tinyvae_best.pth"
-    teacher, student, adapter = load_pair(teacher_path, student_path)
+    teacher = model_from_payload(load_checkpoint(teacher_path), "teacher", str(teacher_path))
+    payload = load_checkpoint(student_path)
+    student = model_from_payload(payload, "student", str(student_path))
+    adapter = adapter_from_payload(payload, str(student_path))
     size = args.image_size
     dataset = build_dataset(args.dataset, "val", image_size=size, data_dir=args.data_dir)
     quality = measure_quality(teacher, student, adapter, dataset, args.num_images,
                               args.batch_size)
-    n = quality.num_images
+    n = quality["num_images"]
     models = {"teacher": teacher, "student": student}
     result = {k: dict(footprint(m, size)) for k, m in models.items()}
     batch = torch.stack([dataset[i % n] for i in range(args.throughput_batch)])
     for name, speed in measure_speed(models, batch, args.latency_repeats,
                                      args.throughput_repeats, args.warmup).items():
-        result[name].update(speed, psnr_db=getattr(quality, f"{name}_psnr_db"),
-                            ssim=getattr(quality, f"{name}_ssim"))
+        result[name].update(speed, psnr_db=quality[f"{name}_psnr_db"],
+                            ssim=quality[f"{name}_ssim"])
     val = validation_images(args.dataset, n, size, args.data_dir)
     pca = (PatchPCA(validation_images(args.dataset, args.baseline_train_images, size,
                                       args.data_dir, split="train"))
            if args.baseline_train_images > 0 else None)
     crops = [{"name": name, "numbers": math.prod(m.latent_shape(size, size)),
-              "psnr_db": getattr(quality, f"{name}_psnr_db")} for name, m in models.items()]
+              "psnr_db": quality[f"{name}_psnr_db"]} for name, m in models.items()]
     latent = math.prod(student.latent_shape(size, size))  # (C, h, w), or (C,) for a vector
     report = {
         "command": args.command,
@@ -603,14 +554,14 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                    "throughput_batch": args.throughput_batch, "warmup": args.warmup},
         **result,
         "ratios": ratios(result["teacher"], result["student"], metrics(args.throughput_batch)),
-        "alignment": {"cka_adapted": quality.cka_adapted, "cka_unadapted": quality.cka_unadapted,
-                      "cross_psnr_db": quality.cross_psnr_db},
-        "latent_uint8": {"scheme": UINT8_SCHEME, "psnr_float_db": quality.student_psnr_db,
-                         "psnr_uint8_db": quality.student_uint8_psnr_db,
-                         "psnr_cost_db": quality.student_psnr_db - quality.student_uint8_psnr_db,
-                         "ssim_uint8": quality.student_uint8_ssim,
+        "alignment": {k: quality[k] for k in ("cka_adapted", "cka_unadapted", "cross_psnr_db")},
+        "latent_uint8": {"scheme": UINT8_SCHEME, "psnr_float_db": quality["student_psnr_db"],
+                         "psnr_uint8_db": quality["student_uint8_psnr_db"],
+                         "psnr_cost_db": quality["student_psnr_db"]
+                         - quality["student_uint8_psnr_db"],
+                         "ssim_uint8": quality["student_uint8_ssim"],
                          "bytes_float32": 4 * latent, "bytes_uint8": latent + 8},
-        "reconstructions": crops + ([b.to_dict() for b in compute_baselines(val, pca=pca)]
+        "reconstructions": crops + ([asdict(b) for b in compute_baselines(val, pca=pca)]
                                     if pca else []),
         "rate": rate_rows(args, models, val, f"{size}x{size} crops"),
         "frames": None,
@@ -622,8 +573,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         rows = [{"name": name, "numbers": m.latent_dim,
                  "psnr_db": frames_psnr(lambda x, m=m: m.decode(m.encode(x)), frames)}
                 for name, m in models.items()]
-        rows += [Baseline(f"patch PCA, {k} coefficients", k,
-                          frames_psnr(partial(pca.reconstruct, k=k), frames)).to_dict()
+        rows += [{"name": f"patch PCA, {k} coefficients", "numbers": k,
+                  "psnr_db": frames_psnr(partial(pca.reconstruct, k=k), frames)}
                  for k in PCA_COEFFICIENTS] if pca else []
         report["frames"] = {"photos": [{"name": name, "height": x.shape[-2], "width": x.shape[-1]}
                                        for name, x in zip(VAL_PHOTOS, frames, strict=True)],
@@ -636,7 +587,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                    "eager (channels_last)": chain(eager_runner(student, "encode"),
                                                   eager_runner(student, "decode"))}
         report["camera"] = camera_speed(student, runners, CAMERA_SIZES, args.camera_repeats)
-    return {**report, "samples": quality.samples}
+    return {**report, "samples": quality["samples"]}
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
@@ -655,48 +606,39 @@ def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
 
 
 # ------------------------------------------------------------------------------------- command
-#: Options that must be at least 1.
-POSITIVE = ("num_images", "batch_size", "threads", "latency_repeats", "throughput_repeats",
-            "throughput_batch")
-
-
 def _parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog,
                                 description="Teacher vs student: size, speed, quality, CKA.")
-    p.add_argument("--checkpoint-dir", default="checkpoints",
-                   help="folder with teacher.pth and tinyvae_best.pth (default %(default)s)")
-    p.add_argument("--teacher", help="teacher checkpoint (default <checkpoint-dir>/teacher.pth)")
-    p.add_argument("--student",
-                   help="student checkpoint (default <checkpoint-dir>/tinyvae_best.pth)")
-    p.add_argument("--out-dir", help="output folder (default <checkpoint-dir>/evaluation)")
-    p.add_argument("--dataset", default="photos", help="dataset name (default %(default)s)")
-    p.add_argument("--data-dir", default="./data", help="dataset root, if it needs one")
-    p.add_argument("--image-size", type=int, default=32, help="image side (default 32)")
-    p.add_argument("--num-images", type=int, default=1024,
-                   help="validation images for quality and CKA, at least 2 (default 1024)")
-    p.add_argument("--batch-size", type=int, default=128,
-                   help="batch size of the quality pass (default 128)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: on a shared machine, multi-threaded "
-                        "timings of small convolutions measure threads waiting for each other)")
-    p.add_argument("--latency-repeats", type=int, default=50,
-                   help="timed rounds at batch 1 (default 50)")
-    p.add_argument("--throughput-repeats", type=int, default=10,
-                   help="timed rounds at the throughput batch (default 10)")
-    p.add_argument("--throughput-batch", type=int, default=64,
-                   help="batch size of the throughput measurement (default 64)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
-    p.add_argument("--baseline-train-images", type=int, default=4096,
-                   help="training images the patch-PCA baseline is fitted on; 0 leaves the "
-                        "baselines out (default 4096)")
-    p.add_argument("--no-frames", action="store_true",
-                   help="leave out the held-out photographs at full resolution (measured "
-                        "with the photos dataset only)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the posterior samples that decode(z) decodes (default 0)")
-    p.add_argument("--camera-repeats", type=int, default=3,
-                   help="rounds of the student's single-frame timing at 64x64 and 480x640 "
-                        "against this machine's 3x3 convolution; 0 skips it (default 3)")
+    add = p.add_argument
+    add("--checkpoint-dir", default="checkpoints",
+        help="folder with teacher.pth and tinyvae_best.pth (default %(default)s)")
+    add("--teacher", help="teacher checkpoint (default <checkpoint-dir>/teacher.pth)")
+    add("--student", help="student checkpoint (default <checkpoint-dir>/tinyvae_best.pth)")
+    add("--out-dir", help="output folder (default <checkpoint-dir>/evaluation)")
+    add("--dataset", default="photos", help="dataset name (default %(default)s)")
+    add("--data-dir", default="./data", help="dataset root, if it needs one")
+    add("--image-size", type=int, default=32, help="image side (default 32)")
+    add("--num-images", type=int, default=1024,
+        help="validation images for quality and CKA, at least 2 (default 1024)")
+    add("--batch-size", type=int, default=128, help="batch of the quality pass (default 128)")
+    add("--threads", type=int, default=1,
+        help="torch CPU threads (default 1: on a shared machine, more threads on small "
+             "convolutions measure threads waiting for each other)")
+    add("--latency-repeats", type=int, default=50, help="timed rounds at batch 1 (default 50)")
+    add("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    add("--throughput-repeats", type=int, default=10,
+        help="timed rounds at the throughput batch (default 10)")
+    add("--throughput-batch", type=int, default=64,
+        help="batch of the throughput measurement (default 64)")
+    add("--baseline-train-images", type=int, default=4096,
+        help="training images the patch-PCA baseline is fitted on; 0 leaves the baselines "
+             "out (default 4096)")
+    add("--no-frames", action="store_true",
+        help="leave out the held-out photographs at full resolution (photos dataset only)")
+    add("--seed", type=int, default=0, help="seed of the posterior samples decode(z) decodes")
+    add("--camera-repeats", type=int, default=3,
+        help="rounds of the student's single-frame timing at 64x64 and 480x640 against this "
+             "machine's 3x3 convolution; 0 skips it (default 3)")
     return p
 
 
@@ -707,7 +649,8 @@ def command(argv: list[str] | None = None, prog: str = "hrm-vision evaluate") ->
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser(prog)
     args = parser.parse_args(argv)
-    bad = [f"--{n.replace('_', '-')}" for n in POSITIVE if getattr(args, n) < 1]
+    bad = [f"--{n.replace('_', '-')}" for n in ("num_images", "batch_size", "threads",
+           "latency_repeats", "throughput_repeats", "throughput_batch") if getattr(args, n) < 1]
     bad += ["--baseline-train-images (>= 0)"] * (args.baseline_train_images < 0)
     bad += ["--camera-repeats (>= 0)"] * (args.camera_repeats < 0)
     if bad:

@@ -1,20 +1,11 @@
-"""Export the TinyVAE for the edge: ONNX (ONNX Runtime, TensorRT) and TorchScript, each file
-checked against eager PyTorch on real images; the ``hrm-vision export`` command.
+"""The TinyVAE for the edge, ``hrm-vision export``: ONNX and TorchScript graphs checked against
+eager PyTorch on real images, fp16 and int8 variants, the weights and ``export.json``.
 
-``hrm-vision export --checkpoint checkpoints/tinyvae_best.pth --out-dir exports`` writes:
-
-- ``tinyvae_encoder.onnx`` / ``.torchscript.pt``: ``image`` ``(N, C, H, W)`` float32 in [0, 1],
-  RGB, NCHW -> ``latent`` ``(N, L, H/8, W/8)``, the posterior mean;
-- ``tinyvae_decoder.onnx`` / ``.torchscript.pt``: ``latent`` -> ``image`` in [0, 1];
-- ``tinyvae_encoder_teacher_space.onnx`` when the checkpoint holds the latent adapter:
-  ``image`` -> ``teacher_latent`` ``adapter(encoder(image))`` ``(N, teacher_dim, H/8, W/8)``;
-- ``tinyvae_{encoder,decoder}.{fp16,int8}.onnx`` (``--precision``): float16 and int8 variants;
-- ``tinyvae.safetensors`` (the weights) and ``export.json`` (parity, costs, timings).
-
-Batch, height and width are dynamic (sides divisible by 8). A compact model
-(:class:`~hrm_vision.vae.compact.CompactVAE`) exports the same files with its crop fixed:
-``(N, C, S, S)`` -> ``(N, L)``, only the batch dynamic. The files of one export replace the
-previous set whole (:class:`ExportSet`).
+``tinyvae_encoder.onnx`` takes ``image`` ``(N, C, H, W)`` float32 in [0, 1], RGB, NCHW, and
+gives ``latent`` ``(N, L, H/8, W/8)``, the posterior mean; ``tinyvae_decoder.onnx`` the reverse;
+``tinyvae_encoder_teacher_space.onnx`` gives ``adapter(encoder(image))``. Batch, height and
+width are dynamic (sides divisible by 8); a compact model's graphs take its fixed crop,
+``(N, C, S, S)`` <-> ``(N, L)``. An export replaces the previous set whole (:func:`export_set`).
 """
 
 from __future__ import annotations
@@ -35,10 +26,11 @@ import sys
 import tempfile
 import threading
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -54,7 +46,7 @@ from .data import validation_images
 from .files import FolderLock, FolderLockedError, atomic_write, write_text
 from .metrics import psnr
 from .pretrained import save_pretrained
-from .timing import interleaved_timings, summarize_timings
+from .timing import timings
 from .vae import VAEBase, model_name
 from .vae.compact import CompactVAE
 
@@ -95,10 +87,8 @@ class ExportError(RuntimeError):
 # ------------------------------------------------------------------------------------- graphs
 class VAEGraph(nn.Module):
     """One exported graph: ``"encoder"`` (image -> latent), ``"decoder"`` (latent -> image) or
-    ``"encoder_teacher_space"`` (image -> ``adapter(encoder(image))``, ``adapter`` required).
-
-    Holds a copy of the VAE with the unused half replaced by ``Identity``, so an exported
-    encoder does not carry the decoder's weights, and vice versa."""
+    ``"encoder_teacher_space"`` (image -> ``adapter(encoder(image))``), on a copy of the VAE
+    whose unused half is an ``Identity`` (an encoder file holds no decoder weights)."""
 
     def __init__(self, vae: VAEBase, part: str, adapter: nn.Module | None = None) -> None:
         super().__init__()
@@ -181,19 +171,17 @@ def graph_specs(vae: VAEBase, image_size: int, teacher_dim: int | None = None
 
 
 # ------------------------------------------------------------------------ ONNX and TorchScript
-def _save_onnx(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
-    """Serialise in memory, write atomically: a full disk is an ``OSError`` naming ``path``."""
-    data = model.SerializeToString()
+def _write(data: bytes, path: str | os.PathLike[str]) -> Path:
+    """Write ``data`` (serialised in memory) atomically: a full disk is an ``OSError`` naming
+    ``path``, never a truncated file or a SIGABRT in a C++ writer."""
     return atomic_write(path, lambda f: f.write(data))
 
 
 def export_onnx(graph: nn.Module, spec: GraphSpec, path: Path, metadata: dict[str, str],
                 opset: int = DEFAULT_OPSET) -> Path:
-    """``graph`` as ONNX at ``path`` (``torch.onnx.export(dynamo=True)``) with ``metadata``.
-
-    The batch is symbolic, and (unless ``spec.fixed_size``) so are height and width:
-    ``latent_height``/``latent_width`` on the latent grid, ``8*latent_height`` and
-    ``8*latent_width`` for images."""
+    """``graph`` as ONNX at ``path`` (``torch.onnx.export(dynamo=True)``) with ``metadata``;
+    symbolic batch and (unless ``spec.fixed_size``) ``latent_height``/``latent_width`` on the
+    latent grid, ``8*latent_height``/``8*latent_width`` for images."""
     example = torch.rand(2, *spec.input_shape)  # torch.export specialises sizes 0 and 1
     dims: dict[int, Any] = {0: torch.export.Dim("batch", min=1, max=65536)}
     if spec.fixed_size is None:  # the example's latent grid is at least 2x2, as the batch
@@ -212,7 +200,7 @@ def export_onnx(graph: nn.Module, spec: GraphSpec, path: Path, metadata: dict[st
     model.doc_string = (f"hrm_vision {metadata['graph']}: {metadata['input']} -> "
                         f"{metadata['output']}; images in [0, 1], {metadata['color_order']}, NCHW")
     onnx.checker.check_model(model)
-    return _save_onnx(model, path)
+    return _write(model.SerializeToString(), path)
 
 
 def ort_session(path: str | os.PathLike[str], threads: int | None = None
@@ -241,8 +229,7 @@ def export_torchscript(graph: nn.Module, spec: GraphSpec, path: Path,
         traced = torch.jit.trace(graph.eval(), torch.rand(2, *spec.input_shape))
         buffer = io.BytesIO()
         torch.jit.save(traced, buffer, _extra_files={"metadata.json": json.dumps(metadata)})
-    data = buffer.getvalue()
-    return atomic_write(path, lambda f: f.write(data))
+    return _write(buffer.getvalue(), path)
 
 
 def load_torchscript(path: str | os.PathLike[str]) -> torch.jit.ScriptModule:
@@ -275,11 +262,12 @@ def _linear_path_convs(model: onnx.ModelProto) -> list[str]:
             and any(tag in name for name in n.input for tag in FP32_WEIGHTS)]
 
 
-def _with_precision(model: onnx.ModelProto, props: Any, precision: str) -> onnx.ModelProto:
-    """``model`` with the metadata ``props`` of its fp32 graph and a ``precision`` entry."""
-    onnx.helper.set_model_props(model, {**{p.key: p.value for p in props},
+def _save_variant(model: onnx.ModelProto, fp32: onnx.ModelProto, precision: str,
+                  path: Path) -> Path:
+    """Write ``model`` with the metadata of its ``fp32`` graph and a ``precision`` entry."""
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in fp32.metadata_props},
                                         "precision": precision})
-    return model
+    return _write(model.SerializeToString(), path)
 
 
 def to_fp16(fp32_path: str | os.PathLike[str]) -> Path:
@@ -290,10 +278,9 @@ def to_fp16(fp32_path: str | os.PathLike[str]) -> Path:
     model = onnx.load(str(fp32_path))
     half = convert_float_to_float16(model, keep_io_types=True,
                                     node_block_list=_linear_path_convs(model))
-    return _save_onnx(_with_precision(half, model.metadata_props,
-                                      "fp16: float16 weights and arithmetic (the linear patch path "
-                                      "in float32), float32 input and output"),
-                      precision_path(fp32_path, "fp16"))
+    return _save_variant(half, model, "fp16: float16 weights and arithmetic (the linear patch "
+                         "path in float32), float32 input and output",
+                         precision_path(fp32_path, "fp16"))
 
 
 def to_int8(fp32_path: str | os.PathLike[str], calibration: Tensor, batch_size: int = 32) -> Path:
@@ -310,9 +297,6 @@ def to_int8(fp32_path: str | os.PathLike[str], calibration: Tensor, batch_size: 
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    if calibration.dim() not in (2, 4) or calibration.shape[0] < 1:
-        raise ValueError("calibration inputs must be (N, C, H, W) or vector latents (N, L), got "
-                         f"{tuple(calibration.shape)}")
     model = onnx.load(str(fp32_path))
     batches = iter(calibration.float().split(batch_size))
     name = model.graph.input[0].name
@@ -334,10 +318,9 @@ def to_int8(fp32_path: str | os.PathLike[str], calibration: Tensor, batch_size: 
                             extra_options={"ActivationSymmetric": False,
                                            "CalibPercentile": CALIBRATION_PERCENTILE})
         int8 = onnx.load(str(quantised))
-    return _save_onnx(_with_precision(int8, model.metadata_props,
-                                      "int8: static QDQ quantisation, int8 per-channel weights, "
-                                      "uint8 activations calibrated on training images; float32 "
-                                      "input and output"), precision_path(fp32_path, "int8"))
+    return _save_variant(int8, model, "int8: static QDQ quantisation, int8 per-channel weights, "
+                         "uint8 activations calibrated on training images; float32 input and "
+                         "output", precision_path(fp32_path, "int8"))
 
 
 # --------------------------------------------------------------------------------- real frames
@@ -408,12 +391,10 @@ def chain(first: Runner, second: Runner) -> Runner:
 def check_parity(vae: VAEBase, files: Mapping[str, str], images: Tensor,
                  tolerance: float = PARITY_TOLERANCE,
                  adapter: nn.Module | None = None) -> dict[str, float]:
-    """Largest absolute difference of each file against the eager ``vae`` on ``images``
-    ``(N, C, H, W)`` in [0, 1]; ``ExportError`` naming the files beyond ``tolerance``.
-
-    ``files``: ``{f"{part}_{onnx|torchscript}": path}``. Decoders are fed the eager latents; the
-    teacher-space encoder is compared with ``adapter(vae.encode(images))``, so it needs
-    ``adapter``."""
+    """Largest absolute difference of each of ``files`` (``{f"{part}_{onnx|torchscript}":
+    path}``) against the eager ``vae`` on ``images`` ``(N, C, H, W)`` in [0, 1] (decoders get the
+    eager latents, the teacher-space encoder is compared with ``adapter(vae.encode(images))``);
+    ``ExportError`` naming the files beyond ``tolerance``."""
     vae = vae.eval()
     latent = vae.encode(images)
     reference = {"encoder": (images, latent), "decoder": (latent, vae.decode(latent))}
@@ -423,9 +404,8 @@ def check_parity(vae: VAEBase, files: Mapping[str, str], images: Tensor,
     for key, path in files.items():
         part = key.rsplit("_", 1)[0]
         if part not in reference:
-            raise ExportError(f"no eager reference for {key} ({path}): "
-                              + ("the teacher-space encoder needs the adapter"
-                                 if part == "encoder_teacher_space" else "unknown graph"))
+            raise ExportError(f"no eager reference for {key} ({path}): the teacher-space "
+                              "encoder needs the adapter")
         x, expected = reference[part]
         got = run_onnx(ort_session(path), x) if key.endswith("onnx") \
             else load_torchscript(path)(x)
@@ -467,37 +447,6 @@ def precision_costs(vae: VAEBase, graphs: Mapping[str, Mapping[str, str]],
     return out
 
 
-@torch.inference_mode()
-def compare_runtimes(vae: VAEBase, files: Mapping[str, str], images: Tensor, repeats: int,
-                     warmup: int = 2) -> dict[str, float]:
-    """Encode+decode images/s (median) of eager PyTorch, ONNX Runtime (as many threads as
-    torch) and TorchScript on ``images``, interleaved in this process."""
-    threads = torch.get_num_threads()
-    enc, dec = (ort_session(files[f"{p}_onnx"], threads) for p in ("encoder", "decoder"))
-    ts_enc, ts_dec = (load_torchscript(files[f"{p}_torchscript"]) for p in ("encoder", "decoder"))
-    vae = vae.eval()
-    fns = {"pytorch_eager": lambda: vae.decode(vae.encode(images)),
-           "onnxruntime": lambda: run_onnx(dec, run_onnx(enc, images)),
-           "torchscript": lambda: ts_dec(ts_enc(images))}
-    times = interleaved_timings(fns, repeats, warmup, desc="runtimes")
-    return {k: summarize_timings(v, images.shape[0])["throughput_ips"] for k, v in times.items()}
-
-
-@torch.inference_mode()
-def frame_latency(runners: Mapping[str, Runner], frame: Tensor, repeats: int,
-                  warmup: int = 1) -> dict[str, dict[str, float]]:
-    """``{name: {"median_ms", "p90_ms", "fps"}}`` of each runner on one ``frame``
-    ``(1, C, H, W)``, interleaved."""
-    times = interleaved_timings({k: (lambda f=f: f(frame)) for k, f in runners.items()},
-                                repeats, warmup, desc=f"frame {size_key(frame)}")
-    out = {}
-    for name, seconds in times.items():
-        stats = summarize_timings(seconds, 1)
-        out[name] = {"median_ms": stats["median_ms"], "p90_ms": stats["p90_ms"],
-                     "fps": stats["throughput_ips"]}
-    return out
-
-
 # ------------------------------------------------------------------------------------- staging
 def _exchange(a: Path, b: Path) -> bool:
     """Swap ``a`` and ``b`` atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where
@@ -509,127 +458,78 @@ def _exchange(a: Path, b: Path) -> bool:
     return renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0  # AT_FDCWD, EXCHANGE
 
 
-class ExportSet:
-    """A ``with`` block whose files, written under :attr:`folder`, replace ``target`` whole
-    when the block ends without an exception.
+def _check_target(target: Path) -> None:
+    """``OSError`` if ``target`` exists and is not a folder, or holds a subfolder or a link."""
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise NotADirectoryError(f"--out-dir {target} is not a folder")
+    odd = sorted(p.name for p in target.iterdir() if not p.is_file() or p.is_symlink())
+    if odd:
+        raise IsADirectoryError(
+            f"{target} holds {', '.join(odd[:5])}, which an export would not keep "
+            "(subfolders, links); export into an empty folder or a previous export's")
 
-    :attr:`folder` is a staging folder beside the target (``.{name}.XXXXXXXX.export``, made
-    with the umask like any folder), swapped with the target in one ``renameat2``: a reader
-    sees the old set or the new one. A failure, an interrupt or a SIGTERM (exit 143) inside the
-    block leaves the target as it was and removes the staging folder; a SIGKILL leaves it, and
-    the next export beside it removes it (a live export holds a :class:`FolderLock` on its
-    own). Files in the target an export does not write are kept (hard-linked into the new set).
-    An ``OSError`` naming a staged file names it at its final place.
 
-    Raises (on entering): ``OSError`` if ``target`` is not a folder or holds a subfolder, a
-    link or another non-regular entry.
-    """
+@contextlib.contextmanager
+def export_set(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """A staging folder (``.{name}.XXXXXXXX.export`` beside ``target``, made with the umask)
+    swapped with ``target`` in one ``renameat2`` when the ``with`` block ends without an
+    exception: a reader sees the old set or the new one. A failure, an interrupt or a SIGTERM
+    (exit 143) leaves the target as it was and removes the folder; a SIGKILL leaves it to the
+    next export (a live export holds a :class:`FolderLock` on its own). The target's other
+    files and its permissions are kept; an ``OSError`` names a staged file at its final place;
+    a target that is not a folder or holds a subfolder or a link is refused first."""
+    target = Path(target)
+    _check_target(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_stages(target)
+    while True:  # not mkdtemp: that makes the folder 0o700 whatever the umask
+        folder = target.parent / f".{target.name}.{secrets.token_hex(4)}.export"
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir()
+            break
+    lock = FolderLock(folder, purpose="exporting").acquire()
+    previous = None
+    if threading.current_thread() is threading.main_thread() \
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        def stop(signum: int, frame: FrameType | None) -> None:
+            raise SystemExit(SIGTERM_STATUS)
 
-    def __init__(self, target: str | os.PathLike[str]) -> None:
-        self.target = Path(target)
-        self.folder = self.target  # the staging folder once entered
-        self._lock: FolderLock | None = None
-        self._previous_handler: Any = None
-
-    def __enter__(self) -> ExportSet:
-        self._check_target()
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_stages(self.target)
-        while True:  # not mkdtemp: that makes the folder 0o700 whatever the umask
-            self.folder = self.target.parent / f".{self.target.name}.{secrets.token_hex(4)}.export"
-            try:
-                self.folder.mkdir()
-                break
-            except FileExistsError:
-                continue
-        self._lock = FolderLock(self.folder, purpose="exporting").acquire()
-        if threading.current_thread() is threading.main_thread() \
-                and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-            def stop(signum: int, frame: FrameType | None) -> None:
-                raise SystemExit(SIGTERM_STATUS)
-
-            self._previous_handler = signal.signal(signal.SIGTERM, stop)
-        return self
-
-    def _check_target(self) -> None:
-        if not self.target.exists():
-            return
-        if not self.target.is_dir():
-            raise NotADirectoryError(f"--out-dir {self.target} is not a folder")
-        odd = sorted(p.name for p in self.target.iterdir() if not p.is_file() or p.is_symlink())
-        if odd:
-            raise IsADirectoryError(
-                f"{self.target} holds {', '.join(odd[:5])}, which an export would not keep "
-                "(subfolders, links); export into an empty folder or a previous export's")
-
-    def relocate(self, value: Any) -> Any:
-        """``value`` (a dataclass, dict, list or string) with every path in the staging folder
-        replaced by its final place in the target."""
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            return dataclasses.replace(value, **{f.name: self.relocate(getattr(value, f.name))
-                                                 for f in dataclasses.fields(value)})
-        if isinstance(value, dict):
-            return {k: self.relocate(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self.relocate(v) for v in value]
-        if isinstance(value, str) and value.startswith(str(self.folder) + os.sep):
-            return str(self.target / Path(value).relative_to(self.folder))
-        return value
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        try:
-            if exc is None:
-                self._commit()
-        except BaseException as error:  # the commit failed
-            exc = error
-        finally:
-            if self._previous_handler is not None:
-                signal.signal(signal.SIGTERM, self._previous_handler)
-                self._previous_handler = None
-        if exc is None:
-            return
-        self._discard()
-        named = self._named(exc)
-        if named is not exc:
-            raise named from exc
-        if exc_type is None:
-            raise exc
-
-    def _named(self, exc: BaseException) -> BaseException:
-        """An ``OSError`` naming a staged file, naming it at its final place; else ``exc``."""
-        if not isinstance(exc, OSError) or str(self.folder) not in str(exc.strerror or exc):
-            return exc
-        message = str(exc.strerror or exc).replace(str(self.folder), str(self.target))
-        return type(exc)(exc.errno, message) if exc.errno is not None else type(exc)(message)
-
-    def _commit(self) -> None:
-        self._check_target()
-        if self.target.exists():
-            shutil.copymode(self.target, self.folder)  # the folder's permissions stay
-            for entry in self.target.iterdir():  # the user's files: kept as they are
+        previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield folder
+        _check_target(target)
+        if target.exists():
+            shutil.copymode(target, folder)
+            for entry in target.iterdir():  # the user's files: kept as they are
                 if not EXPORT_NAME.match(entry.name) and entry.name != FolderLock.NAME \
-                        and not (self.folder / entry.name).exists():
+                        and not (folder / entry.name).exists():
                     try:
-                        os.link(entry, self.folder / entry.name)
+                        os.link(entry, folder / entry.name)
                     except OSError:
-                        shutil.copy2(entry, self.folder / entry.name)
-            if not _exchange(self.folder, self.target):  # not atomic: a moment with no target
-                old = self.target.parent / f"{self.folder.name}.old"
-                os.replace(self.target, old)
-                os.replace(self.folder, self.target)
-                os.replace(old, self.folder)
+                        shutil.copy2(entry, folder / entry.name)
+            if not _exchange(folder, target):  # not atomic: a moment with no target
+                old = target.parent / f"{folder.name}.old"
+                os.replace(target, old)
+                os.replace(folder, target)
+                os.replace(old, folder)
         else:
-            os.replace(self.folder, self.target)
+            os.replace(folder, target)
         with contextlib.suppress(FileNotFoundError):
-            (self.target / FolderLock.NAME).unlink()
-        self._discard()  # the old set, now in the (still locked) staging folder
-
-    def _discard(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+            (target / FolderLock.NAME).unlink()
+    except OSError as exc:
+        message = str(exc.strerror or exc)
+        if str(folder) not in message:
+            raise
+        message = message.replace(str(folder), str(target))
+        raise (type(exc)(exc.errno, message) if exc.errno is not None
+               else type(exc)(message)) from exc
+    finally:  # the staging folder, or the old set now in its place
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        shutil.rmtree(folder, ignore_errors=True)
+        lock.release()
 
 
 def remove_stale_stages(target: Path) -> list[Path]:
@@ -663,7 +563,7 @@ class ExportResult:
     metadata: dict[str, dict[str, str]]
     num_images: int
     exporter: str = "torch.onnx.export(dynamo=True)"
-    #: encode+decode images/s per runtime (median, interleaved), see :func:`compare_runtimes`
+    #: encode+decode images/s per runtime (median, interleaved)
     throughput_ips: dict[str, float] = field(default_factory=dict)
     throughput_batch: int = 0
     #: the weights as ``.safetensors`` with the architecture in the metadata
@@ -674,7 +574,7 @@ class ExportResult:
     precision_files: dict[str, dict[str, str]] = field(default_factory=dict)
     #: ``{precision: {"HxW": errors and PSNR cost}}``, see :func:`precision_costs`
     precision_costs: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
-    #: single-frame encode+decode latency per runtime, see :func:`frame_latency`
+    #: single-frame encode+decode latency per runtime
     frame_latency: dict[str, dict[str, float]] = field(default_factory=dict)
     frame_size: str = ""
     threads: int = 1
@@ -686,18 +586,14 @@ def export_model(vae: VAEBase, out_dir: str | os.PathLike[str], images: Tensor,
                  calibration: Tensor | None = None,
                  parity_images: Mapping[str, Tensor] | None = None, timing_repeats: int = 0,
                  frame: Tensor | None = None, frame_repeats: int = 0) -> ExportResult:
-    """Export, check and time ``vae`` into ``out_dir`` as one set (:class:`ExportSet`):
-    the graphs, ``tinyvae.safetensors`` (with the adapter's weights) and ``export.json``.
-
-    ``images``: real ``(N, C, S, S)`` images in [0, 1], the main parity check and the runtime
-    comparison (``timing_repeats`` rounds; 0 skips it). ``adapter``: the student-to-teacher
-    latent adapter; with it the teacher-space encoder is exported and checked too.
-    ``parity_images``: ``{"HxW": (N, C, H, W)}`` real images every fp32 file is checked at too.
-    ``precisions``: besides fp32, ``"fp16"`` and ``"int8"`` (which needs ``calibration``, real
-    training images; the decoder is calibrated on their eager latents); each precision's cost
-    is measured at every size. ``frame`` ``(1, C, H, W)``: the single-frame latency of eager
-    PyTorch and each precision in ONNX Runtime (``frame_repeats`` rounds). Returns the result
-    with the files' final paths; raises ``ExportError`` when a file differs from eager."""
+    """Export, check and time ``vae`` into ``out_dir`` as one set (:func:`export_set`): the
+    graphs, ``tinyvae.safetensors`` (with the adapter) and ``export.json``; ``ExportError``
+    when a file differs from eager. ``images``: real ``(N, C, S, S)`` images in [0, 1], the main
+    parity check and the runtime comparison (``timing_repeats`` rounds). ``adapter``: with it
+    the teacher-space encoder too. ``parity_images``: ``{"HxW": (N, C, H, W)}``, more sizes
+    every fp32 file is checked at. ``precisions``: fp32 and ``"fp16"``, ``"int8"`` (which needs
+    ``calibration``, real training images), each one's cost measured at every size. ``frame``
+    ``(1, C, H, W)``: single-frame latency of eager PyTorch and each precision."""
     if images.dim() != 4 or images.shape[2] != images.shape[3]:
         raise ValueError(f"expected square images (N, C, S, S), got {tuple(images.shape)}")
     latent_channels = vae.latent_shape(images.shape[-1], images.shape[-1])[0]
@@ -708,8 +604,7 @@ def export_model(vae: VAEBase, out_dir: str | os.PathLike[str], images: Tensor,
         raise ExportError("the int8 graphs need calibration images (real training images)")
     vae = vae.eval()
     threads = torch.get_num_threads()
-    with ExportSet(out_dir) as staged:
-        out = staged.folder
+    with export_set(out_dir) as out:
         files: dict[str, str] = {}
         metadata: dict[str, dict[str, str]] = {}
         for spec in graph_specs(vae, images.shape[-1], adapter and adapter.teacher_dim):
@@ -740,92 +635,102 @@ def export_model(vae: VAEBase, out_dir: str | os.PathLike[str], images: Tensor,
             precision_costs=precision_costs(vae, graphs, {size_key(images): images,
                                                           **(parity_images or {})}),
             threads=threads)
-        if timing_repeats:
-            result.throughput_ips = compare_runtimes(vae, files, images, timing_repeats)
+        if timing_repeats:  # encode+decode images/s of each runtime, interleaved
+            enc, dec = (onnx_runner(files[f"{p}_onnx"], threads) for p in ("encoder", "decoder"))
+            ts_enc, ts_dec = (load_torchscript(files[f"{p}_torchscript"])
+                              for p in ("encoder", "decoder"))
+            with torch.inference_mode():
+                times = timings({"pytorch_eager": lambda: vae.decode(vae.encode(images)),
+                                 "onnxruntime": lambda: dec(enc(images)),
+                                 "torchscript": lambda: ts_dec(ts_enc(images))},
+                                timing_repeats, 2, images.shape[0], "runtimes")
+            result.throughput_ips = {k: t["throughput_ips"] for k, t in times.items()}
             result.throughput_batch = images.shape[0]
-        if frame is not None and frame_repeats:
+        if frame is not None and frame_repeats:  # one frame's latency, eager and each precision
             runners = {"pytorch_eager": chain(eager_runner(vae, "encode"),
                                               eager_runner(vae, "decode"))}
             for precision, pair in graphs.items():
                 runners[f"onnxruntime_{precision}"] = chain(onnx_runner(pair["encoder"], threads),
                                                             onnx_runner(pair["decoder"], threads))
             result.frame_size = size_key(frame)
-            result.frame_latency = frame_latency(runners, frame, frame_repeats)
-        result = staged.relocate(result)
-        write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n", out / "export.json")
-    return result
+            times = timings({k: partial(f, frame) for k, f in runners.items()}, frame_repeats,
+                            desc=f"frame {result.frame_size}")
+            result.frame_latency = {k: {"median_ms": t["median_ms"], "p90_ms": t["p90_ms"],
+                                        "fps": t["throughput_ips"]} for k, t in times.items()}
+        # the report names each file at its final place
+        text = json.dumps(dataclasses.asdict(result), indent=2).replace(
+            json.dumps(str(out))[1:-1], json.dumps(str(Path(out_dir)))[1:-1])
+        write_text(text + "\n", out / "export.json")
+    return ExportResult(**json.loads(text))
 
 
 # ------------------------------------------------------------------------------------- command
-TENSORRT_NOTE = """\
-TensorRT on a Jetson (NOT run here; no TensorRT on this machine), with the files above; dynamic
-batch, height and width, profile from a 32x32 crop (min) through a 480x640 frame (opt) to four
-1080x1920 frames (max):
-  trtexec --onnx=tinyvae_encoder.onnx --saveEngine=tinyvae_encoder_fp16.engine --fp16 \\
-          --minShapes=image:{emin} --optShapes=image:{eopt} --maxShapes=image:{emax}
-  trtexec --onnx=tinyvae_decoder.onnx --saveEngine=tinyvae_decoder_fp16.engine --fp16 \\
-          --minShapes=latent:{dmin} --optShapes=latent:{dopt} --maxShapes=latent:{dmax}
-  int8 from the calibrated QDQ graph (explicit quantisation; same shapes):
-  trtexec --onnx=tinyvae_encoder.int8.onnx --saveEngine=tinyvae_encoder_int8.engine --int8 --fp16 \\
-          --minShapes=image:{emin} --optShapes=image:{eopt} --maxShapes=image:{emax}"""
-TENSORRT_TEACHER_SPACE = """\
-  trtexec --onnx=tinyvae_encoder_teacher_space.onnx --fp16 \\
-          --saveEngine=tinyvae_encoder_teacher_space_fp16.engine \\
-          --minShapes=image:{emin} --optShapes=image:{eopt} --maxShapes=image:{emax}"""
-TENSORRT_COMPACT_NOTE = """\
-TensorRT on a Jetson (NOT run here; no TensorRT on this machine), with the files above; fixed
-{side}x{side} crops, dynamic batch from 1 (min, opt) to 64 (max):
-  trtexec --onnx=tinyvae_encoder.onnx --saveEngine=compact_encoder_fp16.engine --fp16 \\
-          --minShapes=image:1x{c}x{side}x{side} --optShapes=image:1x{c}x{side}x{side} \\
-          --maxShapes=image:64x{c}x{side}x{side}
-  trtexec --onnx=tinyvae_decoder.onnx --saveEngine=compact_decoder_fp16.engine --fp16 \\
-          --minShapes=latent:1x{latent} --optShapes=latent:1x{latent} \\
-          --maxShapes=latent:64x{latent}"""
+def _tensorrt(vae: VAEBase, teacher_space: bool) -> str:
+    """The ``trtexec`` commands for the exported files, with their shape profiles."""
+    lat = vae.latent_dim
+    if isinstance(vae, CompactVAE):
+        side, c = vae.image_size, vae.in_channels
+        head = f"fixed {side}x{side} crops, dynamic batch from 1 (min, opt) to 64 (max)"
+        shapes = [{"image": f"{n}x{c}x{side}x{side}", "latent": f"{n}x{lat}"} for n in (1, 1, 64)]
+    else:
+        head = ("dynamic batch, height and width, profile from a 32x32 crop (min) through a "
+                "480x640 frame (opt) to four 1080x1920 frames (max)")
+        shapes = [{"image": f"{n}x3x{h}x{w}", "latent": f"{n}x{lat}x{h // 8}x{w // 8}"}
+                  for n, h, w in TRT_PROFILE]
+
+    def trtexec(graph: str, engine: str, tensor: str, flags: str = "--fp16") -> str:
+        profile = " ".join(f"--{k}Shapes={tensor}:{p[tensor]}"
+                           for k, p in zip(("min", "opt", "max"), shapes, strict=True))
+        return (f"  trtexec --onnx=tinyvae_{graph}.onnx --saveEngine={engine}.engine {flags} "
+                f"\\\n          {profile}")
+
+    lines = [f"TensorRT on a Jetson (NOT run here; no TensorRT on this machine), with the files "
+             f"above; {head}:", trtexec("encoder", "tinyvae_encoder_fp16", "image"),
+             trtexec("decoder", "tinyvae_decoder_fp16", "latent"),
+             "  int8 from the calibrated QDQ graph (explicit quantisation; same shapes):",
+             trtexec("encoder.int8", "tinyvae_encoder_int8", "image", "--int8 --fp16")]
+    if teacher_space:
+        lines.append(trtexec("encoder_teacher_space", "tinyvae_encoder_teacher_space_fp16",
+                             "image"))
+    return "\n".join(lines)
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Export the TinyVAE encoder and decoder "
                                 "to ONNX and TorchScript, checked against eager PyTorch on real "
                                 "validation images.")
-    p.add_argument("--checkpoint", default="checkpoints/tinyvae_best.pth",
-                   help="checkpoint holding the student (default %(default)s)")
-    p.add_argument("--role", default="student",
-                   help="model role inside the checkpoint (default %(default)s)")
-    p.add_argument("--out-dir", default="exports", help="output folder (default %(default)s)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="side of the validation crops of the main parity check and the runtime "
-                        "comparison, divisible by 8 (default 32, a compact model's crop side "
-                        "for it); a spatial model's graphs take any side divisible by 8")
-    p.add_argument("--precision", default="fp32,fp16,int8",
-                   help="comma-separated precisions of the encoder and decoder graphs: fp32 "
-                        "(always), fp16, int8 (default %(default)s)")
-    p.add_argument("--parity-sizes", default="64x64,224x224,480x640",
-                   help="more frame sizes HxW every graph is checked at, on the photos "
-                        "dataset's validation photographs (default %(default)s; '' none)")
-    p.add_argument("--calibration-images", type=int, default=256,
-                   help="training images (at --image-size) calibrating the int8 graphs "
-                        "(default 256)")
-    p.add_argument("--frame-size", default="480x640",
-                   help="frame size HxW of the single-frame latency of each runtime and "
-                        "precision (default %(default)s)")
-    p.add_argument("--frame-repeats", type=int, default=5,
-                   help="interleaved rounds of the single-frame latency; 0 skips it (default 5)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (18)")
-    p.add_argument("--dataset", default="photos",
-                   help="dataset whose validation images check parity (default photos)")
-    p.add_argument("--data-dir", default="./data", help="dataset root (if it needs one)")
-    p.add_argument("--num-images", type=int, default=64,
-                   help="validation images of the parity check and the runtime comparison "
-                        "(default 64)")
-    p.add_argument("--timing-repeats", type=int, default=20,
-                   help="interleaved rounds comparing eager PyTorch, ONNX Runtime and "
-                        "TorchScript throughput; 0 skips it (default 20)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads of the runtime comparison (default 1, as evaluate)")
-    p.add_argument("--no-teacher-space", action="store_true",
-                   help="do not export tinyvae_encoder_teacher_space.onnx (image -> the latent "
-                        "adapter's teacher-space latent), written by default when the "
-                        "checkpoint holds the adapter")
+    add = p.add_argument
+    add("--checkpoint", default="checkpoints/tinyvae_best.pth",
+        help="checkpoint holding the student (default %(default)s)")
+    add("--role", default="student", help="model role in the checkpoint (default %(default)s)")
+    add("--out-dir", default="exports", help="output folder (default %(default)s)")
+    add("--image-size", type=int, default=None,
+        help="side of the validation crops of the main parity check and the runtime comparison, "
+             "divisible by 8 (default 32; a compact model's crop side for it)")
+    add("--precision", default="fp32,fp16,int8",
+        help="precisions of the encoder and decoder graphs: fp32 (always), fp16, int8 "
+             "(default %(default)s)")
+    add("--parity-sizes", default="64x64,224x224,480x640",
+        help="more frame sizes HxW every graph is checked at, on the photos dataset's "
+             "validation photographs (default %(default)s; '' none)")
+    add("--calibration-images", type=int, default=256,
+        help="training images calibrating the int8 graphs (default 256)")
+    add("--frame-size", default="480x640",
+        help="frame HxW of the single-frame latency of each precision (default %(default)s)")
+    add("--frame-repeats", type=int, default=5,
+        help="rounds of the single-frame latency; 0 skips it (default 5)")
+    add("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (18)")
+    add("--dataset", default="photos", help="dataset whose validation images check parity")
+    add("--data-dir", default="./data", help="dataset root (if it needs one)")
+    add("--num-images", type=int, default=64,
+        help="validation images of the parity check and the runtime comparison (default 64)")
+    add("--timing-repeats", type=int, default=20,
+        help="rounds comparing eager PyTorch, ONNX Runtime and TorchScript; 0 skips it "
+             "(default 20)")
+    add("--threads", type=int, default=1, help="CPU threads of the timings (default 1)")
+    add("--no-teacher-space", action="store_true",
+        help="leave out tinyvae_encoder_teacher_space.onnx (image -> the adapter's "
+             "teacher-space latent; written when the checkpoint holds the adapter)")
     return p
 
 
@@ -886,17 +791,7 @@ def _summary(vae: VAEBase, result: ExportResult, args: argparse.Namespace) -> st
         lines.append(f"{runtime:24s} encode+decode one {result.frame_size} frame: "
                      f"{t['median_ms']:8.1f} ms ({t['fps']:5.2f} fps), {result.threads} thread(s)")
     lines.append(f"report: {Path(args.out_dir) / 'export.json'}")
-    if compact:
-        lines.append(TENSORRT_COMPACT_NOTE.format(side=vae.image_size, c=vae.in_channels,
-                                                  latent=vae.latent_dim))
-        return "\n".join(lines)
-    shapes = {}
-    for name, (n, h, w) in zip(("min", "opt", "max"), TRT_PROFILE, strict=True):
-        shapes[f"e{name}"] = f"{n}x3x{h}x{w}"
-        shapes[f"d{name}"] = f"{n}x{vae.latent_dim}x{h // 8}x{w // 8}"
-    lines.append(TENSORRT_NOTE.format(**shapes))
-    if "encoder_teacher_space_onnx" in result.files:
-        lines.append(TENSORRT_TEACHER_SPACE.format(**shapes))
+    lines.append(_tensorrt(vae, "encoder_teacher_space_onnx" in result.files))
     return "\n".join(lines)
 
 

@@ -26,13 +26,13 @@ from hrm_vision.export import (
     PARITY_SIZES,
     PARITY_TOLERANCE,
     ExportError,
-    ExportSet,
     VAEGraph,
     chain,
     check_parity,
     command,
     eager_runner,
     export_model,
+    export_set,
     load_torchscript,
     onnx_runner,
     ort_session,
@@ -653,7 +653,7 @@ def test_a_killed_exports_staging_folder_is_removed_a_live_one_kept(tmp_path) ->
 
 def test_a_subfolder_in_the_target_is_refused_before_writing(tmp_path) -> None:
     (tmp_path / "out" / "sub").mkdir(parents=True)
-    with pytest.raises(OSError, match="holds sub"), ExportSet(tmp_path / "out"):
+    with pytest.raises(OSError, match="holds sub"), export_set(tmp_path / "out"):
         pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
