@@ -8,9 +8,9 @@
    validation photographs (``export.json`` of :mod:`hrm_vision.export`);
 2. single-frame encode+decode latency and fps for a 64x64 crop and a 480x640 frame: eager
    PyTorch as the model runs by default, eager with the inference settings of
-   :func:`hrm_vision.export.runtime.eager_runner`, ONNX Runtime fp32 and int8, all interleaved
+   :func:`hrm_vision.export.eager_runner`, ONNX Runtime fp32 and int8, all interleaved
    with a 64-channel 3x3 convolution whose GFLOP/s is this machine's reference
-   (:func:`hrm_vision.evaluation.speed.camera_speed`);
+   (:func:`hrm_vision.evaluate.camera_speed`);
 3. tiled encode/decode of a 480x640 frame against the full frame (largest difference);
 4. ``hrm-vision perceive`` on a 480x640 video this script writes (the validation photographs
    panning), with the int8 encoder on ``--perceive-threads`` threads.
@@ -35,10 +35,15 @@ import torch
 
 from hrm_vision.checkpoints import load_model
 from hrm_vision.data import validation_images
-from hrm_vision.evaluation.speed import CAMERA_SIZES, camera_lines, camera_speed
-from hrm_vision.export import export_model
-from hrm_vision.export.frames import PARITY_SIZES, photo_frames
-from hrm_vision.export.runtime import chain, eager_runner, onnx_runner
+from hrm_vision.evaluate import CAMERA_SIZES, camera_lines, camera_speed
+from hrm_vision.export import (
+    PARITY_SIZES,
+    chain,
+    eager_runner,
+    export_model,
+    onnx_runner,
+    photo_frames,
+)
 from hrm_vision.timing import machine_info
 from hrm_vision.vae import MinimalVAE, VAEBase
 from hrm_vision.vae.tiling import decode_tiled, encode_tiled, receptive_field

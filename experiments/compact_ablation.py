@@ -21,10 +21,10 @@ import json
 import sys
 from collections.abc import Sequence
 
-import compact_train
+import compact_train  # puts training/ on the path, for training/compact.py
 import torch
+from compact import compact_table, markdown_table
 
-from hrm_vision.evaluation.compact import compact_table, markdown_table
 from hrm_vision.vae import CompactStudentVAE
 
 VARIANTS = ("pca", "dct", "nolinear", "plain")

@@ -4,7 +4,7 @@
     python experiments/compact_latency.py --arch '{"input_channels": 1}'
 
 Times ``CompactStudentVAE().encode`` in eager PyTorch (``torch.inference_mode``) and the encoder
-that ``python -m hrm_vision.export`` writes (:func:`hrm_vision.export.export_onnx` of the
+that ``hrm-vision export`` writes (:func:`hrm_vision.export.export_onnx` of the
 encoder graph, fixed crop, dynamic batch) in ONNX Runtime with one intra-op thread, interleaved
 round by round so both see the same machine load. Prints the median and 90th percentile in
 milliseconds, the ratio of the medians (eager / ONNX Runtime), the encoder's

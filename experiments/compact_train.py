@@ -11,7 +11,7 @@ Data: 8192 training crops (64x64) of the training photographs; two evaluation se
 each: *held-out* (the held-out photographs of ``photos``: coffee, rocket, camera) and *unseen
 sources* (a photograph from another collection: matplotlib's bundled ``grace_hopper.jpg``, cut
 at the same three scales like the ``photos`` crops). The final table is
-:func:`hrm_vision.evaluation.compact.compact_table` (the one ``make compact`` prints): the model's
+:func:`compact_table` of ``training/compact.py`` (the one ``make compact`` prints): the model's
 PSNR and rate beside PCA-16/64/256 of whole crops fitted on the first 4096 training crops and 5x5
 and 8x8 thumbnails (area down, bicubic up), on the same crops. PSNR over each set (pooled MSE).
 
@@ -33,27 +33,31 @@ import math
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from hrm_vision.data.photos import PhotoCrops
-from hrm_vision.evaluation.compact import (
+from hrm_vision.vae import build_model
+from hrm_vision.vae.compact import CompactVAE
+
+# the table of `make compact`: training/compact.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+from compact import (  # noqa: E402
     compact_table,
     decoded_psnr,
     evaluation_sets,
     markdown_table,
     vae_coder,
 )
-from hrm_vision.vae import build_model
-from hrm_vision.vae.compact import CompactVAE
 
 SIZE = 64
 
 
 def load_data(num_train: int) -> tuple[Tensor, dict[str, Tensor]]:
     """Training crops and the two evaluation sets
-    (:func:`hrm_vision.evaluation.compact.evaluation_sets`), float in [0, 1]."""
+    (``evaluation_sets`` of ``training/compact.py``), float in [0, 1]."""
     train = PhotoCrops("train", image_size=SIZE, num_crops=num_train).images_uint8.float() / 255
     held = PhotoCrops("val", image_size=SIZE, num_crops=512).images_uint8.float() / 255
     return train, evaluation_sets(held)

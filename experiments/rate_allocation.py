@@ -13,7 +13,7 @@ component). The last one is measured for the student only (the teacher's latent 
 two or three copies of each component).
 Rows: KL per latent element, decode(mu) and decode(z) PSNR (z a seeded posterior sample, pooled
 PSNR) and the Gaussian water-filling bound at the measured rate
-(:func:`hrm_vision.evaluation.quality.measure_rate`).
+(:func:`hrm_vision.evaluate.measure_rate`).
 
     python experiments/rate_allocation.py              # 2048 training, 512 validation crops
 """
@@ -27,8 +27,7 @@ import torch
 
 from hrm_vision import rate
 from hrm_vision.data import validation_images
-from hrm_vision.evaluation.baselines import patch_spectrum
-from hrm_vision.evaluation.quality import measure_rate
+from hrm_vision.evaluate import measure_rate, patch_spectrum
 from hrm_vision.vae import MinimalVAE, TeacherVAE
 from hrm_vision.vae.models import LOGVAR_INIT
 

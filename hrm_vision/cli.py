@@ -3,8 +3,8 @@
 ::
 
     hrm-vision distill  [options]   # distil the TinyVAE (python -m hrm_vision.distill)
-    hrm-vision evaluate [options]   # teacher vs student (python -m hrm_vision.evaluation)
-    hrm-vision export   [options]   # ONNX for the edge (python -m hrm_vision.export)
+    hrm-vision evaluate [options]   # teacher vs student (hrm_vision.evaluate)
+    hrm-vision export   [options]   # ONNX for the edge (hrm_vision.export)
     hrm-vision irp      [options]   # IRP host loop (python -m hrm_vision.irp.host)
     hrm-vision perceive SOURCE ...  # frames -> latents (python -m hrm_vision.perceive)
     hrm-vision COMMAND --help       # the options of one command
@@ -55,10 +55,10 @@ class Command(NamedTuple):
 COMMANDS: dict[str, Command] = {
     "distill": Command("hrm_vision.distill.__main__",
                        "train the TinyVAE by distillation from a teacher VAE"),
-    "evaluate": Command("hrm_vision.evaluation.__main__",
-                        "compare teacher and student: size, speed, quality, latents"),
-    "export": Command("hrm_vision.export.__main__",
-                      "export the student for deployment (ONNX) and check parity"),
+    "evaluate": Command("hrm_vision.evaluate",
+                        "compare teacher and student: size, speed, quality, latents", "command"),
+    "export": Command("hrm_vision.export",
+                      "export the student for deployment (ONNX) and check parity", "command"),
     "irp": Command("hrm_vision.irp.host", "run IRP plugins (the TinyVAE perception plugin)"),
     "perceive": Command("hrm_vision.perceive",
                         "encode every frame of a video, camera or folder; latents + telemetry"),

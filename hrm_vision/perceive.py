@@ -142,7 +142,7 @@ class Encoder:
     """The frame encoder ``--model`` names, with optional IRP refinement."""
 
     def __init__(self, model: str, threads: int, refine_steps: int = 1) -> None:
-        from .export.runtime import eager_runner, onnx_runner
+        from .export import eager_runner, onnx_runner
 
         self.plugin = None
         self.refine_steps = refine_steps

@@ -1,9 +1,8 @@
 """Timing: functions measured in turns, so machine noise hits them all alike, and a description
 of the machine the numbers come from.
 
-Every timing in the package goes through this module: the evaluation report (latency and
-throughput of both models), the export's runtime comparison and the IRP measurement. It sits
-below all of them and imports nothing of the package.
+:mod:`hrm_vision.evaluate` and :mod:`hrm_vision.export` both time through this module; it sits
+below both (neither needs the other for it) and imports nothing of the package.
 """
 
 from __future__ import annotations
@@ -22,12 +21,9 @@ from tqdm import tqdm
 
 def interleaved_timings(fns: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1,
                         desc: str = "timing") -> dict[str, list[float]]:
-    """Seconds per call of each function in ``fns``, measured ``repeats`` times in turns.
-
-    After ``warmup`` untimed rounds, every round calls each function once; the order rotates
-    from round to round so no function always runs first (or right after a heavy one). On a
-    shared, noisy machine this keeps ratios between the functions meaningful.
-    """
+    """Seconds per call of each function in ``fns``, ``repeats`` rounds after ``warmup``
+    untimed ones; each round calls every function once, in an order that rotates, so that on a
+    shared, noisy machine the ratios between the functions stay meaningful."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
     names = list(fns)
@@ -75,3 +71,10 @@ def machine_info() -> dict[str, Any]:
             "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "hrm_vision": __version__}
+
+
+def timings(fns: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1,
+            batch_size: int = 1, desc: str = "timing") -> dict[str, dict[str, float]]:
+    """:func:`interleaved_timings` of ``fns``, each :func:`summarize_timings` at ``batch_size``."""
+    return {name: summarize_timings(seconds, batch_size)
+            for name, seconds in interleaved_timings(fns, repeats, warmup, desc).items()}

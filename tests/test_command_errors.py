@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = {
     "distill script": (["training/distill_tinyvae.py"], "distill_tinyvae: error: "),
     "distill module": (["-m", "hrm_vision.distill"], "distill_tinyvae: error: "),
-    "evaluation": (["-m", "hrm_vision.evaluation"], "python -m hrm_vision.evaluation: error: "),
-    "export": (["-m", "hrm_vision.export"], "python -m hrm_vision.export: error: "),
+    "evaluation": (["-m", "hrm_vision", "evaluate"], "hrm-vision evaluate: error: "),
+    "export": (["-m", "hrm_vision", "export"], "hrm-vision export: error: "),
 }
 #: File size limit of the full-disk cases: above config.json, history and pictures, below any
 #: checkpoint, the weights the evaluation measures and the exported files.
@@ -129,7 +129,7 @@ def make_files(d: Path) -> None:
 FORK_RUNNER = command_runner(
     "import numpy, torch, torchvision, matplotlib, pydantic, tqdm\n"
     "import hrm_vision.checkpoints, hrm_vision.cli, hrm_vision.distill.trainer, "
-    "hrm_vision.evaluation")  # not distill.__main__: `-m hrm_vision.distill` runs it afresh
+    "hrm_vision.evaluate")  # not distill.__main__: `-m hrm_vision.distill` runs it afresh
 
 
 def run_cases(cases: list[Case], d: Path) -> list[Outcome]:

@@ -181,7 +181,7 @@ def test_student_encoder_exports_to_onnx(tmp_path) -> None:
     Runtime reproduces the eager latent."""
     import onnx
 
-    from hrm_vision.export.onnx import ort_session, run_onnx
+    from hrm_vision.export import ort_session, run_onnx
 
     class Encode(torch.nn.Module):
         def __init__(self, vae: CompactVAE) -> None:

@@ -8,18 +8,11 @@ import importlib.util
 import io
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-from hrm_vision.evaluation.compact import (
-    Coder,
-    best_epoch,
-    compact_table,
-    markdown_table,
-    unseen_crops,
-)
 
 ROOT = Path(__file__).resolve().parents[1]
 #: A tiny version of training/compact.json: 48 training crops, 8 validation crops, one epoch
@@ -34,8 +27,14 @@ def load_command():
     spec = importlib.util.spec_from_file_location("compact_command", ROOT / "training/compact.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+COMPACT = load_command()  # the table's pieces live in the script (``make compact``)
+Coder, best_epoch, compact_table = COMPACT.Coder, COMPACT.best_epoch, COMPACT.compact_table
+markdown_table, unseen_crops = COMPACT.markdown_table, COMPACT.unseen_crops
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""``python -m hrm_vision.export`` on a compact student checkpoint: ONNX encoder and decoder with a
+"""``hrm-vision export`` on a compact student checkpoint: ONNX encoder and decoder with a
 fixed 64x64 crop and a (B, latent_dim) latent, matching eager PyTorch, RGB and grey."""
 
 from __future__ import annotations
@@ -12,11 +12,16 @@ import onnx
 import pytest
 import torch
 
+from hrm_vision import cli
 from hrm_vision.checkpoints import model_entry, save_checkpoint
-from hrm_vision.export import ort_session, run_onnx
-from hrm_vision.export.__main__ import main
+from hrm_vision.export import command, ort_session, run_onnx
 from hrm_vision.vae import CompactStudentVAE, LatentAdapter
 from tests.helpers.models import perturbed
+
+
+def main(argv: list[str]) -> int:
+    """The command as ``hrm-vision export`` runs it (expected failures: one line, status 2)."""
+    return cli.run_main("hrm-vision export", command, argv)
 
 
 def compact_checkpoint(path: Path, channels: int) -> CompactStudentVAE:

@@ -16,7 +16,7 @@ from hrm_vision.distill.config import ConfigError, make_config
 from hrm_vision.distill.losses import residual_variance
 from hrm_vision.distill.perceptual import TeacherFeatures
 from hrm_vision.distill.trainer import configured_model
-from hrm_vision.evaluation.baselines import crop_baselines
+from hrm_vision.evaluate import crop_baselines
 from hrm_vision.objective import kl_nats
 from hrm_vision.vae import (
     CompactStudentVAE,

@@ -1,8 +1,17 @@
-"""ONNX and TorchScript export of the TinyVAE: parity with eager PyTorch, metadata, folding."""
+"""Export of the TinyVAE (:mod:`hrm_vision.export`): ONNX and TorchScript files matching eager
+PyTorch on real images at any frame size, their names and metadata, the teacher-space encoder,
+the fp16 and int8 variants, the inference runners, the command, and an export replacing the
+previous set whole (a failure, a SIGTERM or a full disk midway leaves that set as it was, names
+the file that could not be written and leaves no staging folder; the user's files are kept)."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import onnx
@@ -10,21 +19,44 @@ import pytest
 import torch
 from torch import nn
 
+from hrm_vision import cli
+from hrm_vision import export as export_module
 from hrm_vision.checkpoints import model_entry, save_checkpoint
 from hrm_vision.export import (
+    PARITY_SIZES,
     PARITY_TOLERANCE,
     ExportError,
     VAEGraph,
+    chain,
     check_parity,
+    command,
+    eager_runner,
     export_model,
-    fold_batchnorm,
+    export_set,
     load_torchscript,
+    onnx_runner,
     ort_session,
+    parse_precisions,
+    parse_size,
+    photo_frames,
+    precision_path,
+    remove_stale_stages,
     run_onnx,
 )
-from hrm_vision.export.__main__ import main
+from hrm_vision.files import FolderLock
 from hrm_vision.vae import LatentAdapter, MinimalVAE
 from tests.helpers.models import perturbed_student
+
+ROOT = Path(__file__).resolve().parents[1]
+TEACHER_SPACE = "tinyvae_encoder_teacher_space.onnx"
+NO_CUDA = "no CUDA device on this machine: the CUDA runs are checked on a machine with a GPU"
+#: Sizes beyond the parity sizes: non-square, and the smallest grid (one latent cell).
+ODD_SIZES = ((40, 24), (8, 8))
+
+
+def main(argv: list[str]) -> int:
+    """The command as ``hrm-vision export`` runs it (expected failures: one line, status 2)."""
+    return cli.run_main("hrm-vision export", command, argv)
 
 TEACHER_SPACE = "tinyvae_encoder_teacher_space.onnx"
 
@@ -47,18 +79,6 @@ def with_adapter(payload: dict) -> dict:
             "adapter_arch": adapter.arch_config()}
 
 
-def conv_bn_net() -> nn.Sequential:
-    """Two Conv2d + BatchNorm2d pairs with non-trivial statistics, so folding has work to do."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-                        nn.Conv2d(6, 4, 1), nn.BatchNorm2d(4))
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    return net.eval()
 
 
 @pytest.fixture(scope="module")
@@ -74,29 +94,6 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[MinimalVAE, Path
                  "--parity-sizes", "64x64,224x224,480x640", "--frame-repeats", "1"]) == 0
     return model, root / "out", json.loads((root / "out" / "export.json").read_text())
 
-
-class TestFoldBatchnorm:
-    def test_no_batchnorm_left_and_same_output(self, photo_batch: torch.Tensor) -> None:
-        net = conv_bn_net()
-        folded = fold_batchnorm(net)
-        assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
-        assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == 2, "input modified"
-        with torch.no_grad():
-            expected = net(photo_batch)
-            assert (folded(photo_batch) - expected).abs().max() < 1e-5
-            assert (expected - net[0](photo_batch)[:, :4]).abs().max() > 0.1  # BN mattered
-
-    def test_a_model_without_batchnorm_is_unchanged(self, photo_batch: torch.Tensor) -> None:
-        model = perturbed_student()
-        folded = fold_batchnorm(model)
-        with torch.no_grad():
-            z = model.encode(photo_batch)
-            assert torch.equal(folded.encode(photo_batch), z)
-            assert torch.equal(folded.decode(z), model.decode(z))
-
-    def test_lone_batchnorm_is_refused(self) -> None:
-        with pytest.raises(ExportError, match="cannot be folded"):
-            fold_batchnorm(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(4)))
 
 
 class TestOnnx:
@@ -292,7 +289,7 @@ class TestTeacherSpace:
         path = save_checkpoint(with_adapter(payload) if adapter else payload,
                                tmp_path / "tinyvae_best.pth")
         written, checked = [], {}
-        pipeline = "hrm_vision.export.pipeline"
+        pipeline = "hrm_vision.export"
 
         def record(graph, spec, file, *rest):
             written.append(Path(file).name)
@@ -311,8 +308,8 @@ class TestTeacherSpace:
 
         monkeypatch.setattr(f"{pipeline}.save_pretrained", weights)
         monkeypatch.setattr(f"{pipeline}.precision_costs", lambda *a: {})
-        monkeypatch.setattr("hrm_vision.export.__main__.validation_images",
-                            lambda *a: torch.rand(2, 3, 32, 32))
+        monkeypatch.setattr(f"{pipeline}.validation_images",
+                            lambda *a, **k: torch.rand(2, 3, 32, 32))
         assert main(["--checkpoint", str(path), "--out-dir", str(tmp_path / "out"),
                      "--timing-repeats", "0", "--precision", "fp32", "--parity-sizes", "",
                      "--frame-repeats", "0", *flag]) == 0
@@ -346,3 +343,335 @@ class TestTeacherSpace:
         assert isinstance(VAEGraph(model, "encoder").vae.decoder, nn.Identity)  # half only
         with pytest.raises(ValueError, match="adapter goes with"):
             VAEGraph(model, "encoder", adapter)
+
+
+# --------------------------------------------------------------- frame sizes and precisions
+def small_student(photo_batch: torch.Tensor) -> MinimalVAE:
+    """A small student initialised from data (its linear path is patch PCA, as a fresh student
+    before training) with its zero-initialised branch ends nudged, so every layer contributes."""
+    torch.manual_seed(0)
+    model = MinimalVAE(latent_dim=48, base_channels=8)
+    model.init_from_data(photo_batch)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def precisions_export(tmp_path_factory: pytest.TempPathFactory, photo_batch: torch.Tensor):
+    out = tmp_path_factory.mktemp("precisions")
+    model = small_student(photo_batch)
+    frames = {"64x64": photo_frames(64, 64), "480x640": photo_frames(480, 640)}
+    result = export_model(model, out, photo_batch[:8], precisions=("fp32", "fp16", "int8"),
+                          calibration=photo_batch, parity_images=frames)
+    return model, out, result
+
+
+class TestAnyFrameSize:
+    @pytest.mark.parametrize("size", PARITY_SIZES + ODD_SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+    def test_both_halves_match_eager(self, precisions_export, size) -> None:
+        model, out, _ = precisions_export
+        torch.manual_seed(1)
+        x = torch.rand(2, 3, *size)
+        enc = ort_session(out / "tinyvae_encoder.onnx")
+        dec = ort_session(out / "tinyvae_decoder.onnx")
+        with torch.no_grad():
+            z = model.encode(x)
+            assert run_onnx(enc, x).shape == z.shape == (2, 48, size[0] // 8, size[1] // 8)
+            assert (run_onnx(enc, x) - z).abs().max() <= PARITY_TOLERANCE
+            assert (run_onnx(dec, z) - model.decode(z)).abs().max() <= PARITY_TOLERANCE
+
+    def test_height_and_width_are_symbolic(self, precisions_export) -> None:
+        _, out, _ = precisions_export
+        for name, scale in (("encoder", "8*"), ("decoder", "")):
+            graph = onnx.load(str(out / f"tinyvae_{name}.onnx")).graph
+            dims = [d.dim_param for d in graph.input[0].type.tensor_type.shape.dim]
+            assert dims == ["batch", "", f"{scale}latent_height", f"{scale}latent_width"]
+
+    def test_a_side_not_divisible_by_8_is_refused(self, precisions_export) -> None:
+        _, out, _ = precisions_export
+        with pytest.raises(Exception, match="(?i)dimension|shape|invalid"):
+            run_onnx(ort_session(out / "tinyvae_encoder.onnx"), torch.rand(1, 3, 36, 32))
+
+    def test_real_photographs_at_each_size(self, precisions_export) -> None:
+        _, _, result = precisions_export
+        assert list(result.parity_sizes) == ["32x32", "64x64", "480x640"]
+        assert all(v <= PARITY_TOLERANCE for d in result.parity_sizes.values()
+                   for v in d.values())
+
+
+class TestPrecisions:
+    def test_files_next_to_fp32_with_their_precision_in_the_metadata(self,
+                                                                     precisions_export) -> None:
+        _, out, result = precisions_export
+        for precision, files in result.precision_files.items():
+            for part, path in files.items():
+                assert Path(path) == precision_path(out / f"tinyvae_{part}.onnx", precision)
+                meta = {p.key: p.value for p in onnx.load(path).metadata_props}
+                assert meta["color_order"] == "RGB"
+                assert meta.get("precision", "fp32").startswith(precision)
+
+    def test_fp32_costs_nothing(self, precisions_export) -> None:
+        _, _, result = precisions_export
+        for cost in result.precision_costs["fp32"].values():
+            assert abs(cost["psnr_cost_db"]) < 1e-3
+            assert cost["roundtrip_max_abs_err"] <= PARITY_TOLERANCE
+
+    def test_fp16_within_1e_2_and_a_tenth_of_a_db(self, precisions_export) -> None:
+        _, _, result = precisions_export
+        for size, cost in result.precision_costs["fp16"].items():
+            assert cost["decoder_max_abs_err"] <= 1e-2, size
+            assert cost["roundtrip_max_abs_err"] <= 1e-2, size
+            assert abs(cost["psnr_cost_db"]) <= 0.1, size
+            assert cost["encoder_max_abs_err"] > 0  # it is really fp16 arithmetic
+
+    def test_int8_within_half_a_db(self, precisions_export) -> None:
+        _, _, result = precisions_export
+        for size, cost in result.precision_costs["int8"].items():
+            assert cost["psnr_cost_db"] <= 0.5, size
+            assert cost["roundtrip_max_abs_err"] > 1e-3  # it is really quantised
+
+    def test_int8_is_qdq_with_per_channel_weights(self, precisions_export) -> None:
+        _, _, result = precisions_export
+        graph = onnx.load(result.precision_files["int8"]["encoder"]).graph
+        ops = {n.op_type for n in graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+        inits = {i.name: i for i in graph.initializer}
+        per_channel = [n for n in graph.node if n.op_type == "DequantizeLinear"
+                       and inits.get(n.input[1]) is not None and len(inits[n.input[1]].dims)
+                       and inits[n.input[1]].dims[0] > 1]
+        assert per_channel, "no weight is quantised per output channel"
+        fp16 = onnx.load(result.precision_files["fp16"]["encoder"]).graph
+        assert fp16.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # float32 IO
+        assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in fp16.initializer)
+
+    def test_int8_needs_calibration_images(self, tmp_path, photo_batch) -> None:
+        with pytest.raises(ExportError, match="calibration"):
+            export_model(small_student(photo_batch), tmp_path, photo_batch[:2],
+                         precisions=("fp32", "int8"))
+
+
+class TestParsing:
+    def test_precisions_fp32_first_and_unknown_refused(self) -> None:
+        assert parse_precisions("int8,fp16") == ("fp32", "fp16", "int8")
+        assert parse_precisions("fp32") == ("fp32",)
+        with pytest.raises(ValueError, match="unknown precision bf16"):
+            parse_precisions("fp16,bf16")
+
+    def test_sizes(self) -> None:
+        assert parse_size("480x640") == (480, 640)
+        for bad in ("480x630", "0x8", "640"):
+            with pytest.raises(ValueError):
+                parse_size(bad)
+
+    def test_photo_frames_are_real_and_sized(self) -> None:
+        frames = photo_frames(480, 640)
+        assert frames.shape == (3, 3, 480, 640)
+        assert 0 <= frames.min() and frames.max() <= 1 and frames.std() > 0.1
+
+
+# -------------------------------------------------------------------------------- runners
+def test_channels_last_eager_equals_the_default_path(photo_batch) -> None:
+    model = perturbed_student()
+    x = torch.nn.functional.interpolate(photo_batch[:2], size=(96, 128), mode="bilinear")
+    with torch.no_grad():
+        z = model.encode(x)
+        x_hat = model.decode(z)
+    enc, dec = eager_runner(model, "encode"), eager_runner(model, "decode")
+    # float rounding only: the latent's range is about 12 here
+    assert (enc(x) - z).abs().max() <= PARITY_TOLERANCE
+    assert (dec(z) - x_hat).abs().max() <= PARITY_TOLERANCE
+    assert (chain(enc, dec)(x) - x_hat).abs().max() <= PARITY_TOLERANCE
+    assert enc(x).is_contiguous()
+    # the caller's model is left as it was (layout and weights)
+    assert all(p.is_contiguous() for p in model.parameters())
+    with pytest.raises(ValueError, match="part must be"):
+        eager_runner(model, "forward")
+
+
+def test_onnx_runner_any_size(tmp_path) -> None:
+    model = perturbed_student()
+    export_model(model, tmp_path, torch.rand(2, 3, 32, 32))
+    x = torch.rand(1, 3, 72, 40)
+    with torch.no_grad():
+        z = model.encode(x)
+    assert (onnx_runner(tmp_path / "tinyvae_encoder.onnx", threads=1)(x) - z).abs().max() <= 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+def test_cuda_eager_and_fp16_autocast_match_cpu(photo_batch) -> None:
+    model = perturbed_student()
+    with torch.no_grad():
+        z = model.encode(photo_batch)
+        gpu = model.cuda()
+        assert (gpu.encode(photo_batch.cuda()).cpu() - z).abs().max() <= 1e-3
+        with torch.autocast("cuda", dtype=torch.float16):
+            z16 = gpu.encode(photo_batch.cuda()).float().cpu()
+    assert (z16 - z).abs().max() <= 5e-2
+
+
+# ---------------------------------------------------------------- one set replaces the last
+def student(seed: int) -> MinimalVAE:
+    torch.manual_seed(seed)
+    return MinimalVAE(latent_dim=4, base_channels=8).eval()
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Hidden entries beside ``folder`` (staging folders) and inside it (temporaries)."""
+    return sorted(p.name for p in [*folder.parent.iterdir(), *folder.iterdir()]
+                  if p.name.startswith("."))
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes]]:
+    """An export of one student into ``out`` (with a user's file beside it) and its bytes."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("atomic") / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's\n")
+    export_model(student(0), out, torch.rand(2, 3, 16, 16))
+    return out, snapshot(out)
+
+
+def test_a_failure_midway_leaves_the_previous_set(first, monkeypatch) -> None:
+    out, before = first
+    assert {"tinyvae_encoder.onnx", "tinyvae_decoder.torchscript.pt", "tinyvae.safetensors",
+            "notes.txt"} <= set(before)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("the weights writer broke")
+
+    monkeypatch.setattr(export_module, "save_pretrained", fail)  # after every graph
+    with pytest.raises(RuntimeError, match="weights writer broke"):
+        export_model(student(1), out, torch.rand(2, 3, 16, 16))
+    assert snapshot(out) == before
+    assert leftovers(out) == []
+
+
+def _run(script: str, *args: str, fsize: int | None = None) -> subprocess.CompletedProcess:
+    def limit() -> None:
+        if fsize is not None:
+            import resource
+
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past it fails: EFBIG
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
+                          env=env, preexec_fn=limit, timeout=600)
+
+
+SIGTERM_MIDWAY = """
+import os, signal, sys, torch
+from hrm_vision import export as pipeline
+from hrm_vision.vae import MinimalVAE
+real = pipeline.export_torchscript
+def stop(*args, **kwargs):
+    path = real(*args, **kwargs)  # the encoder's TorchScript is written, then SIGTERM
+    os.kill(os.getpid(), signal.SIGTERM)
+    return path
+pipeline.export_torchscript = stop
+torch.manual_seed(1)
+pipeline.export_model(MinimalVAE(latent_dim=4, base_channels=8).eval(), sys.argv[1],
+                      torch.rand(2, 3, 16, 16))
+"""
+
+
+def test_sigterm_midway_exits_143_and_leaves_the_previous_set(first) -> None:
+    out, before = first
+    proc = _run(SIGTERM_MIDWAY, str(out))
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert snapshot(out) == before
+    assert leftovers(out) == []
+
+
+FULL_DISK = """
+import sys, torch
+from hrm_vision import export as pipeline
+from hrm_vision.vae import MinimalVAE
+torch.manual_seed(1)
+model = MinimalVAE(latent_dim=4, base_channels=8).eval()
+for name, call in [
+    ("torchscript", lambda: pipeline.export_torchscript(
+        pipeline.VAEGraph(model, "decoder"), pipeline.graph_specs(model, 16)[1],
+        __import__("pathlib").Path(sys.argv[2]) / "decoder.torchscript.pt", {})),
+    ("export", lambda: pipeline.export_model(model, sys.argv[1], torch.rand(2, 3, 16, 16))),
+]:
+    try:
+        call()
+        print(name, "written")
+    except OSError as exc:
+        print(name, "OSError", exc)
+"""
+
+
+def test_a_full_disk_names_the_file_and_leaves_the_previous_set(first, tmp_path) -> None:
+    out, before = first
+    proc = _run(FULL_DISK, str(out), str(tmp_path), fsize=4096)
+    assert proc.returncode == 0, proc.stderr[-2000:]  # no SIGABRT from the TorchScript writer
+    lines = proc.stdout.splitlines()
+    assert any(f"cannot write {tmp_path / 'decoder.torchscript.pt'}: File too large" in line
+               for line in lines if line.startswith("torchscript OSError")), proc.stdout
+    assert any(f"cannot write {out / 'tinyvae_encoder.onnx'}: File too large" in line
+               for line in lines if line.startswith("export OSError")), proc.stdout
+    assert list(tmp_path.iterdir()) == []  # no truncated file, no temporary
+    assert snapshot(out) == before
+    assert leftovers(out) == []
+
+
+def test_a_new_set_replaces_the_old_whole_and_keeps_the_users_files(first, tmp_path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's\n")
+    export_model(student(0), out, torch.rand(2, 3, 16, 16), precisions=("fp32", "fp16"))
+    assert (out / "tinyvae_encoder.fp16.onnx").is_file()
+    export_model(student(1), out, torch.rand(2, 3, 16, 16))
+    after = snapshot(out)
+    assert "tinyvae_encoder.fp16.onnx" not in after  # no stale file of the earlier set
+    assert after["notes.txt"] == b"the user's\n"
+    _, first_bytes = first
+    for name in ("tinyvae_encoder.onnx", "tinyvae_decoder.onnx", "tinyvae.safetensors"):
+        assert after[name] != first_bytes[name], name  # another model's files, all of them
+    assert leftovers(out) == []
+
+
+def test_a_killed_exports_staging_folder_is_removed_a_live_one_kept(tmp_path) -> None:
+    target = tmp_path / "out"
+    dead = tmp_path / ".out.abcdefgh.export"
+    dead.mkdir()
+    (dead / "tinyvae_encoder.onnx").write_bytes(b"half")
+    live = tmp_path / ".out.livelive.export"
+    with FolderLock(live):
+        assert remove_stale_stages(target) == [dead]
+        assert live.is_dir()
+
+
+def test_a_subfolder_in_the_target_is_refused_before_writing(tmp_path) -> None:
+    (tmp_path / "out" / "sub").mkdir(parents=True)
+    with pytest.raises(OSError, match="holds sub"), export_set(tmp_path / "out"):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_files_and_folders_follow_the_umask(tmp_path) -> None:
+    """Under umask 022 a new export folder is drwxr-xr-x and its files -rw-r--r--; a folder
+    that was there keeps its own permissions."""
+    out = tmp_path / "new" / "out"
+    old = os.umask(0o022)
+    try:
+        export_model(student(0), out, torch.rand(2, 3, 16, 16))
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
+        assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE(out.parent.stat().st_mode) \
+            == 0o755
+        assert set(modes.values()) == {0o644}, modes
+        out.chmod(0o750)
+        export_model(student(1), out, torch.rand(2, 3, 16, 16))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from hrm_vision.evaluation.baselines import PatchPCA, pooled_psnr
+from hrm_vision.evaluate import PatchPCA
+from hrm_vision.metrics import psnr as pooled_psnr
 from hrm_vision.objective import kl_per_element
 from hrm_vision.vae import MinimalVAE, TeacherVAE
 from hrm_vision.vae.models import LOGVAR_INIT

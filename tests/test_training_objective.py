@@ -21,8 +21,7 @@ from hrm_vision.distill.data import DistContext, IndexedDataset, make_loader
 from hrm_vision.distill.loop import PhaseLoop
 from hrm_vision.distill.losses import DistillLoss
 from hrm_vision.distill.phases import Phase, PhaseContext
-from hrm_vision.evaluation.baselines import patch_spectrum
-from hrm_vision.evaluation.quality import measure_rate
+from hrm_vision.evaluate import measure_rate, patch_spectrum
 from hrm_vision.vae import MinimalVAE
 from hrm_vision.vae.models import LOGVAR_INIT
 

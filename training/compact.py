@@ -11,13 +11,29 @@ image-matching weight whole: ``recon_weight`` is the config's ``recon_weight +
 distill_recon_weight`` (the weight of matching the teacher's reconstruction goes to matching the
 image), ``distill_latent_weight`` and ``distill_recon_weight`` are 0.
 
-Then :func:`hrm_vision.evaluation.compact.compact_table` on the held-out validation crops of the
-config and on as many crops of an unseen source: the pooled PSNR of ``decode(encode(x))`` (eval
-mode, posterior mean) and the rate (KL nats per number, bits per pixel) of the teacher, both
-students (their best epochs, read from each run's ``history.json``) and the cross-decoding
+Then :func:`compact_table` on the held-out validation crops of the config and on as many crops
+of an unseen source: the pooled PSNR of ``decode(encode(x))`` (eval mode, posterior mean) and
+the rate (KL nats per number, bits per pixel) of the teacher, both students (their best epochs,
+read from each run's ``history.json``) and the cross-decoding
 ``teacher.decode(adapter(student.encode(x)))``, beside the whole-crop baselines (PCA fitted on
 the training crops). The table is printed as markdown and written to ``<out-dir>/compact.json``.
 ``--budget`` multiplies every phase's epochs.
+
+:func:`compact_table` makes the rows this script and ``experiments/compact_train.py`` print
+and write: for every *coder* (a model's ``decode(encode(x))``, or the cross-decoding
+``teacher.decode(adapter(student.encode(x)))``) and every baseline of
+:func:`hrm_vision.evaluate.crop_baselines`, the pooled PSNR on each evaluation set; for the
+models also the rate, the KL of the posterior to N(0, I):
+
+* nats per number: the mean KL per latent number (:func:`hrm_vision.objective.gaussian_kl`);
+* bits per pixel: ``nats_per_number * numbers / (H * W * ln 2)``, the rate of one crop spread
+  over its ``H * W`` pixels (:func:`hrm_vision.rate.bits_per_pixel` counts 64 pixels per latent
+  cell; a whole ``H x W`` crop is ``H * W / 64`` cells).
+
+Evaluation sets (:func:`evaluation_sets`): *held-out* crops (the validation photographs of the
+training dataset) and *unseen sources* crops (:func:`unseen_crops`: a photograph of another
+collection, matplotlib's bundled ``grace_hopper.jpg``, none of whose pixels the ``photos``
+dataset holds). Images are float ``(N, C, S, S)`` in [0, 1].
 """
 
 from __future__ import annotations
@@ -25,24 +41,155 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torch import Tensor, nn
 
+from hrm_vision._extras import require
 from hrm_vision.checkpoints import load_model
+from hrm_vision.data.photos import crop_images
 from hrm_vision.distill import Distiller, load_config
 from hrm_vision.distill.config import DistillConfig
 from hrm_vision.distill.data import build_split, first_images
-from hrm_vision.evaluation.compact import (
-    best_epoch,
-    compact_table,
-    cross_coder,
-    evaluation_sets,
-    markdown_table,
-    vae_coder,
-)
+from hrm_vision.evaluate import CROP_PCA_COEFFICIENTS, CROP_PCA_FIT, crop_baselines
+from hrm_vision.metrics import psnr
+from hrm_vision.objective import gaussian_kl
+from hrm_vision.rate import PIXELS_PER_CELL, bits_per_pixel
+from hrm_vision.vae import VAEBase
+
+#: The photograph of the unseen-sources set (bundled with matplotlib, the ``train`` extra).
+UNSEEN_PHOTO = "grace_hopper.jpg"
+#: Names of the two evaluation sets, as the table's columns call them.
+SET_LABELS = {"held_out": "held-out", "unseen": "unseen sources"}
+
+
+def unseen_crops(num: int, image_size: int = 64, seed: int = 7) -> Tensor:
+    """``num`` crops ``(num, 3, S, S)`` in [0, 1] of :data:`UNSEEN_PHOTO` at the ``photos``
+    scales, cut like the ``photos`` crops (:func:`hrm_vision.data.photos.crop_images`)."""
+    cbook = require("matplotlib.cbook", extra="train", purpose="the unseen-sources crops")
+    image = require("PIL.Image", extra="photos", purpose="the unseen-sources crops")
+    with cbook.get_sample_data(UNSEEN_PHOTO) as f:
+        photo = np.asarray(image.open(f).convert("RGB"))
+    crops = crop_images([photo], num, image_size, seed, label=UNSEEN_PHOTO)
+    return crops.float() / 255.0
+
+
+def evaluation_sets(held_out: Tensor, num_unseen: int | None = None) -> dict[str, Tensor]:
+    """``{"held_out": held_out, "unseen": unseen_crops(...)}``, the unseen set as large as the
+    held-out one unless ``num_unseen`` says otherwise, at the held-out crops' side."""
+    n = len(held_out) if num_unseen is None else num_unseen
+    return {"held_out": held_out, "unseen": unseen_crops(n, held_out.shape[-1])}
+
+
+@dataclass(frozen=True)
+class Coder:
+    """A code of ``numbers`` numbers per crop: ``decode(encode(x))`` reconstructs ``x``.
+
+    ``posterior`` (images -> ``(mu, logvar)``, each ``(N, numbers)``) gives the rate; None for
+    a code without one. ``best_epoch`` says which epoch of its run the model is (or None).
+    """
+
+    name: str
+    numbers: int
+    encode: Callable[[Tensor], Tensor]
+    decode: Callable[[Tensor], Tensor]
+    posterior: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
+    best_epoch: str | None = None
+
+
+def vae_coder(name: str, model: VAEBase, best_epoch: str | None = None) -> Coder:
+    """``model``'s own ``decode(encode(x))`` (eval mode, the posterior mean)."""
+    model.eval()
+    return Coder(name, model.latent_dim, model.encode, model.decode, model.posterior, best_epoch)
+
+
+def cross_coder(name: str, student: VAEBase, adapter: nn.Module, teacher: VAEBase,
+                best_epoch: str | None = None) -> Coder:
+    """``teacher.decode(adapter(student.encode(x)))``: the student's code (and rate) read by the
+    teacher's decoder."""
+    student.eval(), adapter.eval(), teacher.eval()
+    return Coder(name, student.latent_dim, lambda x: adapter(student.encode(x)), teacher.decode,
+                 student.posterior, best_epoch)
+
+
+@torch.no_grad()
+def decoded_psnr(encode: Callable[[Tensor], Tensor], decode: Callable[[Tensor], Tensor],
+                 images: Tensor, batch: int = 128) -> float:
+    """Pooled PSNR (dB) of ``decode(encode(x))``, clamped to [0, 1], over ``images``."""
+    rec = torch.cat([decode(encode(images[i:i + batch])) for i in range(0, len(images), batch)])
+    return psnr(rec.clamp(0, 1), images)
+
+
+@torch.no_grad()
+def rate(posterior: Callable[[Tensor], tuple[Tensor, Tensor]], images: Tensor,
+         batch: int = 128) -> tuple[float, float]:
+    """``(nats per number, bits per pixel)`` of the posterior's KL to N(0, I) over ``images``
+    (see the module docstring)."""
+    kl = torch.cat([gaussian_kl(*posterior(images[i:i + batch]))
+                    for i in range(0, len(images), batch)])
+    nats = float(kl.mean())
+    pixels = images.shape[-2] * images.shape[-1]
+    return nats, bits_per_pixel(nats, kl.shape[1]) * PIXELS_PER_CELL / pixels
+
+
+def compact_table(coders: Sequence[Coder], sets: Mapping[str, Tensor],
+                  train: Tensor) -> list[dict[str, Any]]:
+    """One row per coder, then one per baseline by increasing numbers (PCA fitted on ``train``;
+    the PCA sizes of :data:`CROP_PCA_COEFFICIENTS` that need more training crops than ``train``
+    holds are left out): ``{"name", "numbers", "psnr_db": {set: dB}, "kl_nats_per_number":
+    {set: nats} or None, "bits_per_pixel": {set: bits} or None, "best_epoch": str or None}``."""
+    rows: list[dict[str, Any]] = []
+    for c in coders:
+        rates = {k: rate(c.posterior, x) for k, x in sets.items()} if c.posterior else None
+        rows.append({"name": c.name, "numbers": c.numbers,
+                     "psnr_db": {k: decoded_psnr(c.encode, c.decode, x) for k, x in sets.items()},
+                     "kl_nats_per_number": rates and {k: r[0] for k, r in rates.items()},
+                     "bits_per_pixel": rates and {k: r[1] for k, r in rates.items()},
+                     "best_epoch": c.best_epoch})
+    baselines: dict[str, dict[str, Any]] = {}
+    fits = tuple(k for k in CROP_PCA_COEFFICIENTS if k < min(len(train), CROP_PCA_FIT))
+    for key, x in sets.items():
+        for b in crop_baselines(x, train, coefficients=fits):
+            row = baselines.setdefault(b.name, {"name": b.name, "numbers": b.numbers,
+                                                "psnr_db": {}, "kl_nats_per_number": None,
+                                                "bits_per_pixel": None, "best_epoch": None})
+            row["psnr_db"][key] = b.psnr_db
+    return rows + sorted(baselines.values(), key=lambda r: r["numbers"])
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The rows of :func:`compact_table` as a markdown table: PSNR and rate on each set."""
+    keys = list(rows[0]["psnr_db"]) if rows else []
+    labels = [SET_LABELS.get(k, k) for k in keys]
+    head = ["code", "numbers per crop", *(f"PSNR {lb} (dB)" for lb in labels),
+            *(f"rate {lb} (nats/number, bits/pixel)" for lb in labels), "best epoch"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        rates = [f"{r['kl_nats_per_number'][k]:.2f}, {r['bits_per_pixel'][k]:.3f}"
+                 if r["kl_nats_per_number"] else "-" for k in keys]
+        cells = [r["name"], str(r["numbers"]), *(f"{r['psnr_db'][k]:.2f}" for k in keys),
+                 *rates, r["best_epoch"] or "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def best_epoch(history: str | Path, phases: Sequence[str]) -> str:
+    """Which epoch of ``phases`` in a run's ``history.json`` holds its best model: the last
+    record marked ``is_best`` among them, as ``"<phase> epoch <e> of <n>"``."""
+    records = [r for r in json.loads(Path(history).read_text(encoding="utf-8"))
+               if r["phase"] in phases]
+    best = [r for r in records if r["is_best"]]
+    if not best:
+        raise ValueError(f"{history} marks no best epoch of the {'/'.join(phases)} phase(s)")
+    last = best[-1]
+    total = max(r["epoch"] for r in records if r["phase"] == last["phase"])
+    return f"{last['phase']} epoch {last['epoch']} of {total}"
+
 
 PROG = "training/compact.py"
 #: The phases whose epochs hold each model's best.

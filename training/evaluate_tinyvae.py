@@ -4,13 +4,12 @@
     python training/evaluate_tinyvae.py --checkpoint-dir checkpoints
     python training/evaluate_tinyvae.py --checkpoint-dir checkpoints --dataset cifar10
 
-A thin wrapper over :func:`hrm_vision.evaluation.__main__.main` (``python -m
-hrm_vision.evaluation``); ``--help`` lists every flag.
+The same as ``hrm-vision evaluate`` (:mod:`hrm_vision.evaluate`); ``--help`` lists every flag.
 """
 
 import sys
 
-from hrm_vision.evaluation.__main__ import main
+from hrm_vision.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["evaluate", *sys.argv[1:]]))

@@ -1,4 +1,5 @@
-"""Compare finished runs: ``python -m hrm_vision.evaluation.runs LABEL=DIR[,DIR...] ...``.
+#!/usr/bin/env python
+"""Compare finished runs: ``python training/runs.py LABEL=DIR[,DIR...] ...``.
 
 Reads each run's ``history.json`` (and ``config.json`` for its seed) and prints one markdown row
 per label with the validation numbers of each run's best distillation epoch (the epoch
@@ -30,10 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..distill.config import read_json
-from ..distill.state import BEST_METRIC
+from hrm_vision.distill.config import read_json
+from hrm_vision.distill.state import BEST_METRIC
 
-PROG = "python -m hrm_vision.evaluation.runs"
+PROG = "training/runs.py"
 #: The fields of a ``history.json`` record this command reads, with their JSON types.
 RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {"phase": str, "epoch": int,
                                                      "time_s": (int, float), "val": dict}
@@ -206,6 +207,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from ..cli import run_main
+    from hrm_vision.cli import run_main
 
     sys.exit(run_main(PROG, main))

@@ -1,4 +1,5 @@
-"""The evaluation command (teacher vs student report) and its measurement helpers."""
+"""The evaluation (:mod:`hrm_vision.evaluate`): the command's report of teacher against student,
+and its measurements: footprint, timing, quality, rate, baselines, camera-resolution speed."""
 
 from __future__ import annotations
 
@@ -10,16 +11,35 @@ from typing import Any
 import pytest
 import torch
 
+from hrm_vision import cli
 from hrm_vision.checkpoints import model_entry, save_checkpoint
-from hrm_vision.evaluation import (
+from hrm_vision.evaluate import (
+    OPS,
+    PatchPCA,
+    camera_lines,
+    camera_speed,
+    command,
+    compute_baselines,
+    conv_reference,
     dequantize_uint8,
-    interleaved_timings,
+    figure_rows,
+    held_out_frames,
+    measure_rate,
+    patch_spectrum,
     quantize_uint8,
+    thumbnail,
     weight_file_bytes,
 )
-from hrm_vision.evaluation.__main__ import main
-from hrm_vision.evaluation.speed import OPS
-from hrm_vision.vae import LatentAdapter, MinimalVAE, TeacherVAE
+from hrm_vision.export import chain, eager_runner
+from hrm_vision.metrics import psnr as pooled_psnr
+from hrm_vision.timing import interleaved_timings
+from hrm_vision.vae import LatentAdapter, MinimalVAE, TeacherVAE, count_macs
+
+
+def main(argv: list[str]) -> int:
+    """The command as ``hrm-vision evaluate`` runs it (expected failures: one line, status 2)."""
+    return cli.run_main("hrm-vision evaluate", command, argv)
+
 
 MODEL_KEYS = ["parameters", "weights_fp32_bytes", "weights_fp16_bytes", "psnr_db", "ssim",
               *[f"macs_{op}" for op in OPS],
@@ -161,17 +181,12 @@ class TestEvaluationCommand:
         assert info.value.code == 2
         assert "--latency-repeats must be >= 1" in capsys.readouterr().err
 
-    @pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
-    def test_module_form_runs(self, monkeypatch, capsys) -> None:
-        import runpy
-        import sys
-
-        monkeypatch.setattr(sys, "argv", ["python -m hrm_vision.evaluation", "--help"])
+    def test_help_names_the_command(self, capsys) -> None:
         with pytest.raises(SystemExit) as info:
-            runpy.run_module("hrm_vision.evaluation", run_name="__main__")
+            cli.main(["evaluate", "--help"])
         assert info.value.code == 0
         out = capsys.readouterr().out
-        assert "python -m hrm_vision.evaluation" in out and "--checkpoint-dir" in out
+        assert out.startswith("usage: hrm-vision evaluate") and "--checkpoint-dir" in out
 
 
 class TestWeightFiles:
@@ -219,8 +234,6 @@ class TestInterleavedTimings:
 
 
 def test_figure_rows_add_the_students_error() -> None:
-    from hrm_vision.evaluation.report import figure_rows
-
     x = torch.rand(4, 3, 8, 8)
     student = (x + 0.01).clamp(0, 1)
     rows = figure_rows({"inputs": x, "teacher": x, "student": student})
@@ -236,9 +249,6 @@ class TestRate:
         return model.eval()
 
     def test_decode_of_a_sample_is_seeded_and_noisier_than_the_mean(self, photo_batch) -> None:
-        from hrm_vision.evaluation.baselines import patch_spectrum
-        from hrm_vision.evaluation.quality import measure_rate
-
         model, spectrum = self._model(), patch_spectrum(photo_batch)
         a, b = (measure_rate(model, "student", photo_batch, "crops", spectrum, seed=s)
                 for s in (0, 1))
@@ -251,9 +261,6 @@ class TestRate:
         assert a.kl_nats_per_element == pytest.approx(float(kl), rel=1e-5)
 
     def test_frames_in_batches_of_one_give_the_set_value(self, photo_batch) -> None:
-        from hrm_vision.evaluation.baselines import patch_spectrum
-        from hrm_vision.evaluation.quality import measure_rate
-
         model, spectrum = self._model(), patch_spectrum(photo_batch)
         whole = measure_rate(model, "s", photo_batch, "crops", spectrum, batch_size=16)
         frames = measure_rate(model, "s", list(photo_batch.split(1)), "crops", spectrum)
@@ -262,10 +269,70 @@ class TestRate:
         assert patch_spectrum(list(photo_batch.split(4))) == pytest.approx(spectrum)
 
     def test_held_out_frames_have_sides_divisible_by_8(self) -> None:
-        from hrm_vision.evaluation.quality import held_out_frames
-
         frames = held_out_frames(["coffee"])
         assert len(frames) == 1 and frames[0].shape[:2] == (1, 3)
         assert frames[0].shape[-2] % 8 == 0 and frames[0].shape[-1] % 8 == 0
         assert 0 <= float(frames[0].min()) and float(frames[0].max()) <= 1
         assert frames[0].shape[-2] > 300  # full resolution, not a crop
+
+
+# ---------------------------------------------------------------------------------- baselines
+def test_pooled_psnr_is_over_the_whole_set() -> None:
+    target = torch.zeros(2, 3, 8, 8)
+    pred = target.clone()
+    pred[0] = 0.1  # image 0 has MSE 0.01, image 1 is exact: pooled MSE 0.005
+    assert pooled_psnr(pred, target) == pytest.approx(-10 * torch.log10(torch.tensor(0.005)))
+
+
+def test_thumbnail_keeps_a_smooth_image_and_loses_detail() -> None:
+    ramp = torch.linspace(0, 1, 32).expand(1, 3, 32, 32).contiguous()
+    assert pooled_psnr(thumbnail(ramp, 16), ramp) > 35
+    checker = ((torch.arange(32)[:, None] + torch.arange(32)) % 2).float().expand(1, 3, 32, 32)
+    assert pooled_psnr(thumbnail(checker, 16), checker) < 10
+
+
+def test_pca_error_falls_with_k_and_is_exact_with_all(photo_batch) -> None:
+    pca = PatchPCA(photo_batch)
+    scores = [pooled_psnr(pca.reconstruct(photo_batch, k), photo_batch) for k in (4, 16, 64)]
+    assert scores[0] < scores[1] < scores[2]
+    assert torch.allclose(pca.reconstruct(photo_batch, 192), photo_batch, atol=1e-4)
+    with pytest.raises(ValueError, match="k must be"):
+        pca.reconstruct(photo_batch, 193)
+
+
+def test_compute_baselines_counts_numbers(photo_batch) -> None:
+    rows = {b.name: b for b in compute_baselines(photo_batch, photo_batch, sides=(8,),
+                                                 coefficients=(16,))}
+    assert rows["thumbnail 8x8, bicubic"].numbers == 192
+    assert rows["patch PCA, 16 coefficients"].numbers == 256
+    # on these crops the 16-coefficient PCA beats the 8x8 thumbnail (it keeps more numbers)
+    assert rows["patch PCA, 16 coefficients"].psnr_db > rows["thumbnail 8x8, bicubic"].psnr_db
+
+
+# ----------------------------------------------------------------------- camera resolution
+def test_rows_for_every_size_and_runner_with_consistent_units() -> None:
+    model = MinimalVAE(latent_dim=8, base_channels=8).eval()
+    runners = {"eager": lambda x: model.decode(model.encode(x)),
+               "channels_last": chain(eager_runner(model, "encode"),
+                                      eager_runner(model, "decode"))}
+    result = camera_speed(model, runners, ((32, 32), (48, 64)), repeats=2)
+    assert list(result) == ["32x32", "48x64"]
+    for size, row in result.items():
+        h, w = map(int, size.split("x"))
+        assert set(row) == {"eager", "channels_last", "conv3x3_64"}
+        conv = row["conv3x3_64"]["gflops"]
+        for name in runners:
+            r = row[name]
+            assert r["fps"] == pytest.approx(1e3 / r["median_ms"])
+            assert r["gflops"] == pytest.approx(
+                2 * count_macs(model, h, w, "both") / r["median_ms"] / 1e6)
+            assert r["fraction_of_conv"] == pytest.approx(r["gflops"] / conv)
+    table = "\n".join(camera_lines(result, threads=1))
+    assert "| 48x64 | channels_last |" in table and "3x3 conv, reference" in table
+
+
+def test_reference_convolution_flops() -> None:
+    fn, flops = conv_reference(480, 640)
+    assert fn().shape == (1, 64, 120, 160)
+    assert flops == 2 * 64 * 64 * 9 * 120 * 160
+    assert conv_reference(16, 16)[0]().shape[-2:] == torch.Size([8, 8])  # at least 8x8
