@@ -59,9 +59,11 @@ COMMANDS: dict[str, Command] = {
                         "compare teacher and student: size, speed, quality, latents"),
     "export": Command("hrm_vision.export.__main__",
                       "export the student for deployment (ONNX) and check parity"),
-    "irp": Command("hrm_vision.irp.host", "run IRP plugins (the TinyVAE perception plugin)"),
+    "irp": Command("hrm_vision.irp.host", "run IRP plugins (the TinyVAE perception plugin)",
+                   "command"),
     "perceive": Command("hrm_vision.perceive",
-                        "encode every frame of a video, camera or folder; latents + telemetry"),
+                        "encode every frame of a video, camera or folder; latents + telemetry",
+                        "command"),
 }
 
 

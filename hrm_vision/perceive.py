@@ -13,8 +13,9 @@ SOURCE is a video file, a folder of image files (read in name order) or a camera
 are read with OpenCV (the ``video`` extra: ``pip install 'hrm-vision[video]'``), which delivers
 uint8 frames in BGR order: ``--channel-order`` says which order the source's frames are in, and
 is required, so a colour swap is never silent. Each frame (optionally cropped, ``--crop
-TOP,LEFT,HEIGHT,WIDTH``; sides divisible by 8) becomes a float image in [0, 1], RGB, NCHW and is
-encoded by ``--model``: an ONNX encoder graph (``tinyvae_encoder[.fp16|.int8].onnx``, run by
+TOP,LEFT,HEIGHT,WIDTH``; sides divisible by 8) becomes a float image in [0, 1], RGB, NCHW
+(:func:`hrm_vision.irp.tinyvae.to_images`) and is encoded by ``--model``: an ONNX encoder graph
+(``tinyvae_encoder[.fp16|.int8].onnx``, run by
 ONNX Runtime with ``--threads``) or a checkpoint or ``.safetensors`` file (eager PyTorch). With
 ``--refine-steps N`` (N > 1) the latent is refined by the ``tinyvae`` IRP plugin (through
 :func:`hrm_vision.irp.create_plugin`; eager models only).
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -41,14 +41,14 @@ from torch import Tensor
 
 from ._extras import require
 from .files import write_text
+from .irp.tinyvae import ImageFormat, to_images
 
-PROG = "hrm-vision perceive"
 #: Image files a folder source is read from.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-def setup_args() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Encode every frame of a video file, a "
+def setup_args(prog: str = "hrm-vision perceive") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Encode every frame of a video file, a "
                                 "folder of frames or a camera; write latents and telemetry.")
     p.add_argument("source", help="video file, folder of image files, or camera index (0, 1..)")
     p.add_argument("--model", required=True,
@@ -85,7 +85,7 @@ def parse_crop(text: str | None) -> tuple[int, int, int, int] | None:
 def read_frames(source: str, max_frames: int = 0) -> Iterator[np.ndarray]:
     """uint8 ``(H, W, 3)`` frames of ``source`` as OpenCV reads them (BGR): a folder's image
     files in name order, a camera (an integer) or a video file."""
-    cv2 = require("cv2", extra="video", purpose=PROG)
+    cv2 = require("cv2", extra="video", purpose="hrm-vision perceive")
     count = 0
     path = Path(source)
     if path.is_dir():
@@ -120,22 +120,15 @@ def read_frames(source: str, max_frames: int = 0) -> Iterator[np.ndarray]:
 
 def to_image(frame: np.ndarray, channel_order: str,
              crop: tuple[int, int, int, int] | None = None) -> Tensor:
-    """A uint8 ``(H, W, 3)`` frame in ``channel_order`` -> ``(1, 3, h, w)`` float in [0, 1],
-    RGB, NCHW, cropped to ``crop``; sides must be divisible by 8."""
-    if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
-        raise ValueError(f"expected uint8 (H, W, 3) frames, got {frame.dtype} {frame.shape}")
+    """A uint8 ``(H, W, 3)`` frame in ``channel_order``, cropped to ``crop`` -> ``(1, 3, h, w)``
+    float in [0, 1], RGB; sides must be divisible by 8."""
     if crop is not None:
         top, left, height, width = crop
         if top + height > frame.shape[0] or left + width > frame.shape[1]:
             raise ValueError(f"--crop {crop} does not fit in a {frame.shape[0]}x"
                              f"{frame.shape[1]} frame")
         frame = frame[top:top + height, left:left + width]
-    if frame.shape[0] % 8 or frame.shape[1] % 8:
-        raise ValueError(f"frame sides must be divisible by 8, got {frame.shape[0]}x"
-                         f"{frame.shape[1]}; pass --crop")
-    if channel_order == "bgr":
-        frame = frame[..., ::-1]
-    return torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None].float() / 255.0
+    return to_images(frame, ImageFormat(channel_order=channel_order))  # type: ignore[arg-type]
 
 
 class Encoder:
@@ -233,16 +226,10 @@ def _write_latents(out: Path, latents: Tensor, fmt: str) -> Path:
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` and run; exit status 0, or 2 for a bad option, source or model (one
-    line on standard error, :func:`hrm_vision.cli.run_main`)."""
-    from .cli import run_main
-
-    return run_main(PROG, _run, argv)
-
-
-def _run(argv: list[str] | None) -> int:
-    parser = setup_args()
+def command(argv: Sequence[str] | None = None, prog: str = "hrm-vision perceive") -> int:
+    """Parse ``argv`` and run; returns 0. A bad option exits with 2 (argparse); a bad source,
+    model or crop raises ``ValueError``/``OSError`` for the caller to print as one line."""
+    parser = setup_args(prog)
     args = parser.parse_args(argv)
     if args.threads < 1 or args.max_frames < 0 or args.refine_steps < 1:
         parser.error("--threads and --refine-steps must be >= 1, --max-frames >= 0")
@@ -252,7 +239,3 @@ def _run(argv: list[str] | None) -> int:
           f"{s['latency_median_ms']:.1f} ms, p90 {s['latency_p90_ms']:.1f} ms); wrote "
           f"{args.out_dir}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

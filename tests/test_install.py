@@ -33,7 +33,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 OPTIONAL = ("onnx", "onnxruntime", "onnxscript", "skimage", "matplotlib", "torchvision",
             "torchmetrics", "tqdm", "PIL", "tensorboard", "scipy")
 CORE_MODULES = ("hrm_vision", "hrm_vision.vae", "hrm_vision.checkpoints", "hrm_vision.irp",
-                "hrm_vision.irp.tinyvae_plugin", "hrm_vision.irp.host", "hrm_vision.data",
+                "hrm_vision.irp.tinyvae", "hrm_vision.irp.host", "hrm_vision.data",
                 "hrm_vision.cli")
 #: The deployment snippet, as the README must show it.
 SNIPPET = """\

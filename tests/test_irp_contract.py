@@ -11,7 +11,7 @@ import pytest
 from pydantic import Field
 
 from hrm_vision.irp import IRPConfig, IRPPlugin, IRPState, trust_metrics, validate_telemetry
-from hrm_vision.irp.telemetry import telemetry_schema, write_jsonl
+from hrm_vision.irp.contract import telemetry_schema, write_jsonl
 
 
 class ToyConfig(IRPConfig):

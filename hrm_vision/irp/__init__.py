@@ -1,26 +1,29 @@
-"""IRP (Iterative Refinement Primitive) integration: contract, pluggy hooks, host, TinyVAE plugin.
+"""IRP (Iterative Refinement Primitive) integration.
 
-- :mod:`~hrm_vision.irp.base`: ``IRPState``, ``IRPPlugin`` (init_state / energy / step /
-  project / halt / refine), trust metrics, telemetry records;
-- :mod:`~hrm_vision.irp.hookspecs`: ``hookspec``/``hookimpl`` markers and the
-  ``register_irp_plugins(register)`` hook;
-- :mod:`~hrm_vision.irp.plugins`: ``PluginRegistry``, which registers built-ins and
-  ``hrm_vision.irp_plugins`` entry points, lists plugins and creates them from dict configs;
-- :mod:`~hrm_vision.irp.tinyvae_plugin`: the ``tinyvae`` perception plugin;
-- :mod:`~hrm_vision.irp.host`: ``Orchestrator``, the loop that runs plugins on inputs
-  (``python -m hrm_vision.irp.host``);
-- :mod:`~hrm_vision.irp.measure`: plain encoder vs refinement, PSNR and timing;
-- :mod:`~hrm_vision.irp.sage`: the drop-in for SAGE's TinyVAE plugin (``create_tinyvae_irp``),
-  with its config (:mod:`~hrm_vision.irp.sage_config`), model
-  (:mod:`~hrm_vision.irp.sage_model`), crop conventions (:mod:`~hrm_vision.irp.crops`) and
-  measurement (:mod:`~hrm_vision.irp.sage_measure`).
+- :mod:`~hrm_vision.irp.contract`: ``IRPState``, ``IRPPlugin``, ``IRPConfig``, trust metrics,
+  telemetry records and schema, the host's guards, the ``hookspec``/``hookimpl`` markers;
+- :mod:`~hrm_vision.irp.registry`: ``PluginRegistry`` (built-ins and ``hrm_vision.irp_plugins``
+  entry points, the ``HRM_VISION_IRP_PLUGINS`` allow-list);
+- :mod:`~hrm_vision.irp.tinyvae`: the ``tinyvae`` plugin and the image converter;
+- :mod:`~hrm_vision.irp.sage`: SAGE's drop-in (``create_tinyvae_irp``), a facade over it;
+- :mod:`~hrm_vision.irp.host`: ``Orchestrator`` and ``hrm-vision irp``.
 
-The TinyVAE plugin (and torch) is imported lazily, by the host, not by this package.
+The plugin (and torch) is imported by the registry when it is first built, not by this package.
 """
 
-from .base import IRPConfig, IRPPlugin, IRPResult, IRPState, TrustMetrics, trust_metrics
-from .hookspecs import hookimpl, hookspec
-from .plugins import (
+from .contract import (
+    IRPConfig,
+    IRPPlugin,
+    IRPResult,
+    IRPState,
+    TrustMetrics,
+    hookimpl,
+    hookspec,
+    telemetry_schema,
+    trust_metrics,
+    validate_telemetry,
+)
+from .registry import (
     ALLOW_ENV,
     ENTRY_POINT_GROUP,
     PluginConfigError,
@@ -29,28 +32,9 @@ from .plugins import (
     PluginWarning,
     create_plugin,
     get_registry,
-    list_plugins,
 )
-from .telemetry import telemetry_schema, validate_telemetry
 
-__all__ = [
-    "ALLOW_ENV",
-    "ENTRY_POINT_GROUP",
-    "IRPConfig",
-    "PluginRegistry",
-    "IRPPlugin",
-    "IRPResult",
-    "IRPState",
-    "PluginConfigError",
-    "PluginInfo",
-    "PluginWarning",
-    "TrustMetrics",
-    "create_plugin",
-    "get_registry",
-    "hookimpl",
-    "hookspec",
-    "list_plugins",
-    "telemetry_schema",
-    "trust_metrics",
-    "validate_telemetry",
-]
+__all__ = ["ALLOW_ENV", "ENTRY_POINT_GROUP", "IRPConfig", "IRPPlugin", "IRPResult", "IRPState",
+           "PluginConfigError", "PluginInfo", "PluginRegistry", "PluginWarning", "TrustMetrics",
+           "create_plugin", "get_registry", "hookimpl", "hookspec", "telemetry_schema",
+           "trust_metrics", "validate_telemetry"]

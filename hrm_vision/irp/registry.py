@@ -1,0 +1,249 @@
+"""The plugin registry: a pluggy manager that finds, lists and creates IRP plugins.
+
+Plugins come from modules with a ``@hookimpl register_irp_plugins(register)`` function
+(:mod:`hrm_vision.irp.contract`), registered the same way from two places: the built-ins
+(:data:`BUILTIN_PLUGINS`) and the setuptools entry points of :data:`ENTRY_POINT_GROUP`, where
+hrm-vision declares its own built-in too (a module is registered once). :data:`ALLOW_ENV` is an
+allow-list of entry-point names (comma separated; empty: none; built-ins always load). A plugin
+that fails to import, to register or in its hook (``SystemExit`` included; ``KeyboardInterrupt``
+goes through) is reported, a :class:`PluginWarning` and an entry in
+:attr:`PluginRegistry.errors`, and skipped.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import pluggy
+from pydantic import BaseModel, ValidationError
+
+from ..validation import describe_validation_error
+from . import contract
+from .contract import IRPConfig, IRPPlugin
+
+ENTRY_POINT_GROUP = "hrm_vision.irp_plugins"
+ALLOW_ENV = "HRM_VISION_IRP_PLUGINS"
+BUILTIN_PLUGINS: tuple[str, ...] = ("hrm_vision.irp.tinyvae",)
+_IMPL = f"{contract.PROJECT_NAME}_impl"
+#: The hooks a plugin may implement.
+HOOK_NAMES: tuple[str, ...] = tuple(
+    n for n in dir(contract) if hasattr(getattr(contract, n), f"{contract.PROJECT_NAME}_spec"))
+#: What a plugin's own code may raise without taking the host down.
+PLUGIN_FAILURES: tuple[type[BaseException], ...] = (Exception, SystemExit)
+
+
+class PluginWarning(UserWarning):
+    """A plugin could not be loaded, registered or run; the host goes on without it."""
+
+
+class PluginConfigError(ValueError):
+    """A plugin config its pydantic model rejects; the message names each bad field."""
+
+
+class UnknownPluginError(KeyError, ValueError):
+    """No plugin of that name is registered (the message lists the registered ones)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown IRP plugin"
+
+
+def describe(exc: BaseException) -> str:
+    """``"Type: message"`` of an exception, on one line."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """What a plugin registered (see ``register_irp_plugins``); ``source``: its module's name."""
+
+    name: str
+    factory: Callable[[Any], IRPPlugin]
+    config_model: type[IRPConfig]
+    kind: str
+    description: str
+    source: str
+
+
+@dataclass(frozen=True)
+class PluginError:
+    """A reported failure: plugin ``name``, ``source`` (``"builtin"``, ``"entry point ..."``,
+    ``"hook"``, ``"register"`` or the plugin's module), ``message``, ``stage`` (``"import"``,
+    ``"register"``, ``"factory"``, ``"run"``) and the ``input_id`` of a run failure."""
+
+    name: str
+    source: str
+    message: str
+    stage: str = "import"
+    input_id: int | str | None = None
+
+
+class PluginRegistry:
+    """A pluggy ``PluginManager`` for the IRP hooks and the plugins they declare, collected on
+    first use (again after a module is registered or unregistered).
+
+    Args:
+        load_entry_points: load the entry points (honouring ``allow``).
+        allow: entry-point names to load; ``None`` reads :data:`ALLOW_ENV` (unset: all).
+        builtins: module paths registered first.
+    """
+
+    def __init__(self, load_entry_points: bool = True, allow: Iterable[str] | None = None,
+                 builtins: Iterable[str] = BUILTIN_PLUGINS) -> None:
+        self.pm = pluggy.PluginManager(contract.PROJECT_NAME)
+        self.pm.add_hookspecs(contract)
+        self.errors: list[PluginError] = []
+        self._plugins: dict[str, PluginInfo] | None = None
+        for module_path in builtins:
+            try:
+                self.register(importlib.import_module(module_path), module_path)
+            except PLUGIN_FAILURES as exc:
+                self.report(module_path, "builtin", f"import failed: {describe(exc)}")
+        if load_entry_points:
+            self.load_entry_points(allow)
+
+    def register(self, plugin: object, name: str | None = None) -> str | None:
+        """Register a plugin module or object; a failure is reported and gives ``None``."""
+        name = name or getattr(plugin, "__name__", None) or repr(plugin)
+        if self.pm.is_registered(plugin):
+            return self.pm.get_name(plugin)
+        try:
+            unknown = [a for a in dir(plugin) if hasattr(getattr(plugin, a, None), _IMPL)
+                       and a not in HOOK_NAMES]
+            if unknown:
+                raise ValueError(f"implements unknown hooks {unknown}; the hooks are {HOOK_NAMES}")
+            registered = self.pm.register(plugin, name=name)
+        except PLUGIN_FAILURES as exc:
+            self.report(name, "register", describe(exc), stage="register")
+            return None
+        self._plugins = None
+        return registered
+
+    def unregister(self, name: str) -> None:
+        """Remove the module registered under ``name`` (no error if absent)."""
+        if (plugin := self.pm.get_plugin(name)) is not None:
+            self.pm.unregister(plugin)
+            self._plugins = None
+
+    def load_entry_points(self, allow: Iterable[str] | None = None) -> list[str]:
+        """Import and register the entry points (``allow``: only these names, default
+        :data:`ALLOW_ENV` when set; a name no package provides is reported)."""
+        if allow is None and ALLOW_ENV in os.environ:
+            allow = os.environ[ALLOW_ENV].split(",")
+        wanted = None if allow is None else {n.strip() for n in allow if n.strip()}
+        source = f"entry point {ENTRY_POINT_GROUP}"
+        eps = list(metadata.entry_points(group=ENTRY_POINT_GROUP))
+        loaded = []
+        for ep in eps:
+            if wanted is not None and ep.name not in wanted:
+                continue
+            try:
+                module = ep.load()
+            except PLUGIN_FAILURES as exc:
+                self.report(ep.name, source, f"import of {ep.value!r} failed: {describe(exc)}")
+                continue
+            if self.register(module, ep.name) is not None:
+                loaded.append(ep.name)
+        for missing in sorted((wanted or set()) - {ep.name for ep in eps}):
+            self.report(missing, source, f"{ALLOW_ENV} names {missing!r}, which no installed "
+                                         "package provides")
+        return loaded
+
+    def report(self, name: str, source: str, message: str, stage: str = "import",
+               input_id: int | str | None = None) -> PluginError:
+        """Record a failure in :attr:`errors` and warn, once per (name, source, message)."""
+        error = PluginError(name, source, message, stage, input_id)
+        if not any((e.name, e.source, e.message) == (name, source, message) for e in self.errors):
+            self.errors.append(error)
+            verb = "failed" if stage == "run" else "skipped"
+            warnings.warn(f"IRP plugin {name!r} ({source}) {verb}: {message}", PluginWarning,
+                          stacklevel=3)
+        return error
+
+    def list_plugins(self) -> dict[str, PluginInfo]:
+        """Every registered plugin by name. Each module's hook runs on its own: one that raises
+        or registers something invalid is reported; a name registered twice keeps the first."""
+        if self._plugins is not None:
+            return dict(self._plugins)
+        found: dict[str, PluginInfo] = {}
+        # get_hookimpls() is in registration order (pluggy calls them last-registered first)
+        for impl in self.pm.hook.register_irp_plugins.get_hookimpls():
+            source = self.pm.get_name(impl.plugin) or repr(impl.plugin)
+
+            def register(name: str, factory: Callable[[Any], IRPPlugin],
+                         config_model: type[IRPConfig], kind: str = "perception",
+                         description: str = "", _source: str = source) -> None:
+                problem = _check_registration(name, factory, config_model, kind)
+                if problem is None and name in found:
+                    problem = f"name {name!r} is already registered by {found[name].source}"
+                if problem is not None:
+                    self.report(str(name), _source, problem, stage="register")
+                    return
+                found[name] = PluginInfo(name, factory, config_model, kind, description, _source)
+
+            try:
+                impl.function(*[{"register": register}[arg] for arg in impl.argnames])
+            except PLUGIN_FAILURES as exc:
+                self.report(source, "hook", f"register_irp_plugins raised {describe(exc)}",
+                            stage="register")
+        self._plugins = found
+        return dict(found)
+
+    def get(self, name: str) -> PluginInfo:
+        """Plugin ``name``; an :class:`UnknownPluginError` lists the registered names and the
+        load failure of a module of that name."""
+        plugins = self.list_plugins()
+        if name not in plugins:
+            failed = [e.message for e in self.errors if e.name == name and e.stage != "run"]
+            why = f" (it failed to load: {failed[0]})" if failed else ""
+            raise UnknownPluginError(f"no IRP plugin named {name!r}{why}; registered: "
+                                     f"{sorted(plugins)}")
+        return plugins[name]
+
+    def create(self, name: str, config: dict[str, Any] | BaseModel | None = None) -> IRPPlugin:
+        """Plugin ``name`` built from ``config``, validated first: a :class:`PluginConfigError`
+        names every bad field (``tinyvae config: step_size: ...``, ``unknown key ...``)."""
+        info = self.get(name)
+        if not isinstance(config, info.config_model):
+            if isinstance(config, BaseModel):
+                config = config.model_dump()
+            try:
+                config = info.config_model.model_validate(config or {})
+            except ValidationError as exc:
+                problems = describe_validation_error(exc, known=info.config_model.model_fields)
+                raise PluginConfigError(f"{name} config: {problems}") from exc
+        return info.factory(config)
+
+
+def _check_registration(name: Any, factory: Any, config_model: Any, kind: Any) -> str | None:
+    if not isinstance(name, str) or not name:
+        return f"plugin name must be a non-empty string, got {name!r}"
+    if not callable(factory):
+        return f"factory of {name!r} is not callable: {factory!r}"
+    if not (isinstance(config_model, type) and issubclass(config_model, IRPConfig)):
+        return f"config_model of {name!r} must be an IRPConfig subclass, got {config_model!r}"
+    if not isinstance(kind, str) or not kind:
+        return f"kind of {name!r} must be a non-empty string, got {kind!r}"
+    return None
+
+
+_default_registry: PluginRegistry | None = None
+
+
+def get_registry() -> PluginRegistry:
+    """The process-wide registry (built-ins and entry points), created on first use."""
+    global _default_registry
+    if _default_registry is None:
+        _default_registry = PluginRegistry()
+    return _default_registry
+
+
+def create_plugin(name: str, config: dict[str, Any] | BaseModel | None = None) -> IRPPlugin:
+    """``get_registry().create(name, config)``."""
+    return get_registry().create(name, config)
