@@ -25,7 +25,6 @@ from test_irp_registry import fake_distribution
 
 from hrm_vision import cli
 from hrm_vision.irp import ALLOW_ENV, IRPState, PluginRegistry, PluginWarning, hookimpl
-from hrm_vision.irp import host as irp_host
 from hrm_vision.irp.contract import validate_telemetry
 from hrm_vision.irp.host import Orchestrator
 from hrm_vision.irp.registry import UnknownPluginError
@@ -343,12 +342,12 @@ def test_only_the_asked_plugins_entry_points_are_imported(tmp_path, monkeypatch)
     monkeypatch.delenv(ALLOW_ENV, raising=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PluginWarning)
-        registry = irp_host._registry_for(["tinyvae"])
+        registry = PluginRegistry.for_plugins(["tinyvae"])
     assert "tinyvae" in registry.list_plugins()
     assert not marker.exists()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PluginWarning)
-        irp_host._registry_for(["intruder"])
+        PluginRegistry.for_plugins(["intruder"])
     assert marker.exists()
 
 

@@ -1,16 +1,6 @@
 """The IRP (Iterative Refinement Primitive) contract: state, plugin base, config, trust metrics,
-telemetry records and their schema, the host's guards, and the pluggy hook markers.
-
-A plugin refines an input ``x0`` into an estimate: ``init_state`` (the first guess), ``energy``
-(lower is better, 0.0 valid), ``step`` (a projected state whose energy is not higher), ``project``
-(back into the valid set), ``halt`` (``max_steps`` states, or the energy fell by at most
-``halt_eps`` per step over the last ``halt_window`` steps). ``max_steps`` counts states, the
-initial guess included: ``max_steps=1`` returns the initial guess.
-
-Telemetry records are JSON-safe dicts (a non-finite float is ``null``) valid under
-``telemetry.schema.json``, shipped next to this file: a run record
-(:meth:`IRPPlugin.emit_telemetry`) or an error record (:func:`error_record`, with an ``"error"``
-key). jsonschema and torch are imported on first use, so ``import hrm_vision.irp`` stays light.
+telemetry records and their schema (``telemetry.schema.json``, shipped here), the host's guards,
+and the pluggy hook markers. jsonschema and torch are imported on first use.
 """
 
 from __future__ import annotations
@@ -44,16 +34,11 @@ SCHEMA_FILE = "telemetry.schema.json"
 
 @hookspec
 def register_irp_plugins(register: Callable[..., Any]) -> None:
-    """Register the IRP plugins this module provides.
-
-    Call ``register(name, factory, config_model, kind="perception", description="")`` once per
-    plugin: ``name`` is the unique registry name hosts create it by; ``factory`` takes one
-    validated ``config_model`` instance and returns an :class:`IRPPlugin`; ``config_model`` is an
-    :class:`IRPConfig` subclass validating the plain-dict config a host passes (its errors name
-    the field); ``kind`` says what the plugin does; ``description`` is shown by
-    ``hrm-vision irp --list``. The hook may run more than once: only call ``register`` in it,
-    and load weights in the factory.
-    """
+    """Register the IRP plugins this module provides: call ``register(name, factory,
+    config_model, kind="perception", description="")`` once each. ``factory`` takes the validated
+    ``config_model`` (an :class:`IRPConfig` subclass, so a host creates the plugin from a plain
+    dict and errors name the field) and returns an :class:`IRPPlugin`. The hook may run more than
+    once: only call ``register`` in it, and load weights in the factory."""
 
 
 # ---------------------------------------------------------------------- state and config
@@ -113,9 +98,10 @@ class IRPResult(NamedTuple):
 
 # ---------------------------------------------------------------------- the plugin base
 class IRPPlugin:
-    """Base of IRP plugins: subclasses implement ``init_state``, ``energy`` and ``step``
-    (``project`` is the identity). ``step`` returns a projected state with ``energy_val`` set,
-    not above its input's (a plugin that cannot promise it shows it in ``monotonicity``)."""
+    """Base of IRP plugins: subclasses implement ``init_state`` (the first guess), ``energy``
+    (lower is better, 0.0 valid) and ``step`` (a projected state, ``energy_val`` set, not above
+    its input's; ``project``, back into the valid set, is the identity here). ``max_steps``
+    counts states, the initial guess included: ``max_steps=1`` returns it."""
 
     #: Registry name written into telemetry.
     name: ClassVar[str] = "irp"
@@ -138,8 +124,8 @@ class IRPPlugin:
         return state
 
     def halt_reason(self, history: Sequence[IRPState], max_steps: int | None = None) -> str | None:
-        """``"max_steps"``, ``"converged"`` (the energy fell by at most ``halt_eps`` per step
-        over the last ``halt_window`` steps; a rise counts as no decrease) or ``None``."""
+        """``"max_steps"``, ``"converged"`` (the energy fell by at most ``halt_eps`` per step,
+        on average, over the last ``halt_window`` steps) or ``None``."""
         if len(history) >= (self.config.max_steps if max_steps is None else max_steps):
             return "max_steps"
         k = self.config.halt_window
@@ -172,8 +158,7 @@ class IRPPlugin:
     def emit_telemetry(self, history: Sequence[IRPState], *, time_ms: float,
                        max_steps: int | None = None, batch_size: int = 1,
                        input_id: str | int | None = None) -> dict[str, Any]:
-        """The run record of ``history``; non-finite energies are ``null`` and leave the trust
-        metrics at 0.0."""
+        """The run record of ``history`` (non-finite energies: ``null``, trust metrics 0.0)."""
         if not history:
             raise ValueError("emit_telemetry needs a history with at least the initial state")
         trajectory = [finite_or_none(_energy_of(s)) for s in history]
@@ -235,8 +220,7 @@ def _validator() -> Any:
 
 
 def validate_telemetry(record: dict[str, Any]) -> None:
-    """Raise ``ValueError`` naming the offending field if ``record`` breaks the schema or holds
-    what JSON cannot carry (NaN, infinity, other types)."""
+    """A ``ValueError`` naming the field if ``record`` breaks the schema or is not JSON-safe."""
     try:
         json.dumps(record, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -249,18 +233,29 @@ def validate_telemetry(record: dict[str, Any]) -> None:
         raise ValueError(f"telemetry field {where}: {error.message}")
 
 
-def error_record(plugin: str, stage: str, error_type: str, message: str, *,
-                 source: str | None = None, input_id: str | int | None = None) -> dict[str, Any]:
-    """The record of a plugin that failed at ``stage`` (one of :data:`ERROR_STAGES`)."""
-    if stage not in ERROR_STAGES:
-        raise ValueError(f"stage must be one of {ERROR_STAGES}, got {stage!r}")
+@dataclass(frozen=True)
+class PluginError:
+    """A reported plugin failure: ``name``, ``source`` (``"builtin"``, ``"entry point ..."``,
+    ``"hook"``, ``"register"`` or the plugin's module), ``message``, ``stage`` (one of
+    :data:`ERROR_STAGES`) and the ``input_id`` of a run failure."""
+
+    name: str
+    source: str
+    message: str
+    stage: str = "import"
+    input_id: int | str | None = None
+
+
+def error_record(error: PluginError, error_type: str) -> dict[str, Any]:
+    """The telemetry record of ``error``, an exception of class ``error_type``."""
+    if error.stage not in ERROR_STAGES:
+        raise ValueError(f"stage must be one of {ERROR_STAGES}, got {error.stage!r}")
     record: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION, "plugin": plugin, "timestamp": time.time(),
-        "error": {"stage": stage, "type": error_type, "message": " ".join(message.split())}}
-    if source is not None:
-        record["source"] = source
-    if input_id is not None:
-        record["input_id"] = input_id
+        "schema_version": SCHEMA_VERSION, "plugin": error.name, "timestamp": time.time(),
+        "source": error.source, "error": {"stage": error.stage, "type": error_type,
+                                          "message": " ".join(error.message.split())}}
+    if error.input_id is not None:
+        record["input_id"] = error.input_id
     return record
 
 
@@ -305,11 +300,8 @@ class HardExitError(SystemExit):
 
 @contextlib.contextmanager
 def os_exit_raises() -> Iterator[None]:
-    """Inside, ``os._exit(status)`` in this process raises :class:`HardExitError` instead.
-
-    A forked child's call still ends the child. Not caught: ``posix._exit``, an ``_exit`` bound
-    before entering, signals, crashes.
-    """
+    """Inside, ``os._exit(status)`` in this process raises :class:`HardExitError` (a forked
+    child's still ends it). Not caught: ``posix._exit``, an ``_exit`` bound before, signals."""
     real, pid = os._exit, os.getpid()
 
     def _exit(status: int) -> NoReturn:

@@ -4,16 +4,8 @@
 ...                                   step_budget=10, telemetry=open("telemetry.jsonl", "w"))
 >>> results = loop.run(frames)       # one {plugin name: IRPResult} per input
 
-The command, ``hrm-vision irp`` (:func:`command`)::
-
-    hrm-vision irp --list
-    hrm-vision irp --plugin tinyvae --config tinyvae='{"checkpoint": "tinyvae_best.pth"}' \\
-        --num-crops 8 --step-budget 10 --telemetry telemetry.jsonl
-
-The step budget is the number of states each input may use, split evenly among the plugins
-(each gets at least 1). ``--images`` files are read by bit depth (see
-:mod:`hrm_vision.data.images`) into float RGB tensors. A plugin that fails (at import, in its
-factory, on an input) is reported and the others go on.
+``hrm-vision irp`` (:func:`command`) runs it on ``--images`` files (read by bit depth, see
+:mod:`hrm_vision.data.images`) or held-out photos crops; ``hrm-vision irp --list`` lists plugins.
 """
 
 from __future__ import annotations
@@ -26,7 +18,6 @@ import sys
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
 
@@ -35,6 +26,7 @@ import numpy as np
 from .contract import (
     IRPPlugin,
     IRPResult,
+    PluginError,
     check_energies,
     error_record,
     os_exit_raises,
@@ -42,27 +34,18 @@ from .contract import (
     to_jsonl,
     write_jsonl,
 )
-from .registry import (
-    ALLOW_ENV,
-    ENTRY_POINT_GROUP,
-    PLUGIN_FAILURES,
-    PluginError,
-    PluginRegistry,
-    PluginWarning,
-    describe,
-    get_registry,
-)
+from .registry import PLUGIN_FAILURES, PluginRegistry, PluginWarning, describe, get_registry
 
 #: Failures that are the user's to fix (the errors ``hrm-vision`` reports in one line).
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError)
 
 
 class TimeBudgetError(RuntimeError):
-    """A plugin's run on one input took longer than the orchestrator's ``time_budget``."""
+    """A plugin's run on one input took longer than the ``time_budget``."""
 
 
 class PluginRunError(ValueError):
-    """No plugin could be created (the message gives the first plugin's failure)."""
+    """No plugin could be created (the message gives the first failure)."""
 
 
 class NothingRanError(ValueError):
@@ -70,24 +53,15 @@ class NothingRanError(ValueError):
 
 
 class Orchestrator:
-    """Runs IRP plugins on a stream of inputs under a step budget, each plugin's failure kept
-    from the others.
+    """Runs ``plugins`` (by name, in order) on a stream of inputs; each gets its own copy of
+    every input and ``step_budget // len(plugins)`` states (at least 1).
 
-    A plugin that raises (any exception, ``SystemExit``, ``os._exit``: see
-    :func:`~hrm_vision.irp.contract.os_exit_raises`) on an input, returns a non-finite energy,
-    breaks the telemetry schema or exceeds ``time_budget`` is reported: a :class:`PluginError`
-    in :attr:`errors` (and the registry's), its exception in :attr:`exceptions`, a
-    :class:`PluginWarning`, an error record in the telemetry; the other plugins' results for
-    that input come back and it is tried again on the next input. Each plugin gets its own copy
-    of every input.
-
-    Args:
-        plugins: plugin instances by name, run in this order on every input.
-        step_budget: states per input over all plugins (``>= 1``), split evenly.
-        telemetry: a text stream receiving one validated JSON line per run or failure.
-        registry: where the plugins came from; failures are reported there too.
-        time_budget: seconds one plugin may take on one input, measured when the run returns
-            (a plugin that never returns is not stopped); ``None``: no limit.
+    A plugin that raises (``SystemExit`` and ``os._exit`` included), returns a non-finite
+    energy, breaks the telemetry schema or takes longer than ``time_budget`` seconds (measured
+    when it returns) on an input is reported: a :class:`PluginError` in :attr:`errors` (and the
+    ``registry``'s), its exception in :attr:`exceptions`, a :class:`PluginWarning`, an error
+    record in ``telemetry`` (a text stream, one validated JSON line per run or failure); the
+    others' results for that input come back, and it is tried again on the next input.
     """
 
     def __init__(self, plugins: Mapping[str, IRPPlugin], step_budget: int,
@@ -109,15 +83,14 @@ class Orchestrator:
     def from_registry(cls, configs: Mapping[str, dict[str, Any] | None], step_budget: int,
                       telemetry: IO[str] | None = None, registry: PluginRegistry | None = None,
                       time_budget: float | None = None) -> Orchestrator:
-        """Create each named plugin from its plain-dict config through ``registry`` (default
-        :func:`get_registry`). Load failures are written to the telemetry first; a plugin that
-        cannot be created is reported and left out; with none created, the first failure is
-        raised."""
+        """Each named plugin created from its config by ``registry`` (default
+        :func:`get_registry`); load failures go to the telemetry first; a plugin that cannot be
+        created is reported and left out; with none created, the first failure is raised."""
         registry = registry or get_registry()
         registry.list_plugins()  # runs every module's hook, so failures there are known too
         for error in list(registry.errors):
             if error.stage in ("import", "register"):
-                _write(telemetry, _error_record(error, "PluginLoadError"))
+                _write(telemetry, error_record(error, "PluginLoadError"))
         plugins: dict[str, IRPPlugin] = {}
         failures: list[tuple[PluginError, BaseException]] = []
         for name, config in configs.items():
@@ -129,7 +102,7 @@ class Orchestrator:
                 except PLUGIN_FAILURES:
                     source = "registry"
                 error = registry.report(name, source, describe(exc), stage="factory")
-                _write(telemetry, _error_record(error, type(exc).__name__))
+                _write(telemetry, error_record(error, type(exc).__name__))
                 failures.append((error, exc))
         if not plugins:
             error, first = failures[0]
@@ -144,7 +117,6 @@ class Orchestrator:
 
     @property
     def steps_per_plugin(self) -> int:
-        """``max_steps`` each plugin gets for one input."""
         return max(1, self.step_budget // len(self.plugins))
 
     def run(self, inputs: Iterable[Any],
@@ -186,12 +158,7 @@ class Orchestrator:
                           PluginWarning, stacklevel=3)
         self.errors.append(error)
         self.exceptions.append(exc)
-        _write(self.telemetry, _error_record(error, type(exc).__name__))
-
-
-def _error_record(error: PluginError, error_type: str) -> dict[str, Any]:
-    return error_record(error.name, error.stage, error_type, error.message, source=error.source,
-                        input_id=error.input_id)
+        _write(self.telemetry, error_record(error, type(exc).__name__))
 
 
 def _write(stream: IO[str] | None, record: dict[str, Any]) -> None:
@@ -201,26 +168,22 @@ def _write(stream: IO[str] | None, record: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------- the command
 def setup_args(prog: str = "hrm-vision irp") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
-    parser.add_argument("--list", action="store_true",
-                        help="list the registered plugins and any that failed to load, then exit")
-    parser.add_argument("--plugin", action="append", default=[], metavar="NAME",
-                        help="plugin to run (repeatable), by registry name")
-    parser.add_argument("--config", action="append", default=[], metavar="NAME=JSON",
-                        help="config of plugin NAME: a JSON object, or the path of a JSON file")
-    parser.add_argument("--images", nargs="*", default=[], metavar="PATH",
-                        help="image files (float RGB frames, one input each)")
-    parser.add_argument("--num-crops", type=int, default=8,
-                        help="without --images: this many held-out photos validation crops")
-    parser.add_argument("--batch-size", type=int, default=8,
-                        help="crops per input (batch) when using photos crops")
-    parser.add_argument("--step-budget", type=int, default=10, help="states per input")
-    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                        help="seconds one plugin may take on one input; a longer run is a "
-                             "failure (a plugin that never returns is not stopped)")
-    parser.add_argument("--telemetry", type=Path, default=None,
-                        help="JSON-lines output file (default: standard output)")
-    return parser
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    p.add_argument("--list", action="store_true", help="list the plugins and those that failed")
+    for flag, meta, text in (("--plugin", "NAME", "plugin to run (repeatable), by registry name"),
+                             ("--config", "NAME=JSON", "config of plugin NAME: a JSON object or "
+                                                       "a .json file")):
+        p.add_argument(flag, action="append", default=[], metavar=meta, help=text)
+    p.add_argument("--images", nargs="*", default=[], metavar="PATH", help="image files, one "
+                   "input each (default: held-out photos crops)")
+    for flag, default, text in (("--num-crops", 8, "photos crops without --images"),
+                                ("--batch-size", 8, "photos crops per input"),
+                                ("--step-budget", 10, "states per input, split among plugins")):
+        p.add_argument(flag, type=int, default=default, help=text)
+    p.add_argument("--time-budget", type=float, metavar="SECONDS", help="seconds a plugin may "
+                   "take on one input (measured when it returns)")
+    p.add_argument("--telemetry", type=Path, help="JSON-lines file (default: standard output)")
+    return p
 
 
 def _parse_configs(items: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -245,8 +208,8 @@ def _parse_configs(items: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 def refuse_output_over_inputs(output: Path, args: argparse.Namespace,
                               configs: dict[str, dict[str, Any]]) -> None:
-    """Raise ``ValueError`` when ``output`` is (or links to) a file the run reads: an
-    ``--images`` file, a ``--config`` file, or a file a plugin config names (a checkpoint)."""
+    """Refuse (``ValueError``) an ``output`` that is, or links to, a file the run reads: an
+    ``--images`` or ``--config`` file, or one a plugin config names (a checkpoint)."""
     if not output.exists():
         return
 
@@ -269,24 +232,6 @@ def refuse_output_over_inputs(output: Path, args: argparse.Namespace,
                              "be written over: choose another file")
 
 
-def _registry_for(names: Sequence[str]) -> PluginRegistry:
-    """A registry with the built-ins and only the entry points named in ``names`` (or those of
-    :data:`ALLOW_ENV` when set), so a package not asked for is not imported; only when a name
-    is still unknown are the other entry points loaded."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PluginWarning)  # printed by the caller, one line each
-        registry = PluginRegistry(load_entry_points=False)
-        if ALLOW_ENV in os.environ:
-            registry.load_entry_points()
-            return registry
-        builtin = set(registry.list_plugins())
-        installed = {ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
-        registry.load_entry_points([n for n in names if n in installed and n not in builtin])
-        if set(names) - set(registry.list_plugins()):
-            registry.load_entry_points()
-    return registry
-
-
 def _inputs(args: argparse.Namespace) -> list[Any]:
     """The run's inputs as float RGB tensors in [0, 1]: one ``(3, H, W)`` per ``--images``
     file, else batches of held-out photos crops."""
@@ -305,13 +250,10 @@ def _inputs(args: argparse.Namespace) -> list[Any]:
 
 
 def command(argv: Sequence[str] | None = None, prog: str = "hrm-vision irp") -> int:
-    """Run ``hrm-vision irp``; returns the exit status.
-
-    0: every plugin ran on every input; 1: some plugin failed (a warning line each on standard
-    error, an error record each in the telemetry) and the others ran. An expected error (bad
-    config, unknown plugin, unloadable checkpoint, unreadable image, missing extra, every run
-    refusing its input) is raised for the caller to print as one line (status 2).
-    """
+    """``hrm-vision irp``: 0 when every plugin ran on every input, 1 when some failed (a
+    warning line each). An expected error (bad config, unknown plugin, unloadable checkpoint,
+    unreadable image, missing extra, every run refusing its input) is raised, for the caller
+    to print as one line (status 2)."""
     args = setup_args(prog).parse_args(argv)
     if args.list:
         with warnings.catch_warnings():
@@ -333,7 +275,7 @@ def command(argv: Sequence[str] | None = None, prog: str = "hrm-vision irp") -> 
         raise ValueError(f"--config given for {unknown}, which are not among --plugin")
     if args.telemetry is not None:
         refuse_output_over_inputs(args.telemetry, args, configs)
-    registry = _registry_for(args.plugin)
+    registry = PluginRegistry.for_plugins(args.plugin)
     inputs = _inputs(args)  # before the telemetry file is created: a bad image leaves none
     stream = open(args.telemetry, "w") if args.telemetry else sys.stdout  # noqa: SIM115
     try:

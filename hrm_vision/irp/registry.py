@@ -1,13 +1,12 @@
 """The plugin registry: a pluggy manager that finds, lists and creates IRP plugins.
 
-Plugins come from modules with a ``@hookimpl register_irp_plugins(register)`` function
-(:mod:`hrm_vision.irp.contract`), registered the same way from two places: the built-ins
-(:data:`BUILTIN_PLUGINS`) and the setuptools entry points of :data:`ENTRY_POINT_GROUP`, where
-hrm-vision declares its own built-in too (a module is registered once). :data:`ALLOW_ENV` is an
-allow-list of entry-point names (comma separated; empty: none; built-ins always load). A plugin
-that fails to import, to register or in its hook (``SystemExit`` included; ``KeyboardInterrupt``
-goes through) is reported, a :class:`PluginWarning` and an entry in
-:attr:`PluginRegistry.errors`, and skipped.
+Modules with a ``@hookimpl register_irp_plugins(register)`` (:mod:`hrm_vision.irp.contract`) are
+registered the same way from the built-ins (:data:`BUILTIN_PLUGINS`) and the entry points of
+:data:`ENTRY_POINT_GROUP` (hrm-vision declares its built-in there too; a module registers once).
+:data:`ALLOW_ENV` is an allow-list of entry-point names (comma separated; empty: none). A plugin
+that fails to import, register or declare itself (``SystemExit`` included, not
+``KeyboardInterrupt``) is reported (a :class:`PluginWarning`, :attr:`PluginRegistry.errors`) and
+skipped.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -25,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..validation import describe_validation_error
 from . import contract
-from .contract import IRPConfig, IRPPlugin
+from .contract import IRPConfig, IRPPlugin, PluginError
 
 ENTRY_POINT_GROUP = "hrm_vision.irp_plugins"
 ALLOW_ENV = "HRM_VISION_IRP_PLUGINS"
@@ -34,7 +33,7 @@ _IMPL = f"{contract.PROJECT_NAME}_impl"
 #: The hooks a plugin may implement.
 HOOK_NAMES: tuple[str, ...] = tuple(
     n for n in dir(contract) if hasattr(getattr(contract, n), f"{contract.PROJECT_NAME}_spec"))
-#: What a plugin's own code may raise without taking the host down.
+#: What a plugin's code may raise without taking the host down.
 PLUGIN_FAILURES: tuple[type[BaseException], ...] = (Exception, SystemExit)
 
 
@@ -61,7 +60,7 @@ def describe(exc: BaseException) -> str:
 
 @dataclass(frozen=True)
 class PluginInfo:
-    """What a plugin registered (see ``register_irp_plugins``); ``source``: its module's name."""
+    """What a plugin registered (``register_irp_plugins``) and the ``source`` module's name."""
 
     name: str
     factory: Callable[[Any], IRPPlugin]
@@ -71,28 +70,11 @@ class PluginInfo:
     source: str
 
 
-@dataclass(frozen=True)
-class PluginError:
-    """A reported failure: plugin ``name``, ``source`` (``"builtin"``, ``"entry point ..."``,
-    ``"hook"``, ``"register"`` or the plugin's module), ``message``, ``stage`` (``"import"``,
-    ``"register"``, ``"factory"``, ``"run"``) and the ``input_id`` of a run failure."""
-
-    name: str
-    source: str
-    message: str
-    stage: str = "import"
-    input_id: int | str | None = None
-
-
 class PluginRegistry:
     """A pluggy ``PluginManager`` for the IRP hooks and the plugins they declare, collected on
-    first use (again after a module is registered or unregistered).
-
-    Args:
-        load_entry_points: load the entry points (honouring ``allow``).
-        allow: entry-point names to load; ``None`` reads :data:`ALLOW_ENV` (unset: all).
-        builtins: module paths registered first.
-    """
+    first use (again after a module is registered or unregistered): the ``builtins`` modules,
+    then (``load_entry_points``) the entry points ``allow`` names (default :data:`ALLOW_ENV`,
+    unset: all)."""
 
     def __init__(self, load_entry_points: bool = True, allow: Iterable[str] | None = None,
                  builtins: Iterable[str] = BUILTIN_PLUGINS) -> None:
@@ -107,6 +89,22 @@ class PluginRegistry:
                 self.report(module_path, "builtin", f"import failed: {describe(exc)}")
         if load_entry_points:
             self.load_entry_points(allow)
+
+    @classmethod
+    def for_plugins(cls, names: Sequence[str]) -> PluginRegistry:
+        """The built-ins and only the entry points named in ``names`` (those of
+        :data:`ALLOW_ENV` when set), so a package not asked for is not imported; the others too
+        only when a name is still unknown. Failures are recorded in :attr:`errors` unwarned."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PluginWarning)
+            registry = cls(load_entry_points=ALLOW_ENV in os.environ)
+            if ALLOW_ENV not in os.environ:
+                known = registry.list_plugins()
+                installed = {ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+                registry.load_entry_points([n for n in names if n in installed and n not in known])
+                if set(names) - set(registry.list_plugins()):
+                    registry.load_entry_points()
+        return registry
 
     def register(self, plugin: object, name: str | None = None) -> str | None:
         """Register a plugin module or object; a failure is reported and gives ``None``."""
@@ -131,7 +129,7 @@ class PluginRegistry:
             self.pm.unregister(plugin)
             self._plugins = None
 
-    def load_entry_points(self, allow: Iterable[str] | None = None) -> list[str]:
+    def load_entry_points(self, allow: Iterable[str] | None = None) -> None:
         """Import and register the entry points (``allow``: only these names, default
         :data:`ALLOW_ENV` when set; a name no package provides is reported)."""
         if allow is None and ALLOW_ENV in os.environ:
@@ -139,7 +137,6 @@ class PluginRegistry:
         wanted = None if allow is None else {n.strip() for n in allow if n.strip()}
         source = f"entry point {ENTRY_POINT_GROUP}"
         eps = list(metadata.entry_points(group=ENTRY_POINT_GROUP))
-        loaded = []
         for ep in eps:
             if wanted is not None and ep.name not in wanted:
                 continue
@@ -148,12 +145,10 @@ class PluginRegistry:
             except PLUGIN_FAILURES as exc:
                 self.report(ep.name, source, f"import of {ep.value!r} failed: {describe(exc)}")
                 continue
-            if self.register(module, ep.name) is not None:
-                loaded.append(ep.name)
+            self.register(module, ep.name)
         for missing in sorted((wanted or set()) - {ep.name for ep in eps}):
             self.report(missing, source, f"{ALLOW_ENV} names {missing!r}, which no installed "
                                          "package provides")
-        return loaded
 
     def report(self, name: str, source: str, message: str, stage: str = "import",
                input_id: int | str | None = None) -> PluginError:
@@ -242,8 +237,3 @@ def get_registry() -> PluginRegistry:
     if _default_registry is None:
         _default_registry = PluginRegistry()
     return _default_registry
-
-
-def create_plugin(name: str, config: dict[str, Any] | BaseModel | None = None) -> IRPPlugin:
-    """``get_registry().create(name, config)``."""
-    return get_registry().create(name, config)

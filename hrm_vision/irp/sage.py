@@ -1,23 +1,17 @@
-"""A thin SAGE facade over the ``tinyvae`` plugin: the drop-in for SAGE's TinyVAE IRP plugin.
+"""A thin SAGE facade over the ``tinyvae`` plugin: the drop-in for SAGE's TinyVAE IRP plugin
+(dp-web4/HRM ``sage/irp/``). A SAGE user swaps one import::
 
-A SAGE (dp-web4/HRM ``sage/irp/``) user swaps one import::
-
-    # from sage.irp.plugins.tinyvae_irp_plugin import create_tinyvae_irp
-    from hrm_vision.irp.sage import create_tinyvae_irp
-
+    from hrm_vision.irp.sage import create_tinyvae_irp   # was sage.irp.plugins.tinyvae_irp_plugin
     tinyvae = create_tinyvae_irp(latent_dim=64, input_channels=3, use_fp16=True, beta_kl=0.1)
     latent, telemetry = tinyvae.refine(crop)          # crop (1, 3, 64, 64) float in [0, 1]
 
-:class:`TinyVAEIRP` runs a :class:`~hrm_vision.irp.tinyvae.TinyVAEPlugin` and answers each of
-SAGE's callers in its convention: ``refine(x)``/``refine(x, early_stop)`` (scripts,
-``sage/orchestrator``) give ``(latent, telemetry)`` with a float ``trust``; ``refine(x,
-task_ctx)`` (``sage/irp/orchestrator.py``) gives ``(state, history)``, then SAGE's
-``emit_telemetry(state, history)``; ``init_state``/``step``/``energy``/``halt`` one by one
-(``sage/attention/plugin_router.py``). ``config`` is a plain dict of SAGE's keys and the
-plugin's (:class:`SageConfig`); SAGE writes ``max_iterations`` and ``max_ATP`` into
-``plugin.config`` later, read at each run. Halting: ``halt_eps`` is relative to the first
-energy. ``sage`` is imported when a plugin is created: with SAGE on the path the plugin is also a
-``sage.irp.base.IRPPlugin``. :class:`SageVAE` is SAGE's model-level ``TinyVAE`` signature.
+:class:`TinyVAEIRP` runs a :class:`~hrm_vision.irp.tinyvae.TinyVAEPlugin` and answers each SAGE
+caller in its convention (docs/irp.md, "Inside SAGE"): ``refine(x[, early_stop])`` gives
+``(latent, telemetry)``; ``refine(x, task_ctx)`` gives ``(state, history)`` and
+``emit_telemetry(state, history)`` SAGE's record; the primitives one by one for SAGE's router.
+SAGE writes ``max_iterations`` and ``max_ATP`` into ``plugin.config``, read at each run;
+``halt_eps`` is relative to the first energy. With ``sage`` importable the plugin is also a
+``sage.irp.base.IRPPlugin``. :class:`SageVAE` is SAGE's model-level ``TinyVAE``.
 """
 
 from __future__ import annotations
@@ -58,16 +52,14 @@ SAGE_SIZES = Sizes(64, 3, 64)
 
 
 class SageConfig(TinyVAESettings):
-    """SAGE's keys and the plugin's (:class:`TinyVAESettings`, SAGE's defaults); unknown keys
-    are errors."""
+    """SAGE's keys and the plugin's (with SAGE's defaults); unknown keys are errors."""
 
     entity_id: str = Field("tinyvae_irp", description="name in SAGE's telemetry")
     max_iterations: int = Field(20, ge=1, description="states per run, the encoder's included")
-    halt_eps: float = Field(1e-4, ge=0, description="halt when the energy falls by less than "
-                                                    "halt_eps * first energy per step")
+    halt_eps: float = Field(1e-4, ge=0, description="relative to the first energy")
     halt_K: int = Field(3, ge=1, description="steps the halting slope is taken over")
     trust_weight: float = Field(1.0, description="SAGE's initial trust weight (kept as given)")
-    ATP_per_step: float = Field(0.1, ge=0, description="ATP per state in emit_telemetry's budget")
+    ATP_per_step: float = Field(0.1, ge=0, description="ATP per state in emit_telemetry")
     max_ATP: float | None = Field(None, description="SAGE's budget (SAGE writes and reads it)")
     LRC_context: Any = Field(None, description="passed through to emit_telemetry")
     latent_dim: int | None = Field(None, ge=1, description="default: the checkpoint's, else 64")
@@ -75,10 +67,9 @@ class SageConfig(TinyVAESettings):
     normalize: bool = Field(False, description="SAGE's model normalised its input; not used")
     mean: list[float] | None = Field(None, description="with normalize; not used")
     std: list[float] | None = Field(None, description="with normalize; not used")
-    device: str | None = Field(None, validate_default=True,
-                               description="default CUDA when available, else the CPU")
-    channel_order: Literal["rgb", "bgr"] | None = Field(
-        None, description="3-channel crops; None: tensors RGB, numpy arrays refused")
+    device: str | None = Field(None, validate_default=True, description="default: CUDA if any")
+    channel_order: Literal["rgb", "bgr"] | None = Field(None, description="None: tensors RGB, "
+                                                                          "numpy refused")
     input_channels: Literal[1, 3] | None = Field(None, description="default: the checkpoint's")
     resize: bool = Field(True, description="resize crops of another size to img_size")
 
@@ -100,21 +91,21 @@ class SageConfig(TinyVAESettings):
                           UserWarning, stacklevel=4)
         return settings
 
-    @staticmethod
-    def live_halting(config: dict[str, Any]) -> tuple[int, float, int]:
-        """``(max_iterations, halt_eps, halt_K)`` from the dict SAGE may have written into; SAGE
-        writes ``max_iterations = int(budget * 10)``, so below 1 counts as 1 (the encoder's)."""
-        values = []
-        for key, kind in (("max_iterations", int), ("halt_eps", float), ("halt_K", int)):
-            value = config[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or (kind is int and value != int(value)):
-                raise ValueError(f"plugin.config[{key!r}] must be a number, got {value!r}")
-            values.append(kind(value))
-        if values[1] < 0 or values[2] < 1:
-            raise ValueError(f"plugin.config halt_eps must be >= 0 and halt_K >= 1, got "
-                             f"{values[1]}, {values[2]}")
-        return max(1, values[0]), values[1], values[2]
+
+def live_halting(config: dict[str, Any]) -> tuple[int, float, int]:
+    """``(max_iterations, halt_eps, halt_K)`` from the dict SAGE writes into; its
+    ``max_iterations = int(budget * 10)`` below 1 counts as 1 (the encoder's state)."""
+    values = []
+    for key, kind in (("max_iterations", int), ("halt_eps", float), ("halt_K", int)):
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or (kind is int and value != int(value)):
+            raise ValueError(f"plugin.config[{key!r}] must be a number, got {value!r}")
+        values.append(kind(value))
+    if values[1] < 0 or values[2] < 1:
+        raise ValueError(f"plugin.config halt_eps must be >= 0 and halt_K >= 1, got "
+                         f"{values[1]}, {values[2]}")
+    return max(1, values[0]), values[1], values[2]
 
 
 def model_sizes(model: nn.Module | None, checkpoint: Any = None, latent_dim: int | None = None,
@@ -124,11 +115,10 @@ def model_sizes(model: nn.Module | None, checkpoint: Any = None, latent_dim: int
     if model is None:
         return Sizes(latent_dim or SAGE_SIZES.latent_dim,
                      input_channels or SAGE_SIZES.input_channels, img_size or SAGE_SIZES.img_size)
-    where = f"the checkpoint {checkpoint}"
-    if latent_dim is not None and latent_dim != model.latent_dim:
+    where, dim = f"the checkpoint {checkpoint}", int(model.latent_dim)
+    if latent_dim is not None and latent_dim != dim:
         raise ValueError(f"latent_dim={latent_dim} disagrees with {where}, whose model has "
-                         f"latent_dim {model.latent_dim}; drop latent_dim or pass "
-                         f"{model.latent_dim}")
+                         f"latent_dim {dim}; drop latent_dim or pass {dim}")
     channels = int(getattr(model, "in_channels", 3))
     if input_channels == 3 and channels == 1:
         raise ValueError(f"input_channels=3 disagrees with {where}, whose model takes 1-channel "
@@ -137,42 +127,38 @@ def model_sizes(model: nn.Module | None, checkpoint: Any = None, latent_dim: int
     if img_size is not None and fixed is not None and img_size != fixed:
         raise ValueError(f"img_size={img_size} disagrees with {where}, whose model takes "
                          f"{fixed}x{fixed} crops; drop img_size or pass {fixed}")
-    return Sizes(int(model.latent_dim), input_channels or channels,
-                 img_size or fixed or SAGE_SIZES.img_size)
+    return Sizes(dim, input_channels or channels, img_size or fixed or SAGE_SIZES.img_size)
 
 
 def untrained_model(latent_dim: int, img_size: int) -> nn.Module:
-    """The model without a checkpoint: the compact student, a ``(latent_dim,)`` latent per
-    ``img_size`` crop, its linear path a whole-crop DCT until trained (RGB: grey crops are
-    repeated to 3 channels)."""
+    """The model without a checkpoint: the compact student, ``latent_dim`` numbers per
+    ``img_size`` crop, its linear path a whole-crop DCT until trained."""
     return CompactStudentVAE(latent_dim=latent_dim, image_size=img_size)
 
 
 class SageVAE(nn.Module):
     """SAGE's model-level ``TinyVAE(input_channels, latent_dim, img_size)`` over a student:
-    ``mu, logvar = vae.encode(x)``, ``recon, mu, logvar = vae(x)``; images
-    ``(B, input_channels, img_size, img_size)`` in [0, 1]. ``forward`` decodes ``mu`` in eval
-    mode and samples in training mode. ``checkpoint``: ``None`` for :func:`untrained_model`."""
+    ``mu, logvar = vae.encode(x)``, ``recon, mu, logvar = vae(x)`` (``mu`` decoded in eval mode,
+    a sample in training mode); images ``(B, input_channels, img_size, img_size)`` in [0, 1].
+    ``checkpoint=None``: :func:`untrained_model`."""
+
+    reparameterize = staticmethod(CompactStudentVAE.reparameterize)
 
     def __init__(self, input_channels: int = 3, latent_dim: int = 64, img_size: int = 64,
                  checkpoint: str | os.PathLike[str] | None = None) -> None:
         super().__init__()
         if input_channels not in (1, 3):
             raise ValueError(f"input_channels must be 1 or 3, got {input_channels}")
-        model = untrained_model(latent_dim, img_size) if checkpoint is None \
+        self.model = untrained_model(latent_dim, img_size) if checkpoint is None \
             else load_student(checkpoint)
-        model_sizes(model, checkpoint, latent_dim, input_channels)
-        self.model = model
+        model_sizes(self.model, checkpoint, latent_dim, input_channels)
         self.input_channels, self.latent_dim, self.img_size = input_channels, latent_dim, img_size
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(mu, logvar)``, each ``(B, *latent_shape)``."""
         if self.model.in_channels == 3 and x.dim() == 4 and x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         mu, logvar = self.model.posterior(x)
         return mu, logvar
-
-    reparameterize = staticmethod(CompactStudentVAE.reparameterize)
 
     def decode(self, z: Tensor) -> Tensor:
         images = self.model.decode(z)
@@ -193,26 +179,23 @@ class TinyVAEIRP:
 
     def __init__(self, config: dict[str, Any] | None = None) -> None:
         settings = SageConfig.from_dict(config or {})
-        model = None
         if settings.checkpoint is None:
             warnings.warn("create_tinyvae_irp without a checkpoint: an untrained compact "
                           "student (a whole-crop DCT); pass checkpoint='compact_best.pth' for "
                           "trained weights", UserWarning, stacklevel=3)
-        else:
-            model = load_student(settings.checkpoint)
+        model = None if settings.checkpoint is None else load_student(settings.checkpoint)
         sizes = model_sizes(model, settings.checkpoint, settings.latent_dim,
                             settings.input_channels, settings.img_size)
         shared = settings.model_dump(include=set(TinyVAESettings.model_fields))
         shared.update(input_channels=sizes.input_channels, img_size=sizes.img_size)
         self.plugin = TinyVAEPlugin(TinyVAEConfig(**shared),
                                     model or untrained_model(sizes.latent_dim, sizes.img_size))
-        self.model, self.device, self.use_fp16 = self.plugin.model, self.plugin.device, \
-            self.plugin.use_fp16
+        self.model, self.device = self.plugin.model, self.plugin.device
         self.config: dict[str, Any] = {  # SAGE reads and writes it
             **settings.model_dump(), **sizes._asdict(), "value_range": list(settings.value_range),
             "checkpoint": None if settings.checkpoint is None else str(settings.checkpoint)}
-        self.entity_id, self.trust_weight, self.beta_kl = \
-            settings.entity_id, settings.trust_weight, settings.beta_kl
+        self.entity_id, self.trust_weight = settings.entity_id, settings.trust_weight
+        self.beta_kl, self.use_fp16 = settings.beta_kl, self.plugin.use_fp16
         self.energy_history: list[float] = []
         self.time_history: list[float] = []
         self.latent_dim, self.input_channels, self.img_size = sizes
@@ -220,9 +203,8 @@ class TinyVAEIRP:
         probe = torch.zeros(1, sizes.input_channels, self.img_size, self.img_size)
         self.latent_shape: tuple[int, ...] = tuple(self.encode_batch(probe).shape[1:])
 
-    # ------------------------------------------------------------------ crops and latents
     def encode_batch(self, batch: Any, flat: bool = False) -> Tensor:
-        """The encoder's mean for crops ``batch``: ``(B, *latent_shape)``, or ``(B, N)`` with
+        """The encoder's mean for crops ``batch``, ``(B, *latent_shape)``, or ``(B, N)`` with
         ``flat=True`` (the vector view for similarity search)."""
         with torch.no_grad(), self.plugin._autocast():
             mu = self.model.encode(self.plugin.images(batch)).float()
@@ -234,13 +216,13 @@ class TinyVAEIRP:
         """Reconstructions of ``latents`` (flat or not, torch or numpy) in the caller's
         convention (``input_channels``, ``channel_order``, ``value_range``)."""
         z = torch.as_tensor(latents, dtype=torch.float32, device=self.device)
-        z = z.reshape(-1, *self.latent_shape)
-        return from_images(self.plugin.decode(z), self.plugin.format)
+        return from_images(self.plugin.decode(z.reshape(-1, *self.latent_shape)),
+                           self.plugin.format)
 
     # ------------------------------------------------------------------ IRP primitives
     def init_state(self, x0: Any, task_ctx: dict[str, Any] | None = None) -> IRPState:
         """The encoder's mean for crops ``x0``; a refusal is remembered (SAGE's router swallows
-        it and carries on with a fallback state, which :meth:`halt` then refuses)."""
+        it and goes on with a fallback state, which :meth:`halt` then refuses)."""
         try:
             state = self.plugin.init_state(x0, task_ctx or {})
         except ValueError as exc:
@@ -258,8 +240,7 @@ class TinyVAEIRP:
         return self.plugin.step(self._checked(state))
 
     def project(self, state: IRPState) -> IRPState:
-        """The identity: :meth:`step` keeps latents in range."""
-        return state
+        return state  # step keeps latents in range
 
     def _checked(self, state: IRPState) -> IRPState:
         meta = getattr(state, "meta", None)
@@ -268,13 +249,12 @@ class TinyVAEIRP:
             raise ValueError(f"the state was not made by this plugin's init_state{why}")
         return state
 
-    # ------------------------------------------------------------------ halting
     def halt_reason(self, history: Sequence[IRPState], early_stop: bool = True,
                     max_steps: int | None = None) -> str | None:
         """``"max_steps"`` once ``max_iterations`` (or ``max_steps``) states exist;
         ``"slope<eps"`` when the energy fell by at most ``halt_eps * |E0|`` per step, on average,
         over the last ``halt_K`` steps; ``None`` to go on."""
-        max_iterations, eps, k = SageConfig.live_halting(self.config)
+        max_iterations, eps, k = live_halting(self.config)
         if len(history) >= (max_steps or max_iterations):
             return "max_steps"
         e = [self._energy_of(s) for s in history]
@@ -283,9 +263,7 @@ class TinyVAEIRP:
         return None
 
     def halt(self, history: Sequence[IRPState]) -> bool:
-        for state in history:
-            self._checked(state)
-        return self.halt_reason(history) is not None
+        return self.halt_reason([self._checked(s) for s in history]) is not None
 
     def get_halt_reason(self, history: Sequence[IRPState]) -> str:
         return (self.halt_reason(history) or "unknown") if history else "no_history"
@@ -296,8 +274,8 @@ class TinyVAEIRP:
     # ------------------------------------------------------------------ runs
     def refine(self, x: Any, task_ctx: Any = _MISSING, max_steps: int | None = None,
                *, early_stop: Any = _MISSING) -> tuple[Any, Any]:
-        """A dict or ``None`` second argument (or ``task_ctx=``): :meth:`refine_states`; none, or
-        a bool (or ``early_stop=``): :meth:`refine_latent`."""
+        """A dict or ``None`` second argument (or ``task_ctx=``): :meth:`refine_states`; none,
+        or a bool (or ``early_stop=``): :meth:`refine_latent`."""
         if early_stop is not _MISSING or task_ctx is _MISSING or isinstance(task_ctx, bool):
             stop = early_stop if early_stop is not _MISSING else task_ctx
             return self.refine_latent(x, True if stop is _MISSING else bool(stop), max_steps)
@@ -309,8 +287,8 @@ class TinyVAEIRP:
     def refine_states(self, x: Any, task_ctx: dict[str, Any] | None = None,
                       max_steps: int | None = None, early_stop: bool = True
                       ) -> tuple[IRPState, list[IRPState]]:
-        """Refine crops ``x``: ``(final_state, history)``; ``max_steps`` (default
-        ``config['max_iterations']``) counts states, the encoder's guess included."""
+        """``(final_state, history)``; ``max_steps`` (default ``config['max_iterations']``)
+        counts states, the encoder's guess included."""
         if max_steps is not None and max_steps < 1:
             raise ValueError(f"max_steps must be at least 1 (the encoder's guess), got {max_steps}")
         history = [self.init_state(x, task_ctx)]
@@ -320,8 +298,8 @@ class TinyVAEIRP:
 
     def refine_latent(self, x: Any, early_stop: bool = True,
                       max_steps: int | None = None) -> tuple[Tensor, dict[str, Any]]:
-        """Refine crops ``x``: ``(latent (B, *latent_shape), telemetry)`` with SAGE's keys
-        (docs/irp.md); ``trust`` is the R² of the reconstruction, in [0, 1]."""
+        """``(latent (B, *latent_shape), telemetry)`` with SAGE's keys (docs/irp.md); ``trust``
+        is the R² of the reconstruction in [0, 1], ``kl_divergence`` per latent element."""
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.device)
@@ -335,23 +313,22 @@ class TinyVAEIRP:
         sq_err = float((recon - target).pow(2).sum())
         spread = float((target - target.mean((1, 2, 3), keepdim=True)).pow(2).sum())
         mse = sq_err / target.numel()
-        kl = float((0.5 * (z.float().pow(2) + logvar.exp() - logvar - 1)).mean())
         energies = [float(s.energy_val) for s in history]
-        max_iterations = max_steps or SageConfig.live_halting(self.config)[0]
+        max_iterations = max_steps or live_halting(self.config)[0]
         reason = self.halt_reason(history, early_stop, max_steps) or "max_steps"
-        trust = (1.0 if sq_err == 0 else 0.0) if spread == 0 else min(1.0, max(0.0, 1 - sq_err /
-                                                                                spread))
-        return z.float(), {
+        return z, {
             "entity_id": self.entity_id, "iterations": len(history),
             "max_iterations": max_iterations, "early_stopped": reason != "max_steps",
             "converged": reason == "slope<eps",
             "compute_saved": 1.0 - len(history) / max_iterations,
             "energy_trajectory": [finite_or_none(e) for e in energies],
             "energy_delta": finite_or_none(energies[-1] - energies[0]), "halt_reason": reason,
-            "trust": trust, "reconstruction_error": finite_or_none(mse),
+            "trust": min(1.0, max(0.0, 1 - sq_err / spread)) if spread > 0 else float(sq_err == 0),
+            "reconstruction_error": finite_or_none(mse),
             "psnr_db": finite_or_none(10 * np.log10(1.0 / mse)) if mse > 0 else None,
-            "kl_divergence": finite_or_none(kl), "latent_dim": self.latent_dim,
-            "latent_norm": finite_or_none(float(z.float().norm())),
+            "kl_divergence": finite_or_none(
+                (0.5 * (z.pow(2) + logvar.exp() - logvar - 1)).mean()),
+            "latent_dim": self.latent_dim, "latent_norm": finite_or_none(z.norm()),
             "time_ms": finite_or_none(time_ms), "beta_kl": self.beta_kl}
 
     # ------------------------------------------------------------------ reporting
@@ -388,23 +365,20 @@ class TinyVAEIRP:
 
 @cache
 def _plugin_class() -> type[TinyVAEIRP]:
-    """:class:`TinyVAEIRP`, also subclassing ``sage.irp.base.IRPPlugin`` when SAGE imports."""
-    try:  # SAGE is the framework calling the plugin, found on its path: not a dependency
-        sage_irp_plugin = importlib.import_module("sage.irp.base").IRPPlugin
+    """:class:`TinyVAEIRP`, also a ``sage.irp.base.IRPPlugin`` when SAGE (the framework calling
+    the plugin, found on its path; not a dependency) imports."""
+    try:
+        base = importlib.import_module("sage.irp.base").IRPPlugin
     except ImportError as exc:
         name = getattr(exc, "name", None) or ""
-        if not isinstance(exc, ModuleNotFoundError) or (name != "sage"
-                                                         and not name.startswith("sage.")):
+        if not isinstance(exc, ModuleNotFoundError) or name.split(".")[0] != "sage":
             warnings.warn(f"sage is on the path but does not import ({exc}); the plugin is not "
                           "a sage.irp.base.IRPPlugin", UserWarning, stacklevel=3)
         return TinyVAEIRP
-    return type("TinyVAEIRP", (TinyVAEIRP, sage_irp_plugin), {"__module__": __name__})
+    return type("TinyVAEIRP", (TinyVAEIRP, base), {"__module__": __name__})
 
 
 def create_tinyvae_irp(device: str | torch.device | None = None, **kwargs: Any) -> TinyVAEIRP:
-    """SAGE's factory: a :class:`TinyVAEIRP` from keyword arguments (see :class:`SageConfig`);
+    """SAGE's factory: a :class:`TinyVAEIRP` from keyword arguments (:class:`SageConfig`);
     ``device`` defaults to CUDA when available (``"jetson"`` means CUDA)."""
     return _plugin_class()(dict(kwargs) if device is None else {"device": device, **kwargs})
-
-
-__all__ = ["SageConfig", "SageVAE", "TinyVAEIRP", "create_tinyvae_irp"]

@@ -1,23 +1,17 @@
-"""The ``tinyvae`` perception plugin (the distilled student's encoder, refined in latent space)
-and the one image converter of the package.
+"""The ``tinyvae`` perception plugin and the package's one image converter.
 
-Registered as ``"tinyvae"`` by its ``register_irp_plugins`` hook: a built-in, and the ``tinyvae``
-entry point of the ``hrm_vision.irp_plugins`` group.
+The plugin (a built-in, and the ``tinyvae`` entry point of ``hrm_vision.irp_plugins``) refines
+the TinyVAE student's latent: ``init_state`` is the encoder's mean, exactly
+``model.encode(images)``; ``energy`` per image the MSE of ``decode(z)`` against the image plus
+``prior_weight * 0.5 * mean(z**2)`` (the state holds the batch mean); ``step`` moves each latent
+``step_size`` (RMS per element) along its unit-RMS gradient, halved up to ``max_backtracks``
+times until its energy does not rise (else it stays), an accepted step growing by
+:data:`STEP_GROWTH`; ``project`` clamps to ``[-latent_bound, latent_bound]`` widened to include
+the encoder's mean. No image's energy ever rises.
 
-- ``init_state``: the encoder's posterior mean ``mu``, exactly ``model.encode(images)``;
-- ``energy``: per image, the MSE between the image and ``decode(z)`` plus
-  ``prior_weight * 0.5 * mean(z**2)``; the state holds the batch mean;
-- ``step``: per image, a step of length ``step_size`` (RMS per element) along the unit-RMS
-  gradient, halved up to ``max_backtracks`` times until the energy does not rise (else the image
-  keeps its latent); an accepted step grows by :data:`STEP_GROWTH`. No image's energy rises;
-- ``project``: latents clamped to ``[-latent_bound, latent_bound]`` widened to include ``mu``.
-
-Images (:func:`to_images`, :class:`ImageFormat`): torch tensors channels-first ``(B, C, H, W)``,
-``(C, H, W)`` or, grey, ``(H, W)``; numpy arrays channels-last as OpenCV gives them. uint8 pixels
-are 0-255; float pixels are read in ``value_range``. The caller's array is never modified; a
-wrong type, layout, range or size, no pixels, NaN or infinite values are a ``ValueError`` naming
-the problem and the setting that fixes it. Channel order is never guessed: ``channel_order``
-says it (``None``: tensors are RGB and 3-channel numpy arrays are refused).
+:func:`to_images` reads torch tensors channels-first and numpy arrays channels-last (as OpenCV
+gives them), uint8 as 0-255 and floats in ``value_range``, never modifies them, never guesses
+the channel order, and names the setting that fixes what it refuses.
 """
 
 from __future__ import annotations
@@ -50,19 +44,11 @@ STUDENTS = (MinimalVAE, CompactStudentVAE)
 # ---------------------------------------------------------------------- the image converter
 @dataclass(frozen=True)
 class ImageFormat:
-    """How a caller's images are laid out, and what the model takes.
-
-    Attributes:
-        value_range: ``(low, high)`` of float pixels (uint8 pixels are 0-255 regardless).
-        channel_order: of 3-channel images, numpy or torch; ``None``: tensors are RGB and
-            3-channel numpy arrays are refused.
-        channels: the caller's channels, 1 (grey) or 3.
-        model_channels: the model's; grey images are repeated to 3 for an RGB model.
-        size: the square side the model sees; ``None``: the image's own size.
-        multiple_of: sides must be a multiple of this (8 for the TinyVAE; 1: any).
-        resize: images of another size are resized (bilinear, antialiased) to ``size`` or to
-            the nearest multiple; ``False``: a ``ValueError``.
-    """
+    """How a caller's images are laid out: float pixels in ``value_range`` (uint8: 0-255);
+    ``channel_order`` of 3-channel images (``None``: tensors RGB, numpy arrays refused);
+    ``channels`` (1: grey, repeated for a ``model_channels=3`` model); ``size``, the square side
+    the model sees (``None``: the image's own), sides a multiple of ``multiple_of``; ``resize``
+    other sizes (bilinear, antialiased) or refuse them."""
 
     value_range: tuple[float, float] = (0.0, 1.0)
     channel_order: ChannelOrder | None = "rgb"
@@ -74,7 +60,8 @@ class ImageFormat:
 
 
 def to_images(x: Any, fmt: ImageFormat, device: torch.device | str = "cpu") -> Tensor:
-    """``x`` as a new float tensor ``(B, model_channels, H, W)`` in [0, 1], RGB, on ``device``."""
+    """``x`` (NCHW/CHW tensor, NHWC/HWC array; grey also HW) as a new float tensor
+    ``(B, model_channels, H, W)`` in [0, 1], RGB, on ``device``."""
     c, numpy_input = fmt.channels, isinstance(x, np.ndarray)
     if numpy_input:
         x = x[:, :, None] if x.ndim == 2 and c == 1 else x
@@ -164,23 +151,19 @@ class TinyVAESettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    checkpoint: Path | None = Field(None, description="the distiller's tinyvae_best.pth (role "
-                                    "'student'), or a .safetensors file from save_pretrained")
-    device: str = Field("cpu", description="'cpu', 'cuda', 'cuda:N', 'jetson' (CUDA) or a "
-                                           "torch.device; None: CUDA when available")
+    checkpoint: Path | None = Field(None, description="tinyvae_best.pth or .safetensors")
+    device: str = Field("cpu", description="'cpu', 'cuda[:N]', 'jetson' (CUDA); None: CUDA "
+                                           "when available")
     use_fp16: bool = Field(False, description="float16 autocast on CUDA (no-op on the CPU)")
     step_size: float = Field(0.1, gt=0, description="initial latent step (RMS per element)")
     max_backtracks: int = Field(4, ge=0, description="halvings of a step that raised the energy")
     prior_weight: float = Field(1e-4, ge=0, description="weight of the 0.5*mean(z^2) prior term")
     latent_bound: float = Field(6.0, gt=0, description="latent range (widened to include mu)")
-    channel_order: ChannelOrder | None = Field("rgb", description="order of 3-channel images, "
-                                               "numpy or torch; None: tensors RGB, numpy refused")
+    channel_order: ChannelOrder | None = Field("rgb", description="of 3-channel images")
     value_range: tuple[float, float] = Field((0.0, 1.0), description="range of float pixels")
     input_channels: Literal[1, 3] = Field(3, description="channels of the images (1: grey)")
-    img_size: int | None = Field(None, ge=8, multiple_of=8,
-                                 description="side the model sees; None: the image's own")
-    resize: bool = Field(False, description="resize other sizes (to img_size or the nearest "
-                                            "multiple of 8); False: ValueError")
+    img_size: int | None = Field(None, ge=8, multiple_of=8, description="None: the image's")
+    resize: bool = Field(False, description="resize other sizes; False: ValueError")
 
     @field_validator("checkpoint")
     @classmethod
@@ -217,17 +200,13 @@ class TinyVAEConfig(TinyVAESettings, IRPConfig):
     """Config of the ``tinyvae`` plugin: :class:`IRPConfig`'s, :class:`TinyVAESettings`'s, and a
     required ``checkpoint``."""
 
-    checkpoint: Path | None = Field(description="the distiller's tinyvae_best.pth (role "
-                                    "'student'), or a .safetensors file from save_pretrained")
+    checkpoint: Path | None = Field(description="tinyvae_best.pth or .safetensors (required)")
 
 
 def load_student(path: str | Path) -> torch.nn.Module:
-    """The student of the checkpoint or ``.safetensors`` file at ``path``, on the CPU.
-
-    Raises:
-        CheckpointError: unreadable file, no student, non-finite weights, or a student that is
-            not a TinyVAE (never random weights).
-    """
+    """The student of the ``.pth`` or ``.safetensors`` file at ``path``, on the CPU; a
+    ``CheckpointError`` (never random weights) for an unreadable file, no student, non-finite
+    weights or a student that is not a TinyVAE."""
     model = load_pretrained(path, role="student")
     if not isinstance(model, STUDENTS):
         raise CheckpointError(f"{path}: the student is a {type(model).__name__}; the tinyvae "
@@ -246,12 +225,8 @@ class Perception(NamedTuple):
 
 
 class TinyVAEPlugin(IRPPlugin):
-    """IRP perception plugin around a TinyVAE student (see the module docstring).
-
-    Args:
-        config: the validated config.
-        model: the student to run; ``None`` loads ``config.checkpoint`` (:func:`load_student`).
-    """
+    """IRP perception plugin around a TinyVAE student: ``model``, or ``None`` to load
+    ``config.checkpoint`` (see the module docstring)."""
 
     name = "tinyvae"
     kind = "perception"
