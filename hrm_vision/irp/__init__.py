@@ -10,6 +10,7 @@ from .contract import (
     IRPPlugin,
     IRPResult,
     IRPState,
+    PluginConfigError,
     TrustMetrics,
     hookimpl,
     hookspec,
@@ -20,7 +21,6 @@ from .contract import (
 from .registry import (
     ALLOW_ENV,
     ENTRY_POINT_GROUP,
-    PluginConfigError,
     PluginInfo,
     PluginRegistry,
     PluginWarning,

@@ -15,11 +15,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
-from typing import IO, Any, ClassVar, NamedTuple, NoReturn
+from typing import IO, Any, ClassVar, NamedTuple, NoReturn, TypeVar
 
 import numpy as np
 import pluggy
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..validation import describe_validation_error
 
 #: The pluggy project name: markers, the manager and entry points all use it.
 PROJECT_NAME = "hrm_vision"
@@ -64,6 +66,26 @@ class IRPConfig(BaseModel):
     halt_eps: float = Field(0.0, ge=0.0, description="halt when the mean energy decrease per "
                             "step over the last halt_window steps is at most this")
     halt_window: int = Field(3, ge=1, description="K, the number of steps the slope is taken over")
+
+
+class PluginConfigError(ValueError):
+    """A plugin config its pydantic model rejects; the message names each bad field."""
+
+
+Config = TypeVar("Config", bound=BaseModel)
+
+
+def validate_config(model: type[Config], config: Any, what: str) -> Config:
+    """``config`` (a dict, a model or ``None``) validated by ``model``; a
+    :class:`PluginConfigError` ``"WHAT: field: problem; unknown key 'x' (known keys: ...)"``."""
+    if isinstance(config, model):
+        return config
+    try:
+        return model.model_validate(config.model_dump() if isinstance(config, BaseModel)
+                                    else config or {})
+    except ValidationError as exc:
+        problems = describe_validation_error(exc, known=model.model_fields)
+        raise PluginConfigError(f"{what}: {problems}") from exc
 
 
 class TrustMetrics(NamedTuple):

@@ -20,11 +20,10 @@ from importlib import metadata
 from typing import Any
 
 import pluggy
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from ..validation import describe_validation_error
 from . import contract
-from .contract import IRPConfig, IRPPlugin, PluginError
+from .contract import IRPConfig, IRPPlugin, PluginError, validate_config
 
 ENTRY_POINT_GROUP = "hrm_vision.irp_plugins"
 ALLOW_ENV = "HRM_VISION_IRP_PLUGINS"
@@ -39,10 +38,6 @@ PLUGIN_FAILURES: tuple[type[BaseException], ...] = (Exception, SystemExit)
 
 class PluginWarning(UserWarning):
     """A plugin could not be loaded, registered or run; the host goes on without it."""
-
-
-class PluginConfigError(ValueError):
-    """A plugin config its pydantic model rejects; the message names each bad field."""
 
 
 class UnknownPluginError(KeyError, ValueError):
@@ -174,13 +169,16 @@ class PluginRegistry:
             def register(name: str, factory: Callable[[Any], IRPPlugin],
                          config_model: type[IRPConfig], kind: str = "perception",
                          description: str = "", _source: str = source) -> None:
-                problem = _check_registration(name, factory, config_model, kind)
-                if problem is None and name in found:
+                if name in found:
                     problem = f"name {name!r} is already registered by {found[name].source}"
-                if problem is not None:
-                    self.report(str(name), _source, problem, stage="register")
+                elif not (isinstance(config_model, type) and issubclass(config_model, IRPConfig)):
+                    problem = (f"config_model of {name!r} must be an IRPConfig subclass, got "
+                               f"{config_model!r}")
+                else:
+                    found[name] = PluginInfo(name, factory, config_model, kind, description,
+                                             _source)
                     return
-                found[name] = PluginInfo(name, factory, config_model, kind, description, _source)
+                self.report(str(name), _source, problem, stage="register")
 
             try:
                 impl.function(*[{"register": register}[arg] for arg in impl.argnames])
@@ -205,27 +203,7 @@ class PluginRegistry:
         """Plugin ``name`` built from ``config``, validated first: a :class:`PluginConfigError`
         names every bad field (``tinyvae config: step_size: ...``, ``unknown key ...``)."""
         info = self.get(name)
-        if not isinstance(config, info.config_model):
-            if isinstance(config, BaseModel):
-                config = config.model_dump()
-            try:
-                config = info.config_model.model_validate(config or {})
-            except ValidationError as exc:
-                problems = describe_validation_error(exc, known=info.config_model.model_fields)
-                raise PluginConfigError(f"{name} config: {problems}") from exc
-        return info.factory(config)
-
-
-def _check_registration(name: Any, factory: Any, config_model: Any, kind: Any) -> str | None:
-    if not isinstance(name, str) or not name:
-        return f"plugin name must be a non-empty string, got {name!r}"
-    if not callable(factory):
-        return f"factory of {name!r} is not callable: {factory!r}"
-    if not (isinstance(config_model, type) and issubclass(config_model, IRPConfig)):
-        return f"config_model of {name!r} must be an IRPConfig subclass, got {config_model!r}"
-    if not isinstance(kind, str) or not kind:
-        return f"kind of {name!r} must be a non-empty string, got {kind!r}"
-    return None
+        return info.factory(validate_config(info.config_model, config, f"{name} config"))
 
 
 _default_registry: PluginRegistry | None = None

@@ -26,12 +26,11 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-from pydantic import Field, ValidationError
+from pydantic import Field
 from torch import Tensor, nn
 
 from ..vae import CompactStudentVAE
-from ..validation import describe_validation_error
-from .contract import IRPState, finite_or_none, trust_metrics
+from .contract import IRPState, finite_or_none, trust_metrics, validate_config
 from .tinyvae import TinyVAEConfig, TinyVAEPlugin, TinyVAESettings, from_images, load_student
 
 #: Names the checkpoint used when none is given, so SAGE's scripts run trained weights.
@@ -79,11 +78,7 @@ class SageConfig(TinyVAESettings):
         :data:`CHECKPOINT_ENV` names it when set."""
         if "checkpoint" not in config and os.environ.get(CHECKPOINT_ENV):
             config = {**config, "checkpoint": os.environ[CHECKPOINT_ENV]}
-        try:
-            settings = cls.model_validate(config)
-        except ValidationError as exc:
-            problems = describe_validation_error(exc, known=cls.model_fields)
-            raise ValueError(f"create_tinyvae_irp: {problems}") from exc
+        settings = validate_config(cls, config, "create_tinyvae_irp")
         if settings.normalize:
             warnings.warn("normalize=True: SAGE's own TinyVAE normalised [0, 1] crops inside the "
                           "plugin; this model reads crops as they are, in value_range "
