@@ -196,19 +196,16 @@ def perceive(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def _write_latents(out: Path, latents: Tensor, fmt: str) -> Path:
-    index = torch.arange(latents.shape[0], dtype=torch.int64)
+def _write_latents(out: Path, latents: Tensor, fmt: str) -> None:
+    tensors = {"latents": latents.contiguous(), "frame_index": torch.arange(len(latents))}
     if fmt == "npz":
-        path = out / "latents.npz"
-        np.savez(path, latents=latents.numpy(), frame_index=index.numpy())
-        return path
+        np.savez(out / "latents.npz", **{k: v.numpy() for k, v in tensors.items()})
+        return
     from safetensors.torch import save_file
 
-    path = out / "latents.safetensors"
-    save_file({"latents": latents.contiguous(), "frame_index": index}, str(path),
+    save_file(tensors, str(out / "latents.safetensors"),
               metadata={"latent": "posterior mean per frame, (N, C, H/8, W/8) float32",
                         "image_convention": "float [0, 1], RGB, NCHW"})
-    return path
 
 
 def command(argv: Sequence[str] | None = None, prog: str = "hrm-vision perceive") -> int:

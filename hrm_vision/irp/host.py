@@ -97,10 +97,7 @@ class Orchestrator:
             try:
                 plugins[name] = registry.create(name, config)
             except PLUGIN_FAILURES as exc:
-                try:
-                    source = registry.get(name).source
-                except PLUGIN_FAILURES:
-                    source = "registry"
+                source = getattr(registry.list_plugins().get(name), "source", "registry")
                 error = registry.report(name, source, describe(exc), stage="factory")
                 _write(telemetry, error_record(error, type(exc).__name__))
                 failures.append((error, exc))
