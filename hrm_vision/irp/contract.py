@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
-from typing import IO, Any, ClassVar, NamedTuple, NoReturn, TypeVar
+from typing import Any, ClassVar, NamedTuple, NoReturn, TypeVar
 
 import numpy as np
 import pluggy
@@ -285,12 +285,6 @@ def to_jsonl(record: dict[str, Any]) -> str:
     """``record`` validated, as one JSON line (with its newline)."""
     validate_telemetry(record)
     return json.dumps(record, allow_nan=False, sort_keys=True) + "\n"
-
-
-def write_jsonl(record: dict[str, Any], stream: IO[str]) -> None:
-    """Validate ``record`` and append it to ``stream`` as one flushed JSON line."""
-    stream.write(to_jsonl(record))
-    stream.flush()
 
 
 # ---------------------------------------------------------------------- the host's guards

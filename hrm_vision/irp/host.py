@@ -32,7 +32,6 @@ from .contract import (
     os_exit_raises,
     private_copy,
     to_jsonl,
-    write_jsonl,
 )
 from .registry import PLUGIN_FAILURES, PluginRegistry, PluginWarning, describe, get_registry
 
@@ -75,7 +74,8 @@ class Orchestrator:
             raise ValueError(f"time_budget must be a positive number of seconds, got "
                              f"{time_budget}")
         self.plugins, self.step_budget, self.time_budget = dict(plugins), step_budget, time_budget
-        self.telemetry, self.registry = telemetry, registry
+        self.telemetry = telemetry
+        self.registry = registry or PluginRegistry(load_entry_points=False, builtins=())
         self.errors: list[PluginError] = []
         self.exceptions: list[BaseException] = []
 
@@ -138,29 +138,24 @@ class Orchestrator:
                 except PLUGIN_FAILURES as exc:
                     self._fail(name, plugin, exc, index)
                     continue
-                if self.telemetry is not None:
-                    self.telemetry.write(line)
-                    self.telemetry.flush()
+                _write(self.telemetry, line)
                 per_input[name] = result
             results.append(per_input)
         return results
 
     def _fail(self, name: str, plugin: IRPPlugin, exc: BaseException, index: int) -> None:
-        source, message = type(plugin).__module__, describe(exc)
-        if self.registry is not None:
-            error = self.registry.report(name, source, message, stage="run", input_id=index)
-        else:
-            error = PluginError(name, source, message, "run", index)
-            warnings.warn(f"IRP plugin {name!r} ({source}) failed on input {index}: {message}",
-                          PluginWarning, stacklevel=3)
+        error = self.registry.report(name, type(plugin).__module__, describe(exc), stage="run",
+                                     input_id=index)
         self.errors.append(error)
         self.exceptions.append(exc)
         _write(self.telemetry, error_record(error, type(exc).__name__))
 
 
-def _write(stream: IO[str] | None, record: dict[str, Any]) -> None:
+def _write(stream: IO[str] | None, line: dict[str, Any] | str) -> None:
+    """Append a telemetry line (a record is validated first) to ``stream``, flushed."""
     if stream is not None:
-        write_jsonl(record, stream)
+        stream.write(line if isinstance(line, str) else to_jsonl(line))
+        stream.flush()
 
 
 # ---------------------------------------------------------------------- the command

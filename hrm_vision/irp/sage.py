@@ -201,8 +201,7 @@ class TinyVAEIRP:
     def encode_batch(self, batch: Any, flat: bool = False) -> Tensor:
         """The encoder's mean for crops ``batch``, ``(B, *latent_shape)``, or ``(B, N)`` with
         ``flat=True`` (the vector view for similarity search)."""
-        with torch.no_grad(), self.plugin._autocast():
-            mu = self.model.encode(self.plugin.images(batch)).float()
+        mu = self.plugin.encode(batch)
         return mu.flatten(1) if flat else mu
 
     get_latents = encode_batch

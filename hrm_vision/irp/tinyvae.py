@@ -266,6 +266,12 @@ class TinyVAEPlugin(IRPPlugin):
         return mse + self.config.prior_weight * 0.5 * z.float().pow(2).flatten(1).mean(1)
 
     @torch.no_grad()
+    def encode(self, x0: Any) -> Tensor:
+        """The encoder's mean for images ``x0``, ``(B, *latent_shape)`` float32."""
+        with self._autocast():
+            return self.model.encode(self.images(x0)).float()
+
+    @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:
         """Reconstruction of latents ``z``: model images in [0, 1]."""
         with self._autocast():
