@@ -1,17 +1,11 @@
-"""A thin SAGE facade over the ``tinyvae`` plugin: the drop-in for SAGE's TinyVAE IRP plugin
-(dp-web4/HRM ``sage/irp/``). A SAGE user swaps one import::
+"""A thin SAGE facade over the ``tinyvae`` plugin: the drop-in for SAGE's TinyVAE IRP plugin.
 
     from hrm_vision.irp.sage import create_tinyvae_irp   # was sage.irp.plugins.tinyvae_irp_plugin
     tinyvae = create_tinyvae_irp(latent_dim=64, input_channels=3, use_fp16=True, beta_kl=0.1)
     latent, telemetry = tinyvae.refine(crop)          # crop (1, 3, 64, 64) float in [0, 1]
 
-:class:`TinyVAEIRP` runs a :class:`~hrm_vision.irp.tinyvae.TinyVAEPlugin` and answers each SAGE
-caller in its convention (docs/irp.md, "Inside SAGE"): ``refine(x[, early_stop])`` gives
-``(latent, telemetry)``; ``refine(x, task_ctx)`` gives ``(state, history)`` and
-``emit_telemetry(state, history)`` SAGE's record; the primitives one by one for SAGE's router.
-SAGE writes ``max_iterations`` and ``max_ATP`` into ``plugin.config``, read at each run;
-``halt_eps`` is relative to the first energy. With ``sage`` importable the plugin is also a
-``sage.irp.base.IRPPlugin``. :class:`SageVAE` is SAGE's model-level ``TinyVAE``.
+:class:`TinyVAEIRP` answers each SAGE caller (dp-web4/HRM ``sage/``) in its convention, as
+docs/irp.md ("Inside SAGE") lists; :class:`SageVAE` is SAGE's model-level ``TinyVAE``.
 """
 
 from __future__ import annotations
