@@ -128,7 +128,7 @@ def main() -> None:
             "receptive_field_px": field._asdict(), "tile_px": 128,
             "encode_max_abs_diff": float((encode_tiled(vae, frame, 128, field) - z).abs().max()),
             "decode_max_abs_diff": float((decode_tiled(vae, z, 128, field) - full).abs().max())}
-        from hrm_vision.perceive import main as perceive
+        from hrm_vision.perceive import command as perceive
 
         video = write_video(Path(tmp) / "pan.avi")
         perceive([str(video), "--model", graphs["int8"]["encoder"], "--channel-order", "bgr",

@@ -2,19 +2,19 @@
 
 ::
 
-    hrm-vision distill  [options]   # distil the TinyVAE (python -m hrm_vision.distill)
-    hrm-vision evaluate [options]   # teacher vs student (hrm_vision.evaluate)
-    hrm-vision export   [options]   # ONNX for the edge (hrm_vision.export)
-    hrm-vision irp      [options]   # IRP host loop (python -m hrm_vision.irp.host)
-    hrm-vision perceive SOURCE ...  # frames -> latents (python -m hrm_vision.perceive)
+    hrm-vision distill  [options]   # distil the TinyVAE from a teacher VAE
+    hrm-vision evaluate [options]   # teacher vs student: size, speed, quality, latents
+    hrm-vision export   [options]   # ONNX and TorchScript for the edge, checked against eager
+    hrm-vision irp      [options]   # the IRP host loop
+    hrm-vision perceive SOURCE ...  # frames -> latents
     hrm-vision COMMAND --help       # the options of one command
 
-Each subcommand hands the rest of the command line to the ``main(argv) -> int`` of its module,
-the same function the ``python -m`` form and the ``training/`` scripts call. The module is
-imported only when its command runs, so ``hrm-vision irp`` works on a core install; a command
-whose optional dependencies are missing says which extra to install.
+Each subcommand's module holds ``command(argv, prog) -> int``, imported only when that command
+runs (so ``hrm-vision irp`` works on a core install, and a command whose optional dependencies
+are missing says which extra to install). The ``training/`` scripts go through :func:`run` with
+their own program name.
 
-Errors (:func:`run_main`): a failure that is the user's to fix, a :data:`EXPECTED_ERRORS`
+Errors (:func:`run_main`): a failure that is the user's to fix, one of :data:`EXPECTED_ERRORS`
 (``ValueError``, which includes ``CheckpointError`` and config errors; ``OSError`` such as a
 missing file or a full disk; ``ImportError`` such as a missing extra), prints one line
 ``PROG: error: <what and why>`` on standard error and exits with status 2 (also a
@@ -44,21 +44,20 @@ ERROR_STATUS = 2
 
 
 class Command(NamedTuple):
-    """A subcommand: the module whose ``main(argv) -> int`` runs it, and a one-line summary."""
+    """A subcommand: the module whose ``command(argv, prog) -> int`` runs it, and a summary."""
 
     module: str
     summary: str
-    function: str = "main"
 
 
-#: Subcommand name -> where its ``main(argv)`` lives.
+#: Subcommand name -> the module that holds its ``command``.
 COMMANDS: dict[str, Command] = {
-    "distill": Command("hrm_vision.distill.__main__",
+    "distill": Command("hrm_vision.train",
                        "train the TinyVAE by distillation from a teacher VAE"),
     "evaluate": Command("hrm_vision.evaluate",
-                        "compare teacher and student: size, speed, quality, latents", "command"),
+                        "compare teacher and student: size, speed, quality, latents"),
     "export": Command("hrm_vision.export",
-                      "export the student for deployment (ONNX) and check parity", "command"),
+                      "export the student for deployment (ONNX) and check parity"),
     "irp": Command("hrm_vision.irp.host", "run IRP plugins (the TinyVAE perception plugin)"),
     "perceive": Command("hrm_vision.perceive",
                         "encode every frame of a video, camera or folder; latents + telemetry"),
@@ -128,24 +127,16 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def load_command(name: str) -> Callable[[list[str] | None], int | None]:
-    """Import subcommand ``name``'s module and return its ``main``.
+def load_command(name: str) -> Callable[..., int]:
+    """Import subcommand ``name``'s module and return its ``command(argv, prog)``.
 
     Raises:
         KeyError: ``name`` is not a subcommand.
         MissingExtraError: the module needs an optional dependency that is not installed.
         ModuleNotFoundError: the module itself is not part of this installation.
     """
-    cmd = COMMANDS[name]
-    return import_main(cmd.module, cmd.function)
-
-
-def import_main(module_name: str, function: str = "main"
-                ) -> Callable[[list[str] | None], int | None]:
-    """Import ``module_name`` and return its ``function``; a missing optional dependency is a
-    :class:`MissingExtraError` naming the extra (see :func:`load_command`)."""
     try:
-        module = importlib.import_module(module_name)
+        module = importlib.import_module(COMMANDS[name].module)
     except MissingExtraError:
         raise
     except ModuleNotFoundError as exc:
@@ -153,19 +144,21 @@ def import_main(module_name: str, function: str = "main"
         if missing and missing not in ("hrm_vision", ""):
             raise missing_extra(missing, purpose="this command") from exc
         raise
-    return getattr(module, function)
+    return module.command
 
 
-def run_module(prog: str, module_name: str, argv: Sequence[str] | None = None) -> int:
-    """Import ``module_name`` and run its ``main(argv)`` with :func:`run_main`'s error path, the
-    import included (a script's way to get one line, not a traceback, for a missing extra)."""
+def run(name: str, argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Run subcommand ``name`` on ``argv`` (default: ``sys.argv[1:]``) as program ``prog``
+    (default ``hrm-vision NAME``), the import of its module included in the error path."""
+    prog = prog or f"{PROG} {name}"
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        command = import_main(module_name)
+        command = load_command(name)
     except EXPECTED_ERRORS as exc:
         if show_tracebacks():
             raise
         return report_error(prog, exc)
-    return run_main(prog, command, argv)
+    return run_main(prog, lambda a: command(a, prog=prog), args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -177,18 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[0] == "--version":
         print(f"{PROG} {__version__}")
         return 0
-    name, rest = args[0], args[1:]
-    if name not in COMMANDS:
-        print(f"{PROG}: unknown command {name!r}; choose one of {', '.join(COMMANDS)}",
+    if args[0] not in COMMANDS:
+        print(f"{PROG}: unknown command {args[0]!r}; choose one of {', '.join(COMMANDS)}",
               file=sys.stderr)
         return 2
-    try:
-        command = load_command(name)
-    except ImportError as exc:
-        print(f"{PROG} {name}: {error_message(exc)}", file=sys.stderr)
-        return ERROR_STATUS
-    return run_main(f"{PROG} {name}", command, rest)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return run(args[0], args[1:])

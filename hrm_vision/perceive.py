@@ -1,37 +1,31 @@
-"""``hrm-vision perceive SOURCE``: encode every frame of a video, a camera or a folder of frames.
+"""``hrm-vision perceive SOURCE``: frames in, latents out, for a video, a camera or a folder.
 
 ::
 
-    hrm-vision perceive video.mp4 --model exports/tinyvae_encoder.int8.onnx \\
-        --channel-order bgr --out-dir perceived --threads 2
-    hrm-vision perceive 0 --model checkpoints/tinyvae_best.pth --channel-order bgr \\
-        --max-frames 300                       # camera 0
+    hrm-vision perceive video.mp4 --model exports/tinyvae_encoder.int8.onnx --channel-order bgr
+    hrm-vision perceive 0 --model tinyvae_best.pth --channel-order bgr --max-frames 300  # camera
     hrm-vision perceive frames/ --model tinyvae.safetensors --channel-order bgr \\
         --crop 0,0,64,64 --refine-steps 8      # a 64x64 crop of each frame, IRP-refined
 
-SOURCE is a video file, a folder of image files (read in name order) or a camera index; frames
-are read with OpenCV (the ``video`` extra: ``pip install 'hrm-vision[video]'``), which delivers
-uint8 frames in BGR order: ``--channel-order`` says which order the source's frames are in, and
-is required, so a colour swap is never silent. Each frame (optionally cropped, ``--crop
-TOP,LEFT,HEIGHT,WIDTH``; sides divisible by 8) becomes a float image in [0, 1], RGB, NCHW and is
-encoded by ``--model``: an ONNX encoder graph (``tinyvae_encoder[.fp16|.int8].onnx``, run by
-ONNX Runtime with ``--threads``) or a checkpoint or ``.safetensors`` file (eager PyTorch). With
-``--refine-steps N`` (N > 1) the latent is refined by the ``tinyvae`` IRP plugin (through
-:func:`hrm_vision.irp.create_plugin`; eager models only).
+Frames are read with OpenCV (the ``video`` extra), which delivers uint8 BGR: ``--channel-order``
+is required, so a colour swap is never silent. Each frame (``--crop TOP,LEFT,HEIGHT,WIDTH``;
+sides divisible by 8) becomes a float RGB image in [0, 1], NCHW, through the package's image
+converter (:func:`hrm_vision.irp.tinyvae.to_images`), encoded by ``--model``: an ONNX encoder
+graph (ONNX Runtime, ``--threads``) or a ``.pth``/``.safetensors`` student (eager PyTorch; with
+``--refine-steps N`` > 1, refined by the ``tinyvae`` IRP plugin).
 
-Writes into ``--out-dir``: ``latents.safetensors`` (or ``latents.npz``: ``--format npz``) with
-``latents`` (N, C, H/8, W/8) float32 and ``frame_index`` (N,) int64, ``telemetry.jsonl`` (one
-JSON record per frame: read, encode, refine and total milliseconds, sizes) and ``summary.json``
-(frames, wall time, frames per second, median and p90 latency); the summary is printed.
+Writes into ``--out-dir``: ``latents.safetensors`` (or ``.npz``) with ``latents`` (N, C, H/8,
+W/8) float32 and ``frame_index`` (N,) int64; ``telemetry.jsonl`` (one record per frame:
+milliseconds, sizes); ``summary.json`` (frames, wall time, fps, median and p90 latency), printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Iterator, Sequence
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -41,27 +35,26 @@ from torch import Tensor
 
 from ._extras import require
 from .files import write_text
+from .irp.registry import get_registry
+from .irp.tinyvae import ImageFormat, load_student, to_images
 
-PROG = "hrm-vision perceive"
 #: Image files a folder source is read from.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-def setup_args() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Encode every frame of a video file, a "
+def setup_args(prog: str = "hrm-vision perceive") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Encode every frame of a video file, a "
                                 "folder of frames or a camera; write latents and telemetry.")
     p.add_argument("source", help="video file, folder of image files, or camera index (0, 1..)")
-    p.add_argument("--model", required=True,
-                   help="ONNX encoder graph (.onnx), checkpoint (.pth) or .safetensors file")
+    p.add_argument("--model", required=True, help="ONNX encoder graph, .pth or .safetensors")
     p.add_argument("--channel-order", required=True, choices=("bgr", "rgb"),
                    help="channel order of the source's frames (OpenCV delivers bgr)")
     p.add_argument("--crop", help="TOP,LEFT,HEIGHT,WIDTH in pixels (sides divisible by 8)")
-    p.add_argument("--refine-steps", type=int, default=1,
-                   help="IRP refinement states per frame, the encoder's guess included; 1 (the "
-                        "default) is the plain encoder")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
-    p.add_argument("--max-frames", type=int, default=0,
-                   help="stop after this many frames (0: the whole source; a camera needs it)")
+    for flag, default, text in (
+            ("--refine-steps", 1, "IRP states per frame, the encoder's included (1: plain)"),
+            ("--threads", 2, "CPU threads"),
+            ("--max-frames", 0, "stop after this many frames (0: all; a camera needs it)")):
+        p.add_argument(flag, type=int, default=default, help=f"{text} (default {default})")
     p.add_argument("--out-dir", default="perceived", help="output folder (default %(default)s)")
     p.add_argument("--format", default="safetensors", choices=("safetensors", "npz"),
                    help="latents file format (default %(default)s)")
@@ -69,7 +62,7 @@ def setup_args() -> argparse.ArgumentParser:
 
 
 def parse_crop(text: str | None) -> tuple[int, int, int, int] | None:
-    """``"TOP,LEFT,HEIGHT,WIDTH"`` -> a tuple; sides positive multiples of 8."""
+    """``"TOP,LEFT,HEIGHT,WIDTH"`` -> a tuple (sides positive multiples of 8)."""
     if text is None:
         return None
     try:
@@ -83,85 +76,70 @@ def parse_crop(text: str | None) -> tuple[int, int, int, int] | None:
 
 
 def read_frames(source: str, max_frames: int = 0) -> Iterator[np.ndarray]:
-    """uint8 ``(H, W, 3)`` frames of ``source`` as OpenCV reads them (BGR): a folder's image
-    files in name order, a camera (an integer) or a video file."""
-    cv2 = require("cv2", extra="video", purpose=PROG)
-    count = 0
+    """uint8 ``(H, W, 3)`` BGR frames of a folder's image files (in name order), a camera (an
+    integer) or a video file; at most ``max_frames`` (0: all)."""
+    cv2 = require("cv2", extra="video", purpose="hrm-vision perceive")
     path = Path(source)
     if path.is_dir():
         files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {source}")
-        for f in files:
-            frame = cv2.imread(str(f), cv2.IMREAD_COLOR)
-            if frame is None:
-                raise ValueError(f"cannot read image {f}")
-            yield frame
-            count += 1
-            if count == max_frames:
-                return
-        return
-    if not source.isdigit() and not path.is_file():
-        raise FileNotFoundError(f"source not found: {source} (a video file, a folder of frames "
-                                "or a camera index)")
-    capture = cv2.VideoCapture(int(source) if source.isdigit() else str(path))
-    if not capture.isOpened():
-        raise ValueError(f"OpenCV cannot open {source}")
-    try:
-        while not max_frames or count < max_frames:
-            ok, frame = capture.read()
-            if not ok:
-                break
-            yield frame
-            count += 1
-    finally:
-        capture.release()
+
+        def frames() -> Iterator[np.ndarray]:
+            for f in files:
+                if (frame := cv2.imread(str(f), cv2.IMREAD_COLOR)) is None:
+                    raise ValueError(f"cannot read image {f}")
+                yield frame
+    else:
+        if not source.isdigit() and not path.is_file():
+            raise FileNotFoundError(f"source not found: {source} (a video file, a folder of "
+                                    "frames or a camera index)")
+        capture = cv2.VideoCapture(int(source) if source.isdigit() else str(path))
+        if not capture.isOpened():
+            raise ValueError(f"OpenCV cannot open {source}")
+
+        def frames() -> Iterator[np.ndarray]:
+            try:
+                while (read := capture.read())[0]:
+                    yield read[1]
+            finally:
+                capture.release()
+    yield from islice(frames(), max_frames or None)
 
 
 def to_image(frame: np.ndarray, channel_order: str,
              crop: tuple[int, int, int, int] | None = None) -> Tensor:
-    """A uint8 ``(H, W, 3)`` frame in ``channel_order`` -> ``(1, 3, h, w)`` float in [0, 1],
-    RGB, NCHW, cropped to ``crop``; sides must be divisible by 8."""
-    if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
-        raise ValueError(f"expected uint8 (H, W, 3) frames, got {frame.dtype} {frame.shape}")
+    """A ``(H, W, 3)`` frame in ``channel_order``, cropped -> ``(1, 3, h, w)`` float RGB in
+    [0, 1] (:func:`~hrm_vision.irp.tinyvae.to_images`: sides must be divisible by 8)."""
     if crop is not None:
         top, left, height, width = crop
         if top + height > frame.shape[0] or left + width > frame.shape[1]:
             raise ValueError(f"--crop {crop} does not fit in a {frame.shape[0]}x"
                              f"{frame.shape[1]} frame")
         frame = frame[top:top + height, left:left + width]
-    if frame.shape[0] % 8 or frame.shape[1] % 8:
-        raise ValueError(f"frame sides must be divisible by 8, got {frame.shape[0]}x"
-                         f"{frame.shape[1]}; pass --crop")
-    if channel_order == "bgr":
-        frame = frame[..., ::-1]
-    return torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None].float() / 255.0
+    return to_images(frame, ImageFormat(channel_order=channel_order))  # type: ignore[arg-type]
 
 
 class Encoder:
-    """The frame encoder ``--model`` names, with optional IRP refinement."""
+    """The frame encoder ``--model`` names, refined by the ``tinyvae`` plugin when
+    ``refine_steps`` > 1."""
 
     def __init__(self, model: str, threads: int, refine_steps: int = 1) -> None:
-        from .export import eager_runner, onnx_runner
-
-        self.plugin = None
-        self.refine_steps = refine_steps
+        self.plugin, self.backend = None, "pytorch_eager"
         if model.endswith(".onnx"):
             if refine_steps > 1:
                 raise ValueError("--refine-steps needs an eager model (a .pth or .safetensors "
                                  "file): refinement decodes and differentiates the latent")
-            self.encode = onnx_runner(model, threads)
-            self.backend = "onnxruntime"
+            from .export import onnx_runner
+
+            self.encode, self.backend = onnx_runner(model, threads), "onnxruntime"
+        elif refine_steps > 1:
+            self.plugin = get_registry().create("tinyvae", {"checkpoint": model,
+                                                            "max_steps": refine_steps})
         else:
-            from .checkpoints import load_model
+            from .export import eager_runner
 
-            self.encode = eager_runner(load_model(model), "encode")
-            self.backend = "pytorch_eager"
-            if refine_steps > 1:
-                from .irp import create_plugin
-
-                self.plugin = create_plugin("tinyvae", {"checkpoint": model,
-                                                        "max_steps": refine_steps})
+            self.encode = eager_runner(load_student(model), "encode")
 
     def __call__(self, image: Tensor) -> tuple[Tensor, dict[str, Any]]:
         """The latent of ``image`` (1, 3, H, W) and what the frame's telemetry adds."""
@@ -218,31 +196,22 @@ def perceive(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def _write_latents(out: Path, latents: Tensor, fmt: str) -> Path:
-    index = torch.arange(latents.shape[0], dtype=torch.int64)
+def _write_latents(out: Path, latents: Tensor, fmt: str) -> None:
+    tensors = {"latents": latents.contiguous(), "frame_index": torch.arange(len(latents))}
     if fmt == "npz":
-        path = out / "latents.npz"
-        np.savez(path, latents=latents.numpy(), frame_index=index.numpy())
-        return path
+        np.savez(out / "latents.npz", **{k: v.numpy() for k, v in tensors.items()})
+        return
     from safetensors.torch import save_file
 
-    path = out / "latents.safetensors"
-    save_file({"latents": latents.contiguous(), "frame_index": index}, str(path),
+    save_file(tensors, str(out / "latents.safetensors"),
               metadata={"latent": "posterior mean per frame, (N, C, H/8, W/8) float32",
                         "image_convention": "float [0, 1], RGB, NCHW"})
-    return path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` and run; exit status 0, or 2 for a bad option, source or model (one
-    line on standard error, :func:`hrm_vision.cli.run_main`)."""
-    from .cli import run_main
-
-    return run_main(PROG, _run, argv)
-
-
-def _run(argv: list[str] | None) -> int:
-    parser = setup_args()
+def command(argv: Sequence[str] | None = None, prog: str = "hrm-vision perceive") -> int:
+    """Run ``hrm-vision perceive``: 0; a bad option exits with 2 (argparse); a bad source, model
+    or crop raises ``ValueError``/``OSError`` for the caller to print as one line."""
+    parser = setup_args(prog)
     args = parser.parse_args(argv)
     if args.threads < 1 or args.max_frames < 0 or args.refine_steps < 1:
         parser.error("--threads and --refine-steps must be >= 1, --max-frames >= 0")
@@ -252,7 +221,3 @@ def _run(argv: list[str] | None) -> int:
           f"{s['latency_median_ms']:.1f} ms, p90 {s['latency_p90_ms']:.1f} ms); wrote "
           f"{args.out_dir}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -96,11 +96,12 @@ def test_another_image_size_is_a_usage_error(tmp_path, capsys) -> None:
 
 
 def test_a_grey_checkpoint_through_the_sage_factory(tmp_path) -> None:
-    """A grey compact student's checkpoint: SAGE's factory and SAGE's ``TinyVAE`` feed it grey
-    crops as they are (no repetition to RGB) and give its own latents."""
+    """A grey compact student's checkpoint: SAGE's factory and SAGE's model-level ``TinyVAE``
+    (``SageVAE``) feed it grey crops as they are (no repetition to RGB) and give its own
+    latents."""
     import warnings
 
-    from hrm_vision.irp.sage import TinyVAE, create_tinyvae_irp
+    from hrm_vision.irp.sage import SageVAE, create_tinyvae_irp
 
     path = tmp_path / "grey.pth"
     model = compact_checkpoint(path, 1)
@@ -110,7 +111,7 @@ def test_a_grey_checkpoint_through_the_sage_factory(tmp_path) -> None:
         plugin = create_tinyvae_irp(device="cpu", input_channels=1, checkpoint=path)
         with pytest.raises(ValueError, match="1-channel crops"):
             create_tinyvae_irp(device="cpu", input_channels=3, checkpoint=path)
-    sage_vae = TinyVAE(input_channels=1, latent_dim=8, checkpoint=path).eval()
+    sage_vae = SageVAE(input_channels=1, latent_dim=8, checkpoint=path).eval()
     with torch.no_grad():
         expected = model.encode(x)
         assert torch.allclose(plugin.get_latents(x), expected, atol=1e-6)
@@ -118,4 +119,4 @@ def test_a_grey_checkpoint_through_the_sage_factory(tmp_path) -> None:
         recon, mu, _ = sage_vae(x)
     assert torch.allclose(mu, expected, atol=1e-6) and tuple(recon.shape) == (2, 1, 64, 64)
     with pytest.raises(ValueError, match="input_channels=3 disagrees"):
-        TinyVAE(input_channels=3, latent_dim=8, checkpoint=path)
+        SageVAE(input_channels=3, latent_dim=8, checkpoint=path)

@@ -1,4 +1,4 @@
-"""One error path for ``hrm-vision irp`` (``python -m hrm_vision.irp.host``): every expected
+"""One error path for ``hrm-vision irp`` (``python -m hrm_vision irp``): every expected
 failure is one line on standard error, exit status 2, no traceback; a real bug keeps its
 traceback. Each case runs the command in a fresh interpreter."""
 
@@ -22,8 +22,7 @@ from hrm_vision.checkpoints import model_entry, save_checkpoint
 from hrm_vision.vae import MinimalVAE, TeacherVAE
 
 ROOT = Path(__file__).resolve().parents[1]
-HOST = ["-m", "hrm_vision.irp.host"]
-DISPATCHER = ["-m", "hrm_vision", "irp"]
+HOST = ["-m", "hrm_vision", "irp"]
 
 
 class Case(NamedTuple):
@@ -84,13 +83,6 @@ CASES = [
     # a missing extra (ImportError)
     Case("images without pillow", tinyvae(GOOD) + IMAGE, "pip install 'hrm-vision[train]'",
          hide_pillow=True),
-    # the same path through the hrm-vision dispatcher
-    Case("dispatcher: corrupt checkpoint", tinyvae("{d}/corrupt.pth") + IMAGE,
-         "not a readable PyTorch checkpoint", DISPATCHER),
-    Case("dispatcher: missing image", tinyvae(GOOD) + ["--images", "{d}/nope.png"],
-         "No such file or directory", DISPATCHER),
-    Case("dispatcher: images without pillow", tinyvae(GOOD) + IMAGE,
-         "pip install 'hrm-vision[train]'", DISPATCHER, hide_pillow=True),
 ]
 
 
@@ -216,7 +208,7 @@ def register_irp_plugins(register):
 
 def test_a_failing_plugin_leaves_the_others_results_and_status_1(case_dir: Path,
                                                                   tmp_path: Path) -> None:
-    from test_irp_plugins import fake_distribution  # tests/ is on sys.path under pytest
+    from test_irp_registry import fake_distribution  # tests/ is on sys.path under pytest
 
     fake_distribution(tmp_path, {"hrmv_boom": BOOM}, {"boom": "hrmv_boom"})
     out = tmp_path / "t.jsonl"

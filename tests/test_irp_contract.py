@@ -11,7 +11,7 @@ import pytest
 from pydantic import Field
 
 from hrm_vision.irp import IRPConfig, IRPPlugin, IRPState, trust_metrics, validate_telemetry
-from hrm_vision.irp.telemetry import telemetry_schema, write_jsonl
+from hrm_vision.irp.contract import telemetry_schema, to_jsonl
 
 
 class ToyConfig(IRPConfig):
@@ -150,11 +150,11 @@ class TestTelemetry:
         with pytest.raises(ValueError, match="trust"):
             validate_telemetry(record)
 
-    def test_write_jsonl_writes_one_parsable_line(self, tmp_path) -> None:
+    def test_to_jsonl_gives_one_parsable_line(self, tmp_path) -> None:
         path = tmp_path / "t.jsonl"
         with open(path, "w") as f:
             for x in (1.0, 2.0):
-                write_jsonl(toy(max_steps=3).run(x).telemetry, f)
+                f.write(to_jsonl(toy(max_steps=3).run(x).telemetry))
         lines = path.read_text().splitlines()
         assert len(lines) == 2
         assert [json.loads(ln)["energy_initial"] for ln in lines] == [1.0, 4.0]

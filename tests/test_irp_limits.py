@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_irp_plugins import fake_distribution  # tests/ is on sys.path under pytest
+from test_irp_registry import fake_distribution  # tests/ is on sys.path under pytest
 
 from hrm_vision.irp import ALLOW_ENV
-from hrm_vision.irp.guards import HardExitError, os_exit_raises
-from hrm_vision.irp.telemetry import validate_telemetry
+from hrm_vision.irp.contract import HardExitError, os_exit_raises, validate_telemetry
 
 ROOT = Path(__file__).resolve().parents[1]
 INPUTS = 3
@@ -77,7 +76,7 @@ def host(root: Path, args: list[str], timeout: float | None = None,
             "HRMV_MARKER": str(root / "marker"), **env}
     if ALLOW_ENV not in env:
         full.pop(ALLOW_ENV, None)
-    command = [sys.executable, "-m", "hrm_vision.irp.host", *args]
+    command = [sys.executable, "-m", "hrm_vision", "irp", *args]
     if timeout is not None:
         command = ["timeout", str(timeout), *command]
     return subprocess.run(command, capture_output=True, text=True, env=full, cwd=root,

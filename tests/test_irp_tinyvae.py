@@ -1,7 +1,7 @@
 """The TinyVAE perception plugin on a real (tiny, briefly trained) checkpoint and real photos.
 
-Also drives the reference host loop, its command line, the measurement command and the
-"Use in an IRP host" example of docs/irp.md.
+Also drives the reference host loop, its command line, the measurement script
+(``experiments/irp_measure.py``) and the "Use in an IRP host" example of docs/irp.md.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
+from experiments import irp_measure as measure_cli
 from hrm_vision.checkpoints import CheckpointError, load_model, model_entry, save_checkpoint
+from hrm_vision.cli import main as cli_main
 from hrm_vision.data.photos import PhotoCrops
 from hrm_vision.irp import PluginRegistry, validate_telemetry
-from hrm_vision.irp import host as host_cli
-from hrm_vision.irp import measure as measure_cli
 from hrm_vision.irp.host import Orchestrator
-from hrm_vision.irp.tinyvae_plugin import TinyVAEConfig, TinyVAEPlugin
+from hrm_vision.irp.tinyvae import TinyVAEConfig, TinyVAEPlugin
 from hrm_vision.metrics import psnr
 from hrm_vision.vae import MinimalVAE, TeacherVAE
 
@@ -182,17 +182,17 @@ class TestInputs:
                                                            photo_batch) -> None:
         odd = photo_batch[:2, :, :30, :27]
         plugin = host.create("tinyvae", {"checkpoint": str(checkpoint)})
-        with pytest.raises(ValueError, match=r"30x27 is not a multiple of 8.*on_bad_size"):
+        with pytest.raises(ValueError, match=r"30x27 is not a multiple of 8.*resize=True"):
             plugin.perceive(odd)
         resizing = host.create("tinyvae", {"checkpoint": str(checkpoint),
-                                           "on_bad_size": "resize"})
+                                           "resize": True})
         out = resizing.perceive(odd, max_steps=2)
         assert out.latent.shape == (2, 8, 4, 3) and out.reconstruction.shape == (2, 3, 32, 24)
 
     @pytest.mark.parametrize("bad, message", [
-        (np.zeros((32, 32, 3), dtype=np.float32), "uint8"),
+        (np.zeros((32, 32, 3), dtype=np.int64), "uint8"),
         (np.zeros((32, 32, 4), dtype=np.uint8), r"\(H, W, 3\)"),
-        (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "float"),
+        (torch.zeros(1, 3, 32, 32, dtype=torch.int32), "float"),
         (torch.full((1, 3, 32, 32), 255.0), r"\[0, 1\]"),
         (torch.zeros(1, 32, 32, 3), "permute"),
         ([[0.0]], "torch tensor or a numpy"),
@@ -204,7 +204,7 @@ class TestInputs:
         (torch.zeros(3, 32, 0), r"no pixels \(32x0"),
         (np.zeros((0, 0, 3), dtype=np.uint8), r"no pixels \(0x0"),
         (np.zeros((0, 32, 32, 3), dtype=np.uint8), "no image"),
-    ], ids=["float-numpy", "rgba", "uint8-tensor", "0-255", "nhwc", "list", "nan", "inf",
+    ], ids=["int-numpy", "rgba", "int-tensor", "0-255", "nhwc", "list", "nan", "inf",
             "empty-batch", "0x0", "zero-width", "numpy-0x0", "numpy-empty-batch"])
     def test_bad_inputs_say_what_was_expected(self, plugin, bad, message) -> None:
         with pytest.raises(ValueError, match=message):
@@ -214,7 +214,7 @@ class TestInputs:
                                                                          float("nan"))])
     def test_resizing_does_not_hide_empty_or_nan_input(self, host, checkpoint, bad) -> None:
         resizing = host.create("tinyvae", {"checkpoint": str(checkpoint),
-                                           "on_bad_size": "resize"})
+                                           "resize": True})
         with pytest.raises(ValueError, match="no pixels|NaN"):
             resizing.perceive(bad)
 
@@ -288,24 +288,24 @@ class TestHost:
             Orchestrator({"a": a}, step_budget=0)
 
     def test_command_line_lists_and_runs(self, checkpoint, tmp_path, capsys) -> None:
-        assert host_cli.main(["--list"]) == 0
+        assert cli_main(["irp", "--list"]) == 0
         assert re.search(r"^tinyvae\s+perception", capsys.readouterr().out, re.M)
         out = tmp_path / "t.jsonl"
         config = json.dumps({"checkpoint": str(checkpoint)})
-        assert host_cli.main(["--plugin", "tinyvae", "--config", f"tinyvae={config}",
-                              "--num-crops", "4", "--batch-size", "2", "--step-budget", "3",
-                              "--telemetry", str(out)]) == 0
+        assert cli_main(["irp", "--plugin", "tinyvae", "--config", f"tinyvae={config}",
+                         "--num-crops", "4", "--batch-size", "2", "--step-budget", "3",
+                         "--telemetry", str(out)]) == 0
         records = [json.loads(ln) for ln in out.read_text().splitlines()]
         assert len(records) == 2 and all(r["steps"] == 2 for r in records)
 
     def test_command_line_errors_name_the_problem(self, tmp_path, capsys) -> None:
         config = json.dumps({"checkpoint": str(tmp_path / "none.pth"), "stepsize": 1})
-        assert host_cli.main(["--plugin", "tinyvae", "--config", f"tinyvae={config}",
-                              "--num-crops", "2", "--telemetry", str(tmp_path / "t.jsonl")]) == 2
+        assert cli_main(["irp", "--plugin", "tinyvae", "--config", f"tinyvae={config}",
+                         "--num-crops", "2", "--telemetry", str(tmp_path / "t.jsonl")]) == 2
         err = capsys.readouterr().err
         assert re.fullmatch(r"hrm-vision irp: error: tinyvae config: checkpoint: .*not found.*"
                             r"unknown key 'stepsize' \(known keys: .*checkpoint.*\)\n", err), err
-        assert host_cli.main(["--plugin", "tinyvae", "--config", "other={}"]) == 2
+        assert cli_main(["irp", "--plugin", "tinyvae", "--config", "other={}"]) == 2
         assert "not among --plugin" in capsys.readouterr().err
 
     def test_docs_example_runs(self, checkpoint, tmp_path, monkeypatch) -> None:

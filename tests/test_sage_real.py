@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers.models import perturbed  # tests/ is on sys.path (pytest prepend mode)
 
 from hrm_vision.data.photos import PhotoCrops
 from hrm_vision.irp.sage import create_tinyvae_irp
@@ -42,9 +43,13 @@ INPUTS = {
 
 
 def make(**kwargs):
+    """The drop-in on the untrained compact student, perturbed: untouched, its encoding is
+    already the decoder's least-squares optimum and refinement has nothing to improve."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return create_tinyvae_irp(device="cpu", **kwargs)
+        plugin = create_tinyvae_irp(device="cpu", **kwargs)
+    perturbed(plugin.model)
+    return plugin
 
 
 @pytest.mark.parametrize("name", list(INPUTS))
@@ -101,7 +106,8 @@ def test_plugin_router_records_a_bad_crop_as_failed() -> None:
 def test_async_orchestrator(name) -> None:
     extra, x = INPUTS[name]
     orch = AsyncOrchestrator(initial_atp=1000.0, device=torch.device("cpu"))
-    orch.register_plugin("tinyvae", make(**extra), initial_trust=1.0)
+    # room to halt early: the perturbed model's energy keeps falling for about 40 states
+    orch.register_plugin("tinyvae", make(max_iterations=100, **extra), initial_trust=1.0)
     result = asyncio.run(orch.execute_plugin("tinyvae", x, early_stop=True))
     assert result.state.value == "halted_early"
     assert 0.0 < result.trust_score <= 1.0

@@ -1,22 +1,11 @@
-"""The reference IRP host loop: registry plugins by name, a step budget, JSON-lines telemetry.
+"""The reference IRP host: registry plugins by name, a step budget, JSON-lines telemetry.
 
 >>> loop = Orchestrator.from_registry({"tinyvae": {"checkpoint": "checkpoints/tinyvae_best.pth"}},
 ...                                   step_budget=10, telemetry=open("telemetry.jsonl", "w"))
 >>> results = loop.run(frames)       # one {plugin name: IRPResult} per input
 
-Command line::
-
-    python -m hrm_vision.irp.host --list
-    python -m hrm_vision.irp.host --plugin tinyvae \\
-        --config tinyvae='{"checkpoint": "checkpoints/tinyvae_best.pth"}' \\
-        --num-crops 8 --step-budget 10 --telemetry telemetry.jsonl
-
-The step budget is the number of states each input may use, split evenly among the plugins
-(each gets at least 1, its initial guess). ``--images`` files are read by bit depth (8-bit,
-16-bit, float in [0, 1]; see :mod:`hrm_vision.data.images`) into float RGB tensors.
-
-A plugin that fails (at import, in its factory, or on an input) is reported and the others go
-on; see :class:`Orchestrator` and :func:`main` for the exit statuses.
+``hrm-vision irp`` (:func:`command`) runs it on ``--images`` files (read by bit depth, see
+:mod:`hrm_vision.data.images`) or held-out photos crops; ``hrm-vision irp --list`` lists plugins.
 """
 
 from __future__ import annotations
@@ -34,52 +23,48 @@ from typing import IO, Any
 
 import numpy as np
 
-from .base import IRPPlugin, IRPResult
-from .guards import check_energies, os_exit_raises, private_copy, refuse_output_over_inputs
-from .plugins import (
-    PLUGIN_FAILURES,
+from .contract import (
+    IRPPlugin,
+    IRPResult,
     PluginError,
-    PluginRegistry,
-    PluginWarning,
-    describe,
-    get_registry,
+    check_energies,
+    error_record,
+    os_exit_raises,
+    private_copy,
+    to_jsonl,
 )
-from .telemetry import error_record, to_jsonl, write_jsonl
+from .registry import PLUGIN_FAILURES, PluginRegistry, PluginWarning, describe, get_registry
 
-#: The command's name in messages (``python -m hrm_vision.irp.host`` is the same command).
-PROG = "hrm-vision irp"
+#: Failures that are the user's to fix (the errors ``hrm-vision`` reports in one line).
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError)
+
+
+class TimeBudgetError(RuntimeError):
+    """A plugin's run on one input took longer than the ``time_budget``."""
+
+
+class PluginRunError(ValueError):
+    """No plugin could be created (the message gives the first failure)."""
+
+
+class NothingRanError(ValueError):
+    """Every plugin failed on every input, each for an expected reason (a rejected input)."""
 
 
 class Orchestrator:
-    """Runs IRP plugins on a stream of inputs under a step budget, one plugin's failure isolated
-    from the others.
+    """Runs ``plugins`` (by name, in order) on a stream of inputs; each gets its own copy of
+    every input and ``step_budget // len(plugins)`` states (at least 1).
 
-    A plugin that raises (any exception, ``SystemExit``, or calls ``os._exit``: see
-    :func:`~.guards.os_exit_raises`) while running on an input is reported and the run goes
-    on: the other plugins' results for that input come back, and the failing plugin is tried
-    again on the next input. Each failure is a :class:`PluginError` in
-    :attr:`errors` (and in the registry's ``errors`` when there is one), a :class:`PluginWarning`,
-    and an error record in the telemetry.
-
-    Args:
-        plugins: plugin instances by name, run in this order on every input.
-        step_budget: states per input over all plugins (``>= 1``), split evenly.
-        telemetry: a text stream receiving one validated JSON line per (input, plugin) run, and
-            one error record per failure.
-        registry: the :class:`PluginRegistry` the plugins came from; failures are also
-            reported there.
-        time_budget: seconds one plugin may take on one input (``None``: no limit); a run that
-            took longer is a failure (:class:`TimeBudgetError`) and its result is dropped. The
-            time is measured when the run returns: a plugin that never returns is not stopped.
-
-    Attributes:
-        errors: every failure reported by this orchestrator, in order.
-        exceptions: the exception behind each of ``errors`` (same order).
+    A plugin that raises (``SystemExit`` and ``os._exit`` included), returns a non-finite
+    energy, breaks the telemetry schema or takes longer than ``time_budget`` seconds (measured
+    when it returns) on an input is reported: a :class:`PluginError` in :attr:`errors` (and the
+    ``registry``'s), its exception in :attr:`exceptions`, a :class:`PluginWarning`, an error
+    record in ``telemetry`` (a text stream, one validated JSON line per run or failure); the
+    others' results for that input come back, and it is tried again on the next input.
     """
 
     def __init__(self, plugins: Mapping[str, IRPPlugin], step_budget: int,
-                 telemetry: IO[str] | None = None,
-                 registry: PluginRegistry | None = None,
+                 telemetry: IO[str] | None = None, registry: PluginRegistry | None = None,
                  time_budget: float | None = None) -> None:
         if not plugins:
             raise ValueError("the orchestrator needs at least one plugin")
@@ -88,68 +73,53 @@ class Orchestrator:
         if time_budget is not None and not (math.isfinite(time_budget) and time_budget > 0):
             raise ValueError(f"time_budget must be a positive number of seconds, got "
                              f"{time_budget}")
-        self.time_budget = time_budget
-        self.plugins = dict(plugins)
-        self.step_budget = step_budget
+        self.plugins, self.step_budget, self.time_budget = dict(plugins), step_budget, time_budget
         self.telemetry = telemetry
-        self.registry = registry
+        self.registry = registry or PluginRegistry(load_entry_points=False, builtins=())
         self.errors: list[PluginError] = []
         self.exceptions: list[BaseException] = []
 
     @classmethod
     def from_registry(cls, configs: Mapping[str, dict[str, Any] | None], step_budget: int,
-                      telemetry: IO[str] | None = None,
-                      registry: PluginRegistry | None = None,
+                      telemetry: IO[str] | None = None, registry: PluginRegistry | None = None,
                       time_budget: float | None = None) -> Orchestrator:
-        """Create each named plugin from its plain-dict config through ``registry`` (default:
-        :func:`get_registry`).
-
-        The registry's load failures (plugins that failed to import or register) are written to the
-        telemetry first. A plugin whose creation fails (unknown name, bad config, unloadable
-        checkpoint, a factory that raises) is reported the same way and left out; the others
-        run. When no plugin can be created, the first failure is raised (a ``ValueError`` for
-        the usual cases: :class:`PluginConfigError`, ``CheckpointError``,
-        :class:`UnknownPluginError`).
-        """
+        """Each named plugin created from its config by ``registry`` (default
+        :func:`get_registry`); load failures go to the telemetry first; a plugin that cannot be
+        created is reported and left out; with none created, the first failure is raised."""
         registry = registry or get_registry()
         registry.list_plugins()  # runs every module's hook, so failures there are known too
-        for error in list(registry.errors):  # plugins that failed to import or register
+        for error in list(registry.errors):
             if error.stage in ("import", "register"):
-                _write(telemetry, _error_record(error, "PluginLoadError"))
+                _write(telemetry, error_record(error, "PluginLoadError"))
         plugins: dict[str, IRPPlugin] = {}
         failures: list[tuple[PluginError, BaseException]] = []
         for name, config in configs.items():
             try:
                 plugins[name] = registry.create(name, config)
             except PLUGIN_FAILURES as exc:
-                source = _source_of(registry, name)
+                source = getattr(registry.list_plugins().get(name), "source", "registry")
                 error = registry.report(name, source, describe(exc), stage="factory")
-                _write(telemetry, _error_record(error, type(exc).__name__))
+                _write(telemetry, error_record(error, type(exc).__name__))
                 failures.append((error, exc))
         if not plugins:
-            first_error, first = failures[0]
+            error, first = failures[0]
             if isinstance(first, Exception):
                 raise first
-            raise PluginRunError(f"plugin {first_error.name!r} could not be created: "
-                                 f"{first_error.message}") from first
+            raise PluginRunError(f"plugin {error.name!r} could not be created: "
+                                 f"{error.message}") from first
         orchestrator = cls(plugins, step_budget, telemetry, registry, time_budget)
-        orchestrator.errors.extend(error for error, _ in failures)
-        orchestrator.exceptions.extend(exc for _, exc in failures)
+        orchestrator.errors += [error for error, _ in failures]
+        orchestrator.exceptions += [exc for _, exc in failures]
         return orchestrator
 
     @property
     def steps_per_plugin(self) -> int:
-        """``max_steps`` each plugin gets for one input."""
         return max(1, self.step_budget // len(self.plugins))
 
     def run(self, inputs: Iterable[Any],
             task_ctx: dict[str, Any] | None = None) -> list[dict[str, IRPResult]]:
-        """Run every plugin on every input; returns one ``{name: IRPResult}`` per input.
-
-        A plugin that failed on an input is absent from that input's dict (see the class
-        docstring); :attr:`errors` says why. A telemetry record that breaks the schema counts
-        as a failure of the plugin that produced it.
-        """
+        """Every plugin on every input: one ``{name: IRPResult}`` per input, without the
+        plugins that failed on it (:attr:`errors` says why)."""
         results = []
         for index, x in enumerate(inputs):
             per_input = {}
@@ -159,88 +129,53 @@ class Orchestrator:
                     with os_exit_raises():
                         result = plugin.run(private_copy(x), task_ctx,
                                             max_steps=self.steps_per_plugin, input_id=index)
-                    self._check_time(time.perf_counter() - start)
+                    seconds = time.perf_counter() - start
+                    if self.time_budget is not None and seconds > self.time_budget:
+                        raise TimeBudgetError(f"took {seconds:.3g} s, over the time budget of "
+                                              f"{self.time_budget:g} s")
                     check_energies(result)
-                    line = to_jsonl(result.telemetry) if self.telemetry is not None else None
+                    line = to_jsonl(result.telemetry) if self.telemetry is not None else ""
                 except PLUGIN_FAILURES as exc:
                     self._fail(name, plugin, exc, index)
                     continue
-                if line is not None:
-                    self.telemetry.write(line)  # type: ignore[union-attr]
-                    self.telemetry.flush()  # type: ignore[union-attr]
+                _write(self.telemetry, line)
                 per_input[name] = result
             results.append(per_input)
         return results
 
-    def _check_time(self, seconds: float) -> None:
-        if self.time_budget is not None and seconds > self.time_budget:
-            raise TimeBudgetError(f"took {seconds:.3g} s, over the time budget of "
-                                  f"{self.time_budget:g} s")
-
     def _fail(self, name: str, plugin: IRPPlugin, exc: BaseException, index: int) -> None:
-        source = type(plugin).__module__
-        message = describe(exc)
-        if self.registry is not None:
-            error = self.registry.report(name, source, message, stage="run", input_id=index)
-        else:
-            error = PluginError(name, source, message, "run", index)
-            warnings.warn(f"IRP plugin {name!r} ({source}) failed on input {index}: {message}",
-                          PluginWarning, stacklevel=3)
+        error = self.registry.report(name, type(plugin).__module__, describe(exc), stage="run",
+                                     input_id=index)
         self.errors.append(error)
         self.exceptions.append(exc)
-        _write(self.telemetry, _error_record(error, type(exc).__name__))
+        _write(self.telemetry, error_record(error, type(exc).__name__))
 
 
-class TimeBudgetError(RuntimeError):
-    """A plugin's run on one input took longer than the orchestrator's ``time_budget``."""
-
-
-class PluginRunError(ValueError):
-    """No plugin could be created (the message gives the first plugin's failure)."""
-
-
-def _source_of(registry: PluginRegistry, name: str) -> str:
-    try:
-        return registry.get(name).source
-    except PLUGIN_FAILURES:
-        return "registry"
-
-
-def _error_record(error: PluginError, error_type: str) -> dict[str, Any]:
-    stage = error.stage if error.stage in ("import", "register", "factory", "run") else "import"
-    return error_record(error.name, stage, error_type, error.message, source=error.source,
-                        input_id=error.input_id)
-
-
-def _write(stream: IO[str] | None, record: dict[str, Any]) -> None:
+def _write(stream: IO[str] | None, line: dict[str, Any] | str) -> None:
+    """Append a telemetry line (a record is validated first) to ``stream``, flushed."""
     if stream is not None:
-        write_jsonl(record, stream)
+        stream.write(line if isinstance(line, str) else to_jsonl(line))
+        stream.flush()
 
 
-# ---------------------------------------------------------------------- command line
-def setup_args() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG,
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--list", action="store_true",
-                        help="list the registered plugins and any that failed to load, then exit")
-    parser.add_argument("--plugin", action="append", default=[], metavar="NAME",
-                        help="plugin to run (repeatable), by registry name")
-    parser.add_argument("--config", action="append", default=[], metavar="NAME=JSON",
-                        help="config of plugin NAME: a JSON object, or the path of a JSON file")
-    parser.add_argument("--images", nargs="*", default=[], metavar="PATH",
-                        help="image files (run as uint8 RGB frames, one input each)")
-    parser.add_argument("--num-crops", type=int, default=8,
-                        help="without --images: this many held-out photos validation crops")
-    parser.add_argument("--batch-size", type=int, default=8,
-                        help="crops per input (batch) when using photos crops")
-    parser.add_argument("--step-budget", type=int, default=10, help="states per input")
-    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                        help="seconds one plugin may take on one input; a longer run counts as "
-                             "a failure (default: no limit; a plugin that never returns is not "
-                             "stopped)")
-    parser.add_argument("--telemetry", type=Path, default=None,
-                        help="JSON-lines output file (default: standard output)")
-    return parser
+# ---------------------------------------------------------------------- the command
+def setup_args(prog: str = "hrm-vision irp") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    p.add_argument("--list", action="store_true", help="list the plugins and those that failed")
+    for flag, meta, text in (("--plugin", "NAME", "plugin to run (repeatable), by registry name"),
+                             ("--config", "NAME=JSON", "config of plugin NAME: a JSON object or "
+                                                       "a .json file")):
+        p.add_argument(flag, action="append", default=[], metavar=meta, help=text)
+    p.add_argument("--images", nargs="*", default=[], metavar="PATH", help="image files, one "
+                   "input each (default: held-out photos crops)")
+    for flag, default, text in (("--num-crops", 8, "photos crops without --images"),
+                                ("--batch-size", 8, "photos crops per input"),
+                                ("--step-budget", 10, "states per input, split among plugins")):
+        p.add_argument(flag, type=int, default=default, help=text)
+    p.add_argument("--time-budget", type=float, metavar="SECONDS", help="seconds a plugin may "
+                   "take on one input (measured when it returns)")
+    p.add_argument("--telemetry", type=Path, help="JSON-lines file (default: standard output)")
+    return p
 
 
 def _parse_configs(items: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -263,54 +198,55 @@ def _parse_configs(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     return configs
 
 
-def _registry_for(names: Sequence[str]) -> PluginRegistry:
-    """A registry with the built-in plugins and only the entry points named in ``names`` (or,
-    when set, those of the allow-list variable): an installed package that is not asked for is
-    not imported. Only when a name is still unknown are the other entry points loaded (an entry
-    point may register plugins under other names)."""
-    from importlib import metadata
+def refuse_output_over_inputs(output: Path, args: argparse.Namespace,
+                              configs: dict[str, dict[str, Any]]) -> None:
+    """Refuse (``ValueError``) an ``output`` that is, or links to, a file the run reads: an
+    ``--images`` or ``--config`` file, or one a plugin config names (a checkpoint)."""
+    if not output.exists():
+        return
 
-    from .plugins import ALLOW_ENV, ENTRY_POINT_GROUP
+    def strings(value: Any) -> list[str]:
+        if isinstance(value, dict):
+            value = list(value.values())
+        if isinstance(value, list):
+            return [s for v in value for s in strings(v)]
+        return [value] if isinstance(value, str) else []
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", PluginWarning)  # printed by the caller, one line each
-        registry = PluginRegistry(load_entry_points=False)
-        if ALLOW_ENV in os.environ:
-            registry.load_entry_points()
-            return registry
-        builtin = set(registry.list_plugins())
-        installed = {ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
-        registry.load_entry_points([n for n in names if n in installed and n not in builtin])
-        if set(names) - set(registry.list_plugins()):
-            registry.load_entry_points()
-    return registry
-
-
-def read_frame(path: str | Path) -> Any:
-    """An image file as a ``(3, H, W)`` float RGB tensor in [0, 1], scaled by its bit depth.
-
-    Raises ``OSError`` (missing or undecodable file), ``ValueError`` (pixels of unknown scale,
-    see :mod:`hrm_vision.data.images`), ``MissingExtraError`` without pillow.
-    """
-    import torch
-
-    from ..data.images import read_image
-
-    array = read_image(path, purpose="reading --images files")
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    names = [*args.images, *strings(configs)]
+    names += [v for _, _, v in (c.partition("=") for c in args.config) if v.endswith(".json")]
+    for name in names:
+        try:
+            same = os.path.samefile(output, name)
+        except (OSError, ValueError):
+            continue
+        if same:
+            raise ValueError(f"--telemetry {output} is an input of the run ({name}); it would "
+                             "be written over: choose another file")
 
 
 def _inputs(args: argparse.Namespace) -> list[Any]:
+    """The run's inputs as float RGB tensors in [0, 1]: one ``(3, H, W)`` per ``--images``
+    file, else batches of held-out photos crops."""
+    from .tinyvae import ImageFormat, to_images
+
+    fmt = ImageFormat(multiple_of=1)  # a plugin checks the sizes it needs
     if args.images:
-        return [read_frame(p) for p in args.images]
+        from ..data.images import read_image
+
+        return [to_images(read_image(p, purpose="reading --images files"), fmt)[0]
+                for p in args.images]
     from ..data.photos import PhotoCrops
 
-    crops = PhotoCrops("val", num_crops=args.num_crops).images_uint8.float() / 255.0
+    crops = to_images(PhotoCrops("val", num_crops=args.num_crops).images_uint8, fmt)
     return list(crops.split(args.batch_size))
 
 
-def _run(argv: Sequence[str] | None, prog: str) -> int:
-    args = setup_args().parse_args(argv)
+def command(argv: Sequence[str] | None = None, prog: str = "hrm-vision irp") -> int:
+    """``hrm-vision irp``: 0 when every plugin ran on every input, 1 when some failed (a
+    warning line each). An expected error (bad config, unknown plugin, unloadable checkpoint,
+    unreadable image, missing extra, every run refusing its input) is raised, for the caller
+    to print as one line (status 2)."""
+    args = setup_args(prog).parse_args(argv)
     if args.list:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PluginWarning)  # printed below, one line each
@@ -331,7 +267,7 @@ def _run(argv: Sequence[str] | None, prog: str) -> int:
         raise ValueError(f"--config given for {unknown}, which are not among --plugin")
     if args.telemetry is not None:
         refuse_output_over_inputs(args.telemetry, args, configs)
-    registry = _registry_for(args.plugin)
+    registry = PluginRegistry.for_plugins(args.plugin)
     inputs = _inputs(args)  # before the telemetry file is created: a bad image leaves none
     stream = open(args.telemetry, "w") if args.telemetry else sys.stdout  # noqa: SIM115
     try:
@@ -340,11 +276,17 @@ def _run(argv: Sequence[str] | None, prog: str) -> int:
             orch = Orchestrator.from_registry({n: configs.get(n) for n in args.plugin},
                                               args.step_budget, stream, registry,
                                               args.time_budget)
-            results = orch.run(inputs)
+            results = orch.run(inputs, {"channel_order": "rgb"})  # the inputs are RGB
     finally:
         if args.telemetry:
             stream.close()
-    _raise_if_nothing_ran(orch, results, args)
+    runs = [(e, x) for e, x in zip(orch.errors, orch.exceptions, strict=True) if e.stage == "run"]
+    if not any(results) and runs and all(isinstance(x, EXPECTED_ERRORS) for _, x in runs):
+        error, exc = runs[0]
+        label = (args.images[int(error.input_id)] if args.images and error.input_id is not None
+                 else f"input {error.input_id}")
+        more = f" (+{len(runs) - 1} more failed runs)" if len(runs) > 1 else ""
+        raise NothingRanError(f"{label}: plugin {error.name!r} refused it: {describe(exc)}{more}")
     for err in [e for e in registry.errors if e.stage in ("import", "register")] + orch.errors:
         where = f" on input {err.input_id}" if err.input_id is not None else ""
         print(f"{prog}: warning: plugin {err.name!r} failed ({err.stage}){where}: "
@@ -357,40 +299,3 @@ def _run(argv: Sequence[str] | None, prog: str) -> int:
                     if first and final else "")
         print(f"{name}: {len(records)} of {len(results)} inputs{energies}", file=sys.stderr)
     return 1 if orch.errors else 0
-
-
-class NothingRanError(ValueError):
-    """Every plugin failed on every input, each for an expected reason (a rejected input)."""
-
-
-def _raise_if_nothing_ran(orch: Orchestrator, results: list[dict[str, IRPResult]],
-                          args: argparse.Namespace) -> None:
-    """Turn "every run failed, each with an expected error" into one error (status 2)."""
-    from ..cli import EXPECTED_ERRORS
-
-    runs = [(e, x) for e, x in zip(orch.errors, orch.exceptions, strict=True) if e.stage == "run"]
-    if any(results) or not runs or not all(isinstance(x, EXPECTED_ERRORS) for _, x in runs):
-        return
-    error, exc = runs[0]
-    label = (args.images[int(error.input_id)] if args.images and error.input_id is not None
-             else f"input {error.input_id}")
-    more = f" (+{len(runs) - 1} more failed runs)" if len(runs) > 1 else ""
-    raise NothingRanError(f"{label}: plugin {error.name!r} refused it: {describe(exc)}{more}")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command line (see the module docstring); returns the exit status.
-
-    0: every plugin ran on every input; 1: some plugin failed (each failure is one warning
-    line on standard error and an error record in the telemetry) but the others ran; 2: an
-    expected error stopped the run (bad config, unknown plugin, unloadable checkpoint,
-    unreadable image, missing extra, or every run refused its input with a ``ValueError``),
-    printed as one line. Anything else is a bug: traceback.
-    """
-    from ..cli import run_main
-
-    return run_main(PROG, lambda a: _run(a, PROG), argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,217 +1,269 @@
-"""Drop-in for SAGE's TinyVAE IRP plugin: ``create_tinyvae_irp``, ``TinyVAEIRP`` and the
-model-level ``TinyVAE`` (:mod:`hrm_vision.irp.sage_model`).
+"""A thin SAGE facade over the ``tinyvae`` plugin: the drop-in for SAGE's TinyVAE IRP plugin.
 
-A SAGE user swaps one import::
-
-    # from sage.irp.plugins.tinyvae_irp_plugin import create_tinyvae_irp
-    from hrm_vision.irp.sage import create_tinyvae_irp
-
+    from hrm_vision.irp.sage import create_tinyvae_irp   # was sage.irp.plugins.tinyvae_irp_plugin
     tinyvae = create_tinyvae_irp(latent_dim=64, input_channels=3, use_fp16=True, beta_kl=0.1)
     latent, telemetry = tinyvae.refine(crop)          # crop (1, 3, 64, 64) float in [0, 1]
 
-The plugin answers each of SAGE's callers in its own convention:
-
-- ``refine(x)`` or ``refine(x, early_stop)`` (SAGE's scripts, ``sage/orchestrator``):
-  ``(latent, telemetry)`` with a float ``trust`` in [0, 1] (see :meth:`TinyVAEIRP.refine_latent`);
-- ``refine(x, task_ctx)`` with a dict (``sage/irp/orchestrator.py``): ``(state, history)``, then
-  ``emit_telemetry(state, history)`` in SAGE's layout (:meth:`TinyVAEIRP.emit_telemetry`);
-- ``init_state``/``step(state, noise_schedule=None)``/``energy``/``halt(history)`` called one by
-  one (``sage/attention/plugin_router.py``).
-
-``config`` is a plain dict with SAGE's keys (``entity_id``, ``max_iterations``, ``halt_eps``,
-``halt_K``, ``device``, ``latent_dim``, ``input_channels``, ...) and hrm-vision's own
-(``checkpoint``, ``value_range``, ``channel_order``, ...), validated by :class:`SageConfig`;
-SAGE writes ``max_iterations`` and ``max_ATP`` into ``plugin.config`` later, which is read at
-each run. ``sage`` is imported when a plugin is created, not with this module: with SAGE on the
-path the plugin is also an instance of ``sage.irp.base.IRPPlugin``.
-
-Halting: ``halt_eps`` is relative to the first energy (see :meth:`TinyVAEIRP.halt_reason`).
+:class:`TinyVAEIRP` answers each SAGE caller (dp-web4/HRM ``sage/``) in its convention, as
+docs/irp.md ("Inside SAGE") lists; :class:`SageVAE` is SAGE's model-level ``TinyVAE``.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import time
 import warnings
 from collections.abc import Sequence
 from functools import cache
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-from torch import Tensor
+from pydantic import Field
+from torch import Tensor, nn
 
-from ..checkpoints import load_model
-from .base import IRPState, trust_metrics
-from .crops import CropFormat, from_model_images, to_model_images
-from .sage_config import SageConfig, model_sizes
-from .sage_model import TinyVAE, build_model
-from .telemetry import finite_or_none
-from .tinyvae_plugin import LatentRefiner
+from ..vae import CompactStudentVAE
+from .contract import IRPState, finite_or_none, trust_metrics, validate_config
+from .tinyvae import TinyVAEConfig, TinyVAEPlugin, TinyVAESettings, from_images, load_student
 
+#: Names the checkpoint used when none is given, so SAGE's scripts run trained weights.
+CHECKPOINT_ENV = "HRM_VISION_SAGE_CHECKPOINT"
 _MISSING: Any = object()
 
 
-class TinyVAEIRP:
-    """SAGE's TinyVAE IRP plugin backed by an hrm-vision model (see the module docstring).
+class Sizes(NamedTuple):
+    """Latent size, channels of the caller's crops, crop side."""
 
-    Args:
-        config: SAGE-style dict (see :class:`SageConfig`); ``None`` for the defaults.
+    latent_dim: int
+    input_channels: int
+    img_size: int
+
+
+#: SAGE's sizes: a 64x64 RGB crop, a 64-number latent.
+SAGE_SIZES = Sizes(64, 3, 64)
+
+
+class SageConfig(TinyVAESettings):
+    """SAGE's keys and the plugin's (with SAGE's defaults); unknown keys are errors."""
+
+    entity_id: str = Field("tinyvae_irp", description="name in SAGE's telemetry")
+    max_iterations: int = Field(20, ge=1, description="states per run, the encoder's included")
+    halt_eps: float = Field(1e-4, ge=0, description="relative to the first energy")
+    halt_K: int = Field(3, ge=1, description="steps the halting slope is taken over")
+    trust_weight: float = Field(1.0, description="SAGE's initial trust weight (kept as given)")
+    ATP_per_step: float = Field(0.1, ge=0, description="ATP per state in emit_telemetry")
+    max_ATP: float | None = Field(None, description="SAGE's budget (SAGE writes and reads it)")
+    LRC_context: Any = Field(None, description="passed through to emit_telemetry")
+    latent_dim: int | None = Field(None, ge=1, description="default: the checkpoint's, else 64")
+    beta_kl: float = Field(0.1, ge=0, description="SAGE's training KL weight, reported only")
+    normalize: bool = Field(False, description="SAGE's model normalised its input; not used")
+    mean: list[float] | None = Field(None, description="with normalize; not used")
+    std: list[float] | None = Field(None, description="with normalize; not used")
+    device: str | None = Field(None, validate_default=True, description="default: CUDA if any")
+    channel_order: Literal["rgb", "bgr"] | None = Field(None, description="None: tensors RGB, "
+                                                                          "numpy refused")
+    input_channels: Literal[1, 3] | None = Field(None, description="default: the checkpoint's")
+    resize: bool = Field(True, description="resize crops of another size to img_size")
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> SageConfig:
+        """Validate ``config`` (``ValueError`` naming each bad key); without ``checkpoint``,
+        :data:`CHECKPOINT_ENV` names it when set."""
+        if "checkpoint" not in config and os.environ.get(CHECKPOINT_ENV):
+            config = {**config, "checkpoint": os.environ[CHECKPOINT_ENV]}
+        settings = validate_config(cls, config, "create_tinyvae_irp")
+        if settings.normalize:
+            warnings.warn("normalize=True: SAGE's own TinyVAE normalised [0, 1] crops inside the "
+                          "plugin; this model reads crops as they are, in value_range "
+                          f"{settings.value_range}, so normalize/mean/std are not used",
+                          UserWarning, stacklevel=4)
+        return settings
+
+
+def live_halting(config: dict[str, Any]) -> tuple[int, float, int]:
+    """``(max_iterations, halt_eps, halt_K)`` from the dict SAGE writes into; its
+    ``max_iterations = int(budget * 10)`` below 1 counts as 1 (the encoder's state)."""
+    values = []
+    for key, kind in (("max_iterations", int), ("halt_eps", float), ("halt_K", int)):
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or (kind is int and value != int(value)):
+            raise ValueError(f"plugin.config[{key!r}] must be a number, got {value!r}")
+        values.append(kind(value))
+    if values[1] < 0 or values[2] < 1:
+        raise ValueError(f"plugin.config halt_eps must be >= 0 and halt_K >= 1, got "
+                         f"{values[1]}, {values[2]}")
+    return max(1, values[0]), values[1], values[2]
+
+
+def model_sizes(model: nn.Module | None, checkpoint: Any = None, latent_dim: int | None = None,
+                input_channels: int | None = None, img_size: int | None = None) -> Sizes:
+    """SAGE's size kwargs checked against ``model`` (the checkpoint's; ``None``: SAGE's
+    defaults); the ``ValueError`` names the kwarg that disagrees."""
+    if model is None:
+        return Sizes(latent_dim or SAGE_SIZES.latent_dim,
+                     input_channels or SAGE_SIZES.input_channels, img_size or SAGE_SIZES.img_size)
+    where, dim = f"the checkpoint {checkpoint}", int(model.latent_dim)
+    if latent_dim is not None and latent_dim != dim:
+        raise ValueError(f"latent_dim={latent_dim} disagrees with {where}, whose model has "
+                         f"latent_dim {dim}; drop latent_dim or pass {dim}")
+    channels = int(getattr(model, "in_channels", 3))
+    if input_channels == 3 and channels == 1:
+        raise ValueError(f"input_channels=3 disagrees with {where}, whose model takes 1-channel "
+                         "crops; pass input_channels=1 and grey crops")
+    fixed = model.arch_config().get("image_size")  # the compact models take one crop size
+    if img_size is not None and fixed is not None and img_size != fixed:
+        raise ValueError(f"img_size={img_size} disagrees with {where}, whose model takes "
+                         f"{fixed}x{fixed} crops; drop img_size or pass {fixed}")
+    return Sizes(dim, input_channels or channels, img_size or fixed or SAGE_SIZES.img_size)
+
+
+def untrained_model(latent_dim: int, img_size: int) -> nn.Module:
+    """The model without a checkpoint: the compact student, ``latent_dim`` numbers per
+    ``img_size`` crop, its linear path a whole-crop DCT until trained."""
+    return CompactStudentVAE(latent_dim=latent_dim, image_size=img_size)
+
+
+class SageVAE(nn.Module):
+    """SAGE's model-level ``TinyVAE(input_channels, latent_dim, img_size)`` over a student:
+    ``mu, logvar = vae.encode(x)``, ``recon, mu, logvar = vae(x)`` (``mu`` decoded in eval mode,
+    a sample in training mode); images ``(B, input_channels, img_size, img_size)`` in [0, 1].
+    ``checkpoint=None``: :func:`untrained_model`."""
+
+    reparameterize = staticmethod(CompactStudentVAE.reparameterize)
+
+    def __init__(self, input_channels: int = 3, latent_dim: int = 64, img_size: int = 64,
+                 checkpoint: str | os.PathLike[str] | None = None) -> None:
+        super().__init__()
+        if input_channels not in (1, 3):
+            raise ValueError(f"input_channels must be 1 or 3, got {input_channels}")
+        self.model = untrained_model(latent_dim, img_size) if checkpoint is None \
+            else load_student(checkpoint)
+        model_sizes(self.model, checkpoint, latent_dim, input_channels)
+        self.input_channels, self.latent_dim, self.img_size = input_channels, latent_dim, img_size
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.model.in_channels == 3 and x.dim() == 4 and x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        mu, logvar = self.model.posterior(x)
+        return mu, logvar
+
+    def decode(self, z: Tensor) -> Tensor:
+        images = self.model.decode(z)
+        return images.mean(1, keepdim=True) if images.shape[1] != self.input_channels else images
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        mu, logvar = self.encode(x)
+        return self.decode(self.reparameterize(mu, logvar) if self.training else mu), mu, logvar
+
+
+class TinyVAEIRP:
+    """SAGE's TinyVAE IRP plugin over :class:`TinyVAEPlugin` (see the module docstring).
 
     Raises:
-        ValueError: a bad or unknown key (the message names it), a size kwarg that disagrees
-            with the checkpoint, an unavailable device. ``CheckpointError`` (a ``ValueError``)
-            for an unloadable checkpoint.
+        ValueError: a bad or unknown key, a size that disagrees with the checkpoint, an
+            unavailable device; ``CheckpointError`` for an unloadable checkpoint.
     """
 
     def __init__(self, config: dict[str, Any] | None = None) -> None:
         settings = SageConfig.from_dict(config or {})
-        self.device = settings.torch_device()
         if settings.checkpoint is None:
-            sizes = model_sizes(settings, None)
             warnings.warn("create_tinyvae_irp without a checkpoint: an untrained compact "
                           "student (a whole-crop DCT); pass checkpoint='compact_best.pth' for "
                           "trained weights", UserWarning, stacklevel=3)
-            model = build_model(sizes.latent_dim, sizes.input_channels, sizes.img_size)
-        else:
-            model = load_model(settings.checkpoint, role="student")
-            sizes = model_sizes(settings, model)
-        self.model = model.to(self.device).eval().requires_grad_(False)
-        self.settings = settings
-        self.config: dict[str, Any] = settings.as_sage_dict(sizes)
-        self.entity_id = settings.entity_id
-        self.trust_weight = settings.trust_weight
+        model = None if settings.checkpoint is None else load_student(settings.checkpoint)
+        sizes = model_sizes(model, settings.checkpoint, settings.latent_dim,
+                            settings.input_channels, settings.img_size)
+        shared = settings.model_dump(include=set(TinyVAESettings.model_fields))
+        shared.update(input_channels=sizes.input_channels, img_size=sizes.img_size)
+        self.plugin = TinyVAEPlugin(TinyVAEConfig(**shared),
+                                    model or untrained_model(sizes.latent_dim, sizes.img_size))
+        self.model, self.device = self.plugin.model, self.plugin.device
+        self.config: dict[str, Any] = {  # SAGE reads and writes it
+            **settings.model_dump(), **sizes._asdict(), "value_range": list(settings.value_range),
+            "checkpoint": None if settings.checkpoint is None else str(settings.checkpoint)}
+        self.entity_id, self.trust_weight = settings.entity_id, settings.trust_weight
+        self.beta_kl, self.use_fp16 = settings.beta_kl, self.plugin.use_fp16
         self.energy_history: list[float] = []
         self.time_history: list[float] = []
         self.latent_dim, self.input_channels, self.img_size = sizes
-        self.beta_kl = settings.beta_kl
-        self.use_fp16 = settings.use_fp16 and self.device.type == "cuda"
-        if settings.use_fp16 and not self.use_fp16:
-            warnings.warn("use_fp16=True is a no-op on the CPU (autocast to float16 runs on CUDA "
-                          "only); the model runs in float32", UserWarning, stacklevel=3)
-        self.crop_format = CropFormat(settings.value_range, settings.channel_order,
-                                      sizes.input_channels, getattr(model, "in_channels", 3),
-                                      sizes.img_size, settings.resize)
-        self.refiner = LatentRefiner(self.model, settings.step_size, settings.max_backtracks,
-                                     settings.prior_weight, settings.latent_bound)
         self._last_error: str | None = None
-        with torch.no_grad(), self._autocast():
-            probe = torch.zeros(1, self.crop_format.model_channels, self.img_size, self.img_size,
-                                device=self.device)
-            self.latent_shape: tuple[int, ...] = tuple(self.model.encode(probe).shape[1:])
-
-    # ------------------------------------------------------------------ inputs and models
-    def _autocast(self) -> Any:
-        return torch.autocast("cuda", dtype=torch.float16, enabled=self.use_fp16)
-
-    def images(self, x: Any) -> Tensor:
-        """``x`` as the model's images ``(B, C, img_size, img_size)`` in [0, 1] on the device
-        (see :func:`hrm_vision.irp.crops.to_model_images`)."""
-        return to_model_images(x, self.crop_format, self.device)
+        probe = torch.zeros(1, sizes.input_channels, self.img_size, self.img_size)
+        self.latent_shape: tuple[int, ...] = tuple(self.encode_batch(probe).shape[1:])
 
     def encode_batch(self, batch: Any, flat: bool = False) -> Tensor:
-        """The encoder's mean for crops ``batch``: ``(B, *latent_shape)``, or ``(B, N)`` with
-        ``flat=True`` (the vector view for similarity search and tags)."""
-        with torch.no_grad(), self._autocast():
-            mu = self.model.encode(self.images(batch)).float()
+        """The encoder's mean for crops ``batch``, ``(B, *latent_shape)``, or ``(B, N)`` with
+        ``flat=True`` (the vector view for similarity search)."""
+        mu = self.plugin.encode(batch)
         return mu.flatten(1) if flat else mu
 
-    def get_latents(self, x: Any, flat: bool = False) -> Tensor:
-        """:meth:`encode_batch` (SAGE's name for it)."""
-        return self.encode_batch(x, flat)
+    get_latents = encode_batch
 
     def decode_batch(self, latents: Any) -> Tensor:
-        """Reconstructions of ``latents`` (as :meth:`refine` or :meth:`encode_batch` return them,
-        flat or not, torch or numpy), in the caller's convention: ``input_channels``,
-        ``channel_order`` and ``value_range`` of the config, ``(B, C, img_size, img_size)``."""
+        """Reconstructions of ``latents`` (flat or not, torch or numpy) in the caller's
+        convention (``input_channels``, ``channel_order``, ``value_range``)."""
         z = torch.as_tensor(latents, dtype=torch.float32, device=self.device)
-        if z.dim() == 1:
-            z = z[None]
-        z = z.reshape(z.shape[0], *self.latent_shape)
-        with torch.no_grad(), self._autocast():
-            images = self.model.decode(z).float()
-        return from_model_images(images, self.crop_format)
+        return from_images(self.plugin.decode(z.reshape(-1, *self.latent_shape)),
+                           self.plugin.format)
 
     # ------------------------------------------------------------------ IRP primitives
     def init_state(self, x0: Any, task_ctx: dict[str, Any] | None = None) -> IRPState:
-        """The encoder's mean for crops ``x0`` (``step_idx`` 0, energy set)."""
+        """The encoder's mean for crops ``x0``; a refusal is remembered (SAGE's router swallows
+        it and goes on with a fallback state, which :meth:`halt` then refuses)."""
         try:
-            target = self.images(x0)
-        except ValueError as exc:  # remembered: SAGE's router swallows it (see halt)
+            state = self.plugin.init_state(x0, task_ctx or {})
+        except ValueError as exc:
             self._last_error = str(exc)
             raise
         self._last_error = None
-        with self._autocast():
-            mu, meta = self.refiner.start(target)
-        with torch.no_grad(), self._autocast():
-            meta["logvar"] = self.model.posterior(target).logvar.float()
-        return IRPState(mu, 0, float(meta["energies"].mean()), meta)
-
-    def energy(self, state: IRPState) -> float:
-        """Batch-mean energy (lower is better): per crop, MSE of the decoded latent against the
-        crop (model images in [0, 1]) plus ``prior_weight * 0.5 * mean(z**2)``."""
-        meta = self._meta(state)
-        with torch.no_grad(), self._autocast():
-            return float(self.refiner.energies(state.x, meta["target"]).mean())
-
-    def step(self, state: IRPState, noise_schedule: Any = None) -> IRPState:
-        """One backtracking gradient step per crop; no crop's energy rises."""
-        if noise_schedule is not None:
-            raise ValueError("this plugin refines deterministically; noise_schedule must be None")
-        with self._autocast():
-            z, meta = self.refiner.step(state.x, self._meta(state))
-        return IRPState(z, state.step_idx + 1, float(meta["energies"].mean()), meta)
-
-    def project(self, state: IRPState) -> IRPState:
-        """The identity: :meth:`step` keeps latents in range itself."""
         return state
 
-    def _meta(self, state: IRPState) -> dict[str, Any]:
+    def energy(self, state: IRPState) -> float:
+        return self.plugin.energy(self._checked(state))
+
+    def step(self, state: IRPState, noise_schedule: Any = None) -> IRPState:
+        if noise_schedule is not None:
+            raise ValueError("this plugin refines deterministically; noise_schedule must be None")
+        return self.plugin.step(self._checked(state))
+
+    def project(self, state: IRPState) -> IRPState:
+        return state  # step keeps latents in range
+
+    def _checked(self, state: IRPState) -> IRPState:
         meta = getattr(state, "meta", None)
         if not isinstance(meta, dict) or "target" not in meta:
             why = f"; init_state failed: {self._last_error}" if self._last_error else ""
             raise ValueError(f"the state was not made by this plugin's init_state{why}")
-        return meta
-
-    # ------------------------------------------------------------------ halting
-    def _live(self) -> tuple[int, float, int]:
-        """``max_iterations``, ``halt_eps``, ``halt_K`` as they are in ``self.config`` now."""
-        return SageConfig.live_halting(self.config)
+        return state
 
     def halt_reason(self, history: Sequence[IRPState], early_stop: bool = True,
                     max_steps: int | None = None) -> str | None:
         """``"max_steps"`` once ``max_iterations`` (or ``max_steps``) states exist;
-        ``"slope<eps"`` when the energy fell by at most ``halt_eps * |E0|`` per step, on
-        average, over the last ``halt_K`` steps (``E0`` the first energy: ``halt_eps`` is
-        relative); ``None`` to go on."""
-        max_iterations, eps, k = self._live()
+        ``"slope<eps"`` when the energy fell by at most ``halt_eps * |E0|`` per step, on average,
+        over the last ``halt_K`` steps; ``None`` to go on."""
+        max_iterations, eps, k = live_halting(self.config)
         if len(history) >= (max_steps or max_iterations):
             return "max_steps"
-        energies = [float(self._energy_of(s)) for s in history]
-        if early_stop and len(energies) > k and \
-                (energies[-1 - k] - energies[-1]) / k <= eps * abs(energies[0]):
+        e = [self._energy_of(s) for s in history]
+        if early_stop and len(e) > k and (e[-1 - k] - e[-1]) / k <= eps * abs(e[0]):
             return "slope<eps"
         return None
 
     def halt(self, history: Sequence[IRPState]) -> bool:
-        """True when :meth:`halt_reason` gives a reason to stop."""
-        for state in history:
-            self._meta(state)  # a fallback state SAGE made after init_state failed is an error
-        return self.halt_reason(history) is not None
+        return self.halt_reason([self._checked(s) for s in history]) is not None
 
     def get_halt_reason(self, history: Sequence[IRPState]) -> str:
-        """:meth:`halt_reason`, ``"unknown"`` while the run may go on (SAGE's names)."""
         return (self.halt_reason(history) or "unknown") if history else "no_history"
 
     def _energy_of(self, state: IRPState) -> float:
-        return state.energy_val if state.energy_val is not None else self.energy(state)
+        return float(state.energy_val if state.energy_val is not None else self.energy(state))
 
     # ------------------------------------------------------------------ runs
     def refine(self, x: Any, task_ctx: Any = _MISSING, max_steps: int | None = None,
                *, early_stop: Any = _MISSING) -> tuple[Any, Any]:
-        """SAGE's two conventions (see the module docstring): a dict or ``None`` as second
-        argument (or ``task_ctx=``) runs :meth:`refine_states`; none, or a bool (or
-        ``early_stop=``), runs :meth:`refine_latent`."""
+        """A dict or ``None`` second argument (or ``task_ctx=``): :meth:`refine_states`; none,
+        or a bool (or ``early_stop=``): :meth:`refine_latent`."""
         if early_stop is not _MISSING or task_ctx is _MISSING or isinstance(task_ctx, bool):
             stop = early_stop if early_stop is not _MISSING else task_ctx
             return self.refine_latent(x, True if stop is _MISSING else bool(stop), max_steps)
@@ -223,113 +275,75 @@ class TinyVAEIRP:
     def refine_states(self, x: Any, task_ctx: dict[str, Any] | None = None,
                       max_steps: int | None = None, early_stop: bool = True
                       ) -> tuple[IRPState, list[IRPState]]:
-        """Refine crops ``x`` until :meth:`halt_reason`: ``(final_state, history)``.
-
-        ``max_steps`` (default ``config['max_iterations']``) counts states, the encoder's
-        guess included.
-        """
+        """``(final_state, history)``; ``max_steps`` (default ``config['max_iterations']``)
+        counts states, the encoder's guess included."""
         if max_steps is not None and max_steps < 1:
             raise ValueError(f"max_steps must be at least 1 (the encoder's guess), got {max_steps}")
-        state = self.init_state(x, task_ctx)
-        history = [state]
+        history = [self.init_state(x, task_ctx)]
         while self.halt_reason(history, early_stop, max_steps) is None:
-            state = self.step(state)
-            history.append(state)
-        return state, history
+            history.append(self.step(history[-1]))
+        return history[-1], history
 
     def refine_latent(self, x: Any, early_stop: bool = True,
                       max_steps: int | None = None) -> tuple[Tensor, dict[str, Any]]:
-        """Refine crops ``x``: ``(latent (B, *latent_shape), telemetry)``; with
-        ``early_stop=False`` the run uses all ``max_iterations`` states.
-
-        Telemetry (JSON-safe): ``iterations`` (states computed, the encoder pass counts 1),
-        ``max_iterations``, ``early_stopped``, ``converged``, ``compute_saved``,
-        ``energy_trajectory``, ``energy_delta`` (final minus first), ``halt_reason``, ``trust``
-        (R² of the reconstruction, clipped to [0, 1]), ``reconstruction_error`` (MSE on the
-        model's [0, 1] images), ``psnr_db``, ``kl_divergence`` (per latent element),
-        ``latent_dim``, ``latent_norm``, ``time_ms``, ``beta_kl``, ``entity_id``.
-        """
+        """``(latent (B, *latent_shape), telemetry)`` with SAGE's keys (docs/irp.md); ``trust``
+        is the R² of the reconstruction in [0, 1], ``kl_divergence`` per latent element."""
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
         state, history = self.refine_states(x, None, max_steps, early_stop)
-        meta, z = state.meta, state.x
-        with torch.no_grad(), self._autocast():
-            recon = self.model.decode(z).float()
+        z, target, logvar = state.x, state.meta["target"], state.meta["logvar"]
+        recon = self.plugin.decode(z)
         if cuda:
             torch.cuda.synchronize(self.device)
         time_ms = (time.perf_counter() - start) * 1000.0
-        target = meta["target"]
         sq_err = float((recon - target).pow(2).sum())
         spread = float((target - target.mean((1, 2, 3), keepdim=True)).pow(2).sum())
         mse = sq_err / target.numel()
-        logvar = meta["logvar"]
-        kl = float((0.5 * (z.float().pow(2) + logvar.exp() - logvar - 1)).mean())
         energies = [float(s.energy_val) for s in history]
-        max_iterations = max_steps or self._live()[0]
+        max_iterations = max_steps or live_halting(self.config)[0]
         reason = self.halt_reason(history, early_stop, max_steps) or "max_steps"
-        telemetry = {
-            "entity_id": self.entity_id,
-            "iterations": len(history),
-            "max_iterations": max_iterations,
-            "early_stopped": reason != "max_steps",
+        return z, {
+            "entity_id": self.entity_id, "iterations": len(history),
+            "max_iterations": max_iterations, "early_stopped": reason != "max_steps",
             "converged": reason == "slope<eps",
             "compute_saved": 1.0 - len(history) / max_iterations,
             "energy_trajectory": [finite_or_none(e) for e in energies],
-            "energy_delta": finite_or_none(energies[-1] - energies[0]),
-            "halt_reason": reason,
-            "trust": 1.0 if spread == 0 and sq_err == 0 else
-            min(1.0, max(0.0, 1.0 - sq_err / spread)) if spread > 0 else 0.0,
+            "energy_delta": finite_or_none(energies[-1] - energies[0]), "halt_reason": reason,
+            "trust": min(1.0, max(0.0, 1 - sq_err / spread)) if spread > 0 else float(sq_err == 0),
             "reconstruction_error": finite_or_none(mse),
             "psnr_db": finite_or_none(10 * np.log10(1.0 / mse)) if mse > 0 else None,
-            "kl_divergence": finite_or_none(kl),
-            "latent_dim": self.latent_dim,
-            "latent_norm": finite_or_none(float(z.float().norm())),
-            "time_ms": finite_or_none(time_ms),
-            "beta_kl": self.beta_kl,
-        }
-        return z.float(), telemetry
+            "kl_divergence": finite_or_none(
+                (0.5 * (z.pow(2) + logvar.exp() - logvar - 1)).mean()),
+            "latent_dim": self.latent_dim, "latent_norm": finite_or_none(z.norm()),
+            "time_ms": finite_or_none(time_ms), "beta_kl": self.beta_kl}
 
     # ------------------------------------------------------------------ reporting
     def compute_trust_metrics(self, history: Sequence[IRPState]) -> dict[str, float]:
-        """SAGE's trust keys: ``monotonicity_ratio`` (share of steps whose energy did not rise;
-        1.0 with no step), ``dE_variance`` (variance of the energy changes) and
-        ``convergence_rate`` (mean decrease per step relative to the first energy)."""
-        trust = trust_metrics([float(self._energy_of(s)) for s in history])
-        return {"monotonicity_ratio": finite_or_none(trust.monotonicity) or 0.0,
-                "dE_variance": finite_or_none(trust.energy_change_variance) or 0.0,
-                "convergence_rate": finite_or_none(trust.convergence_rate) or 0.0}
+        """SAGE's keys: ``monotonicity_ratio``, ``dE_variance``, ``convergence_rate``."""
+        trust = trust_metrics([self._energy_of(s) for s in history])
+        return {key: finite_or_none(value) or 0.0 for key, value in
+                zip(("monotonicity_ratio", "dE_variance", "convergence_rate"), trust, strict=True)}
 
     def emit_telemetry(self, state: IRPState, history: Sequence[IRPState]) -> dict[str, Any]:
-        """SAGE's telemetry record of a run (JSON-safe): ``entity_id``, ``plugin``, ``step_idx``,
-        ``E``, ``dE``, ``steps``, ``halt_reason``, ``trust`` (see
-        :meth:`compute_trust_metrics`), ``budget`` (``ATP_spent``, ``time_ms``, ``memory_mb``),
-        ``LRC_context``, plus ``energy_trajectory``."""
-        energies = [finite_or_none(self._energy_of(s)) for s in history] or \
-            [finite_or_none(self._energy_of(state))]
+        """SAGE's record of a run (JSON-safe; docs/irp.md), plus ``energy_trajectory``."""
+        energies = [finite_or_none(self._energy_of(s)) for s in history or [state]]
         d_e = energies[-1] - energies[-2] if len(energies) > 1 and None not in energies[-2:] \
             else None
         elapsed = (state.timestamp - history[0].timestamp) * 1000.0 if history else 0.0
         return {
-            "entity_id": self.entity_id,
-            "plugin": "tinyvae",
-            "step_idx": state.step_idx,
-            "E": energies[-1],
-            "dE": finite_or_none(d_e) if d_e is not None else None,
-            "steps": len(history),
+            "entity_id": self.entity_id, "plugin": "tinyvae", "step_idx": state.step_idx,
+            "E": energies[-1], "dE": finite_or_none(d_e), "steps": len(history),
             "halt_reason": self.halt_reason(history) if history else None,
             "trust": self.compute_trust_metrics(history or [state]),
             "budget": {"ATP_spent": len(history) * float(self.config.get("ATP_per_step", 0.1)),
                        "time_ms": finite_or_none(elapsed) or 0.0, "memory_mb": 0.0},
-            "LRC_context": self.config.get("LRC_context"),
-            "energy_trajectory": energies,
-        }
+            "LRC_context": self.config.get("LRC_context"), "energy_trajectory": energies}
 
     def get_semantic_representation(self, state: IRPState) -> dict[str, Any]:
-        """What SAGE's orchestrator keeps of the vision slot: ``latent`` (numpy
-        ``(B, *latent_shape)``), ``latent_flat`` ``(B, N)``, ``reconstruction`` (numpy, the
-        caller's convention, see :meth:`decode_batch`), ``energy``, ``refinement_steps``."""
+        """For SAGE's vision slot: ``latent``, ``latent_flat``, ``reconstruction`` (numpy, the
+        caller's convention), ``energy``, ``refinement_steps``."""
         z = state.x.detach().float()
         return {"latent": z.cpu().numpy(), "latent_flat": z.flatten(1).cpu().numpy(),
                 "reconstruction": self.decode_batch(z).cpu().numpy(),
@@ -339,28 +353,20 @@ class TinyVAEIRP:
 
 @cache
 def _plugin_class() -> type[TinyVAEIRP]:
-    """:class:`TinyVAEIRP`, also subclassing ``sage.irp.base.IRPPlugin`` when SAGE imports."""
-    try:  # SAGE is the framework calling the plugin, found on its path: not a dependency
-        sage_irp_plugin = importlib.import_module("sage.irp.base").IRPPlugin
-    except ModuleNotFoundError as exc:
-        if exc.name != "sage" and not (exc.name or "").startswith("sage."):
+    """:class:`TinyVAEIRP`, also a ``sage.irp.base.IRPPlugin`` when SAGE (the framework calling
+    the plugin, found on its path; not a dependency) imports."""
+    try:
+        base = importlib.import_module("sage.irp.base").IRPPlugin
+    except ImportError as exc:
+        name = getattr(exc, "name", None) or ""
+        if not isinstance(exc, ModuleNotFoundError) or name.split(".")[0] != "sage":
             warnings.warn(f"sage is on the path but does not import ({exc}); the plugin is not "
                           "a sage.irp.base.IRPPlugin", UserWarning, stacklevel=3)
         return TinyVAEIRP
-    except ImportError as exc:
-        warnings.warn(f"sage is on the path but does not import ({exc}); the plugin is not a "
-                      "sage.irp.base.IRPPlugin", UserWarning, stacklevel=3)
-        return TinyVAEIRP
-    return type("TinyVAEIRP", (TinyVAEIRP, sage_irp_plugin), {"__module__": __name__})
+    return type("TinyVAEIRP", (TinyVAEIRP, base), {"__module__": __name__})
 
 
 def create_tinyvae_irp(device: str | torch.device | None = None, **kwargs: Any) -> TinyVAEIRP:
-    """SAGE's factory: a :class:`TinyVAEIRP` from keyword arguments (see :class:`SageConfig`).
-
-    ``device`` defaults to CUDA when available, else the CPU (``"jetson"`` means CUDA).
-    """
-    config = dict(kwargs) if device is None else {"device": device, **kwargs}
-    return _plugin_class()(config)
-
-
-__all__ = ["TinyVAE", "TinyVAEIRP", "create_tinyvae_irp"]
+    """SAGE's factory: a :class:`TinyVAEIRP` from keyword arguments (:class:`SageConfig`);
+    ``device`` defaults to CUDA when available (``"jetson"`` means CUDA)."""
+    return _plugin_class()(dict(kwargs) if device is None else {"device": device, **kwargs})

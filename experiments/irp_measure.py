@@ -1,6 +1,6 @@
 """Plain encoder vs latent refinement with the ``tinyvae`` plugin, on held-out photos crops.
 
-    python -m hrm_vision.irp.measure --checkpoint checkpoints/tinyvae_best.pth
+    python -m experiments.irp_measure --checkpoint checkpoints/tinyvae_best.pth
 
 For the bare model (``decode(encode(x))`` without the IRP loop), ``max_steps`` 1 (the plain
 encoder output through the plugin) and each ``--steps`` value, on the ``photos``
@@ -26,13 +26,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..data.photos import PhotoCrops
-from ..metrics import psnr
-from .plugins import get_registry
-from .tinyvae_plugin import TinyVAEPlugin
+from hrm_vision.data.photos import PhotoCrops
+from hrm_vision.irp import get_registry
+from hrm_vision.irp.tinyvae import TinyVAEPlugin
+from hrm_vision.metrics import psnr
 
 #: The command's name in messages.
-PROG = "python -m hrm_vision.irp.measure"
+PROG = "python -m experiments.irp_measure"
 #: The ``max_steps`` value standing for the bare model (``decode(encode(x))``, no IRP loop).
 BARE = 0
 
@@ -121,7 +121,7 @@ def setup_args() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; an expected failure (bad value, unloadable checkpoint, missing file or
     extra) is one line on standard error and status 2 (see :func:`hrm_vision.cli.run_main`)."""
-    from ..cli import run_main
+    from hrm_vision.cli import run_main
 
     return run_main(PROG, _run, argv)
 

@@ -20,7 +20,7 @@ from helpers.models import perturbed  # tests/ is on sys.path (pytest prepend mo
 
 from hrm_vision.checkpoints import model_entry, save_checkpoint
 from hrm_vision.data.photos import PhotoCrops
-from hrm_vision.irp.base import IRPState
+from hrm_vision.irp.contract import IRPState
 from hrm_vision.irp.sage import TinyVAEIRP, create_tinyvae_irp
 from hrm_vision.vae import MinimalVAE
 
@@ -255,9 +255,9 @@ class TestModelLevelSwap:
     """SAGE's code using the model itself: ``mu, logvar = vae.encode(x)``, ``vae(x)``."""
 
     def test_encode_unpacks_into_mu_and_logvar_for_a_batch_of_two(self, crops) -> None:
-        from hrm_vision.irp.sage import TinyVAE
+        from hrm_vision.irp.sage import SageVAE
 
-        vae = TinyVAE(input_channels=3, latent_dim=64, img_size=64).eval()
+        vae = SageVAE(input_channels=3, latent_dim=64, img_size=64).eval()
         with torch.no_grad():
             mu, logvar = vae.encode(crops[:2])
             recon, mu2, logvar2 = vae(crops[:2])
@@ -266,12 +266,12 @@ class TestModelLevelSwap:
         assert torch.equal(vae.decode(mu), recon)
 
     def test_grey_and_checkpoint_sizes(self, crops, checkpoint) -> None:
-        from hrm_vision.irp.sage import TinyVAE
+        from hrm_vision.irp.sage import SageVAE
 
-        grey = TinyVAE(input_channels=1, latent_dim=64).eval()
+        grey = SageVAE(input_channels=1, latent_dim=64).eval()
         with torch.no_grad():
             recon, _, _ = grey(crops[:1].mean(1, keepdim=True))
         assert recon.shape == (1, 1, 64, 64)
         with pytest.raises(ValueError, match="latent_dim=64 disagrees"):
-            TinyVAE(latent_dim=64, checkpoint=checkpoint)
-        assert TinyVAE(latent_dim=16, checkpoint=checkpoint).latent_dim == 16
+            SageVAE(latent_dim=64, checkpoint=checkpoint)
+        assert SageVAE(latent_dim=16, checkpoint=checkpoint).latent_dim == 16

@@ -18,12 +18,12 @@ from hrm_vision.irp import (
     PluginConfigError,
     PluginRegistry,
     PluginWarning,
+    contract,
     get_registry,
     hookimpl,
-    hookspecs,
 )
-from hrm_vision.irp.plugins import HOOK_NAMES
-from hrm_vision.irp.tinyvae_plugin import TinyVAEConfig, TinyVAEPlugin
+from hrm_vision.irp.registry import HOOK_NAMES
+from hrm_vision.irp.tinyvae import TinyVAEConfig, TinyVAEPlugin
 
 IRP_DOC = Path(__file__).resolve().parents[1] / "docs" / "irp.md"
 
@@ -82,13 +82,13 @@ class TestHookDocumentation:
         assert HOOK_NAMES == ("register_irp_plugins",)
         section = IRP_DOC.read_text().split("## Plugin hooks")[1].split("\n## ")[0]
         for name in HOOK_NAMES:
-            doc = inspect.getdoc(getattr(hookspecs, name)) or ""
+            doc = inspect.getdoc(getattr(contract, name)) or ""
             assert len(doc) > 80, f"hook {name} has no real docstring"
-            params = list(inspect.signature(getattr(hookspecs, name)).parameters)
+            params = list(inspect.signature(getattr(contract, name)).parameters)
             assert f"{name}({', '.join(params)})" in section, f"hook {name} not in docs/irp.md"
 
     def test_markers_are_named_for_the_project(self) -> None:
-        assert hookspecs.hookspec.project_name == "hrm_vision"
+        assert contract.hookspec.project_name == "hrm_vision"
         assert hookimpl.project_name == "hrm_vision"
 
 
@@ -96,9 +96,8 @@ class TestDiscovery:
     def test_entry_point_is_installed_metadata(self) -> None:
         eps = metadata.entry_points(group=ENTRY_POINT_GROUP)
         tinyvae = [ep for ep in eps if ep.name == "tinyvae"]
-        assert tinyvae and tinyvae[0].value == "hrm_vision.irp.tinyvae_plugin"
-        assert tinyvae[0].load() is __import__("hrm_vision.irp.tinyvae_plugin",
-                                               fromlist=["x"])
+        assert tinyvae and tinyvae[0].value == "hrm_vision.irp.tinyvae"
+        assert tinyvae[0].load() is __import__("hrm_vision.irp.tinyvae", fromlist=["x"])
 
     def test_builtin_is_registered_like_an_entry_point_and_only_once(self) -> None:
         only_entry_points = PluginRegistry(builtins=())
@@ -237,7 +236,8 @@ class TestConfigErrors:
         existing = tmp_path / "x.pth"
         existing.write_bytes(b"")
         cases = {"device": "potato", "step_size": -1, "channel_order": "gbr",
-                 "on_bad_size": "crop", "latent_bound": 0}
+                 "resize": "sometimes", "latent_bound": 0, "value_range": [1, 0],
+                 "input_channels": 2, "img_size": 30}
         for field, value in cases.items():
             with pytest.raises(PluginConfigError, match=re.escape(f"{field}: ")):
                 host.create("tinyvae", {"checkpoint": str(existing), field: value})

@@ -1,7 +1,7 @@
 """The SAGE drop-in on held-out 64x64 ``photos`` crops: plain encoder, refinement under SAGE's
 halting, longer refinement, and (when ``sage`` imports) SAGE's own TinyVAE at random weights.
 
-    python -m hrm_vision.irp.sage_measure [--checkpoint tinyvae_best.pth] [--sage-path CHECKOUT]
+    python -m experiments.sage_measure [--checkpoint tinyvae_best.pth] [--sage-path CHECKOUT]
 
 PSNR is pooled over the crops (:func:`hrm_vision.metrics.psnr`), images in [0, 1]; each row
 also gives the numbers a crop's latent holds, the mean number of states used and the
@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from ..data.photos import PhotoCrops
-from ..metrics import psnr
-from .sage import create_tinyvae_irp
+from hrm_vision.data.photos import PhotoCrops
+from hrm_vision.irp.sage import create_tinyvae_irp
+from hrm_vision.metrics import psnr
 
-PROG = "python -m hrm_vision.irp.sage_measure"
+PROG = "python -m experiments.sage_measure"
 
 
 def setup_args() -> argparse.ArgumentParser:

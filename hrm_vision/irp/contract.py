@@ -1,0 +1,332 @@
+"""The IRP (Iterative Refinement Primitive) contract: state, plugin base, config, trust metrics,
+telemetry records and their schema (``telemetry.schema.json``, shipped here), the host's guards,
+and the pluggy hook markers. jsonschema and torch are imported on first use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from typing import Any, ClassVar, NamedTuple, NoReturn, TypeVar
+
+import numpy as np
+import pluggy
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..validation import describe_validation_error
+
+#: The pluggy project name: markers, the manager and entry points all use it.
+PROJECT_NAME = "hrm_vision"
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+#: Version of the record layout, stored under ``"schema_version"`` (2: error records added).
+SCHEMA_VERSION = 2
+#: Where a plugin can fail, the ``stage`` of an error record.
+ERROR_STAGES = ("import", "register", "factory", "run")
+SCHEMA_FILE = "telemetry.schema.json"
+
+
+@hookspec
+def register_irp_plugins(register: Callable[..., Any]) -> None:
+    """Register the IRP plugins this module provides: call ``register(name, factory,
+    config_model, kind="perception", description="")`` once each. ``factory`` takes the validated
+    ``config_model`` (an :class:`IRPConfig` subclass, so a host creates the plugin from a plain
+    dict and errors name the field) and returns an :class:`IRPPlugin`. The hook may run more than
+    once: only call ``register`` in it, and load weights in the factory."""
+
+
+# ---------------------------------------------------------------------- state and config
+@dataclass
+class IRPState:
+    """One estimate of a run: ``x`` (plugin-specific), ``step_idx`` (0 for the initial guess),
+    ``energy_val`` (``None`` until computed), ``meta`` (plugin-private, not in telemetry),
+    ``timestamp`` (``time.time()`` at creation)."""
+
+    x: Any
+    step_idx: int = 0
+    energy_val: float | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    timestamp: float = field(default_factory=time.time)
+
+
+class IRPConfig(BaseModel):
+    """Settings every plugin has; a plugin's config extends it. Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_steps: int = Field(20, ge=1, description="states per run, the initial guess included")
+    halt_eps: float = Field(0.0, ge=0.0, description="halt when the mean energy decrease per "
+                            "step over the last halt_window steps is at most this")
+    halt_window: int = Field(3, ge=1, description="K, the number of steps the slope is taken over")
+
+
+class PluginConfigError(ValueError):
+    """A plugin config its pydantic model rejects; the message names each bad field."""
+
+
+Config = TypeVar("Config", bound=BaseModel)
+
+
+def validate_config(model: type[Config], config: Any, what: str) -> Config:
+    """``config`` (a dict, a model or ``None``) validated by ``model``; a
+    :class:`PluginConfigError` ``"WHAT: field: problem; unknown key 'x' (known keys: ...)"``."""
+    if isinstance(config, model):
+        return config
+    try:
+        return model.model_validate(config.model_dump() if isinstance(config, BaseModel)
+                                    else config or {})
+    except ValidationError as exc:
+        problems = describe_validation_error(exc, known=model.model_fields)
+        raise PluginConfigError(f"{what}: {problems}") from exc
+
+
+class TrustMetrics(NamedTuple):
+    """From an energy trajectory: ``monotonicity`` (share of updates that did not raise it, 1.0
+    with none), ``energy_change_variance`` (0.0 with < 2 updates), ``convergence_rate``
+    (``(E0 - E_last) / (|E0| * updates)``, 0.0 with no update or ``E0 == 0``)."""
+
+    monotonicity: float
+    energy_change_variance: float
+    convergence_rate: float
+
+
+def trust_metrics(energies: Sequence[float]) -> TrustMetrics:
+    """Trust metrics of an energy trajectory ``[E0, E1, ...]``."""
+    diffs = [b - a for a, b in zip(energies[:-1], energies[1:], strict=True)]
+    if not diffs:
+        return TrustMetrics(1.0, 0.0, 0.0)
+    mean = sum(diffs) / len(diffs)
+    variance = sum((d - mean) ** 2 for d in diffs) / len(diffs) if len(diffs) > 1 else 0.0
+    e0 = energies[0]
+    rate = (e0 - energies[-1]) / (abs(e0) * len(diffs)) if e0 != 0 else 0.0
+    return TrustMetrics(sum(d <= 0 for d in diffs) / len(diffs), variance, rate)
+
+
+class IRPResult(NamedTuple):
+    """What :meth:`IRPPlugin.run` returns."""
+
+    state: IRPState
+    history: list[IRPState]
+    telemetry: dict[str, Any]
+
+
+# ---------------------------------------------------------------------- the plugin base
+class IRPPlugin:
+    """Base of IRP plugins: subclasses implement ``init_state`` (the first guess), ``energy``
+    (lower is better, 0.0 valid) and ``step`` (a projected state, ``energy_val`` set, not above
+    its input's; ``project``, back into the valid set, is the identity here). ``max_steps``
+    counts states, the initial guess included: ``max_steps=1`` returns it."""
+
+    #: Registry name written into telemetry.
+    name: ClassVar[str] = "irp"
+    #: What the plugin does ("perception", ...).
+    kind: ClassVar[str] = "generic"
+
+    def __init__(self, config: IRPConfig) -> None:
+        self.config = config
+
+    def init_state(self, x0: Any, task_ctx: dict[str, Any]) -> IRPState:
+        raise NotImplementedError
+
+    def energy(self, state: IRPState) -> float:
+        raise NotImplementedError
+
+    def step(self, state: IRPState) -> IRPState:
+        raise NotImplementedError
+
+    def project(self, state: IRPState) -> IRPState:
+        return state
+
+    def halt_reason(self, history: Sequence[IRPState], max_steps: int | None = None) -> str | None:
+        """``"max_steps"``, ``"converged"`` (the energy fell by at most ``halt_eps`` per step,
+        on average, over the last ``halt_window`` steps) or ``None``."""
+        if len(history) >= (self.config.max_steps if max_steps is None else max_steps):
+            return "max_steps"
+        k = self.config.halt_window
+        if len(history) > k:
+            first, last = history[-1 - k].energy_val, history[-1].energy_val
+            if first is not None and last is not None \
+                    and (first - last) / k <= self.config.halt_eps:
+                return "converged"
+        return None
+
+    def halt(self, history: Sequence[IRPState], max_steps: int | None = None) -> bool:
+        return self.halt_reason(history, max_steps) is not None
+
+    def refine(self, x0: Any, task_ctx: dict[str, Any] | None = None,
+               max_steps: int | None = None) -> tuple[IRPState, list[IRPState]]:
+        """Refine ``x0`` until :meth:`halt`: ``(final_state, history)``; ``task_ctx`` reaches
+        ``init_state`` as a copy."""
+        if max_steps is not None and max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1 (the initial guess), got {max_steps}")
+        state = self.init_state(x0, dict(task_ctx or {}))
+        history = [state]
+        while True:
+            if state.energy_val is None:
+                state.energy_val = self.energy(state)
+            if self.halt(history, max_steps):
+                return state, history
+            state = self.step(state)
+            history.append(state)
+
+    def emit_telemetry(self, history: Sequence[IRPState], *, time_ms: float,
+                       max_steps: int | None = None, batch_size: int = 1,
+                       input_id: str | int | None = None) -> dict[str, Any]:
+        """The run record of ``history`` (non-finite energies: ``null``, trust metrics 0.0)."""
+        if not history:
+            raise ValueError("emit_telemetry needs a history with at least the initial state")
+        trajectory = [finite_or_none(_energy_of(s)) for s in history]
+        trust = trust_metrics(trajectory) if None not in trajectory \
+            else TrustMetrics(0.0, 0.0, 0.0)  # type: ignore[arg-type]
+        record: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION, "plugin": self.name, "kind": self.kind,
+            "steps": len(history) - 1,
+            "max_steps": self.config.max_steps if max_steps is None else max_steps,
+            "batch_size": batch_size, "energy_trajectory": trajectory,
+            "energy_initial": trajectory[0], "energy_final": trajectory[-1],
+            "halt_reason": self.halt_reason(history, max_steps) or "stopped",
+            "time_ms": finite_or_none(time_ms) or 0.0,
+            "trust": {k: finite_or_none(v) or 0.0 for k, v in trust._asdict().items()},
+            "timestamp": history[-1].timestamp,
+        }
+        if input_id is not None:
+            record["input_id"] = input_id
+        return record
+
+    def run(self, x0: Any, task_ctx: dict[str, Any] | None = None,
+            max_steps: int | None = None, input_id: str | int | None = None) -> IRPResult:
+        """:meth:`refine` timed, with its telemetry: what a host calls."""
+        start = time.perf_counter()
+        state, history = self.refine(x0, task_ctx, max_steps)
+        elapsed_ms = (time.perf_counter() - start) * 1000.0
+        telemetry = self.emit_telemetry(history, time_ms=elapsed_ms, max_steps=max_steps,
+                                        batch_size=history[0].meta.get("batch_size", 1),
+                                        input_id=input_id)
+        return IRPResult(state, history, telemetry)
+
+
+def _energy_of(state: IRPState) -> float:
+    if state.energy_val is None:
+        raise ValueError(f"state {state.step_idx} has no energy; call plugin.energy(state) first")
+    return float(state.energy_val)
+
+
+# ---------------------------------------------------------------------- telemetry
+def finite_or_none(value: float | None) -> float | None:
+    """``float(value)`` when finite, else ``None`` (JSON-safe)."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+@cache
+def telemetry_schema() -> dict[str, Any]:
+    """The telemetry JSON schema (Draft 2020-12), read from the installed package."""
+    return json.loads(resources.files(__package__).joinpath(SCHEMA_FILE).read_text("utf-8"))
+
+
+@cache
+def _validator() -> Any:
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(telemetry_schema())
+
+
+def validate_telemetry(record: dict[str, Any]) -> None:
+    """A ``ValueError`` naming the field if ``record`` breaks the schema or is not JSON-safe."""
+    try:
+        json.dumps(record, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"telemetry is not JSON-safe: {exc}") from exc
+    from jsonschema.exceptions import best_match
+
+    error = best_match(_validator().iter_errors(record))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "<record>"
+        raise ValueError(f"telemetry field {where}: {error.message}")
+
+
+@dataclass(frozen=True)
+class PluginError:
+    """A reported plugin failure: ``name``, ``source`` (``"builtin"``, ``"entry point ..."``,
+    ``"hook"``, ``"register"`` or the plugin's module), ``message``, ``stage`` (one of
+    :data:`ERROR_STAGES`) and the ``input_id`` of a run failure."""
+
+    name: str
+    source: str
+    message: str
+    stage: str = "import"
+    input_id: int | str | None = None
+
+
+def error_record(error: PluginError, error_type: str) -> dict[str, Any]:
+    """The telemetry record of ``error``, an exception of class ``error_type``."""
+    if error.stage not in ERROR_STAGES:
+        raise ValueError(f"stage must be one of {ERROR_STAGES}, got {error.stage!r}")
+    record: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION, "plugin": error.name, "timestamp": time.time(),
+        "source": error.source, "error": {"stage": error.stage, "type": error_type,
+                                          "message": " ".join(error.message.split())}}
+    if error.input_id is not None:
+        record["input_id"] = error.input_id
+    return record
+
+
+def to_jsonl(record: dict[str, Any]) -> str:
+    """``record`` validated, as one JSON line (with its newline)."""
+    validate_telemetry(record)
+    return json.dumps(record, allow_nan=False, sort_keys=True) + "\n"
+
+
+# ---------------------------------------------------------------------- the host's guards
+def private_copy(x: Any) -> Any:
+    """A copy of input ``x`` for one plugin, so a plugin changing it in place changes nothing
+    for the next (tensors and arrays cloned, anything else deep-copied)."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    return x.copy() if isinstance(x, np.ndarray) else copy.deepcopy(x)
+
+
+class NonFiniteEnergyError(ValueError):
+    """A plugin's result holds a NaN, infinite or missing energy."""
+
+
+def check_energies(result: IRPResult) -> None:
+    """Raise :class:`NonFiniteEnergyError` unless every state of ``result`` has a finite energy."""
+    for state in [*result.history, result.state]:
+        if finite_or_none(state.energy_val) is None:
+            raise NonFiniteEnergyError(f"state {state.step_idx} has energy {state.energy_val} "
+                                       "(not a finite number)")
+
+
+class HardExitError(SystemExit):
+    """A plugin called ``os._exit(status)`` while the host ran it (see :func:`os_exit_raises`)."""
+
+
+@contextlib.contextmanager
+def os_exit_raises() -> Iterator[None]:
+    """Inside, ``os._exit(status)`` in this process raises :class:`HardExitError` (a forked
+    child's still ends it). Not caught: ``posix._exit``, an ``_exit`` bound before, signals."""
+    real, pid = os._exit, os.getpid()
+
+    def _exit(status: int) -> NoReturn:
+        if os.getpid() != pid:
+            real(status)
+        raise HardExitError(f"the plugin called os._exit({status}); the host stopped it")
+
+    os._exit = _exit
+    try:
+        yield
+    finally:
+        os._exit = real

@@ -1,0 +1,217 @@
+"""The plugin registry: a pluggy manager that finds, lists and creates IRP plugins.
+
+Modules with a ``@hookimpl register_irp_plugins(register)`` (:mod:`hrm_vision.irp.contract`) are
+registered the same way from the built-ins (:data:`BUILTIN_PLUGINS`) and the entry points of
+:data:`ENTRY_POINT_GROUP` (hrm-vision declares its built-in there too; a module registers once).
+:data:`ALLOW_ENV` is an allow-list of entry-point names (comma separated; empty: none). A plugin
+that fails to import, register or declare itself (``SystemExit`` included, not
+``KeyboardInterrupt``) is reported (a :class:`PluginWarning`, :attr:`PluginRegistry.errors`) and
+skipped.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import pluggy
+from pydantic import BaseModel
+
+from . import contract
+from .contract import IRPConfig, IRPPlugin, PluginError, validate_config
+
+ENTRY_POINT_GROUP = "hrm_vision.irp_plugins"
+ALLOW_ENV = "HRM_VISION_IRP_PLUGINS"
+BUILTIN_PLUGINS: tuple[str, ...] = ("hrm_vision.irp.tinyvae",)
+_IMPL = f"{contract.PROJECT_NAME}_impl"
+#: The hooks a plugin may implement.
+HOOK_NAMES: tuple[str, ...] = tuple(
+    n for n in dir(contract) if hasattr(getattr(contract, n), f"{contract.PROJECT_NAME}_spec"))
+#: What a plugin's code may raise without taking the host down.
+PLUGIN_FAILURES: tuple[type[BaseException], ...] = (Exception, SystemExit)
+
+
+class PluginWarning(UserWarning):
+    """A plugin could not be loaded, registered or run; the host goes on without it."""
+
+
+class UnknownPluginError(KeyError, ValueError):
+    """No plugin of that name is registered (the message lists the registered ones)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown IRP plugin"
+
+
+def describe(exc: BaseException) -> str:
+    """``"Type: message"`` of an exception, on one line."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """What a plugin registered (``register_irp_plugins``) and the ``source`` module's name."""
+
+    name: str
+    factory: Callable[[Any], IRPPlugin]
+    config_model: type[IRPConfig]
+    kind: str
+    description: str
+    source: str
+
+
+class PluginRegistry:
+    """A pluggy ``PluginManager`` for the IRP hooks and the plugins they declare, collected on
+    first use (again after a module is registered or unregistered): the ``builtins`` modules,
+    then (``load_entry_points``) the entry points ``allow`` names (default :data:`ALLOW_ENV`,
+    unset: all)."""
+
+    def __init__(self, load_entry_points: bool = True, allow: Iterable[str] | None = None,
+                 builtins: Iterable[str] = BUILTIN_PLUGINS) -> None:
+        self.pm = pluggy.PluginManager(contract.PROJECT_NAME)
+        self.pm.add_hookspecs(contract)
+        self.errors: list[PluginError] = []
+        self._plugins: dict[str, PluginInfo] | None = None
+        for module_path in builtins:
+            try:
+                self.register(importlib.import_module(module_path), module_path)
+            except PLUGIN_FAILURES as exc:
+                self.report(module_path, "builtin", f"import failed: {describe(exc)}")
+        if load_entry_points:
+            self.load_entry_points(allow)
+
+    @classmethod
+    def for_plugins(cls, names: Sequence[str]) -> PluginRegistry:
+        """The built-ins and only the entry points named in ``names`` (those of
+        :data:`ALLOW_ENV` when set), so a package not asked for is not imported; the others too
+        only when a name is still unknown. Failures are recorded in :attr:`errors` unwarned."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PluginWarning)
+            registry = cls(load_entry_points=ALLOW_ENV in os.environ)
+            if ALLOW_ENV not in os.environ:
+                known = registry.list_plugins()
+                installed = {ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+                registry.load_entry_points([n for n in names if n in installed and n not in known])
+                if set(names) - set(registry.list_plugins()):
+                    registry.load_entry_points()
+        return registry
+
+    def register(self, plugin: object, name: str | None = None) -> str | None:
+        """Register a plugin module or object; a failure is reported and gives ``None``."""
+        name = name or getattr(plugin, "__name__", None) or repr(plugin)
+        if self.pm.is_registered(plugin):
+            return self.pm.get_name(plugin)
+        try:
+            unknown = [a for a in dir(plugin) if hasattr(getattr(plugin, a, None), _IMPL)
+                       and a not in HOOK_NAMES]
+            if unknown:
+                raise ValueError(f"implements unknown hooks {unknown}; the hooks are {HOOK_NAMES}")
+            registered = self.pm.register(plugin, name=name)
+        except PLUGIN_FAILURES as exc:
+            self.report(name, "register", describe(exc), stage="register")
+            return None
+        self._plugins = None
+        return registered
+
+    def unregister(self, name: str) -> None:
+        """Remove the module registered under ``name`` (no error if absent)."""
+        if (plugin := self.pm.get_plugin(name)) is not None:
+            self.pm.unregister(plugin)
+            self._plugins = None
+
+    def load_entry_points(self, allow: Iterable[str] | None = None) -> None:
+        """Import and register the entry points (``allow``: only these names, default
+        :data:`ALLOW_ENV` when set; a name no package provides is reported)."""
+        if allow is None and ALLOW_ENV in os.environ:
+            allow = os.environ[ALLOW_ENV].split(",")
+        wanted = None if allow is None else {n.strip() for n in allow if n.strip()}
+        source = f"entry point {ENTRY_POINT_GROUP}"
+        eps = list(metadata.entry_points(group=ENTRY_POINT_GROUP))
+        for ep in eps:
+            if wanted is not None and ep.name not in wanted:
+                continue
+            try:
+                module = ep.load()
+            except PLUGIN_FAILURES as exc:
+                self.report(ep.name, source, f"import of {ep.value!r} failed: {describe(exc)}")
+                continue
+            self.register(module, ep.name)
+        for missing in sorted((wanted or set()) - {ep.name for ep in eps}):
+            self.report(missing, source, f"{ALLOW_ENV} names {missing!r}, which no installed "
+                                         "package provides")
+
+    def report(self, name: str, source: str, message: str, stage: str = "import",
+               input_id: int | str | None = None) -> PluginError:
+        """Record a failure in :attr:`errors` and warn, once per (name, source, message)."""
+        error = PluginError(name, source, message, stage, input_id)
+        if not any((e.name, e.source, e.message) == (name, source, message) for e in self.errors):
+            self.errors.append(error)
+            verb = "failed" if stage == "run" else "skipped"
+            warnings.warn(f"IRP plugin {name!r} ({source}) {verb}: {message}", PluginWarning,
+                          stacklevel=3)
+        return error
+
+    def list_plugins(self) -> dict[str, PluginInfo]:
+        """Every registered plugin by name. Each module's hook runs on its own: one that raises
+        or registers something invalid is reported; a name registered twice keeps the first."""
+        if self._plugins is not None:
+            return dict(self._plugins)
+        found: dict[str, PluginInfo] = {}
+        # get_hookimpls() is in registration order (pluggy calls them last-registered first)
+        for impl in self.pm.hook.register_irp_plugins.get_hookimpls():
+            source = self.pm.get_name(impl.plugin) or repr(impl.plugin)
+
+            def register(name: str, factory: Callable[[Any], IRPPlugin],
+                         config_model: type[IRPConfig], kind: str = "perception",
+                         description: str = "", _source: str = source) -> None:
+                if name in found:
+                    problem = f"name {name!r} is already registered by {found[name].source}"
+                elif not (isinstance(config_model, type) and issubclass(config_model, IRPConfig)):
+                    problem = (f"config_model of {name!r} must be an IRPConfig subclass, got "
+                               f"{config_model!r}")
+                else:
+                    found[name] = PluginInfo(name, factory, config_model, kind, description,
+                                             _source)
+                    return
+                self.report(str(name), _source, problem, stage="register")
+
+            try:
+                impl.function(*[{"register": register}[arg] for arg in impl.argnames])
+            except PLUGIN_FAILURES as exc:
+                self.report(source, "hook", f"register_irp_plugins raised {describe(exc)}",
+                            stage="register")
+        self._plugins = found
+        return dict(found)
+
+    def get(self, name: str) -> PluginInfo:
+        """Plugin ``name``; an :class:`UnknownPluginError` lists the registered names and the
+        load failure of a module of that name."""
+        plugins = self.list_plugins()
+        if name not in plugins:
+            failed = [e.message for e in self.errors if e.name == name and e.stage != "run"]
+            why = f" (it failed to load: {failed[0]})" if failed else ""
+            raise UnknownPluginError(f"no IRP plugin named {name!r}{why}; registered: "
+                                     f"{sorted(plugins)}")
+        return plugins[name]
+
+    def create(self, name: str, config: dict[str, Any] | BaseModel | None = None) -> IRPPlugin:
+        """Plugin ``name`` built from ``config``, validated first: a :class:`PluginConfigError`
+        names every bad field (``tinyvae config: step_size: ...``, ``unknown key ...``)."""
+        info = self.get(name)
+        return info.factory(validate_config(info.config_model, config, f"{name} config"))
+
+
+_default_registry: PluginRegistry | None = None
+
+
+def get_registry() -> PluginRegistry:
+    """The process-wide registry (built-ins and entry points), created on first use."""
+    global _default_registry
+    if _default_registry is None:
+        _default_registry = PluginRegistry()
+    return _default_registry
