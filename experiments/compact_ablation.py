@@ -24,8 +24,8 @@ from collections.abc import Sequence
 import compact_train
 import torch
 
+from hrm_vision.compact import CompactStudentVAE
 from hrm_vision.evaluation.compact import compact_table, markdown_table
-from hrm_vision.vae import CompactStudentVAE
 
 VARIANTS = ("pca", "dct", "nolinear", "plain")
 

@@ -37,7 +37,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from hrm_vision.data.photos import PhotoCrops
+from hrm_vision.compact import CompactVAE
+from hrm_vision.data import PhotoCrops
 from hrm_vision.evaluation.compact import (
     compact_table,
     decoded_psnr,
@@ -46,7 +47,6 @@ from hrm_vision.evaluation.compact import (
     vae_coder,
 )
 from hrm_vision.vae import build_model
-from hrm_vision.vae.compact import CompactVAE
 
 SIZE = 64
 

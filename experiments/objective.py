@@ -40,10 +40,10 @@ import torch
 
 from hrm_vision import objective as obj
 from hrm_vision import rate
-from hrm_vision.data.photos import PhotoCrops
+from hrm_vision.data import PhotoCrops
 from hrm_vision.metrics import psnr
+from hrm_vision.patches import fit_patch_pca
 from hrm_vision.vae import MinimalVAE
-from hrm_vision.vae.patches import fit_patch_pca
 
 OBJECTIVES = ("mse", "sigma-channel", "sigma-total", "lagrange", "nll-only")
 RECON_WEIGHT, KL_WEIGHT, FREE_BITS = 0.3, 0.1, 2.0

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ._extras import require
-from .files import write_text
+from .io import write_text
 
 PROG = "hrm-vision perceive"
 #: Image files a folder source is read from.
@@ -153,9 +153,9 @@ class Encoder:
             self.encode = onnx_runner(model, threads)
             self.backend = "onnxruntime"
         else:
-            from .checkpoints import load_model
+            from .io import load
 
-            self.encode = eager_runner(load_model(model), "encode")
+            self.encode = eager_runner(load(model), "encode")
             self.backend = "pytorch_eager"
             if refine_steps > 1:
                 from .irp import create_plugin

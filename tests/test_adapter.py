@@ -46,7 +46,7 @@ def test_models_without_linear_paths_are_left_alone() -> None:
 def test_a_crafted_adapter_size_is_refused_before_building() -> None:
     import pytest
 
-    from hrm_vision.checkpoints import CheckpointError, adapter_from_payload
+    from hrm_vision.io import CheckpointError, adapter_from_payload
 
     state = LatentAdapter(4, 8).state_dict()
     ok = adapter_from_payload({"adapter_state_dict": state,

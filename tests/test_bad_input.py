@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import bad_inputs  # tests/ is on sys.path (pytest prepend mode)
 
-from hrm_vision.checkpoints import load_checkpoint, load_model
+from hrm_vision.io import load_checkpoint, load_model
 
 CASES = {case.name: case for case in bad_inputs.CASES}
 
@@ -83,7 +83,7 @@ class TestSkippedNotFatal:
 
 def non_finite_files(folder: Path) -> dict[str, list[str]]:
     """Every checkpoint in ``folder`` with the keys of its non-finite tensors (if any)."""
-    from hrm_vision.weights import non_finite_tensors
+    from hrm_vision.io import non_finite_tensors
 
     return {p.name: non_finite_tensors(load_checkpoint(p)) for p in sorted(folder.glob("*.pth"))}
 

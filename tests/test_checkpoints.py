@@ -9,7 +9,7 @@ from unittest import mock
 import pytest
 import torch
 
-from hrm_vision.checkpoints import (
+from hrm_vision.io import (
     FORMAT_VERSION,
     CheckpointError,
     load_checkpoint,
@@ -213,7 +213,7 @@ def test_crafted_checkpoint_is_a_checkpoint_error(tmp_path, change, message) -> 
 
 def test_absurd_arch_is_refused_before_anything_is_built(tmp_path) -> None:
     path = crafted(tmp_path, lambda p: p["student_arch"].update(base_channels=3_000_000))
-    with mock.patch("hrm_vision.checkpoints.build_model") as build, \
+    with mock.patch("hrm_vision.io.build_model") as build, \
             pytest.raises(CheckpointError, match="outside"):
         load_model(path)
     assert not build.called
@@ -236,7 +236,7 @@ class TestAdapterRole:
         return adapter, save_checkpoint(payload, tmp_path / "tinyvae_best.pth")
 
     def test_load_model_gives_the_stored_adapter_in_eval_mode(self, tmp_path) -> None:
-        from hrm_vision.checkpoints import adapter_from_payload
+        from hrm_vision.io import adapter_from_payload
         from hrm_vision.vae import LatentAdapter
 
         adapter, path = self.student_with_adapter(tmp_path)
@@ -261,7 +261,7 @@ class TestAdapterRole:
         payload = load_checkpoint(path)
         payload["adapter_arch"] = {"student_dim": 8, "teacher_dim": 10**9}
         torch.save(payload, tmp_path / "crafted.pth")
-        with mock.patch("hrm_vision.vae.adapter.LatentAdapter") as build, \
+        with mock.patch("hrm_vision.vae.LatentAdapter") as build, \
                 pytest.raises(CheckpointError,
                               match=r"\(adapter\): adapter_arch teacher_dim=\d+ is outside"):
             load_model(tmp_path / "crafted.pth", role="adapter")

@@ -7,15 +7,14 @@ import importlib.util
 import pytest
 import torch
 
-from hrm_vision.vae import (
+from hrm_vision.compact import (
     CompactStudentVAE,
     CompactTeacherVAE,
     CompactVAE,
-    VAEOutput,
-    build_model,
-    model_name,
+    crop_dct_basis,
+    fit_crop_pca,
 )
-from hrm_vision.vae.compact import crop_dct_basis, fit_crop_pca
+from hrm_vision.vae import VAEOutput, build_model, model_name
 
 #: Tiny configurations (the architecture is the defaults', with narrow stages).
 SMALL = [(CompactStudentVAE, {"base_channels": 4, "latent_dim": 16}),

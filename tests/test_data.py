@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hrm_vision.data import build_dataset
-from hrm_vision.data.photos import PHOTOS, VAL_PHOTOS, PhotoCrops
+from hrm_vision.data import PHOTOS, VAL_PHOTOS, PhotoCrops, build_dataset
 
 
 def test_items_are_float_rgb_in_unit_range() -> None:

@@ -14,10 +14,16 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from hrm_vision.data import build_dataset
-from hrm_vision.data.cifar10 import BATCH_DIR, TRAIN_FILES, CIFAR10Images
-from hrm_vision.data.imagefolder import ImageFolderImages, split_files
-from hrm_vision.data.images import UnsupportedImageError, read_image
+from hrm_vision.data import (
+    BATCH_DIR,
+    TRAIN_FILES,
+    CIFAR10Images,
+    ImageFolderImages,
+    UnsupportedImageError,
+    build_dataset,
+    read_image,
+    split_files,
+)
 
 PER_BATCH = 4
 
@@ -155,7 +161,7 @@ class TestImageFolder:
         (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
         good = tmp_path / "img0.png"
         (tmp_path / "truncated.png").write_bytes(good.read_bytes()[:60])
-        with caplog.at_level(logging.WARNING, logger="hrm_vision.data.imagefolder"):
+        with caplog.at_level(logging.WARNING, logger="hrm_vision.data"):
             ds = ImageFolderImages(tmp_path, "train", image_size=8, val_fraction=0.0)
         assert len(ds) == 6 and sorted(r for r, _ in ds.skipped) == ["broken.jpg",
                                                                      "truncated.png"]
@@ -270,7 +276,7 @@ class TestBitDepths:
         Image.fromarray(nan).save(tmp_path / "b_nan.tif")
         Image.fromarray(np.full((8, 8), 70000, np.int32)).save(tmp_path / "c_int32.tif")
         write_float_rgb_tiff(tmp_path / "d_rgb_float.tiff", np.full((8, 8, 3), 0.5))
-        with caplog.at_level(logging.WARNING, logger="hrm_vision.data.imagefolder"):
+        with caplog.at_level(logging.WARNING, logger="hrm_vision.data"):
             ds = ImageFolderImages(tmp_path, "train", image_size=8, val_fraction=0.0)
         assert ds.files == ["good.tif"]
         reasons = dict(ds.skipped)

@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 import torch
 
-from hrm_vision.checkpoints import model_entry, save_checkpoint
 from hrm_vision.evaluation import (
     dequantize_uint8,
     interleaved_timings,
@@ -19,6 +18,7 @@ from hrm_vision.evaluation import (
 )
 from hrm_vision.evaluation.__main__ import main
 from hrm_vision.evaluation.speed import OPS
+from hrm_vision.io import model_entry, save_checkpoint
 from hrm_vision.vae import LatentAdapter, MinimalVAE, TeacherVAE
 
 MODEL_KEYS = ["parameters", "weights_fp32_bytes", "weights_fp16_bytes", "psnr_db", "ssim",

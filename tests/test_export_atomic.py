@@ -17,7 +17,7 @@ import torch
 from hrm_vision.export import ExportSet, export_model
 from hrm_vision.export import pipeline as export_pipeline
 from hrm_vision.export.staging import remove_stale_stages
-from hrm_vision.files import FolderLock
+from hrm_vision.io import FolderLock
 from hrm_vision.vae import MinimalVAE
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""hrm_vision.files: permissions of atomic writes and the one-writer folder lock."""
+"""hrm_vision.io: permissions of atomic writes and the one-writer folder lock."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hrm_vision.files import (
+from hrm_vision.io import (
     FolderLock,
     FolderLockedError,
     atomic_write,
@@ -48,7 +48,7 @@ class TestPermissions:
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from hrm_vision.files import FolderLock
+    from hrm_vision.io import FolderLock
     lock = FolderLock(sys.argv[1], "holding for a test").acquire()
     print("held", flush=True)
     time.sleep(60)

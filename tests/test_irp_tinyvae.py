@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from hrm_vision.checkpoints import CheckpointError, load_model, model_entry, save_checkpoint
-from hrm_vision.data.photos import PhotoCrops
+from hrm_vision.data import PhotoCrops
+from hrm_vision.io import CheckpointError, load_model, model_entry, save_checkpoint
 from hrm_vision.irp import PluginRegistry, validate_telemetry
 from hrm_vision.irp import host as host_cli
 from hrm_vision.irp import measure as measure_cli

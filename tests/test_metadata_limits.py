@@ -19,13 +19,16 @@ import torch
 from helpers import tiny_run  # tests/ is on sys.path (pytest prepend mode)
 from safetensors.torch import save_file
 
-from hrm_vision.checkpoints import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from hrm_vision.cli import main as cli_main
-from hrm_vision.pretrained import (
+from hrm_vision.io import (
     MAX_METADATA_CHARS,
+    CheckpointError,
+    load_checkpoint,
+    load_model,
     load_pretrained,
     load_pretrained_adapter,
     read_metadata,
+    save_checkpoint,
 )
 from hrm_vision.vae import MinimalVAE
 
@@ -130,7 +133,7 @@ def write_crafted_models(d: Path) -> None:
     """``typed.pth``: a student and a teacher with one int64 weight each; ``wide.pth``: with
     an empty ``(0, 200000)`` tensor and ``base_channels`` 20,000 (an empty tensor must not
     lift the architecture bound)."""
-    from hrm_vision.checkpoints import model_entry
+    from hrm_vision.io import model_entry
     from hrm_vision.vae import TeacherVAE
 
     torch.manual_seed(0)

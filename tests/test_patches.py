@@ -9,9 +9,7 @@ import torch
 
 from hrm_vision.evaluation.baselines import PatchPCA, pooled_psnr
 from hrm_vision.objective import kl_per_element
-from hrm_vision.vae import MinimalVAE, TeacherVAE
-from hrm_vision.vae.models import LOGVAR_INIT
-from hrm_vision.vae.patches import (
+from hrm_vision.patches import (
     PatchWhitening,
     allocate_rate,
     dct_basis,
@@ -19,6 +17,7 @@ from hrm_vision.vae.patches import (
     patch_vectors,
     posterior_kl,
 )
+from hrm_vision.vae import LOGVAR_INIT, MinimalVAE, TeacherVAE
 
 
 def test_dct_basis_is_orthonormal_and_starts_with_patch_means() -> None:

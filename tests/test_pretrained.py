@@ -14,12 +14,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hrm_vision.checkpoints import CheckpointError, model_entry, save_checkpoint
-from hrm_vision.pretrained import (
+from hrm_vision.io import (
     IMAGE_CONVENTION,
+    CheckpointError,
     load_pretrained,
     load_pretrained_adapter,
+    model_entry,
     read_metadata,
+    save_checkpoint,
     save_pretrained,
 )
 from hrm_vision.vae import MinimalVAE, TeacherVAE, VAEBase
@@ -256,8 +258,8 @@ class TestBadFiles:
 
 def test_import_of_the_models_does_not_load_safetensors(tmp_path: Path) -> None:
     """``import hrm_vision.vae`` stays light; safetensors comes in when a file is written or read
-    (the reader and writer themselves, :mod:`hrm_vision.pretrained` over
-    :mod:`hrm_vision.checkpoints`, import only torch)."""
+    (the reader and writer themselves, :mod:`hrm_vision.io` over
+    :mod:`hrm_vision.io`, import only torch)."""
     code = (
         "import json, sys\n"
         "import hrm_vision.vae as v\n"
@@ -287,7 +289,7 @@ class TestAdapterBeside:
 
     def test_both_load_from_one_file(self, tmp_path: Path, student: MinimalVAE,
                                      adapter: torch.nn.Module) -> None:
-        from hrm_vision.checkpoints import load_model
+        from hrm_vision.io import load_model
 
         path = save_pretrained(student, tmp_path / "w.safetensors", adapter=adapter)
         assert json.loads(read_metadata(path)["adapter_arch"]) == {"student_dim": 8,

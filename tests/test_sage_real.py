@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from hrm_vision.data.photos import PhotoCrops
+from hrm_vision.data import PhotoCrops
 from hrm_vision.irp.sage import create_tinyvae_irp
 
 SAGE_PATH = os.environ.get("HRM_VISION_SAGE_PATH")

@@ -13,7 +13,6 @@ import torch
 from helpers.loops import loop_with_messages  # tests/ is on sys.path (pytest prepend mode)
 from torch import Tensor, nn
 
-from hrm_vision.checkpoints import load_model
 from hrm_vision.data import validation_images
 from hrm_vision.distill import Distiller, load_config
 from hrm_vision.distill.config import DistillConfig
@@ -23,8 +22,8 @@ from hrm_vision.distill.losses import DistillLoss
 from hrm_vision.distill.phases import Phase, PhaseContext
 from hrm_vision.evaluation.baselines import patch_spectrum
 from hrm_vision.evaluation.quality import measure_rate
-from hrm_vision.vae import MinimalVAE
-from hrm_vision.vae.models import LOGVAR_INIT
+from hrm_vision.io import load_model
+from hrm_vision.vae import LOGVAR_INIT, MinimalVAE
 
 
 class PlateauPhase(Phase):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hrm_vision.checkpoints import model_entry, save_checkpoint
+from hrm_vision.io import model_entry, save_checkpoint
 from hrm_vision.vae import MinimalVAE, TeacherVAE, TinyVAE, VAEOutput, build_model, count_macs
 
 SMALL = [(TeacherVAE, {"base_channels": 8, "latent_dim": 16, "blocks_per_stage": 1}),

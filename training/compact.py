@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 
-from hrm_vision.checkpoints import load_model
 from hrm_vision.distill import Distiller, load_config
 from hrm_vision.distill.config import DistillConfig
 from hrm_vision.distill.data import build_split, first_images
@@ -43,6 +42,7 @@ from hrm_vision.evaluation.compact import (
     markdown_table,
     vae_coder,
 )
+from hrm_vision.io import load
 
 PROG = "training/compact.py"
 #: The phases whose epochs hold each model's best.
@@ -70,10 +70,10 @@ def report(distilled: DistillConfig, alone: DistillConfig, files: dict[str, Path
     val = build_split(distilled, "val")
     sets = evaluation_sets(first_images(val, len(val)))
     train = first_images(build_split(distilled, "train"))
-    teacher = load_model(files["teacher"], role="teacher")
-    student = load_model(files["best"], role="student")
-    adapter = load_model(files["best"], role="adapter")
-    student_alone = load_model(alone_files["best"], role="student")
+    teacher = load(files["teacher"], role="teacher")
+    student = load(files["best"], role="student")
+    adapter = load(files["best"], role="adapter")
+    student_alone = load(alone_files["best"], role="student")
     epoch, epoch_alone = (best_epoch(f["history"], STUDENT_PHASES) for f in (files, alone_files))
     a, d = distilled.recon_weight, distilled.distill_recon_weight
     coders = [vae_coder("compact teacher", teacher, best_epoch(files["history"], ("teacher",))),

@@ -10,7 +10,7 @@ tensors ``(N, 3, H, W)`` in [0, 1] with H and W divisible by 8; PSNR is over the
 count as a latent of k channels on the H/8 x W/8 grid.
 
 The same PCA gives the spectrum of the images' 8x8x3 patches (:func:`patch_spectrum`), from
-which :mod:`hrm_vision.rate` computes the best linear-Gaussian reconstruction at a given rate.
+which :mod:`hrm_vision.patches` computes the best linear-Gaussian reconstruction at a given rate.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..metrics import psnr as pooled_psnr
 from ..metrics import psnr_from_mse as pooled_psnr_from_mse
-from ..vae.patches import PATCH, fit_patch_pca, patch_vectors
+from ..patches import PATCH, fit_patch_pca, patch_vectors
 
 #: Thumbnail sides and PCA coefficient counts reported by default (for 32x32 images: the 8x8
 #: and 16x16 thumbnails; PCA at 16 and 48 coefficients, and at the two latent sizes).
@@ -139,7 +139,7 @@ def crop_baselines(val_images: Tensor, train_images: Tensor,
     :data:`CROP_PCA_FIT` of ``train_images`` (more than ``max(coefficients)`` needed), and
     thumbnails of side ``s`` (``3 s**2`` numbers). Reconstructions are clamped to [0, 1], as the
     models' are; PSNR pooled over the set."""
-    from ..vae.compact import fit_crop_pca  # the compact models' own PCA
+    from ..compact import fit_crop_pca  # the compact models' own PCA
 
     rows = []
     if coefficients:

@@ -8,7 +8,7 @@ evaluation set; for the models also the rate, the KL of the posterior to N(0, I)
 
 * nats per number: the mean KL per latent number (:func:`hrm_vision.objective.gaussian_kl`);
 * bits per pixel: ``nats_per_number * numbers / (H * W * ln 2)``, the rate of one crop spread
-  over its ``H * W`` pixels (:func:`hrm_vision.rate.bits_per_pixel` counts 64 pixels per latent
+  over its ``H * W`` pixels (:func:`hrm_vision.patches.bits_per_pixel` counts 64 pixels per latent
   cell; a whole ``H x W`` crop is ``H * W / 64`` cells).
 
 Evaluation sets (:func:`evaluation_sets`): *held-out* crops (the validation photographs of the
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .._extras import require
-from ..data.photos import crop_images
+from ..data import crop_images
 from ..metrics import psnr
 from ..objective import gaussian_kl
 from ..rate import PIXELS_PER_CELL, bits_per_pixel
@@ -45,7 +45,7 @@ SET_LABELS = {"held_out": "held-out", "unseen": "unseen sources"}
 
 def unseen_crops(num: int, image_size: int = 64, seed: int = 7) -> Tensor:
     """``num`` crops ``(num, 3, S, S)`` in [0, 1] of :data:`UNSEEN_PHOTO` at the ``photos``
-    scales, cut like the ``photos`` crops (:func:`hrm_vision.data.photos.crop_images`)."""
+    scales, cut like the ``photos`` crops (:func:`hrm_vision.data.crop_images`)."""
     cbook = require("matplotlib.cbook", extra="train", purpose="the unseen-sources crops")
     image = require("PIL.Image", extra="photos", purpose="the unseen-sources crops")
     with cbook.get_sample_data(UNSEEN_PHOTO) as f:

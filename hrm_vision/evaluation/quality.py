@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from .. import rate
+from .. import patches as rate
 from ..metrics import linear_cka, psnr, psnr_from_mse, ssim
 from ..objective import gaussian_kl
 from ..vae import VAEBase
@@ -124,9 +124,9 @@ def held_out_frames(photos: Sequence[str] | None = None) -> list[Tensor]:
     """The held-out photographs of the ``photos`` dataset at full resolution, each centre-cropped
     to sides divisible by 8: a list of ``(1, 3, H, W)`` float tensors in [0, 1] (sizes differ).
 
-    ``photos`` defaults to :data:`hrm_vision.data.photos.VAL_PHOTOS`. Needs the ``photos`` extra.
+    ``photos`` defaults to :data:`hrm_vision.data.VAL_PHOTOS`. Needs the ``photos`` extra.
     """
-    from ..data.photos import VAL_PHOTOS, load_photo
+    from ..data import VAL_PHOTOS, load_photo
 
     frames = []
     for name in VAL_PHOTOS if photos is None else photos:
@@ -150,11 +150,11 @@ class RateQuality:
     """What a model's rate buys, on one set of images (PSNR pooled over the set, in dB).
 
     ``kl_nats_per_element``: mean KL of the posterior to N(0, I) per latent element;
-    ``bits_per_pixel``: the same rate per pixel (:func:`hrm_vision.rate.bits_per_pixel`);
+    ``bits_per_pixel``: the same rate per pixel (:func:`hrm_vision.patches.bits_per_pixel`);
     ``psnr_mu_db``: decode(mu); ``psnr_sample_db``: decode(z), z a posterior sample (seeded);
     ``water_filling_psnr_db`` and ``uniform_psnr_db``: the Gaussian references at the same rate
-    from the spectrum of the set's 8x8x3 patches (:func:`hrm_vision.rate.water_filling`,
-    :func:`hrm_vision.rate.uniform_allocation` over the model's latent channels).
+    from the spectrum of the set's 8x8x3 patches (:func:`hrm_vision.patches.water_filling`,
+    :func:`hrm_vision.patches.uniform_allocation` over the model's latent channels).
     """
 
     model: str
@@ -196,10 +196,10 @@ def measure_rate(model: VAEBase, name: str, images: Tensor | Sequence[Tensor], l
         model=name, images=label, latent_channels=round(c), kl_nats_per_element=nats,
         bits_per_pixel=rate.bits_per_pixel(nats, c),
         psnr_mu_db=psnr_from_mse(se_mu / pixels), psnr_sample_db=psnr_from_mse(se_z / pixels),
-        water_filling_psnr_db=rate.psnr_db(rate.water_filling(spectrum,
-                                                              rate.patch_rate_nats(nats, c))),
-        uniform_psnr_db=rate.psnr_db(rate.uniform_allocation(spectrum, nats,
-                                                             min(round(c), spectrum.numel()))))
+        water_filling_psnr_db=psnr_from_mse(rate.water_filling(spectrum,
+                                                               rate.patch_rate_nats(nats, c))),
+        uniform_psnr_db=psnr_from_mse(rate.uniform_allocation(spectrum, nats,
+                                                              min(round(c), spectrum.numel()))))
 
 
 def pooled_psnr(reconstruct: Callable[[Tensor], Tensor], images: Sequence[Tensor]) -> float:

@@ -32,9 +32,15 @@ from typing import Any
 
 import torch
 
-from ..checkpoints import adapter_from_payload, load_checkpoint, model_from_payload
 from ..data import build_dataset, validation_images
-from ..files import json_safe, write_json, write_text
+from ..io import (
+    adapter_from_payload,
+    json_safe,
+    load_checkpoint,
+    model_from_payload,
+    write_json,
+    write_text,
+)
 from ..timing import machine_info
 from ..vae import LatentAdapter, VAEBase
 from .baselines import PatchPCA, compute_baselines, frame_baselines, patch_spectrum
@@ -131,7 +137,7 @@ def rate_rows(s: EvaluationSettings, models: dict[str, VAEBase], images: Any, la
 def frames_section(s: EvaluationSettings, models: dict[str, VAEBase], pca: PatchPCA | None
                    ) -> dict[str, Any]:
     """Quality and rate on the held-out photographs at full resolution."""
-    from ..data.photos import VAL_PHOTOS
+    from ..data import VAL_PHOTOS
 
     frames = held_out_frames()
     rows = [{"name": name, "numbers": m.latent_dim,

@@ -11,7 +11,7 @@ writes these files and ``export.json``:
   ``--no-teacher-space``): ``image`` -> ``teacher_latent`` ``(N, teacher_dim, H/8, W/8)``,
   ``adapter(encoder(image))``, the student's latent in the teacher's latent space;
 - ``tinyvae_{encoder,decoder}.{fp16,int8}.onnx`` (``--precision``): float16 and int8 variants;
-- ``tinyvae.safetensors``: the student's weights (``MinimalVAE.from_pretrained``).
+- ``tinyvae.safetensors``: the student's weights (``hrm_vision.load``).
 
 Batch, height and width are dynamic (sides divisible by 8). Modules: :mod:`.graphs` (the
 exported graphs, names, metadata), :mod:`.fold` (BatchNorm folded into convolutions),

@@ -26,11 +26,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..checkpoints import ADAPTER_ROLE, load_checkpoint, model_from_payload, roles_in
+from ..compact import CompactVAE
 from ..data import validation_images
-from ..files import write_text
+from ..io import ADAPTER_ROLE, load_checkpoint, model_from_payload, roles_in, write_text
 from ..vae import VAEBase
-from ..vae.compact import CompactVAE
 from .frames import parse_size, parse_sizes, photo_frames
 from .graphs import ExportError
 from .onnx import DEFAULT_OPSET

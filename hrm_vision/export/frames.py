@@ -34,7 +34,7 @@ def photo_frames(height: int, width: int, split: str = "val") -> Tensor:
     [0, 1], RGB: each photograph resized (bilinear, antialiased) to cover the frame, then
     centre-cropped. Validation photographs are the ones training never sees (coffee, rocket,
     camera: N = 3). Needs the ``photos`` extra."""
-    from ..data.photos import PHOTOS, VAL_PHOTOS, load_photo
+    from ..data import PHOTOS, VAL_PHOTOS, load_photo
 
     names = VAL_PHOTOS if split == "val" else tuple(p for p in PHOTOS if p not in VAL_PHOTOS)
     frames = []

@@ -2,7 +2,7 @@
 adapter (the teacher-space encoder); their names, shapes and metadata.
 
 A spatial model's graphs take any height and width divisible by 8; a compact model's
-(:class:`~hrm_vision.vae.compact.CompactVAE`) take its fixed crop, ``(N, C, S, S)`` images and
+(:class:`~hrm_vision.compact.CompactVAE`) take its fixed crop, ``(N, C, S, S)`` images and
 ``(N, latent_dim)`` latents, with only the batch dynamic (:attr:`GraphSpec.fixed_size`)."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from .. import __version__
+from ..compact import CompactVAE
 from ..vae import VAEBase, model_name
-from ..vae.compact import CompactVAE
 
 
 class ExportError(RuntimeError):

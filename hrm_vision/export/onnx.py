@@ -18,7 +18,7 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
-from ..files import atomic_write
+from ..io import atomic_write
 from .graphs import ExportError, GraphSpec
 
 #: Default ONNX opset (supported by ONNX Runtime >= 1.14 and TensorRT >= 8.6).

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ..pretrained import save_pretrained
+from ..io import save
 from ..vae import VAEBase
 from .fold import fold_batchnorm
 from .graphs import ExportError, VAEGraph, graph_specs
@@ -72,7 +72,7 @@ def write_export(vae: VAEBase, out_dir: str | os.PathLike[str], images: Tensor,
                  parity_images: dict[str, Tensor] | None = None) -> ExportResult:
     """Export encoder and decoder of ``vae`` to ONNX and TorchScript in ``out_dir``, checked,
     and its weights (and the adapter's) to ``tinyvae.safetensors`` (loadable with
-    ``MinimalVAE.from_pretrained``; the adapter with ``load_model(path, role="adapter")``).
+    ``hrm_vision.load(path)``; the adapter with ``hrm_vision.load(path, role="adapter")``).
 
     ``images``: real (N, 3, S, S) images in [0, 1] (the main parity check and the example).
     ``adapter``: the student-to-teacher :class:`~hrm_vision.distill.adapter.LatentAdapter`
@@ -115,8 +115,8 @@ def write_export(vae: VAEBase, out_dir: str | os.PathLike[str], images: Tensor,
     parity_sizes = {key: check_parity(vae, files, x, adapter=adapter) for key, x in sizes.items()}
     graphs = _precision_variants(vae, files, precisions, calibration)
     costs = precision_costs(vae, graphs, sizes)
-    # the weights alone, with the architecture in the metadata: MinimalVAE.from_pretrained(path)
-    weights = str(save_pretrained(vae, out / "tinyvae.safetensors", adapter=adapter))
+    # the weights alone, with the architecture in the metadata: hrm_vision.load(path)
+    weights = str(save(vae, out / "tinyvae.safetensors", adapter=adapter))
     return ExportResult(files, diffs, metadata, images.shape[0], weights_file=weights,
                         parity_sizes=parity_sizes, precision_files=graphs,
                         precision_costs=costs)

@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 from torch import Tensor
 
-from ..files import atomic_write
+from ..io import atomic_write
 
 #: Weight names whose convolutions the fp16 graph keeps in float32 (the linear patch path).
 FP32_WEIGHTS = (".patches.", ".linear.")

@@ -6,7 +6,7 @@ takes the target's place in one ``rename`` (on Linux ``renameat2(RENAME_EXCHANGE
 reader sees the old set or the new one, never a mix). A failure, an interrupt or a SIGTERM
 before that leaves the target as it was and removes the staging folder; a SIGKILL leaves the
 staging folder, which the next export beside it removes (a live export holds a
-:class:`~hrm_vision.files.FolderLock` on its own). Files in the target that an export does not
+:class:`~hrm_vision.io.FolderLock` on its own). Files in the target that an export does not
 write are kept (hard-linked into the new set); a target holding a folder or another
 non-regular entry is refused before anything is written. A write that fails (full disk) is an
 ``OSError`` naming the file at its final place.
@@ -27,7 +27,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 
-from ..files import FolderLock, FolderLockedError
+from ..io import FolderLock, FolderLockedError
 
 #: Names an export writes; anything else found in the target is carried over unchanged.
 EXPORT_NAME = re.compile(r"^(tinyvae.*\.(onnx|torchscript\.pt|safetensors)|export\.json)$")

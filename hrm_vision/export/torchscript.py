@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..files import atomic_write
+from ..io import atomic_write
 from .graphs import GraphSpec
 
 

@@ -13,7 +13,7 @@ Command line::
 
 The step budget is the number of states each input may use, split evenly among the plugins
 (each gets at least 1, its initial guess). ``--images`` files are read by bit depth (8-bit,
-16-bit, float in [0, 1]; see :mod:`hrm_vision.data.images`) into float RGB tensors.
+16-bit, float in [0, 1]; see :mod:`hrm_vision.data`) into float RGB tensors.
 
 A plugin that fails (at import, in its factory, or on an input) is reported and the others go
 on; see :class:`Orchestrator` and :func:`main` for the exit statuses.
@@ -290,11 +290,11 @@ def read_frame(path: str | Path) -> Any:
     """An image file as a ``(3, H, W)`` float RGB tensor in [0, 1], scaled by its bit depth.
 
     Raises ``OSError`` (missing or undecodable file), ``ValueError`` (pixels of unknown scale,
-    see :mod:`hrm_vision.data.images`), ``MissingExtraError`` without pillow.
+    see :mod:`hrm_vision.data`), ``MissingExtraError`` without pillow.
     """
     import torch
 
-    from ..data.images import read_image
+    from ..data import read_image
 
     array = read_image(path, purpose="reading --images files")
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
@@ -303,7 +303,7 @@ def read_frame(path: str | Path) -> Any:
 def _inputs(args: argparse.Namespace) -> list[Any]:
     if args.images:
         return [read_frame(p) for p in args.images]
-    from ..data.photos import PhotoCrops
+    from ..data import PhotoCrops
 
     crops = PhotoCrops("val", num_crops=args.num_crops).images_uint8.float() / 255.0
     return list(crops.split(args.batch_size))

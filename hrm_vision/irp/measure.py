@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..data.photos import PhotoCrops
+from ..data import PhotoCrops
 from ..metrics import psnr
 from .plugins import get_registry
 from .tinyvae_plugin import TinyVAEPlugin

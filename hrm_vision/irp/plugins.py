@@ -35,7 +35,7 @@ from typing import Any
 import pluggy
 from pydantic import BaseModel, ValidationError
 
-from ..validation import describe_validation_error
+from ..io import describe_validation_error
 from . import hookspecs
 from .base import IRPConfig, IRPPlugin
 

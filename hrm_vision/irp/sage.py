@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..checkpoints import load_model
+from ..io import load
 from .base import IRPState, trust_metrics
 from .crops import CropFormat, from_model_images, to_model_images
 from .sage_config import SageConfig, model_sizes
@@ -74,7 +74,7 @@ class TinyVAEIRP:
                           "trained weights", UserWarning, stacklevel=3)
             model = build_model(sizes.latent_dim, sizes.input_channels, sizes.img_size)
         else:
-            model = load_model(settings.checkpoint, role="student")
+            model = load(settings.checkpoint, role="student")
             sizes = model_sizes(settings, model)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.settings = settings

@@ -15,7 +15,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..validation import describe_validation_error
+from ..io import describe_validation_error
 
 #: Environment variable naming the checkpoint used when ``checkpoint`` is not given, so SAGE's
 #: scripts run trained weights with only the import swapped.

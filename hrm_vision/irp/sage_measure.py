@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.photos import PhotoCrops
+from ..data import PhotoCrops
 from ..metrics import psnr
 from .sage import create_tinyvae_irp
 

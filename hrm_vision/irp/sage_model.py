@@ -13,8 +13,8 @@ import os
 import torch
 from torch import Tensor, nn
 
-from ..checkpoints import load_model
-from ..vae import CompactStudentVAE
+from ..compact import CompactStudentVAE
+from ..io import load
 
 
 def build_model(latent_dim: int, input_channels: int, img_size: int) -> nn.Module:
@@ -52,7 +52,7 @@ class TinyVAE(nn.Module):
         if checkpoint is None:
             model = build_model(latent_dim, input_channels, img_size)
         else:
-            model = load_model(checkpoint, role="student")
+            model = load(checkpoint, role="student")
             if model.latent_dim != latent_dim:
                 raise ValueError(f"latent_dim={latent_dim} disagrees with the checkpoint "
                                  f"{checkpoint}, whose model has latent_dim {model.latent_dim}")

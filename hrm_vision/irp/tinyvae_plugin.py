@@ -39,8 +39,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import Tensor
 
-from ..checkpoints import CheckpointError
-from ..pretrained import load_pretrained
+from ..io import CheckpointError, load
 from ..vae import MinimalVAE
 from .base import IRPConfig, IRPPlugin, IRPState
 from .hookspecs import hookimpl
@@ -54,7 +53,7 @@ class TinyVAEConfig(IRPConfig):
     """Config of the ``tinyvae`` plugin (plus ``max_steps``, ``halt_eps``, ``halt_window``)."""
 
     checkpoint: Path = Field(description="the distiller's tinyvae_best.pth (role 'student'), "
-                                         "or a .safetensors file from save_pretrained")
+                                         "or a .safetensors file from hrm_vision.save")
     device: str = Field("cpu", description="torch device the model runs on")
     step_size: float = Field(0.1, gt=0, description="initial latent step (RMS per element)")
     max_backtracks: int = Field(4, ge=0, description="halvings of a step that raised the energy")
@@ -228,7 +227,7 @@ class TinyVAEPlugin(IRPPlugin):
     Args:
         config: a validated :class:`TinyVAEConfig`; the checkpoint (``.pth`` or
             ``.safetensors``) is loaded here with
-            ``hrm_vision.pretrained.load_pretrained(path, role="student")``, on the CPU, then
+            ``hrm_vision.load(path, role="student")``, on the CPU, then
             moved to ``config.device``.
 
     Raises:
@@ -243,7 +242,7 @@ class TinyVAEPlugin(IRPPlugin):
 
     def __init__(self, config: TinyVAEConfig) -> None:
         super().__init__(config)
-        model = load_pretrained(config.checkpoint, role="student")
+        model = load(config.checkpoint, role="student")
         if not isinstance(model, MinimalVAE):
             raise CheckpointError(f"{config.checkpoint}: the student is a {type(model).__name__}; "
                                   "the tinyvae plugin needs a MinimalVAE (TinyVAE) checkpoint")

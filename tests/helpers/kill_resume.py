@@ -38,7 +38,7 @@ def saved_epoch(ckpt_dir: Path) -> tuple[int, int] | None:
 
     Raises ``CheckpointError`` if the file exists but does not load (a half-written file).
     """
-    from hrm_vision.checkpoints import load_checkpoint
+    from hrm_vision.io import load_checkpoint
 
     path = ckpt_dir / LAST
     if not path.exists():
@@ -115,7 +115,7 @@ def run(workdir: Path, kills: int, epochs: int, seed: int, compare: bool,
 
 def check_final(ckpt: Path, epochs: int, workdir: Path, argv: list[str],
                 compare: bool) -> dict[str, Any]:
-    from hrm_vision.checkpoints import load_checkpoint, load_model
+    from hrm_vision.io import load_checkpoint, load_model
 
     history = json.loads((ckpt / "history.json").read_text())
     epochs_seen = [r["epoch"] for r in history if r["phase"] == "distill"]

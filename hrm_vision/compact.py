@@ -2,24 +2,21 @@
 (512 numbers), for pipelines that pass one short vector per crop instead of a spatial map.
 
 Both map a fixed-size image ``(B, C, S, S)`` in [0, 1] (``C`` = 1 or 3, ``S`` = ``image_size``,
-64 by default) to a diagonal Gaussian posterior over a *vector* latent ``(B, latent_dim)`` and
-back. Sizes: ``python -m hrm_vision.vae.summary`` style numbers are in ``docs/models.md``.
+64 by default) to a diagonal Gaussian posterior over a vector latent ``(B, latent_dim)`` and
+back, with the residual design of :mod:`hrm_vision.vae` for a whole crop:
 
-Design (the residual design of :mod:`hrm_vision.vae.models`, for a whole crop)
------------------------------------------------------------------------------
-* **Linear path**: the flattened crop is whitened by a fixed basis of ``latent_dim``
-  components (:class:`CropBasis`, buffers): a low-frequency 2-D DCT of the whole crop at
-  construction, the PCA of training crops after :meth:`CompactVAE.init_from_data`. A learnable
-  ``latent_dim x latent_dim`` linear map (identity at the start) gives the latent; the decoder
-  mirrors it. With a fitted basis an untrained model *is* PCA with ``latent_dim`` components.
-* **Nonlinear branches**: a convolutional encoder (PixelUnshuffle downsampling to 4x4, residual
-  blocks) whose fully connected head adds to the latent, and a decoder (a fully connected layer
-  to 4x4 features, PixelShuffle upsampling, residual blocks) whose output adds to the linear
-  reconstruction. Each branch ends in a layer that starts at zero, so the model starts as its
-  linear path and the branches learn what it misses.
+* **linear path**: the flattened crop is whitened by a fixed basis of ``latent_dim`` components
+  (:class:`CropBasis`, buffers: a low-frequency 2-D DCT at construction, the PCA of training
+  crops after :meth:`CompactVAE.init_from_data`), then a learnable ``latent_dim x latent_dim``
+  map (identity at the start); the decoder mirrors it;
+* **nonlinear branches**: a convolutional encoder (PixelUnshuffle down to 4x4, residual blocks)
+  whose fully connected head adds to the latent, and a decoder (fully connected to 4x4,
+  PixelShuffle up, residual blocks) adding to the linear reconstruction; each ends in a layer
+  that starts at zero.
 
-Operators: ``Conv2d``, ``Linear`` (ONNX Gemm), ``ReLU``, ``PixelShuffle``/``PixelUnshuffle``,
-reshapes, additions and a ``Clip``; nothing else, so the models export to ONNX and TensorRT.
+Operators: ``Conv2d``, ``Linear``, ``ReLU``, ``PixelShuffle``/``PixelUnshuffle``, reshapes,
+additions and a ``Clip`` (ONNX/TensorRT export). The classes register in
+:data:`hrm_vision.vae.MODELS` when this module is imported (``import hrm_vision`` does).
 """
 
 from __future__ import annotations
@@ -29,10 +26,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import VAEBase
-from .blocks import ResBlock, conv, down, up
-from .models import LOGVAR_INIT
 from .patches import allocated_logvar
+from .vae import LOGVAR_INIT, ResBlock, VAEBase, conv, down, register_model, up
 
 #: Side of the feature map at the bottom of both branches (image_size / 16 for 64x64 crops).
 BOTTOM = 4
@@ -235,19 +230,15 @@ class CompactVAE(VAEBase):
             raise ValueError(f"expected {s}x{s} crops, got {x.shape[2]}x{x.shape[3]}; "
                              f"resize the input to {s}x{s}")
 
-    def _check_latent(self, z: Tensor) -> None:
-        if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[1] != self.latent_dim:
-            shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
-            raise ValueError(f"expected a latent of shape (B, {self.latent_dim}), got {shape}")
-        if not z.is_floating_point():
-            raise ValueError(f"expected a float latent, got dtype {z.dtype}")
+    def _check_latent(self, z: Tensor, shape: str = "", rank: int = 2) -> None:
+        super()._check_latent(z, shape, rank)
 
     @torch.no_grad()
     def init_from_data(self, images: Tensor) -> None:
         """Fit the linear path's basis to the PCA of ``images`` (N, C, S, S) in [0, 1] (the
         first :data:`MAX_FIT_IMAGES`; more than ``latent_dim`` are needed), then allocate the
         rate of ``logvar = LOGVAR_INIT`` across the latent numbers
-        (:func:`~hrm_vision.vae.patches.allocated_logvar`)."""
+        (:func:`~hrm_vision.patches.allocated_logvar`)."""
         self._check_images(images)
         fitted = fit_crop_pca(images[:MAX_FIT_IMAGES].float().cpu(), self.latent_dim)
         for basis in (self.encoder.basis, self.decoder.basis):
@@ -272,6 +263,7 @@ class CompactVAE(VAEBase):
         return enc_w, -(enc_w @ e.mean), dec_w, d.mean.clone()
 
 
+@register_model("compact_student")
 class CompactStudentVAE(CompactVAE):
     """The compact student: ``latent_dim`` numbers (64) per ``image_size`` crop (64x64).
 
@@ -296,6 +288,7 @@ class CompactStudentVAE(CompactVAE):
                       "input_channels": input_channels, "base_channels": base_channels}
 
 
+@register_model("compact_teacher")
 class CompactTeacherVAE(CompactVAE):
     """The compact teacher: a 512-number latent per crop, about 10x the student's parameters.
 
