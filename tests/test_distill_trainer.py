@@ -23,7 +23,7 @@ from hrm_vision.distill import (
 from hrm_vision.distill.callbacks import Callback
 from hrm_vision.distill.losses import TERMS
 from hrm_vision.distill.phases import DistillPhase, TeacherPhase
-from hrm_vision.io import load_model, model_entry, save_checkpoint
+from hrm_vision.io import load, model_entry, save_checkpoint
 from hrm_vision.metrics import psnr
 from hrm_vision.vae import MinimalVAE, TeacherVAE
 
@@ -171,7 +171,7 @@ class TestEndToEnd:
 
     def test_validation_psnr_is_pooled_over_the_set(self, full_run) -> None:
         out, d, _ = full_run
-        student = load_model(out / "tinyvae_last.pth")
+        student = load(out / "tinyvae_last.pth")
         x = torch.stack([d.val_set[i][1] for i in range(len(d.val_set))])
         with torch.no_grad():
             expected = psnr(student.eval()(x).reconstruction, x)

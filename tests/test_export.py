@@ -228,7 +228,7 @@ class TestSafetensors:
         model, out, report = exported
         path = Path(report["weights_file"])
         assert path == out / "tinyvae.safetensors"
-        loaded = MinimalVAE.from_pretrained(path).eval()
+        loaded = load(path).eval()
         with torch.no_grad():
             assert torch.equal(loaded.encode(photo_batch), model.eval().encode(photo_batch))
 
@@ -309,7 +309,7 @@ class TestTeacherSpace:
             checked["weights_adapter"] = adapter
             return file
 
-        monkeypatch.setattr(f"{pipeline}.save_pretrained", weights)
+        monkeypatch.setattr(f"{pipeline}.save", weights)
         monkeypatch.setattr(f"{pipeline}.precision_costs", lambda *a: {})
         monkeypatch.setattr("hrm_vision.export.__main__.validation_images",
                             lambda *a: torch.rand(2, 3, 32, 32))

@@ -17,7 +17,7 @@ from hrm_vision.distill.__main__ import config_from_args, setup_args
 from hrm_vision.distill.callbacks import Callback
 from hrm_vision.distill.phases import DistillPhase, FinetunePhase
 from hrm_vision.distill.trainer import Distiller, TrainingInterrupted
-from hrm_vision.io import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from hrm_vision.io import CheckpointError, load_checkpoint, load, save_checkpoint
 
 EPOCHS = 3
 
@@ -176,7 +176,7 @@ class TestInterruptedSave:
         save_checkpoint({"weights": torch.zeros(1000)}, path)
         path.write_bytes(path.read_bytes()[:300])
         with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
-            load_model(path)
+            load(path)
 
 
 class TestStaleTemporaries:

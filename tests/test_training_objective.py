@@ -22,7 +22,7 @@ from hrm_vision.distill.losses import DistillLoss
 from hrm_vision.distill.phases import Phase, PhaseContext
 from hrm_vision.evaluation.baselines import patch_spectrum
 from hrm_vision.evaluation.quality import measure_rate
-from hrm_vision.io import load_model
+from hrm_vision.io import load
 from hrm_vision.vae import LOGVAR_INIT, MinimalVAE
 
 
@@ -110,7 +110,7 @@ def short_runs(tmp_path_factory) -> dict[str, Any]:
         folder = tmp_path_factory.mktemp(name)
         Distiller(load_config(None, {**base, "epochs": epochs, "checkpoint_dir": str(folder)}),
                   console=False).run()
-        out[name] = load_model(folder / "tinyvae_last.pth", role="student")
+        out[name] = load(folder / "tinyvae_last.pth", role="student")
     out["val"] = validation_images("photos", 64, 32, split="val")
     return out
 
