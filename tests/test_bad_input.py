@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import bad_inputs  # tests/ is on sys.path (pytest prepend mode)
 
-from hrm_vision.io import load_checkpoint, load
+from hrm_vision.io import load, load_checkpoint
 
 CASES = {case.name: case for case in bad_inputs.CASES}
 

@@ -14,6 +14,7 @@ from hrm_vision.compact import (
     crop_dct_basis,
     fit_crop_pca,
 )
+from hrm_vision.io import load, save
 from hrm_vision.vae import VAEOutput, build_model, model_name
 
 #: Tiny configurations (the architecture is the defaults', with narrow stages).

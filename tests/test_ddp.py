@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import tiny_run  # tests/ is on sys.path (pytest prepend mode)
 
-from hrm_vision.io import load_checkpoint, load
+from hrm_vision.io import load, load_checkpoint
 from hrm_vision.vae import MinimalVAE
 
 HELPERS = Path(tiny_run.__file__).resolve().parent

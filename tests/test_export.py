@@ -22,7 +22,7 @@ from hrm_vision.export import (
     run_onnx,
 )
 from hrm_vision.export.__main__ import main
-from hrm_vision.io import model_entry, save_checkpoint
+from hrm_vision.io import load, model_entry, save_checkpoint
 from hrm_vision.vae import LatentAdapter, MinimalVAE
 from tests.helpers.models import perturbed_student
 

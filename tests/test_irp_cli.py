@@ -18,7 +18,7 @@ from helpers.forked import Outcome, command_runner, run_commands  # tests/ is on
 from PIL import Image
 
 from hrm_vision import cli
-from hrm_vision.io import model_entry, save_checkpoint
+from hrm_vision.io import model_entry, save, save_checkpoint
 from hrm_vision.vae import MinimalVAE, TeacherVAE
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from hrm_vision.data import PhotoCrops
-from hrm_vision.io import CheckpointError, load, model_entry, save_checkpoint
+from hrm_vision.io import CheckpointError, load, model_entry, save, save_checkpoint
 from hrm_vision.irp import PluginRegistry, validate_telemetry
 from hrm_vision.irp import host as host_cli
 from hrm_vision.irp import measure as measure_cli
@@ -240,7 +240,7 @@ class TestCheckpoints:
 
     def test_safetensors_weights_give_the_same_run(self, host, plugin, checkpoint, tmp_path,
                                                     photo_batch) -> None:
-        path = load(checkpoint).save(tmp_path / "tinyvae.safetensors")
+        path = save(load(checkpoint), tmp_path / "tinyvae.safetensors")
         from_st = host.create("tinyvae", {"checkpoint": str(path), "max_steps": 8})
         a, b = plugin.perceive(photo_batch[:2]), from_st.perceive(photo_batch[:2])
         assert torch.equal(a.latent, b.latent)

@@ -17,7 +17,7 @@ from hrm_vision.distill.__main__ import config_from_args, setup_args
 from hrm_vision.distill.callbacks import Callback
 from hrm_vision.distill.phases import DistillPhase, FinetunePhase
 from hrm_vision.distill.trainer import Distiller, TrainingInterrupted
-from hrm_vision.io import CheckpointError, load_checkpoint, load, save_checkpoint
+from hrm_vision.io import CheckpointError, load, load_checkpoint, save_checkpoint
 
 EPOCHS = 3
 

@@ -115,7 +115,7 @@ def run(workdir: Path, kills: int, epochs: int, seed: int, compare: bool,
 
 def check_final(ckpt: Path, epochs: int, workdir: Path, argv: list[str],
                 compare: bool) -> dict[str, Any]:
-    from hrm_vision.io import load_checkpoint, load
+    from hrm_vision.io import load, load_checkpoint
 
     history = json.loads((ckpt / "history.json").read_text())
     epochs_seen = [r["epoch"] for r in history if r["phase"] == "distill"]
