@@ -11,7 +11,7 @@
   they are read with an unpickler that only rebuilds numpy arrays (a tampered file cannot run
   code) and each is checked for its shape;
 * ``imagefolder``: every image under a folder (recursive, hidden entries skipped), split by a
-  hash of its relative path and the seed (stable when files are added), decoded once, centre
+  hash of its relative path and ``seed`` (stable when files are added), decoded once, centre
   cropped and resized (needs the ``train`` extra). Undecodable files are skipped, counted
   (``.skipped``) and logged with the reason; a folder with no readable image is an error.
 
