@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from hrm_vision import rate
+from hrm_vision import patches as rate
 from hrm_vision.data import validation_images
 from hrm_vision.evaluation.baselines import patch_spectrum
 from hrm_vision.evaluation.quality import measure_rate

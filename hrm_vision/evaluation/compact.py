@@ -33,7 +33,7 @@ from .._extras import require
 from ..data import crop_images
 from ..metrics import psnr
 from ..objective import gaussian_kl
-from ..rate import PIXELS_PER_CELL, bits_per_pixel
+from ..patches import PIXELS_PER_CELL, bits_per_pixel
 from ..vae import VAEBase
 from .baselines import CROP_PCA_COEFFICIENTS, CROP_PCA_FIT, crop_baselines
 
