@@ -68,11 +68,8 @@ class UnsupportedImageError(ValueError):
 
 
 def max_pixels_default() -> int:
-    """:data:`MAX_PIXELS`, or the positive integer in ``$HRM_VISION_MAX_IMAGE_PIXELS``.
-
-    Raises:
-        ValueError: the variable is set to something else than a positive integer.
-    """
+    """:data:`MAX_PIXELS`, or the positive integer in ``$HRM_VISION_MAX_IMAGE_PIXELS`` (anything
+    else there is a ``ValueError``)."""
     raw = os.environ.get(MAX_PIXELS_ENV)
     if raw is None:
         return MAX_PIXELS
@@ -97,15 +94,9 @@ def is_high_depth(img: Any) -> bool:
 
 
 def single_channel_unit(img: Any, source: str = "image", fmt: str | None = None) -> np.ndarray:
-    """A high-depth single-channel PIL image as an ``(H, W)`` float32 array in [0, 1].
-
-    ``fmt`` is the file format Pillow reported (``img.format`` of the opened file), which tells
-    whether an ``I`` image holds 16-bit values.
-
-    Raises:
-        UnsupportedImageError: a 32-bit integer image of unknown range, or float values that are
-            not finite or outside [0, 1].
-    """
+    """A high-depth single-channel PIL image as an ``(H, W)`` float32 array in [0, 1]; ``fmt``
+    (the file format Pillow reported) tells whether an ``I`` image holds 16-bit values. An
+    :class:`UnsupportedImageError` when the scale is unknown (see the module docstring)."""
     fmt = fmt or img.format
     if img.mode in MODES_16BIT:
         return np.asarray(img, dtype=np.float32) / 65535.0
@@ -135,12 +126,9 @@ def open_image(path: str | os.PathLike[str], purpose: str = "reading images",
     """Open ``path`` with Pillow: ``(image with EXIF orientation applied, file format)``.
 
     ``max_pixels`` (default :func:`max_pixels_default`) bounds width x height, read from the
-    header before any pixel is decoded.
-
-    Raises:
-        OSError: missing or unreadable file; ``PIL.UnidentifiedImageError`` (an ``OSError``) for a
-            file Pillow cannot decode, with a hint for multi-channel float TIFFs.
-        UnsupportedImageError: not a regular file, or more pixels than ``max_pixels``.
+    header before any pixel is decoded. Raises ``OSError`` for a missing, unreadable or
+    undecodable file (a hint for multi-channel float TIFFs), :class:`UnsupportedImageError` for
+    a file that is not regular or too large, ``ValueError`` for an image with no pixels.
     """
     image, ops = _pil(purpose)
     path = Path(path)
@@ -160,6 +148,8 @@ def open_image(path: str | os.PathLike[str], purpose: str = "reading images",
                     f"{path}: {width}x{height} = {width * height:,} pixels, more than the limit "
                     f"of {limit:,} (set {MAX_PIXELS_ENV} to read larger images)")
             img.load()
+            if width == 0 or height == 0:
+                raise ValueError(f"{path}: the image has no pixels ({width}x{height})")
             return ops.exif_transpose(img), img.format
     except image.DecompressionBombError as exc:  # Pillow's own bound, above ours by default
         raise UnsupportedImageError(f"{path}: {exc} (set {MAX_PIXELS_ENV} and "
@@ -174,19 +164,10 @@ def open_image(path: str | os.PathLike[str], purpose: str = "reading images",
 
 def read_image(path: str | os.PathLike[str], purpose: str = "reading images",
                max_pixels: int | None = None) -> np.ndarray:
-    """``path`` as an ``(H, W, 3)`` float32 RGB array in [0, 1], scaled by its bit depth.
-
-    8-bit files give ``value / 255``; 16-bit files ``value / 65535``; float files their values
-    (which must lie in [0, 1]); grayscale is repeated over the three channels; alpha is dropped.
-
-    Raises:
-        OSError: missing, unreadable or undecodable file.
-        UnsupportedImageError: pixel values whose scale is unknown (see the module docstring).
-        ValueError: an image with no pixels.
-    """
+    """``path`` as an ``(H, W, 3)`` float32 RGB array in [0, 1], scaled by its bit depth (see
+    the module docstring; grey is repeated over the three channels, alpha dropped). Raises what
+    :func:`open_image` and :func:`single_channel_unit` raise."""
     img, fmt = open_image(path, purpose, max_pixels)
-    if img.width == 0 or img.height == 0:
-        raise ValueError(f"{path}: the image has no pixels ({img.width}x{img.height})")
     if is_high_depth(img):
         gray = single_channel_unit(img, str(path), fmt)
         return np.repeat(gray[:, :, None], 3, axis=2)
@@ -196,19 +177,10 @@ def read_image(path: str | os.PathLike[str], purpose: str = "reading images",
 def load_square_uint8(path: str | os.PathLike[str], image_size: int,
                       purpose: str = "reading images") -> np.ndarray:
     """``path`` as an ``(S, S, 3)`` uint8 RGB array: centre-cropped square, resized (Lanczos).
-
     8-bit files take exactly Pillow's uint8 path; 16-bit and float files are scaled to [0, 1]
-    first (see :func:`read_image`), resized as floats, then rounded to 8 bits.
-
-    Raises:
-        OSError: missing, unreadable or undecodable file.
-        UnsupportedImageError: pixel values whose scale is unknown.
-        ValueError: an image with no pixels.
-    """
+    first (as by :func:`read_image`), resized as floats, then rounded to 8 bits."""
     image, ops = _pil(purpose)
     img, fmt = open_image(path, purpose)
-    if img.width == 0 or img.height == 0:
-        raise ValueError(f"{path}: the image has no pixels ({img.width}x{img.height})")
     size = (image_size, image_size)
     if not is_high_depth(img):
         square = ops.fit(img.convert("RGB"), size, method=image.Resampling.LANCZOS)
@@ -217,6 +189,7 @@ def load_square_uint8(path: str | os.PathLike[str], image_size: int,
     fitted = np.asarray(ops.fit(gray, size, method=image.Resampling.LANCZOS), dtype=np.float32)
     as_uint8 = np.rint(np.clip(fitted, 0.0, 1.0) * 255.0).astype(np.uint8)
     return np.repeat(as_uint8[:, :, None], 3, axis=2)
+
 
 # ---------------------------------------------------------------------- datasets
 class _Uint8Images(Dataset[Tensor]):
@@ -257,14 +230,10 @@ MIN_CROP_STD = 0.03
 
 
 def load_photo(name: str) -> np.ndarray:
-    """Photograph ``name`` as an (H, W, 3) uint8 RGB array (from the files in the wheel).
-
-    Raises ``ValueError`` for an unknown name and an ``ImportError`` naming the ``photos`` extra
-    when scikit-image is not installed.
-    """
+    """Photograph ``name`` as an (H, W, 3) uint8 RGB array (from the files in the wheel); an
+    ``ImportError`` naming the ``photos`` extra without scikit-image."""
     if name not in PHOTOS:
         raise ValueError(f"unknown photo {name!r}; choose from {', '.join(PHOTOS)}")
-    require("skimage.data", extra="photos", purpose=_PURPOSE)
     return _load_photo(name)
 
 
@@ -325,17 +294,14 @@ def crop_images(images: Sequence[np.ndarray], num_crops: int, image_size: int, s
 class PhotoCrops(_Uint8Images):
     """Crops of scikit-image's bundled photographs; items are (3, S, S) float RGB in [0, 1].
 
-    Args:
-        split: ``"train"`` (photos not in ``val_photos``) or ``"val"`` (``val_photos``).
-        image_size: crop side S in pixels (32).
-        num_crops: number of crops; defaults to 16384 for train and 1024 for val.
-        seed: crop positions; the validation seed is offset so the two splits never share one.
-        val_photos: the held-out photographs.
+    ``split``: ``"train"`` (photos not in ``val_photos``) or ``"val"`` (``val_photos``);
+    ``num_crops`` defaults to 16384 for train and 1024 for val; ``seed`` places the crops (the
+    validation seed is offset so the two splits never share one).
     """
 
     def __init__(self, split: str = "train", image_size: int = 32, num_crops: int | None = None,
                  seed: int = 0, val_photos: Sequence[str] = VAL_PHOTOS) -> None:
-        _check_split(split, 1)
+        _check_split(split, image_size)
         unknown = sorted(set(val_photos) - set(PHOTOS))
         if unknown:
             raise ValueError(f"unknown validation photos {unknown}; choose from {PHOTOS}")
@@ -405,14 +371,10 @@ def ensure_files(root: Path, files: tuple[str, ...], download: bool) -> None:
 
 
 class CIFAR10Images(_Uint8Images):
-    """CIFAR-10 images (labels unused); items are ``(3, S, S)`` float RGB in [0, 1].
-
-    Args:
-        split: ``"train"`` (the 50000 training images) or ``"val"`` (the 10000 test images).
-        data_dir: folder holding ``cifar-10-batches-py`` (torchvision's layout).
-        image_size: side S; images other than 32 are resized (bilinear, antialiased).
-        download: fetch the archive when files are missing (never otherwise).
-    """
+    """CIFAR-10 images (labels unused); items are ``(3, S, S)`` float RGB in [0, 1]: the 50000
+    training images (``"train"``) or the 10000 test images (``"val"``) from ``data_dir``,
+    resized (bilinear, antialiased) when ``image_size`` is not 32, downloaded only with
+    ``download``."""
 
     def __init__(self, split: str = "train", data_dir: str | Path = "./data",
                  image_size: int = CIFAR_SIZE, download: bool = False) -> None:
@@ -473,30 +435,12 @@ def split_files(files: list[str], val_fraction: float, seed: int) -> dict[str, l
     return {"train": train, "val": val}
 
 
-def load_image(path: Path, image_size: int) -> np.ndarray:
-    """``path`` as an ``(S, S, 3)`` uint8 RGB array: centre-cropped square, resized (Lanczos).
-
-    16-bit and float files are scaled to [0, 1] by their bit depth first (see
-    :func:`hrm_vision.data.images.load_square_uint8`). Raises what Pillow raises for a file it
-    cannot decode (``OSError``, ``ValueError``, ...) and
-    :class:`~hrm_vision.data.images.UnsupportedImageError` for pixels whose scale is unknown.
-    """
-    return load_square_uint8(path, image_size, purpose="the 'imagefolder' dataset")
-
-
 class ImageFolderImages(_Uint8Images):
-    """Images under ``root``; items are ``(3, S, S)`` float RGB in [0, 1].
+    """Images under ``root`` (recursively); items are ``(3, S, S)`` float RGB in [0, 1].
 
-    Args:
-        root: the folder (searched recursively).
-        split: ``"train"`` or ``"val"``.
-        image_size: side S of the square crops (32).
-        seed: changes which files are held out for validation.
-        val_fraction: expected fraction of files in the validation split, in [0, 1).
-
-    Attributes:
-        files: relative paths of the images kept, in item order.
-        skipped: ``(relative path, reason)`` of the files of this split that could not be read.
+    ``seed`` changes which files are held out for validation (about ``val_fraction`` of them).
+    ``files``: relative paths of the images kept, in item order; ``skipped``: ``(relative path,
+    reason)`` of the files of this split that could not be read.
     """
 
     def __init__(self, root: str | Path, split: str = "train", image_size: int = 32,
@@ -520,7 +464,8 @@ class ImageFolderImages(_Uint8Images):
         for rel in tqdm(candidates, desc=f"imagefolder {split}", unit="img", leave=False,
                         disable=len(candidates) < 1000):
             try:
-                arrays.append(load_image(self.root / rel, image_size))
+                arrays.append(load_square_uint8(self.root / rel, image_size,
+                                                purpose="the 'imagefolder' dataset"))
             except Exception as exc:  # PIL raises many types for broken files; all are skipped
                 self.skipped.append((rel, f"{type(exc).__name__}: {exc}".splitlines()[0]))
                 continue

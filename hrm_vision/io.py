@@ -265,9 +265,9 @@ def check_format_version(version: Any, source: str) -> int:
         raise CheckpointError(f"{source}: format_version must be a positive integer, "
                               f"got {version!r}")
     if version > FORMAT_VERSION:
-        raise CheckpointError(f"{source} has format_version {version}, newer than the version "
-                              f"{FORMAT_VERSION} this hrm_vision reads; upgrade hrm_vision to "
-                              "load it")
+        raise CheckpointError(f"{source} has checkpoint format_version {version}, newer than the "
+                              f"version {FORMAT_VERSION} this hrm_vision reads; upgrade hrm_vision "
+                              "to load it")
     return version
 
 
