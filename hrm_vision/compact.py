@@ -26,7 +26,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .patches import allocated_logvar
+from .patches import allocated_logvar, dct_rows
 from .vae import LOGVAR_INIT, ResBlock, VAEBase, conv, down, register_model, up
 
 #: Side of the feature map at the bottom of both branches (image_size / 16 for 64x64 crops).
@@ -46,20 +46,12 @@ def crop_dct_basis(channels: int, size: int, count: int) -> tuple[Tensor, Tensor
     """
     if count > channels * size * size:
         raise ValueError(f"{count} components do not fit a {channels}x{size}x{size} image")
-    n = torch.arange(size, dtype=torch.float64)
-    c1 = torch.cos(math.pi * (2 * n[None, :] + 1) * n[:, None] / (2 * size))
-    c1[0] *= 1 / math.sqrt(2)
-    c1 *= math.sqrt(2 / size)
     reach = 2 * math.isqrt(count) + 2  # enough frequencies for ``count`` components
     order = sorted(((u, v, c) for u in range(min(size, reach)) for v in range(min(size, reach))
-                    for c in range(channels)), key=lambda t: (math.hypot(t[0], t[1]), t[0], t[2]))
-    rows, std = [], []
-    for u, v, c in order[:count]:
-        vec = torch.zeros(channels, size, size, dtype=torch.float64)
-        vec[c] = torch.outer(c1[u], c1[v])
-        rows.append(vec.reshape(-1))
-        std.append(size / 4 / (1 + math.hypot(u, v)))
-    return torch.stack(rows).float(), torch.tensor(std)
+                    for c in range(channels)),
+                   key=lambda t: (math.hypot(t[0], t[1]), t[0], t[2]))[:count]
+    std = torch.tensor([size / 4 / (1 + math.hypot(u, v)) for u, v, _ in order])
+    return dct_rows(order, channels, size), std
 
 
 @torch.no_grad()
@@ -265,18 +257,10 @@ class CompactVAE(VAEBase):
 
 @register_model("compact_student")
 class CompactStudentVAE(CompactVAE):
-    """The compact student: ``latent_dim`` numbers (64) per ``image_size`` crop (64x64).
-
-    Encoder stages at 1/2 ... 1/16 resolution with widths ``base_channels * (1, 2, 4, 8)``; the
-    encoder has no residual blocks (it stays under a millisecond per crop on one CPU thread),
-    the decoder one per stage.
-
-    Args:
-        latent_dim: numbers per crop (64; 16 also works).
-        image_size: crop side (64).
-        input_channels: 3 (RGB) or 1 (grey).
-        base_channels: width of the first stage (16).
-    """
+    """The compact student: ``latent_dim`` numbers (64; 16 also works) per ``image_size`` crop
+    (64x64), RGB or grey (``input_channels`` 3 or 1). Stages at 1/2 ... 1/16 resolution with
+    widths ``base_channels * (1, 2, 4, 8)``; no residual blocks in the encoder (under a
+    millisecond per crop on one CPU thread), one per stage in the decoder."""
 
     def __init__(self, latent_dim: int = 64, image_size: int = 64, input_channels: int = 3,
                  base_channels: int = 16) -> None:
@@ -290,18 +274,9 @@ class CompactStudentVAE(CompactVAE):
 
 @register_model("compact_teacher")
 class CompactTeacherVAE(CompactVAE):
-    """The compact teacher: a 512-number latent per crop, about 10x the student's parameters.
-
-    Stages with widths ``base_channels * (1, 2, 4, 8)`` and ``blocks_per_stage`` residual blocks
-    each, in encoder and decoder.
-
-    Args:
-        latent_dim: numbers per crop (512).
-        image_size: crop side (64).
-        input_channels: 3 (RGB) or 1 (grey).
-        base_channels: width of the first stage (24).
-        blocks_per_stage: residual blocks per stage (1).
-    """
+    """The compact teacher: ``latent_dim`` (512) numbers per crop, about 10x the student's
+    parameters: stage widths ``base_channels * (1, 2, 4, 8)`` with ``blocks_per_stage`` residual
+    blocks each, in encoder and decoder."""
 
     def __init__(self, latent_dim: int = 512, image_size: int = 64, input_channels: int = 3,
                  base_channels: int = 24, blocks_per_stage: int = 1) -> None:

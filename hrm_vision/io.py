@@ -1,36 +1,30 @@
-"""Files on disk: model weights (``.pth`` checkpoints and ``.safetensors``), atomic writes, JSON,
-the one-writer folder lock, and the one-line form of errors about files and configs.
+"""Files on disk: model weights, atomic writes, JSON, the one-writer folder lock, and the
+one-line form of errors about files and configs.
 
->>> model = hrm_vision.load("checkpoints/tinyvae_best.pth")               # doctest: +SKIP
->>> adapter = hrm_vision.load("checkpoints/tinyvae_best.pth", role="adapter")  # doctest: +SKIP
->>> hrm_vision.save(model, "tinyvae.safetensors")                        # doctest: +SKIP
->>> model = hrm_vision.load("tinyvae.safetensors")                       # doctest: +SKIP
+>>> model = hrm_vision.load("checkpoints/tinyvae_best.pth")       # doctest: +SKIP
+>>> hrm_vision.save(model, "tinyvae.safetensors")                 # doctest: +SKIP
+>>> model = hrm_vision.load("tinyvae.safetensors")                # doctest: +SKIP
 
-**Checkpoints** (``.pth``) are plain dicts of tensors, numbers, strings, lists and dicts, so they
-load with ``torch.load(path)`` under PyTorch's default ``weights_only=True``. Keys:
-``format_version`` (:data:`FORMAT_VERSION`; absent reads as 1, a newer one is refused), and per
-role (``"student"``, ``"teacher"``) a model entry (:func:`model_entry`): ``{role}_state_dict``
-(no ``module.`` prefixes) and ``{role}_arch`` (``{"name": <registry name>, **constructor
-kwargs}``); the ``"adapter"`` role holds the :class:`~hrm_vision.vae.LatentAdapter`
-(``adapter_arch`` has no registry name). Whatever else the writer adds (the trainer's state) is
-left to it. Every tensor is stored on the CPU.
+**Checkpoints** (``.pth``) are plain dicts of tensors, numbers, strings, lists and dicts
+(``torch.load`` reads them under the default ``weights_only=True``; every tensor on the CPU):
+``format_version`` (absent reads as 1, a newer one is refused) and per role (``"student"``,
+``"teacher"``) ``{role}_state_dict`` (no ``module.`` prefixes) and ``{role}_arch``
+(``{"name": <registry name>, **constructor kwargs}``); ``"adapter"`` holds the
+:class:`~hrm_vision.vae.LatentAdapter` (its arch has no name). The trainer adds its state.
+**Safetensors** files hold tensors (nothing is unpickled) and string metadata: ``arch``,
+``role``, ``images`` (:data:`IMAGE_CONVENTION`), ``format_version``, ``library``, and with an
+adapter ``adapter_arch`` (its tensors under ``adapter.``).
 
-**Safetensors** files hold only tensors (nothing is unpickled) and string metadata: ``arch``
-(JSON as above), ``role``, ``images`` (:data:`IMAGE_CONVENTION`), ``format_version``,
-``library``, and with an adapter ``adapter_arch``, its tensors under ``adapter.``.
+**Loading checks**, before anything is built: a registered architecture whose integer arguments
+do not exceed the widest stored tensor, nesting of at most :data:`MAX_NESTING` levels, metadata
+of at most :data:`MAX_METADATA_CHARS` characters; then the model's exact keys, shapes (before a
+``.safetensors`` file's data is read) and dtypes, and finite values. Every problem is a
+:class:`CheckpointError` naming the file. Models load in eval mode on the CPU unless ``device``
+is given.
 
-**Loading checks** before anything is built: a registered architecture whose integer arguments
-do not exceed the widest stored tensor (a crafted file cannot ask for absurd sizes), lists and
-dicts nested at most :data:`MAX_NESTING` levels, metadata of at most :data:`MAX_METADATA_CHARS`
-characters; then the exact keys, shapes and dtypes of the model (before a ``.safetensors``
-file's tensor data is read) and finite values. Every problem is a :class:`CheckpointError`
-naming the file. Models load in eval mode on the CPU unless ``device`` is given.
-
-**Writes** go through :func:`atomic_write` (temporary file ``.{name}.XXXXXXXX.tmp`` in the same
-folder, fsync, ``os.replace``): a crash leaves the previous file or the new one. A failed write is
-an ``OSError`` naming the file; the temporary file is removed. Files get ``0o666`` less the
-umask, as ``open()`` gives them. :class:`FolderLock` makes one process the only writer of a
-folder. ``safetensors`` is imported when a function here runs.
+**Writes** go through :func:`atomic_write` (temporary ``.{name}.XXXXXXXX.tmp`` beside the file,
+fsync, ``os.replace``, permissions ``0o666`` less the umask): a crash leaves the previous file
+or the new one; a failed write is an ``OSError`` naming the file, and leaves no temporary file.
 """
 
 from __future__ import annotations
@@ -48,7 +42,7 @@ from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, Literal, overload
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -70,9 +64,6 @@ IMAGE_CONVENTION = "float RGB in [0, 1], NCHW, H and W divisible by 8"
 ADAPTER_PREFIX = "adapter."
 #: Most characters of a ``.safetensors`` file's metadata, keys and values together.
 MAX_METADATA_CHARS = 1 << 16
-#: Role written by :func:`save` when none is given, by registry name.
-DEFAULT_ROLES: dict[str, str] = {"tinyvae": "student", "teacher": "teacher",
-                                 "compact_student": "student", "compact_teacher": "teacher"}
 #: Deepest nesting of lists, tuples and dicts a loaded file may hold (this package's: 4).
 MAX_NESTING = 32
 #: Largest integer architecture argument a stored file may ask for (these models: 512).
@@ -346,20 +337,11 @@ class FolderLockedError(OSError):
 
 
 class FolderLock:
-    """An exclusive lock on ``folder`` for one writer, held from :meth:`acquire` to
-    :meth:`release` (or for a ``with`` block).
-
-    The lock is ``fcntl.flock`` on ``folder/.lock``, which also records the holder's pid, host
-    and start time for the error another process gets. The kernel drops the lock when the holder
-    exits or is killed, so there is never a stale lock to delete: a file a killed holder left is
-    locked again by the next writer. :meth:`release` deletes the file while still holding the
-    lock, so a finished run leaves only its outputs; :meth:`acquire` therefore checks that the
-    file it locked is still the one at ``folder/.lock`` and otherwise opens it again.
-
-    Raises (from :meth:`acquire`):
-        FolderLockedError: another process holds the lock (named in the message).
-        OSError: the folder cannot be created or the lock file opened (read-only mount, ...).
-    """
+    """An exclusive lock on ``folder`` for one writer, from :meth:`acquire` (or ``with``) to
+    :meth:`release`: ``fcntl.flock`` on ``folder/.lock``, which records the holder's pid, host and
+    start time for the :class:`FolderLockedError` another process gets. The kernel drops the lock
+    of a holder that dies, so there is never a stale lock. :meth:`release` deletes the file while
+    still locked, so :meth:`acquire` checks that the file it locked is still the one there."""
 
     NAME = ".lock"
 
@@ -439,13 +421,8 @@ class FolderLock:
         self.release()
 
     def remove_stale_temporaries(self) -> list[Path]:
-        """Delete the temporary files of :func:`atomic_write` that a killed process left in the
-        folder (``.{name}.XXXXXXXX.tmp``); returns what was deleted. Only the lock's holder may,
-        since no other process then writes there.
-
-        Raises:
-            RuntimeError: the lock is not held.
-        """
+        """Delete (and return) the temporary files of :func:`atomic_write` that killed
+        processes left in the folder; only the lock's holder may (a ``RuntimeError`` else)."""
         if self._fd is None:
             raise RuntimeError(f"remove_stale_temporaries needs the lock on {self.folder}")
         removed = []
@@ -586,12 +563,6 @@ def _build(role: str, arch: Any, shapes: Mapping[str, tuple[int, ...]],
                               f"{_first_line(exc)}") from exc
 
 
-@overload
-def model_from_payload(payload: dict[str, Any], role: Literal["adapter"],
-                       source: str = ...) -> LatentAdapter: ...
-@overload
-def model_from_payload(payload: dict[str, Any], role: str = ...,
-                       source: str = ...) -> VAEBase: ...
 def model_from_payload(payload: dict[str, Any], role: str = "student",
                        source: str = "checkpoint") -> VAEBase | LatentAdapter:
     """The ``role`` model (``"student"``, ``"teacher"`` or ``"adapter"``) of a loaded
@@ -620,12 +591,9 @@ def adapter_from_payload(payload: dict[str, Any], source: str = "checkpoint"
 def save(model: VAEBase, path: str | os.PathLike[str], role: str | None = None,
          adapter: nn.Module | None = None) -> Path:
     """Write ``model``'s weights and architecture (and ``adapter``'s) to a ``.safetensors`` file,
-    atomically; ``role`` defaults to ``"student"`` or ``"teacher"`` by the model's class.
-
-    Raises:
-        ValueError: ``path`` does not end in ``.safetensors``; a ``CheckpointError`` (nothing
-            written) for a NaN or infinite weight.
-    """
+    atomically; ``role`` defaults to ``"student"`` or ``"teacher"`` by the model's class. A
+    ``ValueError`` for another suffix, a ``CheckpointError`` (nothing written) for a NaN or
+    infinite weight."""
     from safetensors.torch import save as serialise
 
     from . import __version__
@@ -639,9 +607,9 @@ def save(model: VAEBase, path: str | os.PathLike[str], role: str | None = None,
     tensors = {prefix + k: v.detach().to("cpu").contiguous()
                for prefix, part in parts.items() for k, v in part.state_dict().items()}
     check_finite(tensors, f"refusing to save {path}: NaN or infinite weights in")
-    metadata = {"format": "pt", "arch": json.dumps({"name": name, **model.arch_config()},
-                                                   sort_keys=True),
-                "role": role or DEFAULT_ROLES.get(name, name), "images": IMAGE_CONVENTION,
+    metadata = {"format": "pt", "images": IMAGE_CONVENTION,
+                "arch": json.dumps({"name": name, **model.arch_config()}, sort_keys=True),
+                "role": role or ("teacher" if "teacher" in name else "student"),
                 "format_version": str(FORMAT_VERSION), "library": f"hrm-vision {__version__}"}
     if adapter is not None:
         metadata["adapter_arch"] = json.dumps(unwrap(adapter).arch_config(), sort_keys=True)
@@ -726,12 +694,6 @@ def _load_safetensors(path: Path, role: str) -> nn.Module:
     return model.eval()
 
 
-@overload
-def load(path: str | os.PathLike[str], role: Literal["adapter"],
-         device: str | torch.device | None = ...) -> LatentAdapter: ...
-@overload
-def load(path: str | os.PathLike[str], role: str = ...,
-         device: str | torch.device | None = ...) -> VAEBase: ...
 def load(path: str | os.PathLike[str], role: str = "student",
          device: str | torch.device | None = None) -> VAEBase | LatentAdapter:
     """The ``role`` model stored at ``path``, in eval mode, on the CPU (or ``device``).

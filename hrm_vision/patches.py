@@ -47,26 +47,27 @@ def patch_vectors(images: Tensor, patch: int = PATCH) -> Tensor:
     return cols.permute(0, 2, 3, 1).reshape(-1, cols.shape[1])
 
 
-def dct_basis(patch: int = PATCH, channels: int = 3) -> Tensor:
-    """Orthonormal 2-D DCT-II basis of ``channels`` x ``patch`` x ``patch`` patches.
-
-    Returns ``(D, D)`` with ``D = channels * patch**2``; row k is basis vector k in
-    PixelUnshuffle order, rows sorted from low to high frequency (``u + v``, then ``u``, then the
-    colour channel), so the first rows are the patch means of each colour.
-    """
-    n = torch.arange(patch, dtype=torch.float64)
-    k = n[:, None]
-    c1 = torch.cos(math.pi * (2 * n[None, :] + 1) * k / (2 * patch))  # (k, n)
+def dct_rows(freqs: Sequence[tuple[int, int, int]], channels: int, size: int) -> Tensor:
+    """Orthonormal 2-D DCT-II vectors of a ``channels x size x size`` image, one row per
+    ``(u, v, channel)`` of ``freqs``, flattened channel-major (PixelUnshuffle and NCHW order):
+    ``(len(freqs), channels * size**2)``."""
+    n = torch.arange(size, dtype=torch.float64)
+    c1 = torch.cos(math.pi * (2 * n[None, :] + 1) * n[:, None] / (2 * size))  # (k, n)
     c1[0] *= 1 / math.sqrt(2)
-    c1 *= math.sqrt(2 / patch)
-    rows = []
+    c1 *= math.sqrt(2 / size)
+    rows = torch.zeros(len(freqs), channels, size, size, dtype=torch.float64)
+    for i, (u, v, c) in enumerate(freqs):
+        rows[i, c] = torch.outer(c1[u], c1[v])
+    return rows.reshape(len(freqs), -1).float()
+
+
+def dct_basis(patch: int = PATCH, channels: int = 3) -> Tensor:
+    """The full DCT-II basis ``(D, D)`` of ``channels x patch x patch`` patches (``D = C p^2``),
+    rows from low to high frequency (``u + v``, then ``u``, then the colour): the first rows are
+    the patch means of each colour."""
     order = sorted(((u, v, c) for u in range(patch) for v in range(patch)
                     for c in range(channels)), key=lambda t: (t[0] + t[1], t[0], t[2]))
-    for u, v, c in order:
-        vec = torch.zeros(channels, patch, patch, dtype=torch.float64)
-        vec[c] = torch.outer(c1[u], c1[v])
-        rows.append(vec.reshape(-1))
-    return torch.stack(rows).float()
+    return dct_rows(order, channels, patch)
 
 
 @torch.no_grad()

@@ -1,33 +1,22 @@
 """The VAEs: ``TeacherVAE`` and ``MinimalVAE`` (alias ``TinyVAE``), their shared base, the
 student-to-teacher ``LatentAdapter`` and the model registry.
 
-Images are float tensors in [0, 1], NCHW, RGB, with H and W divisible by 8.
-
 >>> model = MinimalVAE(latent_dim=128, base_channels=32).eval()
->>> z = model.encode(images)          # (B, 128, H/8, W/8), deterministic (posterior mean)
->>> x_hat = model.decode(z)           # (B, 3, H, W) in [0, 1]
->>> out = model(images)               # VAEOutput(reconstruction, mu, logvar, z)
+>>> z = model.encode(images)   # (B, 3, H, W) in [0, 1], H, W divisible by 8 -> (B, 128, H/8, W/8)
+>>> x_hat = model.decode(z)    # (B, 3, H, W) in [0, 1]; model(images) -> VAEOutput
 
-Design (residual autoencoding over a linear patch path)
--------------------------------------------------------
-Each model is the sum of two paths, in the encoder and in the decoder:
-
-* a **linear patch path**: 8x8 patches -> whitened coefficients (a fixed basis,
-  :class:`~hrm_vision.patches.PatchWhitening`: the DCT by default, the PCA of training patches
-  after :meth:`VAEBase.init_from_data`) -> a learnable 1x1 convolution to the latent (keeping
-  the first ``latent_dim`` coefficients, see :func:`_spread`), mirrored in the decoder. With a
-  fitted PCA basis an untrained model *is* patch PCA (a 4x4x128 latent reconstructs 32x32
-  photograph crops at about 46 dB);
-* **nonlinear stages** (PixelUnshuffle down, residual blocks; PixelShuffle up) whose last
-  convolution starts at zero (SkipInit), so they learn the residual the linear path misses.
-
-Only ``Conv2d``, ``ReLU``, ``PixelShuffle``/``PixelUnshuffle``, additions and ``Clip`` are used
-(clean ONNX/TensorRT export; no normalisation, so nothing to fold and no train/eval difference).
-The variance head starts at ``logvar = -4`` (about 2 nats per latent element, the default KL
-budget); fitted to data, the same rate is re-allocated (:func:`~hrm_vision.patches.allocate_rate`,
-the reverse water-filling of a Gaussian code). Reconstructions are clamped to [0, 1]
-(straight-through while training) instead of a sigmoid, which would bend the linear path.
-``docs/models.md`` has the measurements behind the design.
+Each model is the sum of two paths (residual autoencoding over a linear patch path), in the
+encoder and in the decoder: a **linear patch path** (8x8 patches -> whitened coefficients of a
+fixed basis, :class:`~hrm_vision.patches.PatchWhitening`, the DCT or after ``init_from_data``
+the patch PCA -> a learnable 1x1 convolution, see :func:`_spread`; with a fitted basis an
+untrained model *is* patch PCA), and **nonlinear stages** (PixelUnshuffle down, residual
+blocks, PixelShuffle up) whose last convolution starts at zero (SkipInit), so they learn what
+the linear path misses. Only ``Conv2d``, ``ReLU``, ``PixelShuffle``/``PixelUnshuffle``,
+additions and ``Clip`` (clean ONNX/TensorRT export, no normalisation to fold). The variance head
+starts at ``logvar = -4`` (about 2 nats per latent element); ``init_from_data`` re-allocates the
+same rate (:func:`~hrm_vision.patches.allocate_rate`). Reconstructions are clamped to [0, 1]
+(straight-through while training), not squashed by a sigmoid. ``docs/models.md`` has the
+measurements behind the design.
 """
 
 from __future__ import annotations
