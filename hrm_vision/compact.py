@@ -113,7 +113,18 @@ class CropBasis(nn.Module):
         return (self.mean + (coef * self.std) @ self.components).reshape(-1, *self.shape)
 
 
-class CompactEncoder(nn.Module):
+class _CropCoder(nn.Module):
+    """A crop basis and a learnable ``latent_dim x latent_dim`` map on its coefficients
+    (identity at the start): the linear path of either direction."""
+
+    def __init__(self, basis: CropBasis, latent_dim: int) -> None:
+        super().__init__()
+        self.basis = basis
+        self.linear = nn.Linear(latent_dim, latent_dim, bias=False)
+        nn.init.eye_(self.linear.weight)
+
+
+class CompactEncoder(_CropCoder):
     """Image ``(B, C, S, S)`` in [0, 1] -> ``(B, 2 * latent_dim)`` (mu, then logvar).
 
     ``mu = linear(basis(x)) + head(features(x))``. ``features``: PixelUnshuffle to S/2 and a 3x3
@@ -123,10 +134,7 @@ class CompactEncoder(nn.Module):
 
     def __init__(self, basis: CropBasis, widths: list[int], latent_dim: int,
                  blocks: int) -> None:
-        super().__init__()
-        self.basis = basis
-        self.linear = nn.Linear(latent_dim, latent_dim, bias=False)
-        nn.init.eye_(self.linear.weight)
+        super().__init__(basis, latent_dim)
         channels = basis.shape[0]
         stages: list[nn.Module] = [nn.Sequential(nn.PixelUnshuffle(2),
                                                  conv(4 * channels, widths[0]))]
@@ -150,7 +158,7 @@ class CompactEncoder(nn.Module):
         return torch.cat([self.linear(self.basis.analyse(x)) + mu, logvar], dim=1)
 
 
-class CompactDecoder(nn.Module):
+class CompactDecoder(_CropCoder):
     """Latent ``(B, latent_dim)`` -> image ``(B, C, S, S)`` (unclamped).
 
     ``basis.synthesise(linear(z)) + out(stages(fc(z)))``: ``fc`` to ``BOTTOM x BOTTOM`` features,
@@ -160,10 +168,7 @@ class CompactDecoder(nn.Module):
 
     def __init__(self, basis: CropBasis, widths: list[int], latent_dim: int,
                  blocks: int) -> None:
-        super().__init__()
-        self.basis = basis
-        self.linear = nn.Linear(latent_dim, latent_dim, bias=False)
-        nn.init.eye_(self.linear.weight)
+        super().__init__(basis, latent_dim)
         rev = widths[::-1]
         self.fc = nn.Linear(latent_dim, rev[0] * BOTTOM * BOTTOM)
         layers: list[nn.Module] = [nn.Unflatten(1, (rev[0], BOTTOM, BOTTOM))]

@@ -456,17 +456,22 @@ def write_json(data: Any, path: str | os.PathLike[str], indent: int = 1) -> Path
 
 
 # ---------------------------------------------------------------------- checkpoints (.pth)
-def to_cpu(value: Any) -> Any:
-    """``value`` with every tensor detached and on the CPU, through dicts, lists and tuples."""
+def map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``value`` with ``fn`` applied to every tensor inside its dicts, lists and tuples."""
     if isinstance(value, Tensor):
-        return value.detach().cpu()
+        return fn(value)
     if isinstance(value, dict):
-        return {k: to_cpu(v) for k, v in value.items()}
+        return {k: map_tensors(v, fn) for k, v in value.items()}
     if isinstance(value, list):
-        return [to_cpu(v) for v in value]
+        return [map_tensors(v, fn) for v in value]
     if isinstance(value, tuple):
-        return tuple(to_cpu(v) for v in value)
+        return tuple(map_tensors(v, fn) for v in value)
     return value
+
+
+def to_cpu(value: Any) -> Any:
+    """``value`` with every tensor detached and on the CPU (see :func:`map_tensors`)."""
+    return map_tensors(value, lambda t: t.detach().cpu())
 
 
 def unwrap(module: nn.Module) -> nn.Module:
