@@ -234,6 +234,7 @@ def load_photo(name: str) -> np.ndarray:
     ``ImportError`` naming the ``photos`` extra without scikit-image."""
     if name not in PHOTOS:
         raise ValueError(f"unknown photo {name!r}; choose from {', '.join(PHOTOS)}")
+    require("skimage.data", extra="photos", purpose=_PURPOSE)  # also when cached
     return _load_photo(name)
 
 
