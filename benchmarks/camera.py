@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hrm_vision.checkpoints import load_model
 from hrm_vision.data import validation_images
 from hrm_vision.evaluate import CAMERA_SIZES, camera_lines, camera_speed
 from hrm_vision.export import (
@@ -44,15 +43,16 @@ from hrm_vision.export import (
     onnx_runner,
     photo_frames,
 )
+from hrm_vision.io import load
+from hrm_vision.tiling import decode_tiled, encode_tiled, receptive_field
 from hrm_vision.timing import machine_info
 from hrm_vision.vae import MinimalVAE, VAEBase
-from hrm_vision.vae.tiling import decode_tiled, encode_tiled, receptive_field
 
 
 def student(checkpoint: str | None, steps: int) -> VAEBase:
     """The checkpoint's student, or a data-initialised one trained alone for ``steps`` steps."""
     if checkpoint:
-        return load_model(checkpoint)
+        return load(checkpoint)
     from hrm_vision.distill.losses import DistillLoss
 
     torch.manual_seed(0)

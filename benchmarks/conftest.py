@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from hrm_vision.data.photos import PhotoCrops
+from hrm_vision.data import PhotoCrops
 from hrm_vision.vae import MinimalVAE, TeacherVAE
 
 #: Batch size of every benchmark (the batch the throughput ratios are reported at).

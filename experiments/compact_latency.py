@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from hrm_vision.compact import CompactStudentVAE
 from hrm_vision.export import VAEGraph, export_onnx, graph_specs, ort_session
 from hrm_vision.timing import machine_info
-from hrm_vision.vae import CompactStudentVAE
 
 
 def onnx_encoder(model: CompactStudentVAE, folder: Path) -> Callable[[object], object]:

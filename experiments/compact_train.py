@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from hrm_vision.data.photos import PhotoCrops
+from hrm_vision.compact import CompactVAE
+from hrm_vision.data import PhotoCrops
 from hrm_vision.vae import build_model
-from hrm_vision.vae.compact import CompactVAE
 
 # the table of `make compact`: training/compact.py
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from hrm_vision.data.photos import PhotoCrops
+from hrm_vision.data import PhotoCrops
 from hrm_vision.irp import get_registry
 from hrm_vision.irp.tinyvae import TinyVAEPlugin
 from hrm_vision.metrics import psnr

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from hrm_vision.data.photos import PhotoCrops
+from hrm_vision.data import PhotoCrops
 from hrm_vision.objective import gaussian_kl, kl_nats
 from hrm_vision.vae import build_model
 

@@ -39,11 +39,11 @@ from pathlib import Path
 import torch
 
 from hrm_vision import objective as obj
-from hrm_vision import rate
-from hrm_vision.data.photos import PhotoCrops
-from hrm_vision.metrics import psnr
+from hrm_vision import patches as rate
+from hrm_vision.data import PhotoCrops
+from hrm_vision.metrics import psnr, psnr_from_mse
+from hrm_vision.patches import fit_patch_pca
 from hrm_vision.vae import MinimalVAE
-from hrm_vision.vae.patches import fit_patch_pca
 
 OBJECTIVES = ("mse", "sigma-channel", "sigma-total", "lagrange", "nll-only")
 RECON_WEIGHT, KL_WEIGHT, FREE_BITS = 0.3, 0.1, 2.0
@@ -104,9 +104,9 @@ def validate(model: torch.nn.Module, val: torch.Tensor, spectrum: torch.Tensor,
     model.train()
     return {"psnr_mu": psnr(model.decode(mu), val), "psnr_z": psnr(model.decode(z), val),
             "kl_nats_per_element": kl, "bits_per_pixel": rate.bits_per_pixel(kl, c),
-            "water_filling_db": rate.psnr_db(rate.water_filling(
+            "water_filling_db": psnr_from_mse(rate.water_filling(
                 spectrum, rate.patch_rate_nats(kl, c))),
-            "uniform_db": rate.psnr_db(rate.uniform_allocation(spectrum, kl, c))}
+            "uniform_db": psnr_from_mse(rate.uniform_allocation(spectrum, kl, c))}
 
 
 def shares(model: MinimalVAE, objective: Objective, x: torch.Tensor, seed: int
@@ -198,10 +198,11 @@ def references(spectrum: torch.Tensor, rates: Sequence[float], channels: int = 1
     """Markdown table: the Gaussian references on these patches at each rate (nats/element)."""
     lines = ["| nats per latent element | bits per pixel | water-filling PSNR (dB) | "
              "uniform allocation PSNR (dB) |", "|---|---|---|---|"]
-    lines += [f"| {r:g} | {rate.bits_per_pixel(r, channels):.2f} | "
-              f"{rate.psnr_db(rate.water_filling(spectrum, rate.patch_rate_nats(r, channels))):.2f}"
-              f" | {rate.psnr_db(rate.uniform_allocation(spectrum, r, channels)):.2f} |"
-              for r in rates]
+    for r in rates:
+        water = rate.water_filling(spectrum, rate.patch_rate_nats(r, channels))
+        uniform = rate.uniform_allocation(spectrum, r, channels)
+        lines.append(f"| {r:g} | {rate.bits_per_pixel(r, channels):.2f} | "
+                     f"{psnr_from_mse(water):.2f} | {psnr_from_mse(uniform):.2f} |")
     return "\n".join(lines)
 
 

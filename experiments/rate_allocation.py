@@ -1,7 +1,7 @@
 """What the data-fitted rate allocation of ``init_from_data`` buys an untrained model.
 
 Both models are fitted to the first ``--train`` training crops of ``photos`` (``init_from_data``:
-the patch PCA, then the posterior variances of :func:`hrm_vision.vae.patches.allocate_rate`) and
+the patch PCA, then the posterior variances of :func:`hrm_vision.patches.allocate_rate`) and
 measured on ``--val`` validation crops (held-out photographs) three times: with the allocated
 variances; with ``logvar = -4`` on every channel (the same total rate, spread uniformly); and
 as the reverse water-filling code itself at the allocated code's KL (posterior variance
@@ -25,11 +25,10 @@ from collections.abc import Sequence
 
 import torch
 
-from hrm_vision import rate
+from hrm_vision import patches as rate
 from hrm_vision.data import validation_images
 from hrm_vision.evaluate import measure_rate, patch_spectrum
-from hrm_vision.vae import MinimalVAE, TeacherVAE
-from hrm_vision.vae.models import LOGVAR_INIT
+from hrm_vision.vae import LOGVAR_INIT, MinimalVAE, TeacherVAE
 
 
 def row(model: str, name: str, r) -> str:  # noqa: ANN001

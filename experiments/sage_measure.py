@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from hrm_vision.data.photos import PhotoCrops
+from hrm_vision.data import PhotoCrops
 from hrm_vision.irp.sage import create_tinyvae_irp
 from hrm_vision.metrics import psnr
 

@@ -2,13 +2,20 @@
 
 Images everywhere in this package are float tensors in [0, 1], NCHW, RGB.
 
-Importing ``hrm_vision`` (or :mod:`hrm_vision.vae`, :mod:`hrm_vision.checkpoints`,
-:mod:`hrm_vision.irp`) needs only the core dependencies; training, the ``photos`` dataset and
-export need extras (``pip install 'hrm-vision[all]'``), imported where they are used.
+>>> import hrm_vision
+>>> model = hrm_vision.load("checkpoints/tinyvae_best.pth")       # doctest: +SKIP
+>>> hrm_vision.save(model, "tinyvae.safetensors")                # doctest: +SKIP
+
+``import hrm_vision`` needs only the core dependencies (torch among them); training, the
+``photos`` dataset and export need extras (``pip install 'hrm-vision[all]'``), imported where
+they are used.
 """
 
 __version__ = "0.1.0"
 
-# Installs the weights reader and writer behind MinimalVAE.from_pretrained / save_pretrained
-# (hrm_vision.vae.base.WEIGHTS_FILES): the models themselves hold no file code.
-from . import pretrained as _pretrained  # noqa: E402, F401
+from .compact import CompactStudentVAE, CompactTeacherVAE  # noqa: E402 (registers the pair)
+from .io import load, save  # noqa: E402
+from .vae import LatentAdapter, MinimalVAE, TeacherVAE  # noqa: E402
+
+__all__ = ["CompactStudentVAE", "CompactTeacherVAE", "LatentAdapter", "MinimalVAE",
+           "TeacherVAE", "__version__", "load", "save"]

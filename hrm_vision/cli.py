@@ -68,10 +68,10 @@ def error_message(exc: BaseException) -> str:
     """One line saying what went wrong: the exception's message with its line breaks folded.
 
     A pydantic ``ValidationError`` reads ``field: problem (got value); unknown key 'name'`` (see
-    :func:`hrm_vision.validation.describe_validation_error`).
+    :func:`hrm_vision.io.describe_validation_error`).
     """
     if type(exc).__module__.startswith("pydantic") and callable(getattr(exc, "errors", None)):
-        from .validation import describe_validation_error
+        from .io import describe_validation_error
 
         return describe_validation_error(exc)  # type: ignore[arg-type]
     if (isinstance(exc, ModuleNotFoundError) and not isinstance(exc, MissingExtraError)

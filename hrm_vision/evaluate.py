@@ -27,15 +27,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import rate
-from .checkpoints import adapter_from_payload, load_checkpoint, model_from_payload
+from . import patches as rate
 from .data import build_dataset, validation_images
-from .files import json_safe, write_json, write_text
+from .io import (
+    adapter_from_payload,
+    json_safe,
+    load_checkpoint,
+    model_from_payload,
+    write_json,
+    write_text,
+)
 from .metrics import error_image, linear_cka, psnr, psnr_from_mse, ssim
 from .objective import gaussian_kl
+from .patches import PATCH, fit_patch_pca, patch_vectors
 from .timing import machine_info, timings
 from .vae import VAEBase, count_macs
-from .vae.patches import PATCH, fit_patch_pca, patch_vectors
 
 #: The operations timed for every model.
 OPS = ("encode", "decode", "both")
@@ -213,9 +219,9 @@ def measure_quality(teacher: VAEBase, student: VAEBase, adapter: nn.Module | Non
 
 def held_out_frames(photos: Sequence[str] | None = None) -> list[Tensor]:
     """The held-out photographs of the ``photos`` dataset (default
-    :data:`~hrm_vision.data.photos.VAL_PHOTOS`) at full resolution, centre-cropped to sides
+    :data:`~hrm_vision.data.VAL_PHOTOS`) at full resolution, centre-cropped to sides
     divisible by 8: ``(1, 3, H, W)`` tensors in [0, 1] of different sizes."""
-    from .data.photos import VAL_PHOTOS, load_photo
+    from .data import VAL_PHOTOS, load_photo
 
     frames = []
     for name in VAL_PHOTOS if photos is None else photos:
@@ -243,7 +249,8 @@ class RateQuality:
     """What a model's rate buys on one set of images: the mean KL of the posterior to N(0, I)
     per latent element, the same rate in bits per pixel, decode(mu) and decode(z) PSNR (z a
     seeded posterior sample), and the Gaussian references at that rate from the set's patch
-    spectrum (:func:`hrm_vision.rate.water_filling`, :func:`hrm_vision.rate.uniform_allocation`)."""
+    spectrum (:func:`hrm_vision.patches.water_filling`,
+    :func:`hrm_vision.patches.uniform_allocation`)."""
 
     model: str
     images: str
@@ -279,9 +286,9 @@ def measure_rate(model: VAEBase, name: str, images: Tensor | Sequence[Tensor], l
         model=name, images=label, latent_channels=round(c), kl_nats_per_element=nats,
         bits_per_pixel=rate.bits_per_pixel(nats, c),
         psnr_mu_db=psnr_from_mse(se_mu / pixels), psnr_sample_db=psnr_from_mse(se_z / pixels),
-        water_filling_psnr_db=rate.psnr_db(rate.water_filling(spectrum,
+        water_filling_psnr_db=psnr_from_mse(rate.water_filling(spectrum,
                                                               rate.patch_rate_nats(nats, c))),
-        uniform_psnr_db=rate.psnr_db(rate.uniform_allocation(spectrum, nats,
+        uniform_psnr_db=psnr_from_mse(rate.uniform_allocation(spectrum, nats,
                                                              min(round(c), spectrum.numel()))))
 
 
@@ -353,7 +360,7 @@ def crop_baselines(val_images: Tensor, train_images: Tensor,
     """Codes of a few numbers per whole crop, on ``val_images`` ``(N, C, S, S)``, by numbers:
     PCA of flattened crops keeping ``k`` coefficients (fitted on the first
     :data:`CROP_PCA_FIT` of ``train_images``, more than ``max(coefficients)``) and thumbnails."""
-    from .vae.compact import fit_crop_pca
+    from .compact import fit_crop_pca
 
     rows = []
     if coefficients:
@@ -567,7 +574,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "frames": None,
     }
     if not args.no_frames and args.dataset == "photos":
-        from .data.photos import VAL_PHOTOS
+        from .data import VAL_PHOTOS
 
         frames = held_out_frames()
         rows = [{"name": name, "numbers": m.latent_dim,

@@ -41,14 +41,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import __version__
-from .checkpoints import ADAPTER_ROLE, load_checkpoint, model_from_payload, roles_in
+from .compact import CompactVAE
 from .data import validation_images
-from .files import FolderLock, FolderLockedError, atomic_write, write_text
+from .io import (
+    ADAPTER_ROLE,
+    FolderLock,
+    FolderLockedError,
+    atomic_write,
+    load_checkpoint,
+    model_from_payload,
+    roles_in,
+    save,
+    write_text,
+)
 from .metrics import psnr
-from .pretrained import save_pretrained
 from .timing import timings
 from .vae import VAEBase, model_name
-from .vae.compact import CompactVAE
 
 if TYPE_CHECKING:
     from .vae import LatentAdapter
@@ -339,7 +347,7 @@ def photo_frames(height: int, width: int) -> Tensor:
     """The ``photos`` dataset's validation photographs (never trained on: N = 3) as
     ``(N, 3, height, width)`` frames in [0, 1], RGB: each resized (bilinear, antialiased) to
     cover the frame, then centre-cropped. Needs the ``photos`` extra."""
-    from .data.photos import VAL_PHOTOS, load_photo
+    from .data import VAL_PHOTOS, load_photo
 
     frames = []
     for name in VAL_PHOTOS:
@@ -630,7 +638,7 @@ def export_model(vae: VAEBase, out_dir: str | os.PathLike[str], images: Tensor,
                               "decoder": str(to_int8(graphs["fp32"]["decoder"], latents))}
         result = ExportResult(
             files, diffs, metadata, images.shape[0],
-            weights_file=str(save_pretrained(vae, out / "tinyvae.safetensors", adapter=adapter)),
+            weights_file=str(save(vae, out / "tinyvae.safetensors", adapter=adapter)),
             parity_sizes=parity, precision_files=graphs,
             precision_costs=precision_costs(vae, graphs, {size_key(images): images,
                                                           **(parity_images or {})}),

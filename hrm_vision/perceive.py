@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ._extras import require
-from .files import write_text
+from .io import write_text
 from .irp.registry import get_registry
 from .irp.tinyvae import ImageFormat, load_student, to_images
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hrm_vision.data.photos import PhotoCrops
+from hrm_vision.data import PhotoCrops
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import bad_inputs  # tests/ is on sys.path (pytest prepend mode)
 
-from hrm_vision.checkpoints import load_checkpoint, load_model
+from hrm_vision.io import load, load_checkpoint
 
 CASES = {case.name: case for case in bad_inputs.CASES}
 
@@ -60,7 +60,7 @@ class TestSkippedNotFatal:
     def test_undecodable_image_is_skipped_and_counted(self, base: Path, tmp_path: Path) -> None:
         text = run("an undecodable image among good ones", base, tmp_path)
         assert "broken.jpg" in text
-        assert load_model(tmp_path / "ckpt" / "tinyvae_best.pth") is not None
+        assert load(tmp_path / "ckpt" / "tinyvae_best.pth") is not None
 
     def test_sporadic_non_finite_losses_are_skipped_and_counted(self, base: Path,
                                                                 tmp_path: Path) -> None:
@@ -78,12 +78,12 @@ class TestSkippedNotFatal:
         assert str(last) in text
         payload = load_checkpoint(last)
         assert payload["epoch"] == 1 and payload["step_in_epoch"] == 0
-        assert load_model(last) is not None
+        assert load(last) is not None
 
 
 def non_finite_files(folder: Path) -> dict[str, list[str]]:
     """Every checkpoint in ``folder`` with the keys of its non-finite tensors (if any)."""
-    from hrm_vision.weights import non_finite_tensors
+    from hrm_vision.io import non_finite_tensors
 
     return {p.name: non_finite_tensors(load_checkpoint(p)) for p in sorted(folder.glob("*.pth"))}
 

@@ -23,7 +23,7 @@ from helpers import tiny_run  # tests/ is on sys.path (pytest prepend mode)
 from helpers.forked import Outcome, command_runner, run_commands
 
 from hrm_vision import cli
-from hrm_vision.checkpoints import model_entry, save_checkpoint
+from hrm_vision.io import model_entry, save_checkpoint
 from hrm_vision.vae import MinimalVAE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,7 +128,7 @@ def make_files(d: Path) -> None:
 #: The command runner preloading torch and the package (see ``tests/helpers/forked.py``).
 FORK_RUNNER = command_runner(
     "import numpy, torch, torchvision, matplotlib, pydantic, tqdm\n"
-    "import hrm_vision.checkpoints, hrm_vision.cli, hrm_vision.distill.trainer, "
+    "import hrm_vision.io, hrm_vision.cli, hrm_vision.distill.trainer, "
     "hrm_vision.evaluate")  # not distill.__main__: `-m hrm_vision.distill` runs it afresh
 
 

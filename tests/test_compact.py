@@ -7,15 +7,15 @@ import importlib.util
 import pytest
 import torch
 
-from hrm_vision.vae import (
+from hrm_vision.compact import (
     CompactStudentVAE,
     CompactTeacherVAE,
     CompactVAE,
-    VAEOutput,
-    build_model,
-    model_name,
+    crop_dct_basis,
+    fit_crop_pca,
 )
-from hrm_vision.vae.compact import crop_dct_basis, fit_crop_pca
+from hrm_vision.io import load, save
+from hrm_vision.vae import VAEOutput, build_model, model_name
 
 #: Tiny configurations (the architecture is the defaults', with narrow stages).
 SMALL = [(CompactStudentVAE, {"base_channels": 4, "latent_dim": 16}),
@@ -168,8 +168,8 @@ class TestPersistence:
         pytest.importorskip("safetensors")
         model = CompactStudentVAE(base_channels=4, latent_dim=16).eval()
         model.init_from_data(crops(100))
-        path = model.save_pretrained(tmp_path / "compact.safetensors")
-        loaded = CompactStudentVAE.from_pretrained(path)
+        path = save(model, tmp_path / "compact.safetensors")
+        loaded = load(path)
         x = crops(2, seed=3)
         assert torch.equal(loaded.encode(x), model.encode(x))
 

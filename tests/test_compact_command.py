@@ -130,7 +130,7 @@ def test_rate_of_a_known_posterior() -> None:
 
 
 def test_unseen_crops_come_from_another_photograph() -> None:
-    from hrm_vision.data.photos import PhotoCrops
+    from hrm_vision.data import PhotoCrops
 
     crops = unseen_crops(12, 64)
     assert tuple(crops.shape) == (12, 3, 64, 64) and 0 <= crops.min() and crops.max() <= 1

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from hrm_vision import cli
-from hrm_vision.checkpoints import model_entry, save_checkpoint
+from hrm_vision.compact import CompactStudentVAE
 from hrm_vision.export import command, ort_session, run_onnx
-from hrm_vision.vae import CompactStudentVAE, LatentAdapter
+from hrm_vision.io import model_entry, save_checkpoint
+from hrm_vision.vae import LatentAdapter
 from tests.helpers.models import perturbed
 
 

@@ -10,22 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from hrm_vision.checkpoints import CheckpointError, load_model, model_from_payload
+from hrm_vision.compact import CompactStudentVAE, CompactTeacherVAE
 from hrm_vision.distill import Distiller, load_config
 from hrm_vision.distill.config import ConfigError, make_config
 from hrm_vision.distill.losses import residual_variance
 from hrm_vision.distill.perceptual import TeacherFeatures
 from hrm_vision.distill.trainer import configured_model
 from hrm_vision.evaluate import crop_baselines
+from hrm_vision.io import CheckpointError, load, model_from_payload
 from hrm_vision.objective import kl_nats
-from hrm_vision.vae import (
-    CompactStudentVAE,
-    CompactTeacherVAE,
-    LatentAdapter,
-    MinimalVAE,
-    TeacherVAE,
-)
-from hrm_vision.vae.summary import summary_rows
+from hrm_vision.vae import LatentAdapter, MinimalVAE, TeacherVAE, summary_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPACT = ROOT / "training" / "compact.json"
@@ -195,9 +189,9 @@ def test_tiny_compact_distillation_end_to_end(tmp_path) -> None:
                                 "perceptual_weight": 0.1, "perceptual_backbone": "teacher",
                                 "device": "cpu", "checkpoint_dir": str(tmp_path)})
     files = Distiller(cfg, console=False).run()
-    student = load_model(files["best"], role="student")
-    teacher = load_model(files["teacher"], role="teacher")
-    adapter = load_model(files["best"], role="adapter")
+    student = load(files["best"], role="student")
+    teacher = load(files["teacher"], role="teacher")
+    adapter = load(files["best"], role="adapter")
     assert type(student) is CompactStudentVAE and type(teacher) is CompactTeacherVAE
     assert adapter.vector
     x = crops(3)

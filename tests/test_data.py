@@ -1,14 +1,36 @@
-"""The offline photos dataset: range, determinism, split by photograph."""
+"""The datasets: the offline photos (range, determinism, split by photograph), cifar10 and
+imagefolder on files made in the test (nothing is downloaded), image bit depths and limits."""
 
 from __future__ import annotations
 
+import logging
+import os
+import pickle
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageOps
 
-from hrm_vision.data import build_dataset
-from hrm_vision.data.photos import PHOTOS, VAL_PHOTOS, PhotoCrops
+from hrm_vision.data import (
+    BATCH_DIR,
+    PHOTOS,
+    TRAIN_FILES,
+    VAL_PHOTOS,
+    CIFAR10Images,
+    ImageFolderImages,
+    PhotoCrops,
+    UnsupportedImageError,
+    build_dataset,
+    read_image,
+    split_files,
+)
 
 
+# ---------------------------------------------------------------------- photos
 def test_items_are_float_rgb_in_unit_range() -> None:
     ds = PhotoCrops("val", num_crops=32)
     x = torch.stack([ds[i] for i in range(len(ds))])
@@ -40,3 +62,314 @@ def test_registry_errors() -> None:
         build_dataset("mnist", "train")
     with pytest.raises(ValueError, match="split must be"):
         PhotoCrops("test")
+
+
+# ---------------------------------------------------------------------- cifar10, folders, files
+PER_BATCH = 4
+
+
+def write_fake_cifar(root: Path, protocol: int = 2) -> dict[str, np.ndarray]:
+    """A tiny CIFAR-10 in torchvision's on-disk format: 4 images per batch file."""
+    folder = root / BATCH_DIR
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    written = {}
+    for name in (*TRAIN_FILES, "test_batch"):
+        data = rng.integers(0, 256, (PER_BATCH, 3072), dtype=np.uint8)
+        entry = {"batch_label": name, "labels": [1] * PER_BATCH, "data": data,
+                 "filenames": [f"{name}_{i}.png" for i in range(PER_BATCH)]}
+        (folder / name).write_bytes(pickle.dumps(entry, protocol=protocol))
+        written[name] = data
+    meta = {"label_names": ["airplane"] * 10, "num_cases_per_batch": PER_BATCH}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=protocol))
+    return written
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+class TestCifar10:
+    @pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+    def test_reads_torchvision_layout(self, tmp_path: Path, protocol: int) -> None:
+        written = write_fake_cifar(tmp_path, protocol)
+        train = build_dataset("cifar10", "train", data_dir=str(tmp_path))
+        val = build_dataset("cifar10", "val", data_dir=str(tmp_path))
+        assert len(train) == 5 * PER_BATCH and len(val) == PER_BATCH
+        x = val[1]
+        assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+        assert 0 <= x.min() and x.max() <= 1
+        # CIFAR rows are R plane, G plane, B plane of 32x32 (channel-first).
+        expected = written["test_batch"][1].reshape(3, 32, 32) / 255.0
+        assert torch.allclose(x, torch.from_numpy(expected).float())
+        assert torch.equal(train[PER_BATCH], train[PER_BATCH])  # deterministic per index
+        assert torch.allclose(train[PER_BATCH] * 255,
+                              torch.from_numpy(written["data_batch_2"][0].reshape(3, 32, 32))
+                              .float())
+
+    def test_resized(self, tmp_path: Path) -> None:
+        write_fake_cifar(tmp_path)
+        x = CIFAR10Images("val", data_dir=tmp_path, image_size=16)[0]
+        assert x.shape == (3, 16, 16) and 0 <= x.min() and x.max() <= 1
+
+    def test_missing_files_say_both_ways_out(self, tmp_path: Path) -> None:
+        with pytest.raises(ValueError) as info:
+            build_dataset("cifar10", "train", data_dir=str(tmp_path))
+        msg = str(info.value)
+        assert "\n" not in msg and "CIFAR-10 not found" in msg
+        assert "--download" in msg and "--data-dir" in msg and str(tmp_path) in msg
+
+    def test_truncated_batch_is_a_clear_error(self, tmp_path: Path) -> None:
+        write_fake_cifar(tmp_path)
+        path = tmp_path / BATCH_DIR / "test_batch"
+        path.write_bytes(path.read_bytes()[:500])
+        with pytest.raises(ValueError, match="test_batch is not a readable CIFAR-10 batch"):
+            CIFAR10Images("val", data_dir=tmp_path)
+
+    def test_pickled_object_is_refused(self, tmp_path: Path) -> None:
+        write_fake_cifar(tmp_path)
+        (tmp_path / BATCH_DIR / "test_batch").write_bytes(pickle.dumps({"data": Evil()}))
+        with pytest.raises(ValueError, match="refused to unpickle .*system"):
+            CIFAR10Images("val", data_dir=tmp_path)
+
+    def test_wrong_shape_is_a_clear_error(self, tmp_path: Path) -> None:
+        write_fake_cifar(tmp_path)
+        bad = {"data": np.zeros((2, 100), dtype=np.uint8), "labels": [0, 0]}
+        (tmp_path / BATCH_DIR / "test_batch").write_bytes(pickle.dumps(bad))
+        with pytest.raises(ValueError, match=r"not a CIFAR-10 batch: data has shape \(2, 100\)"):
+            CIFAR10Images("val", data_dir=tmp_path)
+
+    def test_bad_split(self, tmp_path: Path) -> None:
+        with pytest.raises(ValueError, match="split must be"):
+            CIFAR10Images("test", data_dir=tmp_path)
+
+
+def write_images(root: Path, n: int, size: tuple[int, int] = (40, 24)) -> list[str]:
+    """``n`` distinct images in mixed formats and sub-folders; returns relative paths."""
+    rng = np.random.default_rng(1)
+    rels = []
+    for i in range(n):
+        ext, mode = [(".png", "RGB"), (".jpg", "RGB"), (".PNG", "L"), (".bmp", "RGB"),
+                     (".png", "RGBA")][i % 5]
+        rel = f"sub{i % 3}/deeper/img{i}{ext}" if i % 2 else f"img{i}{ext}"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        arr = rng.integers(0, 256, (size[1], size[0], len(mode)), dtype=np.uint8)
+        Image.fromarray(arr.squeeze(-1) if mode == "L" else arr, mode).save(root / rel)
+        rels.append(rel)
+    return rels
+
+
+class TestImageFolder:
+    def test_recursive_formats_shape_range(self, tmp_path: Path) -> None:
+        rels = write_images(tmp_path, 20)
+        (tmp_path / "notes.txt").write_text("not an image")
+        (tmp_path / ".hidden").mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / ".hidden" / "x.png")
+        train = build_dataset("imagefolder", "train", data_dir=str(tmp_path), image_size=16)
+        val = build_dataset("imagefolder", "val", data_dir=str(tmp_path), image_size=16)
+        assert sorted(train.files + val.files) == sorted(rels)
+        assert not set(train.files) & set(val.files) and len(val) >= 1
+        x = train[0]
+        assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+        assert 0 <= x.min() and x.max() <= 1 and x.std() > 0.05
+        assert torch.equal(train[3], train[3])
+
+    def test_split_deterministic_stable_and_seeded(self, tmp_path: Path) -> None:
+        files = [f"dir/{i}.png" for i in range(200)]
+        a = split_files(files, 0.1, seed=0)
+        reordered = split_files(list(reversed(files)), 0.1, seed=0)
+        assert sorted(a["val"]) == sorted(reordered["val"])  # listing order does not matter
+        assert 5 <= len(a["val"]) <= 40
+        more = split_files(files + [f"new/{i}.png" for i in range(50)], 0.1, seed=0)
+        assert set(a["val"]) <= set(more["val"])  # adding files keeps old assignments
+        assert a["val"] != split_files(files, 0.1, seed=1)["val"]
+        two = split_files(["a.png", "b.png"], 0.1, seed=0)
+        assert len(two["train"]) == len(two["val"]) == 1
+
+    def test_center_crop_keeps_the_middle(self, tmp_path: Path) -> None:
+        arr = np.zeros((16, 48, 3), dtype=np.uint8)
+        arr[:, 16:32] = 255  # white middle third of a wide image
+        Image.fromarray(arr).save(tmp_path / "wide.png")
+        Image.fromarray(arr).save(tmp_path / "wide2.png")
+        ds = ImageFolderImages(tmp_path, "train", image_size=16, val_fraction=0.0)
+        assert ds[0].min() > 0.9  # the crop is the white square, the black sides are cut
+
+    def test_corrupt_file_skipped_counted_logged(self, tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+        write_images(tmp_path, 6)
+        (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+        good = tmp_path / "img0.png"
+        (tmp_path / "truncated.png").write_bytes(good.read_bytes()[:60])
+        with caplog.at_level(logging.WARNING, logger="hrm_vision.data"):
+            ds = ImageFolderImages(tmp_path, "train", image_size=8, val_fraction=0.0)
+        assert len(ds) == 6 and sorted(r for r, _ in ds.skipped) == ["broken.jpg",
+                                                                     "truncated.png"]
+        assert "skipped 2 unreadable file(s) of 8" in caplog.text and str(tmp_path) in caplog.text
+
+    def test_no_readable_images_names_the_folder(self, tmp_path: Path) -> None:
+        (tmp_path / "a.jpg").write_bytes(b"garbage")
+        (tmp_path / "b.png").write_bytes(b"")
+        with pytest.raises(ValueError, match=f"no readable images .* in {tmp_path}: the 2 image "
+                           r"file\(s\) of this split \(of 2 in the folder\) could not be decoded"):
+            ImageFolderImages(tmp_path, "train", val_fraction=0.0)
+
+    def test_empty_and_missing_folders(self, tmp_path: Path) -> None:
+        (tmp_path / "readme.txt").write_text("hi")
+        with pytest.raises(ValueError, match=f"no image files .* under {tmp_path}"):
+            build_dataset("imagefolder", "train", data_dir=str(tmp_path))
+        with pytest.raises(ValueError, match="image folder not found: .*nope"):
+            build_dataset("imagefolder", "train", data_dir=str(tmp_path / "nope"))
+
+
+# ------------------------------------------------------------------------- bit depths
+def write_png16(path: Path, values: np.ndarray) -> Path:
+    """A 16-bit PNG written byte by byte: ``values`` uint16 ``(H, W)`` gray or ``(H, W, 3)`` RGB
+    (Pillow cannot write 16-bit RGB)."""
+    arr = np.asarray(values, dtype=">u2")
+    h, w = arr.shape[:2]
+    color_type = 0 if arr.ndim == 2 else 2
+    raw = b"".join(b"\x00" + arr[y].tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n"
+                     + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return path
+
+
+def write_float_rgb_tiff(path: Path, values: np.ndarray) -> Path:
+    """An uncompressed 3-channel float32 TIFF (Pillow cannot write or read one)."""
+    arr = np.ascontiguousarray(values, dtype="<f4")
+    h, w, c = arr.shape
+    data = arr.tobytes()
+    tags_at, count = 8, 11
+    bits_at = tags_at + 2 + count * 12 + 4
+    formats_at, data_at = bits_at + 2 * c, bits_at + 4 * c
+    tags = [(256, 4, 1, w), (257, 4, 1, h), (258, 3, c, bits_at), (259, 3, 1, 1),
+            (262, 3, 1, 2), (273, 4, 1, data_at), (277, 3, 1, c), (278, 4, 1, h),
+            (279, 4, 1, len(data)), (284, 3, 1, 1), (339, 3, c, formats_at)]
+    out = b"II*\x00" + struct.pack("<IH", tags_at, count)
+    for tag, kind, n, value in tags:
+        out += struct.pack("<HHIHH" if kind == 3 and n == 1 else "<HHII", tag, kind, n, value,
+                           *([0] if kind == 3 and n == 1 else []))
+    out += struct.pack("<I", 0) + struct.pack(f"<{c}H", *[32] * c) + struct.pack(f"<{c}H", *[3] * c)
+    path.write_bytes(out + data)
+    return path
+
+
+def folder_items(root: Path, size: int = 8) -> dict[str, torch.Tensor]:
+    ds = ImageFolderImages(root, "train", image_size=size, val_fraction=0.0)
+    return {rel: ds[i] for i, rel in enumerate(ds.files)}
+
+
+class TestBitDepths:
+    """16-bit and float files are scaled by their depth, or skipped saying why."""
+
+    def test_16bit_gray_png_is_scaled_not_saturated(self, tmp_path: Path) -> None:
+        write_png16(tmp_path / "g.png", np.full((16, 16), 16384, np.uint16))
+        gradient = np.tile(np.linspace(0, 65535, 16).astype(np.uint16), (16, 1))
+        write_png16(tmp_path / "ramp.png", gradient)
+        assert Image.open(tmp_path / "g.png").mode.startswith("I")  # the mode that saturated
+        items = folder_items(tmp_path)
+        assert torch.allclose(items["g.png"], torch.full((3, 8, 8), 16384 / 65535), atol=1 / 255)
+        ramp = items["ramp.png"][0]
+        assert ramp[:, 0].max() < 0.1 and ramp[:, -1].min() > 0.9  # the full range survives
+        assert torch.all(ramp[:, 1:] >= ramp[:, :-1])
+
+    def test_16bit_rgb_png_and_pgm(self, tmp_path: Path) -> None:
+        rgb = np.zeros((8, 8, 3), np.uint16)
+        rgb[..., 0], rgb[..., 1], rgb[..., 2] = 65535, 32768, 4096
+        write_png16(tmp_path / "rgb.png", rgb)
+        (tmp_path / "deep.pgm").write_bytes(b"P5\n8 8\n1023\n"
+                                            + np.full((8, 8), 256, ">u2").tobytes())
+        items = folder_items(tmp_path)
+        assert torch.allclose(items["rgb.png"][:, 0, 0], torch.tensor([1.0, 0.5, 1 / 16]),
+                              atol=1 / 255)
+        assert torch.allclose(items["deep.pgm"], torch.full((3, 8, 8), 256 / 1023), atol=1 / 255)
+
+    def test_float_tiff_in_unit_range_keeps_its_values(self, tmp_path: Path) -> None:
+        Image.fromarray(np.full((16, 16), 0.25, np.float32)).save(tmp_path / "f.tif")
+        assert Image.open(tmp_path / "f.tif").mode == "F"
+        assert torch.allclose(folder_items(tmp_path)["f.tif"], torch.full((3, 8, 8), 0.25),
+                              atol=1 / 255)
+
+    def test_8bit_files_are_read_as_before(self, tmp_path: Path) -> None:
+        rels = write_images(tmp_path, 5)
+        items = folder_items(tmp_path, size=16)
+        for rel in rels:  # Pillow's own uint8 path: convert, centre crop, Lanczos
+            with Image.open(tmp_path / rel) as img:
+                expected = ImageOps.fit(img.convert("RGB"), (16, 16),
+                                        method=Image.Resampling.LANCZOS)
+            assert torch.equal((items[rel] * 255).round().byte(),
+                               torch.from_numpy(np.array(expected)).permute(2, 0, 1))
+
+    def test_unknown_scales_are_skipped_saying_why(self, tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+        Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "good.tif")
+        Image.fromarray(np.full((8, 8), 200.0, np.float32)).save(tmp_path / "a_range.tif")
+        nan = np.full((8, 8), 0.5, np.float32)
+        nan[0, 0] = np.nan
+        Image.fromarray(nan).save(tmp_path / "b_nan.tif")
+        Image.fromarray(np.full((8, 8), 70000, np.int32)).save(tmp_path / "c_int32.tif")
+        write_float_rgb_tiff(tmp_path / "d_rgb_float.tiff", np.full((8, 8, 3), 0.5))
+        with caplog.at_level(logging.WARNING, logger="hrm_vision.data"):
+            ds = ImageFolderImages(tmp_path, "train", image_size=8, val_fraction=0.0)
+        assert ds.files == ["good.tif"]
+        reasons = dict(ds.skipped)
+        assert "outside [0, 1]" in reasons["a_range.tif"]
+        assert "NaN" in reasons["b_nan.tif"]
+        assert "32-bit integer" in reasons["c_int32.tif"]
+        assert "multi-channel float TIFFs are not supported" in reasons["d_rgb_float.tiff"]
+        assert "skipped 4 unreadable file(s) of 5" in caplog.text
+        assert "outside [0, 1]" in caplog.text and "+1 more" in caplog.text
+
+
+class TestReadImage:
+    def test_float_rgb_by_depth(self, tmp_path: Path) -> None:
+        write_png16(tmp_path / "g.png", np.full((4, 6), 65535 // 4, np.uint16))
+        Image.fromarray(np.full((4, 6, 3), 51, np.uint8)).save(tmp_path / "e.png")
+        Image.fromarray(np.full((4, 6), 0.75, np.float32)).save(tmp_path / "f.tif")
+        for name, value in [("g.png", 0.25), ("e.png", 0.2), ("f.tif", 0.75)]:
+            x = read_image(tmp_path / name)
+            assert x.shape == (4, 6, 3) and x.dtype == np.float32
+            assert np.allclose(x, value, atol=1e-4), name
+
+    def test_errors(self, tmp_path: Path) -> None:
+        with pytest.raises(FileNotFoundError):
+            read_image(tmp_path / "missing.png")
+        Image.fromarray(np.full((4, 4), -1.0, np.float32)).save(tmp_path / "neg.tif")
+        with pytest.raises(UnsupportedImageError, match=r"neg.tif: float pixels in \[-1, -1\]"):
+            read_image(tmp_path / "neg.tif")
+
+
+class TestImageLimits:
+    """Files refused before decoding: non-regular files and headers declaring too many pixels."""
+
+    def test_pixel_limit_from_the_header(self, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+        Image.new("RGB", (40, 30)).save(tmp_path / "big.png")
+        assert read_image(tmp_path / "big.png", max_pixels=1200).shape == (30, 40, 3)
+        with pytest.raises(UnsupportedImageError, match=r"40x30 = 1,200 pixels.*limit of 1,199"):
+            read_image(tmp_path / "big.png", max_pixels=1199)
+        monkeypatch.setenv("HRM_VISION_MAX_IMAGE_PIXELS", "1000")
+        with pytest.raises(UnsupportedImageError, match="HRM_VISION_MAX_IMAGE_PIXELS"):
+            read_image(tmp_path / "big.png")
+        monkeypatch.setenv("HRM_VISION_MAX_IMAGE_PIXELS", "lots")
+        with pytest.raises(ValueError, match="expected a positive integer"):
+            read_image(tmp_path / "big.png")
+
+    def test_a_bomb_is_refused_without_decoding(self, tmp_path: Path) -> None:
+        # 13000 x 13000 of one colour compresses to a few hundred KB; decoding takes 500 MB.
+        Image.new("L", (13000, 13000)).save(tmp_path / "bomb.png")
+        with pytest.raises(UnsupportedImageError, match="169,000,000 pixels"):
+            read_image(tmp_path / "bomb.png")
+
+    @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+    def test_fifo_is_refused_not_waited_on(self, tmp_path: Path) -> None:
+        os.mkfifo(tmp_path / "camera.png")
+        with pytest.raises(UnsupportedImageError, match="not a regular file"):
+            read_image(tmp_path / "camera.png")

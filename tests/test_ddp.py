@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import tiny_run  # tests/ is on sys.path (pytest prepend mode)
 
-from hrm_vision.checkpoints import load_checkpoint, load_model
+from hrm_vision.io import load, load_checkpoint
 from hrm_vision.vae import MinimalVAE
 
 HELPERS = Path(tiny_run.__file__).resolve().parent
@@ -69,7 +69,7 @@ class TestTorchrunTwoProcesses:
         payload = ddp_run["stopped"]
         for key in ("student_state_dict", "adapter_state_dict"):
             assert not [k for k in payload[key] if k.startswith("module.")]
-        assert isinstance(load_model(ddp_run["work"] / "ckpt" / "tinyvae_best.pth"), MinimalVAE)
+        assert isinstance(load(ddp_run["work"] / "ckpt" / "tinyvae_best.pth"), MinimalVAE)
 
     def test_one_process_resumes_to_a_complete_history(self, ddp_run: dict) -> None:
         assert ddp_run["resumed"] == 0

@@ -18,7 +18,6 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
-from hrm_vision.checkpoints import model_entry, save_checkpoint
 from hrm_vision.distill import Distiller, load_config
 from hrm_vision.distill.config import DistillConfig
 from hrm_vision.distill.data import DistContext, IndexedDataset, make_loader
@@ -26,6 +25,7 @@ from hrm_vision.distill.loop import PhaseLoop, TrainingDiverged
 from hrm_vision.distill.optim import autocast, build_scheduler, make_scaler
 from hrm_vision.distill.phases import DistillPhase, Phase, PhaseContext
 from hrm_vision.distill.state import LastGoodState
+from hrm_vision.io import model_entry, save_checkpoint
 from hrm_vision.vae import TeacherVAE
 
 

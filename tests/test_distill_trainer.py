@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 import torch
 
-from hrm_vision.checkpoints import load_model, model_entry, save_checkpoint
 from hrm_vision.distill import (
     Distiller,
     TrainingDiverged,
@@ -24,6 +23,7 @@ from hrm_vision.distill import (
 from hrm_vision.distill.callbacks import Callback
 from hrm_vision.distill.losses import TERMS
 from hrm_vision.distill.phases import DistillPhase, TeacherPhase
+from hrm_vision.io import load, model_entry, save_checkpoint
 from hrm_vision.metrics import psnr
 from hrm_vision.vae import MinimalVAE, TeacherVAE
 
@@ -171,7 +171,7 @@ class TestEndToEnd:
 
     def test_validation_psnr_is_pooled_over_the_set(self, full_run) -> None:
         out, d, _ = full_run
-        student = load_model(out / "tinyvae_last.pth")
+        student = load(out / "tinyvae_last.pth")
         x = torch.stack([d.val_set[i][1] for i in range(len(d.val_set))])
         with torch.no_grad():
             expected = psnr(student.eval()(x).reconstruction, x)
@@ -215,7 +215,7 @@ class TestResume:
         assert [r["epoch"] for r in d.history] == [1, 2]
 
     def test_resume_rejects_a_model_only_checkpoint(self, tmp_path, teacher_file) -> None:
-        from hrm_vision.checkpoints import CheckpointError
+        from hrm_vision.io import CheckpointError
         d = Distiller(tiny(tmp_path, epochs=1, teacher_checkpoint=str(teacher_file)))
         with pytest.raises(CheckpointError, match="not a training checkpoint"):
             d.run(resume=teacher_file)

@@ -22,7 +22,7 @@ import torch
 from helpers import tiny_run  # tests/ is on sys.path (pytest prepend mode)
 from helpers.forked import CHILD_EXIT, run_forked
 
-from hrm_vision.checkpoints import load_checkpoint
+from hrm_vision.io import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 2
@@ -38,7 +38,7 @@ FORK_RUNNER = """
 import json, os, signal, sys, traceback
 import torch, torchvision, matplotlib, tqdm
 from hrm_vision.distill import __main__ as cli
-from hrm_vision.vae.models import _PatchVAE
+from hrm_vision.vae import _PatchVAE
 # the models keep their data-free DCT start, from which every epoch of these tiny runs improves
 # (a data-fitted start is already the linear optimum and would make the first epoch the best)
 _PatchVAE.init_from_data = lambda self, images: None

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from hrm_vision import cli
-from hrm_vision.checkpoints import model_entry, save_checkpoint
 from hrm_vision.evaluate import (
     OPS,
     PatchPCA,
@@ -31,6 +30,7 @@ from hrm_vision.evaluate import (
     weight_file_bytes,
 )
 from hrm_vision.export import chain, eager_runner
+from hrm_vision.io import model_entry, save_checkpoint
 from hrm_vision.metrics import psnr as pooled_psnr
 from hrm_vision.timing import interleaved_timings
 from hrm_vision.vae import LatentAdapter, MinimalVAE, TeacherVAE, count_macs

@@ -21,7 +21,6 @@ from torch import nn
 
 from hrm_vision import cli
 from hrm_vision import export as export_module
-from hrm_vision.checkpoints import model_entry, save_checkpoint
 from hrm_vision.export import (
     PARITY_SIZES,
     PARITY_TOLERANCE,
@@ -43,7 +42,7 @@ from hrm_vision.export import (
     remove_stale_stages,
     run_onnx,
 )
-from hrm_vision.files import FolderLock
+from hrm_vision.io import FolderLock, load, model_entry, save_checkpoint
 from hrm_vision.vae import LatentAdapter, MinimalVAE
 from tests.helpers.models import perturbed_student
 
@@ -225,7 +224,7 @@ class TestSafetensors:
         model, out, report = exported
         path = Path(report["weights_file"])
         assert path == out / "tinyvae.safetensors"
-        loaded = MinimalVAE.from_pretrained(path).eval()
+        loaded = load(path).eval()
         with torch.no_grad():
             assert torch.equal(loaded.encode(photo_batch), model.eval().encode(photo_batch))
 
@@ -306,7 +305,7 @@ class TestTeacherSpace:
             checked["weights_adapter"] = adapter
             return file
 
-        monkeypatch.setattr(f"{pipeline}.save_pretrained", weights)
+        monkeypatch.setattr(f"{pipeline}.save", weights)
         monkeypatch.setattr(f"{pipeline}.precision_costs", lambda *a: {})
         monkeypatch.setattr(f"{pipeline}.validation_images",
                             lambda *a, **k: torch.rand(2, 3, 32, 32))
@@ -546,7 +545,7 @@ def test_a_failure_midway_leaves_the_previous_set(first, monkeypatch) -> None:
     def fail(*args, **kwargs):
         raise RuntimeError("the weights writer broke")
 
-    monkeypatch.setattr(export_module, "save_pretrained", fail)  # after every graph
+    monkeypatch.setattr(export_module, "save", fail)  # after every graph
     with pytest.raises(RuntimeError, match="weights writer broke"):
         export_model(student(1), out, torch.rand(2, 3, 16, 16))
     assert snapshot(out) == before
@@ -594,6 +593,18 @@ FULL_DISK = """
 import sys, torch
 from hrm_vision import export as pipeline
 from hrm_vision.vae import MinimalVAE
+from hrm_vision.export import (
+    PARITY_TOLERANCE,
+    ExportError,
+    VAEGraph,
+    check_parity,
+    export_model,
+    fold_batchnorm,
+    load_torchscript,
+    ort_session,
+    run_onnx,
+)
+from hrm_vision.export.__main__ import main
 torch.manual_seed(1)
 model = MinimalVAE(latent_dim=4, base_channels=8).eval()
 for name, call in [

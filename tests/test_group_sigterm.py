@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from helpers import tiny_run  # tests/ is on sys.path (pytest prepend mode)
 
-from hrm_vision.checkpoints import load_checkpoint
+from hrm_vision.io import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

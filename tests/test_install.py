@@ -32,7 +32,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 #: Modules a core install must not import (the brief's list plus the rest of the extras).
 OPTIONAL = ("onnx", "onnxruntime", "onnxscript", "skimage", "matplotlib", "torchvision",
             "torchmetrics", "tqdm", "PIL", "tensorboard", "scipy")
-CORE_MODULES = ("hrm_vision", "hrm_vision.vae", "hrm_vision.checkpoints", "hrm_vision.irp",
+CORE_MODULES = ("hrm_vision", "hrm_vision.vae", "hrm_vision.io", "hrm_vision.irp",
                 "hrm_vision.irp.tinyvae", "hrm_vision.irp.host", "hrm_vision.data",
                 "hrm_vision.cli")
 #: The deployment snippet, as the README must show it.
@@ -99,7 +99,7 @@ def core_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         after_import = sorted(m for m in sys.modules if m.partition(".")[0] in OPTIONAL)
 
         import os, torch
-        from hrm_vision.checkpoints import model_entry, save_checkpoint
+        from hrm_vision.io import model_entry, save_checkpoint
         from hrm_vision.vae import LatentAdapter, MinimalVAE
         os.makedirs("checkpoints")
         torch.manual_seed(0)
@@ -208,7 +208,7 @@ class TestMissingExtras:
         assert info.value.name == "no_such_module_xyz"
 
     def test_photos_without_scikit_image(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        from hrm_vision.data.photos import PhotoCrops, load_photo
+        from hrm_vision.data import PhotoCrops, load_photo
 
         hide(monkeypatch, "skimage")
         with pytest.raises(MissingExtraError) as info:
@@ -218,7 +218,7 @@ class TestMissingExtras:
             PhotoCrops("val", num_crops=2)
 
     def test_photos_without_pillow(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        from hrm_vision.data.photos import load_photo, make_crops
+        from hrm_vision.data import load_photo, make_crops
 
         load_photo("coffee")  # skimage's loaders need PIL too: load (and cache) it first
         hide(monkeypatch, "PIL")
@@ -229,7 +229,7 @@ class TestMissingExtras:
     @pytest.mark.parametrize("top, dist", [("PIL", "pillow"), ("tqdm", "tqdm")])
     def test_imagefolder_without_its_extra(self, tmp_path: Path, top: str, dist: str,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-        from hrm_vision.data.imagefolder import ImageFolderImages
+        from hrm_vision.data import ImageFolderImages
 
         for name in ("a.png", "b.png", "c.png"):
             (tmp_path / name).write_bytes(b"not decoded: the extra check comes first")
@@ -240,7 +240,7 @@ class TestMissingExtras:
 
     def test_cifar10_download_without_torchvision(self, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-        from hrm_vision.data.cifar10 import TRAIN_FILES, ensure_files
+        from hrm_vision.data import TRAIN_FILES, ensure_files
 
         hide(monkeypatch, "torchvision")
         with pytest.raises(MissingExtraError) as info:

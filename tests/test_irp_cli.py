@@ -18,7 +18,7 @@ from helpers.forked import Outcome, command_runner, run_commands  # tests/ is on
 from PIL import Image
 
 from hrm_vision import cli
-from hrm_vision.checkpoints import model_entry, save_checkpoint
+from hrm_vision.io import model_entry, save, save_checkpoint
 from hrm_vision.vae import MinimalVAE, TeacherVAE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +101,7 @@ def make_files(d: Path) -> None:
                                            entry["student_state_dict"].items()}
     next(iter(state.values())).view(-1)[0] = float("nan")
     save_checkpoint(entry, d / "nan.pth")
-    st = student.save_pretrained(d / "corrupt.safetensors")
+    st = save(student, d / "corrupt.safetensors")
     st.write_bytes(st.read_bytes()[:100])
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / "frame.png")

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from experiments import irp_measure as measure_cli
-from hrm_vision.checkpoints import CheckpointError, load_model, model_entry, save_checkpoint
 from hrm_vision.cli import main as cli_main
-from hrm_vision.data.photos import PhotoCrops
+from hrm_vision.data import PhotoCrops
+from hrm_vision.io import CheckpointError, load, model_entry, save, save_checkpoint
 from hrm_vision.irp import PluginRegistry, validate_telemetry
 from hrm_vision.irp.host import Orchestrator
 from hrm_vision.irp.tinyvae import TinyVAEConfig, TinyVAEPlugin
@@ -78,7 +78,7 @@ class TestRefinement:
     def test_one_step_is_exactly_the_plain_encoder(self, plugin, checkpoint, photo_batch) -> None:
         state, history = plugin.refine(photo_batch, max_steps=1)
         with torch.no_grad():
-            expected = load_model(checkpoint, role="student").encode(photo_batch)
+            expected = load(checkpoint, role="student").encode(photo_batch)
         assert len(history) == 1 and torch.equal(state.x, expected)
 
     def test_energy_never_rises_and_does_fall_on_real_images(self, plugin, photo_batch) -> None:
@@ -240,7 +240,7 @@ class TestCheckpoints:
 
     def test_safetensors_weights_give_the_same_run(self, host, plugin, checkpoint, tmp_path,
                                                     photo_batch) -> None:
-        path = load_model(checkpoint).save_pretrained(tmp_path / "tinyvae.safetensors")
+        path = save(load(checkpoint), tmp_path / "tinyvae.safetensors")
         from_st = host.create("tinyvae", {"checkpoint": str(path), "max_steps": 8})
         a, b = plugin.perceive(photo_batch[:2]), from_st.perceive(photo_batch[:2])
         assert torch.equal(a.latent, b.latent)

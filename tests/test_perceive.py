@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from hrm_vision.checkpoints import model_entry, save_checkpoint
 from hrm_vision.cli import main as cli_main
 from hrm_vision.export import export_model
+from hrm_vision.io import model_entry, save_checkpoint
 from hrm_vision.perceive import to_image
 from tests.helpers.models import perturbed_student
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 from helpers import kill_resume, tiny_run  # tests/ is on sys.path (pytest prepend mode)
 
-from hrm_vision.checkpoints import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from hrm_vision.distill.__main__ import config_from_args, setup_args
 from hrm_vision.distill.callbacks import Callback
 from hrm_vision.distill.phases import DistillPhase, FinetunePhase
 from hrm_vision.distill.trainer import Distiller, TrainingInterrupted
+from hrm_vision.io import CheckpointError, load, load_checkpoint, save_checkpoint
 
 EPOCHS = 3
 
@@ -125,7 +125,7 @@ class TestKillAndResume:
 #: says so: the parent kills it there, mid-write, every time.
 STALLED_WRITER = """
 import sys, torch
-from hrm_vision.checkpoints import save_checkpoint
+from hrm_vision.io import save_checkpoint
 save_checkpoint({"counter": 1, "weights": torch.full((1000,), 1.0)}, sys.argv[1])
 
 def stalled(obj, f, *args, **kwargs):
@@ -176,7 +176,7 @@ class TestInterruptedSave:
         save_checkpoint({"weights": torch.zeros(1000)}, path)
         path.write_bytes(path.read_bytes()[:300])
         with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
-            load_model(path)
+            load(path)
 
 
 class TestStaleTemporaries:

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 from helpers import tiny_run  # tests/ is on sys.path (pytest prepend mode)
 
-from hrm_vision.checkpoints import load_checkpoint, save_checkpoint
 from hrm_vision.distill.__main__ import main
 from hrm_vision.distill.config import DistillConfig
 from hrm_vision.distill.phases import DistillPhase
 from hrm_vision.distill.resume import RESUME_MAY_CHANGE, config_differences
+from hrm_vision.io import load_checkpoint, save_checkpoint
 
 #: The original run: its own teacher pre-trained for one epoch, two distillation epochs.
 ORIGINAL = {"teacher_checkpoint": "none", "teacher_epochs": 1, "train_samples": 16}
@@ -165,7 +165,7 @@ def test_resume_auto_while_the_original_still_writes_is_refused(
         original: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The running original holds the folder's lock; a ``--resume auto`` into it reads and
     changes nothing."""
-    from hrm_vision.files import FolderLock
+    from hrm_vision.io import FolderLock
 
     busy = tmp_path / "busy"
     shutil.copytree(original / "a", busy)

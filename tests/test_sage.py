@@ -18,8 +18,8 @@ import pytest
 import torch
 from helpers.models import perturbed  # tests/ is on sys.path (pytest prepend mode)
 
-from hrm_vision.checkpoints import model_entry, save_checkpoint
-from hrm_vision.data.photos import PhotoCrops
+from hrm_vision.data import PhotoCrops
+from hrm_vision.io import model_entry, save_checkpoint
 from hrm_vision.irp.contract import IRPState
 from hrm_vision.irp.sage import TinyVAEIRP, create_tinyvae_irp
 from hrm_vision.vae import MinimalVAE

@@ -17,7 +17,7 @@ import pytest
 import torch
 from helpers.models import perturbed  # tests/ is on sys.path (pytest prepend mode)
 
-from hrm_vision.data.photos import PhotoCrops
+from hrm_vision.data import PhotoCrops
 from hrm_vision.irp.sage import create_tinyvae_irp
 
 SAGE_PATH = os.environ.get("HRM_VISION_SAGE_PATH")

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from hrm_vision.vae import MinimalVAE, TeacherVAE
-from hrm_vision.vae.tiling import (
+from hrm_vision.tiling import (
     CELL,
     ReceptiveField,
     decode_tiled,
     encode_tiled,
     receptive_field,
 )
+from hrm_vision.vae import MinimalVAE, TeacherVAE
 from tests.helpers.models import perturbed
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "models.md"

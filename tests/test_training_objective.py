@@ -13,7 +13,6 @@ import torch
 from helpers.loops import loop_with_messages  # tests/ is on sys.path (pytest prepend mode)
 from torch import Tensor, nn
 
-from hrm_vision.checkpoints import load_model
 from hrm_vision.data import validation_images
 from hrm_vision.distill import Distiller, load_config
 from hrm_vision.distill.config import DistillConfig
@@ -22,8 +21,8 @@ from hrm_vision.distill.loop import PhaseLoop
 from hrm_vision.distill.losses import DistillLoss
 from hrm_vision.distill.phases import Phase, PhaseContext
 from hrm_vision.evaluate import measure_rate, patch_spectrum
-from hrm_vision.vae import MinimalVAE
-from hrm_vision.vae.models import LOGVAR_INIT
+from hrm_vision.io import load
+from hrm_vision.vae import LOGVAR_INIT, MinimalVAE
 
 
 class PlateauPhase(Phase):
@@ -110,7 +109,7 @@ def short_runs(tmp_path_factory) -> dict[str, Any]:
         folder = tmp_path_factory.mktemp(name)
         Distiller(load_config(None, {**base, "epochs": epochs, "checkpoint_dir": str(folder)}),
                   console=False).run()
-        out[name] = load_model(folder / "tinyvae_last.pth", role="student")
+        out[name] = load(folder / "tinyvae_last.pth", role="student")
     out["val"] = validation_images("photos", 64, 32, split="val")
     return out
 

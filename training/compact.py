@@ -27,7 +27,7 @@ models also the rate, the KL of the posterior to N(0, I):
 
 * nats per number: the mean KL per latent number (:func:`hrm_vision.objective.gaussian_kl`);
 * bits per pixel: ``nats_per_number * numbers / (H * W * ln 2)``, the rate of one crop spread
-  over its ``H * W`` pixels (:func:`hrm_vision.rate.bits_per_pixel` counts 64 pixels per latent
+  over its ``H * W`` pixels (:func:`hrm_vision.patches.bits_per_pixel` counts 64 pixels per latent
   cell; a whole ``H x W`` crop is ``H * W / 64`` cells).
 
 Evaluation sets (:func:`evaluation_sets`): *held-out* crops (the validation photographs of the
@@ -51,15 +51,15 @@ import torch
 from torch import Tensor, nn
 
 from hrm_vision._extras import require
-from hrm_vision.checkpoints import load_model
-from hrm_vision.data.photos import crop_images
+from hrm_vision.data import crop_images
 from hrm_vision.distill import Distiller, load_config
 from hrm_vision.distill.config import DistillConfig
 from hrm_vision.distill.data import build_split, first_images
 from hrm_vision.evaluate import CROP_PCA_COEFFICIENTS, CROP_PCA_FIT, crop_baselines
+from hrm_vision.io import load
 from hrm_vision.metrics import psnr
 from hrm_vision.objective import gaussian_kl
-from hrm_vision.rate import PIXELS_PER_CELL, bits_per_pixel
+from hrm_vision.patches import PIXELS_PER_CELL, bits_per_pixel
 from hrm_vision.vae import VAEBase
 
 #: The photograph of the unseen-sources set (bundled with matplotlib, the ``train`` extra).
@@ -70,7 +70,7 @@ SET_LABELS = {"held_out": "held-out", "unseen": "unseen sources"}
 
 def unseen_crops(num: int, image_size: int = 64, seed: int = 7) -> Tensor:
     """``num`` crops ``(num, 3, S, S)`` in [0, 1] of :data:`UNSEEN_PHOTO` at the ``photos``
-    scales, cut like the ``photos`` crops (:func:`hrm_vision.data.photos.crop_images`)."""
+    scales, cut like the ``photos`` crops (:func:`hrm_vision.data.crop_images`)."""
     cbook = require("matplotlib.cbook", extra="train", purpose="the unseen-sources crops")
     image = require("PIL.Image", extra="photos", purpose="the unseen-sources crops")
     with cbook.get_sample_data(UNSEEN_PHOTO) as f:
@@ -217,10 +217,10 @@ def report(distilled: DistillConfig, alone: DistillConfig, files: dict[str, Path
     val = build_split(distilled, "val")
     sets = evaluation_sets(first_images(val, len(val)))
     train = first_images(build_split(distilled, "train"))
-    teacher = load_model(files["teacher"], role="teacher")
-    student = load_model(files["best"], role="student")
-    adapter = load_model(files["best"], role="adapter")
-    student_alone = load_model(alone_files["best"], role="student")
+    teacher = load(files["teacher"], role="teacher")
+    student = load(files["best"], role="student")
+    adapter = load(files["best"], role="adapter")
+    student_alone = load(alone_files["best"], role="student")
     epoch, epoch_alone = (best_epoch(f["history"], STUDENT_PHASES) for f in (files, alone_files))
     a, d = distilled.recon_weight, distilled.distill_recon_weight
     coders = [vae_coder("compact teacher", teacher, best_epoch(files["history"], ("teacher",))),

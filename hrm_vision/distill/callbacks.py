@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._extras import require
-from ..files import atomic_write
+from ..io import atomic_write
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage

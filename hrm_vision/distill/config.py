@@ -24,11 +24,9 @@ from pydantic import (
     model_validator,
 )
 
-from ..files import write_json
-from ..vae.base import DOWNSAMPLE_FACTOR, image_size_fits
-from ..vae.compact import CompactVAE
-from ..vae.registry import MODELS
-from ..validation import describe_validation_error
+from ..compact import CompactVAE
+from ..io import describe_validation_error, write_json
+from ..vae import DOWNSAMPLE_FACTOR, MODELS, image_size_fits
 
 Backbone = Literal["auto", "vgg16", "teacher"]
 Precision = Literal["auto", "off", "bf16", "fp16"]

@@ -182,7 +182,7 @@ def wrap_ddp(module: nn.Module, ctx: DistContext, *,
     """``DistributedDataParallel(module)`` when distributed, else ``module`` unchanged.
 
     ``module`` must already be on ``ctx.device``. Save with
-    ``hrm_vision.checkpoints.model_entry`` / ``unwrap`` so keys carry no ``module.`` prefix.
+    ``hrm_vision.io.model_entry`` / ``unwrap`` so keys carry no ``module.`` prefix.
     """
     if not ctx.enabled:
         return module

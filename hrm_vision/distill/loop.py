@@ -39,9 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ..checkpoints import CheckpointError, save_checkpoint
-from ..files import write_json
-from ..weights import check_fits, non_finite_tensors
+from ..io import CheckpointError, check_fits, non_finite_tensors, save_checkpoint, write_json
 from .data import DistContext, barrier, first_images, reduce_mean, set_epoch, wrap_ddp
 from .optim import (
     WeightAverage,

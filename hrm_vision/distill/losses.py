@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoints import CheckpointError
+from ..io import CheckpointError
 from ..objective import (
     FREE_BITS_MODES,
     GaussianScale,

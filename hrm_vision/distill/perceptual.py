@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import VGG16_Weights, vgg16
 
-from ..checkpoints import load_checkpoint
+from ..io import load_checkpoint
 from ..vae import VAEBase
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

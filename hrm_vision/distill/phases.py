@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ..checkpoints import model_entry, to_cpu
+from ..io import load_state_checked, model_entry, to_cpu
 from ..metrics import (
     error_image,
     linear_cka,
@@ -43,7 +43,6 @@ from ..metrics import (
 )
 from ..objective import gradient_shares, value_shares
 from ..vae import LatentAdapter, VAEBase
-from ..weights import load_state_checked
 from .config import DistillConfig
 from .data import IndexedDataset, TeacherCache, first_images
 from .losses import DistillLoss, TeacherTargets, Trainable, adapt, teacher_targets

@@ -21,8 +21,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..checkpoints import CheckpointError, load_checkpoint
-from ..files import atomic_write
+from ..io import CheckpointError, atomic_write, load_checkpoint
 from .config import DistillConfig
 from .phases import DistillPhase, FinetunePhase, Phase, TeacherPhase
 from .state import TrainState

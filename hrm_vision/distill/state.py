@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..checkpoints import CheckpointError
+from ..io import CheckpointError
 
 #: Validation metric that picks the best epoch of a phase: an epoch is the best so far when its
 #: value is strictly greater than the best before it (``value > best``: the earliest of equal
@@ -137,7 +137,7 @@ class TrainingCheckpoint:
     rng_state: dict[str, Any]
 
     def to_payload(self) -> dict[str, Any]:
-        """The plain dict saved with :func:`hrm_vision.checkpoints.save_checkpoint`."""
+        """The plain dict saved with :func:`hrm_vision.io.save_checkpoint`."""
         return {"phase": self.phase, **self.models, **self.state.to_payload(),
                 "history": self.history, "config": self.config,
                 "optimizer_state_dict": self.optimizer_state_dict,
@@ -209,7 +209,7 @@ def check_training_payload(payload: dict[str, Any], source: str = "checkpoint") 
     names the key, what it must be and what it holds.
 
     The models' tensors are checked where they are loaded
-    (:func:`hrm_vision.weights.load_state_checked`).
+    (:func:`hrm_vision.io.load_state_checked`).
     """
     def bad(key: str, what: str) -> CheckpointError:
         return CheckpointError(f"{source}: {key} must be {what}, got {_describe(payload[key])}")

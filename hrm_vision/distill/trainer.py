@@ -44,18 +44,18 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from ..checkpoints import (
+from ..compact import CompactVAE
+from ..io import (
     CheckpointError,
+    FolderLock,
+    load,
     load_checkpoint,
-    load_model,
+    load_state_checked,
     model_entry,
     model_from_payload,
     save_checkpoint,
 )
-from ..files import FolderLock
 from ..vae import MODELS, LatentAdapter, VAEBase, build_model, model_name
-from ..vae.compact import CompactVAE
-from ..weights import load_state_checked
 from .callbacks import Callback, default_callbacks
 from .config import DistillConfig, save_config
 from .data import (
@@ -200,7 +200,7 @@ class Distiller:
         return found if found.is_file() else None
 
     def _load_teacher(self, path: Path) -> VAEBase:
-        model = load_model(path, role="teacher")
+        model = load(path, role="teacher")
         if model_name(model) != self.config.teacher_model:
             raise CheckpointError(f"{path}: the teacher role holds a {type(model).__name__} "
                                   f"({model_name(model)!r}), not teacher_model="
@@ -369,7 +369,7 @@ class Distiller:
         if payload.get("phase") not in PHASES or "optimizer_state_dict" not in payload:
             raise CheckpointError(f"{path} is not a training checkpoint of this trainer "
                                   "(no phase/optimizer state); pass it as --teacher-checkpoint "
-                                  "or load it with hrm_vision.checkpoints.load_model")
+                                  "or load it with hrm_vision.load")
         forced = check_config(payload, self.config, str(path), force)
         if forced:
             self.message(f"--force-resume: resuming {path} with {'; '.join(forced)}")

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..data.photos import PhotoCrops
+from ..data import PhotoCrops
 from ..distill.losses import TERMS, DistillLoss, adapt, teacher_targets
 from ..distill.perceptual import TeacherFeatures
 from ..vae import LatentAdapter, MinimalVAE, TeacherVAE

@@ -21,7 +21,7 @@ import numpy as np
 import pluggy
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..validation import describe_validation_error
+from ..io import describe_validation_error
 
 #: The pluggy project name: markers, the manager and entry points all use it.
 PROJECT_NAME = "hrm_vision"

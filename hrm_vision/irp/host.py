@@ -5,7 +5,7 @@
 >>> results = loop.run(frames)       # one {plugin name: IRPResult} per input
 
 ``hrm-vision irp`` (:func:`command`) runs it on ``--images`` files (read by bit depth, see
-:mod:`hrm_vision.data.images`) or held-out photos crops; ``hrm-vision irp --list`` lists plugins.
+:mod:`hrm_vision.data`) or held-out photos crops; ``hrm-vision irp --list`` lists plugins.
 """
 
 from __future__ import annotations
@@ -231,11 +231,11 @@ def _inputs(args: argparse.Namespace) -> list[Any]:
 
     fmt = ImageFormat(multiple_of=1)  # a plugin checks the sizes it needs
     if args.images:
-        from ..data.images import read_image
+        from ..data import read_image
 
         return [to_images(read_image(p, purpose="reading --images files"), fmt)[0]
                 for p in args.images]
-    from ..data.photos import PhotoCrops
+    from ..data import PhotoCrops
 
     crops = to_images(PhotoCrops("val", num_crops=args.num_crops).images_uint8, fmt)
     return list(crops.split(args.batch_size))

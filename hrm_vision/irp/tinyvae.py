@@ -27,8 +27,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
-from ..checkpoints import CheckpointError
-from ..pretrained import load_pretrained
+from ..io import CheckpointError, load
 from ..vae import CompactStudentVAE, MinimalVAE
 from .contract import IRPConfig, IRPPlugin, IRPState, hookimpl
 
@@ -207,7 +206,7 @@ def load_student(path: str | Path) -> torch.nn.Module:
     """The student of the ``.pth`` or ``.safetensors`` file at ``path``, on the CPU; a
     ``CheckpointError`` (never random weights) for an unreadable file, no student, non-finite
     weights or a student that is not a TinyVAE."""
-    model = load_pretrained(path, role="student")
+    model = load(path, role="student")
     if not isinstance(model, STUDENTS):
         raise CheckpointError(f"{path}: the student is a {type(model).__name__}; the tinyvae "
                               "plugin needs a MinimalVAE (TinyVAE) or compact student checkpoint")

@@ -67,14 +67,14 @@ def _pickled(base: Path, path: Path) -> None:
 
 
 def _student_as_teacher(base: Path, path: Path) -> None:
-    from hrm_vision.checkpoints import model_entry, save_checkpoint
+    from hrm_vision.io import model_entry, save_checkpoint
     from hrm_vision.vae import MinimalVAE
 
     save_checkpoint(model_entry(MinimalVAE(8, 8), "student"), path)
 
 
 def _other_teacher(base: Path, path: Path) -> None:
-    from hrm_vision.checkpoints import model_entry, save_checkpoint
+    from hrm_vision.io import model_entry, save_checkpoint
     from hrm_vision.vae import TeacherVAE
 
     save_checkpoint(model_entry(TeacherVAE(32, 8, 1), "teacher"), path)
@@ -82,7 +82,7 @@ def _other_teacher(base: Path, path: Path) -> None:
 
 def _other_arch_resume(base: Path, path: Path) -> None:
     """A distillation checkpoint of a run with twice the student width."""
-    from hrm_vision.checkpoints import model_entry, save_checkpoint
+    from hrm_vision.io import model_entry, save_checkpoint
     from hrm_vision.vae import LatentAdapter, MinimalVAE
 
     save_checkpoint({"phase": "distill", "epoch": 1, "step_in_epoch": 0, "history": [],

@@ -38,7 +38,7 @@ def saved_epoch(ckpt_dir: Path) -> tuple[int, int] | None:
 
     Raises ``CheckpointError`` if the file exists but does not load (a half-written file).
     """
-    from hrm_vision.checkpoints import load_checkpoint
+    from hrm_vision.io import load_checkpoint
 
     path = ckpt_dir / LAST
     if not path.exists():
@@ -115,14 +115,14 @@ def run(workdir: Path, kills: int, epochs: int, seed: int, compare: bool,
 
 def check_final(ckpt: Path, epochs: int, workdir: Path, argv: list[str],
                 compare: bool) -> dict[str, Any]:
-    from hrm_vision.checkpoints import load_checkpoint, load_model
+    from hrm_vision.io import load, load_checkpoint
 
     history = json.loads((ckpt / "history.json").read_text())
     epochs_seen = [r["epoch"] for r in history if r["phase"] == "distill"]
     payload = load_checkpoint(ckpt / LAST)
     stored = [r["epoch"] for r in payload["history"] if r["phase"] == "distill"]
-    load_model(ckpt / "tinyvae_best.pth")
-    final = load_model(ckpt / LAST)
+    load(ckpt / "tinyvae_best.pth")
+    final = load(ckpt / LAST)
     out: dict[str, Any] = {
         "history_epochs": epochs_seen,
         "history_complete": epochs_seen == list(range(1, epochs + 1)),
@@ -134,7 +134,7 @@ def check_final(ckpt: Path, epochs: int, workdir: Path, argv: list[str],
         ref_argv = [*argv, "--checkpoint-dir", str(workdir / "reference")]
         subprocess.run([sys.executable, str(SCRIPT), *ref_argv], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        ref = load_model(workdir / "reference" / LAST)
+        ref = load(workdir / "reference" / LAST)
         ref_state = ref.state_dict()
         out["max_weight_diff_vs_uninterrupted"] = max(
             (v.float() - ref_state[k].float()).abs().max().item()

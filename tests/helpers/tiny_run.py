@@ -30,7 +30,7 @@ STUDENT = {"latent_dim": 8, "base_channels": 8}
 
 def write_images(folder: Path, count: int, seed: int = 0) -> None:
     """``count`` 32x32 RGB PNG crops of real photographs in ``folder``."""
-    from hrm_vision.data.photos import PhotoCrops
+    from hrm_vision.data import PhotoCrops
 
     folder.mkdir(parents=True, exist_ok=True)
     crops = PhotoCrops("val", num_crops=count, seed=seed).images_uint8
@@ -42,7 +42,7 @@ def write_teacher(path: Path, seed: int = 0) -> None:
     """An untrained tiny ``TeacherVAE`` checkpoint (role ``teacher``) at ``path``."""
     import torch
 
-    from hrm_vision.checkpoints import model_entry, save_checkpoint
+    from hrm_vision.io import model_entry, save_checkpoint
     from hrm_vision.vae import TeacherVAE
 
     torch.manual_seed(seed)

@@ -1,30 +1,18 @@
-"""Print the architecture table of both models: ``python -m hrm_vision.vae.summary``."""
+"""The architecture table of the registered models (``docs/models.md``).
+
+    python experiments/model_summary.py --size 32
+
+Parameters, latent shape and multiply-accumulates (:func:`hrm_vision.vae.count_macs`) of every
+model at its defaults, from :func:`hrm_vision.vae.summary_rows`, as a markdown table.
+"""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
 
-from .registry import MODELS, count_macs
-
-
-def summary_rows(size: int = 32) -> list[dict[str, object]]:
-    """One row per model at its defaults: parameters, latent shape, MACs for a size x size image
-    (a compact model: for its own crop size)."""
-    rows = []
-    for name, cls in MODELS.items():
-        model = cls()
-        side = getattr(model, "image_size", size)  # a compact model has a fixed crop size
-        c, *grid = model.latent_shape(side, side)  # a compact model: (latent_dim,)
-        rows.append({
-            "model": f"{cls.__name__} ({name})",
-            "parameters": model.num_parameters(),
-            "latent": "x".join(map(str, [*grid, c])) + ("" if side == size
-                                                           else f" ({side}x{side} crop)"),
-            "encode_macs": count_macs(model, side, side, "encode"),
-            "decode_macs": count_macs(model, side, side, "decode"),
-        })
-    return rows
+import hrm_vision  # noqa: F401 (registers the compact pair)
+from hrm_vision.vae import summary_rows
 
 
 def markdown_table(rows: list[dict[str, object]], size: int) -> str:
@@ -33,7 +21,7 @@ def markdown_table(rows: list[dict[str, object]], size: int) -> str:
     for r in rows:
         lines.append(f"| {r['model']} | {r['parameters']:,} | {r['latent']} | "
                      f"{r['encode_macs'] / 1e6:.1f} M | {r['decode_macs'] / 1e6:.1f} M |")
-    t, s = rows[0], rows[1]
+    t, s = rows[0], rows[1]  # the teacher and the student come first in the registry
     p_ratio = t["parameters"] / s["parameters"]  # type: ignore[operator]
     t_macs = t["encode_macs"] + t["decode_macs"]  # type: ignore[operator]
     s_macs = s["encode_macs"] + s["decode_macs"]  # type: ignore[operator]

@@ -23,10 +23,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .base import VAEBase
+from .vae import DOWNSAMPLE_FACTOR, VAEBase
 
 #: Side of a latent cell in pixels (both VAEs downsample by 8).
-CELL = 8
+CELL = DOWNSAMPLE_FACTOR
 
 
 class ReceptiveField(NamedTuple):

@@ -1,23 +1,34 @@
-"""The linear patch path: 8x8 patches to the latent grid and back, whitened by a fixed basis.
+"""The linear patch path of the VAEs and the arithmetic of rates.
 
-An image ``(B, 3, H, W)`` in [0, 1] is cut into non-overlapping 8x8 patches with
+**Patches.** An image ``(B, 3, H, W)`` in [0, 1] is cut into non-overlapping 8x8 patches with
 ``PixelUnshuffle(8)`` (lossless: ``(B, 192, H/8, W/8)``); :class:`PatchWhitening` maps each
-192-number patch to whitened coefficients with a fixed basis (a buffer, not a parameter) and
-back. The basis is either the orthonormal DCT-II (the default: a fixed, data-free start) or the
-whitened PCA of training patches (:func:`fit_patch_pca`, set by ``init_from_data``).
+192-number patch to whitened coefficients with a fixed basis (a buffer: the orthonormal DCT-II
+by default, the whitened PCA of training patches after ``init_from_data``) and back. The
+whitened coefficients all have unit variance, so the learnable 1x1 convolution on top of them
+starts at the identity with entries of order 1 and an Adam step is a small relative change for
+every coefficient (one convolution holding ``V^T / sqrt(lambda)`` would span three orders of
+magnitude). The same functions compute the patch-PCA baseline of the evaluation.
 
-Why a fixed basis plus a learnable 1x1 convolution instead of one PCA-initialised convolution:
-the whitened coefficients all have unit variance, so the learnable weights on top of them start
-at the identity with entries of order 1, and Adam's step (about the learning rate per entry) is a
-small relative change for every coefficient. A single convolution holding ``V^T / sqrt(lambda)``
-has entries over three orders of magnitude and the same step destroys its small ones.
+**Rate allocation.** :func:`allocate_rate` spends a KL budget where a linear decoder needs it
+(the posterior variances of :func:`allocated_logvar`, used by the models' ``init_from_data``).
 
-The same module computes the patch-PCA baseline of :mod:`hrm_vision.evaluation.baselines`.
+**Rate arithmetic.** A VAE's rate is its KL to the prior, in nats. A latent ``(C, H/8, W/8)``
+has ``C`` elements per 8x8 patch (64 pixels), so ``r`` nats per element are ``r * C / (64 ln 2)``
+bits per pixel (:func:`bits_per_pixel`). Reference distortions at a rate come from the
+covariance spectrum of the coded vectors (pixels in [0, 1]; mean squared errors per number,
+turned into PSNR with :func:`hrm_vision.metrics.psnr_from_mse`):
+
+* :func:`water_filling`: the Gaussian rate-distortion function (reverse water-filling, Cover &
+  Thomas 13.3.3), the least MSE of any code at that rate on a Gaussian source and of the best
+  linear-Gaussian code on any source with that covariance;
+* :func:`uniform_allocation`: the same rate on each of the first ``k`` components, the others
+  dropped (what a KL floor per latent channel asks of a linear code).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,26 +47,27 @@ def patch_vectors(images: Tensor, patch: int = PATCH) -> Tensor:
     return cols.permute(0, 2, 3, 1).reshape(-1, cols.shape[1])
 
 
-def dct_basis(patch: int = PATCH, channels: int = 3) -> Tensor:
-    """Orthonormal 2-D DCT-II basis of ``channels`` x ``patch`` x ``patch`` patches.
-
-    Returns ``(D, D)`` with ``D = channels * patch**2``; row k is basis vector k in
-    PixelUnshuffle order, rows sorted from low to high frequency (``u + v``, then ``u``, then the
-    colour channel), so the first rows are the patch means of each colour.
-    """
-    n = torch.arange(patch, dtype=torch.float64)
-    k = n[:, None]
-    c1 = torch.cos(math.pi * (2 * n[None, :] + 1) * k / (2 * patch))  # (k, n)
+def dct_rows(freqs: Sequence[tuple[int, int, int]], channels: int, size: int) -> Tensor:
+    """Orthonormal 2-D DCT-II vectors of a ``channels x size x size`` image, one row per
+    ``(u, v, channel)`` of ``freqs``, flattened channel-major (PixelUnshuffle and NCHW order):
+    ``(len(freqs), channels * size**2)``."""
+    n = torch.arange(size, dtype=torch.float64)
+    c1 = torch.cos(math.pi * (2 * n[None, :] + 1) * n[:, None] / (2 * size))  # (k, n)
     c1[0] *= 1 / math.sqrt(2)
-    c1 *= math.sqrt(2 / patch)
-    rows = []
+    c1 *= math.sqrt(2 / size)
+    rows = torch.zeros(len(freqs), channels, size, size, dtype=torch.float64)
+    for i, (u, v, c) in enumerate(freqs):
+        rows[i, c] = torch.outer(c1[u], c1[v])
+    return rows.reshape(len(freqs), -1).float()
+
+
+def dct_basis(patch: int = PATCH, channels: int = 3) -> Tensor:
+    """The full DCT-II basis ``(D, D)`` of ``channels x patch x patch`` patches (``D = C p^2``),
+    rows from low to high frequency (``u + v``, then ``u``, then the colour): the first rows are
+    the patch means of each colour."""
     order = sorted(((u, v, c) for u in range(patch) for v in range(patch)
                     for c in range(channels)), key=lambda t: (t[0] + t[1], t[0], t[2]))
-    for u, v, c in order:
-        vec = torch.zeros(channels, patch, patch, dtype=torch.float64)
-        vec[c] = torch.outer(c1[u], c1[v])
-        rows.append(vec.reshape(-1))
-    return torch.stack(rows).float()
+    return dct_rows(order, channels, patch)
 
 
 @torch.no_grad()
@@ -182,3 +194,77 @@ class PatchWhitening(nn.Module):
         if self.inverse:
             return F.pixel_shuffle(F.conv2d(x, self.weight, self.bias), self.patch)
         return F.conv2d(F.pixel_unshuffle(x, self.patch), self.weight, self.bias)
+
+
+#: Pixels per latent grid cell (an 8x8 patch).
+PIXELS_PER_CELL = PATCH * PATCH
+
+
+def _spectrum(eigenvalues: Tensor | Sequence[float]) -> Tensor:
+    """Eigenvalues as a float64 vector sorted in decreasing order, negatives (round-off) at 0."""
+    lam = torch.as_tensor(eigenvalues, dtype=torch.float64).flatten()
+    if lam.numel() == 0 or not torch.isfinite(lam).all():
+        raise ValueError("expected a non-empty spectrum of finite eigenvalues")
+    return lam.clamp(min=0).sort(descending=True).values
+
+
+def _check_rate(rate_nats: float) -> None:
+    if not rate_nats >= 0 or math.isinf(rate_nats):
+        raise ValueError(f"a rate must be finite and >= 0 nats, got {rate_nats}")
+
+
+def water_level(eigenvalues: Tensor | Sequence[float], rate_nats: float) -> float:
+    """The water level ``theta`` of reverse water-filling at a total rate of ``rate_nats``.
+
+    Components with variance above ``theta`` are coded with error ``theta`` each and cost
+    ``0.5 ln(lambda / theta)`` nats; the others are dropped. With the ``m`` largest components
+    active, ``ln theta = (sum_{i<=m} ln lambda_i - 2 R) / m``; the answer is the ``m`` for which
+    ``lambda_m > theta >= lambda_{m+1}``. At rate 0 it is the largest eigenvalue.
+    """
+    lam = _spectrum(eigenvalues)
+    _check_rate(rate_nats)
+    positive = lam[lam > 0]
+    if positive.numel() == 0 or rate_nats == 0:
+        return float(lam[0])
+    logs = torch.cumsum(positive.log(), 0)
+    for m in range(1, positive.numel() + 1):
+        theta = math.exp((float(logs[m - 1]) - 2 * rate_nats) / m)
+        below = float(positive[m]) if m < positive.numel() else 0.0
+        if theta >= below:
+            return theta
+    raise AssertionError("unreachable: the last active set always satisfies the condition")
+
+
+def water_filling(eigenvalues: Tensor | Sequence[float], rate_nats: float) -> float:
+    """Least mean squared error per number at a total rate of ``rate_nats`` nats per vector.
+
+    ``eigenvalues``: the covariance spectrum of the vectors (D numbers each). Returns
+    ``sum_i min(lambda_i, theta) / D`` with ``theta`` the :func:`water_level`.
+    """
+    lam = _spectrum(eigenvalues)
+    theta = water_level(lam, rate_nats)
+    return float(lam.clamp(max=theta).sum()) / lam.numel()
+
+
+def uniform_allocation(eigenvalues: Tensor | Sequence[float], rate_nats_each: float,
+                       components: int) -> float:
+    """Mean squared error per number when each of the ``components`` largest components gets
+    ``rate_nats_each`` nats (error ``lambda e^{-2r}``) and the rest are dropped (error ``lambda``).
+    """
+    lam = _spectrum(eigenvalues)
+    _check_rate(rate_nats_each)
+    if not 0 <= components <= lam.numel():
+        raise ValueError(f"components must be in [0, {lam.numel()}], got {components}")
+    kept = lam[:components].sum() * math.exp(-2 * rate_nats_each)
+    return float(kept + lam[components:].sum()) / lam.numel()
+
+
+def bits_per_pixel(nats_per_element: float, latent_channels: int) -> float:
+    """Bits per pixel of a latent with ``latent_channels`` elements per 8x8 patch spending
+    ``nats_per_element`` nats each (5.77 bits per pixel for 2 nats at 128 channels)."""
+    return nats_per_element * latent_channels / (PIXELS_PER_CELL * math.log(2))
+
+
+def patch_rate_nats(nats_per_element: float, latent_channels: int) -> float:
+    """Nats per 8x8 patch (per latent grid cell) of ``latent_channels`` elements."""
+    return nats_per_element * latent_channels

@@ -2,24 +2,21 @@
 (512 numbers), for pipelines that pass one short vector per crop instead of a spatial map.
 
 Both map a fixed-size image ``(B, C, S, S)`` in [0, 1] (``C`` = 1 or 3, ``S`` = ``image_size``,
-64 by default) to a diagonal Gaussian posterior over a *vector* latent ``(B, latent_dim)`` and
-back. Sizes: ``python -m hrm_vision.vae.summary`` style numbers are in ``docs/models.md``.
+64 by default) to a diagonal Gaussian posterior over a vector latent ``(B, latent_dim)`` and
+back, with the residual design of :mod:`hrm_vision.vae` for a whole crop:
 
-Design (the residual design of :mod:`hrm_vision.vae.models`, for a whole crop)
------------------------------------------------------------------------------
-* **Linear path**: the flattened crop is whitened by a fixed basis of ``latent_dim``
-  components (:class:`CropBasis`, buffers): a low-frequency 2-D DCT of the whole crop at
-  construction, the PCA of training crops after :meth:`CompactVAE.init_from_data`. A learnable
-  ``latent_dim x latent_dim`` linear map (identity at the start) gives the latent; the decoder
-  mirrors it. With a fitted basis an untrained model *is* PCA with ``latent_dim`` components.
-* **Nonlinear branches**: a convolutional encoder (PixelUnshuffle downsampling to 4x4, residual
-  blocks) whose fully connected head adds to the latent, and a decoder (a fully connected layer
-  to 4x4 features, PixelShuffle upsampling, residual blocks) whose output adds to the linear
-  reconstruction. Each branch ends in a layer that starts at zero, so the model starts as its
-  linear path and the branches learn what it misses.
+* **linear path**: the flattened crop is whitened by a fixed basis of ``latent_dim`` components
+  (:class:`CropBasis`, buffers: a low-frequency 2-D DCT at construction, the PCA of training
+  crops after :meth:`CompactVAE.init_from_data`), then a learnable ``latent_dim x latent_dim``
+  map (identity at the start); the decoder mirrors it;
+* **nonlinear branches**: a convolutional encoder (PixelUnshuffle down to 4x4, residual blocks)
+  whose fully connected head adds to the latent, and a decoder (fully connected to 4x4,
+  PixelShuffle up, residual blocks) adding to the linear reconstruction; each ends in a layer
+  that starts at zero.
 
-Operators: ``Conv2d``, ``Linear`` (ONNX Gemm), ``ReLU``, ``PixelShuffle``/``PixelUnshuffle``,
-reshapes, additions and a ``Clip``; nothing else, so the models export to ONNX and TensorRT.
+Operators: ``Conv2d``, ``Linear``, ``ReLU``, ``PixelShuffle``/``PixelUnshuffle``, reshapes,
+additions and a ``Clip`` (ONNX/TensorRT export). The classes register in
+:data:`hrm_vision.vae.MODELS` when this module is imported (``import hrm_vision`` does).
 """
 
 from __future__ import annotations
@@ -29,10 +26,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import VAEBase
-from .blocks import ResBlock, conv, down, up
-from .models import LOGVAR_INIT
-from .patches import allocated_logvar
+from .patches import allocated_logvar, dct_rows
+from .vae import LOGVAR_INIT, ResBlock, VAEBase, conv, down, register_model, up
 
 #: Side of the feature map at the bottom of both branches (image_size / 16 for 64x64 crops).
 BOTTOM = 4
@@ -51,20 +46,12 @@ def crop_dct_basis(channels: int, size: int, count: int) -> tuple[Tensor, Tensor
     """
     if count > channels * size * size:
         raise ValueError(f"{count} components do not fit a {channels}x{size}x{size} image")
-    n = torch.arange(size, dtype=torch.float64)
-    c1 = torch.cos(math.pi * (2 * n[None, :] + 1) * n[:, None] / (2 * size))
-    c1[0] *= 1 / math.sqrt(2)
-    c1 *= math.sqrt(2 / size)
     reach = 2 * math.isqrt(count) + 2  # enough frequencies for ``count`` components
     order = sorted(((u, v, c) for u in range(min(size, reach)) for v in range(min(size, reach))
-                    for c in range(channels)), key=lambda t: (math.hypot(t[0], t[1]), t[0], t[2]))
-    rows, std = [], []
-    for u, v, c in order[:count]:
-        vec = torch.zeros(channels, size, size, dtype=torch.float64)
-        vec[c] = torch.outer(c1[u], c1[v])
-        rows.append(vec.reshape(-1))
-        std.append(size / 4 / (1 + math.hypot(u, v)))
-    return torch.stack(rows).float(), torch.tensor(std)
+                    for c in range(channels)),
+                   key=lambda t: (math.hypot(t[0], t[1]), t[0], t[2]))[:count]
+    std = torch.tensor([size / 4 / (1 + math.hypot(u, v)) for u, v, _ in order])
+    return dct_rows(order, channels, size), std
 
 
 @torch.no_grad()
@@ -126,7 +113,18 @@ class CropBasis(nn.Module):
         return (self.mean + (coef * self.std) @ self.components).reshape(-1, *self.shape)
 
 
-class CompactEncoder(nn.Module):
+class _CropCoder(nn.Module):
+    """A crop basis and a learnable ``latent_dim x latent_dim`` map on its coefficients
+    (identity at the start): the linear path of either direction."""
+
+    def __init__(self, basis: CropBasis, latent_dim: int) -> None:
+        super().__init__()
+        self.basis = basis
+        self.linear = nn.Linear(latent_dim, latent_dim, bias=False)
+        nn.init.eye_(self.linear.weight)
+
+
+class CompactEncoder(_CropCoder):
     """Image ``(B, C, S, S)`` in [0, 1] -> ``(B, 2 * latent_dim)`` (mu, then logvar).
 
     ``mu = linear(basis(x)) + head(features(x))``. ``features``: PixelUnshuffle to S/2 and a 3x3
@@ -136,10 +134,7 @@ class CompactEncoder(nn.Module):
 
     def __init__(self, basis: CropBasis, widths: list[int], latent_dim: int,
                  blocks: int) -> None:
-        super().__init__()
-        self.basis = basis
-        self.linear = nn.Linear(latent_dim, latent_dim, bias=False)
-        nn.init.eye_(self.linear.weight)
+        super().__init__(basis, latent_dim)
         channels = basis.shape[0]
         stages: list[nn.Module] = [nn.Sequential(nn.PixelUnshuffle(2),
                                                  conv(4 * channels, widths[0]))]
@@ -163,7 +158,7 @@ class CompactEncoder(nn.Module):
         return torch.cat([self.linear(self.basis.analyse(x)) + mu, logvar], dim=1)
 
 
-class CompactDecoder(nn.Module):
+class CompactDecoder(_CropCoder):
     """Latent ``(B, latent_dim)`` -> image ``(B, C, S, S)`` (unclamped).
 
     ``basis.synthesise(linear(z)) + out(stages(fc(z)))``: ``fc`` to ``BOTTOM x BOTTOM`` features,
@@ -173,10 +168,7 @@ class CompactDecoder(nn.Module):
 
     def __init__(self, basis: CropBasis, widths: list[int], latent_dim: int,
                  blocks: int) -> None:
-        super().__init__()
-        self.basis = basis
-        self.linear = nn.Linear(latent_dim, latent_dim, bias=False)
-        nn.init.eye_(self.linear.weight)
+        super().__init__(basis, latent_dim)
         rev = widths[::-1]
         self.fc = nn.Linear(latent_dim, rev[0] * BOTTOM * BOTTOM)
         layers: list[nn.Module] = [nn.Unflatten(1, (rev[0], BOTTOM, BOTTOM))]
@@ -235,19 +227,15 @@ class CompactVAE(VAEBase):
             raise ValueError(f"expected {s}x{s} crops, got {x.shape[2]}x{x.shape[3]}; "
                              f"resize the input to {s}x{s}")
 
-    def _check_latent(self, z: Tensor) -> None:
-        if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[1] != self.latent_dim:
-            shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
-            raise ValueError(f"expected a latent of shape (B, {self.latent_dim}), got {shape}")
-        if not z.is_floating_point():
-            raise ValueError(f"expected a float latent, got dtype {z.dtype}")
+    def _check_latent(self, z: Tensor, shape: str = "", rank: int = 2) -> None:
+        super()._check_latent(z, shape, rank)
 
     @torch.no_grad()
     def init_from_data(self, images: Tensor) -> None:
         """Fit the linear path's basis to the PCA of ``images`` (N, C, S, S) in [0, 1] (the
         first :data:`MAX_FIT_IMAGES`; more than ``latent_dim`` are needed), then allocate the
         rate of ``logvar = LOGVAR_INIT`` across the latent numbers
-        (:func:`~hrm_vision.vae.patches.allocated_logvar`)."""
+        (:func:`~hrm_vision.patches.allocated_logvar`)."""
         self._check_images(images)
         fitted = fit_crop_pca(images[:MAX_FIT_IMAGES].float().cpu(), self.latent_dim)
         for basis in (self.encoder.basis, self.decoder.basis):
@@ -272,19 +260,12 @@ class CompactVAE(VAEBase):
         return enc_w, -(enc_w @ e.mean), dec_w, d.mean.clone()
 
 
+@register_model("compact_student")
 class CompactStudentVAE(CompactVAE):
-    """The compact student: ``latent_dim`` numbers (64) per ``image_size`` crop (64x64).
-
-    Encoder stages at 1/2 ... 1/16 resolution with widths ``base_channels * (1, 2, 4, 8)``; the
-    encoder has no residual blocks (it stays under a millisecond per crop on one CPU thread),
-    the decoder one per stage.
-
-    Args:
-        latent_dim: numbers per crop (64; 16 also works).
-        image_size: crop side (64).
-        input_channels: 3 (RGB) or 1 (grey).
-        base_channels: width of the first stage (16).
-    """
+    """The compact student: ``latent_dim`` numbers (64; 16 also works) per ``image_size`` crop
+    (64x64), RGB or grey (``input_channels`` 3 or 1). Stages at 1/2 ... 1/16 resolution with
+    widths ``base_channels * (1, 2, 4, 8)``; no residual blocks in the encoder (under a
+    millisecond per crop on one CPU thread), one per stage in the decoder."""
 
     def __init__(self, latent_dim: int = 64, image_size: int = 64, input_channels: int = 3,
                  base_channels: int = 16) -> None:
@@ -296,19 +277,11 @@ class CompactStudentVAE(CompactVAE):
                       "input_channels": input_channels, "base_channels": base_channels}
 
 
+@register_model("compact_teacher")
 class CompactTeacherVAE(CompactVAE):
-    """The compact teacher: a 512-number latent per crop, about 10x the student's parameters.
-
-    Stages with widths ``base_channels * (1, 2, 4, 8)`` and ``blocks_per_stage`` residual blocks
-    each, in encoder and decoder.
-
-    Args:
-        latent_dim: numbers per crop (512).
-        image_size: crop side (64).
-        input_channels: 3 (RGB) or 1 (grey).
-        base_channels: width of the first stage (24).
-        blocks_per_stage: residual blocks per stage (1).
-    """
+    """The compact teacher: ``latent_dim`` (512) numbers per crop, about 10x the student's
+    parameters: stage widths ``base_channels * (1, 2, 4, 8)`` with ``blocks_per_stage`` residual
+    blocks each, in encoder and decoder."""
 
     def __init__(self, latent_dim: int = 512, image_size: int = 64, input_channels: int = 3,
                  base_channels: int = 24, blocks_per_stage: int = 1) -> None:

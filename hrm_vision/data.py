@@ -1,0 +1,542 @@
+"""Datasets and image files. Every dataset yields ``(3, S, S)`` float RGB tensors in [0, 1].
+
+``build_dataset(name, split, **options)`` returns a ``torch.utils.data.Dataset`` (``split``:
+``"train"`` or ``"val"``); the names are in :data:`DATASETS`:
+
+* ``photos``: the offline embedded dataset, crops of the natural photographs bundled in the
+  scikit-image wheel (never downloaded), split *by photograph*, deterministic for a seed
+  (needs the ``photos`` extra);
+* ``cifar10``: CIFAR-10 in torchvision's layout (``<data_dir>/cifar-10-batches-py/``), fetched
+  only with ``download=True`` (torchvision's downloader, MD5-checked). The batches are pickles:
+  they are read with an unpickler that only rebuilds numpy arrays (a tampered file cannot run
+  code) and each is checked for its shape;
+* ``imagefolder``: every image under a folder (recursive, hidden entries skipped), split by a
+  hash of its relative path and ``seed`` (stable when files are added), decoded once, centre
+  cropped and resized (needs the ``train`` extra). Undecodable files are skipped, counted
+  (``.skipped``) and logged with the reason; a folder with no readable image is an error.
+
+Items are deterministic per index (no random augmentation: the distiller caches the teacher's
+outputs). Every dataset keeps its images as uint8.
+
+**Image files** (:func:`read_image`, :func:`load_square_uint8`) are scaled by their bit depth:
+8-bit ``/ 255``, 16-bit (``I;16``, and ``I`` from PNG/PPM) ``/ 65535``, float files in [0, 1]
+as they are; where the scale cannot be known (32-bit integers, floats outside [0, 1], NaN,
+multi-channel float TIFFs) the error says why (:class:`UnsupportedImageError`). Before decoding,
+a file must be a regular file (a FIFO would block) with at most ``max_pixels`` pixels in its
+header (default :data:`MAX_PIXELS`, ``$HRM_VISION_MAX_IMAGE_PIXELS``): a small file can declare
+a huge image. Pillow and tqdm are imported on first use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import pickle
+import stat
+import warnings
+from collections.abc import Callable, Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ._extras import require
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------- image files
+#: Pillow modes holding 16-bit unsigned integers.
+MODES_16BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+#: Pillow formats whose ``I`` mode holds values scaled to 16 bits.
+I_MODE_16BIT_FORMATS = frozenset({"PNG", "PPM"})
+#: Default largest pixel count (width x height) of an image file that is decoded.
+MAX_PIXELS = 50_000_000
+#: Environment variable that replaces :data:`MAX_PIXELS` (a positive integer).
+MAX_PIXELS_ENV = "HRM_VISION_MAX_IMAGE_PIXELS"
+
+
+class UnsupportedImageError(ValueError):
+    """An image file whose pixel values cannot be mapped to [0, 1]; the message says why."""
+
+
+def max_pixels_default() -> int:
+    """:data:`MAX_PIXELS`, or the positive integer in ``$HRM_VISION_MAX_IMAGE_PIXELS`` (anything
+    else there is a ``ValueError``)."""
+    raw = os.environ.get(MAX_PIXELS_ENV)
+    if raw is None:
+        return MAX_PIXELS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ValueError(f"{MAX_PIXELS_ENV}={raw!r}: expected a positive integer")
+    return value
+
+
+def _pil(purpose: str) -> tuple[Any, Any]:
+    image = require("PIL.Image", extra="train", purpose=purpose)
+    ops = require("PIL.ImageOps", extra="train", purpose=purpose)
+    return image, ops
+
+
+def is_high_depth(img: Any) -> bool:
+    """True for the single-channel modes that need scaling (16-bit, 32-bit integer, float)."""
+    return img.mode in MODES_16BIT or img.mode in ("I", "F")
+
+
+def single_channel_unit(img: Any, source: str = "image", fmt: str | None = None) -> np.ndarray:
+    """A high-depth single-channel PIL image as an ``(H, W)`` float32 array in [0, 1]; ``fmt``
+    (the file format Pillow reported) tells whether an ``I`` image holds 16-bit values. An
+    :class:`UnsupportedImageError` when the scale is unknown (see the module docstring)."""
+    fmt = fmt or img.format
+    if img.mode in MODES_16BIT:
+        return np.asarray(img, dtype=np.float32) / 65535.0
+    if img.mode == "I":
+        values = np.asarray(img, dtype=np.int64)
+        if fmt in I_MODE_16BIT_FORMATS and values.size and values.min() >= 0 \
+                and values.max() <= 65535:
+            return (values / 65535.0).astype(np.float32)
+        raise UnsupportedImageError(
+            f"{source}: 32-bit integer pixels ({fmt or 'unknown'} format), whose range is "
+            "unknown; save it as 8- or 16-bit")
+    if img.mode == "F":
+        values = np.asarray(img, dtype=np.float32)
+        if not np.isfinite(values).all():
+            raise UnsupportedImageError(f"{source}: float pixels with NaN or infinite values")
+        lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if lo < 0.0 or hi > 1.0:
+            raise UnsupportedImageError(
+                f"{source}: float pixels in [{lo:.4g}, {hi:.4g}], outside [0, 1], so their scale "
+                "is unknown; save floats in [0, 1], or as 8- or 16-bit")
+        return values
+    raise ValueError(f"{source}: mode {img.mode!r} is not a high-depth single-channel mode")
+
+
+def open_image(path: str | os.PathLike[str], purpose: str = "reading images",
+               max_pixels: int | None = None) -> tuple[Any, str | None]:
+    """Open ``path`` with Pillow: ``(image with EXIF orientation applied, file format)``.
+
+    ``max_pixels`` (default :func:`max_pixels_default`) bounds width x height, read from the
+    header before any pixel is decoded. Raises ``OSError`` for a missing, unreadable or
+    undecodable file (a hint for multi-channel float TIFFs), :class:`UnsupportedImageError` for
+    a file that is not regular or too large, ``ValueError`` for an image with no pixels.
+    """
+    image, ops = _pil(purpose)
+    path = Path(path)
+    limit = max_pixels_default() if max_pixels is None else max_pixels
+    mode = os.stat(path).st_mode  # a missing file: FileNotFoundError naming it
+    if not stat.S_ISREG(mode):
+        raise UnsupportedImageError(f"{path}: not a regular file (a folder, FIFO, socket or "
+                                    "device); only image files are read")
+    try:
+        with warnings.catch_warnings():  # the limit below replaces Pillow's bomb warning
+            warnings.simplefilter("ignore", image.DecompressionBombWarning)
+            img = image.open(path)
+        with img:
+            width, height = img.size
+            if width * height > limit:
+                raise UnsupportedImageError(
+                    f"{path}: {width}x{height} = {width * height:,} pixels, more than the limit "
+                    f"of {limit:,} (set {MAX_PIXELS_ENV} to read larger images)")
+            img.load()
+            if width == 0 or height == 0:
+                raise ValueError(f"{path}: the image has no pixels ({width}x{height})")
+            return ops.exif_transpose(img), img.format
+    except image.DecompressionBombError as exc:  # Pillow's own bound, above ours by default
+        raise UnsupportedImageError(f"{path}: {exc} (set {MAX_PIXELS_ENV} and "
+                                    "PIL.Image.MAX_IMAGE_PIXELS to read it)") from exc
+    except image.UnidentifiedImageError as exc:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            raise image.UnidentifiedImageError(
+                f"{exc} (Pillow reads 8- and 16-bit TIFFs and single-channel float TIFFs; "
+                "multi-channel float TIFFs are not supported: save them as 16-bit)") from exc
+        raise
+
+
+def read_image(path: str | os.PathLike[str], purpose: str = "reading images",
+               max_pixels: int | None = None) -> np.ndarray:
+    """``path`` as an ``(H, W, 3)`` float32 RGB array in [0, 1], scaled by its bit depth (see
+    the module docstring; grey is repeated over the three channels, alpha dropped). Raises what
+    :func:`open_image` and :func:`single_channel_unit` raise."""
+    img, fmt = open_image(path, purpose, max_pixels)
+    if is_high_depth(img):
+        gray = single_channel_unit(img, str(path), fmt)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def load_square_uint8(path: str | os.PathLike[str], image_size: int,
+                      purpose: str = "reading images") -> np.ndarray:
+    """``path`` as an ``(S, S, 3)`` uint8 RGB array: centre-cropped square, resized (Lanczos).
+    8-bit files take exactly Pillow's uint8 path; 16-bit and float files are scaled to [0, 1]
+    first (as by :func:`read_image`), resized as floats, then rounded to 8 bits."""
+    image, ops = _pil(purpose)
+    img, fmt = open_image(path, purpose)
+    size = (image_size, image_size)
+    if not is_high_depth(img):
+        square = ops.fit(img.convert("RGB"), size, method=image.Resampling.LANCZOS)
+        return np.asarray(square, dtype=np.uint8)
+    gray = image.fromarray(single_channel_unit(img, str(path), fmt))  # float32: mode "F"
+    fitted = np.asarray(ops.fit(gray, size, method=image.Resampling.LANCZOS), dtype=np.float32)
+    as_uint8 = np.rint(np.clip(fitted, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return np.repeat(as_uint8[:, :, None], 3, axis=2)
+
+
+# ---------------------------------------------------------------------- datasets
+class _Uint8Images(Dataset[Tensor]):
+    """Images held as ``images_uint8`` ``(N, 3, S, S)``; items ``(3, S, S)`` float in [0, 1]."""
+
+    images_uint8: Tensor
+
+    def __len__(self) -> int:
+        return self.images_uint8.shape[0]
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self.images_uint8[index].float().div_(255.0)
+
+
+def _check_split(split: str, image_size: int) -> None:
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
+
+
+#: What the missing-extra message says needs scikit-image and pillow.
+_PURPOSE = "the 'photos' dataset"
+
+#: Natural photographs bundled in the scikit-image wheel (grey ones are repeated to RGB).
+#: ``motorcycle`` is the left view of ``stereo_motorcycle``.
+PHOTOS: tuple[str, ...] = (
+    "astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "grass",
+    "gravel", "hubble_deep_field", "immunohistochemistry", "moon", "motorcycle", "page",
+    "retina", "rocket", "text",
+)
+#: Photographs held out for validation by default (two colour, one grey).
+VAL_PHOTOS: tuple[str, ...] = ("coffee", "rocket", "camera")
+#: Rescaling factors applied to each photograph before cropping.
+SCALES: tuple[float, ...] = (1.0, 0.5, 0.25)
+#: Crops whose pixel standard deviation (in [0, 1] units) is below this are rejected.
+MIN_CROP_STD = 0.03
+
+
+def load_photo(name: str) -> np.ndarray:
+    """Photograph ``name`` as an (H, W, 3) uint8 RGB array (from the files in the wheel); an
+    ``ImportError`` naming the ``photos`` extra without scikit-image."""
+    if name not in PHOTOS:
+        raise ValueError(f"unknown photo {name!r}; choose from {', '.join(PHOTOS)}")
+    require("skimage.data", extra="photos", purpose=_PURPOSE)  # also when cached
+    return _load_photo(name)
+
+
+@cache
+def _load_photo(name: str) -> np.ndarray:
+    skimage_data = require("skimage.data", extra="photos", purpose=_PURPOSE)
+    img = skimage_data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(
+        skimage_data, name)()
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    return np.ascontiguousarray(img[..., :3].astype(np.uint8))
+
+
+def _rescaled(img: np.ndarray, scale: float) -> np.ndarray:
+    if scale == 1.0:
+        return img
+    image = require("PIL.Image", extra="photos", purpose=_PURPOSE)
+    h, w = img.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(image.fromarray(img).resize(size, image.Resampling.LANCZOS))
+
+
+def make_crops(photos: Sequence[str], num_crops: int, image_size: int, seed: int,
+               scales: Sequence[float] = SCALES) -> Tensor:
+    """``num_crops`` random crops, ``(N, 3, image_size, image_size)`` uint8, spread evenly over
+    every (photo, scale) pair whose rescaled photo is at least ``image_size`` on each side."""
+    return crop_images([load_photo(name) for name in photos], num_crops, image_size, seed,
+                       scales, label=f"photo of {list(photos)}")
+
+
+def crop_images(images: Sequence[np.ndarray], num_crops: int, image_size: int, seed: int,
+                scales: Sequence[float] = SCALES, label: str = "image") -> Tensor:
+    """:func:`make_crops` of any (H, W, 3) uint8 RGB arrays ``images`` (``label`` names them in
+    the error raised when none is large enough)."""
+    rng = np.random.default_rng(seed)
+    sources = []
+    for img in images:
+        for s in scales:
+            scaled = _rescaled(img, s)
+            if min(scaled.shape[:2]) >= image_size:
+                sources.append(scaled)
+    if not sources:
+        raise ValueError(f"no {label} is at least {image_size}px at any scale")
+    crops = np.empty((num_crops, image_size, image_size, 3), dtype=np.uint8)
+    for i in range(num_crops):
+        img = sources[i % len(sources)]
+        h, w = img.shape[:2]
+        for _ in range(20):  # reject almost flat crops, keep the last try otherwise
+            y, x = rng.integers(0, h - image_size + 1), rng.integers(0, w - image_size + 1)
+            crop = img[y:y + image_size, x:x + image_size]
+            if crop.std() / 255.0 >= MIN_CROP_STD:
+                break
+        crops[i] = crop
+    order = rng.permutation(num_crops)
+    return torch.from_numpy(crops[order]).permute(0, 3, 1, 2).contiguous()
+
+
+class PhotoCrops(_Uint8Images):
+    """Crops of scikit-image's bundled photographs; items are (3, S, S) float RGB in [0, 1].
+
+    ``split``: ``"train"`` (photos not in ``val_photos``) or ``"val"`` (``val_photos``);
+    ``num_crops`` defaults to 16384 for train and 1024 for val; ``seed`` places the crops (the
+    validation seed is offset so the two splits never share one).
+    """
+
+    def __init__(self, split: str = "train", image_size: int = 32, num_crops: int | None = None,
+                 seed: int = 0, val_photos: Sequence[str] = VAL_PHOTOS) -> None:
+        _check_split(split, image_size)
+        unknown = sorted(set(val_photos) - set(PHOTOS))
+        if unknown:
+            raise ValueError(f"unknown validation photos {unknown}; choose from {PHOTOS}")
+        self.photos = tuple(p for p in PHOTOS if (p in val_photos) == (split == "val"))
+        n = num_crops if num_crops is not None else (16384 if split == "train" else 1024)
+        self.images_uint8 = make_crops(self.photos, n, image_size,
+                                       seed + (1_000_003 if split == "val" else 0))
+
+
+BATCH_DIR = "cifar-10-batches-py"
+TRAIN_FILES: tuple[str, ...] = tuple(f"data_batch_{i}" for i in range(1, 6))
+VAL_FILES: tuple[str, ...] = ("test_batch",)
+CIFAR_SIZE = 32
+
+#: The only globals a CIFAR batch pickle may reference (numpy array reconstruction).
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(f"refused to unpickle {module}.{name}")
+        return super().find_class(module, name)
+
+
+def load_batch(path: Path) -> np.ndarray:
+    """Images of one CIFAR batch file as ``(N, 3, 32, 32)`` uint8; ``ValueError`` if not one."""
+    try:
+        with open(path, "rb") as f:
+            entry = _ArrayUnpickler(io.BufferedReader(f), encoding="latin1").load()
+        data = np.asarray(entry["data"])
+    except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError,
+            AttributeError, IndexError) as exc:
+        raise ValueError(f"{path} is not a readable CIFAR-10 batch (corrupt or truncated?): "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
+                         "delete it and pass --download, or replace the files") from None
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * CIFAR_SIZE ** 2:
+        raise ValueError(f"{path} is not a CIFAR-10 batch: data has shape {data.shape} "
+                         f"({data.dtype}), expected (N, 3072) uint8")
+    return data.reshape(-1, 3, CIFAR_SIZE, CIFAR_SIZE)
+
+
+def ensure_files(root: Path, files: tuple[str, ...], download: bool) -> None:
+    """Make sure ``root/cifar-10-batches-py/<files>`` exist, downloading only if allowed."""
+    missing = [name for name in files if not (root / BATCH_DIR / name).is_file()]
+    if not missing:
+        return
+    if not download:
+        raise ValueError(
+            f"CIFAR-10 not found in {root / BATCH_DIR} (missing {', '.join(missing)}): pass "
+            f"--download to fetch it (about 170 MB), or put the extracted '{BATCH_DIR}' folder "
+            f"into --data-dir ({root})")
+    datasets = require("torchvision.datasets", extra="train", purpose="downloading CIFAR-10")
+    utils = require("torchvision.datasets.utils", extra="train", purpose="downloading CIFAR-10")
+    cifar = datasets.CIFAR10
+    try:
+        utils.download_and_extract_archive(cifar.url, str(root), filename=cifar.filename,
+                                           md5=cifar.tgz_md5)
+    except Exception as exc:  # network errors come in many types
+        raise ValueError(f"downloading CIFAR-10 into {root} failed ({type(exc).__name__}: "
+                         f"{exc}); put the extracted '{BATCH_DIR}' folder into --data-dir "
+                         "instead") from None
+
+
+class CIFAR10Images(_Uint8Images):
+    """CIFAR-10 images (labels unused); items are ``(3, S, S)`` float RGB in [0, 1]: the 50000
+    training images (``"train"``) or the 10000 test images (``"val"``) from ``data_dir``,
+    resized (bilinear, antialiased) when ``image_size`` is not 32, downloaded only with
+    ``download``."""
+
+    def __init__(self, split: str = "train", data_dir: str | Path = "./data",
+                 image_size: int = CIFAR_SIZE, download: bool = False) -> None:
+        _check_split(split, image_size)
+        root = Path(data_dir).expanduser()
+        files = TRAIN_FILES if split == "train" else VAL_FILES
+        ensure_files(root, files, download)
+        batches = [load_batch(root / BATCH_DIR / name) for name in files]
+        self.images_uint8 = torch.from_numpy(np.concatenate(batches))
+        self.image_size = image_size
+
+    def __getitem__(self, index: int) -> Tensor:
+        x = super().__getitem__(index)
+        if self.image_size != CIFAR_SIZE:
+            x = F.interpolate(x[None], size=(self.image_size, self.image_size), mode="bilinear",
+                              antialias=True, align_corners=False)[0].clamp_(0.0, 1.0)
+        return x
+
+
+#: Extensions (lower case) treated as images.
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({
+    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
+})
+#: Default fraction of files assigned to the validation split.
+VAL_FRACTION = 0.1
+
+
+def find_images(root: Path) -> list[str]:
+    """Sorted POSIX paths (relative to ``root``) of image files under ``root``, recursively."""
+    found = []
+    for path in root.rglob("*"):
+        rel = path.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+            found.append(rel.as_posix())
+    return sorted(found)
+
+
+def split_score(rel_path: str, seed: int) -> float:
+    """A number in [0, 1) fixed by ``(seed, rel_path)``; files below the val fraction are val."""
+    digest = hashlib.sha256(f"{seed}:{rel_path}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+
+
+def split_files(files: list[str], val_fraction: float, seed: int) -> dict[str, list[str]]:
+    """``{"train": [...], "val": [...]}`` by hash score; each split gets at least one file
+    when there are two or more."""
+    scores = {f: split_score(f, seed) for f in files}
+    val = [f for f in files if scores[f] < val_fraction]
+    train = [f for f in files if scores[f] >= val_fraction]
+    if len(files) >= 2 and val_fraction > 0 and not val:
+        val = [min(train, key=scores.__getitem__)]
+        train.remove(val[0])
+    if len(files) >= 2 and not train:
+        train = [max(val, key=scores.__getitem__)]
+        val.remove(train[0])
+    return {"train": train, "val": val}
+
+
+class ImageFolderImages(_Uint8Images):
+    """Images under ``root`` (recursively); items are ``(3, S, S)`` float RGB in [0, 1].
+
+    ``seed`` changes which files are held out for validation (about ``val_fraction`` of them).
+    ``files``: relative paths of the images kept, in item order; ``skipped``: ``(relative path,
+    reason)`` of the files of this split that could not be read.
+    """
+
+    def __init__(self, root: str | Path, split: str = "train", image_size: int = 32,
+                 seed: int = 0, val_fraction: float = VAL_FRACTION) -> None:
+        _check_split(split, image_size)
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise ValueError(f"image folder not found: {self.root} (check --data-dir)")
+        all_files = find_images(self.root)
+        if not all_files:
+            raise ValueError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found "
+                             f"under {self.root}")
+        candidates = split_files(all_files, val_fraction, seed)[split]
+        tqdm = require("tqdm", extra="train", purpose="the 'imagefolder' dataset").tqdm
+        require("PIL.Image", extra="train", purpose="the 'imagefolder' dataset")
+        self.files: list[str] = []
+        self.skipped: list[tuple[str, str]] = []
+        arrays = []
+        for rel in tqdm(candidates, desc=f"imagefolder {split}", unit="img", leave=False,
+                        disable=len(candidates) < 1000):
+            try:
+                arrays.append(load_square_uint8(self.root / rel, image_size,
+                                                purpose="the 'imagefolder' dataset"))
+            except Exception as exc:  # PIL raises many types for broken files; all are skipped
+                self.skipped.append((rel, f"{type(exc).__name__}: {exc}".splitlines()[0]))
+                continue
+            self.files.append(rel)
+        if self.skipped:
+            shown = "; ".join(f"{rel}: {reason}" for rel, reason in self.skipped[:3])
+            more = f" (+{len(self.skipped) - 3} more in .skipped)" if len(self.skipped) > 3 else ""
+            log.warning("imagefolder %s: skipped %d unreadable file(s) of %d in %s: %s%s",
+                        split, len(self.skipped), len(candidates), self.root, shown, more)
+        if not arrays:
+            detail = (f"the {len(self.skipped)} image file(s) of this split (of "
+                      f"{len(all_files)} in the folder) could not be decoded, first "
+                      f"{self.skipped[0][0]}: {self.skipped[0][1]}" if self.skipped else
+                      f"all {len(all_files)} image file(s) went to the other split")
+            raise ValueError(f"no readable images for the {split!r} split in {self.root}: "
+                             f"{detail}")
+        self.images_uint8 = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+# ---------------------------------------------------------------------- registry
+DatasetFactory = Callable[..., Dataset]
+
+#: name -> factory(split, **options)
+DATASETS: dict[str, DatasetFactory] = {}
+
+
+def register_dataset(name: str) -> Callable[[DatasetFactory], DatasetFactory]:
+    """Decorator registering a dataset factory under ``name``."""
+
+    def deco(factory: DatasetFactory) -> DatasetFactory:
+        DATASETS[name] = factory
+        return factory
+
+    return deco
+
+
+@register_dataset("photos")
+def _photos(split: str, image_size: int = 32, seed: int = 0, **_: Any) -> Dataset:
+    return PhotoCrops(split, image_size=image_size, seed=seed)
+
+
+@register_dataset("cifar10")
+def _cifar10(split: str, image_size: int = 32, data_dir: str = "./data", download: bool = False,
+             **_: Any) -> Dataset:
+    return CIFAR10Images(split, data_dir=data_dir, image_size=image_size, download=download)
+
+
+@register_dataset("imagefolder")
+def _imagefolder(split: str, image_size: int = 32, seed: int = 0, data_dir: str = "./data",
+                 **_: Any) -> Dataset:
+    return ImageFolderImages(data_dir, split, image_size=image_size, seed=seed)
+
+
+def build_dataset(name: str, split: str, **options: Any) -> Dataset:
+    """The ``split`` ("train" or "val") of dataset ``name`` with dataset-specific ``options``."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    return DATASETS[name](split, **options)
+
+
+def validation_images(dataset: str, num_images: int, image_size: int,
+                      data_dir: str = "./data", split: str = "val") -> Tensor:
+    """The first ``num_images`` images of ``dataset``'s ``split`` (validation by default),
+    (N, 3, S, S) in [0, 1]."""
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    ds = build_dataset(dataset, split, image_size=image_size, data_dir=data_dir)
+    n = min(num_images, len(ds))  # type: ignore[arg-type]
+    return torch.stack([_image(ds[i]) for i in range(n)])
+
+
+def _image(item: Tensor | tuple[Tensor, ...]) -> Tensor:
+    return item[0] if isinstance(item, (tuple, list)) else item

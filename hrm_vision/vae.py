@@ -1,0 +1,501 @@
+"""The VAEs: ``TeacherVAE`` and ``MinimalVAE`` (alias ``TinyVAE``), their shared base, the
+student-to-teacher ``LatentAdapter`` and the model registry.
+
+>>> model = MinimalVAE(latent_dim=128, base_channels=32).eval()
+>>> z = model.encode(images)   # (B, 3, H, W) in [0, 1], H, W divisible by 8 -> (B, 128, H/8, W/8)
+>>> x_hat = model.decode(z)    # (B, 3, H, W) in [0, 1]; model(images) -> VAEOutput
+
+Each model is the sum of two paths (residual autoencoding over a linear patch path), in the
+encoder and in the decoder: a **linear patch path** (8x8 patches -> whitened coefficients of a
+fixed basis, :class:`~hrm_vision.patches.PatchWhitening`, the DCT or after ``init_from_data``
+the patch PCA -> a learnable 1x1 convolution, see :func:`_spread`; with a fitted basis an
+untrained model *is* patch PCA), and **nonlinear stages** (PixelUnshuffle down, residual
+blocks, PixelShuffle up) whose last convolution starts at zero (SkipInit), so they learn what
+the linear path misses. Only ``Conv2d``, ``ReLU``, ``PixelShuffle``/``PixelUnshuffle``,
+additions and ``Clip`` (clean ONNX/TensorRT export, no normalisation to fold). The variance head
+starts at ``logvar = -4`` (about 2 nats per latent element); ``init_from_data`` re-allocates the
+same rate (:func:`~hrm_vision.patches.allocate_rate`). Reconstructions are clamped to [0, 1]
+(straight-through while training), not squashed by a sigmoid. ``docs/models.md`` has the
+measurements behind the design.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .patches import PATCH, PatchWhitening, allocated_logvar, fit_patch_pca, patch_vectors
+
+#: How many times smaller the latent grid is than the image, in each direction (both VAEs).
+DOWNSAMPLE_FACTOR = 8
+#: Initial bias of the log-variance head (see the module docstring).
+LOGVAR_INIT = -4.0
+
+
+# ---------------------------------------------------------------------- blocks
+def conv(in_ch: int, out_ch: int, kernel: int = 3, bias: bool = True) -> nn.Conv2d:
+    """A same-padded stride-1 convolution: ``(B, in_ch, H, W) -> (B, out_ch, H, W)``."""
+    return nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2, bias=bias)
+
+
+def zero_conv(in_ch: int, out_ch: int, kernel: int = 3) -> nn.Conv2d:
+    """A :func:`conv` whose weight and bias start at zero (the end of a residual branch)."""
+    layer = conv(in_ch, out_ch, kernel)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class ResBlock(nn.Module):
+    """``x + conv(relu(conv(relu(x))))`` on ``(B, C, H, W)``; starts as the identity."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.ReLU(), conv(channels, channels), nn.ReLU(),
+                                  zero_conv(channels, channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.body(x)
+
+
+def down(in_ch: int, out_ch: int, kernel: int = 1) -> nn.Sequential:
+    """Lossless x2 downsampling (PixelUnshuffle), then a convolution: ``(B, in, H, W) ->
+    (B, out, H/2, W/2)``."""
+    return nn.Sequential(nn.PixelUnshuffle(2), conv(4 * in_ch, out_ch, kernel))
+
+
+def up(in_ch: int, out_ch: int) -> nn.Sequential:
+    """Sub-pixel x2 upsampling: a 1x1 convolution to ``4 * out`` channels, then PixelShuffle:
+    ``(B, in, H, W) -> (B, out, 2H, 2W)``."""
+    return nn.Sequential(conv(in_ch, 4 * out_ch, kernel=1), nn.PixelShuffle(2))
+
+
+def clamp01(x: Tensor, straight_through: bool = False) -> Tensor:
+    """``x`` clamped to [0, 1]; with ``straight_through`` the gradient is the identity's."""
+    if straight_through:
+        return x + (x.clamp(0.0, 1.0) - x).detach()
+    return x.clamp(0.0, 1.0)
+
+
+# ---------------------------------------------------------------------- registry
+#: Architecture names stored in checkpoints, mapped to their classes (filled by
+#: :func:`register_model`; the compact pair registers when :mod:`hrm_vision.compact` is
+#: imported, which ``import hrm_vision`` does).
+MODELS: dict[str, type[VAEBase]] = {}
+_M = TypeVar("_M", bound="type[VAEBase]")
+
+
+def register_model(name: str) -> Callable[[_M], _M]:
+    """Class decorator: store the class in :data:`MODELS` under ``name``."""
+
+    def deco(cls: _M) -> _M:
+        MODELS[name] = cls
+        return cls
+
+    return deco
+
+
+def model_name(model: VAEBase) -> str:
+    """The registry name of a model instance (``"teacher"``, ``"tinyvae"``, ...)."""
+    for name, cls in MODELS.items():
+        if type(model) is cls:
+            return name
+    raise KeyError(f"{type(model).__name__} is not a registered model: {sorted(MODELS)}")
+
+
+def build_model(name: str, **arch: Any) -> VAEBase:
+    """A registered model from its name and constructor arguments; ``ValueError`` naming the
+    choices for an unknown name or argument."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    try:
+        return MODELS[name](**arch)
+    except TypeError as exc:
+        raise ValueError(f"bad architecture arguments for {name!r}: {arch} ({exc})") from exc
+
+
+@torch.no_grad()
+def count_macs(model: VAEBase, height: int = 32, width: int = 32, part: str = "both") -> int:
+    """Multiply-accumulates for one ``height x width`` image (``part``: encode/decode/both),
+    counted by PyTorch's ``FlopCounterMode`` (FLOPs / 2; convolutions and matmuls only)."""
+    if part not in ("encode", "decode", "both"):
+        raise ValueError(f"part must be 'encode', 'decode' or 'both', got {part!r}")
+    was_training = model.training
+    model.eval()
+    x = torch.rand(1, 3, height, width, device=next(model.parameters()).device)
+    z = model.encode(x)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        if part in ("encode", "both"):
+            model.encode(x)
+        if part in ("decode", "both"):
+            model.decode(z)
+    model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+def summary_rows(size: int = 32) -> list[dict[str, object]]:
+    """One row per registered model at its defaults: parameters, latent shape, MACs for a
+    ``size x size`` image (a compact model: for its own crop size)."""
+    rows = []
+    for name, cls in MODELS.items():
+        model = cls()
+        side = getattr(model, "image_size", size)  # a compact model has a fixed crop size
+        c, *grid = model.latent_shape(side, side)  # a compact model: (latent_dim,)
+        rows.append({
+            "model": f"{cls.__name__} ({name})",
+            "parameters": model.num_parameters(),
+            "latent": "x".join(map(str, [*grid, c])) + ("" if side == size
+                                                           else f" ({side}x{side} crop)"),
+            "encode_macs": count_macs(model, side, side, "encode"),
+            "decode_macs": count_macs(model, side, side, "decode"),
+        })
+    return rows
+
+
+# ---------------------------------------------------------------------- the shared API
+class Posterior(NamedTuple):
+    """Diagonal Gaussian posterior ``q(z|x)``; both tensors are ``(B, latent_dim, H/8, W/8)``."""
+
+    mu: Tensor
+    logvar: Tensor
+
+
+class VAEOutput(NamedTuple):
+    """What ``forward`` returns: ``reconstruction`` ``(B, 3, H, W)`` in [0, 1]; ``mu``,
+    ``logvar`` ``(B, latent_dim, H/8, W/8)``; ``z`` the decoded latent (a sample in training
+    mode or with ``sample=True``, else ``mu``)."""
+
+    reconstruction: Tensor
+    mu: Tensor
+    logvar: Tensor
+    z: Tensor
+
+
+def image_size_fits(height: int, width: int) -> bool:
+    """Whether an image of ``height`` x ``width`` pixels fits the models: both sides positive
+    multiples of :data:`DOWNSAMPLE_FACTOR`."""
+    return (height > 0 and width > 0 and height % DOWNSAMPLE_FACTOR == 0
+            and width % DOWNSAMPLE_FACTOR == 0)
+
+
+class VAEBase(nn.Module):
+    """A convolutional VAE with a latent on a grid ``downsample_factor`` times smaller.
+
+    Subclasses build ``self.encoder`` (image -> ``2 * latent_dim`` channels: mu then logvar) and
+    ``self.decoder`` (latent -> image logits) and record their constructor arguments in
+    ``self._arch`` (:meth:`arch_config`). Images: float in [0, 1], NCHW, RGB, H and W
+    divisible by 8.
+    """
+
+    in_channels: int = 3
+    downsample_factor: int = DOWNSAMPLE_FACTOR
+    #: logvar is clamped to this range so exp() stays finite in fp16/bf16.
+    logvar_range: tuple[float, float] = (-30.0, 20.0)
+
+    encoder: nn.Module
+    decoder: nn.Module
+
+    def __init__(self, latent_dim: int) -> None:
+        super().__init__()
+        if latent_dim < 1:
+            raise ValueError(f"latent_dim must be a positive integer, got {latent_dim}")
+        self.latent_dim = latent_dim
+        self._arch: dict[str, Any] = {}
+
+    def arch_config(self) -> dict[str, Any]:
+        """Constructor keyword arguments: ``type(self)(**model.arch_config())`` rebuilds it."""
+        return dict(self._arch)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def latent_shape(self, height: int = 32, width: int = 32) -> tuple[int, ...]:
+        """``(latent_dim, H/8, W/8)`` for an image of the given size."""
+        f = self.downsample_factor
+        return (self.latent_dim, height // f, width // f)
+
+    def _check_images(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise ValueError(f"expected a torch.Tensor of images, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(
+                f"expected images of shape (B, 3, H, W) (NCHW), got a tensor of rank {x.dim()} "
+                f"with shape {tuple(x.shape)}; add a batch dimension with x.unsqueeze(0)")
+        if not x.is_floating_point():
+            raise ValueError(f"expected float images in [0, 1], got dtype {x.dtype}; "
+                             "convert uint8 frames with x.float() / 255")
+        if x.shape[1] != self.in_channels:
+            kind = "1 grey channel" if self.in_channels == 1 else f"{self.in_channels} RGB channels"
+            raise ValueError(f"expected {kind} in dimension 1 (NCHW), got shape "
+                             f"{tuple(x.shape)}; channels-last input needs x.permute(0, 3, 1, 2)")
+        if not image_size_fits(x.shape[2], x.shape[3]):
+            raise ValueError(f"image height and width must be divisible by "
+                             f"{self.downsample_factor}, got {x.shape[2]}x{x.shape[3]}; "
+                             "resize or crop the input")
+
+    def _check_latent(self, z: Tensor, shape: str = "H/8, W/8", rank: int = 4) -> None:
+        if not isinstance(z, Tensor) or z.dim() != rank or z.shape[1] != self.latent_dim:
+            got = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+            raise ValueError(f"expected a latent of shape (B, {self.latent_dim}"
+                             f"{', ' + shape if shape else ''}), got {got}")
+        if not z.is_floating_point():
+            raise ValueError(f"expected a float latent, got dtype {z.dtype}")
+
+    def init_from_data(self, images: Tensor) -> None:
+        """Fit data-dependent parameters to training images ``(N, 3, H, W)`` in [0, 1], once on
+        a freshly built model (never on a resumed or loaded one); nothing to fit here."""
+        self._check_images(images)
+
+    def posterior(self, x: Tensor) -> Posterior:
+        """Posterior parameters of images ``x`` (B, 3, H, W) in [0, 1]."""
+        self._check_images(x)
+        mu, logvar = self.encoder(x).chunk(2, dim=1)
+        return Posterior(mu, logvar.clamp(*self.logvar_range))
+
+    def encode(self, x: Tensor) -> Tensor:
+        """The posterior mean ``(B, latent_dim, H/8, W/8)`` (never sampled): what
+        :meth:`decode` takes."""
+        return self.posterior(x).mu
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Images ``(B, 3, 8h, 8w)`` in [0, 1] from latents ``(B, latent_dim, h, w)``; clamped,
+        straight-through while training."""
+        self._check_latent(z)
+        return clamp01(self.decoder(z), straight_through=self.training and torch.is_grad_enabled())
+
+    @torch.no_grad()
+    def decode_sample(self, x: Tensor, seed: int = 0) -> Tensor:
+        """``decode(z)`` of one posterior sample per image of ``x`` (B, C, H, W) in [0, 1], drawn
+        from a generator seeded with ``seed`` (the global streams are left alone): the
+        reconstruction the model's rate buys, same shape as ``x``, in [0, 1]."""
+        mu, logvar = self.posterior(x)
+        gen = torch.Generator(device=mu.device).manual_seed(seed)
+        noise = torch.randn(mu.shape, generator=gen, device=mu.device, dtype=mu.dtype)
+        return self.decode(mu + torch.exp(0.5 * logvar) * noise)
+
+    @staticmethod
+    def reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:
+        """A sample ``mu + exp(logvar / 2) * eps`` with ``eps ~ N(0, I)``."""
+        return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+
+    def forward(self, x: Tensor, sample: bool | None = None) -> VAEOutput:
+        """Encode, sample (``sample`` defaults to ``self.training``; else decode mu), decode."""
+        mu, logvar = self.posterior(x)
+        do_sample = self.training if sample is None else sample
+        z = self.reparameterize(mu, logvar) if do_sample else mu
+        return VAEOutput(self.decode(z), mu, logvar, z)
+
+
+# ---------------------------------------------------------------------- the two VAEs
+def _spread(latent_dim: int, coefficients: int) -> tuple[Tensor, Tensor]:
+    """Initial 1x1 weights of the linear path: latent channel c carries coefficient
+    ``c mod coefficients``; the decoder averages the copies of each coefficient.
+
+    Returns (encoder ``(latent, coefficients, 1, 1)``, decoder ``(coefficients, latent, 1, 1)``).
+    A latent wider than the patch (the teacher's 512 > 192) holds the first coefficients two or
+    three times, so their copies average out the posterior noise.
+    """
+    enc = torch.zeros(latent_dim, coefficients)
+    enc[torch.arange(latent_dim), torch.arange(latent_dim) % coefficients] = 1.0
+    dec = enc.T / enc.sum(0).clamp(min=1)[:, None]
+    return enc[:, :, None, None], dec[:, :, None, None]
+
+
+class Encoder(nn.Module):
+    """Image ``(B, 3, H, W)`` in [0, 1] -> ``(B, 2 * latent_dim, H/8, W/8)`` (mu, then logvar):
+    ``mu = linear(patches(x)) + mu_head(stages(x))``, ``logvar = logvar_head(stages(x))``; the
+    first three stages each halve the resolution."""
+
+    def __init__(self, widths: list[int], latent_dim: int, blocks: int) -> None:
+        super().__init__()
+        self.patches = PatchWhitening()
+        self.linear = conv(self.patches.dim, latent_dim, kernel=1, bias=False)
+        with torch.no_grad():
+            self.linear.weight.copy_(_spread(latent_dim, self.patches.dim)[0])
+        stages: list[nn.Module] = []
+        for i, w in enumerate(widths):
+            if i == 0:
+                entry: nn.Module = nn.Sequential(nn.PixelUnshuffle(2), conv(12, w))
+            elif i < 3:
+                entry = down(widths[i - 1], w)
+            else:  # stages after the third stay on the H/8 grid
+                entry = conv(widths[i - 1], w)
+            stages.append(nn.Sequential(entry, *(ResBlock(w) for _ in range(blocks))))
+        self.stages = nn.ModuleList(stages)
+        self.mu_head = nn.Sequential(nn.ReLU(), zero_conv(widths[-1], latent_dim))
+        self.logvar_head = nn.Sequential(nn.ReLU(), zero_conv(widths[-1], latent_dim, kernel=1))
+        with torch.no_grad():
+            self.logvar_head[1].bias.fill_(LOGVAR_INIT)
+
+    def features(self, x: Tensor) -> list[Tensor]:
+        """Outputs of each nonlinear stage, from ``x`` in [0, 1]."""
+        h = x * 2.0 - 1.0
+        feats = []
+        for stage in self.stages:
+            h = stage(h)
+            feats.append(h)
+        return feats
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.features(x)[-1]
+        mu = self.linear(self.patches(x)) + self.mu_head(h)
+        return torch.cat([mu, self.logvar_head(h)], dim=1)
+
+
+class Decoder(nn.Module):
+    """Latent ``(B, latent_dim, h, w)`` -> image ``(B, 3, 8h, 8w)`` (unclamped):
+    ``patches(linear(z)) + out(stages(z))``, the stages mirroring the encoder's, the last three
+    each doubling the resolution, ``out`` (zero at the start) to RGB through a PixelShuffle."""
+
+    def __init__(self, widths: list[int], latent_dim: int, blocks: int) -> None:
+        super().__init__()
+        self.patches = PatchWhitening(inverse=True)
+        self.linear = conv(latent_dim, self.patches.dim, kernel=1, bias=False)
+        with torch.no_grad():
+            self.linear.weight.copy_(_spread(latent_dim, self.patches.dim)[1])
+        rev = widths[::-1]
+        stages: list[nn.Module] = []
+        for i, w in enumerate(rev):
+            if i == 0:
+                entry: nn.Module = conv(latent_dim, w)
+            elif i < len(rev) - 2:  # extra stages stay on the H/8 grid
+                entry = conv(rev[i - 1], w)
+            else:
+                entry = up(rev[i - 1], w)
+            stages.append(nn.Sequential(entry, *(ResBlock(w) for _ in range(blocks))))
+        self.stages = nn.Sequential(*stages)
+        self.out = nn.Sequential(nn.ReLU(), zero_conv(widths[0], 12), nn.PixelShuffle(2))
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.patches(self.linear(z)) + self.out(self.stages(z))
+
+
+class _PatchVAE(VAEBase):
+    """Shared construction of both models (see the module docstring)."""
+
+    def __init__(self, latent_dim: int, widths: list[int], blocks: int) -> None:
+        super().__init__(latent_dim)
+        if min(widths) < 1 or blocks < 1:
+            raise ValueError(f"widths and blocks must be positive, got {widths}, {blocks}")
+        self.encoder = Encoder(widths, latent_dim, blocks)
+        self.decoder = Decoder(widths, latent_dim, blocks)
+
+    @torch.no_grad()
+    def init_from_data(self, images: Tensor) -> None:
+        """Fit the patch basis of both paths to the PCA of ``images`` (N, 3, H, W) in [0, 1],
+        then re-allocate the rate of ``logvar = LOGVAR_INIT`` to the elements the decoder needs
+        (:func:`~hrm_vision.patches.allocated_logvar`)."""
+        self._check_images(images)
+        mean, components, variances = fit_patch_pca(images.float().cpu(), PATCH)
+        for part in (self.encoder.patches, self.decoder.patches):
+            part.set_basis(mean, components, variances)
+        enc_w, enc_b, dec_w, _ = self.linear_path()
+        logvar = allocated_logvar(enc_w, enc_b, dec_w, patch_vectors(images.float().cpu()),
+                                  LOGVAR_INIT)
+        self.encoder.logvar_head[1].bias.copy_(logvar.to(self.encoder.logvar_head[1].bias))
+
+    @torch.no_grad()
+    def linear_path(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The linear paths as affine maps between a flattened 8x8 patch (192 numbers in
+        PixelUnshuffle order, pixels in [0, 1]) and the latent at its grid position:
+        ``(enc_weight (L, 192), enc_bias (L,), dec_weight (192, L), dec_bias (192,))`` with
+        ``z = enc_weight @ patch + enc_bias`` and ``patch = dec_weight @ z + dec_bias``."""
+        ea, eb = self.encoder.patches.weight[:, :, 0, 0], self.encoder.patches.bias
+        el = self.encoder.linear.weight[:, :, 0, 0]
+        ds, db = self.decoder.patches.weight[:, :, 0, 0], self.decoder.patches.bias
+        dl = self.decoder.linear.weight[:, :, 0, 0]
+        return el @ ea, el @ eb, ds @ dl, db.clone()
+
+
+@register_model("teacher")
+class TeacherVAE(_PatchVAE):
+    """The teacher: 4 stages, a 4x4x512 latent for 32x32 images (~10M parameters).
+
+    Stage widths ``base_channels * (1, 2, 4, 5)`` at 1/2, 1/4, 1/8, 1/8 resolution with
+    ``blocks_per_stage`` residual blocks each; the linear path keeps all 192 coefficients of an
+    8x8 RGB patch (lossless at initialisation).
+    """
+
+    def __init__(self, latent_dim: int = 512, base_channels: int = 64,
+                 blocks_per_stage: int = 1) -> None:
+        super().__init__(latent_dim, [base_channels * k for k in (1, 2, 4, 5)], blocks_per_stage)
+        self._arch = {"latent_dim": latent_dim, "base_channels": base_channels,
+                      "blocks_per_stage": blocks_per_stage}
+
+
+@register_model("tinyvae")
+class MinimalVAE(_PatchVAE):
+    """The TinyVAE student: 3 stages (widths ``base_channels * (1, 2, 4)``, one residual block
+    each), latent ``(latent_dim, H/8, W/8)`` (4x4x128 for 32x32 images), ~1.2M parameters."""
+
+    def __init__(self, latent_dim: int = 128, base_channels: int = 32) -> None:
+        super().__init__(latent_dim, [base_channels * k for k in (1, 2, 4)], 1)
+        self._arch = {"latent_dim": latent_dim, "base_channels": base_channels}
+
+
+#: Another name for the student.
+TinyVAE = MinimalVAE
+
+
+# ---------------------------------------------------------------------- the adapter
+class LatentAdapter(nn.Module):
+    """A linear map from student to teacher latent channels, trained with the student and saved
+    with it (``adapter_state_dict``/``adapter_arch``; ``hrm_vision.load(path, role="adapter")``).
+
+    Spatial latents: a per-location 1x1 convolution ``(B, student_dim, h, w) -> (B, teacher_dim,
+    h, w)`` (both VAEs share the H/8 x W/8 grid). Vector latents (``vector=True``, the compact
+    models): a fully connected layer ``(B, student_dim) -> (B, teacher_dim)``. So
+    ``teacher.decode(adapter(student.encode(x)))`` is the teacher's decoder reading the student.
+    """
+
+    def __init__(self, student_dim: int = 128, teacher_dim: int = 512,
+                 vector: bool = False) -> None:
+        super().__init__()
+        self.student_dim, self.teacher_dim, self.vector = student_dim, teacher_dim, vector
+        self.proj: nn.Linear | nn.Conv2d = (nn.Linear(student_dim, teacher_dim) if vector
+                                            else nn.Conv2d(student_dim, teacher_dim, 1))
+
+    def arch_config(self) -> dict[str, Any]:
+        """Constructor arguments (``vector`` only when set)."""
+        arch: dict[str, Any] = {"student_dim": self.student_dim, "teacher_dim": self.teacher_dim}
+        return {**arch, "vector": True} if self.vector else arch
+
+    def forward(self, z: Tensor) -> Tensor:
+        """Student latent (B, student_dim[, h, w]) -> teacher latent (B, teacher_dim[, h, w])."""
+        return self.proj(z)
+
+    def _weight(self) -> Tensor:
+        """The map's matrix ``(teacher_dim, student_dim)``."""
+        return self.proj.weight.reshape(self.teacher_dim, self.student_dim)
+
+    @torch.no_grad()
+    def init_from_linear_paths(self, student: nn.Module, teacher: nn.Module) -> bool:
+        """Start as the student's linear decoder path followed by the teacher's linear encoder
+        path (student latent -> image -> teacher latent) when both models have one
+        (``linear_path()``) and the sizes fit. Returns whether it applied."""
+        if not (hasattr(student, "linear_path") and hasattr(teacher, "linear_path")):
+            return False
+        _, _, dec_w, dec_b = student.linear_path()
+        enc_w, enc_b, _, _ = teacher.linear_path()
+        if enc_w.shape[1] != dec_w.shape[0]:
+            return False
+        weight, bias = enc_w @ dec_w, enc_w @ dec_b + enc_b
+        if weight.shape != self._weight().shape:
+            return False
+        self.proj.weight.copy_(weight.reshape(self.proj.weight.shape))
+        self.proj.bias.copy_(bias)
+        return True
+
+    def variance(self, var: Tensor) -> Tensor:
+        """Per-channel variance of ``W z + b`` for ``z ~ N(mu, diag(var))`` (the diagonal of
+        ``W diag(var) W^T``), in the layout of :meth:`forward`."""
+        w2 = self._weight().pow(2)
+        if self.vector:
+            return var @ w2.T
+        return F.conv2d(var, w2[:, :, None, None])
