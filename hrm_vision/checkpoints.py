@@ -13,8 +13,8 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so i
   :class:`~hrm_vision.vae.adapter.LatentAdapter` that maps the student's latent to the
   teacher's latent space, ``adapter_state_dict`` and ``adapter_arch``
   (``{"student_dim": int, "teacher_dim": int}``, no registry name);
-- whatever the writer adds; the distiller's training state is typed in
-  :class:`hrm_vision.distill.state.TrainingCheckpoint` (optimizer, scheduler, epoch, config,
+- whatever the writer adds; the distiller's training state is written by
+  :meth:`hrm_vision.train.trainer.PhaseLoop.payload` (optimizer, scheduler, epoch, config,
   history, RNG). This module only relies on the keys above.
 
 :func:`load_model` rebuilds any role, the adapter included, in eval mode on the CPU.

@@ -2,7 +2,7 @@
 
 ::
 
-    hrm-vision distill  [options]   # distil the TinyVAE (python -m hrm_vision.distill)
+    hrm-vision distill  [options]   # distil the TinyVAE (training/distill_tinyvae.py)
     hrm-vision evaluate [options]   # teacher vs student (python -m hrm_vision.evaluation)
     hrm-vision export   [options]   # ONNX for the edge (python -m hrm_vision.export)
     hrm-vision irp      [options]   # IRP host loop (python -m hrm_vision.irp.host)
@@ -53,8 +53,8 @@ class Command(NamedTuple):
 
 #: Subcommand name -> where its ``main(argv)`` lives.
 COMMANDS: dict[str, Command] = {
-    "distill": Command("hrm_vision.distill.__main__",
-                       "train the TinyVAE by distillation from a teacher VAE"),
+    "distill": Command("hrm_vision.train",
+                       "train the TinyVAE by distillation from a teacher VAE", function="command"),
     "evaluate": Command("hrm_vision.evaluation.__main__",
                         "compare teacher and student: size, speed, quality, latents"),
     "export": Command("hrm_vision.export.__main__",

@@ -128,7 +128,7 @@ def make_files(d: Path) -> None:
 #: The command runner preloading torch and the package (see ``tests/helpers/forked.py``).
 FORK_RUNNER = command_runner(
     "import numpy, torch, torchvision, matplotlib, pydantic, tqdm\n"
-    "import hrm_vision.checkpoints, hrm_vision.cli, hrm_vision.distill.trainer, "
+    "import hrm_vision.checkpoints, hrm_vision.cli, hrm_vision.train.trainer, "
     "hrm_vision.evaluation")  # not distill.__main__: `-m hrm_vision.distill` runs it afresh
 
 
@@ -196,7 +196,7 @@ def test_full_disk_keeps_no_temporary_file(outcomes: list[Outcome], case_dir: Pa
 
 BUGGY_TRAINER = """
 import sys
-from hrm_vision.distill import trainer
+from hrm_vision.train import trainer
 from hrm_vision.distill.__main__ import main
 
 def run(self, resume=None, force_resume=False):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from hrm_vision.distill.config import ConfigError, DistillConfig, load_config, save_config
+from hrm_vision.train.config import ConfigError, DistillConfig, load_config, save_config
 
 
 class TestDefaults:
@@ -142,7 +142,7 @@ class TestAbsurdValues:
         assert not new.exists()
 
     def test_defaults_and_the_largest_values_pass(self) -> None:
-        from hrm_vision.distill import config as c
+        from hrm_vision.train import config as c
 
         largest = {"epochs": c.MAX_EPOCHS, "batch_size": c.MAX_BATCH,
                    "num_workers": c.MAX_WORKERS, "image_size": c.MAX_IMAGE_SIZE,

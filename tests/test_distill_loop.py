@@ -19,13 +19,13 @@ from torch.optim.optimizer import (
 )
 
 from hrm_vision.checkpoints import model_entry, save_checkpoint
-from hrm_vision.distill import Distiller, load_config
-from hrm_vision.distill.config import DistillConfig
-from hrm_vision.distill.data import DistContext, IndexedDataset, make_loader
-from hrm_vision.distill.loop import PhaseLoop, TrainingDiverged
-from hrm_vision.distill.optim import autocast, build_scheduler, make_scaler
-from hrm_vision.distill.phases import DistillPhase, Phase, PhaseContext
-from hrm_vision.distill.state import LastGoodState
+from hrm_vision.train import Distiller, load_config
+from hrm_vision.train.config import DistillConfig
+from hrm_vision.train.trainer import DistContext, IndexedDataset, make_loader
+from hrm_vision.train.trainer import PhaseLoop, TrainingDiverged
+from hrm_vision.train.trainer import autocast, build_scheduler, make_scaler
+from hrm_vision.train.trainer import DistillPhase, Phase, PhaseContext
+from hrm_vision.train.trainer import LastGoodState
 from hrm_vision.vae import TeacherVAE
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torchvision.models import vgg16
 
-from hrm_vision.distill import LatentAdapter
-from hrm_vision.distill.losses import (
+from hrm_vision.train import LatentAdapter
+from hrm_vision.train.loss import (
     TERMS,
     DistillLoss,
     TeacherTargets,
@@ -19,15 +19,15 @@ from hrm_vision.distill.losses import (
     latent_distillation,
     teacher_closer,
 )
-from hrm_vision.distill.perceptual import (
+from hrm_vision.train.loss import (
     VGG_LAYERS,
     TeacherFeatures,
     VGG16Features,
     build_perceptual,
     find_vgg16_weights,
 )
-from hrm_vision.distill.phases import Phase
-from hrm_vision.objective import kl_nats, latent_distillation_nats, output_distillation_nll
+from hrm_vision.train.trainer import Phase
+from hrm_vision.train.loss import kl_nats, latent_distillation_nats, output_distillation_nll
 from hrm_vision.vae import MinimalVAE, TeacherVAE
 
 
@@ -145,7 +145,7 @@ class TestTerms:
             DistillLoss(kl_weight=-1)
 
     def test_teacher_loss_uses_same_kl(self, models, photo_batch) -> None:
-        from hrm_vision.distill.config import load_config
+        from hrm_vision.train.config import load_config
 
         _, _, teacher = models
         out = teacher(photo_batch[:4])
@@ -224,7 +224,7 @@ class TestPerceptual:
 
     def test_auto_prefers_cached_vgg(self, tmp_path, monkeypatch) -> None:
         monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-        from hrm_vision.distill.perceptual import hub_vgg16_path
+        from hrm_vision.train.loss import hub_vgg16_path
         hub = hub_vgg16_path()
         hub.parent.mkdir(parents=True)
         torch.save({k: v for k, v in vgg16(weights=None).state_dict().items()
@@ -265,8 +265,8 @@ class TestBoundedOutputDistillation:
         assert student.grad[0, 0, 0, 1] == 0  # not pulled up towards the worse one
 
     def test_config_switch_reaches_the_loss(self, tmp_path) -> None:
-        from hrm_vision.distill.config import load_config
-        from hrm_vision.distill.trainer import Distiller
+        from hrm_vision.train.config import load_config
+        from hrm_vision.train.trainer import Distiller
 
         cfg = load_config(None, {"dataset": "photos", "checkpoint_dir": str(tmp_path),
                                  "distill_recon_bounded": True, "distill_latent_weight": 0.0,
@@ -279,7 +279,7 @@ class TestResidualVariance:
     def test_an_unpredicted_teacher_channel_no_longer_explodes_the_term(self) -> None:
         """Teacher channel 1 carries what the student does not: the adapter's conditional
         Gaussian widens by its residual, so the term stays of the order of its error."""
-        from hrm_vision.distill.losses import residual_variance
+        from hrm_vision.train.loss import residual_variance
 
         adapter = LatentAdapter(1, 2)
         with torch.no_grad():

@@ -14,16 +14,16 @@ import pytest
 import torch
 
 from hrm_vision.checkpoints import load_model, model_entry, save_checkpoint
-from hrm_vision.distill import (
+from hrm_vision.train import (
     Distiller,
     TrainingDiverged,
     TrainingInterrupted,
     find_resume,
     load_config,
 )
-from hrm_vision.distill.callbacks import Callback
-from hrm_vision.distill.losses import TERMS
-from hrm_vision.distill.phases import DistillPhase, TeacherPhase
+from hrm_vision.train.callbacks import Callback
+from hrm_vision.train.loss import TERMS
+from hrm_vision.train.trainer import DistillPhase, TeacherPhase
 from hrm_vision.metrics import psnr
 from hrm_vision.vae import MinimalVAE, TeacherVAE
 
@@ -317,7 +317,7 @@ class TestInitFromData:
         assert d.loop is not None and d.loop.state.epoch == 2
 
     def test_first_images_of_the_train_split(self, tmp_path, calls, monkeypatch) -> None:
-        from hrm_vision.distill import data as splits
+        from hrm_vision.train import data as splits
 
         monkeypatch.setattr(splits, "INIT_IMAGES", 5)
         received: list[torch.Tensor] = []

@@ -9,7 +9,7 @@ import pytest
 from pydantic import Field, create_model
 
 from hrm_vision import config_table
-from hrm_vision.distill.config import DistillConfig
+from hrm_vision.train.config import DistillConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from hrm_vision.distill.optim import WeightAverage
+from hrm_vision.train.trainer import WeightAverage
 
 
 def net() -> nn.Module:

@@ -18,8 +18,8 @@ from helpers import tiny_run  # tests/ is on sys.path (pytest prepend mode)
 
 from hrm_vision.checkpoints import load_checkpoint
 from hrm_vision.distill.__main__ import config_from_args, setup_args
-from hrm_vision.distill.phases import DistillPhase, FinetunePhase
-from hrm_vision.distill.trainer import Distiller
+from hrm_vision.train.trainer import DistillPhase, FinetunePhase
+from hrm_vision.train.trainer import Distiller
 
 FLAGS = {"train_samples": 16, "warmup_steps": 0, "learning_rate": 3e-3, "ema_decay": 0.5}
 

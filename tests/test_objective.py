@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from hrm_vision import objective as obj
+from hrm_vision.train import loss as obj
 
 
 def _images(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

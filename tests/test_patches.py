@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hrm_vision.evaluation.baselines import PatchPCA, pooled_psnr
-from hrm_vision.objective import kl_per_element
+from hrm_vision.train.loss import kl_per_element
 from hrm_vision.vae import MinimalVAE, TeacherVAE
 from hrm_vision.vae.models import LOGVAR_INIT
 from hrm_vision.vae.patches import (

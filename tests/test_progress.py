@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import torch
 
-from hrm_vision.distill.callbacks import ProgressBar
+from hrm_vision.train.callbacks import ProgressBar
 
 
 def test_bar_is_off_when_stderr_is_not_a_terminal(monkeypatch) -> None:
@@ -40,8 +40,8 @@ def test_bar_is_on_for_a_terminal(monkeypatch) -> None:
 def test_reconstruction_grid_is_enlarged_and_labelled(tmp_path, photo_batch) -> None:
     from PIL import Image
 
-    from hrm_vision.distill.callbacks import save_grid
-    from hrm_vision.distill.phases import error_image
+    from hrm_vision.train.callbacks import save_grid
+    from hrm_vision.train.trainer import error_image
 
     x = photo_batch[:4]
     rows = [("input", x), ("student", x.flip(-1)), ("error x4", error_image(x.flip(-1), x))]
@@ -56,7 +56,7 @@ def test_reconstruction_grid_is_enlarged_and_labelled(tmp_path, photo_batch) -> 
 
 def test_picture_rows_are_computed_once_per_epoch() -> None:
     """The PNG and TensorBoard writers share one forward pass of the grid images per epoch."""
-    from hrm_vision.distill.phases import Phase
+    from hrm_vision.train.trainer import Phase
 
     calls = []
 

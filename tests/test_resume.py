@@ -15,9 +15,9 @@ from helpers import kill_resume, tiny_run  # tests/ is on sys.path (pytest prepe
 
 from hrm_vision.checkpoints import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from hrm_vision.distill.__main__ import config_from_args, setup_args
-from hrm_vision.distill.callbacks import Callback
-from hrm_vision.distill.phases import DistillPhase, FinetunePhase
-from hrm_vision.distill.trainer import Distiller, TrainingInterrupted
+from hrm_vision.train.callbacks import Callback
+from hrm_vision.train.trainer import DistillPhase, FinetunePhase
+from hrm_vision.train.trainer import Distiller, TrainingInterrupted
 
 EPOCHS = 3
 

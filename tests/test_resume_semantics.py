@@ -20,9 +20,9 @@ from helpers import tiny_run  # tests/ is on sys.path (pytest prepend mode)
 
 from hrm_vision.checkpoints import load_checkpoint, save_checkpoint
 from hrm_vision.distill.__main__ import main
-from hrm_vision.distill.config import DistillConfig
-from hrm_vision.distill.phases import DistillPhase
-from hrm_vision.distill.resume import RESUME_MAY_CHANGE, config_differences
+from hrm_vision.train.config import DistillConfig
+from hrm_vision.train.trainer import DistillPhase
+from hrm_vision.train.trainer import RESUME_MAY_CHANGE, config_differences
 
 #: The original run: its own teacher pre-trained for one epoch, two distillation epochs.
 ORIGINAL = {"teacher_checkpoint": "none", "teacher_epochs": 1, "train_samples": 16}

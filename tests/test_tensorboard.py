@@ -15,9 +15,9 @@ from helpers import tiny_run  # tests/ is on sys.path (pytest prepend mode)
 from PIL import Image
 
 from hrm_vision._extras import MissingExtraError
-from hrm_vision.distill import __main__ as cli
+from hrm_vision.train import __main__ as cli
 from hrm_vision.distill.__main__ import config_from_args, setup_args
-from hrm_vision.distill.trainer import Distiller
+from hrm_vision.train.trainer import Distiller
 
 EPOCHS = 2
 

@@ -15,12 +15,12 @@ from torch import Tensor, nn
 
 from hrm_vision.checkpoints import load_model
 from hrm_vision.data import validation_images
-from hrm_vision.distill import Distiller, load_config
-from hrm_vision.distill.config import DistillConfig
-from hrm_vision.distill.data import DistContext, IndexedDataset, make_loader
-from hrm_vision.distill.loop import PhaseLoop
-from hrm_vision.distill.losses import DistillLoss
-from hrm_vision.distill.phases import Phase, PhaseContext
+from hrm_vision.train import Distiller, load_config
+from hrm_vision.train.config import DistillConfig
+from hrm_vision.train.trainer import DistContext, IndexedDataset, make_loader
+from hrm_vision.train.trainer import PhaseLoop
+from hrm_vision.train.loss import DistillLoss
+from hrm_vision.train.trainer import Phase, PhaseContext
 from hrm_vision.evaluation.baselines import patch_spectrum
 from hrm_vision.evaluation.quality import measure_rate
 from hrm_vision.vae import MinimalVAE

@@ -32,9 +32,9 @@ from typing import Any
 import torch
 
 from hrm_vision.checkpoints import load_model
-from hrm_vision.distill import Distiller, load_config
-from hrm_vision.distill.config import DistillConfig
-from hrm_vision.distill.data import build_split, first_images
+from hrm_vision.train import Distiller, load_config
+from hrm_vision.train.config import DistillConfig
+from hrm_vision.train.trainer import build_split, first_images
 from hrm_vision.evaluation.compact import (
     best_epoch,
     compact_table,

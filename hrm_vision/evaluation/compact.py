@@ -6,7 +6,7 @@ compact``) and ``experiments/compact_train.py`` print and write: for every *code
 every baseline of :func:`~hrm_vision.evaluation.baselines.crop_baselines`, the pooled PSNR on each
 evaluation set; for the models also the rate, the KL of the posterior to N(0, I):
 
-* nats per number: the mean KL per latent number (:func:`hrm_vision.objective.gaussian_kl`);
+* nats per number: the mean KL per latent number (:func:`hrm_vision.train.loss.gaussian_kl`);
 * bits per pixel: ``nats_per_number * numbers / (H * W * ln 2)``, the rate of one crop spread
   over its ``H * W`` pixels (:func:`hrm_vision.rate.bits_per_pixel` counts 64 pixels per latent
   cell; a whole ``H x W`` crop is ``H * W / 64`` cells).
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from .._extras import require
 from ..data.photos import crop_images
 from ..metrics import psnr
-from ..objective import gaussian_kl
+from ..train.loss import gaussian_kl
 from ..rate import PIXELS_PER_CELL, bits_per_pixel
 from ..vae import VAEBase
 from .baselines import CROP_PCA_COEFFICIENTS, CROP_PCA_FIT, crop_baselines

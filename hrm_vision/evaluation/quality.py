@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from .. import rate
 from ..metrics import linear_cka, psnr, psnr_from_mse, ssim
-from ..objective import gaussian_kl
+from ..train.loss import gaussian_kl
 from ..vae import VAEBase
 
 #: How the student latent is stored as uint8 (see :func:`quantize_uint8`).

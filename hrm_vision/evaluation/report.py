@@ -163,7 +163,7 @@ def figure_rows(samples: dict[str, Tensor]) -> list[tuple[str, Tensor]]:
     """``(label, images)`` rows of the figure, each ``(K, 3, S, S)`` in [0, 1]: the inputs, the
     teacher's and the student's reconstructions (those present in ``samples``) and the
     student's error ``|student - input|`` enlarged ten times, so a person sees where it fails."""
-    from ..distill.phases import error_image
+    from ..metrics import error_image
 
     rows = [(n, samples[n]) for n in ("inputs", "teacher", "student") if n in samples]
     if "inputs" in samples and "student" in samples:

@@ -75,7 +75,7 @@ def write_export(vae: VAEBase, out_dir: str | os.PathLike[str], images: Tensor,
     ``MinimalVAE.from_pretrained``; the adapter with ``load_model(path, role="adapter")``).
 
     ``images``: real (N, 3, S, S) images in [0, 1] (the main parity check and the example).
-    ``adapter``: the student-to-teacher :class:`~hrm_vision.distill.adapter.LatentAdapter`
+    ``adapter``: the student-to-teacher :class:`~hrm_vision.vae.LatentAdapter`
     (``student_dim`` equal to the VAE's latent channels C); when given, the teacher-space
     encoder ``tinyvae_encoder_teacher_space.onnx`` is exported too: ``image`` (N, 3, S, S) in
     [0, 1] -> ``teacher_latent`` ``adapter(vae.encode(image))`` (N, teacher_dim, S/8, S/8),
