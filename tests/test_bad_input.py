@@ -43,7 +43,7 @@ class TestErrorsNameTheCause:
         assert "Traceback" not in text
         assert "weights_only` set to `False`" not in text  # never advise unsafe loading
         line = bad_inputs.message_line(text, CASES[name].expect)
-        assert line.startswith("distill_tinyvae: error: ")
+        assert line.startswith("hrm-vision distill: error: ")
 
     def test_json_position_is_right(self, base: Path, tmp_path: Path) -> None:
         text = run("malformed JSON config", base, tmp_path)
@@ -102,7 +102,7 @@ class TestDivergence:
         code, text = bad_inputs.run_case(case, base, tmp_path)
         assert code == 1 and "Traceback" not in text, text[-3000:]
         line = bad_inputs.message_line(text, "stopped.")
-        assert line.startswith("distill_tinyvae: error: ") and "(lower --lr" in line, line
+        assert line.startswith("hrm-vision distill: error: ") and "(lower --lr" in line, line
         files = non_finite_files(tmp_path / "ckpt")
         assert all(not bad for bad in files.values()), files
         if lr == 30.0:
@@ -176,5 +176,5 @@ class TestCraftedResume:
         code, text = bad_inputs.run_case(case, base, tmp_path)
         assert code == 2 and "Traceback" not in text, text[-3000:]
         line = bad_inputs.message_line(text, expect)
-        assert line.startswith("distill_tinyvae: error: ") and expect in line, text[-3000:]
+        assert line.startswith("hrm-vision distill: error: ") and expect in line, text[-3000:]
         assert str(tmp_path / "resume.pth") in line

@@ -28,8 +28,8 @@ from hrm_vision.vae import MinimalVAE
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = {
-    "distill script": (["training/distill_tinyvae.py"], "distill_tinyvae: error: "),
-    "distill module": (["-m", "hrm_vision.distill"], "distill_tinyvae: error: "),
+    "distill script": (["training/distill_tinyvae.py"], "distill_tinyvae.py: error: "),
+    "distill module": (["-m", "hrm_vision", "distill"], "hrm-vision distill: error: "),
     "evaluation": (["-m", "hrm_vision.evaluation"], "python -m hrm_vision.evaluation: error: "),
     "export": (["-m", "hrm_vision.export"], "python -m hrm_vision.export: error: "),
 }
@@ -129,7 +129,7 @@ def make_files(d: Path) -> None:
 FORK_RUNNER = command_runner(
     "import numpy, torch, torchvision, matplotlib, pydantic, tqdm\n"
     "import hrm_vision.checkpoints, hrm_vision.cli, hrm_vision.train.trainer, "
-    "hrm_vision.evaluation")  # not distill.__main__: `-m hrm_vision.distill` runs it afresh
+    "hrm_vision.evaluation")
 
 
 def run_cases(cases: list[Case], d: Path) -> list[Outcome]:
@@ -197,13 +197,13 @@ def test_full_disk_keeps_no_temporary_file(outcomes: list[Outcome], case_dir: Pa
 BUGGY_TRAINER = """
 import sys
 from hrm_vision.train import trainer
-from hrm_vision.distill.__main__ import main
+from hrm_vision import cli
 
 def run(self, resume=None, force_resume=False):
     raise TypeError("a real bug")
 
 trainer.Distiller.run = run
-sys.exit(main(sys.argv[1:]))
+sys.exit(cli.main(["distill", *sys.argv[1:]]))
 """
 
 

@@ -82,7 +82,7 @@ class TestNoDeadFields:
     ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
     def test_every_key_is_read_by_the_package(self) -> None:
-        pkg = self.ROOT / "hrm_vision" / "distill"
+        pkg = self.ROOT / "hrm_vision" / "train"
         source = "".join(p.read_text() for p in pkg.glob("*.py") if p.name != "config.py")
         unused = [k for k in DistillConfig.model_fields if f".{k}" not in source]
         assert not unused, f"config keys never read: {unused}"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torchvision.models import vgg16
 
-from hrm_vision.train import LatentAdapter
+from hrm_vision.vae import LatentAdapter
 from hrm_vision.train.loss import (
     TERMS,
     DistillLoss,

@@ -317,7 +317,7 @@ class TestInitFromData:
         assert d.loop is not None and d.loop.state.epoch == 2
 
     def test_first_images_of_the_train_split(self, tmp_path, calls, monkeypatch) -> None:
-        from hrm_vision.train import data as splits
+        from hrm_vision.train import trainer as splits
 
         monkeypatch.setattr(splits, "INIT_IMAGES", 5)
         received: list[torch.Tensor] = []

@@ -17,7 +17,7 @@ import torch
 from helpers import tiny_run  # tests/ is on sys.path (pytest prepend mode)
 
 from hrm_vision.checkpoints import load_checkpoint
-from hrm_vision.distill.__main__ import config_from_args, setup_args
+from hrm_vision.train.config import build_parser, config_from_args
 from hrm_vision.train.trainer import DistillPhase, FinetunePhase
 from hrm_vision.train.trainer import Distiller
 
@@ -27,7 +27,7 @@ FLAGS = {"train_samples": 16, "warmup_steps": 0, "learning_rate": 3e-3, "ema_dec
 def tiny_config(workdir: Path, epochs: int, finetune_epochs: int, ckpt: str):
     argv = tiny_run.prepare(workdir, epochs, finetune_epochs=finetune_epochs,
                             checkpoint_dir=workdir / ckpt, **FLAGS)
-    return config_from_args(setup_args().parse_args(argv))
+    return config_from_args(build_parser("hrm-vision distill").parse_args(argv))
 
 
 def shift_finetune_psnr(mp: pytest.MonkeyPatch, step_db: float) -> None:

@@ -342,7 +342,7 @@ class TestPackaging:
 
 # ------------------------------------------------------------------------- hrm-vision command
 AGREED = {
-    "distill": "hrm_vision.distill.__main__",
+    "distill": "hrm_vision.train",
     "evaluate": "hrm_vision.evaluation.__main__",
     "export": "hrm_vision.export.__main__",
     "irp": "hrm_vision.irp.host",

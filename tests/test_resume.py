@@ -14,7 +14,7 @@ import torch
 from helpers import kill_resume, tiny_run  # tests/ is on sys.path (pytest prepend mode)
 
 from hrm_vision.checkpoints import CheckpointError, load_checkpoint, load_model, save_checkpoint
-from hrm_vision.distill.__main__ import config_from_args, setup_args
+from hrm_vision.train.config import build_parser, config_from_args
 from hrm_vision.train.callbacks import Callback
 from hrm_vision.train.trainer import DistillPhase, FinetunePhase
 from hrm_vision.train.trainer import Distiller, TrainingInterrupted
@@ -23,7 +23,7 @@ EPOCHS = 3
 
 
 def tiny_config(workdir: Path, epochs: int = EPOCHS, **flags):
-    return config_from_args(setup_args().parse_args(tiny_run.prepare(workdir, epochs, **flags)))
+    return config_from_args(build_parser("hrm-vision distill").parse_args(tiny_run.prepare(workdir, epochs, **flags)))
 
 
 class SignalAt(Callback):

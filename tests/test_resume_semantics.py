@@ -19,10 +19,10 @@ import pytest
 from helpers import tiny_run  # tests/ is on sys.path (pytest prepend mode)
 
 from hrm_vision.checkpoints import load_checkpoint, save_checkpoint
-from hrm_vision.distill.__main__ import main
 from hrm_vision.train.config import DistillConfig
-from hrm_vision.train.trainer import DistillPhase
-from hrm_vision.train.trainer import RESUME_MAY_CHANGE, config_differences
+from hrm_vision.train.trainer import RESUME_MAY_CHANGE, DistillPhase, config_differences
+
+main = tiny_run.distill
 
 #: The original run: its own teacher pre-trained for one epoch, two distillation epochs.
 ORIGINAL = {"teacher_checkpoint": "none", "teacher_epochs": 1, "train_samples": 16}

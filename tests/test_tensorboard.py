@@ -15,8 +15,8 @@ from helpers import tiny_run  # tests/ is on sys.path (pytest prepend mode)
 from PIL import Image
 
 from hrm_vision._extras import MissingExtraError
-from hrm_vision.train import __main__ as cli
-from hrm_vision.distill.__main__ import config_from_args, setup_args
+from hrm_vision import cli
+from hrm_vision.train.config import build_parser, config_from_args
 from hrm_vision.train.trainer import Distiller
 
 EPOCHS = 2
@@ -31,7 +31,7 @@ def test_event_files_hold_the_history_values_and_the_grid(tmp_path: Path) -> Non
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    config = config_from_args(setup_args().parse_args(argv(tmp_path, "on", "--tensorboard")))
+    config = config_from_args(build_parser("hrm-vision distill").parse_args(argv(tmp_path, "on", "--tensorboard")))
     assert config.tensorboard
     Distiller(config, console=False).run()
     out = Path(config.checkpoint_dir)
@@ -64,7 +64,7 @@ def test_event_files_hold_the_history_values_and_the_grid(tmp_path: Path) -> Non
 
 
 def test_no_tensorboard_folder_without_the_option(tmp_path: Path) -> None:
-    config = config_from_args(setup_args().parse_args(argv(tmp_path, "off")))
+    config = config_from_args(build_parser("hrm-vision distill").parse_args(argv(tmp_path, "off")))
     assert not config.tensorboard
     Distiller(config, console=False).run()
     out = Path(config.checkpoint_dir)
@@ -76,11 +76,11 @@ def test_missing_extra_is_one_line_before_training(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard fails
-    config = config_from_args(setup_args().parse_args(argv(tmp_path, "missing",
+    config = config_from_args(build_parser("hrm-vision distill").parse_args(argv(tmp_path, "missing",
                                                            "--tensorboard")))
     with pytest.raises(MissingExtraError, match=r"pip install 'hrm-vision\[tensorboard\]'"):
         Distiller(config, console=False)
-    assert cli.main(argv(tmp_path, "missing", "--tensorboard")) == 2
+    assert cli.main(["distill", *argv(tmp_path, "missing", "--tensorboard")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "hrm-vision[tensorboard]" in err, err
     assert not (tmp_path / "missing").exists()  # nothing was started

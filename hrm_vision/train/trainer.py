@@ -667,7 +667,8 @@ class PhaseContext:
 
 def pooled_psnr(values: dict[str, float]) -> dict[str, float]:
     """``values`` with each of :data:`PSNR_KEYS` turned from a pooled MSE into a PSNR (dB)."""
-    return {k: psnr_from_mse(v) if k in PSNR_KEYS else v for k, v in values.items()}
+    return {k: psnr_from_mse(v) if k in PSNR_KEYS and math.isfinite(v) else v
+            for k, v in values.items()}
 
 
 class Phase:
@@ -1522,17 +1523,21 @@ class Distiller:
         self.resume_source = source = str(path)
         payload = load_checkpoint(path)
         if payload.get("phase") not in PHASES or "optimizer_state_dict" not in payload:
-            raise CheckpointError(f"{source} is not a resumable checkpoint of this trainer (no "
+            raise CheckpointError(f"{source} is not a training checkpoint of this trainer (no "
                                   "phase/optimizer state: resume from a *_last.pth); pass it as "
                                   "--teacher-checkpoint or load it with hrm_vision.checkpoints")
-        check_training_payload(payload, source)
-        differences = config_differences(payload["config"], self.config)
+        stored = payload.get("config")
+        differences = config_differences(stored, self.config) if isinstance(stored, dict) else []
         if differences and not force:
             raise ResumeMismatch(f"{source} was trained with another config: "
                                  f"{'; '.join(differences)} (resume with the checkpoint's "
                                  "values, or pass --force-resume to resume anyway)")
         if differences:
             self.message(f"--force-resume: resuming {source} with {'; '.join(differences)}")
+        if payload["phase"] != "teacher":  # the models first: a mismatch names their keys
+            for role, model in (("student", self.student), ("adapter", self.adapter)):
+                check_fits(model, payload.get(f"{role}_state_dict"), f"{source} ({role})")
+        check_training_payload(payload, source)
         return payload
 
     def _resumed_teacher(self, payload: dict[str, Any]) -> Path | None:

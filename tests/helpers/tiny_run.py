@@ -78,6 +78,19 @@ def prepare(workdir: str | Path, epochs: int, images: int = 48, batch_size: int 
     return argv
 
 
+def distill(argv: list[str]) -> int:
+    """``hrm-vision distill ARGV`` in this process: the command with the package's error path
+    (an expected failure is one line ``hrm-vision distill: error: ...`` and status 2)."""
+    from hrm_vision.cli import run_main
+    from hrm_vision.train import command
+
+    return run_main(PROG, command, argv)
+
+
+#: The name the command's messages start with.
+PROG = "hrm-vision distill"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Prepare ``WORKDIR`` and print the command line of the tiny run."""
     parser = argparse.ArgumentParser(prog="python -m tests.helpers.tiny_run",
