@@ -178,3 +178,38 @@ class TestCraftedResume:
         line = bad_inputs.message_line(text, expect)
         assert line.startswith("hrm-vision distill: error: ") and expect in line, text[-3000:]
         assert str(tmp_path / "resume.pth") in line
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+class TestRefusedBeforeWriting:
+    """A run refused on its inputs leaves the checkpoint folder byte for byte as it was."""
+
+    def test_a_finished_folder_is_left_as_it_was(self, base: Path, tmp_path: Path) -> None:
+        good = bad_inputs.Case("good", lambda b, w: [], "", code=0)
+        code, text = bad_inputs.run_case(good, base, tmp_path)
+        assert code == 0, text[-3000:]
+        before = _snapshot(tmp_path / "ckpt")
+        assert "config.json" in before and "tinyvae_best.pth" in before
+        refused = bad_inputs.Case("missing teacher", lambda b, w: [
+            "--teacher-epochs", "0", "--teacher-checkpoint", str(w / "nonexistent.pth")],
+            "nonexistent.pth")
+        code, text = bad_inputs.run_case(refused, base, tmp_path)
+        assert code == 2 and "nonexistent.pth" in text, text[-3000:]
+        assert _snapshot(tmp_path / "ckpt") == before
+
+    def test_a_corrupt_resume_is_named_before_the_dataset(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+            capsys: pytest.CaptureFixture[str]) -> None:
+        """The default dataset (CIFAR-10 under ./data) is not there: the checkpoint is named."""
+        from helpers.tiny_run import distill
+
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "corrupt.pth").write_bytes(b"not a checkpoint")
+        code = distill(["--resume", "corrupt.pth", "--checkpoint-dir", "ckpt", "--device",
+                        "cpu"])
+        err = capsys.readouterr().err
+        assert code == 2 and "corrupt.pth" in err and "CIFAR" not in err, err

@@ -79,6 +79,22 @@ def student_state(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path)["student_state_dict"]
 
 
+def test_only_last_checkpoints_carry_the_training_state(full_run) -> None:
+    """The deployable files (best, teacher, snapshots) hold weights, architecture and metadata;
+    optimizer, scheduler, scaler, RNG and the raw weights of the average only ``*_last.pth``."""
+    out, _, _ = full_run
+    state = {"optimizer_state_dict", "scheduler_state_dict", "scaler_state_dict", "rng_state",
+             "train_state_dict"}
+    for name in ("tinyvae_best.pth", "teacher_best.pth", "teacher.pth", "tinyvae_epoch_001.pth"):
+        payload = torch.load(out / name, weights_only=True)
+        assert not state & set(payload), name
+    best = torch.load(out / "tinyvae_best.pth", weights_only=True)
+    assert {"student_state_dict", "student_arch", "adapter_state_dict", "epoch", "best_psnr",
+            "history", "config"} <= set(best)
+    for name in ("tinyvae_last.pth", "teacher_last.pth"):
+        assert state <= set(torch.load(out / name, weights_only=True)), name
+
+
 class TestEndToEnd:
     def test_files_written(self, full_run) -> None:
         out, _, _ = full_run
