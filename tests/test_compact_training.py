@@ -11,13 +11,11 @@ import pytest
 import torch
 
 from hrm_vision.checkpoints import CheckpointError, load_model, model_from_payload
+from hrm_vision.evaluation.baselines import crop_baselines
 from hrm_vision.train import Distiller, load_config
 from hrm_vision.train.config import ConfigError, make_config
-from hrm_vision.train.loss import residual_variance
-from hrm_vision.train.loss import TeacherFeatures
+from hrm_vision.train.loss import TeacherFeatures, kl_nats, residual_variance
 from hrm_vision.train.trainer import configured_model
-from hrm_vision.evaluation.baselines import crop_baselines
-from hrm_vision.train.loss import kl_nats
 from hrm_vision.vae import (
     CompactStudentVAE,
     CompactTeacherVAE,

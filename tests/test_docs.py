@@ -14,6 +14,7 @@ from hrm_vision.train.config import DistillConfig
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "training"))
 import config_table  # noqa: E402  (training/config_table.py, the generator of the table)
+
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 TRAINING = DOCS / "training.md"

@@ -35,7 +35,7 @@ class TestFlags:
         cfg_file = tmp_path / "c.json"
         cfg_file.write_text(json.dumps({"epochs": 9, "batch_size": 16, "learning_rate": 0.01,
                                         "teacher_cache": False}))
-        args = build_parser("hrm-vision distill").parse_args(["--config", str(cfg_file), "--epochs", "2",
+        args = build_parser("x").parse_args(["--config", str(cfg_file), "--epochs", "2",
                                         "--lr", "0.005"])
         cfg = config_from_args(args)
         assert (cfg.epochs, cfg.learning_rate) == (2, 0.005)  # flags win
@@ -43,7 +43,7 @@ class TestFlags:
         assert cfg.kl_weight == 0.1  # default
 
     def test_short_flags_exist(self) -> None:
-        args = build_parser("hrm-vision distill").parse_args(["--dataset", "photos", "--epochs", "3", "--batch-size",
+        args = build_parser("x").parse_args(["--dataset", "photos", "--epochs", "3", "--batch-size",
                                         "8", "--lr", "0.1", "--device", "cpu",
                                         "--checkpoint-dir", "x", "--no-teacher-cache",
                                         "--train-samples", "none"])

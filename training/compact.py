@@ -32,9 +32,6 @@ from typing import Any
 import torch
 
 from hrm_vision.checkpoints import load_model
-from hrm_vision.train import Distiller, load_config
-from hrm_vision.train.config import DistillConfig
-from hrm_vision.train.trainer import build_split, first_images
 from hrm_vision.evaluation.compact import (
     best_epoch,
     compact_table,
@@ -43,6 +40,9 @@ from hrm_vision.evaluation.compact import (
     markdown_table,
     vae_coder,
 )
+from hrm_vision.train import Distiller, load_config
+from hrm_vision.train.config import DistillConfig
+from hrm_vision.train.trainer import build_split, first_images
 
 PROG = "training/compact.py"
 #: The phases whose epochs hold each model's best.

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""The config-key table of ``docs/training.md``, generated from :class:`DistillConfig` (``make docs``).
+"""The config-key table of ``docs/training.md`` (``make docs``), generated from
+:class:`DistillConfig`.
 
 Every field of the pydantic model becomes one row: JSON key, type, default (as JSON), allowed
 values or range, and the field's description. The page holds the table between two marker

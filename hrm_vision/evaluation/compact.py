@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from .._extras import require
 from ..data.photos import crop_images
 from ..metrics import psnr
-from ..train.loss import gaussian_kl
 from ..rate import PIXELS_PER_CELL, bits_per_pixel
+from ..train.loss import gaussian_kl
 from ..vae import VAEBase
 from .baselines import CROP_PCA_COEFFICIENTS, CROP_PCA_FIT, crop_baselines
 

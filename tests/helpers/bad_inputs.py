@@ -175,8 +175,7 @@ def nan_loss(calls: Callable[[int], bool] | None) -> Iterator[None]:
     if calls is None:
         yield
         return
-    from hrm_vision.train.trainer import PhaseLoop
-    from hrm_vision.train.trainer import DistillPhase
+    from hrm_vision.train.trainer import DistillPhase, PhaseLoop
 
     original, original_shares = DistillPhase.loss, PhaseLoop._term_shares
     counter = iter(range(10**9))

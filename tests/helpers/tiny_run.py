@@ -21,6 +21,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from hrm_vision.train.config import DistillConfig
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "training" / "distill_tinyvae.py"
 
@@ -89,6 +91,13 @@ def distill(argv: list[str]) -> int:
 
 #: The name the command's messages start with.
 PROG = "hrm-vision distill"
+
+
+def config(argv: list[str]) -> DistillConfig:
+    """The config ``hrm-vision distill ARGV`` runs with."""
+    from hrm_vision.train.config import build_parser, config_from_args
+
+    return config_from_args(build_parser(PROG).parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:
