@@ -14,10 +14,8 @@ import pytest
 import torch
 
 from hrm_vision.train.config import DistillConfig
-from hrm_vision.train.trainer import IndexedDataset, TeacherCache
-from hrm_vision.train.loss import DistillLoss, teacher_targets
-from hrm_vision.train.loss import build_perceptual
-from hrm_vision.train.trainer import StudentWithAdapter
+from hrm_vision.train.loss import DistillLoss, build_perceptual, teacher_targets
+from hrm_vision.train.trainer import IndexedDataset, StudentWithAdapter, TeacherCache
 from hrm_vision.vae import LatentAdapter, MinimalVAE
 
 

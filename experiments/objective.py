@@ -38,10 +38,10 @@ from pathlib import Path
 
 import torch
 
-from hrm_vision.train import loss as obj
 from hrm_vision import rate
 from hrm_vision.data.photos import PhotoCrops
 from hrm_vision.metrics import psnr
+from hrm_vision.train import loss as obj
 from hrm_vision.vae import MinimalVAE
 from hrm_vision.vae.patches import fit_patch_pca
 
