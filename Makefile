@@ -48,7 +48,7 @@ lint: $(VENV)/.installed
 
 # Regenerate the config-key table of docs/training.md from DistillConfig.
 docs: $(VENV)/.installed
-	$(PY) -m hrm_vision.config_table --write docs/training.md
+	$(PY) training/config_table.py --write docs/training.md
 
 # Benchmarks (not part of the test suite): pytest-benchmark, then the teacher/student ratios, then
 # the student at camera resolution (speed vs this CPU's convolution throughput, each precision's

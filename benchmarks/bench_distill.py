@@ -1,6 +1,6 @@
 """One distillation training step at batch 64, with and without the teacher cache.
 
-Built from the distiller's own pieces (:mod:`hrm_vision.distill.phases`): ``StudentWithAdapter``
+Built from the distiller's own pieces (:mod:`hrm_vision.train.trainer`): ``StudentWithAdapter``
 (student forward sampling z, adapter), the five-term ``DistillLoss`` with the default
 ``DistillConfig`` weights and the offline perceptual backbone (the teacher's first stage), a
 backward pass and an AdamW step. "With cache" reads the teacher's targets from a
@@ -13,11 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hrm_vision.distill.config import DistillConfig
-from hrm_vision.distill.data import IndexedDataset, TeacherCache
-from hrm_vision.distill.losses import DistillLoss, teacher_targets
-from hrm_vision.distill.perceptual import build_perceptual
-from hrm_vision.distill.phases import StudentWithAdapter
+from hrm_vision.train.config import DistillConfig
+from hrm_vision.train.loss import DistillLoss, build_perceptual, teacher_targets
+from hrm_vision.train.trainer import IndexedDataset, StudentWithAdapter, TeacherCache
 from hrm_vision.vae import LatentAdapter, MinimalVAE
 
 

@@ -53,7 +53,7 @@ def student(checkpoint: str | None, steps: int) -> VAEBase:
     """The checkpoint's student, or a data-initialised one trained alone for ``steps`` steps."""
     if checkpoint:
         return load(checkpoint)
-    from hrm_vision.distill.losses import DistillLoss
+    from hrm_vision.train.loss import DistillLoss
 
     torch.manual_seed(0)
     train = validation_images("photos", 4096, 32, split="train")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from hrm_vision.data import PhotoCrops
-from hrm_vision.objective import gaussian_kl, kl_nats
+from hrm_vision.train.loss import gaussian_kl, kl_nats
 from hrm_vision.vae import build_model
 
 

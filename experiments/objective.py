@@ -7,7 +7,7 @@ PCA-128), trained on the ``photos`` training crops with the same loop for every 
 
 ``mse``            ``0.3 * MSE + 0.1 * KL``, KL in nats per element with 2 free bits per channel
                    (the trainer's objective before its terms were put in nats).
-``sigma-channel``  ``0.3 * NLL + 0.1 * KL`` in nats per image (``hrm_vision.objective``): a
+``sigma-channel``  ``0.3 * NLL + 0.1 * KL`` in nats per image (``hrm_vision.train.loss``): a
                    Gaussian NLL with a learned scalar scale, the KL floored at 2 nats per
                    element on each channel.
 ``sigma-total``    the same, the floor on the total KL (2 nats x every element).
@@ -38,11 +38,11 @@ from pathlib import Path
 
 import torch
 
-from hrm_vision import objective as obj
 from hrm_vision import patches as rate
 from hrm_vision.data import PhotoCrops
 from hrm_vision.metrics import psnr, psnr_from_mse
 from hrm_vision.patches import fit_patch_pca
+from hrm_vision.train import loss as obj
 from hrm_vision.vae import MinimalVAE
 
 OBJECTIVES = ("mse", "sigma-channel", "sigma-total", "lagrange", "nll-only")

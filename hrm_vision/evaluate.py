@@ -38,9 +38,9 @@ from .io import (
     write_text,
 )
 from .metrics import error_image, linear_cka, psnr, psnr_from_mse, ssim
-from .objective import gaussian_kl
 from .patches import PATCH, fit_patch_pca, patch_vectors
 from .timing import machine_info, timings
+from .train.loss import gaussian_kl
 from .vae import VAEBase, count_macs
 
 #: The operations timed for every model.

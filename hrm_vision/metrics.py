@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from .objective import gaussian_kl
+from .train.loss import gaussian_kl
 
 
 def mse(prediction: Tensor, target: Tensor) -> float:

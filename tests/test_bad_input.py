@@ -43,7 +43,7 @@ class TestErrorsNameTheCause:
         assert "Traceback" not in text
         assert "weights_only` set to `False`" not in text  # never advise unsafe loading
         line = bad_inputs.message_line(text, CASES[name].expect)
-        assert line.startswith("distill_tinyvae: error: ")
+        assert line.startswith("hrm-vision distill: error: ")
 
     def test_json_position_is_right(self, base: Path, tmp_path: Path) -> None:
         text = run("malformed JSON config", base, tmp_path)
@@ -102,7 +102,7 @@ class TestDivergence:
         code, text = bad_inputs.run_case(case, base, tmp_path)
         assert code == 1 and "Traceback" not in text, text[-3000:]
         line = bad_inputs.message_line(text, "stopped.")
-        assert line.startswith("distill_tinyvae: error: ") and "(lower --lr" in line, line
+        assert line.startswith("hrm-vision distill: error: ") and "(lower --lr" in line, line
         files = non_finite_files(tmp_path / "ckpt")
         assert all(not bad for bad in files.values()), files
         if lr == 30.0:
@@ -176,5 +176,40 @@ class TestCraftedResume:
         code, text = bad_inputs.run_case(case, base, tmp_path)
         assert code == 2 and "Traceback" not in text, text[-3000:]
         line = bad_inputs.message_line(text, expect)
-        assert line.startswith("distill_tinyvae: error: ") and expect in line, text[-3000:]
+        assert line.startswith("hrm-vision distill: error: ") and expect in line, text[-3000:]
         assert str(tmp_path / "resume.pth") in line
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+class TestRefusedBeforeWriting:
+    """A run refused on its inputs leaves the checkpoint folder byte for byte as it was."""
+
+    def test_a_finished_folder_is_left_as_it_was(self, base: Path, tmp_path: Path) -> None:
+        good = bad_inputs.Case("good", lambda b, w: [], "", code=0)
+        code, text = bad_inputs.run_case(good, base, tmp_path)
+        assert code == 0, text[-3000:]
+        before = _snapshot(tmp_path / "ckpt")
+        assert "config.json" in before and "tinyvae_best.pth" in before
+        refused = bad_inputs.Case("missing teacher", lambda b, w: [
+            "--teacher-epochs", "0", "--teacher-checkpoint", str(w / "nonexistent.pth")],
+            "nonexistent.pth")
+        code, text = bad_inputs.run_case(refused, base, tmp_path)
+        assert code == 2 and "nonexistent.pth" in text, text[-3000:]
+        assert _snapshot(tmp_path / "ckpt") == before
+
+    def test_a_corrupt_resume_is_named_before_the_dataset(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+            capsys: pytest.CaptureFixture[str]) -> None:
+        """The default dataset (CIFAR-10 under ./data) is not there: the checkpoint is named."""
+        from helpers.tiny_run import distill
+
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "corrupt.pth").write_bytes(b"not a checkpoint")
+        code = distill(["--resume", "corrupt.pth", "--checkpoint-dir", "ckpt", "--device",
+                        "cpu"])
+        err = capsys.readouterr().err
+        assert code == 2 and "corrupt.pth" in err and "CIFAR" not in err, err

@@ -28,8 +28,8 @@ from hrm_vision.vae import MinimalVAE
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = {
-    "distill script": (["training/distill_tinyvae.py"], "distill_tinyvae: error: "),
-    "distill module": (["-m", "hrm_vision.distill"], "distill_tinyvae: error: "),
+    "distill script": (["training/distill_tinyvae.py"], "distill_tinyvae.py: error: "),
+    "distill module": (["-m", "hrm_vision", "distill"], "hrm-vision distill: error: "),
     "evaluation": (["-m", "hrm_vision", "evaluate"], "hrm-vision evaluate: error: "),
     "export": (["-m", "hrm_vision", "export"], "hrm-vision export: error: "),
 }
@@ -128,8 +128,8 @@ def make_files(d: Path) -> None:
 #: The command runner preloading torch and the package (see ``tests/helpers/forked.py``).
 FORK_RUNNER = command_runner(
     "import numpy, torch, torchvision, matplotlib, pydantic, tqdm\n"
-    "import hrm_vision.io, hrm_vision.cli, hrm_vision.distill.trainer, "
-    "hrm_vision.evaluate")  # not distill.__main__: `-m hrm_vision.distill` runs it afresh
+    "import hrm_vision.io, hrm_vision.cli, hrm_vision.train.trainer, "
+    "hrm_vision.evaluate")  # not distill.__main__: `-m hrm_vision.train` runs it afresh
 
 
 def run_cases(cases: list[Case], d: Path) -> list[Outcome]:
@@ -196,14 +196,14 @@ def test_full_disk_keeps_no_temporary_file(outcomes: list[Outcome], case_dir: Pa
 
 BUGGY_TRAINER = """
 import sys
-from hrm_vision.distill import trainer
-from hrm_vision.distill.__main__ import main
+from hrm_vision.train import trainer
+from hrm_vision import cli
 
 def run(self, resume=None, force_resume=False):
     raise TypeError("a real bug")
 
 trainer.Distiller.run = run
-sys.exit(main(sys.argv[1:]))
+sys.exit(cli.main(["distill", *sys.argv[1:]]))
 """
 
 

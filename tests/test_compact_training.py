@@ -11,14 +11,12 @@ import pytest
 import torch
 
 from hrm_vision.compact import CompactStudentVAE, CompactTeacherVAE
-from hrm_vision.distill import Distiller, load_config
-from hrm_vision.distill.config import ConfigError, make_config
-from hrm_vision.distill.losses import residual_variance
-from hrm_vision.distill.perceptual import TeacherFeatures
-from hrm_vision.distill.trainer import configured_model
 from hrm_vision.evaluate import crop_baselines
 from hrm_vision.io import CheckpointError, load, model_from_payload
-from hrm_vision.objective import kl_nats
+from hrm_vision.train import Distiller, load_config
+from hrm_vision.train.config import ConfigError, make_config
+from hrm_vision.train.loss import TeacherFeatures, kl_nats, residual_variance
+from hrm_vision.train.trainer import configured_model
 from hrm_vision.vae import LatentAdapter, MinimalVAE, TeacherVAE, summary_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,7 +147,7 @@ class TestVectorKL:
         assert kl_nats(mu, logvar, 3.0, "channel") > kl_nats(mu, logvar, 0.0, "channel")
 
     def test_residual_variance_is_per_teacher_number(self) -> None:
-        from hrm_vision.distill.losses import TeacherTargets
+        from hrm_vision.train.loss import TeacherTargets
 
         teacher = TeacherTargets(torch.randn(5, 4), torch.zeros(5, 4), torch.zeros(5, 3, 8, 8))
         adapted = torch.zeros(5, 4)

@@ -24,7 +24,7 @@ EPOCHS = 5
 def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A 2-process torchrun run (files written recorded per rank), stopped by SIGTERM once its
     first checkpoint exists, then finished by a single process with ``--resume auto``."""
-    from hrm_vision.distill.__main__ import main
+    main = tiny_run.distill
 
     work = tmp_path_factory.mktemp("ddp")
     argv = tiny_run.prepare(work, EPOCHS)

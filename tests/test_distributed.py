@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from hrm_vision.distill.data import (
+from hrm_vision.train.trainer import (
     DistContext,
     barrier,
     cleanup,

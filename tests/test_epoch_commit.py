@@ -37,7 +37,7 @@ VARYING = {"time_s", "train_img_per_s", "checkpoint_dir"}
 FORK_RUNNER = """
 import json, os, signal, sys, traceback
 import torch, torchvision, matplotlib, tqdm
-from hrm_vision.distill import __main__ as cli
+from hrm_vision import cli
 from hrm_vision.vae import _PatchVAE
 # the models keep their data-free DCT start, from which every epoch of these tiny runs improves
 # (a data-fitted start is already the linear optimum and would make the first epoch the best)
@@ -66,7 +66,7 @@ for argv, log, writes, kill in jobs:
 
         os.replace = wrapped
         try:
-            code = cli.main(argv)""" + CHILD_EXIT
+            code = cli.main(["distill", *argv])""" + CHILD_EXIT
 
 
 def run_jobs(jobs: list[list[Any]], cwd: Path) -> list[int]:

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import torch
 
-from hrm_vision.distill import Distiller, load_config
+from hrm_vision.train import Distiller, load_config
 
 GOLDEN = Path(__file__).parent / "golden" / "run.json"
 

@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNNER = """
 import sys, time
 from pathlib import Path
-from hrm_vision.distill import __main__ as cli
-from hrm_vision.distill.phases import DistillPhase
+from hrm_vision import cli
+from hrm_vision.train.trainer import DistillPhase
 marker, calls, original = Path(sys.argv[1]), [], DistillPhase.loss
 def loss(self, module, index, x):
     calls.append(1)
@@ -39,7 +39,7 @@ def loss(self, module, index, x):
         time.sleep(1.0)
     return original(self, module, index, x)
 DistillPhase.loss = loss
-sys.exit(cli.main(sys.argv[2:]))
+sys.exit(cli.main(["distill", *sys.argv[2:]]))
 """
 
 

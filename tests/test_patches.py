@@ -11,7 +11,6 @@ import torch
 from hrm_vision import patches
 from hrm_vision.evaluate import PatchPCA
 from hrm_vision.metrics import psnr as pooled_psnr
-from hrm_vision.objective import kl_per_element
 from hrm_vision.patches import (
     PatchWhitening,
     allocate_rate,
@@ -20,6 +19,7 @@ from hrm_vision.patches import (
     patch_vectors,
     posterior_kl,
 )
+from hrm_vision.train.loss import kl_per_element
 from hrm_vision.vae import LOGVAR_INIT, MinimalVAE, TeacherVAE
 
 

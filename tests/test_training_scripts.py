@@ -10,10 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from hrm_vision.distill.__main__ import config_from_args, main, setup_args
-from hrm_vision.evaluation.selfcheck import main as selfcheck_main
+from hrm_vision.cli import run_main
+from hrm_vision.train import command
+from hrm_vision.train.config import build_parser, config_from_args
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv: list[str]) -> int:
+    return run_main("hrm-vision distill", command, argv)
+
+
+def selfcheck_main(argv: list[str]) -> int:
+    """``training/test_distillation.py``'s ``main``."""
+    return runpy.run_path(str(ROOT / "training" / "test_distillation.py"))["main"](argv)
 TINY_FLAGS = ["--dataset", "photos", "--train-samples", "16", "--val-samples", "8",
               "--batch-size", "8", "--teacher-latent-dim", "16", "--teacher-base-channels", "8",
               "--teacher-blocks-per-stage", "1", "--student-latent-dim", "8",
@@ -25,7 +35,7 @@ class TestFlags:
         cfg_file = tmp_path / "c.json"
         cfg_file.write_text(json.dumps({"epochs": 9, "batch_size": 16, "learning_rate": 0.01,
                                         "teacher_cache": False}))
-        args = setup_args().parse_args(["--config", str(cfg_file), "--epochs", "2",
+        args = build_parser("x").parse_args(["--config", str(cfg_file), "--epochs", "2",
                                         "--lr", "0.005"])
         cfg = config_from_args(args)
         assert (cfg.epochs, cfg.learning_rate) == (2, 0.005)  # flags win
@@ -33,7 +43,7 @@ class TestFlags:
         assert cfg.kl_weight == 0.1  # default
 
     def test_short_flags_exist(self) -> None:
-        args = setup_args().parse_args(["--dataset", "photos", "--epochs", "3", "--batch-size",
+        args = build_parser("x").parse_args(["--dataset", "photos", "--epochs", "3", "--batch-size",
                                         "8", "--lr", "0.1", "--device", "cpu",
                                         "--checkpoint-dir", "x", "--no-teacher-cache",
                                         "--train-samples", "none"])

@@ -25,7 +25,7 @@ and write: for every *coder* (a model's ``decode(encode(x))``, or the cross-deco
 :func:`hrm_vision.evaluate.crop_baselines`, the pooled PSNR on each evaluation set; for the
 models also the rate, the KL of the posterior to N(0, I):
 
-* nats per number: the mean KL per latent number (:func:`hrm_vision.objective.gaussian_kl`);
+* nats per number: the mean KL per latent number (:func:`hrm_vision.train.loss.gaussian_kl`);
 * bits per pixel: ``nats_per_number * numbers / (H * W * ln 2)``, the rate of one crop spread
   over its ``H * W`` pixels (:func:`hrm_vision.patches.bits_per_pixel` counts 64 pixels per latent
   cell; a whole ``H x W`` crop is ``H * W / 64`` cells).
@@ -52,14 +52,14 @@ from torch import Tensor, nn
 
 from hrm_vision._extras import require
 from hrm_vision.data import crop_images
-from hrm_vision.distill import Distiller, load_config
-from hrm_vision.distill.config import DistillConfig
-from hrm_vision.distill.data import build_split, first_images
 from hrm_vision.evaluate import CROP_PCA_COEFFICIENTS, CROP_PCA_FIT, crop_baselines
 from hrm_vision.io import load
 from hrm_vision.metrics import psnr
-from hrm_vision.objective import gaussian_kl
 from hrm_vision.patches import PIXELS_PER_CELL, bits_per_pixel
+from hrm_vision.train import Distiller, load_config
+from hrm_vision.train.config import DistillConfig
+from hrm_vision.train.loss import gaussian_kl
+from hrm_vision.train.trainer import build_split, first_images
 from hrm_vision.vae import VAEBase
 
 #: The photograph of the unseen-sources set (bundled with matplotlib, the ``train`` extra).

@@ -5,14 +5,22 @@
     python training/distill_tinyvae.py --dataset cifar10 --epochs 100 --download
     torchrun --nproc_per_node 2 training/distill_tinyvae.py --dataset photos --device cpu
 
-A thin wrapper over :func:`hrm_vision.distill.__main__.main`; ``--help`` lists every flag. The
-module is imported by :func:`hrm_vision.cli.run_module`, so a missing optional dependency is one
-line naming the extra to install, like every other error the user can fix.
+The ``hrm-vision distill`` command (:func:`hrm_vision.train.command`); ``--help`` lists every
+flag. An expected failure (a bad config or checkpoint, a missing extra) is one line.
 """
 
 import sys
 
-from hrm_vision.cli import run_module
+from hrm_vision.cli import run_main
+
+PROG = "distill_tinyvae.py"
+
+
+def _command(argv: list[str] | None) -> int:
+    from hrm_vision.train import command  # imported under run_main: a missing extra is one line
+
+    return command(argv, prog=PROG)
+
 
 if __name__ == "__main__":
-    sys.exit(run_module("distill_tinyvae", "hrm_vision.distill.__main__"))
+    sys.exit(run_main(PROG, _command, sys.argv[1:]))

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hrm_vision.distill.config import read_json
-from hrm_vision.distill.state import BEST_METRIC
+from hrm_vision.train.config import read_json
+from hrm_vision.train.trainer import BEST_METRIC
 
 PROG = "training/runs.py"
 #: The fields of a ``history.json`` record this command reads, with their JSON types.
@@ -52,7 +52,7 @@ TEACHER_COLUMNS = ("psnr", "psnr_sample", "kl_per_element", "ssim")
 
 def best_record(history: list[dict[str, Any]], phase: str) -> dict[str, Any] | None:
     """The best ``phase`` epoch by the trainer's rule (what ``*_best.pth`` holds: the first
-    epoch no later epoch beats, see :data:`hrm_vision.distill.state.BEST_METRIC`)."""
+    epoch no later epoch beats, see :data:`hrm_vision.train.trainer.BEST_METRIC`)."""
     best = None
     for r in history:
         if r["phase"] == phase and (best is None

@@ -1,7 +1,7 @@
 """Each kind of bad input to the distiller's command line, and a runner that records what the
 user gets.
 
-Every case runs ``hrm_vision.distill.__main__.main`` (what ``training/distill_tinyvae.py`` runs) on
+Every case runs ``hrm-vision distill`` (what ``training/distill_tinyvae.py`` runs) on
 the tiny setup of :mod:`.tiny_run` with one thing broken, and records the exit status and all
 that was printed. ``tests/test_bad_input.py`` asserts that each message names its cause;
 ``python -m experiments.bad_inputs`` prints the table.
@@ -175,8 +175,7 @@ def nan_loss(calls: Callable[[int], bool] | None) -> Iterator[None]:
     if calls is None:
         yield
         return
-    from hrm_vision.distill.loop import PhaseLoop
-    from hrm_vision.distill.phases import DistillPhase
+    from hrm_vision.train.trainer import DistillPhase, PhaseLoop
 
     original, original_shares = DistillPhase.loss, PhaseLoop._term_shares
     counter = iter(range(10**9))
@@ -202,7 +201,7 @@ def nan_loss(calls: Callable[[int], bool] | None) -> Iterator[None]:
 
 def run_case(case: Case, base: Path, work: Path) -> tuple[int, str]:
     """Run the CLI on ``case``; (exit status, everything written to stdout and stderr)."""
-    from hrm_vision.distill.__main__ import main
+    from helpers.tiny_run import distill as main
 
     work.mkdir(parents=True, exist_ok=True)
     argv = [*prepare(base, case.epochs, checkpoint_dir=work / "ckpt", train_samples=TRAIN),

@@ -6,9 +6,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from hrm_vision.distill.data import DistContext
-from hrm_vision.distill.loop import PhaseLoop
-from hrm_vision.distill.phases import Phase
+from hrm_vision.train.trainer import DistContext, Phase, PhaseLoop
 
 
 def loop_with_messages(phase: Phase, ctx: DistContext, loader: DataLoader

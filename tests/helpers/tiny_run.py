@@ -21,6 +21,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from hrm_vision.train.config import DistillConfig
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "training" / "distill_tinyvae.py"
 
@@ -76,6 +78,26 @@ def prepare(workdir: str | Path, epochs: int, images: int = 48, batch_size: int 
     for key, value in options.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
     return argv
+
+
+def distill(argv: list[str]) -> int:
+    """``hrm-vision distill ARGV`` in this process: the command with the package's error path
+    (an expected failure is one line ``hrm-vision distill: error: ...`` and status 2)."""
+    from hrm_vision.cli import run_main
+    from hrm_vision.train import command
+
+    return run_main(PROG, command, argv)
+
+
+#: The name the command's messages start with.
+PROG = "hrm-vision distill"
+
+
+def config(argv: list[str]) -> DistillConfig:
+    """The config ``hrm-vision distill ARGV`` runs with."""
+    from hrm_vision.train.config import build_parser, config_from_args
+
+    return config_from_args(build_parser(PROG).parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:

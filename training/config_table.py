@@ -1,13 +1,15 @@
-"""The config-key table of ``docs/training.md``, generated from :class:`DistillConfig`.
+#!/usr/bin/env python
+"""The config-key table of ``docs/training.md`` (``make docs``), generated from
+:class:`DistillConfig`.
 
 Every field of the pydantic model becomes one row: JSON key, type, default (as JSON), allowed
 values or range, and the field's description. The page holds the table between two marker
 comments; ``tests/test_docs.py`` fails when the page and the model disagree (a field added,
 removed, retyped, re-defaulted or re-described), and this command rewrites it::
 
-    python -m hrm_vision.config_table                          # print the table
-    python -m hrm_vision.config_table --write docs/training.md  # update the page
-    python -m hrm_vision.config_table --check docs/training.md  # exit 1 if out of date
+    python training/config_table.py                          # print the table
+    python training/config_table.py --write docs/training.md  # update the page
+    python training/config_table.py --check docs/training.md  # exit 1 if out of date
 
 Fields whose type is itself a pydantic model are listed key by key, with dotted keys
 (``section.key``), as they are nested in the JSON config.
@@ -27,11 +29,11 @@ from typing import Any, Literal, NamedTuple
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from .distill.config import DistillConfig
+from hrm_vision.train.config import DistillConfig
 
 #: The table sits between these two lines of the page.
 START_MARKER = ("<!-- config-keys:start: generated from DistillConfig by "
-                "`python -m hrm_vision.config_table --write docs/training.md` -->")
+                "`python training/config_table.py --write docs/training.md` -->")
 END_MARKER = "<!-- config-keys:end -->"
 HEADER = ("| key | type | default | allowed | meaning |\n"
           "|---|---|---|---|---|")
@@ -160,7 +162,7 @@ def splice_table(page: str, table: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the table, or ``--write`` it into a page, or ``--check`` a page (exit 1 if stale)."""
-    parser = argparse.ArgumentParser(prog="python -m hrm_vision.config_table",
+    parser = argparse.ArgumentParser(prog="python training/config_table.py",
                                      description=__doc__.split("\n")[0])
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--write", type=Path, metavar="PAGE",
@@ -182,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check is not None:
         if current != table:
             print(f"{page_path}: the config-keys table is out of date; run "
-                  f"python -m hrm_vision.config_table --write {page_path}", file=sys.stderr)
+                  f"python training/config_table.py --write {page_path}", file=sys.stderr)
             return 1
         return 0
     if current != table:

@@ -13,7 +13,7 @@ receive the trainer and plain values; each callback does one thing:
   (console).
 
 Callbacks observe: the checkpoints and ``history.json`` are written by the training loop itself
-(:mod:`hrm_vision.distill.loop`), after the ``on_epoch_end`` hooks, ``*_last.pth`` last; so the
+(:mod:`hrm_vision.train.trainer`), after the ``on_epoch_end`` hooks, ``*_last.pth`` last; so the
 files of every callback, the user's included, are written before the epoch's commit.
 """
 
@@ -32,9 +32,9 @@ from ..io import atomic_write
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
 
-    from .phases import Phase
+    from .trainer import Phase
 
-#: What the hooks receive as ``trainer``: the running :class:`~hrm_vision.distill.Distiller`
+#: What the hooks receive as ``trainer``: the running :class:`~hrm_vision.train.Distiller`
 #: (read-only for callbacks: ``config``, ``out_dir``, ``history``, the models).
 Distiller = Any
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from hrm_vision.distill.config import ConfigError, DistillConfig, load_config, save_config
+from hrm_vision.train.config import ConfigError, DistillConfig, load_config, save_config
 
 
 class TestDefaults:
@@ -82,7 +82,7 @@ class TestNoDeadFields:
     ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
     def test_every_key_is_read_by_the_package(self) -> None:
-        pkg = self.ROOT / "hrm_vision" / "distill"
+        pkg = self.ROOT / "hrm_vision" / "train"
         source = "".join(p.read_text() for p in pkg.glob("*.py") if p.name != "config.py")
         unused = [k for k in DistillConfig.model_fields if f".{k}" not in source]
         assert not unused, f"config keys never read: {unused}"
@@ -142,7 +142,7 @@ class TestAbsurdValues:
         assert not new.exists()
 
     def test_defaults_and_the_largest_values_pass(self) -> None:
-        from hrm_vision.distill import config as c
+        from hrm_vision.train import config as c
 
         largest = {"epochs": c.MAX_EPOCHS, "batch_size": c.MAX_BATCH,
                    "num_workers": c.MAX_WORKERS, "image_size": c.MAX_IMAGE_SIZE,

@@ -1,8 +1,8 @@
-"""The distillation config: a pydantic model with ``extra="forbid"`` and range checks.
+"""The distillation config (pydantic, ``extra="forbid"``, range checks) and its flags.
 
-``DistillConfig`` carries the original JSON keys with their original defaults plus the settings
-the training loop needs. Every field is read somewhere in :mod:`hrm_vision.distill`;
-``docs/training.md`` documents each one (its table is generated from this model).
+Every field is read by :mod:`hrm_vision.train` and is a command-line flag (``--field-name``);
+``docs/training.md`` documents each one (its table is generated from this model by
+``experiments/config_table.py``).
 
 >>> cfg = load_config("my.json", overrides={"epochs": 3})   # flags override the file
 >>> save_config(cfg, "checkpoints/config.json")               # the effective config
@@ -10,8 +10,10 @@ the training loop needs. Every field is read somewhere in :mod:`hrm_vision.disti
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,8 +35,7 @@ Precision = Literal["auto", "off", "bf16", "fp16"]
 FreeBitsMode = Literal["total", "channel"]
 
 
-#: Upper bounds that catch absurd values (a typo, a unit mistake) before anything is allocated
-#: or started; far above anything this trainer is meant for.
+#: Upper bounds that catch absurd values (a typo, a unit mistake) before anything starts.
 MAX_IMAGE_SIZE = 4096
 MAX_CHANNELS = 4096  # latent sizes and base channel counts
 MAX_BLOCKS = 64  # residual blocks per teacher stage
@@ -51,7 +52,7 @@ class ConfigError(ValueError):
 class DistillConfig(BaseModel):
     """Everything a distillation run needs. Images are float RGB in [0, 1], NCHW.
 
-    Loss weights multiply the five terms of :class:`hrm_vision.distill.losses.DistillLoss`.
+    Loss weights multiply the five terms of :class:`hrm_vision.train.loss.DistillLoss`.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
@@ -242,3 +243,57 @@ def load_config(path: str | os.PathLike[str] | None = None,
 def save_config(config: DistillConfig, path: str | os.PathLike[str]) -> Path:
     """Write ``config`` as indented JSON (loadable by :func:`load_config`), atomically."""
     return write_json(config.model_dump(), path, indent=2)
+
+
+#: Short flag names that differ from the config field names.
+ALIASES = {"learning_rate": ["--lr"]}
+
+
+def _optional(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        return None if text.lower() in ("none", "null") else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    """``--config``, ``--resume``, ``--force-resume`` and one flag per config field. Flags
+    default to "not given": only the flags on the command line override ``--config FILE``."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Distil the TinyVAE (MinimalVAE) from a teacher VAE: pre-train the teacher if "
+                    "none is given or found, distil, write checkpoints, history and pictures.")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="JSON file of config keys; flags given here override it")
+    parser.add_argument("--resume", default=None, metavar="PATH|auto",
+                        help="continue from a *_last.pth checkpoint, or 'auto' for the latest "
+                             "in checkpoint_dir; the checkpoint's phase and models continue, "
+                             "into checkpoint_dir (its own folder or a new one)")
+    parser.add_argument("--force-resume", action="store_true",
+                        help="resume even when config fields that shape the run (models, data, "
+                             "batches, optimisation, loss) differ from the checkpoint's")
+    group = parser.add_argument_group("config keys (every key is described in docs/training.md)")
+    for name, field in DistillConfig.model_fields.items():
+        flags = [f"--{name.replace('_', '-')}", *ALIASES.get(name, [])]
+        help_text = (field.description or name) + f" (default: {field.default})"
+        args = typing.get_args(field.annotation)
+        optional = type(None) in args
+        base = next(a for a in args if a is not type(None)) if optional else field.annotation
+        if base is bool:
+            group.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_text)
+        elif typing.get_origin(base) is Literal:
+            group.add_argument(*flags, dest=name, choices=list(typing.get_args(base)),
+                               default=argparse.SUPPRESS, help=help_text)
+        else:
+            kind = base if base in (int, float, str) else str
+            group.add_argument(*flags, dest=name, type=_optional(kind) if optional else kind,
+                               default=argparse.SUPPRESS, metavar=name.upper(),
+                               help=help_text + (" ('none' for None)" if optional else ""))
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> DistillConfig:
+    """Defaults < ``--config`` file < flags given on the command line."""
+    given = {k: v for k, v in vars(args).items() if k in DistillConfig.model_fields}
+    return load_config(args.config, given)
