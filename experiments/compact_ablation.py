@@ -25,7 +25,7 @@ import compact_train  # puts training/ on the path, for training/compact.py
 import torch
 from compact import compact_table, markdown_table
 
-from hrm_vision.vae import CompactStudentVAE
+from hrm_vision.compact import CompactStudentVAE
 
 VARIANTS = ("pca", "dct", "nolinear", "plain")
 

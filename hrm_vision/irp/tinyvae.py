@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
+from ..compact import CompactStudentVAE
 from ..io import CheckpointError, load
-from ..vae import CompactStudentVAE, MinimalVAE
+from ..vae import MinimalVAE
 from .contract import IRPConfig, IRPPlugin, IRPState, hookimpl
 
 ChannelOrder = Literal["rgb", "bgr"]
