@@ -11,11 +11,10 @@ Images everywhere in this package are float tensors in [0, 1], NCHW, RGB.
 they are used.
 """
 
-__version__ = "0.1.0"
-
-from .compact import CompactStudentVAE, CompactTeacherVAE  # noqa: E402 (registers the pair)
-from .io import load, save  # noqa: E402
-from .vae import LatentAdapter, MinimalVAE, TeacherVAE  # noqa: E402
+from ._version import __version__
+from .compact import CompactStudentVAE, CompactTeacherVAE  # importing it registers the pair
+from .io import load, save
+from .vae import LatentAdapter, MinimalVAE, TeacherVAE
 
 __all__ = ["CompactStudentVAE", "CompactTeacherVAE", "LatentAdapter", "MinimalVAE",
            "TeacherVAE", "__version__", "load", "save"]

@@ -31,8 +31,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from . import __version__
 from ._extras import EXTRAS, MissingExtraError, missing_extra
+from ._version import __version__
 
 PROG = "hrm-vision"
 #: Failures that are the user's to fix (a file, a value, a missing extra): one line, status 2.

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import __version__
+from ._version import __version__
 from .compact import CompactVAE
 from .data import validation_images
 from .io import (

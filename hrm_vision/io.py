@@ -47,6 +47,7 @@ from typing import IO, TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from ._version import __version__
 from .vae import MODELS, LatentAdapter, VAEBase, build_model, model_name
 
 if TYPE_CHECKING:
@@ -600,8 +601,6 @@ def save(model: VAEBase, path: str | os.PathLike[str], role: str | None = None,
     ``ValueError`` for another suffix, a ``CheckpointError`` (nothing written) for a NaN or
     infinite weight."""
     from safetensors.torch import save as serialise
-
-    from . import __version__
 
     path = Path(path)
     if path.suffix != SAFETENSORS_SUFFIX:

@@ -56,7 +56,7 @@ def summarize_timings(seconds: list[float], batch_size: int) -> dict[str, float]
 
 def machine_info() -> dict[str, Any]:
     """CPU model, logical CPU count, load average (other jobs on a shared machine), versions."""
-    from . import __version__
+    from ._version import __version__
 
     cpu = platform.processor() or platform.machine()
     try:
