@@ -1,30 +1,23 @@
 """Files on disk: model weights, atomic writes, JSON, the one-writer folder lock, and the
 one-line form of errors about files and configs.
 
->>> model = hrm_vision.load("checkpoints/tinyvae_best.pth")       # doctest: +SKIP
->>> hrm_vision.save(model, "tinyvae.safetensors")                 # doctest: +SKIP
->>> model = hrm_vision.load("tinyvae.safetensors")                # doctest: +SKIP
-
-**Checkpoints** (``.pth``) are plain dicts of tensors, numbers, strings, lists and dicts
-(``torch.load`` reads them under the default ``weights_only=True``; every tensor on the CPU):
-``format_version`` (absent reads as 1, a newer one is refused) and per role (``"student"``,
-``"teacher"``) ``{role}_state_dict`` (no ``module.`` prefixes) and ``{role}_arch``
-(``{"name": <registry name>, **constructor kwargs}``); ``"adapter"`` holds the
-:class:`~hrm_vision.vae.LatentAdapter` (its arch has no name). The trainer adds its state.
-**Safetensors** files hold tensors (nothing is unpickled) and string metadata: ``arch``,
-``role``, ``images`` (:data:`IMAGE_CONVENTION`), ``format_version``, ``library``, and with an
-adapter ``adapter_arch`` (its tensors under ``adapter.``).
+**Checkpoints** (``.pth``, read with ``weights_only=True``) are dicts of CPU tensors, numbers,
+strings, lists and dicts: ``format_version`` (absent reads as 1, a newer one is refused) and per
+role (``"student"``, ``"teacher"``, ``"adapter"``) ``{role}_state_dict`` and ``{role}_arch``
+(``{"name": <registry name>, **constructor kwargs}``; the adapter's has no name).
+**Safetensors** files hold the tensors (the adapter's under ``adapter.``) and string metadata:
+``arch``, ``role``, ``images`` (:data:`IMAGE_CONVENTION`), ``format_version``, ``library`` and
+``adapter_arch``.
 
 **Loading checks**, before anything is built: a registered architecture whose integer arguments
-do not exceed the widest stored tensor, nesting of at most :data:`MAX_NESTING` levels, metadata
-of at most :data:`MAX_METADATA_CHARS` characters; then the model's exact keys, shapes (before a
-``.safetensors`` file's data is read) and dtypes, and finite values. Every problem is a
-:class:`CheckpointError` naming the file. Models load in eval mode on the CPU unless ``device``
-is given.
+do not exceed the widest stored tensor, at most :data:`MAX_NESTING` levels of nesting, at most
+:data:`MAX_METADATA_CHARS` characters of metadata; then exact keys, shapes (before a
+``.safetensors`` file's data is read), dtypes and finite values. Every problem is a
+:class:`CheckpointError` naming the file.
 
-**Writes** go through :func:`atomic_write` (temporary ``.{name}.XXXXXXXX.tmp`` beside the file,
-fsync, ``os.replace``, permissions ``0o666`` less the umask): a crash leaves the previous file
-or the new one; a failed write is an ``OSError`` naming the file, and leaves no temporary file.
+**Writes** (:func:`atomic_write`): a temporary ``.{name}.XXXXXXXX.tmp`` beside the file, fsync,
+``os.replace``, permissions ``0o666`` less the umask; a failed write is an ``OSError`` naming
+the file and leaves no temporary file.
 """
 
 from __future__ import annotations
@@ -145,35 +138,26 @@ def check_state_dict(state: Any, source: str) -> dict[str, Tensor]:
     return dict(state)
 
 
-def dtype_fits(stored: torch.dtype, model: torch.dtype) -> bool:
-    """A floating model tensor takes any floating dtype (cast: fp16/bf16 files load); any other
-    exactly its own (an integer or bool tensor is never a weight)."""
-    return stored.is_floating_point if model.is_floating_point else stored == model
-
-
 def _check_layout(module: nn.Module,
                   stored: Mapping[str, tuple[tuple[int, ...], torch.dtype | None]],
                   source: str) -> None:
     """A ``CheckpointError`` unless ``stored`` (name -> (shape, dtype or None: not checked))
-    has exactly the module's keys and shapes and fitting dtypes."""
+    has exactly the module's keys and shapes, and dtypes that fit: any floating dtype for a
+    floating tensor (cast on load), exactly its own for an integer or bool one."""
     own = module.state_dict()
-    missing = sorted(set(own) - set(stored))
-    unexpected = sorted(set(stored) - set(own))
-    mismatched = [f"{k}: checkpoint {stored[k][0]} vs model {tuple(v.shape)}"
-                  for k, v in own.items() if k in stored and stored[k][0] != tuple(v.shape)]
-    mistyped = [f"{k}: checkpoint {dtype} vs model {v.dtype}" for k, v in own.items()
-                if (dtype := stored.get(k, ((), None))[1]) is not None
-                and not dtype_fits(dtype, v.dtype)]
-    parts = []
-    if mistyped:
-        parts.append("wrong dtypes (floating weights must be stored as floats, integer "
-                     f"buffers as the same integers): {_listed(mistyped)}")
-    if mismatched:
-        parts.append(f"shape mismatches: {_listed(mismatched)}")
-    if missing:
-        parts.append(f"missing keys: {_listed(missing)}")
-    if unexpected:
-        parts.append(f"unexpected keys: {_listed(unexpected)}")
+    problems = {
+        "wrong dtypes (floating weights must be stored as floats, integer buffers as the same "
+        "integers)": [f"{k}: checkpoint {dtype} vs model {v.dtype}" for k, v in own.items()
+                      if (dtype := stored.get(k, ((), None))[1]) is not None
+                      and not (dtype.is_floating_point if v.is_floating_point()
+                               else dtype == v.dtype)],
+        "shape mismatches": [f"{k}: checkpoint {stored[k][0]} vs model {tuple(v.shape)}"
+                             for k, v in own.items()
+                             if k in stored and stored[k][0] != tuple(v.shape)],
+        "missing keys": sorted(set(own) - set(stored)),
+        "unexpected keys": sorted(set(stored) - set(own)),
+    }
+    parts = [f"{label}: {_listed(items)}" for label, items in problems.items() if items]
     if parts:
         raise CheckpointError(f"{source} does not fit {type(module).__name__}: "
                               + " | ".join(parts))
@@ -192,12 +176,6 @@ def check_fits(module: nn.Module, state: Any, source: str) -> dict[str, Tensor]:
 def load_state_checked(module: nn.Module, state: Any, source: str) -> None:
     """``module.load_state_dict(state)`` after :func:`check_fits`."""
     module.load_state_dict(check_fits(module, state, source))
-
-
-def widest_stored(shapes: Iterable[tuple[int, ...]]) -> int:
-    """The largest dimension of the stored tensors that hold values (an empty tensor of shape
-    ``(0, 200000)`` stores nothing and lifts nothing)."""
-    return max((d for s in shapes if math.prod(s) for d in s), default=0)
 
 
 def check_arch_sizes(kwargs: Mapping[str, Any], widest: int, source: str,
@@ -234,17 +212,14 @@ def check_adapter_arch(arch: Any, widest: int, source: str) -> dict[str, int | b
     """The constructor kwargs of a stored ``adapter_arch``: positive integer sizes
     (``student_dim``, ``teacher_dim``) within :func:`check_arch_sizes`, and optionally the bool
     ``vector``."""
-    if not isinstance(arch, Mapping):
+    sizes = {k: v for k, v in arch.items() if k != "vector"} if isinstance(arch, Mapping) else {}
+    if not sizes or not all(isinstance(k, str) and isinstance(v, int)
+                            and not isinstance(v, bool) and v >= 1 for k, v in sizes.items()):
         raise CheckpointError(f"{source}: adapter_arch {arch!r} must map names to positive "
                               "integer sizes")
     if not isinstance(arch.get("vector", False), bool):
         raise CheckpointError(f"{source}: adapter_arch 'vector' must be true or false, got "
                               f"{arch['vector']!r}")
-    sizes = {k: v for k, v in arch.items() if k != "vector"}
-    if not sizes or not all(isinstance(k, str) and isinstance(v, int)
-                            and not isinstance(v, bool) and v >= 1 for k, v in sizes.items()):
-        raise CheckpointError(f"{source}: adapter_arch {arch!r} must map names to positive "
-                              "integer sizes")
     check_arch_sizes(sizes, widest, source, label="adapter_arch")
     return dict(arch)
 
@@ -371,9 +346,14 @@ class FolderLock:
             except BlockingIOError:
                 holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
                 os.close(fd)
-                raise FolderLockedError(
-                    f"{self.folder} is in use by another process ({self._describe(holder)}); "
-                    "wait for it to finish, or use another folder") from None
+                try:
+                    info = json.loads(holder)
+                    holder = (f"pid {info['pid']} on {info['host']}, {info['purpose']} since "
+                              f"{info['started']}")
+                except (ValueError, KeyError, TypeError):
+                    holder = "holder unknown"
+                raise FolderLockedError(f"{self.folder} is in use by another process ({holder}); "
+                                        "wait for it to finish, or use another folder") from None
             except BaseException:
                 os.close(fd)
                 raise
@@ -387,15 +367,6 @@ class FolderLock:
         os.pwrite(fd, record + b"\n", 0)
         self._fd = fd
         return self
-
-    @staticmethod
-    def _describe(holder: str) -> str:
-        try:
-            info = json.loads(holder)
-            return (f"pid {info['pid']} on {info['host']}, {info['purpose']} since "
-                    f"{info['started']}")
-        except (ValueError, KeyError, TypeError):
-            return "holder unknown"
 
     def _is_current(self, fd: int) -> bool:
         """Whether ``fd`` is the file now at :attr:`path` (not one a releasing holder deleted)."""
@@ -456,22 +427,17 @@ def write_json(data: Any, path: str | os.PathLike[str], indent: int = 1) -> Path
 
 
 # ---------------------------------------------------------------------- checkpoints (.pth)
-def map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """``value`` with ``fn`` applied to every tensor inside its dicts, lists and tuples."""
-    if isinstance(value, Tensor):
-        return fn(value)
-    if isinstance(value, dict):
-        return {k: map_tensors(v, fn) for k, v in value.items()}
-    if isinstance(value, list):
-        return [map_tensors(v, fn) for v in value]
-    if isinstance(value, tuple):
-        return tuple(map_tensors(v, fn) for v in value)
-    return value
-
-
 def to_cpu(value: Any) -> Any:
-    """``value`` with every tensor detached and on the CPU (see :func:`map_tensors`)."""
-    return map_tensors(value, lambda t: t.detach().cpu())
+    """``value`` with every tensor inside its dicts, lists and tuples detached and on the CPU."""
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [to_cpu(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(to_cpu(v) for v in value)
+    return value
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -552,7 +518,8 @@ def _build(role: str, arch: Any, shapes: Mapping[str, tuple[int, ...]],
            source: str) -> nn.Module:
     """The ``role`` model rebuilt from its stored ``arch``, checked first against the stored
     ``shapes`` (:func:`check_arch` or :func:`check_adapter_arch`); the caller's RNG untouched."""
-    widest = widest_stored(shapes.values())
+    # an empty tensor of shape (0, 200000) stores nothing and lifts no limit
+    widest = max((d for s in shapes.values() if math.prod(s) for d in s), default=0)
     build: Callable[..., nn.Module]
     if role == ADAPTER_ROLE:
         kwargs: dict[str, Any] = check_adapter_arch(arch, widest, source)
@@ -570,9 +537,8 @@ def _build(role: str, arch: Any, shapes: Mapping[str, tuple[int, ...]],
 
 def model_from_payload(payload: dict[str, Any], role: str = "student",
                        source: str = "checkpoint") -> VAEBase | LatentAdapter:
-    """The ``role`` model (``"student"``, ``"teacher"`` or ``"adapter"``) of a loaded
-    checkpoint dict, checked (see the module docstring), in eval mode on the CPU. A role the
-    checkpoint does not hold is a ``CheckpointError`` listing the roles it has."""
+    """The ``role`` model of a loaded checkpoint dict, checked, in eval mode on the CPU; a
+    ``CheckpointError`` listing the roles it has when it lacks ``role``."""
     if f"{role}_state_dict" not in payload or f"{role}_arch" not in payload:
         raise CheckpointError(f"{source} has no {role!r} model (keys {role}_state_dict and "
                               f"{role}_arch); it holds: {roles_in(payload) or 'no models'}")
@@ -701,15 +667,10 @@ def _load_safetensors(path: Path, role: str) -> nn.Module:
 
 def load(path: str | os.PathLike[str], role: str = "student",
          device: str | torch.device | None = None) -> VAEBase | LatentAdapter:
-    """The ``role`` model stored at ``path``, in eval mode, on the CPU (or ``device``).
-
-    ``path``: a ``.safetensors`` file of :func:`save` (its VAE under its stored role, or the
-    adapter stored beside it), or any other suffix: a ``.pth`` checkpoint of this package
-    (``tinyvae_best.pth`` holds ``"student"``, ``"teacher"`` and ``"adapter"``). ``role``:
-    ``"student"``, ``"teacher"`` or ``"adapter"`` (the
-    :class:`~hrm_vision.vae.LatentAdapter`). Every problem is a :class:`CheckpointError`
-    naming the file (see the module docstring).
-    """
+    """The ``role`` model (``"student"``, ``"teacher"`` or ``"adapter"``, the
+    :class:`~hrm_vision.vae.LatentAdapter`) stored at ``path``, in eval mode, on the CPU (or
+    ``device``): a ``.safetensors`` file of :func:`save`, or any other suffix a ``.pth``
+    checkpoint. Every problem is a :class:`CheckpointError` naming the file."""
     path = Path(path)
     if path.suffix == SAFETENSORS_SUFFIX:
         model = _load_safetensors(path, role)
