@@ -1,22 +1,16 @@
-"""Datasets and image files. Every dataset yields ``(3, S, S)`` float RGB tensors in [0, 1].
+"""Datasets and image files. Every dataset keeps its images as uint8 and yields ``(3, S, S)``
+float RGB tensors in [0, 1], deterministic per index (the distiller caches the teacher's
+outputs). :func:`build_dataset` builds the ``"train"`` or ``"val"`` split of one of:
 
-``build_dataset(name, split, **options)`` returns a ``torch.utils.data.Dataset`` (``split``:
-``"train"`` or ``"val"``); the names are in :data:`DATASETS`:
-
-* ``photos``: the offline embedded dataset, crops of the natural photographs bundled in the
-  scikit-image wheel (never downloaded), split *by photograph*, deterministic for a seed
-  (needs the ``photos`` extra);
+* ``photos``: crops of the photographs bundled in the scikit-image wheel (never downloaded),
+  split *by photograph*, deterministic for a seed (needs the ``photos`` extra);
 * ``cifar10``: CIFAR-10 in torchvision's layout (``<data_dir>/cifar-10-batches-py/``), fetched
-  only with ``download=True`` (torchvision's downloader, MD5-checked). The batches are pickles:
-  they are read with an unpickler that only rebuilds numpy arrays (a tampered file cannot run
-  code) and each is checked for its shape;
+  only with ``download=True`` (MD5-checked); the batch pickles are read by an unpickler that
+  only rebuilds numpy arrays (a tampered file cannot run code), each checked for its shape;
 * ``imagefolder``: every image under a folder (recursive, hidden entries skipped), split by a
-  hash of its relative path and ``seed`` (stable when files are added), decoded once, centre
-  cropped and resized (needs the ``train`` extra). Undecodable files are skipped, counted
-  (``.skipped``) and logged with the reason; a folder with no readable image is an error.
-
-Items are deterministic per index (no random augmentation: the distiller caches the teacher's
-outputs). Every dataset keeps its images as uint8.
+  hash of its relative path and ``seed`` (stable when files are added), centre cropped and
+  resized once (needs the ``train`` extra). Undecodable files are skipped, kept in
+  ``.skipped`` and logged; a folder with no readable image is an error.
 
 **Image files** (:func:`read_image`, :func:`load_square_uint8`) are scaled by their bit depth:
 8-bit ``/ 255``, 16-bit (``I;16``, and ``I`` from PNG/PPM) ``/ 65535``, float files in [0, 1]
@@ -36,7 +30,7 @@ import os
 import pickle
 import stat
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -70,9 +64,7 @@ class UnsupportedImageError(ValueError):
 def max_pixels_default() -> int:
     """:data:`MAX_PIXELS`, or the positive integer in ``$HRM_VISION_MAX_IMAGE_PIXELS`` (anything
     else there is a ``ValueError``)."""
-    raw = os.environ.get(MAX_PIXELS_ENV)
-    if raw is None:
-        return MAX_PIXELS
+    raw = os.environ.get(MAX_PIXELS_ENV, str(MAX_PIXELS))
     try:
         value = int(raw)
     except ValueError:
@@ -415,16 +407,11 @@ def find_images(root: Path) -> list[str]:
     return sorted(found)
 
 
-def split_score(rel_path: str, seed: int) -> float:
-    """A number in [0, 1) fixed by ``(seed, rel_path)``; files below the val fraction are val."""
-    digest = hashlib.sha256(f"{seed}:{rel_path}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
-
-
 def split_files(files: list[str], val_fraction: float, seed: int) -> dict[str, list[str]]:
-    """``{"train": [...], "val": [...]}`` by hash score; each split gets at least one file
-    when there are two or more."""
-    scores = {f: split_score(f, seed) for f in files}
+    """``{"train": [...], "val": [...]}``: a file is val when a number in [0, 1) fixed by
+    ``(seed, path)`` is below ``val_fraction``; each split gets a file when there are two."""
+    scores = {f: int.from_bytes(hashlib.sha256(f"{seed}:{f}".encode()).digest()[:8], "big")
+              / 2.0 ** 64 for f in files}
     val = [f for f in files if scores[f] < val_fraction]
     train = [f for f in files if scores[f] >= val_fraction]
     if len(files) >= 2 and val_fraction > 0 and not val:
@@ -467,10 +454,9 @@ class ImageFolderImages(_Uint8Images):
             try:
                 arrays.append(load_square_uint8(self.root / rel, image_size,
                                                 purpose="the 'imagefolder' dataset"))
+                self.files.append(rel)
             except Exception as exc:  # PIL raises many types for broken files; all are skipped
                 self.skipped.append((rel, f"{type(exc).__name__}: {exc}".splitlines()[0]))
-                continue
-            self.files.append(rel)
         if self.skipped:
             shown = "; ".join(f"{rel}: {reason}" for rel, reason in self.skipped[:3])
             more = f" (+{len(self.skipped) - 3} more in .skipped)" if len(self.skipped) > 3 else ""
@@ -486,45 +472,23 @@ class ImageFolderImages(_Uint8Images):
         self.images_uint8 = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
-# ---------------------------------------------------------------------- registry
-DatasetFactory = Callable[..., Dataset]
-
-#: name -> factory(split, **options)
-DATASETS: dict[str, DatasetFactory] = {}
+# ---------------------------------------------------------------------- by name
+#: The names :func:`build_dataset` knows.
+DATASETS: tuple[str, ...] = ("cifar10", "imagefolder", "photos")
 
 
-def register_dataset(name: str) -> Callable[[DatasetFactory], DatasetFactory]:
-    """Decorator registering a dataset factory under ``name``."""
-
-    def deco(factory: DatasetFactory) -> DatasetFactory:
-        DATASETS[name] = factory
-        return factory
-
-    return deco
-
-
-@register_dataset("photos")
-def _photos(split: str, image_size: int = 32, seed: int = 0, **_: Any) -> Dataset:
-    return PhotoCrops(split, image_size=image_size, seed=seed)
-
-
-@register_dataset("cifar10")
-def _cifar10(split: str, image_size: int = 32, data_dir: str = "./data", download: bool = False,
-             **_: Any) -> Dataset:
-    return CIFAR10Images(split, data_dir=data_dir, image_size=image_size, download=download)
-
-
-@register_dataset("imagefolder")
-def _imagefolder(split: str, image_size: int = 32, seed: int = 0, data_dir: str = "./data",
-                 **_: Any) -> Dataset:
-    return ImageFolderImages(data_dir, split, image_size=image_size, seed=seed)
-
-
-def build_dataset(name: str, split: str, **options: Any) -> Dataset:
-    """The ``split`` ("train" or "val") of dataset ``name`` with dataset-specific ``options``."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
-    return DATASETS[name](split, **options)
+def build_dataset(name: str, split: str, image_size: int = 32, seed: int = 0,
+                  data_dir: str | Path = "./data", download: bool = False) -> _Uint8Images:
+    """The ``split`` ("train" or "val") of dataset ``name``: ``seed`` places the photo crops and
+    splits the image folder, ``data_dir`` holds CIFAR-10 or is the image folder, ``download``
+    fetches CIFAR-10."""
+    if name == "photos":
+        return PhotoCrops(split, image_size=image_size, seed=seed)
+    if name == "cifar10":
+        return CIFAR10Images(split, data_dir=data_dir, image_size=image_size, download=download)
+    if name == "imagefolder":
+        return ImageFolderImages(data_dir, split, image_size=image_size, seed=seed)
+    raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}")
 
 
 def validation_images(dataset: str, num_images: int, image_size: int,
@@ -534,9 +498,4 @@ def validation_images(dataset: str, num_images: int, image_size: int,
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     ds = build_dataset(dataset, split, image_size=image_size, data_dir=data_dir)
-    n = min(num_images, len(ds))  # type: ignore[arg-type]
-    return torch.stack([_image(ds[i]) for i in range(n)])
-
-
-def _image(item: Tensor | tuple[Tensor, ...]) -> Tensor:
-    return item[0] if isinstance(item, (tuple, list)) else item
+    return torch.stack([ds[i] for i in range(min(num_images, len(ds)))])
