@@ -1,13 +1,9 @@
 """Image-quality and latent-alignment metrics shared by training, evaluation and the IRP plugin.
 
-**PSNR is pooled over the whole set**: one mean squared error over every pixel of every image,
-then ``10 log10(1 / MSE)`` (images in [0, 1]). It is not the mean of per-image or per-batch PSNRs
-(which weighs well-reconstructed images more and depends on the batch size). Over batches, keep
-the sample-weighted mean of :func:`mse` and convert once with :func:`psnr_from_mse`; training
-validation and the evaluation command both do exactly that.
-
-SSIM comes from torchmetrics (mean over images); linear CKA (Kornblith et al., 2019) is a few
-lines of linear algebra that torchmetrics does not provide.
+**PSNR is pooled over the whole set**: ``10 log10(1 / MSE)`` of one mean squared error over every
+pixel of every image in [0, 1], not a mean of per-image or per-batch PSNRs. Over batches, keep
+the sample-weighted mean of :func:`mse` and convert once with :func:`psnr_from_mse`. SSIM comes
+from torchmetrics; linear CKA is Kornblith et al., 2019.
 """
 
 from __future__ import annotations
@@ -24,10 +20,8 @@ from .objective import gaussian_kl
 
 
 def mse(prediction: Tensor, target: Tensor) -> float:
-    """Mean squared error over every element, ``prediction`` clamped to [0, 1] first.
-
-    ``prediction, target``: images ``(B, 3, H, W)`` in [0, 1]. Accumulated in float64.
-    """
+    """Mean squared error (float64) over every element of images ``(B, 3, H, W)`` in [0, 1],
+    ``prediction`` clamped to [0, 1] first."""
     if prediction.shape != target.shape:
         raise ValueError(f"shapes differ: {tuple(prediction.shape)} vs {tuple(target.shape)}")
     diff = prediction.detach().double().clamp(0, 1) - target.detach().double()
@@ -53,12 +47,8 @@ def ssim(prediction: Tensor, target: Tensor) -> float:
 
 
 def linear_cka(a: Tensor, b: Tensor) -> float:
-    """Linear CKA between two sets of representations of the same N inputs.
-
-    ``a`` is (N, ...) and ``b`` is (N, ...); each is flattened to (N, features). Returns a value
-    in [0, 1]: 1 when one is an orthogonal transform and scaling of the other, near 0 when
-    unrelated. Needs N >= 2.
-    """
+    """Linear CKA in [0, 1] between representations ``a`` (N, ...) and ``b`` (N, ...) of the
+    same N >= 2 inputs: 1 when one is an orthogonal transform and scaling of the other."""
     if a.shape[0] != b.shape[0] or a.shape[0] < 2:
         raise ValueError(f"linear_cka needs the same N >= 2 rows, got {a.shape[0]}, {b.shape[0]}")
     x = a.reshape(a.shape[0], -1).double()

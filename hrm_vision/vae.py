@@ -5,18 +5,13 @@ student-to-teacher ``LatentAdapter`` and the model registry.
 >>> z = model.encode(images)   # (B, 3, H, W) in [0, 1], H, W divisible by 8 -> (B, 128, H/8, W/8)
 >>> x_hat = model.decode(z)    # (B, 3, H, W) in [0, 1]; model(images) -> VAEOutput
 
-Each model is the sum of two paths (residual autoencoding over a linear patch path), in the
-encoder and in the decoder: a **linear patch path** (8x8 patches -> whitened coefficients of a
-fixed basis, :class:`~hrm_vision.patches.PatchWhitening`, the DCT or after ``init_from_data``
-the patch PCA -> a learnable 1x1 convolution, see :func:`_spread`; with a fitted basis an
-untrained model *is* patch PCA), and **nonlinear stages** (PixelUnshuffle down, residual
-blocks, PixelShuffle up) whose last convolution starts at zero (SkipInit), so they learn what
-the linear path misses. Only ``Conv2d``, ``ReLU``, ``PixelShuffle``/``PixelUnshuffle``,
-additions and ``Clip`` (clean ONNX/TensorRT export, no normalisation to fold). The variance head
-starts at ``logvar = -4`` (about 2 nats per latent element); ``init_from_data`` re-allocates the
-same rate (:func:`~hrm_vision.patches.allocate_rate`). Reconstructions are clamped to [0, 1]
-(straight-through while training), not squashed by a sigmoid. ``docs/models.md`` has the
-measurements behind the design.
+Encoder and decoder are each a **linear patch path** (8x8 patches -> whitened coefficients,
+:class:`~hrm_vision.patches.PatchWhitening` -> a learnable 1x1 convolution; with a fitted basis
+an untrained model *is* patch PCA) plus **nonlinear stages** (PixelUnshuffle down, residual
+blocks, PixelShuffle up) whose last convolution starts at zero. Only ``Conv2d``, ``ReLU``,
+``PixelShuffle``/``PixelUnshuffle``, additions and ``Clip`` (clean ONNX/TensorRT export).
+``logvar`` starts at -4 (about 2 nats per element); reconstructions are clamped to [0, 1]
+(straight-through while training). ``docs/models.md`` has the measurements behind the design.
 """
 
 from __future__ import annotations
@@ -64,14 +59,12 @@ class ResBlock(nn.Module):
 
 
 def down(in_ch: int, out_ch: int, kernel: int = 1) -> nn.Sequential:
-    """Lossless x2 downsampling (PixelUnshuffle), then a convolution: ``(B, in, H, W) ->
-    (B, out, H/2, W/2)``."""
+    """PixelUnshuffle (lossless), then a convolution: ``(B, in, H, W) -> (B, out, H/2, W/2)``."""
     return nn.Sequential(nn.PixelUnshuffle(2), conv(4 * in_ch, out_ch, kernel))
 
 
 def up(in_ch: int, out_ch: int) -> nn.Sequential:
-    """Sub-pixel x2 upsampling: a 1x1 convolution to ``4 * out`` channels, then PixelShuffle:
-    ``(B, in, H, W) -> (B, out, 2H, 2W)``."""
+    """A 1x1 convolution, then PixelShuffle: ``(B, in, H, W) -> (B, out, 2H, 2W)``."""
     return nn.Sequential(conv(in_ch, 4 * out_ch, kernel=1), nn.PixelShuffle(2))
 
 
@@ -83,9 +76,8 @@ def clamp01(x: Tensor, straight_through: bool = False) -> Tensor:
 
 
 # ---------------------------------------------------------------------- registry
-#: Architecture names stored in checkpoints, mapped to their classes (filled by
-#: :func:`register_model`; the compact pair registers when :mod:`hrm_vision.compact` is
-#: imported, which ``import hrm_vision`` does).
+#: Architecture names stored in checkpoints -> classes (the compact pair registers when
+#: :mod:`hrm_vision.compact` is imported, which ``import hrm_vision`` does).
 MODELS: dict[str, type[VAEBase]] = {}
 _M = TypeVar("_M", bound="type[VAEBase]")
 
@@ -188,9 +180,7 @@ class VAEBase(nn.Module):
     """A convolutional VAE with a latent on a grid ``downsample_factor`` times smaller.
 
     Subclasses build ``self.encoder`` (image -> ``2 * latent_dim`` channels: mu then logvar) and
-    ``self.decoder`` (latent -> image logits) and record their constructor arguments in
-    ``self._arch`` (:meth:`arch_config`). Images: float in [0, 1], NCHW, RGB, H and W
-    divisible by 8.
+    ``self.decoder`` (latent -> image) and record their constructor arguments in ``self._arch``.
     """
 
     in_channels: int = 3
@@ -248,8 +238,7 @@ class VAEBase(nn.Module):
             raise ValueError(f"expected a float latent, got dtype {z.dtype}")
 
     def init_from_data(self, images: Tensor) -> None:
-        """Fit data-dependent parameters to training images ``(N, 3, H, W)`` in [0, 1], once on
-        a freshly built model (never on a resumed or loaded one); nothing to fit here."""
+        """Fit data-dependent parameters to training images ``(N, 3, H, W)`` in [0, 1]."""
         self._check_images(images)
 
     def posterior(self, x: Tensor) -> Posterior:
@@ -271,9 +260,8 @@ class VAEBase(nn.Module):
 
     @torch.no_grad()
     def decode_sample(self, x: Tensor, seed: int = 0) -> Tensor:
-        """``decode(z)`` of one posterior sample per image of ``x`` (B, C, H, W) in [0, 1], drawn
-        from a generator seeded with ``seed`` (the global streams are left alone): the
-        reconstruction the model's rate buys, same shape as ``x``, in [0, 1]."""
+        """``decode`` of one posterior sample per image of ``x`` (B, C, H, W) in [0, 1], drawn
+        with its own generator seeded with ``seed``: what the model's rate buys."""
         mu, logvar = self.posterior(x)
         gen = torch.Generator(device=mu.device).manual_seed(seed)
         noise = torch.randn(mu.shape, generator=gen, device=mu.device, dtype=mu.dtype)
@@ -294,13 +282,9 @@ class VAEBase(nn.Module):
 
 # ---------------------------------------------------------------------- the two VAEs
 def _spread(latent_dim: int, coefficients: int) -> tuple[Tensor, Tensor]:
-    """Initial 1x1 weights of the linear path: latent channel c carries coefficient
-    ``c mod coefficients``; the decoder averages the copies of each coefficient.
-
-    Returns (encoder ``(latent, coefficients, 1, 1)``, decoder ``(coefficients, latent, 1, 1)``).
-    A latent wider than the patch (the teacher's 512 > 192) holds the first coefficients two or
-    three times, so their copies average out the posterior noise.
-    """
+    """Initial 1x1 weights of the linear path, encoder ``(latent, coefficients, 1, 1)`` and
+    decoder ``(coefficients, latent, 1, 1)``: latent channel c carries coefficient ``c mod
+    coefficients``, the decoder averages the copies (the teacher's 512 > 192 channels)."""
     enc = torch.zeros(latent_dim, coefficients)
     enc[torch.arange(latent_dim), torch.arange(latent_dim) % coefficients] = 1.0
     dec = enc.T / enc.sum(0).clamp(min=1)[:, None]
@@ -388,9 +372,8 @@ class _PatchVAE(VAEBase):
 
     @torch.no_grad()
     def init_from_data(self, images: Tensor) -> None:
-        """Fit the patch basis of both paths to the PCA of ``images`` (N, 3, H, W) in [0, 1],
-        then re-allocate the rate of ``logvar = LOGVAR_INIT`` to the elements the decoder needs
-        (:func:`~hrm_vision.patches.allocated_logvar`)."""
+        """Fit the patch basis of both paths to the PCA of ``images`` (N, 3, H, W) in [0, 1], and
+        re-allocate the rate of ``logvar = LOGVAR_INIT`` (once, on a freshly built model)."""
         self._check_images(images)
         mean, components, variances = fit_patch_pca(images.float().cpu(), PATCH)
         for part in (self.encoder.patches, self.decoder.patches):
@@ -445,14 +428,10 @@ TinyVAE = MinimalVAE
 
 # ---------------------------------------------------------------------- the adapter
 class LatentAdapter(nn.Module):
-    """A linear map from student to teacher latent channels, trained with the student and saved
-    with it (``adapter_state_dict``/``adapter_arch``; ``hrm_vision.load(path, role="adapter")``).
-
-    Spatial latents: a per-location 1x1 convolution ``(B, student_dim, h, w) -> (B, teacher_dim,
-    h, w)`` (both VAEs share the H/8 x W/8 grid). Vector latents (``vector=True``, the compact
-    models): a fully connected layer ``(B, student_dim) -> (B, teacher_dim)``. So
-    ``teacher.decode(adapter(student.encode(x)))`` is the teacher's decoder reading the student.
-    """
+    """A linear map from student to teacher latents, trained and saved with the student
+    (``hrm_vision.load(path, role="adapter")``): a 1x1 convolution ``(B, student_dim, h, w) ->
+    (B, teacher_dim, h, w)``, or with ``vector=True`` (the compact models) a fully connected
+    layer ``(B, student_dim) -> (B, teacher_dim)``."""
 
     def __init__(self, student_dim: int = 128, teacher_dim: int = 512,
                  vector: bool = False) -> None:
@@ -476,9 +455,8 @@ class LatentAdapter(nn.Module):
 
     @torch.no_grad()
     def init_from_linear_paths(self, student: nn.Module, teacher: nn.Module) -> bool:
-        """Start as the student's linear decoder path followed by the teacher's linear encoder
-        path (student latent -> image -> teacher latent) when both models have one
-        (``linear_path()``) and the sizes fit. Returns whether it applied."""
+        """Start as the student's linear decoder path then the teacher's linear encoder path,
+        when both have one (``linear_path()``) and the sizes fit; returns whether it did."""
         if not (hasattr(student, "linear_path") and hasattr(teacher, "linear_path")):
             return False
         _, _, dec_w, dec_b = student.linear_path()
