@@ -13,12 +13,10 @@ outputs). :func:`build_dataset` builds the ``"train"`` or ``"val"`` split of one
   ``.skipped`` and logged; a folder with no readable image is an error.
 
 **Image files** (:func:`read_image`, :func:`load_square_uint8`) are scaled by their bit depth:
-8-bit ``/ 255``, 16-bit (``I;16``, and ``I`` from PNG/PPM) ``/ 65535``, float files in [0, 1]
-as they are; where the scale cannot be known (32-bit integers, floats outside [0, 1], NaN,
-multi-channel float TIFFs) the error says why (:class:`UnsupportedImageError`). Before decoding,
-a file must be a regular file (a FIFO would block) with at most ``max_pixels`` pixels in its
-header (default :data:`MAX_PIXELS`, ``$HRM_VISION_MAX_IMAGE_PIXELS``): a small file can declare
-a huge image. Pillow and tqdm are imported on first use.
+8-bit ``/ 255``, 16-bit (``I;16``, and ``I`` from PNG/PPM) ``/ 65535``, floats in [0, 1] as
+they are; an unknown scale (32-bit integers, floats outside [0, 1], NaN, multi-channel float
+TIFFs) is an error saying why. Only regular files with at most ``max_pixels`` pixels in their
+header (default :data:`MAX_PIXELS`, ``$HRM_VISION_MAX_IMAGE_PIXELS``) are decoded.
 """
 
 from __future__ import annotations
@@ -86,9 +84,9 @@ def is_high_depth(img: Any) -> bool:
 
 
 def single_channel_unit(img: Any, source: str = "image", fmt: str | None = None) -> np.ndarray:
-    """A high-depth single-channel PIL image as an ``(H, W)`` float32 array in [0, 1]; ``fmt``
-    (the file format Pillow reported) tells whether an ``I`` image holds 16-bit values. An
-    :class:`UnsupportedImageError` when the scale is unknown (see the module docstring)."""
+    """A high-depth single-channel PIL image as an ``(H, W)`` float32 array in [0, 1] (``fmt``,
+    the file format, tells whether an ``I`` image is 16-bit); :class:`UnsupportedImageError`
+    when the scale is unknown."""
     fmt = fmt or img.format
     if img.mode in MODES_16BIT:
         return np.asarray(img, dtype=np.float32) / 65535.0
@@ -115,13 +113,10 @@ def single_channel_unit(img: Any, source: str = "image", fmt: str | None = None)
 
 def open_image(path: str | os.PathLike[str], purpose: str = "reading images",
                max_pixels: int | None = None) -> tuple[Any, str | None]:
-    """Open ``path`` with Pillow: ``(image with EXIF orientation applied, file format)``.
-
-    ``max_pixels`` (default :func:`max_pixels_default`) bounds width x height, read from the
-    header before any pixel is decoded. Raises ``OSError`` for a missing, unreadable or
-    undecodable file (a hint for multi-channel float TIFFs), :class:`UnsupportedImageError` for
-    a file that is not regular or too large, ``ValueError`` for an image with no pixels.
-    """
+    """``(image with EXIF orientation applied, file format)`` of ``path``, opened with Pillow.
+    Raises ``OSError`` for a missing or undecodable file, :class:`UnsupportedImageError` for one
+    that is not regular or has more than ``max_pixels`` pixels (read from the header),
+    ``ValueError`` for an image with no pixels."""
     image, ops = _pil(purpose)
     path = Path(path)
     limit = max_pixels_default() if max_pixels is None else max_pixels
@@ -156,9 +151,8 @@ def open_image(path: str | os.PathLike[str], purpose: str = "reading images",
 
 def read_image(path: str | os.PathLike[str], purpose: str = "reading images",
                max_pixels: int | None = None) -> np.ndarray:
-    """``path`` as an ``(H, W, 3)`` float32 RGB array in [0, 1], scaled by its bit depth (see
-    the module docstring; grey is repeated over the three channels, alpha dropped). Raises what
-    :func:`open_image` and :func:`single_channel_unit` raise."""
+    """``path`` as an ``(H, W, 3)`` float32 RGB array in [0, 1], scaled by its bit depth (grey
+    repeated over the channels, alpha dropped)."""
     img, fmt = open_image(path, purpose, max_pixels)
     if is_high_depth(img):
         gray = single_channel_unit(img, str(path), fmt)
@@ -168,9 +162,8 @@ def read_image(path: str | os.PathLike[str], purpose: str = "reading images",
 
 def load_square_uint8(path: str | os.PathLike[str], image_size: int,
                       purpose: str = "reading images") -> np.ndarray:
-    """``path`` as an ``(S, S, 3)`` uint8 RGB array: centre-cropped square, resized (Lanczos).
-    8-bit files take exactly Pillow's uint8 path; 16-bit and float files are scaled to [0, 1]
-    first (as by :func:`read_image`), resized as floats, then rounded to 8 bits."""
+    """``path`` as an ``(S, S, 3)`` uint8 RGB array: centre-cropped square, resized (Lanczos);
+    16-bit and float files are scaled to [0, 1] and resized as floats, then rounded."""
     image, ops = _pil(purpose)
     img, fmt = open_image(path, purpose)
     size = (image_size, image_size)
@@ -251,16 +244,17 @@ def _rescaled(img: np.ndarray, scale: float) -> np.ndarray:
 
 def make_crops(photos: Sequence[str], num_crops: int, image_size: int, seed: int,
                scales: Sequence[float] = SCALES) -> Tensor:
-    """``num_crops`` random crops, ``(N, 3, image_size, image_size)`` uint8, spread evenly over
-    every (photo, scale) pair whose rescaled photo is at least ``image_size`` on each side."""
+    """``num_crops`` random crops ``(N, 3, S, S)`` uint8 of the named photos (see
+    :func:`crop_images`)."""
     return crop_images([load_photo(name) for name in photos], num_crops, image_size, seed,
                        scales, label=f"photo of {list(photos)}")
 
 
 def crop_images(images: Sequence[np.ndarray], num_crops: int, image_size: int, seed: int,
                 scales: Sequence[float] = SCALES, label: str = "image") -> Tensor:
-    """:func:`make_crops` of any (H, W, 3) uint8 RGB arrays ``images`` (``label`` names them in
-    the error raised when none is large enough)."""
+    """``num_crops`` random crops ``(N, 3, S, S)`` uint8 of (H, W, 3) uint8 ``images``, spread
+    evenly over every (image, scale) pair at least ``image_size`` on each side (``label`` names
+    them in the error when there is none)."""
     rng = np.random.default_rng(seed)
     sources = []
     for img in images:
@@ -285,12 +279,8 @@ def crop_images(images: Sequence[np.ndarray], num_crops: int, image_size: int, s
 
 
 class PhotoCrops(_Uint8Images):
-    """Crops of scikit-image's bundled photographs; items are (3, S, S) float RGB in [0, 1].
-
-    ``split``: ``"train"`` (photos not in ``val_photos``) or ``"val"`` (``val_photos``);
-    ``num_crops`` defaults to 16384 for train and 1024 for val; ``seed`` places the crops (the
-    validation seed is offset so the two splits never share one).
-    """
+    """Crops of scikit-image's photographs: ``"val"`` of ``val_photos``, ``"train"`` of the
+    others; ``num_crops`` 16384 (train) or 1024 (val) by default, placed by ``seed``."""
 
     def __init__(self, split: str = "train", image_size: int = 32, num_crops: int | None = None,
                  seed: int = 0, val_photos: Sequence[str] = VAL_PHOTOS) -> None:
@@ -364,10 +354,8 @@ def ensure_files(root: Path, files: tuple[str, ...], download: bool) -> None:
 
 
 class CIFAR10Images(_Uint8Images):
-    """CIFAR-10 images (labels unused); items are ``(3, S, S)`` float RGB in [0, 1]: the 50000
-    training images (``"train"``) or the 10000 test images (``"val"``) from ``data_dir``,
-    resized (bilinear, antialiased) when ``image_size`` is not 32, downloaded only with
-    ``download``."""
+    """The 50000 training (``"train"``) or 10000 test (``"val"``) CIFAR-10 images in
+    ``data_dir``, resized (bilinear, antialiased) when ``image_size`` is not 32."""
 
     def __init__(self, split: str = "train", data_dir: str | Path = "./data",
                  image_size: int = CIFAR_SIZE, download: bool = False) -> None:
@@ -424,12 +412,9 @@ def split_files(files: list[str], val_fraction: float, seed: int) -> dict[str, l
 
 
 class ImageFolderImages(_Uint8Images):
-    """Images under ``root`` (recursively); items are ``(3, S, S)`` float RGB in [0, 1].
-
-    ``seed`` changes which files are held out for validation (about ``val_fraction`` of them).
+    """Images under ``root`` (recursively), about ``val_fraction`` of them held out by ``seed``.
     ``files``: relative paths of the images kept, in item order; ``skipped``: ``(relative path,
-    reason)`` of the files of this split that could not be read.
-    """
+    reason)`` of the files of this split that could not be read."""
 
     def __init__(self, root: str | Path, split: str = "train", image_size: int = 32,
                  seed: int = 0, val_fraction: float = VAL_FRACTION) -> None:

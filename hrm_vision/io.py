@@ -80,6 +80,13 @@ def _listed(items: list[str]) -> str:
     return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
 
 
+def _children(value: Any) -> Iterable[tuple[Any, Any]] | None:
+    """The ``(key, item)`` pairs of a dict, list or tuple; None for anything else."""
+    if isinstance(value, dict):
+        return value.items()
+    return enumerate(value) if isinstance(value, (list, tuple)) else None
+
+
 def check_nesting(value: Any, source: str, limit: int = MAX_NESTING) -> None:
     """A ``CheckpointError`` when the lists, tuples and dicts of ``value`` nest more than
     ``limit`` levels; walks without recursion (a file nesting 100,000 levels is refused before
@@ -87,32 +94,20 @@ def check_nesting(value: Any, source: str, limit: int = MAX_NESTING) -> None:
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, dict):
-            children: Any = item.values()
-        elif isinstance(item, (list, tuple)):
-            children = item
-        else:
-            continue
-        if depth >= limit:
+        children = _children(item)
+        if children is not None and depth >= limit:
             raise CheckpointError(f"{source} is nested too deep: more than {limit} levels of "
                                   "lists and dicts (a crafted or corrupt file?)")
-        stack.extend((child, depth + 1) for child in children)
+        stack.extend((child, depth + 1) for _, child in children or ())
 
 
 def non_finite_tensors(value: Any, prefix: str = "") -> list[str]:
     """The ``a.b.c`` paths (through dicts, lists and tuples) of every floating-point tensor in
     ``value`` holding a NaN or an infinity."""
     if isinstance(value, Tensor):
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            return [prefix or "<tensor>"]
-        return []
-    if isinstance(value, dict):
-        items: Any = value.items()
-    elif isinstance(value, (list, tuple)):
-        items = enumerate(value)
-    else:
-        return []
-    return [bad for k, v in items
+        finite = not value.is_floating_point() or bool(torch.isfinite(value).all())
+        return [] if finite else [prefix or "<tensor>"]
+    return [bad for k, v in _children(value) or ()
             for bad in non_finite_tensors(v, f"{prefix}.{k}" if prefix else str(k))]
 
 
@@ -180,8 +175,8 @@ def load_state_checked(module: nn.Module, state: Any, source: str) -> None:
 
 def check_arch_sizes(kwargs: Mapping[str, Any], widest: int, source: str,
                      label: str = "architecture") -> None:
-    """Refuse integer architecture arguments outside ``[0, min(widest, MAX_ARCH_INT)]`` before
-    anything is built: no size of these models exceeds the widest stored tensor."""
+    """Refuse integer arguments outside ``[0, min(widest, MAX_ARCH_INT)]``: no size of these
+    models exceeds the widest stored tensor."""
     limit = min(widest, MAX_ARCH_INT)
     for key, value in kwargs.items():
         if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= limit:
@@ -225,8 +220,7 @@ def check_adapter_arch(arch: Any, widest: int, source: str) -> dict[str, int | b
 
 
 def check_format_version(version: Any, source: str) -> int:
-    """``version`` (a file's ``format_version``) when this package reads it; a
-    ``CheckpointError`` for a newer or malformed one."""
+    """A file's ``format_version``; a ``CheckpointError`` for a newer or malformed one."""
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise CheckpointError(f"{source}: format_version must be a positive integer, "
                               f"got {version!r}")
@@ -280,9 +274,8 @@ def current_umask() -> int:
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> Path:
     """Call ``write(f)`` on a temporary binary file next to ``path`` (parents created), fsync it
-    and move it into place with ``os.replace``; returns ``path``. On any failure the temporary
-    file is removed and ``path`` is untouched; an ``OSError`` behind it (no space, read-only
-    folder, even wrapped by ``write``) is raised again with its errno, naming ``path``."""
+    and ``os.replace`` it onto ``path``; returns ``path``. On a failure ``path`` is untouched
+    and an ``OSError`` behind it (even wrapped by ``write``) is raised again naming ``path``."""
     path = Path(path)
     tmp: str | None = None
     try:
@@ -314,9 +307,8 @@ class FolderLockedError(OSError):
 class FolderLock:
     """An exclusive lock on ``folder`` for one writer, from :meth:`acquire` (or ``with``) to
     :meth:`release`: ``fcntl.flock`` on ``folder/.lock``, which records the holder's pid, host and
-    start time for the :class:`FolderLockedError` another process gets. The kernel drops the lock
-    of a holder that dies, so there is never a stale lock. :meth:`release` deletes the file while
-    still locked, so :meth:`acquire` checks that the file it locked is still the one there."""
+    start time for the :class:`FolderLockedError` another process gets; the kernel drops the lock
+    of a holder that dies."""
 
     NAME = ".lock"
 
@@ -485,9 +477,8 @@ def _torch_reason(exc: Exception) -> str:
 
 def load_checkpoint(path: str | os.PathLike[str],
                     map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A checkpoint dict loaded with ``weights_only=True`` (a pickled object is refused, saying
-    so), its nesting (:func:`check_nesting`) and ``format_version`` checked; every failure is a
-    ``CheckpointError`` naming the file."""
+    """A checkpoint dict loaded with ``weights_only=True``, its nesting and ``format_version``
+    checked; every failure is a ``CheckpointError`` naming the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -516,8 +507,8 @@ def roles_in(payload: dict[str, Any]) -> list[str]:
 
 def _build(role: str, arch: Any, shapes: Mapping[str, tuple[int, ...]],
            source: str) -> nn.Module:
-    """The ``role`` model rebuilt from its stored ``arch``, checked first against the stored
-    ``shapes`` (:func:`check_arch` or :func:`check_adapter_arch`); the caller's RNG untouched."""
+    """The ``role`` model rebuilt from its stored ``arch`` checked against the stored ``shapes``,
+    the caller's RNG untouched."""
     # an empty tensor of shape (0, 200000) stores nothing and lifts no limit
     widest = max((d for s in shapes.values() if math.prod(s) for d in s), default=0)
     build: Callable[..., nn.Module]
@@ -561,10 +552,9 @@ def adapter_from_payload(payload: dict[str, Any], source: str = "checkpoint"
 # ---------------------------------------------------------------------- safetensors
 def save(model: VAEBase, path: str | os.PathLike[str], role: str | None = None,
          adapter: nn.Module | None = None) -> Path:
-    """Write ``model``'s weights and architecture (and ``adapter``'s) to a ``.safetensors`` file,
-    atomically; ``role`` defaults to ``"student"`` or ``"teacher"`` by the model's class. A
-    ``ValueError`` for another suffix, a ``CheckpointError`` (nothing written) for a NaN or
-    infinite weight."""
+    """Write ``model``'s (and ``adapter``'s) weights and architecture to a ``.safetensors`` file,
+    atomically, under ``role`` (default ``"student"``, ``"teacher"`` for a teacher). A
+    ``ValueError`` for another suffix, a ``CheckpointError`` for a NaN or infinite weight."""
     from safetensors.torch import save as serialise
 
     from . import __version__
