@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .patches import allocated_logvar, dct_rows
-from .vae import LOGVAR_INIT, ResBlock, VAEBase, conv, down, register_model, up, zero_conv
+from .vae import LOGVAR_INIT, ResBlock, VAEBase, down, register_model, up, zero_conv
 
 #: Side of the feature map at the bottom of both branches (image_size / 16 for 64x64 crops).
 BOTTOM = 4
@@ -112,9 +112,7 @@ class CompactEncoder(_CropCoder):
     def __init__(self, basis: CropBasis, widths: list[int], latent_dim: int,
                  blocks: int) -> None:
         super().__init__(basis, latent_dim)
-        channels = basis.shape[0]
-        stages: list[nn.Module] = [nn.Sequential(nn.PixelUnshuffle(2),
-                                                 conv(4 * channels, widths[0]))]
+        stages: list[nn.Module] = [down(basis.shape[0], widths[0], kernel=3)]
         for prev, w in zip(widths[:-1], widths[1:], strict=True):
             stages.append(nn.Sequential(nn.ReLU(), down(prev, w),
                                         *(ResBlock(w) for _ in range(blocks))))

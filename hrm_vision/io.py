@@ -314,12 +314,9 @@ class FolderLock:
 
     def __init__(self, folder: str | os.PathLike[str], purpose: str = "writing") -> None:
         self.folder = Path(folder)
+        self.path = self.folder / self.NAME
         self.purpose = purpose
         self._fd: int | None = None
-
-    @property
-    def path(self) -> Path:
-        return self.folder / self.NAME
 
     @property
     def held(self) -> bool:
@@ -349,9 +346,12 @@ class FolderLock:
             except BaseException:
                 os.close(fd)
                 raise
-            if self._is_current(fd):
-                break
-            os.close(fd)  # a releasing holder deleted the file after we opened it: open anew
+            # release() deletes the file while locked: lock again unless ours is still there
+            with contextlib.suppress(FileNotFoundError):
+                now, mine = os.stat(self.path), os.fstat(fd)
+                if (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino):
+                    break
+            os.close(fd)
         record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                              "purpose": self.purpose}).encode()
@@ -359,15 +359,6 @@ class FolderLock:
         os.pwrite(fd, record + b"\n", 0)
         self._fd = fd
         return self
-
-    def _is_current(self, fd: int) -> bool:
-        """Whether ``fd`` is the file now at :attr:`path` (not one a releasing holder deleted)."""
-        try:
-            now = os.stat(self.path)
-        except FileNotFoundError:
-            return False
-        mine = os.fstat(fd)
-        return (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino)
 
     def release(self) -> None:
         if self._fd is not None:
@@ -388,12 +379,11 @@ class FolderLock:
         processes left in the folder; only the lock's holder may (a ``RuntimeError`` else)."""
         if self._fd is None:
             raise RuntimeError(f"remove_stale_temporaries needs the lock on {self.folder}")
-        removed = []
-        for entry in self.folder.iterdir():
-            if TEMPORARY_NAME.match(entry.name) and entry.is_file():
-                entry.unlink(missing_ok=True)
-                removed.append(entry)
-        return sorted(removed)
+        removed = sorted(entry for entry in self.folder.iterdir()
+                         if TEMPORARY_NAME.match(entry.name) and entry.is_file())
+        for entry in removed:
+            entry.unlink(missing_ok=True)
+        return removed
 
 
 def write_text(text: str, path: str | os.PathLike[str]) -> Path:

@@ -113,8 +113,8 @@ def build_model(name: str, **arch: Any) -> VAEBase:
 
 @torch.no_grad()
 def count_macs(model: VAEBase, height: int = 32, width: int = 32, part: str = "both") -> int:
-    """Multiply-accumulates for one ``height x width`` image (``part``: encode/decode/both),
-    counted by PyTorch's ``FlopCounterMode`` (FLOPs / 2; convolutions and matmuls only)."""
+    """Multiply-accumulates of convolutions and matmuls for one ``height x width`` image
+    (``part``: encode/decode/both): PyTorch's ``FlopCounterMode`` FLOPs / 2."""
     if part not in ("encode", "decode", "both"):
         raise ValueError(f"part must be 'encode', 'decode' or 'both', got {part!r}")
     was_training = model.training
@@ -132,8 +132,8 @@ def count_macs(model: VAEBase, height: int = 32, width: int = 32, part: str = "b
 
 
 def summary_rows(size: int = 32) -> list[dict[str, object]]:
-    """One row per registered model at its defaults: parameters, latent shape, MACs for a
-    ``size x size`` image (a compact model: for its own crop size)."""
+    """Parameters, latent shape and MACs of each registered model at its defaults, for a ``size
+    x size`` image (a compact model: its own crop size)."""
     rows = []
     for name, cls in MODELS.items():
         model = cls()
@@ -159,9 +159,8 @@ class Posterior(NamedTuple):
 
 
 class VAEOutput(NamedTuple):
-    """What ``forward`` returns: ``reconstruction`` ``(B, 3, H, W)`` in [0, 1]; ``mu``,
-    ``logvar`` ``(B, latent_dim, H/8, W/8)``; ``z`` the decoded latent (a sample in training
-    mode or with ``sample=True``, else ``mu``)."""
+    """``forward``'s result: ``reconstruction`` ``(B, 3, H, W)`` in [0, 1]; ``mu``, ``logvar``
+    and ``z`` (a sample in training mode or with ``sample=True``, else ``mu``) like a latent."""
 
     reconstruction: Tensor
     mu: Tensor
@@ -292,9 +291,8 @@ def _spread(latent_dim: int, coefficients: int) -> tuple[Tensor, Tensor]:
 
 
 class Encoder(nn.Module):
-    """Image ``(B, 3, H, W)`` in [0, 1] -> ``(B, 2 * latent_dim, H/8, W/8)`` (mu, then logvar):
-    ``mu = linear(patches(x)) + mu_head(stages(x))``, ``logvar = logvar_head(stages(x))``; the
-    first three stages each halve the resolution."""
+    """Image ``(B, 3, H, W)`` in [0, 1] -> ``(B, 2 * latent_dim, H/8, W/8)``: ``mu =
+    linear(patches(x)) + mu_head(h)``, ``logvar = logvar_head(h)``, ``h = stages(x)``."""
 
     def __init__(self, widths: list[int], latent_dim: int, blocks: int) -> None:
         super().__init__()
@@ -303,13 +301,9 @@ class Encoder(nn.Module):
         with torch.no_grad():
             self.linear.weight.copy_(_spread(latent_dim, self.patches.dim)[0])
         stages: list[nn.Module] = []
-        for i, w in enumerate(widths):
-            if i == 0:
-                entry: nn.Module = nn.Sequential(nn.PixelUnshuffle(2), conv(12, w))
-            elif i < 3:
-                entry = down(widths[i - 1], w)
-            else:  # stages after the third stay on the H/8 grid
-                entry = conv(widths[i - 1], w)
+        for i, (prev, w) in enumerate(zip([3, *widths[:-1]], widths, strict=True)):
+            # a 3x3 convolution first; stages after the third stay on the H/8 grid
+            entry = down(prev, w, kernel=3 if i == 0 else 1) if i < 3 else conv(prev, w)
             stages.append(nn.Sequential(entry, *(ResBlock(w) for _ in range(blocks))))
         self.stages = nn.ModuleList(stages)
         self.mu_head = nn.Sequential(nn.ReLU(), zero_conv(widths[-1], latent_dim))
@@ -334,8 +328,7 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     """Latent ``(B, latent_dim, h, w)`` -> image ``(B, 3, 8h, 8w)`` (unclamped):
-    ``patches(linear(z)) + out(stages(z))``, the stages mirroring the encoder's, the last three
-    each doubling the resolution, ``out`` (zero at the start) to RGB through a PixelShuffle."""
+    ``patches(linear(z)) + out(stages(z))``, the stages mirroring the encoder's."""
 
     def __init__(self, widths: list[int], latent_dim: int, blocks: int) -> None:
         super().__init__()
@@ -345,13 +338,9 @@ class Decoder(nn.Module):
             self.linear.weight.copy_(_spread(latent_dim, self.patches.dim)[1])
         rev = widths[::-1]
         stages: list[nn.Module] = []
-        for i, w in enumerate(rev):
-            if i == 0:
-                entry: nn.Module = conv(latent_dim, w)
-            elif i < len(rev) - 2:  # extra stages stay on the H/8 grid
-                entry = conv(rev[i - 1], w)
-            else:
-                entry = up(rev[i - 1], w)
+        for i, (prev, w) in enumerate(zip([latent_dim, *rev[:-1]], rev, strict=True)):
+            # the last two stages double the resolution, the others stay on the H/8 grid
+            entry = up(prev, w) if i > 0 and i >= len(rev) - 2 else conv(prev, w)
             stages.append(nn.Sequential(entry, *(ResBlock(w) for _ in range(blocks))))
         self.stages = nn.Sequential(*stages)
         self.out = nn.Sequential(nn.ReLU(), zero_conv(widths[0], 12), nn.PixelShuffle(2))
@@ -385,10 +374,9 @@ class _PatchVAE(VAEBase):
 
     @torch.no_grad()
     def linear_path(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The linear paths as affine maps between a flattened 8x8 patch (192 numbers in
-        PixelUnshuffle order, pixels in [0, 1]) and the latent at its grid position:
-        ``(enc_weight (L, 192), enc_bias (L,), dec_weight (192, L), dec_bias (192,))`` with
-        ``z = enc_weight @ patch + enc_bias`` and ``patch = dec_weight @ z + dec_bias``."""
+        """The linear paths as affine maps between a flattened 8x8 patch (PixelUnshuffle order) and
+        the latent at its position: ``(enc_weight (L, 192), enc_bias (L,), dec_weight (192, L),
+        dec_bias (192,))``."""
         ea, eb = self.encoder.patches.weight[:, :, 0, 0], self.encoder.patches.bias
         el = self.encoder.linear.weight[:, :, 0, 0]
         ds, db = self.decoder.patches.weight[:, :, 0, 0], self.decoder.patches.bias
@@ -398,12 +386,9 @@ class _PatchVAE(VAEBase):
 
 @register_model("teacher")
 class TeacherVAE(_PatchVAE):
-    """The teacher: 4 stages, a 4x4x512 latent for 32x32 images (~10M parameters).
-
-    Stage widths ``base_channels * (1, 2, 4, 5)`` at 1/2, 1/4, 1/8, 1/8 resolution with
-    ``blocks_per_stage`` residual blocks each; the linear path keeps all 192 coefficients of an
-    8x8 RGB patch (lossless at initialisation).
-    """
+    """The teacher (~10M parameters): stage widths ``base_channels * (1, 2, 4, 5)`` at 1/2,
+    1/4, 1/8, 1/8 resolution, ``blocks_per_stage`` residual blocks each; a 4x4x512 latent for
+    32x32 images."""
 
     def __init__(self, latent_dim: int = 512, base_channels: int = 64,
                  blocks_per_stage: int = 1) -> None:
