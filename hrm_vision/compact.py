@@ -21,10 +21,8 @@ from torch import Tensor, nn
 from .patches import allocated_logvar, dct_rows
 from .vae import LOGVAR_INIT, ResBlock, VAEBase, down, register_model, up, zero_conv
 
-#: Side of the feature map at the bottom of both branches (image_size / 16 for 64x64 crops).
-BOTTOM = 4
-#: Crops fitted by :meth:`CompactVAE.init_from_data` at most (the PCA uses their Gram matrix).
-MAX_FIT_IMAGES = 4096
+BOTTOM = 4  #: side of the feature map at the bottom of both branches
+MAX_FIT_IMAGES = 4096  #: crops fitted by ``init_from_data`` at most (their Gram matrix)
 
 
 def crop_dct_basis(channels: int, size: int, count: int) -> tuple[Tensor, Tensor]:

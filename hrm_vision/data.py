@@ -45,14 +45,10 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------- image files
-#: Pillow modes holding 16-bit unsigned integers.
-MODES_16BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
-#: Pillow formats whose ``I`` mode holds values scaled to 16 bits.
-I_MODE_16BIT_FORMATS = frozenset({"PNG", "PPM"})
-#: Default largest pixel count (width x height) of an image file that is decoded.
-MAX_PIXELS = 50_000_000
-#: Environment variable that replaces :data:`MAX_PIXELS` (a positive integer).
-MAX_PIXELS_ENV = "HRM_VISION_MAX_IMAGE_PIXELS"
+MODES_16BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})  #: Pillow's 16-bit modes
+I_MODE_16BIT_FORMATS = frozenset({"PNG", "PPM"})  #: formats whose ``I`` mode holds 16 bits
+MAX_PIXELS = 50_000_000  #: default largest width x height of an image file that is decoded
+MAX_PIXELS_ENV = "HRM_VISION_MAX_IMAGE_PIXELS"  #: replaces :data:`MAX_PIXELS`
 
 
 class UnsupportedImageError(ValueError):
@@ -196,8 +192,7 @@ def _check_split(split: str, image_size: int) -> None:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
 
 
-#: What the missing-extra message says needs scikit-image and pillow.
-_PURPOSE = "the 'photos' dataset"
+_PURPOSE = "the 'photos' dataset"  #: what the missing-extra message names
 
 #: Natural photographs bundled in the scikit-image wheel (grey ones are repeated to RGB).
 #: ``motorcycle`` is the left view of ``stereo_motorcycle``.
@@ -206,12 +201,9 @@ PHOTOS: tuple[str, ...] = (
     "gravel", "hubble_deep_field", "immunohistochemistry", "moon", "motorcycle", "page",
     "retina", "rocket", "text",
 )
-#: Photographs held out for validation by default (two colour, one grey).
-VAL_PHOTOS: tuple[str, ...] = ("coffee", "rocket", "camera")
-#: Rescaling factors applied to each photograph before cropping.
-SCALES: tuple[float, ...] = (1.0, 0.5, 0.25)
-#: Crops whose pixel standard deviation (in [0, 1] units) is below this are rejected.
-MIN_CROP_STD = 0.03
+VAL_PHOTOS: tuple[str, ...] = ("coffee", "rocket", "camera")  #: held out by default
+SCALES: tuple[float, ...] = (1.0, 0.5, 0.25)  #: rescaling factors of a photo before cropping
+MIN_CROP_STD = 0.03  #: crops with a lower pixel standard deviation are rejected
 
 
 def load_photo(name: str) -> np.ndarray:
@@ -341,9 +333,8 @@ def ensure_files(root: Path, files: tuple[str, ...], download: bool) -> None:
             f"CIFAR-10 not found in {root / BATCH_DIR} (missing {', '.join(missing)}): pass "
             f"--download to fetch it (about 170 MB), or put the extracted '{BATCH_DIR}' folder "
             f"into --data-dir ({root})")
-    datasets = require("torchvision.datasets", extra="train", purpose="downloading CIFAR-10")
     utils = require("torchvision.datasets.utils", extra="train", purpose="downloading CIFAR-10")
-    cifar = datasets.CIFAR10
+    cifar = require("torchvision.datasets", extra="train", purpose="downloading CIFAR-10").CIFAR10
     try:
         utils.download_and_extract_archive(cifar.url, str(root), filename=cifar.filename,
                                            md5=cifar.tgz_md5)
@@ -375,12 +366,10 @@ class CIFAR10Images(_Uint8Images):
         return x
 
 
-#: Extensions (lower case) treated as images.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({
     ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
 })
-#: Default fraction of files assigned to the validation split.
-VAL_FRACTION = 0.1
+VAL_FRACTION = 0.1  #: default fraction of the files in the validation split
 
 
 def find_images(root: Path) -> list[str]:
@@ -458,8 +447,7 @@ class ImageFolderImages(_Uint8Images):
 
 
 # ---------------------------------------------------------------------- by name
-#: The names :func:`build_dataset` knows.
-DATASETS: tuple[str, ...] = ("cifar10", "imagefolder", "photos")
+DATASETS: tuple[str, ...] = ("cifar10", "imagefolder", "photos")  #: :func:`build_dataset`'s
 
 
 def build_dataset(name: str, split: str, image_size: int = 32, seed: int = 0,

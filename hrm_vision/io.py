@@ -45,24 +45,15 @@ from .vae import MODELS, LatentAdapter, VAEBase, build_model, model_name
 if TYPE_CHECKING:
     from pydantic import ValidationError
 
-#: Version of the layout of both formats (``format_version`` key or metadata).
-FORMAT_VERSION = 1
-#: The role of the student-to-teacher latent adapter (not a VAE: its arch has no registry name).
-ADAPTER_ROLE = "adapter"
-#: File suffix of the safetensors format; any other suffix is read as a ``.pth`` checkpoint.
-SAFETENSORS_SUFFIX = ".safetensors"
-#: The image convention stored in every ``.safetensors`` file.
+FORMAT_VERSION = 1  #: layout version of both formats
+ADAPTER_ROLE = "adapter"  #: the latent adapter's role (its arch has no registry name)
+SAFETENSORS_SUFFIX = ".safetensors"  #: any other suffix is read as a ``.pth`` checkpoint
 IMAGE_CONVENTION = "float RGB in [0, 1], NCHW, H and W divisible by 8"
-#: Name prefix of the adapter's tensors in a ``.safetensors`` file.
-ADAPTER_PREFIX = "adapter."
-#: Most characters of a ``.safetensors`` file's metadata, keys and values together.
-MAX_METADATA_CHARS = 1 << 16
-#: Deepest nesting of lists, tuples and dicts a loaded file may hold (this package's: 4).
-MAX_NESTING = 32
-#: Largest integer architecture argument a stored file may ask for (these models: 512).
-MAX_ARCH_INT = 1 << 16
-#: Names of the temporary files :func:`atomic_write` creates.
-TEMPORARY_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+ADAPTER_PREFIX = "adapter."  #: name prefix of the adapter's tensors in a ``.safetensors`` file
+MAX_METADATA_CHARS = 1 << 16  #: metadata keys and values together
+MAX_NESTING = 32  #: of lists, tuples and dicts in a loaded file (this package writes 4)
+MAX_ARCH_INT = 1 << 16  #: largest stored integer architecture argument (these models: 512)
+TEMPORARY_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  #: :func:`atomic_write`'s files
 
 
 class CheckpointError(ValueError):
@@ -444,8 +435,7 @@ def model_entry(model: VAEBase, role: str) -> dict[str, Any]:
 def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike[str],
                     require_finite: bool = False) -> Path:
     """Write ``payload`` (tensors moved to the CPU, ``format_version`` added) to ``path``
-    atomically. ``require_finite``: refuse (``CheckpointError``, nothing written) a payload
-    with a NaN or infinite floating-point tensor anywhere (weights, optimizer state)."""
+    atomically; with ``require_finite`` a NaN or infinity anywhere is a ``CheckpointError``."""
     if require_finite:
         check_finite(payload, f"refusing to write {path}: NaN or infinite values in",
                      "; the previous file is kept")
@@ -491,8 +481,8 @@ def load_checkpoint(path: str | os.PathLike[str],
 
 def roles_in(payload: dict[str, Any]) -> list[str]:
     """Roles with a stored model in a checkpoint dict (e.g. ``["student", "teacher"]``)."""
-    return sorted(k[: -len("_state_dict")] for k in payload
-                  if k.endswith("_state_dict") and f"{k[: -len('_state_dict')]}_arch" in payload)
+    roles = [k.removesuffix("_state_dict") for k in payload if k.endswith("_state_dict")]
+    return sorted(role for role in roles if f"{role}_arch" in payload)
 
 
 def _build(role: str, arch: Any, shapes: Mapping[str, tuple[int, ...]],

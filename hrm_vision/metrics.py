@@ -84,11 +84,9 @@ def error_image(reconstruction: Tensor, x: Tensor, gain: float = 10.0) -> Tensor
 
 def rate_and_sample(model: nn.Module, x: Tensor, index: Tensor, mu: Tensor, logvar: Tensor
                     ) -> dict[str, float]:
-    """Validation values of one batch ``x`` (B, C, H, W) in [0, 1] for a VAE in eval mode with
-    posterior ``mu, logvar``: the pooled-MSE ``psnr_sample`` of a posterior sample (seeded by
-    the batch's first dataset index ``index[0]``, so every epoch draws the same noise; turn it
-    into a PSNR after pooling), ``kl_per_element`` (nats) and ``bits_per_pixel`` (the image's
-    KL over its pixels, in bits)."""
+    """Validation values of a batch ``x`` (B, C, H, W) in [0, 1] with posterior ``mu, logvar``:
+    ``psnr_sample``, the MSE (a PSNR once pooled) of a posterior sample seeded by ``index[0]``,
+    ``kl_per_element`` (nats) and ``bits_per_pixel``."""
     kl = gaussian_kl(mu, logvar).flatten(1)
     pixels = x.shape[-2] * x.shape[-1]
     return {"psnr_sample": mse(model.decode_sample(x, int(index[0])), x),

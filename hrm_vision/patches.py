@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-#: Side of the patches: the latent grid is H/8 x W/8.
-PATCH = 8
+PATCH = 8  #: side of the patches: the latent grid is H/8 x W/8
 
 
 def patch_vectors(images: Tensor, patch: int = PATCH) -> Tensor:
@@ -165,8 +164,7 @@ class PatchWhitening(nn.Module):
         return F.conv2d(F.pixel_unshuffle(x, self.patch), self.weight, self.bias)
 
 
-#: Pixels per latent grid cell (an 8x8 patch).
-PIXELS_PER_CELL = PATCH * PATCH
+PIXELS_PER_CELL = PATCH * PATCH  #: pixels per latent grid cell
 
 
 def _spectrum(eigenvalues: Tensor | Sequence[float]) -> Tensor:

@@ -19,8 +19,7 @@ from torch import Tensor, nn
 
 from .vae import DOWNSAMPLE_FACTOR, VAEBase
 
-#: Side of a latent cell in pixels (both VAEs downsample by 8).
-CELL = DOWNSAMPLE_FACTOR
+CELL = DOWNSAMPLE_FACTOR  #: side of a latent cell in pixels
 
 
 class ReceptiveField(NamedTuple):

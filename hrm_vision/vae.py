@@ -26,10 +26,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .patches import PATCH, PatchWhitening, allocated_logvar, fit_patch_pca, patch_vectors
 
-#: How many times smaller the latent grid is than the image, in each direction (both VAEs).
-DOWNSAMPLE_FACTOR = 8
-#: Initial bias of the log-variance head (see the module docstring).
-LOGVAR_INIT = -4.0
+DOWNSAMPLE_FACTOR = 8  #: the latent grid is this many times smaller than the image, each way
+LOGVAR_INIT = -4.0  #: initial bias of the log-variance head
 
 
 # ---------------------------------------------------------------------- blocks
@@ -66,13 +64,6 @@ def down(in_ch: int, out_ch: int, kernel: int = 1) -> nn.Sequential:
 def up(in_ch: int, out_ch: int) -> nn.Sequential:
     """A 1x1 convolution, then PixelShuffle: ``(B, in, H, W) -> (B, out, 2H, 2W)``."""
     return nn.Sequential(conv(in_ch, 4 * out_ch, kernel=1), nn.PixelShuffle(2))
-
-
-def clamp01(x: Tensor, straight_through: bool = False) -> Tensor:
-    """``x`` clamped to [0, 1]; with ``straight_through`` the gradient is the identity's."""
-    if straight_through:
-        return x + (x.clamp(0.0, 1.0) - x).detach()
-    return x.clamp(0.0, 1.0)
 
 
 # ---------------------------------------------------------------------- registry
@@ -152,7 +143,7 @@ def summary_rows(size: int = 32) -> list[dict[str, object]]:
 
 # ---------------------------------------------------------------------- the shared API
 class Posterior(NamedTuple):
-    """Diagonal Gaussian posterior ``q(z|x)``; both tensors are ``(B, latent_dim, H/8, W/8)``."""
+    """Diagonal Gaussian posterior ``q(z|x)``, both tensors shaped like a latent."""
 
     mu: Tensor
     logvar: Tensor
@@ -252,10 +243,13 @@ class VAEBase(nn.Module):
         return self.posterior(x).mu
 
     def decode(self, z: Tensor) -> Tensor:
-        """Images ``(B, 3, 8h, 8w)`` in [0, 1] from latents ``(B, latent_dim, h, w)``; clamped,
-        straight-through while training."""
+        """Images ``(B, 3, 8h, 8w)`` in [0, 1] from latents ``(B, latent_dim, h, w)``; clamped
+        (with the identity's gradient while training)."""
         self._check_latent(z)
-        return clamp01(self.decoder(z), straight_through=self.training and torch.is_grad_enabled())
+        x = self.decoder(z)
+        if self.training and torch.is_grad_enabled():
+            return x + (x.clamp(0.0, 1.0) - x).detach()
+        return x.clamp(0.0, 1.0)
 
     @torch.no_grad()
     def decode_sample(self, x: Tensor, seed: int = 0) -> Tensor:
