@@ -122,25 +122,6 @@ def count_macs(model: VAEBase, height: int = 32, width: int = 32, part: str = "b
     return counter.get_total_flops() // 2
 
 
-def summary_rows(size: int = 32) -> list[dict[str, object]]:
-    """Parameters, latent shape and MACs of each registered model at its defaults, for a ``size
-    x size`` image (a compact model: its own crop size)."""
-    rows = []
-    for name, cls in MODELS.items():
-        model = cls()
-        side = getattr(model, "image_size", size)  # a compact model has a fixed crop size
-        c, *grid = model.latent_shape(side, side)  # a compact model: (latent_dim,)
-        rows.append({
-            "model": f"{cls.__name__} ({name})",
-            "parameters": model.num_parameters(),
-            "latent": "x".join(map(str, [*grid, c])) + ("" if side == size
-                                                           else f" ({side}x{side} crop)"),
-            "encode_macs": count_macs(model, side, side, "encode"),
-            "decode_macs": count_macs(model, side, side, "decode"),
-        })
-    return rows
-
-
 # ---------------------------------------------------------------------- the shared API
 class Posterior(NamedTuple):
     """Diagonal Gaussian posterior ``q(z|x)``, both tensors shaped like a latent."""

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from experiments.model_summary import summary_rows
 from hrm_vision.compact import CompactStudentVAE, CompactTeacherVAE
 from hrm_vision.distill import Distiller, load_config
 from hrm_vision.distill.config import ConfigError, make_config
@@ -19,7 +20,7 @@ from hrm_vision.distill.trainer import configured_model
 from hrm_vision.evaluate import crop_baselines
 from hrm_vision.io import CheckpointError, load, model_from_payload
 from hrm_vision.objective import kl_nats
-from hrm_vision.vae import LatentAdapter, MinimalVAE, TeacherVAE, summary_rows
+from hrm_vision.vae import LatentAdapter, MinimalVAE, TeacherVAE
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPACT = ROOT / "training" / "compact.json"
