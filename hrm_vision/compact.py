@@ -126,8 +126,7 @@ class CompactEncoder(_CropCoder):
         h = x * 2.0 - 1.0
         for stage in self.features:
             h = stage(h)
-        h = self.head(h)
-        mu, logvar = h.chunk(2, dim=1)
+        mu, logvar = self.head(h).chunk(2, dim=1)
         return torch.cat([self.linear(self.basis.analyse(x)) + mu, logvar], dim=1)
 
 
@@ -175,8 +174,7 @@ class CompactVAE(VAEBase):
         self.decoder = CompactDecoder(self._basis(), widths, latent_dim, blocks)
 
     def _basis(self) -> CropBasis:
-        """A fresh data-free basis; encoder and decoder each hold their own copy (the encoder
-        alone is what a perception pipeline runs)."""
+        """A fresh data-free basis (the encoder alone, which a pipeline runs, holds one too)."""
         return CropBasis(self.in_channels, self.image_size, self.latent_dim)
 
     def latent_shape(self, height: int | None = None,
@@ -219,9 +217,8 @@ class CompactVAE(VAEBase):
 
 @register_model("compact_student")
 class CompactStudentVAE(CompactVAE):
-    """The compact student: ``latent_dim`` numbers (64; 16 also works) per ``image_size`` crop
-    (64x64), RGB or grey (``input_channels`` 3 or 1). Stages at 1/2 ... 1/16 resolution with
-    widths ``base_channels * (1, 2, 4, 8)``; no residual blocks in the encoder (under a
+    """The compact student: ``latent_dim`` numbers (64; 16 also works) per ``image_size`` crop,
+    stage widths ``base_channels * (1, 2, 4, 8)``, no residual blocks in the encoder (under a
     millisecond per crop on one CPU thread), one per stage in the decoder."""
 
     def __init__(self, latent_dim: int = 64, image_size: int = 64, input_channels: int = 3,
@@ -236,9 +233,8 @@ class CompactStudentVAE(CompactVAE):
 
 @register_model("compact_teacher")
 class CompactTeacherVAE(CompactVAE):
-    """The compact teacher: ``latent_dim`` (512) numbers per crop, about 10x the student's
-    parameters: stage widths ``base_channels * (1, 2, 4, 8)`` with ``blocks_per_stage`` residual
-    blocks each, in encoder and decoder."""
+    """The compact teacher: ``latent_dim`` (512) numbers per crop, stage widths ``base_channels
+    * (1, 2, 4, 8)`` with ``blocks_per_stage`` residual blocks each (about 10x the student)."""
 
     def __init__(self, latent_dim: int = 512, image_size: int = 64, input_channels: int = 3,
                  base_channels: int = 24, blocks_per_stage: int = 1) -> None:

@@ -374,14 +374,10 @@ VAL_FRACTION = 0.1  #: default fraction of the files in the validation split
 
 def find_images(root: Path) -> list[str]:
     """Sorted POSIX paths (relative to ``root``) of image files under ``root``, recursively."""
-    found = []
-    for path in root.rglob("*"):
-        rel = path.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-            found.append(rel.as_posix())
-    return sorted(found)
+    found = [path.relative_to(root) for path in root.rglob("*")
+             if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()]
+    return sorted(rel.as_posix() for rel in found
+                  if not any(part.startswith(".") for part in rel.parts))
 
 
 def split_files(files: list[str], val_fraction: float, seed: int) -> dict[str, list[str]]:
