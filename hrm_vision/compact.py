@@ -27,9 +27,8 @@ MAX_FIT_IMAGES = 4096  #: crops fitted by ``init_from_data`` at most (their Gram
 
 def crop_dct_basis(channels: int, size: int, count: int) -> tuple[Tensor, Tensor]:
     """``(components (count, C*S*S), std (count,))``: the ``count`` lowest-frequency (by
-    ``hypot(u, v)``, then ``u``, then channel) orthonormal 2-D DCT-II vectors of a ``channels x
-    size x size`` image in NCHW order, and a 1/f guess of their standard deviations, ``size / 4
-    / (1 + hypot(u, v))`` (pixel std 0.25)."""
+    ``hypot(u, v)``, ``u``, channel) 2-D DCT-II vectors of a ``channels x size x size`` image and
+    a 1/f guess of their standard deviations, ``size / 4 / (1 + hypot(u, v))``."""
     if count > channels * size * size:
         raise ValueError(f"{count} components do not fit a {channels}x{size}x{size} image")
     reach = 2 * math.isqrt(count) + 2  # enough frequencies for ``count`` components
@@ -92,8 +91,7 @@ class CropBasis(nn.Module):
 
 
 class _CropCoder(nn.Module):
-    """A crop basis and a learnable ``latent_dim x latent_dim`` map on its coefficients
-    (identity at the start): the linear path of either direction."""
+    """The linear path of either direction: a crop basis and a square map, identity at first."""
 
     def __init__(self, basis: CropBasis, latent_dim: int) -> None:
         super().__init__()

@@ -56,8 +56,7 @@ class UnsupportedImageError(ValueError):
 
 
 def max_pixels_default() -> int:
-    """:data:`MAX_PIXELS`, or the positive integer in ``$HRM_VISION_MAX_IMAGE_PIXELS`` (anything
-    else there is a ``ValueError``)."""
+    """:data:`MAX_PIXELS`, or the positive integer (else a ``ValueError``) in its variable."""
     raw = os.environ.get(MAX_PIXELS_ENV, str(MAX_PIXELS))
     try:
         value = int(raw)
@@ -80,9 +79,9 @@ def is_high_depth(img: Any) -> bool:
 
 
 def single_channel_unit(img: Any, source: str = "image", fmt: str | None = None) -> np.ndarray:
-    """A high-depth single-channel PIL image as an ``(H, W)`` float32 array in [0, 1] (``fmt``,
-    the file format, tells whether an ``I`` image is 16-bit); :class:`UnsupportedImageError`
-    when the scale is unknown."""
+    """A high-depth (:func:`is_high_depth`) PIL image as an ``(H, W)`` float32 array in [0, 1]
+    (``fmt``, the file format, tells whether an ``I`` image is 16-bit);
+    :class:`UnsupportedImageError` when the scale is unknown."""
     fmt = fmt or img.format
     if img.mode in MODES_16BIT:
         return np.asarray(img, dtype=np.float32) / 65535.0
@@ -94,17 +93,15 @@ def single_channel_unit(img: Any, source: str = "image", fmt: str | None = None)
         raise UnsupportedImageError(
             f"{source}: 32-bit integer pixels ({fmt or 'unknown'} format), whose range is "
             "unknown; save it as 8- or 16-bit")
-    if img.mode == "F":
-        values = np.asarray(img, dtype=np.float32)
-        if not np.isfinite(values).all():
-            raise UnsupportedImageError(f"{source}: float pixels with NaN or infinite values")
-        lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-        if lo < 0.0 or hi > 1.0:
-            raise UnsupportedImageError(
-                f"{source}: float pixels in [{lo:.4g}, {hi:.4g}], outside [0, 1], so their scale "
-                "is unknown; save floats in [0, 1], or as 8- or 16-bit")
-        return values
-    raise ValueError(f"{source}: mode {img.mode!r} is not a high-depth single-channel mode")
+    values = np.asarray(img, dtype=np.float32)  # mode "F"
+    if not np.isfinite(values).all():
+        raise UnsupportedImageError(f"{source}: float pixels with NaN or infinite values")
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if lo < 0.0 or hi > 1.0:
+        raise UnsupportedImageError(
+            f"{source}: float pixels in [{lo:.4g}, {hi:.4g}], outside [0, 1], so their scale "
+            "is unknown; save floats in [0, 1], or as 8- or 16-bit")
+    return values
 
 
 def open_image(path: str | os.PathLike[str], purpose: str = "reading images",
@@ -116,8 +113,7 @@ def open_image(path: str | os.PathLike[str], purpose: str = "reading images",
     image, ops = _pil(purpose)
     path = Path(path)
     limit = max_pixels_default() if max_pixels is None else max_pixels
-    mode = os.stat(path).st_mode  # a missing file: FileNotFoundError naming it
-    if not stat.S_ISREG(mode):
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a missing file: FileNotFoundError naming it
         raise UnsupportedImageError(f"{path}: not a regular file (a folder, FIFO, socket or "
                                     "device); only image files are read")
     try:

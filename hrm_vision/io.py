@@ -80,8 +80,7 @@ def _children(value: Any) -> Iterable[tuple[Any, Any]] | None:
 
 def check_nesting(value: Any, source: str, limit: int = MAX_NESTING) -> None:
     """A ``CheckpointError`` when the lists, tuples and dicts of ``value`` nest more than
-    ``limit`` levels; walks without recursion (a file nesting 100,000 levels is refused before
-    anything recurses over it)."""
+    ``limit`` levels; walks without recursion, so 100,000 levels are refused too."""
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         item, depth = stack.pop()
@@ -104,8 +103,7 @@ def non_finite_tensors(value: Any, prefix: str = "") -> list[str]:
 
 def check_finite(value: Any, message: str, suffix: str = "") -> None:
     """A ``CheckpointError`` ``"{message} {tensors}{suffix}"`` naming the non-finite
-    floating-point tensors of ``value`` (:func:`non_finite_tensors`); nothing when all are
-    finite."""
+    floating-point tensors of ``value``, if any."""
     bad = non_finite_tensors(value)
     if bad:
         raise CheckpointError(f"{message} {_listed(bad)}{suffix}")

@@ -69,11 +69,9 @@ def mean_over(loader: DataLoader, fn: Callable[[Tensor, Tensor], dict[str, float
     sums: dict[str, float] = {}
     count = 0
     for index, x in loader:
-        values = fn(index, x)
-        n = x.shape[0]
-        for k, v in values.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * n
-        count += n
+        for k, v in fn(index, x).items():
+            sums[k] = sums.get(k, 0.0) + float(v) * x.shape[0]
+        count += x.shape[0]
     return {k: v / max(count, 1) for k, v in sums.items()}, count
 
 

@@ -33,9 +33,8 @@ def patch_vectors(images: Tensor, patch: int = PATCH) -> Tensor:
 
 
 def dct_rows(freqs: Sequence[tuple[int, int, int]], channels: int, size: int) -> Tensor:
-    """Orthonormal 2-D DCT-II vectors of a ``channels x size x size`` image, one row per
-    ``(u, v, channel)`` of ``freqs``, flattened channel-major (PixelUnshuffle and NCHW order):
-    ``(len(freqs), channels * size**2)``."""
+    """Orthonormal 2-D DCT-II vectors ``(len(freqs), channels * size**2)`` of a ``channels x size
+    x size`` image, one per ``(u, v, channel)`` of ``freqs``, flattened in NCHW order."""
     n = torch.arange(size, dtype=torch.float64)
     c1 = torch.cos(math.pi * (2 * n[None, :] + 1) * n[:, None] / (2 * size))  # (k, n)
     c1[0] *= 1 / math.sqrt(2)
@@ -47,9 +46,8 @@ def dct_rows(freqs: Sequence[tuple[int, int, int]], channels: int, size: int) ->
 
 
 def dct_basis(patch: int = PATCH, channels: int = 3) -> Tensor:
-    """The full DCT-II basis ``(D, D)`` of ``channels x patch x patch`` patches (``D = C p^2``),
-    rows from low to high frequency (``u + v``, then ``u``, then the colour): the first rows are
-    the patch means of each colour."""
+    """The full DCT-II basis ``(D, D)`` of ``channels x patch x patch`` patches, rows by ``u +
+    v``, then ``u``, then the colour (the first rows: the patch means of each colour)."""
     order = sorted(((u, v, c) for u in range(patch) for v in range(patch)
                     for c in range(channels)), key=lambda t: (t[0] + t[1], t[0], t[2]))
     return dct_rows(order, channels, patch)
@@ -106,9 +104,8 @@ def allocate_rate(gains: Tensor, second_moments: Tensor, total_nats: float) -> T
 
 def allocated_logvar(enc_weight: Tensor, enc_bias: Tensor, dec_weight: Tensor, vectors: Tensor,
                      uniform_logvar: float) -> Tensor:
-    """Per-latent-element log-variances for a linear code ``z = enc_weight @ v + enc_bias``,
-    ``v = dec_weight @ z + ...`` fitted to data ``vectors`` (N, D): the same total KL as
-    ``uniform_logvar`` everywhere, allocated by :func:`allocate_rate`. Returns ``(L,)``."""
+    """Log-variances ``(L,)`` of a linear code (``z = enc_weight @ v + enc_bias``, ``v =
+    dec_weight @ z + ...``) on ``vectors`` (N, D): the KL of ``uniform_logvar``, re-allocated."""
     mu = vectors.double() @ enc_weight.double().T + enc_bias.double()
     moments = mu.pow(2).mean(0)
     uniform = torch.full_like(moments, math.exp(uniform_logvar))
@@ -142,9 +139,8 @@ class PatchWhitening(nn.Module):
     @torch.no_grad()
     def set_basis(self, mean: Tensor, components: Tensor, variances: Tensor,
                   eps: float = 1e-6) -> None:
-        """Use a basis (``components`` (D, D), one per row, e.g. from :func:`fit_patch_pca`);
-        coefficients get unit variance. ``eps`` floors the variances so near-empty components
-        are not blown up."""
+        """Use a basis (``components`` (D, D), one per row, as :func:`fit_patch_pca` returns);
+        coefficients get unit variance, ``eps`` keeping near-empty components bounded."""
         if components.shape != (self.dim, self.dim):
             raise ValueError(f"expected components of shape {(self.dim, self.dim)}, got "
                              f"{tuple(components.shape)}")
@@ -167,25 +163,22 @@ class PatchWhitening(nn.Module):
 PIXELS_PER_CELL = PATCH * PATCH  #: pixels per latent grid cell
 
 
-def _spectrum(eigenvalues: Tensor | Sequence[float]) -> Tensor:
-    """Eigenvalues as a float64 vector sorted in decreasing order, negatives (round-off) at 0."""
+def _spectrum(eigenvalues: Tensor | Sequence[float], rate_nats: float = 0.0) -> Tensor:
+    """Eigenvalues as a float64 vector sorted in decreasing order, negatives (round-off) at 0;
+    a ``ValueError`` for an empty or non-finite spectrum or a negative or infinite rate."""
     lam = torch.as_tensor(eigenvalues, dtype=torch.float64).flatten()
     if lam.numel() == 0 or not torch.isfinite(lam).all():
         raise ValueError("expected a non-empty spectrum of finite eigenvalues")
-    return lam.clamp(min=0).sort(descending=True).values
-
-
-def _check_rate(rate_nats: float) -> None:
     if not rate_nats >= 0 or math.isinf(rate_nats):
         raise ValueError(f"a rate must be finite and >= 0 nats, got {rate_nats}")
+    return lam.clamp(min=0).sort(descending=True).values
 
 
 def water_level(eigenvalues: Tensor | Sequence[float], rate_nats: float) -> float:
     """The water level ``theta`` of reverse water-filling at a total rate of ``rate_nats``: with
     the ``m`` largest components active, ``ln theta = (sum_{i<=m} ln lambda_i - 2 R) / m`` for
     the ``m`` where ``lambda_m > theta >= lambda_{m+1}``; the largest eigenvalue at rate 0."""
-    lam = _spectrum(eigenvalues)
-    _check_rate(rate_nats)
+    lam = _spectrum(eigenvalues, rate_nats)
     positive = lam[lam > 0]
     if positive.numel() == 0 or rate_nats == 0:
         return float(lam[0])
@@ -208,11 +201,9 @@ def water_filling(eigenvalues: Tensor | Sequence[float], rate_nats: float) -> fl
 
 def uniform_allocation(eigenvalues: Tensor | Sequence[float], rate_nats_each: float,
                        components: int) -> float:
-    """Mean squared error per number when each of the ``components`` largest components gets
-    ``rate_nats_each`` nats (error ``lambda e^{-2r}``) and the rest are dropped (error ``lambda``).
-    """
-    lam = _spectrum(eigenvalues)
-    _check_rate(rate_nats_each)
+    """MSE per number when each of the ``components`` largest components gets ``rate_nats_each``
+    nats (error ``lambda e^{-2r}``) and the rest are dropped (error ``lambda``)."""
+    lam = _spectrum(eigenvalues, rate_nats_each)
     if not 0 <= components <= lam.numel():
         raise ValueError(f"components must be in [0, {lam.numel()}], got {components}")
     kept = lam[:components].sum() * math.exp(-2 * rate_nats_each)

@@ -40,16 +40,12 @@ class ReceptiveField(NamedTuple):
 
 
 def _probe(module: nn.Module) -> nn.Module:
-    """A float64 copy whose every parameter is positive (weights ``1/fan_in``, biases 0.1): with
-    a positive input every activation is positive and every ReLU passes, so the gradient of an
-    output is non-zero exactly on its receptive field."""
+    """A float64 copy with positive parameters (weights ``1/fan_in``, biases 0.1): every ReLU
+    passes a positive input, so an output's gradient is non-zero exactly on its receptive field."""
     probe = copy.deepcopy(module).double().eval()
     with torch.no_grad():
         for name, p in probe.named_parameters():
-            if name.endswith("bias"):
-                p.fill_(0.1)
-            else:
-                p.fill_(1.0 / max(1, p[0].numel()))
+            p.fill_(0.1 if name.endswith("bias") else 1.0 / max(1, p[0].numel()))
     return probe
 
 
@@ -92,11 +88,8 @@ def receptive_field(vae: VAEBase, max_cells: int = 64) -> ReceptiveField:
 
 def _spans(cells: int, tile: int, halo: int) -> list[tuple[int, int, int, int]]:
     """``(core start, core end, extended start, extended end)`` in cells along one side."""
-    out = []
-    for start in range(0, cells, tile):
-        end = min(start + tile, cells)
-        out.append((start, end, max(start - halo, 0), min(end + halo, cells)))
-    return out
+    return [(start, min(start + tile, cells), max(start - halo, 0), min(start + tile + halo, cells))
+            for start in range(0, cells, tile)]
 
 
 def _tiled(fn, x: Tensor, out_channels: int, scale_in: int, scale_out: int,  # noqa: ANN001

@@ -141,18 +141,14 @@ class VAEOutput(NamedTuple):
 
 
 def image_size_fits(height: int, width: int) -> bool:
-    """Whether an image of ``height`` x ``width`` pixels fits the models: both sides positive
-    multiples of :data:`DOWNSAMPLE_FACTOR`."""
+    """Whether both sides are positive multiples of :data:`DOWNSAMPLE_FACTOR`."""
     return (height > 0 and width > 0 and height % DOWNSAMPLE_FACTOR == 0
             and width % DOWNSAMPLE_FACTOR == 0)
 
 
 class VAEBase(nn.Module):
-    """A convolutional VAE with a latent on a grid ``downsample_factor`` times smaller.
-
-    Subclasses build ``self.encoder`` (image -> ``2 * latent_dim`` channels: mu then logvar) and
-    ``self.decoder`` (latent -> image) and record their constructor arguments in ``self._arch``.
-    """
+    """A VAE whose subclasses build ``self.encoder`` (image -> ``2 * latent_dim`` channels: mu
+    then logvar), ``self.decoder`` (latent -> image) and ``self._arch`` (constructor kwargs)."""
 
     in_channels: int = 3
     downsample_factor: int = DOWNSAMPLE_FACTOR
@@ -178,8 +174,7 @@ class VAEBase(nn.Module):
 
     def latent_shape(self, height: int = 32, width: int = 32) -> tuple[int, ...]:
         """``(latent_dim, H/8, W/8)`` for an image of the given size."""
-        f = self.downsample_factor
-        return (self.latent_dim, height // f, width // f)
+        return (self.latent_dim, height // self.downsample_factor, width // self.downsample_factor)
 
     def _check_images(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):
