@@ -116,9 +116,8 @@ class CompactEncoder(_CropCoder):
         self.features = nn.ModuleList([*stages, nn.Sequential(nn.ReLU(), nn.Flatten())])
         self.head = nn.Linear(widths[-1] * BOTTOM * BOTTOM, 2 * latent_dim)
         nn.init.zeros_(self.head.weight)
-        with torch.no_grad():
-            self.head.bias.zero_()
-            self.head.bias[latent_dim:] = LOGVAR_INIT
+        nn.init.zeros_(self.head.bias)
+        nn.init.constant_(self.head.bias[latent_dim:], LOGVAR_INIT)
 
     def forward(self, x: Tensor) -> Tensor:
         h = x * 2.0 - 1.0

@@ -69,8 +69,7 @@ def max_pixels_default() -> int:
 
 def _pil(purpose: str) -> tuple[Any, Any]:
     image = require("PIL.Image", extra="train", purpose=purpose)
-    ops = require("PIL.ImageOps", extra="train", purpose=purpose)
-    return image, ops
+    return image, require("PIL.ImageOps", extra="train", purpose=purpose)
 
 
 def is_high_depth(img: Any) -> bool:

@@ -402,13 +402,10 @@ def to_cpu(value: Any) -> Any:
     """``value`` with every tensor inside its dicts, lists and tuples detached and on the CPU."""
     if isinstance(value, Tensor):
         return value.detach().cpu()
-    if isinstance(value, dict):
-        return {k: to_cpu(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [to_cpu(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(to_cpu(v) for v in value)
-    return value
+    if isinstance(value, (list, tuple)):
+        items = [to_cpu(v) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    return {k: to_cpu(v) for k, v in value.items()} if isinstance(value, dict) else value
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -51,10 +51,8 @@ def linear_cka(a: Tensor, b: Tensor) -> float:
     same N >= 2 inputs: 1 when one is an orthogonal transform and scaling of the other."""
     if a.shape[0] != b.shape[0] or a.shape[0] < 2:
         raise ValueError(f"linear_cka needs the same N >= 2 rows, got {a.shape[0]}, {b.shape[0]}")
-    x = a.reshape(a.shape[0], -1).double()
-    y = b.reshape(b.shape[0], -1).double()
-    x = x - x.mean(0, keepdim=True)
-    y = y - y.mean(0, keepdim=True)
+    x, y = (t.reshape(t.shape[0], -1).double() for t in (a, b))
+    x, y = x - x.mean(0), y - y.mean(0)
     # ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F), computed with N x N Gram matrices (cheap for N
     # smaller than the feature count, which is the usual case for latents).
     kx, ky = x @ x.T, y @ y.T

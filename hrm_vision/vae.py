@@ -278,8 +278,7 @@ class Encoder(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.mu_head = nn.Sequential(nn.ReLU(), zero_conv(widths[-1], latent_dim))
         self.logvar_head = nn.Sequential(nn.ReLU(), zero_conv(widths[-1], latent_dim, kernel=1))
-        with torch.no_grad():
-            self.logvar_head[1].bias.fill_(LOGVAR_INIT)
+        nn.init.constant_(self.logvar_head[1].bias, LOGVAR_INIT)
 
     def features(self, x: Tensor) -> list[Tensor]:
         """Outputs of each nonlinear stage, from ``x`` in [0, 1]."""
