@@ -2,7 +2,7 @@
 
     python experiments/compact_ablation.py --steps 600 --json runs/compact/ablation.json
 
-Variants (all :class:`~hrm_vision.vae.CompactStudentVAE` with the defaults, trained by
+Variants (all :class:`~hrm_vision.compact.CompactStudentVAE` with the defaults, trained by
 ``compact_train.train``: sigma-VAE likelihood + KL with free bits on the total rate):
 
 * ``pca``: the design, the linear path fitted to the PCA of training crops (starts at PCA-64);

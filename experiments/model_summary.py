@@ -3,7 +3,7 @@
     python experiments/model_summary.py --size 32
 
 Parameters, latent shape and multiply-accumulates (:func:`hrm_vision.vae.count_macs`) of every
-model at its defaults, from :func:`hrm_vision.vae.summary_rows`, as a markdown table.
+model at its defaults (:func:`summary_rows`), as a markdown table.
 """
 
 from __future__ import annotations
@@ -12,7 +12,26 @@ import argparse
 from collections.abc import Sequence
 
 import hrm_vision  # noqa: F401 (registers the compact pair)
-from hrm_vision.vae import summary_rows
+from hrm_vision.vae import MODELS, count_macs
+
+
+def summary_rows(size: int = 32) -> list[dict[str, object]]:
+    """Parameters, latent shape and MACs of each registered model at its defaults, for a ``size
+    x size`` image (a compact model: its own crop size)."""
+    rows = []
+    for name, cls in MODELS.items():
+        model = cls()
+        side = getattr(model, "image_size", size)  # a compact model has a fixed crop size
+        c, *grid = model.latent_shape(side, side)  # a compact model: (latent_dim,)
+        rows.append({
+            "model": f"{cls.__name__} ({name})",
+            "parameters": model.num_parameters(),
+            "latent": "x".join(map(str, [*grid, c])) + ("" if side == size
+                                                           else f" ({side}x{side} crop)"),
+            "encode_macs": count_macs(model, side, side, "encode"),
+            "decode_macs": count_macs(model, side, side, "decode"),
+        })
+    return rows
 
 
 def markdown_table(rows: list[dict[str, object]], size: int) -> str:

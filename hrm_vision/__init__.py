@@ -1,14 +1,11 @@
 """hrm-vision: a TinyVAE distilled from a teacher VAE, for IRP perception on edge robots.
 
-Images everywhere in this package are float tensors in [0, 1], NCHW, RGB.
+Images are float tensors in [0, 1], NCHW, RGB. ``import hrm_vision`` needs only the core
+dependencies; training, the ``photos`` dataset and export need extras (``pip install
+'hrm-vision[all]'``), imported where they are used.
 
->>> import hrm_vision
 >>> model = hrm_vision.load("checkpoints/tinyvae_best.pth")       # doctest: +SKIP
 >>> hrm_vision.save(model, "tinyvae.safetensors")                # doctest: +SKIP
-
-``import hrm_vision`` needs only the core dependencies (torch among them); training, the
-``photos`` dataset and export need extras (``pip install 'hrm-vision[all]'``), imported where
-they are used.
 """
 
 from ._version import __version__

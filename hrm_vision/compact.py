@@ -1,21 +1,13 @@
 """The compact pair: ``CompactStudentVAE`` (64 numbers per 64x64 crop) and ``CompactTeacherVAE``
 (512 numbers), for pipelines that pass one short vector per crop instead of a spatial map.
 
-Both map a fixed-size image ``(B, C, S, S)`` in [0, 1] (``C`` = 1 or 3, ``S`` = ``image_size``,
-64 by default) to a diagonal Gaussian posterior over a vector latent ``(B, latent_dim)`` and
-back, with the residual design of :mod:`hrm_vision.vae` for a whole crop:
-
-* **linear path**: the flattened crop is whitened by a fixed basis of ``latent_dim`` components
-  (:class:`CropBasis`, buffers: a low-frequency 2-D DCT at construction, the PCA of training
-  crops after :meth:`CompactVAE.init_from_data`), then a learnable ``latent_dim x latent_dim``
-  map (identity at the start); the decoder mirrors it;
-* **nonlinear branches**: a convolutional encoder (PixelUnshuffle down to 4x4, residual blocks)
-  whose fully connected head adds to the latent, and a decoder (fully connected to 4x4,
-  PixelShuffle up, residual blocks) adding to the linear reconstruction; each ends in a layer
-  that starts at zero.
-
-Operators: ``Conv2d``, ``Linear``, ``ReLU``, ``PixelShuffle``/``PixelUnshuffle``, reshapes,
-additions and a ``Clip`` (ONNX/TensorRT export). The classes register in
+Both map a crop ``(B, C, S, S)`` in [0, 1] (``C`` = 1 or 3, ``S`` = ``image_size``, 64 by
+default) to a Gaussian posterior over ``(B, latent_dim)`` and back, with the design of
+:mod:`hrm_vision.vae` for a whole crop: a **linear path** (a fixed whitened basis of
+``latent_dim`` components, :class:`CropBasis`: a low-frequency 2-D DCT, the crop PCA after
+``init_from_data``; then a learnable square map, identity at the start) plus **nonlinear
+branches** (convolutions down to 4x4 and a fully connected head; fully connected to 4x4 and
+PixelShuffle up), each ending in a layer that starts at zero. The classes register in
 :data:`hrm_vision.vae.MODELS` when this module is imported (``import hrm_vision`` does).
 """
 
@@ -27,23 +19,16 @@ import torch
 from torch import Tensor, nn
 
 from .patches import allocated_logvar, dct_rows
-from .vae import LOGVAR_INIT, ResBlock, VAEBase, conv, down, register_model, up
+from .vae import LOGVAR_INIT, ResBlock, VAEBase, down, register_model, up, zero_conv
 
-#: Side of the feature map at the bottom of both branches (image_size / 16 for 64x64 crops).
-BOTTOM = 4
-#: Crops fitted by :meth:`CompactVAE.init_from_data` at most (the PCA uses their Gram matrix).
-MAX_FIT_IMAGES = 4096
+BOTTOM = 4  #: side of the feature map at the bottom of both branches
+MAX_FIT_IMAGES = 4096  #: crops fitted by ``init_from_data`` at most (their Gram matrix)
 
 
 def crop_dct_basis(channels: int, size: int, count: int) -> tuple[Tensor, Tensor]:
-    """The ``count`` lowest-frequency orthonormal 2-D DCT-II vectors of a ``channels x size x
-    size`` image (flattened in NCHW order), and a 1/f guess of their standard deviations.
-
-    Returns ``(components (count, C*S*S), std (count,))``; frequencies are ordered by
-    ``hypot(u, v)``, then ``u``, then the channel. ``std`` is ``size / 4 / (1 + hypot(u, v))``:
-    the DC term of a crop in [0, 1] with pixel std 0.25, falling as natural images' amplitude
-    spectrum does.
-    """
+    """``(components (count, C*S*S), std (count,))``: the ``count`` lowest-frequency (by
+    ``hypot(u, v)``, ``u``, channel) 2-D DCT-II vectors of a ``channels x size x size`` image and
+    a 1/f guess of their standard deviations, ``size / 4 / (1 + hypot(u, v))``."""
     if count > channels * size * size:
         raise ValueError(f"{count} components do not fit a {channels}x{size}x{size} image")
     reach = 2 * math.isqrt(count) + 2  # enough frequencies for ``count`` components
@@ -56,13 +41,9 @@ def crop_dct_basis(channels: int, size: int, count: int) -> tuple[Tensor, Tensor
 
 @torch.no_grad()
 def fit_crop_pca(images: Tensor, count: int) -> tuple[Tensor, Tensor, Tensor]:
-    """PCA of whole flattened crops ``images`` (N, C, S, S) in [0, 1], the top ``count``
-    components.
-
-    Returns ``(mean (D,), components (count, D) orthonormal rows, std (count,))`` with
-    ``D = C*S*S``, by decreasing variance. Computed in float64 from the ``N x N`` Gram matrix
-    (cheap for ``N`` much smaller than ``D``); needs ``count < N``.
-    """
+    """The top ``count`` principal components of flattened crops ``images`` (N, C, S, S) in
+    [0, 1]: ``(mean (D,), components (count, D) orthonormal rows, std (count,))``, ``D =
+    C*S*S``, computed in float64 from the ``N x N`` Gram matrix; needs ``count < N``."""
     rows = images.reshape(images.shape[0], -1).double()
     if count >= rows.shape[0]:
         raise ValueError(f"fitting {count} components needs more than {count} images, "
@@ -77,12 +58,8 @@ def fit_crop_pca(images: Tensor, count: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 class CropBasis(nn.Module):
-    """A fixed whitened basis of whole crops (buffers, saved in the state dict).
-
-    :meth:`analyse`: images ``(B, C, S, S)`` -> coefficients ``(B, K)`` with unit variance,
-    ``(x - mean) @ components.T / std``. :meth:`synthesise`: ``(B, K)`` -> images
-    ``(B, C, S, S)`` (not clamped), ``mean + (coef * std) @ components``.
-    """
+    """A fixed whitened basis of whole crops (buffers): :meth:`analyse` ``(B, C, S, S)`` ->
+    ``(B, K)``, ``(x - mean) @ components.T / std``; :meth:`synthesise` back (not clamped)."""
 
     mean: Tensor
     components: Tensor
@@ -114,8 +91,7 @@ class CropBasis(nn.Module):
 
 
 class _CropCoder(nn.Module):
-    """A crop basis and a learnable ``latent_dim x latent_dim`` map on its coefficients
-    (identity at the start): the linear path of either direction."""
+    """The linear path of either direction: a crop basis and a square map, identity at first."""
 
     def __init__(self, basis: CropBasis, latent_dim: int) -> None:
         super().__init__()
@@ -125,19 +101,14 @@ class _CropCoder(nn.Module):
 
 
 class CompactEncoder(_CropCoder):
-    """Image ``(B, C, S, S)`` in [0, 1] -> ``(B, 2 * latent_dim)`` (mu, then logvar).
-
-    ``mu = linear(basis(x)) + head(features(x))``. ``features``: PixelUnshuffle to S/2 and a 3x3
-    convolution, then one x2 downsampling stage per width with ``blocks`` residual blocks, down
-    to ``BOTTOM x BOTTOM``.
-    """
+    """Image ``(B, C, S, S)`` in [0, 1] -> ``(B, 2 * latent_dim)`` (mu, then logvar): ``mu =
+    linear(basis(x)) + head(features(x))``, ``features`` halving the side per stage to
+    ``BOTTOM``."""
 
     def __init__(self, basis: CropBasis, widths: list[int], latent_dim: int,
                  blocks: int) -> None:
         super().__init__(basis, latent_dim)
-        channels = basis.shape[0]
-        stages: list[nn.Module] = [nn.Sequential(nn.PixelUnshuffle(2),
-                                                 conv(4 * channels, widths[0]))]
+        stages: list[nn.Module] = [down(basis.shape[0], widths[0], kernel=3)]
         for prev, w in zip(widths[:-1], widths[1:], strict=True):
             stages.append(nn.Sequential(nn.ReLU(), down(prev, w),
                                         *(ResBlock(w) for _ in range(blocks))))
@@ -145,26 +116,21 @@ class CompactEncoder(_CropCoder):
         self.features = nn.ModuleList([*stages, nn.Sequential(nn.ReLU(), nn.Flatten())])
         self.head = nn.Linear(widths[-1] * BOTTOM * BOTTOM, 2 * latent_dim)
         nn.init.zeros_(self.head.weight)
-        with torch.no_grad():
-            self.head.bias.zero_()
-            self.head.bias[latent_dim:] = LOGVAR_INIT
+        nn.init.zeros_(self.head.bias)
+        nn.init.constant_(self.head.bias[latent_dim:], LOGVAR_INIT)
 
     def forward(self, x: Tensor) -> Tensor:
         h = x * 2.0 - 1.0
         for stage in self.features:
             h = stage(h)
-        h = self.head(h)
-        mu, logvar = h.chunk(2, dim=1)
+        mu, logvar = self.head(h).chunk(2, dim=1)
         return torch.cat([self.linear(self.basis.analyse(x)) + mu, logvar], dim=1)
 
 
 class CompactDecoder(_CropCoder):
-    """Latent ``(B, latent_dim)`` -> image ``(B, C, S, S)`` (unclamped).
-
-    ``basis.synthesise(linear(z)) + out(stages(fc(z)))``: ``fc`` to ``BOTTOM x BOTTOM`` features,
-    one x2 PixelShuffle upsampling stage per width (widths in reverse) with ``blocks`` residual
-    blocks, then ``out`` (zero at the start) to the image through a last PixelShuffle.
-    """
+    """Latent ``(B, latent_dim)`` -> image ``(B, C, S, S)`` (unclamped):
+    ``basis.synthesise(linear(z)) + stages(fc(z))``, ``fc`` to ``BOTTOM x BOTTOM`` features, the
+    stages doubling the side, the last layer zero at the start."""
 
     def __init__(self, basis: CropBasis, widths: list[int], latent_dim: int,
                  blocks: int) -> None:
@@ -174,22 +140,16 @@ class CompactDecoder(_CropCoder):
         layers: list[nn.Module] = [nn.Unflatten(1, (rev[0], BOTTOM, BOTTOM))]
         for prev, w in zip(rev[:-1], rev[1:], strict=True):
             layers += [nn.ReLU(), up(prev, w), *(ResBlock(w) for _ in range(blocks))]
-        out = conv(rev[-1], 4 * basis.shape[0])
-        nn.init.zeros_(out.weight)
-        nn.init.zeros_(out.bias)
-        self.stages = nn.Sequential(*layers, nn.ReLU(), out, nn.PixelShuffle(2))
+        self.stages = nn.Sequential(*layers, nn.ReLU(), zero_conv(rev[-1], 4 * basis.shape[0]),
+                                    nn.PixelShuffle(2))
 
     def forward(self, z: Tensor) -> Tensor:
         return self.basis.synthesise(self.linear(z)) + self.stages(self.fc(z))
 
 
 class CompactVAE(VAEBase):
-    """A VAE with a vector latent for fixed-size crops (see the module docstring).
-
-    Contract: images ``(B, input_channels, image_size, image_size)`` float in [0, 1] (RGB, or
-    grey with ``input_channels=1``); latents ``(B, latent_dim)``. ``image_size`` must be
-    ``BOTTOM * 2**len(widths)``.
-    """
+    """A VAE of crops ``(B, input_channels, image_size, image_size)`` in [0, 1] (RGB, or grey)
+    with latents ``(B, latent_dim)``; ``image_size`` must be ``BOTTOM * 2**len(widths)``."""
 
     def __init__(self, latent_dim: int, image_size: int, input_channels: int,
                  widths: list[int], blocks: int) -> None:
@@ -211,8 +171,7 @@ class CompactVAE(VAEBase):
         self.decoder = CompactDecoder(self._basis(), widths, latent_dim, blocks)
 
     def _basis(self) -> CropBasis:
-        """A fresh data-free basis; encoder and decoder each hold their own copy (the encoder
-        alone is what a perception pipeline runs)."""
+        """A fresh data-free basis (the encoder alone, which a pipeline runs, holds one too)."""
         return CropBasis(self.in_channels, self.image_size, self.latent_dim)
 
     def latent_shape(self, height: int | None = None,
@@ -232,10 +191,8 @@ class CompactVAE(VAEBase):
 
     @torch.no_grad()
     def init_from_data(self, images: Tensor) -> None:
-        """Fit the linear path's basis to the PCA of ``images`` (N, C, S, S) in [0, 1] (the
-        first :data:`MAX_FIT_IMAGES`; more than ``latent_dim`` are needed), then allocate the
-        rate of ``logvar = LOGVAR_INIT`` across the latent numbers
-        (:func:`~hrm_vision.patches.allocated_logvar`)."""
+        """Fit the basis to the PCA of the first :data:`MAX_FIT_IMAGES` of ``images`` (N, C, S,
+        S) in [0, 1] (more than ``latent_dim``) and re-allocate the rate of ``LOGVAR_INIT``."""
         self._check_images(images)
         fitted = fit_crop_pca(images[:MAX_FIT_IMAGES].float().cpu(), self.latent_dim)
         for basis in (self.encoder.basis, self.decoder.basis):
@@ -247,13 +204,8 @@ class CompactVAE(VAEBase):
 
     @torch.no_grad()
     def linear_path(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The linear paths as affine maps between a flattened crop (``D = C*S*S`` numbers,
-        NCHW order, pixels in [0, 1]) and the latent.
-
-        Returns ``(enc_weight (L, D), enc_bias (L,), dec_weight (D, L), dec_bias (D,))``:
-        ``z = enc_weight @ x + enc_bias`` and ``x = dec_weight @ z + dec_bias`` (the nonlinear
-        branches left out).
-        """
+        """The linear paths as affine maps between a flattened crop (``D = C*S*S``, NCHW) and
+        the latent: ``(enc_weight (L, D), enc_bias (L,), dec_weight (D, L), dec_bias (D,))``."""
         e, d = self.encoder.basis, self.decoder.basis
         enc_w = self.encoder.linear.weight @ (e.components / e.std[:, None])
         dec_w = (d.components.T * d.std[None, :]) @ self.decoder.linear.weight
@@ -262,9 +214,8 @@ class CompactVAE(VAEBase):
 
 @register_model("compact_student")
 class CompactStudentVAE(CompactVAE):
-    """The compact student: ``latent_dim`` numbers (64; 16 also works) per ``image_size`` crop
-    (64x64), RGB or grey (``input_channels`` 3 or 1). Stages at 1/2 ... 1/16 resolution with
-    widths ``base_channels * (1, 2, 4, 8)``; no residual blocks in the encoder (under a
+    """The compact student: ``latent_dim`` numbers (64; 16 also works) per ``image_size`` crop,
+    stage widths ``base_channels * (1, 2, 4, 8)``, no residual blocks in the encoder (under a
     millisecond per crop on one CPU thread), one per stage in the decoder."""
 
     def __init__(self, latent_dim: int = 64, image_size: int = 64, input_channels: int = 3,
@@ -279,9 +230,8 @@ class CompactStudentVAE(CompactVAE):
 
 @register_model("compact_teacher")
 class CompactTeacherVAE(CompactVAE):
-    """The compact teacher: ``latent_dim`` (512) numbers per crop, about 10x the student's
-    parameters: stage widths ``base_channels * (1, 2, 4, 8)`` with ``blocks_per_stage`` residual
-    blocks each, in encoder and decoder."""
+    """The compact teacher: ``latent_dim`` (512) numbers per crop, stage widths ``base_channels
+    * (1, 2, 4, 8)`` with ``blocks_per_stage`` residual blocks each (about 10x the student)."""
 
     def __init__(self, latent_dim: int = 512, image_size: int = 64, input_channels: int = 3,
                  base_channels: int = 24, blocks_per_stage: int = 1) -> None:

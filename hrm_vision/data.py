@@ -1,30 +1,22 @@
-"""Datasets and image files. Every dataset yields ``(3, S, S)`` float RGB tensors in [0, 1].
+"""Datasets and image files. Every dataset keeps its images as uint8 and yields ``(3, S, S)``
+float RGB tensors in [0, 1], deterministic per index (the distiller caches the teacher's
+outputs). :func:`build_dataset` builds the ``"train"`` or ``"val"`` split of one of:
 
-``build_dataset(name, split, **options)`` returns a ``torch.utils.data.Dataset`` (``split``:
-``"train"`` or ``"val"``); the names are in :data:`DATASETS`:
-
-* ``photos``: the offline embedded dataset, crops of the natural photographs bundled in the
-  scikit-image wheel (never downloaded), split *by photograph*, deterministic for a seed
-  (needs the ``photos`` extra);
+* ``photos``: crops of the photographs bundled in the scikit-image wheel (never downloaded),
+  split *by photograph*, deterministic for a seed (needs the ``photos`` extra);
 * ``cifar10``: CIFAR-10 in torchvision's layout (``<data_dir>/cifar-10-batches-py/``), fetched
-  only with ``download=True`` (torchvision's downloader, MD5-checked). The batches are pickles:
-  they are read with an unpickler that only rebuilds numpy arrays (a tampered file cannot run
-  code) and each is checked for its shape;
+  only with ``download=True`` (MD5-checked); the batch pickles are read by an unpickler that
+  only rebuilds numpy arrays (a tampered file cannot run code), each checked for its shape;
 * ``imagefolder``: every image under a folder (recursive, hidden entries skipped), split by a
-  hash of its relative path and ``seed`` (stable when files are added), decoded once, centre
-  cropped and resized (needs the ``train`` extra). Undecodable files are skipped, counted
-  (``.skipped``) and logged with the reason; a folder with no readable image is an error.
-
-Items are deterministic per index (no random augmentation: the distiller caches the teacher's
-outputs). Every dataset keeps its images as uint8.
+  hash of its relative path and ``seed`` (stable when files are added), centre cropped and
+  resized once (needs the ``train`` extra). Undecodable files are skipped, kept in
+  ``.skipped`` and logged; a folder with no readable image is an error.
 
 **Image files** (:func:`read_image`, :func:`load_square_uint8`) are scaled by their bit depth:
-8-bit ``/ 255``, 16-bit (``I;16``, and ``I`` from PNG/PPM) ``/ 65535``, float files in [0, 1]
-as they are; where the scale cannot be known (32-bit integers, floats outside [0, 1], NaN,
-multi-channel float TIFFs) the error says why (:class:`UnsupportedImageError`). Before decoding,
-a file must be a regular file (a FIFO would block) with at most ``max_pixels`` pixels in its
-header (default :data:`MAX_PIXELS`, ``$HRM_VISION_MAX_IMAGE_PIXELS``): a small file can declare
-a huge image. Pillow and tqdm are imported on first use.
+8-bit ``/ 255``, 16-bit (``I;16``, and ``I`` from PNG/PPM) ``/ 65535``, floats in [0, 1] as
+they are; an unknown scale (32-bit integers, floats outside [0, 1], NaN, multi-channel float
+TIFFs) is an error saying why. Only regular files with at most ``max_pixels`` pixels in their
+header (default :data:`MAX_PIXELS`, ``$HRM_VISION_MAX_IMAGE_PIXELS``) are decoded.
 """
 
 from __future__ import annotations
@@ -36,7 +28,7 @@ import os
 import pickle
 import stat
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -53,14 +45,10 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------- image files
-#: Pillow modes holding 16-bit unsigned integers.
-MODES_16BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
-#: Pillow formats whose ``I`` mode holds values scaled to 16 bits.
-I_MODE_16BIT_FORMATS = frozenset({"PNG", "PPM"})
-#: Default largest pixel count (width x height) of an image file that is decoded.
-MAX_PIXELS = 50_000_000
-#: Environment variable that replaces :data:`MAX_PIXELS` (a positive integer).
-MAX_PIXELS_ENV = "HRM_VISION_MAX_IMAGE_PIXELS"
+MODES_16BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})  #: Pillow's 16-bit modes
+I_MODE_16BIT_FORMATS = frozenset({"PNG", "PPM"})  #: formats whose ``I`` mode holds 16 bits
+MAX_PIXELS = 50_000_000  #: default largest width x height of an image file that is decoded
+MAX_PIXELS_ENV = "HRM_VISION_MAX_IMAGE_PIXELS"  #: replaces :data:`MAX_PIXELS`
 
 
 class UnsupportedImageError(ValueError):
@@ -68,11 +56,8 @@ class UnsupportedImageError(ValueError):
 
 
 def max_pixels_default() -> int:
-    """:data:`MAX_PIXELS`, or the positive integer in ``$HRM_VISION_MAX_IMAGE_PIXELS`` (anything
-    else there is a ``ValueError``)."""
-    raw = os.environ.get(MAX_PIXELS_ENV)
-    if raw is None:
-        return MAX_PIXELS
+    """:data:`MAX_PIXELS`, or the positive integer (else a ``ValueError``) in its variable."""
+    raw = os.environ.get(MAX_PIXELS_ENV, str(MAX_PIXELS))
     try:
         value = int(raw)
     except ValueError:
@@ -84,8 +69,7 @@ def max_pixels_default() -> int:
 
 def _pil(purpose: str) -> tuple[Any, Any]:
     image = require("PIL.Image", extra="train", purpose=purpose)
-    ops = require("PIL.ImageOps", extra="train", purpose=purpose)
-    return image, ops
+    return image, require("PIL.ImageOps", extra="train", purpose=purpose)
 
 
 def is_high_depth(img: Any) -> bool:
@@ -94,9 +78,9 @@ def is_high_depth(img: Any) -> bool:
 
 
 def single_channel_unit(img: Any, source: str = "image", fmt: str | None = None) -> np.ndarray:
-    """A high-depth single-channel PIL image as an ``(H, W)`` float32 array in [0, 1]; ``fmt``
-    (the file format Pillow reported) tells whether an ``I`` image holds 16-bit values. An
-    :class:`UnsupportedImageError` when the scale is unknown (see the module docstring)."""
+    """A high-depth (:func:`is_high_depth`) PIL image as an ``(H, W)`` float32 array in [0, 1]
+    (``fmt``, the file format, tells whether an ``I`` image is 16-bit);
+    :class:`UnsupportedImageError` when the scale is unknown."""
     fmt = fmt or img.format
     if img.mode in MODES_16BIT:
         return np.asarray(img, dtype=np.float32) / 65535.0
@@ -108,33 +92,27 @@ def single_channel_unit(img: Any, source: str = "image", fmt: str | None = None)
         raise UnsupportedImageError(
             f"{source}: 32-bit integer pixels ({fmt or 'unknown'} format), whose range is "
             "unknown; save it as 8- or 16-bit")
-    if img.mode == "F":
-        values = np.asarray(img, dtype=np.float32)
-        if not np.isfinite(values).all():
-            raise UnsupportedImageError(f"{source}: float pixels with NaN or infinite values")
-        lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-        if lo < 0.0 or hi > 1.0:
-            raise UnsupportedImageError(
-                f"{source}: float pixels in [{lo:.4g}, {hi:.4g}], outside [0, 1], so their scale "
-                "is unknown; save floats in [0, 1], or as 8- or 16-bit")
-        return values
-    raise ValueError(f"{source}: mode {img.mode!r} is not a high-depth single-channel mode")
+    values = np.asarray(img, dtype=np.float32)  # mode "F"
+    if not np.isfinite(values).all():
+        raise UnsupportedImageError(f"{source}: float pixels with NaN or infinite values")
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if lo < 0.0 or hi > 1.0:
+        raise UnsupportedImageError(
+            f"{source}: float pixels in [{lo:.4g}, {hi:.4g}], outside [0, 1], so their scale "
+            "is unknown; save floats in [0, 1], or as 8- or 16-bit")
+    return values
 
 
 def open_image(path: str | os.PathLike[str], purpose: str = "reading images",
                max_pixels: int | None = None) -> tuple[Any, str | None]:
-    """Open ``path`` with Pillow: ``(image with EXIF orientation applied, file format)``.
-
-    ``max_pixels`` (default :func:`max_pixels_default`) bounds width x height, read from the
-    header before any pixel is decoded. Raises ``OSError`` for a missing, unreadable or
-    undecodable file (a hint for multi-channel float TIFFs), :class:`UnsupportedImageError` for
-    a file that is not regular or too large, ``ValueError`` for an image with no pixels.
-    """
+    """``(image with EXIF orientation applied, file format)`` of ``path``, opened with Pillow.
+    Raises ``OSError`` for a missing or undecodable file, :class:`UnsupportedImageError` for one
+    that is not regular or has more than ``max_pixels`` pixels (read from the header),
+    ``ValueError`` for an image with no pixels."""
     image, ops = _pil(purpose)
     path = Path(path)
     limit = max_pixels_default() if max_pixels is None else max_pixels
-    mode = os.stat(path).st_mode  # a missing file: FileNotFoundError naming it
-    if not stat.S_ISREG(mode):
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a missing file: FileNotFoundError naming it
         raise UnsupportedImageError(f"{path}: not a regular file (a folder, FIFO, socket or "
                                     "device); only image files are read")
     try:
@@ -164,9 +142,8 @@ def open_image(path: str | os.PathLike[str], purpose: str = "reading images",
 
 def read_image(path: str | os.PathLike[str], purpose: str = "reading images",
                max_pixels: int | None = None) -> np.ndarray:
-    """``path`` as an ``(H, W, 3)`` float32 RGB array in [0, 1], scaled by its bit depth (see
-    the module docstring; grey is repeated over the three channels, alpha dropped). Raises what
-    :func:`open_image` and :func:`single_channel_unit` raise."""
+    """``path`` as an ``(H, W, 3)`` float32 RGB array in [0, 1], scaled by its bit depth (grey
+    repeated over the channels, alpha dropped)."""
     img, fmt = open_image(path, purpose, max_pixels)
     if is_high_depth(img):
         gray = single_channel_unit(img, str(path), fmt)
@@ -176,9 +153,8 @@ def read_image(path: str | os.PathLike[str], purpose: str = "reading images",
 
 def load_square_uint8(path: str | os.PathLike[str], image_size: int,
                       purpose: str = "reading images") -> np.ndarray:
-    """``path`` as an ``(S, S, 3)`` uint8 RGB array: centre-cropped square, resized (Lanczos).
-    8-bit files take exactly Pillow's uint8 path; 16-bit and float files are scaled to [0, 1]
-    first (as by :func:`read_image`), resized as floats, then rounded to 8 bits."""
+    """``path`` as an ``(S, S, 3)`` uint8 RGB array: centre-cropped square, resized (Lanczos);
+    16-bit and float files are scaled to [0, 1] and resized as floats, then rounded."""
     image, ops = _pil(purpose)
     img, fmt = open_image(path, purpose)
     size = (image_size, image_size)
@@ -211,8 +187,7 @@ def _check_split(split: str, image_size: int) -> None:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
 
 
-#: What the missing-extra message says needs scikit-image and pillow.
-_PURPOSE = "the 'photos' dataset"
+_PURPOSE = "the 'photos' dataset"  #: what the missing-extra message names
 
 #: Natural photographs bundled in the scikit-image wheel (grey ones are repeated to RGB).
 #: ``motorcycle`` is the left view of ``stereo_motorcycle``.
@@ -221,12 +196,9 @@ PHOTOS: tuple[str, ...] = (
     "gravel", "hubble_deep_field", "immunohistochemistry", "moon", "motorcycle", "page",
     "retina", "rocket", "text",
 )
-#: Photographs held out for validation by default (two colour, one grey).
-VAL_PHOTOS: tuple[str, ...] = ("coffee", "rocket", "camera")
-#: Rescaling factors applied to each photograph before cropping.
-SCALES: tuple[float, ...] = (1.0, 0.5, 0.25)
-#: Crops whose pixel standard deviation (in [0, 1] units) is below this are rejected.
-MIN_CROP_STD = 0.03
+VAL_PHOTOS: tuple[str, ...] = ("coffee", "rocket", "camera")  #: held out by default
+SCALES: tuple[float, ...] = (1.0, 0.5, 0.25)  #: rescaling factors of a photo before cropping
+MIN_CROP_STD = 0.03  #: crops with a lower pixel standard deviation are rejected
 
 
 def load_photo(name: str) -> np.ndarray:
@@ -259,16 +231,17 @@ def _rescaled(img: np.ndarray, scale: float) -> np.ndarray:
 
 def make_crops(photos: Sequence[str], num_crops: int, image_size: int, seed: int,
                scales: Sequence[float] = SCALES) -> Tensor:
-    """``num_crops`` random crops, ``(N, 3, image_size, image_size)`` uint8, spread evenly over
-    every (photo, scale) pair whose rescaled photo is at least ``image_size`` on each side."""
+    """``num_crops`` random crops ``(N, 3, S, S)`` uint8 of the named photos (see
+    :func:`crop_images`)."""
     return crop_images([load_photo(name) for name in photos], num_crops, image_size, seed,
                        scales, label=f"photo of {list(photos)}")
 
 
 def crop_images(images: Sequence[np.ndarray], num_crops: int, image_size: int, seed: int,
                 scales: Sequence[float] = SCALES, label: str = "image") -> Tensor:
-    """:func:`make_crops` of any (H, W, 3) uint8 RGB arrays ``images`` (``label`` names them in
-    the error raised when none is large enough)."""
+    """``num_crops`` random crops ``(N, 3, S, S)`` uint8 of (H, W, 3) uint8 ``images``, spread
+    evenly over every (image, scale) pair at least ``image_size`` on each side (``label`` names
+    them in the error when there is none)."""
     rng = np.random.default_rng(seed)
     sources = []
     for img in images:
@@ -293,12 +266,8 @@ def crop_images(images: Sequence[np.ndarray], num_crops: int, image_size: int, s
 
 
 class PhotoCrops(_Uint8Images):
-    """Crops of scikit-image's bundled photographs; items are (3, S, S) float RGB in [0, 1].
-
-    ``split``: ``"train"`` (photos not in ``val_photos``) or ``"val"`` (``val_photos``);
-    ``num_crops`` defaults to 16384 for train and 1024 for val; ``seed`` places the crops (the
-    validation seed is offset so the two splits never share one).
-    """
+    """Crops of scikit-image's photographs: ``"val"`` of ``val_photos``, ``"train"`` of the
+    others; ``num_crops`` 16384 (train) or 1024 (val) by default, placed by ``seed``."""
 
     def __init__(self, split: str = "train", image_size: int = 32, num_crops: int | None = None,
                  seed: int = 0, val_photos: Sequence[str] = VAL_PHOTOS) -> None:
@@ -359,9 +328,8 @@ def ensure_files(root: Path, files: tuple[str, ...], download: bool) -> None:
             f"CIFAR-10 not found in {root / BATCH_DIR} (missing {', '.join(missing)}): pass "
             f"--download to fetch it (about 170 MB), or put the extracted '{BATCH_DIR}' folder "
             f"into --data-dir ({root})")
-    datasets = require("torchvision.datasets", extra="train", purpose="downloading CIFAR-10")
     utils = require("torchvision.datasets.utils", extra="train", purpose="downloading CIFAR-10")
-    cifar = datasets.CIFAR10
+    cifar = require("torchvision.datasets", extra="train", purpose="downloading CIFAR-10").CIFAR10
     try:
         utils.download_and_extract_archive(cifar.url, str(root), filename=cifar.filename,
                                            md5=cifar.tgz_md5)
@@ -372,10 +340,8 @@ def ensure_files(root: Path, files: tuple[str, ...], download: bool) -> None:
 
 
 class CIFAR10Images(_Uint8Images):
-    """CIFAR-10 images (labels unused); items are ``(3, S, S)`` float RGB in [0, 1]: the 50000
-    training images (``"train"``) or the 10000 test images (``"val"``) from ``data_dir``,
-    resized (bilinear, antialiased) when ``image_size`` is not 32, downloaded only with
-    ``download``."""
+    """The 50000 training (``"train"``) or 10000 test (``"val"``) CIFAR-10 images in
+    ``data_dir``, resized (bilinear, antialiased) when ``image_size`` is not 32."""
 
     def __init__(self, split: str = "train", data_dir: str | Path = "./data",
                  image_size: int = CIFAR_SIZE, download: bool = False) -> None:
@@ -395,36 +361,25 @@ class CIFAR10Images(_Uint8Images):
         return x
 
 
-#: Extensions (lower case) treated as images.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({
     ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
 })
-#: Default fraction of files assigned to the validation split.
-VAL_FRACTION = 0.1
+VAL_FRACTION = 0.1  #: default fraction of the files in the validation split
 
 
 def find_images(root: Path) -> list[str]:
     """Sorted POSIX paths (relative to ``root``) of image files under ``root``, recursively."""
-    found = []
-    for path in root.rglob("*"):
-        rel = path.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-            found.append(rel.as_posix())
-    return sorted(found)
-
-
-def split_score(rel_path: str, seed: int) -> float:
-    """A number in [0, 1) fixed by ``(seed, rel_path)``; files below the val fraction are val."""
-    digest = hashlib.sha256(f"{seed}:{rel_path}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+    found = [path.relative_to(root) for path in root.rglob("*")
+             if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()]
+    return sorted(rel.as_posix() for rel in found
+                  if not any(part.startswith(".") for part in rel.parts))
 
 
 def split_files(files: list[str], val_fraction: float, seed: int) -> dict[str, list[str]]:
-    """``{"train": [...], "val": [...]}`` by hash score; each split gets at least one file
-    when there are two or more."""
-    scores = {f: split_score(f, seed) for f in files}
+    """``{"train": [...], "val": [...]}``: a file is val when a number in [0, 1) fixed by
+    ``(seed, path)`` is below ``val_fraction``; each split gets a file when there are two."""
+    scores = {f: int.from_bytes(hashlib.sha256(f"{seed}:{f}".encode()).digest()[:8], "big")
+              / 2.0 ** 64 for f in files}
     val = [f for f in files if scores[f] < val_fraction]
     train = [f for f in files if scores[f] >= val_fraction]
     if len(files) >= 2 and val_fraction > 0 and not val:
@@ -437,12 +392,9 @@ def split_files(files: list[str], val_fraction: float, seed: int) -> dict[str, l
 
 
 class ImageFolderImages(_Uint8Images):
-    """Images under ``root`` (recursively); items are ``(3, S, S)`` float RGB in [0, 1].
-
-    ``seed`` changes which files are held out for validation (about ``val_fraction`` of them).
+    """Images under ``root`` (recursively), about ``val_fraction`` of them held out by ``seed``.
     ``files``: relative paths of the images kept, in item order; ``skipped``: ``(relative path,
-    reason)`` of the files of this split that could not be read.
-    """
+    reason)`` of the files of this split that could not be read."""
 
     def __init__(self, root: str | Path, split: str = "train", image_size: int = 32,
                  seed: int = 0, val_fraction: float = VAL_FRACTION) -> None:
@@ -467,10 +419,9 @@ class ImageFolderImages(_Uint8Images):
             try:
                 arrays.append(load_square_uint8(self.root / rel, image_size,
                                                 purpose="the 'imagefolder' dataset"))
+                self.files.append(rel)
             except Exception as exc:  # PIL raises many types for broken files; all are skipped
                 self.skipped.append((rel, f"{type(exc).__name__}: {exc}".splitlines()[0]))
-                continue
-            self.files.append(rel)
         if self.skipped:
             shown = "; ".join(f"{rel}: {reason}" for rel, reason in self.skipped[:3])
             more = f" (+{len(self.skipped) - 3} more in .skipped)" if len(self.skipped) > 3 else ""
@@ -486,45 +437,22 @@ class ImageFolderImages(_Uint8Images):
         self.images_uint8 = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
-# ---------------------------------------------------------------------- registry
-DatasetFactory = Callable[..., Dataset]
-
-#: name -> factory(split, **options)
-DATASETS: dict[str, DatasetFactory] = {}
+# ---------------------------------------------------------------------- by name
+DATASETS: tuple[str, ...] = ("cifar10", "imagefolder", "photos")  #: :func:`build_dataset`'s
 
 
-def register_dataset(name: str) -> Callable[[DatasetFactory], DatasetFactory]:
-    """Decorator registering a dataset factory under ``name``."""
-
-    def deco(factory: DatasetFactory) -> DatasetFactory:
-        DATASETS[name] = factory
-        return factory
-
-    return deco
-
-
-@register_dataset("photos")
-def _photos(split: str, image_size: int = 32, seed: int = 0, **_: Any) -> Dataset:
-    return PhotoCrops(split, image_size=image_size, seed=seed)
-
-
-@register_dataset("cifar10")
-def _cifar10(split: str, image_size: int = 32, data_dir: str = "./data", download: bool = False,
-             **_: Any) -> Dataset:
-    return CIFAR10Images(split, data_dir=data_dir, image_size=image_size, download=download)
-
-
-@register_dataset("imagefolder")
-def _imagefolder(split: str, image_size: int = 32, seed: int = 0, data_dir: str = "./data",
-                 **_: Any) -> Dataset:
-    return ImageFolderImages(data_dir, split, image_size=image_size, seed=seed)
-
-
-def build_dataset(name: str, split: str, **options: Any) -> Dataset:
-    """The ``split`` ("train" or "val") of dataset ``name`` with dataset-specific ``options``."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
-    return DATASETS[name](split, **options)
+def build_dataset(name: str, split: str, image_size: int = 32, seed: int = 0,
+                  data_dir: str | Path = "./data", download: bool = False) -> _Uint8Images:
+    """The ``split`` ("train" or "val") of dataset ``name``: ``seed`` places the photo crops and
+    splits the image folder, ``data_dir`` holds CIFAR-10 or is the image folder, ``download``
+    fetches CIFAR-10."""
+    if name == "photos":
+        return PhotoCrops(split, image_size=image_size, seed=seed)
+    if name == "cifar10":
+        return CIFAR10Images(split, data_dir=data_dir, image_size=image_size, download=download)
+    if name == "imagefolder":
+        return ImageFolderImages(data_dir, split, image_size=image_size, seed=seed)
+    raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}")
 
 
 def validation_images(dataset: str, num_images: int, image_size: int,
@@ -534,9 +462,4 @@ def validation_images(dataset: str, num_images: int, image_size: int,
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     ds = build_dataset(dataset, split, image_size=image_size, data_dir=data_dir)
-    n = min(num_images, len(ds))  # type: ignore[arg-type]
-    return torch.stack([_image(ds[i]) for i in range(n)])
-
-
-def _image(item: Tensor | tuple[Tensor, ...]) -> Tensor:
-    return item[0] if isinstance(item, (tuple, list)) else item
+    return torch.stack([ds[i] for i in range(min(num_images, len(ds)))])

@@ -1,30 +1,23 @@
 """Files on disk: model weights, atomic writes, JSON, the one-writer folder lock, and the
 one-line form of errors about files and configs.
 
->>> model = hrm_vision.load("checkpoints/tinyvae_best.pth")       # doctest: +SKIP
->>> hrm_vision.save(model, "tinyvae.safetensors")                 # doctest: +SKIP
->>> model = hrm_vision.load("tinyvae.safetensors")                # doctest: +SKIP
-
-**Checkpoints** (``.pth``) are plain dicts of tensors, numbers, strings, lists and dicts
-(``torch.load`` reads them under the default ``weights_only=True``; every tensor on the CPU):
-``format_version`` (absent reads as 1, a newer one is refused) and per role (``"student"``,
-``"teacher"``) ``{role}_state_dict`` (no ``module.`` prefixes) and ``{role}_arch``
-(``{"name": <registry name>, **constructor kwargs}``); ``"adapter"`` holds the
-:class:`~hrm_vision.vae.LatentAdapter` (its arch has no name). The trainer adds its state.
-**Safetensors** files hold tensors (nothing is unpickled) and string metadata: ``arch``,
-``role``, ``images`` (:data:`IMAGE_CONVENTION`), ``format_version``, ``library``, and with an
-adapter ``adapter_arch`` (its tensors under ``adapter.``).
+**Checkpoints** (``.pth``, read with ``weights_only=True``) are dicts of CPU tensors, numbers,
+strings, lists and dicts: ``format_version`` (absent reads as 1, a newer one is refused) and per
+role (``"student"``, ``"teacher"``, ``"adapter"``) ``{role}_state_dict`` and ``{role}_arch``
+(``{"name": <registry name>, **constructor kwargs}``; the adapter's has no name).
+**Safetensors** files hold the tensors (the adapter's under ``adapter.``) and string metadata:
+``arch``, ``role``, ``images`` (:data:`IMAGE_CONVENTION`), ``format_version``, ``library`` and
+``adapter_arch``.
 
 **Loading checks**, before anything is built: a registered architecture whose integer arguments
-do not exceed the widest stored tensor, nesting of at most :data:`MAX_NESTING` levels, metadata
-of at most :data:`MAX_METADATA_CHARS` characters; then the model's exact keys, shapes (before a
-``.safetensors`` file's data is read) and dtypes, and finite values. Every problem is a
-:class:`CheckpointError` naming the file. Models load in eval mode on the CPU unless ``device``
-is given.
+do not exceed the widest stored tensor, at most :data:`MAX_NESTING` levels of nesting, at most
+:data:`MAX_METADATA_CHARS` characters of metadata; then exact keys, shapes (before a
+``.safetensors`` file's data is read), dtypes and finite values. Every problem is a
+:class:`CheckpointError` naming the file.
 
-**Writes** go through :func:`atomic_write` (temporary ``.{name}.XXXXXXXX.tmp`` beside the file,
-fsync, ``os.replace``, permissions ``0o666`` less the umask): a crash leaves the previous file
-or the new one; a failed write is an ``OSError`` naming the file, and leaves no temporary file.
+**Writes** (:func:`atomic_write`): a temporary ``.{name}.XXXXXXXX.tmp`` beside the file, fsync,
+``os.replace``, permissions ``0o666`` less the umask; a failed write is an ``OSError`` naming
+the file and leaves no temporary file.
 """
 
 from __future__ import annotations
@@ -53,24 +46,15 @@ from .vae import MODELS, LatentAdapter, VAEBase, build_model, model_name
 if TYPE_CHECKING:
     from pydantic import ValidationError
 
-#: Version of the layout of both formats (``format_version`` key or metadata).
-FORMAT_VERSION = 1
-#: The role of the student-to-teacher latent adapter (not a VAE: its arch has no registry name).
-ADAPTER_ROLE = "adapter"
-#: File suffix of the safetensors format; any other suffix is read as a ``.pth`` checkpoint.
-SAFETENSORS_SUFFIX = ".safetensors"
-#: The image convention stored in every ``.safetensors`` file.
+FORMAT_VERSION = 1  #: layout version of both formats
+ADAPTER_ROLE = "adapter"  #: the latent adapter's role (its arch has no registry name)
+SAFETENSORS_SUFFIX = ".safetensors"  #: any other suffix is read as a ``.pth`` checkpoint
 IMAGE_CONVENTION = "float RGB in [0, 1], NCHW, H and W divisible by 8"
-#: Name prefix of the adapter's tensors in a ``.safetensors`` file.
-ADAPTER_PREFIX = "adapter."
-#: Most characters of a ``.safetensors`` file's metadata, keys and values together.
-MAX_METADATA_CHARS = 1 << 16
-#: Deepest nesting of lists, tuples and dicts a loaded file may hold (this package's: 4).
-MAX_NESTING = 32
-#: Largest integer architecture argument a stored file may ask for (these models: 512).
-MAX_ARCH_INT = 1 << 16
-#: Names of the temporary files :func:`atomic_write` creates.
-TEMPORARY_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+ADAPTER_PREFIX = "adapter."  #: name prefix of the adapter's tensors in a ``.safetensors`` file
+MAX_METADATA_CHARS = 1 << 16  #: metadata keys and values together
+MAX_NESTING = 32  #: of lists, tuples and dicts in a loaded file (this package writes 4)
+MAX_ARCH_INT = 1 << 16  #: largest stored integer architecture argument (these models: 512)
+TEMPORARY_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  #: :func:`atomic_write`'s files
 
 
 class CheckpointError(ValueError):
@@ -88,46 +72,39 @@ def _listed(items: list[str]) -> str:
     return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
 
 
+def _children(value: Any) -> Iterable[tuple[Any, Any]] | None:
+    """The ``(key, item)`` pairs of a dict, list or tuple; None for anything else."""
+    if isinstance(value, dict):
+        return value.items()
+    return enumerate(value) if isinstance(value, (list, tuple)) else None
+
+
 def check_nesting(value: Any, source: str, limit: int = MAX_NESTING) -> None:
     """A ``CheckpointError`` when the lists, tuples and dicts of ``value`` nest more than
-    ``limit`` levels; walks without recursion (a file nesting 100,000 levels is refused before
-    anything recurses over it)."""
+    ``limit`` levels; walks without recursion, so 100,000 levels are refused too."""
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, dict):
-            children: Any = item.values()
-        elif isinstance(item, (list, tuple)):
-            children = item
-        else:
-            continue
-        if depth >= limit:
+        children = _children(item)
+        if children is not None and depth >= limit:
             raise CheckpointError(f"{source} is nested too deep: more than {limit} levels of "
                                   "lists and dicts (a crafted or corrupt file?)")
-        stack.extend((child, depth + 1) for child in children)
+        stack.extend((child, depth + 1) for _, child in children or ())
 
 
 def non_finite_tensors(value: Any, prefix: str = "") -> list[str]:
     """The ``a.b.c`` paths (through dicts, lists and tuples) of every floating-point tensor in
     ``value`` holding a NaN or an infinity."""
     if isinstance(value, Tensor):
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            return [prefix or "<tensor>"]
-        return []
-    if isinstance(value, dict):
-        items: Any = value.items()
-    elif isinstance(value, (list, tuple)):
-        items = enumerate(value)
-    else:
-        return []
-    return [bad for k, v in items
+        finite = not value.is_floating_point() or bool(torch.isfinite(value).all())
+        return [] if finite else [prefix or "<tensor>"]
+    return [bad for k, v in _children(value) or ()
             for bad in non_finite_tensors(v, f"{prefix}.{k}" if prefix else str(k))]
 
 
 def check_finite(value: Any, message: str, suffix: str = "") -> None:
     """A ``CheckpointError`` ``"{message} {tensors}{suffix}"`` naming the non-finite
-    floating-point tensors of ``value`` (:func:`non_finite_tensors`); nothing when all are
-    finite."""
+    floating-point tensors of ``value``, if any."""
     bad = non_finite_tensors(value)
     if bad:
         raise CheckpointError(f"{message} {_listed(bad)}{suffix}")
@@ -146,35 +123,26 @@ def check_state_dict(state: Any, source: str) -> dict[str, Tensor]:
     return dict(state)
 
 
-def dtype_fits(stored: torch.dtype, model: torch.dtype) -> bool:
-    """A floating model tensor takes any floating dtype (cast: fp16/bf16 files load); any other
-    exactly its own (an integer or bool tensor is never a weight)."""
-    return stored.is_floating_point if model.is_floating_point else stored == model
-
-
 def _check_layout(module: nn.Module,
                   stored: Mapping[str, tuple[tuple[int, ...], torch.dtype | None]],
                   source: str) -> None:
     """A ``CheckpointError`` unless ``stored`` (name -> (shape, dtype or None: not checked))
-    has exactly the module's keys and shapes and fitting dtypes."""
+    has exactly the module's keys and shapes, and dtypes that fit: any floating dtype for a
+    floating tensor (cast on load), exactly its own for an integer or bool one."""
     own = module.state_dict()
-    missing = sorted(set(own) - set(stored))
-    unexpected = sorted(set(stored) - set(own))
-    mismatched = [f"{k}: checkpoint {stored[k][0]} vs model {tuple(v.shape)}"
-                  for k, v in own.items() if k in stored and stored[k][0] != tuple(v.shape)]
-    mistyped = [f"{k}: checkpoint {dtype} vs model {v.dtype}" for k, v in own.items()
-                if (dtype := stored.get(k, ((), None))[1]) is not None
-                and not dtype_fits(dtype, v.dtype)]
-    parts = []
-    if mistyped:
-        parts.append("wrong dtypes (floating weights must be stored as floats, integer "
-                     f"buffers as the same integers): {_listed(mistyped)}")
-    if mismatched:
-        parts.append(f"shape mismatches: {_listed(mismatched)}")
-    if missing:
-        parts.append(f"missing keys: {_listed(missing)}")
-    if unexpected:
-        parts.append(f"unexpected keys: {_listed(unexpected)}")
+    problems = {
+        "wrong dtypes (floating weights must be stored as floats, integer buffers as the same "
+        "integers)": [f"{k}: checkpoint {dtype} vs model {v.dtype}" for k, v in own.items()
+                      if (dtype := stored.get(k, ((), None))[1]) is not None
+                      and not (dtype.is_floating_point if v.is_floating_point()
+                               else dtype == v.dtype)],
+        "shape mismatches": [f"{k}: checkpoint {stored[k][0]} vs model {tuple(v.shape)}"
+                             for k, v in own.items()
+                             if k in stored and stored[k][0] != tuple(v.shape)],
+        "missing keys": sorted(set(own) - set(stored)),
+        "unexpected keys": sorted(set(stored) - set(own)),
+    }
+    parts = [f"{label}: {_listed(items)}" for label, items in problems.items() if items]
     if parts:
         raise CheckpointError(f"{source} does not fit {type(module).__name__}: "
                               + " | ".join(parts))
@@ -195,16 +163,10 @@ def load_state_checked(module: nn.Module, state: Any, source: str) -> None:
     module.load_state_dict(check_fits(module, state, source))
 
 
-def widest_stored(shapes: Iterable[tuple[int, ...]]) -> int:
-    """The largest dimension of the stored tensors that hold values (an empty tensor of shape
-    ``(0, 200000)`` stores nothing and lifts nothing)."""
-    return max((d for s in shapes if math.prod(s) for d in s), default=0)
-
-
 def check_arch_sizes(kwargs: Mapping[str, Any], widest: int, source: str,
                      label: str = "architecture") -> None:
-    """Refuse integer architecture arguments outside ``[0, min(widest, MAX_ARCH_INT)]`` before
-    anything is built: no size of these models exceeds the widest stored tensor."""
+    """Refuse integer arguments outside ``[0, min(widest, MAX_ARCH_INT)]``: no size of these
+    models exceeds the widest stored tensor."""
     limit = min(widest, MAX_ARCH_INT)
     for key, value in kwargs.items():
         if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= limit:
@@ -235,24 +197,20 @@ def check_adapter_arch(arch: Any, widest: int, source: str) -> dict[str, int | b
     """The constructor kwargs of a stored ``adapter_arch``: positive integer sizes
     (``student_dim``, ``teacher_dim``) within :func:`check_arch_sizes`, and optionally the bool
     ``vector``."""
-    if not isinstance(arch, Mapping):
+    sizes = {k: v for k, v in arch.items() if k != "vector"} if isinstance(arch, Mapping) else {}
+    if not sizes or not all(isinstance(k, str) and isinstance(v, int)
+                            and not isinstance(v, bool) and v >= 1 for k, v in sizes.items()):
         raise CheckpointError(f"{source}: adapter_arch {arch!r} must map names to positive "
                               "integer sizes")
     if not isinstance(arch.get("vector", False), bool):
         raise CheckpointError(f"{source}: adapter_arch 'vector' must be true or false, got "
                               f"{arch['vector']!r}")
-    sizes = {k: v for k, v in arch.items() if k != "vector"}
-    if not sizes or not all(isinstance(k, str) and isinstance(v, int)
-                            and not isinstance(v, bool) and v >= 1 for k, v in sizes.items()):
-        raise CheckpointError(f"{source}: adapter_arch {arch!r} must map names to positive "
-                              "integer sizes")
     check_arch_sizes(sizes, widest, source, label="adapter_arch")
     return dict(arch)
 
 
 def check_format_version(version: Any, source: str) -> int:
-    """``version`` (a file's ``format_version``) when this package reads it; a
-    ``CheckpointError`` for a newer or malformed one."""
+    """A file's ``format_version``; a ``CheckpointError`` for a newer or malformed one."""
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise CheckpointError(f"{source}: format_version must be a positive integer, "
                               f"got {version!r}")
@@ -306,9 +264,8 @@ def current_umask() -> int:
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> Path:
     """Call ``write(f)`` on a temporary binary file next to ``path`` (parents created), fsync it
-    and move it into place with ``os.replace``; returns ``path``. On any failure the temporary
-    file is removed and ``path`` is untouched; an ``OSError`` behind it (no space, read-only
-    folder, even wrapped by ``write``) is raised again with its errno, naming ``path``."""
+    and ``os.replace`` it onto ``path``; returns ``path``. On a failure ``path`` is untouched
+    and an ``OSError`` behind it (even wrapped by ``write``) is raised again naming ``path``."""
     path = Path(path)
     tmp: str | None = None
     try:
@@ -340,20 +297,16 @@ class FolderLockedError(OSError):
 class FolderLock:
     """An exclusive lock on ``folder`` for one writer, from :meth:`acquire` (or ``with``) to
     :meth:`release`: ``fcntl.flock`` on ``folder/.lock``, which records the holder's pid, host and
-    start time for the :class:`FolderLockedError` another process gets. The kernel drops the lock
-    of a holder that dies, so there is never a stale lock. :meth:`release` deletes the file while
-    still locked, so :meth:`acquire` checks that the file it locked is still the one there."""
+    start time for the :class:`FolderLockedError` another process gets; the kernel drops the lock
+    of a holder that dies."""
 
     NAME = ".lock"
 
     def __init__(self, folder: str | os.PathLike[str], purpose: str = "writing") -> None:
         self.folder = Path(folder)
+        self.path = self.folder / self.NAME
         self.purpose = purpose
         self._fd: int | None = None
-
-    @property
-    def path(self) -> Path:
-        return self.folder / self.NAME
 
     @property
     def held(self) -> bool:
@@ -372,15 +325,23 @@ class FolderLock:
             except BlockingIOError:
                 holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
                 os.close(fd)
-                raise FolderLockedError(
-                    f"{self.folder} is in use by another process ({self._describe(holder)}); "
-                    "wait for it to finish, or use another folder") from None
+                try:
+                    info = json.loads(holder)
+                    holder = (f"pid {info['pid']} on {info['host']}, {info['purpose']} since "
+                              f"{info['started']}")
+                except (ValueError, KeyError, TypeError):
+                    holder = "holder unknown"
+                raise FolderLockedError(f"{self.folder} is in use by another process ({holder}); "
+                                        "wait for it to finish, or use another folder") from None
             except BaseException:
                 os.close(fd)
                 raise
-            if self._is_current(fd):
-                break
-            os.close(fd)  # a releasing holder deleted the file after we opened it: open anew
+            # release() deletes the file while locked: lock again unless ours is still there
+            with contextlib.suppress(FileNotFoundError):
+                now, mine = os.stat(self.path), os.fstat(fd)
+                if (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino):
+                    break
+            os.close(fd)
         record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                              "purpose": self.purpose}).encode()
@@ -388,24 +349,6 @@ class FolderLock:
         os.pwrite(fd, record + b"\n", 0)
         self._fd = fd
         return self
-
-    @staticmethod
-    def _describe(holder: str) -> str:
-        try:
-            info = json.loads(holder)
-            return (f"pid {info['pid']} on {info['host']}, {info['purpose']} since "
-                    f"{info['started']}")
-        except (ValueError, KeyError, TypeError):
-            return "holder unknown"
-
-    def _is_current(self, fd: int) -> bool:
-        """Whether ``fd`` is the file now at :attr:`path` (not one a releasing holder deleted)."""
-        try:
-            now = os.stat(self.path)
-        except FileNotFoundError:
-            return False
-        mine = os.fstat(fd)
-        return (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino)
 
     def release(self) -> None:
         if self._fd is not None:
@@ -426,12 +369,11 @@ class FolderLock:
         processes left in the folder; only the lock's holder may (a ``RuntimeError`` else)."""
         if self._fd is None:
             raise RuntimeError(f"remove_stale_temporaries needs the lock on {self.folder}")
-        removed = []
-        for entry in self.folder.iterdir():
-            if TEMPORARY_NAME.match(entry.name) and entry.is_file():
-                entry.unlink(missing_ok=True)
-                removed.append(entry)
-        return sorted(removed)
+        removed = sorted(entry for entry in self.folder.iterdir()
+                         if TEMPORARY_NAME.match(entry.name) and entry.is_file())
+        for entry in removed:
+            entry.unlink(missing_ok=True)
+        return removed
 
 
 def write_text(text: str, path: str | os.PathLike[str]) -> Path:
@@ -457,22 +399,14 @@ def write_json(data: Any, path: str | os.PathLike[str], indent: int = 1) -> Path
 
 
 # ---------------------------------------------------------------------- checkpoints (.pth)
-def map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """``value`` with ``fn`` applied to every tensor inside its dicts, lists and tuples."""
-    if isinstance(value, Tensor):
-        return fn(value)
-    if isinstance(value, dict):
-        return {k: map_tensors(v, fn) for k, v in value.items()}
-    if isinstance(value, list):
-        return [map_tensors(v, fn) for v in value]
-    if isinstance(value, tuple):
-        return tuple(map_tensors(v, fn) for v in value)
-    return value
-
-
 def to_cpu(value: Any) -> Any:
-    """``value`` with every tensor detached and on the CPU (see :func:`map_tensors`)."""
-    return map_tensors(value, lambda t: t.detach().cpu())
+    """``value`` with every tensor inside its dicts, lists and tuples detached and on the CPU."""
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, (list, tuple)):
+        items = [to_cpu(v) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    return {k: to_cpu(v) for k, v in value.items()} if isinstance(value, dict) else value
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -497,8 +431,7 @@ def model_entry(model: VAEBase, role: str) -> dict[str, Any]:
 def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike[str],
                     require_finite: bool = False) -> Path:
     """Write ``payload`` (tensors moved to the CPU, ``format_version`` added) to ``path``
-    atomically. ``require_finite``: refuse (``CheckpointError``, nothing written) a payload
-    with a NaN or infinite floating-point tensor anywhere (weights, optimizer state)."""
+    atomically; with ``require_finite`` a NaN or infinity anywhere is a ``CheckpointError``."""
     if require_finite:
         check_finite(payload, f"refusing to write {path}: NaN or infinite values in",
                      "; the previous file is kept")
@@ -520,9 +453,8 @@ def _torch_reason(exc: Exception) -> str:
 
 def load_checkpoint(path: str | os.PathLike[str],
                     map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A checkpoint dict loaded with ``weights_only=True`` (a pickled object is refused, saying
-    so), its nesting (:func:`check_nesting`) and ``format_version`` checked; every failure is a
-    ``CheckpointError`` naming the file."""
+    """A checkpoint dict loaded with ``weights_only=True``, its nesting and ``format_version``
+    checked; every failure is a ``CheckpointError`` naming the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -545,15 +477,16 @@ def load_checkpoint(path: str | os.PathLike[str],
 
 def roles_in(payload: dict[str, Any]) -> list[str]:
     """Roles with a stored model in a checkpoint dict (e.g. ``["student", "teacher"]``)."""
-    return sorted(k[: -len("_state_dict")] for k in payload
-                  if k.endswith("_state_dict") and f"{k[: -len('_state_dict')]}_arch" in payload)
+    roles = [k.removesuffix("_state_dict") for k in payload if k.endswith("_state_dict")]
+    return sorted(role for role in roles if f"{role}_arch" in payload)
 
 
 def _build(role: str, arch: Any, shapes: Mapping[str, tuple[int, ...]],
            source: str) -> nn.Module:
-    """The ``role`` model rebuilt from its stored ``arch``, checked first against the stored
-    ``shapes`` (:func:`check_arch` or :func:`check_adapter_arch`); the caller's RNG untouched."""
-    widest = widest_stored(shapes.values())
+    """The ``role`` model rebuilt from its stored ``arch`` checked against the stored ``shapes``,
+    the caller's RNG untouched."""
+    # an empty tensor of shape (0, 200000) stores nothing and lifts no limit
+    widest = max((d for s in shapes.values() if math.prod(s) for d in s), default=0)
     build: Callable[..., nn.Module]
     if role == ADAPTER_ROLE:
         kwargs: dict[str, Any] = check_adapter_arch(arch, widest, source)
@@ -571,9 +504,8 @@ def _build(role: str, arch: Any, shapes: Mapping[str, tuple[int, ...]],
 
 def model_from_payload(payload: dict[str, Any], role: str = "student",
                        source: str = "checkpoint") -> VAEBase | LatentAdapter:
-    """The ``role`` model (``"student"``, ``"teacher"`` or ``"adapter"``) of a loaded
-    checkpoint dict, checked (see the module docstring), in eval mode on the CPU. A role the
-    checkpoint does not hold is a ``CheckpointError`` listing the roles it has."""
+    """The ``role`` model of a loaded checkpoint dict, checked, in eval mode on the CPU; a
+    ``CheckpointError`` listing the roles it has when it lacks ``role``."""
     if f"{role}_state_dict" not in payload or f"{role}_arch" not in payload:
         raise CheckpointError(f"{source} has no {role!r} model (keys {role}_state_dict and "
                               f"{role}_arch); it holds: {roles_in(payload) or 'no models'}")
@@ -596,10 +528,9 @@ def adapter_from_payload(payload: dict[str, Any], source: str = "checkpoint"
 # ---------------------------------------------------------------------- safetensors
 def save(model: VAEBase, path: str | os.PathLike[str], role: str | None = None,
          adapter: nn.Module | None = None) -> Path:
-    """Write ``model``'s weights and architecture (and ``adapter``'s) to a ``.safetensors`` file,
-    atomically; ``role`` defaults to ``"student"`` or ``"teacher"`` by the model's class. A
-    ``ValueError`` for another suffix, a ``CheckpointError`` (nothing written) for a NaN or
-    infinite weight."""
+    """Write ``model``'s (and ``adapter``'s) weights and architecture to a ``.safetensors`` file,
+    atomically, under ``role`` (default ``"student"``, ``"teacher"`` for a teacher). A
+    ``ValueError`` for another suffix, a ``CheckpointError`` for a NaN or infinite weight."""
     from safetensors.torch import save as serialise
 
     path = Path(path)
@@ -700,15 +631,10 @@ def _load_safetensors(path: Path, role: str) -> nn.Module:
 
 def load(path: str | os.PathLike[str], role: str = "student",
          device: str | torch.device | None = None) -> VAEBase | LatentAdapter:
-    """The ``role`` model stored at ``path``, in eval mode, on the CPU (or ``device``).
-
-    ``path``: a ``.safetensors`` file of :func:`save` (its VAE under its stored role, or the
-    adapter stored beside it), or any other suffix: a ``.pth`` checkpoint of this package
-    (``tinyvae_best.pth`` holds ``"student"``, ``"teacher"`` and ``"adapter"``). ``role``:
-    ``"student"``, ``"teacher"`` or ``"adapter"`` (the
-    :class:`~hrm_vision.vae.LatentAdapter`). Every problem is a :class:`CheckpointError`
-    naming the file (see the module docstring).
-    """
+    """The ``role`` model (``"student"``, ``"teacher"`` or ``"adapter"``, the
+    :class:`~hrm_vision.vae.LatentAdapter`) stored at ``path``, in eval mode, on the CPU (or
+    ``device``): a ``.safetensors`` file of :func:`save`, or any other suffix a ``.pth``
+    checkpoint. Every problem is a :class:`CheckpointError` naming the file."""
     path = Path(path)
     if path.suffix == SAFETENSORS_SUFFIX:
         model = _load_safetensors(path, role)

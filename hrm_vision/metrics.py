@@ -1,13 +1,9 @@
 """Image-quality and latent-alignment metrics shared by training, evaluation and the IRP plugin.
 
-**PSNR is pooled over the whole set**: one mean squared error over every pixel of every image,
-then ``10 log10(1 / MSE)`` (images in [0, 1]). It is not the mean of per-image or per-batch PSNRs
-(which weighs well-reconstructed images more and depends on the batch size). Over batches, keep
-the sample-weighted mean of :func:`mse` and convert once with :func:`psnr_from_mse`; training
-validation and the evaluation command both do exactly that.
-
-SSIM comes from torchmetrics (mean over images); linear CKA (Kornblith et al., 2019) is a few
-lines of linear algebra that torchmetrics does not provide.
+**PSNR is pooled over the whole set**: ``10 log10(1 / MSE)`` of one mean squared error over every
+pixel of every image in [0, 1], not a mean of per-image or per-batch PSNRs. Over batches, keep
+the sample-weighted mean of :func:`mse` and convert once with :func:`psnr_from_mse`. SSIM comes
+from torchmetrics; linear CKA is Kornblith et al., 2019.
 """
 
 from __future__ import annotations
@@ -24,10 +20,8 @@ from .train.loss import gaussian_kl
 
 
 def mse(prediction: Tensor, target: Tensor) -> float:
-    """Mean squared error over every element, ``prediction`` clamped to [0, 1] first.
-
-    ``prediction, target``: images ``(B, 3, H, W)`` in [0, 1]. Accumulated in float64.
-    """
+    """Mean squared error (float64) over every element of images ``(B, 3, H, W)`` in [0, 1],
+    ``prediction`` clamped to [0, 1] first."""
     if prediction.shape != target.shape:
         raise ValueError(f"shapes differ: {tuple(prediction.shape)} vs {tuple(target.shape)}")
     diff = prediction.detach().double().clamp(0, 1) - target.detach().double()
@@ -53,18 +47,12 @@ def ssim(prediction: Tensor, target: Tensor) -> float:
 
 
 def linear_cka(a: Tensor, b: Tensor) -> float:
-    """Linear CKA between two sets of representations of the same N inputs.
-
-    ``a`` is (N, ...) and ``b`` is (N, ...); each is flattened to (N, features). Returns a value
-    in [0, 1]: 1 when one is an orthogonal transform and scaling of the other, near 0 when
-    unrelated. Needs N >= 2.
-    """
+    """Linear CKA in [0, 1] between representations ``a`` (N, ...) and ``b`` (N, ...) of the
+    same N >= 2 inputs: 1 when one is an orthogonal transform and scaling of the other."""
     if a.shape[0] != b.shape[0] or a.shape[0] < 2:
         raise ValueError(f"linear_cka needs the same N >= 2 rows, got {a.shape[0]}, {b.shape[0]}")
-    x = a.reshape(a.shape[0], -1).double()
-    y = b.reshape(b.shape[0], -1).double()
-    x = x - x.mean(0, keepdim=True)
-    y = y - y.mean(0, keepdim=True)
+    x, y = (t.reshape(t.shape[0], -1).double() for t in (a, b))
+    x, y = x - x.mean(0), y - y.mean(0)
     # ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F), computed with N x N Gram matrices (cheap for N
     # smaller than the feature count, which is the usual case for latents).
     kx, ky = x @ x.T, y @ y.T
@@ -79,11 +67,9 @@ def mean_over(loader: DataLoader, fn: Callable[[Tensor, Tensor], dict[str, float
     sums: dict[str, float] = {}
     count = 0
     for index, x in loader:
-        values = fn(index, x)
-        n = x.shape[0]
-        for k, v in values.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * n
-        count += n
+        for k, v in fn(index, x).items():
+            sums[k] = sums.get(k, 0.0) + float(v) * x.shape[0]
+        count += x.shape[0]
     return {k: v / max(count, 1) for k, v in sums.items()}, count
 
 
@@ -94,11 +80,9 @@ def error_image(reconstruction: Tensor, x: Tensor, gain: float = 10.0) -> Tensor
 
 def rate_and_sample(model: nn.Module, x: Tensor, index: Tensor, mu: Tensor, logvar: Tensor
                     ) -> dict[str, float]:
-    """Validation values of one batch ``x`` (B, C, H, W) in [0, 1] for a VAE in eval mode with
-    posterior ``mu, logvar``: the pooled-MSE ``psnr_sample`` of a posterior sample (seeded by
-    the batch's first dataset index ``index[0]``, so every epoch draws the same noise; turn it
-    into a PSNR after pooling), ``kl_per_element`` (nats) and ``bits_per_pixel`` (the image's
-    KL over its pixels, in bits)."""
+    """Validation values of a batch ``x`` (B, C, H, W) in [0, 1] with posterior ``mu, logvar``:
+    ``psnr_sample``, the MSE (a PSNR once pooled) of a posterior sample seeded by ``index[0]``,
+    ``kl_per_element`` (nats) and ``bits_per_pixel``."""
     kl = gaussian_kl(mu, logvar).flatten(1)
     pixels = x.shape[-2] * x.shape[-1]
     return {"psnr_sample": mse(model.decode_sample(x, int(index[0])), x),

@@ -1,28 +1,16 @@
 """The linear patch path of the VAEs and the arithmetic of rates.
 
-**Patches.** An image ``(B, 3, H, W)`` in [0, 1] is cut into non-overlapping 8x8 patches with
-``PixelUnshuffle(8)`` (lossless: ``(B, 192, H/8, W/8)``); :class:`PatchWhitening` maps each
-192-number patch to whitened coefficients with a fixed basis (a buffer: the orthonormal DCT-II
-by default, the whitened PCA of training patches after ``init_from_data``) and back. The
-whitened coefficients all have unit variance, so the learnable 1x1 convolution on top of them
-starts at the identity with entries of order 1 and an Adam step is a small relative change for
-every coefficient (one convolution holding ``V^T / sqrt(lambda)`` would span three orders of
-magnitude). The same functions compute the patch-PCA baseline of the evaluation.
+**Patches.** :class:`PatchWhitening` maps each 8x8 patch (``PixelUnshuffle(8)``: ``(B, 192,
+H/8, W/8)``) to whitened coefficients of a fixed basis (the DCT-II, or the patch PCA after
+``init_from_data``) and back. Unit-variance coefficients let the learnable 1x1 convolution on
+top start at the identity, so an Adam step is a small relative change for every coefficient.
 
-**Rate allocation.** :func:`allocate_rate` spends a KL budget where a linear decoder needs it
-(the posterior variances of :func:`allocated_logvar`, used by the models' ``init_from_data``).
-
-**Rate arithmetic.** A VAE's rate is its KL to the prior, in nats. A latent ``(C, H/8, W/8)``
-has ``C`` elements per 8x8 patch (64 pixels), so ``r`` nats per element are ``r * C / (64 ln 2)``
-bits per pixel (:func:`bits_per_pixel`). Reference distortions at a rate come from the
-covariance spectrum of the coded vectors (pixels in [0, 1]; mean squared errors per number,
-turned into PSNR with :func:`hrm_vision.metrics.psnr_from_mse`):
-
-* :func:`water_filling`: the Gaussian rate-distortion function (reverse water-filling, Cover &
-  Thomas 13.3.3), the least MSE of any code at that rate on a Gaussian source and of the best
-  linear-Gaussian code on any source with that covariance;
-* :func:`uniform_allocation`: the same rate on each of the first ``k`` components, the others
-  dropped (what a KL floor per latent channel asks of a linear code).
+**Rates** are KLs to the prior, in nats: :func:`allocate_rate` spends a KL budget where a
+linear decoder needs it; ``r`` nats per element of a ``(C, H/8, W/8)`` latent are ``r * C /
+(64 ln 2)`` bits per pixel (:func:`bits_per_pixel`). Reference MSEs per number at a rate, from
+the covariance spectrum of the coded vectors: :func:`water_filling` (the Gaussian
+rate-distortion function, Cover & Thomas 13.3.3) and :func:`uniform_allocation` (the same rate
+on each of the first ``k`` components, the others dropped).
 """
 
 from __future__ import annotations
@@ -34,23 +22,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-#: Side of the patches: the latent grid is H/8 x W/8.
-PATCH = 8
+PATCH = 8  #: side of the patches: the latent grid is H/8 x W/8
 
 
 def patch_vectors(images: Tensor, patch: int = PATCH) -> Tensor:
-    """All non-overlapping patches of ``images`` (N, C, H, W) as rows: (N * H/p * W/p, C*p*p).
-
-    The column order is PixelUnshuffle's: channel-major, then row and column inside the patch.
-    """
+    """All non-overlapping patches of ``images`` (N, C, H, W) as rows (N * H/p * W/p, C*p*p),
+    columns in PixelUnshuffle's order."""
     cols = F.pixel_unshuffle(images, patch)  # (N, C*p*p, H/p, W/p)
     return cols.permute(0, 2, 3, 1).reshape(-1, cols.shape[1])
 
 
 def dct_rows(freqs: Sequence[tuple[int, int, int]], channels: int, size: int) -> Tensor:
-    """Orthonormal 2-D DCT-II vectors of a ``channels x size x size`` image, one row per
-    ``(u, v, channel)`` of ``freqs``, flattened channel-major (PixelUnshuffle and NCHW order):
-    ``(len(freqs), channels * size**2)``."""
+    """Orthonormal 2-D DCT-II vectors ``(len(freqs), channels * size**2)`` of a ``channels x size
+    x size`` image, one per ``(u, v, channel)`` of ``freqs``, flattened in NCHW order."""
     n = torch.arange(size, dtype=torch.float64)
     c1 = torch.cos(math.pi * (2 * n[None, :] + 1) * n[:, None] / (2 * size))  # (k, n)
     c1[0] *= 1 / math.sqrt(2)
@@ -62,9 +46,8 @@ def dct_rows(freqs: Sequence[tuple[int, int, int]], channels: int, size: int) ->
 
 
 def dct_basis(patch: int = PATCH, channels: int = 3) -> Tensor:
-    """The full DCT-II basis ``(D, D)`` of ``channels x patch x patch`` patches (``D = C p^2``),
-    rows from low to high frequency (``u + v``, then ``u``, then the colour): the first rows are
-    the patch means of each colour."""
+    """The full DCT-II basis ``(D, D)`` of ``channels x patch x patch`` patches, rows by ``u +
+    v``, then ``u``, then the colour (the first rows: the patch means of each colour)."""
     order = sorted(((u, v, c) for u in range(patch) for v in range(patch)
                     for c in range(channels)), key=lambda t: (t[0] + t[1], t[0], t[2]))
     return dct_rows(order, channels, patch)
@@ -72,12 +55,8 @@ def dct_basis(patch: int = PATCH, channels: int = 3) -> Tensor:
 
 @torch.no_grad()
 def fit_patch_pca(images: Tensor, patch: int = PATCH) -> tuple[Tensor, Tensor, Tensor]:
-    """PCA of the non-overlapping patches of ``images`` (N, C, H, W) in [0, 1].
-
-    Returns ``(mean, components, variances)``: ``mean`` (D,), ``components`` (D, D) with one
-    orthonormal component per row, ``variances`` (D,) in decreasing order (``D = C * patch**2``).
-    Computed in float64 from the patch covariance (``torch.linalg.eigh``).
-    """
+    """PCA of the patches of ``images`` (N, C, H, W) in [0, 1], in float64: ``(mean (D,),
+    components (D, D) one per row, variances (D,) decreasing)``, ``D = C * patch**2``."""
     if images.dim() != 4 or images.shape[-1] % patch or images.shape[-2] % patch:
         raise ValueError(f"expected images (N, C, H, W) with H, W divisible by {patch}, got "
                          f"{tuple(images.shape)}")
@@ -100,18 +79,10 @@ def posterior_kl(second_moment: Tensor, variance: Tensor) -> Tensor:
 
 
 def allocate_rate(gains: Tensor, second_moments: Tensor, total_nats: float) -> Tensor:
-    """Posterior variances of a linear code that spend ``total_nats`` of KL where they buy most.
-
-    Latent element ``c`` has a data second moment ``m_c = E[mu_c^2]`` and a decoder gain
-    ``g_c = ||decoder column c||^2``; a posterior sample ``mu + s_c e`` then adds an expected
-    squared error ``sum_c g_c s_c^2`` to the decode. Minimising it at the total KL
-    ``sum_c 0.5 (m_c + s_c^2 - 1 - ln s_c^2) = total_nats`` (a Lagrange multiplier ``lam``)
-    gives ``s_c^2 = lam / (lam + 2 g_c)``: elements with a large gain get little noise, those
-    with none get ``s^2 = 1`` (the prior's spread, no rate beyond their mean's). ``lam`` is found
-    by bisection. Returns the variances ``(L,)`` in (0, 1].
-
-    The rate cannot go below ``sum_c m_c / 2`` (the means alone): a smaller budget is an error.
-    """
+    """Posterior variances ``(L,)`` in (0, 1] of a linear code that spend ``total_nats`` of KL
+    where they buy most: with second moments ``m_c = E[mu_c^2]`` and decoder gains ``g_c``,
+    minimising the added error ``sum_c g_c s_c^2`` at that KL gives ``s_c^2 = lam / (lam + 2
+    g_c)``, ``lam`` found by bisection. A budget below ``sum_c m_c / 2`` is a ``ValueError``."""
     g = gains.double().clamp(min=0)
     m = second_moments.double()
     floor = float(posterior_kl(m, torch.ones_like(m)).sum())
@@ -133,9 +104,8 @@ def allocate_rate(gains: Tensor, second_moments: Tensor, total_nats: float) -> T
 
 def allocated_logvar(enc_weight: Tensor, enc_bias: Tensor, dec_weight: Tensor, vectors: Tensor,
                      uniform_logvar: float) -> Tensor:
-    """Per-latent-element log-variances for a linear code ``z = enc_weight @ v + enc_bias``,
-    ``v = dec_weight @ z + ...`` fitted to data ``vectors`` (N, D): the same total KL as
-    ``uniform_logvar`` everywhere, allocated by :func:`allocate_rate`. Returns ``(L,)``."""
+    """Log-variances ``(L,)`` of a linear code (``z = enc_weight @ v + enc_bias``, ``v =
+    dec_weight @ z + ...``) on ``vectors`` (N, D): the KL of ``uniform_logvar``, re-allocated."""
     mu = vectors.double() @ enc_weight.double().T + enc_bias.double()
     moments = mu.pow(2).mean(0)
     uniform = torch.full_like(moments, math.exp(uniform_logvar))
@@ -144,14 +114,9 @@ def allocated_logvar(enc_weight: Tensor, enc_bias: Tensor, dec_weight: Tensor, v
 
 
 class PatchWhitening(nn.Module):
-    """8x8 patches -> whitened coefficients on the H/8 x W/8 grid (or back, ``inverse=True``).
-
-    Analysis (``inverse=False``): images ``(B, C, H, W)`` -> ``(B, D, H/8, W/8)``,
-    ``(patch - mean) @ components.T / scale``. Synthesis (``inverse=True``): coefficients
-    ``(B, D, h, w)`` -> images ``(B, C, 8h, 8w)`` (not clamped), exact when all D coefficients
-    are kept. Each direction is one fixed 1x1 convolution whose ``weight`` and ``bias`` are
-    persistent buffers (saved in every state dict); :meth:`set_basis` replaces them.
-    """
+    """Images ``(B, C, H, W)`` -> whitened patch coefficients ``(B, D, H/8, W/8)``, or back with
+    ``inverse=True`` (not clamped): one fixed 1x1 convolution whose ``weight`` and ``bias`` are
+    buffers, replaced by :meth:`set_basis`."""
 
     weight: Tensor
     bias: Tensor
@@ -174,9 +139,8 @@ class PatchWhitening(nn.Module):
     @torch.no_grad()
     def set_basis(self, mean: Tensor, components: Tensor, variances: Tensor,
                   eps: float = 1e-6) -> None:
-        """Use a basis (``components`` (D, D), one per row, e.g. from :func:`fit_patch_pca`);
-        coefficients get unit variance. ``eps`` floors the variances so near-empty components
-        are not blown up."""
+        """Use a basis (``components`` (D, D), one per row, as :func:`fit_patch_pca` returns);
+        coefficients get unit variance, ``eps`` keeping near-empty components bounded."""
         if components.shape != (self.dim, self.dim):
             raise ValueError(f"expected components of shape {(self.dim, self.dim)}, got "
                              f"{tuple(components.shape)}")
@@ -196,33 +160,25 @@ class PatchWhitening(nn.Module):
         return F.conv2d(F.pixel_unshuffle(x, self.patch), self.weight, self.bias)
 
 
-#: Pixels per latent grid cell (an 8x8 patch).
-PIXELS_PER_CELL = PATCH * PATCH
+PIXELS_PER_CELL = PATCH * PATCH  #: pixels per latent grid cell
 
 
-def _spectrum(eigenvalues: Tensor | Sequence[float]) -> Tensor:
-    """Eigenvalues as a float64 vector sorted in decreasing order, negatives (round-off) at 0."""
+def _spectrum(eigenvalues: Tensor | Sequence[float], rate_nats: float = 0.0) -> Tensor:
+    """Eigenvalues as a float64 vector sorted in decreasing order, negatives (round-off) at 0;
+    a ``ValueError`` for an empty or non-finite spectrum or a negative or infinite rate."""
     lam = torch.as_tensor(eigenvalues, dtype=torch.float64).flatten()
     if lam.numel() == 0 or not torch.isfinite(lam).all():
         raise ValueError("expected a non-empty spectrum of finite eigenvalues")
+    if not rate_nats >= 0 or math.isinf(rate_nats):
+        raise ValueError(f"a rate must be finite and >= 0 nats, got {rate_nats}")
     return lam.clamp(min=0).sort(descending=True).values
 
 
-def _check_rate(rate_nats: float) -> None:
-    if not rate_nats >= 0 or math.isinf(rate_nats):
-        raise ValueError(f"a rate must be finite and >= 0 nats, got {rate_nats}")
-
-
 def water_level(eigenvalues: Tensor | Sequence[float], rate_nats: float) -> float:
-    """The water level ``theta`` of reverse water-filling at a total rate of ``rate_nats``.
-
-    Components with variance above ``theta`` are coded with error ``theta`` each and cost
-    ``0.5 ln(lambda / theta)`` nats; the others are dropped. With the ``m`` largest components
-    active, ``ln theta = (sum_{i<=m} ln lambda_i - 2 R) / m``; the answer is the ``m`` for which
-    ``lambda_m > theta >= lambda_{m+1}``. At rate 0 it is the largest eigenvalue.
-    """
-    lam = _spectrum(eigenvalues)
-    _check_rate(rate_nats)
+    """The water level ``theta`` of reverse water-filling at a total rate of ``rate_nats``: with
+    the ``m`` largest components active, ``ln theta = (sum_{i<=m} ln lambda_i - 2 R) / m`` for
+    the ``m`` where ``lambda_m > theta >= lambda_{m+1}``; the largest eigenvalue at rate 0."""
+    lam = _spectrum(eigenvalues, rate_nats)
     positive = lam[lam > 0]
     if positive.numel() == 0 or rate_nats == 0:
         return float(lam[0])
@@ -236,11 +192,8 @@ def water_level(eigenvalues: Tensor | Sequence[float], rate_nats: float) -> floa
 
 
 def water_filling(eigenvalues: Tensor | Sequence[float], rate_nats: float) -> float:
-    """Least mean squared error per number at a total rate of ``rate_nats`` nats per vector.
-
-    ``eigenvalues``: the covariance spectrum of the vectors (D numbers each). Returns
-    ``sum_i min(lambda_i, theta) / D`` with ``theta`` the :func:`water_level`.
-    """
+    """Least MSE per number at ``rate_nats`` nats per vector of covariance spectrum
+    ``eigenvalues``: ``sum_i min(lambda_i, theta) / D``, ``theta`` the :func:`water_level`."""
     lam = _spectrum(eigenvalues)
     theta = water_level(lam, rate_nats)
     return float(lam.clamp(max=theta).sum()) / lam.numel()
@@ -248,11 +201,9 @@ def water_filling(eigenvalues: Tensor | Sequence[float], rate_nats: float) -> fl
 
 def uniform_allocation(eigenvalues: Tensor | Sequence[float], rate_nats_each: float,
                        components: int) -> float:
-    """Mean squared error per number when each of the ``components`` largest components gets
-    ``rate_nats_each`` nats (error ``lambda e^{-2r}``) and the rest are dropped (error ``lambda``).
-    """
-    lam = _spectrum(eigenvalues)
-    _check_rate(rate_nats_each)
+    """MSE per number when each of the ``components`` largest components gets ``rate_nats_each``
+    nats (error ``lambda e^{-2r}``) and the rest are dropped (error ``lambda``)."""
+    lam = _spectrum(eigenvalues, rate_nats_each)
     if not 0 <= components <= lam.numel():
         raise ValueError(f"components must be in [0, {lam.numel()}], got {components}")
     kept = lam[:components].sum() * math.exp(-2 * rate_nats_each)

@@ -1,17 +1,11 @@
 """Tiled encode and decode: frames larger than a memory budget, with the full-frame result.
 
-A latent cell of either VAE depends on its own 8x8 patch and on a margin of pixels around it (the
-receptive field of the encoder's nonlinear stages); a decoded pixel depends on the latent cells
-within a margin of its own cell. :func:`receptive_field` measures both margins on the model
-itself. The tiled functions cut the frame (or latent) into tiles on the latent grid, extend each
-tile by the margin rounded up to whole latent cells (clipped at the frame's border, where the
-full frame has the same zero padding), run the model on the extended tile and keep its core. So
-every kept output sees exactly the inputs it sees in the full frame: tiles give the full-frame
-result up to float rounding (``tests/test_tiling.py`` bounds it), and the largest tensor the
-model ever holds is that of one extended tile, whatever the frame size.
-
-Images are float ``(N, 3, H, W)`` in [0, 1], RGB, H and W divisible by 8; latents
-``(N, C, H/8, W/8)``.
+:func:`receptive_field` measures on the model how far around its own cell a latent cell (a
+decoded pixel) looks. The tiled functions cut the frame (or latent) into tiles on the latent
+grid, extend each by that margin in whole cells (clipped at the border, where the full frame has
+the same zero padding), run the model and keep the core: the full-frame result up to float
+rounding, holding one extended tile at a time. Images ``(N, 3, H, W)`` in [0, 1], H and W
+divisible by 8; latents ``(N, C, H/8, W/8)``.
 """
 
 from __future__ import annotations
@@ -25,18 +19,13 @@ from torch import Tensor, nn
 
 from .vae import DOWNSAMPLE_FACTOR, VAEBase
 
-#: Side of a latent cell in pixels (both VAEs downsample by 8).
-CELL = DOWNSAMPLE_FACTOR
+CELL = DOWNSAMPLE_FACTOR  #: side of a latent cell in pixels
 
 
 class ReceptiveField(NamedTuple):
-    """Margins beyond a latent cell's own 8x8 patch, measured on a model.
-
-    ``encode_px``: input pixels on each side of a cell's patch that its latent depends on.
-    ``decode_px``: output pixels on each side of a latent cell's patch that depend on it
-    (equivalently, a pixel depends on the latent cells within this many pixels).
-    ``*_cells``: the same rounded up to whole latent cells: the tile overlap on each side.
-    """
+    """Margins in pixels on each side of a latent cell's 8x8 patch: the input its latent
+    depends on (``encode_px``), the output that depends on it (``decode_px``); ``*_cells``: the
+    same in whole cells, the tile overlap."""
 
     encode_px: int
     decode_px: int
@@ -51,16 +40,12 @@ class ReceptiveField(NamedTuple):
 
 
 def _probe(module: nn.Module) -> nn.Module:
-    """A float64 copy whose every parameter is positive (weights ``1/fan_in``, biases 0.1): with
-    a positive input every activation is positive and every ReLU passes, so the gradient of an
-    output is non-zero exactly on its receptive field."""
+    """A float64 copy with positive parameters (weights ``1/fan_in``, biases 0.1): every ReLU
+    passes a positive input, so an output's gradient is non-zero exactly on its receptive field."""
     probe = copy.deepcopy(module).double().eval()
     with torch.no_grad():
         for name, p in probe.named_parameters():
-            if name.endswith("bias"):
-                p.fill_(0.1)
-            else:
-                p.fill_(1.0 / max(1, p[0].numel()))
+            p.fill_(0.1 if name.endswith("bias") else 1.0 / max(1, p[0].numel()))
     return probe
 
 
@@ -75,18 +60,11 @@ def _margin(grad: Tensor, lo: int, hi: int) -> int | None:
     return max(lo - first, last + 1 - hi, 0)
 
 
+@torch.enable_grad()  # also when called under no_grad, as the tiled functions are
 def receptive_field(vae: VAEBase, max_cells: int = 64) -> ReceptiveField:
-    """Measure the encoder's and the decoder's margins on ``vae`` (see :class:`ReceptiveField`).
-
-    Gradients of the centre cell's latent (of the centre cell's decoded pixels) with respect to
-    the input, on a positive-weight float64 copy (:func:`_probe`), on a probe of ``2k + 1``
-    cells a side, ``k`` doubling from 4 up to ``max_cells`` until the support fits inside.
-    """
-    with torch.enable_grad():  # also when called under no_grad, as the tiled functions are
-        return _measure(vae, max_cells)
-
-
-def _measure(vae: VAEBase, max_cells: int) -> ReceptiveField:
+    """The encoder's and the decoder's margins on ``vae``: the support of the gradient of the
+    centre cell's output on a positive-weight float64 copy (:func:`_probe`), ``2k + 1`` cells a
+    side, ``k`` doubling from 4 up to ``max_cells`` until the support fits inside."""
     encoder, decoder = _probe(vae.encoder), _probe(vae.decoder)
     margins: list[int] = []
     for net, channels, scale in ((encoder, vae.in_channels, CELL), (decoder, vae.latent_dim, 1)):
@@ -110,11 +88,8 @@ def _measure(vae: VAEBase, max_cells: int) -> ReceptiveField:
 
 def _spans(cells: int, tile: int, halo: int) -> list[tuple[int, int, int, int]]:
     """``(core start, core end, extended start, extended end)`` in cells along one side."""
-    out = []
-    for start in range(0, cells, tile):
-        end = min(start + tile, cells)
-        out.append((start, end, max(start - halo, 0), min(end + halo, cells)))
-    return out
+    return [(start, min(start + tile, cells), max(start - halo, 0), min(start + tile + halo, cells))
+            for start in range(0, cells, tile)]
 
 
 def _tiled(fn, x: Tensor, out_channels: int, scale_in: int, scale_out: int,  # noqa: ANN001
@@ -140,12 +115,8 @@ def _tile_cells(tile: int) -> int:
 @torch.no_grad()
 def encode_tiled(vae: VAEBase, x: Tensor, tile: int = 256,
                  field: ReceptiveField | None = None) -> Tensor:
-    """``vae.encode(x)`` computed on tiles: ``x`` (N, 3, H, W) in [0, 1] -> (N, C, H/8, W/8).
-
-    ``tile``: side in pixels of each tile's core (a multiple of 8); each tile is extended by
-    the encoder's margin (``field``, measured with :func:`receptive_field` when not given), so
-    the model sees at most ``tile + 2 * 8 * field.encode_cells`` pixels a side.
-    """
+    """``vae.encode(x)`` on tiles with cores of ``tile`` pixels a side (a multiple of 8): ``x``
+    (N, 3, H, W) in [0, 1] -> (N, C, H/8, W/8); ``field`` defaults to :func:`receptive_field`."""
     vae._check_images(x)
     cells = _tile_cells(tile)
     field = field or receptive_field(vae)
@@ -155,11 +126,8 @@ def encode_tiled(vae: VAEBase, x: Tensor, tile: int = 256,
 @torch.no_grad()
 def decode_tiled(vae: VAEBase, z: Tensor, tile: int = 256,
                  field: ReceptiveField | None = None) -> Tensor:
-    """``vae.decode(z)`` computed on tiles: ``z`` (N, C, h, w) -> (N, 3, 8h, 8w) in [0, 1].
-
-    ``tile``: side in output pixels of each tile's core (a multiple of 8); each latent tile is
-    extended by the decoder's margin in cells (``field.decode_cells``).
-    """
+    """``vae.decode(z)`` on tiles with cores of ``tile`` output pixels a side (a multiple of 8):
+    ``z`` (N, C, h, w) -> (N, 3, 8h, 8w) in [0, 1]."""
     vae._check_latent(z)
     cells = _tile_cells(tile)
     field = field or receptive_field(vae)

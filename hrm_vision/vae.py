@@ -5,18 +5,13 @@ student-to-teacher ``LatentAdapter`` and the model registry.
 >>> z = model.encode(images)   # (B, 3, H, W) in [0, 1], H, W divisible by 8 -> (B, 128, H/8, W/8)
 >>> x_hat = model.decode(z)    # (B, 3, H, W) in [0, 1]; model(images) -> VAEOutput
 
-Each model is the sum of two paths (residual autoencoding over a linear patch path), in the
-encoder and in the decoder: a **linear patch path** (8x8 patches -> whitened coefficients of a
-fixed basis, :class:`~hrm_vision.patches.PatchWhitening`, the DCT or after ``init_from_data``
-the patch PCA -> a learnable 1x1 convolution, see :func:`_spread`; with a fitted basis an
-untrained model *is* patch PCA), and **nonlinear stages** (PixelUnshuffle down, residual
-blocks, PixelShuffle up) whose last convolution starts at zero (SkipInit), so they learn what
-the linear path misses. Only ``Conv2d``, ``ReLU``, ``PixelShuffle``/``PixelUnshuffle``,
-additions and ``Clip`` (clean ONNX/TensorRT export, no normalisation to fold). The variance head
-starts at ``logvar = -4`` (about 2 nats per latent element); ``init_from_data`` re-allocates the
-same rate (:func:`~hrm_vision.patches.allocate_rate`). Reconstructions are clamped to [0, 1]
-(straight-through while training), not squashed by a sigmoid. ``docs/models.md`` has the
-measurements behind the design.
+Encoder and decoder are each a **linear patch path** (8x8 patches -> whitened coefficients,
+:class:`~hrm_vision.patches.PatchWhitening` -> a learnable 1x1 convolution; with a fitted basis
+an untrained model *is* patch PCA) plus **nonlinear stages** (PixelUnshuffle down, residual
+blocks, PixelShuffle up) whose last convolution starts at zero. Only ``Conv2d``, ``ReLU``,
+``PixelShuffle``/``PixelUnshuffle``, additions and ``Clip`` (clean ONNX/TensorRT export).
+``logvar`` starts at -4 (about 2 nats per element); reconstructions are clamped to [0, 1]
+(straight-through while training). ``docs/models.md`` has the measurements behind the design.
 """
 
 from __future__ import annotations
@@ -31,10 +26,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .patches import PATCH, PatchWhitening, allocated_logvar, fit_patch_pca, patch_vectors
 
-#: How many times smaller the latent grid is than the image, in each direction (both VAEs).
-DOWNSAMPLE_FACTOR = 8
-#: Initial bias of the log-variance head (see the module docstring).
-LOGVAR_INIT = -4.0
+DOWNSAMPLE_FACTOR = 8  #: the latent grid is this many times smaller than the image, each way
+LOGVAR_INIT = -4.0  #: initial bias of the log-variance head
 
 
 # ---------------------------------------------------------------------- blocks
@@ -64,28 +57,18 @@ class ResBlock(nn.Module):
 
 
 def down(in_ch: int, out_ch: int, kernel: int = 1) -> nn.Sequential:
-    """Lossless x2 downsampling (PixelUnshuffle), then a convolution: ``(B, in, H, W) ->
-    (B, out, H/2, W/2)``."""
+    """PixelUnshuffle (lossless), then a convolution: ``(B, in, H, W) -> (B, out, H/2, W/2)``."""
     return nn.Sequential(nn.PixelUnshuffle(2), conv(4 * in_ch, out_ch, kernel))
 
 
 def up(in_ch: int, out_ch: int) -> nn.Sequential:
-    """Sub-pixel x2 upsampling: a 1x1 convolution to ``4 * out`` channels, then PixelShuffle:
-    ``(B, in, H, W) -> (B, out, 2H, 2W)``."""
+    """A 1x1 convolution, then PixelShuffle: ``(B, in, H, W) -> (B, out, 2H, 2W)``."""
     return nn.Sequential(conv(in_ch, 4 * out_ch, kernel=1), nn.PixelShuffle(2))
 
 
-def clamp01(x: Tensor, straight_through: bool = False) -> Tensor:
-    """``x`` clamped to [0, 1]; with ``straight_through`` the gradient is the identity's."""
-    if straight_through:
-        return x + (x.clamp(0.0, 1.0) - x).detach()
-    return x.clamp(0.0, 1.0)
-
-
 # ---------------------------------------------------------------------- registry
-#: Architecture names stored in checkpoints, mapped to their classes (filled by
-#: :func:`register_model`; the compact pair registers when :mod:`hrm_vision.compact` is
-#: imported, which ``import hrm_vision`` does).
+#: Architecture names stored in checkpoints -> classes (the compact pair registers when
+#: :mod:`hrm_vision.compact` is imported, which ``import hrm_vision`` does).
 MODELS: dict[str, type[VAEBase]] = {}
 _M = TypeVar("_M", bound="type[VAEBase]")
 
@@ -121,8 +104,8 @@ def build_model(name: str, **arch: Any) -> VAEBase:
 
 @torch.no_grad()
 def count_macs(model: VAEBase, height: int = 32, width: int = 32, part: str = "both") -> int:
-    """Multiply-accumulates for one ``height x width`` image (``part``: encode/decode/both),
-    counted by PyTorch's ``FlopCounterMode`` (FLOPs / 2; convolutions and matmuls only)."""
+    """Multiply-accumulates of convolutions and matmuls for one ``height x width`` image
+    (``part``: encode/decode/both): PyTorch's ``FlopCounterMode`` FLOPs / 2."""
     if part not in ("encode", "decode", "both"):
         raise ValueError(f"part must be 'encode', 'decode' or 'both', got {part!r}")
     was_training = model.training
@@ -139,37 +122,17 @@ def count_macs(model: VAEBase, height: int = 32, width: int = 32, part: str = "b
     return counter.get_total_flops() // 2
 
 
-def summary_rows(size: int = 32) -> list[dict[str, object]]:
-    """One row per registered model at its defaults: parameters, latent shape, MACs for a
-    ``size x size`` image (a compact model: for its own crop size)."""
-    rows = []
-    for name, cls in MODELS.items():
-        model = cls()
-        side = getattr(model, "image_size", size)  # a compact model has a fixed crop size
-        c, *grid = model.latent_shape(side, side)  # a compact model: (latent_dim,)
-        rows.append({
-            "model": f"{cls.__name__} ({name})",
-            "parameters": model.num_parameters(),
-            "latent": "x".join(map(str, [*grid, c])) + ("" if side == size
-                                                           else f" ({side}x{side} crop)"),
-            "encode_macs": count_macs(model, side, side, "encode"),
-            "decode_macs": count_macs(model, side, side, "decode"),
-        })
-    return rows
-
-
 # ---------------------------------------------------------------------- the shared API
 class Posterior(NamedTuple):
-    """Diagonal Gaussian posterior ``q(z|x)``; both tensors are ``(B, latent_dim, H/8, W/8)``."""
+    """Diagonal Gaussian posterior ``q(z|x)``, both tensors shaped like a latent."""
 
     mu: Tensor
     logvar: Tensor
 
 
 class VAEOutput(NamedTuple):
-    """What ``forward`` returns: ``reconstruction`` ``(B, 3, H, W)`` in [0, 1]; ``mu``,
-    ``logvar`` ``(B, latent_dim, H/8, W/8)``; ``z`` the decoded latent (a sample in training
-    mode or with ``sample=True``, else ``mu``)."""
+    """``forward``'s result: ``reconstruction`` ``(B, 3, H, W)`` in [0, 1]; ``mu``, ``logvar``
+    and ``z`` (a sample in training mode or with ``sample=True``, else ``mu``) like a latent."""
 
     reconstruction: Tensor
     mu: Tensor
@@ -178,20 +141,14 @@ class VAEOutput(NamedTuple):
 
 
 def image_size_fits(height: int, width: int) -> bool:
-    """Whether an image of ``height`` x ``width`` pixels fits the models: both sides positive
-    multiples of :data:`DOWNSAMPLE_FACTOR`."""
+    """Whether both sides are positive multiples of :data:`DOWNSAMPLE_FACTOR`."""
     return (height > 0 and width > 0 and height % DOWNSAMPLE_FACTOR == 0
             and width % DOWNSAMPLE_FACTOR == 0)
 
 
 class VAEBase(nn.Module):
-    """A convolutional VAE with a latent on a grid ``downsample_factor`` times smaller.
-
-    Subclasses build ``self.encoder`` (image -> ``2 * latent_dim`` channels: mu then logvar) and
-    ``self.decoder`` (latent -> image logits) and record their constructor arguments in
-    ``self._arch`` (:meth:`arch_config`). Images: float in [0, 1], NCHW, RGB, H and W
-    divisible by 8.
-    """
+    """A VAE whose subclasses build ``self.encoder`` (image -> ``2 * latent_dim`` channels: mu
+    then logvar), ``self.decoder`` (latent -> image) and ``self._arch`` (constructor kwargs)."""
 
     in_channels: int = 3
     downsample_factor: int = DOWNSAMPLE_FACTOR
@@ -217,8 +174,7 @@ class VAEBase(nn.Module):
 
     def latent_shape(self, height: int = 32, width: int = 32) -> tuple[int, ...]:
         """``(latent_dim, H/8, W/8)`` for an image of the given size."""
-        f = self.downsample_factor
-        return (self.latent_dim, height // f, width // f)
+        return (self.latent_dim, height // self.downsample_factor, width // self.downsample_factor)
 
     def _check_images(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):
@@ -248,8 +204,7 @@ class VAEBase(nn.Module):
             raise ValueError(f"expected a float latent, got dtype {z.dtype}")
 
     def init_from_data(self, images: Tensor) -> None:
-        """Fit data-dependent parameters to training images ``(N, 3, H, W)`` in [0, 1], once on
-        a freshly built model (never on a resumed or loaded one); nothing to fit here."""
+        """Fit data-dependent parameters to training images ``(N, 3, H, W)`` in [0, 1]."""
         self._check_images(images)
 
     def posterior(self, x: Tensor) -> Posterior:
@@ -264,16 +219,18 @@ class VAEBase(nn.Module):
         return self.posterior(x).mu
 
     def decode(self, z: Tensor) -> Tensor:
-        """Images ``(B, 3, 8h, 8w)`` in [0, 1] from latents ``(B, latent_dim, h, w)``; clamped,
-        straight-through while training."""
+        """Images ``(B, 3, 8h, 8w)`` in [0, 1] from latents ``(B, latent_dim, h, w)``; clamped
+        (with the identity's gradient while training)."""
         self._check_latent(z)
-        return clamp01(self.decoder(z), straight_through=self.training and torch.is_grad_enabled())
+        x = self.decoder(z)
+        if self.training and torch.is_grad_enabled():
+            return x + (x.clamp(0.0, 1.0) - x).detach()
+        return x.clamp(0.0, 1.0)
 
     @torch.no_grad()
     def decode_sample(self, x: Tensor, seed: int = 0) -> Tensor:
-        """``decode(z)`` of one posterior sample per image of ``x`` (B, C, H, W) in [0, 1], drawn
-        from a generator seeded with ``seed`` (the global streams are left alone): the
-        reconstruction the model's rate buys, same shape as ``x``, in [0, 1]."""
+        """``decode`` of one posterior sample per image of ``x`` (B, C, H, W) in [0, 1], drawn
+        with its own generator seeded with ``seed``: what the model's rate buys."""
         mu, logvar = self.posterior(x)
         gen = torch.Generator(device=mu.device).manual_seed(seed)
         noise = torch.randn(mu.shape, generator=gen, device=mu.device, dtype=mu.dtype)
@@ -294,13 +251,9 @@ class VAEBase(nn.Module):
 
 # ---------------------------------------------------------------------- the two VAEs
 def _spread(latent_dim: int, coefficients: int) -> tuple[Tensor, Tensor]:
-    """Initial 1x1 weights of the linear path: latent channel c carries coefficient
-    ``c mod coefficients``; the decoder averages the copies of each coefficient.
-
-    Returns (encoder ``(latent, coefficients, 1, 1)``, decoder ``(coefficients, latent, 1, 1)``).
-    A latent wider than the patch (the teacher's 512 > 192) holds the first coefficients two or
-    three times, so their copies average out the posterior noise.
-    """
+    """Initial 1x1 weights of the linear path, encoder ``(latent, coefficients, 1, 1)`` and
+    decoder ``(coefficients, latent, 1, 1)``: latent channel c carries coefficient ``c mod
+    coefficients``, the decoder averages the copies (the teacher's 512 > 192 channels)."""
     enc = torch.zeros(latent_dim, coefficients)
     enc[torch.arange(latent_dim), torch.arange(latent_dim) % coefficients] = 1.0
     dec = enc.T / enc.sum(0).clamp(min=1)[:, None]
@@ -308,9 +261,8 @@ def _spread(latent_dim: int, coefficients: int) -> tuple[Tensor, Tensor]:
 
 
 class Encoder(nn.Module):
-    """Image ``(B, 3, H, W)`` in [0, 1] -> ``(B, 2 * latent_dim, H/8, W/8)`` (mu, then logvar):
-    ``mu = linear(patches(x)) + mu_head(stages(x))``, ``logvar = logvar_head(stages(x))``; the
-    first three stages each halve the resolution."""
+    """Image ``(B, 3, H, W)`` in [0, 1] -> ``(B, 2 * latent_dim, H/8, W/8)``: ``mu =
+    linear(patches(x)) + mu_head(h)``, ``logvar = logvar_head(h)``, ``h = stages(x)``."""
 
     def __init__(self, widths: list[int], latent_dim: int, blocks: int) -> None:
         super().__init__()
@@ -319,19 +271,14 @@ class Encoder(nn.Module):
         with torch.no_grad():
             self.linear.weight.copy_(_spread(latent_dim, self.patches.dim)[0])
         stages: list[nn.Module] = []
-        for i, w in enumerate(widths):
-            if i == 0:
-                entry: nn.Module = nn.Sequential(nn.PixelUnshuffle(2), conv(12, w))
-            elif i < 3:
-                entry = down(widths[i - 1], w)
-            else:  # stages after the third stay on the H/8 grid
-                entry = conv(widths[i - 1], w)
+        for i, (prev, w) in enumerate(zip([3, *widths[:-1]], widths, strict=True)):
+            # a 3x3 convolution first; stages after the third stay on the H/8 grid
+            entry = down(prev, w, kernel=3 if i == 0 else 1) if i < 3 else conv(prev, w)
             stages.append(nn.Sequential(entry, *(ResBlock(w) for _ in range(blocks))))
         self.stages = nn.ModuleList(stages)
         self.mu_head = nn.Sequential(nn.ReLU(), zero_conv(widths[-1], latent_dim))
         self.logvar_head = nn.Sequential(nn.ReLU(), zero_conv(widths[-1], latent_dim, kernel=1))
-        with torch.no_grad():
-            self.logvar_head[1].bias.fill_(LOGVAR_INIT)
+        nn.init.constant_(self.logvar_head[1].bias, LOGVAR_INIT)
 
     def features(self, x: Tensor) -> list[Tensor]:
         """Outputs of each nonlinear stage, from ``x`` in [0, 1]."""
@@ -350,8 +297,7 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     """Latent ``(B, latent_dim, h, w)`` -> image ``(B, 3, 8h, 8w)`` (unclamped):
-    ``patches(linear(z)) + out(stages(z))``, the stages mirroring the encoder's, the last three
-    each doubling the resolution, ``out`` (zero at the start) to RGB through a PixelShuffle."""
+    ``patches(linear(z)) + out(stages(z))``, the stages mirroring the encoder's."""
 
     def __init__(self, widths: list[int], latent_dim: int, blocks: int) -> None:
         super().__init__()
@@ -361,13 +307,9 @@ class Decoder(nn.Module):
             self.linear.weight.copy_(_spread(latent_dim, self.patches.dim)[1])
         rev = widths[::-1]
         stages: list[nn.Module] = []
-        for i, w in enumerate(rev):
-            if i == 0:
-                entry: nn.Module = conv(latent_dim, w)
-            elif i < len(rev) - 2:  # extra stages stay on the H/8 grid
-                entry = conv(rev[i - 1], w)
-            else:
-                entry = up(rev[i - 1], w)
+        for i, (prev, w) in enumerate(zip([latent_dim, *rev[:-1]], rev, strict=True)):
+            # the last two stages double the resolution, the others stay on the H/8 grid
+            entry = up(prev, w) if i > 0 and i >= len(rev) - 2 else conv(prev, w)
             stages.append(nn.Sequential(entry, *(ResBlock(w) for _ in range(blocks))))
         self.stages = nn.Sequential(*stages)
         self.out = nn.Sequential(nn.ReLU(), zero_conv(widths[0], 12), nn.PixelShuffle(2))
@@ -388,9 +330,8 @@ class _PatchVAE(VAEBase):
 
     @torch.no_grad()
     def init_from_data(self, images: Tensor) -> None:
-        """Fit the patch basis of both paths to the PCA of ``images`` (N, 3, H, W) in [0, 1],
-        then re-allocate the rate of ``logvar = LOGVAR_INIT`` to the elements the decoder needs
-        (:func:`~hrm_vision.patches.allocated_logvar`)."""
+        """Fit the patch basis of both paths to the PCA of ``images`` (N, 3, H, W) in [0, 1], and
+        re-allocate the rate of ``logvar = LOGVAR_INIT`` (once, on a freshly built model)."""
         self._check_images(images)
         mean, components, variances = fit_patch_pca(images.float().cpu(), PATCH)
         for part in (self.encoder.patches, self.decoder.patches):
@@ -402,10 +343,9 @@ class _PatchVAE(VAEBase):
 
     @torch.no_grad()
     def linear_path(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The linear paths as affine maps between a flattened 8x8 patch (192 numbers in
-        PixelUnshuffle order, pixels in [0, 1]) and the latent at its grid position:
-        ``(enc_weight (L, 192), enc_bias (L,), dec_weight (192, L), dec_bias (192,))`` with
-        ``z = enc_weight @ patch + enc_bias`` and ``patch = dec_weight @ z + dec_bias``."""
+        """The linear paths as affine maps between a flattened 8x8 patch (PixelUnshuffle order) and
+        the latent at its position: ``(enc_weight (L, 192), enc_bias (L,), dec_weight (192, L),
+        dec_bias (192,))``."""
         ea, eb = self.encoder.patches.weight[:, :, 0, 0], self.encoder.patches.bias
         el = self.encoder.linear.weight[:, :, 0, 0]
         ds, db = self.decoder.patches.weight[:, :, 0, 0], self.decoder.patches.bias
@@ -415,12 +355,9 @@ class _PatchVAE(VAEBase):
 
 @register_model("teacher")
 class TeacherVAE(_PatchVAE):
-    """The teacher: 4 stages, a 4x4x512 latent for 32x32 images (~10M parameters).
-
-    Stage widths ``base_channels * (1, 2, 4, 5)`` at 1/2, 1/4, 1/8, 1/8 resolution with
-    ``blocks_per_stage`` residual blocks each; the linear path keeps all 192 coefficients of an
-    8x8 RGB patch (lossless at initialisation).
-    """
+    """The teacher (~10M parameters): stage widths ``base_channels * (1, 2, 4, 5)`` at 1/2,
+    1/4, 1/8, 1/8 resolution, ``blocks_per_stage`` residual blocks each; a 4x4x512 latent for
+    32x32 images."""
 
     def __init__(self, latent_dim: int = 512, base_channels: int = 64,
                  blocks_per_stage: int = 1) -> None:
@@ -445,14 +382,10 @@ TinyVAE = MinimalVAE
 
 # ---------------------------------------------------------------------- the adapter
 class LatentAdapter(nn.Module):
-    """A linear map from student to teacher latent channels, trained with the student and saved
-    with it (``adapter_state_dict``/``adapter_arch``; ``hrm_vision.load(path, role="adapter")``).
-
-    Spatial latents: a per-location 1x1 convolution ``(B, student_dim, h, w) -> (B, teacher_dim,
-    h, w)`` (both VAEs share the H/8 x W/8 grid). Vector latents (``vector=True``, the compact
-    models): a fully connected layer ``(B, student_dim) -> (B, teacher_dim)``. So
-    ``teacher.decode(adapter(student.encode(x)))`` is the teacher's decoder reading the student.
-    """
+    """A linear map from student to teacher latents, trained and saved with the student
+    (``hrm_vision.load(path, role="adapter")``): a 1x1 convolution ``(B, student_dim, h, w) ->
+    (B, teacher_dim, h, w)``, or with ``vector=True`` (the compact models) a fully connected
+    layer ``(B, student_dim) -> (B, teacher_dim)``."""
 
     def __init__(self, student_dim: int = 128, teacher_dim: int = 512,
                  vector: bool = False) -> None:
@@ -476,9 +409,8 @@ class LatentAdapter(nn.Module):
 
     @torch.no_grad()
     def init_from_linear_paths(self, student: nn.Module, teacher: nn.Module) -> bool:
-        """Start as the student's linear decoder path followed by the teacher's linear encoder
-        path (student latent -> image -> teacher latent) when both models have one
-        (``linear_path()``) and the sizes fit. Returns whether it applied."""
+        """Start as the student's linear decoder path then the teacher's linear encoder path,
+        when both have one (``linear_path()``) and the sizes fit; returns whether it did."""
         if not (hasattr(student, "linear_path") and hasattr(teacher, "linear_path")):
             return False
         _, _, dec_w, dec_b = student.linear_path()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from experiments.model_summary import summary_rows
 from hrm_vision.compact import CompactStudentVAE, CompactTeacherVAE
 from hrm_vision.evaluate import crop_baselines
 from hrm_vision.io import CheckpointError, load, model_from_payload
@@ -17,7 +18,7 @@ from hrm_vision.train import Distiller, load_config
 from hrm_vision.train.config import ConfigError, make_config
 from hrm_vision.train.loss import TeacherFeatures, kl_nats, residual_variance
 from hrm_vision.train.trainer import configured_model
-from hrm_vision.vae import LatentAdapter, MinimalVAE, TeacherVAE, summary_rows
+from hrm_vision.vae import LatentAdapter, MinimalVAE, TeacherVAE
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPACT = ROOT / "training" / "compact.json"
