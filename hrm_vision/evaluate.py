@@ -361,21 +361,18 @@ def crop_baselines(val_images: Tensor, train_images: Tensor,
 def metrics(throughput_batch: int) -> list[tuple[str, str, bool, str]]:
     """The table's rows, in order: (JSON key, label, higher is better, format)."""
     rows = [("parameters", "parameters", False, "{:,.0f}"),
-            ("weights_fp32_bytes", "weights file, fp32 state dict", False, "mb"),
-            ("weights_fp16_bytes", "weights file, fp16 state dict", False, "mb")]
-    rows += [(f"macs_{op}", f"MACs per image, {op}", False, "mega") for op in OPS]
-    for op in OPS:
-        rows += [(f"latency_{op}_{s}_ms", f"CPU latency batch 1, {op}, {label}", False,
-                  "{:.2f} ms") for s, label in (("median", "median"), ("p90", "p90"))]
+            ("weights_fp32_bytes", "weights file, fp32 state dict", False, "{:.2f} MB"),
+            ("weights_fp16_bytes", "weights file, fp16 state dict", False, "{:.2f} MB")]
+    rows += [(f"macs_{op}", f"MACs per image, {op}", False, "{:.1f} M") for op in OPS]
+    rows += [(f"latency_{op}_{s}_ms", f"CPU latency batch 1, {op}, {s}", False, "{:.2f} ms")
+             for op in OPS for s in ("median", "p90")]
     rows += [(f"throughput_{op}_ips", f"CPU throughput batch {throughput_batch}, {op}", True,
               "{:,.0f} img/s") for op in OPS]
     return rows + [("psnr_db", "PSNR (dB)", True, "{:.2f}"), ("ssim", "SSIM", True, "{:.4f}")]
 
 
 def _fmt(value: float, fmt: str) -> str:
-    if fmt == "mb":
-        return f"{value / 1e6:.2f} MB"
-    return f"{value / 1e6:.1f} M" if fmt == "mega" else fmt.format(value)
+    return fmt.format(value / 1e6 if " M" in fmt else value)  # MB and M: in millions
 
 
 def ratios(teacher: dict[str, float], student: dict[str, float],

@@ -567,13 +567,10 @@ def export_model(vae: VAEBase, out_dir: str | os.PathLike[str], images: Tensor,
     """Export, check and time ``vae`` into ``out_dir`` as one set (:func:`export_set`): the
     graphs, ``tinyvae.safetensors`` (with the adapter) and ``export.json``; ``ExportError``
     when a file differs from eager. ``images``: real ``(N, C, S, S)`` images in [0, 1], the main
-    parity check and the runtime comparison (``timing_repeats`` rounds). ``adapter``: with it
-    the teacher-space encoder too. ``parity_images``: ``{"HxW": (N, C, H, W)}``, more sizes
-    every fp32 file is checked at. ``precisions``: fp32 and ``"fp16"``, ``"int8"`` (which needs
-    ``calibration``, real training images), each one's cost measured at every size. ``frame``
-    ``(1, C, H, W)``: single-frame latency of eager PyTorch and each precision."""
-    if images.dim() != 4 or images.shape[2] != images.shape[3]:
-        raise ValueError(f"expected square images (N, C, S, S), got {tuple(images.shape)}")
+    parity check and the runtime comparison (``timing_repeats`` rounds); ``adapter`` adds the
+    teacher-space encoder; ``parity_images``: ``{"HxW": (N, C, H, W)}``, more sizes to check;
+    ``precisions``: fp32 and ``"fp16"``, ``"int8"`` (needs ``calibration``, real training
+    images); ``frame`` ``(1, C, H, W)``: single-frame latency of eager and each precision."""
     specs = graph_specs(vae, images.shape[-1], adapter and adapter.teacher_dim)
     latent_channels = specs[0].output_shape[0]
     if adapter is not None and adapter.student_dim != latent_channels:
@@ -755,10 +752,10 @@ def _summary(vae: VAEBase, result: ExportResult, args: argparse.Namespace) -> st
     for runtime, ips in result.throughput_ips.items():
         lines.append(f"{runtime:14s} encode+decode batch {result.throughput_batch}: {ips:8.0f} "
                      f"img/s ({ips / result.throughput_ips['pytorch_eager']:.2f}x eager)")
-    compact = isinstance(vae, CompactVAE)
+    photos = "" if isinstance(vae, CompactVAE) else " and the validation photographs"
     lines.append(f"parity of every fp32 file checked at {', '.join(result.parity_sizes)} "
                  f"(tolerance {PARITY_TOLERANCE}) on {result.num_images} {args.dataset} "
-                 f"validation images{'' if compact else ' and the validation photographs'}")
+                 f"validation images{photos}")
     for precision, by_size in result.precision_costs.items():
         for key, c in by_size.items():
             lines.append(f"{precision} {key:>8s}: max |err| encoder {c['encoder_max_abs_err']:.1e}"

@@ -593,18 +593,6 @@ FULL_DISK = """
 import sys, torch
 from hrm_vision import export as pipeline
 from hrm_vision.vae import MinimalVAE
-from hrm_vision.export import (
-    PARITY_TOLERANCE,
-    ExportError,
-    VAEGraph,
-    check_parity,
-    export_model,
-    fold_batchnorm,
-    load_torchscript,
-    ort_session,
-    run_onnx,
-)
-from hrm_vision.export.__main__ import main
 torch.manual_seed(1)
 model = MinimalVAE(latent_dim=4, base_channels=8).eval()
 for name, call in [
