@@ -670,17 +670,6 @@ def _tensorrt(vae: VAEBase, teacher_space: bool) -> str:
     return "\n".join(lines)
 
 
-#: The command's counts: flag, default, smallest value allowed, help.
-COUNTS = (
-    ("--num-images", 64, 1, "validation images of the parity check and the runtime comparison"),
-    ("--calibration-images", 256, 1, "training images calibrating the int8 graphs"),
-    ("--timing-repeats", 20, 0, "rounds comparing eager PyTorch, ONNX Runtime and TorchScript; "
-                                "0 skips it"),
-    ("--frame-repeats", 5, 0, "rounds of the single-frame latency; 0 skips it"),
-    ("--threads", 1, 1, "CPU threads of the timings"),
-)
-
-
 def _parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Export the TinyVAE encoder and decoder "
                                 "to ONNX and TorchScript, checked against eager PyTorch on real "
@@ -694,17 +683,26 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         help="side of the validation crops of the main parity check and the runtime comparison, "
              "divisible by 8 (default 32; a compact model's crop side for it)")
     add("--precision", default="fp32,fp16,int8",
-        help="precisions of the graphs: fp32 (always), fp16, int8 (default %(default)s)")
+        help="precisions of the encoder and decoder graphs: fp32 (always), fp16, int8 "
+             "(default %(default)s)")
     add("--parity-sizes", default="64x64,224x224,480x640",
         help="more frame sizes HxW every graph is checked at, on the photos dataset's "
              "validation photographs (default %(default)s; '' none)")
+    add("--calibration-images", type=int, default=256,
+        help="training images calibrating the int8 graphs (default 256)")
     add("--frame-size", default="480x640",
         help="frame HxW of the single-frame latency of each precision (default %(default)s)")
-    for flag, default, _, text in COUNTS:
-        add(flag, type=int, default=default, help=f"{text} (default {default})")
+    add("--frame-repeats", type=int, default=5,
+        help="rounds of the single-frame latency; 0 skips it (default 5)")
     add("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (18)")
     add("--dataset", default="photos", help="dataset whose validation images check parity")
     add("--data-dir", default="./data", help="dataset root (if it needs one)")
+    add("--num-images", type=int, default=64,
+        help="validation images of the parity check and the runtime comparison (default 64)")
+    add("--timing-repeats", type=int, default=20,
+        help="rounds comparing eager PyTorch, ONNX Runtime and TorchScript; 0 skips it "
+             "(default 20)")
+    add("--threads", type=int, default=1, help="CPU threads of the timings (default 1)")
     add("--no-teacher-space", action="store_true",
         help="leave out tinyvae_encoder_teacher_space.onnx (image -> the adapter's "
              "teacher-space latent; written when the checkpoint holds the adapter)")
@@ -776,12 +774,14 @@ def command(argv: list[str] | None = None, prog: str = "hrm-vision export") -> i
     dataset problem or a file that cannot be written raises (``ValueError``, ``OSError``)."""
     parser = _parser(prog)
     args = parser.parse_args(argv)
-    bad = [f"{flag} must be >= {low}" for flag, _, low, _ in COUNTS
-           if getattr(args, flag[2:].replace("-", "_")) < low]
-    if args.image_size is not None and (args.image_size < 8 or args.image_size % 8):
-        bad.append(f"--image-size must be a positive multiple of 8 (got {args.image_size})")
-    if bad:
-        parser.error(", ".join(bad))
+    if args.timing_repeats < 0 or args.threads < 1 or args.frame_repeats < 0 \
+            or args.calibration_images < 1:
+        parser.error("--timing-repeats and --frame-repeats must be >= 0, --threads and "
+                     "--calibration-images >= 1")
+    if (args.image_size is not None and (args.image_size < 8 or args.image_size % 8)) \
+            or args.num_images < 1:
+        parser.error(f"--image-size must be a positive multiple of 8 (got {args.image_size}) "
+                     f"and --num-images >= 1 (got {args.num_images})")
     try:
         args.precision = parse_precisions(args.precision)
         args.parity_sizes = tuple(parse_size(t) for t in args.parity_sizes.split(",")

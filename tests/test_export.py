@@ -216,7 +216,7 @@ class TestCommand:
         with pytest.raises(SystemExit) as info:
             main(["--threads", "0"])
         assert info.value.code == 2
-        assert "--threads must be >= 1" in capsys.readouterr().err
+        assert "--threads and --calibration-images >= 1" in capsys.readouterr().err
 
 
 class TestSafetensors:
