@@ -1,12 +1,8 @@
-"""The distilled student against its teacher, measured the same way; ``hrm-vision evaluate``.
-
-Footprint (parameters, weight files, MACs), speed (latency and throughput, both models
-interleaved in one process; the student at camera resolution against this machine's 3x3
-convolution), quality (pooled PSNR, SSIM, CKA of the latents, the uint8 latent), rate (KL,
-bits per pixel, decode(mu) and decode(z), the Gaussian references at that rate), the thumbnail
-and patch-PCA baselines on the same images, the held-out photographs at full resolution, and
-the report (``evaluation.json``, ``.md``, ``.png``). Images are ``(N, 3, H, W)`` in [0, 1], RGB;
-ratios above 1 mean the student does better (teacher/student for costs, else student/teacher).
+"""The distilled student against its teacher, measured the same way; ``hrm-vision evaluate``:
+footprint, speed (both models interleaved; the student at camera resolution), quality, rate,
+baselines on the same images, the held-out photographs at full resolution, and the report
+(``evaluation.json``, ``.md``, ``.png``). Images are ``(N, 3, H, W)`` in [0, 1], RGB; ratios
+above 1 mean the student does better (teacher/student for costs, else student/teacher).
 """
 
 from __future__ import annotations
@@ -66,8 +62,7 @@ CROP_PCA_FIT = 4096
 # ----------------------------------------------------------------------------------- footprint
 def weight_file_bytes(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
     """Bytes of ``model.state_dict()`` saved alone with ``torch.save``, floating-point tensors
-    cast to ``dtype`` (integer buffers kept): the file a deployment ships, measured alike for
-    every model."""
+    cast to ``dtype`` (integer buffers kept): the file a deployment ships."""
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
     state = {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()
@@ -93,21 +88,19 @@ def measure_speed(models: dict[str, VAEBase], images: Tensor, latency_repeats: i
     """Per model: ``latency_{op}_median_ms``, ``latency_{op}_p90_ms`` (batch 1) and
     ``throughput_{op}_ips`` (batch ``len(images)``), all models interleaved."""
     out: dict[str, dict[str, float]] = {name: {} for name in models}
-    for batch, repeats in ((images[:1], latency_repeats), (images, throughput_repeats)):
+    for latency, batch, repeats in ((True, images[:1], latency_repeats),
+                                    (False, images, throughput_repeats)):
         fns = {}
         for name, m in models.items():
-            fns[name, "encode"] = partial(m.encode, batch)
-            fns[name, "decode"] = partial(m.decode, m.encode(batch))
-            fns[name, "both"] = lambda m=m, x=batch: m.decode(m.encode(x))
-        times = timings({f"{n}/{op}": f for (n, op), f in fns.items()}, repeats, warmup,
-                        batch.shape[0], f"timing batch {batch.shape[0]}")
-        for name, op in fns:
-            stats = times[f"{name}/{op}"]
-            if batch.shape[0] == 1:
-                out[name][f"latency_{op}_median_ms"] = stats["median_ms"]
-                out[name][f"latency_{op}_p90_ms"] = stats["p90_ms"]
-            else:
-                out[name][f"throughput_{op}_ips"] = stats["throughput_ips"]
+            fns[f"{name}/encode"] = partial(m.encode, batch)
+            fns[f"{name}/decode"] = partial(m.decode, m.encode(batch))
+            fns[f"{name}/both"] = lambda m=m, x=batch: m.decode(m.encode(x))
+        times = timings(fns, repeats, warmup, batch.shape[0], f"timing batch {batch.shape[0]}")
+        for key, t in times.items():
+            name, op = key.split("/")
+            out[name].update({f"latency_{op}_median_ms": t["median_ms"],
+                              f"latency_{op}_p90_ms": t["p90_ms"]} if latency
+                             else {f"throughput_{op}_ips": t["throughput_ips"]})
     return out
 
 
@@ -165,8 +158,6 @@ def quantize_uint8(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Latents ``(B, C, h, w)`` as uint8 with one min/max scale per image: ``(q, low, scale)``,
     ``low`` and ``scale`` ``(B, 1, 1, 1)``; :func:`dequantize_uint8` inverts it up to
     ``scale / 2`` per element."""
-    if z.dim() != 4 or not z.is_floating_point():
-        raise ValueError(f"expected float latents (B, C, h, w), got {z.dtype} {tuple(z.shape)}")
     flat = z.flatten(1)
     low = flat.min(1).values.view(-1, 1, 1, 1)
     span = flat.max(1).values.view(-1, 1, 1, 1) - low
@@ -247,10 +238,8 @@ def frames_psnr(reconstruct: Callable[[Tensor], Tensor], images: Sequence[Tensor
 @dataclass(frozen=True)
 class RateQuality:
     """What a model's rate buys on one set of images: the mean KL of the posterior to N(0, I)
-    per latent element, the same rate in bits per pixel, decode(mu) and decode(z) PSNR (z a
-    seeded posterior sample), and the Gaussian references at that rate from the set's patch
-    spectrum (:func:`hrm_vision.patches.water_filling`,
-    :func:`hrm_vision.patches.uniform_allocation`)."""
+    per latent element, in bits per pixel too, decode(mu) and decode(z) PSNR (z a seeded
+    posterior sample), and the Gaussian references at that rate from the set's patch spectrum."""
 
     model: str
     images: str
@@ -329,15 +318,9 @@ class PatchPCA:
         return F.pixel_shuffle(cols, self.patch).clamp(0, 1)
 
 
-def compute_baselines(val_images: Tensor, train_images: Tensor | None = None,
-                      sides: Sequence[int] = THUMBNAIL_SIDES,
-                      coefficients: Sequence[int] = PCA_COEFFICIENTS,
-                      pca: PatchPCA | None = None) -> list[Baseline]:
-    """Thumbnails and patch PCA on ``val_images`` ``(N, 3, H, W)``; the PCA fitted on
-    ``train_images`` or given fitted as ``pca`` (exactly one)."""
-    if (train_images is None) == (pca is None):
-        raise ValueError("give exactly one of train_images and pca")
-    pca = pca or PatchPCA(train_images)  # type: ignore[arg-type]
+def compute_baselines(val_images: Tensor, pca: PatchPCA, sides: Sequence[int] = THUMBNAIL_SIDES,
+                      coefficients: Sequence[int] = PCA_COEFFICIENTS) -> list[Baseline]:
+    """Thumbnails and ``pca`` (fitted on training images) on ``val_images`` ``(N, 3, H, W)``."""
     cells = (val_images.shape[-2] // PATCH) * (val_images.shape[-1] // PATCH)
     return [Baseline(f"thumbnail {s}x{s}, bicubic", 3 * s * s,
                      psnr(thumbnail(val_images, s), val_images)) for s in sides] + \
@@ -378,21 +361,18 @@ def crop_baselines(val_images: Tensor, train_images: Tensor,
 def metrics(throughput_batch: int) -> list[tuple[str, str, bool, str]]:
     """The table's rows, in order: (JSON key, label, higher is better, format)."""
     rows = [("parameters", "parameters", False, "{:,.0f}"),
-            ("weights_fp32_bytes", "weights file, fp32 state dict", False, "mb"),
-            ("weights_fp16_bytes", "weights file, fp16 state dict", False, "mb")]
-    rows += [(f"macs_{op}", f"MACs per image, {op}", False, "mega") for op in OPS]
-    for op in OPS:
-        rows += [(f"latency_{op}_{s}_ms", f"CPU latency batch 1, {op}, {label}", False,
-                  "{:.2f} ms") for s, label in (("median", "median"), ("p90", "p90"))]
+            ("weights_fp32_bytes", "weights file, fp32 state dict", False, "{:.2f} MB"),
+            ("weights_fp16_bytes", "weights file, fp16 state dict", False, "{:.2f} MB")]
+    rows += [(f"macs_{op}", f"MACs per image, {op}", False, "{:.1f} M") for op in OPS]
+    rows += [(f"latency_{op}_{s}_ms", f"CPU latency batch 1, {op}, {s}", False, "{:.2f} ms")
+             for op in OPS for s in ("median", "p90")]
     rows += [(f"throughput_{op}_ips", f"CPU throughput batch {throughput_batch}, {op}", True,
               "{:,.0f} img/s") for op in OPS]
     return rows + [("psnr_db", "PSNR (dB)", True, "{:.2f}"), ("ssim", "SSIM", True, "{:.4f}")]
 
 
 def _fmt(value: float, fmt: str) -> str:
-    if fmt == "mb":
-        return f"{value / 1e6:.2f} MB"
-    return f"{value / 1e6:.1f} M" if fmt == "mega" else fmt.format(value)
+    return fmt.format(value / 1e6 if " M" in fmt else value)  # MB and M: in millions
 
 
 def ratios(teacher: dict[str, float], student: dict[str, float],
@@ -487,10 +467,7 @@ def figure(report: dict[str, Any], samples: dict[str, Tensor], path: Path) -> Pa
         for col in range(k):
             ax = fig.add_subplot(grid[row, col])
             ax.imshow(images[col].clamp(0, 1).permute(1, 2, 0).numpy(), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if col == 0:
-                ax.set_ylabel(name)
+            ax.set(xticks=[], yticks=[], ylabel=name if col == 0 else "")
     r = report["ratios"]
     bars = {"parameters (T/S)": r["parameters"], "fp32 file (T/S)": r["weights_fp32_bytes"],
             "MACs enc+dec (T/S)": r["macs_both"],
@@ -502,12 +479,11 @@ def figure(report: dict[str, Any], samples: dict[str, Tensor], path: Path) -> Pa
     ax.barh(list(bars), list(bars.values()),
             color=["tab:blue"] * 6 + ["tab:green"] * (len(bars) - 6))
     ax.invert_yaxis()
-    ax.set_xscale("log")
     ax.axvline(1.0, color="black", linewidth=0.8)
     for y, v in enumerate(bars.values()):
         ax.text(v, y, f" {v:.2f}", va="center", fontsize=8)
-    ax.set_xlabel("ratio (log scale); above 1: the student does better")
-    ax.set_title("student vs teacher")
+    ax.set(xscale="log", xlabel="ratio (log scale); above 1: the student does better",
+           title="student vs teacher")
     fig.savefig(path, dpi=110)
     return path
 
@@ -537,7 +513,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                               args.batch_size)
     n = quality["num_images"]
     models = {"teacher": teacher, "student": student}
-    result = {k: dict(footprint(m, size)) for k, m in models.items()}
+    result = {k: footprint(m, size) for k, m in models.items()}
     batch = torch.stack([dataset[i % n] for i in range(args.throughput_batch)])
     for name, speed in measure_speed(models, batch, args.latency_repeats,
                                      args.throughput_repeats, args.warmup).items():
@@ -568,7 +544,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                          - quality["student_uint8_psnr_db"],
                          "ssim_uint8": quality["student_uint8_ssim"],
                          "bytes_float32": 4 * latent, "bytes_uint8": latent + 8},
-        "reconstructions": crops + ([asdict(b) for b in compute_baselines(val, pca=pca)]
+        "reconstructions": crops + ([asdict(b) for b in compute_baselines(val, pca)]
                                     if pca else []),
         "rate": rate_rows(args, models, val, f"{size}x{size} crops"),
         "frames": None,
@@ -613,6 +589,24 @@ def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
 
 
 # ------------------------------------------------------------------------------------- command
+#: The command's integer options: flag, default, smallest value allowed, help.
+INT_OPTIONS = (
+    ("--image-size", 32, 8, "image side"),
+    ("--num-images", 1024, 2, "validation images for quality and CKA"),
+    ("--batch-size", 128, 1, "batch of the quality pass"),
+    ("--threads", 1, 1, "torch CPU threads (on a shared machine, more threads on small "
+                        "convolutions measure threads waiting for each other)"),
+    ("--latency-repeats", 50, 1, "timed rounds at batch 1"),
+    ("--warmup", 2, 0, "untimed rounds first"),
+    ("--throughput-repeats", 10, 1, "timed rounds at the throughput batch"),
+    ("--throughput-batch", 64, 1, "batch of the throughput measurement"),
+    ("--baseline-train-images", 4096, 0, "training images the patch-PCA baseline is fitted "
+                                         "on; 0 leaves the baselines out"),
+    ("--camera-repeats", 3, 0, "rounds of the student's single-frame timing at 64x64 and "
+                               "480x640 against this machine's 3x3 convolution; 0 skips it"),
+)
+
+
 def _parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog,
                                 description="Teacher vs student: size, speed, quality, CKA.")
@@ -624,28 +618,11 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     add("--out-dir", help="output folder (default <checkpoint-dir>/evaluation)")
     add("--dataset", default="photos", help="dataset name (default %(default)s)")
     add("--data-dir", default="./data", help="dataset root, if it needs one")
-    add("--image-size", type=int, default=32, help="image side (default 32)")
-    add("--num-images", type=int, default=1024,
-        help="validation images for quality and CKA, at least 2 (default 1024)")
-    add("--batch-size", type=int, default=128, help="batch of the quality pass (default 128)")
-    add("--threads", type=int, default=1,
-        help="torch CPU threads (default 1: on a shared machine, more threads on small "
-             "convolutions measure threads waiting for each other)")
-    add("--latency-repeats", type=int, default=50, help="timed rounds at batch 1 (default 50)")
-    add("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
-    add("--throughput-repeats", type=int, default=10,
-        help="timed rounds at the throughput batch (default 10)")
-    add("--throughput-batch", type=int, default=64,
-        help="batch of the throughput measurement (default 64)")
-    add("--baseline-train-images", type=int, default=4096,
-        help="training images the patch-PCA baseline is fitted on; 0 leaves the baselines "
-             "out (default 4096)")
+    for flag, default, _, text in INT_OPTIONS:
+        add(flag, type=int, default=default, help=f"{text} (default {default})")
     add("--no-frames", action="store_true",
         help="leave out the held-out photographs at full resolution (photos dataset only)")
     add("--seed", type=int, default=0, help="seed of the posterior samples decode(z) decodes")
-    add("--camera-repeats", type=int, default=3,
-        help="rounds of the student's single-frame timing at 64x64 and 480x640 against this "
-             "machine's 3x3 convolution; 0 skips it (default 3)")
     return p
 
 
@@ -656,12 +633,10 @@ def command(argv: list[str] | None = None, prog: str = "hrm-vision evaluate") ->
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser(prog)
     args = parser.parse_args(argv)
-    bad = [f"--{n.replace('_', '-')}" for n in ("num_images", "batch_size", "threads",
-           "latency_repeats", "throughput_repeats", "throughput_batch") if getattr(args, n) < 1]
-    bad += ["--baseline-train-images (>= 0)"] * (args.baseline_train_images < 0)
-    bad += ["--camera-repeats (>= 0)"] * (args.camera_repeats < 0)
+    bad = [f"{flag} must be >= {low}" for flag, _, low, _ in INT_OPTIONS
+           if getattr(args, flag[2:].replace("-", "_")) < low]
     if bad:
-        parser.error(f"{', '.join(bad)} must be >= 1")
+        parser.error(", ".join(bad))
     torch.set_num_threads(args.threads)
     args.command = shlex.join([*prog.split(), *argv])
     paths = write_report(evaluate(args), Path(args.out_dir or Path(args.checkpoint_dir)

@@ -1,11 +1,7 @@
-"""The TinyVAE for the edge, ``hrm-vision export``: ONNX and TorchScript graphs checked against
-eager PyTorch on real images, fp16 and int8 variants, the weights and ``export.json``.
-
-``tinyvae_encoder.onnx`` takes ``image`` ``(N, C, H, W)`` float32 in [0, 1], RGB, NCHW, and
-gives ``latent`` ``(N, L, H/8, W/8)``, the posterior mean; ``tinyvae_decoder.onnx`` the reverse;
-``tinyvae_encoder_teacher_space.onnx`` gives ``adapter(encoder(image))``. Batch, height and
-width are dynamic (sides divisible by 8); a compact model's graphs take its fixed crop,
-``(N, C, S, S)`` <-> ``(N, L)``. An export replaces the previous set whole (:func:`export_set`).
+"""The TinyVAE for the edge, ``hrm-vision export``: ONNX and TorchScript graphs (images
+``(N, C, H, W)`` float32 in [0, 1], RGB, NCHW <-> the posterior mean ``(N, L, H/8, W/8)``, or a
+compact model's ``(N, L)`` of its fixed crop) checked against eager PyTorch on real images, fp16
+and int8 variants, the weights and ``export.json``, replacing the previous set whole.
 """
 
 from __future__ import annotations
@@ -14,7 +10,6 @@ import argparse
 import contextlib
 import copy
 import ctypes
-import dataclasses
 import io
 import json
 import os
@@ -27,11 +22,11 @@ import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx
@@ -56,25 +51,19 @@ from .io import (
 )
 from .metrics import psnr
 from .timing import timings
-from .vae import VAEBase, model_name
-
-if TYPE_CHECKING:
-    from .vae import LatentAdapter
+from .vae import LatentAdapter, VAEBase, model_name
 
 #: Largest absolute difference allowed between an fp32 export and the eager model.
 PARITY_TOLERANCE = 1e-4
 #: Default ONNX opset (ONNX Runtime >= 1.14, TensorRT >= 8.6).
 DEFAULT_OPSET = 18
-#: The graphs, with the VAE half each one runs.
-PARTS = {"encoder": "encode", "decoder": "decode", "encoder_teacher_space": "encode"}
 #: The precisions ``--precision`` knows, in the order they are written.
 PRECISIONS = ("fp32", "fp16", "int8")
 #: Weight names of the linear patch path, whose convolutions stay float32 in fp16 and int8
-#: graphs: whitened coefficients span a range that fp16 rounds coarsely, and quantising the
-#: path cost a data-initialised student a latent error of 3.5 against 9e-6.
+#: graphs (fp16 rounds whitened coefficients coarsely; int8 costs it far more than elsewhere).
 FP32_WEIGHTS = (".patches.", ".linear.")
 #: int8 activation ranges: this percentile of each activation's calibration values (and 100
-#: minus it); MinMax ranges cost a briefly trained student 1.62 dB of round-trip PSNR, these 0.22.
+#: minus it), a quarter of MinMax ranges' PSNR cost.
 CALIBRATION_PERCENTILE = 99.99
 #: Frame sizes ``HxW`` every export can be checked at (crops, a 224 crop, a VGA frame).
 PARITY_SIZES: tuple[tuple[int, int], ...] = ((32, 32), (64, 64), (224, 224), (480, 640))
@@ -100,11 +89,9 @@ class VAEGraph(nn.Module):
 
     def __init__(self, vae: VAEBase, part: str, adapter: nn.Module | None = None) -> None:
         super().__init__()
-        if part not in PARTS:
-            raise ValueError(f"unknown graph {part!r}; known: {sorted(PARTS)}")
         if (part == "encoder_teacher_space") != (adapter is not None):
             raise ValueError("an adapter goes with the encoder_teacher_space graph, and only there")
-        self.encodes = PARTS[part] == "encode"
+        self.encodes = part != "decoder"
         self.vae = copy.deepcopy(vae).eval()
         setattr(self.vae, "decoder" if self.encodes else "encoder", nn.Identity())
         self.adapter = nn.Identity() if adapter is None else copy.deepcopy(adapter).eval()
@@ -118,7 +105,7 @@ class GraphSpec:
     """Names and example shapes (without the batch) of one graph; ``fixed_size`` is a compact
     model's crop side (only the batch dynamic), None for any side divisible by 8."""
 
-    part: str  # a key of PARTS
+    part: str  # "encoder", "decoder" or "encoder_teacher_space"
     input_name: str
     input_shape: tuple[int, ...]
     output_name: str
@@ -128,27 +115,25 @@ class GraphSpec:
     def metadata(self, vae: VAEBase, source: str,
                  adapter_arch: dict[str, int] | None = None) -> dict[str, str]:
         """The ``metadata_props`` of the ONNX file and ``metadata.json`` of the TorchScript file."""
-        image, grid = "height, width", "height/8, width/8"
-        if self.fixed_size is not None:
-            image, grid = f"{self.fixed_size}, {self.fixed_size}", ""
-
-        def shape(channels: int, is_image: bool) -> str:
-            sides = image if is_image else grid
-            return f"[batch, {channels}" + (f", {sides}]" if sides else "]")
-
+        s = self.fixed_size
+        image, grid = ", height, width", ", height/8, width/8"
+        if s is not None:
+            image, grid = f", {s}, {s}", ""
         encodes = self.part != "decoder"
         latent = (self.output_shape if encodes else self.input_shape)[0]
         meta = {
             "producer": f"hrm_vision {__version__}",
-            "graph": f"{model_name(vae) if self.fixed_size else 'tinyvae'} {self.part}",
-            "input": f"{self.input_name} {shape(self.input_shape[0], encodes)} float32",
-            "output": f"{self.output_name} {shape(self.output_shape[0], not encodes)} float32",
+            "graph": f"{model_name(vae) if s else 'tinyvae'} {self.part}",
+            "input": f"{self.input_name} [batch, {self.input_shape[0]}"
+                     f"{image if encodes else grid}] float32",
+            "output": f"{self.output_name} [batch, {self.output_shape[0]}"
+                      f"{grid if encodes else image}] float32",
             "image_range": "[0, 1] (float32; divide uint8 pixels by 255)",
             "color_order": "RGB" if vae.in_channels == 3 else "grey (one channel)",
             "layout": "NCHW",
             "image_size": "any height and width divisible by 8 (dynamic)"
-            if self.fixed_size is None else f"{self.fixed_size}x{self.fixed_size} (fixed)",
-            "latent_shape": shape(latent, False),
+            if s is None else f"{s}x{s} (fixed)",
+            "latent_shape": f"[batch, {latent}{grid}]",
             "latent": "posterior mean (deterministic)",
             "arch": json.dumps(vae.arch_config()),
             "source_checkpoint": source,
@@ -166,8 +151,8 @@ def graph_specs(vae: VAEBase, image_size: int, teacher_dim: int | None = None
     crop side for one), and the teacher-space encoder's when ``teacher_dim`` is given."""
     fixed = vae.image_size if isinstance(vae, CompactVAE) else None
     if fixed is not None and image_size != fixed:
-        raise ExportError(f"the {model_name(vae)} graphs take {fixed}x{fixed} crops only, "
-                          f"not {image_size}x{image_size}")
+        raise ValueError(f"the {model_name(vae)} graphs take {fixed}x{fixed} crops only, "
+                         f"not {image_size}x{image_size}")
     latent = vae.latent_shape(image_size, image_size)
     image = (vae.in_channels, image_size, image_size)
     specs = (GraphSpec("encoder", "image", image, "latent", latent, fixed),
@@ -180,8 +165,8 @@ def graph_specs(vae: VAEBase, image_size: int, teacher_dim: int | None = None
 
 # ------------------------------------------------------------------------ ONNX and TorchScript
 def _write(data: bytes, path: str | os.PathLike[str]) -> Path:
-    """Write ``data`` (serialised in memory) atomically: a full disk is an ``OSError`` naming
-    ``path``, never a truncated file or a SIGABRT in a C++ writer."""
+    """Write ``data`` atomically: a full disk is an ``OSError`` naming ``path``, never a
+    truncated file or a SIGABRT in a C++ writer."""
     return atomic_write(path, lambda f: f.write(data))
 
 
@@ -201,12 +186,9 @@ def export_onnx(graph: nn.Module, spec: GraphSpec, path: Path, metadata: dict[st
                                     input_names=[spec.input_name],
                                     output_names=[spec.output_name],
                                     dynamic_shapes=(dims,), opset_version=opset)
-    if program is None:
-        raise ExportError(f"torch.onnx.export returned no program for the {spec.part}")
+    assert program is not None  # dynamo=True always gives a program
     model = program.model_proto
     onnx.helper.set_model_props(model, metadata)
-    model.doc_string = (f"hrm_vision {metadata['graph']}: {metadata['input']} -> "
-                        f"{metadata['output']}; images in [0, 1], {metadata['color_order']}, NCHW")
     onnx.checker.check_model(model)
     return _write(model.SerializeToString(), path)
 
@@ -230,8 +212,7 @@ def run_onnx(session: ort.InferenceSession, x: Tensor) -> Tensor:
 def export_torchscript(graph: nn.Module, spec: GraphSpec, path: Path,
                        metadata: dict[str, str]) -> Path:
     """``graph`` traced (``torch.jit.trace``, for C++ ``torch::jit::load``) at ``path``, with
-    ``metadata.json``; serialised in memory and written by Python (no SIGABRT on a full disk).
-    The input checks of ``VAEBase`` run in Python while tracing: the graph takes any size."""
+    ``metadata.json``; the input checks of ``VAEBase`` run at tracing: the graph takes any size."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit.trace is deprecated
         traced = torch.jit.trace(graph.eval(), torch.rand(2, *spec.input_shape))
@@ -296,20 +277,14 @@ def to_int8(fp32_path: str | os.PathLike[str], calibration: Tensor, batch_size: 
     uint8 activations with :data:`CALIBRATION_PERCENTILE` ranges; only the nonlinear stages'
     convolutions are quantised. ``calibration``: real inputs of the graph, ``(N, C, H, W)`` (or a
     compact decoder's ``(N, L)``) float32, fed in batches of ``batch_size``."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    from onnxruntime import quantization as q
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     model = onnx.load(str(fp32_path))
     batches = iter(calibration.float().split(batch_size))
     name = model.graph.input[0].name
 
-    class Reader(CalibrationDataReader):
+    class Reader(q.CalibrationDataReader):
         def get_next(self) -> dict[str, np.ndarray] | None:
             batch = next(batches, None)
             return None if batch is None else {name: batch.numpy()}
@@ -318,13 +293,14 @@ def to_int8(fp32_path: str | os.PathLike[str], calibration: Tensor, batch_size: 
         prepared, quantised = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         with contextlib.redirect_stdout(io.StringIO()):  # the calibrator's progress chatter
-            quantize_static(str(prepared), str(quantised), Reader(), quant_format=QuantFormat.QDQ,
-                            per_channel=True, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"],
-                            nodes_to_exclude=_linear_path_convs(onnx.load(str(prepared))),
-                            calibrate_method=CalibrationMethod.Percentile,
-                            extra_options={"ActivationSymmetric": False,
-                                           "CalibPercentile": CALIBRATION_PERCENTILE})
+            q.quantize_static(str(prepared), str(quantised), Reader(),
+                              quant_format=q.QuantFormat.QDQ, per_channel=True,
+                              activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+                              op_types_to_quantize=["Conv"],
+                              nodes_to_exclude=_linear_path_convs(onnx.load(str(prepared))),
+                              calibrate_method=q.CalibrationMethod.Percentile,
+                              extra_options={"ActivationSymmetric": False,
+                                             "CalibPercentile": CALIBRATION_PERCENTILE})
         int8 = onnx.load(str(quantised))
     return _save_variant(int8, model, "int8: static QDQ quantisation, int8 per-channel weights, "
                          "uint8 activations calibrated on training images; float32 input and "
@@ -366,19 +342,18 @@ def size_key(images: Tensor) -> str:
 
 
 # ------------------------------------------------------------------------------------- runners
-def eager_runner(vae: VAEBase, part: str = "encode", channels_last: bool = True) -> Runner:
-    """``vae.encode`` or ``vae.decode`` for inference: an eval-mode copy (the caller's model is
-    untouched) under ``inference_mode``, with ``channels_last`` weights and inputs in the
-    channels-last layout the CPU kernels (oneDNN) run without conversion. Outputs (contiguous)
-    equal the default path up to float rounding."""
+def eager_runner(vae: VAEBase, part: str = "encode") -> Runner:
+    """``vae.encode`` or ``vae.decode`` of an eval-mode copy under ``inference_mode``, weights
+    and inputs channels-last (the layout the CPU kernels, oneDNN, run without conversion).
+    Outputs (contiguous) equal the default path up to float rounding."""
     if part not in ("encode", "decode"):
         raise ValueError(f"part must be one of ('encode', 'decode'), got {part!r}")
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    fn = getattr(copy.deepcopy(vae).eval().to(memory_format=layout), part)
+    fn = getattr(copy.deepcopy(vae).eval().to(memory_format=torch.channels_last), part)
 
     @torch.inference_mode()
     def run(x: Tensor) -> Tensor:  # a compact model's vector latent (N, L) has no layout
-        return fn(x.contiguous(memory_format=layout) if x.dim() == 4 else x).contiguous()
+        return fn(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4
+                  else x).contiguous()
 
     return run
 
@@ -397,12 +372,11 @@ def chain(first: Runner, second: Runner) -> Runner:
 # -------------------------------------------------------------------------------------- parity
 @torch.inference_mode()
 def check_parity(vae: VAEBase, files: Mapping[str, str], images: Tensor,
-                 tolerance: float = PARITY_TOLERANCE,
                  adapter: nn.Module | None = None) -> dict[str, float]:
     """Largest absolute difference of each of ``files`` (``{f"{part}_{onnx|torchscript}":
     path}``) against the eager ``vae`` on ``images`` ``(N, C, H, W)`` in [0, 1] (decoders get the
     eager latents, the teacher-space encoder is compared with ``adapter(vae.encode(images))``);
-    ``ExportError`` naming the files beyond ``tolerance``."""
+    ``ExportError`` naming the files beyond :data:`PARITY_TOLERANCE`."""
     vae = vae.eval()
     latent = vae.encode(images)
     reference = {"encoder": (images, latent), "decoder": (latent, vae.decode(latent))}
@@ -421,9 +395,10 @@ def check_parity(vae: VAEBase, files: Mapping[str, str], images: Tensor,
             raise ExportError(f"{key} ({path}) gives shape {tuple(got.shape)}, eager "
                               f"{tuple(expected.shape)}")
         diffs[key] = float((got - expected).abs().max())
-    bad = {k: v for k, v in diffs.items() if not v <= tolerance}
+    bad = {k: v for k, v in diffs.items() if not v <= PARITY_TOLERANCE}
     if bad:
-        raise ExportError(f"exports differ from eager PyTorch by more than {tolerance}: {bad}")
+        raise ExportError(f"exports differ from eager PyTorch by more than {PARITY_TOLERANCE}: "
+                          f"{bad}")
     return diffs
 
 
@@ -481,13 +456,12 @@ def _check_target(target: Path) -> None:
 
 @contextlib.contextmanager
 def export_set(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """A staging folder (``.{name}.XXXXXXXX.export`` beside ``target``, made with the umask)
-    swapped with ``target`` in one ``renameat2`` when the ``with`` block ends without an
-    exception: a reader sees the old set or the new one. A failure, an interrupt or a SIGTERM
-    (exit 143) leaves the target as it was and removes the folder; a SIGKILL leaves it to the
-    next export (a live export holds a :class:`FolderLock` on its own). The target's other
-    files and its permissions are kept; an ``OSError`` names a staged file at its final place;
-    a target that is not a folder or holds a subfolder or a link is refused first."""
+    """A staging folder (``.{name}.XXXXXXXX.export`` beside ``target``, made with the umask,
+    locked) swapped with ``target`` in one ``renameat2`` when the ``with`` block ends without
+    an exception. A failure, an interrupt or a SIGTERM (exit 143) leaves the target as it was
+    and removes the folder; a SIGKILL leaves it to the next export. The target's other files
+    and its permissions are kept; an ``OSError`` names a staged file at its final place; a
+    target that is not a folder or holds a subfolder or a link is refused first."""
     target = Path(target)
     _check_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -548,16 +522,12 @@ def remove_stale_stages(target: Path) -> list[Path]:
     for entry in target.parent.iterdir() if target.parent.is_dir() else ():
         if not (pattern.match(entry.name) and entry.is_dir() and not entry.is_symlink()):
             continue
-        lock = FolderLock(entry, purpose="cleaning up")
         try:
-            lock.acquire()
+            with FolderLock(entry, purpose="cleaning up"):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
         except (FolderLockedError, OSError):
-            continue
-        try:
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
-        finally:
-            lock.release()
+            continue  # a live export's
     return sorted(removed)
 
 
@@ -597,14 +567,12 @@ def export_model(vae: VAEBase, out_dir: str | os.PathLike[str], images: Tensor,
     """Export, check and time ``vae`` into ``out_dir`` as one set (:func:`export_set`): the
     graphs, ``tinyvae.safetensors`` (with the adapter) and ``export.json``; ``ExportError``
     when a file differs from eager. ``images``: real ``(N, C, S, S)`` images in [0, 1], the main
-    parity check and the runtime comparison (``timing_repeats`` rounds). ``adapter``: with it
-    the teacher-space encoder too. ``parity_images``: ``{"HxW": (N, C, H, W)}``, more sizes
-    every fp32 file is checked at. ``precisions``: fp32 and ``"fp16"``, ``"int8"`` (which needs
-    ``calibration``, real training images), each one's cost measured at every size. ``frame``
-    ``(1, C, H, W)``: single-frame latency of eager PyTorch and each precision."""
-    if images.dim() != 4 or images.shape[2] != images.shape[3]:
-        raise ValueError(f"expected square images (N, C, S, S), got {tuple(images.shape)}")
-    latent_channels = vae.latent_shape(images.shape[-1], images.shape[-1])[0]
+    parity check and the runtime comparison (``timing_repeats`` rounds); ``adapter`` adds the
+    teacher-space encoder; ``parity_images``: ``{"HxW": (N, C, H, W)}``, more sizes to check;
+    ``precisions``: fp32 and ``"fp16"``, ``"int8"`` (needs ``calibration``, real training
+    images); ``frame`` ``(1, C, H, W)``: single-frame latency of eager and each precision."""
+    specs = graph_specs(vae, images.shape[-1], adapter and adapter.teacher_dim)
+    latent_channels = specs[0].output_shape[0]
     if adapter is not None and adapter.student_dim != latent_channels:
         raise ExportError(f"the adapter reads {adapter.student_dim} latent channels, the model "
                           f"writes {latent_channels}: they do not belong together")
@@ -615,7 +583,7 @@ def export_model(vae: VAEBase, out_dir: str | os.PathLike[str], images: Tensor,
     with export_set(out_dir) as out:
         files: dict[str, str] = {}
         metadata: dict[str, dict[str, str]] = {}
-        for spec in graph_specs(vae, images.shape[-1], adapter and adapter.teacher_dim):
+        for spec in specs:
             teacher_space = spec.part == "encoder_teacher_space"
             graph = VAEGraph(vae, spec.part, adapter if teacher_space else None)
             meta = metadata[spec.part] = spec.metadata(
@@ -666,7 +634,7 @@ def export_model(vae: VAEBase, out_dir: str | os.PathLike[str], images: Tensor,
             result.frame_latency = {k: {"median_ms": t["median_ms"], "p90_ms": t["p90_ms"],
                                         "fps": t["throughput_ips"]} for k, t in times.items()}
         # the report names each file at its final place
-        text = json.dumps(dataclasses.asdict(result), indent=2).replace(
+        text = json.dumps(asdict(result), indent=2).replace(
             json.dumps(str(out))[1:-1], json.dumps(str(Path(out_dir)))[1:-1])
         write_text(text + "\n", out / "export.json")
     return ExportResult(**json.loads(text))
@@ -689,17 +657,16 @@ def _tensorrt(vae: VAEBase, teacher_space: bool) -> str:
     def trtexec(graph: str, engine: str, tensor: str, flags: str = "--fp16") -> str:
         profile = " ".join(f"--{k}Shapes={tensor}:{p[tensor]}"
                            for k, p in zip(("min", "opt", "max"), shapes, strict=True))
-        return (f"  trtexec --onnx=tinyvae_{graph}.onnx --saveEngine={engine}.engine {flags} "
-                f"\\\n          {profile}")
+        return (f"  trtexec --onnx=tinyvae_{graph}.onnx --saveEngine=tinyvae_{engine}.engine "
+                f"{flags} \\\n          {profile}")
 
     lines = [f"TensorRT on a Jetson (NOT run here; no TensorRT on this machine), with the files "
-             f"above; {head}:", trtexec("encoder", "tinyvae_encoder_fp16", "image"),
-             trtexec("decoder", "tinyvae_decoder_fp16", "latent"),
+             f"above; {head}:", trtexec("encoder", "encoder_fp16", "image"),
+             trtexec("decoder", "decoder_fp16", "latent"),
              "  int8 from the calibrated QDQ graph (explicit quantisation; same shapes):",
-             trtexec("encoder.int8", "tinyvae_encoder_int8", "image", "--int8 --fp16")]
+             trtexec("encoder.int8", "encoder_int8", "image", "--int8 --fp16")]
     if teacher_space:
-        lines.append(trtexec("encoder_teacher_space", "tinyvae_encoder_teacher_space_fp16",
-                             "image"))
+        lines.append(trtexec("encoder_teacher_space", "encoder_teacher_space_fp16", "image"))
     return "\n".join(lines)
 
 
@@ -748,21 +715,19 @@ def _run(args: argparse.Namespace) -> tuple[VAEBase, ExportResult]:
     payload = load_checkpoint(args.checkpoint)
     vae = model_from_payload(payload, args.role, source=args.checkpoint)
     compact = isinstance(vae, CompactVAE)
-    if compact and args.image_size not in (None, vae.image_size):
-        raise ValueError(f"--image-size {args.image_size}: the compact model's graphs take "
-                         f"{vae.image_size}x{vae.image_size} crops only (leave --image-size out)")
     size = args.image_size or (vae.image_size if compact else 32)
+    graph_specs(vae, size)  # a compact model's crop side only, before loading any image
     # the adapter reads the student's latent: the teacher-space encoder goes with the student
     adapter = None
     if args.role == "student" and not args.no_teacher_space and ADAPTER_ROLE in roles_in(payload):
         adapter = model_from_payload(payload, ADAPTER_ROLE, source=args.checkpoint)
 
-    def as_model_takes(images: Tensor) -> Tensor:  # a grey model gets the mean of the colours
-        return images.mean(1, keepdim=True) if vae.in_channels == 1 else images
-
     def real(count: int, split: str = "val") -> Tensor:
         return as_model_takes(validation_images(args.dataset, count, size, args.data_dir,
                                                 split=split))
+
+    def as_model_takes(images: Tensor) -> Tensor:  # a grey model gets the mean of the colours
+        return images.mean(1, keepdim=True) if vae.in_channels == 1 else images
 
     images = real(args.num_images)
     frames = {} if compact else {f"{h}x{w}": as_model_takes(photo_frames(h, w))
@@ -785,10 +750,10 @@ def _summary(vae: VAEBase, result: ExportResult, args: argparse.Namespace) -> st
     for runtime, ips in result.throughput_ips.items():
         lines.append(f"{runtime:14s} encode+decode batch {result.throughput_batch}: {ips:8.0f} "
                      f"img/s ({ips / result.throughput_ips['pytorch_eager']:.2f}x eager)")
-    compact = isinstance(vae, CompactVAE)
+    photos = "" if isinstance(vae, CompactVAE) else " and the validation photographs"
     lines.append(f"parity of every fp32 file checked at {', '.join(result.parity_sizes)} "
                  f"(tolerance {PARITY_TOLERANCE}) on {result.num_images} {args.dataset} "
-                 f"validation images{'' if compact else ' and the validation photographs'}")
+                 f"validation images{photos}")
     for precision, by_size in result.precision_costs.items():
         for key, c in by_size.items():
             lines.append(f"{precision} {key:>8s}: max |err| encoder {c['encoder_max_abs_err']:.1e}"
@@ -813,6 +778,10 @@ def command(argv: list[str] | None = None, prog: str = "hrm-vision export") -> i
             or args.calibration_images < 1:
         parser.error("--timing-repeats and --frame-repeats must be >= 0, --threads and "
                      "--calibration-images >= 1")
+    if (args.image_size is not None and (args.image_size < 8 or args.image_size % 8)) \
+            or args.num_images < 1:
+        parser.error(f"--image-size must be a positive multiple of 8 (got {args.image_size}) "
+                     f"and --num-images >= 1 (got {args.num_images})")
     try:
         args.precision = parse_precisions(args.precision)
         args.parity_sizes = tuple(parse_size(t) for t in args.parity_sizes.split(",")
@@ -823,10 +792,6 @@ def command(argv: list[str] | None = None, prog: str = "hrm-vision export") -> i
     if args.role == ADAPTER_ROLE:
         parser.error("--role must name a VAE (student or teacher); the adapter is exported with "
                      "the student, as tinyvae_encoder_teacher_space.onnx")
-    if (args.image_size is not None and (args.image_size < 8 or args.image_size % 8)) \
-            or args.num_images < 1:
-        parser.error(f"--image-size must be a positive multiple of 8 (got {args.image_size}) "
-                     f"and --num-images >= 1 (got {args.num_images})")
     try:
         vae, result = _run(args)
     except ExportError as exc:

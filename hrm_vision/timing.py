@@ -1,9 +1,5 @@
 """Timing: functions measured in turns, so machine noise hits them all alike, and a description
-of the machine the numbers come from.
-
-:mod:`hrm_vision.evaluate` and :mod:`hrm_vision.export` both time through this module; it sits
-below both (neither needs the other for it) and imports nothing of the package.
-"""
+of the machine the numbers come from. Imports nothing of the package but its version."""
 
 from __future__ import annotations
 
@@ -34,24 +30,22 @@ def interleaved_timings(fns: Mapping[str, Callable[[], object]], repeats: int, w
     for r in tqdm(range(repeats), desc=desc, leave=False):
         k = r % len(names)
         for name in names[k:] + names[:k]:
-            times[name].append(timed(fns[name])[1])
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
     return times
 
 
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    """``(fn(), seconds it took)`` by ``time.perf_counter``."""
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
-
-
-def summarize_timings(seconds: list[float], batch_size: int) -> dict[str, float]:
-    """``median_ms`` and ``p90_ms`` per call, and ``throughput_ips`` (images/s at the median)."""
-    if not seconds:
-        raise ValueError("no timings to summarize")
-    median = float(np.median(seconds))
-    return {"median_ms": 1e3 * median, "p90_ms": 1e3 * float(np.percentile(seconds, 90)),
-            "throughput_ips": batch_size / median}
+def timings(fns: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1,
+            batch_size: int = 1, desc: str = "timing") -> dict[str, dict[str, float]]:
+    """:func:`interleaved_timings` of ``fns``: per function ``median_ms`` and ``p90_ms`` per
+    call, and ``throughput_ips`` (``batch_size`` images per second at the median)."""
+    out = {}
+    for name, seconds in interleaved_timings(fns, repeats, warmup, desc).items():
+        median = float(np.median(seconds))
+        out[name] = {"median_ms": 1e3 * median, "p90_ms": 1e3 * float(np.percentile(seconds, 90)),
+                     "throughput_ips": batch_size / median}
+    return out
 
 
 def machine_info() -> dict[str, Any]:
@@ -71,10 +65,3 @@ def machine_info() -> dict[str, Any]:
             "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "hrm_vision": __version__}
-
-
-def timings(fns: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1,
-            batch_size: int = 1, desc: str = "timing") -> dict[str, dict[str, float]]:
-    """:func:`interleaved_timings` of ``fns``, each :func:`summarize_timings` at ``batch_size``."""
-    return {name: summarize_timings(seconds, batch_size)
-            for name, seconds in interleaved_timings(fns, repeats, warmup, desc).items()}

@@ -301,7 +301,7 @@ def test_pca_error_falls_with_k_and_is_exact_with_all(photo_batch) -> None:
 
 
 def test_compute_baselines_counts_numbers(photo_batch) -> None:
-    rows = {b.name: b for b in compute_baselines(photo_batch, photo_batch, sides=(8,),
+    rows = {b.name: b for b in compute_baselines(photo_batch, PatchPCA(photo_batch), sides=(8,),
                                                  coefficients=(16,))}
     assert rows["thumbnail 8x8, bicubic"].numbers == 192
     assert rows["patch PCA, 16 coefficients"].numbers == 256
