@@ -247,11 +247,13 @@ class TestErrorPath:
         monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
         (tmp_path / "needs_onnx_mod.py").write_text(
             "raise ModuleNotFoundError(\"No module named 'onnx'\", name='onnx')\n")
-        (tmp_path / "fine_mod.py").write_text("def main(argv):\n    return 0 if argv == ['x'] "
-                                              "else 5\n")
+        (tmp_path / "fine_mod.py").write_text(
+            "def command(argv, prog):\n    return 0 if (argv, prog) == (['x'], 'tool') else 5\n")
         monkeypatch.syspath_prepend(str(tmp_path))
-        assert cli.run_module("tool", "needs_onnx_mod", []) == 2
+        monkeypatch.setitem(cli.COMMANDS, "needs-onnx", cli.Command("needs_onnx_mod", "-"))
+        monkeypatch.setitem(cli.COMMANDS, "fine", cli.Command("fine_mod", "-"))
+        assert cli.run("needs-onnx", [], prog="tool") == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("tool: error: this command needs onnx")
         assert "pip install 'hrm-vision[export]'" in err
-        assert cli.run_module("tool", "fine_mod", ["x"]) == 0
+        assert cli.run("fine", ["x"], prog="tool") == 0
