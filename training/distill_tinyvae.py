@@ -11,16 +11,7 @@ flag. An expected failure (a bad config or checkpoint, a missing extra) is one l
 
 import sys
 
-from hrm_vision.cli import run_main
-
-PROG = "distill_tinyvae.py"
-
-
-def _command(argv: list[str] | None) -> int:
-    from hrm_vision.train import command  # imported under run_main: a missing extra is one line
-
-    return command(argv, prog=PROG)
-
+from hrm_vision.cli import run
 
 if __name__ == "__main__":
-    sys.exit(run_main(PROG, _command, sys.argv[1:]))
+    sys.exit(run("distill", sys.argv[1:], prog="distill_tinyvae.py"))

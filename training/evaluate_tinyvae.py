@@ -9,7 +9,7 @@ The same as ``hrm-vision evaluate`` (:mod:`hrm_vision.evaluate`); ``--help`` lis
 
 import sys
 
-from hrm_vision.cli import main
+from hrm_vision.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["evaluate", *sys.argv[1:]]))
+    sys.exit(run("evaluate", sys.argv[1:], prog="evaluate_tinyvae.py"))
