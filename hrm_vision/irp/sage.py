@@ -23,7 +23,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from ..vae import CompactStudentVAE
+from ..compact import CompactStudentVAE
 from .contract import IRPState, finite_or_none, trust_metrics, validate_config
 from .tinyvae import TinyVAEConfig, TinyVAEPlugin, TinyVAESettings, from_images, load_student
 

@@ -28,7 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
 from ..io import CheckpointError, load
-from ..vae import CompactStudentVAE, MinimalVAE
+from ..compact import CompactStudentVAE
+from ..vae import MinimalVAE
 from .contract import IRPConfig, IRPPlugin, IRPState, hookimpl
 
 ChannelOrder = Literal["rgb", "bgr"]
