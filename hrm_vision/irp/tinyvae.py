@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
-from ..io import CheckpointError, load
 from ..compact import CompactStudentVAE
+from ..io import CheckpointError, load
 from ..vae import MinimalVAE
 from .contract import IRPConfig, IRPPlugin, IRPState, hookimpl
 
