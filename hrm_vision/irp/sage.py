@@ -16,19 +16,18 @@ import time
 import warnings
 from collections.abc import Sequence
 from functools import cache
-from typing import Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import AfterValidator, BaseModel, Field
 from torch import Tensor, nn
 
 from ..compact import CompactStudentVAE
 from .contract import IRPState, finite_or_none, trust_metrics, validate_config
 from .tinyvae import TinyVAEConfig, TinyVAEPlugin, TinyVAESettings, from_images, load_student
 
-#: Names the checkpoint used when none is given, so SAGE's scripts run trained weights.
-CHECKPOINT_ENV = "HRM_VISION_SAGE_CHECKPOINT"
+CHECKPOINT_ENV = "HRM_VISION_SAGE_CHECKPOINT"  # the checkpoint when a call passes none
 _MISSING: Any = object()
 
 
@@ -40,17 +39,23 @@ class Sizes(NamedTuple):
     img_size: int
 
 
-#: SAGE's sizes: a 64x64 RGB crop, a 64-number latent.
 SAGE_SIZES = Sizes(64, 3, 64)
 
 
-class SageConfig(TinyVAESettings):
+class Halting(BaseModel):
+    """The halting keys, read from ``plugin.config`` (SAGE writes into it) at every check."""
+
+    max_iterations: Annotated[int, AfterValidator(lambda n: max(1, n))] = Field(
+        20, description="states per run, the encoder's included (SAGE writes int(budget * 10); "
+        "below 1 counts as 1)")
+    halt_eps: float = Field(1e-4, ge=0, description="relative to the first energy")
+    halt_K: int = Field(3, ge=1, description="steps the halting slope is taken over")
+
+
+class SageConfig(TinyVAESettings, Halting):
     """SAGE's keys and the plugin's (with SAGE's defaults); unknown keys are errors."""
 
     entity_id: str = Field("tinyvae_irp", description="name in SAGE's telemetry")
-    max_iterations: int = Field(20, ge=1, description="states per run, the encoder's included")
-    halt_eps: float = Field(1e-4, ge=0, description="relative to the first energy")
-    halt_K: int = Field(3, ge=1, description="steps the halting slope is taken over")
     trust_weight: float = Field(1.0, description="SAGE's initial trust weight (kept as given)")
     ATP_per_step: float = Field(0.1, ge=0, description="ATP per state in emit_telemetry")
     max_ATP: float | None = Field(None, description="SAGE's budget (SAGE writes and reads it)")
@@ -79,22 +84,6 @@ class SageConfig(TinyVAESettings):
                           f"{settings.value_range}, so normalize/mean/std are not used",
                           UserWarning, stacklevel=4)
         return settings
-
-
-def live_halting(config: dict[str, Any]) -> tuple[int, float, int]:
-    """``(max_iterations, halt_eps, halt_K)`` from the dict SAGE writes into; its
-    ``max_iterations = int(budget * 10)`` below 1 counts as 1 (the encoder's state)."""
-    values = []
-    for key, kind in (("max_iterations", int), ("halt_eps", float), ("halt_K", int)):
-        value = config[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or (kind is int and value != int(value)):
-            raise ValueError(f"plugin.config[{key!r}] must be a number, got {value!r}")
-        values.append(kind(value))
-    if values[1] < 0 or values[2] < 1:
-        raise ValueError(f"plugin.config halt_eps must be >= 0 and halt_K >= 1, got "
-                         f"{values[1]}, {values[2]}")
-    return max(1, values[0]), values[1], values[2]
 
 
 def model_sizes(model: nn.Module | None, checkpoint: Any = None, latent_dim: int | None = None,
@@ -127,9 +116,8 @@ def untrained_model(latent_dim: int, img_size: int) -> nn.Module:
 
 class SageVAE(nn.Module):
     """SAGE's model-level ``TinyVAE(input_channels, latent_dim, img_size)`` over a student:
-    ``mu, logvar = vae.encode(x)``, ``recon, mu, logvar = vae(x)`` (``mu`` decoded in eval mode,
-    a sample in training mode); images ``(B, input_channels, img_size, img_size)`` in [0, 1].
-    ``checkpoint=None``: :func:`untrained_model`."""
+    ``mu, logvar = vae.encode(x)``, ``recon, mu, logvar = vae(x)`` (a sample decoded only in
+    training mode); images ``(B, input_channels, img_size, img_size)`` in [0, 1]."""
 
     reparameterize = staticmethod(CompactStudentVAE.reparameterize)
 
@@ -146,8 +134,7 @@ class SageVAE(nn.Module):
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self.model.in_channels == 3 and x.dim() == 4 and x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        mu, logvar = self.model.posterior(x)
-        return mu, logvar
+        return self.model.posterior(x)
 
     def decode(self, z: Tensor) -> Tensor:
         images = self.model.decode(z)
@@ -159,12 +146,8 @@ class SageVAE(nn.Module):
 
 
 class TinyVAEIRP:
-    """SAGE's TinyVAE IRP plugin over :class:`TinyVAEPlugin` (see the module docstring).
-
-    Raises:
-        ValueError: a bad or unknown key, a size that disagrees with the checkpoint, an
-            unavailable device; ``CheckpointError`` for an unloadable checkpoint.
-    """
+    """SAGE's TinyVAE IRP plugin over :class:`TinyVAEPlugin`; a ``ValueError`` names a bad or
+    unknown key, a size that disagrees with the checkpoint or an unavailable device."""
 
     def __init__(self, config: dict[str, Any] | None = None) -> None:
         settings = SageConfig.from_dict(config or {})
@@ -194,7 +177,7 @@ class TinyVAEIRP:
 
     def encode_batch(self, batch: Any, flat: bool = False) -> Tensor:
         """The encoder's mean for crops ``batch``, ``(B, *latent_shape)``, or ``(B, N)`` with
-        ``flat=True`` (the vector view for similarity search)."""
+        ``flat=True``."""
         mu = self.plugin.encode(batch)
         return mu.flatten(1) if flat else mu
 
@@ -242,11 +225,11 @@ class TinyVAEIRP:
         """``"max_steps"`` once ``max_iterations`` (or ``max_steps``) states exist;
         ``"slope<eps"`` when the energy fell by at most ``halt_eps * |E0|`` per step, on average,
         over the last ``halt_K`` steps; ``None`` to go on."""
-        max_iterations, eps, k = live_halting(self.config)
-        if len(history) >= (max_steps or max_iterations):
+        halting = self._halting()
+        if len(history) >= (max_steps or halting.max_iterations):
             return "max_steps"
-        e = [self._energy_of(s) for s in history]
-        if early_stop and len(e) > k and (e[-1 - k] - e[-1]) / k <= eps * abs(e[0]):
+        e, k = [self._energy_of(s) for s in history], halting.halt_K
+        if early_stop and len(e) > k and (e[-1 - k] - e[-1]) / k <= halting.halt_eps * abs(e[0]):
             return "slope<eps"
         return None
 
@@ -255,6 +238,9 @@ class TinyVAEIRP:
 
     def get_halt_reason(self, history: Sequence[IRPState]) -> str:
         return (self.halt_reason(history) or "unknown") if history else "no_history"
+
+    def _halting(self) -> Halting:
+        return validate_config(Halting, self.config, "plugin.config")
 
     def _energy_of(self, state: IRPState) -> float:
         return float(state.energy_val if state.energy_val is not None else self.energy(state))
@@ -288,21 +274,17 @@ class TinyVAEIRP:
                       max_steps: int | None = None) -> tuple[Tensor, dict[str, Any]]:
         """``(latent (B, *latent_shape), telemetry)`` with SAGE's keys (docs/irp.md); ``trust``
         is the R² of the reconstruction in [0, 1], ``kl_divergence`` per latent element."""
-        cuda = self.device.type == "cuda"
-        if cuda:
+        if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
         state, history = self.refine_states(x, None, max_steps, early_stop)
         z, target, logvar = state.x, state.meta["target"], state.meta["logvar"]
-        recon = self.plugin.decode(z)
-        if cuda:
-            torch.cuda.synchronize(self.device)
+        sq_err = float((self.plugin.decode(z) - target).pow(2).sum())  # waits for the device
         time_ms = (time.perf_counter() - start) * 1000.0
-        sq_err = float((recon - target).pow(2).sum())
         spread = float((target - target.mean((1, 2, 3), keepdim=True)).pow(2).sum())
         mse = sq_err / target.numel()
         energies = [float(s.energy_val) for s in history]
-        max_iterations = max_steps or live_halting(self.config)[0]
+        max_iterations = max_steps or self._halting().max_iterations
         reason = self.halt_reason(history, early_stop, max_steps) or "max_steps"
         return z, {
             "entity_id": self.entity_id, "iterations": len(history),
@@ -353,8 +335,8 @@ class TinyVAEIRP:
 
 @cache
 def _plugin_class() -> type[TinyVAEIRP]:
-    """:class:`TinyVAEIRP`, also a ``sage.irp.base.IRPPlugin`` when SAGE (the framework calling
-    the plugin, found on its path; not a dependency) imports."""
+    """:class:`TinyVAEIRP`, also a ``sage.irp.base.IRPPlugin`` when SAGE (not a dependency)
+    imports."""
     try:
         base = importlib.import_module("sage.irp.base").IRPPlugin
     except ImportError as exc:
