@@ -71,28 +71,16 @@ class SageConfig(TinyVAESettings, Halting):
     input_channels: Literal[1, 3] | None = Field(None, description="default: the checkpoint's")
     resize: bool = Field(True, description="resize crops of another size to img_size")
 
-    @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> SageConfig:
-        """Validate ``config`` (``ValueError`` naming each bad key); without ``checkpoint``,
-        :data:`CHECKPOINT_ENV` names it when set."""
-        if "checkpoint" not in config and os.environ.get(CHECKPOINT_ENV):
-            config = {**config, "checkpoint": os.environ[CHECKPOINT_ENV]}
-        settings = validate_config(cls, config, "create_tinyvae_irp")
-        if settings.normalize:
-            warnings.warn("normalize=True: SAGE's own TinyVAE normalised [0, 1] crops inside the "
-                          "plugin; this model reads crops as they are, in value_range "
-                          f"{settings.value_range}, so normalize/mean/std are not used",
-                          UserWarning, stacklevel=4)
-        return settings
 
-
-def model_sizes(model: nn.Module | None, checkpoint: Any = None, latent_dim: int | None = None,
-                input_channels: int | None = None, img_size: int | None = None) -> Sizes:
-    """SAGE's size kwargs checked against ``model`` (the checkpoint's; ``None``: SAGE's
-    defaults); the ``ValueError`` names the kwarg that disagrees."""
-    if model is None:
-        return Sizes(latent_dim or SAGE_SIZES.latent_dim,
-                     input_channels or SAGE_SIZES.input_channels, img_size or SAGE_SIZES.img_size)
+def sage_model(checkpoint: Any, latent_dim: int | None = None, input_channels: int | None = None,
+               img_size: int | None = None) -> tuple[nn.Module, Sizes]:
+    """The checkpoint's student and SAGE's size kwargs checked against it (the ``ValueError``
+    names the kwarg that disagrees); ``checkpoint=None``: :func:`untrained_model`."""
+    if checkpoint is None:
+        sizes = Sizes(latent_dim or SAGE_SIZES.latent_dim,
+                      input_channels or SAGE_SIZES.input_channels, img_size or SAGE_SIZES.img_size)
+        return untrained_model(sizes.latent_dim, sizes.img_size), sizes
+    model = load_student(checkpoint)
     where, dim = f"the checkpoint {checkpoint}", int(model.latent_dim)
     if latent_dim is not None and latent_dim != dim:
         raise ValueError(f"latent_dim={latent_dim} disagrees with {where}, whose model has "
@@ -105,7 +93,7 @@ def model_sizes(model: nn.Module | None, checkpoint: Any = None, latent_dim: int
     if img_size is not None and fixed is not None and img_size != fixed:
         raise ValueError(f"img_size={img_size} disagrees with {where}, whose model takes "
                          f"{fixed}x{fixed} crops; drop img_size or pass {fixed}")
-    return Sizes(dim, input_channels or channels, img_size or fixed or SAGE_SIZES.img_size)
+    return model, Sizes(dim, input_channels or channels, img_size or fixed or SAGE_SIZES.img_size)
 
 
 def untrained_model(latent_dim: int, img_size: int) -> nn.Module:
@@ -126,9 +114,7 @@ class SageVAE(nn.Module):
         super().__init__()
         if input_channels not in (1, 3):
             raise ValueError(f"input_channels must be 1 or 3, got {input_channels}")
-        self.model = untrained_model(latent_dim, img_size) if checkpoint is None \
-            else load_student(checkpoint)
-        model_sizes(self.model, checkpoint, latent_dim, input_channels)
+        self.model = sage_model(checkpoint, latent_dim, input_channels, img_size)[0]
         self.input_channels, self.latent_dim, self.img_size = input_channels, latent_dim, img_size
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -150,18 +136,24 @@ class TinyVAEIRP:
     unknown key, a size that disagrees with the checkpoint or an unavailable device."""
 
     def __init__(self, config: dict[str, Any] | None = None) -> None:
-        settings = SageConfig.from_dict(config or {})
+        config = config or {}
+        if "checkpoint" not in config and os.environ.get(CHECKPOINT_ENV):
+            config = {**config, "checkpoint": os.environ[CHECKPOINT_ENV]}
+        settings = validate_config(SageConfig, config, "create_tinyvae_irp")
+        if settings.normalize:
+            warnings.warn("normalize=True: SAGE's own TinyVAE normalised [0, 1] crops inside the "
+                          "plugin; this model reads crops as they are, in value_range "
+                          f"{settings.value_range}, so normalize/mean/std are not used",
+                          UserWarning, stacklevel=3)
         if settings.checkpoint is None:
             warnings.warn("create_tinyvae_irp without a checkpoint: an untrained compact "
                           "student (a whole-crop DCT); pass checkpoint='compact_best.pth' for "
                           "trained weights", UserWarning, stacklevel=3)
-        model = None if settings.checkpoint is None else load_student(settings.checkpoint)
-        sizes = model_sizes(model, settings.checkpoint, settings.latent_dim,
-                            settings.input_channels, settings.img_size)
+        model, sizes = sage_model(settings.checkpoint, settings.latent_dim,
+                                  settings.input_channels, settings.img_size)
         shared = settings.model_dump(include=set(TinyVAESettings.model_fields))
         shared.update(input_channels=sizes.input_channels, img_size=sizes.img_size)
-        self.plugin = TinyVAEPlugin(TinyVAEConfig(**shared),
-                                    model or untrained_model(sizes.latent_dim, sizes.img_size))
+        self.plugin = TinyVAEPlugin(TinyVAEConfig(**shared), model)
         self.model, self.device = self.plugin.model, self.plugin.device
         self.config: dict[str, Any] = {  # SAGE reads and writes it
             **settings.model_dump(), **sizes._asdict(), "value_range": list(settings.value_range),
