@@ -171,7 +171,7 @@ class IRPPlugin:
         trajectory = [finite_or_none(s.energy_val) for s in history]
         trust = trust_metrics(trajectory) if None not in trajectory \
             else TrustMetrics(0.0, 0.0, 0.0)  # type: ignore[arg-type]
-        record: dict[str, Any] = {
+        return {
             "schema_version": SCHEMA_VERSION, "plugin": self.name, "kind": self.kind,
             "steps": len(history) - 1,
             "max_steps": self.config.max_steps if max_steps is None else max_steps,
@@ -181,10 +181,7 @@ class IRPPlugin:
             "time_ms": finite_or_none(time_ms) or 0.0,
             "trust": {k: finite_or_none(v) or 0.0 for k, v in trust._asdict().items()},
             "timestamp": history[-1].timestamp,
-        }
-        if input_id is not None:
-            record["input_id"] = input_id
-        return record
+            **({} if input_id is None else {"input_id": input_id})}
 
     def run(self, x0: Any, task_ctx: dict[str, Any] | None = None,
             max_steps: int | None = None, input_id: str | int | None = None) -> IRPResult:
@@ -192,10 +189,9 @@ class IRPPlugin:
         start = time.perf_counter()
         state, history = self.refine(x0, task_ctx, max_steps)
         elapsed_ms = (time.perf_counter() - start) * 1000.0
-        telemetry = self.emit_telemetry(history, time_ms=elapsed_ms, max_steps=max_steps,
-                                        batch_size=history[0].meta.get("batch_size", 1),
-                                        input_id=input_id)
-        return IRPResult(state, history, telemetry)
+        return IRPResult(state, history, self.emit_telemetry(
+            history, time_ms=elapsed_ms, max_steps=max_steps,
+            batch_size=history[0].meta.get("batch_size", 1), input_id=input_id))
 
 
 # ---------------------------------------------------------------------- telemetry
@@ -246,13 +242,10 @@ class PluginError:
 
 def error_record(error: PluginError, error_type: str) -> dict[str, Any]:
     """The telemetry record of ``error``, an exception of class ``error_type``."""
-    record: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION, "plugin": error.name, "timestamp": time.time(),
-        "source": error.source, "error": {"stage": error.stage, "type": error_type,
-                                          "message": " ".join(error.message.split())}}
-    if error.input_id is not None:
-        record["input_id"] = error.input_id
-    return record
+    return {"schema_version": SCHEMA_VERSION, "plugin": error.name, "timestamp": time.time(),
+            "source": error.source, "error": {"stage": error.stage, "type": error_type,
+                                              "message": " ".join(error.message.split())},
+            **({} if error.input_id is None else {"input_id": error.input_id})}
 
 
 def to_jsonl(record: dict[str, Any]) -> str:

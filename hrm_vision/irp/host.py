@@ -125,19 +125,16 @@ class Orchestrator:
                     check_energies(result)
                     line = to_jsonl(result.telemetry) if self.telemetry is not None else ""
                 except PLUGIN_FAILURES as exc:
-                    self._fail(name, plugin, exc, index)
+                    error = self.registry.report(name, type(plugin).__module__, describe(exc),
+                                                 stage="run", input_id=index)
+                    self.errors.append(error)
+                    self.exceptions.append(exc)
+                    _write(self.telemetry, error_record(error, type(exc).__name__))
                     continue
                 _write(self.telemetry, line)
                 per_input[name] = result
             results.append(per_input)
         return results
-
-    def _fail(self, name: str, plugin: IRPPlugin, exc: BaseException, index: int) -> None:
-        error = self.registry.report(name, type(plugin).__module__, describe(exc), stage="run",
-                                     input_id=index)
-        self.errors.append(error)
-        self.exceptions.append(exc)
-        _write(self.telemetry, error_record(error, type(exc).__name__))
 
 
 def _write(stream: IO[str] | None, line: dict[str, Any] | str) -> None:
@@ -249,8 +246,7 @@ def command(argv: Sequence[str] | None = None, prog: str = "hrm-vision irp") -> 
         if value < 1:
             raise ValueError(f"{option} must be at least 1, got {value}")
     configs = _parse_configs(args.config)
-    unknown = sorted(set(configs) - set(args.plugin))
-    if unknown:
+    if unknown := sorted(set(configs) - set(args.plugin)):
         raise ValueError(f"--config given for {unknown}, which are not among --plugin")
     if args.telemetry is not None:
         refuse_output_over_inputs(args.telemetry, args, configs)
