@@ -77,27 +77,26 @@ def read_frames(source: str, max_frames: int = 0) -> Iterator[np.ndarray]:
         files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {source}")
+        for f in files[:max_frames or None]:
+            if (frame := cv2.imread(str(f), cv2.IMREAD_COLOR)) is None:
+                raise ValueError(f"cannot read image {f}")
+            yield frame
+        return
+    if not source.isdigit() and not path.is_file():
+        raise FileNotFoundError(f"source not found: {source} (a video file, a folder of frames "
+                                "or a camera index)")
+    capture = cv2.VideoCapture(int(source) if source.isdigit() else str(path))
+    if not capture.isOpened():
+        raise ValueError(f"OpenCV cannot open {source}")
 
-        def frames() -> Iterator[np.ndarray]:
-            for f in files:
-                if (frame := cv2.imread(str(f), cv2.IMREAD_COLOR)) is None:
-                    raise ValueError(f"cannot read image {f}")
-                yield frame
-    else:
-        if not source.isdigit() and not path.is_file():
-            raise FileNotFoundError(f"source not found: {source} (a video file, a folder of "
-                                    "frames or a camera index)")
-        capture = cv2.VideoCapture(int(source) if source.isdigit() else str(path))
-        if not capture.isOpened():
-            raise ValueError(f"OpenCV cannot open {source}")
+    def frames() -> Iterator[np.ndarray]:
+        while (read := capture.read())[0]:
+            yield read[1]
 
-        def frames() -> Iterator[np.ndarray]:
-            try:
-                while (read := capture.read())[0]:
-                    yield read[1]
-            finally:
-                capture.release()
-    yield from islice(frames(), max_frames or None)
+    try:
+        yield from islice(frames(), max_frames or None)
+    finally:
+        capture.release()
 
 
 def to_image(frame: np.ndarray, channel_order: str,
