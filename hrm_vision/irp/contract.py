@@ -53,8 +53,7 @@ class IRPConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_steps: int = Field(20, ge=1, description="states per run, the initial guess included")
-    halt_eps: float = Field(0.0, ge=0.0, description="halt when the mean energy decrease per "
-                            "step over the last halt_window steps is at most this")
+    halt_eps: float = Field(0.0, ge=0.0, description="halt at a mean decrease per step <= this")
     halt_window: int = Field(3, ge=1, description="K, the number of steps the slope is taken over")
 
 
