@@ -7,16 +7,10 @@
     hrm-vision perceive frames/ --model tinyvae.safetensors --channel-order bgr \\
         --crop 0,0,64,64 --refine-steps 8      # a 64x64 crop of each frame, IRP-refined
 
-Frames are read with OpenCV (the ``video`` extra), which delivers uint8 BGR: ``--channel-order``
-is required, so a colour swap is never silent. Each frame (``--crop TOP,LEFT,HEIGHT,WIDTH``;
-sides divisible by 8) becomes a float RGB image in [0, 1], NCHW, through the package's image
-converter (:func:`hrm_vision.irp.tinyvae.to_images`), encoded by ``--model``: an ONNX encoder
-graph (ONNX Runtime, ``--threads``) or a ``.pth``/``.safetensors`` student (eager PyTorch; with
-``--refine-steps N`` > 1, refined by the ``tinyvae`` IRP plugin).
-
-Writes into ``--out-dir``: ``latents.safetensors`` (or ``.npz``) with ``latents`` (N, C, H/8,
-W/8) float32 and ``frame_index`` (N,) int64; ``telemetry.jsonl`` (one record per frame:
-milliseconds, sizes); ``summary.json`` (frames, wall time, fps, median and p90 latency), printed.
+Frames are read with OpenCV (the ``video`` extra), which delivers uint8 BGR, so
+``--channel-order`` is required. Writes into ``--out-dir``: ``latents.safetensors`` (or ``.npz``)
+with ``latents`` (N, C, H/8, W/8) float32 and ``frame_index`` (N,) int64; ``telemetry.jsonl``
+(one record per frame); ``summary.json`` (frames, fps, median and p90 latency), printed.
 """
 
 from __future__ import annotations
@@ -38,7 +32,6 @@ from .io import write_text
 from .irp.registry import get_registry
 from .irp.tinyvae import ImageFormat, load_student, to_images
 
-#: Image files a folder source is read from.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
@@ -84,33 +77,32 @@ def read_frames(source: str, max_frames: int = 0) -> Iterator[np.ndarray]:
         files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {source}")
+        for f in files[:max_frames or None]:
+            if (frame := cv2.imread(str(f), cv2.IMREAD_COLOR)) is None:
+                raise ValueError(f"cannot read image {f}")
+            yield frame
+        return
+    if not source.isdigit() and not path.is_file():
+        raise FileNotFoundError(f"source not found: {source} (a video file, a folder of frames "
+                                "or a camera index)")
+    capture = cv2.VideoCapture(int(source) if source.isdigit() else str(path))
+    if not capture.isOpened():
+        raise ValueError(f"OpenCV cannot open {source}")
 
-        def frames() -> Iterator[np.ndarray]:
-            for f in files:
-                if (frame := cv2.imread(str(f), cv2.IMREAD_COLOR)) is None:
-                    raise ValueError(f"cannot read image {f}")
-                yield frame
-    else:
-        if not source.isdigit() and not path.is_file():
-            raise FileNotFoundError(f"source not found: {source} (a video file, a folder of "
-                                    "frames or a camera index)")
-        capture = cv2.VideoCapture(int(source) if source.isdigit() else str(path))
-        if not capture.isOpened():
-            raise ValueError(f"OpenCV cannot open {source}")
+    def frames() -> Iterator[np.ndarray]:
+        while (read := capture.read())[0]:
+            yield read[1]
 
-        def frames() -> Iterator[np.ndarray]:
-            try:
-                while (read := capture.read())[0]:
-                    yield read[1]
-            finally:
-                capture.release()
-    yield from islice(frames(), max_frames or None)
+    try:
+        yield from islice(frames(), max_frames or None)
+    finally:
+        capture.release()
 
 
 def to_image(frame: np.ndarray, channel_order: str,
              crop: tuple[int, int, int, int] | None = None) -> Tensor:
     """A ``(H, W, 3)`` frame in ``channel_order``, cropped -> ``(1, 3, h, w)`` float RGB in
-    [0, 1] (:func:`~hrm_vision.irp.tinyvae.to_images`: sides must be divisible by 8)."""
+    [0, 1] (sides must be divisible by 8)."""
     if crop is not None:
         top, left, height, width = crop
         if top + height > frame.shape[0] or left + width > frame.shape[1]:
@@ -209,8 +201,8 @@ def _write_latents(out: Path, latents: Tensor, fmt: str) -> None:
 
 
 def command(argv: Sequence[str] | None = None, prog: str = "hrm-vision perceive") -> int:
-    """Run ``hrm-vision perceive``: 0; a bad option exits with 2 (argparse); a bad source, model
-    or crop raises ``ValueError``/``OSError`` for the caller to print as one line."""
+    """Run ``hrm-vision perceive``: 0; a bad source, model or crop raises ``ValueError`` or
+    ``OSError`` for the caller to print in one line."""
     parser = setup_args(prog)
     args = parser.parse_args(argv)
     if args.threads < 1 or args.max_frames < 0 or args.refine_steps < 1:

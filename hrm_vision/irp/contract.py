@@ -1,6 +1,5 @@
 """The IRP (Iterative Refinement Primitive) contract: state, plugin base, config, trust metrics,
-telemetry records and their schema (``telemetry.schema.json``, shipped here), the host's guards,
-and the pluggy hook markers. jsonschema and torch are imported on first use.
+telemetry records and their schema (``telemetry.schema.json``), the host's guards, hook markers.
 """
 
 from __future__ import annotations
@@ -17,38 +16,29 @@ from functools import cache
 from importlib import resources
 from typing import Any, ClassVar, NamedTuple, NoReturn, TypeVar
 
-import numpy as np
 import pluggy
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..io import describe_validation_error
 
-#: The pluggy project name: markers, the manager and entry points all use it.
 PROJECT_NAME = "hrm_vision"
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
-#: Version of the record layout, stored under ``"schema_version"`` (2: error records added).
-SCHEMA_VERSION = 2
-#: Where a plugin can fail, the ``stage`` of an error record.
-ERROR_STAGES = ("import", "register", "factory", "run")
-SCHEMA_FILE = "telemetry.schema.json"
+SCHEMA_VERSION = 2  # of the record layout; 2: error records
 
 
 @hookspec
 def register_irp_plugins(register: Callable[..., Any]) -> None:
-    """Register the IRP plugins this module provides: call ``register(name, factory,
-    config_model, kind="perception", description="")`` once each. ``factory`` takes the validated
-    ``config_model`` (an :class:`IRPConfig` subclass, so a host creates the plugin from a plain
-    dict and errors name the field) and returns an :class:`IRPPlugin`. The hook may run more than
-    once: only call ``register`` in it, and load weights in the factory."""
+    """Call ``register(name, factory, config_model, kind="perception", description="")`` once
+    per plugin: ``factory`` takes the validated ``config_model`` (an :class:`IRPConfig` subclass)
+    and returns an :class:`IRPPlugin`. The hook may run more than once: load weights in the
+    factory."""
 
 
-# ---------------------------------------------------------------------- state and config
 @dataclass
 class IRPState:
-    """One estimate of a run: ``x`` (plugin-specific), ``step_idx`` (0 for the initial guess),
-    ``energy_val`` (``None`` until computed), ``meta`` (plugin-private, not in telemetry),
-    ``timestamp`` (``time.time()`` at creation)."""
+    """One estimate: ``step_idx`` 0 is the initial guess, ``energy_val`` is ``None`` until
+    computed, ``meta`` is plugin-private (not in telemetry)."""
 
     x: Any
     step_idx: int = 0
@@ -63,21 +53,20 @@ class IRPConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_steps: int = Field(20, ge=1, description="states per run, the initial guess included")
-    halt_eps: float = Field(0.0, ge=0.0, description="halt when the mean energy decrease per "
-                            "step over the last halt_window steps is at most this")
+    halt_eps: float = Field(0.0, ge=0.0, description="halt at a mean decrease per step <= this")
     halt_window: int = Field(3, ge=1, description="K, the number of steps the slope is taken over")
 
 
 class PluginConfigError(ValueError):
-    """A plugin config its pydantic model rejects; the message names each bad field."""
+    """A config its pydantic model rejects; the message names each bad field."""
 
 
 Config = TypeVar("Config", bound=BaseModel)
 
 
 def validate_config(model: type[Config], config: Any, what: str) -> Config:
-    """``config`` (a dict, a model or ``None``) validated by ``model``; a
-    :class:`PluginConfigError` ``"WHAT: field: problem; unknown key 'x' (known keys: ...)"``."""
+    """``config`` (dict, model or ``None``) validated, else a :class:`PluginConfigError`
+    ``"WHAT: field: problem; unknown key 'x' (known keys: ...)"``."""
     if isinstance(config, model):
         return config
     try:
@@ -104,30 +93,24 @@ def trust_metrics(energies: Sequence[float]) -> TrustMetrics:
     if not diffs:
         return TrustMetrics(1.0, 0.0, 0.0)
     mean = sum(diffs) / len(diffs)
-    variance = sum((d - mean) ** 2 for d in diffs) / len(diffs) if len(diffs) > 1 else 0.0
+    variance = sum((d - mean) ** 2 for d in diffs) / len(diffs)
     e0 = energies[0]
     rate = (e0 - energies[-1]) / (abs(e0) * len(diffs)) if e0 != 0 else 0.0
     return TrustMetrics(sum(d <= 0 for d in diffs) / len(diffs), variance, rate)
 
 
 class IRPResult(NamedTuple):
-    """What :meth:`IRPPlugin.run` returns."""
-
     state: IRPState
     history: list[IRPState]
     telemetry: dict[str, Any]
 
 
-# ---------------------------------------------------------------------- the plugin base
 class IRPPlugin:
     """Base of IRP plugins: subclasses implement ``init_state`` (the first guess), ``energy``
     (lower is better, 0.0 valid) and ``step`` (a projected state, ``energy_val`` set, not above
-    its input's; ``project``, back into the valid set, is the identity here). ``max_steps``
-    counts states, the initial guess included: ``max_steps=1`` returns it."""
+    its input's). ``max_steps`` counts states, the initial guess included."""
 
-    #: Registry name written into telemetry.
-    name: ClassVar[str] = "irp"
-    #: What the plugin does ("perception", ...).
+    name: ClassVar[str] = "irp"  # written into telemetry
     kind: ClassVar[str] = "generic"
 
     def __init__(self, config: IRPConfig) -> None:
@@ -181,12 +164,13 @@ class IRPPlugin:
                        max_steps: int | None = None, batch_size: int = 1,
                        input_id: str | int | None = None) -> dict[str, Any]:
         """The run record of ``history`` (non-finite energies: ``null``, trust metrics 0.0)."""
-        if not history:
-            raise ValueError("emit_telemetry needs a history with at least the initial state")
-        trajectory = [finite_or_none(_energy_of(s)) for s in history]
+        if not history or any(s.energy_val is None for s in history):
+            raise ValueError("emit_telemetry needs a non-empty history; a state with no energy "
+                             "needs plugin.energy(state) first")
+        trajectory = [finite_or_none(s.energy_val) for s in history]
         trust = trust_metrics(trajectory) if None not in trajectory \
             else TrustMetrics(0.0, 0.0, 0.0)  # type: ignore[arg-type]
-        record: dict[str, Any] = {
+        return {
             "schema_version": SCHEMA_VERSION, "plugin": self.name, "kind": self.kind,
             "steps": len(history) - 1,
             "max_steps": self.config.max_steps if max_steps is None else max_steps,
@@ -196,10 +180,7 @@ class IRPPlugin:
             "time_ms": finite_or_none(time_ms) or 0.0,
             "trust": {k: finite_or_none(v) or 0.0 for k, v in trust._asdict().items()},
             "timestamp": history[-1].timestamp,
-        }
-        if input_id is not None:
-            record["input_id"] = input_id
-        return record
+            **({} if input_id is None else {"input_id": input_id})}
 
     def run(self, x0: Any, task_ctx: dict[str, Any] | None = None,
             max_steps: int | None = None, input_id: str | int | None = None) -> IRPResult:
@@ -207,31 +188,22 @@ class IRPPlugin:
         start = time.perf_counter()
         state, history = self.refine(x0, task_ctx, max_steps)
         elapsed_ms = (time.perf_counter() - start) * 1000.0
-        telemetry = self.emit_telemetry(history, time_ms=elapsed_ms, max_steps=max_steps,
-                                        batch_size=history[0].meta.get("batch_size", 1),
-                                        input_id=input_id)
-        return IRPResult(state, history, telemetry)
-
-
-def _energy_of(state: IRPState) -> float:
-    if state.energy_val is None:
-        raise ValueError(f"state {state.step_idx} has no energy; call plugin.energy(state) first")
-    return float(state.energy_val)
+        return IRPResult(state, history, self.emit_telemetry(
+            history, time_ms=elapsed_ms, max_steps=max_steps,
+            batch_size=history[0].meta.get("batch_size", 1), input_id=input_id))
 
 
 # ---------------------------------------------------------------------- telemetry
 def finite_or_none(value: float | None) -> float | None:
     """``float(value)`` when finite, else ``None`` (JSON-safe)."""
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
+    return float(value) if value is not None and math.isfinite(value) else None
 
 
 @cache
 def telemetry_schema() -> dict[str, Any]:
     """The telemetry JSON schema (Draft 2020-12), read from the installed package."""
-    return json.loads(resources.files(__package__).joinpath(SCHEMA_FILE).read_text("utf-8"))
+    schema = resources.files(__package__).joinpath("telemetry.schema.json")
+    return json.loads(schema.read_text("utf-8"))
 
 
 @cache
@@ -257,28 +229,22 @@ def validate_telemetry(record: dict[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class PluginError:
-    """A reported plugin failure: ``name``, ``source`` (``"builtin"``, ``"entry point ..."``,
-    ``"hook"``, ``"register"`` or the plugin's module), ``message``, ``stage`` (one of
-    :data:`ERROR_STAGES`) and the ``input_id`` of a run failure."""
+    """A reported plugin failure; ``source``: ``"builtin"``, ``"entry point ..."``, ``"hook"``,
+    ``"register"`` or the plugin's module."""
 
     name: str
     source: str
     message: str
-    stage: str = "import"
+    stage: str = "import"  # "register", "factory" or "run"
     input_id: int | str | None = None
 
 
 def error_record(error: PluginError, error_type: str) -> dict[str, Any]:
     """The telemetry record of ``error``, an exception of class ``error_type``."""
-    if error.stage not in ERROR_STAGES:
-        raise ValueError(f"stage must be one of {ERROR_STAGES}, got {error.stage!r}")
-    record: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION, "plugin": error.name, "timestamp": time.time(),
-        "source": error.source, "error": {"stage": error.stage, "type": error_type,
-                                          "message": " ".join(error.message.split())}}
-    if error.input_id is not None:
-        record["input_id"] = error.input_id
-    return record
+    return {"schema_version": SCHEMA_VERSION, "plugin": error.name, "timestamp": time.time(),
+            "source": error.source, "error": {"stage": error.stage, "type": error_type,
+                                              "message": " ".join(error.message.split())},
+            **({} if error.input_id is None else {"input_id": error.input_id})}
 
 
 def to_jsonl(record: dict[str, Any]) -> str:
@@ -289,13 +255,11 @@ def to_jsonl(record: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------- the host's guards
 def private_copy(x: Any) -> Any:
-    """A copy of input ``x`` for one plugin, so a plugin changing it in place changes nothing
-    for the next (tensors and arrays cloned, anything else deep-copied)."""
+    """A copy of input ``x`` for one plugin, so changing it in place changes nothing for the
+    next."""
     import torch
 
-    if isinstance(x, torch.Tensor):
-        return x.detach().clone()
-    return x.copy() if isinstance(x, np.ndarray) else copy.deepcopy(x)
+    return x.detach().clone() if isinstance(x, torch.Tensor) else copy.deepcopy(x)
 
 
 class NonFiniteEnergyError(ValueError):

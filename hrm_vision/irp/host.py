@@ -1,11 +1,6 @@
 """The reference IRP host: registry plugins by name, a step budget, JSON-lines telemetry.
 
->>> loop = Orchestrator.from_registry({"tinyvae": {"checkpoint": "checkpoints/tinyvae_best.pth"}},
-...                                   step_budget=10, telemetry=open("telemetry.jsonl", "w"))
->>> results = loop.run(frames)       # one {plugin name: IRPResult} per input
-
-``hrm-vision irp`` (:func:`command`) runs it on ``--images`` files (read by bit depth, see
-:mod:`hrm_vision.data`) or held-out photos crops; ``hrm-vision irp --list`` lists plugins.
+``hrm-vision irp`` (:func:`command`) runs it on ``--images`` files or held-out photos crops.
 """
 
 from __future__ import annotations
@@ -35,8 +30,7 @@ from .contract import (
 )
 from .registry import PLUGIN_FAILURES, PluginRegistry, PluginWarning, describe, get_registry
 
-#: Failures that are the user's to fix (the errors ``hrm-vision`` reports in one line).
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError)
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError)  # one line
 
 
 class TimeBudgetError(RuntimeError):
@@ -52,15 +46,11 @@ class NothingRanError(ValueError):
 
 
 class Orchestrator:
-    """Runs ``plugins`` (by name, in order) on a stream of inputs; each gets its own copy of
-    every input and ``step_budget // len(plugins)`` states (at least 1).
-
-    A plugin that raises (``SystemExit`` and ``os._exit`` included), returns a non-finite
-    energy, breaks the telemetry schema or takes longer than ``time_budget`` seconds (measured
-    when it returns) on an input is reported: a :class:`PluginError` in :attr:`errors` (and the
-    ``registry``'s), its exception in :attr:`exceptions`, a :class:`PluginWarning`, an error
-    record in ``telemetry`` (a text stream, one validated JSON line per run or failure); the
-    others' results for that input come back, and it is tried again on the next input.
+    """Runs ``plugins`` (by name, in order) on inputs; each gets its own copy of every input
+    and ``step_budget // len(plugins)`` states (at least 1). A plugin that raises (``SystemExit``
+    and ``os._exit`` included), returns a non-finite energy, breaks the telemetry schema or takes
+    over ``time_budget`` seconds on an input is reported (:attr:`errors`, :attr:`exceptions`, a
+    :class:`PluginWarning`, an error record in ``telemetry``) and tried again on the next input.
     """
 
     def __init__(self, plugins: Mapping[str, IRPPlugin], step_budget: int,
@@ -84,8 +74,8 @@ class Orchestrator:
                       telemetry: IO[str] | None = None, registry: PluginRegistry | None = None,
                       time_budget: float | None = None) -> Orchestrator:
         """Each named plugin created from its config by ``registry`` (default
-        :func:`get_registry`); load failures go to the telemetry first; a plugin that cannot be
-        created is reported and left out; with none created, the first failure is raised."""
+        :func:`get_registry`); one that cannot be created is reported and left out; with none
+        created, the first failure is raised."""
         registry = registry or get_registry()
         registry.list_plugins()  # runs every module's hook, so failures there are known too
         for error in list(registry.errors):
@@ -118,8 +108,7 @@ class Orchestrator:
 
     def run(self, inputs: Iterable[Any],
             task_ctx: dict[str, Any] | None = None) -> list[dict[str, IRPResult]]:
-        """Every plugin on every input: one ``{name: IRPResult}`` per input, without the
-        plugins that failed on it (:attr:`errors` says why)."""
+        """One ``{name: IRPResult}`` per input, without the plugins that failed on it."""
         results = []
         for index, x in enumerate(inputs):
             per_input = {}
@@ -136,19 +125,16 @@ class Orchestrator:
                     check_energies(result)
                     line = to_jsonl(result.telemetry) if self.telemetry is not None else ""
                 except PLUGIN_FAILURES as exc:
-                    self._fail(name, plugin, exc, index)
+                    error = self.registry.report(name, type(plugin).__module__, describe(exc),
+                                                 stage="run", input_id=index)
+                    self.errors.append(error)
+                    self.exceptions.append(exc)
+                    _write(self.telemetry, error_record(error, type(exc).__name__))
                     continue
                 _write(self.telemetry, line)
                 per_input[name] = result
             results.append(per_input)
         return results
-
-    def _fail(self, name: str, plugin: IRPPlugin, exc: BaseException, index: int) -> None:
-        error = self.registry.report(name, type(plugin).__module__, describe(exc), stage="run",
-                                     input_id=index)
-        self.errors.append(error)
-        self.exceptions.append(exc)
-        _write(self.telemetry, error_record(error, type(exc).__name__))
 
 
 def _write(stream: IO[str] | None, line: dict[str, Any] | str) -> None:
@@ -225,8 +211,8 @@ def refuse_output_over_inputs(output: Path, args: argparse.Namespace,
 
 
 def _inputs(args: argparse.Namespace) -> list[Any]:
-    """The run's inputs as float RGB tensors in [0, 1]: one ``(3, H, W)`` per ``--images``
-    file, else batches of held-out photos crops."""
+    """Float RGB tensors in [0, 1]: one ``(3, H, W)`` per ``--images`` file, else batches of
+    held-out photos crops."""
     from .tinyvae import ImageFormat, to_images
 
     fmt = ImageFormat(multiple_of=1)  # a plugin checks the sizes it needs
@@ -243,9 +229,7 @@ def _inputs(args: argparse.Namespace) -> list[Any]:
 
 def command(argv: Sequence[str] | None = None, prog: str = "hrm-vision irp") -> int:
     """``hrm-vision irp``: 0 when every plugin ran on every input, 1 when some failed (a
-    warning line each). An expected error (bad config, unknown plugin, unloadable checkpoint,
-    unreadable image, missing extra, every run refusing its input) is raised, for the caller
-    to print as one line (status 2)."""
+    warning line each); an expected error is raised, for the caller to print in one line."""
     args = setup_args(prog).parse_args(argv)
     if args.list:
         with warnings.catch_warnings():
@@ -262,8 +246,7 @@ def command(argv: Sequence[str] | None = None, prog: str = "hrm-vision irp") -> 
         if value < 1:
             raise ValueError(f"{option} must be at least 1, got {value}")
     configs = _parse_configs(args.config)
-    unknown = sorted(set(configs) - set(args.plugin))
-    if unknown:
+    if unknown := sorted(set(configs) - set(args.plugin)):
         raise ValueError(f"--config given for {unknown}, which are not among --plugin")
     if args.telemetry is not None:
         refuse_output_over_inputs(args.telemetry, args, configs)

@@ -1,12 +1,8 @@
 """The plugin registry: a pluggy manager that finds, lists and creates IRP plugins.
 
-Modules with a ``@hookimpl register_irp_plugins(register)`` (:mod:`hrm_vision.irp.contract`) are
-registered the same way from the built-ins (:data:`BUILTIN_PLUGINS`) and the entry points of
-:data:`ENTRY_POINT_GROUP` (hrm-vision declares its built-in there too; a module registers once).
-:data:`ALLOW_ENV` is an allow-list of entry-point names (comma separated; empty: none). A plugin
-that fails to import, register or declare itself (``SystemExit`` included, not
-``KeyboardInterrupt``) is reported (a :class:`PluginWarning`, :attr:`PluginRegistry.errors`) and
-skipped.
+Modules with a ``@hookimpl register_irp_plugins(register)`` come from the built-ins and the entry
+points of :data:`ENTRY_POINT_GROUP` (:data:`ALLOW_ENV`: an allow-list of their names). One that
+fails to import, register or declare itself (``SystemExit`` included) is reported and skipped.
 """
 
 from __future__ import annotations
@@ -16,6 +12,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import cache
 from importlib import metadata
 from typing import Any
 
@@ -29,11 +26,9 @@ ENTRY_POINT_GROUP = "hrm_vision.irp_plugins"
 ALLOW_ENV = "HRM_VISION_IRP_PLUGINS"
 BUILTIN_PLUGINS: tuple[str, ...] = ("hrm_vision.irp.tinyvae",)
 _IMPL = f"{contract.PROJECT_NAME}_impl"
-#: The hooks a plugin may implement.
 HOOK_NAMES: tuple[str, ...] = tuple(
     n for n in dir(contract) if hasattr(getattr(contract, n), f"{contract.PROJECT_NAME}_spec"))
-#: What a plugin's code may raise without taking the host down.
-PLUGIN_FAILURES: tuple[type[BaseException], ...] = (Exception, SystemExit)
+PLUGIN_FAILURES: tuple[type[BaseException], ...] = (Exception, SystemExit)  # not Ctrl-C
 
 
 class PluginWarning(UserWarning):
@@ -55,7 +50,7 @@ def describe(exc: BaseException) -> str:
 
 @dataclass(frozen=True)
 class PluginInfo:
-    """What a plugin registered (``register_irp_plugins``) and the ``source`` module's name."""
+    """What ``register_irp_plugins`` registered, and the ``source`` module's name."""
 
     name: str
     factory: Callable[[Any], IRPPlugin]
@@ -66,10 +61,9 @@ class PluginInfo:
 
 
 class PluginRegistry:
-    """A pluggy ``PluginManager`` for the IRP hooks and the plugins they declare, collected on
-    first use (again after a module is registered or unregistered): the ``builtins`` modules,
-    then (``load_entry_points``) the entry points ``allow`` names (default :data:`ALLOW_ENV`,
-    unset: all)."""
+    """The ``builtins`` modules, then the entry points ``allow`` names (default
+    :data:`ALLOW_ENV`, unset: all); their plugins are collected on first use (again after a
+    module is registered or unregistered)."""
 
     def __init__(self, load_entry_points: bool = True, allow: Iterable[str] | None = None,
                  builtins: Iterable[str] = BUILTIN_PLUGINS) -> None:
@@ -87,9 +81,8 @@ class PluginRegistry:
 
     @classmethod
     def for_plugins(cls, names: Sequence[str]) -> PluginRegistry:
-        """The built-ins and only the entry points named in ``names`` (those of
-        :data:`ALLOW_ENV` when set), so a package not asked for is not imported; the others too
-        only when a name is still unknown. Failures are recorded in :attr:`errors` unwarned."""
+        """The built-ins and the entry points named in ``names`` (those of :data:`ALLOW_ENV`
+        when set); all of them only when a name is still unknown. Failures are not warned."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PluginWarning)
             registry = cls(load_entry_points=ALLOW_ENV in os.environ)
@@ -102,7 +95,7 @@ class PluginRegistry:
         return registry
 
     def register(self, plugin: object, name: str | None = None) -> str | None:
-        """Register a plugin module or object; a failure is reported and gives ``None``."""
+        """Register a plugin module or object; ``None`` (reported) on failure."""
         name = name or getattr(plugin, "__name__", None) or repr(plugin)
         if self.pm.is_registered(plugin):
             return self.pm.get_name(plugin)
@@ -125,16 +118,14 @@ class PluginRegistry:
             self._plugins = None
 
     def load_entry_points(self, allow: Iterable[str] | None = None) -> None:
-        """Import and register the entry points (``allow``: only these names, default
-        :data:`ALLOW_ENV` when set; a name no package provides is reported)."""
+        """Import and register the entry points ``allow`` names (default :data:`ALLOW_ENV` when
+        set, else all; a name no package provides is reported)."""
         if allow is None and ALLOW_ENV in os.environ:
             allow = os.environ[ALLOW_ENV].split(",")
         wanted = None if allow is None else {n.strip() for n in allow if n.strip()}
         source = f"entry point {ENTRY_POINT_GROUP}"
         eps = list(metadata.entry_points(group=ENTRY_POINT_GROUP))
-        for ep in eps:
-            if wanted is not None and ep.name not in wanted:
-                continue
+        for ep in [ep for ep in eps if wanted is None or ep.name in wanted]:
             try:
                 module = ep.load()
             except PLUGIN_FAILURES as exc:
@@ -157,8 +148,8 @@ class PluginRegistry:
         return error
 
     def list_plugins(self) -> dict[str, PluginInfo]:
-        """Every registered plugin by name. Each module's hook runs on its own: one that raises
-        or registers something invalid is reported; a name registered twice keeps the first."""
+        """Every registered plugin by name; each module's hook runs on its own (one that raises
+        or registers something invalid is reported); a name registered twice keeps the first."""
         if self._plugins is not None:
             return dict(self._plugins)
         found: dict[str, PluginInfo] = {}
@@ -189,8 +180,7 @@ class PluginRegistry:
         return dict(found)
 
     def get(self, name: str) -> PluginInfo:
-        """Plugin ``name``; an :class:`UnknownPluginError` lists the registered names and the
-        load failure of a module of that name."""
+        """Plugin ``name``, else an :class:`UnknownPluginError` listing the registered names."""
         plugins = self.list_plugins()
         if name not in plugins:
             failed = [e.message for e in self.errors if e.name == name and e.stage != "run"]
@@ -200,18 +190,13 @@ class PluginRegistry:
         return plugins[name]
 
     def create(self, name: str, config: dict[str, Any] | BaseModel | None = None) -> IRPPlugin:
-        """Plugin ``name`` built from ``config``, validated first: a :class:`PluginConfigError`
-        names every bad field (``tinyvae config: step_size: ...``, ``unknown key ...``)."""
+        """Plugin ``name`` built from ``config``, validated first (a
+        :class:`PluginConfigError`: ``tinyvae config: step_size: ...``)."""
         info = self.get(name)
         return info.factory(validate_config(info.config_model, config, f"{name} config"))
 
 
-_default_registry: PluginRegistry | None = None
-
-
+@cache
 def get_registry() -> PluginRegistry:
     """The process-wide registry (built-ins and entry points), created on first use."""
-    global _default_registry
-    if _default_registry is None:
-        _default_registry = PluginRegistry()
-    return _default_registry
+    return PluginRegistry()

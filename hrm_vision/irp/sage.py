@@ -16,19 +16,18 @@ import time
 import warnings
 from collections.abc import Sequence
 from functools import cache
-from typing import Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import AfterValidator, BaseModel, Field
 from torch import Tensor, nn
 
 from ..compact import CompactStudentVAE
 from .contract import IRPState, finite_or_none, trust_metrics, validate_config
 from .tinyvae import TinyVAEConfig, TinyVAEPlugin, TinyVAESettings, from_images, load_student
 
-#: Names the checkpoint used when none is given, so SAGE's scripts run trained weights.
-CHECKPOINT_ENV = "HRM_VISION_SAGE_CHECKPOINT"
+CHECKPOINT_ENV = "HRM_VISION_SAGE_CHECKPOINT"  # the checkpoint when a call passes none
 _MISSING: Any = object()
 
 
@@ -40,17 +39,23 @@ class Sizes(NamedTuple):
     img_size: int
 
 
-#: SAGE's sizes: a 64x64 RGB crop, a 64-number latent.
 SAGE_SIZES = Sizes(64, 3, 64)
 
 
-class SageConfig(TinyVAESettings):
+class Halting(BaseModel):
+    """The halting keys, read from ``plugin.config`` (SAGE writes into it) at every check."""
+
+    max_iterations: Annotated[int, AfterValidator(lambda n: max(1, n))] = Field(
+        20, description="states per run, the encoder's included (SAGE writes int(budget * 10); "
+        "below 1 counts as 1)")
+    halt_eps: float = Field(1e-4, ge=0, description="relative to the first energy")
+    halt_K: int = Field(3, ge=1, description="steps the halting slope is taken over")
+
+
+class SageConfig(TinyVAESettings, Halting):
     """SAGE's keys and the plugin's (with SAGE's defaults); unknown keys are errors."""
 
     entity_id: str = Field("tinyvae_irp", description="name in SAGE's telemetry")
-    max_iterations: int = Field(20, ge=1, description="states per run, the encoder's included")
-    halt_eps: float = Field(1e-4, ge=0, description="relative to the first energy")
-    halt_K: int = Field(3, ge=1, description="steps the halting slope is taken over")
     trust_weight: float = Field(1.0, description="SAGE's initial trust weight (kept as given)")
     ATP_per_step: float = Field(0.1, ge=0, description="ATP per state in emit_telemetry")
     max_ATP: float | None = Field(None, description="SAGE's budget (SAGE writes and reads it)")
@@ -66,44 +71,16 @@ class SageConfig(TinyVAESettings):
     input_channels: Literal[1, 3] | None = Field(None, description="default: the checkpoint's")
     resize: bool = Field(True, description="resize crops of another size to img_size")
 
-    @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> SageConfig:
-        """Validate ``config`` (``ValueError`` naming each bad key); without ``checkpoint``,
-        :data:`CHECKPOINT_ENV` names it when set."""
-        if "checkpoint" not in config and os.environ.get(CHECKPOINT_ENV):
-            config = {**config, "checkpoint": os.environ[CHECKPOINT_ENV]}
-        settings = validate_config(cls, config, "create_tinyvae_irp")
-        if settings.normalize:
-            warnings.warn("normalize=True: SAGE's own TinyVAE normalised [0, 1] crops inside the "
-                          "plugin; this model reads crops as they are, in value_range "
-                          f"{settings.value_range}, so normalize/mean/std are not used",
-                          UserWarning, stacklevel=4)
-        return settings
 
-
-def live_halting(config: dict[str, Any]) -> tuple[int, float, int]:
-    """``(max_iterations, halt_eps, halt_K)`` from the dict SAGE writes into; its
-    ``max_iterations = int(budget * 10)`` below 1 counts as 1 (the encoder's state)."""
-    values = []
-    for key, kind in (("max_iterations", int), ("halt_eps", float), ("halt_K", int)):
-        value = config[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or (kind is int and value != int(value)):
-            raise ValueError(f"plugin.config[{key!r}] must be a number, got {value!r}")
-        values.append(kind(value))
-    if values[1] < 0 or values[2] < 1:
-        raise ValueError(f"plugin.config halt_eps must be >= 0 and halt_K >= 1, got "
-                         f"{values[1]}, {values[2]}")
-    return max(1, values[0]), values[1], values[2]
-
-
-def model_sizes(model: nn.Module | None, checkpoint: Any = None, latent_dim: int | None = None,
-                input_channels: int | None = None, img_size: int | None = None) -> Sizes:
-    """SAGE's size kwargs checked against ``model`` (the checkpoint's; ``None``: SAGE's
-    defaults); the ``ValueError`` names the kwarg that disagrees."""
-    if model is None:
-        return Sizes(latent_dim or SAGE_SIZES.latent_dim,
-                     input_channels or SAGE_SIZES.input_channels, img_size or SAGE_SIZES.img_size)
+def sage_model(checkpoint: Any, latent_dim: int | None = None, input_channels: int | None = None,
+               img_size: int | None = None) -> tuple[nn.Module, Sizes]:
+    """The checkpoint's student and SAGE's size kwargs checked against it (the ``ValueError``
+    names the kwarg that disagrees); ``checkpoint=None``: :func:`untrained_model`."""
+    if checkpoint is None:
+        sizes = Sizes(latent_dim or SAGE_SIZES.latent_dim,
+                      input_channels or SAGE_SIZES.input_channels, img_size or SAGE_SIZES.img_size)
+        return untrained_model(sizes.latent_dim, sizes.img_size), sizes
+    model = load_student(checkpoint)
     where, dim = f"the checkpoint {checkpoint}", int(model.latent_dim)
     if latent_dim is not None and latent_dim != dim:
         raise ValueError(f"latent_dim={latent_dim} disagrees with {where}, whose model has "
@@ -116,7 +93,7 @@ def model_sizes(model: nn.Module | None, checkpoint: Any = None, latent_dim: int
     if img_size is not None and fixed is not None and img_size != fixed:
         raise ValueError(f"img_size={img_size} disagrees with {where}, whose model takes "
                          f"{fixed}x{fixed} crops; drop img_size or pass {fixed}")
-    return Sizes(dim, input_channels or channels, img_size or fixed or SAGE_SIZES.img_size)
+    return model, Sizes(dim, input_channels or channels, img_size or fixed or SAGE_SIZES.img_size)
 
 
 def untrained_model(latent_dim: int, img_size: int) -> nn.Module:
@@ -127,9 +104,8 @@ def untrained_model(latent_dim: int, img_size: int) -> nn.Module:
 
 class SageVAE(nn.Module):
     """SAGE's model-level ``TinyVAE(input_channels, latent_dim, img_size)`` over a student:
-    ``mu, logvar = vae.encode(x)``, ``recon, mu, logvar = vae(x)`` (``mu`` decoded in eval mode,
-    a sample in training mode); images ``(B, input_channels, img_size, img_size)`` in [0, 1].
-    ``checkpoint=None``: :func:`untrained_model`."""
+    ``mu, logvar = vae.encode(x)``, ``recon, mu, logvar = vae(x)`` (a sample decoded only in
+    training mode); images ``(B, input_channels, img_size, img_size)`` in [0, 1]."""
 
     reparameterize = staticmethod(CompactStudentVAE.reparameterize)
 
@@ -138,16 +114,13 @@ class SageVAE(nn.Module):
         super().__init__()
         if input_channels not in (1, 3):
             raise ValueError(f"input_channels must be 1 or 3, got {input_channels}")
-        self.model = untrained_model(latent_dim, img_size) if checkpoint is None \
-            else load_student(checkpoint)
-        model_sizes(self.model, checkpoint, latent_dim, input_channels)
+        self.model = sage_model(checkpoint, latent_dim, input_channels, img_size)[0]
         self.input_channels, self.latent_dim, self.img_size = input_channels, latent_dim, img_size
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self.model.in_channels == 3 and x.dim() == 4 and x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        mu, logvar = self.model.posterior(x)
-        return mu, logvar
+        return self.model.posterior(x)
 
     def decode(self, z: Tensor) -> Tensor:
         images = self.model.decode(z)
@@ -159,26 +132,28 @@ class SageVAE(nn.Module):
 
 
 class TinyVAEIRP:
-    """SAGE's TinyVAE IRP plugin over :class:`TinyVAEPlugin` (see the module docstring).
-
-    Raises:
-        ValueError: a bad or unknown key, a size that disagrees with the checkpoint, an
-            unavailable device; ``CheckpointError`` for an unloadable checkpoint.
-    """
+    """SAGE's TinyVAE IRP plugin over :class:`TinyVAEPlugin`; a ``ValueError`` names a bad or
+    unknown key, a size that disagrees with the checkpoint or an unavailable device."""
 
     def __init__(self, config: dict[str, Any] | None = None) -> None:
-        settings = SageConfig.from_dict(config or {})
+        config = config or {}
+        if "checkpoint" not in config and os.environ.get(CHECKPOINT_ENV):
+            config = {**config, "checkpoint": os.environ[CHECKPOINT_ENV]}
+        settings = validate_config(SageConfig, config, "create_tinyvae_irp")
+        if settings.normalize:
+            warnings.warn("normalize=True: SAGE's own TinyVAE normalised [0, 1] crops inside the "
+                          "plugin; this model reads crops as they are, in value_range "
+                          f"{settings.value_range}, so normalize/mean/std are not used",
+                          UserWarning, stacklevel=3)
         if settings.checkpoint is None:
             warnings.warn("create_tinyvae_irp without a checkpoint: an untrained compact "
                           "student (a whole-crop DCT); pass checkpoint='compact_best.pth' for "
                           "trained weights", UserWarning, stacklevel=3)
-        model = None if settings.checkpoint is None else load_student(settings.checkpoint)
-        sizes = model_sizes(model, settings.checkpoint, settings.latent_dim,
-                            settings.input_channels, settings.img_size)
+        model, sizes = sage_model(settings.checkpoint, settings.latent_dim,
+                                  settings.input_channels, settings.img_size)
         shared = settings.model_dump(include=set(TinyVAESettings.model_fields))
         shared.update(input_channels=sizes.input_channels, img_size=sizes.img_size)
-        self.plugin = TinyVAEPlugin(TinyVAEConfig(**shared),
-                                    model or untrained_model(sizes.latent_dim, sizes.img_size))
+        self.plugin = TinyVAEPlugin(TinyVAEConfig(**shared), model)
         self.model, self.device = self.plugin.model, self.plugin.device
         self.config: dict[str, Any] = {  # SAGE reads and writes it
             **settings.model_dump(), **sizes._asdict(), "value_range": list(settings.value_range),
@@ -194,7 +169,7 @@ class TinyVAEIRP:
 
     def encode_batch(self, batch: Any, flat: bool = False) -> Tensor:
         """The encoder's mean for crops ``batch``, ``(B, *latent_shape)``, or ``(B, N)`` with
-        ``flat=True`` (the vector view for similarity search)."""
+        ``flat=True``."""
         mu = self.plugin.encode(batch)
         return mu.flatten(1) if flat else mu
 
@@ -242,11 +217,11 @@ class TinyVAEIRP:
         """``"max_steps"`` once ``max_iterations`` (or ``max_steps``) states exist;
         ``"slope<eps"`` when the energy fell by at most ``halt_eps * |E0|`` per step, on average,
         over the last ``halt_K`` steps; ``None`` to go on."""
-        max_iterations, eps, k = live_halting(self.config)
-        if len(history) >= (max_steps or max_iterations):
+        halting = self._halting()
+        if len(history) >= (max_steps or halting.max_iterations):
             return "max_steps"
-        e = [self._energy_of(s) for s in history]
-        if early_stop and len(e) > k and (e[-1 - k] - e[-1]) / k <= eps * abs(e[0]):
+        e, k = [self._energy_of(s) for s in history], halting.halt_K
+        if early_stop and len(e) > k and (e[-1 - k] - e[-1]) / k <= halting.halt_eps * abs(e[0]):
             return "slope<eps"
         return None
 
@@ -255,6 +230,9 @@ class TinyVAEIRP:
 
     def get_halt_reason(self, history: Sequence[IRPState]) -> str:
         return (self.halt_reason(history) or "unknown") if history else "no_history"
+
+    def _halting(self) -> Halting:
+        return validate_config(Halting, self.config, "plugin.config")
 
     def _energy_of(self, state: IRPState) -> float:
         return float(state.energy_val if state.energy_val is not None else self.energy(state))
@@ -288,21 +266,17 @@ class TinyVAEIRP:
                       max_steps: int | None = None) -> tuple[Tensor, dict[str, Any]]:
         """``(latent (B, *latent_shape), telemetry)`` with SAGE's keys (docs/irp.md); ``trust``
         is the R² of the reconstruction in [0, 1], ``kl_divergence`` per latent element."""
-        cuda = self.device.type == "cuda"
-        if cuda:
+        if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
         state, history = self.refine_states(x, None, max_steps, early_stop)
         z, target, logvar = state.x, state.meta["target"], state.meta["logvar"]
-        recon = self.plugin.decode(z)
-        if cuda:
-            torch.cuda.synchronize(self.device)
+        sq_err = float((self.plugin.decode(z) - target).pow(2).sum())  # waits for the device
         time_ms = (time.perf_counter() - start) * 1000.0
-        sq_err = float((recon - target).pow(2).sum())
         spread = float((target - target.mean((1, 2, 3), keepdim=True)).pow(2).sum())
         mse = sq_err / target.numel()
         energies = [float(s.energy_val) for s in history]
-        max_iterations = max_steps or live_halting(self.config)[0]
+        max_iterations = max_steps or self._halting().max_iterations
         reason = self.halt_reason(history, early_stop, max_steps) or "max_steps"
         return z, {
             "entity_id": self.entity_id, "iterations": len(history),
@@ -353,8 +327,8 @@ class TinyVAEIRP:
 
 @cache
 def _plugin_class() -> type[TinyVAEIRP]:
-    """:class:`TinyVAEIRP`, also a ``sage.irp.base.IRPPlugin`` when SAGE (the framework calling
-    the plugin, found on its path; not a dependency) imports."""
+    """:class:`TinyVAEIRP`, also a ``sage.irp.base.IRPPlugin`` when SAGE (not a dependency)
+    imports."""
     try:
         base = importlib.import_module("sage.irp.base").IRPPlugin
     except ImportError as exc:

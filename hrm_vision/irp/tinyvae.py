@@ -1,17 +1,9 @@
-"""The ``tinyvae`` perception plugin and the package's one image converter.
+"""The ``tinyvae`` perception plugin, which refines the TinyVAE student's latent (docs/irp.md),
+and the package's one image converter, :func:`to_images`.
 
-The plugin (a built-in, and the ``tinyvae`` entry point of ``hrm_vision.irp_plugins``) refines
-the TinyVAE student's latent: ``init_state`` is the encoder's mean, exactly
-``model.encode(images)``; ``energy`` per image the MSE of ``decode(z)`` against the image plus
-``prior_weight * 0.5 * mean(z**2)`` (the state holds the batch mean); ``step`` moves each latent
-``step_size`` (RMS per element) along its unit-RMS gradient, halved up to ``max_backtracks``
-times until its energy does not rise (else it stays), an accepted step growing by
-:data:`STEP_GROWTH`; ``project`` clamps to ``[-latent_bound, latent_bound]`` widened to include
-the encoder's mean. No image's energy ever rises.
-
-:func:`to_images` reads torch tensors channels-first and numpy arrays channels-last (as OpenCV
-gives them), uint8 as 0-255 and floats in ``value_range``, never modifies them, never guesses
-the channel order, and names the setting that fixes what it refuses.
+``init_state`` is exactly ``model.encode(images)``; ``energy`` per image is the MSE of
+``decode(z)`` against the image plus ``prior_weight * 0.5 * mean(z**2)``; ``step`` is a
+backtracking gradient step per image, so no image's energy ever rises.
 """
 
 from __future__ import annotations
@@ -33,22 +25,17 @@ from ..vae import MinimalVAE
 from .contract import IRPConfig, IRPPlugin, IRPState, hookimpl
 
 ChannelOrder = Literal["rgb", "bgr"]
-#: Growth of an accepted step size for the next update.
-STEP_GROWTH = 1.5
-#: Float values may exceed ``value_range`` by this share of its width (rounding).
-RANGE_TOLERANCE = 1e-3
-#: The students the plugin runs.
-STUDENTS = (MinimalVAE, CompactStudentVAE)
+STEP_GROWTH = 1.5  # of an accepted step size, for the next update
+RANGE_TOLERANCE = 1e-3  # float pixels may exceed value_range by this share of its width
 
 
 # ---------------------------------------------------------------------- the image converter
 @dataclass(frozen=True)
 class ImageFormat:
     """How a caller's images are laid out: float pixels in ``value_range`` (uint8: 0-255);
-    ``channel_order`` of 3-channel images (``None``: tensors RGB, numpy arrays refused);
-    ``channels`` (1: grey, repeated for a ``model_channels=3`` model); ``size``, the square side
-    the model sees (``None``: the image's own), sides a multiple of ``multiple_of``; ``resize``
-    other sizes (bilinear, antialiased) or refuse them."""
+    ``channel_order`` ``None``: tensors RGB, 3-channel numpy arrays refused; ``channels`` 1: grey,
+    repeated for an RGB model; ``size``: the square side the model sees (``None``: the image's
+    own, sides a multiple of ``multiple_of``); ``resize`` other sizes or refuse them."""
 
     value_range: tuple[float, float] = (0.0, 1.0)
     channel_order: ChannelOrder | None = "rgb"
@@ -147,7 +134,7 @@ def _scaled(x: Tensor, value_range: tuple[float, float]) -> Tensor:
 
 # ---------------------------------------------------------------------- config
 class TinyVAESettings(BaseModel):
-    """The settings of the plugin that the SAGE facade shares (:mod:`hrm_vision.irp.sage`)."""
+    """The plugin's settings that the SAGE facade shares."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -197,18 +184,16 @@ class TinyVAESettings(BaseModel):
 
 
 class TinyVAEConfig(TinyVAESettings, IRPConfig):
-    """Config of the ``tinyvae`` plugin: :class:`IRPConfig`'s, :class:`TinyVAESettings`'s, and a
-    required ``checkpoint``."""
+    """Config of the ``tinyvae`` plugin; ``checkpoint`` is required."""
 
     checkpoint: Path | None = Field(description="tinyvae_best.pth or .safetensors (required)")
 
 
 def load_student(path: str | Path) -> torch.nn.Module:
-    """The student of the ``.pth`` or ``.safetensors`` file at ``path``, on the CPU; a
-    ``CheckpointError`` (never random weights) for an unreadable file, no student, non-finite
-    weights or a student that is not a TinyVAE."""
+    """The TinyVAE student of a ``.pth`` or ``.safetensors`` file, on the CPU, else a
+    ``CheckpointError`` (never random weights)."""
     model = load(path, role="student")
-    if not isinstance(model, STUDENTS):
+    if not isinstance(model, (MinimalVAE, CompactStudentVAE)):
         raise CheckpointError(f"{path}: the student is a {type(model).__name__}; the tinyvae "
                               "plugin needs a MinimalVAE (TinyVAE) or compact student checkpoint")
     return model
@@ -226,7 +211,7 @@ class Perception(NamedTuple):
 
 class TinyVAEPlugin(IRPPlugin):
     """IRP perception plugin around a TinyVAE student: ``model``, or ``None`` to load
-    ``config.checkpoint`` (see the module docstring)."""
+    ``config.checkpoint``."""
 
     name = "tinyvae"
     kind = "perception"
@@ -340,6 +325,5 @@ class TinyVAEPlugin(IRPPlugin):
 
 @hookimpl
 def register_irp_plugins(register: Any) -> None:
-    """Register the ``tinyvae`` perception plugin."""
     register("tinyvae", TinyVAEPlugin, TinyVAEConfig, kind="perception",
              description="TinyVAE encoder (distilled student) refined in latent space")
