@@ -56,11 +56,6 @@ class MissingExtraError(ImportError):
         self.extra = extra
 
 
-def install_hint(extra: str) -> str:
-    """The pip command that installs ``extra``: ``pip install 'hrm-vision[extra]'``."""
-    return f"pip install 'hrm-vision[{extra}]'"
-
-
 def missing_extra(module: str, extra: str | None = None,
                   purpose: str | None = None) -> MissingExtraError:
     """The error for optional ``module`` (dotted name allowed) that could not be imported.
@@ -75,7 +70,7 @@ def missing_extra(module: str, extra: str | None = None,
     dist = DISTRIBUTIONS.get(top, top)
     return MissingExtraError(
         f"{purpose or 'this feature'} needs {dist} (module {top!r}), which is not installed: "
-        f"{install_hint(extra)}", module=top, extra=extra)
+        f"pip install 'hrm-vision[{extra}]'", module=top, extra=extra)
 
 
 def require(module: str, extra: str | None = None, purpose: str | None = None) -> ModuleType:

@@ -1,26 +1,12 @@
-"""The ``hrm-vision`` command: one entry point for the package's tools.
+"""The ``hrm-vision`` command: ``hrm-vision COMMAND [options]`` (``python -m hrm_vision`` too).
 
-::
-
-    hrm-vision distill  [options]   # distil the TinyVAE from a teacher VAE
-    hrm-vision evaluate [options]   # teacher vs student: size, speed, quality, latents
-    hrm-vision export   [options]   # ONNX and TorchScript for the edge, checked against eager
-    hrm-vision irp      [options]   # the IRP host loop
-    hrm-vision perceive SOURCE ...  # frames -> latents
-    hrm-vision COMMAND --help       # the options of one command
-
-Each subcommand's module holds ``command(argv, prog) -> int``, imported only when that command
-runs (so ``hrm-vision irp`` works on a core install, and a command whose optional dependencies
-are missing says which extra to install). The ``training/`` scripts go through :func:`run` with
-their own program name.
-
-Errors (:func:`run_main`): a failure that is the user's to fix, one of :data:`EXPECTED_ERRORS`
-(``ValueError``, which includes ``CheckpointError`` and config errors; ``OSError`` such as a
-missing file or a full disk; ``ImportError`` such as a missing extra), prints one line
-``PROG: error: <what and why>`` on standard error and exits with status 2 (also a
-``RuntimeError`` raised while an ``OSError`` was handled: ``torch.save`` on a full disk).
-Anything else is a bug and keeps its traceback (status 1). ``HRM_VISION_TRACEBACK=1`` shows
-the traceback of expected failures too.
+Each command's module holds ``command(argv, prog) -> int`` and is imported only when that
+command runs, so ``hrm-vision irp`` works on a core install and a missing optional dependency is
+one line naming the extra. The ``training/`` scripts run commands through :func:`run` under
+their own names. An error the user can fix (:data:`EXPECTED_ERRORS`: ``ValueError``, which
+includes ``CheckpointError`` and config errors; ``OSError``; ``ImportError``) is one line
+``PROG: error: ...`` and status 2; anything else is a bug and keeps its traceback.
+``HRM_VISION_TRACEBACK=1`` shows the traceback of expected failures too.
 """
 
 from __future__ import annotations
