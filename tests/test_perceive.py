@@ -21,8 +21,6 @@ cv2 = pytest.importorskip("cv2", reason="the video extra (opencv-python-headless
 FRAMES, HEIGHT, WIDTH = 6, 48, 80
 
 
-
-
 def bgr_frames() -> list[np.ndarray]:
     """Frames with a red left half and a moving green square (BGR), so a channel swap shows."""
     out = []
@@ -95,6 +93,19 @@ def test_folder_latents_equal_the_model_on_rgb_frames(setup) -> None:
     assert (got["rgb"] - expected).abs().max() > 1e-2
     first = to_image(bgr_frames()[0], "bgr")
     assert first[0, 0, 0, 0] > 0.8 and first[0, 2, 0, 0] == 0  # red is channel 0 (RGB)
+
+
+def test_the_exported_safetensors_weights_give_the_checkpoint_latents(setup) -> None:
+    """``--model exports/tinyvae.safetensors`` (what the export writes) runs through the same
+    loader as the ``.pth`` checkpoint and gives the same latents."""
+    got = {}
+    for name, model in (("pth", setup["checkpoint"]),
+                        ("safetensors", setup["root"] / "exports" / "tinyvae.safetensors")):
+        out = run(setup, str(setup["folder"]), "--model", str(model), "--channel-order", "bgr",
+                  "--format", "npz", name=f"weights_{name}")
+        got[name] = np.load(out / "latents.npz")["latents"]
+    assert got["pth"].shape == (FRAMES, 8, HEIGHT // 8, WIDTH // 8)
+    assert np.array_equal(got["pth"], got["safetensors"])
 
 
 def test_crop_max_frames_and_irp_refinement(setup) -> None:
