@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from torchvision.models import VGG16_Weights, vgg16
 
 from ..io import CheckpointError, load_checkpoint
+from ..metrics import gaussian_kl
 from ..vae import LatentAdapter, VAEBase, VAEOutput
 from .config import DistillConfig
 
@@ -104,12 +105,6 @@ class GaussianScale(nn.Module):
     def forward(self, prediction: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
         """:func:`gaussian_nll` with this scale."""
         return gaussian_nll(prediction, target, self.log_sigma, mask)
-
-
-def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
-    """Element-wise ``KL(N(mu, exp(logvar)) || N(0, 1))`` in nats, same shape as ``mu``."""
-    mu, logvar = mu.float(), logvar.float()
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
 
 
 #: Where :func:`kl_nats` applies its free-bits floor.
