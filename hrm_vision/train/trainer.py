@@ -1,38 +1,32 @@
 """The training loop of a distillation run, top to bottom: processes and data, optimisation,
-state, the three phases, one phase's epochs and steps, the run, resume, the command.
+state, the phases, one phase's epochs and steps, the run, resume, the command.
 
 ``Distiller(config).run(resume=None)`` runs up to three phases, each with its own optimizer:
-
-1. ``teacher``: pre-trains the teacher VAE (recon + KL) when the loss needs a teacher and none is
-   given (``teacher_checkpoint``) or found (``checkpoint_dir/teacher.pth``); at the end its best
-   epoch becomes ``teacher.pth``.
-2. ``distill``: the student and the latent adapter learn from the frozen teacher with the
-   five-term :class:`~hrm_vision.train.loss.DistillLoss`.
-3. ``finetune`` (``finetune_epochs > 0``): the student alone (recon, KL, perceptual), encoder
-   frozen for the first half, starting from the best distilled student.
+``teacher`` pre-trains the teacher VAE (recon + KL) when the loss needs a teacher and none is
+given (``teacher_checkpoint``) or found (``checkpoint_dir/teacher.pth``), its best epoch becoming
+``teacher.pth``; ``distill`` trains the student and the latent adapter against the frozen teacher
+with :class:`~hrm_vision.train.loss.DistillLoss`; ``finetune`` (``finetune_epochs > 0``) trains
+the student alone from the best distilled one, encoder frozen for the first half.
 
 Files: ``*_last.pth`` is the resumable state of a phase (models, optimizer, scheduler, scaler,
 RNG, raw weights of the average); ``tinyvae_best.pth``, ``teacher_best.pth``, ``teacher.pth`` and
 ``tinyvae_epoch_XXX.pth`` are deployable (models, architecture, metadata; no optimizer state).
-**Best** is the epoch with the highest validation PSNR of the model the phase trains (the
-earliest on ties); ``tinyvae_best.pth`` is the best student over distillation and fine-tuning.
+**Best** is the epoch with the highest validation PSNR (the earliest on ties);
+``tinyvae_best.pth`` is the best student over distillation and fine-tuning.
 
-The epoch commit: the callbacks (pictures, TensorBoard, console) run first, then
-``history.json``, the snapshot every ``save_interval`` epochs, ``*_best.pth`` when the epoch is
-the best so far, and last ``*_last.pth``, which commits the epoch (each file atomically). Killed
-before the commit, a resumed run trains the epoch again and rewrites those files with the same
-content. Fine-tuning commits its start before its first step (it replaces the distillation's best
-file); a stop signal (SIGINT/SIGTERM) saves ``*_last.pth`` after the current optimizer step and
-raises :class:`TrainingInterrupted`; a phase of zero epochs still leaves loadable files.
+The epoch commit: the callbacks run first, then ``history.json``, the snapshot every
+``save_interval`` epochs, ``*_best.pth`` when the epoch is the best so far, and last
+``*_last.pth`` (each file atomically). Killed before the commit, a resumed run trains the epoch
+again and rewrites those files with the same content. A stop signal (SIGINT/SIGTERM) saves
+``*_last.pth`` after the current optimizer step and raises :class:`TrainingInterrupted`.
 
 Bad steps: a non-finite loss skips the batch; an optimizer step that leaves a non-finite
 parameter, buffer or optimizer state is undone (:class:`LastGoodState`). Neither counts as a step;
 ``max_bad_steps`` in a row, or an epoch with no kept step, raise :class:`TrainingDiverged`.
 
 Under ``torchrun`` every rank runs this file; rank 0 alone logs and writes; the sample order of
-epoch ``e`` depends only on ``(seed, e)``, so a resumed run sees the batches an uninterrupted
-one sees. Every input (config, resume checkpoint, teacher, data) is checked before anything is
-written into ``checkpoint_dir``.
+epoch ``e`` depends only on ``(seed, e)``. Every input (config, resume checkpoint, teacher, data)
+is checked before anything is written into ``checkpoint_dir``.
 """
 
 from __future__ import annotations
@@ -47,7 +41,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -61,7 +55,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import AdamW
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from ..compact import CompactVAE
@@ -231,26 +225,6 @@ def wrap_ddp(module: nn.Module, ctx: DistContext) -> nn.Module:
 
 # ================================================================ data: splits, loaders, cache
 
-class EpochSampler(Sampler[int]):
-    """One process's sampler: the order of epoch ``e`` is a permutation from a generator seeded
-    with ``seed + e`` (``DistributedSampler``'s rule), or ``0..n-1`` without ``shuffle``."""
-
-    def __init__(self, data: Sized, *, shuffle: bool, seed: int) -> None:
-        self.data, self.shuffle, self.seed, self.epoch = data, shuffle, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        if not self.shuffle:
-            return iter(range(len(self.data)))
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(len(self.data), generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader workers ignore SIGINT/SIGTERM (a terminal or Slurm signals the whole group):
     the main process decides, finishes the step and saves."""
@@ -260,17 +234,13 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, ctx: DistContext, seed: int,
                 drop_last: bool = False, num_workers: int = 0) -> DataLoader:
-    """A DataLoader over this rank's share of ``dataset`` (``DistributedSampler`` under torchrun,
-    else :class:`EpochSampler`) that never draws from the global RNG; call :func:`set_epoch`
-    before each epoch."""
+    """A DataLoader over this rank's share of ``dataset`` that never draws from the global RNG:
+    the order of epoch ``e`` is a permutation seeded with ``seed + e`` (or ``0..n-1`` without
+    ``shuffle``); call :func:`set_epoch` before each epoch."""
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise ValueError("the dataset is empty")
-    sampler: Sampler[int]
-    if ctx.enabled:
-        sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank,
-                                     shuffle=shuffle, seed=seed, drop_last=drop_last)
-    else:
-        sampler = EpochSampler(dataset, shuffle=shuffle, seed=seed)  # type: ignore[arg-type]
+    sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank,
+                                 shuffle=shuffle, seed=seed, drop_last=drop_last)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                       num_workers=num_workers, pin_memory=ctx.device.type == "cuda",
                       generator=torch.Generator().manual_seed(seed),
