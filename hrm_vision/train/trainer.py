@@ -401,6 +401,17 @@ class WeightAverage:
             self.module.load_state_dict(payload["train_state_dict"])
 
 
+def _kept(copy: Any, value: Any) -> Any:
+    """``value`` copied into ``copy`` when that is a tensor of its shape, dtype and device, else a
+    copy of its own (not a tensor: ``value`` itself)."""
+    if not isinstance(value, Tensor):
+        return value
+    if isinstance(copy, Tensor) and (copy.shape, copy.dtype, copy.device) == (
+            value.shape, value.dtype, value.device):
+        return copy.copy_(value)
+    return value.detach().clone()
+
+
 class LastGoodState:
     """A copy of ``module``'s floating-point tensors and ``optimizer``'s per-parameter state in
     buffers on their own devices (refreshed in place by :meth:`save`), to undo a step that made
@@ -412,7 +423,7 @@ class LastGoodState:
         self._optim_copy: dict[int, dict[str, Any]] = {}
 
     def _module_tensors(self) -> list[Tensor]:
-        return [t for t in (*self.module.parameters(), *self.module.buffers())
+        return [t.detach() for t in (*self.module.parameters(), *self.module.buffers())
                 if t.is_floating_point()]
 
     def _params(self) -> list[Tensor]:
@@ -420,33 +431,20 @@ class LastGoodState:
 
     @torch.no_grad()
     def save(self) -> None:
-        live = [t.detach() for t in self._module_tensors()]
+        live = self._module_tensors()
         if [(t.shape, t.dtype, t.device) for t in self._module_copy] != [
                 (t.shape, t.dtype, t.device) for t in live]:
             self._module_copy = [t.clone() for t in live]
         else:
             torch._foreach_copy_(self._module_copy, live)
-        saved: dict[int, dict[str, Any]] = {}
-        for i, p in enumerate(self._params()):
-            old = self._optim_copy.get(i, {})
-            entry = {}
-            for key, value in (self.optimizer.state.get(p) or {}).items():
-                copy = old.get(key)
-                if not isinstance(value, Tensor):
-                    copy = value
-                elif isinstance(copy, Tensor) and (copy.shape, copy.dtype, copy.device) == (
-                        value.shape, value.dtype, value.device):
-                    copy.copy_(value)
-                else:
-                    copy = value.detach().clone()
-                entry[key] = copy
-            if entry:
-                saved[i] = entry
-        self._optim_copy = saved
+        old = self._optim_copy
+        self._optim_copy = {i: {k: _kept(old.get(i, {}).get(k), v) for k, v in state.items()}
+                            for i, p in enumerate(self._params())
+                            if (state := self.optimizer.state.get(p))}
 
     @torch.no_grad()
     def restore(self) -> None:
-        torch._foreach_copy_([t.detach() for t in self._module_tensors()], self._module_copy)
+        torch._foreach_copy_(self._module_tensors(), self._module_copy)
         for i, p in enumerate(self._params()):
             entry = self._optim_copy.get(i)
             if entry is None:
@@ -456,12 +454,7 @@ class LastGoodState:
             for key in [k for k in state if k not in entry]:
                 del state[key]
             for key, value in entry.items():
-                current = state.get(key)
-                if isinstance(value, Tensor) and isinstance(current, Tensor) \
-                        and current.shape == value.shape:
-                    current.copy_(value)
-                else:
-                    state[key] = value.clone() if isinstance(value, Tensor) else value
+                state[key] = _kept(state.get(key), value)
 
     @torch.no_grad()
     def all_finite(self) -> bool:
