@@ -498,14 +498,11 @@ class TrainState:
         self.running, self.count, self.time_s, self.good_steps = {}, 0, 0.0, 0
 
 
-#: Keys of the resumable ``*_last.pth`` only (with the position in the epoch of
-#: :data:`EPOCH_POSITION`): deployable checkpoints leave them out.
-RESUME_KEYS = ("optimizer_state_dict", "scheduler_state_dict", "scaler_state_dict", "rng_state",
-               "train_state_dict", "ema_updates")
-EPOCH_POSITION = ("step_in_epoch", "running", "count", "time_s", "good_steps")
-#: Keys a resumable checkpoint must hold besides the models.
-TRAINING_KEYS = ("phase", "history", "config", "optimizer_state_dict", "scheduler_state_dict",
-                 "scaler_state_dict", "rng_state")
+#: Keys of the resumable ``*_last.pth`` only (the training state and the position in the
+#: epoch): deployable checkpoints leave them out.
+RESUME_ONLY = ("optimizer_state_dict", "scheduler_state_dict", "scaler_state_dict", "rng_state",
+               "train_state_dict", "ema_updates", "step_in_epoch", "running", "count", "time_s",
+               "good_steps")
 
 
 def rng_state() -> dict[str, Any]:
@@ -548,62 +545,59 @@ def _real(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _rng_ok(s: Any) -> str | None:
-    """What is wrong with a stored :func:`rng_state`, or None."""
-    if not (isinstance(s, dict) and isinstance(s.get("torch"), Tensor)
-            and s["torch"].dtype == torch.uint8):
-        return "a dict whose 'torch' entry is a uint8 tensor"
-    n = s.get("numpy")
-    if not (isinstance(n, (list, tuple)) and len(n) == 5 and isinstance(n[0], str)
-            and isinstance(n[1], Tensor) and _int(n[2]) and _int(n[3]) and _real(n[4])):
-        return "a dict whose 'numpy' entry is [name, tensor, int, int, float]"
-    p = s.get("python")
-    if not (isinstance(p, (list, tuple)) and len(p) == 3 and _int(p[0])
-            and isinstance(p[1], (list, tuple)) and all(_int(v) for v in p[1])
-            and (p[2] is None or _real(p[2]))):
-        return "a dict whose 'python' entry is [version, list of ints, float or None]"
-    if not (isinstance(s.get("cuda", []), (list, tuple)) and all(
-            isinstance(t, Tensor) and t.dtype == torch.uint8 for t in s.get("cuda", []))):
-        return "a dict whose 'cuda' entry is a list of uint8 tensors"
-    return None
+def _rng_fits(state: Any) -> bool:
+    """Whether ``state`` can be set as the RNG state (the current one is kept)."""
+    saved = rng_state()
+    try:
+        set_rng_state(state)
+        return True
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError):
+        return False
+    finally:
+        set_rng_state(saved)
+
+
+def _history_ok(history: Any) -> bool:
+    return isinstance(history, list) and all(
+        isinstance(r, dict) and isinstance(r.get("phase"), str) and _int(r.get("epoch"))
+        and isinstance(r.get("train"), dict) and isinstance(r.get("val"), dict) for r in history)
+
+
+#: What each key of a ``*_last.pth`` must be (the models are checked where they load).
+PAYLOAD_CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "phase": ("a phase name", lambda v: isinstance(v, str)),
+    "running": ("a dict of loss names to numbers", lambda v: isinstance(v, dict) and all(
+        isinstance(k, str) and _real(x) for k, x in v.items())),
+    "best_psnr": ("a number", _real),
+    "time_s": ("a finite number >= 0", lambda v: _real(v) and math.isfinite(v) and v >= 0),
+    **{k: ("an integer >= 0", lambda v: _int(v) and v >= 0)
+       for k in ("epoch", "step_in_epoch", "global_step", "count", "bad_steps", "good_steps")},
+    "history": ("a list of epoch records (dicts with phase, epoch, train, val)", _history_ok),
+    "config": ("a dict", lambda v: isinstance(v, dict)),
+    "optimizer_state_dict": ("an optimizer state dict (state, param_groups)", lambda v: isinstance(
+        v, dict) and isinstance(v.get("state"), dict) and isinstance(v.get("param_groups"), list)),
+    "scheduler_state_dict": ("a dict", lambda v: isinstance(v, dict)),
+    "scaler_state_dict": ("a dict", lambda v: isinstance(v, dict)),
+    "rng_state": ("a dict whose 'torch' entry is a uint8 tensor and whose 'numpy', 'python' (and "
+                  "'cuda') entries are those generators' states", _rng_fits),
+}
+#: Keys a resumable checkpoint must hold besides the models.
+TRAINING_KEYS = ("phase", "history", "config", "optimizer_state_dict", "scheduler_state_dict",
+                 "scaler_state_dict", "rng_state")
 
 
 def check_training_payload(payload: dict[str, Any], source: str) -> None:
     """A ``CheckpointError`` naming the first missing key, or the key, what it must be and what
-    it holds, of a ``*_last.pth`` payload (the models are checked where they load)."""
+    it holds, of a ``*_last.pth`` payload."""
     missing = [k for k in TRAINING_KEYS if k not in payload]
     if missing:
         raise CheckpointError(f"{source} is not a complete training checkpoint: it lacks "
                               f"{', '.join(missing)}")
-    record = ("phase", "epoch", "train", "val")
-    checks: dict[str, tuple[str, Callable[[Any], bool | str | None]]] = {
-        "phase": ("a phase name", lambda v: isinstance(v, str)),
-        "running": ("a dict of loss names to numbers", lambda v: isinstance(v, dict) and all(
-            isinstance(k, str) and _real(x) for k, x in v.items())),
-        "best_psnr": ("a number", _real),
-        "time_s": ("a finite number >= 0", lambda v: _real(v) and math.isfinite(v) and v >= 0),
-        **{k: ("an integer >= 0", lambda v: _int(v) and v >= 0)
-           for k in ("epoch", "step_in_epoch", "global_step", "count", "bad_steps",
-                     "good_steps")},
-        "history": ("a list of epoch records (dicts with phase, epoch, train, val)",
-                    lambda h: isinstance(h, list) and all(
-                        isinstance(r, dict) and isinstance(r.get("phase"), str)
-                        and _int(r.get("epoch")) and all(isinstance(r.get(k), dict)
-                                                         for k in record[2:]) for r in h)),
-        "config": ("a dict", lambda v: isinstance(v, dict)),
-        "optimizer_state_dict": ("an optimizer state dict (state, param_groups)",
-                                 lambda v: isinstance(v, dict) and isinstance(
-                                     v.get("state"), dict) and isinstance(
-                                     v.get("param_groups"), list)),
-        "scheduler_state_dict": ("a dict", lambda v: isinstance(v, dict)),
-        "scaler_state_dict": ("a dict", lambda v: isinstance(v, dict)),
-        "rng_state": ("", lambda v: _rng_ok(v) is None),
-    }
-    for key, (what, ok) in checks.items():
+    for key, (what, ok) in PAYLOAD_CHECKS.items():
         if key in payload and not ok(payload[key]):
             text = repr(payload[key])
-            raise CheckpointError(f"{source}: {key} must be {what or _rng_ok(payload[key])}, "
-                                  f"got {type(payload[key]).__name__} {text[:60]}"
+            raise CheckpointError(f"{source}: {key} must be {what}, got "
+                                  f"{type(payload[key]).__name__} {text[:60]}"
                                   f"{'...' if len(text) > 60 else ''}")
 
 
@@ -1170,12 +1164,11 @@ class PhaseLoop:
 
     def save(self, names: list[str]) -> None:
         """Write the phase's state to each of ``names`` (rank 0, in order, non-finite refused):
-        ``*_last.pth`` whole, the others without :data:`RESUME_KEYS` and the epoch position."""
+        ``*_last.pth`` whole, the others without :data:`RESUME_ONLY`."""
         if not self.ctx.is_main:
             return
         payload = self.payload()
-        deployable = {k: v for k, v in payload.items()
-                      if k not in RESUME_KEYS and k not in EPOCH_POSITION}
+        deployable = {k: v for k, v in payload.items() if k not in RESUME_ONLY}
         for name in names:
             save_checkpoint(payload if name == self.phase.last_file else deployable,
                             self.out_dir / name, require_finite=True)
