@@ -633,24 +633,33 @@ def pooled_psnr(values: dict[str, float]) -> dict[str, float]:
 
 
 class Phase:
-    """One training phase: what trains (:meth:`trainable`, a :class:`Trainable` holding the
-    model, the loss's likelihood scale and maybe the adapter), its loss, its validation and its
-    files. ``criterion`` None: a loss of its own (nothing calibrated, no term shares)."""
+    """One training phase: what trains (``model``, a :class:`Trainable` of ``vae``, the loss's
+    likelihood scale and maybe ``adapter``), its loss, its validation and its files. ``vae`` is
+    saved under ``role``; ``teacher`` (None: none) gives the targets. ``criterion`` None: a loss
+    of its own (nothing calibrated, no term shares)."""
 
     criterion: DistillLoss | None = None
     name = ""
+    role = "student"
     last_file = best_file = ""
     epoch_file: str | None = None
     #: The phase's best file is the previous phase's (fine-tuning): the loop starts from the
     #: previous best value and commits its start before its first step.
     inherits_best = False
+    vae: VAEBase
+    model: nn.Module
+    adapter: LatentAdapter | None = None
+    teacher: VAEBase | None = None
+    train_cache: TeacherCache | None = None
+    val_cache: TeacherCache | None = None
+    perceptual_name, teacher_source = "none", ""
 
     def __init__(self, ctx: PhaseContext, epochs: int) -> None:
         self.ctx, self.epochs = ctx, epochs
         self._pictures: tuple[int, list[tuple[str, Tensor]]] | None = None
 
     def trainable(self) -> nn.Module:
-        raise NotImplementedError
+        return self.model
 
     def init_fresh(self) -> None:
         """Called once on a fresh run, after the fresh models' ``init_from_data``."""
@@ -689,122 +698,6 @@ class Phase:
     def set_train_mode(self, epoch: int) -> None:
         self.trainable().train()
 
-    def loss(self, module: nn.Module, index: Tensor, x: Tensor) -> dict[str, Tensor]:
-        """The terms and ``"total"`` of a batch (``index`` (B,), ``x`` (B, 3, H, W) in [0, 1])
-        through ``module`` (:meth:`trainable`, maybe DDP-wrapped)."""
-        raise NotImplementedError
-
-    def validate(self) -> dict[str, float]:
-        """Validation metrics, the same on every rank."""
-        raise NotImplementedError
-
-    def model_payload(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def load_models(self, payload: dict[str, Any], source: str) -> None:
-        raise NotImplementedError
-
-    def picture_rows(self) -> list[tuple[str, Tensor]]:
-        """Labelled rows of the reconstruction grid, each ``(n, 3, H, W)`` in [0, 1]."""
-        return []
-
-    def epoch_picture_rows(self, epoch: int) -> list[tuple[str, Tensor]]:
-        """:meth:`picture_rows` of ``epoch``, computed once for every writer."""
-        if self._pictures is None or self._pictures[0] != epoch:
-            self._pictures = (epoch, self.picture_rows())
-        return self._pictures[1]
-
-
-class TeacherPhase(Phase):
-    """Phase 1: the teacher VAE alone with recon + KL."""
-
-    name = "teacher"
-    last_file, best_file = "teacher_last.pth", "teacher_best.pth"
-
-    def __init__(self, ctx: PhaseContext, teacher: VAEBase, epochs: int) -> None:
-        super().__init__(ctx, epochs)
-        self.teacher = teacher
-        self.criterion = DistillLoss.vae(ctx.config)
-        self.model = Trainable(teacher, self.criterion.scale)
-
-    def trainable(self) -> nn.Module:
-        return self.model
-
-    def loss(self, module: nn.Module, index: Tensor, x: Tensor) -> dict[str, Tensor]:
-        return self.criterion(x, module(x)[0], None, None)
-
-    @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        self.teacher.eval()
-
-        def batch(index: Tensor, x: Tensor) -> dict[str, float]:
-            x = x.to(self.ctx.device)
-            out = self.teacher(x)
-            return {**{k: v.item() for k, v in self.criterion(x, out, None, None).items()},
-                    **rate_and_sample(self.teacher, x, index, out.mu, out.logvar),
-                    "psnr": mse(out.reconstruction, x), "ssim": ssim(out.reconstruction, x)}
-
-        return pooled_psnr(self.ctx.reduce(*mean_over(self.ctx.val_loader, batch)))
-
-    def model_payload(self) -> dict[str, Any]:
-        return {**model_entry(self.teacher, "teacher"), **self.criterion.scale_payload()}
-
-    def load_models(self, payload: dict[str, Any], source: str) -> None:
-        load_state_checked(self.teacher, payload["teacher_state_dict"], f"{source} (teacher)")
-        self.criterion.load_scale(payload, source)
-
-    def picture_rows(self) -> list[tuple[str, Tensor]]:
-        x = self.ctx.grid_images()
-        with torch.no_grad():
-            rec = self.teacher.eval()(x).reconstruction
-        return [("input", x), ("teacher", rec), ("error x10", error_image(rec, x))]
-
-
-class DistillPhase(Phase):
-    """Phase 2: student + adapter against the frozen teacher with the five-term loss
-    (``teacher`` None: the student alone, the distillation weights 0)."""
-
-    name = "distill"
-    last_file, best_file, epoch_file = ("tinyvae_last.pth", "tinyvae_best.pth",
-                                        "tinyvae_epoch_{epoch:03d}.pth")
-
-    def __init__(self, ctx: PhaseContext, epochs: int, student: VAEBase, adapter: LatentAdapter,
-                 teacher: VAEBase | None, loss: DistillLoss, perceptual_name: str = "none",
-                 teacher_source: str = "") -> None:
-        super().__init__(ctx, epochs)
-        self.student, self.adapter, self.teacher = student, adapter, teacher
-        self.criterion = loss
-        self.perceptual_name, self.teacher_source = perceptual_name, teacher_source
-        self.model = self._trainable()
-        self.train_cache: TeacherCache | None = None
-        self.val_cache: TeacherCache | None = None
-
-    def _trainable(self) -> Trainable:
-        return Trainable(self.student, self.criterion.scale, self.adapter)
-
-    def trainable(self) -> nn.Module:
-        return self.model
-
-    def init_fresh(self) -> None:
-        """The adapter starts as the composition of the two models' linear paths."""
-        if self.teacher is not None and self.adapter.init_from_linear_paths(
-                self.student, self.teacher):
-            self.ctx.message("adapter: initialised from the two models' linear patch paths")
-
-    def prepare(self) -> None:
-        """Build the teacher caches (with a teacher and ``teacher_cache``)."""
-        if self.teacher is None or not self.ctx.config.teacher_cache:
-            return
-        ctx, start = self.ctx, time.perf_counter()
-        bs = max(ctx.config.batch_size, 64)
-        self.train_cache, self.val_cache = (
-            TeacherCache.build(self.teacher, ds, bs, ctx.device, f"teacher cache ({split})",
-                               ctx.show_progress)
-            for ds, split in ((ctx.train_set, "train"), (ctx.val_set, "val")))
-        ctx.message(f"teacher cache: {len(ctx.train_set) + len(ctx.val_set)} images in "
-                    f"{time.perf_counter() - start:.1f}s, "
-                    f"{(self.train_cache.nbytes + self.val_cache.nbytes) / 2**20:.0f} MiB")
-
     def targets(self, index: Tensor, x: Tensor, cache: TeacherCache | None
                 ) -> TeacherTargets | None:
         """The teacher's outputs for a batch: from ``cache`` if given, else computed."""
@@ -814,30 +707,32 @@ class DistillPhase(Phase):
             self.teacher, x)
 
     def loss(self, module: nn.Module, index: Tensor, x: Tensor) -> dict[str, Tensor]:
+        """The terms and ``"total"`` of a batch (``index`` (B,), ``x`` (B, 3, H, W) in [0, 1])
+        through ``module`` (:meth:`trainable`, maybe DDP-wrapped)."""
         out, adapted = module(x)
         return self.criterion(x, out, adapted, self.targets(index, x, self.train_cache))
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Every loss term, ``psnr`` (mean decode) and ``psnr_sample``, the rate, SSIM; with a
-        teacher also its PSNR/SSIM, ``quality_ratio``, the latent CKA (adapted and raw) and
-        ``cross_psnr`` (``teacher.decode(adapter(student.encode(x)))``)."""
-        self.student.eval()
+        """Validation metrics, the same on every rank: every loss term, ``psnr`` (mean decode)
+        and ``psnr_sample``, the rate, SSIM; with a teacher also its PSNR/SSIM,
+        ``quality_ratio``, the latent CKA (adapted and raw) and ``cross_psnr``
+        (``teacher.decode(adapter(vae.encode(x)))``)."""
+        self.vae.eval()
         latents: dict[str, list[Tensor]] = {"student": [], "adapted": [], "teacher": []}
 
         def batch(index: Tensor, x: Tensor) -> dict[str, float]:
             x = x.to(self.ctx.device)
-            out = self.student(x)
-            adapted = adapt(self.adapter, out.mu, out.logvar)
+            out = self.vae(x)
+            adapted = None if self.adapter is None else adapt(self.adapter, out.mu, out.logvar)
             teach = self.targets(index, x, self.val_cache)
             values = {k: v.item() for k, v in self.criterion(x, out, adapted, teach).items()}
-            values.update(rate_and_sample(self.student, x, index, out.mu, out.logvar))
+            values.update(rate_and_sample(self.vae, x, index, out.mu, out.logvar))
             values.update(psnr=mse(out.reconstruction, x), ssim=ssim(out.reconstruction, x))
-            if teach is not None:
+            if teach is not None and adapted is not None:
                 values.update(teacher_psnr=mse(teach.reconstruction, x),
-                              teacher_ssim=ssim(teach.reconstruction, x))
-                if self.teacher is not None:
-                    values["cross_psnr"] = mse(self.teacher.decode(adapted[0]), x)
+                              teacher_ssim=ssim(teach.reconstruction, x),
+                              cross_psnr=mse(self.teacher.decode(adapted[0]), x))
                 for key, z in (("student", out.mu), ("adapted", adapted[0]),
                                ("teacher", teach.mu)):
                     latents[key].append(z.float().cpu())
@@ -854,25 +749,83 @@ class DistillPhase(Phase):
         return values
 
     def model_payload(self) -> dict[str, Any]:
-        return {**model_entry(self.student, "student"),
-                "adapter_state_dict": to_cpu(self.adapter.state_dict()),
-                "adapter_arch": self.adapter.arch_config(),
-                "perceptual_backbone": self.perceptual_name,
-                "teacher_source": self.teacher_source, **self.criterion.scale_payload()}
+        extra = {} if self.adapter is None else {
+            "adapter_state_dict": to_cpu(self.adapter.state_dict()),
+            "adapter_arch": self.adapter.arch_config(),
+            "perceptual_backbone": self.perceptual_name, "teacher_source": self.teacher_source}
+        return {**model_entry(self.vae, self.role), **extra, **self.criterion.scale_payload()}
 
     def load_models(self, payload: dict[str, Any], source: str) -> None:
-        load_state_checked(self.student, payload["student_state_dict"], f"{source} (student)")
-        load_state_checked(self.adapter, payload["adapter_state_dict"], f"{source} (adapter)")
+        for role, module in ((self.role, self.vae), ("adapter", self.adapter)):
+            if module is not None:
+                load_state_checked(module, payload[f"{role}_state_dict"], f"{source} ({role})")
         self.criterion.load_scale(payload, source)
 
     def picture_rows(self) -> list[tuple[str, Tensor]]:
+        """Labelled rows of the reconstruction grid, each ``(n, 3, H, W)`` in [0, 1]."""
         x = self.ctx.grid_images()
         with torch.no_grad():
             rows = [("input", x)]
             if self.teacher is not None:
                 rows.append(("teacher", self.teacher.eval()(x).reconstruction))
-            rec = self.student.eval()(x).reconstruction
-        return rows + [("student", rec), ("error x10", error_image(rec, x))]
+            rec = self.vae.eval()(x).reconstruction
+        return rows + [(self.role, rec), ("error x10", error_image(rec, x))]
+
+    def epoch_picture_rows(self, epoch: int) -> list[tuple[str, Tensor]]:
+        """:meth:`picture_rows` of ``epoch``, computed once for every writer."""
+        if self._pictures is None or self._pictures[0] != epoch:
+            self._pictures = (epoch, self.picture_rows())
+        return self._pictures[1]
+
+
+class TeacherPhase(Phase):
+    """Phase 1: the teacher VAE alone with recon + KL."""
+
+    name = role = "teacher"
+    last_file, best_file = "teacher_last.pth", "teacher_best.pth"
+
+    def __init__(self, ctx: PhaseContext, teacher: VAEBase, epochs: int) -> None:
+        super().__init__(ctx, epochs)
+        self.vae, self.criterion = teacher, DistillLoss.vae(ctx.config)
+        self.model = Trainable(teacher, self.criterion.scale)
+
+
+class DistillPhase(Phase):
+    """Phase 2: student + adapter against the frozen teacher with the five-term loss
+    (``teacher`` None: the student alone, the distillation weights 0)."""
+
+    name = "distill"
+    last_file, best_file, epoch_file = ("tinyvae_last.pth", "tinyvae_best.pth",
+                                        "tinyvae_epoch_{epoch:03d}.pth")
+    trains_adapter = True
+
+    def __init__(self, ctx: PhaseContext, epochs: int, student: VAEBase, adapter: LatentAdapter,
+                 teacher: VAEBase | None, loss: DistillLoss, perceptual_name: str = "none",
+                 teacher_source: str = "") -> None:
+        super().__init__(ctx, epochs)
+        self.vae, self.adapter, self.teacher, self.criterion = student, adapter, teacher, loss
+        self.perceptual_name, self.teacher_source = perceptual_name, teacher_source
+        self.model = Trainable(student, loss.scale, adapter if self.trains_adapter else None)
+
+    def init_fresh(self) -> None:
+        """The adapter starts as the composition of the two models' linear paths."""
+        if self.teacher is not None and self.adapter.init_from_linear_paths(
+                self.vae, self.teacher):
+            self.ctx.message("adapter: initialised from the two models' linear patch paths")
+
+    def prepare(self) -> None:
+        """Build the teacher caches (with a teacher and ``teacher_cache``)."""
+        if self.teacher is None or not self.ctx.config.teacher_cache:
+            return
+        ctx, start = self.ctx, time.perf_counter()
+        bs = max(ctx.config.batch_size, 64)
+        self.train_cache, self.val_cache = (
+            TeacherCache.build(self.teacher, ds, bs, ctx.device, f"teacher cache ({split})",
+                               ctx.show_progress)
+            for ds, split in ((ctx.train_set, "train"), (ctx.val_set, "val")))
+        ctx.message(f"teacher cache: {len(ctx.train_set) + len(ctx.val_set)} images in "
+                    f"{time.perf_counter() - start:.1f}s, "
+                    f"{(self.train_cache.nbytes + self.val_cache.nbytes) / 2**20:.0f} MiB")
 
 
 class FinetunePhase(DistillPhase):
@@ -882,9 +835,7 @@ class FinetunePhase(DistillPhase):
     name = "finetune"
     last_file, best_file, epoch_file = "tinyvae_finetune_last.pth", DistillPhase.best_file, None
     inherits_best = True
-
-    def _trainable(self) -> Trainable:
-        return Trainable(self.student, self.criterion.scale)
+    trains_adapter = False
 
     @property
     def unfreeze_epoch(self) -> int:
@@ -892,17 +843,17 @@ class FinetunePhase(DistillPhase):
         return self.epochs // 2
 
     def param_groups(self) -> list[dict[str, Any]]:
-        return [{"params": list(self.student.decoder.parameters())},
-                {"params": list(self.student.encoder.parameters())},
+        return [{"params": list(self.vae.decoder.parameters())},
+                {"params": list(self.vae.encoder.parameters())},
                 {"params": list(self.criterion.scale.parameters())}]
 
     def frozen_parameters(self, epoch: int) -> list[nn.Parameter]:
-        return list(self.student.encoder.parameters()) if epoch < self.unfreeze_epoch else []
+        return list(self.vae.encoder.parameters()) if epoch < self.unfreeze_epoch else []
 
     def set_train_mode(self, epoch: int) -> None:
         self.model.train()
         if epoch < self.unfreeze_epoch:
-            self.student.encoder.eval()
+            self.vae.encoder.eval()
 
     def loss(self, module: nn.Module, index: Tensor, x: Tensor) -> dict[str, Tensor]:
         return self.criterion(x, module(x)[0], None, None)
