@@ -68,6 +68,7 @@ from ..io import (
     load,
     load_checkpoint,
     load_state_checked,
+    map_tensors,
     model_entry,
     model_from_payload,
     non_finite_tensors,
@@ -861,17 +862,6 @@ class FinetunePhase(DistillPhase):
 
 # ================================================================ one phase: epochs and steps
 
-def _cloned(value: Any) -> Any:
-    """``value`` with every tensor in its dicts and lists cloned."""
-    if isinstance(value, Tensor):
-        return value.detach().clone()
-    if isinstance(value, (dict, list)):
-        items = value.items() if isinstance(value, dict) else enumerate(value)
-        out = {k: _cloned(v) for k, v in items}
-        return out if isinstance(value, dict) else list(out.values())
-    return value
-
-
 class PhaseLoop:
     """Trains ``phase`` for its epochs on ``loader`` (``(index, images)`` batches) and writes its
     files on rank 0. It reports through ``emit(hook, *args)`` (the callbacks), reads a pending
@@ -1105,7 +1095,7 @@ class PhaseLoop:
             models = self.phase.model_payload()
         else:
             with self.average.applied():  # clone: the payload's CPU tensors alias the module
-                models = _cloned(self.phase.model_payload())
+                models = map_tensors(self.phase.model_payload(), lambda t: t.detach().clone())
             models.update(self.average.train_payload())
         return {"phase": self.phase.name, **models, **asdict(self.state),
                 "history": self.history, "config": self.config.model_dump(),
@@ -1184,14 +1174,12 @@ RESUME_MAY_CHANGE = frozenset({
 #: The flag of each phase's epoch count.
 EPOCH_FLAGS = {"teacher": "--teacher-epochs", "distill": "--epochs",
                "finetune": "--finetune-epochs"}
-PHASE_TYPES: dict[str, type[Phase]] = {"teacher": TeacherPhase, "distill": DistillPhase,
-                                       "finetune": FinetunePhase}
 
 
 def find_resume(checkpoint_dir: str | Path) -> Path | None:
     """What ``--resume auto`` continues: the latest phase's ``*_last.pth``, or None."""
-    for name in reversed(PHASES):
-        path = Path(checkpoint_dir) / PHASE_TYPES[name].last_file
+    for phase in (FinetunePhase, DistillPhase, TeacherPhase):
+        path = Path(checkpoint_dir) / phase.last_file
         if path.is_file():
             return path
     return None
@@ -1256,11 +1244,6 @@ class Distiller:
     @property
     def current_epoch(self) -> int:
         return self.loop.current_epoch if self.loop is not None else 0
-
-    @property
-    def bad_steps_total(self) -> int:
-        """Non-finite steps skipped so far in the running phase."""
-        return self.loop.state.bad_steps if self.loop is not None else 0
 
     def run(self, resume: str | Path | None = None, force_resume: bool = False
             ) -> dict[str, Path]:
@@ -1379,19 +1362,6 @@ class Distiller:
         loop.run()
 
     # ---------------------------------------------------------------- the teacher
-    def _teacher_path(self, payload: dict[str, Any] | None) -> Path | None:
-        """The teacher file to load: ``teacher_checkpoint``, else a resumed student phase's own
-        teacher (:meth:`_resumed_teacher`), else ``checkpoint_dir/teacher.pth`` on a fresh run;
-        None when it is to be pre-trained (or the loss needs none)."""
-        if payload is not None and payload["phase"] == "teacher":
-            return None
-        if self.config.teacher_checkpoint:
-            return Path(self.config.teacher_checkpoint)
-        if payload is not None:
-            return self._resumed_teacher(payload)
-        found = self.out_dir / "teacher.pth"
-        return found if found.is_file() else None
-
     def _load_teacher(self, path: Path, quiet: bool = False) -> VAEBase:
         model = load(path, role="teacher")
         if model_name(model) != self.config.teacher_model:
@@ -1451,9 +1421,18 @@ class Distiller:
         check_training_payload(payload, source)
         return payload
 
-    def _resumed_teacher(self, payload: dict[str, Any]) -> Path | None:
-        """A student phase continues with its own teacher: the file its ``teacher_source``
-        names, or ``teacher.pth`` beside the checkpoint when its whole folder moved."""
+    def _teacher_path(self, payload: dict[str, Any] | None) -> Path | None:
+        """The teacher file to load, or None when it is to be pre-trained (or none is needed):
+        ``teacher_checkpoint``; else a resumed student phase's own teacher (the file its
+        ``teacher_source`` names, or ``teacher.pth`` beside the checkpoint when its whole folder
+        moved); else ``checkpoint_dir/teacher.pth`` on a fresh run."""
+        if payload is not None and payload["phase"] == "teacher":
+            return None
+        if self.config.teacher_checkpoint:
+            return Path(self.config.teacher_checkpoint)
+        if payload is None:
+            found = self.out_dir / "teacher.pth"
+            return found if found.is_file() else None
         named, source = payload.get("teacher_source", ""), self.resume_source
         if not isinstance(named, str):
             raise CheckpointError(f"{source}: teacher_source must be a path, got "
