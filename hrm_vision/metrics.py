@@ -16,7 +16,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from .train.loss import gaussian_kl
+
+def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
+    """Element-wise ``KL(N(mu, exp(logvar)) || N(0, 1))`` in nats, same shape as ``mu``."""
+    mu, logvar = mu.float(), logvar.float()
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
 
 
 def mse(prediction: Tensor, target: Tensor) -> float:

@@ -118,8 +118,8 @@ class DistillConfig(BaseModel):
     recon_weight: float = Field(0.3, ge=0, description="weight of the reconstruction: a "
                                 "Gaussian negative log-likelihood in nats per image with a "
                                 "learned scale")
-    kl_weight: float = Field(0.1, ge=0, description="weight of the KL term (nats per image, "
-                             "above the free-bits floor)")
+    kl_weight: float = Field(
+        0.1, ge=0, description="weight of the KL term (nats per image, above the free-bits floor)")
     kl_free_bits: float = Field(2.0, ge=0, description="KL floor in nats per latent element: "
                                 "a KL below it is free (no gradient)")
     free_bits_mode: FreeBitsMode = Field("total", description="total: one floor on the whole "

@@ -1,32 +1,19 @@
 """The whole distillation objective, every term in nats per image.
 
 Every term is a negative log-likelihood or a KL divergence summed over one image's numbers and
-averaged over the batch, so the weights (0.3 / 0.1 / 0.3 / 0.2 / 0.1 by default) are ratios of
-comparable quantities (``experiments/objective.py`` measures why this matters). Images are float
+averaged over the batch, so the weights are ratios of comparable quantities. Images are float
 ``(B, 3, H, W)`` in [0, 1]; latents ``(B, C, H/8, W/8)``, or ``(B, C)`` for the compact models.
 
-``recon``
-    ``-log N(x | x_hat, sigma^2)`` with one learned scale (:class:`GaussianScale`, the sigma-VAE
-    of Rybkin et al., 2021) calibrated at the start of each phase to the error of the sampled
-    reconstruction (:meth:`DistillLoss.calibrate`). The scale decides how much a squared error
-    weighs against a nat of KL.
-``kl``
-    ``KL(q(z|x) || N(0, I))`` with a free-bits floor of ``kl_free_bits`` nats per latent
-    element on the total KL or on each channel (:func:`kl_nats`); with ``kl_target`` a Lagrange
-    multiplier holds the KL at a rate instead (:class:`RateTarget`).
-``distill_latent``
-    ``KL(N(mu_t, T^2 var_t) || N(A mu_s, T^2 (A var_s A^T + r)))``: the teacher posterior
-    against the student posterior pushed through the linear adapter ``A`` plus the residual
-    variance ``r`` the adapter leaves unexplained (:func:`residual_variance`; without it the
-    term was three orders of magnitude larger than the others, ``docs/training.md``). The
-    temperature ``T`` discounts the mismatch of the means by ``1 / T^2``.
-``distill_recon``
-    ``-log N(teacher_output | student_output, sigma^2)`` with the reconstruction's scale
-    (detached); ``bounded``: only where the teacher is closer to the input (Chen et al., 2017).
-``perceptual``
-    Feature matching through a frozen backbone (VGG16 to ``relu2_2``, or the teacher's first
-    encoder block: :func:`build_perceptual`): per layer the squared error over the mean square of
-    the target features, averaged over layers, times half the image's number of values.
+- ``recon``: ``-log N(x | x_hat, sigma^2)`` with one learned scale (:class:`GaussianScale`,
+  the sigma-VAE), calibrated at the start of each phase (:meth:`DistillLoss.calibrate`).
+- ``kl``: ``KL(q(z|x) || N(0, I))`` with a free-bits floor (:func:`kl_nats`), or held at a rate
+  by a Lagrange multiplier (:class:`RateTarget`).
+- ``distill_latent``: ``KL(N(mu_t, T^2 var_t) || N(A mu_s, T^2 (A var_s A^T + r)))``, the
+  teacher posterior against the student's through the adapter ``A`` plus the residual variance
+  ``r`` (:func:`residual_variance`); the temperature ``T`` discounts the means by ``1 / T^2``.
+- ``distill_recon``: ``-log N(teacher_output | student_output, sigma^2)`` with the
+  reconstruction's scale (detached); ``bounded``: only where the teacher is closer to the input.
+- ``perceptual``: feature matching through a frozen backbone (:func:`build_perceptual`).
 """
 
 from __future__ import annotations
@@ -43,6 +30,7 @@ from torch import Tensor, nn
 from torchvision.models import VGG16_Weights, vgg16
 
 from ..io import CheckpointError, load_checkpoint
+from ..metrics import gaussian_kl
 from ..vae import LatentAdapter, VAEBase, VAEOutput
 from .config import DistillConfig
 
@@ -77,10 +65,7 @@ def gaussian_nll(prediction: Tensor, target: Tensor, log_sigma: Tensor,
 
 class GaussianScale(nn.Module):
     """A learned likelihood scale: ``log_sigma`` of one scalar (``channels=None``) or one per
-    colour channel. ``sigma`` should start near the model's root mean squared error
-    (:meth:`calibrate`): a scale far too wide makes the reconstruction weigh nothing at first,
-    and Adam moves ``log sigma`` by about the learning rate per step.
-    """
+    colour channel, to start near the model's RMS error (:meth:`calibrate`)."""
 
     def __init__(self, sigma: float = 0.1, channels: int | None = None) -> None:
         super().__init__()
@@ -106,12 +91,6 @@ class GaussianScale(nn.Module):
         return gaussian_nll(prediction, target, self.log_sigma, mask)
 
 
-def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
-    """Element-wise ``KL(N(mu, exp(logvar)) || N(0, 1))`` in nats, same shape as ``mu``."""
-    mu, logvar = mu.float(), logvar.float()
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
-
-
 #: Where :func:`kl_nats` applies its free-bits floor.
 FREE_BITS_MODES = ("channel", "total")
 
@@ -119,14 +98,9 @@ FREE_BITS_MODES = ("channel", "total")
 def kl_nats(mu: Tensor, logvar: Tensor, free_bits: float = 0.0,
             mode: str = "total") -> Tensor:
     """KL of the posterior ``(B, C, h, w)`` (or a vector latent ``(B, C)``) to N(0, I) in nats
-    per image, with a floor.
-
-    ``free_bits`` is in nats per latent element. ``mode="channel"``: each channel's batch-mean KL
-    is raised to at least ``free_bits * h * w`` (a rate floor per channel: every channel is
-    asked for the same rate); ``mode="total"``: the image's batch-mean KL is raised to at least
-    ``free_bits * C * h * w`` (one floor for the whole latent: the model spends the same total
-    where it helps most). A floor that binds gives no gradient.
-    """
+    per image, with a floor of ``free_bits`` nats per latent element: on each channel's
+    batch-mean KL (``mode="channel"``) or on the image's (``"total"``). A binding floor gives no
+    gradient."""
     if free_bits < 0:
         raise ValueError(f"free_bits must be >= 0, got {free_bits}")
     if mode not in FREE_BITS_MODES:
@@ -144,13 +118,9 @@ def kl_per_element(mu: Tensor, logvar: Tensor) -> float:
 
 
 class RateTarget(nn.Module):
-    """A Lagrange multiplier holding the KL at ``target`` nats per latent element.
-
-    The loss uses ``multiplier * kl`` (nats per image); after each optimiser step
-    :meth:`update` raises the multiplier when the KL is above the target and lowers it when
-    below (``log m += step_size * (kl / target - 1)``, multiplicative dual ascent). The
-    multiplier is a buffer, saved with the model's state.
-    """
+    """A Lagrange multiplier (a buffer) holding the KL at ``target`` nats per latent element:
+    the loss uses ``multiplier * kl``; :meth:`update` does ``log m += step_size * (kl / target -
+    1)`` after each optimiser step."""
 
     multiplier: Tensor
 
@@ -238,10 +208,8 @@ TERMS: tuple[str, ...] = ("recon", "kl", "distill_latent", "distill_recon", "per
 CALIBRATION_SEED = 0
 #: Checkpoint keys of the likelihood scale ``log sigma`` and of the rate multiplier.
 SCALE_KEY, RATE_KEY = "likelihood_log_sigma", "rate_multiplier"
-#: Dual step of the rate multiplier: ``log m`` moves by 0.5 x the KL's relative excess per
-#: step. The likelihood's weight grows as its scale shrinks, so the multiplier has to follow:
-#: at 0.01 or 0.1 the training KL drifted 8-12% above the target over 3 demo epochs; at 0.5
-#: it is back at the target in the third (``docs/results.md``).
+#: Dual step of the rate multiplier (``docs/results.md``: at 0.01 or 0.1 the KL drifted 8-12%
+#: above the target over 3 demo epochs; at 0.5 it is back at the target in the third).
 RATE_STEP = 0.5
 
 
@@ -274,14 +242,9 @@ def adapt(adapter: LatentAdapter, mu: Tensor, logvar: Tensor) -> tuple[Tensor, T
 
 def residual_variance(adapted_mu: Tensor, teacher: TeacherTargets) -> Tensor:
     """Per teacher channel, the variance of the teacher's mean that the adapter does not
-    explain: the mean over batch and positions of ``(mu_t - A mu_s)**2``, shape
-    ``(1, teacher_dim, 1, 1)`` (``(1, teacher_dim)`` for vector latents), detached.
-
-    It is the maximum-likelihood variance of a Gaussian ``p(mu_t | z_s)`` around the adapter's
-    mean, so the latent term compares the teacher posterior with an honest conditional Gaussian
-    instead of with the student's (much narrower) posterior pushed through the adapter. It is 0
-    when the adapter predicts the teacher's mean exactly.
-    """
+    explain (the maximum-likelihood variance of ``p(mu_t | z_s)``): the mean over batch and
+    positions of ``(mu_t - A mu_s)**2``, shape ``(1, teacher_dim, 1, 1)`` (``(1, teacher_dim)``
+    for vector latents), detached."""
     with torch.no_grad():
         err = (teacher.mu.float() - adapted_mu.float()).pow(2)
         return err.mean(dim=(0, *range(2, err.dim())), keepdim=True)

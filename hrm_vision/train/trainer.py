@@ -1,38 +1,32 @@
 """The training loop of a distillation run, top to bottom: processes and data, optimisation,
-state, the three phases, one phase's epochs and steps, the run, resume, the command.
+state, the phases, one phase's epochs and steps, the run, resume, the command.
 
 ``Distiller(config).run(resume=None)`` runs up to three phases, each with its own optimizer:
-
-1. ``teacher``: pre-trains the teacher VAE (recon + KL) when the loss needs a teacher and none is
-   given (``teacher_checkpoint``) or found (``checkpoint_dir/teacher.pth``); at the end its best
-   epoch becomes ``teacher.pth``.
-2. ``distill``: the student and the latent adapter learn from the frozen teacher with the
-   five-term :class:`~hrm_vision.train.loss.DistillLoss`.
-3. ``finetune`` (``finetune_epochs > 0``): the student alone (recon, KL, perceptual), encoder
-   frozen for the first half, starting from the best distilled student.
+``teacher`` pre-trains the teacher VAE (recon + KL) when the loss needs a teacher and none is
+given (``teacher_checkpoint``) or found (``checkpoint_dir/teacher.pth``), its best epoch becoming
+``teacher.pth``; ``distill`` trains the student and the latent adapter against the frozen teacher
+with :class:`~hrm_vision.train.loss.DistillLoss`; ``finetune`` (``finetune_epochs > 0``) trains
+the student alone from the best distilled one, encoder frozen for the first half.
 
 Files: ``*_last.pth`` is the resumable state of a phase (models, optimizer, scheduler, scaler,
 RNG, raw weights of the average); ``tinyvae_best.pth``, ``teacher_best.pth``, ``teacher.pth`` and
 ``tinyvae_epoch_XXX.pth`` are deployable (models, architecture, metadata; no optimizer state).
-**Best** is the epoch with the highest validation PSNR of the model the phase trains (the
-earliest on ties); ``tinyvae_best.pth`` is the best student over distillation and fine-tuning.
+**Best** is the epoch with the highest validation PSNR (the earliest on ties);
+``tinyvae_best.pth`` is the best student over distillation and fine-tuning.
 
-The epoch commit: the callbacks (pictures, TensorBoard, console) run first, then
-``history.json``, the snapshot every ``save_interval`` epochs, ``*_best.pth`` when the epoch is
-the best so far, and last ``*_last.pth``, which commits the epoch (each file atomically). Killed
-before the commit, a resumed run trains the epoch again and rewrites those files with the same
-content. Fine-tuning commits its start before its first step (it replaces the distillation's best
-file); a stop signal (SIGINT/SIGTERM) saves ``*_last.pth`` after the current optimizer step and
-raises :class:`TrainingInterrupted`; a phase of zero epochs still leaves loadable files.
+The epoch commit: the callbacks run first, then ``history.json``, the snapshot every
+``save_interval`` epochs, ``*_best.pth`` when the epoch is the best so far, and last
+``*_last.pth`` (each file atomically). Killed before the commit, a resumed run trains the epoch
+again and rewrites those files with the same content. A stop signal (SIGINT/SIGTERM) saves
+``*_last.pth`` after the current optimizer step and raises :class:`TrainingInterrupted`.
 
 Bad steps: a non-finite loss skips the batch; an optimizer step that leaves a non-finite
 parameter, buffer or optimizer state is undone (:class:`LastGoodState`). Neither counts as a step;
 ``max_bad_steps`` in a row, or an epoch with no kept step, raise :class:`TrainingDiverged`.
 
 Under ``torchrun`` every rank runs this file; rank 0 alone logs and writes; the sample order of
-epoch ``e`` depends only on ``(seed, e)``, so a resumed run sees the batches an uninterrupted
-one sees. Every input (config, resume checkpoint, teacher, data) is checked before anything is
-written into ``checkpoint_dir``.
+epoch ``e`` depends only on ``(seed, e)``. Every input (config, resume checkpoint, teacher, data)
+is checked before anything is written into ``checkpoint_dir``.
 """
 
 from __future__ import annotations
@@ -47,7 +41,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -61,7 +55,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import AdamW
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from ..compact import CompactVAE
@@ -74,6 +68,7 @@ from ..io import (
     load,
     load_checkpoint,
     load_state_checked,
+    map_tensors,
     model_entry,
     model_from_payload,
     non_finite_tensors,
@@ -231,26 +226,6 @@ def wrap_ddp(module: nn.Module, ctx: DistContext) -> nn.Module:
 
 # ================================================================ data: splits, loaders, cache
 
-class EpochSampler(Sampler[int]):
-    """One process's sampler: the order of epoch ``e`` is a permutation from a generator seeded
-    with ``seed + e`` (``DistributedSampler``'s rule), or ``0..n-1`` without ``shuffle``."""
-
-    def __init__(self, data: Sized, *, shuffle: bool, seed: int) -> None:
-        self.data, self.shuffle, self.seed, self.epoch = data, shuffle, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        if not self.shuffle:
-            return iter(range(len(self.data)))
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(len(self.data), generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader workers ignore SIGINT/SIGTERM (a terminal or Slurm signals the whole group):
     the main process decides, finishes the step and saves."""
@@ -260,17 +235,13 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, ctx: DistContext, seed: int,
                 drop_last: bool = False, num_workers: int = 0) -> DataLoader:
-    """A DataLoader over this rank's share of ``dataset`` (``DistributedSampler`` under torchrun,
-    else :class:`EpochSampler`) that never draws from the global RNG; call :func:`set_epoch`
-    before each epoch."""
+    """A DataLoader over this rank's share of ``dataset`` that never draws from the global RNG:
+    the order of epoch ``e`` is a permutation seeded with ``seed + e`` (or ``0..n-1`` without
+    ``shuffle``); call :func:`set_epoch` before each epoch."""
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise ValueError("the dataset is empty")
-    sampler: Sampler[int]
-    if ctx.enabled:
-        sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank,
-                                     shuffle=shuffle, seed=seed, drop_last=drop_last)
-    else:
-        sampler = EpochSampler(dataset, shuffle=shuffle, seed=seed)  # type: ignore[arg-type]
+    sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank,
+                                 shuffle=shuffle, seed=seed, drop_last=drop_last)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
                       num_workers=num_workers, pin_memory=ctx.device.type == "cuda",
                       generator=torch.Generator().manual_seed(seed),
@@ -431,6 +402,17 @@ class WeightAverage:
             self.module.load_state_dict(payload["train_state_dict"])
 
 
+def _kept(copy: Any, value: Any) -> Any:
+    """``value`` copied into ``copy`` when that is a tensor of its shape, dtype and device, else a
+    copy of its own (not a tensor: ``value`` itself)."""
+    if not isinstance(value, Tensor):
+        return value
+    if isinstance(copy, Tensor) and (copy.shape, copy.dtype, copy.device) == (
+            value.shape, value.dtype, value.device):
+        return copy.copy_(value)
+    return value.detach().clone()
+
+
 class LastGoodState:
     """A copy of ``module``'s floating-point tensors and ``optimizer``'s per-parameter state in
     buffers on their own devices (refreshed in place by :meth:`save`), to undo a step that made
@@ -442,7 +424,7 @@ class LastGoodState:
         self._optim_copy: dict[int, dict[str, Any]] = {}
 
     def _module_tensors(self) -> list[Tensor]:
-        return [t for t in (*self.module.parameters(), *self.module.buffers())
+        return [t.detach() for t in (*self.module.parameters(), *self.module.buffers())
                 if t.is_floating_point()]
 
     def _params(self) -> list[Tensor]:
@@ -450,33 +432,20 @@ class LastGoodState:
 
     @torch.no_grad()
     def save(self) -> None:
-        live = [t.detach() for t in self._module_tensors()]
+        live = self._module_tensors()
         if [(t.shape, t.dtype, t.device) for t in self._module_copy] != [
                 (t.shape, t.dtype, t.device) for t in live]:
             self._module_copy = [t.clone() for t in live]
         else:
             torch._foreach_copy_(self._module_copy, live)
-        saved: dict[int, dict[str, Any]] = {}
-        for i, p in enumerate(self._params()):
-            old = self._optim_copy.get(i, {})
-            entry = {}
-            for key, value in (self.optimizer.state.get(p) or {}).items():
-                copy = old.get(key)
-                if not isinstance(value, Tensor):
-                    copy = value
-                elif isinstance(copy, Tensor) and (copy.shape, copy.dtype, copy.device) == (
-                        value.shape, value.dtype, value.device):
-                    copy.copy_(value)
-                else:
-                    copy = value.detach().clone()
-                entry[key] = copy
-            if entry:
-                saved[i] = entry
-        self._optim_copy = saved
+        old = self._optim_copy
+        self._optim_copy = {i: {k: _kept(old.get(i, {}).get(k), v) for k, v in state.items()}
+                            for i, p in enumerate(self._params())
+                            if (state := self.optimizer.state.get(p))}
 
     @torch.no_grad()
     def restore(self) -> None:
-        torch._foreach_copy_([t.detach() for t in self._module_tensors()], self._module_copy)
+        torch._foreach_copy_(self._module_tensors(), self._module_copy)
         for i, p in enumerate(self._params()):
             entry = self._optim_copy.get(i)
             if entry is None:
@@ -486,12 +455,7 @@ class LastGoodState:
             for key in [k for k in state if k not in entry]:
                 del state[key]
             for key, value in entry.items():
-                current = state.get(key)
-                if isinstance(value, Tensor) and isinstance(current, Tensor) \
-                        and current.shape == value.shape:
-                    current.copy_(value)
-                else:
-                    state[key] = value.clone() if isinstance(value, Tensor) else value
+                state[key] = _kept(state.get(key), value)
 
     @torch.no_grad()
     def all_finite(self) -> bool:
@@ -535,14 +499,11 @@ class TrainState:
         self.running, self.count, self.time_s, self.good_steps = {}, 0, 0.0, 0
 
 
-#: Keys of the resumable ``*_last.pth`` only (with the position in the epoch of
-#: :data:`EPOCH_POSITION`): deployable checkpoints leave them out.
-RESUME_KEYS = ("optimizer_state_dict", "scheduler_state_dict", "scaler_state_dict", "rng_state",
-               "train_state_dict", "ema_updates")
-EPOCH_POSITION = ("step_in_epoch", "running", "count", "time_s", "good_steps")
-#: Keys a resumable checkpoint must hold besides the models.
-TRAINING_KEYS = ("phase", "history", "config", "optimizer_state_dict", "scheduler_state_dict",
-                 "scaler_state_dict", "rng_state")
+#: Keys of the resumable ``*_last.pth`` only (the training state and the position in the
+#: epoch): deployable checkpoints leave them out.
+RESUME_ONLY = ("optimizer_state_dict", "scheduler_state_dict", "scaler_state_dict", "rng_state",
+               "train_state_dict", "ema_updates", "step_in_epoch", "running", "count", "time_s",
+               "good_steps")
 
 
 def rng_state() -> dict[str, Any]:
@@ -585,62 +546,59 @@ def _real(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _rng_ok(s: Any) -> str | None:
-    """What is wrong with a stored :func:`rng_state`, or None."""
-    if not (isinstance(s, dict) and isinstance(s.get("torch"), Tensor)
-            and s["torch"].dtype == torch.uint8):
-        return "a dict whose 'torch' entry is a uint8 tensor"
-    n = s.get("numpy")
-    if not (isinstance(n, (list, tuple)) and len(n) == 5 and isinstance(n[0], str)
-            and isinstance(n[1], Tensor) and _int(n[2]) and _int(n[3]) and _real(n[4])):
-        return "a dict whose 'numpy' entry is [name, tensor, int, int, float]"
-    p = s.get("python")
-    if not (isinstance(p, (list, tuple)) and len(p) == 3 and _int(p[0])
-            and isinstance(p[1], (list, tuple)) and all(_int(v) for v in p[1])
-            and (p[2] is None or _real(p[2]))):
-        return "a dict whose 'python' entry is [version, list of ints, float or None]"
-    if not (isinstance(s.get("cuda", []), (list, tuple)) and all(
-            isinstance(t, Tensor) and t.dtype == torch.uint8 for t in s.get("cuda", []))):
-        return "a dict whose 'cuda' entry is a list of uint8 tensors"
-    return None
+def _rng_fits(state: Any) -> bool:
+    """Whether ``state`` can be set as the RNG state (the current one is kept)."""
+    saved = rng_state()
+    try:
+        set_rng_state(state)
+        return True
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, RuntimeError):
+        return False
+    finally:
+        set_rng_state(saved)
+
+
+def _history_ok(history: Any) -> bool:
+    return isinstance(history, list) and all(
+        isinstance(r, dict) and isinstance(r.get("phase"), str) and _int(r.get("epoch"))
+        and isinstance(r.get("train"), dict) and isinstance(r.get("val"), dict) for r in history)
+
+
+#: What each key of a ``*_last.pth`` must be (the models are checked where they load).
+PAYLOAD_CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "phase": ("a phase name", lambda v: isinstance(v, str)),
+    "running": ("a dict of loss names to numbers", lambda v: isinstance(v, dict) and all(
+        isinstance(k, str) and _real(x) for k, x in v.items())),
+    "best_psnr": ("a number", _real),
+    "time_s": ("a finite number >= 0", lambda v: _real(v) and math.isfinite(v) and v >= 0),
+    **{k: ("an integer >= 0", lambda v: _int(v) and v >= 0)
+       for k in ("epoch", "step_in_epoch", "global_step", "count", "bad_steps", "good_steps")},
+    "history": ("a list of epoch records (dicts with phase, epoch, train, val)", _history_ok),
+    "config": ("a dict", lambda v: isinstance(v, dict)),
+    "optimizer_state_dict": ("an optimizer state dict (state, param_groups)", lambda v: isinstance(
+        v, dict) and isinstance(v.get("state"), dict) and isinstance(v.get("param_groups"), list)),
+    "scheduler_state_dict": ("a dict", lambda v: isinstance(v, dict)),
+    "scaler_state_dict": ("a dict", lambda v: isinstance(v, dict)),
+    "rng_state": ("a dict whose 'torch' entry is a uint8 tensor and whose 'numpy', 'python' (and "
+                  "'cuda') entries are those generators' states", _rng_fits),
+}
+#: Keys a resumable checkpoint must hold besides the models.
+TRAINING_KEYS = ("phase", "history", "config", "optimizer_state_dict", "scheduler_state_dict",
+                 "scaler_state_dict", "rng_state")
 
 
 def check_training_payload(payload: dict[str, Any], source: str) -> None:
     """A ``CheckpointError`` naming the first missing key, or the key, what it must be and what
-    it holds, of a ``*_last.pth`` payload (the models are checked where they load)."""
+    it holds, of a ``*_last.pth`` payload."""
     missing = [k for k in TRAINING_KEYS if k not in payload]
     if missing:
         raise CheckpointError(f"{source} is not a complete training checkpoint: it lacks "
                               f"{', '.join(missing)}")
-    record = ("phase", "epoch", "train", "val")
-    checks: dict[str, tuple[str, Callable[[Any], bool | str | None]]] = {
-        "phase": ("a phase name", lambda v: isinstance(v, str)),
-        "running": ("a dict of loss names to numbers", lambda v: isinstance(v, dict) and all(
-            isinstance(k, str) and _real(x) for k, x in v.items())),
-        "best_psnr": ("a number", _real),
-        "time_s": ("a finite number >= 0", lambda v: _real(v) and math.isfinite(v) and v >= 0),
-        **{k: ("an integer >= 0", lambda v: _int(v) and v >= 0)
-           for k in ("epoch", "step_in_epoch", "global_step", "count", "bad_steps",
-                     "good_steps")},
-        "history": ("a list of epoch records (dicts with phase, epoch, train, val)",
-                    lambda h: isinstance(h, list) and all(
-                        isinstance(r, dict) and isinstance(r.get("phase"), str)
-                        and _int(r.get("epoch")) and all(isinstance(r.get(k), dict)
-                                                         for k in record[2:]) for r in h)),
-        "config": ("a dict", lambda v: isinstance(v, dict)),
-        "optimizer_state_dict": ("an optimizer state dict (state, param_groups)",
-                                 lambda v: isinstance(v, dict) and isinstance(
-                                     v.get("state"), dict) and isinstance(
-                                     v.get("param_groups"), list)),
-        "scheduler_state_dict": ("a dict", lambda v: isinstance(v, dict)),
-        "scaler_state_dict": ("a dict", lambda v: isinstance(v, dict)),
-        "rng_state": ("", lambda v: _rng_ok(v) is None),
-    }
-    for key, (what, ok) in checks.items():
+    for key, (what, ok) in PAYLOAD_CHECKS.items():
         if key in payload and not ok(payload[key]):
             text = repr(payload[key])
-            raise CheckpointError(f"{source}: {key} must be {what or _rng_ok(payload[key])}, "
-                                  f"got {type(payload[key]).__name__} {text[:60]}"
+            raise CheckpointError(f"{source}: {key} must be {what}, got "
+                                  f"{type(payload[key]).__name__} {text[:60]}"
                                   f"{'...' if len(text) > 60 else ''}")
 
 
@@ -676,24 +634,33 @@ def pooled_psnr(values: dict[str, float]) -> dict[str, float]:
 
 
 class Phase:
-    """One training phase: what trains (:meth:`trainable`, a :class:`Trainable` holding the
-    model, the loss's likelihood scale and maybe the adapter), its loss, its validation and its
-    files. ``criterion`` None: a loss of its own (nothing calibrated, no term shares)."""
+    """One training phase: what trains (``model``, a :class:`Trainable` of ``vae``, the loss's
+    likelihood scale and maybe ``adapter``), its loss, its validation and its files. ``vae`` is
+    saved under ``role``; ``teacher`` (None: none) gives the targets. ``criterion`` None: a loss
+    of its own (nothing calibrated, no term shares)."""
 
     criterion: DistillLoss | None = None
     name = ""
+    role = "student"
     last_file = best_file = ""
     epoch_file: str | None = None
     #: The phase's best file is the previous phase's (fine-tuning): the loop starts from the
     #: previous best value and commits its start before its first step.
     inherits_best = False
+    vae: VAEBase
+    model: nn.Module
+    adapter: LatentAdapter | None = None
+    teacher: VAEBase | None = None
+    train_cache: TeacherCache | None = None
+    val_cache: TeacherCache | None = None
+    perceptual_name, teacher_source = "none", ""
 
     def __init__(self, ctx: PhaseContext, epochs: int) -> None:
         self.ctx, self.epochs = ctx, epochs
         self._pictures: tuple[int, list[tuple[str, Tensor]]] | None = None
 
     def trainable(self) -> nn.Module:
-        raise NotImplementedError
+        return self.model
 
     def init_fresh(self) -> None:
         """Called once on a fresh run, after the fresh models' ``init_from_data``."""
@@ -732,122 +699,6 @@ class Phase:
     def set_train_mode(self, epoch: int) -> None:
         self.trainable().train()
 
-    def loss(self, module: nn.Module, index: Tensor, x: Tensor) -> dict[str, Tensor]:
-        """The terms and ``"total"`` of a batch (``index`` (B,), ``x`` (B, 3, H, W) in [0, 1])
-        through ``module`` (:meth:`trainable`, maybe DDP-wrapped)."""
-        raise NotImplementedError
-
-    def validate(self) -> dict[str, float]:
-        """Validation metrics, the same on every rank."""
-        raise NotImplementedError
-
-    def model_payload(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def load_models(self, payload: dict[str, Any], source: str) -> None:
-        raise NotImplementedError
-
-    def picture_rows(self) -> list[tuple[str, Tensor]]:
-        """Labelled rows of the reconstruction grid, each ``(n, 3, H, W)`` in [0, 1]."""
-        return []
-
-    def epoch_picture_rows(self, epoch: int) -> list[tuple[str, Tensor]]:
-        """:meth:`picture_rows` of ``epoch``, computed once for every writer."""
-        if self._pictures is None or self._pictures[0] != epoch:
-            self._pictures = (epoch, self.picture_rows())
-        return self._pictures[1]
-
-
-class TeacherPhase(Phase):
-    """Phase 1: the teacher VAE alone with recon + KL."""
-
-    name = "teacher"
-    last_file, best_file = "teacher_last.pth", "teacher_best.pth"
-
-    def __init__(self, ctx: PhaseContext, teacher: VAEBase, epochs: int) -> None:
-        super().__init__(ctx, epochs)
-        self.teacher = teacher
-        self.criterion = DistillLoss.vae(ctx.config)
-        self.model = Trainable(teacher, self.criterion.scale)
-
-    def trainable(self) -> nn.Module:
-        return self.model
-
-    def loss(self, module: nn.Module, index: Tensor, x: Tensor) -> dict[str, Tensor]:
-        return self.criterion(x, module(x)[0], None, None)
-
-    @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        self.teacher.eval()
-
-        def batch(index: Tensor, x: Tensor) -> dict[str, float]:
-            x = x.to(self.ctx.device)
-            out = self.teacher(x)
-            return {**{k: v.item() for k, v in self.criterion(x, out, None, None).items()},
-                    **rate_and_sample(self.teacher, x, index, out.mu, out.logvar),
-                    "psnr": mse(out.reconstruction, x), "ssim": ssim(out.reconstruction, x)}
-
-        return pooled_psnr(self.ctx.reduce(*mean_over(self.ctx.val_loader, batch)))
-
-    def model_payload(self) -> dict[str, Any]:
-        return {**model_entry(self.teacher, "teacher"), **self.criterion.scale_payload()}
-
-    def load_models(self, payload: dict[str, Any], source: str) -> None:
-        load_state_checked(self.teacher, payload["teacher_state_dict"], f"{source} (teacher)")
-        self.criterion.load_scale(payload, source)
-
-    def picture_rows(self) -> list[tuple[str, Tensor]]:
-        x = self.ctx.grid_images()
-        with torch.no_grad():
-            rec = self.teacher.eval()(x).reconstruction
-        return [("input", x), ("teacher", rec), ("error x10", error_image(rec, x))]
-
-
-class DistillPhase(Phase):
-    """Phase 2: student + adapter against the frozen teacher with the five-term loss
-    (``teacher`` None: the student alone, the distillation weights 0)."""
-
-    name = "distill"
-    last_file, best_file, epoch_file = ("tinyvae_last.pth", "tinyvae_best.pth",
-                                        "tinyvae_epoch_{epoch:03d}.pth")
-
-    def __init__(self, ctx: PhaseContext, epochs: int, student: VAEBase, adapter: LatentAdapter,
-                 teacher: VAEBase | None, loss: DistillLoss, perceptual_name: str = "none",
-                 teacher_source: str = "") -> None:
-        super().__init__(ctx, epochs)
-        self.student, self.adapter, self.teacher = student, adapter, teacher
-        self.criterion = loss
-        self.perceptual_name, self.teacher_source = perceptual_name, teacher_source
-        self.model = self._trainable()
-        self.train_cache: TeacherCache | None = None
-        self.val_cache: TeacherCache | None = None
-
-    def _trainable(self) -> Trainable:
-        return Trainable(self.student, self.criterion.scale, self.adapter)
-
-    def trainable(self) -> nn.Module:
-        return self.model
-
-    def init_fresh(self) -> None:
-        """The adapter starts as the composition of the two models' linear paths."""
-        if self.teacher is not None and self.adapter.init_from_linear_paths(
-                self.student, self.teacher):
-            self.ctx.message("adapter: initialised from the two models' linear patch paths")
-
-    def prepare(self) -> None:
-        """Build the teacher caches (with a teacher and ``teacher_cache``)."""
-        if self.teacher is None or not self.ctx.config.teacher_cache:
-            return
-        ctx, start = self.ctx, time.perf_counter()
-        bs = max(ctx.config.batch_size, 64)
-        self.train_cache, self.val_cache = (
-            TeacherCache.build(self.teacher, ds, bs, ctx.device, f"teacher cache ({split})",
-                               ctx.show_progress)
-            for ds, split in ((ctx.train_set, "train"), (ctx.val_set, "val")))
-        ctx.message(f"teacher cache: {len(ctx.train_set) + len(ctx.val_set)} images in "
-                    f"{time.perf_counter() - start:.1f}s, "
-                    f"{(self.train_cache.nbytes + self.val_cache.nbytes) / 2**20:.0f} MiB")
-
     def targets(self, index: Tensor, x: Tensor, cache: TeacherCache | None
                 ) -> TeacherTargets | None:
         """The teacher's outputs for a batch: from ``cache`` if given, else computed."""
@@ -857,30 +708,32 @@ class DistillPhase(Phase):
             self.teacher, x)
 
     def loss(self, module: nn.Module, index: Tensor, x: Tensor) -> dict[str, Tensor]:
+        """The terms and ``"total"`` of a batch (``index`` (B,), ``x`` (B, 3, H, W) in [0, 1])
+        through ``module`` (:meth:`trainable`, maybe DDP-wrapped)."""
         out, adapted = module(x)
         return self.criterion(x, out, adapted, self.targets(index, x, self.train_cache))
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Every loss term, ``psnr`` (mean decode) and ``psnr_sample``, the rate, SSIM; with a
-        teacher also its PSNR/SSIM, ``quality_ratio``, the latent CKA (adapted and raw) and
-        ``cross_psnr`` (``teacher.decode(adapter(student.encode(x)))``)."""
-        self.student.eval()
+        """Validation metrics, the same on every rank: every loss term, ``psnr`` (mean decode)
+        and ``psnr_sample``, the rate, SSIM; with a teacher also its PSNR/SSIM,
+        ``quality_ratio``, the latent CKA (adapted and raw) and ``cross_psnr``
+        (``teacher.decode(adapter(vae.encode(x)))``)."""
+        self.vae.eval()
         latents: dict[str, list[Tensor]] = {"student": [], "adapted": [], "teacher": []}
 
         def batch(index: Tensor, x: Tensor) -> dict[str, float]:
             x = x.to(self.ctx.device)
-            out = self.student(x)
-            adapted = adapt(self.adapter, out.mu, out.logvar)
+            out = self.vae(x)
+            adapted = None if self.adapter is None else adapt(self.adapter, out.mu, out.logvar)
             teach = self.targets(index, x, self.val_cache)
             values = {k: v.item() for k, v in self.criterion(x, out, adapted, teach).items()}
-            values.update(rate_and_sample(self.student, x, index, out.mu, out.logvar))
+            values.update(rate_and_sample(self.vae, x, index, out.mu, out.logvar))
             values.update(psnr=mse(out.reconstruction, x), ssim=ssim(out.reconstruction, x))
-            if teach is not None:
+            if teach is not None and adapted is not None:
                 values.update(teacher_psnr=mse(teach.reconstruction, x),
-                              teacher_ssim=ssim(teach.reconstruction, x))
-                if self.teacher is not None:
-                    values["cross_psnr"] = mse(self.teacher.decode(adapted[0]), x)
+                              teacher_ssim=ssim(teach.reconstruction, x),
+                              cross_psnr=mse(self.teacher.decode(adapted[0]), x))
                 for key, z in (("student", out.mu), ("adapted", adapted[0]),
                                ("teacher", teach.mu)):
                     latents[key].append(z.float().cpu())
@@ -897,25 +750,83 @@ class DistillPhase(Phase):
         return values
 
     def model_payload(self) -> dict[str, Any]:
-        return {**model_entry(self.student, "student"),
-                "adapter_state_dict": to_cpu(self.adapter.state_dict()),
-                "adapter_arch": self.adapter.arch_config(),
-                "perceptual_backbone": self.perceptual_name,
-                "teacher_source": self.teacher_source, **self.criterion.scale_payload()}
+        extra = {} if self.adapter is None else {
+            "adapter_state_dict": to_cpu(self.adapter.state_dict()),
+            "adapter_arch": self.adapter.arch_config(),
+            "perceptual_backbone": self.perceptual_name, "teacher_source": self.teacher_source}
+        return {**model_entry(self.vae, self.role), **extra, **self.criterion.scale_payload()}
 
     def load_models(self, payload: dict[str, Any], source: str) -> None:
-        load_state_checked(self.student, payload["student_state_dict"], f"{source} (student)")
-        load_state_checked(self.adapter, payload["adapter_state_dict"], f"{source} (adapter)")
+        for role, module in ((self.role, self.vae), ("adapter", self.adapter)):
+            if module is not None:
+                load_state_checked(module, payload[f"{role}_state_dict"], f"{source} ({role})")
         self.criterion.load_scale(payload, source)
 
     def picture_rows(self) -> list[tuple[str, Tensor]]:
+        """Labelled rows of the reconstruction grid, each ``(n, 3, H, W)`` in [0, 1]."""
         x = self.ctx.grid_images()
         with torch.no_grad():
             rows = [("input", x)]
             if self.teacher is not None:
                 rows.append(("teacher", self.teacher.eval()(x).reconstruction))
-            rec = self.student.eval()(x).reconstruction
-        return rows + [("student", rec), ("error x10", error_image(rec, x))]
+            rec = self.vae.eval()(x).reconstruction
+        return rows + [(self.role, rec), ("error x10", error_image(rec, x))]
+
+    def epoch_picture_rows(self, epoch: int) -> list[tuple[str, Tensor]]:
+        """:meth:`picture_rows` of ``epoch``, computed once for every writer."""
+        if self._pictures is None or self._pictures[0] != epoch:
+            self._pictures = (epoch, self.picture_rows())
+        return self._pictures[1]
+
+
+class TeacherPhase(Phase):
+    """Phase 1: the teacher VAE alone with recon + KL."""
+
+    name = role = "teacher"
+    last_file, best_file = "teacher_last.pth", "teacher_best.pth"
+
+    def __init__(self, ctx: PhaseContext, teacher: VAEBase, epochs: int) -> None:
+        super().__init__(ctx, epochs)
+        self.vae, self.criterion = teacher, DistillLoss.vae(ctx.config)
+        self.model = Trainable(teacher, self.criterion.scale)
+
+
+class DistillPhase(Phase):
+    """Phase 2: student + adapter against the frozen teacher with the five-term loss
+    (``teacher`` None: the student alone, the distillation weights 0)."""
+
+    name = "distill"
+    last_file, best_file, epoch_file = ("tinyvae_last.pth", "tinyvae_best.pth",
+                                        "tinyvae_epoch_{epoch:03d}.pth")
+    trains_adapter = True
+
+    def __init__(self, ctx: PhaseContext, epochs: int, student: VAEBase, adapter: LatentAdapter,
+                 teacher: VAEBase | None, loss: DistillLoss, perceptual_name: str = "none",
+                 teacher_source: str = "") -> None:
+        super().__init__(ctx, epochs)
+        self.vae, self.adapter, self.teacher, self.criterion = student, adapter, teacher, loss
+        self.perceptual_name, self.teacher_source = perceptual_name, teacher_source
+        self.model = Trainable(student, loss.scale, adapter if self.trains_adapter else None)
+
+    def init_fresh(self) -> None:
+        """The adapter starts as the composition of the two models' linear paths."""
+        if self.teacher is not None and self.adapter.init_from_linear_paths(
+                self.vae, self.teacher):
+            self.ctx.message("adapter: initialised from the two models' linear patch paths")
+
+    def prepare(self) -> None:
+        """Build the teacher caches (with a teacher and ``teacher_cache``)."""
+        if self.teacher is None or not self.ctx.config.teacher_cache:
+            return
+        ctx, start = self.ctx, time.perf_counter()
+        bs = max(ctx.config.batch_size, 64)
+        self.train_cache, self.val_cache = (
+            TeacherCache.build(self.teacher, ds, bs, ctx.device, f"teacher cache ({split})",
+                               ctx.show_progress)
+            for ds, split in ((ctx.train_set, "train"), (ctx.val_set, "val")))
+        ctx.message(f"teacher cache: {len(ctx.train_set) + len(ctx.val_set)} images in "
+                    f"{time.perf_counter() - start:.1f}s, "
+                    f"{(self.train_cache.nbytes + self.val_cache.nbytes) / 2**20:.0f} MiB")
 
 
 class FinetunePhase(DistillPhase):
@@ -925,9 +836,7 @@ class FinetunePhase(DistillPhase):
     name = "finetune"
     last_file, best_file, epoch_file = "tinyvae_finetune_last.pth", DistillPhase.best_file, None
     inherits_best = True
-
-    def _trainable(self) -> Trainable:
-        return Trainable(self.student, self.criterion.scale)
+    trains_adapter = False
 
     @property
     def unfreeze_epoch(self) -> int:
@@ -935,34 +844,23 @@ class FinetunePhase(DistillPhase):
         return self.epochs // 2
 
     def param_groups(self) -> list[dict[str, Any]]:
-        return [{"params": list(self.student.decoder.parameters())},
-                {"params": list(self.student.encoder.parameters())},
+        return [{"params": list(self.vae.decoder.parameters())},
+                {"params": list(self.vae.encoder.parameters())},
                 {"params": list(self.criterion.scale.parameters())}]
 
     def frozen_parameters(self, epoch: int) -> list[nn.Parameter]:
-        return list(self.student.encoder.parameters()) if epoch < self.unfreeze_epoch else []
+        return list(self.vae.encoder.parameters()) if epoch < self.unfreeze_epoch else []
 
     def set_train_mode(self, epoch: int) -> None:
         self.model.train()
         if epoch < self.unfreeze_epoch:
-            self.student.encoder.eval()
+            self.vae.encoder.eval()
 
     def loss(self, module: nn.Module, index: Tensor, x: Tensor) -> dict[str, Tensor]:
         return self.criterion(x, module(x)[0], None, None)
 
 
 # ================================================================ one phase: epochs and steps
-
-def _cloned(value: Any) -> Any:
-    """``value`` with every tensor in its dicts and lists cloned."""
-    if isinstance(value, Tensor):
-        return value.detach().clone()
-    if isinstance(value, (dict, list)):
-        items = value.items() if isinstance(value, dict) else enumerate(value)
-        out = {k: _cloned(v) for k, v in items}
-        return out if isinstance(value, dict) else list(out.values())
-    return value
-
 
 class PhaseLoop:
     """Trains ``phase`` for its epochs on ``loader`` (``(index, images)`` batches) and writes its
@@ -1197,7 +1095,7 @@ class PhaseLoop:
             models = self.phase.model_payload()
         else:
             with self.average.applied():  # clone: the payload's CPU tensors alias the module
-                models = _cloned(self.phase.model_payload())
+                models = map_tensors(self.phase.model_payload(), lambda t: t.detach().clone())
             models.update(self.average.train_payload())
         return {"phase": self.phase.name, **models, **asdict(self.state),
                 "history": self.history, "config": self.config.model_dump(),
@@ -1207,12 +1105,11 @@ class PhaseLoop:
 
     def save(self, names: list[str]) -> None:
         """Write the phase's state to each of ``names`` (rank 0, in order, non-finite refused):
-        ``*_last.pth`` whole, the others without :data:`RESUME_KEYS` and the epoch position."""
+        ``*_last.pth`` whole, the others without :data:`RESUME_ONLY`."""
         if not self.ctx.is_main:
             return
         payload = self.payload()
-        deployable = {k: v for k, v in payload.items()
-                      if k not in RESUME_KEYS and k not in EPOCH_POSITION}
+        deployable = {k: v for k, v in payload.items() if k not in RESUME_ONLY}
         for name in names:
             save_checkpoint(payload if name == self.phase.last_file else deployable,
                             self.out_dir / name, require_finite=True)
@@ -1277,14 +1174,12 @@ RESUME_MAY_CHANGE = frozenset({
 #: The flag of each phase's epoch count.
 EPOCH_FLAGS = {"teacher": "--teacher-epochs", "distill": "--epochs",
                "finetune": "--finetune-epochs"}
-PHASE_TYPES: dict[str, type[Phase]] = {"teacher": TeacherPhase, "distill": DistillPhase,
-                                       "finetune": FinetunePhase}
 
 
 def find_resume(checkpoint_dir: str | Path) -> Path | None:
     """What ``--resume auto`` continues: the latest phase's ``*_last.pth``, or None."""
-    for name in reversed(PHASES):
-        path = Path(checkpoint_dir) / PHASE_TYPES[name].last_file
+    for phase in (FinetunePhase, DistillPhase, TeacherPhase):
+        path = Path(checkpoint_dir) / phase.last_file
         if path.is_file():
             return path
     return None
@@ -1349,11 +1244,6 @@ class Distiller:
     @property
     def current_epoch(self) -> int:
         return self.loop.current_epoch if self.loop is not None else 0
-
-    @property
-    def bad_steps_total(self) -> int:
-        """Non-finite steps skipped so far in the running phase."""
-        return self.loop.state.bad_steps if self.loop is not None else 0
 
     def run(self, resume: str | Path | None = None, force_resume: bool = False
             ) -> dict[str, Path]:
@@ -1472,19 +1362,6 @@ class Distiller:
         loop.run()
 
     # ---------------------------------------------------------------- the teacher
-    def _teacher_path(self, payload: dict[str, Any] | None) -> Path | None:
-        """The teacher file to load: ``teacher_checkpoint``, else a resumed student phase's own
-        teacher (:meth:`_resumed_teacher`), else ``checkpoint_dir/teacher.pth`` on a fresh run;
-        None when it is to be pre-trained (or the loss needs none)."""
-        if payload is not None and payload["phase"] == "teacher":
-            return None
-        if self.config.teacher_checkpoint:
-            return Path(self.config.teacher_checkpoint)
-        if payload is not None:
-            return self._resumed_teacher(payload)
-        found = self.out_dir / "teacher.pth"
-        return found if found.is_file() else None
-
     def _load_teacher(self, path: Path, quiet: bool = False) -> VAEBase:
         model = load(path, role="teacher")
         if model_name(model) != self.config.teacher_model:
@@ -1544,9 +1421,18 @@ class Distiller:
         check_training_payload(payload, source)
         return payload
 
-    def _resumed_teacher(self, payload: dict[str, Any]) -> Path | None:
-        """A student phase continues with its own teacher: the file its ``teacher_source``
-        names, or ``teacher.pth`` beside the checkpoint when its whole folder moved."""
+    def _teacher_path(self, payload: dict[str, Any] | None) -> Path | None:
+        """The teacher file to load, or None when it is to be pre-trained (or none is needed):
+        ``teacher_checkpoint``; else a resumed student phase's own teacher (the file its
+        ``teacher_source`` names, or ``teacher.pth`` beside the checkpoint when its whole folder
+        moved); else ``checkpoint_dir/teacher.pth`` on a fresh run."""
+        if payload is not None and payload["phase"] == "teacher":
+            return None
+        if self.config.teacher_checkpoint:
+            return Path(self.config.teacher_checkpoint)
+        if payload is None:
+            found = self.out_dir / "teacher.pth"
+            return found if found.is_file() else None
         named, source = payload.get("teacher_source", ""), self.resume_source
         if not isinstance(named, str):
             raise CheckpointError(f"{source}: teacher_source must be a path, got "
