@@ -31,6 +31,7 @@ is checked before anything is written into ``checkpoint_dir``.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import math
@@ -68,7 +69,6 @@ from ..io import (
     load,
     load_checkpoint,
     load_state_checked,
-    map_tensors,
     model_entry,
     model_from_payload,
     non_finite_tensors,
@@ -1095,7 +1095,7 @@ class PhaseLoop:
             models = self.phase.model_payload()
         else:
             with self.average.applied():  # clone: the payload's CPU tensors alias the module
-                models = map_tensors(self.phase.model_payload(), lambda t: t.detach().clone())
+                models = copy.deepcopy(self.phase.model_payload())
             models.update(self.average.train_payload())
         return {"phase": self.phase.name, **models, **asdict(self.state),
                 "history": self.history, "config": self.config.model_dump(),
