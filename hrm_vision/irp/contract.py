@@ -193,7 +193,6 @@ class IRPPlugin:
             batch_size=history[0].meta.get("batch_size", 1), input_id=input_id))
 
 
-# ---------------------------------------------------------------------- telemetry
 def finite_or_none(value: float | None) -> float | None:
     """``float(value)`` when finite, else ``None`` (JSON-safe)."""
     return float(value) if value is not None and math.isfinite(value) else None
@@ -206,22 +205,16 @@ def telemetry_schema() -> dict[str, Any]:
     return json.loads(schema.read_text("utf-8"))
 
 
-@cache
-def _validator() -> Any:
-    import jsonschema
-
-    return jsonschema.Draft202012Validator(telemetry_schema())
-
-
 def validate_telemetry(record: dict[str, Any]) -> None:
     """A ``ValueError`` naming the field if ``record`` breaks the schema or is not JSON-safe."""
     try:
         json.dumps(record, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"telemetry is not JSON-safe: {exc}") from exc
-    from jsonschema.exceptions import best_match
+    import jsonschema
 
-    error = best_match(_validator().iter_errors(record))
+    validator = jsonschema.Draft202012Validator(telemetry_schema())
+    error = jsonschema.exceptions.best_match(validator.iter_errors(record))
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "<record>"
         raise ValueError(f"telemetry field {where}: {error.message}")
@@ -253,25 +246,11 @@ def to_jsonl(record: dict[str, Any]) -> str:
     return json.dumps(record, allow_nan=False, sort_keys=True) + "\n"
 
 
-# ---------------------------------------------------------------------- the host's guards
 def private_copy(x: Any) -> Any:
-    """A copy of input ``x`` for one plugin, so changing it in place changes nothing for the
-    next."""
+    """A copy of input ``x`` for one plugin: its in-place changes reach no one else."""
     import torch
 
     return x.detach().clone() if isinstance(x, torch.Tensor) else copy.deepcopy(x)
-
-
-class NonFiniteEnergyError(ValueError):
-    """A plugin's result holds a NaN, infinite or missing energy."""
-
-
-def check_energies(result: IRPResult) -> None:
-    """Raise :class:`NonFiniteEnergyError` unless every state of ``result`` has a finite energy."""
-    for state in [*result.history, result.state]:
-        if finite_or_none(state.energy_val) is None:
-            raise NonFiniteEnergyError(f"state {state.step_idx} has energy {state.energy_val} "
-                                       "(not a finite number)")
 
 
 class HardExitError(SystemExit):

@@ -18,31 +18,26 @@ from typing import IO, Any
 
 import numpy as np
 
+from ..cli import EXPECTED_ERRORS
 from .contract import (
     IRPPlugin,
     IRPResult,
     PluginError,
-    check_energies,
     error_record,
+    finite_or_none,
     os_exit_raises,
     private_copy,
     to_jsonl,
 )
 from .registry import PLUGIN_FAILURES, PluginRegistry, PluginWarning, describe, get_registry
 
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError)  # one line
-
 
 class TimeBudgetError(RuntimeError):
     """A plugin's run on one input took longer than the ``time_budget``."""
 
 
-class PluginRunError(ValueError):
-    """No plugin could be created (the message gives the first failure)."""
-
-
-class NothingRanError(ValueError):
-    """Every plugin failed on every input, each for an expected reason (a rejected input)."""
+class NonFiniteEnergyError(ValueError):
+    """A plugin's result holds a NaN, infinite or missing energy."""
 
 
 class Orchestrator:
@@ -56,8 +51,6 @@ class Orchestrator:
     def __init__(self, plugins: Mapping[str, IRPPlugin], step_budget: int,
                  telemetry: IO[str] | None = None, registry: PluginRegistry | None = None,
                  time_budget: float | None = None) -> None:
-        if not plugins:
-            raise ValueError("the orchestrator needs at least one plugin")
         if step_budget < 1:
             raise ValueError(f"step_budget must be at least 1, got {step_budget}")
         if time_budget is not None and not (math.isfinite(time_budget) and time_budget > 0):
@@ -95,8 +88,8 @@ class Orchestrator:
             error, first = failures[0]
             if isinstance(first, Exception):
                 raise first
-            raise PluginRunError(f"plugin {error.name!r} could not be created: "
-                                 f"{error.message}") from first
+            raise ValueError(f"plugin {error.name!r} could not be created: {error.message}") \
+                from first
         orchestrator = cls(plugins, step_budget, telemetry, registry, time_budget)
         orchestrator.errors += [error for error, _ in failures]
         orchestrator.exceptions += [exc for _, exc in failures]
@@ -122,7 +115,10 @@ class Orchestrator:
                     if self.time_budget is not None and seconds > self.time_budget:
                         raise TimeBudgetError(f"took {seconds:.3g} s, over the time budget of "
                                               f"{self.time_budget:g} s")
-                    check_energies(result)
+                    for state in [*result.history, result.state]:
+                        if finite_or_none(state.energy_val) is None:
+                            raise NonFiniteEnergyError(f"state {state.step_idx} has energy "
+                                                       f"{state.energy_val} (not a finite number)")
                     line = to_jsonl(result.telemetry) if self.telemetry is not None else ""
                 except PLUGIN_FAILURES as exc:
                     error = self.registry.report(name, type(plugin).__module__, describe(exc),
@@ -138,13 +134,11 @@ class Orchestrator:
 
 
 def _write(stream: IO[str] | None, line: dict[str, Any] | str) -> None:
-    """Append a telemetry line (a record is validated first) to ``stream``, flushed."""
     if stream is not None:
         stream.write(line if isinstance(line, str) else to_jsonl(line))
         stream.flush()
 
 
-# ---------------------------------------------------------------------- the command
 def setup_args(prog: str = "hrm-vision irp") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("--list", action="store_true", help="list the plugins and those that failed")
@@ -168,7 +162,7 @@ def _parse_configs(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     configs = {}
     for item in items:
         name, sep, value = item.partition("=")
-        if not sep or not name:
+        if not sep:
             raise ValueError(f"--config expects NAME=JSON or NAME=FILE.json, got {item!r}")
         text = Path(value).read_text() if value.endswith(".json") else value
         try:
@@ -269,7 +263,7 @@ def command(argv: Sequence[str] | None = None, prog: str = "hrm-vision irp") -> 
         label = (args.images[int(error.input_id)] if args.images and error.input_id is not None
                  else f"input {error.input_id}")
         more = f" (+{len(runs) - 1} more failed runs)" if len(runs) > 1 else ""
-        raise NothingRanError(f"{label}: plugin {error.name!r} refused it: {describe(exc)}{more}")
+        raise ValueError(f"{label}: plugin {error.name!r} refused it: {describe(exc)}{more}")
     for err in [e for e in registry.errors if e.stage in ("import", "register")] + orch.errors:
         where = f" on input {err.input_id}" if err.input_id is not None else ""
         print(f"{prog}: warning: plugin {err.name!r} failed ({err.stage}){where}: "

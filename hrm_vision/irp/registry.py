@@ -25,7 +25,6 @@ from .contract import IRPConfig, IRPPlugin, PluginError, validate_config
 ENTRY_POINT_GROUP = "hrm_vision.irp_plugins"
 ALLOW_ENV = "HRM_VISION_IRP_PLUGINS"
 BUILTIN_PLUGINS: tuple[str, ...] = ("hrm_vision.irp.tinyvae",)
-_IMPL = f"{contract.PROJECT_NAME}_impl"
 HOOK_NAMES: tuple[str, ...] = tuple(
     n for n in dir(contract) if hasattr(getattr(contract, n), f"{contract.PROJECT_NAME}_spec"))
 PLUGIN_FAILURES: tuple[type[BaseException], ...] = (Exception, SystemExit)  # not Ctrl-C
@@ -100,12 +99,11 @@ class PluginRegistry:
         if self.pm.is_registered(plugin):
             return self.pm.get_name(plugin)
         try:
-            unknown = [a for a in dir(plugin) if hasattr(getattr(plugin, a, None), _IMPL)
-                       and a not in HOOK_NAMES]
-            if unknown:
-                raise ValueError(f"implements unknown hooks {unknown}; the hooks are {HOOK_NAMES}")
             registered = self.pm.register(plugin, name=name)
+            self.pm.check_pending()  # a hookimpl of no hook in HOOK_NAMES
         except PLUGIN_FAILURES as exc:
+            if self.pm.is_registered(plugin):
+                self.pm.unregister(plugin)
             self.report(name, "register", describe(exc), stage="register")
             return None
         self._plugins = None

@@ -45,31 +45,29 @@ SAGE_SIZES = Sizes(64, 3, 64)
 class Halting(BaseModel):
     """The halting keys, read from ``plugin.config`` (SAGE writes into it) at every check."""
 
-    max_iterations: Annotated[int, AfterValidator(lambda n: max(1, n))] = Field(
-        20, description="states per run, the encoder's included (SAGE writes int(budget * 10); "
-        "below 1 counts as 1)")
-    halt_eps: float = Field(1e-4, ge=0, description="relative to the first energy")
-    halt_K: int = Field(3, ge=1, description="steps the halting slope is taken over")
+    max_iterations: Annotated[int, AfterValidator(lambda n: max(1, n))] = 20  # below 1: 1
+    halt_eps: float = Field(1e-4, ge=0)  # relative to the first energy
+    halt_K: int = Field(3, ge=1)
 
 
 class SageConfig(TinyVAESettings, Halting):
-    """SAGE's keys and the plugin's (with SAGE's defaults); unknown keys are errors."""
+    """SAGE's keys and the plugin's, with SAGE's defaults (docs/irp.md, "Inside SAGE");
+    unknown keys are errors."""
 
-    entity_id: str = Field("tinyvae_irp", description="name in SAGE's telemetry")
-    trust_weight: float = Field(1.0, description="SAGE's initial trust weight (kept as given)")
-    ATP_per_step: float = Field(0.1, ge=0, description="ATP per state in emit_telemetry")
-    max_ATP: float | None = Field(None, description="SAGE's budget (SAGE writes and reads it)")
-    LRC_context: Any = Field(None, description="passed through to emit_telemetry")
-    latent_dim: int | None = Field(None, ge=1, description="default: the checkpoint's, else 64")
-    beta_kl: float = Field(0.1, ge=0, description="SAGE's training KL weight, reported only")
-    normalize: bool = Field(False, description="SAGE's model normalised its input; not used")
-    mean: list[float] | None = Field(None, description="with normalize; not used")
-    std: list[float] | None = Field(None, description="with normalize; not used")
-    device: str | None = Field(None, validate_default=True, description="default: CUDA if any")
-    channel_order: Literal["rgb", "bgr"] | None = Field(None, description="None: tensors RGB, "
-                                                                          "numpy refused")
-    input_channels: Literal[1, 3] | None = Field(None, description="default: the checkpoint's")
-    resize: bool = Field(True, description="resize crops of another size to img_size")
+    entity_id: str = "tinyvae_irp"
+    trust_weight: float = 1.0
+    ATP_per_step: float = Field(0.1, ge=0)
+    max_ATP: float | None = None
+    LRC_context: Any = None
+    latent_dim: int | None = Field(None, ge=1)  # None: the checkpoint's, else 64
+    beta_kl: float = Field(0.1, ge=0)
+    normalize: bool = False  # with mean and std: SAGE's own normalisation, not used here
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    device: str | None = Field(None, validate_default=True)  # None: CUDA if available
+    channel_order: Literal["rgb", "bgr"] | None = None  # None: tensors RGB, numpy refused
+    input_channels: Literal[1, 3] | None = None  # None: the checkpoint's
+    resize: bool = True
 
 
 def sage_model(checkpoint: Any, latent_dim: int | None = None, input_channels: int | None = None,
@@ -112,8 +110,6 @@ class SageVAE(nn.Module):
     def __init__(self, input_channels: int = 3, latent_dim: int = 64, img_size: int = 64,
                  checkpoint: str | os.PathLike[str] | None = None) -> None:
         super().__init__()
-        if input_channels not in (1, 3):
-            raise ValueError(f"input_channels must be 1 or 3, got {input_channels}")
         self.model = sage_model(checkpoint, latent_dim, input_channels, img_size)[0]
         self.input_channels, self.latent_dim, self.img_size = input_channels, latent_dim, img_size
 
@@ -182,7 +178,6 @@ class TinyVAEIRP:
         return from_images(self.plugin.decode(z.reshape(-1, *self.latent_shape)),
                            self.plugin.format)
 
-    # ------------------------------------------------------------------ IRP primitives
     def init_state(self, x0: Any, task_ctx: dict[str, Any] | None = None) -> IRPState:
         """The encoder's mean for crops ``x0``; a refusal is remembered (SAGE's router swallows
         it and goes on with a fallback state, which :meth:`halt` then refuses)."""
@@ -198,8 +193,7 @@ class TinyVAEIRP:
         return self.plugin.energy(self._checked(state))
 
     def step(self, state: IRPState, noise_schedule: Any = None) -> IRPState:
-        if noise_schedule is not None:
-            raise ValueError("this plugin refines deterministically; noise_schedule must be None")
+        """One deterministic step (``noise_schedule`` is not used)."""
         return self.plugin.step(self._checked(state))
 
     def project(self, state: IRPState) -> IRPState:
@@ -237,7 +231,6 @@ class TinyVAEIRP:
     def _energy_of(self, state: IRPState) -> float:
         return float(state.energy_val if state.energy_val is not None else self.energy(state))
 
-    # ------------------------------------------------------------------ runs
     def refine(self, x: Any, task_ctx: Any = _MISSING, max_steps: int | None = None,
                *, early_stop: Any = _MISSING) -> tuple[Any, Any]:
         """A dict or ``None`` second argument (or ``task_ctx=``): :meth:`refine_states`; none,
@@ -245,9 +238,6 @@ class TinyVAEIRP:
         if early_stop is not _MISSING or task_ctx is _MISSING or isinstance(task_ctx, bool):
             stop = early_stop if early_stop is not _MISSING else task_ctx
             return self.refine_latent(x, True if stop is _MISSING else bool(stop), max_steps)
-        if task_ctx is not None and not isinstance(task_ctx, dict):
-            raise ValueError(f"refine's second argument is task_ctx (a dict) or early_stop (a "
-                             f"bool), got {type(task_ctx).__name__}")
         return self.refine_states(x, task_ctx, max_steps)
 
     def refine_states(self, x: Any, task_ctx: dict[str, Any] | None = None,
@@ -255,8 +245,6 @@ class TinyVAEIRP:
                       ) -> tuple[IRPState, list[IRPState]]:
         """``(final_state, history)``; ``max_steps`` (default ``config['max_iterations']``)
         counts states, the encoder's guess included."""
-        if max_steps is not None and max_steps < 1:
-            raise ValueError(f"max_steps must be at least 1 (the encoder's guess), got {max_steps}")
         history = [self.init_state(x, task_ctx)]
         while self.halt_reason(history, early_stop, max_steps) is None:
             history.append(self.step(history[-1]))
@@ -293,7 +281,6 @@ class TinyVAEIRP:
             "latent_dim": self.latent_dim, "latent_norm": finite_or_none(z.norm()),
             "time_ms": finite_or_none(time_ms), "beta_kl": self.beta_kl}
 
-    # ------------------------------------------------------------------ reporting
     def compute_trust_metrics(self, history: Sequence[IRPState]) -> dict[str, float]:
         """SAGE's keys: ``monotonicity_ratio``, ``dE_variance``, ``convergence_rate``."""
         trust = trust_metrics([self._energy_of(s) for s in history])

@@ -29,7 +29,6 @@ STEP_GROWTH = 1.5  # of an accepted step size, for the next update
 RANGE_TOLERANCE = 1e-3  # float pixels may exceed value_range by this share of its width
 
 
-# ---------------------------------------------------------------------- the image converter
 @dataclass(frozen=True)
 class ImageFormat:
     """How a caller's images are laid out: float pixels in ``value_range`` (uint8: 0-255);
@@ -132,7 +131,6 @@ def _scaled(x: Tensor, value_range: tuple[float, float]) -> Tensor:
     return ((x - low) / (high - low)).clamp_(0, 1)
 
 
-# ---------------------------------------------------------------------- config
 class TinyVAESettings(BaseModel):
     """The plugin's settings that the SAGE facade shares."""
 
@@ -199,7 +197,6 @@ def load_student(path: str | Path) -> torch.nn.Module:
     return model
 
 
-# ---------------------------------------------------------------------- the plugin
 class Perception(NamedTuple):
     """:meth:`TinyVAEPlugin.perceive`: ``latent`` ``(B, *latent_shape)``, ``reconstruction``
     ``(B, C, H, W)`` in [0, 1] RGB, and the run's ``telemetry``."""
