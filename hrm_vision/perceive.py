@@ -1,16 +1,7 @@
-"""``hrm-vision perceive SOURCE``: frames in, latents out, for a video, a camera or a folder.
-
-::
-
-    hrm-vision perceive video.mp4 --model exports/tinyvae_encoder.int8.onnx --channel-order bgr
-    hrm-vision perceive 0 --model tinyvae_best.pth --channel-order bgr --max-frames 300  # camera
-    hrm-vision perceive frames/ --model tinyvae.safetensors --channel-order bgr \\
-        --crop 0,0,64,64 --refine-steps 8      # a 64x64 crop of each frame, IRP-refined
-
-Frames are read with OpenCV (the ``video`` extra), which delivers uint8 BGR, so
-``--channel-order`` is required. Writes into ``--out-dir``: ``latents.safetensors`` (or ``.npz``)
-with ``latents`` (N, C, H/8, W/8) float32 and ``frame_index`` (N,) int64; ``telemetry.jsonl``
-(one record per frame); ``summary.json`` (frames, fps, median and p90 latency), printed.
+"""``hrm-vision perceive SOURCE``: frames in, latents out, for a video, a camera or a folder
+(docs/export.md, "The frame pipeline"). Writes into ``--out-dir``: ``latents.safetensors`` (or
+``.npz``) with ``latents`` (N, C, H/8, W/8) float32 and ``frame_index`` (N,) int64;
+``telemetry.jsonl`` (one record per frame); ``summary.json`` (frames, fps, latencies), printed.
 """
 
 from __future__ import annotations
@@ -36,12 +27,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 def setup_args(prog: str = "hrm-vision perceive") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Encode every frame of a video file, a "
-                                "folder of frames or a camera; write latents and telemetry.")
+    p = argparse.ArgumentParser(prog=prog, description="Encode the frames of a video, a folder "
+                                "of frames or a camera.")
     p.add_argument("source", help="video file, folder of image files, or camera index (0, 1..)")
     p.add_argument("--model", required=True, help="ONNX encoder graph, .pth or .safetensors")
-    p.add_argument("--channel-order", required=True, choices=("bgr", "rgb"),
-                   help="channel order of the source's frames (OpenCV delivers bgr)")
+    p.add_argument("--channel-order", required=True, choices=("bgr", "rgb"), help="of the frames")
     p.add_argument("--crop", help="TOP,LEFT,HEIGHT,WIDTH in pixels (sides divisible by 8)")
     for flag, default, text in (
             ("--refine-steps", 1, "IRP states per frame, the encoder's included (1: plain)"),
@@ -175,7 +165,15 @@ def perceive(args: argparse.Namespace) -> dict[str, Any]:
     wall = time.perf_counter() - start
     if not records:
         raise ValueError(f"no frames read from {args.source}")
-    _write_latents(out, torch.stack(latents), args.format)
+    tensors = {"latents": torch.stack(latents), "frame_index": torch.arange(len(latents))}
+    if args.format == "npz":
+        np.savez(out / "latents.npz", **{k: v.numpy() for k, v in tensors.items()})
+    else:
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(out / "latents.safetensors"),
+                  metadata={"latent": "posterior mean per frame, (N, C, H/8, W/8) float32",
+                            "image_convention": "float [0, 1], RGB, NCHW"})
     total = np.array([r["total_ms"] for r in records])
     summary = {"source": args.source, "model": args.model, "backend": encoder.backend,
                "threads": args.threads, "frames": len(records), "wall_s": wall,
@@ -186,18 +184,6 @@ def perceive(args: argparse.Namespace) -> dict[str, Any]:
                "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     write_text(json.dumps(summary, indent=2) + "\n", out / "summary.json")
     return summary
-
-
-def _write_latents(out: Path, latents: Tensor, fmt: str) -> None:
-    tensors = {"latents": latents.contiguous(), "frame_index": torch.arange(len(latents))}
-    if fmt == "npz":
-        np.savez(out / "latents.npz", **{k: v.numpy() for k, v in tensors.items()})
-        return
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(out / "latents.safetensors"),
-              metadata={"latent": "posterior mean per frame, (N, C, H/8, W/8) float32",
-                        "image_convention": "float [0, 1], RGB, NCHW"})
 
 
 def command(argv: Sequence[str] | None = None, prog: str = "hrm-vision perceive") -> int:

@@ -1,11 +1,9 @@
-"""A thin SAGE facade over the ``tinyvae`` plugin: the drop-in for SAGE's TinyVAE IRP plugin.
+"""The drop-in for SAGE's TinyVAE IRP plugin over the ``tinyvae`` plugin (docs/irp.md, "Inside
+SAGE"); :class:`SageVAE` is SAGE's model-level ``TinyVAE``.
 
     from hrm_vision.irp.sage import create_tinyvae_irp   # was sage.irp.plugins.tinyvae_irp_plugin
     tinyvae = create_tinyvae_irp(latent_dim=64, input_channels=3, use_fp16=True, beta_kl=0.1)
     latent, telemetry = tinyvae.refine(crop)          # crop (1, 3, 64, 64) float in [0, 1]
-
-:class:`TinyVAEIRP` answers each SAGE caller (dp-web4/HRM ``sage/``) in its convention, as
-docs/irp.md ("Inside SAGE") lists; :class:`SageVAE` is SAGE's model-level ``TinyVAE``.
 """
 
 from __future__ import annotations
@@ -37,9 +35,6 @@ class Sizes(NamedTuple):
     latent_dim: int
     input_channels: int
     img_size: int
-
-
-SAGE_SIZES = Sizes(64, 3, 64)
 
 
 class Halting(BaseModel):
@@ -75,8 +70,7 @@ def sage_model(checkpoint: Any, latent_dim: int | None = None, input_channels: i
     """The checkpoint's student and SAGE's size kwargs checked against it (the ``ValueError``
     names the kwarg that disagrees); ``checkpoint=None``: :func:`untrained_model`."""
     if checkpoint is None:
-        sizes = Sizes(latent_dim or SAGE_SIZES.latent_dim,
-                      input_channels or SAGE_SIZES.input_channels, img_size or SAGE_SIZES.img_size)
+        sizes = Sizes(latent_dim or 64, input_channels or 3, img_size or 64)  # SAGE's
         return untrained_model(sizes.latent_dim, sizes.img_size), sizes
     model = load_student(checkpoint)
     where, dim = f"the checkpoint {checkpoint}", int(model.latent_dim)
@@ -91,7 +85,7 @@ def sage_model(checkpoint: Any, latent_dim: int | None = None, input_channels: i
     if img_size is not None and fixed is not None and img_size != fixed:
         raise ValueError(f"img_size={img_size} disagrees with {where}, whose model takes "
                          f"{fixed}x{fixed} crops; drop img_size or pass {fixed}")
-    return model, Sizes(dim, input_channels or channels, img_size or fixed or SAGE_SIZES.img_size)
+    return model, Sizes(dim, input_channels or channels, img_size or fixed or 64)
 
 
 def untrained_model(latent_dim: int, img_size: int) -> nn.Module:
@@ -319,8 +313,7 @@ def _plugin_class() -> type[TinyVAEIRP]:
     try:
         base = importlib.import_module("sage.irp.base").IRPPlugin
     except ImportError as exc:
-        name = getattr(exc, "name", None) or ""
-        if not isinstance(exc, ModuleNotFoundError) or name.split(".")[0] != "sage":
+        if not isinstance(exc, ModuleNotFoundError) or (exc.name or "").split(".")[0] != "sage":
             warnings.warn(f"sage is on the path but does not import ({exc}); the plugin is not "
                           "a sage.irp.base.IRPPlugin", UserWarning, stacklevel=3)
         return TinyVAEIRP

@@ -137,8 +137,7 @@ class TinyVAESettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     checkpoint: Path | None = Field(None, description="tinyvae_best.pth or .safetensors")
-    device: str = Field("cpu", description="'cpu', 'cuda[:N]', 'jetson' (CUDA); None: CUDA "
-                                           "when available")
+    device: str = Field("cpu", description="'cpu', 'cuda[:N]', 'jetson' (CUDA); None: CUDA if any")
     use_fp16: bool = Field(False, description="float16 autocast on CUDA (no-op on the CPU)")
     step_size: float = Field(0.1, gt=0, description="initial latent step (RMS per element)")
     max_backtracks: int = Field(4, ge=0, description="halvings of a step that raised the energy")
@@ -198,8 +197,7 @@ def load_student(path: str | Path) -> torch.nn.Module:
 
 
 class Perception(NamedTuple):
-    """:meth:`TinyVAEPlugin.perceive`: ``latent`` ``(B, *latent_shape)``, ``reconstruction``
-    ``(B, C, H, W)`` in [0, 1] RGB, and the run's ``telemetry``."""
+    """``latent`` ``(B, *latent_shape)``, ``reconstruction`` ``(B, C, H, W)`` in [0, 1] RGB."""
 
     latent: Tensor
     reconstruction: Tensor
@@ -207,8 +205,7 @@ class Perception(NamedTuple):
 
 
 class TinyVAEPlugin(IRPPlugin):
-    """IRP perception plugin around a TinyVAE student: ``model``, or ``None`` to load
-    ``config.checkpoint``."""
+    """The plugin around a TinyVAE student: ``model``, or ``None`` to load ``config.checkpoint``."""
 
     name = "tinyvae"
     kind = "perception"
@@ -234,8 +231,7 @@ class TinyVAEPlugin(IRPPlugin):
         return torch.autocast("cuda", dtype=torch.float16, enabled=self.use_fp16)
 
     def images(self, x0: Any, task_ctx: dict[str, Any] | None = None) -> Tensor:
-        """``x0`` as the model's images on the device; ``task_ctx["channel_order"]`` overrides
-        the config's for this call."""
+        """``x0`` as the model's images; ``task_ctx["channel_order"]`` overrides the config's."""
         order = (task_ctx or {}).get("channel_order", self.config.channel_order)
         if order not in ("rgb", "bgr", None):
             raise ValueError(f"channel_order must be 'rgb' or 'bgr', got {order!r}")
@@ -261,7 +257,7 @@ class TinyVAEPlugin(IRPPlugin):
 
     @torch.no_grad()
     def init_state(self, x0: Any, task_ctx: dict[str, Any]) -> IRPState:
-        """The encoder's mean for ``x0``; ``meta`` holds ``target`` (the images), per-image
+        """The encoder's mean for ``x0``; ``meta``: ``target`` (the images), per-image
         ``energies`` and ``step_size``, the latent range ``lower``/``upper``, ``logvar``."""
         target = self.images(x0, task_ctx)
         with self._autocast():
@@ -284,7 +280,6 @@ class TinyVAEPlugin(IRPPlugin):
         return state if torch.equal(z, state.x) else IRPState(z, state.step_idx, None, state.meta)
 
     def step(self, state: IRPState) -> IRPState:
-        """One backtracking gradient step per image; no image's energy rises."""
         z, meta = state.x, state.meta
         target, old = meta["target"], meta["energies"]
         with torch.enable_grad():
