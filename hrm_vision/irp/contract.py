@@ -1,6 +1,5 @@
-"""The IRP (Iterative Refinement Primitive) contract: state, plugin base, config, trust metrics,
-telemetry records and their schema (``telemetry.schema.json``), the host's guards, hook markers.
-"""
+"""The IRP contract: state, plugin base, config, trust metrics, telemetry records and their
+schema (``telemetry.schema.json``), the host's guards, hook markers."""
 
 from __future__ import annotations
 
@@ -146,8 +145,7 @@ class IRPPlugin:
 
     def refine(self, x0: Any, task_ctx: dict[str, Any] | None = None,
                max_steps: int | None = None) -> tuple[IRPState, list[IRPState]]:
-        """Refine ``x0`` until :meth:`halt`: ``(final_state, history)``; ``task_ctx`` reaches
-        ``init_state`` as a copy."""
+        """``(final_state, history)``; ``init_state`` gets a copy of ``task_ctx``."""
         if max_steps is not None and max_steps < 1:
             raise ValueError(f"max_steps must be at least 1 (the initial guess), got {max_steps}")
         state = self.init_state(x0, dict(task_ctx or {}))
@@ -222,8 +220,7 @@ def validate_telemetry(record: dict[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class PluginError:
-    """A reported plugin failure; ``source``: ``"builtin"``, ``"entry point ..."``, ``"hook"``,
-    ``"register"`` or the plugin's module."""
+    """A reported plugin failure (docs/irp.md, "When a plugin fails")."""
 
     name: str
     source: str

@@ -67,8 +67,7 @@ class Orchestrator:
                       telemetry: IO[str] | None = None, registry: PluginRegistry | None = None,
                       time_budget: float | None = None) -> Orchestrator:
         """Each named plugin created from its config by ``registry`` (default
-        :func:`get_registry`); one that cannot be created is reported and left out; with none
-        created, the first failure is raised."""
+        :func:`get_registry`); failures are reported and left out, or raised if all failed."""
         registry = registry or get_registry()
         registry.list_plugins()  # runs every module's hook, so failures there are known too
         for error in list(registry.errors):
@@ -205,8 +204,7 @@ def refuse_output_over_inputs(output: Path, args: argparse.Namespace,
 
 
 def _inputs(args: argparse.Namespace) -> list[Any]:
-    """Float RGB tensors in [0, 1]: one ``(3, H, W)`` per ``--images`` file, else batches of
-    held-out photos crops."""
+    """Float RGB in [0, 1]: ``(3, H, W)`` per ``--images`` file, else photos crop batches."""
     from .tinyvae import ImageFormat, to_images
 
     fmt = ImageFormat(multiple_of=1)  # a plugin checks the sizes it needs

@@ -181,8 +181,7 @@ class PluginRegistry:
         return plugins[name]
 
     def create(self, name: str, config: dict[str, Any] | BaseModel | None = None) -> IRPPlugin:
-        """Plugin ``name`` built from ``config``, validated first (a
-        :class:`PluginConfigError`: ``tinyvae config: step_size: ...``)."""
+        """Plugin ``name`` built from ``config``, else a :class:`PluginConfigError`."""
         info = self.get(name)
         return info.factory(validate_config(info.config_model, config, f"{name} config"))
 

@@ -46,8 +46,7 @@ class Halting(BaseModel):
 
 
 class SageConfig(TinyVAESettings, Halting):
-    """SAGE's keys and the plugin's, with SAGE's defaults (docs/irp.md, "Inside SAGE");
-    unknown keys are errors."""
+    """SAGE's keys and the plugin's, with SAGE's defaults (docs/irp.md, "Inside SAGE")."""
 
     entity_id: str = "tinyvae_irp"
     trust_weight: float = 1.0
@@ -89,8 +88,7 @@ def sage_model(checkpoint: Any, latent_dim: int | None = None, input_channels: i
 
 
 def untrained_model(latent_dim: int, img_size: int) -> nn.Module:
-    """The model without a checkpoint: the compact student, ``latent_dim`` numbers per
-    ``img_size`` crop, its linear path a whole-crop DCT until trained."""
+    """The compact student, untrained: its linear path is a whole-crop DCT."""
     return CompactStudentVAE(latent_dim=latent_dim, image_size=img_size)
 
 
@@ -158,8 +156,7 @@ class TinyVAEIRP:
         self.latent_shape: tuple[int, ...] = tuple(self.encode_batch(probe).shape[1:])
 
     def encode_batch(self, batch: Any, flat: bool = False) -> Tensor:
-        """The encoder's mean for crops ``batch``, ``(B, *latent_shape)``, or ``(B, N)`` with
-        ``flat=True``."""
+        """The encoder's mean, ``(B, *latent_shape)``, or ``(B, N)`` with ``flat=True``."""
         mu = self.plugin.encode(batch)
         return mu.flatten(1) if flat else mu
 
@@ -227,8 +224,7 @@ class TinyVAEIRP:
 
     def refine(self, x: Any, task_ctx: Any = _MISSING, max_steps: int | None = None,
                *, early_stop: Any = _MISSING) -> tuple[Any, Any]:
-        """A dict or ``None`` second argument (or ``task_ctx=``): :meth:`refine_states`; none,
-        or a bool (or ``early_stop=``): :meth:`refine_latent`."""
+        """:meth:`refine_states` for a dict or ``None`` ``task_ctx``, else :meth:`refine_latent`."""
         if early_stop is not _MISSING or task_ctx is _MISSING or isinstance(task_ctx, bool):
             stop = early_stop if early_stop is not _MISSING else task_ctx
             return self.refine_latent(x, True if stop is _MISSING else bool(stop), max_steps)
@@ -308,8 +304,7 @@ class TinyVAEIRP:
 
 @cache
 def _plugin_class() -> type[TinyVAEIRP]:
-    """:class:`TinyVAEIRP`, also a ``sage.irp.base.IRPPlugin`` when SAGE (not a dependency)
-    imports."""
+    """:class:`TinyVAEIRP`, also a ``sage.irp.base.IRPPlugin`` when ``sage`` imports."""
     try:
         base = importlib.import_module("sage.irp.base").IRPPlugin
     except ImportError as exc:
@@ -321,6 +316,5 @@ def _plugin_class() -> type[TinyVAEIRP]:
 
 
 def create_tinyvae_irp(device: str | torch.device | None = None, **kwargs: Any) -> TinyVAEIRP:
-    """SAGE's factory: a :class:`TinyVAEIRP` from keyword arguments (:class:`SageConfig`);
-    ``device`` defaults to CUDA when available (``"jetson"`` means CUDA)."""
+    """SAGE's factory: a :class:`TinyVAEIRP` from keyword arguments (:class:`SageConfig`)."""
     return _plugin_class()(dict(kwargs) if device is None else {"device": device, **kwargs})
