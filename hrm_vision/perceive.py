@@ -103,8 +103,7 @@ def to_image(frame: np.ndarray, channel_order: str,
 
 
 class Encoder:
-    """The frame encoder ``--model`` names, refined by the ``tinyvae`` plugin when
-    ``refine_steps`` > 1."""
+    """The encoder of ``--model``, refined by the ``tinyvae`` plugin when ``refine_steps`` > 1."""
 
     def __init__(self, model: str, threads: int, refine_steps: int = 1) -> None:
         self.plugin, self.backend = None, "pytorch_eager"

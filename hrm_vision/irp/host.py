@@ -41,12 +41,9 @@ class NonFiniteEnergyError(ValueError):
 
 
 class Orchestrator:
-    """Runs ``plugins`` (by name, in order) on inputs; each gets its own copy of every input
-    and ``step_budget // len(plugins)`` states (at least 1). A plugin that raises (``SystemExit``
-    and ``os._exit`` included), returns a non-finite energy, breaks the telemetry schema or takes
-    over ``time_budget`` seconds on an input is reported (:attr:`errors`, :attr:`exceptions`, a
-    :class:`PluginWarning`, an error record in ``telemetry``) and tried again on the next input.
-    """
+    """Runs ``plugins`` (by name, in order) on inputs, each on its own copy of every input with
+    ``step_budget // len(plugins)`` states (at least 1); a failure on an input (docs/irp.md, "When
+    a plugin fails") is reported and the plugin tried again on the next."""
 
     def __init__(self, plugins: Mapping[str, IRPPlugin], step_budget: int,
                  telemetry: IO[str] | None = None, registry: PluginRegistry | None = None,

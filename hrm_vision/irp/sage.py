@@ -93,9 +93,8 @@ def untrained_model(latent_dim: int, img_size: int) -> nn.Module:
 
 
 class SageVAE(nn.Module):
-    """SAGE's model-level ``TinyVAE(input_channels, latent_dim, img_size)`` over a student:
-    ``mu, logvar = vae.encode(x)``, ``recon, mu, logvar = vae(x)`` (a sample decoded only in
-    training mode); images ``(B, input_channels, img_size, img_size)`` in [0, 1]."""
+    """SAGE's ``TinyVAE(input_channels, latent_dim, img_size)``: ``mu, logvar = vae.encode(x)``,
+    ``recon, mu, logvar = vae(x)``; images ``(B, input_channels, img_size, img_size)`` in [0, 1]."""
 
     reparameterize = staticmethod(CompactStudentVAE.reparameterize)
 
@@ -293,8 +292,7 @@ class TinyVAEIRP:
             "LRC_context": self.config.get("LRC_context"), "energy_trajectory": energies}
 
     def get_semantic_representation(self, state: IRPState) -> dict[str, Any]:
-        """For SAGE's vision slot: ``latent``, ``latent_flat``, ``reconstruction`` (numpy, the
-        caller's convention), ``energy``, ``refinement_steps``."""
+        """SAGE's vision slot: numpy ``latent``, ``latent_flat``, ``reconstruction``, and more."""
         z = state.x.detach().float()
         return {"latent": z.cpu().numpy(), "latent_flat": z.flatten(1).cpu().numpy(),
                 "reconstruction": self.decode_batch(z).cpu().numpy(),

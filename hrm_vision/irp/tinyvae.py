@@ -187,8 +187,7 @@ class TinyVAEConfig(TinyVAESettings, IRPConfig):
 
 
 def load_student(path: str | Path) -> torch.nn.Module:
-    """The TinyVAE student of a ``.pth`` or ``.safetensors`` file, on the CPU, else a
-    ``CheckpointError`` (never random weights)."""
+    """The student of a ``.pth`` or ``.safetensors`` file, on the CPU; else ``CheckpointError``."""
     model = load(path, role="student")
     if not isinstance(model, (MinimalVAE, CompactStudentVAE)):
         raise CheckpointError(f"{path}: the student is a {type(model).__name__}; the tinyvae "
