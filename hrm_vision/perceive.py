@@ -44,10 +44,8 @@ def setup_args(prog: str = "hrm-vision perceive") -> argparse.ArgumentParser:
     return p
 
 
-def parse_crop(text: str | None) -> tuple[int, int, int, int] | None:
+def parse_crop(text: str) -> tuple[int, int, int, int]:
     """``"TOP,LEFT,HEIGHT,WIDTH"`` -> a tuple (sides positive multiples of 8)."""
-    if text is None:
-        return None
     try:
         top, left, height, width = (int(v) for v in text.split(","))
     except ValueError:
@@ -138,7 +136,7 @@ class Encoder:
 def perceive(args: argparse.Namespace) -> dict[str, Any]:
     """Run the pipeline the parsed options describe; returns the summary."""
     torch.set_num_threads(args.threads)
-    crop = parse_crop(args.crop)
+    crop = parse_crop(args.crop) if args.crop is not None else None
     encoder = Encoder(args.model, args.threads, args.refine_steps)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

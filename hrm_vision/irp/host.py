@@ -148,8 +148,7 @@ def setup_args(prog: str = "hrm-vision irp") -> argparse.ArgumentParser:
                                 ("--batch-size", 8, "photos crops per input"),
                                 ("--step-budget", 10, "states per input, split among plugins")):
         p.add_argument(flag, type=int, default=default, help=text)
-    p.add_argument("--time-budget", type=float, metavar="SECONDS", help="seconds a plugin may "
-                   "take on one input (measured when it returns)")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS", help="per plugin and input")
     p.add_argument("--telemetry", type=Path, help="JSON-lines file (default: standard output)")
     return p
 
@@ -157,9 +156,7 @@ def setup_args(prog: str = "hrm-vision irp") -> argparse.ArgumentParser:
 def _parse_configs(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     configs = {}
     for item in items:
-        name, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--config expects NAME=JSON or NAME=FILE.json, got {item!r}")
+        name, _, value = item.partition("=")  # no "=": empty, not valid JSON
         text = Path(value).read_text() if value.endswith(".json") else value
         try:
             config = json.loads(text)
@@ -176,8 +173,8 @@ def _parse_configs(items: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 def refuse_output_over_inputs(output: Path, args: argparse.Namespace,
                               configs: dict[str, dict[str, Any]]) -> None:
-    """Refuse (``ValueError``) an ``output`` that is, or links to, a file the run reads: an
-    ``--images`` or ``--config`` file, or one a plugin config names (a checkpoint)."""
+    """``ValueError`` if ``output`` is (or links to) an ``--images`` or ``--config`` file or a
+    file a plugin config names."""
     if not output.exists():
         return
 

@@ -66,8 +66,8 @@ class SageConfig(TinyVAESettings, Halting):
 
 def sage_model(checkpoint: Any, latent_dim: int | None = None, input_channels: int | None = None,
                img_size: int | None = None) -> tuple[nn.Module, Sizes]:
-    """The checkpoint's student and SAGE's size kwargs checked against it (the ``ValueError``
-    names the kwarg that disagrees); ``checkpoint=None``: :func:`untrained_model`."""
+    """The checkpoint's student (else :func:`untrained_model`) and sizes; a ``ValueError`` names a
+    size kwarg that disagrees with it."""
     if checkpoint is None:
         sizes = Sizes(latent_dim or 64, input_channels or 3, img_size or 64)  # SAGE's
         return untrained_model(sizes.latent_dim, sizes.img_size), sizes
@@ -198,9 +198,8 @@ class TinyVAEIRP:
 
     def halt_reason(self, history: Sequence[IRPState], early_stop: bool = True,
                     max_steps: int | None = None) -> str | None:
-        """``"max_steps"`` once ``max_iterations`` (or ``max_steps``) states exist;
-        ``"slope<eps"`` when the energy fell by at most ``halt_eps * |E0|`` per step, on average,
-        over the last ``halt_K`` steps; ``None`` to go on."""
+        """``"max_steps"`` at ``max_iterations`` (or ``max_steps``) states, ``"slope<eps"`` at a
+        mean fall of at most ``halt_eps * |E0|`` per step over ``halt_K`` steps, else ``None``."""
         halting = self._halting()
         if len(history) >= (max_steps or halting.max_iterations):
             return "max_steps"

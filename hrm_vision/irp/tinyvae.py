@@ -31,10 +31,9 @@ RANGE_TOLERANCE = 1e-3  # float pixels may exceed value_range by this share of i
 
 @dataclass(frozen=True)
 class ImageFormat:
-    """How a caller's images are laid out: float pixels in ``value_range`` (uint8: 0-255);
-    ``channel_order`` ``None``: tensors RGB, 3-channel numpy arrays refused; ``channels`` 1: grey,
-    repeated for an RGB model; ``size``: the square side the model sees (``None``: the image's
-    own, sides a multiple of ``multiple_of``); ``resize`` other sizes or refuse them."""
+    """A caller's images: float pixels in ``value_range`` (uint8: 0-255); ``channel_order``
+    ``None``: tensors RGB, 3-channel numpy refused; ``channels`` 1: grey; ``size``: the model's
+    square side (``None``: the image's own, a multiple of ``multiple_of``); ``resize`` or refuse."""
 
     value_range: tuple[float, float] = (0.0, 1.0)
     channel_order: ChannelOrder | None = "rgb"
