@@ -50,9 +50,8 @@ class Orchestrator:
                  time_budget: float | None = None) -> None:
         if step_budget < 1:
             raise ValueError(f"step_budget must be at least 1, got {step_budget}")
-        if time_budget is not None and not (math.isfinite(time_budget) and time_budget > 0):
-            raise ValueError(f"time_budget must be a positive number of seconds, got "
-                             f"{time_budget}")
+        if time_budget is not None and not 0 < time_budget < math.inf:
+            raise ValueError(f"time_budget must be a positive number of seconds, got {time_budget}")
         self.plugins, self.step_budget, self.time_budget = dict(plugins), step_budget, time_budget
         self.telemetry = telemetry
         self.registry = registry or PluginRegistry(load_entry_points=False, builtins=())
@@ -139,11 +138,9 @@ def setup_args(prog: str = "hrm-vision irp") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("--list", action="store_true", help="list the plugins and those that failed")
     for flag, meta, text in (("--plugin", "NAME", "plugin to run (repeatable), by registry name"),
-                             ("--config", "NAME=JSON", "config of plugin NAME: a JSON object or "
-                                                       "a .json file")):
+                             ("--config", "NAME=JSON", "plugin NAME's config, or NAME=FILE.json")):
         p.add_argument(flag, action="append", default=[], metavar=meta, help=text)
-    p.add_argument("--images", nargs="*", default=[], metavar="PATH", help="image files, one "
-                   "input each (default: held-out photos crops)")
+    p.add_argument("--images", nargs="*", default=[], metavar="PATH", help="one input each")
     for flag, default, text in (("--num-crops", 8, "photos crops without --images"),
                                 ("--batch-size", 8, "photos crops per input"),
                                 ("--step-budget", 10, "states per input, split among plugins")):
@@ -199,16 +196,13 @@ def refuse_output_over_inputs(output: Path, args: argparse.Namespace,
 
 def _inputs(args: argparse.Namespace) -> list[Any]:
     """Float RGB in [0, 1]: ``(3, H, W)`` per ``--images`` file, else photos crop batches."""
+    from ..data import PhotoCrops, read_image
     from .tinyvae import ImageFormat, to_images
 
     fmt = ImageFormat(multiple_of=1)  # a plugin checks the sizes it needs
     if args.images:
-        from ..data import read_image
-
         return [to_images(read_image(p, purpose="reading --images files"), fmt)[0]
                 for p in args.images]
-    from ..data import PhotoCrops
-
     crops = to_images(PhotoCrops("val", num_crops=args.num_crops).images_uint8, fmt)
     return list(crops.split(args.batch_size))
 

@@ -264,8 +264,7 @@ class TinyVAEIRP:
             "trust": min(1.0, max(0.0, 1 - sq_err / spread)) if spread > 0 else float(sq_err == 0),
             "reconstruction_error": finite_or_none(mse),
             "psnr_db": finite_or_none(10 * np.log10(1.0 / mse)) if mse > 0 else None,
-            "kl_divergence": finite_or_none(
-                (0.5 * (z.pow(2) + logvar.exp() - logvar - 1)).mean()),
+            "kl_divergence": finite_or_none((0.5 * (z.pow(2) + logvar.exp() - logvar - 1)).mean()),
             "latent_dim": self.latent_dim, "latent_norm": finite_or_none(z.norm()),
             "time_ms": finite_or_none(time_ms), "beta_kl": self.beta_kl}
 

@@ -1,9 +1,5 @@
-"""The ``tinyvae`` perception plugin, which refines the TinyVAE student's latent (docs/irp.md),
-and the package's one image converter, :func:`to_images`.
-
-``init_state`` is exactly ``model.encode(images)``; ``energy`` per image is the MSE of
-``decode(z)`` against the image plus ``prior_weight * 0.5 * mean(z**2)``; ``step`` is a
-backtracking gradient step per image, so no image's energy ever rises.
+"""The ``tinyvae`` perception plugin, which refines the TinyVAE student's latent (docs/irp.md,
+its energy and step), and the package's one image converter, :func:`to_images`.
 """
 
 from __future__ import annotations
