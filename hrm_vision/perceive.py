@@ -1,16 +1,7 @@
-"""``hrm-vision perceive SOURCE``: frames in, latents out, for a video, a camera or a folder.
-
-::
-
-    hrm-vision perceive video.mp4 --model exports/tinyvae_encoder.int8.onnx --channel-order bgr
-    hrm-vision perceive 0 --model tinyvae_best.pth --channel-order bgr --max-frames 300  # camera
-    hrm-vision perceive frames/ --model tinyvae.safetensors --channel-order bgr \\
-        --crop 0,0,64,64 --refine-steps 8      # a 64x64 crop of each frame, IRP-refined
-
-Frames are read with OpenCV (the ``video`` extra), which delivers uint8 BGR, so
-``--channel-order`` is required. Writes into ``--out-dir``: ``latents.safetensors`` (or ``.npz``)
-with ``latents`` (N, C, H/8, W/8) float32 and ``frame_index`` (N,) int64; ``telemetry.jsonl``
-(one record per frame); ``summary.json`` (frames, fps, median and p90 latency), printed.
+"""``hrm-vision perceive SOURCE``: frames in, latents out, for a video, a camera or a folder
+(docs/export.md, "The frame pipeline"). Writes into ``--out-dir``: ``latents.safetensors`` (or
+``.npz``) with ``latents`` (N, C, H/8, W/8) float32 and ``frame_index`` (N,) int64;
+``telemetry.jsonl`` (one record per frame); ``summary.json`` (frames, fps, latencies), printed.
 """
 
 from __future__ import annotations
@@ -36,12 +27,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 def setup_args(prog: str = "hrm-vision perceive") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Encode every frame of a video file, a "
-                                "folder of frames or a camera; write latents and telemetry.")
+    p = argparse.ArgumentParser(prog=prog, description="Encode the frames of a video, a folder "
+                                "of frames or a camera.")
     p.add_argument("source", help="video file, folder of image files, or camera index (0, 1..)")
     p.add_argument("--model", required=True, help="ONNX encoder graph, .pth or .safetensors")
-    p.add_argument("--channel-order", required=True, choices=("bgr", "rgb"),
-                   help="channel order of the source's frames (OpenCV delivers bgr)")
+    p.add_argument("--channel-order", required=True, choices=("bgr", "rgb"), help="of the frames")
     p.add_argument("--crop", help="TOP,LEFT,HEIGHT,WIDTH in pixels (sides divisible by 8)")
     for flag, default, text in (
             ("--refine-steps", 1, "IRP states per frame, the encoder's included (1: plain)"),
@@ -54,10 +44,8 @@ def setup_args(prog: str = "hrm-vision perceive") -> argparse.ArgumentParser:
     return p
 
 
-def parse_crop(text: str | None) -> tuple[int, int, int, int] | None:
+def parse_crop(text: str) -> tuple[int, int, int, int]:
     """``"TOP,LEFT,HEIGHT,WIDTH"`` -> a tuple (sides positive multiples of 8)."""
-    if text is None:
-        return None
     try:
         top, left, height, width = (int(v) for v in text.split(","))
     except ValueError:
@@ -113,8 +101,7 @@ def to_image(frame: np.ndarray, channel_order: str,
 
 
 class Encoder:
-    """The frame encoder ``--model`` names, refined by the ``tinyvae`` plugin when
-    ``refine_steps`` > 1."""
+    """The encoder of ``--model``, refined by the ``tinyvae`` plugin when ``refine_steps`` > 1."""
 
     def __init__(self, model: str, threads: int, refine_steps: int = 1) -> None:
         self.plugin, self.backend = None, "pytorch_eager"
@@ -149,7 +136,7 @@ class Encoder:
 def perceive(args: argparse.Namespace) -> dict[str, Any]:
     """Run the pipeline the parsed options describe; returns the summary."""
     torch.set_num_threads(args.threads)
-    crop = parse_crop(args.crop)
+    crop = parse_crop(args.crop) if args.crop is not None else None
     encoder = Encoder(args.model, args.threads, args.refine_steps)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -175,7 +162,15 @@ def perceive(args: argparse.Namespace) -> dict[str, Any]:
     wall = time.perf_counter() - start
     if not records:
         raise ValueError(f"no frames read from {args.source}")
-    _write_latents(out, torch.stack(latents), args.format)
+    tensors = {"latents": torch.stack(latents), "frame_index": torch.arange(len(latents))}
+    if args.format == "npz":
+        np.savez(out / "latents.npz", **{k: v.numpy() for k, v in tensors.items()})
+    else:
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(out / "latents.safetensors"),
+                  metadata={"latent": "posterior mean per frame, (N, C, H/8, W/8) float32",
+                            "image_convention": "float [0, 1], RGB, NCHW"})
     total = np.array([r["total_ms"] for r in records])
     summary = {"source": args.source, "model": args.model, "backend": encoder.backend,
                "threads": args.threads, "frames": len(records), "wall_s": wall,
@@ -186,18 +181,6 @@ def perceive(args: argparse.Namespace) -> dict[str, Any]:
                "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     write_text(json.dumps(summary, indent=2) + "\n", out / "summary.json")
     return summary
-
-
-def _write_latents(out: Path, latents: Tensor, fmt: str) -> None:
-    tensors = {"latents": latents.contiguous(), "frame_index": torch.arange(len(latents))}
-    if fmt == "npz":
-        np.savez(out / "latents.npz", **{k: v.numpy() for k, v in tensors.items()})
-        return
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(out / "latents.safetensors"),
-              metadata={"latent": "posterior mean per frame, (N, C, H/8, W/8) float32",
-                        "image_convention": "float [0, 1], RGB, NCHW"})
 
 
 def command(argv: Sequence[str] | None = None, prog: str = "hrm-vision perceive") -> int:

@@ -1,7 +1,4 @@
-"""IRP (Iterative Refinement Primitive) integration: the contract, the plugin registry, the
-``tinyvae`` plugin, SAGE's drop-in and the host. torch is imported with the plugin, when the
-registry is first built.
-"""
+"""IRP (Iterative Refinement Primitive) integration (docs/irp.md); torch loads with the registry."""
 
 from .contract import (
     IRPConfig,

@@ -1,6 +1,5 @@
-"""The IRP (Iterative Refinement Primitive) contract: state, plugin base, config, trust metrics,
-telemetry records and their schema (``telemetry.schema.json``), the host's guards, hook markers.
-"""
+"""The IRP contract: state, plugin base, config, trust metrics, telemetry records and their
+schema (``telemetry.schema.json``), the host's guards, hook markers."""
 
 from __future__ import annotations
 
@@ -146,8 +145,7 @@ class IRPPlugin:
 
     def refine(self, x0: Any, task_ctx: dict[str, Any] | None = None,
                max_steps: int | None = None) -> tuple[IRPState, list[IRPState]]:
-        """Refine ``x0`` until :meth:`halt`: ``(final_state, history)``; ``task_ctx`` reaches
-        ``init_state`` as a copy."""
+        """``(final_state, history)``; ``init_state`` gets a copy of ``task_ctx``."""
         if max_steps is not None and max_steps < 1:
             raise ValueError(f"max_steps must be at least 1 (the initial guess), got {max_steps}")
         state = self.init_state(x0, dict(task_ctx or {}))
@@ -193,7 +191,6 @@ class IRPPlugin:
             batch_size=history[0].meta.get("batch_size", 1), input_id=input_id))
 
 
-# ---------------------------------------------------------------------- telemetry
 def finite_or_none(value: float | None) -> float | None:
     """``float(value)`` when finite, else ``None`` (JSON-safe)."""
     return float(value) if value is not None and math.isfinite(value) else None
@@ -206,22 +203,16 @@ def telemetry_schema() -> dict[str, Any]:
     return json.loads(schema.read_text("utf-8"))
 
 
-@cache
-def _validator() -> Any:
-    import jsonschema
-
-    return jsonschema.Draft202012Validator(telemetry_schema())
-
-
 def validate_telemetry(record: dict[str, Any]) -> None:
     """A ``ValueError`` naming the field if ``record`` breaks the schema or is not JSON-safe."""
     try:
         json.dumps(record, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"telemetry is not JSON-safe: {exc}") from exc
-    from jsonschema.exceptions import best_match
+    import jsonschema
 
-    error = best_match(_validator().iter_errors(record))
+    validator = jsonschema.Draft202012Validator(telemetry_schema())
+    error = jsonschema.exceptions.best_match(validator.iter_errors(record))
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "<record>"
         raise ValueError(f"telemetry field {where}: {error.message}")
@@ -229,8 +220,7 @@ def validate_telemetry(record: dict[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class PluginError:
-    """A reported plugin failure; ``source``: ``"builtin"``, ``"entry point ..."``, ``"hook"``,
-    ``"register"`` or the plugin's module."""
+    """A reported plugin failure (docs/irp.md, "When a plugin fails")."""
 
     name: str
     source: str
@@ -253,25 +243,11 @@ def to_jsonl(record: dict[str, Any]) -> str:
     return json.dumps(record, allow_nan=False, sort_keys=True) + "\n"
 
 
-# ---------------------------------------------------------------------- the host's guards
 def private_copy(x: Any) -> Any:
-    """A copy of input ``x`` for one plugin, so changing it in place changes nothing for the
-    next."""
+    """A copy of input ``x`` for one plugin: its in-place changes reach no one else."""
     import torch
 
     return x.detach().clone() if isinstance(x, torch.Tensor) else copy.deepcopy(x)
-
-
-class NonFiniteEnergyError(ValueError):
-    """A plugin's result holds a NaN, infinite or missing energy."""
-
-
-def check_energies(result: IRPResult) -> None:
-    """Raise :class:`NonFiniteEnergyError` unless every state of ``result`` has a finite energy."""
-    for state in [*result.history, result.state]:
-        if finite_or_none(state.energy_val) is None:
-            raise NonFiniteEnergyError(f"state {state.step_idx} has energy {state.energy_val} "
-                                       "(not a finite number)")
 
 
 class HardExitError(SystemExit):

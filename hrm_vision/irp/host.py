@@ -18,51 +18,40 @@ from typing import IO, Any
 
 import numpy as np
 
+from ..cli import EXPECTED_ERRORS
 from .contract import (
     IRPPlugin,
     IRPResult,
     PluginError,
-    check_energies,
     error_record,
+    finite_or_none,
     os_exit_raises,
     private_copy,
     to_jsonl,
 )
 from .registry import PLUGIN_FAILURES, PluginRegistry, PluginWarning, describe, get_registry
 
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError)  # one line
-
 
 class TimeBudgetError(RuntimeError):
     """A plugin's run on one input took longer than the ``time_budget``."""
 
 
-class PluginRunError(ValueError):
-    """No plugin could be created (the message gives the first failure)."""
-
-
-class NothingRanError(ValueError):
-    """Every plugin failed on every input, each for an expected reason (a rejected input)."""
+class NonFiniteEnergyError(ValueError):
+    """A plugin's result holds a NaN, infinite or missing energy."""
 
 
 class Orchestrator:
-    """Runs ``plugins`` (by name, in order) on inputs; each gets its own copy of every input
-    and ``step_budget // len(plugins)`` states (at least 1). A plugin that raises (``SystemExit``
-    and ``os._exit`` included), returns a non-finite energy, breaks the telemetry schema or takes
-    over ``time_budget`` seconds on an input is reported (:attr:`errors`, :attr:`exceptions`, a
-    :class:`PluginWarning`, an error record in ``telemetry``) and tried again on the next input.
-    """
+    """Runs ``plugins`` (by name, in order) on inputs, each on its own copy of every input with
+    ``step_budget // len(plugins)`` states (at least 1); a failure on an input (docs/irp.md, "When
+    a plugin fails") is reported and the plugin tried again on the next."""
 
     def __init__(self, plugins: Mapping[str, IRPPlugin], step_budget: int,
                  telemetry: IO[str] | None = None, registry: PluginRegistry | None = None,
                  time_budget: float | None = None) -> None:
-        if not plugins:
-            raise ValueError("the orchestrator needs at least one plugin")
         if step_budget < 1:
             raise ValueError(f"step_budget must be at least 1, got {step_budget}")
-        if time_budget is not None and not (math.isfinite(time_budget) and time_budget > 0):
-            raise ValueError(f"time_budget must be a positive number of seconds, got "
-                             f"{time_budget}")
+        if time_budget is not None and not 0 < time_budget < math.inf:
+            raise ValueError(f"time_budget must be a positive number of seconds, got {time_budget}")
         self.plugins, self.step_budget, self.time_budget = dict(plugins), step_budget, time_budget
         self.telemetry = telemetry
         self.registry = registry or PluginRegistry(load_entry_points=False, builtins=())
@@ -74,8 +63,7 @@ class Orchestrator:
                       telemetry: IO[str] | None = None, registry: PluginRegistry | None = None,
                       time_budget: float | None = None) -> Orchestrator:
         """Each named plugin created from its config by ``registry`` (default
-        :func:`get_registry`); one that cannot be created is reported and left out; with none
-        created, the first failure is raised."""
+        :func:`get_registry`); failures are reported and left out, or raised if all failed."""
         registry = registry or get_registry()
         registry.list_plugins()  # runs every module's hook, so failures there are known too
         for error in list(registry.errors):
@@ -95,8 +83,8 @@ class Orchestrator:
             error, first = failures[0]
             if isinstance(first, Exception):
                 raise first
-            raise PluginRunError(f"plugin {error.name!r} could not be created: "
-                                 f"{error.message}") from first
+            raise ValueError(f"plugin {error.name!r} could not be created: {error.message}") \
+                from first
         orchestrator = cls(plugins, step_budget, telemetry, registry, time_budget)
         orchestrator.errors += [error for error, _ in failures]
         orchestrator.exceptions += [exc for _, exc in failures]
@@ -122,7 +110,10 @@ class Orchestrator:
                     if self.time_budget is not None and seconds > self.time_budget:
                         raise TimeBudgetError(f"took {seconds:.3g} s, over the time budget of "
                                               f"{self.time_budget:g} s")
-                    check_energies(result)
+                    for state in [*result.history, result.state]:
+                        if finite_or_none(state.energy_val) is None:
+                            raise NonFiniteEnergyError(f"state {state.step_idx} has energy "
+                                                       f"{state.energy_val} (not a finite number)")
                     line = to_jsonl(result.telemetry) if self.telemetry is not None else ""
                 except PLUGIN_FAILURES as exc:
                     error = self.registry.report(name, type(plugin).__module__, describe(exc),
@@ -138,28 +129,23 @@ class Orchestrator:
 
 
 def _write(stream: IO[str] | None, line: dict[str, Any] | str) -> None:
-    """Append a telemetry line (a record is validated first) to ``stream``, flushed."""
     if stream is not None:
         stream.write(line if isinstance(line, str) else to_jsonl(line))
         stream.flush()
 
 
-# ---------------------------------------------------------------------- the command
 def setup_args(prog: str = "hrm-vision irp") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("--list", action="store_true", help="list the plugins and those that failed")
     for flag, meta, text in (("--plugin", "NAME", "plugin to run (repeatable), by registry name"),
-                             ("--config", "NAME=JSON", "config of plugin NAME: a JSON object or "
-                                                       "a .json file")):
+                             ("--config", "NAME=JSON", "plugin NAME's config, or NAME=FILE.json")):
         p.add_argument(flag, action="append", default=[], metavar=meta, help=text)
-    p.add_argument("--images", nargs="*", default=[], metavar="PATH", help="image files, one "
-                   "input each (default: held-out photos crops)")
+    p.add_argument("--images", nargs="*", default=[], metavar="PATH", help="one input each")
     for flag, default, text in (("--num-crops", 8, "photos crops without --images"),
                                 ("--batch-size", 8, "photos crops per input"),
                                 ("--step-budget", 10, "states per input, split among plugins")):
         p.add_argument(flag, type=int, default=default, help=text)
-    p.add_argument("--time-budget", type=float, metavar="SECONDS", help="seconds a plugin may "
-                   "take on one input (measured when it returns)")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS", help="per plugin and input")
     p.add_argument("--telemetry", type=Path, help="JSON-lines file (default: standard output)")
     return p
 
@@ -167,9 +153,7 @@ def setup_args(prog: str = "hrm-vision irp") -> argparse.ArgumentParser:
 def _parse_configs(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     configs = {}
     for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise ValueError(f"--config expects NAME=JSON or NAME=FILE.json, got {item!r}")
+        name, _, value = item.partition("=")  # no "=": empty, not valid JSON
         text = Path(value).read_text() if value.endswith(".json") else value
         try:
             config = json.loads(text)
@@ -186,8 +170,8 @@ def _parse_configs(items: Sequence[str]) -> dict[str, dict[str, Any]]:
 
 def refuse_output_over_inputs(output: Path, args: argparse.Namespace,
                               configs: dict[str, dict[str, Any]]) -> None:
-    """Refuse (``ValueError``) an ``output`` that is, or links to, a file the run reads: an
-    ``--images`` or ``--config`` file, or one a plugin config names (a checkpoint)."""
+    """``ValueError`` if ``output`` is (or links to) an ``--images`` or ``--config`` file or a
+    file a plugin config names."""
     if not output.exists():
         return
 
@@ -211,18 +195,14 @@ def refuse_output_over_inputs(output: Path, args: argparse.Namespace,
 
 
 def _inputs(args: argparse.Namespace) -> list[Any]:
-    """Float RGB tensors in [0, 1]: one ``(3, H, W)`` per ``--images`` file, else batches of
-    held-out photos crops."""
+    """Float RGB in [0, 1]: ``(3, H, W)`` per ``--images`` file, else photos crop batches."""
+    from ..data import PhotoCrops, read_image
     from .tinyvae import ImageFormat, to_images
 
     fmt = ImageFormat(multiple_of=1)  # a plugin checks the sizes it needs
     if args.images:
-        from ..data import read_image
-
         return [to_images(read_image(p, purpose="reading --images files"), fmt)[0]
                 for p in args.images]
-    from ..data import PhotoCrops
-
     crops = to_images(PhotoCrops("val", num_crops=args.num_crops).images_uint8, fmt)
     return list(crops.split(args.batch_size))
 
@@ -269,7 +249,7 @@ def command(argv: Sequence[str] | None = None, prog: str = "hrm-vision irp") -> 
         label = (args.images[int(error.input_id)] if args.images and error.input_id is not None
                  else f"input {error.input_id}")
         more = f" (+{len(runs) - 1} more failed runs)" if len(runs) > 1 else ""
-        raise NothingRanError(f"{label}: plugin {error.name!r} refused it: {describe(exc)}{more}")
+        raise ValueError(f"{label}: plugin {error.name!r} refused it: {describe(exc)}{more}")
     for err in [e for e in registry.errors if e.stage in ("import", "register")] + orch.errors:
         where = f" on input {err.input_id}" if err.input_id is not None else ""
         print(f"{prog}: warning: plugin {err.name!r} failed ({err.stage}){where}: "

@@ -1,7 +1,4 @@
-"""The plugin registry: a pluggy manager that finds, lists and creates IRP plugins.
-
-Modules with a ``@hookimpl register_irp_plugins(register)`` come from the built-ins and the entry
-points of :data:`ENTRY_POINT_GROUP` (:data:`ALLOW_ENV`: an allow-list of their names). One that
+"""The plugin registry: a pluggy manager that finds, lists and creates IRP plugins; one that
 fails to import, register or declare itself (``SystemExit`` included) is reported and skipped.
 """
 
@@ -25,7 +22,6 @@ from .contract import IRPConfig, IRPPlugin, PluginError, validate_config
 ENTRY_POINT_GROUP = "hrm_vision.irp_plugins"
 ALLOW_ENV = "HRM_VISION_IRP_PLUGINS"
 BUILTIN_PLUGINS: tuple[str, ...] = ("hrm_vision.irp.tinyvae",)
-_IMPL = f"{contract.PROJECT_NAME}_impl"
 HOOK_NAMES: tuple[str, ...] = tuple(
     n for n in dir(contract) if hasattr(getattr(contract, n), f"{contract.PROJECT_NAME}_spec"))
 PLUGIN_FAILURES: tuple[type[BaseException], ...] = (Exception, SystemExit)  # not Ctrl-C
@@ -62,8 +58,7 @@ class PluginInfo:
 
 class PluginRegistry:
     """The ``builtins`` modules, then the entry points ``allow`` names (default
-    :data:`ALLOW_ENV`, unset: all); their plugins are collected on first use (again after a
-    module is registered or unregistered)."""
+    :data:`ALLOW_ENV`, unset: all); plugins are collected on first use."""
 
     def __init__(self, load_entry_points: bool = True, allow: Iterable[str] | None = None,
                  builtins: Iterable[str] = BUILTIN_PLUGINS) -> None:
@@ -100,26 +95,23 @@ class PluginRegistry:
         if self.pm.is_registered(plugin):
             return self.pm.get_name(plugin)
         try:
-            unknown = [a for a in dir(plugin) if hasattr(getattr(plugin, a, None), _IMPL)
-                       and a not in HOOK_NAMES]
-            if unknown:
-                raise ValueError(f"implements unknown hooks {unknown}; the hooks are {HOOK_NAMES}")
             registered = self.pm.register(plugin, name=name)
+            self.pm.check_pending()  # a hookimpl of no hook in HOOK_NAMES
         except PLUGIN_FAILURES as exc:
+            if self.pm.is_registered(plugin):
+                self.pm.unregister(plugin)
             self.report(name, "register", describe(exc), stage="register")
             return None
         self._plugins = None
         return registered
 
     def unregister(self, name: str) -> None:
-        """Remove the module registered under ``name`` (no error if absent)."""
         if (plugin := self.pm.get_plugin(name)) is not None:
             self.pm.unregister(plugin)
             self._plugins = None
 
     def load_entry_points(self, allow: Iterable[str] | None = None) -> None:
-        """Import and register the entry points ``allow`` names (default :data:`ALLOW_ENV` when
-        set, else all; a name no package provides is reported)."""
+        """Import and register the entry points ``allow`` names (default: as in ``__init__``)."""
         if allow is None and ALLOW_ENV in os.environ:
             allow = os.environ[ALLOW_ENV].split(",")
         wanted = None if allow is None else {n.strip() for n in allow if n.strip()}
@@ -148,12 +140,11 @@ class PluginRegistry:
         return error
 
     def list_plugins(self) -> dict[str, PluginInfo]:
-        """Every registered plugin by name; each module's hook runs on its own (one that raises
-        or registers something invalid is reported); a name registered twice keeps the first."""
+        """Every registered plugin by name; a name registered twice keeps the first."""
         if self._plugins is not None:
             return dict(self._plugins)
         found: dict[str, PluginInfo] = {}
-        # get_hookimpls() is in registration order (pluggy calls them last-registered first)
+        # each module's hook on its own (pluggy would stop at the first that raises), in order
         for impl in self.pm.hook.register_irp_plugins.get_hookimpls():
             source = self.pm.get_name(impl.plugin) or repr(impl.plugin)
 
@@ -190,8 +181,7 @@ class PluginRegistry:
         return plugins[name]
 
     def create(self, name: str, config: dict[str, Any] | BaseModel | None = None) -> IRPPlugin:
-        """Plugin ``name`` built from ``config``, validated first (a
-        :class:`PluginConfigError`: ``tinyvae config: step_size: ...``)."""
+        """Plugin ``name`` built from ``config``, else a :class:`PluginConfigError`."""
         info = self.get(name)
         return info.factory(validate_config(info.config_model, config, f"{name} config"))
 

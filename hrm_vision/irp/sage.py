@@ -1,11 +1,9 @@
-"""A thin SAGE facade over the ``tinyvae`` plugin: the drop-in for SAGE's TinyVAE IRP plugin.
+"""The drop-in for SAGE's TinyVAE IRP plugin over the ``tinyvae`` plugin (docs/irp.md, "Inside
+SAGE"); :class:`SageVAE` is SAGE's model-level ``TinyVAE``.
 
     from hrm_vision.irp.sage import create_tinyvae_irp   # was sage.irp.plugins.tinyvae_irp_plugin
     tinyvae = create_tinyvae_irp(latent_dim=64, input_channels=3, use_fp16=True, beta_kl=0.1)
     latent, telemetry = tinyvae.refine(crop)          # crop (1, 3, 64, 64) float in [0, 1]
-
-:class:`TinyVAEIRP` answers each SAGE caller (dp-web4/HRM ``sage/``) in its convention, as
-docs/irp.md ("Inside SAGE") lists; :class:`SageVAE` is SAGE's model-level ``TinyVAE``.
 """
 
 from __future__ import annotations
@@ -39,46 +37,39 @@ class Sizes(NamedTuple):
     img_size: int
 
 
-SAGE_SIZES = Sizes(64, 3, 64)
-
-
 class Halting(BaseModel):
     """The halting keys, read from ``plugin.config`` (SAGE writes into it) at every check."""
 
-    max_iterations: Annotated[int, AfterValidator(lambda n: max(1, n))] = Field(
-        20, description="states per run, the encoder's included (SAGE writes int(budget * 10); "
-        "below 1 counts as 1)")
-    halt_eps: float = Field(1e-4, ge=0, description="relative to the first energy")
-    halt_K: int = Field(3, ge=1, description="steps the halting slope is taken over")
+    max_iterations: Annotated[int, AfterValidator(lambda n: max(1, n))] = 20  # below 1: 1
+    halt_eps: float = Field(1e-4, ge=0)  # relative to the first energy
+    halt_K: int = Field(3, ge=1)
 
 
 class SageConfig(TinyVAESettings, Halting):
-    """SAGE's keys and the plugin's (with SAGE's defaults); unknown keys are errors."""
+    """SAGE's keys and the plugin's, with SAGE's defaults (docs/irp.md, "Inside SAGE")."""
 
-    entity_id: str = Field("tinyvae_irp", description="name in SAGE's telemetry")
-    trust_weight: float = Field(1.0, description="SAGE's initial trust weight (kept as given)")
-    ATP_per_step: float = Field(0.1, ge=0, description="ATP per state in emit_telemetry")
-    max_ATP: float | None = Field(None, description="SAGE's budget (SAGE writes and reads it)")
-    LRC_context: Any = Field(None, description="passed through to emit_telemetry")
-    latent_dim: int | None = Field(None, ge=1, description="default: the checkpoint's, else 64")
-    beta_kl: float = Field(0.1, ge=0, description="SAGE's training KL weight, reported only")
-    normalize: bool = Field(False, description="SAGE's model normalised its input; not used")
-    mean: list[float] | None = Field(None, description="with normalize; not used")
-    std: list[float] | None = Field(None, description="with normalize; not used")
-    device: str | None = Field(None, validate_default=True, description="default: CUDA if any")
-    channel_order: Literal["rgb", "bgr"] | None = Field(None, description="None: tensors RGB, "
-                                                                          "numpy refused")
-    input_channels: Literal[1, 3] | None = Field(None, description="default: the checkpoint's")
-    resize: bool = Field(True, description="resize crops of another size to img_size")
+    entity_id: str = "tinyvae_irp"
+    trust_weight: float = 1.0
+    ATP_per_step: float = Field(0.1, ge=0)
+    max_ATP: float | None = None
+    LRC_context: Any = None
+    latent_dim: int | None = Field(None, ge=1)  # None: the checkpoint's, else 64
+    beta_kl: float = Field(0.1, ge=0)
+    normalize: bool = False  # with mean and std: SAGE's own normalisation, not used here
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    device: str | None = Field(None, validate_default=True)  # None: CUDA if available
+    channel_order: Literal["rgb", "bgr"] | None = None  # None: tensors RGB, numpy refused
+    input_channels: Literal[1, 3] | None = None  # None: the checkpoint's
+    resize: bool = True
 
 
 def sage_model(checkpoint: Any, latent_dim: int | None = None, input_channels: int | None = None,
                img_size: int | None = None) -> tuple[nn.Module, Sizes]:
-    """The checkpoint's student and SAGE's size kwargs checked against it (the ``ValueError``
-    names the kwarg that disagrees); ``checkpoint=None``: :func:`untrained_model`."""
+    """The checkpoint's student (else :func:`untrained_model`) and sizes; a ``ValueError`` names a
+    size kwarg that disagrees with it."""
     if checkpoint is None:
-        sizes = Sizes(latent_dim or SAGE_SIZES.latent_dim,
-                      input_channels or SAGE_SIZES.input_channels, img_size or SAGE_SIZES.img_size)
+        sizes = Sizes(latent_dim or 64, input_channels or 3, img_size or 64)  # SAGE's
         return untrained_model(sizes.latent_dim, sizes.img_size), sizes
     model = load_student(checkpoint)
     where, dim = f"the checkpoint {checkpoint}", int(model.latent_dim)
@@ -93,27 +84,23 @@ def sage_model(checkpoint: Any, latent_dim: int | None = None, input_channels: i
     if img_size is not None and fixed is not None and img_size != fixed:
         raise ValueError(f"img_size={img_size} disagrees with {where}, whose model takes "
                          f"{fixed}x{fixed} crops; drop img_size or pass {fixed}")
-    return model, Sizes(dim, input_channels or channels, img_size or fixed or SAGE_SIZES.img_size)
+    return model, Sizes(dim, input_channels or channels, img_size or fixed or 64)
 
 
 def untrained_model(latent_dim: int, img_size: int) -> nn.Module:
-    """The model without a checkpoint: the compact student, ``latent_dim`` numbers per
-    ``img_size`` crop, its linear path a whole-crop DCT until trained."""
+    """The compact student, untrained: its linear path is a whole-crop DCT."""
     return CompactStudentVAE(latent_dim=latent_dim, image_size=img_size)
 
 
 class SageVAE(nn.Module):
-    """SAGE's model-level ``TinyVAE(input_channels, latent_dim, img_size)`` over a student:
-    ``mu, logvar = vae.encode(x)``, ``recon, mu, logvar = vae(x)`` (a sample decoded only in
-    training mode); images ``(B, input_channels, img_size, img_size)`` in [0, 1]."""
+    """SAGE's ``TinyVAE(input_channels, latent_dim, img_size)``: ``mu, logvar = vae.encode(x)``,
+    ``recon, mu, logvar = vae(x)``; images ``(B, input_channels, img_size, img_size)`` in [0, 1]."""
 
     reparameterize = staticmethod(CompactStudentVAE.reparameterize)
 
     def __init__(self, input_channels: int = 3, latent_dim: int = 64, img_size: int = 64,
                  checkpoint: str | os.PathLike[str] | None = None) -> None:
         super().__init__()
-        if input_channels not in (1, 3):
-            raise ValueError(f"input_channels must be 1 or 3, got {input_channels}")
         self.model = sage_model(checkpoint, latent_dim, input_channels, img_size)[0]
         self.input_channels, self.latent_dim, self.img_size = input_channels, latent_dim, img_size
 
@@ -168,8 +155,7 @@ class TinyVAEIRP:
         self.latent_shape: tuple[int, ...] = tuple(self.encode_batch(probe).shape[1:])
 
     def encode_batch(self, batch: Any, flat: bool = False) -> Tensor:
-        """The encoder's mean for crops ``batch``, ``(B, *latent_shape)``, or ``(B, N)`` with
-        ``flat=True``."""
+        """The encoder's mean, ``(B, *latent_shape)``, or ``(B, N)`` with ``flat=True``."""
         mu = self.plugin.encode(batch)
         return mu.flatten(1) if flat else mu
 
@@ -182,7 +168,6 @@ class TinyVAEIRP:
         return from_images(self.plugin.decode(z.reshape(-1, *self.latent_shape)),
                            self.plugin.format)
 
-    # ------------------------------------------------------------------ IRP primitives
     def init_state(self, x0: Any, task_ctx: dict[str, Any] | None = None) -> IRPState:
         """The encoder's mean for crops ``x0``; a refusal is remembered (SAGE's router swallows
         it and goes on with a fallback state, which :meth:`halt` then refuses)."""
@@ -198,8 +183,7 @@ class TinyVAEIRP:
         return self.plugin.energy(self._checked(state))
 
     def step(self, state: IRPState, noise_schedule: Any = None) -> IRPState:
-        if noise_schedule is not None:
-            raise ValueError("this plugin refines deterministically; noise_schedule must be None")
+        """One deterministic step (``noise_schedule`` is not used)."""
         return self.plugin.step(self._checked(state))
 
     def project(self, state: IRPState) -> IRPState:
@@ -214,9 +198,8 @@ class TinyVAEIRP:
 
     def halt_reason(self, history: Sequence[IRPState], early_stop: bool = True,
                     max_steps: int | None = None) -> str | None:
-        """``"max_steps"`` once ``max_iterations`` (or ``max_steps``) states exist;
-        ``"slope<eps"`` when the energy fell by at most ``halt_eps * |E0|`` per step, on average,
-        over the last ``halt_K`` steps; ``None`` to go on."""
+        """``"max_steps"`` at ``max_iterations`` (or ``max_steps``) states, ``"slope<eps"`` at a
+        mean fall of at most ``halt_eps * |E0|`` per step over ``halt_K`` steps, else ``None``."""
         halting = self._halting()
         if len(history) >= (max_steps or halting.max_iterations):
             return "max_steps"
@@ -237,17 +220,12 @@ class TinyVAEIRP:
     def _energy_of(self, state: IRPState) -> float:
         return float(state.energy_val if state.energy_val is not None else self.energy(state))
 
-    # ------------------------------------------------------------------ runs
     def refine(self, x: Any, task_ctx: Any = _MISSING, max_steps: int | None = None,
                *, early_stop: Any = _MISSING) -> tuple[Any, Any]:
-        """A dict or ``None`` second argument (or ``task_ctx=``): :meth:`refine_states`; none,
-        or a bool (or ``early_stop=``): :meth:`refine_latent`."""
+        """:meth:`refine_states` for a dict or ``None`` ``task_ctx``, else :meth:`refine_latent`."""
         if early_stop is not _MISSING or task_ctx is _MISSING or isinstance(task_ctx, bool):
             stop = early_stop if early_stop is not _MISSING else task_ctx
             return self.refine_latent(x, True if stop is _MISSING else bool(stop), max_steps)
-        if task_ctx is not None and not isinstance(task_ctx, dict):
-            raise ValueError(f"refine's second argument is task_ctx (a dict) or early_stop (a "
-                             f"bool), got {type(task_ctx).__name__}")
         return self.refine_states(x, task_ctx, max_steps)
 
     def refine_states(self, x: Any, task_ctx: dict[str, Any] | None = None,
@@ -255,8 +233,6 @@ class TinyVAEIRP:
                       ) -> tuple[IRPState, list[IRPState]]:
         """``(final_state, history)``; ``max_steps`` (default ``config['max_iterations']``)
         counts states, the encoder's guess included."""
-        if max_steps is not None and max_steps < 1:
-            raise ValueError(f"max_steps must be at least 1 (the encoder's guess), got {max_steps}")
         history = [self.init_state(x, task_ctx)]
         while self.halt_reason(history, early_stop, max_steps) is None:
             history.append(self.step(history[-1]))
@@ -288,12 +264,10 @@ class TinyVAEIRP:
             "trust": min(1.0, max(0.0, 1 - sq_err / spread)) if spread > 0 else float(sq_err == 0),
             "reconstruction_error": finite_or_none(mse),
             "psnr_db": finite_or_none(10 * np.log10(1.0 / mse)) if mse > 0 else None,
-            "kl_divergence": finite_or_none(
-                (0.5 * (z.pow(2) + logvar.exp() - logvar - 1)).mean()),
+            "kl_divergence": finite_or_none((0.5 * (z.pow(2) + logvar.exp() - logvar - 1)).mean()),
             "latent_dim": self.latent_dim, "latent_norm": finite_or_none(z.norm()),
             "time_ms": finite_or_none(time_ms), "beta_kl": self.beta_kl}
 
-    # ------------------------------------------------------------------ reporting
     def compute_trust_metrics(self, history: Sequence[IRPState]) -> dict[str, float]:
         """SAGE's keys: ``monotonicity_ratio``, ``dE_variance``, ``convergence_rate``."""
         trust = trust_metrics([self._energy_of(s) for s in history])
@@ -316,8 +290,7 @@ class TinyVAEIRP:
             "LRC_context": self.config.get("LRC_context"), "energy_trajectory": energies}
 
     def get_semantic_representation(self, state: IRPState) -> dict[str, Any]:
-        """For SAGE's vision slot: ``latent``, ``latent_flat``, ``reconstruction`` (numpy, the
-        caller's convention), ``energy``, ``refinement_steps``."""
+        """SAGE's vision slot: numpy ``latent``, ``latent_flat``, ``reconstruction``, and more."""
         z = state.x.detach().float()
         return {"latent": z.cpu().numpy(), "latent_flat": z.flatten(1).cpu().numpy(),
                 "reconstruction": self.decode_batch(z).cpu().numpy(),
@@ -327,13 +300,11 @@ class TinyVAEIRP:
 
 @cache
 def _plugin_class() -> type[TinyVAEIRP]:
-    """:class:`TinyVAEIRP`, also a ``sage.irp.base.IRPPlugin`` when SAGE (not a dependency)
-    imports."""
+    """:class:`TinyVAEIRP`, also a ``sage.irp.base.IRPPlugin`` when ``sage`` imports."""
     try:
         base = importlib.import_module("sage.irp.base").IRPPlugin
     except ImportError as exc:
-        name = getattr(exc, "name", None) or ""
-        if not isinstance(exc, ModuleNotFoundError) or name.split(".")[0] != "sage":
+        if not isinstance(exc, ModuleNotFoundError) or (exc.name or "").split(".")[0] != "sage":
             warnings.warn(f"sage is on the path but does not import ({exc}); the plugin is not "
                           "a sage.irp.base.IRPPlugin", UserWarning, stacklevel=3)
         return TinyVAEIRP
@@ -341,6 +312,5 @@ def _plugin_class() -> type[TinyVAEIRP]:
 
 
 def create_tinyvae_irp(device: str | torch.device | None = None, **kwargs: Any) -> TinyVAEIRP:
-    """SAGE's factory: a :class:`TinyVAEIRP` from keyword arguments (:class:`SageConfig`);
-    ``device`` defaults to CUDA when available (``"jetson"`` means CUDA)."""
+    """SAGE's factory: a :class:`TinyVAEIRP` from keyword arguments (:class:`SageConfig`)."""
     return _plugin_class()(dict(kwargs) if device is None else {"device": device, **kwargs})

@@ -1,9 +1,5 @@
-"""The ``tinyvae`` perception plugin, which refines the TinyVAE student's latent (docs/irp.md),
-and the package's one image converter, :func:`to_images`.
-
-``init_state`` is exactly ``model.encode(images)``; ``energy`` per image is the MSE of
-``decode(z)`` against the image plus ``prior_weight * 0.5 * mean(z**2)``; ``step`` is a
-backtracking gradient step per image, so no image's energy ever rises.
+"""The ``tinyvae`` perception plugin, which refines the TinyVAE student's latent (docs/irp.md,
+its energy and step), and the package's one image converter, :func:`to_images`.
 """
 
 from __future__ import annotations
@@ -29,13 +25,11 @@ STEP_GROWTH = 1.5  # of an accepted step size, for the next update
 RANGE_TOLERANCE = 1e-3  # float pixels may exceed value_range by this share of its width
 
 
-# ---------------------------------------------------------------------- the image converter
 @dataclass(frozen=True)
 class ImageFormat:
-    """How a caller's images are laid out: float pixels in ``value_range`` (uint8: 0-255);
-    ``channel_order`` ``None``: tensors RGB, 3-channel numpy arrays refused; ``channels`` 1: grey,
-    repeated for an RGB model; ``size``: the square side the model sees (``None``: the image's
-    own, sides a multiple of ``multiple_of``); ``resize`` other sizes or refuse them."""
+    """A caller's images: float pixels in ``value_range`` (uint8: 0-255); ``channel_order``
+    ``None``: tensors RGB, 3-channel numpy refused; ``channels`` 1: grey; ``size``: the model's
+    square side (``None``: the image's own, a multiple of ``multiple_of``); ``resize`` or refuse."""
 
     value_range: tuple[float, float] = (0.0, 1.0)
     channel_order: ChannelOrder | None = "rgb"
@@ -132,15 +126,13 @@ def _scaled(x: Tensor, value_range: tuple[float, float]) -> Tensor:
     return ((x - low) / (high - low)).clamp_(0, 1)
 
 
-# ---------------------------------------------------------------------- config
 class TinyVAESettings(BaseModel):
     """The plugin's settings that the SAGE facade shares."""
 
     model_config = ConfigDict(extra="forbid")
 
     checkpoint: Path | None = Field(None, description="tinyvae_best.pth or .safetensors")
-    device: str = Field("cpu", description="'cpu', 'cuda[:N]', 'jetson' (CUDA); None: CUDA "
-                                           "when available")
+    device: str = Field("cpu", description="'cpu', 'cuda[:N]', 'jetson' (CUDA); None: CUDA if any")
     use_fp16: bool = Field(False, description="float16 autocast on CUDA (no-op on the CPU)")
     step_size: float = Field(0.1, gt=0, description="initial latent step (RMS per element)")
     max_backtracks: int = Field(4, ge=0, description="halvings of a step that raised the energy")
@@ -190,8 +182,7 @@ class TinyVAEConfig(TinyVAESettings, IRPConfig):
 
 
 def load_student(path: str | Path) -> torch.nn.Module:
-    """The TinyVAE student of a ``.pth`` or ``.safetensors`` file, on the CPU, else a
-    ``CheckpointError`` (never random weights)."""
+    """The student of a ``.pth`` or ``.safetensors`` file, on the CPU; else ``CheckpointError``."""
     model = load(path, role="student")
     if not isinstance(model, (MinimalVAE, CompactStudentVAE)):
         raise CheckpointError(f"{path}: the student is a {type(model).__name__}; the tinyvae "
@@ -199,10 +190,8 @@ def load_student(path: str | Path) -> torch.nn.Module:
     return model
 
 
-# ---------------------------------------------------------------------- the plugin
 class Perception(NamedTuple):
-    """:meth:`TinyVAEPlugin.perceive`: ``latent`` ``(B, *latent_shape)``, ``reconstruction``
-    ``(B, C, H, W)`` in [0, 1] RGB, and the run's ``telemetry``."""
+    """``latent`` ``(B, *latent_shape)``, ``reconstruction`` ``(B, C, H, W)`` in [0, 1] RGB."""
 
     latent: Tensor
     reconstruction: Tensor
@@ -210,8 +199,7 @@ class Perception(NamedTuple):
 
 
 class TinyVAEPlugin(IRPPlugin):
-    """IRP perception plugin around a TinyVAE student: ``model``, or ``None`` to load
-    ``config.checkpoint``."""
+    """The plugin around a TinyVAE student: ``model``, or ``None`` to load ``config.checkpoint``."""
 
     name = "tinyvae"
     kind = "perception"
@@ -237,8 +225,7 @@ class TinyVAEPlugin(IRPPlugin):
         return torch.autocast("cuda", dtype=torch.float16, enabled=self.use_fp16)
 
     def images(self, x0: Any, task_ctx: dict[str, Any] | None = None) -> Tensor:
-        """``x0`` as the model's images on the device; ``task_ctx["channel_order"]`` overrides
-        the config's for this call."""
+        """``x0`` as the model's images; ``task_ctx["channel_order"]`` overrides the config's."""
         order = (task_ctx or {}).get("channel_order", self.config.channel_order)
         if order not in ("rgb", "bgr", None):
             raise ValueError(f"channel_order must be 'rgb' or 'bgr', got {order!r}")
@@ -264,7 +251,7 @@ class TinyVAEPlugin(IRPPlugin):
 
     @torch.no_grad()
     def init_state(self, x0: Any, task_ctx: dict[str, Any]) -> IRPState:
-        """The encoder's mean for ``x0``; ``meta`` holds ``target`` (the images), per-image
+        """The encoder's mean for ``x0``; ``meta``: ``target`` (the images), per-image
         ``energies`` and ``step_size``, the latent range ``lower``/``upper``, ``logvar``."""
         target = self.images(x0, task_ctx)
         with self._autocast():
@@ -287,7 +274,6 @@ class TinyVAEPlugin(IRPPlugin):
         return state if torch.equal(z, state.x) else IRPState(z, state.step_idx, None, state.meta)
 
     def step(self, state: IRPState) -> IRPState:
-        """One backtracking gradient step per image; no image's energy rises."""
         z, meta = state.x, state.meta
         target, old = meta["target"], meta["energies"]
         with torch.enable_grad():
