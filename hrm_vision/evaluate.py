@@ -253,8 +253,7 @@ def measure_rate(model: VAEBase, name: str, images: Tensor | Sequence[Tensor], l
         se_z += F.mse_loss(model.decode(z).double(), x.double(), reduction="sum").item()
         kl += float(gaussian_kl(mu, logvar).double().sum())
         pixels, elements = pixels + x.numel(), elements + mu.numel()
-    # latent elements per 8x8 patch: a spatial latent's channels; for a vector latent, its
-    # numbers spread over the image's 8x8 cells
+    # latent elements per 8x8 patch (a vector latent's numbers spread over the image's cells)
     nats, c = kl / elements, elements / (pixels / (3 * rate.PIXELS_PER_CELL))
     return RateQuality(
         model=name, images=label, latent_channels=round(c), kl_nats_per_element=nats,
@@ -503,6 +502,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     crops = [{"name": name, "numbers": math.prod(m.latent_shape(size, size)),
               "psnr_db": quality[f"{name}_psnr_db"]} for name, m in models.items()]
     latent = math.prod(student.latent_shape(size, size))  # (C, h, w), or (C,) for a vector
+    float_db, uint8_db = quality["student_psnr_db"], quality["student_uint8_psnr_db"]
     report = {
         "command": args.command,
         "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -515,10 +515,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         **result,
         "ratios": ratios(result["teacher"], result["student"], metrics(args.throughput_batch)),
         "alignment": {k: quality[k] for k in ("cka_adapted", "cka_unadapted", "cross_psnr_db")},
-        "latent_uint8": {"scheme": UINT8_SCHEME, "psnr_float_db": quality["student_psnr_db"],
-                         "psnr_uint8_db": quality["student_uint8_psnr_db"],
-                         "psnr_cost_db": quality["student_psnr_db"]
-                         - quality["student_uint8_psnr_db"],
+        "latent_uint8": {"scheme": UINT8_SCHEME, "psnr_float_db": float_db,
+                         "psnr_uint8_db": uint8_db, "psnr_cost_db": float_db - uint8_db,
                          "ssim_uint8": quality["student_uint8_ssim"],
                          "bytes_float32": 4 * latent, "bytes_uint8": latent + 8},
         "reconstructions": crops + ([asdict(b) for b in compute_baselines(val, pca)]
@@ -569,22 +567,18 @@ INT_OPTIONS = (
     ("--image-size", 32, 8, "image side"),
     ("--num-images", 1024, 2, "validation images for quality and CKA"),
     ("--batch-size", 128, 1, "batch of the quality pass"),
-    ("--threads", 1, 1, "torch CPU threads (on a shared machine, more threads on small "
-                        "convolutions measure threads waiting for each other)"),
+    ("--threads", 1, 1, "torch CPU threads"),
     ("--latency-repeats", 50, 1, "timed rounds at batch 1"),
     ("--warmup", 2, 0, "untimed rounds first"),
     ("--throughput-repeats", 10, 1, "timed rounds at the throughput batch"),
     ("--throughput-batch", 64, 1, "batch of the throughput measurement"),
-    ("--baseline-train-images", 4096, 0, "training images the patch-PCA baseline is fitted "
-                                         "on; 0 leaves the baselines out"),
-    ("--camera-repeats", 3, 0, "rounds of the student's single-frame timing at 64x64 and "
-                               "480x640 against this machine's 3x3 convolution; 0 skips it"),
+    ("--baseline-train-images", 4096, 0, "training images of the patch-PCA baseline; 0: none"),
+    ("--camera-repeats", 3, 0, "rounds of the student's 64x64 and 480x640 timing; 0 skips it"),
 )
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog,
-                                description="Teacher vs student: size, speed, quality, CKA.")
+    p = argparse.ArgumentParser(prog=prog, description="Teacher vs student: size, speed, quality.")
     add = p.add_argument
     add("--checkpoint-dir", default="checkpoints",
         help="folder with teacher.pth and tinyvae_best.pth (default %(default)s)")
@@ -595,8 +589,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     add("--data-dir", default="./data", help="dataset root, if it needs one")
     for flag, default, _, text in INT_OPTIONS:
         add(flag, type=int, default=default, help=f"{text} (default {default})")
-    add("--no-frames", action="store_true",
-        help="leave out the held-out photographs at full resolution (photos dataset only)")
+    add("--no-frames", action="store_true", help="leave out the full-resolution photographs")
     add("--seed", type=int, default=0, help="seed of the posterior samples decode(z) decodes")
     return p
 

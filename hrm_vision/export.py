@@ -64,10 +64,6 @@ CALIBRATION_PERCENTILE = 99.99
 PARITY_SIZES: tuple[tuple[int, int], ...] = ((32, 32), (64, 64), (224, 224), (480, 640))
 #: Names an export writes; anything else found in the target is carried over unchanged.
 EXPORT_NAME = re.compile(r"^(tinyvae.*\.(onnx|torchscript\.pt|safetensors)|export\.json)$")
-#: Exit status of an export stopped by SIGTERM (128 + 15, as the trainer).
-SIGTERM_STATUS = 143
-#: TensorRT profiles (min, opt, max) as (batch, height, width): a 32x32 crop, a VGA frame, 1080p.
-TRT_PROFILE = ((1, 32, 32), (1, 480, 640), (4, 1080, 1920))
 
 Runner = Callable[[Tensor], Tensor]
 
@@ -249,8 +245,7 @@ def to_fp16(fp32_path: str | os.PathLike[str]) -> Path:
     model = onnx.load(str(fp32_path))
     half = convert_float_to_float16(model, keep_io_types=True,
                                     node_block_list=_linear_path_convs(model))
-    return _save_variant(half, model, "fp16: float16 weights and arithmetic (the linear patch "
-                         "path in float32), float32 input and output",
+    return _save_variant(half, model, "fp16: float16, the linear patch path in float32",
                          precision_path(fp32_path, "fp16"))
 
 
@@ -283,9 +278,8 @@ def to_int8(fp32_path: str | os.PathLike[str], calibration: Tensor, batch_size: 
                               extra_options={"ActivationSymmetric": False,
                                              "CalibPercentile": CALIBRATION_PERCENTILE})
         int8 = onnx.load(str(quantised))
-    return _save_variant(int8, model, "int8: static QDQ quantisation, int8 per-channel weights, "
-                         "uint8 activations calibrated on training images; float32 input and "
-                         "output", precision_path(fp32_path, "int8"))
+    return _save_variant(int8, model, "int8: static QDQ, per-channel int8 weights, calibrated "
+                         "uint8 activations", precision_path(fp32_path, "int8"))
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -390,10 +384,8 @@ def precision_costs(vae: VAEBase, graphs: Mapping[str, Mapping[str, str]],
         enc, dec = ort_session(files["encoder"]), ort_session(files["decoder"])
         out[precision] = {}
         for key, x in images_by_size.items():
-            z = vae.encode(x)
-            x_hat = vae.decode(z)
-            z_graph = run_onnx(enc, x)
-            roundtrip = run_onnx(dec, z_graph)
+            z, z_graph = vae.encode(x), run_onnx(enc, x)
+            x_hat, roundtrip = vae.decode(z), run_onnx(dec, z_graph)
             eager_db, graph_db = psnr(x_hat, x), psnr(roundtrip, x)
             out[precision][key] = {
                 "encoder_max_abs_err": float((z_graph - z).abs().max()),
@@ -437,17 +429,14 @@ def export_set(target: str | os.PathLike[str]) -> Iterator[Path]:
     _check_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_stages(target)
-    while True:  # not mkdtemp: that makes the folder 0o700 whatever the umask
-        folder = target.parent / f".{target.name}.{secrets.token_hex(4)}.export"
-        with contextlib.suppress(FileExistsError):
-            folder.mkdir()
-            break
+    folder = target.parent / f".{target.name}.{secrets.token_hex(4)}.export"
+    folder.mkdir()  # not mkdtemp: that makes the folder 0o700 whatever the umask
     lock = FolderLock(folder, purpose="exporting").acquire()
     previous = None
     if threading.current_thread() is threading.main_thread() \
             and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         def stop(signum: int, frame: FrameType | None) -> None:
-            raise SystemExit(SIGTERM_STATUS)
+            raise SystemExit(143)  # 128 + SIGTERM, as the trainer
 
         previous = signal.signal(signal.SIGTERM, stop)
     try:
@@ -617,7 +606,7 @@ def _tensorrt(vae: VAEBase, teacher_space: bool) -> str:
         head = ("dynamic batch, height and width, profile from a 32x32 crop (min) through a "
                 "480x640 frame (opt) to four 1080x1920 frames (max)")
         shapes = [{"image": f"{n}x3x{h}x{w}", "latent": f"{n}x{lat}x{h // 8}x{w // 8}"}
-                  for n, h, w in TRT_PROFILE]
+                  for n, h, w in ((1, 32, 32), (1, 480, 640), (4, 1080, 1920))]
 
     def trtexec(graph: str, engine: str, tensor: str, flags: str = "--fp16") -> str:
         profile = " ".join(f"--{k}Shapes={tensor}:{p[tensor]}"
@@ -677,8 +666,7 @@ def _run(args: argparse.Namespace) -> tuple[VAEBase, ExportResult]:
     compact = isinstance(vae, CompactVAE)
     size = args.image_size or (vae.image_size if compact else 32)
     graph_specs(vae, size)  # a compact model's crop side only, before loading any image
-    # the adapter reads the student's latent: the teacher-space encoder goes with the student
-    adapter = None
+    adapter = None  # it reads the student's latent: the teacher-space encoder goes with it
     if args.role == "student" and not args.no_teacher_space and ADAPTER_ROLE in roles_in(payload):
         adapter = model_from_payload(payload, ADAPTER_ROLE, source=args.checkpoint)
 
@@ -729,19 +717,16 @@ def _summary(vae: VAEBase, result: ExportResult, args: argparse.Namespace) -> st
 
 
 def command(argv: list[str] | None = None, prog: str = "hrm-vision export") -> int:
-    """Parse ``argv``, export and check; returns 0, or 1 when an export differs from eager
-    PyTorch (``prog: error: ...``). A bad option exits with 2; an unloadable checkpoint, a
-    dataset problem or a file that cannot be written raises (``ValueError``, ``OSError``)."""
+    """Export and check; returns 0, or 1 when an export differs from eager. A bad option exits
+    with 2; a bad checkpoint, dataset or unwritable file raises ``ValueError`` or ``OSError``."""
     parser = _parser(prog)
     args = parser.parse_args(argv)
-    if args.timing_repeats < 0 or args.threads < 1 or args.frame_repeats < 0 \
-            or args.calibration_images < 1:
-        parser.error("--timing-repeats and --frame-repeats must be >= 0, --threads and "
-                     "--calibration-images >= 1")
-    if (args.image_size is not None and (args.image_size < 8 or args.image_size % 8)) \
-            or args.num_images < 1:
-        parser.error(f"--image-size must be a positive multiple of 8 (got {args.image_size}) "
-                     f"and --num-images >= 1 (got {args.num_images})")
+    if args.timing_repeats < 0 or args.frame_repeats < 0 or args.num_images < 1 \
+            or args.threads < 1 or args.calibration_images < 1:
+        parser.error("--timing-repeats and --frame-repeats must be >= 0, --num-images, "
+                     "--threads and --calibration-images >= 1")
+    if args.image_size is not None and (args.image_size < 8 or args.image_size % 8):
+        parser.error(f"--image-size must be a positive multiple of 8, got {args.image_size}")
     try:
         args.precision = parse_precisions(args.precision)
         args.parity_sizes = tuple(parse_size(t) for t in args.parity_sizes.split(",")
