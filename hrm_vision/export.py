@@ -294,8 +294,8 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def photo_frames(height: int, width: int) -> Tensor:
-    """The ``photos`` validation photographs as ``(3, 3, height, width)`` frames in [0, 1],
-    RGB: each resized to cover the frame, then centre-cropped. Needs the ``photos`` extra."""
+    """The ``photos`` validation photographs as ``(N, 3, height, width)`` frames in [0, 1], RGB,
+    each resized to cover the frame, then centre-cropped. Needs the ``photos`` extra."""
     from .data import VAL_PHOTOS, load_photo
 
     frames = []
