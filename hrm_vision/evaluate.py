@@ -1,9 +1,6 @@
-"""The distilled student against its teacher, measured the same way; ``hrm-vision evaluate``:
-footprint, speed (both models interleaved; the student at camera resolution), quality, rate,
-baselines on the same images, the held-out photographs at full resolution, and the report
-(``evaluation.json``, ``.md``, ``.png``). Images are ``(N, 3, H, W)`` in [0, 1], RGB; ratios
-above 1 mean the student does better (teacher/student for costs, else student/teacher).
-"""
+"""``hrm-vision evaluate``: the student against its teacher (footprint, speed, quality, rate,
+baselines, full-resolution photographs) into ``evaluation.json``, ``.md`` and ``.png``. Images
+are ``(N, 3, H, W)`` in [0, 1], RGB; ratios above 1 mean the student does better."""
 
 from __future__ import annotations
 
@@ -48,21 +45,18 @@ CONV_CHANNELS = 64
 #: How the student latent is stored as uint8 (see :func:`quantize_uint8`).
 UINT8_SCHEME = ("per image, per tensor min/max affine: q = round((z - min) / s), "
                 "s = (max - min) / 255; min and s travel as two float32 per image")
-#: Thumbnail sides and patch-PCA coefficient counts of the baselines (for 32x32 crops: the 8x8
-#: and 16x16 thumbnails; PCA at 16 and 48 coefficients and at the two latent sizes).
+#: Thumbnail sides and patch-PCA coefficient counts of the baselines.
 THUMBNAIL_SIDES: tuple[int, ...] = (8, 16)
 PCA_COEFFICIENTS: tuple[int, ...] = (16, 48, 128, 192)
-#: Whole-crop baselines of the compact models (vector latents), and the training crops (at
-#: most) their PCA is fitted on.
+#: Whole-crop baselines of the compact models, and the training crops (at most) PCA is fitted on.
 CROP_PCA_COEFFICIENTS: tuple[int, ...] = (16, 64, 256)
 CROP_THUMBNAIL_SIDES: tuple[int, ...] = (5, 8)
 CROP_PCA_FIT = 4096
 
 
-# ----------------------------------------------------------------------------------- footprint
 def weight_file_bytes(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes of ``model.state_dict()`` saved alone with ``torch.save``, floating-point tensors
-    cast to ``dtype`` (integer buffers kept): the file a deployment ships."""
+    """Bytes of ``torch.save(model.state_dict())``, floating-point tensors cast to ``dtype``;
+    ``ValueError`` for a non-floating ``dtype``."""
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
     state = {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()
@@ -73,20 +67,18 @@ def weight_file_bytes(model: nn.Module, dtype: torch.dtype = torch.float32) -> i
 
 
 def footprint(model: VAEBase, image_size: int = 32) -> dict[str, int]:
-    """``parameters``, ``weights_fp32_bytes``, ``weights_fp16_bytes`` and ``macs_{op}`` per
-    ``image_size``² image for op in :data:`OPS`."""
+    """``parameters``, ``weights_fp{32,16}_bytes`` and ``macs_{op}`` per ``image_size``² image."""
     return {"parameters": model.num_parameters(),
             "weights_fp32_bytes": weight_file_bytes(model, torch.float32),
             "weights_fp16_bytes": weight_file_bytes(model, torch.float16),
             **{f"macs_{op}": count_macs(model, image_size, image_size, op) for op in OPS}}
 
 
-# --------------------------------------------------------------------------------------- speed
 @torch.inference_mode()
 def measure_speed(models: dict[str, VAEBase], images: Tensor, latency_repeats: int,
                   throughput_repeats: int, warmup: int) -> dict[str, dict[str, float]]:
-    """Per model: ``latency_{op}_median_ms``, ``latency_{op}_p90_ms`` (batch 1) and
-    ``throughput_{op}_ips`` (batch ``len(images)``), all models interleaved."""
+    """Per model: ``latency_{op}_{median,p90}_ms`` (batch 1) and ``throughput_{op}_ips`` (batch
+    ``len(images)``), all models interleaved."""
     out: dict[str, dict[str, float]] = {name: {} for name in models}
     for latency, batch, repeats in ((True, images[:1], latency_repeats),
                                     (False, images, throughput_repeats)):
@@ -106,7 +98,7 @@ def measure_speed(models: dict[str, VAEBase], images: Tensor, latency_repeats: i
 
 def conv_reference(height: int, width: int) -> tuple[Callable[[], Tensor], int]:
     """A 64-channel 3x3 convolution on ``(1, 64, height/4, width/4)`` (at least 8x8) and its
-    FLOPs (2 per multiply-accumulate): what this CPU does for a plain convolution."""
+    FLOPs (2 per multiply-accumulate)."""
     h, w = max(8, height // 4), max(8, width // 4)
     conv = nn.Conv2d(CONV_CHANNELS, CONV_CHANNELS, 3, padding=1).eval()
     return partial(conv, torch.rand(1, CONV_CHANNELS, h, w)), 2 * CONV_CHANNELS ** 2 * 9 * h * w
@@ -116,10 +108,9 @@ def conv_reference(height: int, width: int) -> tuple[Callable[[], Tensor], int]:
 def camera_speed(vae: VAEBase, runners: dict[str, Callable[[Tensor], Tensor]],
                  sizes: tuple[tuple[int, int], ...] = CAMERA_SIZES, repeats: int = 10,
                  warmup: int = 1) -> dict[str, dict[str, dict[str, float]]]:
-    """``{"HxW": {name: {"median_ms", "p90_ms", "fps", "gflops", "fraction_of_conv"}}}``: the
-    encode+decode latency of each runner (``fn(x)`` -> reconstruction of a ``(1, C, H, W)``
-    image with ``vae``'s weights) against :func:`conv_reference`, timed in the same rounds
-    (``"conv3x3_64"``: its ``median_ms`` and ``gflops``)."""
+    """``{"HxW": {name: {"median_ms", "p90_ms", "fps", "gflops", "fraction_of_conv"}}}`` of each
+    runner (``(1, C, H, W)`` -> reconstruction with ``vae``'s weights), timed in the same rounds
+    as :func:`conv_reference` (``"conv3x3_64"``: ``median_ms`` and ``gflops``)."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for height, width in sizes:
         x = torch.rand(1, vae.in_channels, height, width)
@@ -153,11 +144,9 @@ def camera_lines(section: dict[str, dict[str, dict[str, float]]], threads: int) 
     return lines
 
 
-# ------------------------------------------------------------------------------------- quality
 def quantize_uint8(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Latents ``(B, C, h, w)`` as uint8 with one min/max scale per image: ``(q, low, scale)``,
-    ``low`` and ``scale`` ``(B, 1, 1, 1)``; :func:`dequantize_uint8` inverts it up to
-    ``scale / 2`` per element."""
+    """Latents ``(B, C, h, w)`` as uint8 ``(q, low, scale)``, one min/max scale per image
+    (``(B, 1, 1, 1)``); :func:`dequantize_uint8` inverts it up to ``scale / 2``."""
     flat = z.flatten(1)
     low = flat.min(1).values.view(-1, 1, 1, 1)
     span = flat.max(1).values.view(-1, 1, 1, 1) - low
@@ -174,9 +163,8 @@ def dequantize_uint8(q: Tensor, low: Tensor, scale: Tensor) -> Tensor:
 def measure_quality(teacher: VAEBase, student: VAEBase, adapter: nn.Module | None,
                     dataset: Any, num_images: int | None = None, batch_size: int = 128,
                     num_samples: int = 8) -> dict[str, Any]:
-    """Both models (eval mode) on the first ``num_images`` (>= 2) items of ``dataset``:
-    ``{teacher,student,student_uint8}_{psnr_db,ssim}`` (pooled PSNR, mean SSIM; ``student_uint8``
-    decodes a uint8 round trip of the latent), ``cka_unadapted``, ``cka_adapted`` and
+    """Both models on the first ``num_images`` (>= 2, else ``ValueError``) items of ``dataset``:
+    ``{teacher,student,student_uint8}_{psnr_db,ssim}``, ``cka_unadapted``, ``cka_adapted`` and
     ``cross_psnr_db`` (``teacher.decode(adapter(student.encode(x)))``; None without an
     adapter), ``num_images`` and ``samples`` (the first images, for the figure)."""
     n = len(dataset) if num_images is None else min(num_images, len(dataset))
@@ -209,9 +197,8 @@ def measure_quality(teacher: VAEBase, student: VAEBase, adapter: nn.Module | Non
 
 
 def held_out_frames(photos: Sequence[str] | None = None) -> list[Tensor]:
-    """The held-out photographs of the ``photos`` dataset (default
-    :data:`~hrm_vision.data.VAL_PHOTOS`) at full resolution, centre-cropped to sides
-    divisible by 8: ``(1, 3, H, W)`` tensors in [0, 1] of different sizes."""
+    """The held-out ``photos`` (default :data:`~hrm_vision.data.VAL_PHOTOS`) at full resolution,
+    centre-cropped to sides divisible by 8: ``(1, 3, H, W)`` tensors in [0, 1]."""
     from .data import VAL_PHOTOS, load_photo
 
     frames = []
@@ -224,8 +211,7 @@ def held_out_frames(photos: Sequence[str] | None = None) -> list[Tensor]:
 
 
 def frames_psnr(reconstruct: Callable[[Tensor], Tensor], images: Sequence[Tensor]) -> float:
-    """PSNR of ``reconstruct(x)`` (clamped to [0, 1]) pooled over every pixel of ``images``
-    (tensors of any sizes)."""
+    """PSNR of ``reconstruct(x)`` (clamped to [0, 1]) pooled over every pixel of ``images``."""
     se, n = 0.0, 0
     with torch.inference_mode():
         for x in images:
@@ -237,9 +223,8 @@ def frames_psnr(reconstruct: Callable[[Tensor], Tensor], images: Sequence[Tensor
 
 @dataclass(frozen=True)
 class RateQuality:
-    """What a model's rate buys on one set of images: the mean KL of the posterior to N(0, I)
-    per latent element, in bits per pixel too, decode(mu) and decode(z) PSNR (z a seeded
-    posterior sample), and the Gaussian references at that rate from the set's patch spectrum."""
+    """A model's mean KL to N(0, I) per latent element (and in bits per pixel), decode(mu) and
+    decode(z) PSNR, and the Gaussian references at that rate from the images' patch spectrum."""
 
     model: str
     images: str
@@ -255,8 +240,8 @@ class RateQuality:
 @torch.inference_mode()
 def measure_rate(model: VAEBase, name: str, images: Tensor | Sequence[Tensor], label: str,
                  spectrum: Tensor, seed: int = 0, batch_size: int = 128) -> RateQuality:
-    """:class:`RateQuality` of ``model`` (eval mode) on ``images``, a tensor ``(N, 3, H, W)``
-    or a list of ``(1, 3, H, W)`` frames; ``spectrum``: :func:`patch_spectrum` of them."""
+    """:class:`RateQuality` of ``model`` on ``images``, ``(N, 3, H, W)`` or a list of
+    ``(1, 3, H, W)`` frames; ``spectrum``: :func:`patch_spectrum` of them."""
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     se_mu = se_z = kl = 0.0
@@ -268,8 +253,7 @@ def measure_rate(model: VAEBase, name: str, images: Tensor | Sequence[Tensor], l
         se_z += F.mse_loss(model.decode(z).double(), x.double(), reduction="sum").item()
         kl += float(gaussian_kl(mu, logvar).double().sum())
         pixels, elements = pixels + x.numel(), elements + mu.numel()
-    # latent elements per 8x8 patch: a spatial latent's channels; for a vector latent, its
-    # numbers spread over the image's 8x8 cells
+    # latent elements per 8x8 patch (a vector latent's numbers spread over the image's cells)
     nats, c = kl / elements, elements / (pixels / (3 * rate.PIXELS_PER_CELL))
     return RateQuality(
         model=name, images=label, latent_channels=round(c), kl_nats_per_element=nats,
@@ -281,11 +265,9 @@ def measure_rate(model: VAEBase, name: str, images: Tensor | Sequence[Tensor], l
                                                              min(round(c), spectrum.numel()))))
 
 
-# ----------------------------------------------------------------------------------- baselines
 @dataclass(frozen=True)
 class Baseline:
-    """A reconstruction a learned model must beat: name, numbers kept per image (per 8x8 patch
-    on full frames), PSNR pooled over the set."""
+    """A reference reconstruction: numbers kept per image (per 8x8 patch on frames), PSNR."""
 
     name: str
     numbers: int
@@ -301,7 +283,7 @@ def thumbnail(images: Tensor, side: int) -> Tensor:
 
 class PatchPCA:
     """Patch PCA fitted on training images: :meth:`reconstruct` keeps the first ``k``
-    coefficients of every non-overlapping 8x8x3 patch (``k`` numbers per latent-grid cell)."""
+    coefficients of every 8x8x3 patch (``ValueError`` beyond the component count)."""
 
     def __init__(self, train_images: Tensor, patch: int = PATCH) -> None:
         self.patch = patch
@@ -329,8 +311,8 @@ def compute_baselines(val_images: Tensor, pca: PatchPCA, sides: Sequence[int] = 
 
 
 def patch_spectrum(images: Tensor | Sequence[Tensor], patch: int = PATCH) -> Tensor:
-    """Decreasing variances of the principal components of the 8x8x3 patches of ``images``
-    (a tensor, or a list of frames of different sizes), ``(3 * patch**2,)``."""
+    """Decreasing variances ``(3 * patch**2,)`` of the patches' principal components; ``images``:
+    a tensor or a list of frames of different sizes."""
     if not isinstance(images, Tensor):
         images = torch.cat([patch_vectors(x, patch).reshape(-1, x.shape[1], patch, patch)
                             for x in images])
@@ -340,9 +322,8 @@ def patch_spectrum(images: Tensor | Sequence[Tensor], patch: int = PATCH) -> Ten
 def crop_baselines(val_images: Tensor, train_images: Tensor,
                    coefficients: Sequence[int] = CROP_PCA_COEFFICIENTS,
                    sides: Sequence[int] = CROP_THUMBNAIL_SIDES) -> list[Baseline]:
-    """Codes of a few numbers per whole crop, on ``val_images`` ``(N, C, S, S)``, by numbers:
-    PCA of flattened crops keeping ``k`` coefficients (fitted on the first
-    :data:`CROP_PCA_FIT` of ``train_images``, more than ``max(coefficients)``) and thumbnails."""
+    """Crop PCA (fitted on the first :data:`CROP_PCA_FIT` of ``train_images``) and thumbnails
+    on ``val_images`` ``(N, C, S, S)``, sorted by numbers kept."""
     from .compact import fit_crop_pca
 
     rows = []
@@ -357,7 +338,6 @@ def crop_baselines(val_images: Tensor, train_images: Tensor,
     return sorted(rows, key=lambda b: b.numbers)
 
 
-# -------------------------------------------------------------------------------------- report
 def metrics(throughput_batch: int) -> list[tuple[str, str, bool, str]]:
     """The table's rows, in order: (JSON key, label, higher is better, format)."""
     rows = [("parameters", "parameters", False, "{:,.0f}"),
@@ -445,9 +425,8 @@ def _rate_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def figure_rows(samples: dict[str, Tensor]) -> list[tuple[str, Tensor]]:
-    """``(label, images (K, 3, S, S) in [0, 1])`` rows of the figure: those of the inputs, the
-    teacher and the student present in ``samples``, and the student's error enlarged ten
-    times, so a person sees where it fails."""
+    """``(label, images (K, 3, S, S) in [0, 1])`` rows of the figure: the inputs, teacher and
+    student in ``samples``, and the student's error enlarged ten times."""
     rows = [(n, samples[n]) for n in ("inputs", "teacher", "student") if n in samples]
     if "inputs" in samples and "student" in samples:
         rows.append(("error x10", error_image(samples["student"], samples["inputs"])))
@@ -455,8 +434,7 @@ def figure_rows(samples: dict[str, Tensor]) -> list[tuple[str, Tensor]]:
 
 
 def figure(report: dict[str, Any], samples: dict[str, Tensor], path: Path) -> Path:
-    """:func:`figure_rows` (nearest-neighbour enlargement, labelled) above a bar chart of the
-    ratios, as a PNG at ``path``."""
+    """:func:`figure_rows` above a bar chart of the ratios, as a PNG at ``path``."""
     from matplotlib.figure import Figure
 
     rows = figure_rows(samples)
@@ -488,7 +466,6 @@ def figure(report: dict[str, Any], samples: dict[str, Tensor], path: Path) -> Pa
     return path
 
 
-# ------------------------------------------------------------------------------------ pipeline
 def rate_rows(args: argparse.Namespace, models: dict[str, VAEBase], images: Any, label: str
               ) -> list[dict[str, Any]]:
     """:func:`measure_rate` of every model on ``images``."""
@@ -498,8 +475,7 @@ def rate_rows(args: argparse.Namespace, models: dict[str, VAEBase], images: Any,
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    """Every measurement the command's options ``args`` ask for: the report dict (what
-    ``evaluation.json`` holds, plus ``samples``, the images of the figure)."""
+    """The report ``args`` ask for (``evaluation.json``'s dict, plus the figure's ``samples``)."""
     ckpt = Path(args.checkpoint_dir)
     teacher_path = Path(args.teacher) if args.teacher else ckpt / "teacher.pth"
     student_path = Path(args.student) if args.student else ckpt / "tinyvae_best.pth"
@@ -526,6 +502,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     crops = [{"name": name, "numbers": math.prod(m.latent_shape(size, size)),
               "psnr_db": quality[f"{name}_psnr_db"]} for name, m in models.items()]
     latent = math.prod(student.latent_shape(size, size))  # (C, h, w), or (C,) for a vector
+    float_db, uint8_db = quality["student_psnr_db"], quality["student_uint8_psnr_db"]
     report = {
         "command": args.command,
         "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -538,10 +515,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         **result,
         "ratios": ratios(result["teacher"], result["student"], metrics(args.throughput_batch)),
         "alignment": {k: quality[k] for k in ("cka_adapted", "cka_unadapted", "cross_psnr_db")},
-        "latent_uint8": {"scheme": UINT8_SCHEME, "psnr_float_db": quality["student_psnr_db"],
-                         "psnr_uint8_db": quality["student_uint8_psnr_db"],
-                         "psnr_cost_db": quality["student_psnr_db"]
-                         - quality["student_uint8_psnr_db"],
+        "latent_uint8": {"scheme": UINT8_SCHEME, "psnr_float_db": float_db,
+                         "psnr_uint8_db": uint8_db, "psnr_cost_db": float_db - uint8_db,
                          "ssim_uint8": quality["student_uint8_ssim"],
                          "bytes_float32": 4 * latent, "bytes_uint8": latent + 8},
         "reconstructions": crops + ([asdict(b) for b in compute_baselines(val, pca)]
@@ -574,8 +549,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
-    """Write ``evaluation.json`` (non-finite values as null, with a warning), ``evaluation.md``
-    and ``evaluation.png`` into ``out_dir``."""
+    """``evaluation.json`` (non-finite values as null), ``.md`` and ``.png`` in ``out_dir``."""
     report = dict(report)
     samples = report.pop("samples", {})
     if json_safe(report) != report:
@@ -588,28 +562,23 @@ def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-# ------------------------------------------------------------------------------------- command
 #: The command's integer options: flag, default, smallest value allowed, help.
 INT_OPTIONS = (
     ("--image-size", 32, 8, "image side"),
     ("--num-images", 1024, 2, "validation images for quality and CKA"),
     ("--batch-size", 128, 1, "batch of the quality pass"),
-    ("--threads", 1, 1, "torch CPU threads (on a shared machine, more threads on small "
-                        "convolutions measure threads waiting for each other)"),
+    ("--threads", 1, 1, "torch CPU threads"),
     ("--latency-repeats", 50, 1, "timed rounds at batch 1"),
     ("--warmup", 2, 0, "untimed rounds first"),
     ("--throughput-repeats", 10, 1, "timed rounds at the throughput batch"),
     ("--throughput-batch", 64, 1, "batch of the throughput measurement"),
-    ("--baseline-train-images", 4096, 0, "training images the patch-PCA baseline is fitted "
-                                         "on; 0 leaves the baselines out"),
-    ("--camera-repeats", 3, 0, "rounds of the student's single-frame timing at 64x64 and "
-                               "480x640 against this machine's 3x3 convolution; 0 skips it"),
+    ("--baseline-train-images", 4096, 0, "training images of the patch-PCA baseline; 0: none"),
+    ("--camera-repeats", 3, 0, "rounds of the student's 64x64 and 480x640 timing; 0 skips it"),
 )
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog,
-                                description="Teacher vs student: size, speed, quality, CKA.")
+    p = argparse.ArgumentParser(prog=prog, description="Teacher vs student: size, speed, quality.")
     add = p.add_argument
     add("--checkpoint-dir", default="checkpoints",
         help="folder with teacher.pth and tinyvae_best.pth (default %(default)s)")
@@ -620,16 +589,14 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     add("--data-dir", default="./data", help="dataset root, if it needs one")
     for flag, default, _, text in INT_OPTIONS:
         add(flag, type=int, default=default, help=f"{text} (default {default})")
-    add("--no-frames", action="store_true",
-        help="leave out the held-out photographs at full resolution (photos dataset only)")
+    add("--no-frames", action="store_true", help="leave out the full-resolution photographs")
     add("--seed", type=int, default=0, help="seed of the posterior samples decode(z) decodes")
     return p
 
 
 def command(argv: list[str] | None = None, prog: str = "hrm-vision evaluate") -> int:
-    """Parse ``argv``, evaluate, write and print the report; returns 0. A bad option exits
-    with 2; an unloadable checkpoint, a dataset problem or a file that cannot be written
-    raises (``ValueError``, ``OSError``)."""
+    """Evaluate, write and print the report; returns 0. A bad option exits with 2; a bad
+    checkpoint, dataset or unwritable file raises ``ValueError`` or ``OSError``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser(prog)
     args = parser.parse_args(argv)

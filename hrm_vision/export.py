@@ -1,8 +1,6 @@
-"""The TinyVAE for the edge, ``hrm-vision export``: ONNX and TorchScript graphs (images
-``(N, C, H, W)`` float32 in [0, 1], RGB, NCHW <-> the posterior mean ``(N, L, H/8, W/8)``, or a
-compact model's ``(N, L)`` of its fixed crop) checked against eager PyTorch on real images, fp16
-and int8 variants, the weights and ``export.json``, replacing the previous set whole.
-"""
+"""``hrm-vision export``: ONNX and TorchScript graphs (image ``(N, C, H, W)`` float32 in [0, 1],
+RGB, NCHW <-> posterior mean ``(N, L, H/8, W/8)``, or a compact model's ``(N, L)`` of its fixed
+crop) checked against eager PyTorch, fp16 and int8 variants, the weights and ``export.json``."""
 
 from __future__ import annotations
 
@@ -57,22 +55,15 @@ from .vae import LatentAdapter, VAEBase, model_name
 PARITY_TOLERANCE = 1e-4
 #: Default ONNX opset (ONNX Runtime >= 1.14, TensorRT >= 8.6).
 DEFAULT_OPSET = 18
-#: The precisions ``--precision`` knows, in the order they are written.
 PRECISIONS = ("fp32", "fp16", "int8")
-#: Weight names of the linear patch path, whose convolutions stay float32 in fp16 and int8
-#: graphs (fp16 rounds whitened coefficients coarsely; int8 costs it far more than elsewhere).
+#: Weight names of the linear patch path, whose convolutions stay float32 in fp16 and int8 graphs.
 FP32_WEIGHTS = (".patches.", ".linear.")
-#: int8 activation ranges: this percentile of each activation's calibration values (and 100
-#: minus it), a quarter of MinMax ranges' PSNR cost.
+#: int8 activation ranges: this percentile of each activation's calibration values (and 100 - it).
 CALIBRATION_PERCENTILE = 99.99
-#: Frame sizes ``HxW`` every export can be checked at (crops, a 224 crop, a VGA frame).
+#: Frame sizes (height, width) every export can be checked at: crops, a 224 crop, a VGA frame.
 PARITY_SIZES: tuple[tuple[int, int], ...] = ((32, 32), (64, 64), (224, 224), (480, 640))
 #: Names an export writes; anything else found in the target is carried over unchanged.
 EXPORT_NAME = re.compile(r"^(tinyvae.*\.(onnx|torchscript\.pt|safetensors)|export\.json)$")
-#: Exit status of an export stopped by SIGTERM (128 + 15, as the trainer).
-SIGTERM_STATUS = 143
-#: TensorRT profiles (min, opt, max) as (batch, height, width): a 32x32 crop, a VGA frame, 1080p.
-TRT_PROFILE = ((1, 32, 32), (1, 480, 640), (4, 1080, 1920))
 
 Runner = Callable[[Tensor], Tensor]
 
@@ -81,11 +72,10 @@ class ExportError(RuntimeError):
     """An export that could not be produced or does not match the eager model."""
 
 
-# ------------------------------------------------------------------------------------- graphs
 class VAEGraph(nn.Module):
-    """One exported graph: ``"encoder"`` (image -> latent), ``"decoder"`` (latent -> image) or
-    ``"encoder_teacher_space"`` (image -> ``adapter(encoder(image))``), on a copy of the VAE
-    whose unused half is an ``Identity`` (an encoder file holds no decoder weights)."""
+    """``"encoder"`` (image -> latent), ``"decoder"`` (latent -> image) or
+    ``"encoder_teacher_space"`` (image -> ``adapter(encoder(image))``) of a copy of ``vae``
+    without its unused half."""
 
     def __init__(self, vae: VAEBase, part: str, adapter: nn.Module | None = None) -> None:
         super().__init__()
@@ -163,18 +153,10 @@ def graph_specs(vae: VAEBase, image_size: int, teacher_dim: int | None = None
                               (teacher_dim, *latent[1:]), fixed))
 
 
-# ------------------------------------------------------------------------ ONNX and TorchScript
-def _write(data: bytes, path: str | os.PathLike[str]) -> Path:
-    """Write ``data`` atomically: a full disk is an ``OSError`` naming ``path``, never a
-    truncated file or a SIGABRT in a C++ writer."""
-    return atomic_write(path, lambda f: f.write(data))
-
-
 def export_onnx(graph: nn.Module, spec: GraphSpec, path: Path, metadata: dict[str, str],
                 opset: int = DEFAULT_OPSET) -> Path:
-    """``graph`` as ONNX at ``path`` (``torch.onnx.export(dynamo=True)``) with ``metadata``;
-    symbolic batch and (unless ``spec.fixed_size``) ``latent_height``/``latent_width`` on the
-    latent grid, ``8*latent_height``/``8*latent_width`` for images."""
+    """``graph`` as ONNX at ``path`` with ``metadata``: symbolic batch and (unless
+    ``spec.fixed_size``) ``latent_height``/``latent_width``, ``8*`` them for images."""
     example = torch.rand(2, *spec.input_shape)  # torch.export specialises sizes 0 and 1
     dims: dict[int, Any] = {0: torch.export.Dim("batch", min=1, max=65536)}
     if spec.fixed_size is None:  # the example's latent grid is at least 2x2, as the batch
@@ -190,7 +172,7 @@ def export_onnx(graph: nn.Module, spec: GraphSpec, path: Path, metadata: dict[st
     model = program.model_proto
     onnx.helper.set_model_props(model, metadata)
     onnx.checker.check_model(model)
-    return _write(model.SerializeToString(), path)
+    return atomic_write(path, lambda f: f.write(model.SerializeToString()))
 
 
 def ort_session(path: str | os.PathLike[str], threads: int | None = None
@@ -211,14 +193,13 @@ def run_onnx(session: ort.InferenceSession, x: Tensor) -> Tensor:
 
 def export_torchscript(graph: nn.Module, spec: GraphSpec, path: Path,
                        metadata: dict[str, str]) -> Path:
-    """``graph`` traced (``torch.jit.trace``, for C++ ``torch::jit::load``) at ``path``, with
-    ``metadata.json``; the input checks of ``VAEBase`` run at tracing: the graph takes any size."""
+    """``graph`` traced (``torch.jit.trace``) at ``path``, with ``metadata.json``; any size."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit.trace is deprecated
         traced = torch.jit.trace(graph.eval(), torch.rand(2, *spec.input_shape))
         buffer = io.BytesIO()
         torch.jit.save(traced, buffer, _extra_files={"metadata.json": json.dumps(metadata)})
-    return _write(buffer.getvalue(), path)
+    return atomic_write(path, lambda f: f.write(buffer.getvalue()))
 
 
 def load_torchscript(path: str | os.PathLike[str]) -> torch.jit.ScriptModule:
@@ -228,7 +209,6 @@ def load_torchscript(path: str | os.PathLike[str]) -> torch.jit.ScriptModule:
         return torch.jit.load(str(path), map_location="cpu").eval()
 
 
-# ----------------------------------------------------------------------------------- precisions
 def parse_precisions(text: str) -> tuple[str, ...]:
     """``"int8,fp16"`` -> ``("fp32", "fp16", "int8")`` (fp32 always, first); ``ValueError``
     naming an unknown one."""
@@ -253,30 +233,26 @@ def _linear_path_convs(model: onnx.ModelProto) -> list[str]:
 
 def _save_variant(model: onnx.ModelProto, fp32: onnx.ModelProto, precision: str,
                   path: Path) -> Path:
-    """Write ``model`` with the metadata of its ``fp32`` graph and a ``precision`` entry."""
     onnx.helper.set_model_props(model, {**{p.key: p.value for p in fp32.metadata_props},
                                         "precision": precision})
-    return _write(model.SerializeToString(), path)
+    return atomic_write(path, lambda f: f.write(model.SerializeToString()))
 
 
 def to_fp16(fp32_path: str | os.PathLike[str]) -> Path:
-    """The float16 variant of an fp32 graph (ONNX Runtime's converter; the linear patch path in
-    float32), float32 input and output."""
+    """The float16 variant of an fp32 graph (the linear patch path in float32)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = onnx.load(str(fp32_path))
     half = convert_float_to_float16(model, keep_io_types=True,
                                     node_block_list=_linear_path_convs(model))
-    return _save_variant(half, model, "fp16: float16 weights and arithmetic (the linear patch "
-                         "path in float32), float32 input and output",
+    return _save_variant(half, model, "fp16: float16, the linear patch path in float32",
                          precision_path(fp32_path, "fp16"))
 
 
 def to_int8(fp32_path: str | os.PathLike[str], calibration: Tensor, batch_size: int = 32) -> Path:
-    """The statically quantised variant of an fp32 graph: QDQ, int8 weights per output channel,
-    uint8 activations with :data:`CALIBRATION_PERCENTILE` ranges; only the nonlinear stages'
+    """The statically quantised (QDQ) variant of an fp32 graph; only the nonlinear stages'
     convolutions are quantised. ``calibration``: real inputs of the graph, ``(N, C, H, W)`` (or a
-    compact decoder's ``(N, L)``) float32, fed in batches of ``batch_size``."""
+    compact decoder's ``(N, L)``) float32."""
     from onnxruntime import quantization as q
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -302,12 +278,10 @@ def to_int8(fp32_path: str | os.PathLike[str], calibration: Tensor, batch_size: 
                               extra_options={"ActivationSymmetric": False,
                                              "CalibPercentile": CALIBRATION_PERCENTILE})
         int8 = onnx.load(str(quantised))
-    return _save_variant(int8, model, "int8: static QDQ quantisation, int8 per-channel weights, "
-                         "uint8 activations calibrated on training images; float32 input and "
-                         "output", precision_path(fp32_path, "int8"))
+    return _save_variant(int8, model, "int8: static QDQ, per-channel int8 weights, calibrated "
+                         "uint8 activations", precision_path(fp32_path, "int8"))
 
 
-# --------------------------------------------------------------------------------- real frames
 def parse_size(text: str) -> tuple[int, int]:
     """``"480x640"`` -> ``(480, 640)`` (height first); sides positive multiples of 8."""
     try:
@@ -320,9 +294,8 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def photo_frames(height: int, width: int) -> Tensor:
-    """The ``photos`` dataset's validation photographs (never trained on: N = 3) as
-    ``(N, 3, height, width)`` frames in [0, 1], RGB: each resized (bilinear, antialiased) to
-    cover the frame, then centre-cropped. Needs the ``photos`` extra."""
+    """The ``photos`` validation photographs as ``(N, 3, height, width)`` frames in [0, 1], RGB,
+    each resized to cover the frame, then centre-cropped. Needs the ``photos`` extra."""
     from .data import VAL_PHOTOS, load_photo
 
     frames = []
@@ -341,11 +314,9 @@ def size_key(images: Tensor) -> str:
     return f"{images.shape[-2]}x{images.shape[-1]}"
 
 
-# ------------------------------------------------------------------------------------- runners
 def eager_runner(vae: VAEBase, part: str = "encode") -> Runner:
-    """``vae.encode`` or ``vae.decode`` of an eval-mode copy under ``inference_mode``, weights
-    and inputs channels-last (the layout the CPU kernels, oneDNN, run without conversion).
-    Outputs (contiguous) equal the default path up to float rounding."""
+    """``vae.encode`` or ``vae.decode`` (``part``) of an eval-mode copy, weights and inputs
+    channels-last; contiguous outputs equal the default path up to float rounding."""
     if part not in ("encode", "decode"):
         raise ValueError(f"part must be one of ('encode', 'decode'), got {part!r}")
     fn = getattr(copy.deepcopy(vae).eval().to(memory_format=torch.channels_last), part)
@@ -369,13 +340,11 @@ def chain(first: Runner, second: Runner) -> Runner:
     return lambda x: second(first(x))
 
 
-# -------------------------------------------------------------------------------------- parity
 @torch.inference_mode()
 def check_parity(vae: VAEBase, files: Mapping[str, str], images: Tensor,
                  adapter: nn.Module | None = None) -> dict[str, float]:
     """Largest absolute difference of each of ``files`` (``{f"{part}_{onnx|torchscript}":
-    path}``) against the eager ``vae`` on ``images`` ``(N, C, H, W)`` in [0, 1] (decoders get the
-    eager latents, the teacher-space encoder is compared with ``adapter(vae.encode(images))``);
+    path}``) against eager ``vae`` (and ``adapter``) on ``images`` ``(N, C, H, W)`` in [0, 1];
     ``ExportError`` naming the files beyond :data:`PARITY_TOLERANCE`."""
     vae = vae.eval()
     latent = vae.encode(images)
@@ -405,10 +374,9 @@ def check_parity(vae: VAEBase, files: Mapping[str, str], images: Tensor,
 @torch.inference_mode()
 def precision_costs(vae: VAEBase, graphs: Mapping[str, Mapping[str, str]],
                     images_by_size: Mapping[str, Tensor]) -> dict[str, dict[str, dict[str, float]]]:
-    """``{precision: {"HxW": costs}}`` of each precision's ONNX graphs (``{precision:
-    {"encoder": path, "decoder": path}}``) against eager fp32: ``encoder_max_abs_err`` (latent),
-    ``decoder_max_abs_err`` (decoding the eager latent), ``roundtrip_max_abs_err`` (against
-    eager ``decode(encode(x))``), ``psnr_db`` (round trip against the input, pooled),
+    """``{precision: {"HxW": costs}}`` of ``graphs`` (``{precision: {"encoder": path,
+    "decoder": path}}``) against eager fp32: ``encoder_max_abs_err``, ``decoder_max_abs_err``
+    (on the eager latent), ``roundtrip_max_abs_err``, ``psnr_db`` (round trip vs input, pooled),
     ``eager_psnr_db`` and ``psnr_cost_db`` (eager minus graph; positive is a loss)."""
     vae = vae.eval()
     out: dict[str, dict[str, dict[str, float]]] = {}
@@ -416,10 +384,8 @@ def precision_costs(vae: VAEBase, graphs: Mapping[str, Mapping[str, str]],
         enc, dec = ort_session(files["encoder"]), ort_session(files["decoder"])
         out[precision] = {}
         for key, x in images_by_size.items():
-            z = vae.encode(x)
-            x_hat = vae.decode(z)
-            z_graph = run_onnx(enc, x)
-            roundtrip = run_onnx(dec, z_graph)
+            z, z_graph = vae.encode(x), run_onnx(enc, x)
+            x_hat, roundtrip = vae.decode(z), run_onnx(dec, z_graph)
             eager_db, graph_db = psnr(x_hat, x), psnr(roundtrip, x)
             out[precision][key] = {
                 "encoder_max_abs_err": float((z_graph - z).abs().max()),
@@ -430,10 +396,8 @@ def precision_costs(vae: VAEBase, graphs: Mapping[str, Mapping[str, str]],
     return out
 
 
-# ------------------------------------------------------------------------------------- staging
 def _exchange(a: Path, b: Path) -> bool:
-    """Swap ``a`` and ``b`` atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where
-    unsupported."""
+    """Swap ``a`` and ``b`` atomically (Linux ``renameat2``); False where unsupported."""
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
@@ -456,27 +420,23 @@ def _check_target(target: Path) -> None:
 
 @contextlib.contextmanager
 def export_set(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """A staging folder (``.{name}.XXXXXXXX.export`` beside ``target``, made with the umask,
-    locked) swapped with ``target`` in one ``renameat2`` when the ``with`` block ends without
-    an exception. A failure, an interrupt or a SIGTERM (exit 143) leaves the target as it was
-    and removes the folder; a SIGKILL leaves it to the next export. The target's other files
-    and its permissions are kept; an ``OSError`` names a staged file at its final place; a
-    target that is not a folder or holds a subfolder or a link is refused first."""
+    """A locked staging folder beside ``target``, swapped with it when the ``with`` block ends
+    without an exception. A failure, an interrupt or a SIGTERM (exit 143) leaves the target as
+    it was; a SIGKILL leaves the folder to the next export. The target's other files and its
+    permissions are kept; an ``OSError`` names a staged file at its final place; a target that
+    is not a folder or holds a subfolder or a link is refused first."""
     target = Path(target)
     _check_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_stages(target)
-    while True:  # not mkdtemp: that makes the folder 0o700 whatever the umask
-        folder = target.parent / f".{target.name}.{secrets.token_hex(4)}.export"
-        with contextlib.suppress(FileExistsError):
-            folder.mkdir()
-            break
+    folder = target.parent / f".{target.name}.{secrets.token_hex(4)}.export"
+    folder.mkdir()  # not mkdtemp: that makes the folder 0o700 whatever the umask
     lock = FolderLock(folder, purpose="exporting").acquire()
     previous = None
     if threading.current_thread() is threading.main_thread() \
             and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         def stop(signum: int, frame: FrameType | None) -> None:
-            raise SystemExit(SIGTERM_STATUS)
+            raise SystemExit(143)  # 128 + SIGTERM, as the trainer
 
         previous = signal.signal(signal.SIGTERM, stop)
     try:
@@ -515,8 +475,7 @@ def export_set(target: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def remove_stale_stages(target: Path) -> list[Path]:
-    """Delete the staging folders of killed exports into ``target`` (their lock is free);
-    returns them. Live exports' folders are kept."""
+    """Delete and return the staging folders of killed exports into ``target`` (lock free)."""
     removed = []
     pattern = re.compile(rf"^\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.export$")
     for entry in target.parent.iterdir() if target.parent.is_dir() else ():
@@ -531,7 +490,6 @@ def remove_stale_stages(target: Path) -> list[Path]:
     return sorted(removed)
 
 
-# -------------------------------------------------------------------------------- export_model
 @dataclass
 class ExportResult:
     """What ``export.json`` holds: the files and how they compare with the eager model."""
@@ -544,7 +502,6 @@ class ExportResult:
     #: encode+decode images/s per runtime (median, interleaved)
     throughput_ips: dict[str, float] = field(default_factory=dict)
     throughput_batch: int = 0
-    #: the weights as ``.safetensors`` with the architecture in the metadata
     weights_file: str = ""
     #: fp32 files against eager at every checked frame size: ``{"HxW": {file key: max diff}}``
     parity_sizes: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -564,13 +521,11 @@ def export_model(vae: VAEBase, out_dir: str | os.PathLike[str], images: Tensor,
                  calibration: Tensor | None = None,
                  parity_images: Mapping[str, Tensor] | None = None, timing_repeats: int = 0,
                  frame: Tensor | None = None, frame_repeats: int = 0) -> ExportResult:
-    """Export, check and time ``vae`` into ``out_dir`` as one set (:func:`export_set`): the
-    graphs, ``tinyvae.safetensors`` (with the adapter) and ``export.json``; ``ExportError``
-    when a file differs from eager. ``images``: real ``(N, C, S, S)`` images in [0, 1], the main
-    parity check and the runtime comparison (``timing_repeats`` rounds); ``adapter`` adds the
-    teacher-space encoder; ``parity_images``: ``{"HxW": (N, C, H, W)}``, more sizes to check;
-    ``precisions``: fp32 and ``"fp16"``, ``"int8"`` (needs ``calibration``, real training
-    images); ``frame`` ``(1, C, H, W)``: single-frame latency of eager and each precision."""
+    """Export, check and time ``vae`` into ``out_dir`` as one set (:func:`export_set`);
+    ``ExportError`` when a file differs from eager. ``images``: real ``(N, C, S, S)`` in [0, 1]
+    for parity and timing; ``adapter`` adds the teacher-space encoder; ``parity_images``:
+    ``{"HxW": (N, C, H, W)}``; ``"int8"`` needs ``calibration`` (real training images);
+    ``frame`` ``(1, C, H, W)``: single-frame latency of eager and each precision."""
     specs = graph_specs(vae, images.shape[-1], adapter and adapter.teacher_dim)
     latent_channels = specs[0].output_shape[0]
     if adapter is not None and adapter.student_dim != latent_channels:
@@ -640,7 +595,6 @@ def export_model(vae: VAEBase, out_dir: str | os.PathLike[str], images: Tensor,
     return ExportResult(**json.loads(text))
 
 
-# ------------------------------------------------------------------------------------- command
 def _tensorrt(vae: VAEBase, teacher_space: bool) -> str:
     """The ``trtexec`` commands for the exported files, with their shape profiles."""
     lat = vae.latent_dim
@@ -652,7 +606,7 @@ def _tensorrt(vae: VAEBase, teacher_space: bool) -> str:
         head = ("dynamic batch, height and width, profile from a 32x32 crop (min) through a "
                 "480x640 frame (opt) to four 1080x1920 frames (max)")
         shapes = [{"image": f"{n}x3x{h}x{w}", "latent": f"{n}x{lat}x{h // 8}x{w // 8}"}
-                  for n, h, w in TRT_PROFILE]
+                  for n, h, w in ((1, 32, 32), (1, 480, 640), (4, 1080, 1920))]
 
     def trtexec(graph: str, engine: str, tensor: str, flags: str = "--fp16") -> str:
         profile = " ".join(f"--{k}Shapes={tensor}:{p[tensor]}"
@@ -671,23 +625,20 @@ def _tensorrt(vae: VAEBase, teacher_space: bool) -> str:
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Export the TinyVAE encoder and decoder "
-                                "to ONNX and TorchScript, checked against eager PyTorch on real "
-                                "validation images.")
+    p = argparse.ArgumentParser(prog=prog, description="Export the TinyVAE to ONNX and "
+                                "TorchScript, checked against eager PyTorch on real images.")
     add = p.add_argument
     add("--checkpoint", default="checkpoints/tinyvae_best.pth",
         help="checkpoint holding the student (default %(default)s)")
     add("--role", default="student", help="model role in the checkpoint (default %(default)s)")
     add("--out-dir", default="exports", help="output folder (default %(default)s)")
     add("--image-size", type=int, default=None,
-        help="side of the validation crops of the main parity check and the runtime comparison, "
-             "divisible by 8 (default 32; a compact model's crop side for it)")
+        help="side of the parity and timing crops (default 32; a compact model's crop side)")
     add("--precision", default="fp32,fp16,int8",
-        help="precisions of the encoder and decoder graphs: fp32 (always), fp16, int8 "
-             "(default %(default)s)")
+        help="graph precisions, fp32 always (default %(default)s)")
     add("--parity-sizes", default="64x64,224x224,480x640",
-        help="more frame sizes HxW every graph is checked at, on the photos dataset's "
-             "validation photographs (default %(default)s; '' none)")
+        help="more frame sizes HxW to check, on the validation photographs (default "
+             "%(default)s; '' none)")
     add("--calibration-images", type=int, default=256,
         help="training images calibrating the int8 graphs (default 256)")
     add("--frame-size", default="480x640",
@@ -700,12 +651,10 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     add("--num-images", type=int, default=64,
         help="validation images of the parity check and the runtime comparison (default 64)")
     add("--timing-repeats", type=int, default=20,
-        help="rounds comparing eager PyTorch, ONNX Runtime and TorchScript; 0 skips it "
-             "(default 20)")
+        help="rounds comparing eager, ONNX Runtime and TorchScript; 0 skips it (default 20)")
     add("--threads", type=int, default=1, help="CPU threads of the timings (default 1)")
     add("--no-teacher-space", action="store_true",
-        help="leave out tinyvae_encoder_teacher_space.onnx (image -> the adapter's "
-             "teacher-space latent; written when the checkpoint holds the adapter)")
+        help="leave out tinyvae_encoder_teacher_space.onnx (written with an adapter)")
     return p
 
 
@@ -717,8 +666,7 @@ def _run(args: argparse.Namespace) -> tuple[VAEBase, ExportResult]:
     compact = isinstance(vae, CompactVAE)
     size = args.image_size or (vae.image_size if compact else 32)
     graph_specs(vae, size)  # a compact model's crop side only, before loading any image
-    # the adapter reads the student's latent: the teacher-space encoder goes with the student
-    adapter = None
+    adapter = None  # it reads the student's latent: the teacher-space encoder goes with it
     if args.role == "student" and not args.no_teacher_space and ADAPTER_ROLE in roles_in(payload):
         adapter = model_from_payload(payload, ADAPTER_ROLE, source=args.checkpoint)
 
@@ -769,19 +717,16 @@ def _summary(vae: VAEBase, result: ExportResult, args: argparse.Namespace) -> st
 
 
 def command(argv: list[str] | None = None, prog: str = "hrm-vision export") -> int:
-    """Parse ``argv``, export and check; returns 0, or 1 when an export differs from eager
-    PyTorch (``prog: error: ...``). A bad option exits with 2; an unloadable checkpoint, a
-    dataset problem or a file that cannot be written raises (``ValueError``, ``OSError``)."""
+    """Export and check; returns 0, or 1 when an export differs from eager. A bad option exits
+    with 2; a bad checkpoint, dataset or unwritable file raises ``ValueError`` or ``OSError``."""
     parser = _parser(prog)
     args = parser.parse_args(argv)
-    if args.timing_repeats < 0 or args.threads < 1 or args.frame_repeats < 0 \
-            or args.calibration_images < 1:
-        parser.error("--timing-repeats and --frame-repeats must be >= 0, --threads and "
-                     "--calibration-images >= 1")
-    if (args.image_size is not None and (args.image_size < 8 or args.image_size % 8)) \
-            or args.num_images < 1:
-        parser.error(f"--image-size must be a positive multiple of 8 (got {args.image_size}) "
-                     f"and --num-images >= 1 (got {args.num_images})")
+    if args.timing_repeats < 0 or args.frame_repeats < 0 or args.num_images < 1 \
+            or args.threads < 1 or args.calibration_images < 1:
+        parser.error("--timing-repeats and --frame-repeats must be >= 0, --num-images, "
+                     "--threads and --calibration-images >= 1")
+    if args.image_size is not None and (args.image_size < 8 or args.image_size % 8):
+        parser.error(f"--image-size must be a positive multiple of 8, got {args.image_size}")
     try:
         args.precision = parse_precisions(args.precision)
         args.parity_sizes = tuple(parse_size(t) for t in args.parity_sizes.split(",")

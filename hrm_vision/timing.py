@@ -1,5 +1,4 @@
-"""Timing: functions measured in turns, so machine noise hits them all alike, and a description
-of the machine the numbers come from. Imports nothing of the package but its version."""
+"""Functions timed in rotating turns, so noise hits them alike; the machine they ran on."""
 
 from __future__ import annotations
 
@@ -17,9 +16,8 @@ from tqdm import tqdm
 
 def interleaved_timings(fns: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1,
                         desc: str = "timing") -> dict[str, list[float]]:
-    """Seconds per call of each function in ``fns``, ``repeats`` rounds after ``warmup``
-    untimed ones; each round calls every function once, in an order that rotates, so that on a
-    shared, noisy machine the ratios between the functions stay meaningful."""
+    """Seconds per call of each of ``fns``, ``repeats`` rounds (each calls every function once,
+    in a rotating order) after ``warmup`` untimed ones; ``ValueError`` for a bad count."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
     names = list(fns)
