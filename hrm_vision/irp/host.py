@@ -18,7 +18,6 @@ from typing import IO, Any
 
 import numpy as np
 
-from ..cli import EXPECTED_ERRORS
 from .contract import (
     IRPPlugin,
     IRPResult,
@@ -244,7 +243,9 @@ def command(argv: Sequence[str] | None = None, prog: str = "hrm-vision irp") -> 
         if args.telemetry:
             stream.close()
     runs = [(e, x) for e, x in zip(orch.errors, orch.exceptions, strict=True) if e.stage == "run"]
-    if not any(results) and runs and all(isinstance(x, EXPECTED_ERRORS) for _, x in runs):
+    # every run failed on what the user can fix (the command line's one-line errors): say so
+    if not any(results) and runs and all(isinstance(x, (ValueError, OSError, ImportError))
+                                         for _, x in runs):
         error, exc = runs[0]
         label = (args.images[int(error.input_id)] if args.images and error.input_id is not None
                  else f"input {error.input_id}")
