@@ -31,6 +31,7 @@ is checked before anything is written into ``checkpoint_dir``.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import math
@@ -68,7 +69,6 @@ from ..io import (
     load,
     load_checkpoint,
     load_state_checked,
-    map_tensors,
     model_entry,
     model_from_payload,
     non_finite_tensors,
@@ -1095,7 +1095,7 @@ class PhaseLoop:
             models = self.phase.model_payload()
         else:
             with self.average.applied():  # clone: the payload's CPU tensors alias the module
-                models = map_tensors(self.phase.model_payload(), lambda t: t.detach().clone())
+                models = copy.deepcopy(self.phase.model_payload())
             models.update(self.average.train_payload())
         return {"phase": self.phase.name, **models, **asdict(self.state),
                 "history": self.history, "config": self.config.model_dump(),
@@ -1113,37 +1113,6 @@ class PhaseLoop:
         for name in names:
             save_checkpoint(payload if name == self.phase.last_file else deployable,
                             self.out_dir / name, require_finite=True)
-
-    def restore(self, payload: dict[str, Any], source: str) -> None:
-        """Continue from a checked ``*_last.pth`` payload of this phase (models first: a
-        mismatch names the keys), then the average, optimizer, scheduler, scaler, RNG."""
-        self.phase.load_models(payload, source)
-        if self.average is not None:
-            if "train_state_dict" in payload:
-                check_fits(self.module, payload["train_state_dict"], f"{source} "
-                           "(train_state_dict)")
-            updates = payload.get("ema_updates", 1)
-            if not _int(updates) or updates < 0:
-                raise CheckpointError(f"{source}: ema_updates must be an integer >= 0, got "
-                                      f"{updates!r}")
-            self.average.restore(payload)
-        bad = non_finite_tensors(payload["optimizer_state_dict"])
-        if bad:
-            raise CheckpointError(f"{source}: the optimizer state holds NaN or infinite values "
-                                  f"in {', '.join(bad[:5])}")
-        for key, restore in (("optimizer_state_dict", self.optimizer.load_state_dict),
-                          ("scheduler_state_dict", self.scheduler.load_state_dict),
-                          ("scaler_state_dict", lambda s: s and self.scaler.load_state_dict(s)),
-                          ("rng_state", set_rng_state)):
-            try:
-                restore(payload[key])
-            except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
-                raise CheckpointError(f"{source}: {key} does not fit this run: "
-                                      f"{type(exc).__name__}: {exc}") from exc
-        known = {f.name for f in fields(TrainState)}
-        self.state = TrainState(**{k: v for k, v in payload.items() if k in known})
-        self.history[:] = payload["history"]
-        self.restored = True
 
 
 # ================================================================ the run
@@ -1358,7 +1327,7 @@ class Distiller:
                                      history=self.history, emit=self._emit,
                                      stop_signal=lambda: self.stop_signal, best=best)
         if payload is not None:
-            self._resume_phase(loop, payload)
+            self._resume(loop, payload)
         loop.run()
 
     # ---------------------------------------------------------------- the teacher
@@ -1453,13 +1422,39 @@ class Distiller:
                               f"teacher {named}, which is not there: put that file back (or pass "
                               "a copy as --teacher-checkpoint FILE with --force-resume)")
 
-    def _resume_phase(self, loop: PhaseLoop, payload: dict[str, Any]) -> None:
-        """Restore ``loop``; say when no epoch is left; resumed into a new folder, bring the
-        phase's best file along when it is the best the state knows (else the best is picked
-        again among the epochs still to train)."""
+    def _resume(self, loop: PhaseLoop, payload: dict[str, Any]) -> None:
+        """Continue ``loop`` from its checked ``*_last.pth`` payload: the models (the averaged
+        weights; a mismatch names the keys), the average, optimizer, scheduler, scaler, RNG and
+        position. Resumed into a new folder, the phase's best file comes along when it is the
+        best the state knows (else the best is picked again among the epochs still to train)."""
         source, phase = self.resume_source, loop.phase
-        loop.restore(payload, f"{source} ({payload['phase']} phase)")
-        state = loop.state
+        where = f"{source} ({phase.name} phase)"
+        phase.load_models(payload, where)
+        if loop.average is not None:
+            if "train_state_dict" in payload:
+                check_fits(loop.module, payload["train_state_dict"], f"{where} (train_state_dict)")
+            updates = payload.get("ema_updates", 1)
+            if not _int(updates) or updates < 0:
+                raise CheckpointError(f"{where}: ema_updates must be an integer >= 0, got "
+                                      f"{updates!r}")
+            loop.average.restore(payload)
+        bad = non_finite_tensors(payload["optimizer_state_dict"])
+        if bad:
+            raise CheckpointError(f"{where}: the optimizer state holds NaN or infinite values in "
+                                  f"{', '.join(bad[:5])}")
+        for key, restore in (("optimizer_state_dict", loop.optimizer.load_state_dict),
+                             ("scheduler_state_dict", loop.scheduler.load_state_dict),
+                             ("scaler_state_dict", lambda s: s and loop.scaler.load_state_dict(s)),
+                             ("rng_state", set_rng_state)):
+            try:
+                restore(payload[key])
+            except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
+                raise CheckpointError(f"{where}: {key} does not fit this run: "
+                                      f"{type(exc).__name__}: {exc}") from exc
+        known = {f.name for f in fields(TrainState)}
+        loop.state = state = TrainState(**{k: v for k, v in payload.items() if k in known})
+        loop.history[:] = payload["history"]
+        loop.restored = True
         self.message(f"resuming {phase.name} from {source} (epoch {state.epoch}, batch "
                      f"{state.step_in_epoch})")
         done = state.epoch >= phase.epochs
