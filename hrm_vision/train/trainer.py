@@ -1,32 +1,19 @@
-"""The training loop of a distillation run, top to bottom: processes and data, optimisation,
-state, the phases, one phase's epochs and steps, the run, resume, the command.
+"""The training loop of a distillation run: processes and data, optimisation, state, the
+phases, one phase's epochs and steps, the run, resume, the command.
 
 ``Distiller(config).run(resume=None)`` runs up to three phases, each with its own optimizer:
-``teacher`` pre-trains the teacher VAE (recon + KL) when the loss needs a teacher and none is
-given (``teacher_checkpoint``) or found (``checkpoint_dir/teacher.pth``), its best epoch becoming
-``teacher.pth``; ``distill`` trains the student and the latent adapter against the frozen teacher
-with :class:`~hrm_vision.train.loss.DistillLoss`; ``finetune`` (``finetune_epochs > 0``) trains
-the student alone from the best distilled one, encoder frozen for the first half.
+``teacher`` pre-trains the teacher VAE when the loss needs one and none is given or found (its
+best epoch becomes ``teacher.pth``); ``distill`` trains the student and the latent adapter
+against the frozen teacher; ``finetune`` trains the student alone from the best distilled one.
 
-Files: ``*_last.pth`` is the resumable state of a phase (models, optimizer, scheduler, scaler,
-RNG, raw weights of the average); ``tinyvae_best.pth``, ``teacher_best.pth``, ``teacher.pth`` and
-``tinyvae_epoch_XXX.pth`` are deployable (models, architecture, metadata; no optimizer state).
-**Best** is the epoch with the highest validation PSNR (the earliest on ties);
-``tinyvae_best.pth`` is the best student over distillation and fine-tuning.
-
-The epoch commit: the callbacks run first, then ``history.json``, the snapshot every
-``save_interval`` epochs, ``*_best.pth`` when the epoch is the best so far, and last
-``*_last.pth`` (each file atomically). Killed before the commit, a resumed run trains the epoch
-again and rewrites those files with the same content. A stop signal (SIGINT/SIGTERM) saves
-``*_last.pth`` after the current optimizer step and raises :class:`TrainingInterrupted`.
-
-Bad steps: a non-finite loss skips the batch; an optimizer step that leaves a non-finite
-parameter, buffer or optimizer state is undone (:class:`LastGoodState`). Neither counts as a step;
-``max_bad_steps`` in a row, or an epoch with no kept step, raise :class:`TrainingDiverged`.
-
-Under ``torchrun`` every rank runs this file; rank 0 alone logs and writes; the sample order of
-epoch ``e`` depends only on ``(seed, e)``. Every input (config, resume checkpoint, teacher, data)
-is checked before anything is written into ``checkpoint_dir``.
+``*_last.pth`` is a phase's resumable state; ``tinyvae_best.pth`` (the highest validation PSNR,
+earliest on ties, over distillation and fine-tuning), ``teacher_best.pth``, ``teacher.pth`` and
+``tinyvae_epoch_XXX.pth`` are deployable (no optimizer state). The epoch commit writes, each
+file atomically, ``history.json``, the snapshot, ``*_best.pth`` and last ``*_last.pth``. A
+SIGINT/SIGTERM saves ``*_last.pth`` after the current step. A non-finite loss skips the batch,
+a step leaving a non-finite tensor is undone; ``max_bad_steps`` in a row raise
+:class:`TrainingDiverged`. Under ``torchrun`` rank 0 alone logs and writes. Every input is
+checked before anything is written into ``checkpoint_dir``.
 """
 
 from __future__ import annotations
@@ -863,18 +850,17 @@ class FinetunePhase(DistillPhase):
 # ================================================================ one phase: epochs and steps
 
 class PhaseLoop:
-    """Trains ``phase`` for its epochs on ``loader`` (``(index, images)`` batches) and writes its
-    files on rank 0. It reports through ``emit(hook, *args)`` (the callbacks), reads a pending
-    stop signal from ``stop_signal()``, and keeps its records in the shared ``history``.
-    ``best``: the validation PSNR an epoch must beat (an inherited best file's value)."""
+    """Trains ``phase`` on ``loader`` (``(index, images)`` batches), writes its files on rank 0,
+    reports through ``emit(hook, *args)``, stops on ``stop_signal()``; ``best``: the validation
+    PSNR an epoch must beat."""
 
     def __init__(self, phase: Phase, *, ctx: DistContext, loader: DataLoader,
                  history: list[dict[str, Any]], emit: Callable[..., None],
                  stop_signal: Callable[[], str | None], best: float = -math.inf) -> None:
         config = phase.ctx.config
-        self.phase, self.config, self.ctx = phase, config, ctx
-        self.loader, self.history, self.emit = loader, history, emit
-        self.stop_signal, self.out_dir = stop_signal, Path(config.checkpoint_dir)
+        self.phase, self.config, self.ctx, self.loader = phase, config, ctx, loader
+        self.history, self.emit, self.stop_signal = history, emit, stop_signal
+        self.out_dir = Path(config.checkpoint_dir)
         self.module = phase.trainable()
         phase.calibrate()  # before the DDP wrapper (rank 0's value) and the weight average
         self.wrapped = wrap_ddp(self.module, ctx)
@@ -1165,15 +1151,9 @@ def config_differences(stored: dict[str, Any], config: DistillConfig) -> list[st
 
 
 class Distiller:
-    """Runs the phases of one config.
-
-    Args:
-        config: the run's :class:`DistillConfig`.
-        callbacks: added after the default ones (pictures, console, TensorBoard with
-            ``config.tensorboard``); rank 0 only.
-        ctx: a distributed context (default: ``init_distributed(config.device)``).
-        console: show the progress bar and console log.
-    """
+    """Runs the phases of ``config``; ``callbacks`` come after the default ones (rank 0 only),
+    ``ctx`` defaults to ``init_distributed(config.device)``, ``console`` shows the progress bar
+    and console log."""
 
     def __init__(self, config: DistillConfig, callbacks: Sequence[Callback] = (),
                  ctx: DistContext | None = None, console: bool = True) -> None:
