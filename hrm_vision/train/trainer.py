@@ -132,14 +132,6 @@ class DistContext:
         return self.world_size > 1
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name) or str(default)
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
-
-
 def init_distributed(device: str | None = None) -> DistContext:
     """The context of this process, joining the torchrun process group (gloo on CPU, nccl on
     CUDA, ``cuda:LOCAL_RANK``) when ``WORLD_SIZE > 1``. ``device`` None: cuda if available."""
@@ -155,10 +147,10 @@ def init_distributed(device: str | None = None) -> DistContext:
                              "--device cpu")
         if resolved.type not in ("cpu", "cuda"):
             raise ValueError(f"device {device!r} is not supported; use 'cpu' or 'cuda'")
-    world_size = _env_int("WORLD_SIZE", 1)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size <= 1:
         return DistContext(device=resolved)
-    rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     if resolved.type == "cuda":
         resolved = torch.device("cuda", local_rank)
         torch.cuda.set_device(resolved)
@@ -458,11 +450,9 @@ class LastGoodState:
 
 @dataclass
 class TrainState:
-    """Where a phase stands: ``epoch`` completed epochs, ``step_in_epoch`` batches of the current
-    one done, ``global_step`` optimizer steps, ``best_psnr`` the best validation PSNR so far,
-    ``running``/``count`` sample-weighted sums of this epoch's training terms, ``time_s``
-    training seconds before an interruption, ``bad_steps`` skipped or undone steps of the phase,
-    ``good_steps`` kept steps of this epoch."""
+    """Where a phase stands: ``epoch`` completed, ``step_in_epoch`` batches done, the best
+    validation PSNR, this epoch's sample-weighted term sums (``running``/``count``), ``time_s``
+    before an interruption, the phase's ``bad_steps`` and this epoch's ``good_steps``."""
 
     epoch: int = 0
     step_in_epoch: int = 0
@@ -1514,11 +1504,9 @@ def summary(files: dict[str, Path], history: list[dict[str, Any]]) -> str:
 
 
 def command(argv: list[str] | None = None, prog: str = "hrm-vision distill") -> int:
-    """Parse ``argv`` (flags override ``--config FILE``, which overrides the defaults), run the
-    distiller, print where the results are. Returns 0 done (also a resume with nothing left to
-    do), 1 diverged, 130/143 stopped by SIGINT/SIGTERM after saving; an expected failure (bad
-    config, checkpoint, dataset, unwritable file) raises for the caller's one-line error
-    (``hrm_vision.cli.run_main``: status 2)."""
+    """Run the distiller of ``argv`` (flags over ``--config FILE`` over the defaults) and print
+    where the results are. Returns 0 done, 1 diverged, 130/143 stopped by SIGINT/SIGTERM after
+    saving; an expected failure raises (``hrm_vision.cli.run_main`` makes it status 2)."""
     args = build_parser(prog).parse_args(argv)
     distiller = None
     try:
