@@ -611,10 +611,8 @@ def pooled_psnr(values: dict[str, float]) -> dict[str, float]:
 
 
 class Phase:
-    """One training phase: what trains (``model``, a :class:`Trainable` of ``vae``, the loss's
-    likelihood scale and maybe ``adapter``), its loss, its validation and its files. ``vae`` is
-    saved under ``role``; ``teacher`` (None: none) gives the targets. ``criterion`` None: a loss
-    of its own (nothing calibrated, no term shares)."""
+    """One training phase: what trains (``model``: ``vae``, the likelihood scale, maybe
+    ``adapter``), its loss, validation and files; ``vae`` is saved under ``role``."""
 
     criterion: DistillLoss | None = None
     name = ""
@@ -692,10 +690,8 @@ class Phase:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Validation metrics, the same on every rank: every loss term, ``psnr`` (mean decode)
-        and ``psnr_sample``, the rate, SSIM; with a teacher also its PSNR/SSIM,
-        ``quality_ratio``, the latent CKA (adapted and raw) and ``cross_psnr``
-        (``teacher.decode(adapter(vae.encode(x)))``)."""
+        """Validation metrics (the same on every rank): the loss terms, PSNR, rate, SSIM; with a
+        teacher its PSNR/SSIM, ``quality_ratio``, latent CKA and ``cross_psnr``."""
         self.vae.eval()
         latents: dict[str, list[Tensor]] = {"student": [], "adapted": [], "teacher": []}
 
@@ -1186,10 +1182,8 @@ class Distiller:
 
     def run(self, resume: str | Path | None = None, force_resume: bool = False
             ) -> dict[str, Path]:
-        """Run the phases, continuing ``resume`` (a ``*_last.pth`` or ``"auto"``; the fields
-        that shape the run must equal the checkpoint's unless ``force_resume``). Every input is
-        checked before the first write. Returns the files (``best``, ``last``, ``teacher``,
-        ``history``, ``config``)."""
+        """Run the phases, continuing ``resume`` (a ``*_last.pth`` or ``"auto"``); returns the
+        files (``best``, ``last``, ``teacher``, ``history``, ``config``)."""
         c = self.config
         # One writer per folder: rank 0 holds the lock for the whole run, before it reads a
         # checkpoint to resume, deletes temporaries or writes the effective config.
