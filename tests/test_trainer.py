@@ -47,6 +47,7 @@ from hrm_vision.train.trainer import (
     PhaseContext,
     PhaseLoop,
     TeacherPhase,
+    TrainState,
     WeightAverage,
     autocast,
     build_scheduler,
@@ -824,7 +825,9 @@ class TestEarlyStopping:
         loop, _ = plateau_loop(self.SCORES, 3, folder)
         loop.run()
         again, _ = plateau_loop(self.SCORES, 3, folder)
-        again.restore(torch.load(f"{folder}/toy_last.pth"), "toy_last.pth")
+        payload = torch.load(f"{folder}/toy_last.pth")  # the position a resume restores
+        again.state, again.restored = TrainState(epoch=payload["epoch"]), True
+        again.history[:] = payload["history"]
         again.run()
         assert again.phase.validated == 0 and len(again.history) == 5
 

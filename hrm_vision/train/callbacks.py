@@ -1,20 +1,9 @@
-"""Trainer callbacks (pythae style): what is shown or drawn besides the training itself.
+"""Trainer callbacks: what is shown or drawn besides the training itself.
 
-The trainer calls every callback's hooks on rank 0 only, in order: first the default callbacks
-(:func:`default_callbacks`), then the user's, which add to them and never replace them. Hooks
-receive the trainer and plain values; each callback does one thing:
-
-- :class:`PictureWriter`: a PNG grid of inputs / teacher / student reconstructions and a PNG of
-  the loss curves in the checkpoint directory, every epoch.
-- :class:`TensorBoardWriter` (``tensorboard`` config key): TensorBoard event files in
-  ``checkpoint_dir/tensorboard/``, every epoch.
-- :class:`ProgressBar`: a tqdm bar per epoch with the running loss (console).
-- :class:`ConsoleLog`: messages, the terms every ``log_interval`` batches and an epoch summary
-  (console).
-
-Callbacks observe: the checkpoints and ``history.json`` are written by the training loop itself
-(:mod:`hrm_vision.train.trainer`), after the ``on_epoch_end`` hooks, ``*_last.pth`` last; so the
-files of every callback, the user's included, are written before the epoch's commit.
+The trainer calls the hooks on rank 0 only: first :func:`default_callbacks` (pictures, optional
+TensorBoard, progress bar, console log), then the user's. Callbacks observe: the training loop
+writes the checkpoints and ``history.json`` after the ``on_epoch_end`` hooks, so every
+callback's files are written before the epoch's commit.
 """
 
 from __future__ import annotations
@@ -40,12 +29,8 @@ Distiller = Any
 
 
 class Callback:
-    """Base class: every hook does nothing.
-
-    ``on_phase_begin`` runs before the first step of a phase started from its beginning (not
-    on a resume); ``on_interrupt`` when a stop signal ends a phase mid-epoch (before
-    ``TrainingInterrupted`` is raised); ``on_phase_end`` after a phase's last epoch.
-    """
+    """Base class: every hook does nothing. ``on_phase_begin`` is not called on a resume;
+    ``on_interrupt`` runs when a stop signal ends a phase mid-epoch."""
 
     def on_train_begin(self, trainer: Distiller) -> None: ...
     def on_phase_begin(self, trainer: Distiller, phase: Phase) -> None: ...
@@ -63,9 +48,8 @@ class Callback:
 
 
 def default_callbacks(console: bool = True, tensorboard: bool = False) -> list[Callback]:
-    """The callbacks every run has: pictures, with ``tensorboard`` the
-    TensorBoard event files (a :class:`~hrm_vision._extras.MissingExtraError` here when the
-    extra is not installed), and with ``console`` the progress bar and the console log."""
+    """Pictures, TensorBoard (``MissingExtraError`` without the extra), and with ``console``
+    the progress bar and the console log."""
     files: list[Callback] = [PictureWriter()]
     if tensorboard:
         files.append(TensorBoardWriter())
@@ -81,11 +65,7 @@ def _shares(shares: dict[str, float]) -> str:
 
 
 class ProgressBar(Callback):
-    """One tqdm bar per epoch; its postfix is the running mean of the total loss.
-
-    Only on a terminal (tqdm's ``disable=None``): under CI, ``nohup`` or a log file the bar is
-    off and the epoch lines of :class:`ConsoleLog` are the progress.
-    """
+    """One tqdm bar per epoch showing the running mean total loss (only on a terminal)."""
 
     def __init__(self) -> None:
         self.bar: tqdm | None = None
@@ -107,9 +87,7 @@ class ProgressBar(Callback):
             self.bar.set_postfix(loss=f"{self.total / self.count:.4g}")
 
     def on_epoch_end(self, trainer: Distiller, phase: Phase, record: dict[str, Any]) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        self.on_train_end(trainer)
 
     def on_train_end(self, trainer: Distiller) -> None:  # also closes a bar left by an abort
         if self.bar is not None:
@@ -151,21 +129,11 @@ class PictureWriter(Callback):
 
 
 class TensorBoardWriter(Callback):
-    """TensorBoard event files in ``checkpoint_dir/tensorboard/``
-    (``tensorboard --logdir checkpoint_dir/tensorboard``). Per epoch of each phase, at step =
-    the epoch (1-based, counted per phase): every training and validation value of the epoch's
-    history record as scalars ``{phase}/train/{term}`` and ``{phase}/val/{metric}``, each
-    term's share of the objective and of its gradient norm ``{phase}/value_share/{term}`` and
-    ``{phase}/gradient_share/{term}``, the learning rate ``{phase}/lr``, and the
-    reconstruction grid :class:`PictureWriter` saves as the image ``{phase}/reconstructions``
-    (RGB, HWC uint8).
+    """TensorBoard event files in ``checkpoint_dir/tensorboard/``. Per epoch (step = the
+    phase's 1-based epoch): scalars ``{phase}/{train,val,value_share,gradient_share}/{key}``
+    and ``{phase}/lr``, and the image ``{phase}/reconstructions``. Needs the ``tensorboard``
+    extra (else ``MissingExtraError``)."""
 
-    Needs the ``tensorboard`` extra; made without it, the callback raises a
-    :class:`~hrm_vision._extras.MissingExtraError` naming it (at the trainer's start). Each run,
-    resumed or not, adds an event file to the folder.
-    """
-
-    #: The folder under the checkpoint directory.
     FOLDER = "tensorboard"
 
     def __init__(self) -> None:
@@ -200,17 +168,15 @@ class TensorBoardWriter(Callback):
 
 
 def save_grid(rows: list[tuple[str, torch.Tensor]], path: Path, scale: int = 4) -> None:
-    """:func:`grid_image` of ``rows`` written as a PNG file at ``path`` (atomically)."""
+    """:func:`grid_image` of ``rows`` written as a PNG file at ``path``."""
     canvas = grid_image(rows, scale)
     atomic_write(path, lambda f: canvas.save(f, format="png"))
 
 
 def grid_image(rows: list[tuple[str, torch.Tensor]], scale: int = 4) -> PILImage:
-    """Labelled rows of images (each ``(n, 3, H, W)`` in [0, 1]) as one RGB PIL image: one row
-    per tensor (the first ``n`` images of each, ``n`` the smallest row), pixels enlarged
-    ``scale`` times (nearest neighbour) so a person can see the errors, the row's label on its
-    left. Size: ``(n * (W + 1) + 1) * scale + 80`` wide, ``(len(rows) * (H + 1) + 1) * scale``
-    high."""
+    """Labelled rows of images (each ``(n, 3, H, W)`` in [0, 1], the first ``n`` of the
+    smallest row) as one RGB PIL image, pixels enlarged ``scale`` times (nearest), labels on the
+    left: ``(n * (W + 1) + 1) * scale + 80`` wide, ``(len(rows) * (H + 1) + 1) * scale`` high."""
     from PIL import Image, ImageDraw
     from torchvision.utils import make_grid
 

@@ -1,8 +1,5 @@
-"""The distillation config (pydantic, ``extra="forbid"``, range checks) and its flags.
-
-Every field is read by :mod:`hrm_vision.train` and is a command-line flag (``--field-name``);
-``docs/training.md`` documents each one (its table is generated from this model by
-``experiments/config_table.py``).
+"""The distillation config (pydantic, ``extra="forbid"``, range checks) and its flags: every
+field is a ``--field-name`` flag and a row of ``docs/training.md`` (``training/config_table.py``).
 
 >>> cfg = load_config("my.json", overrides={"epochs": 3})   # flags override the file
 >>> save_config(cfg, "checkpoints/config.json")               # the effective config
@@ -35,7 +32,7 @@ Precision = Literal["auto", "off", "bf16", "fp16"]
 FreeBitsMode = Literal["total", "channel"]
 
 
-#: Upper bounds that catch absurd values (a typo, a unit mistake) before anything starts.
+#: Upper bounds that catch a typo or a unit mistake before anything starts.
 MAX_IMAGE_SIZE = 4096
 MAX_CHANNELS = 4096  # latent sizes and base channel counts
 MAX_BLOCKS = 64  # residual blocks per teacher stage
@@ -50,10 +47,8 @@ class ConfigError(ValueError):
 
 
 class DistillConfig(BaseModel):
-    """Everything a distillation run needs. Images are float RGB in [0, 1], NCHW.
-
-    Loss weights multiply the five terms of :class:`hrm_vision.train.loss.DistillLoss`.
-    """
+    """Everything a distillation run needs; the loss weights multiply the five terms of
+    :class:`hrm_vision.train.loss.DistillLoss`."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 

@@ -41,12 +41,9 @@ VAR_FLOOR = 1e-6
 
 def gaussian_nll(prediction: Tensor, target: Tensor, log_sigma: Tensor,
                  mask: Tensor | None = None) -> Tensor:
-    """``-log N(target | prediction, exp(log_sigma)^2)`` in nats per image (batch mean).
-
-    ``prediction, target``: ``(B, C, H, W)``; ``log_sigma``: a scalar or ``(C,)`` (one scale per
-    channel). ``mask`` (same shape as ``target``, 0 or 1, no gradient) keeps only some numbers
-    (the others contribute nothing). Returns a scalar tensor.
-    """
+    """``-log N(target | prediction, exp(log_sigma)^2)`` in nats per image (batch mean, a
+    scalar). ``prediction, target``: ``(B, C, H, W)``; ``log_sigma``: a scalar or ``(C,)``;
+    ``mask`` (0 or 1, ``target``'s shape, no gradient) keeps only some numbers."""
     if prediction.shape != target.shape:
         raise ValueError(f"shapes differ: {tuple(prediction.shape)} vs {tuple(target.shape)}")
     ls = log_sigma.float()
@@ -141,16 +138,10 @@ class RateTarget(nn.Module):
 
 def latent_distillation_nats(teacher_mu: Tensor, teacher_var: Tensor, student_mu: Tensor,
                              student_var: Tensor, temperature: float) -> Tensor:
-    """``KL(N(mu_t, T^2 var_t) || N(mu_s, T^2 var_s))`` in nats per image (batch mean).
-
-    All four tensors ``(B, C_t, h, w)``: the teacher posterior and the student posterior mapped
-    to the teacher's latent (mean and marginal variance). Per element::
-
-        0.5 ln(var_s / var_t) + var_t / (2 var_s) - 0.5 + (mu_t - mu_s)^2 / (2 T^2 var_s)
-
-    ``temperature`` (> 0) widens both distributions, which leaves the spread term unchanged and
-    divides the mean term by ``T^2``. Variances are floored at ``VAR_FLOOR``.
-    """
+    """``KL(N(mu_t, T^2 var_t) || N(mu_s, T^2 var_s))`` in nats per image (batch mean); all
+    four ``(B, C_t, h, w)``, the student mapped to the teacher's latent. Per element
+    ``0.5 ln(var_s / var_t) + var_t / (2 var_s) - 0.5 + (mu_t - mu_s)^2 / (2 T^2 var_s)``;
+    variances floored at ``VAR_FLOOR``."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     var_t = teacher_var.float().clamp(min=VAR_FLOOR)
@@ -162,20 +153,14 @@ def latent_distillation_nats(teacher_mu: Tensor, teacher_var: Tensor, student_mu
 
 def output_distillation_nll(student_output: Tensor, teacher_output: Tensor, log_sigma: Tensor,
                             mask: Tensor | None = None) -> Tensor:
-    """``-log N(teacher_output | student_output, sigma^2)`` in nats per image, with the
-    reconstruction's scale ``log_sigma`` detached (the teacher term does not set the scale).
-
-    ``student_output, teacher_output``: ``(B, 3, H, W)`` in [0, 1]; ``mask`` as in
-    :func:`gaussian_nll` (e.g. only the pixels where the teacher is closer to the image).
-    """
+    """``-log N(teacher_output | student_output, sigma^2)`` in nats per image (``(B, 3, H, W)``
+    in [0, 1]), the reconstruction's ``log_sigma`` detached; ``mask`` as in :func:`gaussian_nll`."""
     return gaussian_nll(student_output, teacher_output.detach(), log_sigma.detach(), mask)
 
 
 def value_shares(weighted: Mapping[str, Tensor | float]) -> dict[str, float]:
-    """Each weighted term's share ``|w_i L_i| / sum_j |w_j L_j|`` of the objective, in [0, 1].
-
-    Absolute values, because a Gaussian NLL with a small scale is negative.
-    """
+    """Each weighted term's share ``|w_i L_i| / sum_j |w_j L_j|`` of the objective, in [0, 1]
+    (absolute: a Gaussian NLL with a small scale is negative)."""
     vals = {k: abs(float(v.detach() if isinstance(v, Tensor) else v))
             for k, v in weighted.items()}
     total = sum(vals.values())
@@ -185,9 +170,7 @@ def value_shares(weighted: Mapping[str, Tensor | float]) -> dict[str, float]:
 def gradient_shares(weighted: Mapping[str, Tensor], parameters: Sequence[Tensor]
                     ) -> dict[str, float]:
     """Each weighted term's share ``||g_i|| / sum_j ||g_j||`` of the gradient norm over
-    ``parameters`` (``g_i`` the gradient of term i alone; one backward pass per term, the graph
-    is kept). A term that does not reach the parameters has share 0.
-    """
+    ``parameters`` (one backward pass per term, the graph kept; unreached terms: 0)."""
     params = [p for p in parameters if p.requires_grad]
     norms = {}
     for name, term in weighted.items():
@@ -214,10 +197,8 @@ RATE_STEP = 0.5
 
 
 class TeacherTargets(NamedTuple):
-    """What the frozen teacher says about a batch (from the model or the teacher cache).
-
-    mu, logvar: ``(B, teacher_dim, H/8, W/8)``; reconstruction: ``(B, 3, H, W)`` in [0, 1].
-    """
+    """The frozen teacher's outputs for a batch: ``mu``, ``logvar`` ``(B, teacher_dim, H/8,
+    W/8)``, ``reconstruction`` ``(B, 3, H, W)`` in [0, 1]."""
 
     mu: Tensor
     logvar: Tensor
@@ -226,10 +207,8 @@ class TeacherTargets(NamedTuple):
 
 @torch.no_grad()
 def teacher_targets(teacher: nn.Module, x: Tensor) -> TeacherTargets:
-    """The frozen ``teacher``'s outputs for images ``x`` (B, 3, H, W) in [0, 1], in float32.
-
-    Put the teacher in eval mode first (then its latent is the posterior mean, not a sample).
-    """
+    """The ``teacher``'s outputs (float32) for images ``x`` (B, 3, H, W) in [0, 1]; put the
+    teacher in eval mode first."""
     out = teacher(x)
     return TeacherTargets(out.mu.float(), out.logvar.float(), out.reconstruction.float())
 
@@ -296,24 +275,10 @@ class Trainable(nn.Module):
 
 class DistillLoss(nn.Module):
     """The weighted five-term objective in nats per image; ``forward`` returns every term
-    (unweighted) and ``"total"`` (the weighted sum).
-
-    Args:
-        recon_weight, kl_weight, distill_latent_weight, distill_recon_weight, perceptual_weight:
-            term weights (>= 0).
-        kl_free_bits: KL floor in nats per latent element; ``free_bits_mode``: ``"total"`` (one
-            floor on the whole latent's KL) or ``"channel"`` (one per latent channel).
-        kl_target: hold the KL at this many nats per latent element instead: the KL term (no
-            floor) is weighted by a Lagrange multiplier (:class:`~hrm_vision.train.loss.RateTarget`,
-            starting at ``kl_weight``) that :meth:`after_step` moves after each optimizer step.
-        temperature: latent distillation temperature (> 0).
-        bounded: teacher-bounded output distillation (see ``distill_recon`` above).
-        perceptual: a frozen backbone mapping images in [0, 1] to a list of feature maps, or
-            ``None`` (then ``perceptual_weight`` must be 0).
-
-    The learned likelihood scale is the submodule ``scale``: the phases train it with the model
-    and save it in the checkpoints.
-    """
+    (unweighted) and ``"total"`` (the weighted sum). The arguments are the config fields of the
+    same names (``bounded``: ``distill_recon_bounded``); ``kl_target`` weights the KL (no floor)
+    by a :class:`RateTarget` starting at ``kl_weight``; ``perceptual``: a frozen backbone
+    (images in [0, 1] to feature maps) or ``None``. ``scale`` is the learned likelihood scale."""
 
     def __init__(self, *, recon_weight: float = 0.3, kl_weight: float = 0.1,
                  distill_latent_weight: float = 0.3, distill_recon_weight: float = 0.2,
@@ -418,13 +383,9 @@ class DistillLoss(nn.Module):
 
     def forward(self, x: Tensor, student: VAEOutput, adapted: tuple[Tensor, Tensor] | None,
                 teacher: TeacherTargets | None) -> dict[str, Tensor]:
-        """Terms for images ``x`` (B, 3, H, W) in [0, 1] and the student's forward output.
-
-        ``adapted`` is ``adapt(adapter, student.mu, student.logvar)`` (needed with a teacher).
-
-        A term whose weight is 0 and that cannot be computed (no teacher, no backbone) is 0.
-        Returns ``{term: scalar tensor}`` for the five terms plus ``"total"``.
-        """
+        """``{term: scalar}`` for the five terms and ``"total"`` of images ``x`` (B, 3, H, W) in
+        [0, 1]; ``adapted``: ``adapt(adapter, student.mu, student.logvar)`` (with a teacher). A
+        term that cannot be computed (no teacher, no backbone) is 0."""
         if teacher is None and self.needs_teacher:
             raise ValueError("the distillation terms have non-zero weights but no teacher "
                              "outputs were given")
@@ -472,12 +433,8 @@ def _freeze(module: nn.Module) -> nn.Module:
 
 
 class VGG16Features(nn.Module):
-    """VGG16 feature maps at ``VGG_LAYERS`` of ImageNet-normalised images.
-
-    Args:
-        state_dict: torchvision ``vgg16`` weights (a full state dict, or only the ``features.*``
-            keys of the layers used); ``None`` keeps random weights (for tests only).
-    """
+    """VGG16 feature maps at ``VGG_LAYERS`` of ImageNet-normalised images; ``state_dict``:
+    torchvision ``vgg16`` weights (at least the ``features.*`` used; ``None``: random)."""
 
     def __init__(self, state_dict: dict[str, Tensor] | None = None) -> None:
         super().__init__()
@@ -525,12 +482,8 @@ class _AllTapped(Exception):
 
 
 class TeacherFeatures(nn.Module):
-    """Outputs of the first ``blocks`` encoder blocks a frozen teacher VAE runs, in call order.
-
-    ``(B, 3, H, W)`` images in [0, 1] -> a list of ``blocks`` feature maps. The teacher's
-    ``encoder`` runs with forward hooks on its blocks (:func:`encoder_blocks`) and stops once
-    ``blocks`` of them have run.
-    """
+    """``(B, 3, H, W)`` images in [0, 1] -> the outputs of the first ``blocks`` encoder blocks
+    (:func:`encoder_blocks`) of a frozen teacher, in call order; the encoder stops there."""
 
     def __init__(self, teacher: VAEBase, blocks: int = TEACHER_BLOCKS) -> None:
         super().__init__()
@@ -573,10 +526,8 @@ def hub_vgg16_path() -> Path:
 
 
 def find_vgg16_weights(path: str | os.PathLike[str] | None = None) -> Path | None:
-    """The VGG16 weights file to use without downloading, or ``None`` if there is none.
-
-    An explicit ``path`` must exist (``ValueError`` otherwise); else the torch hub cache is used.
-    """
+    """The VGG16 weights file: ``path`` (``ValueError`` if missing), else the torch hub cache's,
+    else ``None``."""
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -606,11 +557,8 @@ def resolve_backbone(kind: str, vgg16_weights: str | None = None,
 
 def build_perceptual(kind: str, teacher: VAEBase | None = None, vgg16_weights: str | None = None,
                      allow_download: bool = False) -> tuple[nn.Module, str]:
-    """The backbone for ``kind`` (``auto``, ``vgg16`` or ``teacher``) and the name it resolved to.
-
-    ``vgg16`` without local weights downloads them only when ``allow_download``; otherwise it
-    raises a ``ValueError`` saying how to proceed. ``teacher`` needs ``teacher``.
-    """
+    """The backbone for ``kind`` (``auto``, ``vgg16`` or ``teacher``) and its resolved name;
+    ``vgg16`` downloads its weights only with ``allow_download`` (see :func:`resolve_backbone`)."""
     kind = resolve_backbone(kind, vgg16_weights, allow_download)
     if kind == "teacher":
         if teacher is None:

@@ -1,32 +1,19 @@
-"""The training loop of a distillation run, top to bottom: processes and data, optimisation,
-state, the phases, one phase's epochs and steps, the run, resume, the command.
+"""The training loop of a distillation run: processes and data, optimisation, state, the
+phases, one phase's epochs and steps, the run, resume, the command.
 
 ``Distiller(config).run(resume=None)`` runs up to three phases, each with its own optimizer:
-``teacher`` pre-trains the teacher VAE (recon + KL) when the loss needs a teacher and none is
-given (``teacher_checkpoint``) or found (``checkpoint_dir/teacher.pth``), its best epoch becoming
-``teacher.pth``; ``distill`` trains the student and the latent adapter against the frozen teacher
-with :class:`~hrm_vision.train.loss.DistillLoss`; ``finetune`` (``finetune_epochs > 0``) trains
-the student alone from the best distilled one, encoder frozen for the first half.
+``teacher`` pre-trains the teacher VAE when the loss needs one and none is given or found (its
+best epoch becomes ``teacher.pth``); ``distill`` trains the student and the latent adapter
+against the frozen teacher; ``finetune`` trains the student alone from the best distilled one.
 
-Files: ``*_last.pth`` is the resumable state of a phase (models, optimizer, scheduler, scaler,
-RNG, raw weights of the average); ``tinyvae_best.pth``, ``teacher_best.pth``, ``teacher.pth`` and
-``tinyvae_epoch_XXX.pth`` are deployable (models, architecture, metadata; no optimizer state).
-**Best** is the epoch with the highest validation PSNR (the earliest on ties);
-``tinyvae_best.pth`` is the best student over distillation and fine-tuning.
-
-The epoch commit: the callbacks run first, then ``history.json``, the snapshot every
-``save_interval`` epochs, ``*_best.pth`` when the epoch is the best so far, and last
-``*_last.pth`` (each file atomically). Killed before the commit, a resumed run trains the epoch
-again and rewrites those files with the same content. A stop signal (SIGINT/SIGTERM) saves
-``*_last.pth`` after the current optimizer step and raises :class:`TrainingInterrupted`.
-
-Bad steps: a non-finite loss skips the batch; an optimizer step that leaves a non-finite
-parameter, buffer or optimizer state is undone (:class:`LastGoodState`). Neither counts as a step;
-``max_bad_steps`` in a row, or an epoch with no kept step, raise :class:`TrainingDiverged`.
-
-Under ``torchrun`` every rank runs this file; rank 0 alone logs and writes; the sample order of
-epoch ``e`` depends only on ``(seed, e)``. Every input (config, resume checkpoint, teacher, data)
-is checked before anything is written into ``checkpoint_dir``.
+``*_last.pth`` is a phase's resumable state; ``tinyvae_best.pth`` (the highest validation PSNR,
+earliest on ties, over distillation and fine-tuning), ``teacher_best.pth``, ``teacher.pth`` and
+``tinyvae_epoch_XXX.pth`` are deployable (no optimizer state). The epoch commit writes, each
+file atomically, ``history.json``, the snapshot, ``*_best.pth`` and last ``*_last.pth``. A
+SIGINT/SIGTERM saves ``*_last.pth`` after the current step. A non-finite loss skips the batch,
+a step leaving a non-finite tensor is undone; ``max_bad_steps`` in a row raise
+:class:`TrainingDiverged`. Under ``torchrun`` rank 0 alone logs and writes. Every input is
+checked before anything is written into ``checkpoint_dir``.
 """
 
 from __future__ import annotations
@@ -145,14 +132,6 @@ class DistContext:
         return self.world_size > 1
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name) or str(default)
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
-
-
 def init_distributed(device: str | None = None) -> DistContext:
     """The context of this process, joining the torchrun process group (gloo on CPU, nccl on
     CUDA, ``cuda:LOCAL_RANK``) when ``WORLD_SIZE > 1``. ``device`` None: cuda if available."""
@@ -168,10 +147,10 @@ def init_distributed(device: str | None = None) -> DistContext:
                              "--device cpu")
         if resolved.type not in ("cpu", "cuda"):
             raise ValueError(f"device {device!r} is not supported; use 'cpu' or 'cuda'")
-    world_size = _env_int("WORLD_SIZE", 1)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size <= 1:
         return DistContext(device=resolved)
-    rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     if resolved.type == "cuda":
         resolved = torch.device("cuda", local_rank)
         torch.cuda.set_device(resolved)
@@ -471,11 +450,9 @@ class LastGoodState:
 
 @dataclass
 class TrainState:
-    """Where a phase stands: ``epoch`` completed epochs, ``step_in_epoch`` batches of the current
-    one done, ``global_step`` optimizer steps, ``best_psnr`` the best validation PSNR so far,
-    ``running``/``count`` sample-weighted sums of this epoch's training terms, ``time_s``
-    training seconds before an interruption, ``bad_steps`` skipped or undone steps of the phase,
-    ``good_steps`` kept steps of this epoch."""
+    """Where a phase stands: ``epoch`` completed, ``step_in_epoch`` batches done, the best
+    validation PSNR, this epoch's sample-weighted term sums (``running``/``count``), ``time_s``
+    before an interruption, the phase's ``bad_steps`` and this epoch's ``good_steps``."""
 
     epoch: int = 0
     step_in_epoch: int = 0
@@ -634,10 +611,8 @@ def pooled_psnr(values: dict[str, float]) -> dict[str, float]:
 
 
 class Phase:
-    """One training phase: what trains (``model``, a :class:`Trainable` of ``vae``, the loss's
-    likelihood scale and maybe ``adapter``), its loss, its validation and its files. ``vae`` is
-    saved under ``role``; ``teacher`` (None: none) gives the targets. ``criterion`` None: a loss
-    of its own (nothing calibrated, no term shares)."""
+    """One training phase: what trains (``model``: ``vae``, the likelihood scale, maybe
+    ``adapter``), its loss, validation and files; ``vae`` is saved under ``role``."""
 
     criterion: DistillLoss | None = None
     name = ""
@@ -715,10 +690,8 @@ class Phase:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Validation metrics, the same on every rank: every loss term, ``psnr`` (mean decode)
-        and ``psnr_sample``, the rate, SSIM; with a teacher also its PSNR/SSIM,
-        ``quality_ratio``, the latent CKA (adapted and raw) and ``cross_psnr``
-        (``teacher.decode(adapter(vae.encode(x)))``)."""
+        """Validation metrics (the same on every rank): the loss terms, PSNR, rate, SSIM; with a
+        teacher its PSNR/SSIM, ``quality_ratio``, latent CKA and ``cross_psnr``."""
         self.vae.eval()
         latents: dict[str, list[Tensor]] = {"student": [], "adapted": [], "teacher": []}
 
@@ -863,18 +836,17 @@ class FinetunePhase(DistillPhase):
 # ================================================================ one phase: epochs and steps
 
 class PhaseLoop:
-    """Trains ``phase`` for its epochs on ``loader`` (``(index, images)`` batches) and writes its
-    files on rank 0. It reports through ``emit(hook, *args)`` (the callbacks), reads a pending
-    stop signal from ``stop_signal()``, and keeps its records in the shared ``history``.
-    ``best``: the validation PSNR an epoch must beat (an inherited best file's value)."""
+    """Trains ``phase`` on ``loader`` (``(index, images)`` batches), writes its files on rank 0,
+    reports through ``emit(hook, *args)``, stops on ``stop_signal()``; ``best``: the validation
+    PSNR an epoch must beat."""
 
     def __init__(self, phase: Phase, *, ctx: DistContext, loader: DataLoader,
                  history: list[dict[str, Any]], emit: Callable[..., None],
                  stop_signal: Callable[[], str | None], best: float = -math.inf) -> None:
         config = phase.ctx.config
-        self.phase, self.config, self.ctx = phase, config, ctx
-        self.loader, self.history, self.emit = loader, history, emit
-        self.stop_signal, self.out_dir = stop_signal, Path(config.checkpoint_dir)
+        self.phase, self.config, self.ctx, self.loader = phase, config, ctx, loader
+        self.history, self.emit, self.stop_signal = history, emit, stop_signal
+        self.out_dir = Path(config.checkpoint_dir)
         self.module = phase.trainable()
         phase.calibrate()  # before the DDP wrapper (rank 0's value) and the weight average
         self.wrapped = wrap_ddp(self.module, ctx)
@@ -1114,37 +1086,6 @@ class PhaseLoop:
             save_checkpoint(payload if name == self.phase.last_file else deployable,
                             self.out_dir / name, require_finite=True)
 
-    def restore(self, payload: dict[str, Any], source: str) -> None:
-        """Continue from a checked ``*_last.pth`` payload of this phase (models first: a
-        mismatch names the keys), then the average, optimizer, scheduler, scaler, RNG."""
-        self.phase.load_models(payload, source)
-        if self.average is not None:
-            if "train_state_dict" in payload:
-                check_fits(self.module, payload["train_state_dict"], f"{source} "
-                           "(train_state_dict)")
-            updates = payload.get("ema_updates", 1)
-            if not _int(updates) or updates < 0:
-                raise CheckpointError(f"{source}: ema_updates must be an integer >= 0, got "
-                                      f"{updates!r}")
-            self.average.restore(payload)
-        bad = non_finite_tensors(payload["optimizer_state_dict"])
-        if bad:
-            raise CheckpointError(f"{source}: the optimizer state holds NaN or infinite values "
-                                  f"in {', '.join(bad[:5])}")
-        for key, restore in (("optimizer_state_dict", self.optimizer.load_state_dict),
-                          ("scheduler_state_dict", self.scheduler.load_state_dict),
-                          ("scaler_state_dict", lambda s: s and self.scaler.load_state_dict(s)),
-                          ("rng_state", set_rng_state)):
-            try:
-                restore(payload[key])
-            except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
-                raise CheckpointError(f"{source}: {key} does not fit this run: "
-                                      f"{type(exc).__name__}: {exc}") from exc
-        known = {f.name for f in fields(TrainState)}
-        self.state = TrainState(**{k: v for k, v in payload.items() if k in known})
-        self.history[:] = payload["history"]
-        self.restored = True
-
 
 # ================================================================ the run
 
@@ -1196,15 +1137,9 @@ def config_differences(stored: dict[str, Any], config: DistillConfig) -> list[st
 
 
 class Distiller:
-    """Runs the phases of one config.
-
-    Args:
-        config: the run's :class:`DistillConfig`.
-        callbacks: added after the default ones (pictures, console, TensorBoard with
-            ``config.tensorboard``); rank 0 only.
-        ctx: a distributed context (default: ``init_distributed(config.device)``).
-        console: show the progress bar and console log.
-    """
+    """Runs the phases of ``config``; ``callbacks`` come after the default ones (rank 0 only),
+    ``ctx`` defaults to ``init_distributed(config.device)``, ``console`` shows the progress bar
+    and console log."""
 
     def __init__(self, config: DistillConfig, callbacks: Sequence[Callback] = (),
                  ctx: DistContext | None = None, console: bool = True) -> None:
@@ -1247,10 +1182,8 @@ class Distiller:
 
     def run(self, resume: str | Path | None = None, force_resume: bool = False
             ) -> dict[str, Path]:
-        """Run the phases, continuing ``resume`` (a ``*_last.pth`` or ``"auto"``; the fields
-        that shape the run must equal the checkpoint's unless ``force_resume``). Every input is
-        checked before the first write. Returns the files (``best``, ``last``, ``teacher``,
-        ``history``, ``config``)."""
+        """Run the phases, continuing ``resume`` (a ``*_last.pth`` or ``"auto"``); returns the
+        files (``best``, ``last``, ``teacher``, ``history``, ``config``)."""
         c = self.config
         # One writer per folder: rank 0 holds the lock for the whole run, before it reads a
         # checkpoint to resume, deletes temporaries or writes the effective config.
@@ -1358,7 +1291,7 @@ class Distiller:
                                      history=self.history, emit=self._emit,
                                      stop_signal=lambda: self.stop_signal, best=best)
         if payload is not None:
-            self._resume_phase(loop, payload)
+            self._resume(loop, payload)
         loop.run()
 
     # ---------------------------------------------------------------- the teacher
@@ -1453,13 +1386,39 @@ class Distiller:
                               f"teacher {named}, which is not there: put that file back (or pass "
                               "a copy as --teacher-checkpoint FILE with --force-resume)")
 
-    def _resume_phase(self, loop: PhaseLoop, payload: dict[str, Any]) -> None:
-        """Restore ``loop``; say when no epoch is left; resumed into a new folder, bring the
-        phase's best file along when it is the best the state knows (else the best is picked
-        again among the epochs still to train)."""
+    def _resume(self, loop: PhaseLoop, payload: dict[str, Any]) -> None:
+        """Continue ``loop`` from its checked ``*_last.pth`` payload: the models (the averaged
+        weights; a mismatch names the keys), the average, optimizer, scheduler, scaler, RNG and
+        position. Resumed into a new folder, the phase's best file comes along when it is the
+        best the state knows (else the best is picked again among the epochs still to train)."""
         source, phase = self.resume_source, loop.phase
-        loop.restore(payload, f"{source} ({payload['phase']} phase)")
-        state = loop.state
+        where = f"{source} ({phase.name} phase)"
+        phase.load_models(payload, where)
+        if loop.average is not None:
+            if "train_state_dict" in payload:
+                check_fits(loop.module, payload["train_state_dict"], f"{where} (train_state_dict)")
+            updates = payload.get("ema_updates", 1)
+            if not _int(updates) or updates < 0:
+                raise CheckpointError(f"{where}: ema_updates must be an integer >= 0, got "
+                                      f"{updates!r}")
+            loop.average.restore(payload)
+        bad = non_finite_tensors(payload["optimizer_state_dict"])
+        if bad:
+            raise CheckpointError(f"{where}: the optimizer state holds NaN or infinite values in "
+                                  f"{', '.join(bad[:5])}")
+        for key, restore in (("optimizer_state_dict", loop.optimizer.load_state_dict),
+                             ("scheduler_state_dict", loop.scheduler.load_state_dict),
+                             ("scaler_state_dict", lambda s: s and loop.scaler.load_state_dict(s)),
+                             ("rng_state", set_rng_state)):
+            try:
+                restore(payload[key])
+            except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
+                raise CheckpointError(f"{where}: {key} does not fit this run: "
+                                      f"{type(exc).__name__}: {exc}") from exc
+        known = {f.name for f in fields(TrainState)}
+        loop.state = state = TrainState(**{k: v for k, v in payload.items() if k in known})
+        loop.history[:] = payload["history"]
+        loop.restored = True
         self.message(f"resuming {phase.name} from {source} (epoch {state.epoch}, batch "
                      f"{state.step_in_epoch})")
         done = state.epoch >= phase.epochs
@@ -1539,11 +1498,9 @@ def summary(files: dict[str, Path], history: list[dict[str, Any]]) -> str:
 
 
 def command(argv: list[str] | None = None, prog: str = "hrm-vision distill") -> int:
-    """Parse ``argv`` (flags override ``--config FILE``, which overrides the defaults), run the
-    distiller, print where the results are. Returns 0 done (also a resume with nothing left to
-    do), 1 diverged, 130/143 stopped by SIGINT/SIGTERM after saving; an expected failure (bad
-    config, checkpoint, dataset, unwritable file) raises for the caller's one-line error
-    (``hrm_vision.cli.run_main``: status 2)."""
+    """Run the distiller of ``argv`` (flags over ``--config FILE`` over the defaults) and print
+    where the results are. Returns 0 done, 1 diverged, 130/143 stopped by SIGINT/SIGTERM after
+    saving; an expected failure raises (``hrm_vision.cli.run_main`` makes it status 2)."""
     args = build_parser(prog).parse_args(argv)
     distiller = None
     try:
