@@ -165,3 +165,25 @@ def test_readme_is_short_and_keeps_its_promises() -> None:
     # measured numbers, with the command that produced them and the date of the measurement
     assert "placeholder" not in results.lower() and "hrm-vision evaluate" in results
     assert re.search(r"\d+\.\d+ dB", results) and re.search(r"20\d\d-\d\d-\d\d", results)
+
+
+# ------------------------------------------------------------------------- robustness table
+def robustness_selections() -> list[tuple[str, list[str]]]:
+    """Each ``pytest tests/FILE.py [-k EXPR]`` docs/robustness.md names: the file and the
+    words of its ``-k`` expression (``and``/``or``/``not`` left out)."""
+    text = (DOCS / "robustness.md").read_text()
+    found = []
+    for path, expr in re.findall(r"pytest (tests/[\w/]+\.py)(?: -k (\"[^\"]+\"|[\w\[\]-]+))?",
+                                 text):
+        words = [w for w in re.findall(r"[\w\[\]-]+", expr) if w not in ("and", "or", "not")]
+        found.append((path, words))
+    return found
+
+
+def test_every_guarantee_names_a_test_that_exists() -> None:
+    """The tests docs/robustness.md points at exist: the file, and each ``-k`` word in it."""
+    selections = robustness_selections()
+    assert len(selections) > 20
+    missing = [(path, w) for path, words in selections for w in ["", *words]
+               if not (ROOT / path).is_file() or w not in (ROOT / path).read_text()]
+    assert not missing, missing
