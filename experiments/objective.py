@@ -104,8 +104,7 @@ def validate(model: torch.nn.Module, val: torch.Tensor, spectrum: torch.Tensor,
     model.train()
     return {"psnr_mu": psnr(model.decode(mu), val), "psnr_z": psnr(model.decode(z), val),
             "kl_nats_per_element": kl, "bits_per_pixel": rate.bits_per_pixel(kl, c),
-            "water_filling_db": psnr_from_mse(rate.water_filling(
-                spectrum, rate.patch_rate_nats(kl, c))),
+            "water_filling_db": psnr_from_mse(rate.water_filling(spectrum, kl * c)),
             "uniform_db": psnr_from_mse(rate.uniform_allocation(spectrum, kl, c))}
 
 
@@ -199,7 +198,7 @@ def references(spectrum: torch.Tensor, rates: Sequence[float], channels: int = 1
     lines = ["| nats per latent element | bits per pixel | water-filling PSNR (dB) | "
              "uniform allocation PSNR (dB) |", "|---|---|---|---|"]
     for r in rates:
-        water = rate.water_filling(spectrum, rate.patch_rate_nats(r, channels))
+        water = rate.water_filling(spectrum, r * channels)
         uniform = rate.uniform_allocation(spectrum, r, channels)
         lines.append(f"| {r:g} | {rate.bits_per_pixel(r, channels):.2f} | "
                      f"{psnr_from_mse(water):.2f} | {psnr_from_mse(uniform):.2f} |")

@@ -1,15 +1,8 @@
-"""Optional dependencies: import them where they are used, with an error naming the extra.
-
-The core install (``pip install hrm-vision``) holds what loading a model, a checkpoint and the
-IRP plugin need: torch, numpy, pydantic, pluggy, jsonschema. Everything else comes with an extra
-(see ``[project.optional-dependencies]`` in ``pyproject.toml``), and code that needs it imports
-it through :func:`require`, at the point of use:
+"""Optional dependencies, imported where they are used through :func:`require`, which names
+the extra to install (``[project.optional-dependencies]`` in ``pyproject.toml``) when one is
+missing. The core install holds torch, numpy, pydantic, pluggy and jsonschema.
 
 >>> skimage_data = require("skimage.data", extra="photos")   # doctest: +SKIP
-
-When the module is missing the user gets one line saying what to install, for example
-``the 'photos' dataset needs scikit-image (module 'skimage'), which is not installed:
-pip install 'hrm-vision[photos]'``.
 """
 
 from __future__ import annotations
@@ -17,19 +10,11 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-#: Distribution name (what pip installs) of each optional top-level module.
+#: Distribution name (what pip installs) of the optional top-level modules not named like it.
 DISTRIBUTIONS: dict[str, str] = {
     "PIL": "pillow",
     "cv2": "opencv-python-headless",
-    "matplotlib": "matplotlib",
-    "onnx": "onnx",
-    "onnxruntime": "onnxruntime",
-    "onnxscript": "onnxscript",
     "skimage": "scikit-image",
-    "tensorboard": "tensorboard",
-    "torchmetrics": "torchmetrics",
-    "torchvision": "torchvision",
-    "tqdm": "tqdm",
 }
 
 #: The extra that brings each optional top-level module (the first one that has it).
@@ -58,13 +43,9 @@ class MissingExtraError(ImportError):
 
 def missing_extra(module: str, extra: str | None = None,
                   purpose: str | None = None) -> MissingExtraError:
-    """The error for optional ``module`` (dotted name allowed) that could not be imported.
-
-    Args:
-        module: the module that failed to import, e.g. ``"skimage.data"``.
-        extra: the extra that provides it (default: looked up in :data:`EXTRAS`, else ``all``).
-        purpose: what needs it, for the message (default: ``"this feature"``).
-    """
+    """The error for optional ``module`` (e.g. ``"skimage.data"``) that could not be imported:
+    ``"{purpose} needs {distribution} (module ...), which is not installed: pip install ..."``,
+    ``extra`` defaulting to :data:`EXTRAS`' entry (else ``all``)."""
     top = module.split(".")[0]
     extra = extra or EXTRAS.get(top, "all")
     dist = DISTRIBUTIONS.get(top, top)

@@ -161,9 +161,6 @@ class CompactVAE(VAEBase):
                              f"{len(widths)} stages, got {image_size}")
         if min(widths) < 1 or blocks < 0:
             raise ValueError(f"widths must be positive and blocks >= 0, got {widths}, {blocks}")
-        if latent_dim > input_channels * image_size ** 2:
-            raise ValueError(f"latent_dim {latent_dim} exceeds the image's "
-                             f"{input_channels * image_size ** 2} numbers")
         self.in_channels = input_channels
         self.image_size = image_size
         self.downsample_factor = image_size
@@ -186,20 +183,17 @@ class CompactVAE(VAEBase):
             raise ValueError(f"expected {s}x{s} crops, got {x.shape[2]}x{x.shape[3]}; "
                              f"resize the input to {s}x{s}")
 
-    def _check_latent(self, z: Tensor, shape: str = "", rank: int = 2) -> None:
-        super()._check_latent(z, shape, rank)
-
     @torch.no_grad()
     def init_from_data(self, images: Tensor) -> None:
         """Fit the basis to the PCA of the first :data:`MAX_FIT_IMAGES` of ``images`` (N, C, S,
         S) in [0, 1] (more than ``latent_dim``) and re-allocate the rate of ``LOGVAR_INIT``."""
         self._check_images(images)
-        fitted = fit_crop_pca(images[:MAX_FIT_IMAGES].float().cpu(), self.latent_dim)
+        crops = images[:MAX_FIT_IMAGES].float().cpu()
+        fitted = fit_crop_pca(crops, self.latent_dim)
         for basis in (self.encoder.basis, self.decoder.basis):
             basis.set_basis(*fitted)
         enc_w, enc_b, dec_w, _ = self.linear_path()
-        crops = images[:MAX_FIT_IMAGES].float().cpu().flatten(1)
-        logvar = allocated_logvar(enc_w, enc_b, dec_w, crops, LOGVAR_INIT)
+        logvar = allocated_logvar(enc_w, enc_b, dec_w, crops.flatten(1), LOGVAR_INIT)
         self.encoder.head.bias[self.latent_dim:] = logvar.to(self.encoder.head.bias)
 
     @torch.no_grad()

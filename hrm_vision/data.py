@@ -55,18 +55,6 @@ class UnsupportedImageError(ValueError):
     """An image file whose pixel values cannot be mapped to [0, 1]; the message says why."""
 
 
-def max_pixels_default() -> int:
-    """:data:`MAX_PIXELS`, or the positive integer (else a ``ValueError``) in its variable."""
-    raw = os.environ.get(MAX_PIXELS_ENV, str(MAX_PIXELS))
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise ValueError(f"{MAX_PIXELS_ENV}={raw!r}: expected a positive integer")
-    return value
-
-
 def _pil(purpose: str) -> tuple[Any, Any]:
     image = require("PIL.Image", extra="train", purpose=purpose)
     return image, require("PIL.ImageOps", extra="train", purpose=purpose)
@@ -111,7 +99,12 @@ def open_image(path: str | os.PathLike[str], purpose: str = "reading images",
     ``ValueError`` for an image with no pixels."""
     image, ops = _pil(purpose)
     path = Path(path)
-    limit = max_pixels_default() if max_pixels is None else max_pixels
+    limit = max_pixels
+    if limit is None:  # the positive integer in $HRM_VISION_MAX_IMAGE_PIXELS, or MAX_PIXELS
+        raw = os.environ.get(MAX_PIXELS_ENV, str(MAX_PIXELS))
+        limit = int(raw) if raw.strip().isdecimal() else 0
+        if limit <= 0:
+            raise ValueError(f"{MAX_PIXELS_ENV}={raw!r}: expected a positive integer")
     if not stat.S_ISREG(os.stat(path).st_mode):  # a missing file: FileNotFoundError naming it
         raise UnsupportedImageError(f"{path}: not a regular file (a folder, FIFO, socket or "
                                     "device); only image files are read")
@@ -151,12 +144,11 @@ def read_image(path: str | os.PathLike[str], purpose: str = "reading images",
     return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
 
 
-def load_square_uint8(path: str | os.PathLike[str], image_size: int,
-                      purpose: str = "reading images") -> np.ndarray:
+def load_square_uint8(path: str | os.PathLike[str], image_size: int) -> np.ndarray:
     """``path`` as an ``(S, S, 3)`` uint8 RGB array: centre-cropped square, resized (Lanczos);
     16-bit and float files are scaled to [0, 1] and resized as floats, then rounded."""
-    image, ops = _pil(purpose)
-    img, fmt = open_image(path, purpose)
+    image, ops = _pil("the 'imagefolder' dataset")
+    img, fmt = open_image(path, "the 'imagefolder' dataset")
     size = (image_size, image_size)
     if not is_high_depth(img):
         square = ops.fit(img.convert("RGB"), size, method=image.Resampling.LANCZOS)
@@ -367,14 +359,6 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({
 VAL_FRACTION = 0.1  #: default fraction of the files in the validation split
 
 
-def find_images(root: Path) -> list[str]:
-    """Sorted POSIX paths (relative to ``root``) of image files under ``root``, recursively."""
-    found = [path.relative_to(root) for path in root.rglob("*")
-             if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()]
-    return sorted(rel.as_posix() for rel in found
-                  if not any(part.startswith(".") for part in rel.parts))
-
-
 def split_files(files: list[str], val_fraction: float, seed: int) -> dict[str, list[str]]:
     """``{"train": [...], "val": [...]}``: a file is val when a number in [0, 1) fixed by
     ``(seed, path)`` is below ``val_fraction``; each split gets a file when there are two."""
@@ -404,7 +388,10 @@ class ImageFolderImages(_Uint8Images):
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise ValueError(f"image folder not found: {self.root} (check --data-dir)")
-        all_files = find_images(self.root)
+        found = [path.relative_to(self.root) for path in self.root.rglob("*")
+                 if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()]
+        all_files = sorted(rel.as_posix() for rel in found
+                           if not any(part.startswith(".") for part in rel.parts))
         if not all_files:
             raise ValueError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found "
                              f"under {self.root}")
@@ -417,8 +404,7 @@ class ImageFolderImages(_Uint8Images):
         for rel in tqdm(candidates, desc=f"imagefolder {split}", unit="img", leave=False,
                         disable=len(candidates) < 1000):
             try:
-                arrays.append(load_square_uint8(self.root / rel, image_size,
-                                                purpose="the 'imagefolder' dataset"))
+                arrays.append(load_square_uint8(self.root / rel, image_size))
                 self.files.append(rel)
             except Exception as exc:  # PIL raises many types for broken files; all are skipped
                 self.skipped.append((rel, f"{type(exc).__name__}: {exc}".splitlines()[0]))
@@ -459,7 +445,5 @@ def validation_images(dataset: str, num_images: int, image_size: int,
                       data_dir: str = "./data", split: str = "val") -> Tensor:
     """The first ``num_images`` images of ``dataset``'s ``split`` (validation by default),
     (N, 3, S, S) in [0, 1]."""
-    if num_images < 1:
-        raise ValueError(f"num_images must be >= 1, got {num_images}")
     ds = build_dataset(dataset, split, image_size=image_size, data_dir=data_dir)
     return torch.stack([ds[i] for i in range(min(num_images, len(ds)))])

@@ -259,8 +259,7 @@ def measure_rate(model: VAEBase, name: str, images: Tensor | Sequence[Tensor], l
         model=name, images=label, latent_channels=round(c), kl_nats_per_element=nats,
         bits_per_pixel=rate.bits_per_pixel(nats, c),
         psnr_mu_db=psnr_from_mse(se_mu / pixels), psnr_sample_db=psnr_from_mse(se_z / pixels),
-        water_filling_psnr_db=psnr_from_mse(rate.water_filling(spectrum,
-                                                              rate.patch_rate_nats(nats, c))),
+        water_filling_psnr_db=psnr_from_mse(rate.water_filling(spectrum, nats * c)),
         uniform_psnr_db=psnr_from_mse(rate.uniform_allocation(spectrum, nats,
                                                              min(round(c), spectrum.numel()))))
 

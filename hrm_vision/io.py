@@ -14,10 +14,6 @@ do not exceed the widest stored tensor, at most :data:`MAX_NESTING` levels of ne
 :data:`MAX_METADATA_CHARS` characters of metadata; then exact keys, shapes (before a
 ``.safetensors`` file's data is read), dtypes and finite values. Every problem is a
 :class:`CheckpointError` naming the file.
-
-**Writes** (:func:`atomic_write`): a temporary ``.{name}.XXXXXXXX.tmp`` beside the file, fsync,
-``os.replace``, permissions ``0o666`` less the umask; a failed write is an ``OSError`` naming
-the file and leaves no temporary file.
 """
 
 from __future__ import annotations
@@ -34,7 +30,6 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from pathlib import Path
-from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
 import torch
@@ -263,9 +258,10 @@ def current_umask() -> int:
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> Path:
-    """Call ``write(f)`` on a temporary binary file next to ``path`` (parents created), fsync it
-    and ``os.replace`` it onto ``path``; returns ``path``. On a failure ``path`` is untouched
-    and an ``OSError`` behind it (even wrapped by ``write``) is raised again naming ``path``."""
+    """Call ``write(f)`` on a temporary ``.{name}.XXXXXXXX.tmp`` next to ``path`` (parents
+    created, permissions ``0o666`` less the umask), fsync it and ``os.replace`` it onto ``path``;
+    returns ``path``. On a failure ``path`` is untouched, the temporary file removed, and an
+    ``OSError`` behind it (even wrapped by ``write``) is raised again naming ``path``."""
     path = Path(path)
     tmp: str | None = None
     try:
@@ -360,8 +356,7 @@ class FolderLock:
     def __enter__(self) -> FolderLock:
         return self.acquire()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.release()
 
     def remove_stale_temporaries(self) -> list[Path]:
@@ -411,18 +406,14 @@ def to_cpu(value: Any) -> Any:
 
 def unwrap(module: nn.Module) -> nn.Module:
     """The plain module inside DDP (``.module``) or ``torch.compile`` (``._orig_mod``) wrappers."""
-    while True:
-        if hasattr(module, "module") and isinstance(module.module, nn.Module):
-            module = module.module
-        elif hasattr(module, "_orig_mod") and isinstance(module._orig_mod, nn.Module):
-            module = module._orig_mod
-        else:
-            return module
+    inner = getattr(module, "module", None)
+    if not isinstance(inner, nn.Module):
+        inner = getattr(module, "_orig_mod", None)
+    return unwrap(inner) if isinstance(inner, nn.Module) else module
 
 
 def model_entry(model: VAEBase, role: str) -> dict[str, Any]:
-    """``{role}_state_dict`` (CPU tensors, wrappers unwrapped) and ``{role}_arch``
-    (``{"name": <registry name>, **constructor kwargs}``) of ``model``."""
+    """``{role}_state_dict`` (CPU tensors, wrappers unwrapped) and ``{role}_arch`` of ``model``."""
     model = unwrap(model)  # type: ignore[assignment]
     arch = {"name": model_name(model), **model.arch_config()}
     return {f"{role}_state_dict": to_cpu(model.state_dict()), f"{role}_arch": arch}
@@ -506,7 +497,7 @@ def model_from_payload(payload: dict[str, Any], role: str = "student",
                        source: str = "checkpoint") -> VAEBase | LatentAdapter:
     """The ``role`` model of a loaded checkpoint dict, checked, in eval mode on the CPU; a
     ``CheckpointError`` listing the roles it has when it lacks ``role``."""
-    if f"{role}_state_dict" not in payload or f"{role}_arch" not in payload:
+    if role not in roles_in(payload):
         raise CheckpointError(f"{source} has no {role!r} model (keys {role}_state_dict and "
                               f"{role}_arch); it holds: {roles_in(payload) or 'no models'}")
     where = f"{source} ({role})"
@@ -520,9 +511,8 @@ def model_from_payload(payload: dict[str, Any], role: str = "student",
 def adapter_from_payload(payload: dict[str, Any], source: str = "checkpoint"
                          ) -> LatentAdapter | None:
     """The adapter of a checkpoint dict (:func:`model_from_payload`), None when it has none."""
-    if "adapter_state_dict" not in payload or "adapter_arch" not in payload:
-        return None
-    return model_from_payload(payload, ADAPTER_ROLE, source)
+    has = ADAPTER_ROLE in roles_in(payload)
+    return model_from_payload(payload, ADAPTER_ROLE, source) if has else None
 
 
 # ---------------------------------------------------------------------- safetensors

@@ -57,8 +57,7 @@ def linear_cka(a: Tensor, b: Tensor) -> float:
         raise ValueError(f"linear_cka needs the same N >= 2 rows, got {a.shape[0]}, {b.shape[0]}")
     x, y = (t.reshape(t.shape[0], -1).double() for t in (a, b))
     x, y = x - x.mean(0), y - y.mean(0)
-    # ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F), computed with N x N Gram matrices (cheap for N
-    # smaller than the feature count, which is the usual case for latents).
+    # ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) from the N x N Gram matrices
     kx, ky = x @ x.T, y @ y.T
     hsic = (kx * ky).sum()
     denom = torch.sqrt((kx * kx).sum() * (ky * ky).sum())

@@ -183,12 +183,11 @@ def water_level(eigenvalues: Tensor | Sequence[float], rate_nats: float) -> floa
     if positive.numel() == 0 or rate_nats == 0:
         return float(lam[0])
     logs = torch.cumsum(positive.log(), 0)
-    for m in range(1, positive.numel() + 1):
+    for m in range(1, positive.numel()):
         theta = math.exp((float(logs[m - 1]) - 2 * rate_nats) / m)
-        below = float(positive[m]) if m < positive.numel() else 0.0
-        if theta >= below:
+        if theta >= float(positive[m]):
             return theta
-    raise AssertionError("unreachable: the last active set always satisfies the condition")
+    return math.exp((float(logs[-1]) - 2 * rate_nats) / positive.numel())  # all active
 
 
 def water_filling(eigenvalues: Tensor | Sequence[float], rate_nats: float) -> float:
@@ -215,7 +214,3 @@ def bits_per_pixel(nats_per_element: float, latent_channels: int) -> float:
     ``nats_per_element`` nats each (5.77 bits per pixel for 2 nats at 128 channels)."""
     return nats_per_element * latent_channels / (PIXELS_PER_CELL * math.log(2))
 
-
-def patch_rate_nats(nats_per_element: float, latent_channels: int) -> float:
-    """Nats per 8x8 patch (per latent grid cell) of ``latent_channels`` elements."""
-    return nats_per_element * latent_channels

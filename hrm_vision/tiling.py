@@ -93,8 +93,12 @@ def _spans(cells: int, tile: int, halo: int) -> list[tuple[int, int, int, int]]:
 
 
 def _tiled(fn, x: Tensor, out_channels: int, scale_in: int, scale_out: int,  # noqa: ANN001
-           tile_cells: int, halo_cells: int) -> Tensor:
-    """Run ``fn`` on halo-extended tiles of ``x`` and assemble the cores (sides in cells)."""
+           tile: int, halo_cells: int) -> Tensor:
+    """Run ``fn`` on halo-extended tiles of ``x`` and assemble the cores (``tile`` in pixels of
+    the image side, a multiple of 8, the halo in cells)."""
+    if tile < CELL or tile % CELL:
+        raise ValueError(f"tile side must be a positive multiple of {CELL} pixels, got {tile}")
+    tile_cells = tile // CELL
     rows, cols = x.shape[2] // scale_in, x.shape[3] // scale_in
     out = x.new_empty(x.shape[0], out_channels, rows * scale_out, cols * scale_out)
     for r0, r1, a0, a1 in _spans(rows, tile_cells, halo_cells):
@@ -106,21 +110,14 @@ def _tiled(fn, x: Tensor, out_channels: int, scale_in: int, scale_out: int,  # n
     return out
 
 
-def _tile_cells(tile: int) -> int:
-    if tile < CELL or tile % CELL:
-        raise ValueError(f"tile side must be a positive multiple of {CELL} pixels, got {tile}")
-    return tile // CELL
-
-
 @torch.no_grad()
 def encode_tiled(vae: VAEBase, x: Tensor, tile: int = 256,
                  field: ReceptiveField | None = None) -> Tensor:
     """``vae.encode(x)`` on tiles with cores of ``tile`` pixels a side (a multiple of 8): ``x``
     (N, 3, H, W) in [0, 1] -> (N, C, H/8, W/8); ``field`` defaults to :func:`receptive_field`."""
     vae._check_images(x)
-    cells = _tile_cells(tile)
     field = field or receptive_field(vae)
-    return _tiled(vae.encode, x, vae.latent_dim, CELL, 1, cells, field.encode_cells)
+    return _tiled(vae.encode, x, vae.latent_dim, CELL, 1, tile, field.encode_cells)
 
 
 @torch.no_grad()
@@ -129,6 +126,5 @@ def decode_tiled(vae: VAEBase, z: Tensor, tile: int = 256,
     """``vae.decode(z)`` on tiles with cores of ``tile`` output pixels a side (a multiple of 8):
     ``z`` (N, C, h, w) -> (N, 3, 8h, 8w) in [0, 1]."""
     vae._check_latent(z)
-    cells = _tile_cells(tile)
     field = field or receptive_field(vae)
-    return _tiled(vae.decode, z, vae.in_channels, 1, CELL, cells, field.decode_cells)
+    return _tiled(vae.decode, z, vae.in_channels, 1, CELL, tile, field.decode_cells)

@@ -195,11 +195,12 @@ class VAEBase(nn.Module):
                              f"{self.downsample_factor}, got {x.shape[2]}x{x.shape[3]}; "
                              "resize or crop the input")
 
-    def _check_latent(self, z: Tensor, shape: str = "H/8, W/8", rank: int = 4) -> None:
+    def _check_latent(self, z: Tensor) -> None:
+        rank = 1 + len(self.latent_shape())  # 4, or 2 for one vector per image
         if not isinstance(z, Tensor) or z.dim() != rank or z.shape[1] != self.latent_dim:
             got = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
             raise ValueError(f"expected a latent of shape (B, {self.latent_dim}"
-                             f"{', ' + shape if shape else ''}), got {got}")
+                             f"{', H/8, W/8' if rank == 4 else ''}), got {got}")
         if not z.is_floating_point():
             raise ValueError(f"expected a float latent, got dtype {z.dtype}")
 
@@ -275,22 +276,15 @@ class Encoder(nn.Module):
             # a 3x3 convolution first; stages after the third stay on the H/8 grid
             entry = down(prev, w, kernel=3 if i == 0 else 1) if i < 3 else conv(prev, w)
             stages.append(nn.Sequential(entry, *(ResBlock(w) for _ in range(blocks))))
-        self.stages = nn.ModuleList(stages)
+        self.stages = nn.ModuleList(stages)  # the perceptual loss taps each stage
         self.mu_head = nn.Sequential(nn.ReLU(), zero_conv(widths[-1], latent_dim))
         self.logvar_head = nn.Sequential(nn.ReLU(), zero_conv(widths[-1], latent_dim, kernel=1))
         nn.init.constant_(self.logvar_head[1].bias, LOGVAR_INIT)
 
-    def features(self, x: Tensor) -> list[Tensor]:
-        """Outputs of each nonlinear stage, from ``x`` in [0, 1]."""
+    def forward(self, x: Tensor) -> Tensor:
         h = x * 2.0 - 1.0
-        feats = []
         for stage in self.stages:
             h = stage(h)
-            feats.append(h)
-        return feats
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.features(x)[-1]
         mu = self.linear(self.patches(x)) + self.mu_head(h)
         return torch.cat([mu, self.logvar_head(h)], dim=1)
 
@@ -403,10 +397,6 @@ class LatentAdapter(nn.Module):
         """Student latent (B, student_dim[, h, w]) -> teacher latent (B, teacher_dim[, h, w])."""
         return self.proj(z)
 
-    def _weight(self) -> Tensor:
-        """The map's matrix ``(teacher_dim, student_dim)``."""
-        return self.proj.weight.reshape(self.teacher_dim, self.student_dim)
-
     @torch.no_grad()
     def init_from_linear_paths(self, student: nn.Module, teacher: nn.Module) -> bool:
         """Start as the student's linear decoder path then the teacher's linear encoder path,
@@ -418,7 +408,7 @@ class LatentAdapter(nn.Module):
         if enc_w.shape[1] != dec_w.shape[0]:
             return False
         weight, bias = enc_w @ dec_w, enc_w @ dec_b + enc_b
-        if weight.shape != self._weight().shape:
+        if weight.shape != (self.teacher_dim, self.student_dim):
             return False
         self.proj.weight.copy_(weight.reshape(self.proj.weight.shape))
         self.proj.bias.copy_(bias)
@@ -427,7 +417,7 @@ class LatentAdapter(nn.Module):
     def variance(self, var: Tensor) -> Tensor:
         """Per-channel variance of ``W z + b`` for ``z ~ N(mu, diag(var))`` (the diagonal of
         ``W diag(var) W^T``), in the layout of :meth:`forward`."""
-        w2 = self._weight().pow(2)
+        w2 = self.proj.weight.reshape(self.teacher_dim, self.student_dim).pow(2)
         if self.vector:
             return var @ w2.T
         return F.conv2d(var, w2[:, :, None, None])

@@ -207,6 +207,3 @@ class TestUnits:
         assert patches.bits_per_pixel(2.0, 128) == pytest.approx(4 / math.log(2))
         assert patches.bits_per_pixel(2.0, 512) == pytest.approx(
             4 * patches.bits_per_pixel(2.0, 128))
-
-    def test_patch_rate(self) -> None:
-        assert patches.patch_rate_nats(0.5, 128) == 64.0
