@@ -276,8 +276,8 @@ class TeacherCache:
     """The frozen teacher's outputs for every index of a dataset, fp16 on the CPU: ``mu``,
     ``logvar`` ``(N, teacher_dim, H/8, W/8)``, ``reconstruction`` ``(N, 3, H, W)``."""
 
-    def __init__(self, mu: Tensor, logvar: Tensor, reconstruction: Tensor) -> None:
-        self.mu, self.logvar, self.reconstruction = mu, logvar, reconstruction
+    def __init__(self, *tensors: Tensor) -> None:
+        self.tensors = tensors
 
     @classmethod
     @torch.no_grad()
@@ -293,15 +293,9 @@ class TeacherCache:
             parts.append([v.half().cpu() for v in t])
         return cls(*(torch.cat(t) for t in zip(*parts, strict=True)))
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.mu, self.logvar,
-                                                           self.reconstruction))
-
     def lookup(self, index: Tensor, device: torch.device) -> TeacherTargets:
         """The cached targets of dataset indices ``index`` (B,), float32 on ``device``."""
-        return TeacherTargets(*(t[index].to(device).float()
-                                for t in (self.mu, self.logvar, self.reconstruction)))
+        return TeacherTargets(*(t[index].to(device).float() for t in self.tensors))
 
 
 # ================================================================ optimisation
@@ -381,66 +375,42 @@ class WeightAverage:
             self.module.load_state_dict(payload["train_state_dict"])
 
 
-def _kept(copy: Any, value: Any) -> Any:
-    """``value`` copied into ``copy`` when that is a tensor of its shape, dtype and device, else a
-    copy of its own (not a tensor: ``value`` itself)."""
-    if not isinstance(value, Tensor):
-        return value
-    if isinstance(copy, Tensor) and (copy.shape, copy.dtype, copy.device) == (
-            value.shape, value.dtype, value.device):
-        return copy.copy_(value)
-    return value.detach().clone()
+def _cloned(state: dict[Any, dict[str, Any]]) -> dict[Any, dict[str, Any]]:
+    return {p: {k: v.clone() if isinstance(v, Tensor) else v for k, v in entry.items()}
+            for p, entry in state.items()}
 
 
 class LastGoodState:
-    """A copy of ``module``'s floating-point tensors and ``optimizer``'s per-parameter state in
-    buffers on their own devices (refreshed in place by :meth:`save`), to undo a step that made
-    any of them non-finite (:meth:`restore` also drops state the step created)."""
+    """A copy of ``module``'s floating-point tensors and ``optimizer``'s per-parameter state, to
+    undo a step that made any of them non-finite (:meth:`restore` also drops state the step
+    created)."""
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.module, self.optimizer = module, optimizer
         self._module_copy: list[Tensor] = []
-        self._optim_copy: dict[int, dict[str, Any]] = {}
+        self._optim_copy: dict[Any, dict[str, Any]] = {}
 
     def _module_tensors(self) -> list[Tensor]:
         return [t.detach() for t in (*self.module.parameters(), *self.module.buffers())
                 if t.is_floating_point()]
 
-    def _params(self) -> list[Tensor]:
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
-
     @torch.no_grad()
     def save(self) -> None:
-        live = self._module_tensors()
-        if [(t.shape, t.dtype, t.device) for t in self._module_copy] != [
-                (t.shape, t.dtype, t.device) for t in live]:
-            self._module_copy = [t.clone() for t in live]
-        else:
-            torch._foreach_copy_(self._module_copy, live)
-        old = self._optim_copy
-        self._optim_copy = {i: {k: _kept(old.get(i, {}).get(k), v) for k, v in state.items()}
-                            for i, p in enumerate(self._params())
-                            if (state := self.optimizer.state.get(p))}
+        self._module_copy, self._optim_copy = [], {}  # the old copy is freed first
+        self._module_copy = [t.clone() for t in self._module_tensors()]
+        self._optim_copy = _cloned(self.optimizer.state)
 
     @torch.no_grad()
     def restore(self) -> None:
         torch._foreach_copy_(self._module_tensors(), self._module_copy)
-        for i, p in enumerate(self._params()):
-            entry = self._optim_copy.get(i)
-            if entry is None:
-                self.optimizer.state.pop(p, None)
-                continue
-            state = self.optimizer.state[p]
-            for key in [k for k in state if k not in entry]:
-                del state[key]
-            for key, value in entry.items():
-                state[key] = _kept(state.get(key), value)
+        self.optimizer.state.clear()
+        self.optimizer.state.update(_cloned(self._optim_copy))
 
     @torch.no_grad()
     def all_finite(self) -> bool:
         """Whether every floating-point parameter, buffer and optimizer tensor is finite."""
         tensors = self._module_tensors() + [
-            v for p in self._params() for v in self.optimizer.state.get(p, {}).values()
+            v for entry in self.optimizer.state.values() for v in entry.values()
             if isinstance(v, Tensor) and v.is_floating_point()]
         flags = [torch.isfinite(t).all().to(tensors[0].device) for t in tensors]
         return not flags or bool(torch.stack(flags).all().item())
@@ -797,9 +767,9 @@ class DistillPhase(Phase):
             TeacherCache.build(self.teacher, ds, bs, ctx.device, f"teacher cache ({split})",
                                ctx.show_progress)
             for ds, split in ((ctx.train_set, "train"), (ctx.val_set, "val")))
+        size = sum(t.nbytes for c in (self.train_cache, self.val_cache) for t in c.tensors)
         ctx.message(f"teacher cache: {len(ctx.train_set) + len(ctx.val_set)} images in "
-                    f"{time.perf_counter() - start:.1f}s, "
-                    f"{(self.train_cache.nbytes + self.val_cache.nbytes) / 2**20:.0f} MiB")
+                    f"{time.perf_counter() - start:.1f}s, {size / 2**20:.0f} MiB")
 
 
 class FinetunePhase(DistillPhase):
@@ -1202,7 +1172,7 @@ class Distiller:
                 message=self.message, show_progress=self.ctx.is_main)
             teacher_path = self._teacher_path(payload)
             if teacher_path is not None:
-                self.teacher = self._load_teacher(teacher_path, quiet=True)
+                self.teacher = self._load_teacher(teacher_path)
             elif self.teacher_needed and c.teacher_epochs == 0:
                 raise ValueError("the loss needs a teacher but none was given "
                                  "(--teacher-checkpoint) or found in checkpoint_dir, and "
@@ -1229,12 +1199,11 @@ class Distiller:
 
     def _run_phases(self, payload: dict[str, Any] | None, start: int) -> None:
         c = self.config
+        if self.teacher is None and self.teacher_needed:
+            self.teacher = self._pretrain_teacher(payload if start == 0 else None)
         if self.teacher is not None:
             self.message(f"teacher: loaded {self.teacher_source} "
                          f"({self.teacher.num_parameters():,} parameters)")
-        elif self.teacher_needed:
-            self.teacher = self._pretrain_teacher(payload if start == 0 else None)
-        if self.teacher is not None:
             self.teacher.requires_grad_(False).eval()
         loss = self.build_loss()
         self.message(f"perceptual backbone: {self.perceptual_name}; distillation "
@@ -1295,7 +1264,7 @@ class Distiller:
         loop.run()
 
     # ---------------------------------------------------------------- the teacher
-    def _load_teacher(self, path: Path, quiet: bool = False) -> VAEBase:
+    def _load_teacher(self, path: Path) -> VAEBase:
         model = load(path, role="teacher")
         if model_name(model) != self.config.teacher_model:
             raise CheckpointError(f"{path}: the teacher role holds a {type(model).__name__} "
@@ -1305,8 +1274,6 @@ class Distiller:
             raise CheckpointError(f"{path}: teacher latent_dim {model.latent_dim} does not "
                                   f"match teacher_latent_dim={self.config.teacher_latent_dim}")
         self.teacher_source = str(path)
-        if not quiet:
-            self.message(f"teacher: loaded {path} ({model.num_parameters():,} parameters)")
         return model.to(self.device)
 
     def _pretrain_teacher(self, payload: dict[str, Any] | None) -> VAEBase:
