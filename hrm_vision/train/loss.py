@@ -231,10 +231,8 @@ def residual_variance(adapted_mu: Tensor, teacher: TeacherTargets) -> Tensor:
 
 def latent_distillation(adapted_mu: Tensor, adapted_var: Tensor, teacher: TeacherTargets,
                         temperature: float) -> Tensor:
-    """The ``distill_latent`` term in nats per image: the teacher posterior against the
-    adapter's conditional Gaussian ``N(A mu_s, A var_s A^T + r)`` with ``r`` the
-    :func:`residual_variance` (see :func:`adapt` and
-    :func:`hrm_vision.train.loss.latent_distillation_nats`)."""
+    """The ``distill_latent`` term in nats per image: the teacher posterior against
+    ``N(A mu_s, A var_s A^T + r)``, ``r`` the :func:`residual_variance`."""
     var = adapted_var + residual_variance(adapted_mu, teacher)
     return latent_distillation_nats(teacher.mu, teacher.logvar.float().exp(), adapted_mu, var,
                                     temperature)
@@ -257,9 +255,8 @@ def teacher_closer(student: Tensor, teacher: Tensor, x: Tensor) -> Tensor:
 
 
 class Trainable(nn.Module):
-    """What a phase trains, in one module (one DDP wrapper, one weight average): the model, the
-    likelihood scale of its loss and, when distilling, the latent adapter.
-    ``x -> (VAEOutput, (adapted_mu, adapted_var) or None)``."""
+    """What a phase trains, in one module: the model, the likelihood scale and maybe the
+    adapter. ``x -> (VAEOutput, (adapted_mu, adapted_var) or None)``."""
 
     def __init__(self, model: VAEBase, scale: nn.Module,
                  adapter: LatentAdapter | None = None) -> None:
@@ -294,13 +291,6 @@ class DistillLoss(nn.Module):
             raise ValueError(f"loss weights must be >= 0, got {bad}")
         if perceptual_weight > 0 and perceptual is None:
             raise ValueError("perceptual_weight > 0 needs a perceptual backbone")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if kl_free_bits < 0:
-            raise ValueError(f"kl_free_bits must be >= 0, got {kl_free_bits}")
-        if free_bits_mode not in FREE_BITS_MODES:
-            raise ValueError(f"free_bits_mode must be one of {FREE_BITS_MODES}, got "
-                             f"{free_bits_mode!r}")
         self.weights = weights
         self.kl_free_bits, self.free_bits_mode = kl_free_bits, free_bits_mode
         self.temperature = temperature
@@ -326,10 +316,8 @@ class DistillLoss(nn.Module):
     @classmethod
     def vae(cls, config: DistillConfig) -> DistillLoss:
         """The teacher's pre-training objective: ``recon`` and ``kl`` as for the student."""
-        return cls(recon_weight=config.recon_weight, kl_weight=config.kl_weight,
-                   distill_latent_weight=0.0, distill_recon_weight=0.0, perceptual_weight=0.0,
-                   kl_free_bits=config.kl_free_bits, free_bits_mode=config.free_bits_mode,
-                   kl_target=config.kl_target)
+        return cls.from_config(config.model_copy(update={"perceptual_weight": 0.0}),
+                               distill=False)
 
     @property
     def needs_teacher(self) -> bool:
@@ -337,15 +325,13 @@ class DistillLoss(nn.Module):
         return self.weights["distill_latent"] > 0 or self.weights["distill_recon"] > 0
 
     def calibrate(self, model: VAEBase, x: Tensor) -> float:
-        """Set the scale to the root mean squared error of ``model``'s training reconstruction
-        (a seeded posterior sample, :meth:`VAEBase.decode_sample`) of images ``x`` in [0, 1]:
-        the maximum-likelihood scale at the start. Returns ``sigma``."""
+        """Set the scale to the RMS error of ``model``'s seeded sampled reconstruction of
+        images ``x`` in [0, 1] (the maximum-likelihood scale). Returns ``sigma``."""
         self.scale.calibrate(model.decode_sample(x, CALIBRATION_SEED), x)
         return float(self.scale.sigma.detach())
 
     def after_step(self, kl_per_element: float) -> None:
-        """After an optimizer step: move the rate multiplier (with a ``kl_target``) from the KL
-        per latent element just measured (averaged over the processes)."""
+        """After an optimizer step: move the rate multiplier from the KL per latent element."""
         if self.rate is not None:
             self.rate.update(kl_per_element)
 
@@ -356,8 +342,7 @@ class DistillLoss(nn.Module):
         return state
 
     def scale_payload(self) -> dict[str, Any]:
-        """The checkpoint keys of this loss's learned state: the likelihood scale and, with a
-        ``kl_target``, the rate multiplier."""
+        """The checkpoint keys of the likelihood scale and (with a ``kl_target``) the rate."""
         return {k: v.detach().cpu().clone() for k, v in self._state().items()}
 
     def load_scale(self, payload: dict[str, Any], source: str) -> None:

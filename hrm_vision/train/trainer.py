@@ -1,19 +1,11 @@
-"""The training loop of a distillation run: processes and data, optimisation, state, the
-phases, one phase's epochs and steps, the run, resume, the command.
+"""The training loop of a distillation run.
 
 ``Distiller(config).run(resume=None)`` runs up to three phases, each with its own optimizer:
 ``teacher`` pre-trains the teacher VAE when the loss needs one and none is given or found (its
 best epoch becomes ``teacher.pth``); ``distill`` trains the student and the latent adapter
 against the frozen teacher; ``finetune`` trains the student alone from the best distilled one.
-
-``*_last.pth`` is a phase's resumable state; ``tinyvae_best.pth`` (the highest validation PSNR,
-earliest on ties, over distillation and fine-tuning), ``teacher_best.pth``, ``teacher.pth`` and
-``tinyvae_epoch_XXX.pth`` are deployable (no optimizer state). The epoch commit writes, each
-file atomically, ``history.json``, the snapshot, ``*_best.pth`` and last ``*_last.pth``. A
-SIGINT/SIGTERM saves ``*_last.pth`` after the current step. A non-finite loss skips the batch,
-a step leaving a non-finite tensor is undone; ``max_bad_steps`` in a row raise
-:class:`TrainingDiverged`. Under ``torchrun`` rank 0 alone logs and writes. Every input is
-checked before anything is written into ``checkpoint_dir``.
+``*_last.pth`` is a phase's resumable state; ``*_best.pth`` (the highest validation PSNR,
+earliest on ties), ``teacher.pth`` and ``tinyvae_epoch_XXX.pth`` are deployable.
 """
 
 from __future__ import annotations
@@ -102,8 +94,7 @@ class TrainingInterrupted(RuntimeError):
 
 
 class TrainingDiverged(RuntimeError):
-    """``max_bad_steps`` bad steps in a row, an epoch in which every step was bad, or a
-    non-finite validation."""
+    """``max_bad_steps`` bad steps in a row, an epoch without a good step, or a bad validation."""
 
 
 class ResumeMismatch(ValueError):
@@ -276,8 +267,8 @@ class TeacherCache:
     """The frozen teacher's outputs for every index of a dataset, fp16 on the CPU: ``mu``,
     ``logvar`` ``(N, teacher_dim, H/8, W/8)``, ``reconstruction`` ``(N, 3, H, W)``."""
 
-    def __init__(self, mu: Tensor, logvar: Tensor, reconstruction: Tensor) -> None:
-        self.mu, self.logvar, self.reconstruction = mu, logvar, reconstruction
+    def __init__(self, *tensors: Tensor) -> None:
+        self.tensors = tensors
 
     @classmethod
     @torch.no_grad()
@@ -293,15 +284,9 @@ class TeacherCache:
             parts.append([v.half().cpu() for v in t])
         return cls(*(torch.cat(t) for t in zip(*parts, strict=True)))
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.mu, self.logvar,
-                                                           self.reconstruction))
-
     def lookup(self, index: Tensor, device: torch.device) -> TeacherTargets:
         """The cached targets of dataset indices ``index`` (B,), float32 on ``device``."""
-        return TeacherTargets(*(t[index].to(device).float()
-                                for t in (self.mu, self.logvar, self.reconstruction)))
+        return TeacherTargets(*(t[index].to(device).float() for t in self.tensors))
 
 
 # ================================================================ optimisation
@@ -381,66 +366,42 @@ class WeightAverage:
             self.module.load_state_dict(payload["train_state_dict"])
 
 
-def _kept(copy: Any, value: Any) -> Any:
-    """``value`` copied into ``copy`` when that is a tensor of its shape, dtype and device, else a
-    copy of its own (not a tensor: ``value`` itself)."""
-    if not isinstance(value, Tensor):
-        return value
-    if isinstance(copy, Tensor) and (copy.shape, copy.dtype, copy.device) == (
-            value.shape, value.dtype, value.device):
-        return copy.copy_(value)
-    return value.detach().clone()
+def _cloned(state: dict[Any, dict[str, Any]]) -> dict[Any, dict[str, Any]]:
+    return {p: {k: v.clone() if isinstance(v, Tensor) else v for k, v in entry.items()}
+            for p, entry in state.items()}
 
 
 class LastGoodState:
-    """A copy of ``module``'s floating-point tensors and ``optimizer``'s per-parameter state in
-    buffers on their own devices (refreshed in place by :meth:`save`), to undo a step that made
-    any of them non-finite (:meth:`restore` also drops state the step created)."""
+    """A copy of ``module``'s floating-point tensors and ``optimizer``'s per-parameter state, to
+    undo a step that made any of them non-finite (:meth:`restore` also drops state the step
+    created)."""
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.module, self.optimizer = module, optimizer
         self._module_copy: list[Tensor] = []
-        self._optim_copy: dict[int, dict[str, Any]] = {}
+        self._optim_copy: dict[Any, dict[str, Any]] = {}
 
     def _module_tensors(self) -> list[Tensor]:
         return [t.detach() for t in (*self.module.parameters(), *self.module.buffers())
                 if t.is_floating_point()]
 
-    def _params(self) -> list[Tensor]:
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
-
     @torch.no_grad()
     def save(self) -> None:
-        live = self._module_tensors()
-        if [(t.shape, t.dtype, t.device) for t in self._module_copy] != [
-                (t.shape, t.dtype, t.device) for t in live]:
-            self._module_copy = [t.clone() for t in live]
-        else:
-            torch._foreach_copy_(self._module_copy, live)
-        old = self._optim_copy
-        self._optim_copy = {i: {k: _kept(old.get(i, {}).get(k), v) for k, v in state.items()}
-                            for i, p in enumerate(self._params())
-                            if (state := self.optimizer.state.get(p))}
+        self._module_copy, self._optim_copy = [], {}  # the old copy is freed first
+        self._module_copy = [t.clone() for t in self._module_tensors()]
+        self._optim_copy = _cloned(self.optimizer.state)
 
     @torch.no_grad()
     def restore(self) -> None:
         torch._foreach_copy_(self._module_tensors(), self._module_copy)
-        for i, p in enumerate(self._params()):
-            entry = self._optim_copy.get(i)
-            if entry is None:
-                self.optimizer.state.pop(p, None)
-                continue
-            state = self.optimizer.state[p]
-            for key in [k for k in state if k not in entry]:
-                del state[key]
-            for key, value in entry.items():
-                state[key] = _kept(state.get(key), value)
+        self.optimizer.state.clear()
+        self.optimizer.state.update(_cloned(self._optim_copy))
 
     @torch.no_grad()
     def all_finite(self) -> bool:
         """Whether every floating-point parameter, buffer and optimizer tensor is finite."""
         tensors = self._module_tensors() + [
-            v for p in self._params() for v in self.optimizer.state.get(p, {}).values()
+            v for entry in self.optimizer.state.values() for v in entry.values()
             if isinstance(v, Tensor) and v.is_floating_point()]
         flags = [torch.isfinite(t).all().to(tensors[0].device) for t in tensors]
         return not flags or bool(torch.stack(flags).all().item())
@@ -450,9 +411,8 @@ class LastGoodState:
 
 @dataclass
 class TrainState:
-    """Where a phase stands: ``epoch`` completed, ``step_in_epoch`` batches done, the best
-    validation PSNR, this epoch's sample-weighted term sums (``running``/``count``), ``time_s``
-    before an interruption, the phase's ``bad_steps`` and this epoch's ``good_steps``."""
+    """Where a phase stands: ``epoch`` completed, ``step_in_epoch`` batches done, this epoch's
+    sample-weighted term sums (``running``/``count``) and ``time_s`` before an interruption."""
 
     epoch: int = 0
     step_in_epoch: int = 0
@@ -508,13 +468,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def _int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -549,7 +502,9 @@ PAYLOAD_CHECKS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "best_psnr": ("a number", _real),
     "time_s": ("a finite number >= 0", lambda v: _real(v) and math.isfinite(v) and v >= 0),
     **{k: ("an integer >= 0", lambda v: _int(v) and v >= 0)
-       for k in ("epoch", "step_in_epoch", "global_step", "count", "bad_steps", "good_steps")},
+       for k in ("epoch", "step_in_epoch", "global_step", "count", "bad_steps", "good_steps",
+                 "ema_updates")},
+    "teacher_source": ("a path", lambda v: isinstance(v, str)),
     "history": ("a list of epoch records (dicts with phase, epoch, train, val)", _history_ok),
     "config": ("a dict", lambda v: isinstance(v, dict)),
     "optimizer_state_dict": ("an optimizer state dict (state, param_groups)", lambda v: isinstance(
@@ -583,8 +538,7 @@ def check_training_payload(payload: dict[str, Any], source: str) -> None:
 
 @dataclass
 class PhaseContext:
-    """What a phase may use of the run: config, device, splits, the validation loader, a
-    cross-rank ``reduce(values, count)``, a rank-0 ``message`` sink."""
+    """What a phase may use of the run (``reduce(values, count)``: the cross-rank mean)."""
 
     config: DistillConfig
     device: torch.device
@@ -594,14 +548,6 @@ class PhaseContext:
     reduce: Callable[[dict[str, float], int], dict[str, float]]
     message: Callable[[str], None] = print
     show_progress: bool = True
-    _grid: Tensor | None = field(default=None, repr=False)
-
-    def grid_images(self) -> Tensor:
-        """The first ``GRID_IMAGES`` validation images, ``(n, 3, H, W)`` on the device."""
-        if self._grid is None:
-            n = min(GRID_IMAGES, len(self.val_set))
-            self._grid = torch.stack([self.val_set[i][1] for i in range(n)]).to(self.device)
-        return self._grid
 
 
 def pooled_psnr(values: dict[str, float]) -> dict[str, float]:
@@ -641,8 +587,7 @@ class Phase:
         """Called once on a fresh run, after the fresh models' ``init_from_data``."""
 
     def calibrate(self) -> None:
-        """Start the likelihood scale at the RMS error of the trained model's sampled
-        reconstruction of the first training images (a resumed phase then loads its own)."""
+        """Start the likelihood scale at the model's RMS error on the first training images."""
         if self.criterion is None:
             return
         images = first_images(self.ctx.train_set).to(self.ctx.device)
@@ -737,7 +682,7 @@ class Phase:
 
     def picture_rows(self) -> list[tuple[str, Tensor]]:
         """Labelled rows of the reconstruction grid, each ``(n, 3, H, W)`` in [0, 1]."""
-        x = self.ctx.grid_images()
+        x = first_images(self.ctx.val_set, GRID_IMAGES).to(self.ctx.device)
         with torch.no_grad():
             rows = [("input", x)]
             if self.teacher is not None:
@@ -797,9 +742,9 @@ class DistillPhase(Phase):
             TeacherCache.build(self.teacher, ds, bs, ctx.device, f"teacher cache ({split})",
                                ctx.show_progress)
             for ds, split in ((ctx.train_set, "train"), (ctx.val_set, "val")))
+        size = sum(t.nbytes for c in (self.train_cache, self.val_cache) for t in c.tensors)
         ctx.message(f"teacher cache: {len(ctx.train_set) + len(ctx.val_set)} images in "
-                    f"{time.perf_counter() - start:.1f}s, "
-                    f"{(self.train_cache.nbytes + self.val_cache.nbytes) / 2**20:.0f} MiB")
+                    f"{time.perf_counter() - start:.1f}s, {size / 2**20:.0f} MiB")
 
 
 class FinetunePhase(DistillPhase):
@@ -940,8 +885,7 @@ class PhaseLoop:
         return boundary
 
     def _optimizer_step(self) -> bool:
-        """One optimizer step; False (and the step undone) when it left a non-finite tensor on
-        any rank."""
+        """One optimizer step; False (undone) when it left a non-finite tensor on any rank."""
         for p in self.phase.frozen_parameters(self.current_epoch):
             p.grad = None  # AdamW leaves parameters without a gradient untouched
         if self.config.grad_clip is not None:
@@ -961,16 +905,15 @@ class PhaseLoop:
         self.state.good_steps += 1
         return True
 
-    def last_good_checkpoint(self) -> str:
-        """The sentence naming the checkpoint a diverged run leaves."""
+    def _diverged(self, what: str) -> TrainingDiverged:
+        """The error of a run that diverged (``what``), naming the checkpoint it leaves."""
         path = self.out_dir / self.phase.last_file
-        if path.is_file():
-            return f"The last good checkpoint is {path}"
-        return f"No checkpoint of this phase was written ({path} does not exist)"
+        left = (f"The last good checkpoint is {path}" if path.is_file() else
+                f"No checkpoint of this phase was written ({path} does not exist)")
+        return TrainingDiverged(f"{what}; stopped. {left} (lower --lr or check the data)")
 
     def _bad_step(self, epoch: int, step: int, kind: str) -> None:
-        """Count a bad step (``kind`` ``loss`` or ``weights``) and drop its gradients;
-        ``max_bad_steps`` in a row raise :class:`TrainingDiverged`."""
+        """Count a bad step (``kind`` ``loss`` or ``weights``) and drop its gradients."""
         self.state.bad_steps += 1
         self.consecutive_bad += 1
         self._bad_kinds.add(kind)
@@ -983,19 +926,16 @@ class PhaseLoop:
             subject = {frozenset({"loss"}): "the loss was",
                        frozenset({"weights"}): "the weights became"}.get(
                 frozenset(self._bad_kinds), "the loss or the weights were")
-            raise TrainingDiverged(
-                f"{subject} non-finite {self.consecutive_bad} times in a row (epoch "
-                f"{epoch + 1}, batch {step}); stopped. {self.last_good_checkpoint()}"
-                " (lower --lr or check the data)")
+            raise self._diverged(f"{subject} non-finite {self.consecutive_bad} times in a row "
+                                 f"(epoch {epoch + 1}, batch {step})")
 
     # ---------------------------------------------------------------- validation, commit
     def _finish_epoch(self, epoch: int) -> None:
         """Validate, record the epoch, let the callbacks see it, commit."""
         if self.state.good_steps == 0:
-            raise TrainingDiverged(
-                f"epoch {epoch + 1} of the {self.phase.name} phase kept no optimizer step "
-                f"({self.state.bad_steps} bad steps so far: non-finite loss or weights); "
-                f"stopped. {self.last_good_checkpoint()} (lower --lr or check the data)")
+            raise self._diverged(f"epoch {epoch + 1} of the {self.phase.name} phase kept no "
+                                 f"optimizer step ({self.state.bad_steps} bad steps so far: "
+                                 "non-finite loss or weights)")
         elapsed = time.perf_counter() - self._started
         count = self.state.count
         train = reduce_mean(self.state.means(), self.ctx, count)
@@ -1005,10 +945,8 @@ class PhaseLoop:
                                       ("cross_psnr", "cross-decoding error"))
                if key in val and not math.isfinite(val[key])]
         if bad:
-            raise TrainingDiverged(
-                f"validation after epoch {epoch + 1} gave a non-finite {' and '.join(bad)}: "
-                f"the weights diverged; stopped. {self.last_good_checkpoint()} (lower --lr or "
-                "check the data)")
+            raise self._diverged(f"validation after epoch {epoch + 1} gave a non-finite "
+                                 f"{' and '.join(bad)}: the weights diverged")
         value_share, gradient_share = self._term_shares()
         is_best = val[BEST_METRIC] > self.state.best_psnr  # strictly: ties keep the earlier
         record = {"phase": self.phase.name, "epoch": epoch + 1, "train": train, "val": val,
@@ -1042,8 +980,7 @@ class PhaseLoop:
         self.phase.set_train_mode(epoch)
 
     def _term_shares(self) -> tuple[dict[str, float], dict[str, float]]:
-        """Each term's share of the objective and its gradient on the first training batch
-        (the same images every epoch; the random streams are left as they were)."""
+        """Each term's share of the objective and its gradient on the first training batch."""
         x = first_images(self.phase.ctx.train_set, self.config.batch_size).to(self.ctx.device)
         devices = [self.ctx.device.index or 0] if self.ctx.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), autocast(self.config, self.ctx.device):
@@ -1061,8 +998,7 @@ class PhaseLoop:
         return patience is not None and self.epochs_without_best() >= patience
 
     def payload(self) -> dict[str, Any]:
-        """The resumable state of the phase: the models with the averaged weights (what a user
-        loads), the state, history, config, optimizer, scheduler, scaler, RNG, raw weights."""
+        """The resumable state of the phase (the models hold the averaged weights)."""
         if self.average is None:
             models = self.phase.model_payload()
         else:
@@ -1138,8 +1074,7 @@ def config_differences(stored: dict[str, Any], config: DistillConfig) -> list[st
 
 class Distiller:
     """Runs the phases of ``config``; ``callbacks`` come after the default ones (rank 0 only),
-    ``ctx`` defaults to ``init_distributed(config.device)``, ``console`` shows the progress bar
-    and console log."""
+    ``console`` shows the progress bar and console log."""
 
     def __init__(self, config: DistillConfig, callbacks: Sequence[Callback] = (),
                  ctx: DistContext | None = None, console: bool = True) -> None:
@@ -1152,7 +1087,9 @@ class Distiller:
         self.history: list[dict[str, Any]] = []
         self.stop_signal: str | None = None
         self.loop: PhaseLoop | None = None
-        seed_everything(c.seed)
+        random.seed(c.seed)
+        np.random.seed(c.seed)
+        torch.manual_seed(c.seed)
         self.student = configured_model(c, "student").to(self.device)
         self.adapter = LatentAdapter(c.student_latent_dim, c.teacher_latent_dim,
                                      vector=len(self.student.latent_shape()) == 1
@@ -1202,7 +1139,7 @@ class Distiller:
                 message=self.message, show_progress=self.ctx.is_main)
             teacher_path = self._teacher_path(payload)
             if teacher_path is not None:
-                self.teacher = self._load_teacher(teacher_path, quiet=True)
+                self.teacher = self._load_teacher(teacher_path)
             elif self.teacher_needed and c.teacher_epochs == 0:
                 raise ValueError("the loss needs a teacher but none was given "
                                  "(--teacher-checkpoint) or found in checkpoint_dir, and "
@@ -1220,21 +1157,18 @@ class Distiller:
                     self._run_phases(payload, start)
             finally:
                 self._emit("on_train_end")
-        files = {"config": self.out_dir / "config.json", "history": self.out_dir / "history.json",
-                 "best": self.out_dir / DistillPhase.best_file,
-                 "last": self.out_dir / DistillPhase.last_file}
-        if self.teacher_source:
-            files["teacher"] = Path(self.teacher_source)
-        return files
+        return {"best": self.out_dir / DistillPhase.best_file,
+                "last": self.out_dir / DistillPhase.last_file,
+                **({"teacher": Path(self.teacher_source)} if self.teacher_source else {}),
+                "config": self.out_dir / "config.json", "history": self.out_dir / "history.json"}
 
     def _run_phases(self, payload: dict[str, Any] | None, start: int) -> None:
         c = self.config
+        if self.teacher is None and self.teacher_needed:
+            self.teacher = self._pretrain_teacher(payload if start == 0 else None)
         if self.teacher is not None:
             self.message(f"teacher: loaded {self.teacher_source} "
                          f"({self.teacher.num_parameters():,} parameters)")
-        elif self.teacher_needed:
-            self.teacher = self._pretrain_teacher(payload if start == 0 else None)
-        if self.teacher is not None:
             self.teacher.requires_grad_(False).eval()
         loss = self.build_loss()
         self.message(f"perceptual backbone: {self.perceptual_name}; distillation "
@@ -1295,7 +1229,7 @@ class Distiller:
         loop.run()
 
     # ---------------------------------------------------------------- the teacher
-    def _load_teacher(self, path: Path, quiet: bool = False) -> VAEBase:
+    def _load_teacher(self, path: Path) -> VAEBase:
         model = load(path, role="teacher")
         if model_name(model) != self.config.teacher_model:
             raise CheckpointError(f"{path}: the teacher role holds a {type(model).__name__} "
@@ -1305,8 +1239,6 @@ class Distiller:
             raise CheckpointError(f"{path}: teacher latent_dim {model.latent_dim} does not "
                                   f"match teacher_latent_dim={self.config.teacher_latent_dim}")
         self.teacher_source = str(path)
-        if not quiet:
-            self.message(f"teacher: loaded {path} ({model.num_parameters():,} parameters)")
         return model.to(self.device)
 
     def _pretrain_teacher(self, payload: dict[str, Any] | None) -> VAEBase:
@@ -1355,10 +1287,9 @@ class Distiller:
         return payload
 
     def _teacher_path(self, payload: dict[str, Any] | None) -> Path | None:
-        """The teacher file to load, or None when it is to be pre-trained (or none is needed):
-        ``teacher_checkpoint``; else a resumed student phase's own teacher (the file its
-        ``teacher_source`` names, or ``teacher.pth`` beside the checkpoint when its whole folder
-        moved); else ``checkpoint_dir/teacher.pth`` on a fresh run."""
+        """The teacher file to load (None: pre-train one, or none is needed):
+        ``teacher_checkpoint``, else a resumed phase's ``teacher_source`` (or the ``teacher.pth``
+        beside it when the folder moved), else ``checkpoint_dir/teacher.pth``."""
         if payload is not None and payload["phase"] == "teacher":
             return None
         if self.config.teacher_checkpoint:
@@ -1367,9 +1298,6 @@ class Distiller:
             found = self.out_dir / "teacher.pth"
             return found if found.is_file() else None
         named, source = payload.get("teacher_source", ""), self.resume_source
-        if not isinstance(named, str):
-            raise CheckpointError(f"{source}: teacher_source must be a path, got "
-                                  f"{type(named).__name__}")
         if not named:
             if self.teacher_needed:
                 raise CheckpointError(f"{source} was trained without a teacher, but this run's "
@@ -1387,20 +1315,15 @@ class Distiller:
                               "a copy as --teacher-checkpoint FILE with --force-resume)")
 
     def _resume(self, loop: PhaseLoop, payload: dict[str, Any]) -> None:
-        """Continue ``loop`` from its checked ``*_last.pth`` payload: the models (the averaged
-        weights; a mismatch names the keys), the average, optimizer, scheduler, scaler, RNG and
-        position. Resumed into a new folder, the phase's best file comes along when it is the
-        best the state knows (else the best is picked again among the epochs still to train)."""
+        """Continue ``loop`` from its checked ``*_last.pth`` payload. Resumed into a new folder,
+        the phase's best file comes along when it is the best the state knows (else the best is
+        picked again among the epochs still to train)."""
         source, phase = self.resume_source, loop.phase
         where = f"{source} ({phase.name} phase)"
         phase.load_models(payload, where)
         if loop.average is not None:
             if "train_state_dict" in payload:
                 check_fits(loop.module, payload["train_state_dict"], f"{where} (train_state_dict)")
-            updates = payload.get("ema_updates", 1)
-            if not _int(updates) or updates < 0:
-                raise CheckpointError(f"{where}: ema_updates must be an integer >= 0, got "
-                                      f"{updates!r}")
             loop.average.restore(payload)
         bad = non_finite_tensors(payload["optimizer_state_dict"])
         if bad:
@@ -1471,13 +1394,18 @@ class Distiller:
 
 # ================================================================ the command
 
+#: The validation values the summary shows, and how.
+SUMMARY_VALUES = {"psnr": "student PSNR {:.2f} dB", "ssim": "SSIM {:.3f}",
+                  "teacher_psnr": "teacher PSNR {:.2f} dB", "quality_ratio": "quality ratio {:.3f}",
+                  "cka": "latent CKA {:.3f}",
+                  "cross_psnr": "teacher decoder on the adapted student latent {:.2f} dB"}
+
+
 def summary(files: dict[str, Path], history: list[dict[str, Any]]) -> str:
     """Where things are and the best student epoch's numbers."""
     out = files["best"].parent
     lines = [f"checkpoints: {out.resolve()}"]
-    lines += [f"  {key:8s} {files[key]}" for key in ("best", "last", "teacher", "config",
-                                                      "history")
-              if key in files and files[key].exists()]
+    lines += [f"  {key:8s} {path}" for key, path in files.items() if path.exists()]
     grids = sorted(out.glob("*_epoch_*.png"), key=lambda p: p.stat().st_mtime)
     if grids:
         lines.append(f"  pictures {grids[-1]} (inputs / teacher / student), "
@@ -1485,13 +1413,8 @@ def summary(files: dict[str, Path], history: list[dict[str, Any]]) -> str:
     student = [r for r in history if r["phase"] != "teacher"]
     if student:
         best = max(student, key=lambda r: r["val"]["psnr"])  # the epoch tinyvae_best.pth holds
-        v = best["val"]
-        parts = [f"student PSNR {v['psnr']:.2f} dB", f"SSIM {v['ssim']:.3f}"]
-        if "teacher_psnr" in v:
-            parts += [f"teacher PSNR {v['teacher_psnr']:.2f} dB",
-                      f"quality ratio {v['quality_ratio']:.3f}", f"latent CKA {v['cka']:.3f}"]
-        if "cross_psnr" in v:
-            parts.append(f"teacher decoder on the adapted student latent {v['cross_psnr']:.2f} dB")
+        parts = [text.format(best["val"][k]) for k, text in SUMMARY_VALUES.items()
+                 if k in best["val"]]
         lines.append(f"best validation ({best['phase']} epoch {best['epoch']}): "
                      + ", ".join(parts))
     return "\n".join(lines)
