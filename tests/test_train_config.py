@@ -152,3 +152,16 @@ class TestAbsurdValues:
         for key, value in largest.items():  # one more is refused, naming the key
             with pytest.raises(ConfigError, match=key):
                 load_config(None, {key: value + (8 if key == "image_size" else 1)})
+
+
+def test_a_misspelled_flag_is_two_lines_naming_the_command(capsys) -> None:
+    """``hrm-vision distill --epcohs 3``: a short usage line and the error, under the command's
+    own name (not the whole list of flags)."""
+    from hrm_vision import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["distill", "--epcohs", "3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 2
+    assert err[0].startswith("usage: hrm-vision distill ")
+    assert err[1] == "hrm-vision distill: error: unrecognized arguments: --epcohs 3"

@@ -255,7 +255,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     """``--config``, ``--resume``, ``--force-resume`` and one flag per config field. Flags
     default to "not given": only the flags on the command line override ``--config FILE``."""
     parser = argparse.ArgumentParser(
-        prog=prog,
+        prog=prog, usage="%(prog)s [--config FILE] [--resume PATH|auto] [--FIELD VALUE ...]",
         description="Distil the TinyVAE (MinimalVAE) from a teacher VAE: pre-train the teacher if "
                     "none is given or found, distil, write checkpoints, history and pictures.")
     parser.add_argument("--config", type=Path, default=None,
