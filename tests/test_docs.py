@@ -168,22 +168,25 @@ def test_readme_is_short_and_keeps_its_promises() -> None:
 
 
 # ------------------------------------------------------------------------- robustness table
-def robustness_selections() -> list[tuple[str, list[str]]]:
-    """Each ``pytest tests/FILE.py [-k EXPR]`` docs/robustness.md names: the file and the
-    words of its ``-k`` expression (``and``/``or``/``not`` left out)."""
+def robustness_selections() -> list[tuple[list[str], list[str]]]:
+    """Each ``pytest tests/A.py [tests/B.py ...] [-k EXPR]`` docs/robustness.md names: the files
+    and the words of its ``-k`` expression (``and``/``or``/``not`` left out)."""
     text = (DOCS / "robustness.md").read_text()
     found = []
-    for path, expr in re.findall(r"pytest (tests/[\w/]+\.py)(?: -k (\"[^\"]+\"|[\w\[\]-]+))?",
-                                 text):
+    for command in re.findall(r"`pytest ([^`]+)`", text):
+        files, _, expr = command.partition(" -k ")
         words = [w for w in re.findall(r"[\w\[\]-]+", expr) if w not in ("and", "or", "not")]
-        found.append((path, words))
+        found.append((re.findall(r"tests/[\w/]+\.py", files), words))
     return found
 
 
 def test_every_guarantee_names_a_test_that_exists() -> None:
-    """The tests docs/robustness.md points at exist: the file, and each ``-k`` word in it."""
+    """The tests docs/robustness.md points at exist: every file, and each ``-k`` word in one of
+    the files of its command."""
     selections = robustness_selections()
-    assert len(selections) > 20
-    missing = [(path, w) for path, words in selections for w in ["", *words]
-               if not (ROOT / path).is_file() or w not in (ROOT / path).read_text()]
+    assert len(selections) > 20 and all(files for files, _ in selections)
+    missing = [f for files, _ in selections for f in files if not (ROOT / f).is_file()]
     assert not missing, missing
+    unmatched = [(files, w) for files, words in selections for w in words
+                 if not any(w in (ROOT / f).read_text() for f in files)]
+    assert not unmatched, unmatched
