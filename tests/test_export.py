@@ -57,10 +57,6 @@ def main(argv: list[str]) -> int:
     """The command as ``hrm-vision export`` runs it (expected failures: one line, status 2)."""
     return cli.run_main("hrm-vision export", command, argv)
 
-TEACHER_SPACE = "tinyvae_encoder_teacher_space.onnx"
-
-
-
 
 def tiny_adapter() -> LatentAdapter:
     """A tiny adapter (8 student channels -> 16) with a random bias, for the tiny student."""
@@ -78,8 +74,6 @@ def with_adapter(payload: dict) -> dict:
             "adapter_arch": adapter.arch_config()}
 
 
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[MinimalVAE, Path, dict]:
     """The tiny student, its export folder (written by the CLI) and ``export.json``; the
@@ -92,7 +86,6 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[MinimalVAE, Path
                  "--num-images", "8", "--timing-repeats", "2", "--calibration-images", "32",
                  "--parity-sizes", "64x64,224x224,480x640", "--frame-repeats", "1"]) == 0
     return model, root / "out", json.loads((root / "out" / "export.json").read_text())
-
 
 
 class TestOnnx:

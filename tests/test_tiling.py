@@ -21,8 +21,6 @@ from tests.helpers.models import perturbed
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "models.md"
 
 
-
-
 @pytest.fixture(scope="module")
 def models() -> dict[str, torch.nn.Module]:
     return {"student": perturbed(MinimalVAE(latent_dim=8, base_channels=8)),
