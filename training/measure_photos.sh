@@ -81,9 +81,9 @@ report() {  # per budget: the best epochs (what tinyvae_best.pth holds), then th
         last=$LONG_EPOCHS
         [ $budget = demo ] && last=$EPOCHS
         echo; echo "### $last student epochs: best epoch"
-        $PY -m hrm_vision.evaluation.runs --baseline alone "${specs[@]}"
+        $PY training/runs.py --baseline alone "${specs[@]}"
         echo; echo "### $last student epochs: last epoch"
-        $PY -m hrm_vision.evaluation.runs --baseline alone --epoch "$last" "${specs[@]}"
+        $PY training/runs.py --baseline alone --epoch "$last" "${specs[@]}"
     done
 }
 
