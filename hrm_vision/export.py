@@ -231,6 +231,13 @@ def _linear_path_convs(model: onnx.ModelProto) -> list[str]:
             and any(tag in name for name in n.input for tag in FP32_WEIGHTS)]
 
 
+def _int8_float_convs(model: onnx.ModelProto) -> list[str]:
+    """The convolutions int8 leaves in float32: the linear patch path, and the one reading the
+    latent (up to ~30 on one uint8 scale: 8 dB lost, experiments/int8_frames.py)."""
+    return _linear_path_convs(model) + [n.name for n in model.graph.node
+                                        if n.op_type == "Conv" and "latent" in n.input]
+
+
 def _save_variant(model: onnx.ModelProto, fp32: onnx.ModelProto, precision: str,
                   path: Path) -> Path:
     onnx.helper.set_model_props(model, {**{p.key: p.value for p in fp32.metadata_props},
@@ -273,7 +280,7 @@ def to_int8(fp32_path: str | os.PathLike[str], calibration: Tensor, batch_size: 
                               quant_format=q.QuantFormat.QDQ, per_channel=True,
                               activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
                               op_types_to_quantize=["Conv"],
-                              nodes_to_exclude=_linear_path_convs(onnx.load(str(prepared))),
+                              nodes_to_exclude=_int8_float_convs(onnx.load(str(prepared))),
                               calibrate_method=q.CalibrationMethod.Percentile,
                               extra_options={"ActivationSymmetric": False,
                                              "CalibPercentile": CALIBRATION_PERCENTILE})

@@ -438,6 +438,16 @@ class TestPrecisions:
         assert fp16.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # float32 IO
         assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in fp16.initializer)
 
+    def test_int8_reads_the_latent_in_float32(self, precisions_export) -> None:
+        """The int8 decoder's convolutions that read the latent stay float32 (no quantised input):
+        a trained latent spans about +-30, one uint8 scale for it cost 8 dB on camera frames."""
+        _, _, result = precisions_export
+        graph = onnx.load(result.precision_files["int8"]["decoder"]).graph
+        readers = [n for n in graph.node if "latent" in n.input]
+        assert readers and not any(n.op_type == "QuantizeLinear" for n in readers)
+        assert any(n.op_type == "Conv" for n in readers)
+        assert any(n.op_type == "QuantizeLinear" for n in graph.node)  # later stages are int8
+
     def test_int8_needs_calibration_images(self, tmp_path, photo_batch) -> None:
         with pytest.raises(ExportError, match="calibration"):
             export_model(small_student(photo_batch), tmp_path, photo_batch[:2],
