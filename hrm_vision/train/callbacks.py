@@ -21,11 +21,12 @@ from ..io import atomic_write
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
 
-    from .trainer import Phase
-
 #: What the hooks receive as ``trainer``: the running :class:`~hrm_vision.train.Distiller`
 #: (read-only for callbacks: ``config``, ``out_dir``, ``history``, the models).
 Distiller = Any
+#: What the hooks receive as ``phase``: the running :class:`~hrm_vision.train.trainer.Phase`
+#: (``name``, ``epochs``, ``epoch_picture_rows(epoch)``).
+Phase = Any
 
 
 class Callback:
