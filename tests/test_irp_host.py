@@ -88,6 +88,9 @@ class FixturePlugins:
         register("bad_telemetry", BadTelemetry, ToyConfig, kind="test")
         register("factory_raises", exploding_factory, ToyConfig, kind="test")
         register("factory_exits", exiting_factory, ToyConfig, kind="test")
+        register("mutates", Mutates, ToyConfig, kind="test")  # the input-isolation guards
+        register("reads", Reads, ToyConfig, kind="test")
+        register("nan_energy", NaNEnergy, ToyConfig, kind="test")
 
 
 @pytest.fixture
@@ -95,7 +98,6 @@ def host() -> Any:
     """A host with the fixture plugins, unregistered afterwards."""
     made = PluginRegistry(load_entry_points=False)
     made.register(FixturePlugins(), name="fixtures")
-    made.register(GuardPlugins(), name="guard_fixtures")
     try:
         yield made
     finally:
@@ -266,14 +268,6 @@ class Reads(ToyPlugin):
 class NaNEnergy(Reads):
     def energy(self, state: IRPState) -> float:
         return math.nan
-
-
-class GuardPlugins:
-    @hookimpl
-    def register_irp_plugins(self, register: Any) -> None:
-        register("mutates", Mutates, ToyConfig, kind="test")
-        register("reads", Reads, ToyConfig, kind="test")
-        register("nan_energy", NaNEnergy, ToyConfig, kind="test")
 
 
 def test_a_plugin_changing_its_input_in_place_does_not_change_the_next_ones(host) -> None:
