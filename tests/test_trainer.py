@@ -624,6 +624,33 @@ class TestNonFiniteSteps:
             assert torch.equal(v, saved[k]), k
 
 
+    def test_last_good_state_reuses_its_buffers_and_restores_the_optimizer(self) -> None:
+        """Saved every step: the copy goes into the buffers of the last save (no allocation on
+        the training step's path once the optimizer has its state), and restore puts the
+        optimizer's moments back."""
+        model = nn.Linear(4, 4)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+        good = LastGoodState(model, opt)
+        for _ in range(2):
+            model(torch.rand(8, 4)).sum().backward()
+            opt.step()
+        good.save()
+        buffers = [t.data_ptr() for t in good._copy]
+        moments = {k: v.clone() for k, v in opt.state[model.weight].items()}
+        model(torch.rand(8, 4)).sum().backward()
+        opt.step()
+        good.save()
+        assert [t.data_ptr() for t in good._copy] == buffers
+        opt.step()
+        good.restore()
+        changed = {k: v.clone() for k, v in opt.state[model.weight].items()}
+        assert not all(torch.equal(changed[k], moments[k]) for k in moments)
+        good.save()
+        opt.state[model.weight]["exp_avg"].fill_(float("nan"))
+        good.restore()
+        for k, v in opt.state[model.weight].items():
+            assert torch.equal(v, changed[k]), k
+
 class TestSchedule:
     def test_learning_rates_at_chosen_steps(self) -> None:
         lr, warmup, total = 1e-3, 4, 20

@@ -366,20 +366,16 @@ class WeightAverage:
             self.module.load_state_dict(payload["train_state_dict"])
 
 
-def _cloned(state: dict[Any, dict[str, Any]]) -> dict[Any, dict[str, Any]]:
-    return {p: {k: v.clone() if isinstance(v, Tensor) else v for k, v in entry.items()}
-            for p, entry in state.items()}
-
-
 class LastGoodState:
     """A copy of ``module``'s floating-point tensors and ``optimizer``'s per-parameter state, to
     undo a step that made any of them non-finite (:meth:`restore` also drops state the step
-    created)."""
+    created). :meth:`save` runs every step: it copies into the buffers of the last save, and
+    allocates them again only when the layout changes (the first step)."""
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.module, self.optimizer = module, optimizer
-        self._module_copy: list[Tensor] = []
-        self._optim_copy: dict[Any, dict[str, Any]] = {}
+        self._copy: list[Tensor] = []
+        self._items: list[tuple[Any, str, Any]] = []  # (param, key, value or None: a tensor)
 
     def _module_tensors(self) -> list[Tensor]:
         return [t.detach() for t in (*self.module.parameters(), *self.module.buffers())
@@ -387,15 +383,23 @@ class LastGoodState:
 
     @torch.no_grad()
     def save(self) -> None:
-        self._module_copy, self._optim_copy = [], {}  # the old copy is freed first
-        self._module_copy = [t.clone() for t in self._module_tensors()]
-        self._optim_copy = _cloned(self.optimizer.state)
+        items = [(p, k, v) for p, entry in self.optimizer.state.items() for k, v in entry.items()]
+        live = self._module_tensors() + [v for _, _, v in items if isinstance(v, Tensor)]
+        if [(t.shape, t.dtype, t.device) for t in live] == [
+                (t.shape, t.dtype, t.device) for t in self._copy]:
+            torch._foreach_copy_(self._copy, live)
+        else:
+            self._copy = [t.clone() for t in live]
+        self._items = [(p, k, None if isinstance(v, Tensor) else v) for p, k, v in items]
 
     @torch.no_grad()
     def restore(self) -> None:
-        torch._foreach_copy_(self._module_tensors(), self._module_copy)
+        module = self._module_tensors()
+        torch._foreach_copy_(module, self._copy[:len(module)])
+        saved = iter(self._copy[len(module):])
         self.optimizer.state.clear()
-        self.optimizer.state.update(_cloned(self._optim_copy))
+        for p, k, v in self._items:
+            self.optimizer.state[p][k] = next(saved).clone() if v is None else v
 
     @torch.no_grad()
     def all_finite(self) -> bool:
