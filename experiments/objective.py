@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from hrm_vision import patches as rate
+from hrm_vision import patches
 from hrm_vision.data import PhotoCrops
 from hrm_vision.metrics import psnr, psnr_from_mse
 from hrm_vision.patches import fit_patch_pca
@@ -103,9 +103,9 @@ def validate(model: torch.nn.Module, val: torch.Tensor, spectrum: torch.Tensor,
     c = mu.shape[1]
     model.train()
     return {"psnr_mu": psnr(model.decode(mu), val), "psnr_z": psnr(model.decode(z), val),
-            "kl_nats_per_element": kl, "bits_per_pixel": rate.bits_per_pixel(kl, c),
-            "water_filling_db": psnr_from_mse(rate.water_filling(spectrum, kl * c)),
-            "uniform_db": psnr_from_mse(rate.uniform_allocation(spectrum, kl, c))}
+            "kl_nats_per_element": kl, "bits_per_pixel": patches.bits_per_pixel(kl, c),
+            "water_filling_db": psnr_from_mse(patches.water_filling(spectrum, kl * c)),
+            "uniform_db": psnr_from_mse(patches.uniform_allocation(spectrum, kl, c))}
 
 
 def shares(model: MinimalVAE, objective: Objective, x: torch.Tensor, seed: int
@@ -198,9 +198,9 @@ def references(spectrum: torch.Tensor, rates: Sequence[float], channels: int = 1
     lines = ["| nats per latent element | bits per pixel | water-filling PSNR (dB) | "
              "uniform allocation PSNR (dB) |", "|---|---|---|---|"]
     for r in rates:
-        water = rate.water_filling(spectrum, r * channels)
-        uniform = rate.uniform_allocation(spectrum, r, channels)
-        lines.append(f"| {r:g} | {rate.bits_per_pixel(r, channels):.2f} | "
+        water = patches.water_filling(spectrum, r * channels)
+        uniform = patches.uniform_allocation(spectrum, r, channels)
+        lines.append(f"| {r:g} | {patches.bits_per_pixel(r, channels):.2f} | "
                      f"{psnr_from_mse(water):.2f} | {psnr_from_mse(uniform):.2f} |")
     return "\n".join(lines)
 

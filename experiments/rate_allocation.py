@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from hrm_vision import patches as rate
+from hrm_vision import patches
 from hrm_vision.data import validation_images
 from hrm_vision.evaluate import measure_rate, patch_spectrum
 from hrm_vision.vae import LOGVAR_INIT, MinimalVAE, TeacherVAE
@@ -43,7 +43,7 @@ def water_filling_code(model: MinimalVAE | TeacherVAE, total_nats: float) -> Non
     ``lambda``, its squared column norm)."""
     _, _, dec_w, _ = model.linear_path()
     gains = dec_w.double().pow(2).sum(0)
-    theta = rate.water_level(gains, total_nats)
+    theta = patches.water_level(gains, total_nats)
     var = (theta / gains.clamp(min=1e-30)).clamp(max=1.0)
     a = (1 - var).clamp(min=0).sqrt().float()
     model.encoder.linear.weight.mul_(a.view(-1, 1, 1, 1))

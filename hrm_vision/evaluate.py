@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import patches as rate
+from . import patches
 from .data import build_dataset, validation_images
 from .io import (
     adapter_from_payload,
@@ -254,13 +254,13 @@ def measure_rate(model: VAEBase, name: str, images: Tensor | Sequence[Tensor], l
         kl += float(gaussian_kl(mu, logvar).double().sum())
         pixels, elements = pixels + x.numel(), elements + mu.numel()
     # latent elements per 8x8 patch (a vector latent's numbers spread over the image's cells)
-    nats, c = kl / elements, elements / (pixels / (3 * rate.PIXELS_PER_CELL))
+    nats, c = kl / elements, elements / (pixels / (3 * patches.PIXELS_PER_CELL))
     return RateQuality(
         model=name, images=label, latent_channels=round(c), kl_nats_per_element=nats,
-        bits_per_pixel=rate.bits_per_pixel(nats, c),
+        bits_per_pixel=patches.bits_per_pixel(nats, c),
         psnr_mu_db=psnr_from_mse(se_mu / pixels), psnr_sample_db=psnr_from_mse(se_z / pixels),
-        water_filling_psnr_db=psnr_from_mse(rate.water_filling(spectrum, nats * c)),
-        uniform_psnr_db=psnr_from_mse(rate.uniform_allocation(spectrum, nats,
+        water_filling_psnr_db=psnr_from_mse(patches.water_filling(spectrum, nats * c)),
+        uniform_psnr_db=psnr_from_mse(patches.uniform_allocation(spectrum, nats,
                                                              min(round(c), spectrum.numel()))))
 
 
