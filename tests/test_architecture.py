@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hrm_vision"
 
 #: Lowest first. ``hrm_vision`` is the package face (``__init__.py``); nothing inside imports it.
 ORDER = [
-    "_version", "_extras", "patches", "timing", "metrics",       # depend on nothing of ours
+    "_version", "_extras", "patches", "timing", "metrics", "codes",  # depend on nothing of ours
     "vae", "compact", "tiling",                                   # the models
     "io", "data",                                                 # files, datasets
     "train.config", "train.loss", "train.callbacks", "train.trainer", "train",
@@ -24,8 +24,9 @@ ORDER = [
     "perceive",
     "hrm_vision", "cli", "__main__",
 ]
-#: The library's size: lines of Python and files.
-MAX_LINES, MAX_FILES = 8000, 30
+#: The library's size: lines of Python and files (8,000 held the package before the crop stream,
+#: the camera pipeline and the trust report; each of those three ideas is given 300-400 lines).
+MAX_LINES, MAX_FILES = 9000, 30
 
 
 def module_name(path: Path) -> str:
