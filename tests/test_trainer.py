@@ -904,7 +904,7 @@ def test_from_a_uniform_rate_the_objective_raises_the_sampled_decode() -> None:
     model.init_from_data(train)
     model.encoder.logvar_head[1].bias.data.fill_(LOGVAR_INIT)
     loss = DistillLoss(recon_weight=0.5, distill_latent_weight=0.0, distill_recon_weight=0.0,
-                       perceptual_weight=0.0)
+                       perceptual_weight=0.0, kl_free_bits=2 / math.log(2))  # 2 nats per number
     loss.calibrate(model, train)
     start = measure_rate(model, "start", val, "val", spectrum)
     optimizer = torch.optim.AdamW([*model.parameters(), *loss.parameters()], lr=3e-4)

@@ -627,9 +627,10 @@ class Phase:
                          f"reconstruction's RMS error on {len(images)} training images)")
 
     def after_step(self, terms: dict[str, Tensor]) -> None:
-        """After a kept step: a rate target follows the KL per element (mean over ranks)."""
+        """After a kept step: a rate target follows the KL in bits per pixel (mean over
+        ranks)."""
         if self.criterion is not None and self.criterion.rate is not None:
-            kl = self.ctx.reduce({"kl": float(terms["kl_per_element"])}, 1)["kl"]
+            kl = self.ctx.reduce({"kl": float(terms["bpp"])}, 1)["kl"]
             self.criterion.after_step(kl)
 
     def term_shares(self, module: nn.Module, index: Tensor, x: Tensor
