@@ -116,7 +116,11 @@ class DistillConfig(BaseModel):
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm (None: off)")
     grad_accum_steps: int = Field(1, ge=1, le=MAX_BATCH, description="batches per optimizer step")
     mixed_precision: Precision = Field("auto", description="auto: fp16 with a scaler on CUDA, "
-                                       "off on CPU; bf16/fp16/off force it")
+                                       "off on CPU; bf16/fp16/off force it (bf16 on a CPU with "
+                                       "avx512_bf16 or AMX)")
+    channels_last: bool = Field(False, description="images and convolution weights in "
+                                "channels-last memory order (with bf16 on a CPU that has it: "
+                                "benchmarks/train_step.py)")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of Python, NumPy and torch")
     early_stop_patience: int | None = Field(10, ge=1, le=MAX_EPOCHS, description="stop a "
                                             "phase after this many epochs without a better "
