@@ -285,7 +285,7 @@ def markdown(report: dict[str, Any]) -> str:
 def _parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0].split(": ")[1])
     add = p.add_argument
-    add("checkpoint", help="a compact student: compact_best.pth or .safetensors")
+    add("checkpoint", help="a compact student: tinyvae_best.pth of a compact run, .safetensors")
     add("--out", required=True, help="folder of trust.json, trust.md, codes.safetensors")
     add("--distilled-pair", nargs=2, metavar=("A", "B"), help="students distilled from one teacher")
     add("--alone-pair", nargs=2, metavar=("C", "D"), help="students trained alone on A's, B's data")

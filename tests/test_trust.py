@@ -14,8 +14,8 @@ from hrm_vision import save
 from hrm_vision.cli import main
 from hrm_vision.compact import CompactStudentVAE
 from hrm_vision.io import model_entry, save_checkpoint
-from hrm_vision.metrics import psnr
 from hrm_vision.irp.sage import create_tinyvae_irp
+from hrm_vision.metrics import psnr
 from hrm_vision.trust import (
     CHANGES,
     agreement,
