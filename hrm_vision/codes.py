@@ -68,11 +68,10 @@ def fit_codebooks(latents: Tensor, stages: int = 4, entries: int = ENTRIES,
     ``D`` numbers, ``N >= entries``): stage ``s`` clusters what stages ``< s`` leave, so the first
     ``k`` ids of :func:`to_tokens` decode to a coarse-to-fine sum of ``k`` entries."""
     rows = latents.detach().float().flatten(1).cpu()
-    if rows.shape[0] < entries or stages < 1 or iterations < 1:
+    if rows.shape[0] < entries or min(stages, iterations) < 1 or not rows.isfinite().all():
         raise ValueError(f"fitting {stages} codebooks of {entries} entries needs at least "
-                         f"{entries} latents and stages, iterations >= 1, got {rows.shape[0]}")
-    if not torch.isfinite(rows).all():
-        raise ValueError("latents hold NaN or infinite values")
+                         f"{entries} finite latents (got {rows.shape[0]}), stages and iterations "
+                         ">= 1")
     generator = torch.Generator().manual_seed(seed)
     books = []
     for _ in range(stages):
@@ -87,19 +86,15 @@ def fit_codebooks(latents: Tensor, stages: int = 4, entries: int = ENTRIES,
     return torch.stack(books)
 
 
-def to_tokens(latents: Tensor, codebooks: Tensor, count: int | None = None) -> Tensor:
-    """``int64`` ids ``(N, count)`` (default: one per codebook) of latents ``(N, ...)``, each
-    in ``[0, entries)``, chosen greedily stage by stage."""
-    count = codebooks.shape[0] if count is None else count
-    if not 1 <= count <= codebooks.shape[0]:
-        raise ValueError(f"count must be in [1, {codebooks.shape[0]}], got {count}")
-    rest = latents.detach().float().flatten(1)
-    books = codebooks.to(rest.device)
+def to_tokens(latents: Tensor, codebooks: Tensor) -> Tensor:
+    """``int64`` ids ``(N, stages)`` in ``[0, entries)`` of latents ``(N, ...)``, chosen greedily
+    stage by stage (so the first ``k`` columns are the ``k``-id code)."""
+    rest, books = latents.detach().float().flatten(1), codebooks.to(latents.device)
     if rest.shape[1] != books.shape[2]:
         raise ValueError(f"the codebooks hold {books.shape[2]} numbers per latent, the latents "
                          f"{rest.shape[1]}")
     ids = []
-    for book in books[:count]:
+    for book in books:
         ids.append(torch.cdist(rest, book).argmin(1))
         rest = rest - book[ids[-1]]
     return torch.stack(ids, dim=1)
@@ -114,8 +109,7 @@ def from_tokens(tokens: Tensor, codebooks: Tensor) -> Tensor:
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= codebooks.shape[1]):
         raise ValueError(f"token ids must be in [0, {codebooks.shape[1]})")
     books = codebooks.to(tokens.device)
-    return sum((books[s][tokens[:, s].long()] for s in range(tokens.shape[1])),
-               torch.zeros(len(tokens), books.shape[2], device=tokens.device))
+    return books[torch.arange(tokens.shape[1], device=tokens.device), tokens.long()].sum(1)
 
 
 class Codes(NamedTuple):

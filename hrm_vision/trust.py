@@ -28,7 +28,7 @@ from torch import Tensor
 from ._extras import require
 from .codes import Codes, fit_codebooks, fit_range, from_8bit, from_tokens, to_8bit, to_tokens
 from .compact import CompactVAE, fit_crop_pca
-from .data import VAL_PHOTOS, PhotoCrops, crop_images, load_photo
+from .data import VAL_PHOTOS, crop_images, load_photo
 from .evaluate import CROP_PCA_FIT, thumbnail
 from .io import atomic_write, load, load_checkpoint, model_from_payload, write_json, write_text
 from .irp.sage import sage_trust
@@ -42,9 +42,8 @@ Fn = Callable[[Tensor], Tensor]
 def unseen_photo() -> np.ndarray:
     """:data:`UNSEEN_PHOTO`, ``(H, W, 3)`` uint8 RGB, a photograph ``photos`` does not hold."""
     cbook = require("matplotlib.cbook", extra="train", purpose="the unseen-sources crops")
-    image = require("PIL.Image", extra="photos", purpose="the unseen-sources crops")
     with cbook.get_sample_data(UNSEEN_PHOTO) as f:
-        return np.asarray(image.open(f).convert("RGB"))
+        return np.asarray(require("PIL.Image", extra="photos").open(f).convert("RGB"))
 
 
 def unseen_crops(num: int, image_size: int = 64, seed: int = 7) -> Tensor:
@@ -66,7 +65,7 @@ def view_pairs(photos: Sequence[np.ndarray], change: str, count: int, size: int 
         raise ValueError(f"change must be one of {CHANGES}, got {change!r}")
     rng = np.random.default_rng(seed)
     regions = crop_images(photos, count, 2 * size, seed).float() / 255
-    c, a, b = size // 2, [], []
+    c, pairs = size // 2, []
     for r in regions:
         sign = int(rng.choice((-1, 1)))
         centre = r[:, c:c + size, c:c + size]
@@ -83,9 +82,8 @@ def view_pairs(photos: Sequence[np.ndarray], change: str, count: int, size: int 
         else:
             w, o = 3 * size // 2, size // 4
             pair = tuple(_resized(r[:, o:o + w, o + x:o + x + w], size) for x in (0, 6 * sign))
-        a.append(pair[0])
-        b.append(pair[1])
-    return torch.stack(a), torch.stack(b)
+        pairs.append(pair)
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
 def agreement(za: Tensor, zb: Tensor, centre: Tensor) -> tuple[float, float]:
@@ -121,18 +119,15 @@ def load_student(path: str) -> tuple[CompactVAE, dict[str, Any] | None]:
 
 def crop_sets(config: dict[str, Any] | None, size: int, num: int, num_train: int
               ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Training crops and ``{"held_out", "unseen"}``, ``num`` each: the config's splits, else
-    the ``photos`` dataset's."""
-    if config is None:
-        train, held = (PhotoCrops(s, size, n).images_uint8.float() / 255
-                       for s, n in (("train", num_train), ("val", num)))
-    else:
-        from .train.config import DistillConfig
-        from .train.trainer import build_split, first_images
+    """Training crops and ``{"held_out", "unseen"}``, ``num`` each: the splits of the
+    checkpoint's training config, else of the ``photos`` dataset."""
+    from .train.config import DistillConfig
+    from .train.trainer import build_split, first_images
 
-        cfg = DistillConfig(**{**config, "train_samples": num_train, "val_samples": num})
-        train, held = (first_images(build_split(cfg, s), n)
-                       for s, n in (("train", num_train), ("val", num)))
+    values = config or {"dataset": "photos", "image_size": size}
+    cfg = DistillConfig(**{**values, "train_samples": num_train, "val_samples": num})
+    train, held = (first_images(build_split(cfg, s), n)
+                   for s, n in (("train", num_train), ("val", num)))
     return train, {"held_out": held, "unseen": unseen_crops(len(held), size)}
 
 
@@ -152,8 +147,7 @@ def device_agreement(model: CompactVAE, sets: dict[str, Tensor], train: Tensor,
         for precision, pair in graphs.items():
             enc, dec = (onnx_runner(pair[p]) for p in ("encoder", "decoder"))
             for key, x in sets.items():
-                ref = batched(model.encode, x)
-                z = enc(x)
+                z, ref = enc(x), batched(model.encode, x)
                 rec, rec_ref = dec(z), batched(model.decode, ref)
                 steps = ((rec.clamp(0, 1) - rec_ref.clamp(0, 1)).abs() * 255).round()
                 cosine = F.cosine_similarity((z - centre).double(), (ref - centre).double())
@@ -178,8 +172,6 @@ def entity_agreement(paths: Sequence[str], sets: dict[str, Tensor], train: Tenso
         centre = batched(fn, train).mean(0)
         codes.append({k: batched(fn, x) - centre for k, x in sets.items()})
     a, b = codes
-    if a["held_out"].shape != b["held_out"].shape:
-        raise ValueError(f"the pair {list(paths)} writes latents of different sizes")
     return {k: float(F.cosine_similarity(a[k].double(), b[k].double()).mean()) for k in a}
 
 
@@ -203,16 +195,15 @@ def trust_report(args: argparse.Namespace) -> tuple[dict[str, Any], Codes]:
     views = {"held_out": [load_photo(p) for p in VAL_PHOTOS], "unseen": [unseen_photo()]}
     figures: dict[str, dict[str, Any]] = {}
     for key, x in sets.items():
-        mu, logvar = (torch.cat(t) for t in zip(*(model.posterior(x[i:i + 256])
-                                                  for i in range(0, len(x), 256)), strict=True))
+        mu, logvar = model.posterior(x)
         dec = batched(model.decode, mu)
         (pca64, back64), (pca16, back16) = pca(64), pca(16)
         q = {"student": quality(dec, x), "pca64": quality(back64(pca64(x)), x),
              "thumbnail8": quality(thumbnail(x, 8), x)}
         kl = float(gaussian_kl(mu, logvar).mean())
         eight = psnr(batched(model.decode, from_8bit(to_8bit(mu, low, step), low, step)), x)
-        tokens = {str(k): quality(batched(model.decode, from_tokens(to_tokens(mu, books, k),
-                                                                    books)), x)
+        ids = to_tokens(mu, books)
+        tokens = {str(k): quality(batched(model.decode, from_tokens(ids[:, :k], books)), x)
                   for k in sorted({1, len(books)})}  # SSIM is slow: one id and all
         view: dict[str, dict[str, float]] = {}
         for i, change in enumerate(CHANGES):
@@ -241,45 +232,27 @@ def trust_report(args: argparse.Namespace) -> tuple[dict[str, Any], Codes]:
                                  for p in ("fp16", "int8", "fp32")}
         f["entity_agreement"] = {k: {"cosine": v and v[key]} for k, v in entity.items()}
     report = {**figures["held_out"], "unseen": figures["unseen"], "meta": {
-        "checkpoint": args.checkpoint, "crops": args.num_crops, "train_crops": len(train),
-        "gallery": args.gallery, "pairs": {k: list(p) if p else None
-                                           for k, (p, _) in pairs.items()},
-        "threads": torch.get_num_threads(), "seconds": time.perf_counter() - start,
-        "command": args.command}}
+        **vars(args), "train_crops": len(train), "seconds": time.perf_counter() - start}}
     return report, Codes(low, step, books)
 
 
+def flat(figures: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a.b.c": value}`` of nested ``figures``."""
+    out: dict[str, Any] = {}
+    for k, v in figures.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
 def markdown(report: dict[str, Any]) -> str:
-    """The report as a markdown table: one row per figure, a column per set."""
-    sets = {"held-out": report, "unseen sources": report["unseen"]}
-
-    def row(name: str, get: Callable[[dict[str, Any]], Any]) -> str:
-        cells = [get(f) for f in sets.values()]
-        return f"| {name} | " + " | ".join("-" if v is None else f"{v:.4g}" for v in cells) + " |"
-
-    lines = [f"Trust report of `{report['meta']['checkpoint']}` "
-             f"({report['meta']['crops']} crops per set)", "",
-             "| figure | " + " | ".join(sets) + " |", "|---|" + "---|" * len(sets)]
-    for k in ("student", "pca64", "thumbnail8"):
-        lines += [row(f"SSIM {k}", lambda f, k=k: f["ssim"][k]),
-                  row(f"PSNR {k} (dB)", lambda f, k=k: f["psnr"][k])]
-    lines += [row("SAGE trust", lambda f: f["sage_trust"]["student"]),
-              row("8-bit latent cost (dB)", lambda f: f["latent_8bit_cost_db"])]
-    for k in report["tokens"]["by_ids"]:
-        lines.append(row(f"tokens, {k} id(s): PSNR (dB)",
-                         lambda f, k=k: f["tokens"]["by_ids"][k]["psnr"]))
-    lines.append(row("PCA-16 PSNR (dB)", lambda f: f["tokens"]["pca16"]["psnr"]))
-    for c in CHANGES:
-        for m in ("student", "pca64"):
-            lines.append(row(f"{c}: retrieval@1 {m}",
-                             lambda f, c=c, m=m: f["view_agreement"][c][m]))
-    for p in ("fp16", "int8"):
-        lines += [row(f"{p}: latent cosine", lambda f, p=p: f["device_agreement"][p]["cosine"]),
-                  row(f"{p}: latent max abs", lambda f, p=p: f["device_agreement"][p]["max_abs"])]
-    for k in ("distilled", "alone"):
-        lines.append(row(f"entity agreement, {k} pair", lambda f, k=k: f["entity_agreement"][k][
-            "cosine"]))
-    return "\n".join(lines) + "\n"
+    """The report's figures as a markdown table (key of ``trust.json``, held-out, unseen)."""
+    held, unseen = (flat({k: v for k, v in f.items() if k not in ("unseen", "meta")})
+                    for f in (report, report["unseen"]))
+    cells = ("-" if v is None else f"{v:.4g}" for k in held for v in (held[k], unseen.get(k)))
+    rows = [f"| {k} | {next(cells)} | {next(cells)} |" for k in held]
+    meta = report["meta"]
+    return "\n".join([f"Trust report of `{meta['checkpoint']}` ({meta['num_crops']} crops per set)",
+                      "", "| figure | held-out | unseen sources |", "|---|---|---|", *rows]) + "\n"
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:

@@ -186,7 +186,7 @@ class TestSageTrust:
         assert tel["reconstruction_error"] <= float((recon - crops[:2]).pow(2).mean()) + 1e-6
 
     def test_code_forms_need_a_codes_file(self, plugin, crops) -> None:
-        with pytest.raises(ValueError, match="needs the codes setting"):
+        with pytest.raises(ValueError, match="with the codes setting"):
             plugin.get_latents(crops[:1], form="tokens")
 
 

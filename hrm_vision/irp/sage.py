@@ -25,14 +25,7 @@ from torch import Tensor, nn
 from ..compact import CompactStudentVAE
 from ..metrics import gaussian_kl
 from .contract import IRPState, finite_or_none, trust_metrics, validate_config
-from .tinyvae import (
-    CodeForm,
-    TinyVAEConfig,
-    TinyVAEPlugin,
-    TinyVAESettings,
-    from_images,
-    load_student,
-)
+from .tinyvae import TinyVAEConfig, TinyVAEPlugin, TinyVAESettings, from_images, load_student
 
 CHECKPOINT_ENV = "HRM_VISION_SAGE_CHECKPOINT"  # the checkpoint when a call passes none
 _MISSING: Any = object()
@@ -177,7 +170,7 @@ class TinyVAEIRP:
         mu = self.plugin.encode(batch)
         return mu.flatten(1) if flat else mu
 
-    def get_latents(self, batch: Any, flat: bool = False, form: CodeForm = "float") -> Tensor:
+    def get_latents(self, batch: Any, flat: bool = False, form: str = "float") -> Tensor:
         """:meth:`encode_batch`, or with ``form`` ``"8bit"`` its ``uint8`` codes (one byte per
         number) or ``"tokens"`` ``int64`` ids ``(B, stages)``, both by the ``codes`` file."""
         return self.plugin.to_code(self.encode_batch(batch, flat), form)

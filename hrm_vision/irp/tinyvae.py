@@ -148,14 +148,6 @@ class TinyVAESettings(BaseModel):
     codes: Path | None = Field(None, description="codes.safetensors of `hrm-vision trust`: the "
                                "8-bit range and token codebooks (None: float latents only)")
 
-    @field_validator("codes")
-    @classmethod
-    def _codes_exist(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_file():
-            raise ValueError(f"codes file not found: {value} (`hrm-vision trust CHECKPOINT --out "
-                             "DIR` writes DIR/codes.safetensors)")
-        return value
-
     @field_validator("checkpoint")
     @classmethod
     def _checkpoint_exists(cls, value: Path | None) -> Path | None:
@@ -267,11 +259,9 @@ class TinyVAEPlugin(IRPPlugin):
         or ``int64`` token ids ``(B, stages)``; a ``ValueError`` without a codes file."""
         if form == "float":
             return z
-        if form not in ("8bit", "tokens"):
-            raise ValueError(f"form must be 'float', '8bit' or 'tokens', got {form!r}")
-        if self.codes is None:
-            raise ValueError(f"the {form} form needs the codes setting: a codes.safetensors "
-                             "of `hrm-vision trust CHECKPOINT --out DIR`")
+        if form not in ("8bit", "tokens") or self.codes is None:
+            raise ValueError(f"form {form!r}: 'float', or '8bit' and 'tokens' with the codes "
+                             "setting (the codes.safetensors of `hrm-vision trust`)")
         if form == "8bit":
             return to_8bit(z, self.codes.low, self.codes.step)
         return to_tokens(z, self.codes.codebooks)
