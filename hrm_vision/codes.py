@@ -5,9 +5,8 @@ same shape plus two float32 vectors ``low`` and ``step`` of length ``C``: code `
 ``low + step * q``. The range comes either from the latents themselves (:func:`fit_range`, e.g.
 one frame's) or from training latents, so that 64 numbers per crop are 64 bytes.
 
-Tokens: residual k-means codebooks of :data:`ENTRIES` entries over the whole latent, fitted on
-training latents; a crop becomes one id per codebook (9 bits each), the first ``k`` decoding
-coarse to fine. :class:`Codes` stores the range and codebooks in a ``.safetensors`` file.
+Tokens: one id (9 bits) per residual k-means codebook of :data:`ENTRIES` entries over the
+latent. :class:`Codes` holds the range and codebooks (a ``.safetensors`` file).
 """
 
 from __future__ import annotations
@@ -121,14 +120,12 @@ class Codes(NamedTuple):
     codebooks: Tensor
 
     def to_bytes(self) -> bytes:
-        """The ``.safetensors`` bytes of the three tensors (float32)."""
         from safetensors.torch import save
 
         return save({k: v.detach().cpu().contiguous().float() for k, v in self._asdict().items()})
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Codes:
-        """A ``ValueError`` naming ``path`` when it is no codes file."""
         from safetensors.torch import load_file
 
         try:

@@ -1,11 +1,7 @@
 """``hrm-vision trust CHECKPOINT --out DIR``: what a compact student's code of a 64x64 crop can be
-trusted with (docs/irp.md, "The trust report"), into ``trust.json``, ``trust.md`` and
-``codes.safetensors`` (the 8-bit range and token codebooks, for the plugin's ``codes`` setting).
-
-Every figure is measured on *held-out* crops (the checkpoint's validation split) at the top level
-of ``trust.json`` and on as many *unseen-source* crops (:func:`unseen_crops`) under ``unseen``.
-Latents are compared by the cosine of latents centred by their training mean. Images are float
-``(N, 3, S, S)`` in [0, 1].
+trusted with, into ``trust.json`` (figures in docs/irp.md, "The trust report"), ``trust.md`` and
+``codes.safetensors`` (for the plugin's ``codes`` setting). Held-out figures at the top level, the
+same for unseen-source crops under ``unseen``; images are float ``(N, 3, S, S)`` in [0, 1].
 """
 
 from __future__ import annotations
@@ -30,7 +26,7 @@ from .codes import Codes, fit_codebooks, fit_range, from_8bit, from_tokens, to_8
 from .compact import CompactVAE, fit_crop_pca
 from .data import VAL_PHOTOS, crop_images, load_photo
 from .evaluate import CROP_PCA_FIT, thumbnail
-from .io import atomic_write, load, load_checkpoint, model_from_payload, write_json, write_text
+from .io import atomic_write, load, load_checkpoint, write_json, write_text
 from .irp.sage import sage_trust
 from .metrics import gaussian_kl, psnr, ssim
 
@@ -106,11 +102,8 @@ def quality(rec: Tensor, x: Tensor) -> dict[str, float]:
 
 def load_student(path: str) -> tuple[CompactVAE, dict[str, Any] | None]:
     """A compact student and the training config its ``.pth`` file holds (None otherwise)."""
-    if path.endswith(".safetensors"):
-        model, config = load(path, role="student"), None
-    else:
-        payload = load_checkpoint(path)
-        model, config = model_from_payload(payload, "student", path), payload.get("config")
+    model = load(path, role="student")
+    config = None if path.endswith(".safetensors") else load_checkpoint(path).get("config")
     if not isinstance(model, CompactVAE) or model.in_channels != 3:
         raise ValueError(f"{path}: the trust report reads an RGB compact student, got a "
                          f"{type(model).__name__}")
@@ -134,9 +127,7 @@ def crop_sets(config: dict[str, Any] | None, size: int, num: int, num_train: int
 def device_agreement(model: CompactVAE, sets: dict[str, Tensor], train: Tensor,
                      centre: Tensor) -> dict[str, dict[str, dict[str, float]]]:
     """``{precision: {set: figures}}`` of the fp32/fp16/int8 ONNX graphs (int8 calibrated on
-    ``train``) against eager fp32: latent ``cosine`` (mean, ``cosine_min``) and ``max_abs``;
-    the graph's decoded crops against eager fp32's: ``decoded_psnr_db``, ``decoded_max_abs`` and
-    ``decoded_differ`` (share of crops with an 8-bit pixel more than one level apart)."""
+    ``train``) against eager fp32, latents and decoded crops (docs/irp.md, "The trust report")."""
     from .export import export_model, onnx_runner
 
     out: dict[str, dict[str, dict[str, float]]] = {}
@@ -288,7 +279,6 @@ def command(argv: list[str] | None = None, prog: str = "hrm-vision trust") -> in
     args.command = shlex.join([*prog.split(), *argv])
     report, codes = trust_report(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     write_json(report, out / "trust.json", indent=2)
     write_text(markdown(report), out / "trust.md")
     atomic_write(out / "codes.safetensors", lambda f: f.write(codes.to_bytes()))

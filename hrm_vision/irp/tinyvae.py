@@ -22,7 +22,6 @@ from ..vae import MinimalVAE
 from .contract import IRPConfig, IRPPlugin, IRPState, hookimpl
 
 ChannelOrder = Literal["rgb", "bgr"]
-CodeForm = Literal["float", "8bit", "tokens"]  #: latents as floats, uint8 codes or token ids
 STEP_GROWTH = 1.5  # of an accepted step size, for the next update
 RANGE_TOLERANCE = 1e-3  # float pixels may exceed value_range by this share of its width
 
@@ -254,7 +253,7 @@ class TinyVAEPlugin(IRPPlugin):
         with self._autocast():
             return self.model.decode(z).float()
 
-    def to_code(self, z: Tensor, form: CodeForm = "float") -> Tensor:
+    def to_code(self, z: Tensor, form: str = "float") -> Tensor:
         """Latents ``z`` ``(B, ...)`` as ``form``: themselves, ``uint8`` codes of the same shape,
         or ``int64`` token ids ``(B, stages)``; a ``ValueError`` without a codes file."""
         if form == "float":
