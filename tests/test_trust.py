@@ -69,7 +69,7 @@ def test_keys_and_ranges(run) -> None:
         assert set(figures["device_agreement"]) >= {"fp16", "int8"}
         assert figures["entity_agreement"] == {"distilled": {"cosine": None},
                                                "alone": {"cosine": None}}
-    assert "| SSIM student |" in (out / "trust.md").read_text()
+    assert "| ssim.student |" in (out / "trust.md").read_text()
 
 
 def test_written_codes_serve_the_plugin(run) -> None:
