@@ -47,6 +47,7 @@ COMMANDS: dict[str, Command] = {
     "irp": Command("hrm_vision.irp.host", "run IRP plugins (the TinyVAE perception plugin)"),
     "perceive": Command("hrm_vision.perceive",
                         "encode every frame of a video, camera or folder; latents + telemetry"),
+    "trust": Command("hrm_vision.trust", "how far a compact student's codes can be trusted"),
 }
 
 

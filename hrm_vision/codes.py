@@ -4,9 +4,15 @@ A latent ``z`` of shape ``(N, C, ...)`` (float, any range) is stored as ``uint8`
 same shape plus two float32 vectors ``low`` and ``step`` of length ``C``: code ``q`` stands for
 ``low + step * q``. The range comes either from the latents themselves (:func:`fit_range`, e.g.
 one frame's) or from training latents, so that 64 numbers per crop are 64 bytes.
+
+Tokens: one id (9 bits) per residual k-means codebook of :data:`ENTRIES` entries over the
+latent. :class:`Codes` holds the range and codebooks (a ``.safetensors`` file).
 """
 
 from __future__ import annotations
+
+import os
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -48,3 +54,83 @@ def from_8bit(codes: Tensor, low: Tensor, step: Tensor) -> Tensor:
         raise ValueError(f"codes must be uint8, got {codes.dtype}")
     low, step = _per_channel(low, codes.ndim), _per_channel(step, codes.ndim)
     return low.to(codes.device) + step.to(codes.device) * codes.float()
+
+
+# ---------------------------------------------------------------------- tokens
+ENTRIES = 512  #: entries of each token codebook (9 bits per id)
+
+
+@torch.no_grad()
+def fit_codebooks(latents: Tensor, stages: int = 4, entries: int = ENTRIES,
+                  iterations: int = 20, seed: int = 0) -> Tensor:
+    """Residual k-means codebooks ``(stages, entries, D)`` of latents ``(N, ...)`` (flattened to
+    ``D`` numbers, ``N >= entries``): stage ``s`` clusters what stages ``< s`` leave, so the first
+    ``k`` ids of :func:`to_tokens` decode to a coarse-to-fine sum of ``k`` entries."""
+    rows = latents.detach().float().flatten(1).cpu()
+    if rows.shape[0] < entries or min(stages, iterations) < 1 or not rows.isfinite().all():
+        raise ValueError(f"fitting {stages} codebooks of {entries} entries needs at least "
+                         f"{entries} finite latents (got {rows.shape[0]}), stages and iterations "
+                         ">= 1")
+    generator = torch.Generator().manual_seed(seed)
+    books = []
+    for _ in range(stages):
+        book = rows[torch.randperm(len(rows), generator=generator)[:entries]].clone()
+        for _ in range(iterations):  # Lloyd; an entry left empty keeps its place
+            nearest = torch.cdist(rows, book).argmin(1)
+            sums = torch.zeros_like(book).index_add_(0, nearest, rows)
+            counts = torch.bincount(nearest, minlength=entries).unsqueeze(1)
+            book = torch.where(counts > 0, sums / counts.clamp(min=1), book)
+        rows = rows - book[torch.cdist(rows, book).argmin(1)]
+        books.append(book)
+    return torch.stack(books)
+
+
+def to_tokens(latents: Tensor, codebooks: Tensor) -> Tensor:
+    """``int64`` ids ``(N, stages)`` in ``[0, entries)`` of latents ``(N, ...)``, chosen greedily
+    stage by stage (so the first ``k`` columns are the ``k``-id code)."""
+    rest, books = latents.detach().float().flatten(1), codebooks.to(latents.device)
+    if rest.shape[1] != books.shape[2]:
+        raise ValueError(f"the codebooks hold {books.shape[2]} numbers per latent, the latents "
+                         f"{rest.shape[1]}")
+    ids = []
+    for book in books:
+        ids.append(torch.cdist(rest, book).argmin(1))
+        rest = rest - book[ids[-1]]
+    return torch.stack(ids, dim=1)
+
+
+def from_tokens(tokens: Tensor, codebooks: Tensor) -> Tensor:
+    """Float32 latents ``(N, D)``: the sum of the entries that ids ``(N, k)`` (``k`` at most the
+    codebooks, the first ``k`` stages) name."""
+    if tokens.dtype.is_floating_point or tokens.ndim != 2 or tokens.shape[1] > len(codebooks):
+        raise ValueError(f"tokens must be integer ids (N, k <= {len(codebooks)}), got "
+                         f"{tokens.dtype} {tuple(tokens.shape)}")
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= codebooks.shape[1]):
+        raise ValueError(f"token ids must be in [0, {codebooks.shape[1]})")
+    books = codebooks.to(tokens.device)
+    return books[torch.arange(tokens.shape[1], device=tokens.device), tokens.long()].sum(1)
+
+
+class Codes(NamedTuple):
+    """What turns a model's latents into codes and back: the 8-bit range ``low``, ``step``
+    ``(C,)`` and the token ``codebooks`` ``(stages, entries, D)``, fitted on training latents."""
+
+    low: Tensor
+    step: Tensor
+    codebooks: Tensor
+
+    def to_bytes(self) -> bytes:
+        from safetensors.torch import save
+
+        return save({k: v.detach().cpu().contiguous().float() for k, v in self._asdict().items()})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Codes:
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(path))
+            return cls(**{k: tensors[k] for k in cls._fields})
+        except Exception as exc:  # safetensors raises several types for a bad file
+            raise ValueError(f"{path} is not a codes file of `hrm-vision trust` "
+                             f"(low, step, codebooks): {exc}") from exc

@@ -21,7 +21,7 @@ ORDER = [
     "train.config", "train.loss", "train.callbacks", "train.trainer", "train",
     "export", "evaluate",
     "irp.contract", "irp.registry", "irp.tinyvae", "irp.sage", "irp.host", "irp",
-    "perceive",
+    "perceive", "trust",
     "hrm_vision", "cli", "__main__",
 ]
 #: The library's size: lines of Python and files (8,000 held the package before the crop stream,

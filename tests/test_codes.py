@@ -1,9 +1,19 @@
-"""8-bit latents: codes on a stored per-channel range."""
+"""Codes of latents: 8 bits on a stored per-channel range, and token ids of residual codebooks."""
 
 import pytest
 import torch
 
-from hrm_vision.codes import LEVELS, fit_range, from_8bit, to_8bit
+from hrm_vision.codes import (
+    ENTRIES,
+    LEVELS,
+    Codes,
+    fit_codebooks,
+    fit_range,
+    from_8bit,
+    from_tokens,
+    to_8bit,
+    to_tokens,
+)
 
 
 def test_round_trip_error_is_at_most_half_a_step():
@@ -33,3 +43,45 @@ def test_bad_inputs_are_refused():
         to_8bit(torch.randn(3, 5), low, step)
     with pytest.raises(ValueError, match="uint8"):
         from_8bit(torch.zeros(3, 4), low, step)
+
+
+def clustered(n: int = 600, dim: int = 6) -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.randn(n, dim) * torch.linspace(0.5, 3, dim)
+
+
+def test_tokens_decode_to_the_latent_shape_and_refine_with_more_ids():
+    z = clustered()
+    books = fit_codebooks(z, stages=3, iterations=5)
+    assert books.shape == (3, ENTRIES, 6)
+    tokens = to_tokens(z, books)
+    assert tokens.dtype == torch.int64 and tokens.shape == (600, 3)
+    assert 0 <= int(tokens.min()) and int(tokens.max()) < ENTRIES
+    errors = [float((from_tokens(tokens[:, :k], books) - z).pow(2).mean()) for k in (1, 2, 3)]
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[0] < 0.5 * float(z.var(0).sum() / 6)  # one id already beats the mean
+    one = fit_codebooks(z, stages=1, iterations=5)
+    assert torch.equal(to_tokens(z, one), tokens[:, :1])  # greedy: the first id is a 1-id code
+
+
+def test_token_inputs_are_checked():
+    books = fit_codebooks(clustered(), stages=1, iterations=1)
+    with pytest.raises(ValueError, match="at least 512 finite latents"):
+        fit_codebooks(torch.randn(100, 4))
+    with pytest.raises(ValueError, match="in \\[0, 512\\)"):
+        from_tokens(torch.tensor([[512]]), books)
+    with pytest.raises(ValueError, match="integer ids"):
+        from_tokens(torch.zeros(1, 1), books)
+    with pytest.raises(ValueError, match="6 numbers per latent"):
+        to_tokens(torch.randn(2, 5), books)
+
+
+def test_codes_file_round_trip(tmp_path):
+    z = clustered()
+    codes = Codes(*fit_range(z), fit_codebooks(z, stages=2, iterations=2))
+    (tmp_path / "codes.safetensors").write_bytes(codes.to_bytes())
+    back = Codes.load(tmp_path / "codes.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(codes, back, strict=True))
+    (tmp_path / "bad.safetensors").write_bytes(b"not a file")
+    with pytest.raises(ValueError, match="not a codes file"):
+        Codes.load(tmp_path / "bad.safetensors")

@@ -337,3 +337,30 @@ class TestMeasure:
         assert all(r["energy_never_rose"] == 1.0 for r in rows)
         assert rows[3]["psnr_db"] > rows[1]["psnr_db"]
         assert all(r["ms_per_image"] > 0 for r in rows)
+
+
+def test_latents_as_8bit_codes_and_tokens(checkpoint: Path, tmp_path: Path) -> None:
+    """A spatial student's latents (B, 8, h, w) as uint8 codes of the same shape and as token ids
+    (B, 2) of codebooks over the whole latent, decoded back; without a codes file, a ValueError."""
+    from hrm_vision.codes import Codes, fit_codebooks, fit_range
+
+    plugin = TinyVAEPlugin(TinyVAEConfig(checkpoint=checkpoint))
+    images = PhotoCrops("train", num_crops=520, image_size=16).images_uint8.float() / 255.0
+    z = plugin.encode(images)
+    with pytest.raises(ValueError, match="with the codes setting"):
+        plugin.to_code(z, "8bit")
+    path = tmp_path / "codes.safetensors"
+    path.write_bytes(Codes(*fit_range(z), fit_codebooks(z, stages=2, iterations=3)).to_bytes())
+    coded = TinyVAEPlugin(TinyVAEConfig(checkpoint=checkpoint, codes=path))
+    z = plugin.encode(PhotoCrops("val", num_crops=4, image_size=16).images_uint8.float() / 255.0)
+    q, ids = coded.to_code(z, "8bit"), coded.to_code(z, "tokens")
+    assert q.dtype == torch.uint8 and q.shape == z.shape
+    assert ids.dtype == torch.int64 and ids.shape == (4, 2)
+    exact = coded.decode(z)
+    assert psnr(coded.decode(coded.from_code(q, z.shape[1:])), exact) > 35
+    worse = psnr(coded.decode(coded.from_code(ids[:, :1], z.shape[1:])), exact)
+    assert 0 < worse < psnr(coded.decode(coded.from_code(ids, z.shape[1:])), exact)
+    with pytest.raises(ValueError, match="form 'int4'"):
+        coded.to_code(z, "int4")
+    with pytest.raises(ValueError, match="none.safetensors is not a codes file"):
+        TinyVAEPlugin(TinyVAEConfig(checkpoint=checkpoint, codes=tmp_path / "none.safetensors"))

@@ -21,7 +21,7 @@ from helpers.models import perturbed  # tests/ is on sys.path (pytest prepend mo
 from hrm_vision.data import PhotoCrops
 from hrm_vision.io import model_entry, save_checkpoint
 from hrm_vision.irp.contract import IRPState
-from hrm_vision.irp.sage import TinyVAEIRP, create_tinyvae_irp
+from hrm_vision.irp.sage import TinyVAEIRP, create_tinyvae_irp, sage_trust
 from hrm_vision.vae import MinimalVAE
 
 
@@ -164,6 +164,30 @@ class TestAsyncOrchestratorAndScripts:
         assert plugin.config["halt_eps"] == 1e-4
         assert tel["iterations"] > 4 and tel["halt_reason"] == "slope<eps"
         assert tel["energy_delta"] < 0
+
+
+class TestSageTrust:
+    """SAGE's plugin: ``0.5 * max(0, 1 - 10 * MSE) + 0.5 / (1 + KL per dimension)``."""
+
+    @pytest.mark.parametrize(("mse", "kl", "trust"), [
+        (0.0, 0.0, 1.0), (0.05, 1.0, 0.5), (0.2, 0.0, 0.5), (0.01, 3.0, 0.575), (1.0, 1e9, 0.0)])
+    def test_formula_on_known_values(self, mse, kl, trust) -> None:
+        assert sage_trust(mse, kl) == pytest.approx(trust, abs=1e-8)
+
+    def test_negative_values_are_refused(self) -> None:
+        with pytest.raises(ValueError, match=">= 0"):
+            sage_trust(-0.1, 0.0)
+
+    def test_telemetry_trust_is_sages_of_the_reported_error_and_kl(self, plugin, crops) -> None:
+        _, tel = plugin.refine(crops[:2])
+        assert tel["trust"] == pytest.approx(sage_trust(tel["reconstruction_error"],
+                                                        tel["kl_divergence"]))
+        recon = plugin.decode_batch(plugin.get_latents(crops[:2]))
+        assert tel["reconstruction_error"] <= float((recon - crops[:2]).pow(2).mean()) + 1e-6
+
+    def test_code_forms_need_a_codes_file(self, plugin, crops) -> None:
+        with pytest.raises(ValueError, match="with the codes setting"):
+            plugin.get_latents(crops[:1], form="tokens")
 
 
 class TestInputConventions:

@@ -31,9 +31,9 @@ models also the rate, the KL of the posterior to N(0, I):
   cell; a whole ``H x W`` crop is ``H * W / 64`` cells).
 
 Evaluation sets (:func:`evaluation_sets`): *held-out* crops (the validation photographs of the
-training dataset) and *unseen sources* crops (:func:`unseen_crops`: a photograph of another
-collection, matplotlib's bundled ``grace_hopper.jpg``, none of whose pixels the ``photos``
-dataset holds). Images are float ``(N, C, S, S)`` in [0, 1].
+training dataset) and *unseen sources* crops (:func:`hrm_vision.trust.unseen_crops`: a
+photograph of another collection, matplotlib's bundled ``grace_hopper.jpg``, none of whose
+pixels the ``photos`` dataset holds). Images are float ``(N, C, S, S)`` in [0, 1].
 """
 
 from __future__ import annotations
@@ -46,12 +46,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from hrm_vision._extras import require
-from hrm_vision.data import crop_images
 from hrm_vision.evaluate import CROP_PCA_COEFFICIENTS, CROP_PCA_FIT, crop_baselines
 from hrm_vision.io import load
 from hrm_vision.metrics import psnr
@@ -60,23 +57,11 @@ from hrm_vision.train import Distiller, load_config
 from hrm_vision.train.config import DistillConfig
 from hrm_vision.train.loss import gaussian_kl
 from hrm_vision.train.trainer import build_split, first_images
+from hrm_vision.trust import unseen_crops
 from hrm_vision.vae import VAEBase
 
-#: The photograph of the unseen-sources set (bundled with matplotlib, the ``train`` extra).
-UNSEEN_PHOTO = "grace_hopper.jpg"
 #: Names of the two evaluation sets, as the table's columns call them.
 SET_LABELS = {"held_out": "held-out", "unseen": "unseen sources"}
-
-
-def unseen_crops(num: int, image_size: int = 64, seed: int = 7) -> Tensor:
-    """``num`` crops ``(num, 3, S, S)`` in [0, 1] of :data:`UNSEEN_PHOTO` at the ``photos``
-    scales, cut like the ``photos`` crops (:func:`hrm_vision.data.crop_images`)."""
-    cbook = require("matplotlib.cbook", extra="train", purpose="the unseen-sources crops")
-    image = require("PIL.Image", extra="photos", purpose="the unseen-sources crops")
-    with cbook.get_sample_data(UNSEEN_PHOTO) as f:
-        photo = np.asarray(image.open(f).convert("RGB"))
-    crops = crop_images([photo], num, image_size, seed, label=UNSEEN_PHOTO)
-    return crops.float() / 255.0
 
 
 def evaluation_sets(held_out: Tensor, num_unseen: int | None = None) -> dict[str, Tensor]:

@@ -9,6 +9,7 @@ SAGE"); :class:`SageVAE` is SAGE's model-level ``TinyVAE``.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import time
 import warnings
@@ -22,11 +23,21 @@ from pydantic import AfterValidator, BaseModel, Field
 from torch import Tensor, nn
 
 from ..compact import CompactStudentVAE
+from ..metrics import gaussian_kl
 from .contract import IRPState, finite_or_none, trust_metrics, validate_config
 from .tinyvae import TinyVAEConfig, TinyVAEPlugin, TinyVAESettings, from_images, load_student
 
 CHECKPOINT_ENV = "HRM_VISION_SAGE_CHECKPOINT"  # the checkpoint when a call passes none
 _MISSING: Any = object()
+
+
+def sage_trust(mse: float, kl_per_dimension: float) -> float:
+    """SAGE's trust in [0, 1] of a reconstruction with mean squared error ``mse`` (pixels in
+    [0, 1]) and posterior KL to N(0, I) ``kl_per_dimension`` (nats per latent number):
+    ``0.5 * max(0, 1 - 10 * mse) + 0.5 / (1 + kl_per_dimension)``."""
+    if not (mse >= 0 and kl_per_dimension >= 0):
+        raise ValueError(f"mse and KL must be >= 0, got {mse}, {kl_per_dimension}")
+    return min(1.0, 0.5 * max(0.0, 1.0 - 10.0 * mse) + 0.5 / (1.0 + kl_per_dimension))
 
 
 class Sizes(NamedTuple):
@@ -159,14 +170,17 @@ class TinyVAEIRP:
         mu = self.plugin.encode(batch)
         return mu.flatten(1) if flat else mu
 
-    get_latents = encode_batch
+    def get_latents(self, batch: Any, flat: bool = False, form: str = "float") -> Tensor:
+        """:meth:`encode_batch`, or with ``form`` ``"8bit"`` its ``uint8`` codes (one byte per
+        number) or ``"tokens"`` ``int64`` ids ``(B, stages)``, both by the ``codes`` file."""
+        return self.plugin.to_code(self.encode_batch(batch, flat), form)
 
     def decode_batch(self, latents: Any) -> Tensor:
-        """Reconstructions of ``latents`` (flat or not, torch or numpy) in the caller's
-        convention (``input_channels``, ``channel_order``, ``value_range``)."""
-        z = torch.as_tensor(latents, dtype=torch.float32, device=self.device)
-        return from_images(self.plugin.decode(z.reshape(-1, *self.latent_shape)),
-                           self.plugin.format)
+        """Reconstructions of ``latents`` (flat or not, torch or numpy; float latents, or the
+        ``uint8`` codes or integer token ids of :meth:`get_latents`) in the caller's convention
+        (``input_channels``, ``channel_order``, ``value_range``)."""
+        z = self.plugin.from_code(torch.as_tensor(latents), self.latent_shape)
+        return from_images(self.plugin.decode(z.to(self.device)), self.plugin.format)
 
     def init_state(self, x0: Any, task_ctx: dict[str, Any] | None = None) -> IRPState:
         """The encoder's mean for crops ``x0``; a refusal is remembered (SAGE's router swallows
@@ -241,16 +255,16 @@ class TinyVAEIRP:
     def refine_latent(self, x: Any, early_stop: bool = True,
                       max_steps: int | None = None) -> tuple[Tensor, dict[str, Any]]:
         """``(latent (B, *latent_shape), telemetry)`` with SAGE's keys (docs/irp.md); ``trust``
-        is the R² of the reconstruction in [0, 1], ``kl_divergence`` per latent element."""
+        is SAGE's (:func:`sage_trust` of the refined latent's reconstruction), ``kl_divergence``
+        per latent element."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
         state, history = self.refine_states(x, None, max_steps, early_stop)
         z, target, logvar = state.x, state.meta["target"], state.meta["logvar"]
-        sq_err = float((self.plugin.decode(z) - target).pow(2).sum())  # waits for the device
+        sq_err = float((self.plugin.decode(z).clamp(0, 1) - target).pow(2).sum())  # syncs
         time_ms = (time.perf_counter() - start) * 1000.0
-        spread = float((target - target.mean((1, 2, 3), keepdim=True)).pow(2).sum())
-        mse = sq_err / target.numel()
+        mse, kl = sq_err / target.numel(), float(gaussian_kl(z, logvar).mean())
         energies = [float(s.energy_val) for s in history]
         max_iterations = max_steps or self._halting().max_iterations
         reason = self.halt_reason(history, early_stop, max_steps) or "max_steps"
@@ -261,10 +275,10 @@ class TinyVAEIRP:
             "compute_saved": 1.0 - len(history) / max_iterations,
             "energy_trajectory": [finite_or_none(e) for e in energies],
             "energy_delta": finite_or_none(energies[-1] - energies[0]), "halt_reason": reason,
-            "trust": min(1.0, max(0.0, 1 - sq_err / spread)) if spread > 0 else float(sq_err == 0),
+            "trust": sage_trust(mse, kl) if math.isfinite(mse + kl) else 0.0,
             "reconstruction_error": finite_or_none(mse),
             "psnr_db": finite_or_none(10 * np.log10(1.0 / mse)) if mse > 0 else None,
-            "kl_divergence": finite_or_none((0.5 * (z.pow(2) + logvar.exp() - logvar - 1)).mean()),
+            "kl_divergence": finite_or_none(kl),
             "latent_dim": self.latent_dim, "latent_norm": finite_or_none(z.norm()),
             "time_ms": finite_or_none(time_ms), "beta_kl": self.beta_kl}
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
+from ..codes import Codes, from_8bit, from_tokens, to_8bit, to_tokens
 from ..compact import CompactStudentVAE
 from ..io import CheckpointError, load
 from ..vae import MinimalVAE
@@ -143,6 +144,8 @@ class TinyVAESettings(BaseModel):
     input_channels: Literal[1, 3] = Field(3, description="channels of the images (1: grey)")
     img_size: int | None = Field(None, ge=8, multiple_of=8, description="None: the image's")
     resize: bool = Field(False, description="resize other sizes; False: ValueError")
+    codes: Path | None = Field(None, description="codes.safetensors of `hrm-vision trust`: the "
+                               "8-bit range and token codebooks (None: float latents only)")
 
     @field_validator("checkpoint")
     @classmethod
@@ -217,6 +220,7 @@ class TinyVAEPlugin(IRPPlugin):
         if config.use_fp16 and not self.use_fp16:
             warnings.warn("use_fp16=True is a no-op on the CPU (autocast to float16 runs on CUDA "
                           "only); the model runs in float32", UserWarning, stacklevel=3)
+        self.codes = None if config.codes is None else Codes.load(config.codes)
         self.format = ImageFormat(config.value_range, config.channel_order,
                                   config.input_channels, getattr(model, "in_channels", 3),
                                   config.img_size, 8, config.resize)
@@ -248,6 +252,28 @@ class TinyVAEPlugin(IRPPlugin):
         """Reconstruction of latents ``z``: model images in [0, 1]."""
         with self._autocast():
             return self.model.decode(z).float()
+
+    def to_code(self, z: Tensor, form: str = "float") -> Tensor:
+        """Latents ``z`` ``(B, ...)`` as ``form``: themselves, ``uint8`` codes of the same shape,
+        or ``int64`` token ids ``(B, stages)``; a ``ValueError`` without a codes file."""
+        if form == "float":
+            return z
+        if form not in ("8bit", "tokens") or self.codes is None:
+            raise ValueError(f"form {form!r}: 'float', or '8bit' and 'tokens' with the codes "
+                             "setting (the codes.safetensors of `hrm-vision trust`)")
+        if form == "8bit":
+            return to_8bit(z, self.codes.low, self.codes.step)
+        return to_tokens(z, self.codes.codebooks)
+
+    def from_code(self, code: Tensor, latent_shape: tuple[int, ...]) -> Tensor:
+        """Float32 latents ``(B, *latent_shape)`` of :meth:`to_code`'s output (by its dtype)."""
+        if code.is_floating_point():
+            return code.float().reshape(-1, *latent_shape)
+        if self.codes is None:
+            raise ValueError("decoding codes needs the codes setting (`hrm-vision trust`)")
+        z = (from_8bit(code.reshape(-1, *latent_shape), self.codes.low, self.codes.step)
+             if code.dtype == torch.uint8 else from_tokens(code, self.codes.codebooks))
+        return z.reshape(-1, *latent_shape).to(self.device)
 
     @torch.no_grad()
     def init_state(self, x0: Any, task_ctx: dict[str, Any]) -> IRPState:
