@@ -118,23 +118,28 @@ def learn_config(path: str) -> LearnConfig:
 def run_configs(cfg: LearnConfig, scale: float, corpus: Path, out: Path
                 ) -> dict[str, DistillConfig]:
     """The :data:`RUNS` configs, each checked (one-line ``ConfigError``) before anything runs:
-    ``steps * scale`` steps (at least one) in ``validations`` epochs of streamed crops."""
+    ``steps * scale`` steps (at least one) in ``validations`` epochs of streamed crops (fewer
+    when an epoch would hold fewer crops than the model's PCA start needs; the steps are then
+    rounded up to whole epochs)."""
 
     def make(base: dict[str, Any], steps: float, name: str, **fields: Any) -> DistillConfig:
         steps = max(1, round(steps * scale))
-        per_epoch = math.ceil(steps / cfg.validations)
+        batch = base.get("batch_size", 64)
+        # a model's PCA start needs more crops than its latent numbers: fewer, longer epochs
+        latent = base.get("teacher_latent_dim" if name == "teacher" else "student_latent_dim", 0)
+        per_epoch = max(math.ceil(steps / cfg.validations), math.ceil((latent + 1) / batch))
         epochs = math.ceil(steps / per_epoch)
         phase = {"teacher_epochs": epochs, "epochs": 0} if name == "teacher" else {
             "teacher_epochs": 0, "epochs": epochs}
         values = {**base, "dataset": "imagefolder", "data_dir": str(corpus),
-                  "train_samples": per_epoch * base.get("batch_size", 64),
+                  "train_samples": per_epoch * batch,
                   "finetune_epochs": 0, "checkpoint_dir": str(out / name), **phase, **fields}
         return load_config(None, values)
 
-    c = load_config(None, cfg.compact)
     steps = cfg.steps
+    c = make(cfg.compact, steps["teacher"], "teacher")
     return {
-        "teacher": make(cfg.compact, steps["teacher"], "teacher"),
+        "teacher": c,
         "distilled": make(cfg.compact, steps["student"], "distilled",
                           teacher_checkpoint=str(out / "teacher" / "teacher.pth")),
         "alone": make(cfg.compact, steps["student"], "alone",
@@ -355,7 +360,8 @@ def _run(argv: list[str] | None) -> int:
     corpus, out = Path(args.corpus or cfg.corpus), Path(args.out_dir or cfg.out_dir)
     configs = run_configs(cfg, args.scale, corpus, out)
     torch.set_num_threads(cfg.threads)
-    corpus_builder.build(corpus)  # returns at once when built
+    if not (corpus / "manifest.json").is_file():  # the builder writes it last
+        corpus_builder.build(corpus)
     path = out / "learn.json"
     learn = read_json_file(path) if path.is_file() else {}
     if learn.get("scale") != args.scale:

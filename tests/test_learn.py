@@ -11,6 +11,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -19,11 +20,11 @@ import torch
 import hrm_vision.io as io_module
 
 ROOT = Path(__file__).resolve().parents[1]
-#: A tiny benchmarks/learn.json: 32x32 compact crops, 16x16 spatial crops, tiny widths, a few
+#: A tiny benchmarks/learn.json: 64x64 compact crops, 16x16 spatial crops, tiny widths, a few
 #: steps in two validations per run.
-TINY_COMPACT = {"image_size": 32, "val_samples": 8, "crops": "stream", "unseen_dataset": "photos",
+TINY_COMPACT = {"image_size": 64, "val_samples": 8, "crops": "stream", "unseen_dataset": "photos",
                 "teacher_model": "compact_teacher", "student_model": "compact_student",
-                "teacher_latent_dim": 16, "teacher_base_channels": 4, "student_latent_dim": 4,
+                "teacher_latent_dim": 8, "teacher_base_channels": 4, "student_latent_dim": 4,
                 "student_base_channels": 4, "batch_size": 8, "warmup_steps": 1,
                 "perceptual_weight": 0.0, "device": "cpu", "recon_weight": 0.25,
                 "distill_recon_weight": 0.5}
@@ -72,8 +73,10 @@ def write_corpus(root: Path) -> Path:
 
 
 def call(argv: list[str]) -> tuple[int, str]:
+    """``main(argv)`` in-process with downloading made an error: (status, printed text)."""
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    with contextlib.redirect_stdout(printed), mock.patch.object(
+            sys.modules["corpus"], "download", side_effect=AssertionError("no downloads")):
         status = load_learn().main(argv)
     return status, printed.getvalue()
 
