@@ -72,7 +72,13 @@ from hrm_vision.train.trainer import build_split, first_images
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "training"), str(ROOT / "benchmarks")]
 import corpus as corpus_builder  # noqa: E402
-from compact import compact_table, decoded_psnr, markdown_table, vae_coder  # noqa: E402
+from compact import (  # noqa: E402
+    best_epoch,
+    compact_table,
+    decoded_psnr,
+    markdown_table,
+    vae_coder,
+)
 
 PROG = "benchmarks/learn.py"
 RUNS = ("teacher", "distilled", "alone", "spatial")
@@ -219,16 +225,16 @@ def spatial_rows(model: torch.nn.Module, config: DistillConfig, pca_crops: int
 def evaluate(configs: dict[str, DistillConfig], learn: dict[str, Any], pca_crops: int) -> None:
     """``learn["rows"]`` (the compact table) and ``learn["spatial_rows"]``."""
     runs = learn["runs"]
-    coders = [vae_coder("compact teacher", hrm_vision.load(runs["teacher"]["checkpoint"],
-                                                           role="teacher")),
-              vae_coder("compact student, distilled",
-                        hrm_vision.load(runs["distilled"]["checkpoint"], role="student")),
-              vae_coder("compact student, alone",
-                        hrm_vision.load(runs["alone"]["checkpoint"], role="student"))]
+    coders = [vae_coder(label, hrm_vision.load(runs[name]["checkpoint"], role=role),
+                        best_epoch(runs[name]["history"], (runs[name]["phase"],)))
+              for label, name, role in (("compact teacher", "teacher", "teacher"),
+                                        ("compact student, distilled", "distilled", "student"),
+                                        ("compact student, alone", "alone", "student"))]
     sets, train_crops = evaluation_sets(configs["distilled"], pca_crops)
     learn["rows"] = compact_table(coders, sets, train_crops, coefficients=PCA_SIZES)
     spatial = hrm_vision.load(runs["spatial"]["checkpoint"], role="student")
     learn["spatial_rows"] = spatial_rows(spatial, configs["spatial"], pca_crops)
+    learn["spatial_image_size"] = configs["spatial"].image_size
 
 
 def curves(learn: dict[str, Any], path: Path) -> Path | None:
@@ -248,11 +254,11 @@ def curves(learn: dict[str, Any], path: Path) -> Path | None:
                        and key in r["val"]]
             ax.plot([r["epoch"] * run["steps_per_epoch"] for r in records],
                     [r["val"][key] for r in records], marker=".", label=name)
-        for row in learn.get("rows", []):
-            if row["name"] in ("crop PCA, 64 coefficients", "crop PCA, 512 coefficients"):
-                ax.axhline(row["psnr_db"][column], ls="--", lw=0.8, color="grey")
-                ax.annotate(row["name"].replace(" coefficients", ""), (0, row["psnr_db"][column]),
-                            fontsize=7, color="grey", va="bottom")
+        rows = {r["name"]: r for r in learn.get("rows", [])}
+        for k, style in ((64, "--"), (512, ":")):
+            if f"crop PCA, {k} coefficients" in rows:
+                ax.axhline(rows[f"crop PCA, {k} coefficients"]["psnr_db"][column], ls=style,
+                           lw=1, color="grey", label=f"crop PCA-{k}")
         ax.set(xlabel="step", ylabel="PSNR (dB)", title=f"{label} crops")
         ax.grid(alpha=0.3)
     axes[0].legend()
@@ -329,8 +335,9 @@ def print_table(learn: dict[str, Any]) -> None:
         print(f"| {name} | {r['steps']} | {rate} | {r['wall_s']:.0f} |")
     print("\nCompact codes, 64x64 crops; PSNR of decode(encode(x)) pooled over each set")
     print(markdown_table(learn["rows"]))
-    print("\nSpatial student, 32x32 crops\n\n| code | numbers per crop | PSNR held-out (dB) | "
-          "PSNR unseen sources (dB) |\n|---|---|---|---|")
+    side = learn["spatial_image_size"]
+    print(f"\nSpatial student, {side}x{side} crops\n\n| code | numbers per crop | "
+          "PSNR held-out (dB) | PSNR unseen sources (dB) |\n|---|---|---|---|")
     for r in learn["spatial_rows"]:
         print(f"| {r['name']} | {r['numbers']} | {r['psnr_db']['held_out']:.2f} | "
               f"{r['psnr_db']['unseen']:.2f} |")
