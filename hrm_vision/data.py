@@ -28,7 +28,7 @@ import os
 import pickle
 import stat
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -156,6 +156,17 @@ def load_square_uint8(path: str | os.PathLike[str], image_size: int) -> np.ndarr
     gray = image.fromarray(single_channel_unit(img, str(path), fmt))  # float32: mode "F"
     fitted = np.asarray(ops.fit(gray, size, method=image.Resampling.LANCZOS), dtype=np.float32)
     as_uint8 = np.rint(np.clip(fitted, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return np.repeat(as_uint8[:, :, None], 3, axis=2)
+
+
+def read_uint8(path: str | os.PathLike[str]) -> np.ndarray:
+    """``path`` at full size as an ``(H, W, 3)`` uint8 RGB array (16-bit and float files scaled
+    to [0, 1], then rounded)."""
+    img, fmt = open_image(path, "the 'imagefolder' dataset")
+    if not is_high_depth(img):
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    gray = single_channel_unit(img, str(path), fmt)
+    as_uint8 = np.rint(np.clip(gray, 0.0, 1.0) * 255.0).astype(np.uint8)
     return np.repeat(as_uint8[:, :, None], 3, axis=2)
 
 
@@ -375,8 +386,61 @@ def split_files(files: list[str], val_fraction: float, seed: int) -> dict[str, l
     return {"train": train, "val": val}
 
 
+def folder_files(root: Path, split: str, seed: int = 0,
+                 val_fraction: float = VAL_FRACTION) -> list[str]:
+    """Relative paths of the images of ``split`` (``"train"``, ``"val"`` or ``"all"``) under
+    ``root`` (recursive, hidden entries skipped): with ``root/train/`` and ``root/val/`` folders
+    those are the split, else :func:`split_files` by ``seed``."""
+    if not root.is_dir():
+        raise ValueError(f"image folder not found: {root} (check --data-dir)")
+    found = [path.relative_to(root) for path in root.rglob("*")
+             if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()]
+    files = sorted(rel.as_posix() for rel in found
+                   if not any(part.startswith(".") for part in rel.parts))
+    if not files:
+        raise ValueError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found "
+                         f"under {root}")
+    if split == "all":
+        return files
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        chosen = [f for f in files if f.startswith(f"{split}/")]
+        if not chosen:
+            raise ValueError(f"no image files under {root / split}")
+        return chosen
+    return split_files(files, val_fraction, seed)[split]
+
+
+def read_images(root: Path, files: Sequence[str], reader: Callable[[Path], np.ndarray],
+                split: str) -> tuple[list[np.ndarray], list[str], list[tuple[str, str]]]:
+    """``(arrays, files read, (file, reason) skipped)`` of ``reader(root / file)`` for each
+    of ``split``'s ``files``; undecodable files are skipped and logged; none readable is an
+    error."""
+    tqdm = require("tqdm", extra="train", purpose="the 'imagefolder' dataset").tqdm
+    require("PIL.Image", extra="train", purpose="the 'imagefolder' dataset")
+    arrays, kept, skipped = [], [], []
+    for rel in tqdm(files, desc=f"imagefolder {split}", unit="img", leave=False,
+                    disable=len(files) < 1000):
+        try:
+            arrays.append(reader(root / rel))
+            kept.append(rel)
+        except Exception as exc:  # PIL raises many types for broken files; all are skipped
+            skipped.append((rel, f"{type(exc).__name__}: {exc}".splitlines()[0]))
+    if skipped:
+        shown = "; ".join(f"{rel}: {reason}" for rel, reason in skipped[:3])
+        more = f" (+{len(skipped) - 3} more in .skipped)" if len(skipped) > 3 else ""
+        log.warning("imagefolder %s: skipped %d unreadable file(s) of %d in %s: %s%s",
+                    split, len(skipped), len(files), root, shown, more)
+    if not arrays:
+        total = len(folder_files(root, "all"))
+        detail = (f"the {len(skipped)} image file(s) of this split (of {total} in the folder) "
+                  f"could not be decoded, first {skipped[0][0]}: {skipped[0][1]}" if skipped
+                  else f"all {total} image file(s) went to the other split")
+        raise ValueError(f"no readable images for the {split!r} split in {root}: {detail}")
+    return arrays, kept, skipped
+
+
 class ImageFolderImages(_Uint8Images):
-    """Images under ``root`` (recursively), about ``val_fraction`` of them held out by ``seed``.
+    """Images under ``root`` (:func:`folder_files`), each centre cropped and resized once.
     ``files``: relative paths of the images kept, in item order; ``skipped``: ``(relative path,
     reason)`` of the files of this split that could not be read."""
 
@@ -386,41 +450,94 @@ class ImageFolderImages(_Uint8Images):
         if not 0 <= val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         self.root = Path(root).expanduser()
-        if not self.root.is_dir():
-            raise ValueError(f"image folder not found: {self.root} (check --data-dir)")
-        found = [path.relative_to(self.root) for path in self.root.rglob("*")
-                 if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()]
-        all_files = sorted(rel.as_posix() for rel in found
-                           if not any(part.startswith(".") for part in rel.parts))
-        if not all_files:
-            raise ValueError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found "
-                             f"under {self.root}")
-        candidates = split_files(all_files, val_fraction, seed)[split]
-        tqdm = require("tqdm", extra="train", purpose="the 'imagefolder' dataset").tqdm
-        require("PIL.Image", extra="train", purpose="the 'imagefolder' dataset")
-        self.files: list[str] = []
-        self.skipped: list[tuple[str, str]] = []
-        arrays = []
-        for rel in tqdm(candidates, desc=f"imagefolder {split}", unit="img", leave=False,
-                        disable=len(candidates) < 1000):
-            try:
-                arrays.append(load_square_uint8(self.root / rel, image_size))
-                self.files.append(rel)
-            except Exception as exc:  # PIL raises many types for broken files; all are skipped
-                self.skipped.append((rel, f"{type(exc).__name__}: {exc}".splitlines()[0]))
-        if self.skipped:
-            shown = "; ".join(f"{rel}: {reason}" for rel, reason in self.skipped[:3])
-            more = f" (+{len(self.skipped) - 3} more in .skipped)" if len(self.skipped) > 3 else ""
-            log.warning("imagefolder %s: skipped %d unreadable file(s) of %d in %s: %s%s",
-                        split, len(self.skipped), len(candidates), self.root, shown, more)
-        if not arrays:
-            detail = (f"the {len(self.skipped)} image file(s) of this split (of "
-                      f"{len(all_files)} in the folder) could not be decoded, first "
-                      f"{self.skipped[0][0]}: {self.skipped[0][1]}" if self.skipped else
-                      f"all {len(all_files)} image file(s) went to the other split")
-            raise ValueError(f"no readable images for the {split!r} split in {self.root}: "
-                             f"{detail}")
+        candidates = folder_files(self.root, split, seed, val_fraction)
+        arrays, self.files, self.skipped = read_images(
+            self.root, candidates, lambda path: load_square_uint8(path, image_size), split)
         self.images_uint8 = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+# ---------------------------------------------------------------------- crop streams
+STREAM_SCALES = (0.25, 1.0)  #: range of a photograph's scale before a streamed crop
+#: The "epoch" of the fixed sample of training crops that validation measures (never trained).
+PROBE_EPOCH = 2**32 - 1
+
+
+def random_crop(photo: np.ndarray, size: int, rng: np.random.Generator) -> Tensor:
+    """One ``(3, S, S)`` uint8 crop of an ``(H, W, 3)`` uint8 photograph at least ``S`` on each
+    side: the photograph scaled by ``s`` uniform in :data:`STREAM_SCALES` (at least ``S / min(H,
+    W)``), a random square of it, flipped left-right half of the time; crops flatter than
+    :data:`MIN_CROP_STD` are drawn again (20 tries)."""
+    h, w = photo.shape[:2]
+    low = max(STREAM_SCALES[0], size / min(h, w))
+    for _ in range(20):
+        side = min(h, w, max(size, round(size / rng.uniform(low, max(low, STREAM_SCALES[1])))))
+        y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+        crop = photo[y:y + side, x:x + side]
+        if crop.std() / 255.0 >= MIN_CROP_STD:
+            break
+    if side != size:  # Pillow's bilinear filter, widened when it reduces (antialiased)
+        image = require("PIL.Image", extra="train", purpose="streamed crops")
+        crop = np.asarray(image.fromarray(np.ascontiguousarray(crop)).resize(
+            (size, size), image.Resampling.BILINEAR))
+    if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    return torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1)))
+
+
+class CropStream(Dataset[Tensor]):
+    """``num_crops`` crops ``(3, S, S)`` float in [0, 1] per epoch, drawn afresh every epoch
+    from full-size ``photos`` ((H, W, 3) uint8; those under ``S`` on a side are left out) by
+    :func:`random_crop`: item ``i`` of epoch ``e`` (:meth:`set_epoch`) is the same for the same
+    ``(seed, e, i)`` in any process or DataLoader worker."""
+
+    def __init__(self, photos: Sequence[np.ndarray], num_crops: int, image_size: int,
+                 seed: int, label: str = "photograph") -> None:
+        self.photos = [p for p in photos if min(p.shape[:2]) >= image_size]
+        if not self.photos:
+            raise ValueError(f"no {label} is at least {image_size}px on each side")
+        self.num_crops, self.image_size, self.seed, self.epoch = num_crops, image_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_crops
+
+    def crop(self, index: int, epoch: int | None = None) -> Tensor:
+        """Item ``index`` of ``epoch`` (default: the current one) as ``(3, S, S)`` uint8."""
+        if not 0 <= index < self.num_crops:
+            raise IndexError(f"crop {index} of {self.num_crops}")
+        rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch, index])
+        return random_crop(self.photos[rng.integers(len(self.photos))], self.image_size, rng)
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self.crop(index).float().div_(255.0)
+
+    def fixed(self, num_crops: int, epoch: int = 0) -> FixedCrops:
+        """The first ``num_crops`` items of ``epoch``, drawn once."""
+        return FixedCrops(torch.stack([self.crop(i, epoch) for i in range(num_crops)]))
+
+
+class FixedCrops(_Uint8Images):
+    """A fixed set of crops ``images_uint8`` ``(N, 3, S, S)``."""
+
+    def __init__(self, images_uint8: Tensor) -> None:
+        self.images_uint8 = images_uint8
+
+
+def photographs(name: str, split: str, data_dir: str | Path = "./data",
+                seed: int = 0) -> list[np.ndarray]:
+    """The full-size ``(H, W, 3)`` uint8 photographs of ``split`` (``"train"``, ``"val"`` or
+    ``"all"``) of ``photos`` (held out: :data:`VAL_PHOTOS`) or ``imagefolder`` (``data_dir``,
+    :func:`folder_files`)."""
+    if name == "photos":
+        return [load_photo(p) for p in PHOTOS if split == "all" or (p in VAL_PHOTOS) == (
+            split == "val")]
+    if name == "imagefolder":
+        root = Path(data_dir).expanduser()
+        return read_images(root, folder_files(root, split, seed), read_uint8, split)[0]
+    raise ValueError(f"dataset {name!r} has no photographs to stream crops from; use photos "
+                     "or imagefolder")
 
 
 # ---------------------------------------------------------------------- by name
@@ -428,10 +545,20 @@ DATASETS: tuple[str, ...] = ("cifar10", "imagefolder", "photos")  #: :func:`buil
 
 
 def build_dataset(name: str, split: str, image_size: int = 32, seed: int = 0,
-                  data_dir: str | Path = "./data", download: bool = False) -> _Uint8Images:
+                  data_dir: str | Path = "./data", download: bool = False,
+                  crops: str = "fixed", num_crops: int | None = None) -> Dataset[Tensor]:
     """The ``split`` ("train" or "val") of dataset ``name``: ``seed`` places the photo crops and
     splits the image folder, ``data_dir`` holds CIFAR-10 or is the image folder, ``download``
-    fetches CIFAR-10."""
+    fetches CIFAR-10. ``crops="stream"`` (photos, imagefolder): the training split is a
+    :class:`CropStream` of ``num_crops`` (default 16384) crops per epoch, the validation split
+    ``num_crops`` (default 1024) fixed crops drawn the same way from the held-out photographs."""
+    if crops == "stream":
+        _check_split(split, image_size)
+        train = split == "train"
+        stream = CropStream(photographs(name, split, data_dir, seed), num_crops or (
+            16384 if train else 1024), image_size, seed + (0 if train else 1_000_003),
+            label=f"{name} {split} photograph")
+        return stream if train else stream.fixed(len(stream))
     if name == "photos":
         return PhotoCrops(split, image_size=image_size, seed=seed)
     if name == "cifar10":
@@ -439,6 +566,14 @@ def build_dataset(name: str, split: str, image_size: int = 32, seed: int = 0,
     if name == "imagefolder":
         return ImageFolderImages(data_dir, split, image_size=image_size, seed=seed)
     raise ValueError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}")
+
+
+def unseen_crops(name: str, num_crops: int, image_size: int, data_dir: str | Path = "./data",
+                 seed: int = 0) -> FixedCrops:
+    """``num_crops`` fixed crops (:func:`random_crop`) of every photograph of another
+    collection: all of ``photos``, or every image under the folder ``data_dir``."""
+    return CropStream(photographs(name, "all", data_dir, seed), num_crops, image_size,
+                      seed + 2_000_003, label=f"{name} photograph").fixed(num_crops)
 
 
 def validation_images(dataset: str, num_images: int, image_size: int,

@@ -21,12 +21,15 @@ from hrm_vision.data import (
     TRAIN_FILES,
     VAL_PHOTOS,
     CIFAR10Images,
+    CropStream,
     ImageFolderImages,
     PhotoCrops,
     UnsupportedImageError,
     build_dataset,
+    load_square_uint8,
     read_image,
     split_files,
+    unseen_crops,
 )
 
 
@@ -373,3 +376,77 @@ class TestImageLimits:
         os.mkfifo(tmp_path / "camera.png")
         with pytest.raises(UnsupportedImageError, match="not a regular file"):
             read_image(tmp_path / "camera.png")
+
+
+# ---------------------------------------------------------------------- crop streams
+def gradient_photo(height: int, width: int) -> np.ndarray:
+    """An (H, W, 3) uint8 image where every position has its own colour (no two crops alike)."""
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([(x * 255 // width), (y * 255 // height), ((x + y) * 7) % 256],
+                    axis=2).astype(np.uint8)
+
+
+class TestCropStream:
+    def test_deterministic_per_seed_epoch_and_index(self) -> None:
+        photos = [gradient_photo(120, 160), gradient_photo(90, 200)]
+        a, b = CropStream(photos, 16, 16, seed=5), CropStream(photos, 16, 16, seed=5)
+        b.set_epoch(3)
+        first = [a.crop(i) for i in range(16)]
+        a.set_epoch(3)  # the order of the calls changes nothing: (seed, epoch, index) decides
+        assert all(torch.equal(a[i], b[i]) for i in reversed(range(16)))
+        assert all(torch.equal(a.crop(i, epoch=0), first[i]) for i in range(16))
+        assert sum(torch.equal(a.crop(i), first[i]) for i in range(16)) == 0  # a fresh draw
+        assert not torch.equal(CropStream(photos, 16, 16, seed=6).crop(0), first[0])
+        assert a[0].dtype == torch.float32 and a[0].shape == (3, 16, 16)
+        with pytest.raises(IndexError):
+            a.crop(16)
+
+    def test_crops_of_a_large_photograph_spread_over_it_at_many_scales(self) -> None:
+        """An imagefolder of large photographs is streamed at full size: crops from all over
+        each photograph at scales 1/4 to 1, not one centre crop per file."""
+        root = Path(self._folder(self._tmp))
+        stream = build_dataset("imagefolder", "train", image_size=32, data_dir=root,
+                               crops="stream", num_crops=64)
+        assert isinstance(stream, CropStream)
+        assert [p.shape for p in stream.photos] == [(600, 800, 3)]  # not reduced
+        crops = torch.stack([stream.crop(i) for i in range(64)]).float()
+        x_mean = crops[:, 0].mean((1, 2))  # red grows with x: where on the photograph
+        y_mean = crops[:, 1].mean((1, 2))
+        assert x_mean.min() < 60 and x_mean.max() > 190 and y_mean.min() < 60 \
+            and y_mean.max() > 190
+        centre = load_square_uint8(root / "train" / "big.png", 32)  # what fixed crops would be
+        assert float(centre[..., 0].mean()) == pytest.approx(127, abs=3)
+        assert len({tuple(c[:, 0, 0].tolist()) for c in crops}) > 48  # different places
+        # a crop spanning more of the photograph (a smaller scale) has more red (x) values
+        spans = (crops[:, 0].amax((1, 2)) - crops[:, 0].amin((1, 2))).numpy()
+        assert spans.min() < 14 and spans.max() > 25
+        flipped = (crops[:, 0, :, 0] > crops[:, 0, :, -1]).any(1)  # red falls to the right
+        assert 10 < int(flipped.sum()) < 54
+
+    def test_imagefolder_train_and_val_folders_are_the_split(self, tmp_path: Path) -> None:
+        root = Path(self._folder(tmp_path))
+        val = build_dataset("imagefolder", "val", image_size=32, data_dir=root, crops="stream",
+                            num_crops=8)
+        assert len(val) == 8 and not isinstance(val, CropStream)  # a fixed set
+        assert torch.equal(val[3], build_dataset("imagefolder", "val", image_size=32,
+                                                 data_dir=root, crops="stream", num_crops=8)[3])
+        fixed = ImageFolderImages(root, "val", image_size=16)
+        assert fixed.files == ["val/held.png"]
+
+    def test_unseen_crops_take_every_photograph(self) -> None:
+        crops = unseen_crops("photos", 2 * len(PHOTOS), 32, seed=1)
+        assert crops.images_uint8.shape == (2 * len(PHOTOS), 3, 32, 32)
+        with pytest.raises(ValueError, match="no photographs to stream"):
+            build_dataset("cifar10", "train", crops="stream")
+
+    @pytest.fixture(autouse=True)
+    def _tmp(self, tmp_path: Path) -> None:
+        self._tmp = tmp_path
+
+    @staticmethod
+    def _folder(root: Path) -> Path:
+        (root / "train").mkdir(parents=True, exist_ok=True)
+        (root / "val").mkdir(exist_ok=True)
+        Image.fromarray(gradient_photo(600, 800)).save(root / "train" / "big.png")
+        Image.fromarray(gradient_photo(100, 90)).save(root / "val" / "held.png")
+        return root

@@ -129,7 +129,7 @@ class TestEndToEnd:
         out, _, _ = full_run
         for name in ("teacher.pth", "teacher_last.pth", "tinyvae_best.pth", "tinyvae_last.pth",
                      "tinyvae_epoch_001.pth", "tinyvae_epoch_002.pth", "config.json",
-                     "history.json", "loss_curves.png", "distill_epoch_002.png",
+                     "history.json", "loss_curves.png", "curves.png", "distill_epoch_002.png",
                      "teacher_epoch_001.png"):
             assert (out / name).is_file(), name
         assert json.loads((out / "config.json").read_text())["epochs"] == 2
@@ -141,8 +141,9 @@ class TestEndToEnd:
                                                            ("distill", 2)]
         val = hist[-1]["val"]
         for key in (*TERMS, "total", "psnr", "ssim", "teacher_psnr", "teacher_ssim",
-                    "quality_ratio", "cka", "cka_raw"):
+                    "cka", "cka_raw", "train_psnr", "bpp", "teacher_bpp"):
             assert key in val and val[key] is not None, key
+        assert "quality_ratio" not in val and "unseen_psnr" not in val  # no unseen set
         assert set(TERMS) <= set(hist[-1]["train"])
 
     def test_deployment_snippet_loads_best(self, full_run, photo_batch) -> None:
@@ -1010,3 +1011,74 @@ def test_a_finetune_epoch_equal_to_the_distilled_best_does_not_replace_it(
     out, history = run(config)
     assert flags(history) == [("distill", 1, True), ("finetune", 1, False)]
     assert load_checkpoint(out / "tinyvae_best.pth")["phase"] == "distill"
+
+
+# ---------------------------------------------------------------- streamed crops, validation sets
+@pytest.fixture(scope="module")
+def stream_run(tmp_path_factory) -> tuple[Path, Distiller]:
+    """Teacher (1 epoch) then distillation (2 epochs) on streamed crops of the photos, with an
+    image folder as the unseen source."""
+    from PIL import Image
+
+    from hrm_vision.data import load_photo
+
+    tmp = tmp_path_factory.mktemp("stream")
+    (tmp / "unseen").mkdir()
+    Image.fromarray(load_photo("coffee")[:200, :300]).save(tmp / "unseen" / "a.png")
+    d = Distiller(tiny(tmp / "out", epochs=2, teacher_epochs=1, crops="stream",
+                       unseen_dataset="imagefolder", unseen_data_dir=str(tmp / "unseen")),
+                  console=False)
+    d.run()
+    return tmp / "out", d
+
+
+class TestValidationSets:
+    def test_history_keys_per_phase(self, stream_run) -> None:
+        out, d = stream_run
+        hist = json.loads((out / "history.json").read_text())
+        common = {"train_psnr", "psnr", "unseen_psnr", "bpp", "psnr_sample"}
+        teacher = {"teacher_psnr", "teacher_bpp", "teacher_psnr_sample"}
+        assert common <= set(hist[0]["val"]) and not teacher & set(hist[0]["val"])
+        for record in hist[1:]:
+            assert common | teacher <= set(record["val"]), record["phase"]
+            assert "quality_ratio" not in record["val"]
+            assert all(math.isfinite(record["val"][k]) for k in common | teacher)
+        assert hist[1]["val"]["teacher_psnr"] == pytest.approx(hist[0]["val"]["psnr"], abs=1e-3)
+        assert hist[1]["val"]["teacher_bpp"] == pytest.approx(hist[0]["val"]["bpp"], rel=1e-3)
+        # three different sets: the numbers differ
+        last = hist[-1]["val"]
+        assert len({round(last[k], 4) for k in ("train_psnr", "psnr", "unseen_psnr")}) == 3
+
+    def test_curves_png_drawn_from_the_history(self, stream_run) -> None:
+        from PIL import Image
+
+        out, _ = stream_run
+        with Image.open(out / "curves.png") as image:
+            assert image.width > 500 and image.height > 200
+
+    def test_streamed_crops_use_no_train_cache_and_are_fresh_per_epoch(self, stream_run) -> None:
+        _, d = stream_run
+        stream = d.train_set.base
+        assert d.loop.phase.train_cache is None and d.loop.phase.val_cache is not None
+        assert stream.epoch == 1  # the second distillation epoch drew its own crops
+        assert not torch.equal(stream.crop(0, epoch=0), stream.crop(0, epoch=1))
+
+    def test_best_is_the_held_out_psnr(self, stream_run) -> None:
+        out, d = stream_run
+        best = load_checkpoint(out / "tinyvae_best.pth")
+        records = [r for r in d.history if r["phase"] == "distill"]
+        assert best["best_psnr"] == max(r["val"]["psnr"] for r in records)
+
+    def test_workers_give_the_same_batches(self, tmp_path: Path) -> None:
+        from hrm_vision.train.trainer import build_split, set_epoch
+
+        config = tiny(tmp_path, crops="stream", train_samples=24)
+        batches = {}
+        for workers in (0, 2):
+            loader = make_loader(build_split(config, "train"), 8, shuffle=True,
+                                 ctx=DistContext(), seed=0, num_workers=workers)
+            set_epoch(loader, 1)
+            batches[workers] = list(loader)
+        assert len(batches[0]) == 3
+        for (i0, x0), (i2, x2) in zip(batches[0], batches[2], strict=True):
+            assert torch.equal(i0, i2) and torch.equal(x0, x2)

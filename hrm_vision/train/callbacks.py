@@ -8,6 +8,7 @@ callback's files are written before the epoch's commit.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,8 @@ from tqdm.auto import tqdm
 
 from .._extras import require
 from ..io import atomic_write
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
@@ -118,15 +121,28 @@ class ConsoleLog(Callback):
 
 
 class PictureWriter(Callback):
-    """Per epoch: ``{phase}_epoch_XXX.png`` (rows: inputs, teacher, student) and
-    ``loss_curves.png`` (train and validation total loss and PSNR per epoch)."""
+    """Per epoch: ``{phase}_epoch_XXX.png`` (rows: inputs, teacher, student),
+    ``loss_curves.png`` (train and validation total loss and PSNR per epoch) and ``curves.png``
+    (training-crop, held-out and unseen PSNR per epoch); without matplotlib the two curve files
+    are skipped with a warning."""
+
+    def __init__(self) -> None:
+        self.warned = False
 
     def on_epoch_end(self, trainer: Distiller, phase: Phase, record: dict[str, Any]) -> None:
         out = trainer.out_dir
         rows = phase.epoch_picture_rows(record["epoch"])
         if rows:
             save_grid(rows, out / f"{phase.name}_epoch_{record['epoch']:03d}.png")
+        try:
+            require("matplotlib", extra="train", purpose="the curves (loss_curves.png, curves.png)")
+        except ImportError as exc:
+            if not self.warned:
+                log.warning("%s: skipped", exc)
+                self.warned = True
+            return
         save_loss_curves(trainer.history, out / "loss_curves.png")
+        save_psnr_curves(trainer.history, out / "curves.png")
 
 
 class TensorBoardWriter(Callback):
@@ -195,6 +211,37 @@ def grid_image(rows: list[tuple[str, torch.Tensor]], scale: int = 4) -> PILImage
     for i, (label, _) in enumerate(rows):
         draw.text((4, int(i * row_height + row_height / 2) - 5), label, fill="black")
     return canvas
+
+
+#: The PSNRs ``curves.png`` draws: validation key and label.
+CURVES = (("train_psnr", "training crops"), ("psnr", "held-out"), ("unseen_psnr", "unseen source"))
+
+
+def save_psnr_curves(history: list[dict[str, Any]], path: Path) -> None:
+    """Generalisation in view: the PSNR (dB, decode of mu) of the training crops, the held-out
+    crops and the unseen-source crops per epoch, one panel per phase."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases = list(dict.fromkeys(r["phase"] for r in history))
+    if not phases:
+        return
+    fig, axes = plt.subplots(1, len(phases), figsize=(4.5 * len(phases), 3.5), squeeze=False)
+    for ax, name in zip(axes[0], phases, strict=True):
+        recs = [r for r in history if r["phase"] == name]
+        for key, label in CURVES:
+            points = [(r["epoch"], r["val"][key]) for r in recs if key in r["val"]]
+            if points:
+                ax.plot(*zip(*points, strict=True), "o-", label=label)
+        ax.set(title=f"{name}: PSNR (dB)", xlabel="epoch")
+        ax.legend()
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80))
+    finally:
+        plt.close(fig)
 
 
 def save_loss_curves(history: list[dict[str, Any]], path: Path) -> None:

@@ -30,6 +30,9 @@ from ..vae import DOWNSAMPLE_FACTOR, MODELS, image_size_fits
 Backbone = Literal["auto", "vgg16", "teacher"]
 Precision = Literal["auto", "off", "bf16", "fp16"]
 FreeBitsMode = Literal["total", "channel"]
+Crops = Literal["fixed", "stream"]
+#: Datasets that hold photographs to stream crops from, or to validate as unseen.
+PHOTO_DATASETS = ("photos", "imagefolder")
 
 
 #: Upper bounds that catch a typo or a unit mistake before anything starts.
@@ -66,7 +69,18 @@ class DistillConfig(BaseModel):
     val_samples: int | None = Field(None, ge=2, le=MAX_COUNT,
                                     description="use only the first N validation "
                                     "images (None: all)")
-    num_workers: int = Field(0, ge=0, le=MAX_WORKERS, description="DataLoader worker processes")
+    crops: Crops = Field("fixed", description="fixed: the training crops are cut once; stream "
+                         "(photos, imagefolder): train_samples fresh crops every epoch from the "
+                         "full-size training photographs (random position, scale 1/4 to 1, "
+                         "flips), the teacher run on the fly")
+    unseen_dataset: str | None = Field(None, description="a second collection whose fixed crops "
+                                       "(val_samples, default 1024) are validated as unseen_psnr: "
+                                       "photos (all its photographs) or imagefolder "
+                                       "(unseen_data_dir)")
+    unseen_data_dir: str | None = Field(None, description="the image folder of unseen_dataset "
+                                        "imagefolder")
+    num_workers: int = Field(0, ge=0, le=MAX_WORKERS, description="DataLoader worker processes "
+                             "(they prepare the batches off the training thread)")
     # ---------------------------------------------------------------- models
     teacher_model: str = Field("teacher", description="registry name of the teacher "
                                "(hrm_vision.vae.MODELS: teacher, compact_teacher)")
@@ -183,6 +197,24 @@ class DistillConfig(BaseModel):
             raise ValueError(f"student_model {self.student_model!r} and teacher_model "
                              f"{self.teacher_model!r} must both be compact (vector latents) or "
                              "both spatial: the adapter maps one latent kind")
+        return self
+
+    @model_validator(mode="after")
+    def _data_sources(self) -> DistillConfig:
+        if self.crops == "stream" and self.dataset not in PHOTO_DATASETS:
+            raise ValueError(f"crops 'stream' needs photographs: dataset photos or imagefolder, "
+                             f"got {self.dataset!r}")
+        unseen, folder = self.unseen_dataset, self.unseen_data_dir
+        if unseen is not None and unseen not in PHOTO_DATASETS:
+            raise ValueError(f"unseen_dataset must be photos or imagefolder, got {unseen!r}")
+        if (unseen == "imagefolder") != (folder is not None):
+            raise ValueError("unseen_data_dir goes with unseen_dataset imagefolder (and only "
+                             f"with it), got unseen_dataset {unseen!r}, unseen_data_dir {folder!r}")
+        same = unseen == self.dataset and (unseen == "photos" or Path(str(folder)).expanduser(
+            ).resolve() == Path(self.data_dir).expanduser().resolve())
+        if same:
+            raise ValueError(f"unseen_dataset is the training collection ({unseen}"
+                             f"{'' if folder is None else ' ' + folder}); name another one")
         return self
 
     @field_validator("checkpoint_dir")

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from ..compact import CompactVAE
-from ..data import build_dataset
+from ..data import PROBE_EPOCH, CropStream, build_dataset, unseen_crops
 from ..io import (
     CheckpointError,
     FolderLock,
@@ -79,8 +79,9 @@ INIT_IMAGES = 4096
 GRID_IMAGES = 8
 #: Validation keys holding a PSNR: batches report their MSE, the pooled MSE becomes a PSNR after
 #: the cross-rank mean (:func:`pooled_psnr`).
-PSNR_KEYS = ("psnr", "psnr_sample", "teacher_psnr", "cross_psnr")
-#: The metric that picks the best epoch (strictly greater than the best before it).
+PSNR_KEYS = ("psnr", "psnr_sample", "teacher_psnr", "teacher_psnr_sample", "cross_psnr")
+#: The metric that picks the best epoch and stops a phase early: the held-out PSNR (strictly
+#: greater than the best before it).
 BEST_METRIC = "psnr"
 
 
@@ -219,7 +220,11 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, ctx: DistCo
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Select epoch ``epoch``'s sample order (and worker seeds)."""
+    """Select epoch ``epoch``'s sample order, worker seeds and streamed crops (the workers
+    start each epoch with a copy of the dataset)."""
+    base = getattr(loader.dataset, "base", None)
+    if isinstance(base, CropStream):
+        base.set_epoch(epoch)
     sampler = loader.sampler
     sampler.set_epoch(epoch)  # type: ignore[attr-defined]
     loader.generator.manual_seed(sampler.seed + epoch)  # type: ignore[attr-defined, union-attr]
@@ -241,20 +246,40 @@ class IndexedDataset(Dataset[tuple[int, Tensor]]):
 
 @functools.lru_cache(maxsize=4)
 def _dataset(name: str, split: str, image_size: int, seed: int, data_dir: str,
-             download: bool) -> Dataset:
+             download: bool, crops: str = "fixed", num_crops: int | None = None) -> Dataset:
+    if split == "unseen":
+        return unseen_crops(name, num_crops or 1024, image_size, data_dir, seed)
     return build_dataset(name, split, image_size=image_size, seed=seed, data_dir=data_dir,
-                         download=download)
+                         download=download, crops=crops, num_crops=num_crops)
 
 
 def build_split(config: DistillConfig, split: str) -> IndexedDataset:
-    """The ``split`` of ``config.dataset``, cut to ``train_samples``/``val_samples``; datasets are
-    deterministic per index, so one instance serves every run of a process."""
-    ds = _dataset(config.dataset, split, config.image_size, config.seed, config.data_dir,
-                  config.download)
-    limit = config.train_samples if split == "train" else config.val_samples
+    """The ``split`` (``train``, ``val``, ``unseen``) of ``config``, cut to
+    ``train_samples``/``val_samples`` (a stream draws that many); datasets are deterministic
+    per index (a stream per epoch), so one instance serves every run of a process."""
+    c = config
+    limit = c.train_samples if split == "train" else c.val_samples
+    if split == "unseen":
+        ds = _dataset(c.unseen_dataset, split, c.image_size, c.seed, c.unseen_data_dir or "",
+                      False, "stream", limit)
+    elif c.crops == "stream":
+        ds = _dataset(c.dataset, split, c.image_size, c.seed, c.data_dir, False, "stream", limit)
+    else:
+        ds = _dataset(c.dataset, split, c.image_size, c.seed, c.data_dir, c.download)
     if limit is not None and limit < len(ds):  # type: ignore[arg-type]
         ds = Subset(ds, range(limit))
+    if isinstance(ds, CropStream):  # a stream's copy: set_epoch must not touch the cached one
+        ds = copy.copy(ds)
     return IndexedDataset(ds)
+
+
+def training_probe(train_set: IndexedDataset, count: int) -> IndexedDataset:
+    """``count`` training crops the same for every epoch: a stream's draw at
+    :data:`PROBE_EPOCH` (never trained on), else the first ``count`` training images."""
+    base = train_set.base
+    if isinstance(base, CropStream):
+        return IndexedDataset(base.fixed(min(count, len(base)), PROBE_EPOCH))
+    return IndexedDataset(Subset(base, range(min(count, len(base)))))
 
 
 def first_images(dataset: IndexedDataset, limit: int | None = None) -> Tensor:
@@ -550,6 +575,8 @@ class PhaseContext:
     val_set: IndexedDataset
     val_loader: DataLoader
     reduce: Callable[[dict[str, float], int], dict[str, float]]
+    #: Other validation sets by name: ``train`` (:func:`training_probe`), maybe ``unseen``.
+    probes: dict[str, DataLoader] = field(default_factory=dict)
     message: Callable[[str], None] = print
     show_progress: bool = True
 
@@ -639,8 +666,11 @@ class Phase:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Validation metrics (the same on every rank): the loss terms, PSNR, rate, SSIM; with a
-        teacher its PSNR/SSIM, ``quality_ratio``, latent CKA and ``cross_psnr``."""
+        """Validation metrics (the same on every rank) on the held-out set: the loss terms,
+        ``psnr`` (decode of mu), ``psnr_sample`` (decode of a seeded posterior sample), the rate
+        ``bpp`` (bits per pixel) and ``kl_per_element`` (nats), SSIM; with a teacher its
+        ``teacher_psnr``, ``teacher_psnr_sample``, ``teacher_bpp``, SSIM, latent CKA and
+        ``cross_psnr``; then ``{name}_psnr`` of each other set (``train``, ``unseen``)."""
         self.vae.eval()
         latents: dict[str, list[Tensor]] = {"student": [], "adapted": [], "teacher": []}
 
@@ -653,7 +683,10 @@ class Phase:
             values.update(rate_and_sample(self.vae, x, index, out.mu, out.logvar))
             values.update(psnr=mse(out.reconstruction, x), ssim=ssim(out.reconstruction, x))
             if teach is not None and adapted is not None:
+                rate = rate_and_sample(self.teacher, x, index, teach.mu, teach.logvar)
                 values.update(teacher_psnr=mse(teach.reconstruction, x),
+                              teacher_psnr_sample=rate["psnr_sample"],
+                              teacher_bpp=rate["bits_per_pixel"],
                               teacher_ssim=ssim(teach.reconstruction, x),
                               cross_psnr=mse(self.teacher.decode(adapted[0]), x))
                 for key, z in (("student", out.mu), ("adapted", adapted[0]),
@@ -666,9 +699,13 @@ class Phase:
             teacher_mu = torch.cat(latents["teacher"])
             values["cka"] = linear_cka(torch.cat(latents["adapted"]), teacher_mu)
             values["cka_raw"] = linear_cka(torch.cat(latents["student"]), teacher_mu)
+        values["bpp"] = values.pop("bits_per_pixel")
         values = pooled_psnr(self.ctx.reduce(values, count))
-        if "teacher_psnr" in values:
-            values["quality_ratio"] = values["psnr"] / values["teacher_psnr"]
+        for name, loader in self.ctx.probes.items():
+            probe, n = mean_over(loader, lambda index, x: {
+                "psnr": mse(self.vae(x.to(self.ctx.device)).reconstruction,
+                            x.to(self.ctx.device))})
+            values[f"{name}_psnr"] = pooled_psnr(self.ctx.reduce(probe, n))["psnr"]
         return values
 
     def model_payload(self) -> dict[str, Any]:
@@ -742,12 +779,14 @@ class DistillPhase(Phase):
             return
         ctx, start = self.ctx, time.perf_counter()
         bs = max(ctx.config.batch_size, 64)
-        self.train_cache, self.val_cache = (
-            TeacherCache.build(self.teacher, ds, bs, ctx.device, f"teacher cache ({split})",
-                               ctx.show_progress)
-            for ds, split in ((ctx.train_set, "train"), (ctx.val_set, "val")))
-        size = sum(t.nbytes for c in (self.train_cache, self.val_cache) for t in c.tensors)
-        ctx.message(f"teacher cache: {len(ctx.train_set) + len(ctx.val_set)} images in "
+        sets = {"val": ctx.val_set} if ctx.config.crops == "stream" else {
+            "train": ctx.train_set, "val": ctx.val_set}  # streamed crops: on the fly
+        caches = {split: TeacherCache.build(self.teacher, ds, bs, ctx.device,
+                                            f"teacher cache ({split})", ctx.show_progress)
+                  for split, ds in sets.items()}
+        self.train_cache, self.val_cache = caches.get("train"), caches["val"]
+        size = sum(t.nbytes for c in caches.values() for t in c.tensors)
+        ctx.message(f"teacher cache: {sum(len(ds) for ds in sets.values())} images in "
                     f"{time.perf_counter() - start:.1f}s, {size / 2**20:.0f} MiB")
 
 
@@ -1137,9 +1176,14 @@ class Distiller:
                                             drop_last=len(self.train_set) > c.batch_size,
                                             **loader_args)
             val_loader = make_loader(self.val_set, c.batch_size, shuffle=False, **loader_args)
+            probes = {"train": training_probe(self.train_set, len(self.val_set))}
+            if c.unseen_dataset is not None:
+                probes["unseen"] = build_split(c, "unseen")
             self.phase_context = PhaseContext(
                 c, self.device, self.train_set, self.val_set, val_loader,
                 reduce=lambda values, count: reduce_mean(values, self.ctx, count),
+                probes={name: make_loader(ds, c.batch_size, shuffle=False, **loader_args)
+                        for name, ds in probes.items()},
                 message=self.message, show_progress=self.ctx.is_main)
             teacher_path = self._teacher_path(payload)
             if teacher_path is not None:
@@ -1400,8 +1444,8 @@ class Distiller:
 
 #: The validation values the summary shows, and how.
 SUMMARY_VALUES = {"psnr": "student PSNR {:.2f} dB", "ssim": "SSIM {:.3f}",
-                  "teacher_psnr": "teacher PSNR {:.2f} dB", "quality_ratio": "quality ratio {:.3f}",
-                  "cka": "latent CKA {:.3f}",
+                  "teacher_psnr": "teacher PSNR {:.2f} dB", "unseen_psnr": "unseen {:.2f} dB",
+                  "bpp": "rate {:.3f} bits per pixel", "cka": "latent CKA {:.3f}",
                   "cross_psnr": "teacher decoder on the adapted student latent {:.2f} dB"}
 
 
