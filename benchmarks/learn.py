@@ -62,7 +62,6 @@ from torch import Tensor
 
 import hrm_vision
 from hrm_vision._extras import require
-from hrm_vision.data import PHOTOS, make_crops
 from hrm_vision.evaluate import CROP_PCA_FIT, PatchPCA, compute_baselines
 from hrm_vision.io import WEIGHTS_DIR, describe_validation_error, write_json
 from hrm_vision.train import Distiller, load_config
@@ -187,20 +186,13 @@ def train(configs: dict[str, DistillConfig], learn: dict[str, Any], path: Path) 
         write_json(learn, path)
 
 
-def unseen_images(config: DistillConfig, num: int) -> Tensor:
-    """``num`` crops ``(num, 3, S, S)`` in [0, 1] of every ``photos`` photograph, the unseen
-    source of an imagefolder run."""
-    return make_crops(PHOTOS, num, config.image_size, config.seed).float() / 255.0
-
-
 def evaluation_sets(config: DistillConfig, pca_crops: int) -> tuple[dict[str, Tensor], Tensor]:
-    """``({"held_out", "unseen"}, training crops)``: every validation crop of ``config``, as
-    many unseen-source crops, and the first ``pca_crops`` crops of the training stream (the
-    baselines' fit), all ``(N, 3, S, S)`` in [0, 1]."""
-    val = build_split(config, "val")
-    held_out = first_images(val, len(val))
+    """``({"held_out", "unseen"}, training crops)``: the validation and unseen-source crops the
+    trainer validates on, and the first ``pca_crops`` crops of the training stream's first
+    epoch (the baselines' fit), all ``(N, 3, S, S)`` in [0, 1]."""
+    sets = {key: first_images(ds, len(ds)) for key, ds in (
+        ("held_out", build_split(config, "val")), ("unseen", build_split(config, "unseen")))}
     train_set = build_split(config.model_copy(update={"train_samples": pca_crops}), "train")
-    sets = {"held_out": held_out, "unseen": unseen_images(config, len(held_out))}
     return sets, first_images(train_set, pca_crops)
 
 
