@@ -23,8 +23,9 @@ The budget is in steps (``steps`` of the config; ``--scale`` multiplies them), n
 batch 64 on 2 threads the compact student trains at 8.8 steps/s on a quiet machine (plain MSE,
 before the faster step), and relative to it a teacher step costs 2.6, a distillation step 1.7
 (the teacher runs on every streamed crop) and a spatial step 1.2 student steps (measured with
-``torch.set_num_threads(2)``, batch 64). 4,000 teacher, 2 x 6,000 student and 4,000 spatial steps
-are about 3,600 s of steps, plus ``validations`` (30) validations per run and the final table.
+``torch.set_num_threads(2)``, batch 64). 3,000 teacher, 2 x 6,000 student and 4,000 spatial steps
+are about 3,300 s of steps; with ``validations`` (30) validations per run and the final table
+about 65 minutes.
 Each run validates every ``ceil(steps / validations)`` steps (one epoch of that many streamed
 batches); the best checkpoint is the best held-out PSNR.
 
@@ -54,7 +55,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -88,6 +89,16 @@ FP16_TOLERANCE_DB = 0.01  #: shipped in float16 when both PSNRs move at most thi
 SHIPPED = {"compact_student": "compact", "tinyvae": "spatial"}  #: name -> the table row it is
 
 
+class Steps(BaseModel):
+    """Optimizer steps of each run (``--scale`` multiplies them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    teacher: int = Field(ge=1, description="the compact teacher")
+    student: int = Field(ge=1, description="each compact student (distilled, alone)")
+    spatial: int = Field(ge=1, description="the spatial student")
+
+
 class LearnConfig(BaseModel):
     """``benchmarks/learn.json``: where, how long, and the DistillConfig fields of the runs."""
 
@@ -95,9 +106,7 @@ class LearnConfig(BaseModel):
 
     corpus: str = Field(description="the corpus folder (built there when missing)")
     out_dir: str = Field(description="the runs' folders and learn.json")
-    steps: dict[Literal["teacher", "student", "spatial"], int] = Field(
-        description="optimizer steps of the teacher, of each compact student, of the spatial "
-        "student")
+    steps: Steps
     validations: int = Field(ge=1, description="validations per run")
     pca_crops: int = Field(ge=2, le=CROP_PCA_FIT, description="streamed training crops the "
                            "PCA baselines are fitted on")
@@ -142,15 +151,15 @@ def run_configs(cfg: LearnConfig, scale: float, corpus: Path, out: Path
         return load_config(None, values)
 
     steps = cfg.steps
-    c = make(cfg.compact, steps["teacher"], "teacher")
+    teacher = make(cfg.compact, steps.teacher, "teacher")
     return {
-        "teacher": c,
-        "distilled": make(cfg.compact, steps["student"], "distilled",
+        "teacher": teacher,
+        "distilled": make(cfg.compact, steps.student, "distilled",
                           teacher_checkpoint=str(out / "teacher" / "teacher.pth")),
-        "alone": make(cfg.compact, steps["student"], "alone",
-                      recon_weight=c.recon_weight + c.distill_recon_weight,
+        "alone": make(cfg.compact, steps.student, "alone",
+                      recon_weight=teacher.recon_weight + teacher.distill_recon_weight,
                       distill_latent_weight=0.0, distill_recon_weight=0.0),
-        "spatial": make(cfg.spatial, steps["spatial"], "spatial"),
+        "spatial": make(cfg.spatial, steps.spatial, "spatial"),
     }
 
 
