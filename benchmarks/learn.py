@@ -379,7 +379,8 @@ def _run(argv: list[str] | None) -> int:
     learn.setdefault("runs", {})
     train(configs, learn, path)
     evaluate(configs, learn, cfg.pca_crops)
-    learn["curves"] = str(curves(learn, out / "curves.png"))
+    drawn = curves(learn, out / "curves.png")
+    learn["curves"] = str(drawn) if drawn else None
     write_json(learn, path)
     print_table(learn)
     print(f"\nwritten {path}")
