@@ -302,7 +302,35 @@ class TestTerms:
         assert loss.weights == {"recon": 0.3, "kl": 0.1, "distill_latent": 0.0,
                                 "distill_recon": 0.0, "perceptual": 0.0}
         terms = loss(photo_batch[:4], out, None, None)
-        assert torch.allclose(terms["kl"], kl_nats(out.mu, out.logvar, 0.5, "channel"))
+        per_element = 0.5 * 32 * 32 * math.log(2) / out.mu[0].numel()  # 0.5 bits per pixel
+        assert torch.allclose(terms["kl"], kl_nats(out.mu, out.logvar, per_element, "channel"))
+
+
+class TestRateBudget:
+    @pytest.mark.parametrize("mode", ["total", "channel"])
+    def test_the_floor_is_the_same_per_pixel_for_teacher_and_student(self, models, photo_batch,
+                                                                     mode: str) -> None:
+        """``kl_free_bits`` is bits per pixel of the image: a teacher with twice the student's
+        latent gets the same floor in nats per image, not twice it."""
+        student, _, teacher = models
+        x = photo_batch[:4]
+        loss = DistillLoss(distill_latent_weight=0, distill_recon_weight=0, perceptual_weight=0,
+                           kl_free_bits=3.0, free_bits_mode=mode)
+        floors = []
+        for model in (student, teacher):
+            out = model(x)
+            quiet = out._replace(mu=torch.zeros_like(out.mu), logvar=torch.zeros_like(out.mu))
+            floors.append(float(loss(x, quiet, None, None)["kl"]))  # a KL of 0: the floor
+        assert teacher(x).mu[0].numel() == 2 * student(x).mu[0].numel()
+        assert floors[0] == pytest.approx(floors[1]) == pytest.approx(3.0 * 32 * 32 * math.log(2))
+
+    def test_a_budget_above_what_the_image_holds_is_refused(self) -> None:
+        from hrm_vision.train.config import ConfigError, load_config
+
+        assert load_config(None, {"kl_free_bits": 24.0}).kl_free_bits == 24.0
+        for key in ("kl_free_bits", "kl_target"):
+            with pytest.raises(ConfigError, match=key):
+                load_config(None, {key: 24.5})
 
 
 class TestTemperature:
@@ -455,9 +483,9 @@ class TestRateTarget:
         loss = DistillLoss(distill_latent_weight=0, distill_recon_weight=0, perceptual_weight=0,
                            kl_free_bits=50.0, kl_target=1.0)
         terms = loss(x, student(x), None, None)
-        per_element = float(terms["kl_per_element"])
-        assert float(terms["kl"]) == pytest.approx(per_element * student(x).mu[0].numel())
-        assert per_element < 50.0  # no free-bits floor with a target
+        bpp = float(terms["bpp"])
+        assert float(terms["kl"]) == pytest.approx(bpp * 32 * 32 * math.log(2))
+        assert float(terms["kl"]) < 50.0 * 32 * 32 * math.log(2)  # no free-bits floor
         start = float(loss.rate.multiplier)
         assert float(loss.weighted(terms)["kl"]) == pytest.approx(start * float(terms["kl"]))
         loss.after_step(2.0)  # above the target

@@ -47,14 +47,17 @@ class SignalAt(Callback):
 
 
 class TestSignals:
-    def test_sigint_saves_mid_epoch_and_resume_is_exact_with_a_worker(self,
-                                                                      tmp_path: Path) -> None:
+    @pytest.mark.parametrize("crops", ["fixed", "stream"])
+    def test_sigint_saves_mid_epoch_and_resume_is_exact_with_a_worker(
+            self, tmp_path: Path, crops: str) -> None:
         """Interrupted and resumed with a DataLoader worker process, the run ends bit-identical
-        to an uninterrupted one (which loads in-process: workers change nothing)."""
-        config = tiny_config(tmp_path, epochs=1, num_workers=1, train_samples=24)
+        to an uninterrupted one (which loads in-process: workers change nothing), also when
+        the crops stream from the photographs (the resumed epoch draws the same crops)."""
+        data = {} if crops == "fixed" else {"dataset": "photos", "crops": "stream"}
+        config = tiny_config(tmp_path, epochs=1, num_workers=1, train_samples=24, **data)
         assert config.num_workers == 1
         reference = tiny_config(tmp_path, epochs=1, num_workers=0, train_samples=24,
-                                checkpoint_dir=tmp_path / "reference")
+                                checkpoint_dir=tmp_path / "reference", **data)
         Distiller(reference, console=False).run()
 
         before = signal.getsignal(signal.SIGINT)

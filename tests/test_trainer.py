@@ -705,7 +705,8 @@ class TestPrecision:
         original = DistillPhase.loss
 
         def spy(self, module, index, x):
-            seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+            seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+                         x.is_contiguous(memory_format=torch.channels_last)))
             return original(self, module, index, x)
 
         monkeypatch.setattr(DistillPhase, "loss", spy)
@@ -713,12 +714,14 @@ class TestPrecision:
             "dataset": "photos", "train_samples": 32, "val_samples": 16, "batch_size": 8,
             "teacher_latent_dim": 16, "teacher_base_channels": 8, "teacher_blocks_per_stage": 1,
             "student_latent_dim": 8, "student_base_channels": 8, "epochs": 1, "device": "cpu",
-            "mixed_precision": "bf16", "teacher_checkpoint": str(teacher),
+            "mixed_precision": "bf16", "channels_last": True, "teacher_checkpoint": str(teacher),
             "checkpoint_dir": str(tmp_path / "ckpt")})
         d = Distiller(config, console=False)
         before = [p.detach().clone() for p in d.student.parameters()]
         d.run()
-        assert seen and all(s == (True, torch.bfloat16) for s in seen)
+        assert seen and all(s == (True, torch.bfloat16, True) for s in seen)
+        conv = next(m for m in d.student.modules() if isinstance(m, nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
         record = d.history[-1]
         assert record["bad_steps"] == 0
         assert all(math.isfinite(v) for v in (*record["train"].values(),
@@ -904,7 +907,7 @@ def test_from_a_uniform_rate_the_objective_raises_the_sampled_decode() -> None:
     model.init_from_data(train)
     model.encoder.logvar_head[1].bias.data.fill_(LOGVAR_INIT)
     loss = DistillLoss(recon_weight=0.5, distill_latent_weight=0.0, distill_recon_weight=0.0,
-                       perceptual_weight=0.0)
+                       perceptual_weight=0.0, kl_free_bits=2 / math.log(2))  # 2 nats per number
     loss.calibrate(model, train)
     start = measure_rate(model, "start", val, "val", spectrum)
     optimizer = torch.optim.AdamW([*model.parameters(), *loss.parameters()], lr=3e-4)

@@ -43,6 +43,7 @@ MAX_BATCH = 65536  # batch size, batches per optimizer step
 MAX_EPOCHS = 100_000
 MAX_WORKERS = 512  # DataLoader worker processes
 MAX_COUNT = 10**9  # sample counts, steps and intervals
+MAX_BPP = 24.0  # a rate above 8-bit RGB's 24 bits per pixel copies the image, it does not code it
 
 
 class ConfigError(ValueError):
@@ -115,7 +116,11 @@ class DistillConfig(BaseModel):
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm (None: off)")
     grad_accum_steps: int = Field(1, ge=1, le=MAX_BATCH, description="batches per optimizer step")
     mixed_precision: Precision = Field("auto", description="auto: fp16 with a scaler on CUDA, "
-                                       "off on CPU; bf16/fp16/off force it")
+                                       "off on CPU; bf16/fp16/off force it (bf16 on a CPU with "
+                                       "avx512_bf16 or AMX)")
+    channels_last: bool = Field(False, description="images and convolution weights in "
+                                "channels-last memory order (with bf16 on a CPU that has it: "
+                                "benchmarks/train_step.py)")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of Python, NumPy and torch")
     early_stop_patience: int | None = Field(10, ge=1, le=MAX_EPOCHS, description="stop a "
                                             "phase after this many epochs without a better "
@@ -129,14 +134,15 @@ class DistillConfig(BaseModel):
                                 "learned scale")
     kl_weight: float = Field(
         0.1, ge=0, description="weight of the KL term (nats per image, above the free-bits floor)")
-    kl_free_bits: float = Field(2.0, ge=0, description="KL floor in nats per latent element: "
-                                "a KL below it is free (no gradient)")
+    kl_free_bits: float = Field(6.0, ge=0, le=MAX_BPP, description="KL floor in bits per "
+                                "pixel of the image, the same budget for any latent size "
+                                "(teacher and student): a KL below it is free (no gradient)")
     free_bits_mode: FreeBitsMode = Field("total", description="total: one floor on the whole "
                                          "latent's KL (the model spends the rate where it "
                                          "helps most); channel: one floor per latent channel")
-    kl_target: float | None = Field(None, gt=0, le=1000, description="hold the KL at this many "
-                                    "nats per latent element with a Lagrange multiplier on the "
-                                    "KL term (instead of kl_weight above the floor; None: off)")
+    kl_target: float | None = Field(None, gt=0, le=MAX_BPP, description="hold the KL at this "
+                                    "many bits per pixel with a Lagrange multiplier on the KL "
+                                    "term (instead of kl_weight above the floor; None: off)")
     distill_latent_weight: float = Field(0.3, ge=0, description="weight of the latent "
                                          "distillation term (teacher posterior vs adapter)")
     distill_recon_weight: float = Field(0.2, ge=0, description="weight of the output "

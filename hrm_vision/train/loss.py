@@ -7,7 +7,8 @@ averaged over the batch, so the weights are ratios of comparable quantities. Ima
 - ``recon``: ``-log N(x | x_hat, sigma^2)`` with one learned scale (:class:`GaussianScale`,
   the sigma-VAE), calibrated at the start of each phase (:meth:`DistillLoss.calibrate`).
 - ``kl``: ``KL(q(z|x) || N(0, I))`` with a free-bits floor (:func:`kl_nats`), or held at a rate
-  by a Lagrange multiplier (:class:`RateTarget`).
+  by a Lagrange multiplier (:class:`RateTarget`); both budgets are in bits per pixel of the
+  image, so a teacher with a larger latent gets the same budget as its student.
 - ``distill_latent``: ``KL(N(mu_t, T^2 var_t) || N(A mu_s, T^2 (A var_s A^T + r)))``, the
   teacher posterior against the student's through the adapter ``A`` plus the residual variance
   ``r`` (:func:`residual_variance`); the temperature ``T`` discounts the means by ``1 / T^2``.
@@ -35,6 +36,7 @@ from ..vae import LatentAdapter, VAEBase, VAEOutput
 from .config import DistillConfig
 
 _LOG_2PI = math.log(2 * math.pi)
+_LN2 = math.log(2)
 #: Variances in the latent distillation KL are floored here so the ratio stays finite.
 VAR_FLOOR = 1e-6
 
@@ -115,7 +117,7 @@ def kl_per_element(mu: Tensor, logvar: Tensor) -> float:
 
 
 class RateTarget(nn.Module):
-    """A Lagrange multiplier (a buffer) holding the KL at ``target`` nats per latent element:
+    """A Lagrange multiplier (a buffer) holding the KL at ``target`` (bits per pixel):
     the loss uses ``multiplier * kl``; :meth:`update` does ``log m += step_size * (kl / target -
     1)`` after each optimiser step."""
 
@@ -130,9 +132,10 @@ class RateTarget(nn.Module):
         self.register_buffer("multiplier", torch.tensor(float(initial)))
 
     @torch.no_grad()
-    def update(self, nats_per_element: float) -> float:
-        """One dual step from the KL just measured; returns the new multiplier."""
-        self.multiplier.mul_(math.exp(self.step_size * (nats_per_element / self.target - 1)))
+    def update(self, rate: float) -> float:
+        """One dual step from the KL just measured (``target``'s unit); returns the new
+        multiplier."""
+        self.multiplier.mul_(math.exp(self.step_size * (rate / self.target - 1)))
         return float(self.multiplier)
 
 
@@ -273,13 +276,14 @@ class Trainable(nn.Module):
 class DistillLoss(nn.Module):
     """The weighted five-term objective in nats per image; ``forward`` returns every term
     (unweighted) and ``"total"`` (the weighted sum). The arguments are the config fields of the
-    same names (``bounded``: ``distill_recon_bounded``); ``kl_target`` weights the KL (no floor)
+    same names (``bounded``: ``distill_recon_bounded``; ``kl_free_bits`` and ``kl_target`` in
+    bits per pixel); ``kl_target`` weights the KL (no floor)
     by a :class:`RateTarget` starting at ``kl_weight``; ``perceptual``: a frozen backbone
     (images in [0, 1] to feature maps) or ``None``. ``scale`` is the learned likelihood scale."""
 
     def __init__(self, *, recon_weight: float = 0.3, kl_weight: float = 0.1,
                  distill_latent_weight: float = 0.3, distill_recon_weight: float = 0.2,
-                 perceptual_weight: float = 0.1, kl_free_bits: float = 2.0,
+                 perceptual_weight: float = 0.1, kl_free_bits: float = 6.0,
                  free_bits_mode: str = "total", kl_target: float | None = None,
                  temperature: float = 3.0, perceptual: nn.Module | None = None,
                  bounded: bool = False) -> None:
@@ -330,10 +334,10 @@ class DistillLoss(nn.Module):
         self.scale.calibrate(model.decode_sample(x, CALIBRATION_SEED), x)
         return float(self.scale.sigma.detach())
 
-    def after_step(self, kl_per_element: float) -> None:
-        """After an optimizer step: move the rate multiplier from the KL per latent element."""
+    def after_step(self, bpp: float) -> None:
+        """After an optimizer step: move the rate multiplier from the KL in bits per pixel."""
         if self.rate is not None:
-            self.rate.update(kl_per_element)
+            self.rate.update(bpp)
 
     def _state(self) -> dict[str, Tensor]:
         state = {SCALE_KEY: self.scale.log_sigma}
@@ -376,11 +380,13 @@ class DistillLoss(nn.Module):
                              "outputs were given")
         zero = x.new_zeros((), dtype=torch.float32)
         recon, target = student.reconstruction.float(), x.float()
+        nats_per_bpp = x.shape[-2] * x.shape[-1] * _LN2  # nats per image of 1 bit per pixel
+        floor = 0.0 if self.rate is not None else self.kl_free_bits * nats_per_bpp / \
+            student.mu[0].numel()
         log_sigma = self.scale.log_sigma
         terms = {
             "recon": self.scale(recon, target),
-            "kl": kl_nats(student.mu, student.logvar,
-                          self.kl_free_bits if self.rate is None else 0.0, self.free_bits_mode),
+            "kl": kl_nats(student.mu, student.logvar, floor, self.free_bits_mode),
             "distill_latent": zero, "distill_recon": zero, "perceptual": zero,
         }
         if teacher is not None:
@@ -397,7 +403,7 @@ class DistillLoss(nn.Module):
                 self.perceptual(student.reconstruction), features)
         terms["total"] = sum(self.weighted(terms).values(), zero)
         if self.rate is not None:  # what the multiplier follows
-            terms["kl_per_element"] = terms["kl"].detach() / student.mu[0].numel()
+            terms["bpp"] = terms["kl"].detach() / nats_per_bpp
         return terms
 
 

@@ -627,9 +627,10 @@ class Phase:
                          f"reconstruction's RMS error on {len(images)} training images)")
 
     def after_step(self, terms: dict[str, Tensor]) -> None:
-        """After a kept step: a rate target follows the KL per element (mean over ranks)."""
+        """After a kept step: a rate target follows the KL in bits per pixel (mean over
+        ranks)."""
         if self.criterion is not None and self.criterion.rate is not None:
-            kl = self.ctx.reduce({"kl": float(terms["kl_per_element"])}, 1)["kl"]
+            kl = self.ctx.reduce({"kl": float(terms["bpp"])}, 1)["kl"]
             self.criterion.after_step(kl)
 
     def term_shares(self, module: nn.Module, index: Tensor, x: Tensor
@@ -836,6 +837,10 @@ class PhaseLoop:
         self.history, self.emit, self.stop_signal = history, emit, stop_signal
         self.out_dir = Path(config.checkpoint_dir)
         self.module = phase.trainable()
+        self.memory_format = (torch.channels_last if config.channels_last
+                              else torch.contiguous_format)
+        if config.channels_last:
+            self.module.to(memory_format=self.memory_format)
         phase.calibrate()  # before the DDP wrapper (rank 0's value) and the weight average
         self.wrapped = wrap_ddp(self.module, ctx)
         self.optimizer = AdamW(phase.param_groups(), lr=config.learning_rate,
@@ -904,7 +909,7 @@ class PhaseLoop:
         if self._save_due:
             self.last_good.save()
             self._save_due = False
-        x = x.to(self.ctx.device, non_blocking=True)
+        x = x.to(self.ctx.device, non_blocking=True, memory_format=self.memory_format)
         with autocast(self.config, self.ctx.device):
             terms = self.phase.loss(self.wrapped, index, x)
         finite = not self._any_rank(not bool(torch.isfinite(terms["total"]).item()))
@@ -1024,7 +1029,8 @@ class PhaseLoop:
 
     def _term_shares(self) -> tuple[dict[str, float], dict[str, float]]:
         """Each term's share of the objective and its gradient on the first training batch."""
-        x = first_images(self.phase.ctx.train_set, self.config.batch_size).to(self.ctx.device)
+        x = first_images(self.phase.ctx.train_set, self.config.batch_size).to(
+            self.ctx.device, memory_format=self.memory_format)
         devices = [self.ctx.device.index or 0] if self.ctx.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), autocast(self.config, self.ctx.device):
             self.phase.set_train_mode(self.current_epoch)

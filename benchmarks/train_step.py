@@ -1,0 +1,119 @@
+"""The compact student's training step, today's way against the fast way, timed interleaved.
+
+    python benchmarks/train_step.py                  # batch 64, 64x64 crops, 2 threads, 30 rounds
+    python benchmarks/train_step.py --rounds 3       # a smoke run of the machinery
+
+One process, one batch of streamed photo crops, two copies of ``CompactStudentVAE`` (the sizes
+of ``training/compact.json``) trained with the student-alone objective and AdamW:
+
+- ``today``: float32, contiguous tensors (``mixed_precision`` off, ``channels_last`` false);
+- ``fast``: bf16 autocast on the CPU and channels-last tensors (``mixed_precision: bf16``,
+  ``channels_last: true``), through the trainer's own ``autocast``.
+
+Each round times one step of each, in a rotating order (``hrm_vision.timing``), so other jobs
+on the machine hit both alike; the load average is printed before and after. A second table
+times the data preparation of one batch of streamed crops (what ``num_workers`` moves off the
+training thread). Prints a JSON object; ``--out FILE`` also writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hrm_vision.data import build_dataset
+from hrm_vision.io import write_json
+from hrm_vision.timing import machine_info, timings
+from hrm_vision.train import DistillLoss, load_config
+from hrm_vision.train.loss import Trainable
+from hrm_vision.train.trainer import autocast, configured_model
+
+COMPACT = Path(__file__).resolve().parents[1] / "training" / "compact.json"
+INIT_CROPS = 512  #: crops the PCA start is fitted on
+
+
+def make_step(config, batch: torch.Tensor, init: torch.Tensor):
+    """A function doing one training step on ``batch`` of a compact student started from
+    ``init`` (its PCA start) under ``config``."""
+    torch.manual_seed(0)
+    model = configured_model(config, "student")
+    model.init_from_data(init)
+    loss = DistillLoss.from_config(config, None, distill=False)
+    module = Trainable(model, loss.scale)
+    fmt = torch.channels_last if config.channels_last else torch.contiguous_format
+    if config.channels_last:
+        module.to(memory_format=fmt)
+    x = batch.contiguous(memory_format=fmt)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=config.learning_rate)
+    device = torch.device("cpu")
+
+    def step() -> None:
+        with autocast(config, device):
+            total = loss(x, module(x)[0], None, None)["total"]
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    base = {**json.loads(COMPACT.read_text()), "perceptual_weight": 0.0,
+            "distill_latent_weight": 0.0, "distill_recon_weight": 0.0}
+    base.pop("checkpoint_dir")
+    configs = {"today": load_config(None, {**base, "mixed_precision": "off"}),
+               "fast": load_config(None, {**base, "mixed_precision": "bf16",
+                                          "channels_last": True})}
+    stream = build_dataset("photos", "train", image_size=configs["today"].image_size,
+                           crops="stream", num_crops=max(INIT_CROPS, args.batch))
+    init = torch.stack([stream[i] for i in range(len(stream))])
+    batch = init[:args.batch]
+    load_before = os.getloadavg()
+    print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads, "
+          f"batch {args.batch} of {tuple(batch.shape[1:])}, load average before "
+          f"{load_before[0]:.2f}", file=sys.stderr)
+    steps = timings({name: make_step(c, batch, init) for name, c in configs.items()},
+                    repeats=args.rounds, warmup=2, batch_size=args.batch, desc="train step")
+
+    def prepare() -> None:
+        stream.set_epoch(stream.epoch + 1)
+        torch.stack([stream[i] for i in range(args.batch)])  # one batch's crops
+
+    start = time.perf_counter()
+    prepare()
+    data_ms = 1e3 * (time.perf_counter() - start)
+    result = {
+        "machine": machine_info(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": args.threads, "batch": args.batch, "rounds": args.rounds,
+        "load_average_before": [round(v, 2) for v in load_before],
+        "load_average_after": [round(v, 2) for v in os.getloadavg()],
+        "step": {name: {**t, "steps_per_s": 1e3 / t["median_ms"]} for name, t in steps.items()},
+        "speedup": steps["today"]["median_ms"] / steps["fast"]["median_ms"],
+        "streamed_batch_preparation_ms": data_ms,
+    }
+    for name, t in result["step"].items():
+        print(f"{name:6s} {t['median_ms']:8.1f} ms per step (p90 {t['p90_ms']:.1f}), "
+              f"{t['steps_per_s']:.2f} steps/s", file=sys.stderr)
+    print(f"speedup {result['speedup']:.2f}x; one streamed batch prepared in {data_ms:.0f} ms "
+          f"on the training thread; load average after {result['load_average_after'][0]:.2f}",
+          file=sys.stderr)
+    print(json.dumps(result, indent=2))
+    if args.out is not None:
+        write_json(result, args.out, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
