@@ -134,6 +134,20 @@ def test_the_table_puts_the_models_beside_pca_and_thumbnails(tiny) -> None:
     assert Path(tiny["learn"]["curves"]).is_file()
 
 
+def test_the_table_measures_the_best_checkpoint_on_the_trainers_sets(tiny) -> None:
+    """Each model's PSNR in the table is its run's best validation record (held-out ``psnr``,
+    ``unseen_psnr``): the benchmark reads the checkpoint chosen on held-out, on the same crops."""
+    learn = tiny["learn"]
+    rows = {r["name"]: r for r in learn["rows"]}
+    rows["spatial"] = learn["spatial_rows"][0]
+    for run, name in (("teacher", "compact teacher"), ("distilled", "compact student, distilled"),
+                      ("alone", "compact student, alone"), ("spatial", "spatial")):
+        history = json.loads(Path(learn["runs"][run]["history"]).read_text())
+        best = [r for r in history if r["is_best"]][-1]["val"]
+        assert rows[name]["psnr_db"]["held_out"] == pytest.approx(best["psnr"], abs=0.01), run
+        assert rows[name]["psnr_db"]["unseen"] == pytest.approx(best["unseen_psnr"], abs=0.01)
+
+
 def test_a_rerun_skips_finished_runs_and_ships_by_name(tiny, monkeypatch) -> None:
     times = {k: Path(p).stat().st_mtime_ns for k, p in tiny["learn"]["checkpoints"].items()}
     weights = tiny["root"] / "weights"
