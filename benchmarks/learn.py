@@ -33,9 +33,12 @@ Writes ``OUT/learn.json``: per run its checkpoint, steps, training seconds and s
 ``checkpoints``); the table rows (:func:`compact_table` of ``training/compact.py``: PSNR and rate
 on the held-out and unseen-source crops, beside crop PCA-16/64/512 fitted on the same training
 crops and 5x5/8x8 thumbnails; the spatial student beside patch PCA-128); and ``OUT/curves.png``
-(held-out and unseen PSNR against the step for the three compact runs). Prints the table as
-Markdown. Resumable: a run recorded in ``learn.json`` whose checkpoint exists is skipped, an
-interrupted one continues from its ``*_last.pth``.
+(held-out and unseen PSNR against the step for the three compact runs); ``criteria``, the
+targets of the learning work measured on them (student >= crop PCA-64 + 1 dB and above the 8x8
+thumbnail, teacher >= student + 3 dB and >= its PCA-512, distilled >= alone + 0.3 dB or alone's
+final PSNR in at most 60% of the steps, no held-out curve ending below its start). Prints the
+tables and the targets as Markdown. Resumable: a run recorded in ``learn.json`` whose
+checkpoint exists is skipped, an interrupted one continues from its ``*_last.pth``.
 
 ``--ship`` writes the best compact student (distilled or alone, by held-out PSNR) and the spatial
 student to ``hrm_vision/weights/`` as ``compact_student.safetensors`` and
@@ -328,6 +331,43 @@ def ship(learn: dict[str, Any], configs: dict[str, DistillConfig], corpus: Path,
     return shipped
 
 
+def criteria(learn: dict[str, Any]) -> list[dict[str, Any]]:
+    """The learning targets measured on ``learn``'s table and curves: ``{"name", "value" (dB,
+    or a share of steps), "target", "met"}`` each."""
+    rows = {r["name"]: r["psnr_db"] for r in learn["rows"]}
+    teacher = rows["compact teacher"]
+    distilled, alone = rows["compact student, distilled"], rows["compact student, alone"]
+    out: list[dict[str, Any]] = []
+
+    def check(name: str, value: float | None, target: float) -> None:
+        out.append({"name": name, "value": value, "target": target,
+                    "met": value is not None and value >= target})
+
+    for key, label in (("held_out", "held-out"), ("unseen", "unseen")):
+        for student, who in ((distilled, "distilled"), (alone, "alone")):
+            if "crop PCA, 64 coefficients" in rows:
+                check(f"{who} student - crop PCA-64, {label} (dB)",
+                      student[key] - rows["crop PCA, 64 coefficients"][key], 1.0)
+            check(f"{who} student - thumbnail 8x8, {label} (dB)",
+                  student[key] - rows["thumbnail 8x8, bicubic"][key], 0.0)
+        check(f"teacher - distilled student, {label} (dB)", teacher[key] - distilled[key], 3.0)
+        if "crop PCA, 512 coefficients" in rows:
+            check(f"teacher - crop PCA-512, {label} (dB)",
+                  teacher[key] - rows["crop PCA, 512 coefficients"][key], 0.0)
+    check("distilled - alone, held-out, same steps (dB)",
+          distilled["held_out"] - alone["held_out"], 0.3)
+    curves = {name: [r["val"]["psnr"] for r in read_json_file(learn["runs"][name]["history"])
+                     if r["phase"] == learn["runs"][name]["phase"]] for name in COMPACT_RUNS}
+    reached = [i for i, v in enumerate(curves["distilled"]) if v >= curves["alone"][-1]]
+    share = (reached[0] + 1) / len(curves["distilled"]) if reached else None
+    out.append({"name": "share of the distilled run's steps to reach the alone run's final "
+                "held-out PSNR", "value": share, "target": 0.6,
+                "met": share is not None and share <= 0.6})
+    for name, curve in curves.items():
+        check(f"{name}: last held-out validation - first (dB)", curve[-1] - curve[0], 0.0)
+    return out
+
+
 def print_table(learn: dict[str, Any]) -> None:
     runs = learn["runs"]
     print("\n| run | steps | steps/s (training) | wall (s) |\n|---|---|---|---|")
@@ -342,6 +382,11 @@ def print_table(learn: dict[str, Any]) -> None:
     for r in learn["spatial_rows"]:
         print(f"| {r['name']} | {r['numbers']} | {r['psnr_db']['held_out']:.2f} | "
               f"{r['psnr_db']['unseen']:.2f} |")
+    print("\nTargets\n")
+    for c in learn["criteria"]:
+        value = "-" if c["value"] is None else f"{c['value']:+.2f}"
+        print(f"- {c['name']}: {value} (target {c['target']:g}): "
+              f"{'met' if c['met'] else 'NOT met'}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -379,6 +424,7 @@ def _run(argv: list[str] | None) -> int:
     learn.setdefault("runs", {})
     train(configs, learn, path)
     evaluate(configs, learn, cfg.pca_crops)
+    learn["criteria"] = criteria(learn)
     drawn = curves(learn, out / "curves.png")
     learn["curves"] = str(drawn) if drawn else None
     write_json(learn, path)

@@ -148,6 +148,19 @@ def test_the_table_measures_the_best_checkpoint_on_the_trainers_sets(tiny) -> No
         assert rows[name]["psnr_db"]["unseen"] == pytest.approx(best["unseen_psnr"], abs=0.01)
 
 
+def test_the_targets_are_measured_from_the_table(tiny) -> None:
+    learn = tiny["learn"]
+    rows = {r["name"]: r["psnr_db"] for r in learn["rows"]}
+    found = {c["name"]: c for c in learn["criteria"]}
+    gap = found["teacher - distilled student, unseen (dB)"]
+    expect = rows["compact teacher"]["unseen"] - rows["compact student, distilled"]["unseen"]
+    assert gap["value"] == pytest.approx(expect) and gap["met"] == (expect >= 3.0)
+    assert "distilled student - crop PCA-64, held-out (dB)" not in found  # no PCA-64 fitted
+    assert all(c["met"] == (c["value"] is not None and (c["value"] <= c["target"] if "share"
+               in c["name"] else c["value"] >= c["target"])) for c in learn["criteria"])
+    assert "- teacher - distilled student, held-out (dB): " in tiny["printed"]
+
+
 def test_a_rerun_skips_finished_runs_and_ships_by_name(tiny, monkeypatch) -> None:
     times = {k: Path(p).stat().st_mtime_ns for k, p in tiny["learn"]["checkpoints"].items()}
     weights = tiny["root"] / "weights"
