@@ -384,7 +384,8 @@ def print_table(learn: dict[str, Any]) -> None:
               f"{r['psnr_db']['unseen']:.2f} |")
     print("\nTargets\n")
     for c in learn["criteria"]:
-        value = "-" if c["value"] is None else f"{c['value']:+.2f}"
+        fmt = ".2f" if c["name"].startswith("share") else "+.2f"
+        value = "-" if c["value"] is None else format(c["value"], fmt)
         print(f"- {c['name']}: {value} (target {c['target']:g}): "
               f"{'met' if c['met'] else 'NOT met'}")
 
