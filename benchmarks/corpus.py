@@ -91,17 +91,26 @@ def download(packages: tuple[str, ...], debs: Path) -> list[Path]:
 SPLITS = ("train", "val")
 
 
-def built(out: Path, max_side: int, packages: tuple[str, ...]) -> dict | None:
-    """The manifest of a finished corpus in ``out`` built with ``max_side`` from ``packages``
-    (every image and licence present), else None."""
+def usable(out: Path) -> dict | None:
+    """The manifest of a finished corpus in ``out`` (every image present in the folder of its
+    split, every licence present), else None: a corpus of an older layout is not usable."""
     try:
         manifest = json.loads((out / "manifest.json").read_text())
-        files = [m["file"] for m in manifest["images"]] + [
-            p["license"] for p in manifest["packages"].values()]
-        same = manifest["max_side"] == max_side and tuple(manifest["packages"]) == packages
+        images, packages = manifest["images"], manifest["packages"]
+        laid_out = all(m["file"].startswith(f"{m['split']}/") for m in images)
+        files = [m["file"] for m in images] + [p["license"] for p in packages.values()]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return manifest if same and files and all((out / f).is_file() for f in files) else None
+    return manifest if laid_out and images and all((out / f).is_file() for f in files) else None
+
+
+def built(out: Path, max_side: int, packages: tuple[str, ...]) -> dict | None:
+    """The :func:`usable` manifest in ``out`` when it was built with ``max_side`` from
+    ``packages``, else None."""
+    manifest = usable(out)
+    same = manifest is not None and manifest.get("max_side") == max_side and tuple(
+        manifest["packages"]) == packages
+    return manifest if same else None
 
 
 def build(out: Path, max_side: int = 1600, packages: tuple[str, ...] = PACKAGES,

@@ -414,7 +414,7 @@ def _run(argv: list[str] | None) -> int:
     corpus, out = Path(args.corpus or cfg.corpus), Path(args.out_dir or cfg.out_dir)
     configs = run_configs(cfg, args.scale, corpus, out)
     torch.set_num_threads(cfg.threads)
-    if not (corpus / "manifest.json").is_file():  # the builder writes it last
+    if corpus_builder.usable(corpus) is None:  # reuses the packages in CORPUS/debs
         corpus_builder.build(corpus)
     path = out / "learn.json"
     learn = read_json_file(path) if path.is_file() else {}

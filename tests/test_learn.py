@@ -198,13 +198,15 @@ def test_a_bad_config_is_one_line(tmp_path, capsys) -> None:
 
 
 def test_a_built_corpus_is_kept_and_a_broken_one_is_not(tmp_path) -> None:
-    """benchmarks/corpus.py builds again only when its manifest, images or licences are not
-    all there (or were made with other settings)."""
+    """benchmarks/corpus.py builds again only when its manifest, images (in their split's
+    folder) or licences are not all there, or were made with other settings."""
     corpus = sys.modules["corpus"]
     root = write_corpus(tmp_path / "c")
     manifest = json.loads((root / "manifest.json").read_text())
     assert corpus.built(root, 1600, ("walls",)) == manifest
     assert corpus.built(root, 800, ("walls",)) is None
     assert corpus.built(root, 1600, corpus.PACKAGES) is None
-    (root / "val/1.png").unlink()
-    assert corpus.built(root, 1600, ("walls",)) is None
+    (root / "val/1.png").rename(root / "1.png")  # the layout before train/ and val/
+    manifest["images"][-1]["file"] = "1.png"
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    assert corpus.usable(root) is None and corpus.built(root, 1600, ("walls",)) is None
