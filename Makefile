@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo compact teacher test test-fast lint docs bench clean
+.PHONY: demo compact teacher learn test test-fast lint docs bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,15 @@ teacher: $(VENV)/.installed
 	$(PY) training/distill_tinyvae.py --config training/demo.json --epochs 0 \
 		--teacher-epochs $(TEACHER_EPOCHS) --checkpoint-dir checkpoints/teacher_run
 	cp checkpoints/teacher_run/teacher.pth checkpoints/teacher.pth
+
+# The learning benchmark: builds data/corpus once (Debian wallpaper packages, apt-get download),
+# then trains the compact teacher, the distilled and the alone compact student and the spatial
+# student on streamed crops (about 65 min on 2 quiet cores; SCALE=F multiplies every run's steps,
+# SHIP=1 then writes the best students into hrm_vision/weights) and writes
+# checkpoints/learn/learn.json and curves.png. Rerunning skips finished runs.
+SCALE ?= 1
+learn: $(VENV)/.installed
+	$(PY) benchmarks/learn.py --scale $(SCALE) $(if $(SHIP),--ship)
 
 # The whole suite, end-to-end runs included (what CI runs: .ci/run calls `make test`).
 test: lint

@@ -1,20 +1,23 @@
 """Build the learning corpus: photographs and renders from Debian's desktop-wallpaper packages.
 
     python benchmarks/corpus.py --out data/corpus
+    python benchmarks/corpus.py --out /tmp/corpus --debs data/corpus/debs   # no download
 
-Downloads the packages with ``apt-get download`` (no root install, no post-install script:
-``dpkg -x`` unpacks them into a temporary folder), keeps one raster image per variant of each
-picture, scales it so its longest side is at most ``--max-side`` pixels (default 1600), writes
-them as PNG under ``OUT/images/`` and a ``OUT/manifest.json`` that lists, for every image, its
-package, source path, original size, group and split, with each package's version and its
-copyright file (copied to ``OUT/licenses/``).
+Downloads the packages with ``apt-get download`` into ``--debs`` (default ``OUT/debs``; no root
+install, no post-install script: ``dpkg -x`` unpacks them into a temporary folder), keeps one
+raster image per variant of each picture, scales it so its longest side is at most
+``--max-side`` pixels (default 1600), writes them as PNG under ``OUT/train/`` and ``OUT/val/``
+(the layout the ``imagefolder`` dataset takes as its split) and a ``OUT/manifest.json`` that
+lists, for every image, its package, source path, original size, group and split, with each
+package's version and its copyright file (copied to ``OUT/licenses/``).
 
 A *group* is one picture with all its variants (the light and dark versions of a wallpaper, its
 sizes): the split is by group, so no picture has a variant on both sides. About a fifth of the
 groups (chosen by a hash of the group's name, so the split does not depend on what else is in
 the corpus) are ``val``, the rest ``train``. Nothing in the test suite needs this corpus.
 
-Runs again in a second: packages already downloaded into ``OUT/debs/`` are not fetched again.
+Idempotent: a corpus whose manifest has the same ``--max-side`` and packages and whose images
+are all present is kept as it is; packages already in the ``--debs`` folder are not fetched again.
 """
 
 from __future__ import annotations
@@ -85,16 +88,48 @@ def download(packages: tuple[str, ...], debs: Path) -> list[Path]:
     return [sorted(debs.glob(f"{p}_*.deb"))[-1] for p in packages]
 
 
-def build(out: Path, max_side: int = 1600, packages: tuple[str, ...] = PACKAGES) -> dict:
-    """Download, unpack and select; writes ``out/images``, ``out/licenses`` and the manifest."""
+SPLITS = ("train", "val")
+
+
+def usable(out: Path) -> dict | None:
+    """The manifest of a finished corpus in ``out`` (every image present in the folder of its
+    split, every licence present), else None: a corpus of an older layout is not usable."""
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+        images, packages = manifest["images"], manifest["packages"]
+        laid_out = all(m["file"].startswith(f"{m['split']}/") for m in images)
+        files = [m["file"] for m in images] + [p["license"] for p in packages.values()]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return manifest if laid_out and images and all((out / f).is_file() for f in files) else None
+
+
+def built(out: Path, max_side: int, packages: tuple[str, ...]) -> dict | None:
+    """The :func:`usable` manifest in ``out`` when it was built with ``max_side`` from
+    ``packages``, else None."""
+    manifest = usable(out)
+    same = manifest is not None and manifest.get("max_side") == max_side and tuple(
+        manifest["packages"]) == packages
+    return manifest if same else None
+
+
+def build(out: Path, max_side: int = 1600, packages: tuple[str, ...] = PACKAGES,
+          debs: Path | None = None) -> dict:
+    """Download (into ``debs``, default ``out/debs``), unpack and select; writes ``out/train``,
+    ``out/val``, ``out/licenses`` and the manifest, unless :func:`built` finds them done."""
     from PIL import Image
 
-    images_dir, licenses = out / "images", out / "licenses"
-    for folder in (images_dir, licenses):
+    done = built(out, max_side, packages)
+    if done is not None:
+        return done
+    licenses = out / "licenses"
+    for folder in (*(out / s for s in SPLITS), licenses, out / "images"):
         shutil.rmtree(folder, ignore_errors=True)
+    for folder in (*(out / s for s in SPLITS), licenses):
         folder.mkdir(parents=True)
+    (out / "manifest.json").unlink(missing_ok=True)  # written last: present means finished
     manifest: dict = {"max_side": max_side, "packages": {}, "images": []}
-    for deb in download(packages, out / "debs"):
+    for deb in download(packages, debs or out / "debs"):
         package, version = deb.name.split("_")[:2]
         manifest["packages"][package] = {"version": version.replace("%3a", ":"),
                                          "license": f"licenses/{package}.copyright"}
@@ -113,12 +148,13 @@ def build(out: Path, max_side: int = 1600, packages: tuple[str, ...] = PACKAGES)
                                          Image.Resampling.LANCZOS)
                     rel = src.relative_to(root)
                     group = group_of(rel)
+                    split = split_of(f"{package}/{group}")
                     name = f"{package}__{'_'.join(rel.parts[3:]).rsplit('.', 1)[0]}.png"
-                    img.save(images_dir / name)
+                    img.save(out / split / name)
                 manifest["images"].append({
-                    "file": f"images/{name}", "package": package, "source": f"/{rel}",
+                    "file": f"{split}/{name}", "package": package, "source": f"/{rel}",
                     "original_size": list(size), "size": list(img.size), "group": group,
-                    "split": split_of(f"{package}/{group}")})
+                    "split": split})
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
 
@@ -128,10 +164,12 @@ def main(argv: list[str] | None = None) -> int:
         "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("data/corpus"))
     parser.add_argument("--max-side", type=int, default=1600)
+    parser.add_argument("--debs", type=Path, default=None,
+                        help="folder of the downloaded packages (default: OUT/debs)")
     args = parser.parse_args(argv)
     if args.max_side < 64:
         parser.error(f"--max-side must be at least 64, got {args.max_side}")
-    manifest = build(args.out, max_side=args.max_side)
+    manifest = build(args.out, max_side=args.max_side, debs=args.debs)
     splits = [m["split"] for m in manifest["images"]]
     groups = {(m["package"], m["group"], m["split"]) for m in manifest["images"]}
     print(f"{args.out}: {len(splits)} images ({splits.count('train')} train, "

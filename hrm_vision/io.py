@@ -9,6 +9,10 @@ role (``"student"``, ``"teacher"``, ``"adapter"``) ``{role}_state_dict`` and ``{
 ``arch``, ``role``, ``images`` (:data:`IMAGE_CONVENTION`), ``format_version``, ``library`` and
 ``adapter_arch``.
 
+**Shipped weights** (:data:`WEIGHTS_DIR`, package data): ``NAME.safetensors`` with a sidecar
+``NAME.json`` (the data the model was trained on, its licences, its measured PSNR);
+``load("NAME")`` reads them by name.
+
 **Loading checks**, before anything is built: a registered architecture whose integer arguments
 do not exceed the widest stored tensor, at most :data:`MAX_NESTING` levels of nesting, at most
 :data:`MAX_METADATA_CHARS` characters of metadata; then exact keys, shapes (before a
@@ -49,6 +53,8 @@ ADAPTER_PREFIX = "adapter."  #: name prefix of the adapter's tensors in a ``.saf
 MAX_METADATA_CHARS = 1 << 16  #: metadata keys and values together
 MAX_NESTING = 32  #: of lists, tuples and dicts in a loaded file (this package writes 4)
 MAX_ARCH_INT = 1 << 16  #: largest stored integer architecture argument (these models: 512)
+WEIGHTS_DIR = Path(__file__).with_name("weights")  #: the shipped ``NAME.safetensors`` files
+WEIGHTS_NAME = re.compile(r"^[a-z][a-z0-9_]*$")  #: what :func:`load` takes for a shipped name
 TEMPORARY_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  #: :func:`atomic_write`'s files
 
 
@@ -619,13 +625,33 @@ def _load_safetensors(path: Path, role: str) -> nn.Module:
     return model.eval()
 
 
-def load(path: str | os.PathLike[str], role: str = "student",
+def shipped_weights() -> list[str]:
+    """The names of the weights shipped in :data:`WEIGHTS_DIR` (sorted)."""
+    return sorted(p.stem for p in WEIGHTS_DIR.glob(f"*{SAFETENSORS_SUFFIX}"))
+
+
+def weights_path(name: str) -> Path:
+    """``WEIGHTS_DIR/NAME.safetensors``; a ``CheckpointError`` listing the shipped names when
+    there is none."""
+    path = WEIGHTS_DIR / f"{name}{SAFETENSORS_SUFFIX}"
+    if not path.is_file():
+        raise CheckpointError(f"no shipped weights named {name!r} in {WEIGHTS_DIR}; shipped: "
+                              f"{shipped_weights() or 'none'} (or give a file path)")
+    return path
+
+
+def load(path: str | os.PathLike[str], role: str | None = None,
          device: str | torch.device | None = None) -> VAEBase | LatentAdapter:
     """The ``role`` model (``"student"``, ``"teacher"`` or ``"adapter"``, the
     :class:`~hrm_vision.vae.LatentAdapter`) stored at ``path``, in eval mode, on the CPU (or
-    ``device``): a ``.safetensors`` file of :func:`save`, or any other suffix a ``.pth``
-    checkpoint. Every problem is a :class:`CheckpointError` naming the file."""
-    path = Path(path)
+    ``device``): a ``.safetensors`` file of :func:`save`, any other suffix a ``.pth``
+    checkpoint, or a bare name (``"compact_student"``, ``"tinyvae"``; no such file here) the
+    shipped weights :func:`weights_path` (``role`` default: the stored one; for files
+    ``"student"``). Every problem is a :class:`CheckpointError` naming the file."""
+    if isinstance(path, str) and WEIGHTS_NAME.match(path) and not Path(path).exists():
+        path = weights_path(path)
+        role = role or read_metadata(path).get("role", "student")
+    path, role = Path(path), role or "student"
     if path.suffix == SAFETENSORS_SUFFIX:
         model = _load_safetensors(path, role)
     else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import struct
 import subprocess
@@ -22,11 +23,13 @@ from helpers import tiny_run  # tests/ is on sys.path (pytest prepend mode)
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import hrm_vision.io as io_module
 from hrm_vision.cli import main as cli_main
 from hrm_vision.io import (
     FORMAT_VERSION,
     IMAGE_CONVENTION,
     MAX_METADATA_CHARS,
+    WEIGHTS_DIR,
     CheckpointError,
     FolderLock,
     FolderLockedError,
@@ -38,11 +41,12 @@ from hrm_vision.io import (
     read_metadata,
     save,
     save_checkpoint,
+    shipped_weights,
     to_cpu,
     write_json,
     write_text,
 )
-from hrm_vision.vae import LatentAdapter, MinimalVAE, TeacherVAE, VAEBase
+from hrm_vision.vae import LatentAdapter, MinimalVAE, TeacherVAE, VAEBase, model_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -573,6 +577,60 @@ class TestBadFiles:
                                                student: MinimalVAE) -> None:
         with pytest.raises(ValueError, match=r"\.safetensors"):
             save(student, tmp_path / "model.pth")
+
+
+class TestShippedWeights:
+    """``load("NAME")``: weights shipped in the package folder, read by name."""
+
+    @pytest.fixture
+    def folder(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+        monkeypatch.setattr(io_module, "WEIGHTS_DIR", tmp_path)
+        monkeypatch.chdir(tmp_path)  # no file of the name beside the caller
+        return tmp_path
+
+    def test_a_name_loads_the_shipped_file_in_its_stored_role(self, folder: Path) -> None:
+        student, teacher = tiny().eval(), TeacherVAE(latent_dim=8, base_channels=8).eval()
+        save(student, folder / "small_student.safetensors")
+        save(teacher.half(), folder / "small_teacher.safetensors")  # fp16 storage, cast on load
+        assert shipped_weights() == ["small_student", "small_teacher"]
+        x = torch.rand(2, 3, 32, 32)
+        loaded = load("small_student")
+        with torch.no_grad():
+            assert torch.equal(loaded.encode(x), student.encode(x))
+        loaded_teacher = load("small_teacher")
+        assert isinstance(loaded_teacher, TeacherVAE)
+        assert next(loaded_teacher.parameters()).dtype == torch.float32
+        with pytest.raises(CheckpointError, match="holds the 'teacher' model"):
+            load("small_teacher", role="student")
+
+    def test_an_unknown_name_lists_the_shipped_ones(self, folder: Path) -> None:
+        save(tiny(), folder / "small_student.safetensors")
+        with pytest.raises(CheckpointError, match=r"no shipped weights named 'nope'.*"
+                           r"\['small_student'\]"):
+            load("nope")
+
+    def test_a_file_of_that_name_is_read_as_a_file(self, folder: Path) -> None:
+        save(tiny(), folder / "small_student.safetensors")
+        (folder / "small_student").write_bytes(b"not a checkpoint")
+        with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+            load("small_student")
+
+
+@pytest.mark.skipif(not shipped_weights(), reason="no weights shipped in hrm_vision/weights yet")
+@pytest.mark.parametrize("name", shipped_weights())
+def test_shipped_weights_load_by_name_with_their_record(name: str) -> None:
+    """Each shipped file loads by name, holds finite weights that decode to [0, 1]-sized
+    images, and has a sidecar naming its training data, licences and measured PSNR."""
+    record = json.loads((WEIGHTS_DIR / f"{name}.json").read_text())
+    model = load(name)
+    assert record["model"] == model_name(model) and record["role"] in ("student", "teacher")
+    assert record["trained_on"]["packages"] and all(
+        p["licenses"] for p in record["trained_on"]["packages"].values())
+    assert all(math.isfinite(v) for v in record["psnr_db"].values())
+    side = record["image_size"]
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, side, side)).reconstruction
+    assert out.shape == (2, 3, side, side) and torch.isfinite(out).all()
 
 
 def test_import_of_the_models_does_not_load_safetensors(tmp_path: Path) -> None:

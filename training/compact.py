@@ -122,11 +122,11 @@ def rate(posterior: Callable[[Tensor], tuple[Tensor, Tensor]], images: Tensor,
     return nats, bits_per_pixel(nats, kl.shape[1]) * PIXELS_PER_CELL / pixels
 
 
-def compact_table(coders: Sequence[Coder], sets: Mapping[str, Tensor],
-                  train: Tensor) -> list[dict[str, Any]]:
+def compact_table(coders: Sequence[Coder], sets: Mapping[str, Tensor], train: Tensor,
+                  coefficients: Sequence[int] = CROP_PCA_COEFFICIENTS) -> list[dict[str, Any]]:
     """One row per coder, then one per baseline by increasing numbers (PCA fitted on ``train``;
-    the PCA sizes of :data:`CROP_PCA_COEFFICIENTS` that need more training crops than ``train``
-    holds are left out): ``{"name", "numbers", "psnr_db": {set: dB}, "kl_nats_per_number":
+    the PCA sizes of ``coefficients`` that need more training crops than ``train`` holds are
+    left out): ``{"name", "numbers", "psnr_db": {set: dB}, "kl_nats_per_number":
     {set: nats} or None, "bits_per_pixel": {set: bits} or None, "best_epoch": str or None}``."""
     rows: list[dict[str, Any]] = []
     for c in coders:
@@ -137,7 +137,7 @@ def compact_table(coders: Sequence[Coder], sets: Mapping[str, Tensor],
                      "bits_per_pixel": rates and {k: r[1] for k, r in rates.items()},
                      "best_epoch": c.best_epoch})
     baselines: dict[str, dict[str, Any]] = {}
-    fits = tuple(k for k in CROP_PCA_COEFFICIENTS if k < min(len(train), CROP_PCA_FIT))
+    fits = tuple(k for k in coefficients if k < min(len(train), CROP_PCA_FIT))
     for key, x in sets.items():
         for b in crop_baselines(x, train, coefficients=fits):
             row = baselines.setdefault(b.name, {"name": b.name, "numbers": b.numbers,
