@@ -299,3 +299,22 @@ class TestModelLevelSwap:
         with pytest.raises(ValueError, match="latent_dim=64 disagrees"):
             SageVAE(latent_dim=64, checkpoint=checkpoint)
         assert SageVAE(latent_dim=16, checkpoint=checkpoint).latent_dim == 16
+
+
+def test_no_checkpoint_starts_from_the_shipped_compact_student(tmp_path: Path, monkeypatch,
+                                                                crops) -> None:
+    """SAGE's factory without a checkpoint: the shipped ``compact_student`` at SAGE's sizes, the
+    untrained student when none is shipped or other sizes are asked for."""
+    import hrm_vision.io as io_module
+    from hrm_vision.compact import CompactStudentVAE
+    from hrm_vision.io import save
+
+    monkeypatch.setattr(io_module, "WEIGHTS_DIR", tmp_path)
+    untrained = CompactStudentVAE().eval()
+    with torch.no_grad():
+        assert torch.equal(make().model.encode(crops), untrained.encode(crops))
+        shipped = perturbed(CompactStudentVAE()).eval()
+        save(shipped, tmp_path / "compact_student.safetensors")
+        assert torch.allclose(make().model.encode(crops), shipped.encode(crops), atol=1e-6)
+        assert not torch.allclose(shipped.encode(crops), untrained.encode(crops), atol=1e-3)
+        assert make(latent_dim=32).model.latent_dim == 32  # another size: untrained, not shipped

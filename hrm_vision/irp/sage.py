@@ -23,6 +23,7 @@ from pydantic import AfterValidator, BaseModel, Field
 from torch import Tensor, nn
 
 from ..compact import CompactStudentVAE
+from ..io import load, shipped_weights
 from ..metrics import gaussian_kl
 from .contract import IRPState, finite_or_none, trust_metrics, validate_config
 from .tinyvae import TinyVAEConfig, TinyVAEPlugin, TinyVAESettings, from_images, load_student
@@ -75,12 +76,20 @@ class SageConfig(TinyVAESettings, Halting):
     resize: bool = True
 
 
+#: The shipped weights SAGE's factory starts from when given no checkpoint.
+SHIPPED = "compact_student"
+
+
 def sage_model(checkpoint: Any, latent_dim: int | None = None, input_channels: int | None = None,
                img_size: int | None = None) -> tuple[nn.Module, Sizes]:
-    """The checkpoint's student (else :func:`untrained_model`) and sizes; a ``ValueError`` names a
-    size kwarg that disagrees with it."""
+    """The checkpoint's student and sizes; a ``ValueError`` names a size kwarg that disagrees
+    with it. Without a checkpoint: the shipped ``compact_student`` (``hrm_vision.load``) at
+    SAGE's sizes (64 numbers, 3x64x64 crops) when the package ships it, else
+    :func:`untrained_model`."""
     if checkpoint is None:
         sizes = Sizes(latent_dim or 64, input_channels or 3, img_size or 64)  # SAGE's
+        if sizes == Sizes(64, 3, 64) and SHIPPED in shipped_weights():
+            return load(SHIPPED), sizes
         return untrained_model(sizes.latent_dim, sizes.img_size), sizes
     model = load_student(checkpoint)
     where, dim = f"the checkpoint {checkpoint}", int(model.latent_dim)
