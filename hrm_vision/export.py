@@ -60,6 +60,13 @@ PRECISIONS = ("fp32", "fp16", "int8")
 FP32_WEIGHTS = (".patches.", ".linear.")
 #: int8 activation ranges: this percentile of each activation's calibration values (and 100 - it).
 CALIBRATION_PERCENTILE = 99.99
+#: Calibration frames (height, width) and the magnifications of each training photograph.
+CALIBRATION_SIZE = (128, 160)
+CALIBRATION_ZOOMS = (1.0, 2.0, 4.0)
+#: Frame size (height, width) of the cost check, and the largest cost (dB against eager fp32) a
+#: graph may have there before the export refuses it.
+COST_SIZE = (400, 640)
+MAX_COST_DB = 0.5
 #: Frame sizes (height, width) every export can be checked at: crops, a 224 crop, a VGA frame.
 PARITY_SIZES: tuple[tuple[int, int], ...] = ((32, 32), (64, 64), (224, 224), (480, 640))
 #: Names an export writes; anything else found in the target is carried over unchanged.
@@ -256,10 +263,13 @@ def to_fp16(fp32_path: str | os.PathLike[str]) -> Path:
                          precision_path(fp32_path, "fp16"))
 
 
-def to_int8(fp32_path: str | os.PathLike[str], calibration: Tensor, batch_size: int = 32) -> Path:
+def to_int8(fp32_path: str | os.PathLike[str], calibration: Tensor, batch_size: int = 1) -> Path:
     """The statically quantised (QDQ) variant of an fp32 graph; only the nonlinear stages'
     convolutions are quantised. ``calibration``: real inputs of the graph, ``(N, C, H, W)`` (or a
-    compact decoder's ``(N, L)``) float32."""
+    compact decoder's ``(N, L)``) float32, e.g. the encoder's :func:`calibration_frames` and the
+    decoder's their latents; ``batch_size`` must divide N (the calibrator stacks the batches)."""
+    if len(calibration) % batch_size:
+        raise ValueError(f"batch_size {batch_size} does not divide {len(calibration)} inputs")
     from onnxruntime import quantization as q
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -285,8 +295,8 @@ def to_int8(fp32_path: str | os.PathLike[str], calibration: Tensor, batch_size: 
                               extra_options={"ActivationSymmetric": False,
                                              "CalibPercentile": CALIBRATION_PERCENTILE})
         int8 = onnx.load(str(quantised))
-    return _save_variant(int8, model, "int8: static QDQ, per-channel int8 weights, calibrated "
-                         "uint8 activations", precision_path(fp32_path, "int8"))
+    return _save_variant(int8, model, "int8: static QDQ, per-channel int8 weights, uint8 "
+                         "activations calibrated on frames", precision_path(fp32_path, "int8"))
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -300,20 +310,79 @@ def parse_size(text: str) -> tuple[int, int]:
     return height, width
 
 
+def cover(img: Tensor, height: int, width: int, zoom: float = 1.0) -> Tensor:
+    """``img`` ``(1, C, H, W)`` resized (antialiased bilinear) to cover ``height`` x ``width``
+    magnified by ``zoom``, then centre-cropped to it: ``(C, height, width)`` in [0, 1]."""
+    scale = zoom * max(height / img.shape[2], width / img.shape[3])
+    size = (max(height, round(img.shape[2] * scale)), max(width, round(img.shape[3] * scale)))
+    img = F.interpolate(img, size=size, mode="bilinear", antialias=True, align_corners=False)
+    top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    return img[0, :, top:top + height, left:left + width].clamp(0, 1)
+
+
+def _photo(name: str) -> Tensor:
+    from .data import load_photo
+
+    return torch.from_numpy(load_photo(name)).permute(2, 0, 1)[None].float() / 255.0
+
+
 def photo_frames(height: int, width: int) -> Tensor:
     """The ``photos`` validation photographs as ``(N, 3, height, width)`` frames in [0, 1], RGB,
     each resized to cover the frame, then centre-cropped. Needs the ``photos`` extra."""
-    from .data import VAL_PHOTOS, load_photo
+    from .data import VAL_PHOTOS
+
+    return torch.stack([cover(_photo(name), height, width) for name in VAL_PHOTOS]).contiguous()
+
+
+def calibration_frames(height: int, width: int,
+                       zooms: tuple[float, ...] = CALIBRATION_ZOOMS) -> Tensor:
+    """What a camera sees, from the ``photos`` training photographs (the validation ones left
+    out): ``(N, 3, height, width)`` in [0, 1], RGB; per photograph the whole of it covering the
+    frame magnified by each of ``zooms`` (centre crops), and its flattest ``height`` x ``width``
+    window at full resolution (sky, walls: the crop sampler rejects such regions)."""
+    from .data import PHOTOS, VAL_PHOTOS
 
     frames = []
-    for name in VAL_PHOTOS:
-        img = torch.from_numpy(load_photo(name)).permute(2, 0, 1)[None].float() / 255.0
-        scale = max(height / img.shape[2], width / img.shape[3])
-        size = (max(height, round(img.shape[2] * scale)), max(width, round(img.shape[3] * scale)))
-        img = F.interpolate(img, size=size, mode="bilinear", antialias=True, align_corners=False)
-        top, left = (size[0] - height) // 2, (size[1] - width) // 2
-        frames.append(img[0, :, top:top + height, left:left + width].clamp(0, 1))
+    for name in (p for p in PHOTOS if p not in VAL_PHOTOS):
+        img = _photo(name)
+        frames += [cover(img, height, width, zoom) for zoom in zooms]
+        if img.shape[2] >= height and img.shape[3] >= width:  # the window of least variation
+            windows = img[0].unfold(1, height, height // 2).unfold(2, width, width // 2)
+            flat = windows.std(dim=(-1, -2)).mean(0).flatten().argmin()
+            frames.append(windows.flatten(1, 2)[:, flat].clone())
     return torch.stack(frames).contiguous()
+
+
+def generated_frames(height: int, width: int) -> Tensor:
+    """Camera frames of no photograph: ``(4, 3, height, width)`` in [0, 1], RGB, on 1/255
+    steps with sensor noise (std 1/255, seeded): a sky (a vertical gradient), a wall (flat,
+    softly lit), a horizon (sky over textured ground), a dusk (a diagonal gradient)."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.linspace(0, 1, height)[:, None].expand(height, width)
+    x = torch.linspace(0, 1, width)[None].expand(height, width)
+    sky = torch.stack([0.35 + 0.4 * y, 0.55 + 0.3 * y, 0.95 - 0.1 * y])
+    wall = torch.tensor([0.7, 0.65, 0.55]).view(3, 1, 1) * (0.9 + 0.15 * x - 0.1 * y)
+    texture = F.interpolate(torch.rand(1, 3, max(1, height // 8), max(1, width // 8),
+                                       generator=g), size=(height, width), mode="bilinear",
+                            align_corners=False)[0]
+    horizon = torch.where(y < 0.45, sky, 0.2 + 0.3 * texture * torch.tensor([0.8, 1.0, 0.5]
+                                                                            ).view(3, 1, 1))
+    t = (x + y) / 2
+    dusk = torch.stack([0.9 - 0.5 * t, 0.5 - 0.3 * t, 0.3 + 0.3 * t])
+    frames = torch.stack([sky, wall, horizon, dusk])
+    noisy = frames + torch.randn(frames.shape, generator=g) / 255
+    return (noisy.clamp(0, 1) * 255).round() / 255
+def folder_frames(folder: str | os.PathLike[str], height: int, width: int) -> Tensor:
+    """The pictures of ``folder`` (name order) as ``(N, 3, height, width)`` frames in [0, 1],
+    RGB, each resized to cover the frame, then centre-cropped; ``ValueError`` if it holds none."""
+    from .data import read_image
+
+    files = sorted(f for f in Path(folder).iterdir()
+                   if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"))
+    if not files:
+        raise ValueError(f"no pictures (.png, .jpg, ...) in {folder}")
+    return torch.stack([cover(torch.from_numpy(read_image(f)).permute(2, 0, 1)[None], height,
+                              width) for f in files]).contiguous()
 
 
 def size_key(images: Tensor) -> str:
@@ -400,6 +469,40 @@ def precision_costs(vae: VAEBase, graphs: Mapping[str, Mapping[str, str]],
                 "roundtrip_max_abs_err": float((roundtrip - x_hat).abs().max()),
                 "psnr_db": graph_db, "eager_psnr_db": eager_db,
                 "psnr_cost_db": eager_db - graph_db}
+    return out
+
+
+@torch.inference_mode()
+def cost_check(vae: VAEBase, graphs: Mapping[str, Mapping[str, str]],
+               frames: Mapping[str, Tensor], max_cost_db: float = MAX_COST_DB,
+               threads: int | None = None) -> dict[str, dict[str, Any]]:
+    """Each precision's PSNR cost (dB, eager fp32 minus the graph's; positive is a loss) on each
+    collection of ``frames`` (``{name: (N, C, H, W)}`` in [0, 1], pooled over its frames): of
+    the round trip (``roundtrip``), and of each graph alone with the other half eager
+    (``encoder``, ``decoder``). ``ExportError`` naming the worst graph over ``max_cost_db``."""
+    vae = vae.eval()
+    reference = {name: (x, vae.encode(x)) for name, x in frames.items()}
+    out: dict[str, dict[str, Any]] = {}
+    for precision, files in graphs.items():
+        enc, dec = (onnx_runner(files[p], threads) for p in ("encoder", "decoder"))
+        costs: dict[str, dict[str, float]] = {}
+        for name, (x, z) in reference.items():
+            eager_db = psnr(vae.decode(z), x)
+            z_graph = enc(x)
+            costs[name] = {"eager_psnr_db": eager_db,
+                           "encoder": eager_db - psnr(vae.decode(z_graph), x),
+                           "decoder": eager_db - psnr(dec(z), x),
+                           "roundtrip": eager_db - psnr(dec(z_graph), x)}
+        worst = {k: max(c[k] for c in costs.values()) for k in ("encoder", "decoder", "roundtrip")}
+        out[precision] = {"costs_db": costs, "max_cost_db": worst, "threshold_db": max_cost_db,
+                          "passed": all(v <= max_cost_db for v in worst.values())}
+        if not out[precision]["passed"]:
+            part = max(("encoder", "decoder"), key=lambda k: worst[k])
+            where = max(costs, key=lambda n: costs[n][part])
+            raise ExportError(
+                f"{Path(files[part]).name} costs {worst[part]:.2f} dB ({precision} round trip "
+                f"{worst['roundtrip']:.2f} dB) against fp32 on the {where} frames, over "
+                f"--max-cost-db {max_cost_db:g}: not written (--max-cost-db inf waives the check)")
     return out
 
 
@@ -520,6 +623,11 @@ class ExportResult:
     frame_latency: dict[str, dict[str, float]] = field(default_factory=dict)
     frame_size: str = ""
     threads: int = 1
+    #: ``{precision: {"costs_db": {collection: costs}, "max_cost_db", "threshold_db", "passed"}}``
+    #: on frames of collections other than the calibration's, see :func:`cost_check`
+    cost_check: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: what the int8 graphs were calibrated on
+    calibration: str = ""
 
 
 def export_model(vae: VAEBase, out_dir: str | os.PathLike[str], images: Tensor,
@@ -527,12 +635,17 @@ def export_model(vae: VAEBase, out_dir: str | os.PathLike[str], images: Tensor,
                  adapter: LatentAdapter | None = None, precisions: tuple[str, ...] = ("fp32",),
                  calibration: Tensor | None = None,
                  parity_images: Mapping[str, Tensor] | None = None, timing_repeats: int = 0,
-                 frame: Tensor | None = None, frame_repeats: int = 0) -> ExportResult:
+                 frame: Tensor | None = None, frame_repeats: int = 0,
+                 cost_frames: Mapping[str, Tensor] | None = None,
+                 max_cost_db: float = MAX_COST_DB) -> ExportResult:
     """Export, check and time ``vae`` into ``out_dir`` as one set (:func:`export_set`);
-    ``ExportError`` when a file differs from eager. ``images``: real ``(N, C, S, S)`` in [0, 1]
-    for parity and timing; ``adapter`` adds the teacher-space encoder; ``parity_images``:
-    ``{"HxW": (N, C, H, W)}``; ``"int8"`` needs ``calibration`` (real training images);
-    ``frame`` ``(1, C, H, W)``: single-frame latency of eager and each precision."""
+    ``ExportError`` when a file differs from eager or a graph costs more than ``max_cost_db``
+    on ``cost_frames`` (``{collection: (N, C, H, W)}``; default :func:`generated_frames` at
+    :data:`COST_SIZE`, or a compact model's crop), and nothing is written. ``images``: real
+    ``(N, C, S, S)`` in [0, 1] for parity and timing; ``adapter`` adds the teacher-space
+    encoder; ``parity_images``: ``{"HxW": (N, C, H, W)}``; ``"int8"`` needs ``calibration``
+    (camera-like frames, :func:`calibration_frames`); ``frame`` ``(1, C, H, W)``: single-frame
+    latency of eager and each precision."""
     specs = graph_specs(vae, images.shape[-1], adapter and adapter.teacher_dim)
     latent_channels = specs[0].output_shape[0]
     if adapter is not None and adapter.student_dim != latent_channels:
@@ -540,6 +653,11 @@ def export_model(vae: VAEBase, out_dir: str | os.PathLike[str], images: Tensor,
                           f"writes {latent_channels}: they do not belong together")
     if "int8" in precisions and calibration is None:
         raise ExportError("the int8 graphs need calibration images (real training images)")
+    if cost_frames is None:
+        side = vae.image_size if isinstance(vae, CompactVAE) else None
+        generated = generated_frames(*((side, side) if side else COST_SIZE))
+        cost_frames = {f"generated {size_key(generated)}": generated.mean(1, keepdim=True)
+                       if vae.in_channels == 1 else generated}
     vae = vae.eval()
     threads = torch.get_num_threads()
     with export_set(out_dir) as out:
@@ -572,7 +690,9 @@ def export_model(vae: VAEBase, out_dir: str | os.PathLike[str], images: Tensor,
             parity_sizes=parity, precision_files=graphs,
             precision_costs=precision_costs(vae, graphs, {size_key(images): images,
                                                           **(parity_images or {})}),
-            threads=threads)
+            threads=threads, cost_check=cost_check(vae, graphs, cost_frames, max_cost_db),
+            calibration="" if calibration is None else
+            f"{len(calibration)} frames {size_key(calibration)} (encoder), their latents (decoder)")
         if timing_repeats:  # encode+decode images/s of each runtime, interleaved
             enc, dec = (onnx_runner(files[f"{p}_onnx"], threads) for p in ("encoder", "decoder"))
             ts_enc, ts_dec = (load_torchscript(files[f"{p}_torchscript"])
@@ -641,13 +761,23 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     add("--out-dir", default="exports", help="output folder (default %(default)s)")
     add("--image-size", type=int, default=None,
         help="side of the parity and timing crops (default 32; a compact model's crop side)")
-    add("--precision", default="fp32,fp16,int8",
-        help="graph precisions, fp32 always (default %(default)s)")
+    add("--precision", default="fp32,int8",
+        help="graph precisions, fp32 always (default %(default)s; fp16 is for GPUs: no faster "
+             "than fp32 on a CPU)")
     add("--parity-sizes", default="64x64,224x224,480x640",
         help="more frame sizes HxW to check, on the validation photographs (default "
              "%(default)s; '' none)")
-    add("--calibration-images", type=int, default=256,
-        help="training images calibrating the int8 graphs (default 256)")
+    add("--calibration-size", default="128x160",
+        help="HxW of the frames calibrating int8: the training photographs whole at zooms 1, 2, "
+             "4 and their flattest window (default %(default)s; a compact model: its crop)")
+    add("--max-cost-db", type=float, default=MAX_COST_DB,
+        help="refuse a graph costing more than this (dB PSNR against fp32) on the cost frames "
+             "(default %(default)s; inf waives the check)")
+    add("--cost-size", default="400x640",
+        help="HxW of the cost frames (default %(default)s; a compact model: its crop)")
+    add("--cost-frames", default=None, metavar="FOLDER",
+        help="a folder of pictures whose frames the cost check adds to the generated ones "
+             "(sky, wall, horizon, dusk) and the validation photographs")
     add("--frame-size", default="480x640",
         help="frame HxW of the single-frame latency of each precision (default %(default)s)")
     add("--frame-repeats", type=int, default=5,
@@ -687,14 +817,25 @@ def _run(args: argparse.Namespace) -> tuple[VAEBase, ExportResult]:
     images = real(args.num_images)
     frames = {} if compact else {f"{h}x{w}": as_model_takes(photo_frames(h, w))
                                  for h, w in args.parity_sizes}
+    cost_size = (size, size) if compact else args.cost_size
+    collections = {"generated": generated_frames(*cost_size),
+                   "photos val": photo_frames(*cost_size)}
+    if args.cost_frames:
+        collections[Path(args.cost_frames).name] = folder_frames(args.cost_frames, *cost_size)
+    cost = {f"{name} {cost_size[0]}x{cost_size[1]}": as_model_takes(x)
+            for name, x in collections.items()}
+    calibration = None
+    if "int8" in args.precision:
+        calibration = as_model_takes(calibration_frames(*((size, size) if compact
+                                                          else args.calibration_size)))
     frame = None if not args.frame_repeats else images[:1] if compact else \
         as_model_takes(photo_frames(*args.frame_size)[:1])
     result = export_model(
         vae, args.out_dir, images, source=Path(args.checkpoint).name, opset=args.opset,
         adapter=adapter, precisions=args.precision,
-        calibration=real(args.calibration_images, "train") if "int8" in args.precision else None,
-        parity_images=frames, timing_repeats=args.timing_repeats, frame=frame,
-        frame_repeats=args.frame_repeats)
+        calibration=calibration, parity_images=frames, timing_repeats=args.timing_repeats,
+        frame=frame, frame_repeats=args.frame_repeats, cost_frames=cost,
+        max_cost_db=args.max_cost_db)
     return vae, result
 
 
@@ -715,6 +856,11 @@ def _summary(vae: VAEBase, result: ExportResult, args: argparse.Namespace) -> st
                          f" decoder {c['decoder_max_abs_err']:.1e} round trip "
                          f"{c['roundtrip_max_abs_err']:.1e}; PSNR {c['psnr_db']:.2f} dB "
                          f"(cost {c['psnr_cost_db']:+.3f} dB vs eager fp32)")
+    for precision, check in result.cost_check.items():
+        worst = check["max_cost_db"]
+        lines.append(f"{precision} cost check on {', '.join(check['costs_db'])}: round trip "
+                     f"{worst['roundtrip']:+.3f} dB, encoder {worst['encoder']:+.3f}, decoder "
+                     f"{worst['decoder']:+.3f} (at most {check['threshold_db']:g} dB): passed")
     for runtime, t in result.frame_latency.items():
         lines.append(f"{runtime:24s} encode+decode one {result.frame_size} frame: "
                      f"{t['median_ms']:8.1f} ms ({t['fps']:5.2f} fps), {result.threads} thread(s)")
@@ -729,9 +875,9 @@ def command(argv: list[str] | None = None, prog: str = "hrm-vision export") -> i
     parser = _parser(prog)
     args = parser.parse_args(argv)
     if args.timing_repeats < 0 or args.frame_repeats < 0 or args.num_images < 1 \
-            or args.threads < 1 or args.calibration_images < 1:
-        parser.error("--timing-repeats and --frame-repeats must be >= 0, --num-images, "
-                     "--threads and --calibration-images >= 1")
+            or args.threads < 1 or not args.max_cost_db >= 0:
+        parser.error("--timing-repeats, --frame-repeats and --max-cost-db must be >= 0, "
+                     "--num-images and --threads >= 1")
     if args.image_size is not None and (args.image_size < 8 or args.image_size % 8):
         parser.error(f"--image-size must be a positive multiple of 8, got {args.image_size}")
     try:
@@ -739,8 +885,12 @@ def command(argv: list[str] | None = None, prog: str = "hrm-vision export") -> i
         args.parity_sizes = tuple(parse_size(t) for t in args.parity_sizes.split(",")
                                   if t.strip())
         args.frame_size = parse_size(args.frame_size)
+        args.calibration_size = parse_size(args.calibration_size)
+        args.cost_size = parse_size(args.cost_size)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.cost_frames and not Path(args.cost_frames).is_dir():
+        parser.error(f"--cost-frames {args.cost_frames} is not a folder")
     if args.role == ADAPTER_ROLE:
         parser.error("--role must name a VAE (student or teacher); the adapter is exported with "
                      "the student, as tinyvae_encoder_teacher_space.onnx")
