@@ -500,8 +500,8 @@ def cost_check(vae: VAEBase, graphs: Mapping[str, Mapping[str, str]],
             part = max(("encoder", "decoder"), key=lambda k: worst[k])
             where = max(costs, key=lambda n: costs[n][part])
             raise ExportError(
-                f"{Path(files[part]).name} costs {worst[part]:.2f} dB ({precision} round trip "
-                f"{worst['roundtrip']:.2f} dB) against fp32 on the {where} frames, over "
+                f"{Path(files[part]).name} costs {worst[part]:.3f} dB ({precision} round trip "
+                f"{worst['roundtrip']:.3f} dB) against fp32 on the {where} frames, over "
                 f"--max-cost-db {max_cost_db:g}: not written (--max-cost-db inf waives the check)")
     return out
 
