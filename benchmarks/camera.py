@@ -240,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| precision | collection | cost round trip / encoder / decoder |\n|---|---|---|")
     for p, check in report["cost_check"].items():
         for name, c in check["costs_db"].items():
-            print(f"| {p} | {name} | {c['roundtrip']:+.3f} / {c['encoder']:+.3f} / "
-                  f"{c['decoder']:+.3f} dB |")
+            print(f"| {p} | {name} | {c['psnr_cost_db']:+.3f} / {c['encoder_cost_db']:+.3f} / "
+                  f"{c['decoder_cost_db']:+.3f} dB |")
     print("\n| compact encoder | median | crops/s |\n|---|---|---|")
     for name, r in report["compact"].items():
         print(f"| {name} | {r['median_ms']:.2f} ms | {r['crops_per_s']:.0f} |")

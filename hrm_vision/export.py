@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ._version import __version__
 from .compact import CompactVAE
-from .data import validation_images
+from .data import PHOTOS, VAL_PHOTOS, load_photo, read_image, validation_images
 from .io import (
     ADAPTER_ROLE,
     FolderLock,
@@ -263,18 +263,16 @@ def to_fp16(fp32_path: str | os.PathLike[str]) -> Path:
                          precision_path(fp32_path, "fp16"))
 
 
-def to_int8(fp32_path: str | os.PathLike[str], calibration: Tensor, batch_size: int = 1) -> Path:
+def to_int8(fp32_path: str | os.PathLike[str], calibration: Tensor) -> Path:
     """The statically quantised (QDQ) variant of an fp32 graph; only the nonlinear stages'
     convolutions are quantised. ``calibration``: real inputs of the graph, ``(N, C, H, W)`` (or a
     compact decoder's ``(N, L)``) float32, e.g. the encoder's :func:`calibration_frames` and the
-    decoder's their latents; ``batch_size`` must divide N (the calibrator stacks the batches)."""
-    if len(calibration) % batch_size:
-        raise ValueError(f"batch_size {batch_size} does not divide {len(calibration)} inputs")
+    decoder's their latents, read one at a time."""
     from onnxruntime import quantization as q
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     model = onnx.load(str(fp32_path))
-    batches = iter(calibration.float().split(batch_size))
+    batches = iter(calibration.float().split(1))
     name = model.graph.input[0].name
 
     class Reader(q.CalibrationDataReader):
@@ -320,17 +318,13 @@ def cover(img: Tensor, height: int, width: int, zoom: float = 1.0) -> Tensor:
     return img[0, :, top:top + height, left:left + width].clamp(0, 1)
 
 
-def _photo(name: str) -> Tensor:
-    from .data import load_photo
-
+def _photo(name: str) -> Tensor:  # (1, 3, H, W) in [0, 1]
     return torch.from_numpy(load_photo(name)).permute(2, 0, 1)[None].float() / 255.0
 
 
 def photo_frames(height: int, width: int) -> Tensor:
     """The ``photos`` validation photographs as ``(N, 3, height, width)`` frames in [0, 1], RGB,
     each resized to cover the frame, then centre-cropped. Needs the ``photos`` extra."""
-    from .data import VAL_PHOTOS
-
     return torch.stack([cover(_photo(name), height, width) for name in VAL_PHOTOS]).contiguous()
 
 
@@ -340,8 +334,6 @@ def calibration_frames(height: int, width: int,
     out): ``(N, 3, height, width)`` in [0, 1], RGB; per photograph the whole of it covering the
     frame magnified by each of ``zooms`` (centre crops), and its flattest ``height`` x ``width``
     window at full resolution (sky, walls: the crop sampler rejects such regions)."""
-    from .data import PHOTOS, VAL_PHOTOS
-
     frames = []
     for name in (p for p in PHOTOS if p not in VAL_PHOTOS):
         img = _photo(name)
@@ -358,25 +350,22 @@ def generated_frames(height: int, width: int) -> Tensor:
     steps with sensor noise (std 1/255, seeded): a sky (a vertical gradient), a wall (flat,
     softly lit), a horizon (sky over textured ground), a dusk (a diagonal gradient)."""
     g = torch.Generator().manual_seed(0)
-    y = torch.linspace(0, 1, height)[:, None].expand(height, width)
-    x = torch.linspace(0, 1, width)[None].expand(height, width)
+    y, x = torch.meshgrid(torch.linspace(0, 1, height), torch.linspace(0, 1, width), indexing="ij")
     sky = torch.stack([0.35 + 0.4 * y, 0.55 + 0.3 * y, 0.95 - 0.1 * y])
-    wall = torch.tensor([0.7, 0.65, 0.55]).view(3, 1, 1) * (0.9 + 0.15 * x - 0.1 * y)
-    texture = F.interpolate(torch.rand(1, 3, max(1, height // 8), max(1, width // 8),
-                                       generator=g), size=(height, width), mode="bilinear",
-                            align_corners=False)[0]
-    horizon = torch.where(y < 0.45, sky, 0.2 + 0.3 * texture * torch.tensor([0.8, 1.0, 0.5]
-                                                                            ).view(3, 1, 1))
+    wall = torch.tensor([0.7, 0.65, 0.55])[:, None, None] * (0.9 + 0.15 * x - 0.1 * y)
+    ground = F.interpolate(torch.rand(1, 3, max(1, height // 8), max(1, width // 8), generator=g),
+                           size=(height, width), mode="bilinear", align_corners=False)[0]
+    ground = 0.2 + 0.3 * ground * torch.tensor([0.8, 1.0, 0.5])[:, None, None]
     t = (x + y) / 2
-    dusk = torch.stack([0.9 - 0.5 * t, 0.5 - 0.3 * t, 0.3 + 0.3 * t])
-    frames = torch.stack([sky, wall, horizon, dusk])
+    frames = torch.stack([sky, wall, torch.where(y < 0.45, sky, ground),
+                          torch.stack([0.9 - 0.5 * t, 0.5 - 0.3 * t, 0.3 + 0.3 * t])])
     noisy = frames + torch.randn(frames.shape, generator=g) / 255
     return (noisy.clamp(0, 1) * 255).round() / 255
+
+
 def folder_frames(folder: str | os.PathLike[str], height: int, width: int) -> Tensor:
     """The pictures of ``folder`` (name order) as ``(N, 3, height, width)`` frames in [0, 1],
     RGB, each resized to cover the frame, then centre-cropped; ``ValueError`` if it holds none."""
-    from .data import read_image
-
     files = sorted(f for f in Path(folder).iterdir()
                    if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"))
     if not files:
@@ -453,7 +442,9 @@ def precision_costs(vae: VAEBase, graphs: Mapping[str, Mapping[str, str]],
     """``{precision: {"HxW": costs}}`` of ``graphs`` (``{precision: {"encoder": path,
     "decoder": path}}``) against eager fp32: ``encoder_max_abs_err``, ``decoder_max_abs_err``
     (on the eager latent), ``roundtrip_max_abs_err``, ``psnr_db`` (round trip vs input, pooled),
-    ``eager_psnr_db`` and ``psnr_cost_db`` (eager minus graph; positive is a loss)."""
+    ``eager_psnr_db`` and the PSNR costs (eager minus graph; positive is a loss) of the round
+    trip, ``psnr_cost_db``, and of each graph alone (the other half eager), ``encoder_cost_db``
+    and ``decoder_cost_db``."""
     vae = vae.eval()
     out: dict[str, dict[str, dict[str, float]]] = {}
     for precision, files in graphs.items():
@@ -461,47 +452,38 @@ def precision_costs(vae: VAEBase, graphs: Mapping[str, Mapping[str, str]],
         out[precision] = {}
         for key, x in images_by_size.items():
             z, z_graph = vae.encode(x), run_onnx(enc, x)
-            x_hat, roundtrip = vae.decode(z), run_onnx(dec, z_graph)
+            x_hat, roundtrip, decoded = vae.decode(z), run_onnx(dec, z_graph), run_onnx(dec, z)
             eager_db, graph_db = psnr(x_hat, x), psnr(roundtrip, x)
             out[precision][key] = {
                 "encoder_max_abs_err": float((z_graph - z).abs().max()),
-                "decoder_max_abs_err": float((run_onnx(dec, z) - x_hat).abs().max()),
+                "decoder_max_abs_err": float((decoded - x_hat).abs().max()),
                 "roundtrip_max_abs_err": float((roundtrip - x_hat).abs().max()),
                 "psnr_db": graph_db, "eager_psnr_db": eager_db,
-                "psnr_cost_db": eager_db - graph_db}
+                "psnr_cost_db": eager_db - graph_db,
+                "encoder_cost_db": eager_db - psnr(vae.decode(z_graph), x),
+                "decoder_cost_db": eager_db - psnr(decoded, x)}
     return out
 
 
 @torch.inference_mode()
 def cost_check(vae: VAEBase, graphs: Mapping[str, Mapping[str, str]],
-               frames: Mapping[str, Tensor], max_cost_db: float = MAX_COST_DB,
-               threads: int | None = None) -> dict[str, dict[str, Any]]:
-    """Each precision's PSNR cost (dB, eager fp32 minus the graph's; positive is a loss) on each
-    collection of ``frames`` (``{name: (N, C, H, W)}`` in [0, 1], pooled over its frames): of
-    the round trip (``roundtrip``), and of each graph alone with the other half eager
-    (``encoder``, ``decoder``). ``ExportError`` naming the worst graph over ``max_cost_db``."""
-    vae = vae.eval()
-    reference = {name: (x, vae.encode(x)) for name, x in frames.items()}
+               frames: Mapping[str, Tensor], max_cost_db: float = MAX_COST_DB
+               ) -> dict[str, dict[str, Any]]:
+    """:func:`precision_costs` on each collection of ``frames`` (``{name: (N, C, H, W)}`` in
+    [0, 1]), the worst PSNR costs of each precision (``roundtrip``, ``encoder``, ``decoder``)
+    and whether they are within ``max_cost_db``; ``ExportError`` naming the worst graph if not."""
     out: dict[str, dict[str, Any]] = {}
-    for precision, files in graphs.items():
-        enc, dec = (onnx_runner(files[p], threads) for p in ("encoder", "decoder"))
-        costs: dict[str, dict[str, float]] = {}
-        for name, (x, z) in reference.items():
-            eager_db = psnr(vae.decode(z), x)
-            z_graph = enc(x)
-            costs[name] = {"eager_psnr_db": eager_db,
-                           "encoder": eager_db - psnr(vae.decode(z_graph), x),
-                           "decoder": eager_db - psnr(dec(z), x),
-                           "roundtrip": eager_db - psnr(dec(z_graph), x)}
-        worst = {k: max(c[k] for c in costs.values()) for k in ("encoder", "decoder", "roundtrip")}
+    for precision, costs in precision_costs(vae, graphs, frames).items():
+        worst = {k: max(c[f"{k}_cost_db"] for c in costs.values()) for k in ("encoder", "decoder")}
+        worst["roundtrip"] = max(c["psnr_cost_db"] for c in costs.values())
         out[precision] = {"costs_db": costs, "max_cost_db": worst, "threshold_db": max_cost_db,
                           "passed": all(v <= max_cost_db for v in worst.values())}
         if not out[precision]["passed"]:
             part = max(("encoder", "decoder"), key=lambda k: worst[k])
-            where = max(costs, key=lambda n: costs[n][part])
+            where = max(costs, key=lambda n: costs[n][f"{part}_cost_db"])
             raise ExportError(
-                f"{Path(files[part]).name} costs {worst[part]:.3f} dB ({precision} round trip "
-                f"{worst['roundtrip']:.3f} dB) against fp32 on the {where} frames, over "
+                f"{Path(graphs[precision][part]).name} costs {worst[part]:.3f} dB ({precision} "
+                f"round trip {worst['roundtrip']:.3f} dB) against fp32 on the {where} frames, over "
                 f"--max-cost-db {max_cost_db:g}: not written (--max-cost-db inf waives the check)")
     return out
 
@@ -817,17 +799,14 @@ def _run(args: argparse.Namespace) -> tuple[VAEBase, ExportResult]:
     images = real(args.num_images)
     frames = {} if compact else {f"{h}x{w}": as_model_takes(photo_frames(h, w))
                                  for h, w in args.parity_sizes}
-    cost_size = (size, size) if compact else args.cost_size
-    collections = {"generated": generated_frames(*cost_size),
-                   "photos val": photo_frames(*cost_size)}
-    if args.cost_frames:
-        collections[Path(args.cost_frames).name] = folder_frames(args.cost_frames, *cost_size)
-    cost = {f"{name} {cost_size[0]}x{cost_size[1]}": as_model_takes(x)
-            for name, x in collections.items()}
-    calibration = None
-    if "int8" in args.precision:
-        calibration = as_model_takes(calibration_frames(*((size, size) if compact
-                                                          else args.calibration_size)))
+    h, w = (size, size) if compact else args.cost_size
+    folders = [args.cost_frames] if args.cost_frames else []
+    cost = {f"{name} {h}x{w}": as_model_takes(x) for name, x in [
+        ("generated", generated_frames(h, w)), ("photos val", photo_frames(h, w)),
+        *((Path(f).name, folder_frames(f, h, w)) for f in folders)]}
+    calibration = as_model_takes(calibration_frames(*((size, size) if compact else
+                                                      args.calibration_size))) \
+        if "int8" in args.precision else None
     frame = None if not args.frame_repeats else images[:1] if compact else \
         as_model_takes(photo_frames(*args.frame_size)[:1])
     result = export_model(

@@ -1,14 +1,12 @@
-"""``hrm-vision perceive SOURCE``: frames in, latents out, for a video, a camera or a folder
-(docs/export.md, "The frame pipeline"). A reader thread reads, decodes and converts frames up to
-``--queue`` ahead while the encoder runs. Writes into ``--out-dir``: ``latents.safetensors`` (or
-``.npz``; :func:`read_latents` gives them back as float32 ``(N, C, H/8, W/8)``, or a compact
-model's ``(N, crops, L)``) with ``frame_index`` (N,); ``telemetry.jsonl`` (one record per frame);
-``summary.json`` (frames per second, latency percentiles, share of the conv throughput), printed.
-"""
+"""``hrm-vision perceive SOURCE``: frames of a video, a camera or a folder in, latents out
+(docs/export.md, "The frame pipeline"): ``latents.safetensors`` (or ``.npz``; :func:`read_latents`
+gives float32 ``(N, C, H/8, W/8)``, a compact model's ``(N, crops, L)``), ``telemetry.jsonl``
+and ``summary.json`` (fps, latency percentiles, share of the conv throughput) in ``--out-dir``."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import queue
 import threading
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import vae
 from ._extras import require
 from .codes import fit_range, from_8bit, to_8bit
 from .io import write_text
@@ -29,7 +28,6 @@ from .irp.registry import get_registry
 from .irp.tinyvae import ImageFormat, load_student, to_images
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-LATENT_PRECISIONS = ("auto", "fp16", "8bit", "fp32")
 #: Graph precisions in the order a CPU runs them fastest, where the export timed none.
 CPU_PREFERENCE = ("int8", "fp32", "fp16")
 
@@ -51,7 +49,7 @@ def setup_args(prog: str = "hrm-vision perceive") -> argparse.ArgumentParser:
             ("--queue", 4, "frames read and converted ahead of the encoder"),
             ("--max-frames", 0, "stop after this many frames (0: all; a camera needs it)")):
         p.add_argument(flag, type=int, default=default, help=f"{text} (default {default})")
-    p.add_argument("--latents", default="auto", choices=LATENT_PRECISIONS,
+    p.add_argument("--latents", default="auto", choices=("auto", "fp16", "8bit", "fp32"),
                    help="stored precision: fp16, 8bit (uint8 on a per-frame, per-channel range), "
                         "fp32; auto: fp16 unless that is larger than the frame, then 8bit")
     p.add_argument("--out-dir", default="perceived", help="output folder (default %(default)s)")
@@ -70,12 +68,6 @@ def parse_crop(text: str) -> tuple[int, int, int, int]:
         raise ValueError(f"--crop needs TOP, LEFT >= 0 and sides that are positive multiples "
                          f"of 8, got {text!r}")
     return top, left, height, width
-
-
-def source_order(source: str) -> str:
-    """The channel order a source's frames are read in: ``"rgb"`` for a folder of pictures
-    (decoded by PIL), ``"bgr"`` for a video or camera (decoded by OpenCV)."""
-    return "rgb" if Path(source).is_dir() else "bgr"
 
 
 def read_frames(source: str, max_frames: int = 0) -> Iterator[np.ndarray]:
@@ -136,8 +128,7 @@ def crops_of(image: Tensor, side: int) -> Tensor:
 
 def pick_graph(folder: Path, precision: str | None = None) -> tuple[Path, str]:
     """The encoder of the export in ``folder`` and its precision: ``precision``'s, or the fastest
-    (``export.json``'s single-frame latency, else :data:`CPU_PREFERENCE`) that passed its cost
-    check (fp32, the reference, always does)."""
+    (``export.json``'s frame latency, else :data:`CPU_PREFERENCE`) that passed its cost check."""
     report = folder / "export.json"
     if not report.is_file():
         raise FileNotFoundError(f"{folder} holds no export.json: not an export folder")
@@ -151,8 +142,7 @@ def pick_graph(folder: Path, precision: str | None = None) -> tuple[Path, str]:
                              f"cost check (it has {', '.join(passed)})")
         passed = [precision]
     latency = result.get("frame_latency", {})
-    best = min(passed, key=lambda p: (latency.get(f"onnxruntime_{p}", {}).get("median_ms",
-                                                                              np.inf),
+    best = min(passed, key=lambda p: (latency.get(f"onnxruntime_{p}", {}).get("median_ms", 1e9),
                                       CPU_PREFERENCE.index(p)))
     return folder / Path(files[best]["encoder"]).name, best
 
@@ -177,7 +167,6 @@ class Encoder:
             import onnx
 
             from .export import onnx_runner
-            from .vae import build_model
 
             meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False
                                                       ).metadata_props}
@@ -186,7 +175,7 @@ class Encoder:
                 raise ValueError(f"{path} takes {order} images (metadata color_order); perceive "
                                  "gives graphs RGB: export the graph from a checkpoint")
             self.precision = meta.get("precision", "fp32").split(":")[0]
-            self.vae = build_model(meta["graph"].split()[0], **json.loads(meta["arch"]))
+            self.vae = vae.build_model(meta["graph"].split()[0], **json.loads(meta["arch"]))
             self.encode, self.backend = onnx_runner(path, threads), "onnxruntime"
         else:
             self.vae = load_student(path)
@@ -206,13 +195,6 @@ class Encoder:
         if self.channels == 1:
             image = image.mean(1, keepdim=True)
         return image if self.crop_side is None else crops_of(image, self.crop_side)
-
-    def macs(self, image: Tensor) -> int:
-        """The encoder's multiply-accumulates for one frame ``image`` (all its crops)."""
-        from .vae import count_macs
-
-        x = self.model_input(image)
-        return len(x) * count_macs(self.vae, x.shape[2], x.shape[3], "encode")
 
     def __call__(self, image: Tensor) -> tuple[Tensor, dict[str, Any]]:
         """The latent of ``image`` (1, 3, H, W) (a compact model's: ``(crops, L)``) and what the
@@ -234,15 +216,12 @@ def read_ahead(frames: Iterator[np.ndarray], convert: Callable[[np.ndarray], Ten
     """``(start, read_ms, image)`` per frame: a thread reads each of ``frames`` and converts it,
     at most ``depth`` frames ahead of the caller; its error is raised here."""
     ahead: queue.Queue[Any] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
+    stop, done = threading.Event(), object()
 
     def put(item: Any) -> None:
         while not stop.is_set():
-            try:
+            with contextlib.suppress(queue.Full):
                 return ahead.put(item, timeout=0.1)
-            except queue.Full:
-                continue
 
     def work() -> None:
         try:
@@ -272,15 +251,16 @@ def read_ahead(frames: Iterator[np.ndarray], convert: Callable[[np.ndarray], Ten
 def store(latents: list[Tensor], precision: str) -> dict[str, Tensor]:
     """Stacked ``latents`` (one per frame) in ``precision`` (fp16, 8bit, fp32); 8bit adds each
     frame's per-channel ``latent_low`` and ``latent_step`` ``(N, C)`` float32."""
-    stacked = torch.stack(latents)
-    if precision == "8bit":
-        ranges = [fit_range(z.reshape(-1, *z.shape[-3:]) if z.dim() >= 3 else z)
-                  for z in latents]
-        low, step = (torch.stack(r) for r in zip(*ranges, strict=True))
-        codes = torch.stack([to_8bit(z if z.dim() == 2 else z[None], lo, st).reshape(z.shape)
-                             for z, lo, st in zip(latents, low, step, strict=True)])
-        return {"latents": codes, "latent_low": low, "latent_step": step}
-    return {"latents": stacked.to(torch.float16 if precision == "fp16" else torch.float32)}
+    if precision != "8bit":
+        return {"latents": torch.stack(latents).to(getattr(torch, f"float{precision[2:]}"))}
+    low, step = (torch.stack(r) for r in zip(*map(fit_range, map(_nc, latents)), strict=True))
+    return {"latents": torch.stack([to_8bit(_nc(z), lo, st).reshape(z.shape)
+                                    for z, lo, st in zip(latents, low, step, strict=True)]),
+            "latent_low": low, "latent_step": step}
+
+
+def _nc(z: Tensor) -> Tensor:  # one frame's latent as (N, C, ...): (1, C, h, w), or (crops, L)
+    return z if z.dim() == 2 else z[None]
 
 
 def read_latents(path: str | Path) -> Tensor:
@@ -295,29 +275,16 @@ def read_latents(path: str | Path) -> Tensor:
     z = tensors["latents"]
     if z.dtype != torch.uint8:
         return z.float()
-    frames = [from_8bit(q if q.dim() == 2 else q[None], lo, st).reshape(q.shape)
-              for q, lo, st in zip(z, tensors["latent_low"], tensors["latent_step"],
-                                   strict=True)]
-    return torch.stack(frames)
-
-
-def conv_gflops(height: int, width: int, repeats: int = 5) -> float:
-    """This machine's reference convolution throughput (GFLOP/s) on the current torch threads:
-    :func:`hrm_vision.evaluate.conv_reference` for a ``height`` x ``width`` frame."""
-    from .evaluate import conv_reference
-    from .timing import timings
-
-    conv, flops = conv_reference(height, width)
-    with torch.inference_mode():
-        ms = timings({"conv": conv}, repeats, 1, desc="conv reference")["conv"]["median_ms"]
-    return flops / ms / 1e6
+    return torch.stack([from_8bit(_nc(q), lo, st).reshape(q.shape) for q, lo, st in
+                        zip(z, tensors["latent_low"], tensors["latent_step"], strict=True)])
 
 
 def perceive(args: argparse.Namespace) -> dict[str, Any]:
     """Run the pipeline the parsed options describe; returns the summary."""
     torch.set_num_threads(args.threads)
     crop = parse_crop(args.crop) if args.crop is not None else None
-    order = args.channel_order or source_order(args.source)
+    # the source's channel order: a folder's pictures decode RGB (PIL), video and camera BGR (cv2)
+    order = args.channel_order or ("rgb" if Path(args.source).is_dir() else "bgr")
     encoder = Encoder(args.model, args.threads, args.refine_steps, args.precision)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -343,37 +310,37 @@ def perceive(args: argparse.Namespace) -> dict[str, Any]:
     if first is None:
         raise ValueError(f"no frames read from {args.source}")
     frame_bytes = first.shape[1] * first.shape[2] * first.shape[3]  # uint8 pixels
-    precision = args.latents
-    if precision == "auto":
-        precision = "fp16" if 2 * latents[0].numel() <= frame_bytes else "8bit"
+    precision = args.latents if args.latents != "auto" else \
+        "fp16" if 2 * latents[0].numel() <= frame_bytes else "8bit"  # fp16 if not over the frame
     tensors = {**store(latents, precision), "frame_index": torch.arange(len(latents))}
+    path = out / f"latents.{args.format}"
     if args.format == "npz":
-        path = out / "latents.npz"
         np.savez(path, **{k: v.numpy() for k, v in tensors.items()})
     else:
         from safetensors.torch import save_file
 
-        path = out / "latents.safetensors"
         save_file(tensors, str(path), metadata={
             "latent": "posterior mean per frame, (N, C, H/8, W/8) (a compact model's "
                       "(N, crops, L), its crops row by row)",
             "precision": precision, "decode": "8bit: latent_low + latent_step * code per frame "
             "and channel (hrm_vision.perceive.read_latents)",
             "image_convention": "float [0, 1], RGB, NCHW"})
-    ms = {k: np.array([r[k] for r in records]) for k in ("total_ms", "encode_ms")
-          if k in records[0]}
     fps = len(records) / wall
-    gflops = conv_gflops(first.shape[2], first.shape[3])
-    model_gflops = 2 * encoder.macs(first) * fps / 1e9
+    from .evaluate import conv_reference  # this machine's conv throughput, on these threads
+    from .timing import timings
+    conv, conv_flops = conv_reference(first.shape[2], first.shape[3])
+    with torch.inference_mode():
+        gflops = conv_flops / timings({"c": conv}, 5, 1, desc="conv")["c"]["median_ms"] / 1e6
+    x = encoder.model_input(first)
+    model_gflops = 2 * len(x) * vae.count_macs(encoder.vae, *x.shape[2:], "encode") * fps / 1e9
     summary = {"source": args.source, "model": encoder.path, "backend": encoder.backend,
                "precision": encoder.precision, "threads": args.threads,
                "frames": len(records), "wall_s": wall, "fps": fps,
-               **{f"latency_p{q}_ms": float(np.percentile(ms["total_ms"], q))
-                  for q in (50, 90, 99)},
-               **({f"encode_p{q}_ms": float(np.percentile(ms["encode_ms"], q))
-                   for q in (50, 90, 99)} if "encode_ms" in ms else {}),
+               **{f"{name}_p{q}_ms": float(np.percentile([r[k] for r in records], q))
+                  for k, name in (("total_ms", "latency"), ("encode_ms", "encode"))
+                  if k in records[0] for q in (50, 90, 99)},
                "frame_size": f"{first.shape[2]}x{first.shape[3]}",
-               "crops_per_frame": len(encoder.model_input(first)) if encoder.crop_side else 0,
+               "crops_per_frame": len(x) if encoder.crop_side else 0,
                "encoder_gflops": model_gflops, "conv_reference_gflops": gflops,
                "conv_share": model_gflops / gflops,
                "refine_steps": args.refine_steps, "channel_order": order,
@@ -394,10 +361,9 @@ def command(argv: Sequence[str] | None = None, prog: str = "hrm-vision perceive"
         parser.error("--threads, --queue and --refine-steps must be >= 1, --max-frames >= 0")
     s = perceive(args)
     print(f"{s['frames']} frames of {s['frame_size']} from {s['source']} in {s['wall_s']:.2f} s: "
-          f"{s['fps']:.2f} fps ({s['backend']} {s['precision']}, {s['threads']} threads; "
-          f"latency p50 {s['latency_p50_ms']:.1f} ms, p90 {s['latency_p90_ms']:.1f} ms, p99 "
-          f"{s['latency_p99_ms']:.1f} ms; {100 * s['conv_share']:.0f}% of the conv throughput, "
-          f"{s['encoder_gflops']:.1f} of {s['conv_reference_gflops']:.1f} GFLOP/s); latents "
-          f"{s['latents']['precision']}, {s['latents']['bytes_per_frame'] / 1e3:.0f} kB per frame "
-          f"(frame {s['latents']['frame_bytes'] / 1e3:.0f} kB); wrote {args.out_dir}")
+          f"{s['fps']:.2f} fps ({s['backend']} {s['precision']}, {s['threads']} threads; latency "
+          f"p50/p90/p99 {s['latency_p50_ms']:.1f}/{s['latency_p90_ms']:.1f}/"
+          f"{s['latency_p99_ms']:.1f} ms; {100 * s['conv_share']:.0f}% of the conv throughput); "
+          f"latents {s['latents']['precision']}, {s['latents']['bytes_per_frame'] / 1e3:.0f} kB "
+          f"per frame (frame {s['latents']['frame_bytes'] / 1e3:.0f} kB); wrote {args.out_dir}")
     return 0
