@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
 
 from . import vae
 from ._extras import require
@@ -133,8 +134,7 @@ def pick_graph(folder: Path, precision: str | None = None) -> tuple[Path, str]:
     if not report.is_file():
         raise FileNotFoundError(f"{folder} holds no export.json: not an export folder")
     result = json.loads(report.read_text())
-    files = result.get("precision_files", {})
-    checks = result.get("cost_check", {})
+    files, checks = result.get("precision_files", {}), result.get("cost_check", {})
     passed = [p for p in files if p == "fp32" or checks.get(p, {}).get("passed")]
     if precision is not None:
         if precision not in passed:
@@ -188,11 +188,10 @@ class Encoder:
                 self.encode = eager_runner(self.vae, "encode")
         self.path = str(path)
         self.crop_side: int | None = getattr(self.vae, "image_size", None)
-        self.channels: int = self.vae.in_channels
 
     def model_input(self, image: Tensor) -> Tensor:
         """``image`` ``(1, 3, H, W)`` RGB as the model takes it: grey (the mean), its crops."""
-        if self.channels == 1:
+        if self.vae.in_channels == 1:
             image = image.mean(1, keepdim=True)
         return image if self.crop_side is None else crops_of(image, self.crop_side)
 
@@ -236,8 +235,7 @@ def read_ahead(frames: Iterator[np.ndarray], convert: Callable[[np.ndarray], Ten
             put(exc)
         put(done)
 
-    thread = threading.Thread(target=work, name="perceive-reader", daemon=True)
-    thread.start()
+    (thread := threading.Thread(target=work, name="perceive-reader", daemon=True)).start()
     try:
         while (item := ahead.get()) is not done:
             if isinstance(item, BaseException):
@@ -331,8 +329,10 @@ def perceive(args: argparse.Namespace) -> dict[str, Any]:
     conv, conv_flops = conv_reference(first.shape[2], first.shape[3])
     with torch.inference_mode():
         gflops = conv_flops / timings({"c": conv}, 5, 1, desc="conv")["c"]["median_ms"] / 1e6
-    x = encoder.model_input(first)
-    model_gflops = 2 * len(x) * vae.count_macs(encoder.vae, *x.shape[2:], "encode") * fps / 1e9
+    x = encoder.model_input(first)  # the encoder's FLOPs per frame, as vae.count_macs counts
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        encoder.vae.encode(x)
+    model_gflops = counter.get_total_flops() * fps / 1e9
     summary = {"source": args.source, "model": encoder.path, "backend": encoder.backend,
                "precision": encoder.precision, "threads": args.threads,
                "frames": len(records), "wall_s": wall, "fps": fps,
