@@ -245,6 +245,21 @@ def _int8_float_convs(model: onnx.ModelProto) -> list[str]:
                                         if n.op_type == "Conv" and "latent" in n.input]
 
 
+def _linear_path_adds(model: onnx.ModelProto) -> list[str]:
+    """The additions joining the linear patch path (into the latent, the image: on one uint8
+    scale they lost 13 dB), found back from each input through reshapes to its convolution."""
+    made_by, linear = {o: n for n in model.graph.node for o in n.output}, _linear_path_convs(model)
+
+    def linear_path(name: str) -> bool:
+        node = made_by.get(name)
+        while node is not None and node.op_type != "Conv":
+            node = made_by.get(node.input[0])
+        return node is not None and node.name in linear
+
+    return [n.name for n in model.graph.node if n.op_type == "Add" and any(map(linear_path,
+                                                                               n.input))]
+
+
 def _save_variant(model: onnx.ModelProto, fp32: onnx.ModelProto, precision: str,
                   path: Path) -> Path:
     onnx.helper.set_model_props(model, {**{p.key: p.value for p in fp32.metadata_props},
@@ -264,10 +279,10 @@ def to_fp16(fp32_path: str | os.PathLike[str]) -> Path:
 
 
 def to_int8(fp32_path: str | os.PathLike[str], calibration: Tensor) -> Path:
-    """The statically quantised (QDQ) variant of an fp32 graph; only the nonlinear stages'
-    convolutions are quantised. ``calibration``: real inputs of the graph, ``(N, C, H, W)`` (or a
-    compact decoder's ``(N, L)``) float32, e.g. the encoder's :func:`calibration_frames` and the
-    decoder's their latents, read one at a time."""
+    """The statically quantised (QDQ) variant of an fp32 graph: the nonlinear stages'
+    convolutions, ReLUs and residual additions. ``calibration``: real inputs of the graph, ``(N,
+    C, H, W)`` (a compact decoder's ``(N, L)``) float32, e.g. the encoder's
+    :func:`calibration_frames` and the decoder's their latents, read one at a time."""
     from onnxruntime import quantization as q
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -283,12 +298,13 @@ def to_int8(fp32_path: str | os.PathLike[str], calibration: Tensor) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         prepared, quantised = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        graph = onnx.load(str(prepared))
         with contextlib.redirect_stdout(io.StringIO()):  # the calibrator's progress chatter
             q.quantize_static(str(prepared), str(quantised), Reader(),
                               quant_format=q.QuantFormat.QDQ, per_channel=True,
                               activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
-                              op_types_to_quantize=["Conv"],
-                              nodes_to_exclude=_int8_float_convs(onnx.load(str(prepared))),
+                              op_types_to_quantize=["Conv", "Relu", "Add"],
+                              nodes_to_exclude=_int8_float_convs(graph) + _linear_path_adds(graph),
                               calibrate_method=q.CalibrationMethod.Percentile,
                               extra_options={"ActivationSymmetric": False,
                                              "CalibPercentile": CALIBRATION_PERCENTILE})
@@ -330,10 +346,9 @@ def photo_frames(height: int, width: int) -> Tensor:
 
 def calibration_frames(height: int, width: int,
                        zooms: tuple[float, ...] = CALIBRATION_ZOOMS) -> Tensor:
-    """What a camera sees, from the ``photos`` training photographs (the validation ones left
-    out): ``(N, 3, height, width)`` in [0, 1], RGB; per photograph the whole of it covering the
-    frame magnified by each of ``zooms`` (centre crops), and its flattest ``height`` x ``width``
-    window at full resolution (sky, walls: the crop sampler rejects such regions)."""
+    """What a camera sees: ``(N, 3, height, width)`` in [0, 1], RGB; per training photograph of
+    ``photos`` the whole of it covering the frame at each of ``zooms`` (centre crops) and its
+    flattest window at full resolution (sky, walls: the crop sampler rejects such regions)."""
     frames = []
     for name in (p for p in PHOTOS if p not in VAL_PHOTOS):
         img = _photo(name)
@@ -346,9 +361,8 @@ def calibration_frames(height: int, width: int,
 
 
 def generated_frames(height: int, width: int) -> Tensor:
-    """Camera frames of no photograph: ``(4, 3, height, width)`` in [0, 1], RGB, on 1/255
-    steps with sensor noise (std 1/255, seeded): a sky (a vertical gradient), a wall (flat,
-    softly lit), a horizon (sky over textured ground), a dusk (a diagonal gradient)."""
+    """Camera frames of no photograph, ``(4, 3, height, width)`` in [0, 1], RGB, 1/255 steps,
+    seeded noise of 1/255: sky (vertical gradient), wall, horizon (over ground), dusk (diagonal)."""
     g = torch.Generator().manual_seed(0)
     y, x = torch.meshgrid(torch.linspace(0, 1, height), torch.linspace(0, 1, width), indexing="ij")
     sky = torch.stack([0.35 + 0.4 * y, 0.55 + 0.3 * y, 0.95 - 0.1 * y])
@@ -364,8 +378,7 @@ def generated_frames(height: int, width: int) -> Tensor:
 
 
 def folder_frames(folder: str | os.PathLike[str], height: int, width: int) -> Tensor:
-    """The pictures of ``folder`` (name order) as ``(N, 3, height, width)`` frames in [0, 1],
-    RGB, each resized to cover the frame, then centre-cropped; ``ValueError`` if it holds none."""
+    """The pictures of ``folder`` (name order) as :func:`cover` frames ``(N, 3, height, width)``."""
     files = sorted(f for f in Path(folder).iterdir()
                    if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"))
     if not files:
@@ -469,9 +482,8 @@ def precision_costs(vae: VAEBase, graphs: Mapping[str, Mapping[str, str]],
 def cost_check(vae: VAEBase, graphs: Mapping[str, Mapping[str, str]],
                frames: Mapping[str, Tensor], max_cost_db: float = MAX_COST_DB
                ) -> dict[str, dict[str, Any]]:
-    """:func:`precision_costs` on each collection of ``frames`` (``{name: (N, C, H, W)}`` in
-    [0, 1]), the worst PSNR costs of each precision (``roundtrip``, ``encoder``, ``decoder``)
-    and whether they are within ``max_cost_db``; ``ExportError`` naming the worst graph if not."""
+    """:func:`precision_costs` on each collection of ``frames`` (``{name: (N, C, H, W)}``), each
+    precision's worst costs and whether within ``max_cost_db``; else ``ExportError`` naming it."""
     out: dict[str, dict[str, Any]] = {}
     for precision, costs in precision_costs(vae, graphs, frames).items():
         worst = {k: max(c[f"{k}_cost_db"] for c in costs.values()) for k in ("encoder", "decoder")}
@@ -605,11 +617,9 @@ class ExportResult:
     frame_latency: dict[str, dict[str, float]] = field(default_factory=dict)
     frame_size: str = ""
     threads: int = 1
-    #: ``{precision: {"costs_db": {collection: costs}, "max_cost_db", "threshold_db", "passed"}}``
-    #: on frames of collections other than the calibration's, see :func:`cost_check`
+    #: each precision's costs on frames of collections other than the calibration's, the gate
     cost_check: dict[str, dict[str, Any]] = field(default_factory=dict)
-    #: what the int8 graphs were calibrated on
-    calibration: str = ""
+    calibration: str = ""  #: what the int8 graphs were calibrated on
 
 
 def export_model(vae: VAEBase, out_dir: str | os.PathLike[str], images: Tensor,
@@ -618,16 +628,15 @@ def export_model(vae: VAEBase, out_dir: str | os.PathLike[str], images: Tensor,
                  calibration: Tensor | None = None,
                  parity_images: Mapping[str, Tensor] | None = None, timing_repeats: int = 0,
                  frame: Tensor | None = None, frame_repeats: int = 0,
-                 cost_frames: Mapping[str, Tensor] | None = None,
-                 max_cost_db: float = MAX_COST_DB) -> ExportResult:
+                 cost_frames: Mapping[str, Tensor] | None = None, max_cost_db: float = MAX_COST_DB
+                 ) -> ExportResult:
     """Export, check and time ``vae`` into ``out_dir`` as one set (:func:`export_set`);
-    ``ExportError`` when a file differs from eager or a graph costs more than ``max_cost_db``
-    on ``cost_frames`` (``{collection: (N, C, H, W)}``; default :func:`generated_frames` at
-    :data:`COST_SIZE`, or a compact model's crop), and nothing is written. ``images``: real
-    ``(N, C, S, S)`` in [0, 1] for parity and timing; ``adapter`` adds the teacher-space
-    encoder; ``parity_images``: ``{"HxW": (N, C, H, W)}``; ``"int8"`` needs ``calibration``
-    (camera-like frames, :func:`calibration_frames`); ``frame`` ``(1, C, H, W)``: single-frame
-    latency of eager and each precision."""
+    ``ExportError`` (nothing written) when a file differs from eager or a graph costs more than
+    ``max_cost_db`` on ``cost_frames`` (``{collection: (N, C, H, W)}``; default
+    :func:`generated_frames`). ``images``: real ``(N, C, S, S)`` in [0, 1] for parity and timing;
+    ``adapter`` adds the teacher-space encoder; ``parity_images``: ``{"HxW": (N, C, H, W)}``;
+    ``"int8"`` needs ``calibration`` (:func:`calibration_frames`); ``frame`` ``(1, C, H, W)``:
+    single-frame latency of eager and each precision."""
     specs = graph_specs(vae, images.shape[-1], adapter and adapter.teacher_dim)
     latent_channels = specs[0].output_shape[0]
     if adapter is not None and adapter.student_dim != latent_channels:
@@ -635,11 +644,9 @@ def export_model(vae: VAEBase, out_dir: str | os.PathLike[str], images: Tensor,
                           f"writes {latent_channels}: they do not belong together")
     if "int8" in precisions and calibration is None:
         raise ExportError("the int8 graphs need calibration images (real training images)")
-    if cost_frames is None:
-        side = vae.image_size if isinstance(vae, CompactVAE) else None
-        generated = generated_frames(*((side, side) if side else COST_SIZE))
-        cost_frames = {f"generated {size_key(generated)}": generated.mean(1, keepdim=True)
-                       if vae.in_channels == 1 else generated}
+    if cost_frames is None:  # a grey model: the frames' red channel
+        g = generated_frames(*((vae.image_size,) * 2 if isinstance(vae, CompactVAE) else COST_SIZE))
+        cost_frames = {f"generated {size_key(g)}": g[:, :vae.in_channels]}
     vae = vae.eval()
     threads = torch.get_num_threads()
     with export_set(out_dir) as out:
@@ -789,14 +796,10 @@ def _run(args: argparse.Namespace) -> tuple[VAEBase, ExportResult]:
     if args.role == "student" and not args.no_teacher_space and ADAPTER_ROLE in roles_in(payload):
         adapter = model_from_payload(payload, ADAPTER_ROLE, source=args.checkpoint)
 
-    def real(count: int, split: str = "val") -> Tensor:
-        return as_model_takes(validation_images(args.dataset, count, size, args.data_dir,
-                                                split=split))
-
     def as_model_takes(images: Tensor) -> Tensor:  # a grey model gets the mean of the colours
         return images.mean(1, keepdim=True) if vae.in_channels == 1 else images
 
-    images = real(args.num_images)
+    images = as_model_takes(validation_images(args.dataset, args.num_images, size, args.data_dir))
     frames = {} if compact else {f"{h}x{w}": as_model_takes(photo_frames(h, w))
                                  for h, w in args.parity_sizes}
     h, w = (size, size) if compact else args.cost_size
@@ -836,10 +839,9 @@ def _summary(vae: VAEBase, result: ExportResult, args: argparse.Namespace) -> st
                          f"{c['roundtrip_max_abs_err']:.1e}; PSNR {c['psnr_db']:.2f} dB "
                          f"(cost {c['psnr_cost_db']:+.3f} dB vs eager fp32)")
     for precision, check in result.cost_check.items():
-        worst = check["max_cost_db"]
-        lines.append(f"{precision} cost check on {', '.join(check['costs_db'])}: round trip "
-                     f"{worst['roundtrip']:+.3f} dB, encoder {worst['encoder']:+.3f}, decoder "
-                     f"{worst['decoder']:+.3f} (at most {check['threshold_db']:g} dB): passed")
+        worst = ", ".join(f"{k} {v:+.3f} dB" for k, v in check["max_cost_db"].items())
+        lines.append(f"{precision} cost check on {', '.join(check['costs_db'])}: worst {worst} "
+                     f"(at most {check['threshold_db']:g} dB): passed")
     for runtime, t in result.frame_latency.items():
         lines.append(f"{runtime:24s} encode+decode one {result.frame_size} frame: "
                      f"{t['median_ms']:8.1f} ms ({t['fps']:5.2f} fps), {result.threads} thread(s)")

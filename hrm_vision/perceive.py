@@ -51,8 +51,8 @@ def setup_args(prog: str = "hrm-vision perceive") -> argparse.ArgumentParser:
             ("--max-frames", 0, "stop after this many frames (0: all; a camera needs it)")):
         p.add_argument(flag, type=int, default=default, help=f"{text} (default {default})")
     p.add_argument("--latents", default="auto", choices=("auto", "fp16", "8bit", "fp32"),
-                   help="stored precision: fp16, 8bit (uint8 on a per-frame, per-channel range), "
-                        "fp32; auto: fp16 unless that is larger than the frame, then 8bit")
+                   help="fp16, 8bit (codes on each frame's channel ranges), fp32; auto (default): "
+                   "fp16 unless larger than the frame")
     p.add_argument("--out-dir", default="perceived", help="output folder (default %(default)s)")
     p.add_argument("--format", default="safetensors", choices=("safetensors", "npz"),
                    help="latents file format (default %(default)s)")
@@ -141,9 +141,8 @@ def pick_graph(folder: Path, precision: str | None = None) -> tuple[Path, str]:
             raise ValueError(f"the export in {folder} has no {precision} graph that passed its "
                              f"cost check (it has {', '.join(passed)})")
         passed = [precision]
-    latency = result.get("frame_latency", {})
-    best = min(passed, key=lambda p: (latency.get(f"onnxruntime_{p}", {}).get("median_ms", 1e9),
-                                      CPU_PREFERENCE.index(p)))
+    ms = {k.split("_")[-1]: v["median_ms"] for k, v in result.get("frame_latency", {}).items()}
+    best = min(passed, key=lambda p: (ms.get(p, 1e9), CPU_PREFERENCE.index(p)))
     return folder / Path(files[best]["encoder"]).name, best
 
 
@@ -196,8 +195,7 @@ class Encoder:
         return image if self.crop_side is None else crops_of(image, self.crop_side)
 
     def __call__(self, image: Tensor) -> tuple[Tensor, dict[str, Any]]:
-        """The latent of ``image`` (1, 3, H, W) (a compact model's: ``(crops, L)``) and what the
-        frame's telemetry adds."""
+        """The latent of ``image`` (1, 3, H, W) (compact: ``(crops, L)``) and its telemetry."""
         start = time.perf_counter()
         x = self.model_input(image)
         if self.plugin is None:
@@ -212,8 +210,8 @@ class Encoder:
 
 def read_ahead(frames: Iterator[np.ndarray], convert: Callable[[np.ndarray], Tensor],
                depth: int) -> Iterator[tuple[float, float, Tensor]]:
-    """``(start, read_ms, image)`` per frame: a thread reads each of ``frames`` and converts it,
-    at most ``depth`` frames ahead of the caller; its error is raised here."""
+    """``(start, read_ms, image)`` per frame, read and converted by a thread at most ``depth``
+    frames ahead; its error is raised here."""
     ahead: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop, done = threading.Event(), object()
 

@@ -509,6 +509,24 @@ class TestPrecisions:
                                float("inf"))["int8"]["costs_db"][SKY]
         assert naive_sky["decoder_cost_db"] > 5 * max(sky["decoder_cost_db"], 0.01)
 
+    def test_int8_residual_additions_quantised_the_linear_path_joins_float(
+            self, precisions_export) -> None:
+        """The nonlinear stages' residual additions are int8 (dequantised inputs, quantised
+        output: one QLinearAdd after ONNX Runtime's fusion; with the ReLUs, 1.92x fp32 instead of
+        1.69x on one thread); the one addition per graph that joins the linear patch path (into
+        the latent, the image) keeps float32 inputs: on one uint8 scale it cost 13 dB."""
+        _, _, result = precisions_export
+        for part in ("encoder", "decoder"):
+            graph = onnx.load(result.precision_files["int8"][part]).graph
+            made_by = {o: n.op_type for n in graph.node for o in n.output}
+            users = {i: n.op_type for n in graph.node for i in n.input}
+            adds = [n for n in graph.node if n.op_type == "Add"]
+            quantised = [n for n in adds if {made_by[i] for i in n.input} == {"DequantizeLinear"}
+                         and users.get(n.output[0]) == "QuantizeLinear"]
+            joins = [n for n in adds if n not in quantised]
+            assert quantised and len(joins) == 1, part
+            assert any(made_by.get(i) != "DequantizeLinear" for i in joins[0].input), part
+
     def test_int8_needs_calibration_images(self, tmp_path, photo_batch) -> None:
         with pytest.raises(ExportError, match="calibration"):
             export_model(small_student(photo_batch), tmp_path, photo_batch[:2],
