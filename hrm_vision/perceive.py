@@ -47,7 +47,7 @@ def setup_args(prog: str = "hrm-vision perceive") -> argparse.ArgumentParser:
     for flag, default, text in (
             ("--refine-steps", 1, "IRP states per frame, the encoder's included (1: plain)"),
             ("--threads", 2, "CPU threads"),
-            ("--queue", 4, "frames read and converted ahead of the encoder"),
+            ("--queue", 2, "frames read and converted ahead of the encoder"),
             ("--max-frames", 0, "stop after this many frames (0: all; a camera needs it)")):
         p.add_argument(flag, type=int, default=default, help=f"{text} (default {default})")
     p.add_argument("--latents", default="auto", choices=("auto", "fp16", "8bit", "fp32"),
