@@ -60,15 +60,18 @@ docs: $(VENV)/.installed
 	$(PY) training/config_table.py --write docs/training.md
 
 # Benchmarks (not part of the test suite): pytest-benchmark, then the teacher/student ratios, then
-# the student at camera resolution (speed vs this CPU's convolution throughput, each precision's
-# cost, tiles, the frame pipeline; CHECKPOINT=path measures a trained student).
+# the student at camera resolution (480x640 and 1280x720, eager and ONNX Runtime fp32/fp16/int8 on
+# 1 and 2 threads, interleaved, vs this CPU's convolution throughput; each precision's cost; the
+# compact student's crops/s at batch 1 and 16; the frame pipeline). CHECKPOINT=path measures a
+# trained student, COMPACT_CHECKPOINT=path a trained compact student.
 bench: $(VENV)/.installed
 	mkdir -p .benchmarks
 	$(PY) -m pytest benchmarks -o python_files='bench_*.py' -p no:cacheprovider --benchmark-only \
 		--benchmark-json=.benchmarks/latest.json --benchmark-columns=median,iqr,min,rounds \
 		--benchmark-sort=name
 	$(PY) benchmarks/ratios.py .benchmarks/latest.json
-	$(PY) benchmarks/camera.py --out .benchmarks/camera.json $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+	$(PY) benchmarks/camera.py --out .benchmarks/camera.json $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
+		$(if $(COMPACT_CHECKPOINT),--compact-checkpoint $(COMPACT_CHECKPOINT))
 
 clean:
 	rm -rf $(VENV) checkpoints .pytest_cache

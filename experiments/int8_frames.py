@@ -10,7 +10,10 @@ fp32 graphs on the held-out pictures of the corpus (``--frames``: a folder whose
 ``manifest.json`` lists images with ``"split": "val"``, e.g. the one ``benchmarks/corpus.py``
 builds), each resized to cover the frame and centre-cropped to ``--size``. Variants:
 
-* ``a_package``: :func:`hrm_vision.export.to_int8` on what ``hrm-vision export`` calibrates it
+* ``f_export``: what ``hrm-vision export`` writes now: :func:`hrm_vision.export.to_int8` on
+  :func:`hrm_vision.export.calibration_frames` (the training photographs whole at zooms 1, 2, 4
+  and their flattest window, 128x160), the decoder on their latents;
+* ``a_package``: :func:`hrm_vision.export.to_int8` on what the export used to calibrate it
   with (``--calibration-images`` 32x32 training crops of ``photos``; almost flat crops rejected);
   ``a_package_same_settings``: the same through this script's own ``quantize_static`` call (the
   settings below are the package's unless a variant changes them);
@@ -61,8 +64,10 @@ from torch import Tensor
 from hrm_vision.data import PHOTOS, VAL_PHOTOS, load_photo, read_image, validation_images
 from hrm_vision.export import (
     CALIBRATION_PERCENTILE,
+    CALIBRATION_SIZE,
     VAEGraph,
     _linear_path_convs,
+    calibration_frames,
     export_onnx,
     graph_specs,
     ort_session,
@@ -90,8 +95,10 @@ class Variant:
     fp32_convs: str = ""  # "ends": encoder's first + decoder's last; "latent": decoder's first
 
     def describe(self) -> str:
+        if self.calibration == "export":
+            return "hrm_vision.export.to_int8 on hrm_vision.export.calibration_frames"
         if self.calibration == "package" and self.method == "to_int8":
-            return "hrm_vision.export.to_int8 on the export's calibration crops"
+            return "hrm_vision.export.to_int8 on the export's former calibration crops"
         where = ("the export's calibration crops; " if self.calibration == "package"
                  else "training-photograph frames; ")
         parts = [f"{self.method}" + (f" {CALIBRATION_PERCENTILE}" if self.method == "Percentile"
@@ -105,6 +112,7 @@ class Variant:
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("f_export", "export", method="to_int8"),
     Variant("a_package", "package", method="to_int8"),
     Variant("a_package_same_settings", "package"),
     Variant("b_frames", "frames"),
@@ -208,7 +216,7 @@ def build(v: Variant, fp32: dict[str, Path], folder: Path,
     if v.method == "to_int8":
         for part in PARTS:
             copy = shutil.copy(fp32[part], folder / fp32[part].name)
-            files[part] = to_int8(copy, torch.cat(list(calibration["package"][part])))
+            files[part] = to_int8(copy, torch.cat(list(calibration[v.calibration][part])))
             kept[part] = []
     else:
         for part in PARTS:
@@ -279,11 +287,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     crops = validation_images("photos", args.calibration_images, 32, split="train")
     zooms = [float(z) for z in args.calibration_zooms.split(",")]
     photos = photo_calibration(*parse_size(args.calibration_size), zooms)
+    exported = calibration_frames(*CALIBRATION_SIZE)
     with torch.inference_mode():
         calibration = {
             "package": {"encoder": list(crops.split(32)),  # to_int8's batches
                         "decoder": list(vae.encode(crops).split(32))},
-            "frames": {"encoder": photos, "decoder": [vae.encode(x) for x in photos]}}
+            "frames": {"encoder": photos, "decoder": [vae.encode(x) for x in photos]},
+            "export": {"encoder": [exported], "decoder": [vae.encode(exported)]}}
     print(f"{len(frame_names)} frames {height}x{width}; calibration: {len(crops)} crops 32x32, "
           f"{len(photos)} training-photograph frames {args.calibration_size} (zooms {zooms})",
           flush=True)
@@ -301,7 +311,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "split='train')), almost flat crops rejected",
             "frames": f"{len(photos)} {args.calibration_size} frames of the "
                       f"{len(photos) // len(zooms)} training photographs of photos, each "
-                      f"covering the frame at zooms {zooms} (centre crops)"},
+                      f"covering the frame at zooms {zooms} (centre crops)",
+            "export": f"hrm_vision.export.calibration_frames{CALIBRATION_SIZE}: {len(exported)} "
+                      "frames"},
         "variants": {}}
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ._version import __version__
 from .compact import CompactVAE
-from .data import validation_images
+from .data import PHOTOS, VAL_PHOTOS, load_photo, read_image, validation_images
 from .io import (
     ADAPTER_ROLE,
     FolderLock,
@@ -60,6 +60,13 @@ PRECISIONS = ("fp32", "fp16", "int8")
 FP32_WEIGHTS = (".patches.", ".linear.")
 #: int8 activation ranges: this percentile of each activation's calibration values (and 100 - it).
 CALIBRATION_PERCENTILE = 99.99
+#: Calibration frames (height, width) and the magnifications of each training photograph.
+CALIBRATION_SIZE = (128, 160)
+CALIBRATION_ZOOMS = (1.0, 2.0, 4.0)
+#: Frame size (height, width) of the cost check, and the largest cost (dB against eager fp32) a
+#: graph may have there before the export refuses it.
+COST_SIZE = (400, 640)
+MAX_COST_DB = 0.5
 #: Frame sizes (height, width) every export can be checked at: crops, a 224 crop, a VGA frame.
 PARITY_SIZES: tuple[tuple[int, int], ...] = ((32, 32), (64, 64), (224, 224), (480, 640))
 #: Names an export writes; anything else found in the target is carried over unchanged.
@@ -238,6 +245,21 @@ def _int8_float_convs(model: onnx.ModelProto) -> list[str]:
                                         if n.op_type == "Conv" and "latent" in n.input]
 
 
+def _linear_path_adds(model: onnx.ModelProto) -> list[str]:
+    """The additions joining the linear patch path (into the latent, the image: on one uint8
+    scale they lost 13 dB), found back from each input through reshapes to its convolution."""
+    made_by, linear = {o: n for n in model.graph.node for o in n.output}, _linear_path_convs(model)
+
+    def linear_path(name: str) -> bool:
+        node = made_by.get(name)
+        while node is not None and node.op_type != "Conv":
+            node = made_by.get(node.input[0])
+        return node is not None and node.name in linear
+
+    return [n.name for n in model.graph.node if n.op_type == "Add" and any(map(linear_path,
+                                                                               n.input))]
+
+
 def _save_variant(model: onnx.ModelProto, fp32: onnx.ModelProto, precision: str,
                   path: Path) -> Path:
     onnx.helper.set_model_props(model, {**{p.key: p.value for p in fp32.metadata_props},
@@ -256,15 +278,16 @@ def to_fp16(fp32_path: str | os.PathLike[str]) -> Path:
                          precision_path(fp32_path, "fp16"))
 
 
-def to_int8(fp32_path: str | os.PathLike[str], calibration: Tensor, batch_size: int = 32) -> Path:
-    """The statically quantised (QDQ) variant of an fp32 graph; only the nonlinear stages'
-    convolutions are quantised. ``calibration``: real inputs of the graph, ``(N, C, H, W)`` (or a
-    compact decoder's ``(N, L)``) float32."""
+def to_int8(fp32_path: str | os.PathLike[str], calibration: Tensor) -> Path:
+    """The statically quantised (QDQ) variant of an fp32 graph: the nonlinear stages'
+    convolutions, ReLUs and residual additions. ``calibration``: real inputs of the graph, ``(N,
+    C, H, W)`` (a compact decoder's ``(N, L)``) float32, e.g. the encoder's
+    :func:`calibration_frames` and the decoder's their latents, read one at a time."""
     from onnxruntime import quantization as q
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     model = onnx.load(str(fp32_path))
-    batches = iter(calibration.float().split(batch_size))
+    batches = iter(calibration.float().split(1))
     name = model.graph.input[0].name
 
     class Reader(q.CalibrationDataReader):
@@ -275,18 +298,19 @@ def to_int8(fp32_path: str | os.PathLike[str], calibration: Tensor, batch_size: 
     with tempfile.TemporaryDirectory() as tmp:
         prepared, quantised = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        graph = onnx.load(str(prepared))
         with contextlib.redirect_stdout(io.StringIO()):  # the calibrator's progress chatter
             q.quantize_static(str(prepared), str(quantised), Reader(),
                               quant_format=q.QuantFormat.QDQ, per_channel=True,
                               activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
-                              op_types_to_quantize=["Conv"],
-                              nodes_to_exclude=_int8_float_convs(onnx.load(str(prepared))),
+                              op_types_to_quantize=["Conv", "Relu", "Add"],
+                              nodes_to_exclude=_int8_float_convs(graph) + _linear_path_adds(graph),
                               calibrate_method=q.CalibrationMethod.Percentile,
                               extra_options={"ActivationSymmetric": False,
                                              "CalibPercentile": CALIBRATION_PERCENTILE})
         int8 = onnx.load(str(quantised))
-    return _save_variant(int8, model, "int8: static QDQ, per-channel int8 weights, calibrated "
-                         "uint8 activations", precision_path(fp32_path, "int8"))
+    return _save_variant(int8, model, "int8: static QDQ, per-channel int8 weights, uint8 "
+                         "activations calibrated on frames", precision_path(fp32_path, "int8"))
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -300,20 +324,67 @@ def parse_size(text: str) -> tuple[int, int]:
     return height, width
 
 
+def cover(img: Tensor, height: int, width: int, zoom: float = 1.0) -> Tensor:
+    """``img`` ``(1, C, H, W)`` resized (antialiased bilinear) to cover ``height`` x ``width``
+    magnified by ``zoom``, then centre-cropped to it: ``(C, height, width)`` in [0, 1]."""
+    scale = zoom * max(height / img.shape[2], width / img.shape[3])
+    size = (max(height, round(img.shape[2] * scale)), max(width, round(img.shape[3] * scale)))
+    img = F.interpolate(img, size=size, mode="bilinear", antialias=True, align_corners=False)
+    top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    return img[0, :, top:top + height, left:left + width].clamp(0, 1)
+
+
+def _photo(name: str) -> Tensor:  # (1, 3, H, W) in [0, 1]
+    return torch.from_numpy(load_photo(name)).permute(2, 0, 1)[None].float() / 255.0
+
+
 def photo_frames(height: int, width: int) -> Tensor:
     """The ``photos`` validation photographs as ``(N, 3, height, width)`` frames in [0, 1], RGB,
     each resized to cover the frame, then centre-cropped. Needs the ``photos`` extra."""
-    from .data import VAL_PHOTOS, load_photo
+    return torch.stack([cover(_photo(name), height, width) for name in VAL_PHOTOS]).contiguous()
 
+
+def calibration_frames(height: int, width: int,
+                       zooms: tuple[float, ...] = CALIBRATION_ZOOMS) -> Tensor:
+    """What a camera sees: ``(N, 3, height, width)`` in [0, 1], RGB; per training photograph of
+    ``photos`` the whole of it covering the frame at each of ``zooms`` (centre crops) and its
+    flattest window at full resolution (sky, walls: the crop sampler rejects such regions)."""
     frames = []
-    for name in VAL_PHOTOS:
-        img = torch.from_numpy(load_photo(name)).permute(2, 0, 1)[None].float() / 255.0
-        scale = max(height / img.shape[2], width / img.shape[3])
-        size = (max(height, round(img.shape[2] * scale)), max(width, round(img.shape[3] * scale)))
-        img = F.interpolate(img, size=size, mode="bilinear", antialias=True, align_corners=False)
-        top, left = (size[0] - height) // 2, (size[1] - width) // 2
-        frames.append(img[0, :, top:top + height, left:left + width].clamp(0, 1))
+    for name in (p for p in PHOTOS if p not in VAL_PHOTOS):
+        img = _photo(name)
+        frames += [cover(img, height, width, zoom) for zoom in zooms]
+        if img.shape[2] >= height and img.shape[3] >= width:  # the window of least variation
+            windows = img[0].unfold(1, height, height // 2).unfold(2, width, width // 2)
+            flat = windows.std(dim=(-1, -2)).mean(0).flatten().argmin()
+            frames.append(windows.flatten(1, 2)[:, flat].clone())
     return torch.stack(frames).contiguous()
+
+
+def generated_frames(height: int, width: int) -> Tensor:
+    """Camera frames of no photograph, ``(4, 3, height, width)`` in [0, 1], RGB, 1/255 steps,
+    seeded noise of 1/255: sky (vertical gradient), wall, horizon (over ground), dusk (diagonal)."""
+    g = torch.Generator().manual_seed(0)
+    y, x = torch.meshgrid(torch.linspace(0, 1, height), torch.linspace(0, 1, width), indexing="ij")
+    sky = torch.stack([0.35 + 0.4 * y, 0.55 + 0.3 * y, 0.95 - 0.1 * y])
+    wall = torch.tensor([0.7, 0.65, 0.55])[:, None, None] * (0.9 + 0.15 * x - 0.1 * y)
+    ground = F.interpolate(torch.rand(1, 3, max(1, height // 8), max(1, width // 8), generator=g),
+                           size=(height, width), mode="bilinear", align_corners=False)[0]
+    ground = 0.2 + 0.3 * ground * torch.tensor([0.8, 1.0, 0.5])[:, None, None]
+    t = (x + y) / 2
+    frames = torch.stack([sky, wall, torch.where(y < 0.45, sky, ground),
+                          torch.stack([0.9 - 0.5 * t, 0.5 - 0.3 * t, 0.3 + 0.3 * t])])
+    noisy = frames + torch.randn(frames.shape, generator=g) / 255
+    return (noisy.clamp(0, 1) * 255).round() / 255
+
+
+def folder_frames(folder: str | os.PathLike[str], height: int, width: int) -> Tensor:
+    """The pictures of ``folder`` (name order) as :func:`cover` frames ``(N, 3, height, width)``."""
+    files = sorted(f for f in Path(folder).iterdir()
+                   if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"))
+    if not files:
+        raise ValueError(f"no pictures (.png, .jpg, ...) in {folder}")
+    return torch.stack([cover(torch.from_numpy(read_image(f)).permute(2, 0, 1)[None], height,
+                              width) for f in files]).contiguous()
 
 
 def size_key(images: Tensor) -> str:
@@ -384,7 +455,9 @@ def precision_costs(vae: VAEBase, graphs: Mapping[str, Mapping[str, str]],
     """``{precision: {"HxW": costs}}`` of ``graphs`` (``{precision: {"encoder": path,
     "decoder": path}}``) against eager fp32: ``encoder_max_abs_err``, ``decoder_max_abs_err``
     (on the eager latent), ``roundtrip_max_abs_err``, ``psnr_db`` (round trip vs input, pooled),
-    ``eager_psnr_db`` and ``psnr_cost_db`` (eager minus graph; positive is a loss)."""
+    ``eager_psnr_db`` and the PSNR costs (eager minus graph; positive is a loss) of the round
+    trip, ``psnr_cost_db``, and of each graph alone (the other half eager), ``encoder_cost_db``
+    and ``decoder_cost_db``."""
     vae = vae.eval()
     out: dict[str, dict[str, dict[str, float]]] = {}
     for precision, files in graphs.items():
@@ -392,14 +465,38 @@ def precision_costs(vae: VAEBase, graphs: Mapping[str, Mapping[str, str]],
         out[precision] = {}
         for key, x in images_by_size.items():
             z, z_graph = vae.encode(x), run_onnx(enc, x)
-            x_hat, roundtrip = vae.decode(z), run_onnx(dec, z_graph)
+            x_hat, roundtrip, decoded = vae.decode(z), run_onnx(dec, z_graph), run_onnx(dec, z)
             eager_db, graph_db = psnr(x_hat, x), psnr(roundtrip, x)
             out[precision][key] = {
                 "encoder_max_abs_err": float((z_graph - z).abs().max()),
-                "decoder_max_abs_err": float((run_onnx(dec, z) - x_hat).abs().max()),
+                "decoder_max_abs_err": float((decoded - x_hat).abs().max()),
                 "roundtrip_max_abs_err": float((roundtrip - x_hat).abs().max()),
                 "psnr_db": graph_db, "eager_psnr_db": eager_db,
-                "psnr_cost_db": eager_db - graph_db}
+                "psnr_cost_db": eager_db - graph_db,
+                "encoder_cost_db": eager_db - psnr(vae.decode(z_graph), x),
+                "decoder_cost_db": eager_db - psnr(decoded, x)}
+    return out
+
+
+@torch.inference_mode()
+def cost_check(vae: VAEBase, graphs: Mapping[str, Mapping[str, str]],
+               frames: Mapping[str, Tensor], max_cost_db: float = MAX_COST_DB
+               ) -> dict[str, dict[str, Any]]:
+    """:func:`precision_costs` on each collection of ``frames`` (``{name: (N, C, H, W)}``), each
+    precision's worst costs and whether within ``max_cost_db``; else ``ExportError`` naming it."""
+    out: dict[str, dict[str, Any]] = {}
+    for precision, costs in precision_costs(vae, graphs, frames).items():
+        worst = {k: max(c[f"{k}_cost_db"] for c in costs.values()) for k in ("encoder", "decoder")}
+        worst["roundtrip"] = max(c["psnr_cost_db"] for c in costs.values())
+        out[precision] = {"costs_db": costs, "max_cost_db": worst, "threshold_db": max_cost_db,
+                          "passed": all(v <= max_cost_db for v in worst.values())}
+        if not out[precision]["passed"]:
+            part = max(("encoder", "decoder"), key=lambda k: worst[k])
+            where = max(costs, key=lambda n: costs[n][f"{part}_cost_db"])
+            raise ExportError(
+                f"{Path(graphs[precision][part]).name} costs {worst[part]:.3f} dB ({precision} "
+                f"round trip {worst['roundtrip']:.3f} dB) against fp32 on the {where} frames, over "
+                f"--max-cost-db {max_cost_db:g}: not written (--max-cost-db inf waives the check)")
     return out
 
 
@@ -520,6 +617,9 @@ class ExportResult:
     frame_latency: dict[str, dict[str, float]] = field(default_factory=dict)
     frame_size: str = ""
     threads: int = 1
+    #: each precision's costs on frames of collections other than the calibration's, the gate
+    cost_check: dict[str, dict[str, Any]] = field(default_factory=dict)
+    calibration: str = ""  #: what the int8 graphs were calibrated on
 
 
 def export_model(vae: VAEBase, out_dir: str | os.PathLike[str], images: Tensor,
@@ -527,12 +627,16 @@ def export_model(vae: VAEBase, out_dir: str | os.PathLike[str], images: Tensor,
                  adapter: LatentAdapter | None = None, precisions: tuple[str, ...] = ("fp32",),
                  calibration: Tensor | None = None,
                  parity_images: Mapping[str, Tensor] | None = None, timing_repeats: int = 0,
-                 frame: Tensor | None = None, frame_repeats: int = 0) -> ExportResult:
+                 frame: Tensor | None = None, frame_repeats: int = 0,
+                 cost_frames: Mapping[str, Tensor] | None = None, max_cost_db: float = MAX_COST_DB
+                 ) -> ExportResult:
     """Export, check and time ``vae`` into ``out_dir`` as one set (:func:`export_set`);
-    ``ExportError`` when a file differs from eager. ``images``: real ``(N, C, S, S)`` in [0, 1]
-    for parity and timing; ``adapter`` adds the teacher-space encoder; ``parity_images``:
-    ``{"HxW": (N, C, H, W)}``; ``"int8"`` needs ``calibration`` (real training images);
-    ``frame`` ``(1, C, H, W)``: single-frame latency of eager and each precision."""
+    ``ExportError`` (nothing written) when a file differs from eager or a graph costs more than
+    ``max_cost_db`` on ``cost_frames`` (``{collection: (N, C, H, W)}``; default
+    :func:`generated_frames`). ``images``: real ``(N, C, S, S)`` in [0, 1] for parity and timing;
+    ``adapter`` adds the teacher-space encoder; ``parity_images``: ``{"HxW": (N, C, H, W)}``;
+    ``"int8"`` needs ``calibration`` (:func:`calibration_frames`); ``frame`` ``(1, C, H, W)``:
+    single-frame latency of eager and each precision."""
     specs = graph_specs(vae, images.shape[-1], adapter and adapter.teacher_dim)
     latent_channels = specs[0].output_shape[0]
     if adapter is not None and adapter.student_dim != latent_channels:
@@ -540,6 +644,9 @@ def export_model(vae: VAEBase, out_dir: str | os.PathLike[str], images: Tensor,
                           f"writes {latent_channels}: they do not belong together")
     if "int8" in precisions and calibration is None:
         raise ExportError("the int8 graphs need calibration images (real training images)")
+    if cost_frames is None:  # a grey model: the frames' red channel
+        g = generated_frames(*((vae.image_size,) * 2 if isinstance(vae, CompactVAE) else COST_SIZE))
+        cost_frames = {f"generated {size_key(g)}": g[:, :vae.in_channels]}
     vae = vae.eval()
     threads = torch.get_num_threads()
     with export_set(out_dir) as out:
@@ -572,7 +679,9 @@ def export_model(vae: VAEBase, out_dir: str | os.PathLike[str], images: Tensor,
             parity_sizes=parity, precision_files=graphs,
             precision_costs=precision_costs(vae, graphs, {size_key(images): images,
                                                           **(parity_images or {})}),
-            threads=threads)
+            threads=threads, cost_check=cost_check(vae, graphs, cost_frames, max_cost_db),
+            calibration="" if calibration is None else
+            f"{len(calibration)} frames {size_key(calibration)} (encoder), their latents (decoder)")
         if timing_repeats:  # encode+decode images/s of each runtime, interleaved
             enc, dec = (onnx_runner(files[f"{p}_onnx"], threads) for p in ("encoder", "decoder"))
             ts_enc, ts_dec = (load_torchscript(files[f"{p}_torchscript"])
@@ -641,13 +750,23 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     add("--out-dir", default="exports", help="output folder (default %(default)s)")
     add("--image-size", type=int, default=None,
         help="side of the parity and timing crops (default 32; a compact model's crop side)")
-    add("--precision", default="fp32,fp16,int8",
-        help="graph precisions, fp32 always (default %(default)s)")
+    add("--precision", default="fp32,int8",
+        help="graph precisions, fp32 always (default %(default)s; fp16 is for GPUs: no faster "
+             "than fp32 on a CPU)")
     add("--parity-sizes", default="64x64,224x224,480x640",
         help="more frame sizes HxW to check, on the validation photographs (default "
              "%(default)s; '' none)")
-    add("--calibration-images", type=int, default=256,
-        help="training images calibrating the int8 graphs (default 256)")
+    add("--calibration-size", default="128x160",
+        help="HxW of the frames calibrating int8: the training photographs whole at zooms 1, 2, "
+             "4 and their flattest window (default %(default)s; a compact model: its crop)")
+    add("--max-cost-db", type=float, default=MAX_COST_DB,
+        help="refuse a graph costing more than this (dB PSNR against fp32) on the cost frames "
+             "(default %(default)s; inf waives the check)")
+    add("--cost-size", default="400x640",
+        help="HxW of the cost frames (default %(default)s; a compact model: its crop)")
+    add("--cost-frames", default=None, metavar="FOLDER",
+        help="a folder of pictures whose frames the cost check adds to the generated ones "
+             "(sky, wall, horizon, dusk) and the validation photographs")
     add("--frame-size", default="480x640",
         help="frame HxW of the single-frame latency of each precision (default %(default)s)")
     add("--frame-repeats", type=int, default=5,
@@ -677,24 +796,28 @@ def _run(args: argparse.Namespace) -> tuple[VAEBase, ExportResult]:
     if args.role == "student" and not args.no_teacher_space and ADAPTER_ROLE in roles_in(payload):
         adapter = model_from_payload(payload, ADAPTER_ROLE, source=args.checkpoint)
 
-    def real(count: int, split: str = "val") -> Tensor:
-        return as_model_takes(validation_images(args.dataset, count, size, args.data_dir,
-                                                split=split))
-
     def as_model_takes(images: Tensor) -> Tensor:  # a grey model gets the mean of the colours
         return images.mean(1, keepdim=True) if vae.in_channels == 1 else images
 
-    images = real(args.num_images)
+    images = as_model_takes(validation_images(args.dataset, args.num_images, size, args.data_dir))
     frames = {} if compact else {f"{h}x{w}": as_model_takes(photo_frames(h, w))
                                  for h, w in args.parity_sizes}
+    h, w = (size, size) if compact else args.cost_size
+    folders = [args.cost_frames] if args.cost_frames else []
+    cost = {f"{name} {h}x{w}": as_model_takes(x) for name, x in [
+        ("generated", generated_frames(h, w)), ("photos val", photo_frames(h, w)),
+        *((Path(f).name, folder_frames(f, h, w)) for f in folders)]}
+    calibration = as_model_takes(calibration_frames(*((size, size) if compact else
+                                                      args.calibration_size))) \
+        if "int8" in args.precision else None
     frame = None if not args.frame_repeats else images[:1] if compact else \
         as_model_takes(photo_frames(*args.frame_size)[:1])
     result = export_model(
         vae, args.out_dir, images, source=Path(args.checkpoint).name, opset=args.opset,
         adapter=adapter, precisions=args.precision,
-        calibration=real(args.calibration_images, "train") if "int8" in args.precision else None,
-        parity_images=frames, timing_repeats=args.timing_repeats, frame=frame,
-        frame_repeats=args.frame_repeats)
+        calibration=calibration, parity_images=frames, timing_repeats=args.timing_repeats,
+        frame=frame, frame_repeats=args.frame_repeats, cost_frames=cost,
+        max_cost_db=args.max_cost_db)
     return vae, result
 
 
@@ -715,6 +838,10 @@ def _summary(vae: VAEBase, result: ExportResult, args: argparse.Namespace) -> st
                          f" decoder {c['decoder_max_abs_err']:.1e} round trip "
                          f"{c['roundtrip_max_abs_err']:.1e}; PSNR {c['psnr_db']:.2f} dB "
                          f"(cost {c['psnr_cost_db']:+.3f} dB vs eager fp32)")
+    for precision, check in result.cost_check.items():
+        worst = ", ".join(f"{k} {v:+.3f} dB" for k, v in check["max_cost_db"].items())
+        lines.append(f"{precision} cost check on {', '.join(check['costs_db'])}: worst {worst} "
+                     f"(at most {check['threshold_db']:g} dB): passed")
     for runtime, t in result.frame_latency.items():
         lines.append(f"{runtime:24s} encode+decode one {result.frame_size} frame: "
                      f"{t['median_ms']:8.1f} ms ({t['fps']:5.2f} fps), {result.threads} thread(s)")
@@ -729,9 +856,9 @@ def command(argv: list[str] | None = None, prog: str = "hrm-vision export") -> i
     parser = _parser(prog)
     args = parser.parse_args(argv)
     if args.timing_repeats < 0 or args.frame_repeats < 0 or args.num_images < 1 \
-            or args.threads < 1 or args.calibration_images < 1:
-        parser.error("--timing-repeats and --frame-repeats must be >= 0, --num-images, "
-                     "--threads and --calibration-images >= 1")
+            or args.threads < 1 or not args.max_cost_db >= 0:
+        parser.error("--timing-repeats, --frame-repeats and --max-cost-db must be >= 0, "
+                     "--num-images and --threads >= 1")
     if args.image_size is not None and (args.image_size < 8 or args.image_size % 8):
         parser.error(f"--image-size must be a positive multiple of 8, got {args.image_size}")
     try:
@@ -739,8 +866,12 @@ def command(argv: list[str] | None = None, prog: str = "hrm-vision export") -> i
         args.parity_sizes = tuple(parse_size(t) for t in args.parity_sizes.split(",")
                                   if t.strip())
         args.frame_size = parse_size(args.frame_size)
+        args.calibration_size = parse_size(args.calibration_size)
+        args.cost_size = parse_size(args.cost_size)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.cost_frames and not Path(args.cost_frames).is_dir():
+        parser.error(f"--cost-frames {args.cost_frames} is not a folder")
     if args.role == ADAPTER_ROLE:
         parser.error("--role must name a VAE (student or teacher); the adapter is exported with "
                      "the student, as tinyvae_encoder_teacher_space.onnx")
