@@ -139,13 +139,7 @@ def run(name: str, argv: Sequence[str] | None = None, prog: str | None = None) -
     (default ``hrm-vision NAME``), the import of its module included in the error path."""
     prog = prog or f"{PROG} {name}"
     args = list(sys.argv[1:] if argv is None else argv)
-    try:
-        command = load_command(name)
-    except EXPECTED_ERRORS as exc:
-        if show_tracebacks():
-            raise
-        return report_error(prog, exc)
-    return run_main(prog, lambda a: command(a, prog=prog), args)
+    return run_main(prog, lambda a: load_command(name)(a, prog=prog), args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
