@@ -68,8 +68,6 @@ class GaussianScale(nn.Module):
 
     def __init__(self, sigma: float = 0.1, channels: int | None = None) -> None:
         super().__init__()
-        if not sigma > 0:
-            raise ValueError(f"sigma must be > 0, got {sigma}")
         shape = () if channels is None else (channels,)
         self.log_sigma = nn.Parameter(torch.full(shape, math.log(sigma)))
 
@@ -97,11 +95,9 @@ FREE_BITS_MODES = ("channel", "total")
 def kl_nats(mu: Tensor, logvar: Tensor, free_bits: float = 0.0,
             mode: str = "total") -> Tensor:
     """KL of the posterior ``(B, C, h, w)`` (or a vector latent ``(B, C)``) to N(0, I) in nats
-    per image, with a floor of ``free_bits`` nats per latent element: on each channel's
+    per image, with a floor of ``free_bits`` >= 0 nats per latent element: on each channel's
     batch-mean KL (``mode="channel"``) or on the image's (``"total"``). A binding floor gives no
     gradient."""
-    if free_bits < 0:
-        raise ValueError(f"free_bits must be >= 0, got {free_bits}")
     if mode not in FREE_BITS_MODES:
         raise ValueError(f"mode must be one of {FREE_BITS_MODES}, got {mode!r}")
     kl = gaussian_kl(mu, logvar)
@@ -117,7 +113,7 @@ def kl_per_element(mu: Tensor, logvar: Tensor) -> float:
 
 
 class RateTarget(nn.Module):
-    """A Lagrange multiplier (a buffer) holding the KL at ``target`` (bits per pixel):
+    """A Lagrange multiplier (a buffer) holding the KL at ``target`` > 0 (bits per pixel):
     the loss uses ``multiplier * kl``; :meth:`update` does ``log m += step_size * (kl / target -
     1)`` after each optimiser step."""
 
@@ -125,9 +121,6 @@ class RateTarget(nn.Module):
 
     def __init__(self, target: float, initial: float = 1.0, step_size: float = 0.01) -> None:
         super().__init__()
-        if not target > 0 or not initial > 0 or not step_size > 0:
-            raise ValueError("target, initial and step_size must be > 0, got "
-                             f"{target}, {initial}, {step_size}")
         self.target, self.step_size = target, step_size
         self.register_buffer("multiplier", torch.tensor(float(initial)))
 
@@ -533,8 +526,6 @@ def resolve_backbone(kind: str, vgg16_weights: str | None = None,
     """``kind`` with ``auto`` resolved: ``vgg16`` when its weights are on disk (``vgg16_weights``
     or the torch hub cache), else ``teacher``. ``vgg16`` with no weights on disk and no
     ``allow_download`` is a ``ValueError`` saying how to proceed."""
-    if kind not in ("auto", "vgg16", "teacher"):
-        raise ValueError(f"perceptual_backbone must be auto, vgg16 or teacher, got {kind!r}")
     local = find_vgg16_weights(vgg16_weights) if kind != "teacher" else None
     if kind == "auto":
         return "vgg16" if local is not None else "teacher"
