@@ -1,27 +1,10 @@
 """Datasets and image files. Every dataset keeps its images as uint8 and yields ``(3, S, S)``
 float RGB tensors in [0, 1], deterministic per index (the distiller caches the teacher's
-outputs). :func:`build_dataset` builds the ``"train"`` or ``"val"`` split of one of:
-
-* ``photos``: crops of the photographs bundled in the scikit-image wheel (never downloaded),
-  split *by photograph*, deterministic for a seed (needs the ``photos`` extra);
-* ``cifar10``: CIFAR-10 in torchvision's layout (``<data_dir>/cifar-10-batches-py/``), fetched
-  only with ``download=True`` (MD5-checked); the batch pickles are read by an unpickler that
-  only rebuilds numpy arrays (a tampered file cannot run code), each checked for its shape;
-* ``imagefolder``: every image under a folder (recursive, hidden entries skipped), split by its
-  ``train/`` and ``val/`` folders when it has both, else by a hash of its relative path and
-  ``seed`` (stable when files are added), centre cropped and resized once (needs the ``train``
-  extra). Undecodable files are skipped, kept in ``.skipped`` and logged; a folder with no
-  readable image is an error.
-
-``crops="stream"`` (photos, imagefolder): the training split is a :class:`CropStream`, fresh
-crops every epoch from the full-size photographs, deterministic per ``(seed, epoch, index)``;
-validation sets stay fixed crops (:meth:`CropStream.fixed`, :func:`unseen_crops`).
-
-**Image files** (:func:`read_image`, :func:`load_square_uint8`) are scaled by their bit depth:
-8-bit ``/ 255``, 16-bit (``I;16``, and ``I`` from PNG/PPM) ``/ 65535``, floats in [0, 1] as
-they are; an unknown scale (32-bit integers, floats outside [0, 1], NaN, multi-channel float
-TIFFs) is an error saying why. Only regular files with at most ``max_pixels`` pixels in their
-header (default :data:`MAX_PIXELS`, ``$HRM_VISION_MAX_IMAGE_PIXELS``) are decoded.
+outputs). :func:`build_dataset` builds the ``"train"`` or ``"val"`` split of ``photos``
+(:class:`PhotoCrops`, needs the ``photos`` extra), ``cifar10`` (:class:`CIFAR10Images`, read by
+:func:`load_batch`) or ``imagefolder`` (:class:`ImageFolderImages`, split by
+:func:`folder_files`); ``crops="stream"`` makes the training split a :class:`CropStream`.
+Image files are scaled by their bit depth (:func:`read_image`; docs/robustness.md).
 """
 
 from __future__ import annotations

@@ -13,10 +13,7 @@ role (``"student"``, ``"teacher"``, ``"adapter"``) ``{role}_state_dict`` and ``{
 ``NAME.json`` (the data the model was trained on, its licences, its measured PSNR);
 ``load("NAME")`` reads them by name.
 
-**Loading checks**, before anything is built: a registered architecture whose integer arguments
-do not exceed the widest stored tensor, at most :data:`MAX_NESTING` levels of nesting, at most
-:data:`MAX_METADATA_CHARS` characters of metadata; then exact keys, shapes (before a
-``.safetensors`` file's data is read), dtypes and finite values. Every problem is a
+Loading checks a file before building its model (docs/robustness.md); every problem is a
 :class:`CheckpointError` naming the file.
 """
 
