@@ -57,12 +57,10 @@ class DistillConfig(BaseModel):
                            "weights")
     image_size: int = Field(32, ge=8, description="image side in pixels, a multiple of 8, at "
                             f"most {MAX_IMAGE_SIZE}")
-    train_samples: int | None = Field(None, ge=1, le=MAX_COUNT,
-                                      description="use only the first N training "
-                                      "images (None: all)")
-    val_samples: int | None = Field(None, ge=2, le=MAX_COUNT,
-                                    description="use only the first N validation "
-                                    "images (None: all)")
+    train_samples: int | None = Field(None, ge=1, le=MAX_COUNT, description="use only the "
+                                      "first N training images (None: all)")
+    val_samples: int | None = Field(None, ge=2, le=MAX_COUNT, description="use only the first "
+                                    "N validation images (None: all)")
     crops: Crops = Field("fixed", description="fixed: the training crops are cut once; stream "
                          "(photos, imagefolder): train_samples fresh crops every epoch from the "
                          "full-size training photographs (random position, scale 1/4 to 1, "
@@ -87,15 +85,15 @@ class DistillConfig(BaseModel):
     student_latent_dim: int = Field(128, ge=1, le=MAX_CHANNELS,
                                     description="student latent channels on the H/8 x W/8 grid "
                                     "(a compact student: numbers per crop)")
-    teacher_base_channels: int = Field(64, ge=1, le=MAX_CHANNELS,
-                                       description="width of the teacher's first stage")
-    teacher_blocks_per_stage: int = Field(1, ge=1, le=MAX_BLOCKS,
-                                          description="residual blocks per teacher stage")
-    student_base_channels: int = Field(32, ge=1, le=MAX_CHANNELS,
-                                       description="width of the student's first stage")
+    teacher_base_channels: int = Field(64, ge=1, le=MAX_CHANNELS, description="width of the "
+                                       "teacher's first stage")
+    teacher_blocks_per_stage: int = Field(1, ge=1, le=MAX_BLOCKS, description="residual blocks "
+                                          "per teacher stage")
+    student_base_channels: int = Field(32, ge=1, le=MAX_CHANNELS, description="width of the "
+                                       "student's first stage")
     # ---------------------------------------------------------------- optimisation
-    batch_size: int = Field(64, ge=1, le=MAX_BATCH,
-                            description="images per batch (per process under torchrun)")
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH, description="images per batch (per process "
+                            "under torchrun)")
     epochs: int = Field(100, ge=0, le=MAX_EPOCHS, description="distillation epochs (phase 2)")
     learning_rate: float = Field(3e-4, gt=0, description="AdamW learning rate after the "
                                  "warm-up (3e-4: measured in docs/models.md)")
@@ -103,9 +101,8 @@ class DistillConfig(BaseModel):
     ema_decay: float = Field(0.99, ge=0, lt=1, description="decay of the exponential moving "
                              "average of the trained weights, used for validation and every "
                              "saved model (0: off, the raw weights)")
-    warmup_steps: int = Field(100, ge=0, le=MAX_COUNT,
-                              description="linear warm-up optimizer steps before the "
-                              "cosine decay")
+    warmup_steps: int = Field(100, ge=0, le=MAX_COUNT, description="linear warm-up optimizer "
+                              "steps before the cosine decay")
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm (None: off)")
     grad_accum_steps: int = Field(1, ge=1, le=MAX_BATCH, description="batches per optimizer step")
     mixed_precision: Precision = Field("auto", description="auto: fp16 with a scaler on CUDA, "
@@ -125,8 +122,8 @@ class DistillConfig(BaseModel):
     recon_weight: float = Field(0.3, ge=0, description="weight of the reconstruction: a "
                                 "Gaussian negative log-likelihood in nats per image with a "
                                 "learned scale")
-    kl_weight: float = Field(
-        0.1, ge=0, description="weight of the KL term (nats per image, above the free-bits floor)")
+    kl_weight: float = Field(0.1, ge=0, description="weight of the KL term (nats per image, "
+                             "above the free-bits floor)")
     kl_free_bits: float = Field(6.0, ge=0, le=MAX_BPP, description="KL floor in bits per "
                                 "pixel of the image, the same budget for any latent size "
                                 "(teacher and student): a KL below it is free (no gradient)")
