@@ -25,8 +25,9 @@ ORDER = [
     "hrm_vision", "cli", "__main__",
 ]
 #: The library's size: lines of Python and files (8,000 held the package before the crop stream,
-#: the camera pipeline and the trust report; each of those three ideas is given 300-400 lines).
-MAX_LINES, MAX_FILES = 9000, 30
+#: the camera pipeline, the trust report with its codes, and the shipped weights: together about
+#: 1,030 lines).
+MAX_LINES, MAX_FILES = 9100, 30
 
 
 def module_name(path: Path) -> str:
