@@ -280,7 +280,9 @@ def licenses(corpus: Path) -> dict[str, dict[str, Any]]:
     out = {}
     for package, info in manifest["packages"].items():
         text = (corpus / info["license"]).read_text(encoding="utf-8", errors="replace")
-        names = sorted({m.strip() for m in re.findall(r"^License:[ \t]*(\S.*)$", text, re.M)})
+        # machine-readable ``License:`` fields, and the free-text "Licensed under ... License"
+        names = sorted({m.strip() for m in re.findall(r"^License:[ \t]*(\S.*)$", text, re.M)}
+                       | {m.strip() for m in re.findall(r"Licensed under ([^\n]+? License)", text)})
         out[package] = {"version": info["version"], "licenses": names,
                         "copyright_file": info["license"]}
     return out
