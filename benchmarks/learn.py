@@ -2,7 +2,7 @@
 """The learning benchmark (``make learn``): networks trained on streamed crops of the wallpaper
 corpus, beside what PCA and thumbnails of the same crops give.
 
-    python benchmarks/learn.py                       # about 65 min on 2 quiet cores
+    python benchmarks/learn.py                       # about 25 min on 2 cores
     python benchmarks/learn.py --scale 0.01 --out-dir /tmp/learn   # the machinery, in a minute
     python benchmarks/learn.py --ship                # then copy the best students into the package
 
@@ -19,13 +19,10 @@ picture), then four runs of the package's trainer (:class:`hrm_vision.train.Dist
 * ``spatial``: the spatial student (TinyVAE, 128 channels on the H/8 x W/8 grid, 32x32 crops)
   alone, the model ``hrm_vision.load("tinyvae")`` ships.
 
-The budget is in steps (``steps`` of the config; ``--scale`` multiplies them), not in minutes: at
-batch 64 on 2 threads the compact student trains at 8.8 steps/s on a quiet machine (plain MSE,
-before the faster step), and relative to it a teacher step costs 2.6, a distillation step 1.7
-(the teacher runs on every streamed crop) and a spatial step 1.2 student steps (measured with
-``torch.set_num_threads(2)``, batch 64). 3,000 teacher, 2 x 6,000 student and 4,000 spatial steps
-are about 3,300 s of steps; with ``validations`` (30) validations per run and the final table
-about 65 minutes.
+The budget is in steps (``steps`` of the config; ``--scale`` multiplies them), not in minutes:
+1,000 teacher, 2 x 2,000 compact-student and 1,500 spatial steps at batch 64 on 2 threads took
+21 minutes of runs on a 2-core AMD EPYC (teacher 2.5, distilled 6.7, alone 8.8, spatial 10.1
+steps/s in training, validations and checkpoints besides; benchmarks/results/learn.json).
 Each run validates every ``ceil(steps / validations)`` steps (one epoch of that many streamed
 batches); the best checkpoint is the best held-out PSNR.
 
