@@ -121,6 +121,13 @@ class TestKL:
         assert obj.RateTarget(2.0, initial=0.1).update(2.0) == pytest.approx(0.1)
         assert "multiplier" in target.state_dict()
 
+    def test_a_rate_far_above_the_target_grows_the_multiplier_by_a_bounded_step(self) -> None:
+        """A near-lossless start spends thousands of times the target: the step is capped (it
+        overflowed ``math.exp`` before), and still grows the multiplier."""
+        far = obj.RateTarget(6.0, initial=0.1, step_size=0.5)
+        assert far.update(1e6) == pytest.approx(0.1 * math.exp(0.5))
+        assert far.update(12.0) == pytest.approx(0.1 * math.exp(1.0))  # at 2x: uncapped
+
 
 class TestDistillation:
     def test_latent_term_at_t1_is_the_gaussian_kl(self) -> None:

@@ -114,8 +114,8 @@ def kl_per_element(mu: Tensor, logvar: Tensor) -> float:
 
 class RateTarget(nn.Module):
     """A Lagrange multiplier (a buffer) holding the KL at ``target`` > 0 (bits per pixel):
-    the loss uses ``multiplier * kl``; :meth:`update` does ``log m += step_size * (kl / target -
-    1)`` after each optimiser step."""
+    the loss uses ``multiplier * kl``; :meth:`update` does ``log m += step_size * min(kl / target
+    - 1, 1)`` after each optimiser step."""
 
     multiplier: Tensor
 
@@ -127,8 +127,10 @@ class RateTarget(nn.Module):
     @torch.no_grad()
     def update(self, rate: float) -> float:
         """One dual step from the KL just measured (``target``'s unit); returns the new
-        multiplier."""
-        self.multiplier.mul_(math.exp(self.step_size * (rate / self.target - 1)))
+        multiplier. The relative excess is capped at 1 (a rate far above the target, such as a
+        near-lossless start's, grows the multiplier by at most ``exp(step_size)`` a step)."""
+        excess = min(rate / self.target - 1, 1.0)
+        self.multiplier.mul_(math.exp(self.step_size * excess))
         return float(self.multiplier)
 
 
