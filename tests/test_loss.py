@@ -127,6 +127,12 @@ class TestKL:
         far = obj.RateTarget(6.0, initial=0.1, step_size=0.5)
         assert far.update(1e6) == pytest.approx(0.1 * math.exp(0.5))
         assert far.update(12.0) == pytest.approx(0.1 * math.exp(1.0))  # at 2x: uncapped
+        for _ in range(100):
+            far.update(1e6)
+        assert far.update(1e6) == obj.MULTIPLIER_RANGE[1]
+        for _ in range(100):
+            far.update(0.0)
+        assert far.update(0.0) == pytest.approx(obj.MULTIPLIER_RANGE[0])
 
 
 class TestDistillation:

@@ -112,6 +112,11 @@ def kl_per_element(mu: Tensor, logvar: Tensor) -> float:
     return float(gaussian_kl(mu, logvar).mean())
 
 
+#: The rate multiplier's range: beyond 1e3 one nat of rate outweighs thousands of nats of
+#: reconstruction, and an overshoot there took ``make demo``'s teacher to non-finite losses.
+MULTIPLIER_RANGE = (1e-4, 1e3)
+
+
 class RateTarget(nn.Module):
     """A Lagrange multiplier (a buffer) holding the KL at ``target`` > 0 (bits per pixel):
     the loss uses ``multiplier * kl``; :meth:`update` does ``log m += step_size * min(kl / target
@@ -130,7 +135,7 @@ class RateTarget(nn.Module):
         multiplier. The relative excess is capped at 1 (a rate far above the target, such as a
         near-lossless start's, grows the multiplier by at most ``exp(step_size)`` a step)."""
         excess = min(rate / self.target - 1, 1.0)
-        self.multiplier.mul_(math.exp(self.step_size * excess))
+        self.multiplier.mul_(math.exp(self.step_size * excess)).clamp_(*MULTIPLIER_RANGE)
         return float(self.multiplier)
 
 
