@@ -347,6 +347,7 @@ AGREED = {
     "export": "hrm_vision.export",
     "irp": "hrm_vision.irp.host",
     "perceive": "hrm_vision.perceive",
+    "trust": "hrm_vision.trust",
 }
 
 
