@@ -22,7 +22,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._extras import require
-from .codes import Codes, fit_codebooks, fit_range, from_8bit, from_tokens, to_8bit, to_tokens
+from .codes import (
+    Codes,
+    fit_codebooks,
+    fit_spread,
+    from_8bit_binned,
+    from_tokens,
+    to_8bit_binned,
+    to_tokens,
+)
 from .compact import CompactVAE, fit_crop_pca
 from .data import VAL_PHOTOS, crop_images, load_photo
 from .evaluate import CROP_PCA_FIT, thumbnail
@@ -181,7 +189,7 @@ def trust_report(args: argparse.Namespace) -> tuple[dict[str, Any], Codes]:
         return ((lambda x: (x.flatten(1) - mean) @ comps[:k].T),
                 (lambda c: (mean + c @ comps[:k]).reshape(-1, 3, size, size)))
 
-    low, step = fit_range(z_train)
+    centre8, spread8 = fit_spread(z_train)
     books = fit_codebooks(z_train, args.token_ids)
     views = {"held_out": [load_photo(p) for p in VAL_PHOTOS], "unseen": [unseen_photo()]}
     figures: dict[str, dict[str, Any]] = {}
@@ -192,7 +200,8 @@ def trust_report(args: argparse.Namespace) -> tuple[dict[str, Any], Codes]:
         q = {"student": quality(dec, x), "pca64": quality(back64(pca64(x)), x),
              "thumbnail8": quality(thumbnail(x, 8), x)}
         kl = float(gaussian_kl(mu, logvar).mean())
-        eight = psnr(batched(model.decode, from_8bit(to_8bit(mu, low, step), low, step)), x)
+        binned = to_8bit_binned(mu, centre8, spread8)
+        eight = psnr(batched(model.decode, from_8bit_binned(binned, centre8, spread8)), x)
         ids = to_tokens(mu, books)
         tokens = {str(k): quality(batched(model.decode, from_tokens(ids[:, :k], books)), x)
                   for k in sorted({1, len(books)})}  # SSIM is slow: one id and all
@@ -224,7 +233,7 @@ def trust_report(args: argparse.Namespace) -> tuple[dict[str, Any], Codes]:
         f["entity_agreement"] = {k: {"cosine": v and v[key]} for k, v in entity.items()}
     report = {**figures["held_out"], "unseen": figures["unseen"], "meta": {
         **vars(args), "train_crops": len(train), "seconds": time.perf_counter() - start}}
-    return report, Codes(low, step, books)
+    return report, Codes(centre8, spread8, books)
 
 
 def flat(figures: dict[str, Any], prefix: str = "") -> dict[str, Any]:

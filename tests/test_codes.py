@@ -9,9 +9,12 @@ from hrm_vision.codes import (
     Codes,
     fit_codebooks,
     fit_range,
+    fit_spread,
     from_8bit,
+    from_8bit_binned,
     from_tokens,
     to_8bit,
+    to_8bit_binned,
     to_tokens,
 )
 
@@ -78,10 +81,37 @@ def test_token_inputs_are_checked():
 
 def test_codes_file_round_trip(tmp_path):
     z = clustered()
-    codes = Codes(*fit_range(z), fit_codebooks(z, stages=2, iterations=2))
+    codes = Codes(*fit_spread(z), fit_codebooks(z, stages=2, iterations=2))
     (tmp_path / "codes.safetensors").write_bytes(codes.to_bytes())
     back = Codes.load(tmp_path / "codes.safetensors")
     assert all(torch.equal(a, b) for a, b in zip(codes, back, strict=True))
     (tmp_path / "bad.safetensors").write_bytes(b"not a file")
     with pytest.raises(ValueError, match="not a codes file"):
         Codes.load(tmp_path / "bad.safetensors")
+
+
+def test_binned_codes_spend_their_levels_where_the_training_latents_are() -> None:
+    """Heavy-tailed channels (Student-t, 3 degrees of freedom): equal-probability bins of the
+    training distribution code held-out latents with under half the squared error of the
+    training min/max range, and a decoded code codes to itself."""
+    t = torch.distributions.StudentT(3.0)
+    torch.manual_seed(0)
+    train, held = t.sample((4096, 8)), t.sample((512, 8))
+    centre, spread = fit_spread(train)
+    q = to_8bit_binned(held, centre, spread)
+    assert q.dtype == torch.uint8 and q.shape == held.shape
+    binned = (from_8bit_binned(q, centre, spread) - held).pow(2).mean()
+    low, step = fit_range(train)
+    uniform = (from_8bit(to_8bit(held, low, step), low, step) - held).pow(2).mean()
+    assert binned < uniform / 2
+    assert torch.equal(to_8bit_binned(from_8bit_binned(q, centre, spread), centre, spread), q)
+
+
+def test_binned_codes_refuse_bad_statistics() -> None:
+    centre, spread = fit_spread(torch.randn(16, 4))
+    with pytest.raises(ValueError, match="centre/spread"):
+        to_8bit_binned(torch.randn(3, 5), centre, spread)
+    with pytest.raises(ValueError, match="uint8"):
+        from_8bit_binned(torch.zeros(3, 4), centre, spread)
+    with pytest.raises(ValueError, match="two latents"):
+        fit_spread(torch.randn(1, 4))

@@ -342,7 +342,7 @@ class TestMeasure:
 def test_latents_as_8bit_codes_and_tokens(checkpoint: Path, tmp_path: Path) -> None:
     """A spatial student's latents (B, 8, h, w) as uint8 codes of the same shape and as token ids
     (B, 2) of codebooks over the whole latent, decoded back; without a codes file, a ValueError."""
-    from hrm_vision.codes import Codes, fit_codebooks, fit_range
+    from hrm_vision.codes import Codes, fit_codebooks, fit_spread
 
     plugin = TinyVAEPlugin(TinyVAEConfig(checkpoint=checkpoint))
     images = PhotoCrops("train", num_crops=520, image_size=16).images_uint8.float() / 255.0
@@ -350,7 +350,7 @@ def test_latents_as_8bit_codes_and_tokens(checkpoint: Path, tmp_path: Path) -> N
     with pytest.raises(ValueError, match="with the codes setting"):
         plugin.to_code(z, "8bit")
     path = tmp_path / "codes.safetensors"
-    path.write_bytes(Codes(*fit_range(z), fit_codebooks(z, stages=2, iterations=3)).to_bytes())
+    path.write_bytes(Codes(*fit_spread(z), fit_codebooks(z, stages=2, iterations=3)).to_bytes())
     coded = TinyVAEPlugin(TinyVAEConfig(checkpoint=checkpoint, codes=path))
     z = plugin.encode(PhotoCrops("val", num_crops=4, image_size=16).images_uint8.float() / 255.0)
     q, ids = coded.to_code(z, "8bit"), coded.to_code(z, "tokens")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
-from ..codes import Codes, from_8bit, from_tokens, to_8bit, to_tokens
+from ..codes import Codes, from_8bit_binned, from_tokens, to_8bit_binned, to_tokens
 from ..compact import CompactStudentVAE
 from ..io import CheckpointError, load
 from ..vae import MinimalVAE
@@ -262,7 +262,7 @@ class TinyVAEPlugin(IRPPlugin):
             raise ValueError(f"form {form!r}: 'float', or '8bit' and 'tokens' with the codes "
                              "setting (the codes.safetensors of `hrm-vision trust`)")
         if form == "8bit":
-            return to_8bit(z, self.codes.low, self.codes.step)
+            return to_8bit_binned(z, self.codes.centre, self.codes.spread)
         return to_tokens(z, self.codes.codebooks)
 
     def from_code(self, code: Tensor, latent_shape: tuple[int, ...]) -> Tensor:
@@ -271,7 +271,8 @@ class TinyVAEPlugin(IRPPlugin):
             return code.float().reshape(-1, *latent_shape)
         if self.codes is None:
             raise ValueError("decoding codes needs the codes setting (`hrm-vision trust`)")
-        z = (from_8bit(code.reshape(-1, *latent_shape), self.codes.low, self.codes.step)
+        z = (from_8bit_binned(code.reshape(-1, *latent_shape), self.codes.centre,
+                                 self.codes.spread)
              if code.dtype == torch.uint8 else from_tokens(code, self.codes.codebooks))
         return z.reshape(-1, *latent_shape).to(self.device)
 
