@@ -14,6 +14,7 @@ table fast.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,15 @@ for argv, log, writes, kill in jobs:
 
 
 def run_jobs(jobs: list[list[Any]], cwd: Path) -> list[int]:
-    return run_forked(FORK_RUNNER, jobs, cwd, timeout=1200)
+    """The jobs' exit statuses, in order; two runner processes take alternate jobs at once (one
+    per core of a 2-core CI machine: the table runs in about half the time)."""
+    parts = [jobs[0::2], jobs[1::2]]
+    with ThreadPoolExecutor(len(parts)) as pool:
+        done = list(pool.map(lambda part: run_forked(FORK_RUNNER, part, cwd, timeout=1200)
+                             if part else [], parts))
+    statuses = [0] * len(jobs)
+    statuses[0::2], statuses[1::2] = done
+    return statuses
 
 
 def argv(workdir: Path, ckpt: Path, epochs: int = EPOCHS, **flags: Any) -> list[str]:
