@@ -1072,6 +1072,23 @@ class TestValidationSets:
         records = [r for r in d.history if r["phase"] == "distill"]
         assert best["best_psnr"] == max(r["val"]["psnr"] for r in records)
 
+    def test_a_short_epoch_of_streamed_crops_still_gives_the_whole_start(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The models' PCA start is fitted on INIT_IMAGES streamed crops (epochs 0, 1, ...),
+        not on one short epoch's."""
+        import hrm_vision.train.trainer as trainer
+        from hrm_vision.train.trainer import build_split, first_images
+
+        monkeypatch.setattr(trainer, "INIT_IMAGES", 40)
+        train = build_split(tiny(tmp_path, crops="stream", train_samples=16), "train")
+        start = first_images(train)
+        assert start.shape[0] == 40
+        assert torch.equal(start[:16], torch.stack([train[i][1] for i in range(16)]))
+        train.base.set_epoch(1)
+        assert torch.equal(start[16:32], torch.stack([train[i][1] for i in range(16)]))
+        train.base.set_epoch(0)
+        assert first_images(train, 8).shape[0] == 8
+
     def test_workers_give_the_same_batches(self, tmp_path: Path) -> None:
         from hrm_vision.train.trainer import build_split, set_epoch
 

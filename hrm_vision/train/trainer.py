@@ -283,7 +283,14 @@ def training_probe(train_set: IndexedDataset, count: int) -> IndexedDataset:
 
 
 def first_images(dataset: IndexedDataset, limit: int | None = None) -> Tensor:
-    """The first ``min(limit or INIT_IMAGES, len)`` images, ``(N, 3, H, W)`` in [0, 1]."""
+    """The first ``min(limit or INIT_IMAGES, len)`` images, ``(N, 3, H, W)`` in [0, 1]; of
+    streamed crops without ``limit``, :data:`INIT_IMAGES` whatever an epoch holds (the items of
+    epochs 0, 1, ... in order), so a short epoch does not starve the models' PCA start."""
+    base = dataset.base
+    if limit is None and isinstance(base, CropStream):
+        n = base.num_crops
+        crops = [base.crop(i % n, i // n) for i in range(INIT_IMAGES)]
+        return torch.stack(crops).float().div_(255.0)
     n = min(INIT_IMAGES if limit is None else limit, len(dataset))
     return torch.stack([dataset[i][1] for i in range(n)])
 
