@@ -2,7 +2,7 @@
 """The learning benchmark (``make learn``): networks trained on streamed crops of the wallpaper
 corpus, beside what PCA and thumbnails of the same crops give.
 
-    python benchmarks/learn.py                       # about 25 min on 2 cores
+    python benchmarks/learn.py                       # about 20 min on 2 cores
     python benchmarks/learn.py --scale 0.01 --out-dir /tmp/learn   # the machinery, in a minute
     python benchmarks/learn.py --ship                # then copy the best students into the package
 
@@ -21,7 +21,7 @@ picture), then four runs of the package's trainer (:class:`hrm_vision.train.Dist
 
 The budget is in steps (``steps`` of the config; ``--scale`` multiplies them), not in minutes:
 1,000 teacher, 2 x 2,000 compact-student and 1,500 spatial steps at batch 64 on 2 threads took
-21 minutes of runs on a 2-core AMD EPYC (teacher 2.5, distilled 6.7, alone 8.8, spatial 10.1
+about 19 minutes of runs on a 2-core AMD EPYC (teacher 4.4, distilled 7.1, alone 8.8, spatial 8.8
 steps/s in training, validations and checkpoints besides; benchmarks/results/learn.json).
 Each run validates every ``ceil(steps / validations)`` steps (one epoch of that many streamed
 batches); the best checkpoint is the best held-out PSNR.
