@@ -68,8 +68,9 @@ while True:
 
 
 #: How long a run that hangs is let run before coreutils ``timeout`` stops it (status 124);
-#: the host's own start (torch's import) takes up to about 4 s on a loaded 2-core machine.
-HANG_S = 15
+#: the host's own start (torch's import) takes up to about 4 s on a loaded 2-core machine (every
+#: hang test waits this long: it sets a good part of the suite's time).
+HANG_S = 10
 
 def host(root: Path, args: list[str], timeout: float | None = None,
          **env: str) -> subprocess.CompletedProcess[str]:
