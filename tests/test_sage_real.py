@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import warnings
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -43,9 +44,12 @@ INPUTS = {
 
 
 def make(**kwargs):
-    """The drop-in on the untrained compact student, perturbed: untouched, its encoding is
-    already the decoder's least-squares optimum and refinement has nothing to improve."""
-    with warnings.catch_warnings():
+    """The drop-in on the untrained compact student (not the shipped one), perturbed: untouched,
+    its encoding is already the decoder's least-squares optimum and refinement has nothing to
+    improve."""
+    import hrm_vision.irp.sage as sage_module
+
+    with warnings.catch_warnings(), mock.patch.object(sage_module, "shipped_weights", list):
         warnings.simplefilter("ignore", UserWarning)
         plugin = create_tinyvae_irp(device="cpu", **kwargs)
     perturbed(plugin.model)

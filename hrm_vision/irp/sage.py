@@ -90,6 +90,9 @@ def sage_model(checkpoint: Any, latent_dim: int | None = None, input_channels: i
         sizes = Sizes(latent_dim or 64, input_channels or 3, img_size or 64)  # SAGE's
         if sizes == Sizes(64, 3, 64) and SHIPPED in shipped_weights():
             return load(SHIPPED), sizes
+        warnings.warn("create_tinyvae_irp without a checkpoint at these sizes: an untrained "
+                      "compact student (a whole-crop DCT); pass checkpoint='compact_best.pth' "
+                      "for trained weights", UserWarning, stacklevel=4)
         return untrained_model(sizes.latent_dim, sizes.img_size), sizes
     model = load_student(checkpoint)
     where, dim = f"the checkpoint {checkpoint}", int(model.latent_dim)
@@ -152,10 +155,6 @@ class TinyVAEIRP:
                           "plugin; this model reads crops as they are, in value_range "
                           f"{settings.value_range}, so normalize/mean/std are not used",
                           UserWarning, stacklevel=3)
-        if settings.checkpoint is None:
-            warnings.warn("create_tinyvae_irp without a checkpoint: an untrained compact "
-                          "student (a whole-crop DCT); pass checkpoint='compact_best.pth' for "
-                          "trained weights", UserWarning, stacklevel=3)
         model, sizes = sage_model(settings.checkpoint, settings.latent_dim,
                                   settings.input_channels, settings.img_size)
         shared = settings.model_dump(include=set(TinyVAESettings.model_fields))
