@@ -30,14 +30,20 @@ def _per_channel(v: Tensor, ndim: int) -> Tensor:
     return v.reshape(1, -1, *([1] * (ndim - 2)))
 
 
-def fit_range(latents: Tensor) -> tuple[Tensor, Tensor]:
-    """``(low, step)``, float32 ``(C,)``, covering the per-channel range of ``latents``
-    ``(N, C, ...)`` in :data:`LEVELS` equal steps (a constant channel gets step 1)."""
+def _channel_rows(latents: Tensor) -> Tensor:
+    """``latents`` ``(N >= 1, C, ...)`` as float32 rows ``(C, N * ...)``, checked finite."""
     if latents.ndim < 2 or latents.shape[0] == 0:
         raise ValueError(f"latents must be (N, C, ...) with N >= 1, got {tuple(latents.shape)}")
     flat = latents.detach().float().transpose(0, 1).reshape(latents.shape[1], -1)
     if not torch.isfinite(flat).all():
         raise ValueError("latents hold NaN or infinite values")
+    return flat
+
+
+def fit_range(latents: Tensor) -> tuple[Tensor, Tensor]:
+    """``(low, step)``, float32 ``(C,)``, covering the per-channel range of ``latents``
+    ``(N, C, ...)`` in :data:`LEVELS` equal steps (a constant channel gets step 1)."""
+    flat = _channel_rows(latents)
     low, high = flat.min(dim=1).values, flat.max(dim=1).values
     step = (high - low) / LEVELS
     return low, torch.where(step > 0, step, torch.ones_like(step))
@@ -68,8 +74,7 @@ SPREAD = 5.0  #: the bins' Gaussian, in training standard deviations (experiment
 def fit_spread(latents: Tensor, spread: float = SPREAD) -> tuple[Tensor, Tensor]:
     """``(centre, spread)``, float32 ``(C,)``: the per-channel mean of training ``latents``
     ``(N >= 2, C, ...)`` and ``spread`` times their standard deviation (at least 1e-6)."""
-    centre, _ = fit_range(latents)  # the shape and finiteness checks
-    flat = latents.detach().float().transpose(0, 1).reshape(latents.shape[1], -1)
+    flat = _channel_rows(latents)
     if flat.shape[1] < 2:
         raise ValueError("fitting the bins needs at least two latents")
     return flat.mean(dim=1), (spread * flat.std(dim=1)).clamp(min=1e-6)
