@@ -34,6 +34,7 @@ from .codes import (
 from .compact import CompactVAE, fit_crop_pca
 from .data import VAL_PHOTOS, crop_images, load_photo
 from .evaluate import CROP_PCA_FIT, thumbnail
+from .export import cover
 from .io import atomic_write, load, load_checkpoint, write_json, write_text
 from .irp.sage import sage_trust
 from .metrics import gaussian_kl, psnr, ssim
@@ -53,11 +54,6 @@ def unseen_photo() -> np.ndarray:
 def unseen_crops(num: int, image_size: int = 64, seed: int = 7) -> Tensor:
     """``num`` crops ``(num, 3, S, S)`` in [0, 1] of :data:`UNSEEN_PHOTO`, cut like ``photos``."""
     return crop_images([unseen_photo()], num, image_size, seed, label=UNSEEN_PHOTO).float() / 255
-
-
-def _resized(x: Tensor, size: int) -> Tensor:
-    return F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True,
-                         align_corners=False)[0].clamp(0, 1)
 
 
 def view_pairs(photos: Sequence[np.ndarray], change: str, count: int, size: int = 64,
@@ -80,12 +76,13 @@ def view_pairs(photos: Sequence[np.ndarray], change: str, count: int, size: int 
         elif change == "scale":
             w = round(size * (1 + 0.1 * sign))
             o = size - w // 2
-            pair = centre, _resized(r[:, o:o + w, o:o + w], size)
+            pair = centre, cover(r[None, :, o:o + w, o:o + w], size, size)
         elif change == "brightness":
             pair = centre, (centre * (1 + 0.1 * sign)).clamp(0, 1)
         else:
             w, o = 3 * size // 2, size // 4
-            pair = tuple(_resized(r[:, o:o + w, o + x:o + x + w], size) for x in (0, 6 * sign))
+            pair = tuple(cover(r[None, :, o:o + w, o + x:o + x + w], size, size)
+                         for x in (0, 6 * sign))
         pairs.append(pair)
     return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 

@@ -398,21 +398,15 @@ class LatentAdapter(nn.Module):
         return self.proj(z)
 
     @torch.no_grad()
-    def init_from_linear_paths(self, student: nn.Module, teacher: nn.Module) -> bool:
-        """Start as the student's linear decoder path then the teacher's linear encoder path,
-        when both have one (``linear_path()``) and the sizes fit; returns whether it did."""
-        if not (hasattr(student, "linear_path") and hasattr(teacher, "linear_path")):
-            return False
-        _, _, dec_w, dec_b = student.linear_path()
-        enc_w, enc_b, _, _ = teacher.linear_path()
-        if enc_w.shape[1] != dec_w.shape[0]:
-            return False
-        weight, bias = enc_w @ dec_w, enc_w @ dec_b + enc_b
-        if weight.shape != (self.teacher_dim, self.student_dim):
-            return False
+    def fit(self, student_mu: Tensor, teacher_mu: Tensor) -> None:
+        """Become the least-squares map (the best linear prediction) from ``student_mu`` (N,
+        student_dim[, h, w]) to ``teacher_mu`` (N, teacher_dim[, h, w]), latents of one batch."""
+        s, t = (m.double().movedim(1, -1).reshape(-1, m.shape[1]) for m in (student_mu, teacher_mu))
+        if s.shape[0] <= s.shape[1]:
+            raise ValueError(f"an adapter fit needs more latent vectors than numbers: {s.shape}")
+        weight = torch.linalg.lstsq(s - s.mean(0), t - t.mean(0)).solution.T
         self.proj.weight.copy_(weight.reshape(self.proj.weight.shape))
-        self.proj.bias.copy_(bias)
-        return True
+        self.proj.bias.copy_(t.mean(0) - weight @ s.mean(0))
 
     def variance(self, var: Tensor) -> Tensor:
         """Per-channel variance of ``W z + b`` for ``z ~ N(mu, diag(var))`` (the diagonal of

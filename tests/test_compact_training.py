@@ -14,10 +14,11 @@ from experiments.model_summary import summary_rows
 from hrm_vision.compact import CompactStudentVAE, CompactTeacherVAE
 from hrm_vision.evaluate import crop_baselines
 from hrm_vision.io import CheckpointError, load, model_from_payload
+from hrm_vision.metrics import psnr
 from hrm_vision.train import Distiller, load_config
 from hrm_vision.train.config import ConfigError, make_config
 from hrm_vision.train.loss import TeacherFeatures, kl_nats, residual_variance
-from hrm_vision.train.trainer import configured_model
+from hrm_vision.train.trainer import build_split, configured_model, first_images
 from hrm_vision.vae import LatentAdapter, MinimalVAE, TeacherVAE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,21 +108,22 @@ class TestVectorAdapter:
         assert torch.allclose(vec.variance(var), grid.variance(var[:, :, None, None]).flatten(1),
                               atol=1e-6)
 
-    def test_linear_path_start_lets_the_teacher_decode_the_student(self) -> None:
-        images = crops(96)
+    def test_the_fitted_adapter_lets_the_teacher_decode_the_student(self) -> None:
         student = CompactStudentVAE(latent_dim=8, base_channels=4)
         teacher = CompactTeacherVAE(latent_dim=32, base_channels=4)
+        images = crops(96)
         student.init_from_data(images)
         teacher.init_from_data(images)
         adapter = LatentAdapter(8, 32, vector=True)
-        assert adapter.init_from_linear_paths(student, teacher)
         student.eval(), teacher.eval()
         with torch.no_grad():
-            x = crops(8, seed=1)
-            direct = teacher.encode(student.decode(student.encode(x)))
-            adapted = adapter(student.encode(x))
-        # the clamp of the student's output is the only difference from the linear maps
-        assert torch.allclose(adapted, direct, atol=1e-2)
+            adapter.fit(student.encode(images), teacher.encode(images))
+            x = crops(32, seed=1)  # crops the fit did not see
+            own = psnr(student.decode(student.encode(x)), x)
+            cross = psnr(teacher.decode(adapter(student.encode(x))), x)
+            unfitted = psnr(teacher.decode(LatentAdapter(8, 32, vector=True)(
+                student.encode(x))), x)
+        assert abs(cross - own) < 0.1 and cross > unfitted + 0.3
 
     def test_checkpoint_entry_round_trip(self) -> None:
         adapter = LatentAdapter(8, 32, vector=True)
@@ -203,3 +205,26 @@ def test_tiny_compact_distillation_end_to_end(tmp_path) -> None:
     val = history[1]["val"]
     assert all(math.isfinite(val[k]) for k in ("psnr", "teacher_psnr", "cross_psnr", "kl"))
     assert val["perceptual"] > 0 and val["distill_latent"] > 0
+
+
+def test_the_saved_adapter_is_the_least_squares_map_of_the_saved_student(tmp_path) -> None:
+    """After each epoch the adapter is refitted to the weights that are validated and saved
+    (the weight average), so a checkpoint's adapter reads its own student's latents."""
+    torch.set_num_threads(1)
+    cfg = load_config(COMPACT, {**TINY, "train_samples": 48, "val_samples": 8,
+                                "batch_size": 16, "teacher_epochs": 1, "epochs": 2,
+                                "finetune_epochs": 0, "warmup_steps": 1, "device": "cpu",
+                                "checkpoint_dir": str(tmp_path)})
+    files = Distiller(cfg, console=False).run()
+    student, saved = load(files["best"], role="student"), load(files["best"], role="adapter")
+    teacher = load(files["teacher"], role="teacher")
+    x = first_images(build_split(cfg, "train"))
+    refit = LatentAdapter(saved.student_dim, saved.teacher_dim, vector=True)
+    with torch.no_grad():
+        refit.fit(student.encode(x), teacher.encode(x))
+        fresh = CompactStudentVAE(**student.arch_config())
+        fresh.init_from_data(x)  # the student's start
+        start = LatentAdapter(saved.student_dim, saved.teacher_dim, vector=True)
+        start.fit(fresh.encode(x), teacher.encode(x))
+    assert torch.allclose(saved.proj.weight, refit.proj.weight, atol=1e-4)
+    assert not torch.allclose(saved.proj.weight, start.proj.weight, atol=1e-3)

@@ -606,6 +606,7 @@ class Phase:
     #: The phase's best file is the previous phase's (fine-tuning): the loop starts from the
     #: previous best value and commits its start before its first step.
     inherits_best = False
+    trains_adapter = False
     vae: VAEBase
     model: nn.Module
     adapter: LatentAdapter | None = None
@@ -622,7 +623,18 @@ class Phase:
         return self.model
 
     def init_fresh(self) -> None:
-        """Called once on a fresh run, after the fresh models' ``init_from_data``."""
+        self.refit()  # once on a fresh run, after the fresh models' ``init_from_data``
+
+    @torch.no_grad()
+    def refit(self) -> dict[str, Tensor] | None:
+        """Make the adapter (no gradient) the least-squares map from the student's latents of
+        :func:`first_images` of the training set to the teacher's; returns its state."""
+        if self.teacher is None or not self.trains_adapter:
+            return None
+        x = first_images(self.ctx.train_set).to(self.ctx.device).split(256)
+        self.adapter.fit(torch.cat([self.vae.encode(b) for b in x]),
+                         torch.cat([self.teacher.encode(b) for b in x]))
+        return {k: v.clone() for k, v in self.adapter.state_dict().items()}
 
     def calibrate(self) -> None:
         """Start the likelihood scale at the model's RMS error on the first training images."""
@@ -774,12 +786,7 @@ class DistillPhase(Phase):
         self.vae, self.adapter, self.teacher, self.criterion = student, adapter, teacher, loss
         self.perceptual_name, self.teacher_source = perceptual_name, teacher_source
         self.model = Trainable(student, loss.scale, adapter if self.trains_adapter else None)
-
-    def init_fresh(self) -> None:
-        """The adapter starts as the composition of the two models' linear paths."""
-        if self.teacher is not None and self.adapter.init_from_linear_paths(
-                self.vae, self.teacher):
-            self.ctx.message("adapter: initialised from the two models' linear patch paths")
+        adapter.requires_grad_(False)  # refitted by least squares after each epoch
 
     def prepare(self) -> None:
         """Build the teacher caches (with a teacher and ``teacher_cache``)."""
@@ -991,11 +998,14 @@ class PhaseLoop:
             raise self._diverged(f"epoch {epoch + 1} of the {self.phase.name} phase kept no "
                                  f"optimizer step ({self.state.bad_steps} bad steps so far: "
                                  "non-finite loss or weights)")
-        elapsed = time.perf_counter() - self._started
-        count = self.state.count
+        elapsed, count = time.perf_counter() - self._started, self.state.count
         train = reduce_mean(self.state.means(), self.ctx, count)
         with self.average.applied() if self.average is not None else nullcontext():
+            fitted = self.phase.refit()  # to the weights validated and saved
             val = self.phase.validate()
+        if fitted is not None and self.average is not None:  # into the raw weights too
+            self.phase.adapter.load_state_dict(fitted)
+            self.average.averaged.module.adapter.load_state_dict(fitted)
         bad = [name for key, name in (("total", "loss"), ("psnr", "reconstruction error"),
                                       ("cross_psnr", "cross-decoding error"))
                if key in val and not math.isfinite(val[key])]
