@@ -21,16 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import codes as coding
 from ._extras import require
-from .codes import (
-    Codes,
-    fit_codebooks,
-    fit_spread,
-    from_8bit_binned,
-    from_tokens,
-    to_8bit_binned,
-    to_tokens,
-)
 from .compact import CompactVAE, fit_crop_pca
 from .data import VAL_PHOTOS, crop_images, load_photo
 from .evaluate import CROP_PCA_FIT, thumbnail
@@ -172,7 +164,7 @@ def entity_agreement(paths: Sequence[str], sets: dict[str, Tensor], train: Tenso
 
 
 @torch.no_grad()
-def trust_report(args: argparse.Namespace) -> tuple[dict[str, Any], Codes]:
+def trust_report(args: argparse.Namespace) -> tuple[dict[str, Any], coding.Codes]:
     """The report (see the module docstring) and the fitted codes."""
     start = time.perf_counter()
     model, config = load_student(args.checkpoint)
@@ -186,8 +178,8 @@ def trust_report(args: argparse.Namespace) -> tuple[dict[str, Any], Codes]:
         return ((lambda x: (x.flatten(1) - mean) @ comps[:k].T),
                 (lambda c: (mean + c @ comps[:k]).reshape(-1, 3, size, size)))
 
-    centre8, spread8 = fit_spread(z_train)
-    books = fit_codebooks(z_train, args.token_ids)
+    centre8, spread8 = coding.fit_spread(z_train)
+    books = coding.fit_codebooks(z_train, args.token_ids)
     views = {"held_out": [load_photo(p) for p in VAL_PHOTOS], "unseen": [unseen_photo()]}
     figures: dict[str, dict[str, Any]] = {}
     for key, x in sets.items():
@@ -197,10 +189,10 @@ def trust_report(args: argparse.Namespace) -> tuple[dict[str, Any], Codes]:
         q = {"student": quality(dec, x), "pca64": quality(back64(pca64(x)), x),
              "thumbnail8": quality(thumbnail(x, 8), x)}
         kl = float(gaussian_kl(mu, logvar).mean())
-        binned = to_8bit_binned(mu, centre8, spread8)
-        eight = psnr(batched(model.decode, from_8bit_binned(binned, centre8, spread8)), x)
-        ids = to_tokens(mu, books)
-        tokens = {str(k): quality(batched(model.decode, from_tokens(ids[:, :k], books)), x)
+        binned = coding.to_8bit_binned(mu, centre8, spread8)
+        eight = psnr(batched(model.decode, coding.from_8bit_binned(binned, centre8, spread8)), x)
+        ids = coding.to_tokens(mu, books)
+        tokens = {str(k): quality(batched(model.decode, coding.from_tokens(ids[:, :k], books)), x)
                   for k in sorted({1, len(books)})}  # SSIM is slow: one id and all
         view: dict[str, dict[str, float]] = {}
         for i, change in enumerate(CHANGES):
@@ -230,7 +222,7 @@ def trust_report(args: argparse.Namespace) -> tuple[dict[str, Any], Codes]:
         f["entity_agreement"] = {k: {"cosine": v and v[key]} for k, v in entity.items()}
     report = {**figures["held_out"], "unseen": figures["unseen"], "meta": {
         **vars(args), "train_crops": len(train), "seconds": time.perf_counter() - start}}
-    return report, Codes(centre8, spread8, books)
+    return report, coding.Codes(centre8, spread8, books)
 
 
 def flat(figures: dict[str, Any], prefix: str = "") -> dict[str, Any]:
