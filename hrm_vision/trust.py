@@ -172,7 +172,7 @@ def trust_report(args: argparse.Namespace) -> tuple[dict[str, Any], coding.Codes
     train, sets = crop_sets(config, size, args.num_crops, args.train_crops)
     z_train = batched(model.encode, train)
     centre = z_train.mean(0)
-    mean, comps, _ = fit_crop_pca(train[:CROP_PCA_FIT], 64)
+    mean, comps, std = fit_crop_pca(train[:CROP_PCA_FIT], 64)
 
     def pca(k: int) -> tuple[Fn, Fn]:
         return ((lambda x: (x.flatten(1) - mean) @ comps[:k].T),
@@ -195,9 +195,11 @@ def trust_report(args: argparse.Namespace) -> tuple[dict[str, Any], coding.Codes
         tokens = {str(k): quality(batched(model.decode, coding.from_tokens(ids[:, :k], books)), x)
                   for k in sorted({1, len(books)})}  # SSIM is slow: one id and all
         view: dict[str, dict[str, float]] = {}
+        coders = (("student", model.encode, centre), ("pca64", pca64, 0.0),
+                  ("pca64_whitened", lambda v, f=pca64: f(v) / std, 0.0))  # the student's scale
         for i, change in enumerate(CHANGES):
             a, b = view_pairs(views[key], change, args.gallery + 1, size, seed=i)
-            for name, fn, c in (("student", model.encode, centre), ("pca64", pca64, 0.0)):
+            for name, fn, c in coders:
                 cos, hit = agreement(batched(fn, a), batched(fn, b), c)
                 view.setdefault(change, {})[name] = hit
                 view[change][f"cosine_{name}"] = cos

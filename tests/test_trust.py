@@ -65,7 +65,9 @@ def test_keys_and_ranges(run) -> None:
         assert tokens["by_ids"]["1"]["psnr"] < tokens["by_ids"]["2"]["psnr"] == tokens["psnr"]
         assert set(figures["view_agreement"]) == set(CHANGES)
         for change in figures["view_agreement"].values():
-            assert 0 <= change["student"] <= 1 and 0 <= change["pca64"] <= 1
+            assert all(0 <= change[k] <= 1 for k in ("student", "pca64", "pca64_whitened"))
+        brightness = figures["view_agreement"]["brightness"]  # whitening: contrast, not level
+        assert brightness["cosine_pca64_whitened"] != brightness["cosine_pca64"]
         assert set(figures["device_agreement"]) >= {"fp16", "int8"}
         assert figures["entity_agreement"] == {"distilled": {"cosine": None},
                                                "alone": {"cosine": None}}
