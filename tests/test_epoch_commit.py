@@ -21,7 +21,6 @@ import json
 import re
 import shutil
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -87,15 +86,8 @@ for argv, log, writes, kill, states in jobs:
 
 
 def run_jobs(jobs: list[list[Any]], cwd: Path) -> list[int]:
-    """The jobs' exit statuses, in order; two runner processes take alternate jobs at once (one
-    per core of a 2-core CI machine: the table runs in about half the time)."""
-    parts = [jobs[0::2], jobs[1::2]]
-    with ThreadPoolExecutor(len(parts)) as pool:
-        done = list(pool.map(lambda part: run_forked(FORK_RUNNER, part, cwd, timeout=1200)
-                             if part else [], parts))
-    statuses = [0] * len(jobs)
-    statuses[0::2], statuses[1::2] = done
-    return statuses
+    """The jobs' exit statuses, in order; two runner processes take alternate jobs at once."""
+    return run_forked(FORK_RUNNER, jobs, cwd, timeout=1200, runners=2)
 
 
 def argv(workdir: Path, ckpt: Path, epochs: int = EPOCHS, **flags: Any) -> list[str]:
