@@ -573,13 +573,12 @@ def test_channels_last_eager_equals_the_default_path(photo_batch) -> None:
         eager_runner(model, "forward")
 
 
-def test_onnx_runner_any_size(tmp_path) -> None:
-    model = perturbed_student()
-    export_model(model, tmp_path, torch.rand(2, 3, 32, 32))
+def test_onnx_runner_any_size(exported) -> None:
+    model, out, _ = exported
     x = torch.rand(1, 3, 72, 40)
     with torch.no_grad():
         z = model.encode(x)
-    assert (onnx_runner(tmp_path / "tinyvae_encoder.onnx", threads=1)(x) - z).abs().max() <= 1e-4
+    assert (onnx_runner(out / "tinyvae_encoder.onnx", threads=1)(x) - z).abs().max() <= 1e-4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
