@@ -155,12 +155,6 @@ def assert_same_files(got: Path, ref: Path) -> None:
             assert path.read_bytes() == expected[key].read_bytes(), key
 
 
-def assert_same_run(got: Path, ref: Path) -> None:
-    """The files of the uninterrupted run ``ref`` (which leaves no temporary or lock file):
-    :func:`assert_same_files`."""
-    assert_same_files(got, ref)
-
-
 Point = tuple[str, int, str]  #: a kill point: file name, its occurrence, "inside" | "after"
 
 
@@ -173,11 +167,15 @@ class Reference(NamedTuple):
     states: Path
     flags: dict[str, Any]
 
+    def state(self, point: Point) -> Path:
+        """The folder of the kill state at ``point``."""
+        return self.states / "{}.{}.{}".format(*point)
+
     def kill_state(self, point: Point) -> Path:
-        """The folder of the kill state at ``point`` (checked: its temporary file is there
-        exactly when the kill is inside the write)."""
-        name, occurrence, when = point
-        state = self.states / f"{name}.{occurrence}.{when}"
+        """:meth:`state`, checked: its temporary file is there exactly when the kill is inside
+        the write."""
+        name, _, when = point
+        state = self.state(point)
         stray = [TEMPORARY.sub(r"\1", p.name) for p in state.glob(".*.tmp")]
         assert stray == ([name] if when == "inside" else []), (point, stray)
         return state
@@ -290,7 +288,7 @@ def resumed(runs: Runs, request: pytest.FixtureRequest,
         ref = runs.references[name]
         for point in points(ref.writes) if test in selected else []:
             cases.append((test, point, ref, work / f"state{len(cases)}"))
-            shutil.copytree(ref.states / "{}.{}.{}".format(*point), cases[-1][3], symlinks=True)
+            shutil.copytree(ref.state(point), cases[-1][3], symlinks=True)
     jobs = [[argv(ref.folder.parent, folder, **ref.flags), f"{folder}.resume.log",
              f"{folder}.resume.writes", None, None] for _, _, ref, folder in cases]
     statuses = run_jobs(jobs, work)
@@ -299,10 +297,11 @@ def resumed(runs: Runs, request: pytest.FixtureRequest,
 
 
 def assert_resumed_as(run: Resumed, ref: Reference, phase: str, point: Point) -> None:
-    """``run`` ended well, said ``resuming {phase} from`` and left the files of ``ref``."""
+    """``run`` ended well, said ``resuming {phase} from`` and left the files of ``ref`` (no
+    temporary or lock file: ``ref`` has none)."""
     assert run.status == 0, (point, run.log[-3000:])
     assert f"resuming {phase} from" in run.log, (point, run.log[-2000:])
-    assert_same_run(run.folder, ref.folder)
+    assert_same_files(run.folder, ref.folder)
 
 
 def check_real_kills(test: str, runs: Runs, resumed: dict[tuple[str, Point], Resumed],
