@@ -277,7 +277,7 @@ def resumed(runs: Runs, request: pytest.FixtureRequest,
             tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, Point], Resumed]:
     """At once, ``--resume auto`` of every real kill (in its folder, a copy of the folder the
     kill left kept beside it as ``FOLDER.killed``) and, for each :data:`EVERY_WRITE` test this
-    session runs, of a copy of each of its kill states: ``{(test, point): Resumed}``."""
+    run of pytest selects, of a copy of each of its kill states: ``{(test, point): Resumed}``."""
     work = tmp_path_factory.mktemp("resumed")
     selected = {item.name for item in request.session.items if item.module is request.module}
     cases = []  # (test, point, reference, folder)
