@@ -4,16 +4,14 @@ a missing extra) through each command is one line on standard error naming the f
 and the cause, exit status 2, no traceback.
 
 The commands run as the user runs them (``python training/distill_tinyvae.py``, ``python -m
-...``) in child processes forked from one interpreter that has imported torch (see
-:data:`FORK_RUNNER`), so the table stays fast. A full disk is a file size limit
+...``) in child processes forked from interpreters that have imported torch (see
+:data:`FORK_RUNNER`; two such interpreters take alternate cases at once), so the table stays
+fast. A full disk is a file size limit
 (``RLIMIT_FSIZE``): a write past it fails with ``EFBIG`` exactly where ``ENOSPC`` would.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -128,12 +126,27 @@ def make_files(d: Path) -> None:
 #: The command runner preloading torch and the package (see ``tests/helpers/forked.py``).
 FORK_RUNNER = command_runner(
     "import numpy, torch, torchvision, matplotlib, pydantic, tqdm\n"
-    "import hrm_vision.io, hrm_vision.cli, hrm_vision.train.trainer, "
-    "hrm_vision.evaluate")  # not distill.__main__: `-m hrm_vision.train` runs it afresh
+    "import hrm_vision.io, hrm_vision.cli, hrm_vision.train.trainer, hrm_vision.evaluate, "
+    "hrm_vision.export")  # not distill.__main__: `-m hrm_vision.train` runs it afresh
+
+#: A script that runs ``hrm-vision distill`` with a real bug inside the trainer.
+BUGGY_TRAINER = """
+import sys
+from hrm_vision.train import trainer
+from hrm_vision import cli
+
+def run(self, resume=None, force_resume=False):
+    raise TypeError("a real bug")
+
+trainer.Distiller.run = run
+sys.exit(cli.main(["distill", *sys.argv[1:]]))
+"""
 
 
 def run_cases(cases: list[Case], d: Path) -> list[Outcome]:
-    """Run ``cases`` (``{d}``: the case folder, each case in its own subfolder for outputs)."""
+    """Run ``cases`` (``{d}``: the case folder, each case in its own subfolder for outputs),
+    then ``d/buggy_trainer.py`` (:data:`BUGGY_TRAINER`) with the tiny run's flags: the last
+    outcome."""
     jobs = []
     for i, case in enumerate(cases):
         command, _ = COMMANDS[case.command]
@@ -148,7 +161,11 @@ def run_cases(cases: list[Case], d: Path) -> list[Outcome]:
                      "bad.json"):
             if not (work / name).exists():
                 (work / name).symlink_to(d / name)
-    return run_commands(FORK_RUNNER, jobs, ROOT, timeout=900, drop_env=(cli.TRACEBACK_ENV,))
+    (d / "buggy_trainer.py").write_text(BUGGY_TRAINER)
+    jobs.append([[str(d / "buggy_trainer.py"), *(a.replace("{d}", str(d)) for a in distill())],
+                 [], str(d / ".out_bug"), str(d / ".err_bug"), None])
+    return run_commands(FORK_RUNNER, jobs, ROOT, timeout=900, drop_env=(cli.TRACEBACK_ENV,),
+                        runners=2)
 
 
 @pytest.fixture(scope="module")
@@ -159,9 +176,15 @@ def case_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def outcomes(case_dir: Path) -> list[Outcome]:
-    """Every case of the table, run once."""
+def table(case_dir: Path) -> list[Outcome]:
+    """Every case of the table, then the buggy trainer, run once."""
     return run_cases(CASES, case_dir)
+
+
+@pytest.fixture(scope="module")
+def outcomes(table: list[Outcome]) -> list[Outcome]:
+    """Every case of the table."""
+    return table[:len(CASES)]
 
 
 def test_every_command_meets_every_failure() -> None:
@@ -194,25 +217,10 @@ def test_full_disk_keeps_no_temporary_file(outcomes: list[Outcome], case_dir: Pa
             assert list(ckpt.glob(".*.tmp")) == []
 
 
-BUGGY_TRAINER = """
-import sys
-from hrm_vision.train import trainer
-from hrm_vision import cli
-
-def run(self, resume=None, force_resume=False):
-    raise TypeError("a real bug")
-
-trainer.Distiller.run = run
-sys.exit(cli.main(["distill", *sys.argv[1:]]))
-"""
-
-
-def test_a_real_bug_keeps_its_traceback(case_dir: Path) -> None:
-    """Only expected failures are shortened: a TypeError inside the trainer is a traceback."""
-    args = [a.replace("{d}", str(case_dir)) for a in distill()]
-    proc = subprocess.run([sys.executable, "-c", BUGGY_TRAINER, *args], capture_output=True,
-                          text=True, cwd=ROOT, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+def test_a_real_bug_keeps_its_traceback(table: list[Outcome]) -> None:
+    """Only expected failures are shortened: a TypeError inside the trainer is a traceback
+    (uncaught: the child prints it and exits 1, as Python does)."""
+    proc = table[-1]
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" in proc.stderr and "TypeError: a real bug" in proc.stderr
 

@@ -6,17 +6,23 @@ phase and its first epoch, which replaces the distillation student in ``tinyvae_
 
 The kill is deterministic: in the child process ``os.replace`` (the last step of every atomic
 write) is wrapped to SIGKILL the process at the chosen write, just before the file is put in
-place ("inside": its complete temporary file is left behind) or just after. The runs are child
-processes forked from one interpreter that has imported torch and the trainer, which keeps the
-table fast.
+place ("inside": its complete temporary file is left behind) or just after. A SIGKILL leaves the
+checkpoint folder as it is at that moment, so the uninterrupted reference runs also copy their
+folder inside and right after each write (the *kill state* of that write); the every-write tests
+resume a copy of each kill state (one resumed run per write instead of a killed run and a
+resumed one), and the real kills below check that a killed run leaves exactly its kill state.
+The runs are child processes forked from one interpreter that has imported torch and the
+trainer, two such interpreters at once.
 """
 
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
+import re
+import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -32,11 +38,13 @@ EPOCHS = 2
 VARYING = {"time_s", "train_img_per_s", "checkpoint_dir"}
 
 #: Runs the distiller's command line in forked children. stdin: JSON ``[[argv, log, writes,
-#: kill], ...]``: ``writes`` is a file that receives the name of every file put in place under
-#: the checkpoint folder; ``kill`` is None or ``[name, occurrence, "inside" | "after"]``.
-#: stdout: the exit statuses (a SIGKILLed child: -9).
+#: kill, states], ...]``: ``writes`` is a file that receives the name of every file put in place
+#: under the checkpoint folder; ``kill`` is None or ``[name, occurrence, "inside" | "after"]``;
+#: ``states`` is None or a folder that receives a copy of the checkpoint folder inside and right
+#: after each write, ``NAME.OCCURRENCE.inside`` and ``NAME.OCCURRENCE.after``. stdout: the exit
+#: statuses (a SIGKILLed child: -9).
 FORK_RUNNER = """
-import json, os, signal, sys, traceback
+import json, os, shutil, signal, sys, traceback
 import torch, torchvision, matplotlib, tqdm
 from hrm_vision import cli
 from hrm_vision.vae import _PatchVAE
@@ -45,7 +53,7 @@ from hrm_vision.vae import _PatchVAE
 _PatchVAE.init_from_data = lambda self, images: None
 jobs = json.load(sys.stdin)
 statuses = []
-for argv, log, writes, kill in jobs:
+for argv, log, writes, kill, states in jobs:
     pid = os.fork()
     if pid == 0:
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
@@ -53,15 +61,22 @@ for argv, log, writes, kill in jobs:
         os.dup2(fd, 2)
         replace, seen = os.replace, {}
 
+        def keep(dst, name, when):
+            if states is not None:
+                target = os.path.join(states, f"{name}.{seen[name]}.{when}")
+                shutil.copytree(os.path.dirname(os.fspath(dst)), target, symlinks=True)
+
         def wrapped(src, dst, *args, **kwargs):
             name = os.path.basename(os.fspath(dst))
             seen[name] = seen.get(name, 0) + 1
             with open(writes, "a") as f:
                 f.write(name + "\\n")
+            keep(dst, name, "inside")
             due = kill is not None and kill[0] == name and kill[1] == seen[name]
             if due and kill[2] == "inside":
                 os.kill(os.getpid(), signal.SIGKILL)
             replace(src, dst, *args, **kwargs)
+            keep(dst, name, "after")
             if due:
                 os.kill(os.getpid(), signal.SIGKILL)
 
@@ -71,15 +86,8 @@ for argv, log, writes, kill in jobs:
 
 
 def run_jobs(jobs: list[list[Any]], cwd: Path) -> list[int]:
-    """The jobs' exit statuses, in order; two runner processes take alternate jobs at once (one
-    per core of a 2-core CI machine: the table runs in about half the time)."""
-    parts = [jobs[0::2], jobs[1::2]]
-    with ThreadPoolExecutor(len(parts)) as pool:
-        done = list(pool.map(lambda part: run_forked(FORK_RUNNER, part, cwd, timeout=1200)
-                             if part else [], parts))
-    statuses = [0] * len(jobs)
-    statuses[0::2], statuses[1::2] = done
-    return statuses
+    """The jobs' exit statuses, in order; two runner processes take alternate jobs at once."""
+    return run_forked(FORK_RUNNER, jobs, cwd, timeout=1200, runners=2)
 
 
 def argv(workdir: Path, ckpt: Path, epochs: int = EPOCHS, **flags: Any) -> list[str]:
@@ -121,33 +129,67 @@ def assert_same(a: Any, b: Any, where: str) -> None:
         assert a == b or (a != a and b != b), (where, a, b)  # NaN equals NaN here
 
 
-def assert_same_run(got: Path, ref: Path) -> None:
-    """The same files; checkpoints, history and config equal but for :data:`VARYING`;
-    pictures byte for byte."""
-    names = sorted(p.name for p in got.iterdir())
-    assert names == sorted(p.name for p in ref.iterdir())
-    for name in names:
+#: A temporary file of an atomic write: ``.NAME.XXXXXXXX.tmp`` (``tempfile.mkstemp``).
+TEMPORARY = re.compile(r"^\.(.+)\.\w{8}\.tmp$")
+
+
+def assert_same_files(got: Path, ref: Path) -> None:
+    """The same files (temporary files named by the file they hold); checkpoints, history and
+    config equal but for :data:`VARYING`; pictures byte for byte; the lock file's holder (pid,
+    start time) is not compared."""
+    def named(folder: Path) -> dict[str, Path]:
+        return {TEMPORARY.sub(r".\1.tmp", p.name): p for p in folder.iterdir()}
+
+    files, expected = named(got), named(ref)
+    assert sorted(files) == sorted(expected)
+    for key, path in files.items():
+        temporary = TEMPORARY.match(path.name)
+        name = temporary[1] if temporary else path.name
         if name.endswith(".pth"):
-            assert_same(comparable(load_checkpoint(got / name)),
-                        comparable(load_checkpoint(ref / name)), name)
+            assert_same(comparable(load_checkpoint(path)),
+                        comparable(load_checkpoint(expected[key])), key)
         elif name.endswith(".json"):
-            assert_same(comparable(json.loads((got / name).read_text())),
-                        comparable(json.loads((ref / name).read_text())), name)
-        else:
-            assert (got / name).read_bytes() == (ref / name).read_bytes(), name
+            assert_same(comparable(json.loads(path.read_text())),
+                        comparable(json.loads(expected[key].read_text())), key)
+        elif name != ".lock":
+            assert path.read_bytes() == expected[key].read_bytes(), key
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
-    """An uninterrupted run: its checkpoint folder and the files it put in place, in order."""
-    work = tmp_path_factory.mktemp("epoch_commit")
-    ckpt, writes = work / "reference", work / "reference.writes"
-    assert run_jobs([[argv(work, ckpt), str(work / "reference.log"), str(writes), None]],
-                    work) == [0], (work / "reference.log").read_text()[-3000:]
-    return ckpt, writes.read_text().split()
+Point = tuple[str, int, str]  #: a kill point: file name, its occurrence, "inside" | "after"
 
 
-def kill_points(writes: list[str]) -> list[tuple[str, int, str]]:
+class Reference(NamedTuple):
+    """An uninterrupted run: its checkpoint folder, the files it put in place in order, the
+    folder of its kill states (see :data:`FORK_RUNNER`) and its flags."""
+
+    folder: Path
+    writes: list[str]
+    states: Path
+    flags: dict[str, Any]
+
+    def state(self, point: Point) -> Path:
+        """The folder of the kill state at ``point``."""
+        return self.states / "{}.{}.{}".format(*point)
+
+    def kill_state(self, point: Point) -> Path:
+        """:meth:`state`, checked: its temporary file is there exactly when the kill is inside
+        the write."""
+        name, _, when = point
+        state = self.state(point)
+        stray = [TEMPORARY.sub(r"\1", p.name) for p in state.glob(".*.tmp")]
+        assert stray == ([name] if when == "inside" else []), (point, stray)
+        return state
+
+
+class Resumed(NamedTuple):
+    """A resumed run: its exit status, its log and its checkpoint folder."""
+
+    status: int
+    log: str
+    folder: Path
+
+
+def kill_points(writes: list[str]) -> list[Point]:
     """Every write of the last epoch (after the previous epoch's commit), inside and after."""
     commits = [i for i, name in enumerate(writes) if name == "tinyvae_last.pth"]
     last_epoch = writes[commits[-2] + 1:commits[-1] + 1]
@@ -158,65 +200,7 @@ def kill_points(writes: list[str]) -> list[tuple[str, int, str]]:
     return points
 
 
-def test_the_last_epoch_writes_every_kind_of_file_and_commits_last(reference) -> None:
-    _, writes = reference
-    commits = [i for i, name in enumerate(writes) if name == "tinyvae_last.pth"]
-    assert len(commits) == EPOCHS
-    last_epoch = writes[commits[-2] + 1:commits[-1] + 1]
-    assert last_epoch[-1] == "tinyvae_last.pth"
-    assert {"history.json", "loss_curves.png", "distill_epoch_002.png",
-            "tinyvae_epoch_002.pth", "tinyvae_best.pth"} <= set(last_epoch), last_epoch
-
-
-def _run_kills(points: list[tuple[str, int, str]], reference: tuple[Path, list[str]],
-               work: Path, resuming: str = "distill", **flags: Any) -> None:
-    """Kill a run at each of ``points``, resume it, compare with ``reference``; the resumed run
-    says ``resuming {resuming} from``."""
-    ref, _ = reference
-    jobs, resumes = [], []
-    for i, (name, occurrence, when) in enumerate(points):
-        ckpt = work / f"run{i}"
-        jobs.append([argv(ref.parent, ckpt, **flags), str(work / f"run{i}.log"),
-                     str(work / f"run{i}.writes"), [name, occurrence, when]])
-        resumes.append([argv(ref.parent, ckpt, **flags), str(work / f"resume{i}.log"),
-                        str(work / f"resume{i}.writes"), None])
-    assert run_jobs(jobs, work) == [-9] * len(points)  # each run died at its write
-    for i, (name, _, when) in enumerate(points):
-        stray = list((work / f"run{i}").glob(".*.tmp"))
-        assert bool(stray) == (when == "inside"), (name, when, stray)
-    statuses = run_jobs(resumes, work)
-    for i, point in enumerate(points):
-        log = (work / f"resume{i}.log").read_text()
-        assert statuses[i] == 0, (point, log[-3000:])
-        assert f"resuming {resuming} from" in log, (point, log[-2000:])
-        assert_same_run(work / f"run{i}", ref)
-
-
-def test_killed_inside_the_best_checkpoint_of_the_final_epoch(reference, tmp_path: Path) -> None:
-    """Killed while the final epoch's ``tinyvae_best.pth`` was being put in place (the window
-    the old order, ``*_last.pth`` first, never repaired): the resumed run trains the final epoch
-    again and ends as the uninterrupted one."""
-    _run_kills([p for p in kill_points(reference[1])
-                if p[0] == "tinyvae_best.pth" and p[2] == "inside"], reference, tmp_path)
-
-
-@pytest.mark.slow
-def test_killed_inside_or_after_any_write_of_the_last_epoch(reference, tmp_path: Path) -> None:
-    _run_kills(kill_points(reference[1]), reference, tmp_path)
-
-
-@pytest.fixture(scope="module")
-def finetune_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
-    """An uninterrupted distillation + fine-tuning run (:data:`FINETUNE`): its checkpoint
-    folder and the files it put in place, in order."""
-    work = tmp_path_factory.mktemp("finetune_commit")
-    ckpt, writes = work / "reference", work / "reference.writes"
-    assert run_jobs([[argv(work, ckpt, **FINETUNE), str(work / "reference.log"), str(writes),
-                      None]], work) == [0], (work / "reference.log").read_text()[-3000:]
-    return ckpt, writes.read_text().split()
-
-
-def finetune_kill_points(writes: list[str]) -> list[tuple[str, int, str]]:
+def finetune_kill_points(writes: list[str]) -> list[Point]:
     """The start commit of the fine-tuning phase and every write of its first epoch, inside
     and after."""
     start = writes.index("tinyvae_finetune_last.pth")
@@ -228,11 +212,152 @@ def finetune_kill_points(writes: list[str]) -> list[tuple[str, int, str]]:
     return points
 
 
+#: The real kills: test -> the reference run whose flags it runs with, and its kill points.
+KILLS: dict[str, tuple[str, list[Point]]] = {
+    "test_killed_inside_the_best_checkpoint_of_the_final_epoch": (
+        "reference", [("tinyvae_best.pth", 2, "inside")]),
+    "test_killed_at_the_finetune_best_checkpoint": (
+        "finetune", [("tinyvae_best.pth", 2, "inside"), ("tinyvae_best.pth", 2, "after")]),
+}
+#: The every-write tests: test -> the reference run whose kill states it resumes, and the
+#: kill points of its writes.
+EVERY_WRITE: dict[str, tuple[str, Callable[[list[str]], list[Point]]]] = {
+    "test_killed_inside_or_after_any_write_of_the_last_epoch": ("reference", kill_points),
+    "test_killed_inside_or_after_any_write_of_the_finetune_start": (
+        "finetune", finetune_kill_points),
+}
+
+
+class Runs(NamedTuple):
+    """The uninterrupted runs by name, and each real kill's exit status and checkpoint folder
+    by ``(test, point)``."""
+
+    references: dict[str, Reference]
+    killed: dict[tuple[str, Point], tuple[int, Path]]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    """At once: the two uninterrupted runs, ``reference`` (:data:`EPOCHS` distillation epochs)
+    and ``finetune`` (:data:`FINETUNE`), with their kill states; and the runs of :data:`KILLS`,
+    each killed at its point."""
+    work = tmp_path_factory.mktemp("epoch_commit")
+    refs = {"reference": {}, "finetune": FINETUNE}
+    jobs = []
+    for name, flags in refs.items():
+        (work / f"{name}.states").mkdir()
+        jobs.append([argv(work, work / name, **flags), str(work / f"{name}.log"),
+                     str(work / f"{name}.writes"), None, str(work / f"{name}.states")])
+    killed = [(test, point) for test, (_, points) in KILLS.items() for point in points]
+    for i, (test, point) in enumerate(killed):
+        jobs.append([argv(work, work / f"killed{i}", **refs[KILLS[test][0]]),
+                     str(work / f"killed{i}.log"), str(work / f"killed{i}.writes"),
+                     list(point), None])
+    statuses = run_jobs(jobs, work)
+    for name, status in zip(refs, statuses, strict=False):
+        assert status == 0, (work / f"{name}.log").read_text()[-3000:]
+    return Runs({name: Reference(work / name, (work / f"{name}.writes").read_text().split(),
+                                 work / f"{name}.states", flags) for name, flags in refs.items()},
+                {key: (status, work / f"killed{i}")
+                 for i, (key, status) in enumerate(zip(killed, statuses[2:], strict=True))})
+
+
+@pytest.fixture(scope="module")
+def reference(runs: Runs) -> Reference:
+    return runs.references["reference"]
+
+
+@pytest.fixture(scope="module")
+def finetune_reference(runs: Runs) -> Reference:
+    return runs.references["finetune"]
+
+
+@pytest.fixture(scope="module")
+def resumed(runs: Runs, request: pytest.FixtureRequest,
+            tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, Point], Resumed]:
+    """At once, ``--resume auto`` of every real kill (in its folder, a copy of the folder the
+    kill left kept beside it as ``FOLDER.killed``) and, for each :data:`EVERY_WRITE` test this
+    run of pytest selects, of a copy of each of its kill states: ``{(test, point): Resumed}``."""
+    work = tmp_path_factory.mktemp("resumed")
+    selected = {item.name for item in request.session.items if item.module is request.module}
+    cases = []  # (test, point, reference, folder)
+    for (test, point), (_, folder) in runs.killed.items():
+        shutil.copytree(folder, f"{folder}.killed", symlinks=True)
+        cases.append((test, point, runs.references[KILLS[test][0]], folder))
+    for test, (name, points) in EVERY_WRITE.items():
+        ref = runs.references[name]
+        for point in points(ref.writes) if test in selected else []:
+            cases.append((test, point, ref, work / f"state{len(cases)}"))
+            shutil.copytree(ref.state(point), cases[-1][3], symlinks=True)
+    jobs = [[argv(ref.folder.parent, folder, **ref.flags), f"{folder}.resume.log",
+             f"{folder}.resume.writes", None, None] for _, _, ref, folder in cases]
+    statuses = run_jobs(jobs, work)
+    return {(test, point): Resumed(status, Path(f"{folder}.resume.log").read_text(), folder)
+            for (test, point, _, folder), status in zip(cases, statuses, strict=True)}
+
+
+def assert_resumed_as(run: Resumed, ref: Reference, phase: str, point: Point) -> None:
+    """``run`` ended well, said ``resuming {phase} from`` and left the files of ``ref`` (no
+    temporary or lock file: ``ref`` has none)."""
+    assert run.status == 0, (point, run.log[-3000:])
+    assert f"resuming {phase} from" in run.log, (point, run.log[-2000:])
+    assert_same_files(run.folder, ref.folder)
+
+
+def check_real_kills(test: str, runs: Runs, resumed: dict[tuple[str, Point], Resumed],
+                     phase: str) -> None:
+    """The runs of ``KILLS[test]`` each died at its write, leaving exactly the reference's kill
+    state there; resumed, each says ``resuming {phase} from`` and ends as the reference."""
+    name, points = KILLS[test]
+    ref = runs.references[name]
+    for point in points:
+        status, folder = runs.killed[(test, point)]
+        assert status == -9, (point, status)  # the run died at its write
+        assert_same_files(Path(f"{folder}.killed"), ref.kill_state(point))
+        assert_resumed_as(resumed[(test, point)], ref, phase, point)
+
+
+def check_every_write(test: str, runs: Runs, resumed: dict[tuple[str, Point], Resumed],
+                      phase: Callable[[Point], str]) -> None:
+    """Each kill state of ``EVERY_WRITE[test]`` (checked: a temporary file exactly when inside
+    the write), resumed, says ``resuming {phase(point)} from`` and ends as the reference."""
+    name, points = EVERY_WRITE[test]
+    ref = runs.references[name]
+    for point in points(ref.writes):
+        ref.kill_state(point)
+        assert_resumed_as(resumed[(test, point)], ref, phase(point), point)
+
+
+def test_the_last_epoch_writes_every_kind_of_file_and_commits_last(reference) -> None:
+    writes = reference.writes
+    commits = [i for i, name in enumerate(writes) if name == "tinyvae_last.pth"]
+    assert len(commits) == EPOCHS
+    last_epoch = writes[commits[-2] + 1:commits[-1] + 1]
+    assert last_epoch[-1] == "tinyvae_last.pth"
+    assert {"history.json", "loss_curves.png", "distill_epoch_002.png",
+            "tinyvae_epoch_002.pth", "tinyvae_best.pth"} <= set(last_epoch), last_epoch
+
+
+def test_killed_inside_the_best_checkpoint_of_the_final_epoch(runs, resumed) -> None:
+    """Killed while the final epoch's ``tinyvae_best.pth`` was being put in place (the window
+    the old order, ``*_last.pth`` first, never repaired): the resumed run trains the final epoch
+    again and ends as the uninterrupted one."""
+    test = "test_killed_inside_the_best_checkpoint_of_the_final_epoch"
+    assert set(KILLS[test][1]) <= set(kill_points(runs.references["reference"].writes))
+    check_real_kills(test, runs, resumed, "distill")
+
+
+@pytest.mark.slow
+def test_killed_inside_or_after_any_write_of_the_last_epoch(runs, resumed) -> None:
+    check_every_write("test_killed_inside_or_after_any_write_of_the_last_epoch", runs, resumed,
+                      lambda point: "distill")
+
+
 def test_the_first_finetune_epoch_replaces_the_distilled_best(finetune_reference) -> None:
     """The setup the kill tests below rely on: the fine-tuning phase commits its start, then its
     first epoch beats the distillation epoch and replaces ``tinyvae_best.pth`` before its
     commit; the second does not beat it."""
-    ref, writes = finetune_reference
+    ref, writes = finetune_reference.folder, finetune_reference.writes
     start = writes.index("tinyvae_finetune_last.pth")
     assert writes[start - 1] == "tinyvae_last.pth"  # right after the last distillation commit
     first_epoch = writes[start + 1:writes.index("tinyvae_finetune_last.pth", start + 1) + 1]
@@ -246,22 +371,17 @@ def test_the_first_finetune_epoch_replaces_the_distilled_best(finetune_reference
     assert not (ref / "tinyvae_finetune_best.pth").exists()
 
 
-def test_killed_at_the_finetune_best_checkpoint(finetune_reference, tmp_path: Path) -> None:
+def test_killed_at_the_finetune_best_checkpoint(runs, resumed) -> None:
     """Killed while or after the first fine-tuning epoch put its student in
     ``tinyvae_best.pth``, before that epoch's commit: the resumed run continues from the
     fine-tuning start (never from the replaced best file) and ends as the uninterrupted one."""
-    assert finetune_reference[1].count("tinyvae_best.pth") == 2  # distillation, finetune 1
-    points = [("tinyvae_best.pth", 2, "inside"), ("tinyvae_best.pth", 2, "after")]
-    _run_kills(points, finetune_reference, tmp_path, resuming="finetune", **FINETUNE)
+    assert runs.references["finetune"].writes.count("tinyvae_best.pth") == 2  # distill, ft 1
+    check_real_kills("test_killed_at_the_finetune_best_checkpoint", runs, resumed, "finetune")
 
 
 @pytest.mark.slow
-def test_killed_inside_or_after_any_write_of_the_finetune_start(finetune_reference,
-                                                                  tmp_path: Path) -> None:
-    points = finetune_kill_points(finetune_reference[1])
-    inside_start = [("tinyvae_finetune_last.pth", 1, "inside")]  # resumes the distillation
-    for sub in ("start", "epoch"):
-        (tmp_path / sub).mkdir()
-    _run_kills(inside_start, finetune_reference, tmp_path / "start", **FINETUNE)
-    _run_kills([p for p in points if p not in inside_start], finetune_reference,
-               tmp_path / "epoch", resuming="finetune", **FINETUNE)
+def test_killed_inside_or_after_any_write_of_the_finetune_start(runs, resumed) -> None:
+    # killed inside the start commit, the run resumes the distillation
+    check_every_write("test_killed_inside_or_after_any_write_of_the_finetune_start", runs,
+                      resumed, lambda point: "distill" if point == (
+                          "tinyvae_finetune_last.pth", 1, "inside") else "finetune")

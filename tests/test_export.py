@@ -14,7 +14,9 @@ import signal
 import stat
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import onnx
 import pytest
@@ -571,13 +573,12 @@ def test_channels_last_eager_equals_the_default_path(photo_batch) -> None:
         eager_runner(model, "forward")
 
 
-def test_onnx_runner_any_size(tmp_path) -> None:
-    model = perturbed_student()
-    export_model(model, tmp_path, torch.rand(2, 3, 32, 32))
+def test_onnx_runner_any_size(exported) -> None:
+    model, out, _ = exported
     x = torch.rand(1, 3, 72, 40)
     with torch.no_grad():
         z = model.encode(x)
-    assert (onnx_runner(tmp_path / "tinyvae_encoder.onnx", threads=1)(x) - z).abs().max() <= 1e-4
+    assert (onnx_runner(out / "tinyvae_encoder.onnx", threads=1)(x) - z).abs().max() <= 1e-4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
@@ -610,12 +611,16 @@ def leftovers(folder: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def first(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, bytes]]:
-    """An export of one student into ``out`` (with a user's file beside it) and its bytes."""
+    """An export of one student into ``new/out`` (neither there before) under umask 022, then a
+    user's file put beside it: the folder and its bytes."""
     torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("atomic") / "out"
-    out.mkdir()
-    (out / "notes.txt").write_text("the user's\n")
-    export_model(student(0), out, torch.rand(2, 3, 16, 16))
+    out = tmp_path_factory.mktemp("atomic") / "new" / "out"
+    old = os.umask(0o022)
+    try:
+        export_model(student(0), out, torch.rand(2, 3, 16, 16))
+        (out / "notes.txt").write_text("the user's\n")
+    finally:
+        os.umask(old)
     return out, snapshot(out)
 
 
@@ -634,19 +639,6 @@ def test_a_failure_midway_leaves_the_previous_set(first, monkeypatch) -> None:
     assert leftovers(out) == []
 
 
-def _run(script: str, *args: str, fsize: int | None = None) -> subprocess.CompletedProcess:
-    def limit() -> None:
-        if fsize is not None:
-            import resource
-
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past it fails: EFBIG
-            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
-                          env=env, preexec_fn=limit, timeout=600)
-
-
 SIGTERM_MIDWAY = """
 import os, signal, sys, torch
 from hrm_vision import export as pipeline
@@ -661,15 +653,6 @@ torch.manual_seed(1)
 pipeline.export_model(MinimalVAE(latent_dim=4, base_channels=8).eval(), sys.argv[1],
                       torch.rand(2, 3, 16, 16))
 """
-
-
-def test_sigterm_midway_exits_143_and_leaves_the_previous_set(first) -> None:
-    out, before = first
-    proc = _run(SIGTERM_MIDWAY, str(out))
-    assert proc.returncode == 143, proc.stderr[-2000:]
-    assert snapshot(out) == before
-    assert leftovers(out) == []
-
 
 FULL_DISK = """
 import sys, torch
@@ -691,26 +674,74 @@ for name, call in [
 """
 
 
-def test_a_full_disk_names_the_file_and_leaves_the_previous_set(first, tmp_path) -> None:
-    out, before = first
-    proc = _run(FULL_DISK, str(out), str(tmp_path), fsize=4096)
+def _run(script: str, *args: str, fsize: int | None = None) -> subprocess.CompletedProcess:
+    def limit() -> None:
+        if fsize is not None:
+            import resource
+
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past it fails: EFBIG
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
+                          env=env, preexec_fn=limit, timeout=600)
+
+
+class Stopped(NamedTuple):
+    """A script's run on its own copy of the ``first`` set: that folder, the finished process,
+    and an empty scratch folder it may write to."""
+
+    out: Path
+    proc: subprocess.CompletedProcess
+    scratch: Path
+
+
+@pytest.fixture(scope="module")
+def stopped(first, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Stopped]:
+    """:data:`SIGTERM_MIDWAY` and :data:`FULL_DISK` (under a 4096-byte file size limit: a write
+    past it fails with ``EFBIG`` where a full disk gives ``ENOSPC``), each in a fresh
+    interpreter on its own copy of ``first``'s folder, both at once (one per core of a 2-core
+    machine: each spends seconds importing torch and tracing its first graph)."""
+    work = tmp_path_factory.mktemp("stopped")
+    runs = {}
+    for name in ("sigterm", "disk"):
+        runs[name] = (work / name / "out", work / f"{name}_scratch")
+        shutil.copytree(first[0], runs[name][0])
+        runs[name][1].mkdir()
+    scripts = {"sigterm": (SIGTERM_MIDWAY, None), "disk": (FULL_DISK, 4096)}
+    with ThreadPoolExecutor(len(runs)) as pool:
+        procs = pool.map(lambda name: _run(scripts[name][0], *map(str, runs[name]),
+                                           fsize=scripts[name][1]), runs)
+        return {name: Stopped(out, proc, scratch)
+                for (name, (out, scratch)), proc in zip(runs.items(), procs, strict=True)}
+
+
+def test_sigterm_midway_exits_143_and_leaves_the_previous_set(first, stopped) -> None:
+    out, proc, _ = stopped["sigterm"]
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert snapshot(out) == first[1]
+    assert leftovers(out) == []
+
+
+def test_a_full_disk_names_the_file_and_leaves_the_previous_set(first, stopped) -> None:
+    out, proc, scratch = stopped["disk"]
     assert proc.returncode == 0, proc.stderr[-2000:]  # no SIGABRT from the TorchScript writer
     lines = proc.stdout.splitlines()
-    assert any(f"cannot write {tmp_path / 'decoder.torchscript.pt'}: File too large" in line
+    assert any(f"cannot write {scratch / 'decoder.torchscript.pt'}: File too large" in line
                for line in lines if line.startswith("torchscript OSError")), proc.stdout
     assert any(f"cannot write {out / 'tinyvae_encoder.onnx'}: File too large" in line
                for line in lines if line.startswith("export OSError")), proc.stdout
-    assert list(tmp_path.iterdir()) == []  # no truncated file, no temporary
-    assert snapshot(out) == before
+    assert list(scratch.iterdir()) == []  # no truncated file, no temporary
+    assert snapshot(out) == first[1]
     assert leftovers(out) == []
 
 
 def test_a_new_set_replaces_the_old_whole_and_keeps_the_users_files(first, tmp_path) -> None:
+    """Into a copy of the ``first`` set with one more file of an export's names (as an fp16
+    variant would have left)."""
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "notes.txt").write_text("the user's\n")
-    export_model(student(0), out, torch.rand(2, 3, 16, 16), precisions=("fp32", "fp16"))
-    assert (out / "tinyvae_encoder.fp16.onnx").is_file()
+    shutil.copytree(first[0], out)
+    shutil.copy(out / "tinyvae_encoder.onnx", out / "tinyvae_encoder.fp16.onnx")
     export_model(student(1), out, torch.rand(2, 3, 16, 16))
     after = snapshot(out)
     assert "tinyvae_encoder.fp16.onnx" not in after  # no stale file of the earlier set
@@ -739,18 +770,18 @@ def test_a_subfolder_in_the_target_is_refused_before_writing(tmp_path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_files_and_folders_follow_the_umask(tmp_path) -> None:
-    """Under umask 022 a new export folder is drwxr-xr-x and its files -rw-r--r--; a folder
-    that was there keeps its own permissions."""
-    out = tmp_path / "new" / "out"
+def test_files_and_folders_follow_the_umask(first, tmp_path) -> None:
+    """Under umask 022 a new export folder is drwxr-xr-x and its files -rw-r--r-- (``first``);
+    a folder that was there keeps its own permissions."""
+    new = first[0]
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in new.iterdir()}
+    assert stat.S_IMODE(new.stat().st_mode) == stat.S_IMODE(new.parent.stat().st_mode) == 0o755
+    assert set(modes.values()) == {0o644}, modes
+    out = tmp_path / "out"
+    shutil.copytree(new, out)
+    out.chmod(0o750)
     old = os.umask(0o022)
     try:
-        export_model(student(0), out, torch.rand(2, 3, 16, 16))
-        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
-        assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE(out.parent.stat().st_mode) \
-            == 0o755
-        assert set(modes.values()) == {0o644}, modes
-        out.chmod(0o750)
         export_model(student(1), out, torch.rand(2, 3, 16, 16))
     finally:
         os.umask(old)

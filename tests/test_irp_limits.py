@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from PIL import Image
@@ -67,25 +69,64 @@ while True:
 """
 
 
-#: How long a run that hangs is let run before coreutils ``timeout`` stops it (status 124);
-#: the host's own start (torch's import) takes up to about 4 s on a loaded 2-core machine (every
-#: hang test waits this long: it sets a good part of the suite's time).
-HANG_S = 10
+#: The ``timeout`` every host runs under: far more than the host's start (torch's import takes
+#: up to about 4 s on a loaded 2-core machine); a hang test fires it early (:func:`hang`).
+HANG_S = 60
+#: How long a hang test lets the host go on after it reached the code that never returns (its
+#: marker), before the timeout fires: 20 times the ``--time-budget`` of the hanging run.
+GRACE_S = 2.0
 
-def host(root: Path, args: list[str], timeout: float | None = None,
-         **env: str) -> subprocess.CompletedProcess[str]:
-    """``hrm-vision irp ARGS`` with the fake distributions under ``root`` installed, under
-    coreutils ``timeout`` when ``timeout`` is given."""
+
+def command(root: Path, args: list[str], timeout: float | None = None,
+            **env: str) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of ``hrm-vision irp ARGS`` with the fake distributions
+    under ``root`` installed, under coreutils ``timeout`` when ``timeout`` is given."""
     paths = [str(p) for p in sorted(root.glob("dist_*"))] + [str(ROOT), str(ROOT / "tests")]
     full = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "OMP_NUM_THREADS": "1",
             "HRMV_MARKER": str(root / "marker"), **env}
     if ALLOW_ENV not in env:
         full.pop(ALLOW_ENV, None)
-    command = [sys.executable, "-m", "hrm_vision", "irp", *args]
-    if timeout is not None:
-        command = ["timeout", str(timeout), *command]
-    return subprocess.run(command, capture_output=True, text=True, env=full, cwd=root,
-                          timeout=60)
+    argv = [sys.executable, "-m", "hrm_vision", "irp", *args]
+    return (argv if timeout is None else ["timeout", str(timeout), *argv]), full
+
+
+def host(root: Path, args: list[str], timeout: float | None = None,
+         **env: str) -> subprocess.CompletedProcess[str]:
+    """``hrm-vision irp ARGS`` run to its end (see :func:`command`)."""
+    argv, full = command(root, args, timeout, **env)
+    return subprocess.run(argv, capture_output=True, text=True, env=full, cwd=root, timeout=90)
+
+
+class Hang(NamedTuple):
+    """A hang stopped by ``timeout``: its exit status, standard error, whether the host was
+    still running :data:`GRACE_S` after its marker, and the seconds from the timeout firing to
+    the end."""
+
+    returncode: int
+    stderr: str
+    hung: bool
+    stop_s: float
+
+
+def hang(root: Path, args: list[str], **env: str) -> Hang:
+    """``hrm-vision irp ARGS`` under ``timeout HANG_S``: once its marker exists (the code that
+    never returns has started) and :data:`GRACE_S` more have passed, the timeout fires at once
+    (coreutils ``timeout`` takes a SIGALRM as its own expiry: it stops the host with SIGTERM
+    and exits 124), instead of after the whole ``HANG_S``."""
+    argv, full = command(root, args, HANG_S, **env)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=full, cwd=root)
+    deadline = time.monotonic() + HANG_S
+    while not (root / "marker").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if proc.poll() is None:
+        time.sleep(GRACE_S)
+    hung = proc.poll() is None
+    fired = time.monotonic()
+    if hung:
+        proc.send_signal(signal.SIGALRM)
+    _, err = proc.communicate(timeout=60)
+    return Hang(proc.returncode, err, hung, time.monotonic() - fired)
 
 
 @pytest.fixture
@@ -140,13 +181,11 @@ def test_another_hard_exit_ends_the_host_with_complete_lines_before_it(root: Pat
 
 
 def test_a_step_that_never_returns_hangs_until_timeout_stops_it(root: Path) -> None:
-    start = time.monotonic()
-    proc = host(root, ["--plugin", "hangs", *images(root), "--time-budget", "0.1",
-                       "--telemetry", "t.jsonl"], timeout=HANG_S)
-    took = time.monotonic() - start
-    assert proc.returncode == 124, proc.stderr[-2000:]  # --time-budget did not stop it
+    proc = hang(root, ["--plugin", "hangs", *images(root), "--time-budget", "0.1",
+                       "--telemetry", "t.jsonl"])
     assert (root / "marker").exists()  # it was in step(), not still starting
-    assert took < HANG_S + 5
+    assert proc.hung, proc.stderr[-2000:]  # --time-budget did not stop it
+    assert proc.returncode == 124 and proc.stop_s < 5, proc
     assert (root / "t.jsonl").read_text() == ""
 
 
@@ -161,8 +200,9 @@ def loops(root: Path) -> Path:
 
 
 def test_list_imports_every_entry_point_so_a_loop_at_import_hangs_it(loops: Path) -> None:
-    proc = host(loops, ["--list"], timeout=HANG_S)
-    assert proc.returncode == 124 and (loops / "marker").exists(), proc.stderr[-2000:]
+    proc = hang(loops, ["--list"])
+    assert (loops / "marker").exists() and proc.hung, proc.stderr[-2000:]
+    assert proc.returncode == 124, proc
 
 
 def test_list_under_an_allow_list_never_imports_the_others(loops: Path) -> None:
@@ -180,8 +220,9 @@ def test_a_run_imports_the_entry_point_named_like_its_plugin_only(loops: Path) -
 
 
 def test_a_plugin_named_unlike_its_entry_point_imports_them_all(loops: Path) -> None:
-    proc = host(loops, ["--plugin", "mean", "--images", str(loops / "frame0.png")], timeout=HANG_S)
-    assert proc.returncode == 124 and (loops / "marker").exists(), proc.stderr[-2000:]
+    proc = hang(loops, ["--plugin", "mean", "--images", str(loops / "frame0.png")])
+    assert (loops / "marker").exists() and proc.hung, proc.stderr[-2000:]
+    assert proc.returncode == 124, proc
 
 
 def test_os_exit_is_restored_and_still_ends_a_forked_child() -> None:

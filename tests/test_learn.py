@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import hrm_vision.io as io_module
+import hrm_vision.train.trainer as trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 #: A tiny benchmarks/learn.json: 64x64 compact crops, 16x16 spatial crops, tiny widths, a few
@@ -81,6 +82,12 @@ def call(argv: list[str]) -> tuple[int, str]:
     return status, printed.getvalue()
 
 
+#: Streamed crops each run's models start from (``init_from_data``) and its likelihood scale
+#: is calibrated on: more than the teacher's 8 latent numbers, far fewer than the trainer's
+#: 4,096 (whose 4096x4096 Gram matrices made the fixture take about two minutes).
+INIT_IMAGES = 32
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One tiny ``make learn`` run: its folders, printed text and learn.json."""
@@ -91,7 +98,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
               "validations": 2, "pca_crops": 64, "threads": 1, "compact": TINY_COMPACT,
               "spatial": TINY_SPATIAL}
     (root / "learn.json").write_text(json.dumps(config))
-    status, printed = call(["--config", str(root / "learn.json")])
+    with mock.patch.object(trainer, "INIT_IMAGES", INIT_IMAGES):
+        status, printed = call(["--config", str(root / "learn.json")])
     assert status == 0, printed
     return {"root": root, "out": root / "out", "printed": printed,
             "learn": json.loads((root / "out/learn.json").read_text())}

@@ -9,9 +9,12 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from hrm_vision import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = [{"phase": "distill", "epoch": 1, "val": {"psnr": 20.0}, "time_s": 1.0}]
@@ -21,10 +24,26 @@ RUNS = sys.modules["runs"] = importlib.util.module_from_spec(_SPEC)  # for its d
 _SPEC.loader.exec_module(RUNS)
 
 
-def report(run_dir: Path) -> subprocess.CompletedProcess[str]:
+def script(run_dir: Path) -> subprocess.CompletedProcess[str]:
+    """``python training/runs.py run=DIR`` in a fresh interpreter."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop(cli.TRACEBACK_ENV, None)
     return subprocess.run([sys.executable, str(ROOT / "training" / "runs.py"), f"run={run_dir}"],
                           capture_output=True, text=True, env=env, timeout=60)
+
+
+@pytest.fixture
+def report(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+           ) -> Callable[[Path], tuple[int, str, str]]:
+    """What ``python training/runs.py run=DIR`` does (its ``__main__``: ``main`` through
+    :func:`hrm_vision.cli.run_main`), in this process: ``(status, stdout, stderr)``."""
+    monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
+
+    def run(run_dir: Path) -> tuple[int, str, str]:
+        status = cli.run_main(RUNS.PROG, RUNS.main, [f"run={run_dir}"])
+        out, err = capsys.readouterr()
+        return status, out, err
+    return run
 
 
 @pytest.mark.parametrize(("text", "says"), [
@@ -35,26 +54,33 @@ def report(run_dir: Path) -> subprocess.CompletedProcess[str]:
     (json.dumps([{**GOOD[0], "epoch": "one"}]), "record 0 lacks or mistypes epoch"),
     (json.dumps([{**GOOD[0], "val": {}}]), "record 0 lacks or mistypes val.psnr"),
 ], ids=["nested", "huge_number", "syntax", "not_a_list", "bad_field", "no_metric"])
-def test_a_bad_history_is_one_line_naming_the_file(tmp_path, text, says) -> None:
+def test_a_bad_history_is_one_line_naming_the_file(tmp_path, report, text, says) -> None:
     (tmp_path / "history.json").write_text(text)
-    proc = report(tmp_path)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    assert str(tmp_path / "history.json") in proc.stderr and says in proc.stderr, proc.stderr
+    status, _, err = report(tmp_path)
+    assert status == 2, err[-2000:]
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert str(tmp_path / "history.json") in err and says in err, err
 
 
-def test_a_missing_history_and_a_nested_config_are_one_line(tmp_path) -> None:
-    proc = report(tmp_path)
+def test_the_script_says_a_missing_history_in_one_line_and_status_2(tmp_path) -> None:
+    """The command as the user runs it (a fresh interpreter): its exit status and one line."""
+    proc = script(tmp_path)
     assert proc.returncode == 2 and "history.json" in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_missing_history_and_a_nested_config_are_one_line(tmp_path, report) -> None:
+    status, _, err = report(tmp_path)
+    assert status == 2 and "history.json" in err, err
+    assert "Traceback" not in err
     (tmp_path / "history.json").write_text(json.dumps(GOOD))
     (tmp_path / "config.json").write_text("{\"seed\": " + "[" * 100_000 + "]" * 100_000 + "}")
-    proc = report(tmp_path)
-    assert proc.returncode == 2 and "config.json" in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr
+    status, _, err = report(tmp_path)
+    assert status == 2 and "config.json" in err, err
+    assert "Traceback" not in err
     (tmp_path / "config.json").write_text(json.dumps({"seed": 3}))
-    proc = report(tmp_path)
-    assert proc.returncode == 0 and "| run | 1 | 1 (best 1) | 20.00 |" in proc.stdout, proc.stderr
+    status, out, err = report(tmp_path)
+    assert status == 0 and "| run | 1 | 1 (best 1) | 20.00 |" in out, err
 
 
 class TestReport:
