@@ -67,7 +67,7 @@ from hrm_vision.evaluate import CROP_PCA_FIT, PatchPCA, compute_baselines
 from hrm_vision.io import WEIGHTS_DIR, describe_validation_error, write_json
 from hrm_vision.train import Distiller, load_config
 from hrm_vision.train.config import ConfigError, DistillConfig, read_json
-from hrm_vision.train.trainer import build_split, first_images
+from hrm_vision.train.trainer import TrainingInterrupted, build_split, first_images
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "training"), str(ROOT / "benchmarks")]
@@ -422,7 +422,11 @@ def _run(argv: list[str] | None) -> int:
     learn.update({"config": args.config, "scale": args.scale, "corpus": str(corpus),
                   "threads": cfg.threads})
     learn.setdefault("runs", {})
-    train(configs, learn, path)
+    try:
+        train(configs, learn, path)
+    except TrainingInterrupted as exc:  # saved: a rerun continues the run
+        print(f"{PROG}: {exc}; rerun the same command to continue", file=sys.stderr)
+        return 130 if exc.signame == "SIGINT" else 143
     evaluate(configs, learn, cfg.pca_crops)
     learn["criteria"] = criteria(learn)
     drawn = curves(learn, out / "curves.png")

@@ -218,3 +218,20 @@ def test_a_built_corpus_is_kept_and_a_broken_one_is_not(tmp_path) -> None:
     manifest["images"][-1]["file"] = "1.png"
     (root / "manifest.json").write_text(json.dumps(manifest))
     assert corpus.usable(root) is None and corpus.built(root, 1600, ("walls",)) is None
+
+
+def test_a_signal_is_one_line_and_the_run_continues_on_rerun(tmp_path, capsys) -> None:
+    """SIGTERM mid-run: the trainer saved its state; the benchmark says so in one line, exits
+    143 and writes no table (a rerun of the same command resumes)."""
+    corpus = write_corpus(tmp_path / "corpus")
+    config = {"corpus": str(corpus), "out_dir": str(tmp_path / "out"), "steps": STEPS,
+              "validations": 2, "pca_crops": 64, "threads": 1, "compact": TINY_COMPACT,
+              "spatial": TINY_SPATIAL}
+    (tmp_path / "learn.json").write_text(json.dumps(config))
+    learn = load_learn()
+    stop = trainer.TrainingInterrupted("SIGTERM", tmp_path / "out/teacher/teacher_last.pth")
+    with mock.patch.object(learn, "train", side_effect=stop):
+        assert learn.main(["--config", str(tmp_path / "learn.json")]) == 143
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "SIGTERM" in err and "rerun the same command" in err
+    assert not (tmp_path / "out/learn.json").exists()
