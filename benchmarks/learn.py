@@ -2,7 +2,7 @@
 """The learning benchmark (``make learn``): networks trained on streamed crops of the wallpaper
 corpus, beside what PCA and thumbnails of the same crops give.
 
-    python benchmarks/learn.py                       # about 20 min on 2 cores
+    python benchmarks/learn.py                       # about 35 min on 2 cores
     python benchmarks/learn.py --scale 0.01 --out-dir /tmp/learn   # the machinery, in a minute
     python benchmarks/learn.py --ship                # then copy the best students into the package
 
@@ -20,9 +20,9 @@ picture), then four runs of the package's trainer (:class:`hrm_vision.train.Dist
   alone, the model ``hrm_vision.load("tinyvae")`` ships.
 
 The budget is in steps (``steps`` of the config; ``--scale`` multiplies them), not in minutes:
-1,000 teacher, 2 x 2,000 compact-student and 1,500 spatial steps at batch 64 on 2 threads took
-about 19 minutes of runs on a 2-core AMD EPYC (teacher 4.4, distilled 7.1, alone 8.8, spatial 8.8
-steps/s in training, validations and checkpoints besides; benchmarks/results/learn.json).
+1,000 teacher, 2 x 8,000 compact-student and 1,500 spatial steps at batch 64 on 2 threads take
+about 35 minutes of runs on a 2-core AMD EPYC (teacher 4.4, distilled about 9, alone 13, spatial
+8.8 steps/s in training, validations and checkpoints besides; benchmarks/results/learn.json).
 Each run validates every ``ceil(steps / validations)`` steps (one epoch of that many streamed
 batches); the best checkpoint is the best held-out PSNR.
 
