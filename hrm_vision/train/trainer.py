@@ -626,19 +626,20 @@ class Phase:
         self.refit()  # once on a fresh run, after the fresh models' ``init_from_data``
 
     @functools.cached_property
-    def fit_set(self) -> tuple[tuple[Tensor, ...], Tensor]:
-        """Batches of :func:`first_images` of the training set and the teacher's latents."""
+    def fit_set(self) -> tuple[tuple[Tensor, ...], Tensor]:  # batches of images, teacher mu
         x = first_images(self.ctx.train_set).to(self.ctx.device).split(256)
         return x, torch.cat([self.teacher.encode(b) for b in x])
 
     @torch.no_grad()
     def refit(self) -> dict[str, Tensor] | None:
-        """Make the adapter (no gradient) the least-squares map from the student's latents of
-        :attr:`fit_set` to the teacher's; returns its state."""
+        """Fit the adapter (no gradient) by least squares from the student's latents of
+        :func:`first_images` to the teacher's: its state, or None (no teacher; non-finite z)."""
         if self.teacher is None or not self.trains_adapter:
             return None
         x, teacher_mu = self.fit_set
-        self.adapter.fit(torch.cat([self.vae.encode(b) for b in x]), teacher_mu)
+        if not (z := torch.cat([self.vae.encode(b) for b in x])).isfinite().all():
+            return None
+        self.adapter.fit(z, teacher_mu)
         return {k: v.clone() for k, v in self.adapter.state_dict().items()}
 
     def calibrate(self) -> None:
