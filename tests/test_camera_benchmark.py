@@ -3,21 +3,16 @@ frames and writes the report the documentation reads (not a measurement)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from helpers.scripts import load_script  # tests/ is on sys.path (pytest prepend mode)
 
-ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("cv2", reason="the video extra (opencv-python-headless) is missing")
 
 
 def test_quick_run_reports_every_variant(tmp_path, capsys) -> None:
-    spec = importlib.util.spec_from_file_location("camera", ROOT / "benchmarks" / "camera.py")
-    assert spec is not None and spec.loader is not None
-    camera = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(camera)
+    camera = load_script("benchmarks/camera.py", "camera")
     assert camera.main(["--quick", "--out", str(tmp_path / "camera.json")]) == 0
     report = json.loads((tmp_path / "camera.json").read_text())
     assert report["load_average_before"] and report["load_average_after"]

@@ -4,15 +4,14 @@ the alone run's image weight, the rate arithmetic, the best epoch and the unseen
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers.scripts import load_script  # tests/ is on sys.path (pytest prepend mode)
 
 ROOT = Path(__file__).resolve().parents[1]
 #: A tiny version of training/compact.json: 48 training crops, 8 validation crops, one epoch
@@ -24,12 +23,7 @@ TINY = {"teacher_latent_dim": 32, "teacher_base_channels": 4, "student_latent_di
 
 
 def load_command():
-    spec = importlib.util.spec_from_file_location("compact_command", ROOT / "training/compact.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("training/compact.py", "compact_command")
 
 
 COMPACT = load_command()  # the table's pieces live in the script (``make compact``)

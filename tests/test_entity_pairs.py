@@ -3,25 +3,12 @@ together and share the held-out pictures."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from helpers.scripts import load_script  # tests/ is on sys.path (pytest prepend mode)
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("entity_pairs", ROOT / "training/entity_pairs.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ENTITY = load_script()
+ENTITY = load_script("training/entity_pairs.py", "entity_pairs")
 
 
 def corpus(root: Path, train: list[str], val: list[str]) -> Path:

@@ -5,7 +5,6 @@ shipped weights loading by name with the PSNR their sidecar records."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import math
@@ -16,11 +15,11 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+from helpers.scripts import load_script  # tests/ is on sys.path (pytest prepend mode)
 
 import hrm_vision.io as io_module
 import hrm_vision.train.trainer as trainer
 
-ROOT = Path(__file__).resolve().parents[1]
 #: A tiny benchmarks/learn.json: 64x64 compact crops, 16x16 spatial crops, tiny widths, a few
 #: steps in two validations per run.
 TINY_COMPACT = {"image_size": 64, "val_samples": 8, "crops": "stream", "unseen_dataset": "photos",
@@ -37,12 +36,7 @@ STEPS = {"teacher": 4, "student": 4, "spatial": 2}
 
 
 def load_learn():
-    spec = importlib.util.spec_from_file_location("learn_command", ROOT / "benchmarks/learn.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/learn.py", "learn_command")
 
 
 LEARN = load_learn()

@@ -4,7 +4,6 @@ are one line naming the file (status 2), never a traceback."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,15 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers.scripts import load_script  # tests/ is on sys.path (pytest prepend mode)
 
 from hrm_vision import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = [{"phase": "distill", "epoch": 1, "val": {"psnr": 20.0}, "time_s": 1.0}]
-_SPEC = importlib.util.spec_from_file_location("runs", ROOT / "training" / "runs.py")
-assert _SPEC is not None and _SPEC.loader is not None
-RUNS = sys.modules["runs"] = importlib.util.module_from_spec(_SPEC)  # for its dataclass
-_SPEC.loader.exec_module(RUNS)
+RUNS = load_script("training/runs.py", "runs")
 
 
 def script(run_dir: Path) -> subprocess.CompletedProcess[str]:
