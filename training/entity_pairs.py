@@ -63,12 +63,13 @@ def corpus_halves(corpus: Path, out: Path) -> list[Path]:
     the corpus's held-out pictures."""
     pictures = sorted(p for p in (corpus / "train").iterdir() if p.is_file())
     held_out = sorted(p for p in (corpus / "val").iterdir() if p.is_file())
-    groups = sorted({re.sub(r"-[dl]$", "", p.stem) for p in pictures})
+    kind = {p: re.sub(r"-[dl]$", "", p.stem) for p in pictures}  # variants: one kind
+    groups = sorted(set(kind.values()))
     if len(groups) < 2 or not held_out:
         raise SystemExit(f"{PROG}: {corpus} needs pictures of two kinds in train/ and one in val/")
     folders = []
     for i, name in enumerate("ab"):
-        part = [p for p in pictures if groups.index(re.sub(r"-[dl]$", "", p.stem)) % 2 == i]
+        part = [p for p in pictures if groups.index(kind[p]) % 2 == i]
         for split, files in (("train", part), ("val", held_out)):
             (out / f"half_{name}" / split).mkdir(parents=True, exist_ok=True)
             for f in files:
