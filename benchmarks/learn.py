@@ -112,6 +112,8 @@ class LearnConfig(BaseModel):
                            "PCA baselines are fitted on")
     threads: int = Field(ge=1, description="torch threads")
     compact: dict[str, Any] = Field(description="DistillConfig fields of the compact runs")
+    teacher: dict[str, Any] = Field(default_factory=dict, description="DistillConfig fields "
+                                    "of the teacher run over compact's")
     spatial: dict[str, Any] = Field(description="DistillConfig fields of the spatial run")
 
 
@@ -151,13 +153,13 @@ def run_configs(cfg: LearnConfig, scale: float, corpus: Path, out: Path
         return load_config(None, values)
 
     steps = cfg.steps
-    teacher = make(cfg.compact, steps.teacher, "teacher")
+    distilled = make(cfg.compact, steps.student, "distilled",
+                     teacher_checkpoint=str(out / "teacher" / "teacher.pth"))
     return {
-        "teacher": teacher,
-        "distilled": make(cfg.compact, steps.student, "distilled",
-                          teacher_checkpoint=str(out / "teacher" / "teacher.pth")),
+        "teacher": make({**cfg.compact, **cfg.teacher}, steps.teacher, "teacher"),
+        "distilled": distilled,
         "alone": make(cfg.compact, steps.student, "alone",
-                      recon_weight=teacher.recon_weight + teacher.distill_recon_weight,
+                      recon_weight=distilled.recon_weight + distilled.distill_recon_weight,
                       distill_latent_weight=0.0, distill_recon_weight=0.0),
         "spatial": make(cfg.spatial, steps.spatial, "spatial"),
     }

@@ -184,12 +184,24 @@ class CompactVAE(VAEBase):
                              f"resize the input to {s}x{s}")
 
     @torch.no_grad()
-    def init_from_data(self, images: Tensor) -> None:
+    def init_from_data(self, images: Tensor, teacher: VAEBase | None = None) -> None:
         """Fit the basis to the PCA of the first :data:`MAX_FIT_IMAGES` of ``images`` (N, C, S,
-        S) in [0, 1] (more than ``latent_dim``) and re-allocate the rate of ``LOGVAR_INIT``."""
+        S) in [0, 1] (more than ``latent_dim``) and re-allocate the rate of ``LOGVAR_INIT``.
+
+        With a compact ``teacher`` of the same crops and at least ``latent_dim`` numbers, the
+        basis is the leading ``latent_dim`` components of the teacher's instead: a distilled
+        student starts in its teacher's coordinates, the same for every student of one teacher
+        whatever images each sees (``docs/irp.md``, entity agreement)."""
         self._check_images(images)
         crops = images[:MAX_FIT_IMAGES].float().cpu()
-        fitted = fit_crop_pca(crops, self.latent_dim)
+        k = self.latent_dim
+        if (isinstance(teacher, CompactVAE) and teacher.latent_dim >= k
+                and (teacher.in_channels, teacher.image_size)
+                == (self.in_channels, self.image_size)):
+            b = teacher.encoder.basis
+            fitted = (b.mean.cpu(), b.components[:k].cpu(), b.std[:k].cpu())
+        else:
+            fitted = fit_crop_pca(crops, k)
         for basis in (self.encoder.basis, self.decoder.basis):
             basis.set_basis(*fitted)
         enc_w, enc_b, dec_w, _ = self.linear_path()

@@ -491,12 +491,20 @@ class CropStream(Dataset[Tensor]):
     def __len__(self) -> int:
         return self.num_crops
 
-    def crop(self, index: int, epoch: int | None = None) -> Tensor:
-        """Item ``index`` of ``epoch`` (default: the current one) as ``(3, S, S)`` uint8."""
+    def _draw(self, index: int, epoch: int | None) -> tuple[np.random.Generator, int]:
         if not 0 <= index < self.num_crops:
             raise IndexError(f"crop {index} of {self.num_crops}")
         rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch, index])
-        return random_crop(self.photos[rng.integers(len(self.photos))], self.image_size, rng)
+        return rng, int(rng.integers(len(self.photos)))
+
+    def crop(self, index: int, epoch: int | None = None) -> Tensor:
+        """Item ``index`` of ``epoch`` (default: the current one) as ``(3, S, S)`` uint8."""
+        rng, photo = self._draw(index, epoch)
+        return random_crop(self.photos[photo], self.image_size, rng)
+
+    def photo(self, index: int, epoch: int | None = None) -> int:
+        """The index in ``photos`` of the photograph item ``index`` of ``epoch`` is cut from."""
+        return self._draw(index, epoch)[1]
 
     def __getitem__(self, index: int) -> Tensor:
         return self.crop(index).float().div_(255.0)

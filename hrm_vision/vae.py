@@ -204,8 +204,10 @@ class VAEBase(nn.Module):
         if not z.is_floating_point():
             raise ValueError(f"expected a float latent, got dtype {z.dtype}")
 
-    def init_from_data(self, images: Tensor) -> None:
-        """Fit data-dependent parameters to training images ``(N, 3, H, W)`` in [0, 1]."""
+    def init_from_data(self, images: Tensor, teacher: VAEBase | None = None) -> None:
+        """Fit data-dependent parameters to training images ``(N, 3, H, W)`` in [0, 1];
+        ``teacher``: the trained model a student is distilled from, whose coordinates a model
+        may start in (:class:`hrm_vision.compact.CompactVAE` does)."""
         self._check_images(images)
 
     def posterior(self, x: Tensor) -> Posterior:
@@ -323,7 +325,7 @@ class _PatchVAE(VAEBase):
         self.decoder = Decoder(widths, latent_dim, blocks)
 
     @torch.no_grad()
-    def init_from_data(self, images: Tensor) -> None:
+    def init_from_data(self, images: Tensor, teacher: VAEBase | None = None) -> None:
         """Fit the patch basis of both paths to the PCA of ``images`` (N, 3, H, W) in [0, 1], and
         re-allocate the rate of ``logvar = LOGVAR_INIT`` (once, on a freshly built model)."""
         self._check_images(images)
@@ -398,15 +400,36 @@ class LatentAdapter(nn.Module):
         return self.proj(z)
 
     @torch.no_grad()
-    def fit(self, student_mu: Tensor, teacher_mu: Tensor) -> None:
+    def fit(self, student_mu: Tensor, teacher_mu: Tensor, groups: Tensor | None = None) -> None:
         """Become the least-squares map (the best linear prediction) from ``student_mu`` (N,
-        student_dim[, h, w]) to ``teacher_mu`` (N, teacher_dim[, h, w]), latents of one batch."""
+        student_dim[, h, w]) to ``teacher_mu`` (N, teacher_dim[, h, w]), latents of one batch.
+
+        ``groups`` (N,) ints, the photograph each image was cut from: each teacher number's
+        prediction is then shrunk towards its mean by the factor in [0, 1] that predicts best
+        across photographs (fitted on the photographs of even ``groups``, tested on the odd ones
+        and the other way round), so a correlation one set of photographs holds and others do
+        not is dropped rather than learned."""
         s, t = (m.double().movedim(1, -1).reshape(-1, m.shape[1]) for m in (student_mu, teacher_mu))
         if s.shape[0] <= s.shape[1]:
             raise ValueError(f"an adapter fit needs more latent vectors than numbers: {s.shape}")
-        weight = torch.linalg.lstsq(s - s.mean(0), t - t.mean(0)).solution.T
-        self.proj.weight.copy_(weight.reshape(self.proj.weight.shape))
-        self.proj.bias.copy_(t.mean(0) - weight @ s.mean(0))
+
+        def solve(rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # weight (S, T), means
+            sm, tm = s[rows].mean(0), t[rows].mean(0)
+            return torch.linalg.lstsq(s[rows] - sm, t[rows] - tm).solution, sm, tm
+
+        weight = solve(slice(None))[0]
+        if groups is not None:
+            odd = (groups.to(s.device) % 2 == 1).repeat_interleave(s.shape[0] // len(groups))
+            if min(int(odd.sum()), int((~odd).sum())) > s.shape[1]:
+                covary, spread = torch.zeros(t.shape[1]).double(), torch.zeros(t.shape[1]).double()
+                for fit_rows in (odd, ~odd):
+                    w, sm, tm = solve(fit_rows)
+                    pred = (s[~fit_rows] - sm) @ w
+                    covary += (pred * (t[~fit_rows] - tm)).sum(0)
+                    spread += pred.pow(2).sum(0)
+                weight = weight * (covary / spread.clamp(min=1e-12)).clamp(0, 1)
+        self.proj.weight.copy_(weight.T.reshape(self.proj.weight.shape))
+        self.proj.bias.copy_(t.mean(0) - weight.T @ s.mean(0))
 
     def variance(self, var: Tensor) -> Tensor:
         """Per-channel variance of ``W z + b`` for ``z ~ N(mu, diag(var))`` (the diagonal of

@@ -121,6 +121,25 @@ class TestLinearStart:
         assert torch.allclose(z, coef / std, atol=1e-3)
         assert torch.allclose(model.decode(z), pca, atol=1e-4)
 
+    def test_a_student_starts_in_its_teachers_coordinates(self) -> None:
+        """With a compact teacher, the fresh student's latent is the teacher's first numbers
+        whatever images each student sees; a teacher of other crops is not used."""
+        teacher = CompactTeacherVAE(base_channels=4, latent_dim=32).eval()
+        teacher.init_from_data(crops(200, seed=1))
+        a, b = (CompactStudentVAE(base_channels=4, latent_dim=16).eval() for _ in range(2))
+        a.init_from_data(crops(100, seed=2), teacher)
+        b.init_from_data(crops(100, seed=3), teacher)
+        x = crops(5, seed=4)
+        assert torch.allclose(a.encode(x), teacher.encode(x)[:, :16], atol=1e-4)
+        assert torch.allclose(a.encode(x), b.encode(x), atol=1e-5)
+        own = CompactStudentVAE(base_channels=4, latent_dim=16).eval()
+        own.init_from_data(crops(100, seed=2))
+        assert not torch.allclose(own.encode(x), a.encode(x), atol=1e-2)
+        grey = CompactStudentVAE(base_channels=4, latent_dim=16, input_channels=1).eval()
+        grey.init_from_data(crops(100, 1, seed=2), teacher)  # RGB teacher: own PCA
+        mean, comps, _ = fit_crop_pca(crops(100, 1, seed=2), 16)
+        assert torch.allclose(grey.encoder.basis.components, comps)
+
     def test_linear_path_matches_the_model_at_the_start(self) -> None:
         model = CompactStudentVAE(base_channels=4, latent_dim=16).eval()
         model.init_from_data(crops(100))

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from experiments.model_summary import summary_rows
-from hrm_vision.compact import CompactStudentVAE, CompactTeacherVAE
+from hrm_vision.compact import CompactStudentVAE, CompactTeacherVAE, fit_crop_pca
 from hrm_vision.evaluate import crop_baselines
-from hrm_vision.io import CheckpointError, load, model_from_payload
+from hrm_vision.io import CheckpointError, load, model_from_payload, save
 from hrm_vision.metrics import psnr
-from hrm_vision.train import Distiller, load_config
+from hrm_vision.train import Distiller, load_config, trainer
 from hrm_vision.train.config import ConfigError, make_config
 from hrm_vision.train.loss import TeacherFeatures, kl_nats, residual_variance
 from hrm_vision.train.trainer import build_split, configured_model, first_images
@@ -205,26 +205,55 @@ def test_tiny_compact_distillation_end_to_end(tmp_path) -> None:
     val = history[1]["val"]
     assert all(math.isfinite(val[k]) for k in ("psnr", "teacher_psnr", "cross_psnr", "kl"))
     assert val["perceptual"] > 0 and val["distill_latent"] > 0
+    # The distilled student started in the teacher's coordinates (the basis is not trained).
+    assert torch.equal(student.encoder.basis.components, teacher.encoder.basis.components[:8])
 
 
-def test_the_saved_adapter_is_the_least_squares_map_of_the_saved_student(tmp_path) -> None:
-    """After each epoch the adapter is refitted to the weights that are validated and saved
-    (the weight average), so a checkpoint's adapter reads its own student's latents."""
+def test_a_student_alone_fits_its_own_start_beside_a_teacher(tmp_path) -> None:
+    """Without distillation terms a given teacher is not the student's start."""
     torch.set_num_threads(1)
+    teacher = CompactTeacherVAE(latent_dim=32, base_channels=4)
+    teacher.init_from_data(crops(100))  # other crops than the student's
+    path = save(teacher, tmp_path / "teacher.safetensors")
+    cfg = load_config(COMPACT, {**TINY, "train_samples": 48, "val_samples": 8,
+                                "batch_size": 16, "epochs": 1, "finetune_epochs": 0,
+                                "warmup_steps": 1, "device": "cpu", "teacher_checkpoint": str(path),
+                                "distill_latent_weight": 0.0, "distill_recon_weight": 0.0,
+                                "perceptual_weight": 0.0, "checkpoint_dir": str(tmp_path)})
+    student = load(Distiller(cfg, console=False).run()["best"], role="student")
+    _, comps, _ = fit_crop_pca(first_images(build_split(cfg, "train")), 8)
+    assert torch.allclose(student.encoder.basis.components, comps, atol=1e-5)
+    assert not torch.allclose(comps, teacher.encoder.basis.components[:8], atol=1e-2)
+
+
+@pytest.mark.parametrize("crops", ["fixed", "stream"])
+def test_the_saved_adapter_is_the_least_squares_map_of_the_saved_student(
+        tmp_path, monkeypatch, crops) -> None:
+    """After each epoch the adapter is refitted to the weights that are validated and saved
+    (the weight average), so a checkpoint's adapter reads its own student's latents; of
+    streamed crops, with the photograph each crop is cut from."""
+    torch.set_num_threads(1)
+    monkeypatch.setattr(trainer, "INIT_IMAGES", 96)
     cfg = load_config(COMPACT, {**TINY, "train_samples": 48, "val_samples": 8,
                                 "batch_size": 16, "teacher_epochs": 1, "epochs": 2,
                                 "finetune_epochs": 0, "warmup_steps": 1, "device": "cpu",
-                                "checkpoint_dir": str(tmp_path)})
+                                "crops": crops, "checkpoint_dir": str(tmp_path)})
     files = Distiller(cfg, console=False).run()
     student, saved = load(files["best"], role="student"), load(files["best"], role="adapter")
     teacher = load(files["teacher"], role="teacher")
-    x = first_images(build_split(cfg, "train"))
-    refit = LatentAdapter(saved.student_dim, saved.teacher_dim, vector=True)
+    split = build_split(cfg, "train")
+    x = first_images(split)
+    photos = (torch.tensor([split.base.photo(i % 48, i // 48) for i in range(len(x))])
+              if crops == "stream" else None)
+    refit, plain, start = (LatentAdapter(saved.student_dim, saved.teacher_dim, vector=True)
+                           for _ in range(3))
     with torch.no_grad():
-        refit.fit(student.encode(x), teacher.encode(x))
+        refit.fit(student.encode(x), teacher.encode(x), photos)
+        plain.fit(student.encode(x), teacher.encode(x))
         fresh = CompactStudentVAE(**student.arch_config())
-        fresh.init_from_data(x)  # the student's start
-        start = LatentAdapter(saved.student_dim, saved.teacher_dim, vector=True)
-        start.fit(fresh.encode(x), teacher.encode(x))
+        fresh.init_from_data(x, teacher)  # the student's start
+        start.fit(fresh.encode(x), teacher.encode(x), photos)
     assert torch.allclose(saved.proj.weight, refit.proj.weight, atol=1e-4)
     assert not torch.allclose(saved.proj.weight, start.proj.weight, atol=1e-3)
+    if crops == "stream":  # the photographs shrink what only some of them hold
+        assert not torch.allclose(saved.proj.weight, plain.proj.weight, atol=1e-3)

@@ -90,7 +90,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
     corpus = write_corpus(root / "corpus")
     config = {"corpus": str(corpus), "out_dir": str(root / "out"), "steps": STEPS,
               "validations": 2, "pca_crops": 64, "threads": 1, "compact": TINY_COMPACT,
-              "spatial": TINY_SPATIAL}
+              "teacher": {"learning_rate": 2e-4}, "spatial": TINY_SPATIAL}
     (root / "learn.json").write_text(json.dumps(config))
     with mock.patch.object(trainer, "INIT_IMAGES", INIT_IMAGES):
         status, printed = call(["--config", str(root / "learn.json")])
@@ -118,6 +118,13 @@ def test_the_alone_run_has_the_image_weight_and_no_distillation(tiny) -> None:
     assert alone["distill_latent_weight"] == alone["distill_recon_weight"] == 0.0
     assert distilled["teacher_checkpoint"] == tiny["learn"]["checkpoints"]["teacher"]
     assert alone["crops"] == distilled["crops"] == "stream"
+
+
+def test_the_teacher_fields_apply_to_the_teacher_run_only(tiny) -> None:
+    rates = {name: json.loads((tiny["out"] / name / "config.json").read_text())["learning_rate"]
+             for name in ("teacher", "distilled", "alone")}
+    assert rates["teacher"] == 2e-4
+    assert rates["distilled"] == rates["alone"] != 2e-4
 
 
 def test_the_table_puts_the_models_beside_pca_and_thumbnails(tiny) -> None:

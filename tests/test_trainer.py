@@ -54,7 +54,7 @@ from hrm_vision.train.trainer import (
     make_loader,
     make_scaler,
 )
-from hrm_vision.vae import LOGVAR_INIT, MinimalVAE, TeacherVAE
+from hrm_vision.vae import LOGVAR_INIT, MinimalVAE, TeacherVAE, VAEBase
 
 TINY = {"dataset": "photos", "train_samples": 32, "val_samples": 16, "batch_size": 8,
         "teacher_latent_dim": 16, "teacher_base_channels": 8, "teacher_blocks_per_stage": 1,
@@ -72,10 +72,10 @@ def spy_init_from_data(mp: pytest.MonkeyPatch) -> list[tuple[str, tuple[int, ...
     seen: list[tuple[str, tuple[int, ...], float, float]] = []
 
     def spying(original):
-        def spy(self, images: torch.Tensor) -> None:
+        def spy(self, images: torch.Tensor, teacher: VAEBase | None = None) -> None:
             seen.append((type(self).__name__, tuple(images.shape), float(images.min()),
                          float(images.max())))
-            original(self, images)
+            original(self, images, teacher)
         return spy
 
     for cls in (TeacherVAE, MinimalVAE):
@@ -367,7 +367,7 @@ class TestInitFromData:
         monkeypatch.setattr(splits, "INIT_IMAGES", 5)
         received: list[torch.Tensor] = []
         monkeypatch.setattr(MinimalVAE, "init_from_data",
-                            lambda self, images: received.append(images.clone()))
+                            lambda self, images, teacher=None: received.append(images.clone()))
         d = Distiller(tiny(tmp_path, epochs=0, distill_latent_weight=0, distill_recon_weight=0,
                            perceptual_weight=0), console=False)
         d.run()

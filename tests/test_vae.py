@@ -211,6 +211,28 @@ def test_adapter_fit_recovers_a_linear_map_in_either_layout(vector: bool) -> Non
     assert torch.allclose(adapter.proj.bias, truth.proj.bias, atol=1e-4)
 
 
+@pytest.mark.parametrize("vector", [True, False])
+def test_adapter_fit_drops_what_only_some_photographs_hold(vector: bool) -> None:
+    """Teacher numbers 0-3 follow one map of the student's latent everywhere; 4-7 a different
+    map on each of 20 photographs. With the photographs given, 0-3 keep their map and 4-7 are
+    shrunk towards their means; without, both are fitted."""
+    g = torch.Generator().manual_seed(0)
+    groups = torch.arange(20).repeat_interleave(30)
+    z = torch.randn(600, 4, generator=g) if vector else torch.randn(600, 4, 1, 2, generator=g)
+    flat = z.movedim(1, -1).reshape(600, -1, 4)
+    shared = torch.randn(4, 4, generator=g)
+    own = torch.randn(20, 4, 4, generator=g)[groups]  # each photograph's map
+    t = torch.cat([flat @ shared, torch.einsum("npi,nio->npo", flat, own)], dim=-1)
+    t = t.reshape(600, *z.shape[2:], 8).movedim(-1, 1)
+    plain, grouped = LatentAdapter(4, 8, vector=vector), LatentAdapter(4, 8, vector=vector)
+    with torch.no_grad():
+        plain.fit(z, t)
+        grouped.fit(z, t, groups)
+    w_plain, w = (a.proj.weight.reshape(8, 4) for a in (plain, grouped))
+    assert torch.allclose(w[:4], shared.T, atol=1e-3)
+    assert w[4:].norm() < 0.5 * w_plain[4:].norm()
+
+
 def test_adapter_fit_needs_more_vectors_than_student_numbers() -> None:
     adapter = LatentAdapter(4, 8, vector=True)
     before = adapter.proj.weight.clone()

@@ -626,20 +626,27 @@ class Phase:
         self.refit()  # once on a fresh run, after the fresh models' ``init_from_data``
 
     @functools.cached_property
-    def fit_set(self) -> tuple[tuple[Tensor, ...], Tensor]:  # batches of images, teacher mu
+    def fit_set(self) -> tuple[tuple[Tensor, ...], Tensor, Tensor | None]:
+        """Batches of :func:`first_images`, the teacher's latents of them and, for streamed
+        crops, the photograph each is cut from."""
         x = first_images(self.ctx.train_set).to(self.ctx.device).split(256)
-        return x, torch.cat([self.teacher.encode(b) for b in x])
+        base = self.ctx.train_set.base
+        photos = (torch.tensor([base.photo(i % base.num_crops, i // base.num_crops)
+                                for i in range(sum(len(b) for b in x))])
+                  if isinstance(base, CropStream) else None)
+        return x, torch.cat([self.teacher.encode(b) for b in x]), photos
 
     @torch.no_grad()
     def refit(self) -> dict[str, Tensor] | None:
         """Fit the adapter (no gradient) by least squares from the student's latents of
-        :func:`first_images` to the teacher's: its state, or None (no teacher; non-finite z)."""
+        :func:`first_images` to the teacher's, shrunk to what holds across photographs when
+        they are known: its state, or None (no teacher; non-finite z)."""
         if self.teacher is None or not self.trains_adapter:
             return None
-        x, teacher_mu = self.fit_set
+        x, teacher_mu, photos = self.fit_set
         if not (z := torch.cat([self.vae.encode(b) for b in x])).isfinite().all():
             return None
-        self.adapter.fit(z, teacher_mu)
+        self.adapter.fit(z, teacher_mu, photos)
         return {k: v.clone() for k, v in self.adapter.state_dict().items()}
 
     def calibrate(self) -> None:
@@ -1254,7 +1261,8 @@ class Distiller:
         distill = self._student_phase(DistillPhase, c.epochs, loss)
         if start <= 1:
             distill.prepare()
-            self._fit(distill, payload if start == 1 else None, fresh=[self.student])
+            self._fit(distill, payload if start == 1 else None, fresh=[self.student],
+                      teacher=self.teacher if loss.needs_teacher else None)
         if c.finetune_epochs == 0:
             return
         finetune = self._student_phase(FinetunePhase, c.finetune_epochs,
@@ -1290,13 +1298,15 @@ class Distiller:
                     self.perceptual_name, self.teacher_source)
 
     def _fit(self, phase: Phase, payload: dict[str, Any] | None,
-             fresh: Sequence[VAEBase], best: float = -math.inf) -> None:
+             fresh: Sequence[VAEBase], best: float = -math.inf,
+             teacher: VAEBase | None = None) -> None:
         """Train ``phase``, continuing ``payload`` if given; otherwise the ``fresh`` models first
-        get ``init_from_data`` on the first training images. ``best``: the PSNR to beat."""
+        get ``init_from_data`` on the first training images (and ``teacher``, the model they are
+        distilled from). ``best``: the PSNR to beat."""
         if payload is None and fresh:
             images = first_images(self.train_set).to(self.device)
             for model in fresh:
-                model.init_from_data(images)
+                model.init_from_data(images, teacher)
             phase.init_fresh()
         self.loop = loop = PhaseLoop(phase, ctx=self.ctx, loader=self.train_loader,
                                      history=self.history, emit=self._emit,
