@@ -12,7 +12,10 @@ picture), then four runs of the package's trainer (:class:`hrm_vision.train.Dist
 ``imagefolder``), validated on fixed crops of the held-out pictures and of an unseen source
 (``unseen_dataset``):
 
-* ``teacher``: the compact teacher (512 numbers per 64x64 crop) alone, ``OUT/teacher/teacher.pth``;
+* ``teacher``: the compact teacher (512 numbers per 64x64 crop) alone, ``OUT/teacher/teacher.pth``,
+  with the config's ``teacher`` fields over ``compact``'s (a learning rate of 2e-4: at the
+  students' 1e-3 it fell 0.66 dB under its PCA start in 374 steps, at 2e-4 it rose 0.12 dB in
+  1,000, ``experiments/results/teacher_lr.jsonl``);
 * ``distilled``: the compact student (64 numbers) distilled from that teacher;
 * ``alone``: the same student without distillation, at equal image weight (``recon_weight`` is
   ``recon_weight + distill_recon_weight``, the distillation weights 0; as ``make compact``);

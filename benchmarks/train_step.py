@@ -6,9 +6,11 @@
 One process, one batch of streamed photo crops, two copies of ``CompactStudentVAE`` (the sizes
 of ``training/compact.json``) trained with the student-alone objective and AdamW:
 
-- ``today``: float32, contiguous tensors (``mixed_precision`` off, ``channels_last`` false);
+- ``today``: float32, contiguous tensors (``mixed_precision`` off, ``channels_last`` false),
+  the unfused AdamW;
 - ``fast``: bf16 autocast on the CPU and channels-last tensors (``mixed_precision: bf16``,
-  ``channels_last: true``), through the trainer's own ``autocast``.
+  ``channels_last: true``), through the trainer's own ``autocast``, and the trainer's
+  optimizer (``make_optimizer``: the fused AdamW).
 
 Each round times one step of each, in a rotating order (``hrm_vision.timing``), so other jobs
 on the machine hit both alike; the load average is printed before and after. A second table
@@ -32,15 +34,16 @@ from hrm_vision.io import write_json
 from hrm_vision.timing import machine_info, timings
 from hrm_vision.train import DistillLoss, load_config
 from hrm_vision.train.loss import Trainable
-from hrm_vision.train.trainer import autocast, configured_model
+from hrm_vision.train.trainer import autocast, configured_model, make_optimizer
 
 COMPACT = Path(__file__).resolve().parents[1] / "training" / "compact.json"
 INIT_CROPS = 512  #: crops the PCA start is fitted on
 
 
-def make_step(config, batch: torch.Tensor, init: torch.Tensor):
+def make_step(config, batch: torch.Tensor, init: torch.Tensor, fast: bool):
     """A function doing one training step on ``batch`` of a compact student started from
-    ``init`` (its PCA start) under ``config``."""
+    ``init`` (its PCA start) under ``config``, with the trainer's optimizer if ``fast`` (else
+    the unfused AdamW)."""
     torch.manual_seed(0)
     model = configured_model(config, "student")
     model.init_from_data(init)
@@ -50,8 +53,10 @@ def make_step(config, batch: torch.Tensor, init: torch.Tensor):
     if config.channels_last:
         module.to(memory_format=fmt)
     x = batch.contiguous(memory_format=fmt)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=config.learning_rate)
     device = torch.device("cpu")
+    optimizer = (make_optimizer(module.parameters(), config, device) if fast else
+                 torch.optim.AdamW(module.parameters(), lr=config.learning_rate,
+                                   weight_decay=config.weight_decay))
 
     def step() -> None:
         with autocast(config, device):
@@ -84,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cpu capability {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads, "
           f"batch {args.batch} of {tuple(batch.shape[1:])}, load average before "
           f"{load_before[0]:.2f}", file=sys.stderr)
-    steps = timings({name: make_step(c, batch, init) for name, c in configs.items()},
+    steps = timings({name: make_step(c, batch, init, name == "fast")
+                     for name, c in configs.items()},
                     repeats=args.rounds, warmup=2, batch_size=args.batch, desc="train step")
 
     def prepare() -> None:
