@@ -13,9 +13,10 @@ picture), then four runs of the package's trainer (:class:`hrm_vision.train.Dist
 (``unseen_dataset``):
 
 * ``teacher``: the compact teacher (512 numbers per 64x64 crop) alone, ``OUT/teacher/teacher.pth``,
-  with the config's ``teacher`` fields over ``compact``'s (a learning rate of 2e-4: at the
-  students' 1e-3 it fell 0.66 dB under its PCA start in 374 steps, at 2e-4 it rose 0.12 dB in
-  1,000, ``experiments/results/teacher_lr.jsonl``);
+  with the config's ``teacher`` fields over ``compact``'s (a learning rate of 2e-4 and no early
+  stop: at the students' 1e-3 it fell 0.66 dB under its PCA start in 374 steps; at 2e-4 it dips
+  0.03 dB for about 500 steps, then rises to +0.12 dB at 1,000,
+  ``experiments/results/teacher_lr.jsonl``);
 * ``distilled``: the compact student (64 numbers) distilled from that teacher;
 * ``alone``: the same student without distillation, at equal image weight (``recon_weight`` is
   ``recon_weight + distill_recon_weight``, the distillation weights 0; as ``make compact``);

@@ -421,7 +421,7 @@ class LatentAdapter(nn.Module):
         if groups is not None:
             odd = (groups.to(s.device) % 2 == 1).repeat_interleave(s.shape[0] // len(groups))
             if min(int(odd.sum()), int((~odd).sum())) > s.shape[1]:
-                covary, spread = torch.zeros(t.shape[1]).double(), torch.zeros(t.shape[1]).double()
+                covary, spread = s.new_zeros(t.shape[1]), s.new_zeros(t.shape[1])
                 for fit_rows in (odd, ~odd):
                     w, sm, tm = solve(fit_rows)
                     pred = (s[~fit_rows] - sm) @ w
