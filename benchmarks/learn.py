@@ -2,7 +2,7 @@
 """The learning benchmark (``make learn``): networks trained on streamed crops of the wallpaper
 corpus, beside what PCA and thumbnails of the same crops give.
 
-    python benchmarks/learn.py                       # about 35 min on 2 cores
+    python benchmarks/learn.py                       # about 40 min on 2 cores
     python benchmarks/learn.py --scale 0.01 --out-dir /tmp/learn   # the machinery, in a minute
     python benchmarks/learn.py --ship                # then copy the best students into the package
 
@@ -25,8 +25,8 @@ picture), then four runs of the package's trainer (:class:`hrm_vision.train.Dist
 
 The budget is in steps (``steps`` of the config; ``--scale`` multiplies them), not in minutes:
 1,000 teacher, 2 x 8,000 compact-student and 1,500 spatial steps at batch 64 on 2 threads take
-about 35 minutes of runs on a 2-core AMD EPYC (teacher 4.4, distilled about 9, alone 13, spatial
-8.8 steps/s in training, validations and checkpoints besides; benchmarks/results/learn.json).
+about 36 minutes of runs on a 2-core AMD EPYC (teacher 5.5, distilled 9.2, alone 13.6, spatial
+11.3 steps/s in training, validations and checkpoints besides; benchmarks/results/learn.json).
 Each run validates every ``ceil(steps / validations)`` steps (one epoch of that many streamed
 batches); the best checkpoint is the best held-out PSNR.
 
