@@ -8,6 +8,8 @@ validations per run; prints each run's held-out and unseen PSNR per validation.
 
 Each run ``NAME`` is ``{"steps": N, "over": {config key: value}}`` and writes ``OUT/NAME`` (a
 checkpoint folder) and a line of ``OUT/results.jsonl``. Needs the corpus of ``make learn``.
+``over`` with ``teacher_epochs`` N, ``epochs`` 0 and the distillation weights runs the compact
+teacher instead (its curve is then the teacher's).
 """
 
 from __future__ import annotations

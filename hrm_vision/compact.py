@@ -189,9 +189,8 @@ class CompactVAE(VAEBase):
         S) in [0, 1] (more than ``latent_dim``) and re-allocate the rate of ``LOGVAR_INIT``.
 
         With a compact ``teacher`` of the same crops and at least ``latent_dim`` numbers, the
-        basis is the leading ``latent_dim`` components of the teacher's instead: a distilled
-        student starts in its teacher's coordinates, the same for every student of one teacher
-        whatever images each sees (``docs/irp.md``, entity agreement)."""
+        basis is the first ``latent_dim`` components of the teacher's: a distilled student starts
+        in its teacher's coordinates, whatever images it sees (``docs/irp.md``)."""
         self._check_images(images)
         crops = images[:MAX_FIT_IMAGES].float().cpu()
         k = self.latent_dim

@@ -205,9 +205,8 @@ class VAEBase(nn.Module):
             raise ValueError(f"expected a float latent, got dtype {z.dtype}")
 
     def init_from_data(self, images: Tensor, teacher: VAEBase | None = None) -> None:
-        """Fit data-dependent parameters to training images ``(N, 3, H, W)`` in [0, 1];
-        ``teacher``: the trained model a student is distilled from, whose coordinates a model
-        may start in (:class:`hrm_vision.compact.CompactVAE` does)."""
+        """Fit data-dependent parameters to training images ``(N, 3, H, W)`` in [0, 1], or start
+        in the coordinates of ``teacher``, the model distilled from (``CompactVAE`` does)."""
         self._check_images(images)
 
     def posterior(self, x: Tensor) -> Posterior:
@@ -405,10 +404,9 @@ class LatentAdapter(nn.Module):
         student_dim[, h, w]) to ``teacher_mu`` (N, teacher_dim[, h, w]), latents of one batch.
 
         ``groups`` (N,) ints, the photograph each image was cut from: each teacher number's
-        prediction is then shrunk towards its mean by the factor in [0, 1] that predicts best
-        across photographs (fitted on the photographs of even ``groups``, tested on the odd ones
-        and the other way round), so a correlation one set of photographs holds and others do
-        not is dropped rather than learned."""
+        prediction is shrunk towards its mean by the factor in [0, 1] that predicts best from
+        the even ``groups`` to the odd and back, so a correlation that only some photographs
+        hold is dropped rather than learned."""
         s, t = (m.double().movedim(1, -1).reshape(-1, m.shape[1]) for m in (student_mu, teacher_mu))
         if s.shape[0] <= s.shape[1]:
             raise ValueError(f"an adapter fit needs more latent vectors than numbers: {s.shape}")

@@ -18,7 +18,12 @@ from hrm_vision.metrics import psnr
 from hrm_vision.train import Distiller, load_config, trainer
 from hrm_vision.train.config import ConfigError, make_config
 from hrm_vision.train.loss import TeacherFeatures, kl_nats, residual_variance
-from hrm_vision.train.trainer import build_split, configured_model, first_images
+from hrm_vision.train.trainer import (
+    build_split,
+    configured_model,
+    first_images,
+    first_photos,
+)
 from hrm_vision.vae import LatentAdapter, MinimalVAE, TeacherVAE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,8 +248,8 @@ def test_the_saved_adapter_is_the_least_squares_map_of_the_saved_student(
     teacher = load(files["teacher"], role="teacher")
     split = build_split(cfg, "train")
     x = first_images(split)
-    photos = (torch.tensor([split.base.photo(i % 48, i // 48) for i in range(len(x))])
-              if crops == "stream" else None)
+    photos = first_photos(split)
+    assert (photos is None) == (crops == "fixed")
     refit, plain, start = (LatentAdapter(saved.student_dim, saved.teacher_dim, vector=True)
                            for _ in range(3))
     with torch.no_grad():

@@ -401,6 +401,14 @@ class TestCropStream:
         with pytest.raises(IndexError):
             a.crop(16)
 
+    def test_photo_names_the_photograph_a_crop_is_cut_from(self) -> None:
+        photos = [np.full((40, 40, 3), 60 * k, np.uint8) for k in range(4)]  # one grey each
+        stream = CropStream(photos, 32, 16, seed=2)
+        for epoch in (0, 3):
+            seen = [stream.photo(i, epoch) for i in range(32)]
+            assert [int(stream.crop(i, epoch)[0, 0, 0]) // 60 for i in range(32)] == seen
+            assert len(set(seen)) > 1
+
     def test_crops_of_a_large_photograph_spread_over_it_at_many_scales(self) -> None:
         """An imagefolder of large photographs is streamed at full size: crops from all over
         each photograph at scales 1/4 to 1, not one centre crop per file."""

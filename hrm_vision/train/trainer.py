@@ -288,11 +288,20 @@ def first_images(dataset: IndexedDataset, limit: int | None = None) -> Tensor:
     epochs 0, 1, ... in order), so a short epoch does not starve the models' PCA start."""
     base = dataset.base
     if limit is None and isinstance(base, CropStream):
-        n = base.num_crops
-        crops = [base.crop(i % n, i // n) for i in range(INIT_IMAGES)]
-        return torch.stack(crops).float().div_(255.0)
+        return torch.stack([base.crop(*item) for item in _items(base)]).float().div_(255.0)
     n = min(INIT_IMAGES if limit is None else limit, len(dataset))
     return torch.stack([dataset[i][1] for i in range(n)])
+
+
+def first_photos(dataset: IndexedDataset) -> Tensor | None:
+    """``(N,)`` the photograph each of ``first_images(dataset)`` is cut from (streamed crops)."""
+    base = dataset.base
+    return torch.tensor([base.photo(*it) for it in _items(base)]) if isinstance(
+        base, CropStream) else None
+
+
+def _items(stream: CropStream) -> list[tuple[int, int]]:  # (index, epoch) of first_images
+    return [(i % stream.num_crops, i // stream.num_crops) for i in range(INIT_IMAGES)]
 
 
 class TeacherCache:
@@ -630,17 +639,12 @@ class Phase:
         """Batches of :func:`first_images`, the teacher's latents of them and, for streamed
         crops, the photograph each is cut from."""
         x = first_images(self.ctx.train_set).to(self.ctx.device).split(256)
-        base = self.ctx.train_set.base
-        photos = (torch.tensor([base.photo(i % base.num_crops, i // base.num_crops)
-                                for i in range(sum(len(b) for b in x))])
-                  if isinstance(base, CropStream) else None)
-        return x, torch.cat([self.teacher.encode(b) for b in x]), photos
+        return x, torch.cat([self.teacher.encode(b) for b in x]), first_photos(self.ctx.train_set)
 
     @torch.no_grad()
     def refit(self) -> dict[str, Tensor] | None:
-        """Fit the adapter (no gradient) by least squares from the student's latents of
-        :func:`first_images` to the teacher's, shrunk to what holds across photographs when
-        they are known: its state, or None (no teacher; non-finite z)."""
+        """Fit the adapter (no gradient) to :attr:`fit_set` (``LatentAdapter.fit``): its state,
+        or None (no teacher; non-finite z)."""
         if self.teacher is None or not self.trains_adapter:
             return None
         x, teacher_mu, photos = self.fit_set
