@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .patches import allocated_logvar, dct_rows
-from .vae import LOGVAR_INIT, ResBlock, VAEBase, down, register_model, up, zero_conv
+from .vae import BITS_PER_PIXEL, LOGVAR_INIT, ResBlock, VAEBase, down, register_model, up, zero_conv
 
 BOTTOM = 4  #: side of the feature map at the bottom of both branches
 MAX_FIT_IMAGES = 4096  #: crops fitted by ``init_from_data`` at most (their Gram matrix)
@@ -184,9 +184,11 @@ class CompactVAE(VAEBase):
                              f"resize the input to {s}x{s}")
 
     @torch.no_grad()
-    def init_from_data(self, images: Tensor, teacher: VAEBase | None = None) -> None:
+    def init_from_data(self, images: Tensor, teacher: VAEBase | None = None,
+                       bits_per_pixel: float = BITS_PER_PIXEL) -> None:
         """Fit the basis to the PCA of the first :data:`MAX_FIT_IMAGES` of ``images`` (N, C, S,
-        S) in [0, 1] (more than ``latent_dim``) and re-allocate the rate of ``LOGVAR_INIT``.
+        S) in [0, 1] (more than ``latent_dim``) and re-allocate the rate of ``LOGVAR_INIT``;
+        ``bits_per_pixel`` does not bind (64 numbers spend well under 1 bit per pixel).
 
         With a compact ``teacher`` of the same crops and at least ``latent_dim`` numbers, the
         basis is the first ``latent_dim`` components of the teacher's: a distilled student starts

@@ -190,6 +190,14 @@ def water_level(eigenvalues: Tensor | Sequence[float], rate_nats: float) -> floa
     return math.exp((float(logs[-1]) - 2 * rate_nats) / positive.numel())  # all active
 
 
+def water_filling_variances(gains: Tensor, rate_nats: float) -> Tensor:
+    """Posterior variances ``(L,)`` in (0, 1] of the reverse water-filling code of unit-variance
+    coefficients whose decoder gains ``gains`` ``(L,)`` are their variances ``lambda``, at a
+    total of ``rate_nats``: ``s^2 = min(1, theta / lambda)``, 1 where the gain is 0."""
+    g = gains.double()
+    return (water_level(g, rate_nats) / g).clamp(min=1e-12, max=1.0).float()  # g = 0: 1
+
+
 def water_filling(eigenvalues: Tensor | Sequence[float], rate_nats: float) -> float:
     """Least MSE per number at ``rate_nats`` nats per vector of covariance spectrum
     ``eigenvalues``: ``sum_i min(lambda_i, theta) / D``, ``theta`` the :func:`water_level`."""

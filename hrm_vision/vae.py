@@ -10,12 +10,13 @@ Encoder and decoder are each a **linear patch path** (8x8 patches -> whitened co
 an untrained model *is* patch PCA) plus **nonlinear stages** (PixelUnshuffle down, residual
 blocks, PixelShuffle up) whose last convolution starts at zero. Only ``Conv2d``, ``ReLU``,
 ``PixelShuffle``/``PixelUnshuffle``, additions and ``Clip`` (clean ONNX/TensorRT export).
-``logvar`` starts at -4 (about 2 nats per element); reconstructions are clamped to [0, 1]
+``init_from_data`` sets the rate (bits per pixel); reconstructions are clamped to [0, 1]
 (straight-through while training). ``docs/models.md`` has the measurements behind the design.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
@@ -24,10 +25,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .patches import PATCH, PatchWhitening, allocated_logvar, fit_patch_pca, patch_vectors
+from .patches import PATCH, PatchWhitening, fit_patch_pca, water_filling_variances
 
 DOWNSAMPLE_FACTOR = 8  #: the latent grid is this many times smaller than the image, each way
 LOGVAR_INIT = -4.0  #: initial bias of the log-variance head
+BITS_PER_PIXEL = 6.0  #: rate budget of a fresh patch model and the KL floor's default
+MAX_BITS_PER_PIXEL = 24.0  #: 8-bit RGB: a code spending more is a copy of the image
 
 
 # ---------------------------------------------------------------------- blocks
@@ -204,9 +207,11 @@ class VAEBase(nn.Module):
         if not z.is_floating_point():
             raise ValueError(f"expected a float latent, got dtype {z.dtype}")
 
-    def init_from_data(self, images: Tensor, teacher: VAEBase | None = None) -> None:
+    def init_from_data(self, images: Tensor, teacher: VAEBase | None = None,
+                       bits_per_pixel: float = BITS_PER_PIXEL) -> None:
         """Fit data-dependent parameters to training images ``(N, 3, H, W)`` in [0, 1], or start
-        in the coordinates of ``teacher``, the model distilled from (``CompactVAE`` does)."""
+        in the coordinates of ``teacher``, the model distilled from (``CompactVAE`` does), with a
+        posterior spending ``bits_per_pixel`` (the patch models)."""
         self._check_images(images)
 
     def posterior(self, x: Tensor) -> Posterior:
@@ -252,16 +257,6 @@ class VAEBase(nn.Module):
 
 
 # ---------------------------------------------------------------------- the two VAEs
-def _spread(latent_dim: int, coefficients: int) -> tuple[Tensor, Tensor]:
-    """Initial 1x1 weights of the linear path, encoder ``(latent, coefficients, 1, 1)`` and
-    decoder ``(coefficients, latent, 1, 1)``: latent channel c carries coefficient ``c mod
-    coefficients``, the decoder averages the copies (the teacher's 512 > 192 channels)."""
-    enc = torch.zeros(latent_dim, coefficients)
-    enc[torch.arange(latent_dim), torch.arange(latent_dim) % coefficients] = 1.0
-    dec = enc.T / enc.sum(0).clamp(min=1)[:, None]
-    return enc[:, :, None, None], dec[:, :, None, None]
-
-
 class Encoder(nn.Module):
     """Image ``(B, 3, H, W)`` in [0, 1] -> ``(B, 2 * latent_dim, H/8, W/8)``: ``mu =
     linear(patches(x)) + mu_head(h)``, ``logvar = logvar_head(h)``, ``h = stages(x)``."""
@@ -271,7 +266,7 @@ class Encoder(nn.Module):
         self.patches = PatchWhitening()
         self.linear = conv(self.patches.dim, latent_dim, kernel=1, bias=False)
         with torch.no_grad():
-            self.linear.weight.copy_(_spread(latent_dim, self.patches.dim)[0])
+            self.linear.weight.copy_(torch.eye(latent_dim, self.patches.dim)[:, :, None, None])
         stages: list[nn.Module] = []
         for i, (prev, w) in enumerate(zip([3, *widths[:-1]], widths, strict=True)):
             # a 3x3 convolution first; stages after the third stay on the H/8 grid
@@ -299,7 +294,7 @@ class Decoder(nn.Module):
         self.patches = PatchWhitening(inverse=True)
         self.linear = conv(latent_dim, self.patches.dim, kernel=1, bias=False)
         with torch.no_grad():
-            self.linear.weight.copy_(_spread(latent_dim, self.patches.dim)[1])
+            self.linear.weight.copy_(torch.eye(self.patches.dim, latent_dim)[:, :, None, None])
         rev = widths[::-1]
         stages: list[nn.Module] = []
         for i, (prev, w) in enumerate(zip([latent_dim, *rev[:-1]], rev, strict=True)):
@@ -324,17 +319,25 @@ class _PatchVAE(VAEBase):
         self.decoder = Decoder(widths, latent_dim, blocks)
 
     @torch.no_grad()
-    def init_from_data(self, images: Tensor, teacher: VAEBase | None = None) -> None:
-        """Fit the patch basis of both paths to the PCA of ``images`` (N, 3, H, W) in [0, 1], and
-        re-allocate the rate of ``logvar = LOGVAR_INIT`` (once, on a freshly built model)."""
+    def init_from_data(self, images: Tensor, teacher: VAEBase | None = None,
+                       bits_per_pixel: float = BITS_PER_PIXEL) -> None:
+        """Fit the patch basis of both paths to the PCA of ``images`` (N, 3, H, W) in [0, 1] and
+        make the linear path the reverse water-filling code of ``bits_per_pixel`` on them (once,
+        on a fresh model): posterior variances ``s^2 = min(1, theta / lambda)``, both maps scaled
+        by ``sqrt(1 - s^2)``, so the KL is the budget and a component it cannot pay for is 0."""
         self._check_images(images)
+        if not 0 <= bits_per_pixel <= MAX_BITS_PER_PIXEL:
+            raise ValueError(f"bits_per_pixel must be in [0, {MAX_BITS_PER_PIXEL}], "
+                             f"got {bits_per_pixel}")
         mean, components, variances = fit_patch_pca(images.float().cpu(), PATCH)
         for part in (self.encoder.patches, self.decoder.patches):
             part.set_basis(mean, components, variances)
-        enc_w, enc_b, dec_w, _ = self.linear_path()
-        logvar = allocated_logvar(enc_w, enc_b, dec_w, patch_vectors(images.float().cpu()),
-                                  LOGVAR_INIT)
-        self.encoder.logvar_head[1].bias.copy_(logvar.to(self.encoder.logvar_head[1].bias))
+        eye = torch.eye(self.latent_dim, variances.numel())  # channel c keeps coefficient c
+        var = water_filling_variances(eye @ variances, bits_per_pixel * PATCH**2 * math.log(2))
+        scaled = eye * (1 - var).sqrt()[:, None]
+        self.encoder.linear.weight.copy_(scaled[:, :, None, None])
+        self.decoder.linear.weight.copy_(scaled.T[:, :, None, None])
+        self.encoder.logvar_head[1].bias.copy_(var.log().to(self.encoder.logvar_head[1].bias))
 
     @torch.no_grad()
     def linear_path(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:

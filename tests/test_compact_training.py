@@ -159,9 +159,9 @@ class TestVectorKL:
 
         teacher = TeacherTargets(torch.randn(5, 4), torch.zeros(5, 4), torch.zeros(5, 3, 8, 8))
         adapted = torch.zeros(5, 4)
-        r = residual_variance(adapted, teacher)
+        r = residual_variance(adapted, torch.full((5, 4), 0.25), teacher)
         assert tuple(r.shape) == (1, 4)
-        assert torch.allclose(r[0], teacher.mu.pow(2).mean(0))
+        assert torch.allclose(r[0], teacher.mu.pow(2).mean(0) + 1.0 - 0.25)  # variances: 1, 0.25
 
 
 def test_teacher_perceptual_backbone_taps_the_first_compact_stage() -> None:

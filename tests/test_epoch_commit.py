@@ -50,7 +50,7 @@ from hrm_vision import cli
 from hrm_vision.vae import _PatchVAE
 # the models keep their data-free DCT start, from which every epoch of these tiny runs improves
 # (a data-fitted start is already the linear optimum and would make the first epoch the best)
-_PatchVAE.init_from_data = lambda self, images, teacher=None: None
+_PatchVAE.init_from_data = lambda self, images, teacher=None, bits_per_pixel=6.0: None
 jobs = json.load(sys.stdin)
 statuses = []
 for argv, log, writes, kill, states in jobs:

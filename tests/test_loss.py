@@ -479,12 +479,29 @@ class TestResidualVariance:
         mu_t = torch.cat([mu_s, torch.randn(8, 1, 2, 2)], 1)
         t = TeacherTargets(mu_t, torch.full_like(mu_t, -4.0), torch.zeros(8, 3, 16, 16))
         mu_a, var_a = adapt(adapter, mu_s, logvar_s)
-        r = residual_variance(mu_a, t)
+        r = residual_variance(mu_a, var_a, t)
         assert r[0, 0].item() == pytest.approx(0.0, abs=1e-6)
-        assert r[0, 1].item() == pytest.approx(mu_t[:, 1].pow(2).mean().item(), rel=1e-5)
+        assert r[0, 1].item() == pytest.approx(mu_t[:, 1].pow(2).mean().item() + math.exp(-4),
+                                               rel=1e-5)
         loss = latent_distillation(mu_a, var_a, t, 3.0)
         plain = latent_distillation_nats(mu_t, t.logvar.exp(), mu_a, var_a, 3.0)
         assert loss < plain / 20
+
+    def test_a_teacher_channel_at_its_prior_costs_the_student_nothing(self) -> None:
+        """A channel the teacher's rate budget leaves at the prior (mean 0, variance 1) and a
+        student that predicts it exactly: without the teacher's own variance in the residual the
+        student's variance there is 0 (floored at 1e-6) and the spread term about 500,000 nats
+        per element."""
+        adapter = LatentAdapter(1, 2)
+        with torch.no_grad():
+            adapter.proj.weight.copy_(torch.tensor([1.0, 0.0]).view(2, 1, 1, 1))
+            adapter.proj.bias.zero_()
+        mu_s = torch.randn(8, 1, 2, 2)
+        mu_a, var_a = adapt(adapter, mu_s, torch.full_like(mu_s, math.log(1e-4)))
+        mu_t = torch.cat([mu_s, torch.zeros(8, 1, 2, 2)], 1)
+        logvar_t = torch.cat([torch.full_like(mu_s, math.log(1e-4)), torch.zeros(8, 1, 2, 2)], 1)
+        t = TeacherTargets(mu_t, logvar_t, torch.zeros(8, 3, 16, 16))
+        assert latent_distillation(mu_a, var_a, t, 3.0).item() < 4 * 2.0  # < 2 nats per element
 
 
 class TestRateTarget:

@@ -72,10 +72,11 @@ def spy_init_from_data(mp: pytest.MonkeyPatch) -> list[tuple[str, tuple[int, ...
     seen: list[tuple[str, tuple[int, ...], float, float]] = []
 
     def spying(original):
-        def spy(self, images: torch.Tensor, teacher: VAEBase | None = None) -> None:
+        def spy(self, images: torch.Tensor, teacher: VAEBase | None = None,
+                bits_per_pixel: float = 6.0) -> None:
             seen.append((type(self).__name__, tuple(images.shape), float(images.min()),
                          float(images.max())))
-            original(self, images, teacher)
+            original(self, images, teacher, bits_per_pixel)
         return spy
 
     for cls in (TeacherVAE, MinimalVAE):
@@ -365,14 +366,16 @@ class TestInitFromData:
         from hrm_vision.train import trainer as splits
 
         monkeypatch.setattr(splits, "INIT_IMAGES", 5)
-        received: list[torch.Tensor] = []
+        received: list[tuple[torch.Tensor, float]] = []
         monkeypatch.setattr(MinimalVAE, "init_from_data",
-                            lambda self, images, teacher=None: received.append(images.clone()))
+                            lambda self, images, teacher=None, bits_per_pixel=6.0:
+                            received.append((images.clone(), bits_per_pixel)))
         d = Distiller(tiny(tmp_path, epochs=0, distill_latent_weight=0, distill_recon_weight=0,
-                           perceptual_weight=0), console=False)
+                           perceptual_weight=0, kl_target=2.5), console=False)
         d.run()
         expected = torch.stack([d.train_set[i][1] for i in range(5)])
-        assert len(received) == 1 and torch.equal(received[0], expected)
+        assert len(received) == 1 and torch.equal(received[0][0], expected)
+        assert received[0][1] == 2.5  # the run's rate budget: kl_target over kl_free_bits
 
 
 class TestBestSelectionAndCallbacks:

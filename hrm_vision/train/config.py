@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..compact import CompactVAE
 from ..io import describe_validation_error, write_json
-from ..vae import DOWNSAMPLE_FACTOR, MODELS, image_size_fits
+from ..vae import BITS_PER_PIXEL, DOWNSAMPLE_FACTOR, MAX_BITS_PER_PIXEL, MODELS, image_size_fits
 
 Backbone = Literal["auto", "vgg16", "teacher"]
 Precision = Literal["auto", "off", "bf16", "fp16"]
@@ -36,7 +36,6 @@ MAX_BATCH = 65536  # batch size, batches per optimizer step
 MAX_EPOCHS = 100_000
 MAX_WORKERS = 512  # DataLoader worker processes
 MAX_COUNT = 10**9  # sample counts, steps and intervals
-MAX_BPP = 24.0  # a rate above 8-bit RGB's 24 bits per pixel copies the image, it does not code it
 
 
 class ConfigError(ValueError):
@@ -124,15 +123,17 @@ class DistillConfig(BaseModel):
                                 "learned scale")
     kl_weight: float = Field(0.1, ge=0, description="weight of the KL term (nats per image, "
                              "above the free-bits floor)")
-    kl_free_bits: float = Field(6.0, ge=0, le=MAX_BPP, description="KL floor in bits per "
-                                "pixel of the image, the same budget for any latent size "
-                                "(teacher and student): a KL below it is free (no gradient)")
+    kl_free_bits: float = Field(BITS_PER_PIXEL, ge=0, le=MAX_BITS_PER_PIXEL,
+                                description="KL floor in bits per pixel of the image, the same "
+                                "budget for any latent size (teacher and student): a KL below "
+                                "it is free (no gradient)")
     free_bits_mode: FreeBitsMode = Field("total", description="total: one floor on the whole "
                                          "latent's KL (the model spends the rate where it "
                                          "helps most); channel: one floor per latent channel")
-    kl_target: float | None = Field(None, gt=0, le=MAX_BPP, description="hold the KL at this "
-                                    "many bits per pixel with a Lagrange multiplier on the KL "
-                                    "term (instead of kl_weight above the floor; None: off)")
+    kl_target: float | None = Field(None, gt=0, le=MAX_BITS_PER_PIXEL,
+                                    description="hold the KL at this many bits per pixel with a "
+                                    "Lagrange multiplier on the KL term (instead of kl_weight "
+                                    "above the floor; None: off)")
     distill_latent_weight: float = Field(0.3, ge=0, description="weight of the latent "
                                          "distillation term (teacher posterior vs adapter)")
     distill_recon_weight: float = Field(0.2, ge=0, description="weight of the output "

@@ -222,21 +222,23 @@ def adapt(adapter: LatentAdapter, mu: Tensor, logvar: Tensor) -> tuple[Tensor, T
     return adapter(mu), adapter.variance(logvar.float().exp())
 
 
-def residual_variance(adapted_mu: Tensor, teacher: TeacherTargets) -> Tensor:
-    """Per teacher channel, the variance of the teacher's mean that the adapter does not
-    explain (the maximum-likelihood variance of ``p(mu_t | z_s)``): the mean over batch and
-    positions of ``(mu_t - A mu_s)**2``, shape ``(1, teacher_dim, 1, 1)`` (``(1, teacher_dim)``
-    for vector latents), detached."""
+def residual_variance(adapted_mu: Tensor, adapted_var: Tensor, teacher: TeacherTargets) -> Tensor:
+    """Per teacher channel, the variance of the teacher's posterior sample that the adapted
+    student posterior does not explain (the moment-matched variance of ``p(z_t | z_s)``): the
+    mean over batch and positions of ``(mu_t - A mu_s)**2 + var_t - A var_s A^T``, at least 0,
+    shape ``(1, teacher_dim, 1, 1)`` (``(1, teacher_dim)`` for vector latents), detached. A
+    teacher channel left at its prior (mean 0, variance 1) thus costs a sure student nothing."""
     with torch.no_grad():
-        err = (teacher.mu.float() - adapted_mu.float()).pow(2)
-        return err.mean(dim=(0, *range(2, err.dim())), keepdim=True)
+        err = ((teacher.mu.float() - adapted_mu.float()).pow(2) + teacher.logvar.float().exp()
+               - adapted_var.float())
+        return err.mean(dim=(0, *range(2, err.dim())), keepdim=True).clamp(min=0)
 
 
 def latent_distillation(adapted_mu: Tensor, adapted_var: Tensor, teacher: TeacherTargets,
                         temperature: float) -> Tensor:
     """The ``distill_latent`` term in nats per image: the teacher posterior against
     ``N(A mu_s, A var_s A^T + r)``, ``r`` the :func:`residual_variance`."""
-    var = adapted_var + residual_variance(adapted_mu, teacher)
+    var = adapted_var + residual_variance(adapted_mu, adapted_var, teacher)
     return latent_distillation_nats(teacher.mu, teacher.logvar.float().exp(), adapted_mu, var,
                                     temperature)
 

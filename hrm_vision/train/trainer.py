@@ -1312,11 +1312,12 @@ class Distiller:
              teacher: VAEBase | None = None) -> None:
         """Train ``phase``, continuing ``payload`` if given; otherwise the ``fresh`` models first
         get ``init_from_data`` on the first training images (and ``teacher``, the model they are
-        distilled from). ``best``: the PSNR to beat."""
+        distilled from) at the run's rate budget. ``best``: the PSNR to beat."""
         if payload is None and fresh:
             images = first_images(self.train_set).to(self.device)
+            budget = self.config.kl_target or self.config.kl_free_bits
             for model in fresh:
-                model.init_from_data(images, teacher)
+                model.init_from_data(images, teacher, budget)
             phase.init_fresh()
         self.loop = loop = PhaseLoop(phase, ctx=self.ctx, loader=self.train_loader,
                                      history=self.history, emit=self._emit,
