@@ -66,16 +66,17 @@ def tiny(tmp: Path, **kw: Any):
     return load_config(None, {**TINY, "checkpoint_dir": str(tmp), **kw})
 
 
-def spy_init_from_data(mp: pytest.MonkeyPatch) -> list[tuple[str, tuple[int, ...], float, float]]:
+def spy_init_from_data(mp: pytest.MonkeyPatch
+                       ) -> list[tuple[str, tuple[int, ...], float, float, float]]:
     """Record every ``init_from_data`` call of both models: (model class, images shape, min,
-    max)."""
-    seen: list[tuple[str, tuple[int, ...], float, float]] = []
+    max, rate budget)."""
+    seen: list[tuple[str, tuple[int, ...], float, float, float]] = []
 
     def spying(original):
         def spy(self, images: torch.Tensor, teacher: VAEBase | None = None,
                 bits_per_pixel: float = 6.0) -> None:
             seen.append((type(self).__name__, tuple(images.shape), float(images.min()),
-                         float(images.max())))
+                         float(images.max()), bits_per_pixel))
             original(self, images, teacher, bits_per_pixel)
         return spy
 
@@ -349,7 +350,7 @@ class TestVariants:
 
 class TestInitFromData:
     @pytest.fixture
-    def calls(self, monkeypatch) -> list[tuple[str, tuple[int, ...], float, float]]:
+    def calls(self, monkeypatch) -> list[tuple[str, tuple[int, ...], float, float, float]]:
         return spy_init_from_data(monkeypatch)
 
     def test_fresh_models_once_resumed_never(self, full_run, calls) -> None:
@@ -361,6 +362,16 @@ class TestInitFromData:
         d.run(resume="auto")  # the finished distillation: nothing left to train
         assert calls == []  # teacher loaded from teacher.pth, student resumed
         assert d.loop is not None and d.loop.state.epoch == 2
+
+    def test_teacher_and_student_start_at_the_same_budget(self, tmp_path, monkeypatch) -> None:
+        budgets: list[tuple[str, float]] = []
+        for cls in (TeacherVAE, MinimalVAE):
+            monkeypatch.setattr(cls, "init_from_data",
+                                lambda self, images, teacher=None, bits_per_pixel=6.0:
+                                budgets.append((type(self).__name__, bits_per_pixel)))
+        Distiller(tiny(tmp_path, epochs=0, teacher_epochs=1, kl_free_bits=3.0),
+                  console=False).run()
+        assert budgets == [("TeacherVAE", 3.0), ("MinimalVAE", 3.0)]  # the floor, no target
 
     def test_first_images_of_the_train_split(self, tmp_path, calls, monkeypatch) -> None:
         from hrm_vision.train import trainer as splits
