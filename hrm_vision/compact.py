@@ -188,7 +188,7 @@ class CompactVAE(VAEBase):
                        bits_per_pixel: float = BITS_PER_PIXEL) -> None:
         """Fit the basis to the PCA of the first :data:`MAX_FIT_IMAGES` of ``images`` (N, C, S,
         S) in [0, 1] (more than ``latent_dim``) and re-allocate the rate of ``LOGVAR_INIT``;
-        ``bits_per_pixel`` does not bind (64 numbers spend well under 1 bit per pixel).
+        ``bits_per_pixel`` is ignored: the means stay whole, so the start decodes as crop PCA.
 
         With a compact ``teacher`` of the same crops and at least ``latent_dim`` numbers, the
         basis is the first ``latent_dim`` components of the teacher's: a distilled student starts
