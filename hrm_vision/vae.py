@@ -6,9 +6,9 @@ student-to-teacher ``LatentAdapter`` and the model registry.
 >>> x_hat = model.decode(z)    # (B, 3, H, W) in [0, 1]; model(images) -> VAEOutput
 
 Encoder and decoder are each a **linear patch path** (8x8 patches -> whitened coefficients,
-:class:`~hrm_vision.patches.PatchWhitening` -> a learnable 1x1 convolution; with a fitted basis
-an untrained model is patch PCA at its rate) plus **nonlinear stages** (PixelUnshuffle down, residual
-blocks, PixelShuffle up) whose last convolution starts at zero. Only ``Conv2d``, ``ReLU``,
+:class:`~hrm_vision.patches.PatchWhitening` -> a learnable 1x1 convolution; with a fitted basis an
+untrained model is patch PCA at its rate) plus **nonlinear stages** (PixelUnshuffle down,
+residual blocks, PixelShuffle up) whose last convolution starts at zero. Only ``Conv2d``, ``ReLU``,
 ``PixelShuffle``/``PixelUnshuffle``, additions and ``Clip`` (clean ONNX/TensorRT export).
 ``init_from_data`` sets the rate (bits per pixel); reconstructions are clamped to [0, 1]
 (straight-through while training). ``docs/models.md`` has the measurements behind the design.
