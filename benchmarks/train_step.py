@@ -7,7 +7,9 @@ One process, one batch of streamed photo crops, two copies of ``CompactStudentVA
 of ``training/compact.json``) trained with the student-alone objective and AdamW:
 
 - ``today``: float32, contiguous tensors (``mixed_precision`` off, ``channels_last`` false),
-  the unfused AdamW;
+  the unfused AdamW, and the Gaussian NLL and straight-through clamp as they were computed
+  before they were reduced to fewer passes over the images (:func:`legacy`: one term per
+  number, summed; ``x + (x.clamp(0, 1) - x).detach()``);
 - ``fast``: bf16 autocast on the CPU and channels-last tensors (``mixed_precision: bf16``,
   ``channels_last: true``), through the trainer's own ``autocast``, and the trainer's
   optimizer (``make_optimizer``: the fused AdamW).
@@ -21,10 +23,13 @@ training thread). Prints a JSON object; ``--out FILE`` also writes it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -33,10 +38,42 @@ from hrm_vision.data import build_dataset
 from hrm_vision.io import write_json
 from hrm_vision.timing import machine_info, timings
 from hrm_vision.train import DistillLoss, load_config
+from hrm_vision.train import loss as loss_module
 from hrm_vision.train.loss import Trainable
 from hrm_vision.train.trainer import autocast, configured_model, make_optimizer
+from hrm_vision.vae import VAEBase
 
 COMPACT = Path(__file__).resolve().parents[1] / "training" / "compact.json"
+
+
+def _per_number_nll(prediction: torch.Tensor, target: torch.Tensor, log_sigma: torch.Tensor,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The Gaussian NLL as today's step computed it: every number's term, then the sums."""
+    ls = log_sigma.float()
+    ls = ls.view(1, -1, 1, 1) if ls.dim() == 1 else ls
+    err = (prediction.float() - target.float()).pow(2)
+    nll = 0.5 * err * torch.exp(-2 * ls) + ls + 0.5 * math.log(2 * math.pi)
+    return (nll if mask is None else nll * mask).flatten(1).sum(1).mean()
+
+
+def _three_op_decode(self: VAEBase, z: torch.Tensor) -> torch.Tensor:
+    """``VAEBase.decode`` as today's step computed it (the clamp's identity gradient in three
+    passes over the images)."""
+    x = self.decoder(z)
+    if self.training and torch.is_grad_enabled():
+        return x + (x.clamp(0.0, 1.0) - x).detach()
+    return x.clamp(0.0, 1.0)
+
+
+@contextlib.contextmanager
+def legacy() -> Iterator[None]:
+    """Today's NLL and clamp in place of the package's while the block runs."""
+    saved = loss_module.gaussian_nll, VAEBase.decode
+    loss_module.gaussian_nll, VAEBase.decode = _per_number_nll, _three_op_decode
+    try:
+        yield
+    finally:
+        loss_module.gaussian_nll, VAEBase.decode = saved
 INIT_CROPS = 512  #: crops the PCA start is fitted on
 
 
@@ -59,7 +96,7 @@ def make_step(config, batch: torch.Tensor, init: torch.Tensor, fast: bool):
                                    weight_decay=config.weight_decay))
 
     def step() -> None:
-        with autocast(config, device):
+        with contextlib.nullcontext() if fast else legacy(), autocast(config, device):
             total = loss(x, module(x)[0], None, None)["total"]
         optimizer.zero_grad(set_to_none=True)
         total.backward()

@@ -120,7 +120,7 @@ class CompactEncoder(_CropCoder):
         nn.init.constant_(self.head.bias[latent_dim:], LOGVAR_INIT)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = x * 2.0 - 1.0
+        h = (x * 2.0).sub_(1.0)  # in place: one image-sized tensor fewer
         for stage in self.features:
             h = stage(h)
         mu, logvar = self.head(h).chunk(2, dim=1)

@@ -149,6 +149,13 @@ def image_size_fits(height: int, width: int) -> bool:
             and width % DOWNSAMPLE_FACTOR == 0)
 
 
+class _StraightThroughClamp(torch.autograd.Function):
+    """``x.clamp(0, 1)`` forward, the identity's gradient backward (one pass over the images)."""
+
+    forward = staticmethod(lambda ctx, x: x.clamp(0.0, 1.0))
+    backward = staticmethod(lambda ctx, grad: grad)
+
+
 class VAEBase(nn.Module):
     """A VAE whose subclasses build ``self.encoder`` (image -> ``2 * latent_dim`` channels: mu
     then logvar), ``self.decoder`` (latent -> image) and ``self._arch`` (constructor kwargs)."""
@@ -231,7 +238,7 @@ class VAEBase(nn.Module):
         self._check_latent(z)
         x = self.decoder(z)
         if self.training and torch.is_grad_enabled():
-            return x + (x.clamp(0.0, 1.0) - x).detach()
+            return _StraightThroughClamp.apply(x)
         return x.clamp(0.0, 1.0)
 
     @torch.no_grad()
@@ -278,7 +285,7 @@ class Encoder(nn.Module):
         nn.init.constant_(self.logvar_head[1].bias, LOGVAR_INIT)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = x * 2.0 - 1.0
+        h = (x * 2.0).sub_(1.0)  # in place: one image-sized tensor fewer
         for stage in self.stages:
             h = stage(h)
         mu = self.linear(self.patches(x)) + self.mu_head(h)

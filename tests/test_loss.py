@@ -62,6 +62,14 @@ class TestGaussianNLL:
         assert float(obj.gaussian_nll(rec, x, ls, mask)) == pytest.approx(
             float(obj.gaussian_nll(rec[:, :1], x[:, :1], ls)), rel=1e-5)
 
+    def test_a_scattered_mask_with_per_channel_scales_keeps_the_per_number_sum(self) -> None:
+        x, rec = _images()
+        mask = (torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) < 0.3).float()
+        sig = torch.tensor([0.02, 0.05, 0.1])
+        per_number = -Normal(rec, sig.view(1, 3, 1, 1)).log_prob(x) * mask
+        assert float(obj.gaussian_nll(rec, x, sig.log(), mask)) == pytest.approx(
+            float(per_number.flatten(1).sum(1).mean()), rel=1e-5)
+
     def test_calibrate_sets_the_rms_error(self) -> None:
         x, rec = _images()
         scale = obj.GaussianScale()

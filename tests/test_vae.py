@@ -93,6 +93,17 @@ class TestForward:
             out = model(torch.rand(2, 3, 32, 32), sample=True)
         assert not torch.equal(out.z, out.mu)
 
+    def test_training_decode_clamps_with_the_identitys_gradient(self, cls, kwargs) -> None:
+        model = cls(**kwargs).train()
+        z = (torch.randn(2, kwargs["latent_dim"], 4, 4) * 50).requires_grad_()
+        y = model.decode(z)
+        assert 0.0 <= float(y.min()) and float(y.max()) <= 1.0
+        raw = model.decoder(z)
+        weights = torch.randn(y.shape)
+        (grad,) = torch.autograd.grad((y * weights).sum(), z)
+        (expected,) = torch.autograd.grad((raw * weights).sum(), z)  # as if not clamped
+        assert torch.allclose(grad, expected, atol=1e-5)
+
     def test_decode_in_unit_range_and_shape(self, cls, kwargs) -> None:
         model = cls(**kwargs).eval()
         with torch.no_grad():

@@ -49,17 +49,19 @@ def gaussian_nll(prediction: Tensor, target: Tensor, log_sigma: Tensor,
     if prediction.shape != target.shape:
         raise ValueError(f"shapes differ: {tuple(prediction.shape)} vs {tuple(target.shape)}")
     ls = log_sigma.float()
-    if ls.dim() == 1:
-        if ls.numel() != target.shape[1]:
-            raise ValueError(f"log_sigma has {ls.numel()} scales for {target.shape[1]} channels")
-        ls = ls.view(1, -1, 1, 1)
-    elif ls.dim() != 0:
+    if ls.dim() == 1 and ls.numel() != target.shape[1]:
+        raise ValueError(f"log_sigma has {ls.numel()} scales for {target.shape[1]} channels")
+    if ls.dim() > 1:
         raise ValueError(f"log_sigma must be a scalar or (C,), got {tuple(ls.shape)}")
-    err = (prediction.float() - target.float()).pow(2)
-    nll = 0.5 * err * torch.exp(-2 * ls) + ls + 0.5 * _LOG_2PI
+    err = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    count = float(target[0, 0].numel())  # numbers per image and channel
     if mask is not None:
-        nll = nll * mask.detach().to(nll.dtype)
-    return nll.flatten(1).sum(1).mean()
+        m = mask.detach().to(err.dtype)
+        err, count = err * m, m.flatten(2).sum(2)
+    # per image and channel, the sums first (fewer passes over the images than per number)
+    nll = 0.5 * err.flatten(2).sum(2) * torch.exp(-2 * ls).flatten() + count * (
+        ls.flatten() + 0.5 * _LOG_2PI)
+    return nll.sum(1).mean()
 
 
 class GaussianScale(nn.Module):
