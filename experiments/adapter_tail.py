@@ -2,8 +2,8 @@
 latents carry, or the rest, which each adapter predicts from its own photographs.
 
     python experiments/adapter_tail.py --teacher checkpoints/learn/teacher/teacher.pth \
-        --pair checkpoints/entities_corpus5/distilled_a/tinyvae_best.pth \
-               checkpoints/entities_corpus5/distilled_b/tinyvae_best.pth
+        --pair checkpoints/entities_corpus6/distilled_a/tinyvae_best.pth \
+               checkpoints/entities_corpus6/distilled_b/tinyvae_best.pth
 
 Each student's adapter is fitted twice on the crops the trainer fits it on (``first_images`` of
 the student's training split): by plain least squares, and shrunk to what holds across
