@@ -25,8 +25,8 @@ picture), then four runs of the package's trainer (:class:`hrm_vision.train.Dist
 
 The budget is in steps (``steps`` of the config; ``--scale`` multiplies them), not in minutes:
 1,000 teacher, 2 x 8,000 compact-student and 1,500 spatial steps at batch 64 on 2 threads take
-about 36 minutes of runs on a 2-core AMD EPYC (teacher 5.5, distilled 9.2, alone 13.6, spatial
-11.3 steps/s in training, validations and checkpoints besides; benchmarks/results/learn.json).
+about 37 minutes of runs on a 2-core AMD EPYC (teacher 5.5, distilled 9.7, alone 13.9, spatial
+10.8 steps/s in training, validations and checkpoints besides; benchmarks/results/learn.json).
 Each run validates every ``ceil(steps / validations)`` steps (one epoch of that many streamed
 batches); the best checkpoint is the best held-out PSNR.
 
