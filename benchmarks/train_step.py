@@ -11,8 +11,9 @@ of ``training/compact.json``) trained with the student-alone objective and AdamW
   before they were reduced to fewer passes over the images (:func:`legacy`: one term per
   number, summed; ``x + (x.clamp(0, 1) - x).detach()``);
 - ``fast``: bf16 autocast on the CPU and channels-last tensors (``mixed_precision: bf16``,
-  ``channels_last: true``), through the trainer's own ``autocast``, and the trainer's
-  optimizer (``make_optimizer``: the fused AdamW).
+  ``channels_last: true``; the models' pixel rearrangements then copy whole pixels), through
+  the trainer's own ``autocast``, and the trainer's optimizer (``make_optimizer``: the fused
+  AdamW).
 
 Each round times one step of each, in a rotating order (``hrm_vision.timing``), so other jobs
 on the machine hit both alike; the load average is printed before and after. A second table

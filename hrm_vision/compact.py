@@ -19,7 +19,17 @@ import torch
 from torch import Tensor, nn
 
 from .patches import allocated_logvar, dct_rows
-from .vae import BITS_PER_PIXEL, LOGVAR_INIT, ResBlock, VAEBase, down, register_model, up, zero_conv
+from .vae import (
+    BITS_PER_PIXEL,
+    LOGVAR_INIT,
+    ResBlock,
+    Shuffled,
+    VAEBase,
+    down,
+    register_model,
+    up,
+    zero_conv,
+)
 
 BOTTOM = 4  #: side of the feature map at the bottom of both branches
 MAX_FIT_IMAGES = 4096  #: crops fitted by ``init_from_data`` at most (their Gram matrix)
@@ -140,8 +150,8 @@ class CompactDecoder(_CropCoder):
         layers: list[nn.Module] = [nn.Unflatten(1, (rev[0], BOTTOM, BOTTOM))]
         for prev, w in zip(rev[:-1], rev[1:], strict=True):
             layers += [nn.ReLU(), up(prev, w), *(ResBlock(w) for _ in range(blocks))]
-        self.stages = nn.Sequential(*layers, nn.ReLU(), zero_conv(rev[-1], 4 * basis.shape[0]),
-                                    nn.PixelShuffle(2))
+        self.stages = Shuffled(*layers, nn.ReLU(), zero_conv(rev[-1], 4 * basis.shape[0]),
+                               nn.PixelShuffle(2))
 
     def forward(self, z: Tensor) -> Tensor:
         return self.basis.synthesise(self.linear(z)) + self.stages(self.fc(z))

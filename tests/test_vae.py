@@ -250,3 +250,29 @@ def test_adapter_fit_needs_more_vectors_than_student_numbers() -> None:
     with pytest.raises(ValueError, match="more latent vectors than numbers"):
         adapter.fit(torch.randn(4, 4), torch.randn(4, 8))
     assert torch.equal(adapter.proj.weight, before)
+
+
+@pytest.mark.parametrize("name,size", [("teacher", 32), ("tinyvae", 32), ("compact_student", 64),
+                                       ("compact_teacher", 64)])
+def test_channels_last_gives_the_same_map_and_gradients(name: str, size: int) -> None:
+    """The pixel rearrangements take another route on channels-last tensors (whole pixels,
+    permuted convolution weights): outputs and every gradient must match the plain route."""
+    torch.manual_seed(0)
+    kwargs = {"base_channels": 4, "latent_dim": 16} | ({"blocks_per_stage": 1}
+                                                        if "teacher" in name else {})
+    plain = build_model(name, **kwargs).train()
+    with torch.no_grad():  # random weights everywhere: zero-initialised branch ends live too
+        for p in plain.parameters():
+            p.normal_(0.0, 0.1)
+    fast = build_model(name, **kwargs).train()
+    fast.load_state_dict(plain.state_dict())
+    fast.to(memory_format=torch.channels_last)
+    x = torch.rand(3, 3, size, size)
+    outputs = []
+    for model, images in ((plain, x), (fast, x.contiguous(memory_format=torch.channels_last))):
+        out = model(images, sample=False)  # a sample's noise is drawn in memory order
+        (out.reconstruction.sum() + out.mu.pow(2).sum()).backward()
+        outputs.append((out.mu, out.reconstruction, [p.grad for p in model.parameters()]))
+    (mu_a, rec_a, grads_a), (mu_b, rec_b, grads_b) = outputs
+    for a, b in zip([mu_a, rec_a, *grads_a], [mu_b, rec_b, *grads_b], strict=True):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-4 * float(a.detach().abs().max()))
