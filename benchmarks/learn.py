@@ -2,7 +2,7 @@
 """The learning benchmark (``make learn``): networks trained on streamed crops of the wallpaper
 corpus, beside what PCA and thumbnails of the same crops give.
 
-    python benchmarks/learn.py                       # about 40 min on 2 cores
+    python benchmarks/learn.py                       # about 70 min on 2 cores
     python benchmarks/learn.py --scale 0.01 --out-dir /tmp/learn   # the machinery, in a minute
     python benchmarks/learn.py --ship                # then copy the best students into the package
 
@@ -23,10 +23,11 @@ picture), then four runs of the package's trainer (:class:`hrm_vision.train.Dist
 * ``spatial``: the spatial student (TinyVAE, 128 channels on the H/8 x W/8 grid, 32x32 crops)
   alone, the model ``hrm_vision.load("tinyvae")`` ships.
 
-The budget is in steps (``steps`` of the config; ``--scale`` multiplies them), not in minutes:
-1,000 teacher, 2 x 8,000 compact-student and 1,500 spatial steps at batch 64 on 2 threads take
-about 37 minutes of runs on a 2-core AMD EPYC (teacher 5.5, distilled 9.7, alone 13.9, spatial
-10.8 steps/s in training, validations and checkpoints besides; benchmarks/results/learn.json).
+The budget is in steps (``steps`` of the config times ``--scale``, 2 by default), not in
+minutes: 2,000 teacher, 2 x 16,000 compact-student and 3,000 spatial steps at batch 64 on 2
+threads take about 71 minutes of runs on a 2-core AMD EPYC (teacher 5.5, distilled 8.8, alone
+12.4, spatial 12.0 steps/s in training, validations and checkpoints besides;
+benchmarks/results/learn.json). At ``--scale 1`` (38 minutes) the students ended 0.23 dB lower.
 Each run validates every ``ceil(steps / validations)`` steps (one epoch of that many streamed
 batches); the best checkpoint is the best held-out PSNR.
 
@@ -406,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(ROOT / "benchmarks" / "learn.json"))
-    p.add_argument("--scale", type=float, default=1.0, help="multiply every run's steps")
+    p.add_argument("--scale", type=float, default=2.0, help="multiply every run's steps")
     p.add_argument("--corpus", default=None, help="default: the config's corpus")
     p.add_argument("--out-dir", default=None, help="default: the config's out_dir")
     p.add_argument("--ship", action="store_true", help="write the best students to the "

@@ -93,7 +93,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
               "teacher": {"learning_rate": 2e-4}, "spatial": TINY_SPATIAL}
     (root / "learn.json").write_text(json.dumps(config))
     with mock.patch.object(trainer, "INIT_IMAGES", INIT_IMAGES):
-        status, printed = call(["--config", str(root / "learn.json")])
+        status, printed = call(["--config", str(root / "learn.json"), "--scale", "1"])
     assert status == 0, printed
     return {"root": root, "out": root / "out", "printed": printed,
             "learn": json.loads((root / "out/learn.json").read_text())}
@@ -173,8 +173,8 @@ def test_the_targets_are_measured_from_the_table(tiny) -> None:
 def test_a_rerun_skips_finished_runs_and_ships_by_name(tiny, monkeypatch) -> None:
     times = {k: Path(p).stat().st_mtime_ns for k, p in tiny["learn"]["checkpoints"].items()}
     weights = tiny["root"] / "weights"
-    status, printed = call(["--config", str(tiny["root"] / "learn.json"), "--ship",
-                            "--weights-dir", str(weights)])
+    status, printed = call(["--config", str(tiny["root"] / "learn.json"), "--scale", "1",
+                            "--ship", "--weights-dir", str(weights)])
     assert status == 0, printed
     assert all(f"{name}: done" in printed for name in LEARN.RUNS), printed
     assert {k: Path(p).stat().st_mtime_ns
@@ -232,7 +232,7 @@ def test_a_signal_is_one_line_and_the_run_continues_on_rerun(tmp_path, capsys) -
     learn = load_learn()
     stop = trainer.TrainingInterrupted("SIGTERM", tmp_path / "out/teacher/teacher_last.pth")
     with mock.patch.object(learn, "train", side_effect=stop):
-        assert learn.main(["--config", str(tmp_path / "learn.json")]) == 143
+        assert learn.main(["--config", str(tmp_path / "learn.json"), "--scale", "1"]) == 143
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "SIGTERM" in err and "rerun the same command" in err
     assert not (tmp_path / "out/learn.json").exists()
