@@ -82,7 +82,7 @@ class Shuffled(nn.Sequential):
         head, pair, tail = ([], mods[:2], mods[2:]) if unshuffle else (mods[:-2], mods[-2:], [])
         for module in head:
             x = module(x)
-        if x.shape[1] == 1 or not x.is_contiguous(memory_format=torch.channels_last):
+        if not x.is_contiguous(memory_format=torch.channels_last):
             x = pair[1](pair[0](x))
         elif unshuffle:
             w, b = pair[1].weight.unflatten(1, (-1, 4)).transpose(1, 2).flatten(1, 2), pair[1].bias
