@@ -68,6 +68,7 @@ from torch import Tensor
 
 import hrm_vision
 from hrm_vision._extras import require
+from hrm_vision.data import STREAM_SCALES
 from hrm_vision.evaluate import CROP_PCA_FIT, PatchPCA, compute_baselines
 from hrm_vision.io import WEIGHTS_DIR, describe_validation_error, write_json
 from hrm_vision.train import Distiller, load_config
@@ -205,10 +206,14 @@ def train(configs: dict[str, DistillConfig], learn: dict[str, Any], path: Path) 
 def evaluation_sets(config: DistillConfig, pca_crops: int) -> tuple[dict[str, Tensor], Tensor]:
     """``({"held_out", "unseen"}, training crops)``: the validation and unseen-source crops the
     trainer validates on, and the first ``pca_crops`` crops of the training stream's first
-    epoch (the baselines' fit), all ``(N, 3, S, S)`` in [0, 1]."""
+    epoch at the validation crops' scales (the baselines' fit: the training pictures cut the
+    way the held-out ones are, whatever scales the runs train at), all ``(N, 3, S, S)`` in
+    [0, 1]."""
     sets = {key: first_images(ds, len(ds)) for key, ds in (
         ("held_out", build_split(config, "val")), ("unseen", build_split(config, "unseen")))}
-    train_set = build_split(config.model_copy(update={"train_samples": pca_crops}), "train")
+    lo, hi = STREAM_SCALES
+    train_set = build_split(config.model_copy(update={
+        "train_samples": pca_crops, "crop_scale_min": lo, "crop_scale_max": hi}), "train")
     return sets, first_images(train_set, pca_crops)
 
 

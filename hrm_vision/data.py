@@ -445,28 +445,37 @@ class ImageFolderImages(_Uint8Images):
 
 
 # ---------------------------------------------------------------------- crop streams
-STREAM_SCALES = (0.25, 1.0)  #: range of a photograph's scale before a streamed crop
+#: Range of a photograph's scale before a streamed crop: the default of training streams, and
+#: always that of the fixed validation and unseen-source crops.
+STREAM_SCALES = (0.25, 1.0)
+#: A crop reduced more than this many times is first box-averaged by a whole factor (Pillow's
+#: ``reducing_gap``) and judged flat or not on a subsample: a 1024-pixel square is cut 5x
+#: faster, and every crop reduced at most 4x (all of :data:`STREAM_SCALES`) is as before.
+REDUCING_GAP = 4.0
 #: The "epoch" of the fixed sample of training crops that validation measures (never trained).
 PROBE_EPOCH = 2**32 - 1
 
 
-def random_crop(photo: np.ndarray, size: int, rng: np.random.Generator) -> Tensor:
+def random_crop(photo: np.ndarray, size: int, rng: np.random.Generator,
+                scales: tuple[float, float] = STREAM_SCALES) -> Tensor:
     """One ``(3, S, S)`` uint8 crop of an ``(H, W, 3)`` uint8 photograph at least ``S`` on each
-    side: the photograph scaled by ``s`` uniform in :data:`STREAM_SCALES` (at least ``S / min(H,
-    W)``), a random square of it, flipped left-right half of the time; crops flatter than
-    :data:`MIN_CROP_STD` are drawn again (20 tries)."""
+    side: the photograph scaled by ``s`` uniform in ``scales`` (at least ``S / min(H, W)``: a
+    square of side ``S / s`` resized to ``S``), a random square of it, flipped left-right half of
+    the time; crops flatter than :data:`MIN_CROP_STD` are drawn again (20 tries; a square over
+    ``REDUCING_GAP`` times ``S`` is judged on every ``side // (REDUCING_GAP * S)``-th pixel)."""
     h, w = photo.shape[:2]
-    low = max(STREAM_SCALES[0], size / min(h, w))
+    low = max(scales[0], size / min(h, w))
     for _ in range(20):
-        side = min(h, w, max(size, round(size / rng.uniform(low, max(low, STREAM_SCALES[1])))))
+        side = min(h, w, max(size, round(size / rng.uniform(low, max(low, scales[1])))))
         y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
         crop = photo[y:y + side, x:x + side]
-        if crop.std() / 255.0 >= MIN_CROP_STD:
+        step = max(1, int(side // (REDUCING_GAP * size)))
+        if crop[::step, ::step].std() / 255.0 >= MIN_CROP_STD:
             break
     if side != size:  # Pillow's bilinear filter, widened when it reduces (antialiased)
         image = require("PIL.Image", extra="train", purpose="streamed crops")
         crop = np.asarray(image.fromarray(np.ascontiguousarray(crop)).resize(
-            (size, size), image.Resampling.BILINEAR))
+            (size, size), image.Resampling.BILINEAR, reducing_gap=REDUCING_GAP))
     if rng.random() < 0.5:
         crop = crop[:, ::-1]
     return torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1)))
@@ -476,14 +485,16 @@ class CropStream(Dataset[Tensor]):
     """``num_crops`` crops ``(3, S, S)`` float in [0, 1] per epoch, drawn afresh every epoch
     from full-size ``photos`` ((H, W, 3) uint8; those under ``S`` on a side are left out) by
     :func:`random_crop`: item ``i`` of epoch ``e`` (:meth:`set_epoch`) is the same for the same
-    ``(seed, e, i)`` in any process or DataLoader worker."""
+    ``(seed, e, i)`` in any process or DataLoader worker. ``scales``: :func:`random_crop`'s."""
 
     def __init__(self, photos: Sequence[np.ndarray], num_crops: int, image_size: int,
-                 seed: int, label: str = "photograph") -> None:
+                 seed: int, label: str = "photograph",
+                 scales: tuple[float, float] = STREAM_SCALES) -> None:
         self.photos = [p for p in photos if min(p.shape[:2]) >= image_size]
         if not self.photos:
             raise ValueError(f"no {label} is at least {image_size}px on each side")
         self.num_crops, self.image_size, self.seed, self.epoch = num_crops, image_size, seed, 0
+        self.scales = scales
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -500,7 +511,7 @@ class CropStream(Dataset[Tensor]):
     def crop(self, index: int, epoch: int | None = None) -> Tensor:
         """Item ``index`` of ``epoch`` (default: the current one) as ``(3, S, S)`` uint8."""
         rng, photo = self._draw(index, epoch)
-        return random_crop(self.photos[photo], self.image_size, rng)
+        return random_crop(self.photos[photo], self.image_size, rng, self.scales)
 
     def photo(self, index: int, epoch: int | None = None) -> int:
         """The index in ``photos`` of the photograph item ``index`` of ``epoch`` is cut from."""
@@ -542,18 +553,20 @@ DATASETS: tuple[str, ...] = ("cifar10", "imagefolder", "photos")  #: :func:`buil
 
 def build_dataset(name: str, split: str, image_size: int = 32, seed: int = 0,
                   data_dir: str | Path = "./data", download: bool = False,
-                  crops: str = "fixed", num_crops: int | None = None) -> Dataset[Tensor]:
+                  crops: str = "fixed", num_crops: int | None = None,
+                  crop_scales: tuple[float, float] = STREAM_SCALES) -> Dataset[Tensor]:
     """The ``split`` ("train" or "val") of dataset ``name``: ``seed`` places the photo crops and
     splits the image folder, ``data_dir`` holds CIFAR-10 or is the image folder, ``download``
     fetches CIFAR-10. ``crops="stream"`` (photos, imagefolder): the training split is a
-    :class:`CropStream` of ``num_crops`` (default 16384) crops per epoch, the validation split
-    ``num_crops`` (default 1024) fixed crops drawn the same way from the held-out photographs."""
+    :class:`CropStream` of ``num_crops`` (default 16384) crops per epoch at ``crop_scales``, the
+    validation split ``num_crops`` (default 1024) fixed crops of the held-out photographs at
+    :data:`STREAM_SCALES`."""
     if crops == "stream":
         _check_split(split, image_size)
         train = split == "train"
         stream = CropStream(photographs(name, split, data_dir, seed), num_crops or (
             16384 if train else 1024), image_size, seed + (0 if train else 1_000_003),
-            label=f"{name} {split} photograph")
+            label=f"{name} {split} photograph", scales=crop_scales if train else STREAM_SCALES)
         return stream if train else stream.fixed(len(stream))
     if name == "photos":
         return PhotoCrops(split, image_size=image_size, seed=seed)

@@ -441,6 +441,24 @@ class TestCropStream:
         fixed = ImageFolderImages(root, "val", image_size=16)
         assert fixed.files == ["val/held.png"]
 
+    def test_crop_scales_set_the_training_crops_only(self, tmp_path: Path) -> None:
+        """Smaller scales cut wider squares of the photograph (more of its colours per crop);
+        the validation crops keep the default scales whatever the training stream's are."""
+        root = Path(self._folder(tmp_path))
+
+        def spans(scales: tuple[float, float]) -> np.ndarray:
+            stream = build_dataset("imagefolder", "train", image_size=32, data_dir=root,
+                                   crops="stream", num_crops=32, crop_scales=scales)
+            crops = torch.stack([stream.crop(i) for i in range(32)]).float()
+            return (crops[:, 0].amax((1, 2)) - crops[:, 0].amin((1, 2))).numpy()
+
+        wide, own = spans((0.1, 0.1)), spans((1.0, 1.0))  # 320-pixel squares / the pixels
+        assert wide.min() > 2 * own.max()
+        val = [build_dataset("imagefolder", "val", image_size=32, data_dir=root, crops="stream",
+                             num_crops=8, crop_scales=s).images_uint8 for s in ((0.1, 0.1),
+                                                                                (1.0, 1.0))]
+        assert torch.equal(*val)
+
     def test_unseen_crops_take_every_photograph(self) -> None:
         crops = unseen_crops("photos", 2 * len(PHOTOS), 32, seed=1)
         assert crops.images_uint8.shape == (2 * len(PHOTOS), 3, 32, 32)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..compact import CompactVAE
+from ..data import STREAM_SCALES
 from ..io import describe_validation_error, write_json
 from ..vae import BITS_PER_PIXEL, DOWNSAMPLE_FACTOR, MAX_BITS_PER_PIXEL, MODELS, image_size_fits
 
@@ -62,8 +63,16 @@ class DistillConfig(BaseModel):
                                     "N validation images (None: all)")
     crops: Crops = Field("fixed", description="fixed: the training crops are cut once; stream "
                          "(photos, imagefolder): train_samples fresh crops every epoch from the "
-                         "full-size training photographs (random position, scale 1/4 to 1, "
-                         "flips), the teacher run on the fly")
+                         "full-size training photographs (random position, scale between "
+                         "crop_scale_min and crop_scale_max, flips), the teacher run on the fly")
+    crop_scale_min: float = Field(STREAM_SCALES[0], gt=0, le=1, description="crops stream: "
+                                  "the least scale of a photograph before a training crop (a "
+                                  "square of side image_size / scale resized to image_size); "
+                                  "validation crops keep scales "
+                                  f"{STREAM_SCALES[0]:g} to {STREAM_SCALES[1]:g}")
+    crop_scale_max: float = Field(STREAM_SCALES[1], gt=0, le=1, description="crops stream: "
+                                  "the greatest scale of a photograph before a training crop "
+                                  "(1: its own pixels)")
     unseen_dataset: str | None = Field(None, description="a second collection whose fixed crops "
                                        "(val_samples, default 1024) are validated as unseen_psnr: "
                                        "photos (all its photographs) or imagefolder "
@@ -198,6 +207,9 @@ class DistillConfig(BaseModel):
 
     @model_validator(mode="after")
     def _data_sources(self) -> DistillConfig:
+        if self.crop_scale_min > self.crop_scale_max:
+            raise ValueError(f"crop_scale_min ({self.crop_scale_min:g}) must not exceed "
+                             f"crop_scale_max ({self.crop_scale_max:g})")
         if self.crops == "stream" and self.dataset not in PHOTO_DATASETS:
             raise ValueError(f"crops 'stream' needs photographs: dataset photos or imagefolder, "
                              f"got {self.dataset!r}")

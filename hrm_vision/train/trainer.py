@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm.auto import tqdm
 
 from ..compact import CompactVAE
-from ..data import PROBE_EPOCH, CropStream, build_dataset, unseen_crops
+from ..data import PROBE_EPOCH, STREAM_SCALES, CropStream, build_dataset, unseen_crops
 from ..io import (
     CheckpointError,
     FolderLock,
@@ -246,11 +246,13 @@ class IndexedDataset(Dataset[tuple[int, Tensor]]):
 
 @functools.lru_cache(maxsize=4)
 def _dataset(name: str, split: str, image_size: int, seed: int, data_dir: str,
-             download: bool, crops: str = "fixed", num_crops: int | None = None) -> Dataset:
+             download: bool, crops: str = "fixed", num_crops: int | None = None,
+             crop_scales: tuple[float, float] = STREAM_SCALES) -> Dataset:
     if split == "unseen":
         return unseen_crops(name, num_crops or 1024, image_size, data_dir, seed)
     return build_dataset(name, split, image_size=image_size, seed=seed, data_dir=data_dir,
-                         download=download, crops=crops, num_crops=num_crops)
+                         download=download, crops=crops, num_crops=num_crops,
+                         crop_scales=crop_scales)
 
 
 def build_split(config: DistillConfig, split: str) -> IndexedDataset:
@@ -263,7 +265,8 @@ def build_split(config: DistillConfig, split: str) -> IndexedDataset:
         ds = _dataset(c.unseen_dataset, split, c.image_size, c.seed, c.unseen_data_dir or "",
                       False, "stream", limit)
     elif c.crops == "stream":
-        ds = _dataset(c.dataset, split, c.image_size, c.seed, c.data_dir, False, "stream", limit)
+        ds = _dataset(c.dataset, split, c.image_size, c.seed, c.data_dir, False, "stream", limit,
+                      (c.crop_scale_min, c.crop_scale_max))
     else:
         ds = _dataset(c.dataset, split, c.image_size, c.seed, c.data_dir, c.download)
     if limit is not None and limit < len(ds):  # type: ignore[arg-type]
