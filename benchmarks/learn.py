@@ -331,7 +331,8 @@ def ship(learn: dict[str, Any], configs: dict[str, DistillConfig], corpus: Path,
                            "train_images": splits.count("train"),
                            "val_images": splits.count("val"),
                            "crops": f"streamed {config.image_size}x{config.image_size} crops "
-                                    "(random position, scale 1/4 to 1, flips)",
+                                    f"(random position, scale {config.crop_scale_min:g} to "
+                                    f"{config.crop_scale_max:g}, flips)",
                            "packages": licenses(corpus)},
             "unseen_source": "scikit-image's bundled photographs (evaluation only)",
         }

@@ -88,6 +88,15 @@ def agreement(za: Tensor, zb: Tensor, centre: Tensor) -> tuple[float, float]:
     return float(sim.diagonal().mean()), float(hits.double().mean())
 
 
+def decoder_gain(decode: Fn, z: Tensor) -> Tensor:
+    """``(D,)``: for each number of the latents ``z`` ``(N, D)``, the RMS over ``z`` of the norm
+    of ``decode``'s derivative along it (what a unit step of that number changes in the image)."""
+    def gain(i: int) -> Tensor:
+        step = torch.zeros_like(z).index_fill_(1, torch.tensor([i]), 1.0)
+        return torch.func.jvp(decode, (z,), (step,))[1].flatten(1).square().sum(1).mean().sqrt()
+    return torch.stack([gain(i) for i in range(z.shape[1])]).detach()
+
+
 @torch.no_grad()
 def batched(fn: Fn, x: Tensor, batch: int = 256) -> Tensor:
     return torch.cat([fn(x[i:i + batch]) for i in range(0, len(x), batch)])
@@ -173,6 +182,7 @@ def trust_report(args: argparse.Namespace) -> tuple[dict[str, Any], coding.Codes
     z_train = batched(model.encode, train)
     centre = z_train.mean(0)
     mean, comps, std = fit_crop_pca(train[:CROP_PCA_FIT], 64)
+    gain = decoder_gain(model.decode, z_train[:256])
 
     def pca(k: int) -> tuple[Fn, Fn]:
         return ((lambda x: (x.flatten(1) - mean) @ comps[:k].T),
@@ -196,7 +206,8 @@ def trust_report(args: argparse.Namespace) -> tuple[dict[str, Any], coding.Codes
                   for k in sorted({1, len(books)})}  # SSIM is slow: one id and all
         view: dict[str, dict[str, float]] = {}
         coders = (("student", model.encode, centre), ("pca64", pca64, 0.0),
-                  ("pca64_whitened", lambda v, f=pca64: f(v) / std, 0.0))  # the student's scale
+                  ("pca64_whitened", lambda v, f=pca64: f(v) / std, 0.0),  # the student's scale
+                  ("student_decoder_units", lambda v: model.encode(v) * gain, centre * gain))
         for i, change in enumerate(CHANGES):
             a, b = view_pairs(views[key], change, args.gallery + 1, size, seed=i)
             for name, fn, c in coders:

@@ -19,6 +19,7 @@ from hrm_vision.metrics import psnr
 from hrm_vision.trust import (
     CHANGES,
     agreement,
+    decoder_gain,
     device_agreement,
     entity_agreement,
     unseen_crops,
@@ -65,7 +66,8 @@ def test_keys_and_ranges(run) -> None:
         assert tokens["by_ids"]["1"]["psnr"] < tokens["by_ids"]["2"]["psnr"] == tokens["psnr"]
         assert set(figures["view_agreement"]) == set(CHANGES)
         for change in figures["view_agreement"].values():
-            assert all(0 <= change[k] <= 1 for k in ("student", "pca64", "pca64_whitened"))
+            assert all(0 <= change[k] <= 1 for k in ("student", "pca64", "pca64_whitened",
+                                                      "student_decoder_units"))
         brightness = figures["view_agreement"]["brightness"]  # whitening: contrast, not level
         assert brightness["cosine_pca64_whitened"] != brightness["cosine_pca64"]
         assert set(figures["device_agreement"]) >= {"fp16", "int8"}
@@ -137,3 +139,16 @@ def test_device_agreement_of_the_onnx_graphs() -> None:
         figures = found[precision]["held_out"]
         assert figures["cosine"] > floor and figures["max_abs"] >= 0
         assert 0 <= figures["decoded_differ"] <= 1
+
+
+def test_decoder_gain_is_the_column_norm_of_a_linear_decoder() -> None:
+    """For ``decode(z) = W z + b`` a unit step of number ``i`` moves the image by column ``i``
+    of ``W``; for ``decode(z) = (W z)^2`` by that column times ``2 W z``, whose norm it
+    averages (RMS) over ``z``."""
+    weight, bias = torch.randn(48, 5), torch.randn(48)
+    z = torch.randn(7, 5)
+    linear = decoder_gain(lambda v: (v @ weight.T + bias).reshape(-1, 3, 4, 4), z)
+    assert torch.allclose(linear, weight.norm(dim=0), rtol=1e-5)
+    squared = decoder_gain(lambda v: (v @ weight.T).square(), z)
+    expect = (2 * (z @ weight.T)[:, :, None] * weight[None]).square().sum(1).mean(0).sqrt()
+    assert torch.allclose(squared, expect, rtol=1e-4)
