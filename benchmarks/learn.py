@@ -2,7 +2,7 @@
 """The learning benchmark (``make learn``): networks trained on streamed crops of the wallpaper
 corpus, beside what PCA and thumbnails of the same crops give.
 
-    python benchmarks/learn.py                       # about 70 min on 2 cores
+    python benchmarks/learn.py                       # about 97 min on 2 cores
     python benchmarks/learn.py --scale 0.01 --out-dir /tmp/learn   # the machinery, in a minute
     python benchmarks/learn.py --ship                # then copy the best students into the package
 
@@ -17,7 +17,9 @@ picture), then four runs of the package's trainer (:class:`hrm_vision.train.Dist
   stop: at the students' 1e-3 it fell 0.66 dB under its PCA start in 374 steps; at 2e-4 it dips
   0.03 dB for about 500 steps, then rises to +0.12 dB at 1,000,
   ``experiments/results/teacher_lr.jsonl``);
-* ``distilled``: the compact student (64 numbers) distilled from that teacher;
+* ``distilled``: the compact student (64 numbers) distilled from that teacher, on crops cut at
+  the scales of ``compact`` (0.125-0.5: squares of 128-512 pixels reduced to 64; the teacher's
+  fields keep the default 0.25-1);
 * ``alone``: the same student without distillation, at equal image weight (``recon_weight`` is
   ``recon_weight + distill_recon_weight``, the distillation weights 0; as ``make compact``);
 * ``spatial``: the spatial student (TinyVAE, 128 channels on the H/8 x W/8 grid, 32x32 crops)
@@ -25,9 +27,11 @@ picture), then four runs of the package's trainer (:class:`hrm_vision.train.Dist
 
 The budget is in steps (``steps`` of the config times ``--scale``, 2 by default), not in
 minutes: 2,000 teacher, 2 x 16,000 compact-student and 3,000 spatial steps at batch 64 on 2
-threads take about 71 minutes of runs on a 2-core AMD EPYC (teacher 5.5, distilled 8.8, alone
-12.4, spatial 12.0 steps/s in training, validations and checkpoints besides;
-benchmarks/results/learn.json). At ``--scale 1`` (38 minutes) the students ended 0.23 dB lower.
+threads take about 97 minutes of runs on a 2-core AMD EPYC (teacher 5.5, distilled 6.3, alone
+7.4, spatial 12.0 steps/s in training, validations and checkpoints besides;
+benchmarks/results/learn.json). The students' wider crops cost steps per second (8.8 and 12.4
+at 0.25-1) and bought 0.24 dB held-out (docs/results.md). At ``--scale 1`` (38 minutes, 0.25-1)
+the students ended 0.23 dB lower than at 2.
 Each run validates every ``ceil(steps / validations)`` steps (one epoch of that many streamed
 batches); the best checkpoint is the best held-out PSNR.
 
@@ -68,7 +72,6 @@ from torch import Tensor
 
 import hrm_vision
 from hrm_vision._extras import require
-from hrm_vision.data import STREAM_SCALES
 from hrm_vision.evaluate import CROP_PCA_FIT, PatchPCA, compute_baselines
 from hrm_vision.io import WEIGHTS_DIR, describe_validation_error, write_json
 from hrm_vision.train import Distiller, load_config
@@ -206,14 +209,10 @@ def train(configs: dict[str, DistillConfig], learn: dict[str, Any], path: Path) 
 def evaluation_sets(config: DistillConfig, pca_crops: int) -> tuple[dict[str, Tensor], Tensor]:
     """``({"held_out", "unseen"}, training crops)``: the validation and unseen-source crops the
     trainer validates on, and the first ``pca_crops`` crops of the training stream's first
-    epoch at the validation crops' scales (the baselines' fit: the training pictures cut the
-    way the held-out ones are, whatever scales the runs train at), all ``(N, 3, S, S)`` in
-    [0, 1]."""
+    epoch (the baselines' fit), all ``(N, 3, S, S)`` in [0, 1]."""
     sets = {key: first_images(ds, len(ds)) for key, ds in (
         ("held_out", build_split(config, "val")), ("unseen", build_split(config, "unseen")))}
-    lo, hi = STREAM_SCALES
-    train_set = build_split(config.model_copy(update={
-        "train_samples": pca_crops, "crop_scale_min": lo, "crop_scale_max": hi}), "train")
+    train_set = build_split(config.model_copy(update={"train_samples": pca_crops}), "train")
     return sets, first_images(train_set, pca_crops)
 
 
