@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+import hrm_vision.data as data
 from hrm_vision.data import (
     BATCH_DIR,
     PHOTOS,
@@ -430,6 +431,21 @@ class TestCropStream:
         assert spans.min() < 14 and spans.max() > 25
         flipped = (crops[:, 0, :, 0] > crops[:, 0, :, -1]).any(1)  # red falls to the right
         assert 10 < int(flipped.sum()) < 54
+
+    def test_crops_reduced_at_most_4x_are_plain_bilinear(self, monkeypatch) -> None:
+        """The box-reduction shortcut leaves every crop of the default scales as the plain
+        antialiased resize cuts it, and is taken for wider squares."""
+        photo = gradient_photo(600, 800)
+        photo[::7] = 255 - photo[::7]  # fine detail, so that two filters differ
+
+        def crops(scales: tuple[float, float]) -> torch.Tensor:
+            rng = np.random.default_rng(4)
+            return torch.stack([data.random_crop(photo, 32, rng, scales) for _ in range(24)])
+
+        shortcut = {s: crops(s) for s in (data.STREAM_SCALES, (0.05, 0.05))}
+        monkeypatch.setattr(data, "REDUCING_GAP", 1e9)  # never: the plain resize, every pixel
+        assert torch.equal(shortcut[data.STREAM_SCALES], crops(data.STREAM_SCALES))
+        assert not torch.equal(shortcut[(0.05, 0.05)], crops((0.05, 0.05)))
 
     def test_imagefolder_train_and_val_folders_are_the_split(self, tmp_path: Path) -> None:
         root = Path(self._folder(tmp_path))
