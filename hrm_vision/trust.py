@@ -205,13 +205,18 @@ def trust_report(args: argparse.Namespace) -> tuple[dict[str, Any], coding.Codes
         tokens = {str(k): quality(batched(model.decode, coding.from_tokens(ids[:, :k], books)), x)
                   for k in sorted({1, len(books)})}  # SSIM is slow: one id and all
         view: dict[str, dict[str, float]] = {}
-        coders = (("student", model.encode, centre), ("pca64", pca64, 0.0),
-                  ("pca64_whitened", lambda v, f=pca64: f(v) / std, 0.0),  # the student's scale
-                  ("student_decoder_units", lambda v: model.encode(v) * gain, centre * gain))
+        # (name, code, its rescaling, centre): whitened PCA is in the student's scale, the
+        # student in its decoder's units is in PCA's
+        same: Fn = lambda z: z  # noqa: E731
+        coders = (("student", "student", same, centre), ("pca64", "pca64", same, 0.0),
+                  ("pca64_whitened", "pca64", lambda z: z / std, 0.0),
+                  ("student_decoder_units", "student", lambda z: z * gain, centre * gain))
         for i, change in enumerate(CHANGES):
             a, b = view_pairs(views[key], change, args.gallery + 1, size, seed=i)
-            for name, fn, c in coders:
-                cos, hit = agreement(batched(fn, a), batched(fn, b), c)
+            codes = {name: (batched(fn, a), batched(fn, b))
+                     for name, fn in (("student", model.encode), ("pca64", pca64))}
+            for name, code, rescale, c in coders:
+                cos, hit = agreement(rescale(codes[code][0]), rescale(codes[code][1]), c)
                 view.setdefault(change, {})[name] = hit
                 view[change][f"cosine_{name}"] = cos
         figures[key] = {
