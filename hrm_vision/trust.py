@@ -205,20 +205,16 @@ def trust_report(args: argparse.Namespace) -> tuple[dict[str, Any], coding.Codes
         tokens = {str(k): quality(batched(model.decode, coding.from_tokens(ids[:, :k], books)), x)
                   for k in sorted({1, len(books)})}  # SSIM is slow: one id and all
         view: dict[str, dict[str, float]] = {}
-        # (name, code, its rescaling, centre): whitened PCA is in the student's scale, the
-        # student in its decoder's units is in PCA's
-        same: Fn = lambda z: z  # noqa: E731
-        coders = (("student", "student", same, centre), ("pca64", "pca64", same, 0.0),
-                  ("pca64_whitened", "pca64", lambda z: z / std, 0.0),
-                  ("student_decoder_units", "student", lambda z: z * gain, centre * gain))
+        coders = (("student", "student", lambda z: z, centre), ("pca64", "pca64", lambda z: z, 0),
+                  ("pca64_whitened", "pca64", lambda z: z / std, 0.0),  # the student's scale
+                  ("student_decoder_units", "student", lambda z: z * gain, centre * gain))  # PCA's
         for i, change in enumerate(CHANGES):
             a, b = view_pairs(views[key], change, args.gallery + 1, size, seed=i)
             codes = {name: (batched(fn, a), batched(fn, b))
                      for name, fn in (("student", model.encode), ("pca64", pca64))}
             for name, code, rescale, c in coders:
                 cos, hit = agreement(rescale(codes[code][0]), rescale(codes[code][1]), c)
-                view.setdefault(change, {})[name] = hit
-                view[change][f"cosine_{name}"] = cos
+                view.setdefault(change, {}).update({name: hit, f"cosine_{name}": cos})
         figures[key] = {
             "psnr": {k: v["psnr"] for k, v in q.items()},
             "ssim": {k: v["ssim"] for k, v in q.items()},
