@@ -447,31 +447,55 @@ class ImageFolderImages(_Uint8Images):
 # ---------------------------------------------------------------------- crop streams
 STREAM_SCALES = (0.25, 1.0)  #: a photo's scales before a crop: validation's, training's default
 #: A crop reduced more than this many times is first box-averaged by a whole factor (Pillow's
-#: ``reducing_gap``) and judged flat or not on a subsample (for a 1024-pixel square the check
-#: took 9-10 ms and the resize 3.6-3.8 ms, now 0.5-1.2 and 0.9-1.1, with a training run beside);
-#: a crop reduced at most 4x (all of :data:`STREAM_SCALES`) is the plain antialiased resize.
+#: ``reducing_gap``; in a :class:`CropStream`, cut from the photograph box-reduced once by a power
+#: of two, :func:`crop_levels`) and judged flat or not on a subsample (for a 1024-pixel square
+#: the check took 9-10 ms and the resize 3.6-3.8 ms, now 0.5-1.2 and 0.9-1.1, with a training
+#: run beside); a crop reduced at most 4x (all of :data:`STREAM_SCALES`) is the plain
+#: antialiased resize of the photograph's pixels.
 REDUCING_GAP = 4.0
 #: The "epoch" of the fixed sample of training crops that validation measures (never trained).
 PROBE_EPOCH = 2**32 - 1
 
 
-def random_crop(photo: np.ndarray, size: int, rng: np.random.Generator,
+def crop_levels(photo: np.ndarray, size: int,
+                scales: tuple[float, float] = STREAM_SCALES) -> tuple[np.ndarray, ...]:
+    """``(photo, photo / 2, photo / 4, ...)``: an ``(H, W, 3)`` uint8 photograph and its box
+    reductions by 2 (Pillow's ``reduce``, ``ceil(H / 2)`` rows), as many as :func:`random_crop`
+    at ``scales`` cuts from: level ``k`` serves the squares reduced more than ``REDUCING_GAP *
+    2**(k - 1)`` times to ``size``, so that a wide square costs what a narrow one does."""
+    image = require("PIL.Image", extra="train", purpose="streamed crops")
+    widest = 1.0 / max(scales[0], size / min(photo.shape[:2]))  # the largest reduction drawn
+    levels = [photo]
+    while widest > REDUCING_GAP * 2 ** (len(levels) - 1):
+        levels.append(np.asarray(image.fromarray(levels[-1]).reduce(2)))
+    return tuple(levels)
+
+
+def random_crop(photo: np.ndarray | Sequence[np.ndarray], size: int, rng: np.random.Generator,
                 scales: tuple[float, float] = STREAM_SCALES) -> Tensor:
     """One ``(3, S, S)`` uint8 crop of an ``(H, W, 3)`` uint8 photograph at least ``S`` on each
     side: the photograph scaled by ``s`` uniform in ``scales`` (at least ``S / min(H, W)``: a
     square of side ``S / s`` resized to ``S``), a random square of it, flipped left-right half of
     the time; crops flatter than :data:`MIN_CROP_STD` are drawn again (20 tries; a square over
-    ``REDUCING_GAP`` times ``S`` is judged on every ``side // (REDUCING_GAP * S)``-th pixel)."""
-    h, w = photo.shape[:2]
+    ``REDUCING_GAP`` times ``S`` is judged on every ``side // (REDUCING_GAP * S)``-th pixel).
+    ``photo`` may be its :func:`crop_levels`: a square reduced more than ``REDUCING_GAP``
+    times is then cut from the level ``k`` that leaves it reduced 2-4x more (the same draws;
+    position and side divided by ``2**k``)."""
+    levels = (photo,) if isinstance(photo, np.ndarray) else tuple(photo)
+    h, w = levels[0].shape[:2]
     low = max(scales[0], size / min(h, w))
     for _ in range(20):
         side = min(h, w, max(size, round(size / rng.uniform(low, max(low, scales[1])))))
         y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-        crop = photo[y:y + side, x:x + side]
-        step = max(1, int(side // (REDUCING_GAP * size)))
+        k = 0
+        while k + 1 < len(levels) and side > REDUCING_GAP * size * 2 ** k:
+            k += 1
+        cut = side >> k
+        crop = levels[k][y >> k:(y >> k) + cut, x >> k:(x >> k) + cut]
+        step = max(1, int(cut // (REDUCING_GAP * size)))
         if crop[::step, ::step].std() / 255.0 >= MIN_CROP_STD:
             break
-    if side != size:  # Pillow's bilinear filter, widened when it reduces (antialiased)
+    if cut != size:  # Pillow's bilinear filter, widened when it reduces (antialiased)
         image = require("PIL.Image", extra="train", purpose="streamed crops")
         crop = np.asarray(image.fromarray(np.ascontiguousarray(crop)).resize(
             (size, size), image.Resampling.BILINEAR, reducing_gap=REDUCING_GAP))
@@ -484,7 +508,8 @@ class CropStream(Dataset[Tensor]):
     """``num_crops`` crops ``(3, S, S)`` float in [0, 1] per epoch, drawn afresh every epoch
     from full-size ``photos`` ((H, W, 3) uint8; those under ``S`` on a side are left out) by
     :func:`random_crop`: item ``i`` of epoch ``e`` (:meth:`set_epoch`) is the same for the same
-    ``(seed, e, i)`` in any process or DataLoader worker. ``scales``: :func:`random_crop`'s."""
+    ``(seed, e, i)`` in any process or DataLoader worker. ``scales``: :func:`random_crop`'s
+    (each photograph is kept with its :func:`crop_levels` for them)."""
 
     def __init__(self, photos: Sequence[np.ndarray], num_crops: int, image_size: int,
                  seed: int, label: str = "photograph",
@@ -494,6 +519,7 @@ class CropStream(Dataset[Tensor]):
             raise ValueError(f"no {label} is at least {image_size}px on each side")
         self.num_crops, self.image_size, self.seed, self.epoch = num_crops, image_size, seed, 0
         self.scales = scales
+        self.levels = [crop_levels(p, image_size, scales) for p in self.photos]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -510,7 +536,7 @@ class CropStream(Dataset[Tensor]):
     def crop(self, index: int, epoch: int | None = None) -> Tensor:
         """Item ``index`` of ``epoch`` (default: the current one) as ``(3, S, S)`` uint8."""
         rng, photo = self._draw(index, epoch)
-        return random_crop(self.photos[photo], self.image_size, rng, self.scales)
+        return random_crop(self.levels[photo], self.image_size, rng, self.scales)
 
     def photo(self, index: int, epoch: int | None = None) -> int:
         """The index in ``photos`` of the photograph item ``index`` of ``epoch`` is cut from."""

@@ -447,6 +447,27 @@ class TestCropStream:
         assert torch.equal(shortcut[data.STREAM_SCALES], crops(data.STREAM_SCALES))
         assert not torch.equal(shortcut[(0.05, 0.05)], crops((0.05, 0.05)))
 
+    def test_wide_squares_are_cut_from_the_reduced_photograph(self) -> None:
+        """A stream at scales under 1/4 cuts its wide squares from the photograph reduced by 2
+        (the same places, nearly the same pixels); at the default scales it keeps the photograph
+        alone and cuts exactly what :func:`random_crop` cuts from it."""
+        photo = gradient_photo(600, 800)
+        photo[::7] = 255 - photo[::7]
+        default = CropStream([photo], 8, 32, seed=3)
+        assert len(default.levels[0]) == 1
+        assert all(torch.equal(default.crop(i), data.random_crop(
+            photo, 32, default._draw(i, None)[0], default.scales)) for i in range(8))
+        wide = CropStream([photo], 64, 32, seed=3, scales=(0.05, 0.2))
+        levels = wide.levels[0]
+        assert [lv.shape[:2] for lv in levels] == [(600, 800), (300, 400), (150, 200), (75, 100)]
+        from_levels = torch.stack([wide.crop(i) for i in range(64)]).float()
+        direct = torch.stack([data.random_crop(photo, 32, wide._draw(i, None)[0], wide.scales)
+                              for i in range(64)]).float()
+        changed = (from_levels - direct).abs().flatten(1).amax(1) > 0
+        assert changed.float().mean() > 0.9  # squares of 160-640 px: all but the narrowest
+        assert (from_levels - direct).pow(2).mean() < (from_levels - direct.roll(1, 0)).pow(
+            2).mean() / 20  # the same crop, filtered a little differently
+
     def test_imagefolder_train_and_val_folders_are_the_split(self, tmp_path: Path) -> None:
         root = Path(self._folder(tmp_path))
         val = build_dataset("imagefolder", "val", image_size=32, data_dir=root, crops="stream",
