@@ -15,8 +15,12 @@ of ``training/compact.json``) trained with the student-alone objective and AdamW
   the trainer's own ``autocast``, and the trainer's optimizer (``make_optimizer``: the fused
   AdamW).
 
+A second pair times distillation's other cost, the frozen compact teacher's forward pass on
+the same batch (no gradient, bf16 autocast, channels-last input), its weights as loaded
+(``contiguous``) or channels-last (``channels_last``, what the trainer does).
+
 Each round times one step of each, in a rotating order (``hrm_vision.timing``), so other jobs
-on the machine hit both alike; the load average is printed before and after. A second table
+on the machine hit both alike; the load average is printed before and after. A last figure
 times the data preparation of one batch of streamed crops (what ``num_workers`` moves off the
 training thread). Prints a JSON object; ``--out FILE`` also writes it.
 """
@@ -75,7 +79,7 @@ def legacy() -> Iterator[None]:
         yield
     finally:
         loss_module.gaussian_nll, VAEBase.decode = saved
-INIT_CROPS = 512  #: crops the PCA start is fitted on
+INIT_CROPS = 1024  #: crops the PCA starts are fitted on (more than the teacher's 512 numbers)
 
 
 def make_step(config, batch: torch.Tensor, init: torch.Tensor, fast: bool):
@@ -105,6 +109,23 @@ def make_step(config, batch: torch.Tensor, init: torch.Tensor, fast: bool):
     return step
 
 
+def teacher_forward(config, batch: torch.Tensor, init: torch.Tensor, channels_last: bool):
+    """A function running the frozen compact teacher of ``config`` (its PCA start on ``init``)
+    on the channels-last ``batch`` as distillation does (no gradient, the config's autocast),
+    with its weights channels-last (what the trainer does) or as loaded."""
+    torch.manual_seed(0)
+    teacher = configured_model(config, "teacher").eval()
+    teacher.init_from_data(init)
+    if channels_last:
+        teacher.to(memory_format=torch.channels_last)
+    x, device = batch.contiguous(memory_format=torch.channels_last), torch.device("cpu")
+
+    def forward() -> None:
+        with torch.no_grad(), autocast(config, device):
+            teacher(x)
+    return forward
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64)
@@ -131,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
                      for name, c in configs.items()},
                     repeats=args.rounds, warmup=2, batch_size=args.batch, desc="train step")
 
+    teacher = {name: teacher_forward(configs["fast"], batch, init, name == "channels_last")
+               for name in ("contiguous", "channels_last")}
+    teachers = timings(teacher, repeats=args.rounds, warmup=2, batch_size=args.batch,
+                       desc="teacher forward")
+
     def prepare() -> None:
         stream.set_epoch(stream.epoch + 1)
         torch.stack([stream[i] for i in range(args.batch)])  # one batch's crops
@@ -145,11 +171,16 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_after": [round(v, 2) for v in os.getloadavg()],
         "step": {name: {**t, "steps_per_s": 1e3 / t["median_ms"]} for name, t in steps.items()},
         "speedup": steps["today"]["median_ms"] / steps["fast"]["median_ms"],
+        "teacher_forward_ms": {name: t["median_ms"] for name, t in teachers.items()},
+        "teacher_speedup": (teachers["contiguous"]["median_ms"]
+                            / teachers["channels_last"]["median_ms"]),
         "streamed_batch_preparation_ms": data_ms,
     }
     for name, t in result["step"].items():
         print(f"{name:6s} {t['median_ms']:8.1f} ms per step (p90 {t['p90_ms']:.1f}), "
               f"{t['steps_per_s']:.2f} steps/s", file=sys.stderr)
+    print(f"teacher forward: {result['teacher_speedup']:.2f}x with its weights channels-last",
+          file=sys.stderr)
     print(f"speedup {result['speedup']:.2f}x; one streamed batch prepared in {data_ms:.0f} ms "
           f"on the training thread; load average after {result['load_average_after'][0]:.2f}",
           file=sys.stderr)

@@ -729,8 +729,9 @@ class TestPrecision:
         before = [p.detach().clone() for p in d.student.parameters()]
         d.run()
         assert seen and all(s == (True, torch.bfloat16, True) for s in seen)
-        conv = next(m for m in d.student.modules() if isinstance(m, nn.Conv2d))
-        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+        for model in (d.student, d.teacher):  # the frozen teacher runs channels-last too
+            conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+            assert conv.weight.is_contiguous(memory_format=torch.channels_last)
         record = d.history[-1]
         assert record["bad_steps"] == 0
         assert all(math.isfinite(v) for v in (*record["train"].values(),

@@ -873,8 +873,10 @@ class PhaseLoop:
         self.module = phase.trainable()
         self.memory_format = (torch.channels_last if config.channels_last
                               else torch.contiguous_format)
-        if config.channels_last:
-            self.module.to(memory_format=self.memory_format)
+        if config.channels_last:  # the frozen teacher's pass too: 1.4x on a CPU in bf16
+            for model in (self.module, phase.teacher):
+                if model is not None:
+                    model.to(memory_format=self.memory_format)
         phase.calibrate()  # before the DDP wrapper (rank 0's value) and the weight average
         self.wrapped = wrap_ddp(self.module, ctx)
         self.optimizer = make_optimizer(phase.param_groups(), config, ctx.device)
