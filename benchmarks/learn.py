@@ -2,7 +2,7 @@
 """The learning benchmark (``make learn``): networks trained on streamed crops of the wallpaper
 corpus, beside what PCA and thumbnails of the same crops give.
 
-    python benchmarks/learn.py                       # about 97 min on 2 cores
+    python benchmarks/learn.py                       # about 95 min on 2 cores
     python benchmarks/learn.py --scale 0.01 --out-dir /tmp/learn   # the machinery, in a minute
     python benchmarks/learn.py --ship                # then copy the best students into the package
 
@@ -16,10 +16,10 @@ picture), then four runs of the package's trainer (:class:`hrm_vision.train.Dist
   with the config's ``teacher`` fields over ``compact``'s (a learning rate of 2e-4 and no early
   stop: at the students' 1e-3 it fell 0.66 dB under its PCA start in 374 steps; at 2e-4 it dips
   0.03 dB for about 500 steps, then rises to +0.12 dB at 1,000,
-  ``experiments/results/teacher_lr.jsonl``);
-* ``distilled``: the compact student (64 numbers) distilled from that teacher, on crops cut at
-  the scales of ``compact`` (0.125-0.5: squares of 128-512 pixels reduced to 64; the teacher's
-  fields keep the default 0.25-1);
+  ``experiments/results/teacher_lr.jsonl``), on crops cut at the scales of ``compact``
+  (0.125-0.5: squares of 128-512 pixels reduced to 64; at the default 0.25-1 it ended under
+  crop PCA-512 fitted on the students' crops);
+* ``distilled``: the compact student (64 numbers) distilled from that teacher, on the same crops;
 * ``alone``: the same student without distillation, at equal image weight (``recon_weight`` is
   ``recon_weight + distill_recon_weight``, the distillation weights 0; as ``make compact``);
 * ``spatial``: the spatial student (TinyVAE, 128 channels on the H/8 x W/8 grid, 32x32 crops)
@@ -27,8 +27,8 @@ picture), then four runs of the package's trainer (:class:`hrm_vision.train.Dist
 
 The budget is in steps (``steps`` of the config times ``--scale``, 2 by default), not in
 minutes: 2,000 teacher, 2 x 16,000 compact-student and 3,000 spatial steps at batch 64 on 2
-threads take about 97 minutes of runs on a 2-core AMD EPYC (teacher 5.5, distilled 6.3, alone
-7.4, spatial 12.0 steps/s in training, validations and checkpoints besides;
+threads take about 95 minutes of runs on a 2-core AMD EPYC (teacher 4.4, distilled 6.2, alone
+8.9, spatial 12.0 steps/s in training, validations and checkpoints besides;
 benchmarks/results/learn.json). The students' wider crops cost steps per second (8.8 and 12.4
 at 0.25-1) and bought 0.24 dB held-out (docs/results.md). At ``--scale 1`` (38 minutes, 0.25-1)
 the students ended 0.23 dB lower than at 2.

@@ -446,12 +446,9 @@ class ImageFolderImages(_Uint8Images):
 
 # ---------------------------------------------------------------------- crop streams
 STREAM_SCALES = (0.25, 1.0)  #: a photo's scales before a crop: validation's, training's default
-#: A crop reduced more than this many times is first box-averaged by a whole factor (Pillow's
-#: ``reducing_gap``; in a :class:`CropStream`, cut from the photograph box-reduced once by a power
-#: of two, :func:`crop_levels`) and judged flat or not on a subsample (for a 1024-pixel square
-#: the check took 9-10 ms and the resize 3.6-3.8 ms, now 0.5-1.2 and 0.9-1.1, with a training
-#: run beside); a crop reduced at most 4x (all of :data:`STREAM_SCALES`) is the plain
-#: antialiased resize of the photograph's pixels.
+#: A crop reduced more than this many times is box-reduced first (Pillow's ``reducing_gap``, or
+#: a level of :func:`crop_levels`) and judged flat on a subsample (docs/training.md: the times);
+#: one reduced at most 4x (all of :data:`STREAM_SCALES`) is the plain antialiased resize.
 REDUCING_GAP = 4.0
 #: The "epoch" of the fixed sample of training crops that validation measures (never trained).
 PROBE_EPOCH = 2**32 - 1
@@ -460,9 +457,7 @@ PROBE_EPOCH = 2**32 - 1
 def crop_levels(photo: np.ndarray, size: int,
                 scales: tuple[float, float] = STREAM_SCALES) -> tuple[np.ndarray, ...]:
     """``(photo, photo / 2, photo / 4, ...)``: an ``(H, W, 3)`` uint8 photograph and its box
-    reductions by 2 (Pillow's ``reduce``, ``ceil(H / 2)`` rows), as many as :func:`random_crop`
-    at ``scales`` cuts from: level ``k`` serves the squares reduced more than ``REDUCING_GAP *
-    2**(k - 1)`` times to ``size``, so that a wide square costs what a narrow one does."""
+    reductions by 2 (Pillow's ``reduce``), as many as :func:`random_crop` at ``scales`` uses."""
     image = require("PIL.Image", extra="train", purpose="streamed crops")
     widest = 1.0 / max(scales[0], size / min(photo.shape[:2]))  # the largest reduction drawn
     levels = [photo]
@@ -478,9 +473,8 @@ def random_crop(photo: np.ndarray | Sequence[np.ndarray], size: int, rng: np.ran
     square of side ``S / s`` resized to ``S``), a random square of it, flipped left-right half of
     the time; crops flatter than :data:`MIN_CROP_STD` are drawn again (20 tries; a square over
     ``REDUCING_GAP`` times ``S`` is judged on every ``side // (REDUCING_GAP * S)``-th pixel).
-    ``photo`` may be its :func:`crop_levels`: a square reduced more than ``REDUCING_GAP``
-    times is then cut from the level ``k`` that leaves it reduced 2-4x more (the same draws;
-    position and side divided by ``2**k``)."""
+    From :func:`crop_levels`, a square reduced over ``REDUCING_GAP`` times is cut from the level
+    ``k`` that leaves it reduced 2-4x more (the same draws, divided by ``2**k``)."""
     levels = (photo,) if isinstance(photo, np.ndarray) else tuple(photo)
     h, w = levels[0].shape[:2]
     low = max(scales[0], size / min(h, w))
