@@ -1,0 +1,107 @@
+"""Steps per second of the trainer's loop (not one step alone) for the compact student alone on
+streamed corpus crops, by torch threads, DataLoader workers and OpenMP's wait policy.
+
+    python experiments/loop_speed.py OUT --rounds 2
+
+The learning benchmark's compact settings (``benchmarks/learn.json``: batch 64, bf16,
+channels-last, scales 0.125-0.5) without distillation; each variant is a fresh process (its
+``OMP_WAIT_POLICY`` must be set before torch loads) training two epochs of 100 steps from the
+PCA start; the figure is the second epoch's steps/s (the epoch's ``time_s``: steps only, no
+validation). The variants run in a rotating order over ``--rounds`` rounds, so that a change of
+load hits them alike. ``benchmarks/train_step.py`` times the step alone: on a quiet 2-core
+machine 27-32 ms (over 30 steps/s), while ``make learn``'s alone student trains at 7-12 steps/s
+with one crop worker beside two torch threads. Writes ``OUT/loop_speed.json``. Needs the corpus
+of ``make learn``.
+
+Measured 2026-12-07 with ``--rounds 2`` then ``--rounds 3`` (2-core AMD EPYC VM, nothing else
+running, load 0.7-2.1; ``experiments/results/loop_speed.json``), steps/s of the five rounds:
+
+| variant | steps/s | median |
+|---|---|---|
+| 2 threads, 1 worker (``make learn``) | 7.27, 9.89, 10.12, 11.86, 7.98 | 9.89 |
+| 2 threads, no worker | 9.88, 13.66, 11.73, 10.71, 12.30 | 11.73 |
+| 1 thread, 1 worker | 13.81, 11.92, 12.60, 9.88, 12.37 | 12.37 |
+| 2 threads, 1 worker, ``OMP_WAIT_POLICY=passive`` | 11.20, 11.03, 7.92, 9.96, 10.10 | 10.10 |
+
+Two threads beside a crop worker on two cores is the slowest (medians 1.19-1.25x under the
+others), but the rounds spread by up to 1.5x: 100 steps are too few to rank the others. Every
+variant trains at a third of what the step alone allows; the loop's own cost (the last-good
+copy and finiteness check of every tensor each step, the weight average, the loss terms'
+bookkeeping) is not yet measured apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 100  #: steps per epoch
+#: name -> (torch threads, DataLoader workers, OMP_WAIT_POLICY or None)
+VARIANTS = {
+    "threads2_workers1": (2, 1, None),  # make learn's
+    "threads2_workers0": (2, 0, None),
+    "threads1_workers1": (1, 1, None),
+    "threads2_workers1_passive": (2, 1, "passive"),
+}
+
+
+def child(threads: int, workers: int, out: Path) -> None:
+    """One variant: train, print the second epoch's steps/s as JSON."""
+    import torch
+
+    from hrm_vision.train import Distiller, load_config
+
+    torch.set_num_threads(threads)
+    learn = json.loads((ROOT / "benchmarks/learn.json").read_text())
+    c = learn["compact"]
+    config = load_config(None, {
+        **c, "dataset": "imagefolder", "data_dir": learn["corpus"], "num_workers": workers,
+        "train_samples": STEPS * c["batch_size"], "val_samples": 64, "finetune_epochs": 0,
+        "teacher_epochs": 0, "epochs": 2, "distill_latent_weight": 0.0,
+        "distill_recon_weight": 0.0, "recon_weight": 0.5, "checkpoint_dir": str(out)})
+    d = Distiller(config, console=False)
+    d.run()
+    second = [r for r in d.history if r["phase"] == "distill"][-1]
+    print(json.dumps({"steps_per_s": STEPS / second["time_s"]}))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("out", type=Path)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--child", nargs=3, metavar=("THREADS", "WORKERS", "DIR"),
+                   help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child(int(args.child[0]), int(args.child[1]), Path(args.child[2]))
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    names = list(VARIANTS)
+    results: dict[str, list[float]] = {n: [] for n in names}
+    loads = [os.getloadavg()[0]]
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            threads, workers, policy = VARIANTS[name]
+            env = {**os.environ, **({"OMP_WAIT_POLICY": policy} if policy else {})}
+            done = subprocess.run(
+                [sys.executable, __file__, str(args.out), "--child", str(threads), str(workers),
+                 str(args.out / f"{name}_{r}")], env=env, check=True, capture_output=True,
+                text=True, cwd=ROOT)
+            value = json.loads(done.stdout.strip().splitlines()[-1])["steps_per_s"]
+            results[name].append(value)
+            print(f"round {r + 1} {name}: {value:.2f} steps/s", flush=True)
+        loads.append(os.getloadavg()[0])
+    summary = {"steps_per_epoch": STEPS, "load_average": loads, "steps_per_s": results}
+    (args.out / "loop_speed.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for name, values in results.items():
+        print(f"{name}: {', '.join(f'{v:.2f}' for v in values)} steps/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
