@@ -15,6 +15,8 @@ of ``training/compact.json``) trained with the student-alone objective and AdamW
   the trainer's own ``autocast``, and the trainer's optimizer (``make_optimizer``: the fused
   AdamW).
 
+A third pair times the step's check that every weight and AdamW tensor is finite, on the
+compact teacher's: ``isfinite(t).all()`` per tensor as it was, and the trainer's sums.
 A second pair times distillation's other cost, the frozen compact teacher's forward pass on
 the same batch (no gradient, bf16 autocast, channels-last input), its weights as loaded
 (``contiguous``) or channels-last (``channels_last``, what the trainer does).
@@ -45,7 +47,7 @@ from hrm_vision.timing import machine_info, timings
 from hrm_vision.train import DistillLoss, load_config
 from hrm_vision.train import loss as loss_module
 from hrm_vision.train.loss import Trainable
-from hrm_vision.train.trainer import autocast, configured_model, make_optimizer
+from hrm_vision.train.trainer import LastGoodState, autocast, configured_model, make_optimizer
 from hrm_vision.vae import VAEBase
 
 COMPACT = Path(__file__).resolve().parents[1] / "training" / "compact.json"
@@ -126,6 +128,24 @@ def teacher_forward(config, batch: torch.Tensor, init: torch.Tensor, channels_la
     return forward
 
 
+def finiteness_checks(config, init: torch.Tensor) -> dict:
+    """The step's check that every weight and AdamW tensor of the compact teacher of ``config``
+    is finite: ``isfinite`` (``isfinite(t).all()`` per tensor, as it was) and ``sums`` (the
+    trainer's :meth:`LastGoodState.all_finite`)."""
+    teacher = configured_model(config, "teacher")
+    teacher.init_from_data(init)
+    optimizer = make_optimizer(teacher.parameters(), config, torch.device("cpu"))
+    for p in teacher.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # the AdamW state exists
+    state = LastGoodState(teacher, optimizer)
+    tensors = [*teacher.parameters(), *(v for e in optimizer.state.values() for v in e.values()
+                                        if v.is_floating_point())]
+    return {"isfinite": lambda: bool(torch.stack([torch.isfinite(t).all() for t in tensors]
+                                                 ).all()),
+            "sums": state.all_finite}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64)
@@ -157,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     teachers = timings(teacher, repeats=args.rounds, warmup=2, batch_size=args.batch,
                        desc="teacher forward")
 
+    checks = timings(finiteness_checks(configs["fast"], init), repeats=args.rounds, warmup=2,
+                     batch_size=1, desc="finiteness check")
+
     def prepare() -> None:
         stream.set_epoch(stream.epoch + 1)
         torch.stack([stream[i] for i in range(args.batch)])  # one batch's crops
@@ -174,12 +197,14 @@ def main(argv: list[str] | None = None) -> int:
         "teacher_forward_ms": {name: t["median_ms"] for name, t in teachers.items()},
         "teacher_speedup": (teachers["contiguous"]["median_ms"]
                             / teachers["channels_last"]["median_ms"]),
+        "finiteness_check_ms": {name: t["median_ms"] for name, t in checks.items()},
         "streamed_batch_preparation_ms": data_ms,
     }
     for name, t in result["step"].items():
         print(f"{name:6s} {t['median_ms']:8.1f} ms per step (p90 {t['p90_ms']:.1f}), "
               f"{t['steps_per_s']:.2f} steps/s", file=sys.stderr)
-    print(f"teacher forward: {result['teacher_speedup']:.2f}x with its weights channels-last",
+    print(f"teacher forward: {result['teacher_speedup']:.2f}x with its weights channels-last; "
+          f"finiteness check of the teacher's tensors {result['finiteness_check_ms']} ms",
           file=sys.stderr)
     print(f"speedup {result['speedup']:.2f}x; one streamed batch prepared in {data_ms:.0f} ms "
           f"on the training thread; load average after {result['load_average_after'][0]:.2f}",

@@ -451,8 +451,8 @@ class LastGoodState:
         tensors = self._module_tensors() + [
             v for entry in self.optimizer.state.values() for v in entry.values()
             if isinstance(v, Tensor) and v.is_floating_point()]
-        # one sum per tensor, a sixth of the time of isfinite(t).all() (a fifth of a compact
-        # teacher's step): NaN and inf carry through it; finite values summing past 3e38 count
+        # one sum per tensor, a sixth of the time of isfinite(t).all() (benchmarks/train_step.py
+        # finiteness_check_ms): NaN and inf carry through it; finite values summing past 3e38 count
         # as non-finite (weights or moments that large have diverged anyway)
         sums = [t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
                 .to(tensors[0].device) for t in tensors]
@@ -877,7 +877,7 @@ class PhaseLoop:
         self.module = phase.trainable()
         self.memory_format = (torch.channels_last if config.channels_last
                               else torch.contiguous_format)
-        if config.channels_last:  # the frozen teacher's pass too: 1.4x on a CPU in bf16
+        if config.channels_last:  # the frozen teacher's pass too: 1.2-1.4x on a CPU in bf16
             for model in (self.module, phase.teacher):
                 if model is not None:
                     model.to(memory_format=self.memory_format)
