@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 import os
 import pickle
 import stat
@@ -249,7 +250,7 @@ def crop_images(images: Sequence[np.ndarray], num_crops: int, image_size: int, s
         for _ in range(20):  # reject almost flat crops, keep the last try otherwise
             y, x = rng.integers(0, h - image_size + 1), rng.integers(0, w - image_size + 1)
             crop = img[y:y + image_size, x:x + image_size]
-            if crop.std() / 255.0 >= MIN_CROP_STD:
+            if pixel_std(crop) >= MIN_CROP_STD:
                 break
         crops[i] = crop
     order = rng.permutation(num_crops)
@@ -466,6 +467,14 @@ def crop_levels(photo: np.ndarray, size: int,
     return tuple(levels)
 
 
+def pixel_std(pixels: np.ndarray) -> float:
+    """The standard deviation of uint8 ``pixels`` (any shape) over 255, from exact integer sums:
+    ``ndarray.std`` to 1e-16, in half its time on a 256x256x3 crop."""
+    n, s = pixels.size, int(pixels.sum(dtype=np.int64))
+    q = int(np.square(pixels, dtype=np.uint32).sum(dtype=np.int64))
+    return math.sqrt((n * q - s * s) / (n * n)) / 255.0
+
+
 def random_crop(photo: np.ndarray | Sequence[np.ndarray], size: int, rng: np.random.Generator,
                 scales: tuple[float, float] = STREAM_SCALES) -> Tensor:
     """One ``(3, S, S)`` uint8 crop of an ``(H, W, 3)`` uint8 photograph at least ``S`` on each
@@ -487,7 +496,7 @@ def random_crop(photo: np.ndarray | Sequence[np.ndarray], size: int, rng: np.ran
         cut = side >> k
         crop = levels[k][y >> k:(y >> k) + cut, x >> k:(x >> k) + cut]
         step = max(1, int(cut // (REDUCING_GAP * size)))
-        if crop[::step, ::step].std() / 255.0 >= MIN_CROP_STD:
+        if pixel_std(crop[::step, ::step]) >= MIN_CROP_STD:
             break
     if cut != size:  # Pillow's bilinear filter, widened when it reduces (antialiased)
         image = require("PIL.Image", extra="train", purpose="streamed crops")

@@ -387,6 +387,14 @@ def gradient_photo(height: int, width: int) -> np.ndarray:
                     axis=2).astype(np.uint8)
 
 
+def test_pixel_std_is_numpys_std_of_uint8_pixels() -> None:
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    flat = np.full((64, 64, 3), 255, np.uint8)
+    for view in (photo, photo[7:263:2, 11:267:3], photo[:1, :1], flat):
+        assert data.pixel_std(view) == pytest.approx(view.std() / 255.0, rel=1e-12, abs=1e-15)
+
+
 class TestCropStream:
     def test_deterministic_per_seed_epoch_and_index(self) -> None:
         photos = [gradient_photo(120, 160), gradient_photo(90, 200)]
