@@ -44,15 +44,16 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 100  #: steps per epoch
 #: name -> (torch threads, DataLoader workers, OMP_WAIT_POLICY or None)
 VARIANTS = {
-    "threads2_workers1": (2, 1, None),  # make learn's
-    "threads2_workers0": (2, 0, None),
+    "threads2_workers1": (2, 1, None),
+    "threads2_workers0": (2, 0, None),  # make learn's
     "threads1_workers1": (1, 1, None),
     "threads2_workers1_passive": (2, 1, "passive"),
 }
 
 
-def child(threads: int, workers: int, out: Path) -> None:
-    """One variant: train, print the second epoch's steps/s as JSON."""
+def child(threads: int, workers: int, out: Path, teacher: str | None) -> None:
+    """One variant: train (distilled from ``teacher`` when given, else alone), print the second
+    epoch's steps/s as JSON."""
     import torch
 
     from hrm_vision.train import Distiller, load_config
@@ -63,8 +64,9 @@ def child(threads: int, workers: int, out: Path) -> None:
     config = load_config(None, {
         **c, "dataset": "imagefolder", "data_dir": learn["corpus"], "num_workers": workers,
         "train_samples": STEPS * c["batch_size"], "val_samples": 64, "finetune_epochs": 0,
-        "teacher_epochs": 0, "epochs": 2, "distill_latent_weight": 0.0,
-        "distill_recon_weight": 0.0, "recon_weight": 0.5, "checkpoint_dir": str(out)})
+        "teacher_epochs": 0, "epochs": 2, "checkpoint_dir": str(out),
+        **({"teacher_checkpoint": teacher} if teacher else {
+            "distill_latent_weight": 0.0, "distill_recon_weight": 0.0, "recon_weight": 0.5})})
     d = Distiller(config, console=False)
     d.run()
     second = [r for r in d.history if r["phase"] == "distill"][-1]
@@ -75,14 +77,18 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--teacher", help="a compact teacher checkpoint: time the distilled student")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names")
     p.add_argument("--child", nargs=3, metavar=("THREADS", "WORKERS", "DIR"),
                    help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        child(int(args.child[0]), int(args.child[1]), Path(args.child[2]))
+        child(int(args.child[0]), int(args.child[1]), Path(args.child[2]), args.teacher)
         return 0
+    names = args.variants.split(",")
+    if unknown := set(names) - set(VARIANTS):
+        p.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    names = list(VARIANTS)
     results: dict[str, list[float]] = {n: [] for n in names}
     loads = [os.getloadavg()[0]]
     for r in range(args.rounds):
@@ -91,13 +97,16 @@ def main() -> int:
             env = {**os.environ, **({"OMP_WAIT_POLICY": policy} if policy else {})}
             done = subprocess.run(
                 [sys.executable, __file__, str(args.out), "--child", str(threads), str(workers),
-                 str(args.out / f"{name}_{r}")], env=env, check=True, capture_output=True,
+                 str(args.out / f"{name}_{r}"),
+                 *(["--teacher", str(Path(args.teacher).resolve())] if args.teacher else [])],
+                env=env, check=True, capture_output=True,
                 text=True, cwd=ROOT)
             value = json.loads(done.stdout.strip().splitlines()[-1])["steps_per_s"]
             results[name].append(value)
             print(f"round {r + 1} {name}: {value:.2f} steps/s", flush=True)
         loads.append(os.getloadavg()[0])
-    summary = {"steps_per_epoch": STEPS, "load_average": loads, "steps_per_s": results}
+    summary = {"run": "distilled" if args.teacher else "alone", "steps_per_epoch": STEPS,
+               "load_average": loads, "steps_per_s": results}
     (args.out / "loop_speed.json").write_text(json.dumps(summary, indent=2) + "\n")
     for name, values in results.items():
         print(f"{name}: {', '.join(f'{v:.2f}' for v in values)} steps/s")
