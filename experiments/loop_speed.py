@@ -1,17 +1,21 @@
-"""Steps per second of the trainer's loop (not one step alone) for the compact student alone on
+"""Steps per second of the trainer's loop (not one step alone) for the compact student on
 streamed corpus crops, by torch threads, DataLoader workers and OpenMP's wait policy.
 
     python experiments/loop_speed.py OUT --rounds 2
+    python experiments/loop_speed.py OUT --teacher checkpoints/learn/teacher/teacher.pth \
+        --steps 534 --variants threads2_workers1,threads2_workers0
 
 The learning benchmark's compact settings (``benchmarks/learn.json``: batch 64, bf16,
-channels-last, scales 0.125-0.5) without distillation; each variant is a fresh process (its
-``OMP_WAIT_POLICY`` must be set before torch loads) training two epochs of 100 steps from the
-PCA start; the figure is the second epoch's steps/s (the epoch's ``time_s``: steps only, no
-validation). The variants run in a rotating order over ``--rounds`` rounds, so that a change of
-load hits them alike. ``benchmarks/train_step.py`` times the step alone: on a quiet 2-core
-machine 27-32 ms (over 30 steps/s), while ``make learn``'s alone student trains at 7-12 steps/s
-with one crop worker beside two torch threads. Writes ``OUT/loop_speed.json``. Needs the corpus
-of ``make learn``.
+channels-last, scales 0.125-0.5), the student alone or, with ``--teacher``, distilled from that
+compact teacher; each variant is a fresh process (its ``OMP_WAIT_POLICY`` must be set before
+torch loads) training two epochs of ``--steps`` steps (100) from the PCA start; the figure is
+the second epoch's steps/s (the epoch's ``time_s``: steps only, no validation). The variants
+run in a rotating order over ``--rounds`` rounds, so that a change of load hits them alike.
+``benchmarks/train_step.py`` times the step alone: on a quiet 2-core machine 27-32 ms (over 30
+steps/s), while ``make learn``'s alone student trains at 7-12 steps/s. A worker is started
+afresh each epoch (it copies the dataset as the epoch left it), which short epochs pay for
+more than ``make learn``'s 534-step ones. Writes ``OUT/loop_speed.json``. Needs the corpus of
+``make learn``.
 
 Measured 2026-12-07 with ``--rounds 2`` then ``--rounds 3`` (2-core AMD EPYC VM, nothing else
 running, load 0.7-2.1; ``experiments/results/loop_speed.json``), steps/s of the five rounds:
@@ -28,7 +32,11 @@ others), but the rounds spread by up to 1.5x: 100 steps are too few to rank the 
 variant trains at a third of what the step alone allows. Of the loop's own cost, per step of
 the student (2 threads, load 0.5): the last-good copy 0.8 ms, the finiteness check of every
 tensor 5.4 ms (0.8 since it sums each tensor), the weight average 0.6 ms; the rest (the loss
-bookkeeping, the worker's share of the cores) is not measured apart.
+bookkeeping, the worker's share of the cores) is not measured apart. In full ``make learn``
+runs (534-step epochs; two runs, not interleaved, loads 2.2-3.0 and 1.4-1.9;
+``docs/results.md``) the worker made no difference to the compact students (distilled 6.17
+steps/s with it, 6.04 without; alone 8.93 and 8.91) and doubled the spatial student's (11.97
+against 5.9): ``make learn`` keeps it.
 """
 
 from __future__ import annotations
@@ -41,17 +49,16 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 100  #: steps per epoch
 #: name -> (torch threads, DataLoader workers, OMP_WAIT_POLICY or None)
 VARIANTS = {
-    "threads2_workers1": (2, 1, None),
-    "threads2_workers0": (2, 0, None),  # make learn's
+    "threads2_workers1": (2, 1, None),  # make learn's
+    "threads2_workers0": (2, 0, None),
     "threads1_workers1": (1, 1, None),
     "threads2_workers1_passive": (2, 1, "passive"),
 }
 
 
-def child(threads: int, workers: int, out: Path, teacher: str | None) -> None:
+def child(threads: int, workers: int, out: Path, teacher: str | None, steps: int) -> None:
     """One variant: train (distilled from ``teacher`` when given, else alone), print the second
     epoch's steps/s as JSON."""
     import torch
@@ -63,27 +70,29 @@ def child(threads: int, workers: int, out: Path, teacher: str | None) -> None:
     c = learn["compact"]
     config = load_config(None, {
         **c, "dataset": "imagefolder", "data_dir": learn["corpus"], "num_workers": workers,
-        "train_samples": STEPS * c["batch_size"], "val_samples": 64, "finetune_epochs": 0,
+        "train_samples": steps * c["batch_size"], "val_samples": 64, "finetune_epochs": 0,
         "teacher_epochs": 0, "epochs": 2, "checkpoint_dir": str(out),
         **({"teacher_checkpoint": teacher} if teacher else {
             "distill_latent_weight": 0.0, "distill_recon_weight": 0.0, "recon_weight": 0.5})})
     d = Distiller(config, console=False)
     d.run()
     second = [r for r in d.history if r["phase"] == "distill"][-1]
-    print(json.dumps({"steps_per_s": STEPS / second["time_s"]}))
+    print(json.dumps({"steps_per_s": steps / second["time_s"]}))
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--steps", type=int, default=100, help="steps per epoch")
     p.add_argument("--teacher", help="a compact teacher checkpoint: time the distilled student")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names")
     p.add_argument("--child", nargs=3, metavar=("THREADS", "WORKERS", "DIR"),
                    help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        child(int(args.child[0]), int(args.child[1]), Path(args.child[2]), args.teacher)
+        child(int(args.child[0]), int(args.child[1]), Path(args.child[2]), args.teacher,
+              args.steps)
         return 0
     names = args.variants.split(",")
     if unknown := set(names) - set(VARIANTS):
@@ -97,7 +106,7 @@ def main() -> int:
             env = {**os.environ, **({"OMP_WAIT_POLICY": policy} if policy else {})}
             done = subprocess.run(
                 [sys.executable, __file__, str(args.out), "--child", str(threads), str(workers),
-                 str(args.out / f"{name}_{r}"),
+                 str(args.out / f"{name}_{r}"), "--steps", str(args.steps),
                  *(["--teacher", str(Path(args.teacher).resolve())] if args.teacher else [])],
                 env=env, check=True, capture_output=True,
                 text=True, cwd=ROOT)
@@ -105,7 +114,7 @@ def main() -> int:
             results[name].append(value)
             print(f"round {r + 1} {name}: {value:.2f} steps/s", flush=True)
         loads.append(os.getloadavg()[0])
-    summary = {"run": "distilled" if args.teacher else "alone", "steps_per_epoch": STEPS,
+    summary = {"run": "distilled" if args.teacher else "alone", "steps_per_epoch": args.steps,
                "load_average": loads, "steps_per_s": results}
     (args.out / "loop_speed.json").write_text(json.dumps(summary, indent=2) + "\n")
     for name, values in results.items():
