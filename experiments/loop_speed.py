@@ -35,8 +35,8 @@ tensor 5.4 ms (0.8 since it sums each tensor), the weight average 0.6 ms; the re
 bookkeeping, the worker's share of the cores) is not measured apart. In full ``make learn``
 runs (534-step epochs; two runs, not interleaved, loads 2.2-3.0 and 1.4-1.9;
 ``docs/results.md``) the worker made no difference to the compact students (distilled 6.17
-steps/s with it, 6.04 without; alone 8.93 and 8.91) and doubled the spatial student's (11.97
-against 5.9): ``make learn`` keeps it.
+steps/s with it, 6.04 without; alone 8.93 and 8.91) and sped the spatial student 1.8x (11.97
+against 6.50): ``make learn`` keeps it.
 """
 
 from __future__ import annotations
