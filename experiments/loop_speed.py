@@ -36,7 +36,12 @@ bookkeeping, the worker's share of the cores) is not measured apart. In full ``m
 runs (534-step epochs; two runs, not interleaved, loads 2.2-3.0 and 1.4-1.9;
 ``docs/results.md``) the worker made no difference to the compact students (distilled 6.17
 steps/s with it, 6.04 without; alone 8.93 and 8.91) and sped the spatial student 1.8x (11.97
-against 6.50): ``make learn`` keeps it.
+against 6.50): ``make learn`` keeps it. At 534-step epochs (``--steps 534 --rounds 2 --variants
+threads2_workers1,threads1_workers1``, 2026-12-08 00:00-00:12 UTC, nothing else running, load
+1.6-2.3; ``experiments/results/loop_speed_534.json``) the alone student trains at 9.57 and 9.73
+steps/s on one torch thread beside the worker against 7.12 and 7.43 on two (1.31-1.34x): two
+threads and a worker oversubscribe two cores. The distilled, teacher and spatial runs are not
+measured so at full epochs, and ``make learn`` still sets 2 threads.
 """
 
 from __future__ import annotations
