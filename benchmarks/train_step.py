@@ -15,11 +15,11 @@ of ``training/compact.json``) trained with the student-alone objective and AdamW
   the trainer's own ``autocast``, and the trainer's optimizer (``make_optimizer``: the fused
   AdamW).
 
-A third pair times the step's check that every weight and AdamW tensor is finite, on the
-compact teacher's: ``isfinite(t).all()`` per tensor as it was, and the trainer's sums.
 A second pair times distillation's other cost, the frozen compact teacher's forward pass on
 the same batch (no gradient, bf16 autocast, channels-last input), its weights as loaded
-(``contiguous``) or channels-last (``channels_last``, what the trainer does).
+(``contiguous``) or channels-last (``channels_last``, what the trainer does). A third pair
+times the step's check that every weight and AdamW tensor is finite, on the compact teacher's:
+``isfinite(t).all()`` per tensor as it was, and the trainer's sums.
 
 Each round times one step of each, in a rotating order (``hrm_vision.timing``), so other jobs
 on the machine hit both alike; the load average is printed before and after. A last figure

@@ -469,7 +469,7 @@ def crop_levels(photo: np.ndarray, size: int,
 
 def pixel_std(pixels: np.ndarray) -> float:
     """The standard deviation of uint8 ``pixels`` (any shape) over 255, from exact integer sums:
-    ``ndarray.std`` to 1e-16, in half its time on a 256x256x3 crop."""
+    ``ndarray.std`` to 1e-16, without its float64 copy of the pixels."""
     n, s = pixels.size, int(pixels.sum(dtype=np.int64))
     q = int(np.square(pixels, dtype=np.uint32).sum(dtype=np.int64))
     return math.sqrt((n * q - s * s) / (n * n)) / 255.0
