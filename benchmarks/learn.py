@@ -64,10 +64,10 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from torch import Tensor
 
 import hrm_vision
@@ -119,11 +119,26 @@ class LearnConfig(BaseModel):
     validations: int = Field(ge=1, description="validations per run")
     pca_crops: int = Field(ge=2, le=CROP_PCA_FIT, description="streamed training crops the "
                            "PCA baselines are fitted on")
-    threads: int = Field(ge=1, description="torch threads")
+    threads: int = Field(ge=1, description="torch threads of the evaluation and of every run "
+                         "not in run_threads")
+    run_threads: dict[str, Annotated[int, Field(ge=1)]] = Field(
+        default_factory=dict, description="torch threads of a run (a name of RUNS) that trains "
+        "faster on other than threads")
     compact: dict[str, Any] = Field(description="DistillConfig fields of the compact runs")
     teacher: dict[str, Any] = Field(default_factory=dict, description="DistillConfig fields "
                                     "of the teacher run over compact's")
     spatial: dict[str, Any] = Field(description="DistillConfig fields of the spatial run")
+
+    @field_validator("run_threads")
+    @classmethod
+    def _known_runs(cls, value: dict[str, int]) -> dict[str, int]:
+        if unknown := sorted(set(value) - set(RUNS)):
+            raise ValueError(f"unknown runs {unknown}; the runs are {list(RUNS)}")
+        return value
+
+    def threads_of(self, run: str) -> int:
+        """Torch threads ``run`` trains on."""
+        return self.run_threads.get(run, self.threads)
 
 
 def read_json_file(path: str | Path) -> Any:
@@ -174,9 +189,11 @@ def run_configs(cfg: LearnConfig, scale: float, corpus: Path, out: Path
     }
 
 
-def run_record(config: DistillConfig, files: dict[str, Path], wall_s: float) -> dict[str, Any]:
+def run_record(config: DistillConfig, files: dict[str, Path], wall_s: float, threads: int
+               ) -> dict[str, Any]:
     """What ``learn.json`` keeps of a finished run: its checkpoint, steps (epochs run times
-    steps per epoch), training seconds (the epochs' ``time_s``, validation excluded), steps/s."""
+    steps per epoch), training seconds (the epochs' ``time_s``, validation excluded), steps/s,
+    torch threads."""
     phase = "teacher" if config.epochs == 0 else "distill"
     records = [r for r in read_json_file(files["history"]) if r["phase"] == phase]
     per_epoch = config.train_samples // config.batch_size  # type: ignore[operator]
@@ -185,23 +202,31 @@ def run_record(config: DistillConfig, files: dict[str, Path], wall_s: float) -> 
     checkpoint = files["teacher"] if phase == "teacher" else files["best"]
     return {"checkpoint": str(checkpoint), "history": str(files["history"]), "phase": phase,
             "steps": steps, "steps_per_epoch": per_epoch, "train_s": seconds,
-            "wall_s": wall_s, "steps_per_s": steps / seconds if seconds > 0 else None}
+            "wall_s": wall_s, "steps_per_s": steps / seconds if seconds > 0 else None,
+            "threads": threads}
 
 
-def train(configs: dict[str, DistillConfig], learn: dict[str, Any], path: Path) -> None:
-    """Run every config not yet recorded in ``learn["runs"]`` (with its checkpoint present),
-    continuing an interrupted one; ``learn`` is written to ``path`` after each run."""
+def train(configs: dict[str, DistillConfig], learn: dict[str, Any], path: Path,
+          cfg: LearnConfig) -> None:
+    """Run every config not yet recorded in ``learn["runs"]`` (with its checkpoint present) on
+    its torch threads (``cfg.threads_of``), continuing an interrupted one; ``learn`` is written
+    to ``path`` after each run. Leaves torch at ``cfg.threads``."""
     for name, config in configs.items():
         done = learn["runs"].get(name)
         if done and Path(done["checkpoint"]).is_file():
             print(f"{name}: done ({done['steps']} steps, {done['checkpoint']}), skipped")
             continue
-        print(f"{name}: training ({config.checkpoint_dir})", flush=True)
+        threads = cfg.threads_of(name)
+        print(f"{name}: training on {threads} torch threads ({config.checkpoint_dir})", flush=True)
+        torch.set_num_threads(threads)
         started = time.perf_counter()
-        files = Distiller(config).run(resume="auto")
+        try:
+            files = Distiller(config).run(resume="auto")
+        finally:
+            torch.set_num_threads(cfg.threads)
         if name == "teacher":
             files["teacher"] = Path(config.checkpoint_dir) / "teacher.pth"
-        learn["runs"][name] = run_record(config, files, time.perf_counter() - started)
+        learn["runs"][name] = run_record(config, files, time.perf_counter() - started, threads)
         learn["checkpoints"] = {k: r["checkpoint"] for k, r in learn["runs"].items()}
         write_json(learn, path)
 
@@ -432,10 +457,10 @@ def _run(argv: list[str] | None) -> int:
     if learn.get("scale") != args.scale:
         learn = {}  # another budget: nothing of it is reused
     learn.update({"config": args.config, "scale": args.scale, "corpus": str(corpus),
-                  "threads": cfg.threads})
+                  "threads": cfg.threads, "run_threads": cfg.run_threads})
     learn.setdefault("runs", {})
     try:
-        train(configs, learn, path)
+        train(configs, learn, path, cfg)
     except TrainingInterrupted as exc:  # saved: a rerun continues the run
         print(f"{PROG}: {exc}; rerun the same command to continue", file=sys.stderr)
         return 130 if exc.signame == "SIGINT" else 143

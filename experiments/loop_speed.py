@@ -54,34 +54,41 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+RUNS = ("teacher", "distilled", "alone", "spatial")
 #: name -> (torch threads, DataLoader workers, OMP_WAIT_POLICY or None)
 VARIANTS = {
     "threads2_workers1": (2, 1, None),  # make learn's
     "threads2_workers0": (2, 0, None),
     "threads1_workers1": (1, 1, None),
+    "threads1_workers0": (1, 0, None),
     "threads2_workers1_passive": (2, 1, "passive"),
 }
 
 
-def child(threads: int, workers: int, out: Path, teacher: str | None, steps: int) -> None:
-    """One variant: train (distilled from ``teacher`` when given, else alone), print the second
-    epoch's steps/s as JSON."""
+def child(run: str, threads: int, workers: int, out: Path, teacher: str | None,
+          steps: int) -> None:
+    """One variant: ``run`` of ``make learn`` (its config from ``benchmarks/learn.py``'s
+    :func:`run_configs`) for two epochs of ``steps`` steps from its PCA start, the distilled
+    student from ``teacher``; print the second epoch's steps/s as JSON."""
     import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from learn import learn_config, run_configs  # type: ignore[import-not-found]
 
     from hrm_vision.train import Distiller, load_config
 
     torch.set_num_threads(threads)
-    learn = json.loads((ROOT / "benchmarks/learn.json").read_text())
-    c = learn["compact"]
+    cfg = learn_config(str(ROOT / "benchmarks/learn.json"))
+    config = run_configs(cfg, 1.0, ROOT / cfg.corpus, out)[run]
+    phase = "teacher" if run == "teacher" else "distill"
+    epochs = {"teacher_epochs": 2, "epochs": 0} if phase == "teacher" else {"epochs": 2}
     config = load_config(None, {
-        **c, "dataset": "imagefolder", "data_dir": learn["corpus"], "num_workers": workers,
-        "train_samples": steps * c["batch_size"], "val_samples": 64, "finetune_epochs": 0,
-        "teacher_epochs": 0, "epochs": 2, "checkpoint_dir": str(out),
-        **({"teacher_checkpoint": teacher} if teacher else {
-            "distill_latent_weight": 0.0, "distill_recon_weight": 0.0, "recon_weight": 0.5})})
+        **config.model_dump(), **epochs, "num_workers": workers, "val_samples": 64,
+        "train_samples": steps * config.batch_size,
+        **({"teacher_checkpoint": teacher} if run == "distilled" else {})})
     d = Distiller(config, console=False)
     d.run()
-    second = [r for r in d.history if r["phase"] == "distill"][-1]
+    second = [r for r in d.history if r["phase"] == phase][-1]
     print(json.dumps({"steps_per_s": steps / second["time_s"]}))
 
 
@@ -90,15 +97,18 @@ def main() -> int:
     p.add_argument("out", type=Path)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--steps", type=int, default=100, help="steps per epoch")
-    p.add_argument("--teacher", help="a compact teacher checkpoint: time the distilled student")
+    p.add_argument("--run", choices=RUNS, default="alone", help="which of make learn's runs")
+    p.add_argument("--teacher", help="the compact teacher checkpoint of --run distilled")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names")
     p.add_argument("--child", nargs=3, metavar=("THREADS", "WORKERS", "DIR"),
                    help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        child(int(args.child[0]), int(args.child[1]), Path(args.child[2]), args.teacher,
-              args.steps)
+        child(args.run, int(args.child[0]), int(args.child[1]), Path(args.child[2]),
+              args.teacher, args.steps)
         return 0
+    if (args.run == "distilled") != bool(args.teacher):
+        p.error("--teacher goes with --run distilled, and only with it")
     names = args.variants.split(",")
     if unknown := set(names) - set(VARIANTS):
         p.error(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
@@ -111,7 +121,7 @@ def main() -> int:
             env = {**os.environ, **({"OMP_WAIT_POLICY": policy} if policy else {})}
             done = subprocess.run(
                 [sys.executable, __file__, str(args.out), "--child", str(threads), str(workers),
-                 str(args.out / f"{name}_{r}"), "--steps", str(args.steps),
+                 str(args.out / f"{name}_{r}"), "--steps", str(args.steps), "--run", args.run,
                  *(["--teacher", str(Path(args.teacher).resolve())] if args.teacher else [])],
                 env=env, check=True, capture_output=True,
                 text=True, cwd=ROOT)
@@ -119,7 +129,7 @@ def main() -> int:
             results[name].append(value)
             print(f"round {r + 1} {name}: {value:.2f} steps/s", flush=True)
         loads.append(os.getloadavg()[0])
-    summary = {"run": "distilled" if args.teacher else "alone", "steps_per_epoch": args.steps,
+    summary = {"run": args.run, "steps_per_epoch": args.steps,
                "load_average": loads, "steps_per_s": results}
     (args.out / "loop_speed.json").write_text(json.dumps(summary, indent=2) + "\n")
     for name, values in results.items():

@@ -89,13 +89,22 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("learn")
     corpus = write_corpus(root / "corpus")
     config = {"corpus": str(corpus), "out_dir": str(root / "out"), "steps": STEPS,
-              "validations": 2, "pca_crops": 64, "threads": 1, "compact": TINY_COMPACT,
-              "teacher": {"learning_rate": 2e-4}, "spatial": TINY_SPATIAL}
+              "validations": 2, "pca_crops": 64, "threads": 1, "run_threads": {"spatial": 2},
+              "compact": TINY_COMPACT, "teacher": {"learning_rate": 2e-4}, "spatial": TINY_SPATIAL}
     (root / "learn.json").write_text(json.dumps(config))
-    with mock.patch.object(trainer, "INIT_IMAGES", INIT_IMAGES):
+    seen: dict[str, int] = {}
+    run = LEARN.Distiller.run
+
+    def spy(self, *args, **kwargs):  # the torch threads each run trains on
+        seen[Path(self.config.checkpoint_dir).name] = torch.get_num_threads()
+        return run(self, *args, **kwargs)
+
+    with mock.patch.object(trainer, "INIT_IMAGES", INIT_IMAGES), \
+            mock.patch.object(LEARN.Distiller, "run", spy):
         status, printed = call(["--config", str(root / "learn.json"), "--scale", "1"])
     assert status == 0, printed
-    return {"root": root, "out": root / "out", "printed": printed,
+    return {"root": root, "out": root / "out", "printed": printed, "threads_seen": seen,
+            "threads_after": torch.get_num_threads(),
             "learn": json.loads((root / "out/learn.json").read_text())}
 
 
@@ -109,6 +118,13 @@ def test_every_run_is_recorded_with_its_checkpoint_and_speed(tiny) -> None:
     assert {k: r["steps"] for k, r in learn["runs"].items()} == expect
     assert all(r["steps_per_s"] > 0 and r["wall_s"] >= r["train_s"] > 0
                for r in learn["runs"].values())
+
+
+def test_each_run_trains_on_its_threads_and_the_evaluation_on_the_default(tiny) -> None:
+    expect = {"teacher": 1, "distilled": 1, "alone": 1, "spatial": 2}
+    assert tiny["threads_seen"] == expect
+    assert {k: r["threads"] for k, r in tiny["learn"]["runs"].items()} == expect
+    assert tiny["threads_after"] == 1
 
 
 def test_the_alone_run_has_the_image_weight_and_no_distillation(tiny) -> None:
@@ -203,6 +219,17 @@ def test_a_bad_config_is_one_line(tmp_path, capsys) -> None:
     assert load_learn().main(["--config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "teachr" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_threads_of_an_unknown_run_are_one_line(tmp_path, capsys) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"corpus": "c", "out_dir": "o", "steps": STEPS, "validations": 1,
+                               "pca_crops": 8, "threads": 1, "run_threads": {"spatail": 1},
+                               "compact": {}, "spatial": {}}))
+    assert load_learn().main(["--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "spatail" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
 
 
