@@ -1,16 +1,18 @@
-"""Steps per second of the trainer's loop (not one step alone) for the compact student on
-streamed corpus crops, by torch threads, DataLoader workers and OpenMP's wait policy.
+"""Steps per second of the trainer's loop (not one step alone) for one of ``make learn``'s runs
+on streamed corpus crops, by torch threads, DataLoader workers and OpenMP's wait policy.
 
     python experiments/loop_speed.py OUT --rounds 2
-    python experiments/loop_speed.py OUT --teacher checkpoints/learn/teacher/teacher.pth \
-        --steps 534 --variants threads2_workers1,threads2_workers0
+    python experiments/loop_speed.py OUT --run distilled --steps 534 \
+        --teacher checkpoints/learn/teacher/teacher.pth \
+        --variants threads2_workers1,threads1_workers1
 
-The learning benchmark's compact settings (``benchmarks/learn.json``: batch 64, bf16,
-channels-last, scales 0.125-0.5), the student alone or, with ``--teacher``, distilled from that
-compact teacher; each variant is a fresh process (its ``OMP_WAIT_POLICY`` must be set before
-torch loads) training two epochs of ``--steps`` steps (100) from the PCA start; the figure is
-the second epoch's steps/s (the epoch's ``time_s``: steps only, no validation). The variants
-run in a rotating order over ``--rounds`` rounds, so that a change of load hits them alike.
+``--run`` (``alone`` by default; ``teacher``, ``distilled``, ``spatial``) takes that run's
+config from ``benchmarks/learn.py`` (``benchmarks/learn.json``: batch 64, the compact runs in
+bf16 and channels-last at scales 0.125-0.5), the distilled student from the compact teacher
+``--teacher``. Each variant is a fresh process (its ``OMP_WAIT_POLICY`` must be set before torch
+loads) training two epochs of ``--steps`` steps (100) from the PCA start; the figure is the
+second epoch's steps/s (the epoch's ``time_s``: steps only, no validation). The variants run in
+a rotating order over ``--rounds`` rounds, so that a change of load hits them alike.
 ``benchmarks/train_step.py`` times the step alone: on a quiet 2-core machine 27-32 ms (over 30
 steps/s), while ``make learn``'s alone student trains at 7-12 steps/s. A worker is started
 afresh each epoch (it copies the dataset as the epoch left it), which short epochs pay for
@@ -18,30 +20,40 @@ more than ``make learn``'s 534-step ones. Writes ``OUT/loop_speed.json``. Needs 
 ``make learn``.
 
 Measured 2026-12-07 with ``--rounds 2`` then ``--rounds 3`` (2-core AMD EPYC VM, nothing else
-running, load 0.7-2.1; ``experiments/results/loop_speed.json``), steps/s of the five rounds:
+running, load 0.7-2.1; ``experiments/results/loop_speed.json``), the alone student at 100-step
+epochs, steps/s of the five rounds:
 
 | variant | steps/s | median |
 |---|---|---|
-| 2 threads, 1 worker (``make learn``) | 7.27, 9.89, 10.12, 11.86, 7.98 | 9.89 |
+| 2 threads, 1 worker | 7.27, 9.89, 10.12, 11.86, 7.98 | 9.89 |
 | 2 threads, no worker | 9.88, 13.66, 11.73, 10.71, 12.30 | 11.73 |
 | 1 thread, 1 worker | 13.81, 11.92, 12.60, 9.88, 12.37 | 12.37 |
 | 2 threads, 1 worker, ``OMP_WAIT_POLICY=passive`` | 11.20, 11.03, 7.92, 9.96, 10.10 | 10.10 |
 
-Two threads beside a crop worker on two cores is the slowest (medians 1.19-1.25x under the
-others), but the rounds spread by up to 1.5x: 100 steps are too few to rank the others. Every
-variant trains at a third of what the step alone allows. Of the loop's own cost, per step of
-the student (2 threads, load 0.5): the last-good copy 0.8 ms, the finiteness check of every
-tensor 5.4 ms (0.8 since it sums each tensor), the weight average 0.6 ms; the rest (the loss
-bookkeeping, the worker's share of the cores) is not measured apart. In full ``make learn``
-runs (534-step epochs; two runs, not interleaved, loads 2.2-3.0 and 1.4-1.9;
-``docs/results.md``) the worker made no difference to the compact students (distilled 6.17
-steps/s with it, 6.04 without; alone 8.93 and 8.91) and sped the spatial student 1.8x (11.97
-against 6.50): ``make learn`` keeps it. At 534-step epochs (``--steps 534 --rounds 2 --variants
-threads2_workers1,threads1_workers1``, 2026-12-08 00:00-00:12 UTC, nothing else running, load
-1.6-2.3; ``experiments/results/loop_speed_534.json``) the alone student trains at 9.57 and 9.73
-steps/s on one torch thread beside the worker against 7.12 and 7.43 on two (1.31-1.34x): two
-threads and a worker oversubscribe two cores. The distilled, teacher and spatial runs are not
-measured so at full epochs, and ``make learn`` still sets 2 threads.
+The rounds spread by up to 1.5x: 100 steps are too few to rank them. Of the loop's own cost, per
+step of the student (2 threads, load 0.5): the last-good copy 0.8 ms, the finiteness check of
+every tensor 5.4 ms (0.8 since it sums each tensor), the weight average 0.6 ms; the rest (the
+loss bookkeeping, the worker's share of the cores) is not measured apart.
+
+Each run at ``make learn``'s epoch length, two rounds, 2026-12-08, nothing else running
+(``experiments/results/loop_speed_534.json`` for the alone student,
+``experiments/results/loop_speed_runs.json`` for the others), steps/s:
+
+| run (steps per epoch, load) | 2 threads, worker | 1 thread, worker | 2, none | 1, none |
+|---|---|---|---|---|
+| alone (534, 1.6-2.3) | 7.12, 7.43 | 9.57, 9.73 | | |
+| distilled (534, 1.4-2.5) | 5.30, 5.10 | 4.77, 5.30 | | |
+| teacher (67, 0.9-1.6) | 4.00, 3.85 | 3.59, 3.58 | 4.72, 4.03 | 3.40, 3.17 |
+| spatial (100, 1.5-1.7) | 6.26, 5.44 | 5.11, 4.61 | 6.82, 6.51 | |
+
+Only the alone student trains faster on one torch thread (1.31-1.34x): its model is cheap
+enough that two threads and a crop worker oversubscribe two cores. The distilled student (which
+also runs the teacher's encoder) and the teacher gain nothing or lose on one thread, so
+``benchmarks/learn.json`` sets one thread for the alone run only (``run_threads``). Without a
+worker the teacher and spatial runs here are as fast or faster, but in full ``make learn`` runs
+the worker made no difference to the compact runs and sped the spatial student 1.8x (11.97
+against 6.50 steps/s, two runs not interleaved, ``docs/results.md``): the 100-step epochs here
+restart the worker ten times as often, and ``make learn`` keeps it.
 """
 
 from __future__ import annotations
