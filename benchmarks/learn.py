@@ -31,9 +31,10 @@ about 92 minutes of runs on a 2-core AMD EPYC at load 1.5-2.5 (teacher 4.0, dist
 alone 11.9, spatial 7.1 steps/s in training, validations and checkpoints besides;
 benchmarks/results/learn.json). Each run trains on ``threads`` torch threads, or on its own in
 ``run_threads``: the alone student on one beside its crop worker, 1.31-1.34x faster than on
-two, while the other runs gain nothing on one (``experiments/loop_speed.py``). The students' wider crops cost steps per second (8.8 and 12.4
-at 0.25-1) and bought 0.24 dB held-out (docs/results.md). At ``--scale 1`` (38 minutes, 0.25-1)
-the students ended 0.23 dB lower than at 2.
+two, while the other runs gain nothing on one (``experiments/loop_speed.py``). The students'
+wider crops cost steps per second (8.8 and 12.4 at 0.25-1) and bought 0.24 dB held-out
+(docs/results.md). At ``--scale 1`` (38 minutes, 0.25-1) the students ended 0.23 dB lower than
+at 2.
 Each run validates every ``ceil(steps / validations)`` steps (one epoch of that many streamed
 batches); the best checkpoint is the best held-out PSNR.
 
