@@ -77,7 +77,7 @@ class TestGaussianNLL:
         assert float(scale.sigma.detach()) == pytest.approx(float((rec - x).pow(2).mean().sqrt()),
                                                    rel=1e-5)
         # the calibrated scale is where the NLL is lowest
-        base = float(scale(rec, x))
+        base = float(scale(rec, x).detach())
         for factor in (0.8, 1.25):
             other = obj.gaussian_nll(rec, x, scale.log_sigma.detach() + math.log(factor))
             assert float(other) > base
