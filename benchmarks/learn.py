@@ -67,10 +67,10 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
 import hrm_vision
@@ -111,6 +111,17 @@ class Steps(BaseModel):
     spatial: int = Field(ge=1, description="the spatial student")
 
 
+class RunThreads(BaseModel):
+    """Torch threads of a run that trains faster on other than ``threads`` (unset: ``threads``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    teacher: int | None = Field(None, ge=1)
+    distilled: int | None = Field(None, ge=1)
+    alone: int | None = Field(None, ge=1)
+    spatial: int | None = Field(None, ge=1)
+
+
 class LearnConfig(BaseModel):
     """``benchmarks/learn.json``: where, how long, and the DistillConfig fields of the runs."""
 
@@ -124,24 +135,16 @@ class LearnConfig(BaseModel):
                            "PCA baselines are fitted on")
     threads: int = Field(ge=1, description="torch threads of the evaluation and of every run "
                          "not in run_threads")
-    run_threads: dict[str, Annotated[int, Field(ge=1)]] = Field(
-        default_factory=dict, description="torch threads of a run (a name of RUNS) that trains "
-        "faster on other than threads")
+    run_threads: RunThreads = Field(default_factory=RunThreads)
     compact: dict[str, Any] = Field(description="DistillConfig fields of the compact runs")
     teacher: dict[str, Any] = Field(default_factory=dict, description="DistillConfig fields "
                                     "of the teacher run over compact's")
     spatial: dict[str, Any] = Field(description="DistillConfig fields of the spatial run")
 
-    @field_validator("run_threads")
-    @classmethod
-    def _known_runs(cls, value: dict[str, int]) -> dict[str, int]:
-        if unknown := sorted(set(value) - set(RUNS)):
-            raise ValueError(f"unknown runs {unknown}; the runs are {list(RUNS)}")
-        return value
-
     def threads_of(self, run: str) -> int:
-        """Torch threads ``run`` trains on."""
-        return self.run_threads.get(run, self.threads)
+        """Torch threads ``run`` (a name of :data:`RUNS`) trains on."""
+        threads: int | None = getattr(self.run_threads, run)
+        return self.threads if threads is None else threads
 
 
 def read_json_file(path: str | Path) -> Any:
@@ -460,7 +463,8 @@ def _run(argv: list[str] | None) -> int:
     if learn.get("scale") != args.scale:
         learn = {}  # another budget: nothing of it is reused
     learn.update({"config": args.config, "scale": args.scale, "corpus": str(corpus),
-                  "threads": cfg.threads, "run_threads": cfg.run_threads})
+                  "threads": cfg.threads,
+                  "run_threads": cfg.run_threads.model_dump(exclude_none=True)})
     learn.setdefault("runs", {})
     try:
         train(configs, learn, path, cfg)
