@@ -1082,6 +1082,32 @@ class TestValidationSets:
         records = [r for r in d.history if r["phase"] == "distill"]
         assert best["best_psnr"] == max(r["val"]["psnr"] for r in records)
 
+    def test_the_frozen_teacher_is_measured_at_the_first_validation_only(
+            self, tmp_path: Path, teacher_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Its sampled decode runs once per validation batch in a phase, not once per epoch,
+        and every epoch records the values of the first."""
+        calls: list[int] = []
+        sample = TeacherVAE.decode_sample
+
+        def counted(self, x: Tensor, seed: int = 0) -> Tensor:
+            calls.append(seed)
+            return sample(self, x, seed)
+
+        monkeypatch.setattr(TeacherVAE, "decode_sample", counted)
+        seen: list[int] = []
+
+        class Seen(Callback):
+            def on_epoch_end(self, trainer, phase, record) -> None:
+                seen.append(len(calls))
+
+        Distiller(tiny(tmp_path, epochs=3, teacher_checkpoint=str(teacher_file)),
+                  callbacks=[Seen()], console=False).run()
+        assert seen[0] > 0 and seen == [seen[0]] * 3
+        history = json.loads((tmp_path / "history.json").read_text())
+        for key in ("teacher_psnr", "teacher_psnr_sample", "teacher_bpp", "teacher_ssim"):
+            assert len({r["val"][key] for r in history}) == 1, key
+        assert len({r["val"]["cross_psnr"] for r in history}) == 3  # the student's: every epoch
+
     def test_a_short_epoch_of_streamed_crops_still_gives_the_whole_start(
             self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         """The models' PCA start is fitted on INIT_IMAGES streamed crops (epochs 0, 1, ...),

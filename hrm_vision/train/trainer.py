@@ -634,6 +634,9 @@ class Phase:
     def __init__(self, ctx: PhaseContext, epochs: int) -> None:
         self.ctx, self.epochs = ctx, epochs
         self._pictures: tuple[int, list[tuple[str, Tensor]]] | None = None
+        #: The frozen teacher's validation values of each batch (by its first index), computed
+        #: at the phase's first validation: the teacher and the crops stay through a phase.
+        self._teacher_values: dict[int, dict[str, float]] = {}
 
     def trainable(self) -> nn.Module:
         return self.model
@@ -714,7 +717,8 @@ class Phase:
         ``psnr`` (decode of mu), ``psnr_sample`` (decode of a seeded posterior sample), the rate
         ``bpp`` (bits per pixel) and ``kl_per_element`` (nats), SSIM; with a teacher its
         ``teacher_psnr``, ``teacher_psnr_sample``, ``teacher_bpp``, SSIM, latent CKA and
-        ``cross_psnr``; then ``{name}_psnr`` of each other set (``train``, ``unseen``)."""
+        ``cross_psnr``; then ``{name}_psnr`` of each other set (``train``, ``unseen``). The
+        teacher's own values are those of the phase's first validation."""
         self.vae.eval()
         latents: dict[str, list[Tensor]] = {"student": [], "adapted": [], "teacher": []}
 
@@ -727,11 +731,14 @@ class Phase:
             values.update(rate_and_sample(self.vae, x, index, out.mu, out.logvar))
             values.update(psnr=mse(out.reconstruction, x), ssim=ssim(out.reconstruction, x))
             if teach is not None and adapted is not None:
-                rate = rate_and_sample(self.teacher, x, index, teach.mu, teach.logvar)
-                values.update(teacher_psnr=mse(teach.reconstruction, x),
-                              teacher_psnr_sample=rate["psnr_sample"],
-                              teacher_bpp=rate["bits_per_pixel"],
-                              teacher_ssim=ssim(teach.reconstruction, x),
+                if (key := int(index[0])) not in self._teacher_values:
+                    rate = rate_and_sample(self.teacher, x, index, teach.mu, teach.logvar)
+                    self._teacher_values[key] = {
+                        "teacher_psnr": mse(teach.reconstruction, x),
+                        "teacher_psnr_sample": rate["psnr_sample"],
+                        "teacher_bpp": rate["bits_per_pixel"],
+                        "teacher_ssim": ssim(teach.reconstruction, x)}
+                values.update(self._teacher_values[key],
                               cross_psnr=mse(self.teacher.decode(adapted[0]), x))
                 for key, z in (("student", out.mu), ("adapted", adapted[0]),
                                ("teacher", teach.mu)):
