@@ -36,7 +36,7 @@ teacher: $(VENV)/.installed
 
 # The learning benchmark: builds data/corpus once (Debian wallpaper packages, apt-get download),
 # then trains the compact teacher, the distilled and the alone compact student and the spatial
-# student on streamed crops (about 92 min on 2 cores; SCALE=F multiplies every run's steps of
+# student on streamed crops (about 80 min on 2 cores; SCALE=F multiplies every run's steps of
 # benchmarks/learn.json, SHIP=1 then writes the best students into hrm_vision/weights) and
 # writes checkpoints/learn/learn.json and curves.png. Rerunning skips finished runs.
 SCALE ?= 2

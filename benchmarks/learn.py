@@ -2,7 +2,7 @@
 """The learning benchmark (``make learn``): networks trained on streamed crops of the wallpaper
 corpus, beside what PCA and thumbnails of the same crops give.
 
-    python benchmarks/learn.py                       # about 92 min on 2 cores
+    python benchmarks/learn.py                       # about 80 min on 2 cores
     python benchmarks/learn.py --scale 0.01 --out-dir /tmp/learn   # the machinery, in a minute
     python benchmarks/learn.py --ship                # then copy the best students into the package
 
@@ -26,12 +26,15 @@ picture), then four runs of the package's trainer (:class:`hrm_vision.train.Dist
   alone, the model ``hrm_vision.load("tinyvae")`` ships.
 
 The budget is in steps (``steps`` of the config times ``--scale``, 2 by default), not in
-minutes: 2,000 teacher, 2 x 16,000 compact-student and 3,000 spatial steps at batch 64 take
-about 92 minutes of runs on a 2-core AMD EPYC at load 1.5-2.5 (teacher 4.0, distilled 6.5,
-alone 11.9, spatial 7.1 steps/s in training, validations and checkpoints besides;
-benchmarks/results/learn.json). Each run trains on ``threads`` torch threads, or on its own in
-``run_threads``: the alone student on one beside its crop worker, 1.31-1.34x faster than on
-two, while the other runs gain nothing on one (``experiments/loop_speed.py``). The students'
+minutes: 2,000 teacher, 2 x 16,000 compact-student and 3,000 spatial steps at batch 64 took
+77 minutes of runs on a 2-core AMD EPYC at load 1.1-2.8 (teacher 3.3, distilled 7.8, alone
+13.9, spatial 10.3 steps/s in training, validations and checkpoints besides;
+benchmarks/results/learn.json), 91 minutes the run before (4.0, 6.5, 11.9, 7.1 steps/s): the
+machine moves the steps per second by up to a third. Each run trains on ``threads`` torch
+threads, or on its own in ``run_threads``: the alone student on one beside its crop worker,
+1.31-1.34x faster than on two, while the other runs gain nothing on one
+(``experiments/loop_speed.py``); the teacher and the spatial student cut their crops on the
+training thread (``num_workers`` 0, faster in ``experiments/results/loop_speed_runs.json``). The students'
 wider crops cost steps per second (8.8 and 12.4 at 0.25-1) and bought 0.24 dB held-out
 (docs/results.md). At ``--scale 1`` (38 minutes, 0.25-1) the students ended 0.23 dB lower than
 at 2.
