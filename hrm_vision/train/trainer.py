@@ -731,14 +731,14 @@ class Phase:
             values.update(rate_and_sample(self.vae, x, index, out.mu, out.logvar))
             values.update(psnr=mse(out.reconstruction, x), ssim=ssim(out.reconstruction, x))
             if teach is not None and adapted is not None:
-                if (key := int(index[0])) not in self._teacher_values:
+                if (first := int(index[0])) not in self._teacher_values:
                     rate = rate_and_sample(self.teacher, x, index, teach.mu, teach.logvar)
-                    self._teacher_values[key] = {
+                    self._teacher_values[first] = {
                         "teacher_psnr": mse(teach.reconstruction, x),
                         "teacher_psnr_sample": rate["psnr_sample"],
                         "teacher_bpp": rate["bits_per_pixel"],
                         "teacher_ssim": ssim(teach.reconstruction, x)}
-                values.update(self._teacher_values[key],
+                values.update(self._teacher_values[first],
                               cross_psnr=mse(self.teacher.decode(adapted[0]), x))
                 for key, z in (("student", out.mu), ("adapted", adapted[0]),
                                ("teacher", teach.mu)):
