@@ -34,7 +34,9 @@ machine moves the steps per second by up to a third. Each run trains on ``thread
 threads, or on its own in ``run_threads``: the alone student on one beside its crop worker,
 1.31-1.34x faster than on two, while the other runs gain nothing on one
 (``experiments/loop_speed.py``); the teacher and the spatial student cut their crops on the
-training thread (``num_workers`` 0, faster in ``experiments/results/loop_speed_runs.json``).
+training thread (``num_workers`` 0: the teacher's loop 1.09-1.16x faster so, interleaved at its
+80-step epochs, ``experiments/results/loop_speed_teacher80.json``; the spatial student's in
+``experiments/results/loop_speed_runs.json``).
 The students' wider crops cost steps per second (8.8 and 12.4 at 0.25-1) and bought 0.24 dB
 held-out (docs/results.md). At ``--scale 1`` (38 minutes, 0.25-1) the students ended 0.23 dB
 lower than at 2.
